@@ -1,0 +1,16 @@
+//! channelmesh's domain: ids, timestamps, the slot ring, client tokens and channel events.
+//!
+//! This crate does no I/O and knows nothing of JSON or protobuf: the services' edge modules
+//! convert wire formats into these types.
+
+pub mod event;
+pub mod ids;
+pub mod ring;
+pub mod token;
+pub mod ts;
+
+pub use event::{ChannelEvent, EventBody, Origin};
+pub use ids::{ChannelId, IdError, NodeId, TeamId, UserId};
+pub use ring::{Ring, RingNode, SLOT_COUNT, Slot, slot_of};
+pub use token::{Identity, TokenError, TokenKey};
+pub use ts::{Ts, TsClock, TsError};

@@ -1,0 +1,388 @@
+//! The ring: channel ids hash onto a fixed number of slots; the ring manager assigns slots to
+//! channel servers and publishes the assignment under an epoch number.
+//!
+//! The hash is XXH3-64 (seed 0) of the channel id's UTF-8 bytes, modulo [`SLOT_COUNT`]. XXH3 has
+//! a frozen specification and implementations in every language (Python: `xxhash.xxh3_64`), so
+//! every process and every release agrees on a channel's slot. Moving channels between servers
+//! means moving whole slots, never rehashing: [`Ring::rebalanced`] moves the fewest slots that
+//! leave every server with a fair share.
+
+use std::collections::HashMap;
+
+use crate::ids::{ChannelId, NodeId};
+
+/// How many slots the ring has. Fixed forever: changing it would move almost every channel.
+pub const SLOT_COUNT: usize = 4096;
+
+/// A slot number, `0..SLOT_COUNT`.
+pub type Slot = u16;
+
+/// The slot a channel hashes to: `xxh3_64(id) % SLOT_COUNT`.
+pub fn slot_of(channel: &ChannelId) -> Slot {
+    (xxhash_rust::xxh3::xxh3_64(channel.as_str().as_bytes()) % SLOT_COUNT as u64) as Slot
+}
+
+/// A channel server that owns slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingNode {
+    /// Its stable id.
+    pub id: NodeId,
+    /// The gRPC address ("host:port") admin servers and gateways dial.
+    pub addr: String,
+}
+
+/// Why a published ring is not well formed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("the ring has {got} slots, expected {SLOT_COUNT}")]
+    SlotCount { got: usize },
+    #[error("slot {slot} names node index {index}, but the ring has {nodes} nodes")]
+    BadOwner { slot: usize, index: u32, nodes: usize },
+    #[error("node {0} appears twice")]
+    DuplicateNode(NodeId),
+}
+
+/// One epoch's assignment of every slot to a channel server.
+///
+/// Invariant: either there are no nodes and no slot is owned, or every slot is owned by exactly
+/// one of `nodes`. A channel therefore has exactly one owning channel server per epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ring {
+    epoch: u64,
+    /// Sorted by id.
+    nodes: Vec<RingNode>,
+    /// `owners[slot]` indexes `nodes`; empty when `nodes` is.
+    owners: Vec<u16>,
+}
+
+impl Ring {
+    /// The ring before any channel server registered: epoch 0, nothing owned.
+    pub fn empty() -> Self {
+        Ring {
+            epoch: 0,
+            nodes: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    /// Rebuilds a ring from its published parts, checking the invariant.
+    pub fn from_parts(
+        epoch: u64,
+        mut nodes: Vec<RingNode>,
+        owners: Vec<u32>,
+    ) -> Result<Self, RingError> {
+        if nodes.is_empty() && owners.is_empty() {
+            return Ok(Ring {
+                epoch,
+                nodes,
+                owners: Vec::new(),
+            });
+        }
+        if owners.len() != SLOT_COUNT {
+            return Err(RingError::SlotCount { got: owners.len() });
+        }
+        // Re-sort the nodes by id, remapping indexes, so that equal rings compare equal.
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        order.sort_by(|&a, &b| nodes[a].id.cmp(&nodes[b].id));
+        let mut remap = vec![0u16; nodes.len()];
+        for (new, &old) in order.iter().enumerate() {
+            remap[old] = new as u16;
+        }
+        let mut sorted: Vec<RingNode> = Vec::with_capacity(nodes.len());
+        for &old in &order {
+            sorted.push(nodes[old].clone());
+        }
+        nodes = sorted;
+        for pair in nodes.windows(2) {
+            if pair[0].id == pair[1].id {
+                return Err(RingError::DuplicateNode(pair[0].id.clone()));
+            }
+        }
+        let mut mapped = Vec::with_capacity(SLOT_COUNT);
+        for (slot, &index) in owners.iter().enumerate() {
+            let Some(&new) = remap.get(index as usize) else {
+                return Err(RingError::BadOwner {
+                    slot,
+                    index,
+                    nodes: nodes.len(),
+                });
+            };
+            mapped.push(new);
+        }
+        Ok(Ring {
+            epoch,
+            nodes,
+            owners: mapped,
+        })
+    }
+
+    /// The epoch: every change of ownership makes a new, larger one.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The channel servers, sorted by id.
+    pub fn nodes(&self) -> &[RingNode] {
+        &self.nodes
+    }
+
+    /// `owners()[slot]` is the index in [`Ring::nodes`] of the slot's owner (empty if no nodes).
+    pub fn owners(&self) -> impl ExactSizeIterator<Item = u32> + '_ {
+        self.owners.iter().map(|&i| u32::from(i))
+    }
+
+    /// The node that owns `slot`, if any node does.
+    pub fn owner(&self, slot: Slot) -> Option<&RingNode> {
+        let index = *self.owners.get(usize::from(slot))?;
+        self.nodes.get(usize::from(index))
+    }
+
+    /// The node that owns `channel`.
+    pub fn owner_of(&self, channel: &ChannelId) -> Option<&RingNode> {
+        self.owner(slot_of(channel))
+    }
+
+    /// Whether `node` owns `slot` in this epoch.
+    pub fn owns(&self, node: &NodeId, slot: Slot) -> bool {
+        self.owner(slot).is_some_and(|n| &n.id == node)
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: &NodeId) -> Option<&RingNode> {
+        self.nodes.iter().find(|n| &n.id == id)
+    }
+
+    /// How many slots `node` owns.
+    pub fn slots_owned(&self, node: &NodeId) -> usize {
+        match self.nodes.iter().position(|n| &n.id == node) {
+            Some(index) => self.owners.iter().filter(|&&o| usize::from(o) == index).count(),
+            None => 0,
+        }
+    }
+
+    /// The next epoch's ring over exactly `members`, moving as few slots as possible.
+    ///
+    /// Every member ends with `SLOT_COUNT / n` or one more slot (the extra ones go to the
+    /// members that hold the most already). Slots of nodes that are no longer members go first
+    /// to members below their share; then members above their share give up their
+    /// highest-numbered slots. So adding one node to N moves only onto the new node, about
+    /// `SLOT_COUNT / (N + 1)` slots, and removing a node moves only that node's slots.
+    pub fn rebalanced(&self, members: &[RingNode]) -> Ring {
+        let mut nodes: Vec<RingNode> = members.to_vec();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        nodes.dedup_by(|a, b| a.id == b.id);
+        let epoch = self.epoch + 1;
+        if nodes.is_empty() {
+            return Ring {
+                epoch,
+                nodes,
+                owners: Vec::new(),
+            };
+        }
+        let index_of: HashMap<&NodeId, usize> =
+            nodes.iter().enumerate().map(|(i, n)| (&n.id, i)).collect();
+
+        // Who keeps what, before balancing.
+        let mut held: Vec<Vec<Slot>> = vec![Vec::new(); nodes.len()];
+        let mut pool: Vec<Slot> = Vec::new();
+        for slot in 0..SLOT_COUNT as Slot {
+            match self.owner(slot).and_then(|n| index_of.get(&n.id)) {
+                Some(&i) => held[i].push(slot),
+                None => pool.push(slot),
+            }
+        }
+
+        // Shares: the extra slots go to the members already holding the most (ties by id).
+        let n = nodes.len();
+        let (base, extra) = (SLOT_COUNT / n, SLOT_COUNT % n);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| held[b].len().cmp(&held[a].len()).then(a.cmp(&b)));
+        let mut quota = vec![base; n];
+        for &i in order.iter().take(extra) {
+            quota[i] += 1;
+        }
+
+        for (slots, &q) in held.iter_mut().zip(&quota) {
+            while slots.len() > q {
+                if let Some(slot) = slots.pop() {
+                    pool.push(slot);
+                }
+            }
+        }
+        pool.sort_unstable();
+        let mut pool = pool.into_iter();
+        for (slots, &q) in held.iter_mut().zip(&quota) {
+            while slots.len() < q {
+                match pool.next() {
+                    Some(slot) => slots.push(slot),
+                    None => break,
+                }
+            }
+        }
+
+        let mut owners = vec![0u16; SLOT_COUNT];
+        for (i, slots) in held.iter().enumerate() {
+            for &slot in slots {
+                owners[usize::from(slot)] = i as u16;
+            }
+        }
+        Ring {
+            epoch,
+            nodes,
+            owners,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    // Computed independently with Python's `xxhash.xxh3_64_intdigest(id) % 4096`.
+    const PINNED_SLOTS: [Slot; 3] = [87, 787, 3381];
+
+    fn node(i: usize) -> RingNode {
+        RingNode {
+            id: NodeId::new(&format!("cs-{i}")).unwrap(),
+            addr: format!("127.0.0.1:{}", 9000 + i),
+        }
+    }
+
+    fn ring_of(n: usize) -> Ring {
+        let members: Vec<RingNode> = (0..n).map(node).collect();
+        // Grow one node at a time, as a cluster does.
+        (1..=n).fold(Ring::empty(), |ring, k| ring.rebalanced(&members[..k]))
+    }
+
+    /// For each slot, the owner's id, or None.
+    fn owner_ids(ring: &Ring) -> Vec<Option<NodeId>> {
+        (0..SLOT_COUNT as Slot)
+            .map(|s| ring.owner(s).map(|n| n.id.clone()))
+            .collect()
+    }
+
+    fn assert_balanced(ring: &Ring) {
+        let n = ring.nodes().len();
+        for node in ring.nodes() {
+            let owned = ring.slots_owned(&node.id);
+            assert!(
+                owned == SLOT_COUNT / n || owned == SLOT_COUNT / n + 1,
+                "{} owns {owned} of {SLOT_COUNT} with {n} nodes",
+                node.id
+            );
+        }
+    }
+
+    #[test]
+    fn slot_hash_is_stable() {
+        // XXH3-64's published value for empty input, then pinned slots: these must never change.
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(b""), 0x2D06_8005_38D3_94C2);
+        let c = |s: &str| slot_of(&ChannelId::new(s).unwrap());
+        assert_eq!([c("C024BE91L"), c("general"), c("U0G9QF9C6")], PINNED_SLOTS);
+    }
+
+    #[test]
+    fn empty_ring_owns_nothing() {
+        let ring = Ring::empty();
+        assert_eq!(ring.epoch(), 0);
+        assert!(ring.owner(0).is_none());
+    }
+
+    #[test]
+    fn first_node_takes_everything() {
+        let ring = ring_of(1);
+        assert_eq!(ring.epoch(), 1);
+        assert_eq!(ring.slots_owned(&node(0).id), SLOT_COUNT);
+    }
+
+    #[test]
+    fn from_parts_round_trips_and_validates() {
+        let ring = ring_of(3);
+        let rebuilt = Ring::from_parts(
+            ring.epoch(),
+            ring.nodes().iter().rev().cloned().collect(),
+            ring.owners().map(|i| 2 - i).collect(),
+        )
+        .unwrap();
+        assert_eq!(rebuilt, ring);
+        assert_eq!(
+            Ring::from_parts(1, vec![node(0)], vec![0; 3]),
+            Err(RingError::SlotCount { got: 3 })
+        );
+        assert!(matches!(
+            Ring::from_parts(1, vec![node(0)], vec![1; SLOT_COUNT]),
+            Err(RingError::BadOwner { .. })
+        ));
+        assert!(matches!(
+            Ring::from_parts(1, vec![node(0), node(0)], vec![0; SLOT_COUNT]),
+            Err(RingError::DuplicateNode(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn adding_a_node_moves_a_fair_share_only_onto_it(n in 1usize..64) {
+            let before = ring_of(n);
+            let members: Vec<RingNode> = (0..=n).map(node).collect();
+            let after = before.rebalanced(&members);
+            assert_balanced(&after);
+            let (old, new) = (owner_ids(&before), owner_ids(&after));
+            let newcomer = node(n).id;
+            let moved: Vec<usize> = (0..SLOT_COUNT).filter(|&s| old[s] != new[s]).collect();
+            for &s in &moved {
+                prop_assert_eq!(new[s].as_ref(), Some(&newcomer), "slot {} moved elsewhere", s);
+            }
+            let share = SLOT_COUNT / (n + 1);
+            prop_assert!(moved.len() == share || moved.len() == share + 1,
+                "moved {} slots, fair share is {}", moved.len(), share);
+            prop_assert_eq!(after.epoch(), before.epoch() + 1);
+        }
+
+        #[test]
+        fn removing_a_node_moves_only_its_slots(n in 2usize..64, victim in 0usize..64) {
+            let victim = victim % n;
+            let before = ring_of(n);
+            let members: Vec<RingNode> = (0..n).filter(|&i| i != victim).map(node).collect();
+            let after = before.rebalanced(&members);
+            assert_balanced(&after);
+            let (old, new) = (owner_ids(&before), owner_ids(&after));
+            let gone = node(victim).id;
+            for s in 0..SLOT_COUNT {
+                if old[s] != new[s] {
+                    prop_assert_eq!(old[s].as_ref(), Some(&gone), "slot {} of a survivor moved", s);
+                }
+                prop_assert!(new[s].as_ref() != Some(&gone));
+            }
+        }
+
+        /// Against a naive model: any sequence of membership changes keeps the ring balanced,
+        /// every slot owned by a member, and moves no more slots than the model's lower bound
+        /// (slots of departed nodes plus each member's excess over its new share).
+        #[test]
+        fn random_membership_changes_stay_balanced_and_minimal(
+            steps in proptest::collection::vec(proptest::collection::btree_set(0usize..12, 1..12), 1..12)
+        ) {
+            let mut ring = Ring::empty();
+            for members in steps {
+                let members: Vec<RingNode> = members.into_iter().map(node).collect();
+                let next = ring.rebalanced(&members);
+                assert_balanced(&next);
+                let (old, new) = (owner_ids(&ring), owner_ids(&next));
+                let member_ids: Vec<&NodeId> = members.iter().map(|m| &m.id).collect();
+                for owner in new.iter() {
+                    prop_assert!(owner.as_ref().is_some_and(|o| member_ids.contains(&o)));
+                }
+                let moved = (0..SLOT_COUNT).filter(|&s| old[s].is_some() && old[s] != new[s]).count();
+                let orphaned = (0..SLOT_COUNT)
+                    .filter(|&s| old[s].as_ref().is_some_and(|o| !member_ids.contains(&o)))
+                    .count();
+                let excess: usize = members.iter().map(|m| {
+                    ring.slots_owned(&m.id).saturating_sub(next.slots_owned(&m.id))
+                }).sum();
+                prop_assert_eq!(moved, orphaned + excess);
+                ring = next;
+            }
+        }
+    }
+}

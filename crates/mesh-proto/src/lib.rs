@@ -1,0 +1,20 @@
+//! Generated protobuf and gRPC types; only the services' edge modules use them.
+
+/// The public admin API the web application calls.
+pub mod admin {
+    tonic::include_proto!("channelmesh.admin.v1");
+}
+
+/// The internal channel-server API used by admin servers and gateways.
+pub mod channel {
+    tonic::include_proto!("channelmesh.channel.v1");
+}
+
+/// The internal ring-manager API.
+pub mod ring {
+    tonic::include_proto!("channelmesh.ring.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("channelmesh_descriptor");

@@ -1,0 +1,156 @@
+//! Following the ring: a watch over the ring manager's stream that reconnects by itself.
+//!
+//! Routers (admin servers, gateways, channel servers) read the latest ring from a
+//! `watch::Receiver`; while the ring manager is unreachable they keep the last ring they saw.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::Ring;
+use mesh_proto::ring::ring_manager_client::RingManagerClient;
+use mesh_proto::ring::{RegisterRequest, WatchRingRequest};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::convert::ring_from_proto;
+
+/// The first and the longest pause between reconnects to the ring manager.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long one connect attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A live view of the ring published by a ring manager.
+#[derive(Debug, Clone)]
+pub struct RingWatcher {
+    rx: watch::Receiver<Arc<Ring>>,
+}
+
+impl RingWatcher {
+    /// Starts following the ring manager at `endpoint` (e.g. `http://127.0.0.1:50050`) on a task
+    /// tracked by `tracker` that ends with `cancel`.
+    pub fn spawn(endpoint: String, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(Ring::empty()));
+        tracker.spawn(follow(endpoint, tx, cancel));
+        RingWatcher { rx }
+    }
+
+    /// A view over an in-process ring channel (tests, and services embedded with the manager).
+    pub fn from_receiver(rx: watch::Receiver<Arc<Ring>>) -> Self {
+        RingWatcher { rx }
+    }
+
+    /// The latest ring.
+    pub fn current(&self) -> Arc<Ring> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new ring.
+    pub fn receiver(&self) -> watch::Receiver<Arc<Ring>> {
+        self.rx.clone()
+    }
+
+    /// Waits until the ring satisfies `pred`, at most `timeout`.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl FnMut(&Arc<Ring>) -> bool,
+    ) -> Result<Arc<Ring>, Error> {
+        let mut rx = self.rx.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
+            Ok(Ok(ring)) => Ok(ring.clone()),
+            Ok(Err(_)) => Err(Error::Timeout(format!("{what}: ring watch closed"))),
+            Err(_) => Err(Error::Timeout(format!("{what} within {timeout:?}"))),
+        }
+    }
+
+    /// Waits for a ring of at least epoch `epoch`.
+    pub async fn wait_for_epoch(&self, epoch: u64, timeout: Duration) -> Result<Arc<Ring>, Error> {
+        self.wait_for(timeout, &format!("ring epoch {epoch}"), |r| r.epoch() >= epoch)
+            .await
+    }
+}
+
+async fn follow(endpoint: String, tx: watch::Sender<Arc<Ring>>, cancel: CancellationToken) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = follow_once(&endpoint, &tx, &mut backoff) => r,
+        };
+        if let Err(e) = result {
+            tracing::warn!(%endpoint, error = %e, retry_in = ?backoff, "ring watch interrupted");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One watch session; returns when the stream ends or fails.
+async fn follow_once(
+    endpoint: &str,
+    tx: &watch::Sender<Arc<Ring>>,
+    backoff: &mut Duration,
+) -> Result<(), Error> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await?;
+    let mut stream = RingManagerClient::new(channel)
+        .watch_ring(WatchRingRequest {})
+        .await?
+        .into_inner();
+    while let Some(ring) = stream.message().await? {
+        *backoff = BACKOFF_MIN;
+        let ring = ring_from_proto(ring)?;
+        let current = tx.borrow().epoch();
+        if ring.epoch() > current {
+            tx.send_replace(Arc::new(ring));
+        } else if ring.epoch() < current {
+            tracing::warn!(
+                seen = current,
+                got = ring.epoch(),
+                "ring manager sent an older epoch; keeping the newer ring"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Registers a channel server with the ring manager at `endpoint`, retrying until it answers or
+/// `timeout` passes. Returns the epoch that includes the node.
+pub async fn register(
+    endpoint: &str,
+    request: RegisterRequest,
+    timeout: Duration,
+) -> Result<u64, Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .connect()
+                .await?;
+            let reply = RingManagerClient::new(channel)
+                .register(request.clone())
+                .await?;
+            Ok::<_, Error>(reply.into_inner().epoch)
+        };
+        match attempt.await {
+            Ok(epoch) => return Ok(epoch),
+            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(%endpoint, error = %e, "registering with the ring manager; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

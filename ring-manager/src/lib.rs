@@ -1,0 +1,25 @@
+//! The ring manager (Slack's CHARM): channel servers register with it, it assigns ring slots to
+//! them and publishes every new epoch; admin servers, gateways and channel servers follow the
+//! ring through [`client::RingWatcher`].
+//!
+//! This is the embedded backend: the ring manager itself is the registry, served over gRPC.
+
+pub mod client;
+pub mod convert;
+pub mod server;
+
+pub use client::RingWatcher;
+pub use server::{RingManager, serve};
+
+/// Errors of the ring manager and its clients.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid ring from the ring manager: {0}")]
+    InvalidRing(String),
+    #[error("ring manager transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("ring manager call failed: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("timed out waiting for the ring: {0}")]
+    Timeout(String),
+}

@@ -1,0 +1,183 @@
+//! Routing calls to the channel server that owns a channel, by the ring.
+//!
+//! Admin servers and gateways use [`ChannelRouter`]: it picks the owner in the newest ring it
+//! knows, and when a call lands mid-move (the server says another node owns the slot, or is
+//! unreachable) it waits for a newer ring and tries again, within a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::{ChannelEvent, ChannelId, Ts};
+use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use ring_manager::RingWatcher;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
+
+/// How long a routed call keeps retrying across ring changes.
+pub const ROUTE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before retrying an unreachable channel server.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why a routed call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouteError {
+    /// The channel server refused the request as invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No channel server could take the call before the deadline.
+    #[error("no channel server available: {0}")]
+    Unavailable(String),
+    /// The channel server answered with an unexpected error.
+    #[error("channel server error: {0}")]
+    Internal(String),
+}
+
+/// One page of history, as routed callers see it.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub events: Vec<ChannelEvent>,
+    pub oldest: Option<Ts>,
+    pub has_more: bool,
+}
+
+/// Calls the owning channel server of a channel.
+#[derive(Debug, Clone)]
+pub struct ChannelRouter {
+    ring: RingWatcher,
+    /// One lazily connected client per channel-server address.
+    clients: Arc<Mutex<HashMap<String, ChannelServerClient<Channel>>>>,
+}
+
+impl ChannelRouter {
+    /// A router following `ring`.
+    pub fn new(ring: RingWatcher) -> Self {
+        ChannelRouter {
+            ring,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The ring this router follows.
+    pub fn ring(&self) -> &RingWatcher {
+        &self.ring
+    }
+
+    /// A client for the channel server at `addr` ("host:port"), connected lazily and shared.
+    pub fn client(&self, addr: &str) -> Result<ChannelServerClient<Channel>, RouteError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| RouteError::Internal(format!("bad channel server address {addr}: {e}")))?
+            .connect_timeout(ATTEMPT_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = ChannelServerClient::new(endpoint.connect_lazy());
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Publishes `event` on its channel's owner; returns the assigned ts (none if transient).
+    pub async fn publish(&self, event: &ChannelEvent) -> Result<Option<Ts>, RouteError> {
+        let proto = event_to_proto(event);
+        let reply = self
+            .route(&event.channel, |mut client, epoch| {
+                let request = pb::PublishRequest {
+                    epoch,
+                    event: Some(proto.clone()),
+                };
+                async move { client.publish(request).await }
+            })
+            .await?;
+        opt_ts(&reply.ts).map_err(|e| RouteError::Internal(e.to_string()))
+    }
+
+    /// Reads up to `limit` events of `channel` after `since`.
+    pub async fn history(
+        &self,
+        channel: &ChannelId,
+        since: Option<Ts>,
+        limit: u32,
+    ) -> Result<History, RouteError> {
+        let reply = self
+            .route(channel, |mut client, epoch| {
+                let request = pb::HistoryRequest {
+                    epoch,
+                    channel: channel.to_string(),
+                    since_ts: ts_str(since),
+                    limit,
+                };
+                async move { client.history(request).await }
+            })
+            .await?;
+        let bad = |e: crate::wire::WireError| RouteError::Internal(e.to_string());
+        Ok(History {
+            events: reply
+                .events
+                .into_iter()
+                .map(event_from_proto)
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            oldest: opt_ts(&reply.oldest_ts).map_err(bad)?,
+            has_more: reply.has_more,
+        })
+    }
+
+    /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline.
+    async fn route<T, F, Fut>(&self, channel: &ChannelId, call: F) -> Result<T, RouteError>
+    where
+        F: Fn(ChannelServerClient<Channel>, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            let ring = self.ring.current();
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(owner) = ring.owner_of(channel) else {
+                self.ring
+                    .wait_for(remaining, "a ring with channel servers", |r| {
+                        r.owner_of(channel).is_some()
+                    })
+                    .await
+                    .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+                continue;
+            };
+            let client = self.client(&owner.addr)?;
+            let status = match tokio::time::timeout(ATTEMPT_TIMEOUT, call(client, ring.epoch())).await
+            {
+                Ok(Ok(reply)) => return Ok(reply.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match status.code() {
+                // Another node owns the slot now: wait for the ring that says so.
+                Code::FailedPrecondition => {
+                    tracing::debug!(%channel, node = %owner.id, "routed mid-move; waiting for a newer ring");
+                    self.ring
+                        .wait_for_epoch(ring.epoch() + 1, remaining)
+                        .await
+                        .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
+                }
+                Code::Unavailable | Code::Cancelled if !remaining.is_zero() => {
+                    tracing::debug!(%channel, node = %owner.id, error = %status.message(), "channel server unavailable; retrying");
+                    tokio::time::sleep(RETRY_PAUSE.min(remaining)).await;
+                }
+                Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+                    return Err(RouteError::Unavailable(status.message().to_string()));
+                }
+                Code::InvalidArgument | Code::OutOfRange => {
+                    return Err(RouteError::Invalid(status.message().to_string()));
+                }
+                _ => return Err(RouteError::Internal(status.to_string())),
+            }
+        }
+    }
+}

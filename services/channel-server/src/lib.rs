@@ -1,0 +1,103 @@
+//! The channel server (CS): holds channels in memory for the ring slots it owns, gives each event
+//! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
+
+pub mod client;
+pub mod service;
+pub mod store;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_core::NodeId;
+use mesh_proto::channel::channel_server_server::ChannelServerServer;
+use ring_manager::RingWatcher;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use client::{ChannelRouter, RouteError};
+pub use service::{ChannelService, ServiceConfig};
+pub use store::Limits;
+
+/// Default: responses queued per gateway stream before that gateway counts as fallen behind.
+pub const DEFAULT_GATEWAY_QUEUE: usize = 65_536;
+/// How long start-up waits for the ring manager to accept the registration.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the channel server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ring manager: {0}")]
+    Ring(#[from] ring_manager::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Configuration of one channel server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Its id on the ring, e.g. "cs-1".
+    pub node: NodeId,
+    /// The ring manager's gRPC endpoint, e.g. "http://127.0.0.1:50050".
+    pub ring_manager: String,
+    /// The address other services dial; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// History bounds.
+    pub limits: Limits,
+    /// Responses queued per gateway stream.
+    pub gateway_queue: usize,
+}
+
+/// Serves a channel server on `listener`, registered with the ring manager, until `cancel`.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let local: SocketAddr = listener.local_addr()?;
+    let addr = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let tracker = TaskTracker::new();
+    let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let service = ChannelService::new(
+        ServiceConfig {
+            node: config.node.clone(),
+            limits: config.limits,
+            gateway_queue: config.gateway_queue,
+        },
+        ring.clone(),
+        tracker.clone(),
+        cancel.clone(),
+    );
+    tracing::info!(node = %config.node, %addr, "channel server listening");
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ChannelServerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+    let server = tokio::spawn(server);
+
+    let request = mesh_proto::ring::RegisterRequest {
+        node_id: config.node.to_string(),
+        addr,
+        pid: std::process::id(),
+    };
+    let registered = tokio::select! {
+        _ = cancel.cancelled() => None,
+        r = ring_manager::client::register(&config.ring_manager, request, REGISTER_TIMEOUT) => Some(r),
+    };
+    if let Some(Err(e)) = registered {
+        cancel.cancel();
+        return Err(e.into());
+    }
+    let result = server.await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    match result {
+        Ok(r) => r.map_err(Error::from),
+        Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),
+    }
+}

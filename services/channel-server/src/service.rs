@@ -1,0 +1,458 @@
+//! The channel server's gRPC service: publish, history, and one subscription stream per gateway.
+//!
+//! State is split into shards by slot; a shard's lock is held while an event is appended and
+//! queued to every subscribed gateway, so each gateway receives a channel's events in ts order.
+//! The lock is never held across an await.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use mesh_core::{ChannelId, NodeId, Ring, Slot, slot_of};
+use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_server::ChannelServer as ChannelServerRpc;
+use mesh_proto::channel::subscribe_request::Command;
+use mesh_proto::channel::subscribe_response::Reply;
+use ring_manager::RingWatcher;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{Limits, Store};
+use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
+
+/// Shards of channel state; a power of two that divides the slot count.
+const SHARDS: usize = 16;
+/// How long a call naming a newer epoch waits for this server's ring to catch up.
+const RING_CATCH_UP: Duration = Duration::from_secs(1);
+/// The most events one history call returns.
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
+/// The history limit when a call asks for 0.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
+
+/// Metadata key naming the calling gateway on a subscription stream.
+pub const GATEWAY_ID_HEADER: &str = "x-channelmesh-gateway";
+
+/// A gateway's subscription stream, as the shards see it.
+#[derive(Debug, Clone)]
+struct Subscriber {
+    stream: u64,
+    tx: mpsc::Sender<pb::SubscribeResponse>,
+    /// Ends the stream; `reason` says why.
+    end: StreamEnd,
+}
+
+/// Ends one gateway stream, with the status the gateway receives.
+#[derive(Debug, Clone)]
+struct StreamEnd {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Status>>,
+}
+
+impl StreamEnd {
+    fn end(&self, status: Status) {
+        let _ = self.reason.set(status);
+        self.token.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    store: Store,
+    /// Gateways subscribed to each channel.
+    subs: HashMap<ChannelId, Vec<Subscriber>>,
+}
+
+impl Shard {
+    /// Queues `reply` to every subscriber of `channel`. A gateway whose queue is full has
+    /// fallen behind: its stream is ended (it resubscribes), never blocking the others.
+    fn fan_out(&mut self, channel: &ChannelId, reply: &pb::SubscribeResponse) {
+        let Some(subs) = self.subs.get_mut(channel) else {
+            return;
+        };
+        subs.retain(|sub| match sub.tx.try_send(reply.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(stream = sub.stream, %channel, "gateway fell behind; ending its stream");
+                sub.end.end(Status::resource_exhausted(
+                    "gateway fell behind its subscription queue; resubscribe",
+                ));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if subs.is_empty() {
+            self.subs.remove(channel);
+        }
+    }
+}
+
+/// Configuration of the channel service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// This node's id on the ring.
+    pub node: NodeId,
+    /// History bounds (the total is split evenly over the shards).
+    pub limits: Limits,
+    /// Responses queued per gateway stream before the gateway counts as fallen behind.
+    pub gateway_queue: usize,
+}
+
+/// The channel server's state and gRPC service.
+#[derive(Debug, Clone)]
+pub struct ChannelService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: NodeId,
+    ring: RingWatcher,
+    shards: Vec<Mutex<Shard>>,
+    gateway_queue: usize,
+    next_stream: AtomicU64,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl ChannelService {
+    /// A service following `ring`; its tasks are tracked by `tracker` and end with `cancel`.
+    pub fn new(
+        config: ServiceConfig,
+        ring: RingWatcher,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let per_shard = Limits {
+            total_bytes: (config.limits.total_bytes / SHARDS).max(1),
+            ..config.limits
+        };
+        let service = ChannelService {
+            inner: Arc::new(Inner {
+                node: config.node,
+                ring,
+                shards: (0..SHARDS)
+                    .map(|_| {
+                        Mutex::new(Shard {
+                            store: Store::new(per_shard),
+                            subs: HashMap::new(),
+                        })
+                    })
+                    .collect(),
+                gateway_queue: config.gateway_queue.max(1),
+                next_stream: AtomicU64::new(1),
+                cancel,
+                tracker,
+            }),
+        };
+        let follower = service.clone();
+        service.inner.tracker.spawn(follower.follow_ring());
+        service
+    }
+
+    fn shard(&self, channel: &ChannelId) -> MutexGuard<'_, Shard> {
+        let index = usize::from(slot_of(channel)) % SHARDS;
+        // A panic while holding a shard lock is a bug that already took the task down; the
+        // state it guards stays consistent per operation, so keep serving.
+        self.inner.shards[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that this node owns `slot`, in the caller's epoch or a newer one.
+    async fn check_owner(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, Status> {
+        let mut ring = self.inner.ring.current();
+        if epoch > ring.epoch() {
+            ring = self
+                .inner
+                .ring
+                .wait_for_epoch(epoch, RING_CATCH_UP)
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "ring_behind: this channel server knows epoch {}, caller routed by {epoch}",
+                        ring.epoch()
+                    ))
+                })?;
+        }
+        if ring.owns(&self.inner.node, slot) {
+            Ok(ring)
+        } else {
+            let owner = ring.owner(slot).map(|n| n.id.to_string()).unwrap_or_default();
+            Err(Status::failed_precondition(format!(
+                "wrong_owner: slot {slot} belongs to {owner:?} in epoch {}, not to {}",
+                ring.epoch(),
+                self.inner.node
+            )))
+        }
+    }
+
+    /// On every new ring: drop subscriptions and history of slots this node no longer owns,
+    /// telling the subscribed gateways the channel moved.
+    async fn follow_ring(self) {
+        let mut rx = self.inner.ring.receiver();
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let ring = rx.borrow_and_update().clone();
+            let node = &self.inner.node;
+            let mut moved = 0usize;
+            let mut dropped = 0usize;
+            for shard in &self.inner.shards {
+                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                dropped += shard.store.drop_slots(|slot| !ring.owns(node, slot));
+                let lost: Vec<ChannelId> = shard
+                    .subs
+                    .keys()
+                    .filter(|c| !ring.owns(node, slot_of(c)))
+                    .cloned()
+                    .collect();
+                for channel in lost {
+                    if let Some(subs) = shard.subs.remove(&channel) {
+                        let reply = refused(&channel, ring.epoch(), "moved");
+                        for sub in subs {
+                            if sub.tx.try_send(reply.clone()).is_err() {
+                                sub.end.end(Status::resource_exhausted("gateway fell behind"));
+                            }
+                        }
+                        moved += 1;
+                    }
+                }
+            }
+            tracing::info!(
+                epoch = ring.epoch(),
+                slots = ring.slots_owned(node),
+                moved_subscriptions = moved,
+                dropped_channels = dropped,
+                "channel server follows new ring"
+            );
+        }
+    }
+
+    /// Handles one command of a gateway's subscription stream.
+    async fn handle_command(
+        &self,
+        command: Command,
+        sub: &Subscriber,
+        subscribed: &mut HashSet<ChannelId>,
+    ) {
+        match command {
+            Command::Subscribe(s) => {
+                for name in s.channels {
+                    let channel = match ChannelId::new(&name) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let reply = refused_name(name, 0, &e.to_string());
+                            self.send_control(sub, reply);
+                            continue;
+                        }
+                    };
+                    match self.check_owner(slot_of(&channel), s.epoch).await {
+                        Err(status) => {
+                            let epoch = self.inner.ring.current().epoch();
+                            self.send_control(sub, refused(&channel, epoch, status.message()));
+                        }
+                        Ok(_) => {
+                            let mut shard = self.shard(&channel);
+                            if subscribed.insert(channel.clone()) {
+                                shard.subs.entry(channel.clone()).or_default().push(sub.clone());
+                            }
+                            let reply = pb::SubscribeResponse {
+                                reply: Some(Reply::Subscribed(pb::Subscribed {
+                                    channel: channel.to_string(),
+                                    head_ts: ts_str(shard.store.head(&channel)),
+                                })),
+                            };
+                            // Queued under the shard lock: every event published after it
+                            // follows it on the stream.
+                            self.send_control(sub, reply);
+                        }
+                    }
+                }
+            }
+            Command::Unsubscribe(u) => {
+                for name in u.channels {
+                    let Ok(channel) = ChannelId::new(&name) else {
+                        continue;
+                    };
+                    if subscribed.remove(&channel) {
+                        self.remove_subscriber(&channel, sub.stream);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_control(&self, sub: &Subscriber, reply: pb::SubscribeResponse) {
+        if sub.tx.try_send(reply).is_err() {
+            sub.end.end(Status::resource_exhausted("gateway fell behind its subscription queue"));
+        }
+    }
+
+    fn remove_subscriber(&self, channel: &ChannelId, stream: u64) {
+        let mut shard = self.shard(channel);
+        if let Some(subs) = shard.subs.get_mut(channel) {
+            subs.retain(|s| s.stream != stream);
+            if subs.is_empty() {
+                shard.subs.remove(channel);
+            }
+        }
+    }
+}
+
+fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> pb::SubscribeResponse {
+    refused_name(channel.to_string(), epoch, reason)
+}
+
+fn refused_name(channel: String, epoch: u64, reason: &str) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        reply: Some(Reply::Refused(pb::Refused {
+            channel,
+            epoch,
+            reason: reason.to_string(),
+        })),
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ChannelServerRpc for ChannelService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = request.into_inner();
+        let event = req
+            .event
+            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+        let mut event =
+            event_from_proto(event).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_owner(slot_of(&event.channel), req.epoch).await?;
+        let mut shard = self.shard(&event.channel);
+        if !event.body.is_transient() {
+            event.ts = Some(shard.store.append(&event.channel, event.body.clone(), now_micros()));
+        }
+        let reply = pb::SubscribeResponse {
+            reply: Some(Reply::Events(pb::Events {
+                events: vec![event_to_proto(&event)],
+            })),
+        };
+        shard.fan_out(&event.channel, &reply);
+        drop(shard);
+        Ok(Response::new(pb::PublishResponse {
+            ts: ts_str(event.ts),
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let channel =
+            ChannelId::new(&req.channel).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let since = opt_ts(&req.since_ts).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let limit = match req.limit {
+            0 => DEFAULT_HISTORY_LIMIT,
+            n => n.min(MAX_HISTORY_LIMIT),
+        };
+        self.check_owner(slot_of(&channel), req.epoch).await?;
+        let page = self.shard(&channel).store.history(&channel, since, limit as usize);
+        Ok(Response::new(pb::HistoryResponse {
+            events: page
+                .events
+                .into_iter()
+                .map(|stored| {
+                    event_to_proto(&mesh_core::ChannelEvent {
+                        channel: channel.clone(),
+                        ts: Some(stored.ts),
+                        body: stored.body,
+                        origin: None,
+                    })
+                })
+                .collect(),
+            oldest_ts: ts_str(page.oldest),
+            has_more: page.has_more,
+        }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<SubscribeStream>, Status> {
+        let gateway = request
+            .metadata()
+            .get(GATEWAY_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_string();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.inner.gateway_queue);
+        let end = StreamEnd {
+            token: self.inner.cancel.child_token(),
+            reason: Arc::new(OnceLock::new()),
+        };
+        let sub = Subscriber {
+            stream: self.inner.next_stream.fetch_add(1, Ordering::Relaxed),
+            tx,
+            end: end.clone(),
+        };
+        tracing::info!(%gateway, stream = sub.stream, "gateway subscription stream opened");
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let mut subscribed = HashSet::new();
+            loop {
+                // Cancel-safe: `message()` loses nothing when the other branch wins, and the
+                // stream is dropped right after.
+                let next = tokio::select! {
+                    _ = sub.end.token.cancelled() => break,
+                    next = inbound.message() => next,
+                };
+                match next {
+                    Ok(Some(pb::SubscribeRequest { command: Some(command) })) => {
+                        this.handle_command(command, &sub, &mut subscribed).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%gateway, error = %e, "gateway stream ended with an error");
+                        break;
+                    }
+                }
+            }
+            for channel in subscribed {
+                this.remove_subscriber(&channel, sub.stream);
+            }
+            sub.end.end(Status::cancelled("subscription stream closed"));
+            tracing::info!(%gateway, stream = sub.stream, "gateway subscription stream closed");
+        });
+        let events = ReceiverStream::new(rx).map(Ok);
+        let ended = futures::stream::once(async move {
+            end.token.cancelled().await;
+            Err(end
+                .reason
+                .get()
+                .cloned()
+                .unwrap_or_else(|| Status::unavailable("channel server shutting down")))
+        });
+        let stream = futures::stream::select(events, ended);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
