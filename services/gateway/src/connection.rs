@@ -1,0 +1,256 @@
+//! One client WebSocket: subscribe its channels, say hello, then carry frames both ways.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
+use tokio::sync::mpsc;
+
+use crate::Shared;
+use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound};
+use crate::rtm::{self, ClientFrame, ErrorCode, RtmError};
+
+/// Frames queued to one connection before it counts as a slow consumer.
+pub const OUTBOUND_QUEUE: usize = 1024;
+/// How long a new connection waits for its channels' upstream subscriptions.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client frames being published at once per connection; past it the socket is not read.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// WebSocket close codes the gateway uses. Documented in the README.
+pub mod close {
+    /// The server is shutting down (after `goodbye`): reconnect.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The channels could not be subscribed in time: reconnect later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The client did not read fast enough; its queue overflowed: reconnect.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Frames written before one flush when several are queued.
+const WRITE_BATCH: usize = 64;
+
+/// A connection's own state, owned by its task.
+struct Connection {
+    conn: ConnId,
+    identity: Identity,
+    shared: Arc<Shared>,
+    sink: ConnSink,
+    /// Its own queue's sender, for notices sent after a subscription completes.
+    tx: mpsc::Sender<Outbound>,
+    /// Channels the user may read and post to right now.
+    members: HashSet<ChannelId>,
+    /// The user's and team's channels: never left.
+    own: [ChannelId; 2],
+}
+
+impl Connection {
+    /// Applies one queued item; returns the frame to write, if any.
+    fn on_outbound(&mut self, item: Outbound) -> Option<Utf8Bytes> {
+        match item {
+            Outbound::Frame(frame) => Some(frame),
+            Outbound::Joined { channel, .. } => {
+                if self.members.insert(channel.clone()) {
+                    let waiting = self.shared.hub.join(&self.sink, std::slice::from_ref(&channel));
+                    let tx = self.tx.clone();
+                    // The notice goes out once the channel is subscribed here.
+                    self.shared.tracker.spawn(async move {
+                        let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
+                        let _ = tx.try_send(Outbound::Frame(rtm::channel_joined(&channel)));
+                    });
+                }
+                None
+            }
+            Outbound::Left { channel } => {
+                if !self.own.contains(&channel) && self.members.remove(&channel) {
+                    self.shared.hub.leave(self.conn, std::slice::from_ref(&channel));
+                    Some(rtm::channel_left(&channel))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Runs one connection until either side closes or the gateway shuts down.
+pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity: Identity) {
+    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let closer = Arc::new(Closer::default());
+    let sink = ConnSink::new(conn, identity.user.clone(), tx.clone(), closer.clone());
+    let initial = identity.all_channels();
+    let mut me = Connection {
+        conn,
+        own: [ChannelId::from(&identity.user), ChannelId::from(&identity.team)],
+        members: initial.iter().cloned().collect(),
+        identity,
+        shared: shared.clone(),
+        sink,
+        tx,
+    };
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let cancel = shared.cancel.clone();
+
+    // Subscribe first, hello after: every event posted after hello reaches this client.
+    let waiting = shared.hub.join(&me.sink, &initial);
+    let ready = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
+    let ready = matches!(ready, Ok(results) if results.iter().all(Result::is_ok));
+    if !ready {
+        tracing::warn!(conn, user = %me.identity.user, "channel subscriptions not confirmed in time");
+        let error = RtmError::new(ErrorCode::Unavailable, "channels unavailable; reconnect later", None);
+        let _ = ws_tx.send(Message::Text(error.render())).await;
+        let _ = ws_tx.send(close_frame(close::TRY_AGAIN_LATER, "subscriptions timed out")).await;
+        shared.hub.leave(conn, &initial);
+        return;
+    }
+    if ws_tx.send(Message::Text(rtm::hello())).await.is_err() {
+        shared.hub.leave(conn, &initial);
+        return;
+    }
+    tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
+
+    let mut in_flight = FuturesUnordered::new();
+    let close: Option<(u16, &'static str)> = 'conn: loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = ws_tx.send(Message::Text(rtm::goodbye())).await;
+                break Some((close::GOING_AWAY, "server shutting down"));
+            }
+            _ = closer.token.cancelled() => {
+                break match closer.reason.get() {
+                    Some(CloseReason::SlowConsumer) | None => Some((close::SLOW_CONSUMER, "slow consumer: outgoing queue overflowed")),
+                };
+            }
+            // Cancel-safe: recv loses nothing if another branch wins.
+            Some(item) = rx.recv() => {
+                // Write this and whatever else is queued, then flush once.
+                let mut next = Some(item);
+                let mut written = 0;
+                while let Some(item) = next.take() {
+                    if let Some(frame) = me.on_outbound(item) {
+                        if ws_tx.feed(Message::Text(frame)).await.is_err() {
+                            break 'conn None;
+                        }
+                        written += 1;
+                    }
+                    if written < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if ws_tx.flush().await.is_err() {
+                    break None;
+                }
+            }
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(reply) = reply
+                    && ws_tx.send(Message::Text(reply)).await.is_err()
+                {
+                    break None;
+                }
+            }
+            // Cancel-safe: the WebSocket stream's next() loses nothing when another branch wins.
+            msg = ws_rx.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let reply = match msg {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Err(e)) => {
+                        tracing::debug!(conn, error = %e, "websocket read failed");
+                        break is_capacity(&e).then_some((close::TOO_BIG, "frame over the size limit"));
+                    }
+                    Some(Ok(Message::Text(text))) => match rtm::parse(text.as_str()) {
+                        Err(error) => Some(error.render()),
+                        Ok(ClientFrame::Ping { fields }) => Some(rtm::pong(fields)),
+                        Ok(ClientFrame::Message { id, channel, text }) => {
+                            in_flight.push(publish(&me, Some(id), channel, Some(text)));
+                            None
+                        }
+                        Ok(ClientFrame::Typing { id, channel }) => {
+                            in_flight.push(publish(&me, id, channel, None));
+                            None
+                        }
+                    },
+                    Some(Ok(Message::Binary(_))) => Some(
+                        RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None).render(),
+                    ),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                };
+                if let Some(reply) = reply
+                    && ws_tx.send(Message::Text(reply)).await.is_err()
+                {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let _ = ws_tx.send(close_frame(code, reason)).await;
+    }
+    let _ = ws_tx.close().await;
+    let all: Vec<ChannelId> = me.members.drain().collect();
+    shared.hub.leave(conn, &all);
+    tracing::debug!(conn, user = %me.identity.user, ?close, "client disconnected");
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+fn is_capacity(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
+
+/// Publishes a client's message (`text`) or typing indicator (no text); resolves to the reply
+/// frame, if any.
+fn publish(
+    me: &Connection,
+    id: Option<i64>,
+    channel: ChannelId,
+    text: Option<String>,
+) -> impl std::future::Future<Output = Option<Utf8Bytes>> + use<> {
+    let user = me.identity.user.clone();
+    let body = match text {
+        Some(text) => EventBody::Message {
+            user,
+            text,
+            team: Some(me.identity.team.clone()),
+        },
+        None => EventBody::Typing { user },
+    };
+    let allowed = me.members.contains(&channel);
+    let shared = me.shared.clone();
+    let conn = me.conn;
+    async move {
+        if !allowed {
+            return Some(RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id).render());
+        }
+        let event = ChannelEvent {
+            channel,
+            ts: None,
+            body,
+            origin: Some(Origin {
+                gateway: shared.hub.gateway().to_string(),
+                conn,
+            }),
+        };
+        match shared.router.publish(&event).await {
+            Ok(Some(ts)) => match (&event.body, id) {
+                (EventBody::Message { text, .. }, Some(id)) => Some(rtm::message_ack(id, ts, text)),
+                _ => None,
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(conn, error = %e, "publishing a client event failed");
+                Some(RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id).render())
+            }
+        }
+    }
+}

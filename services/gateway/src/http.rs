@@ -1,0 +1,181 @@
+//! HTTP routes: Slack's `auth.test` and `rtm.connect`, the WebSocket endpoint, health.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use mesh_core::{Identity, TokenError};
+use serde_json::{Value, json};
+
+use crate::{Shared, connection};
+
+/// The largest client frame accepted, in bytes; a larger one closes the socket with 1009 before
+/// it is read whole. (Message text itself is capped at 16 KiB; this leaves room for escaping.)
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// The gateway's routes.
+pub fn routes(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/auth.test", any(auth_test))
+        .route("/api/rtm.connect", any(rtm_connect))
+        .route("/api/rtm.start", any(rtm_connect))
+        .route("/rtm/{ticket}", get(websocket))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
+}
+
+/// Request parameters from the query string and a form body (JSON bodies are ignored: slack_sdk
+/// sends an empty one labelled JSON).
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn read(headers: &HeaderMap, query: Option<String>, body: &Bytes) -> Self {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        if let Some(q) = query {
+            pairs.extend(form_urlencoded_pairs(q.as_bytes()));
+        }
+        let is_form = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if is_form {
+            pairs.extend(form_urlencoded_pairs(body));
+        }
+        Params(pairs)
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+fn form_urlencoded_pairs(input: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(input).into_owned().collect()
+}
+
+/// Slack answers API errors with HTTP 200 and `{"ok":false,"error":..}`.
+fn slack_error(error: &str) -> Response {
+    axum::Json(json!({"ok": false, "error": error})).into_response()
+}
+
+/// The caller's identity, from `Authorization: Bearer`, or a `token` parameter.
+fn authenticate(shared: &Shared, headers: &HeaderMap, params: &Params) -> Result<Identity, Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = bearer.or_else(|| params.get("token").filter(|t| !t.is_empty())) else {
+        return Err(slack_error("not_authed"));
+    };
+    shared.key.verify(token).map_err(|e| {
+        let reason = match e {
+            TokenError::Expired => "expired",
+            TokenError::BadSignature => "bad signature",
+            _ => "malformed",
+        };
+        tracing::debug!(reason, "refused a token");
+        slack_error("invalid_auth")
+    })
+}
+
+async fn auth_test(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let params = Params::read(&headers, query, &body);
+    let identity = match authenticate(&shared, &headers, &params) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let user = identity.user.as_str();
+    axum::Json(json!({
+        "ok": true,
+        "url": format!("{}/", shared.http_url),
+        "team": identity.team.as_str(),
+        "user": identity.name.as_deref().unwrap_or(user),
+        "team_id": identity.team.as_str(),
+        "user_id": user,
+        // Distinct per user: rtm_v2 drops events whose bot_id equals its own (RTM.md).
+        "bot_id": format!("B{user}"),
+        "is_enterprise_install": false,
+    }))
+    .into_response()
+}
+
+async fn rtm_connect(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let params = Params::read(&headers, query, &body);
+    let identity = match authenticate(&shared, &headers, &params) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let batch = matches!(params.get("batch_presence_aware"), Some("1" | "true"));
+    let user = identity.user.to_string();
+    let name = identity.name.clone().unwrap_or_else(|| user.clone());
+    let team = identity.team.to_string();
+    let Some(ticket) = shared.tickets.issue(identity, batch) else {
+        let mut response = slack_error("ratelimited");
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
+    axum::Json(json!({
+        "ok": true,
+        "url": format!("{}/rtm/{ticket}", shared.ws_url),
+        "self": {"id": user, "name": name},
+        "team": {"id": team, "name": team, "domain": team.to_lowercase()},
+    }))
+    .into_response()
+}
+
+async fn websocket(
+    State(shared): State<Arc<Shared>>,
+    Path(ticket): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(ticket) = shared.tickets.redeem(&ticket) else {
+        let body = json!({"ok": false, "error": "invalid_connect_url"});
+        return (StatusCode::UNAUTHORIZED, axum::Json::<Value>(body)).into_response();
+    };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let tracked = shared.clone();
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| {
+            let task = connection::run(socket, tracked.clone(), conn, ticket.identity);
+            tracked.tracker.track_future(task)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_form_pairs() {
+        let pairs = form_urlencoded_pairs(b"token=a%2Bb&batch_presence_aware=1&x=y+z&bad=%zz&");
+        assert_eq!(
+            pairs,
+            vec![
+                ("token".into(), "a+b".into()),
+                ("batch_presence_aware".into(), "1".into()),
+                ("x".into(), "y z".into()),
+                ("bad".into(), "%zz".into()),
+            ]
+        );
+    }
+}

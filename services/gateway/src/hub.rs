@@ -1,0 +1,414 @@
+//! The gateway's hub: which local connections want which channel, and the one upstream
+//! subscription per channel that serves them all.
+//!
+//! A channel is subscribed upstream once, on the channel server that owns it in the newest
+//! ring, however many local connections want it; it is unsubscribed when the last one leaves.
+//! Each upstream event is rendered to RTM JSON once and queued to every local subscriber.
+//! The state lock is never held across an await.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts, UserId};
+use mesh_proto::channel as pb;
+use mesh_proto::channel::subscribe_request::Command;
+use ring_manager::RingWatcher;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::rtm;
+use crate::upstream::{self, Upstream};
+
+/// A connection's id within its gateway.
+pub type ConnId = u64;
+
+/// Pause before resubscribing after a refusal or a lost upstream.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
+/// Commands queued per upstream stream; a full queue restarts that stream.
+const UPSTREAM_COMMAND_QUEUE: usize = 65_536;
+
+/// What the hub queues to a connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A rendered frame, written as is.
+    Frame(Utf8Bytes),
+    /// The connection's user joined `channel`: start receiving it.
+    Joined { channel: ChannelId, since: Option<Ts> },
+    /// The connection's user left `channel`.
+    Left { channel: ChannelId },
+}
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its outgoing queue was full: it does not read fast enough.
+    SlowConsumer,
+}
+
+/// How the hub reaches one connection.
+#[derive(Debug, Clone)]
+pub struct ConnSink {
+    pub id: ConnId,
+    pub user: UserId,
+    tx: mpsc::Sender<Outbound>,
+    closer: Arc<Closer>,
+}
+
+/// Closes a connection from outside its task, with a reason.
+#[derive(Debug, Default)]
+pub struct Closer {
+    pub token: CancellationToken,
+    pub reason: OnceLock<CloseReason>,
+}
+
+impl ConnSink {
+    /// A sink queueing into `tx`; `closer` ends the connection.
+    pub fn new(id: ConnId, user: UserId, tx: mpsc::Sender<Outbound>, closer: Arc<Closer>) -> Self {
+        ConnSink { id, user, tx, closer }
+    }
+
+    /// Queues without waiting; a full queue closes the connection as a slow consumer.
+    pub fn push(&self, item: Outbound) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.closer.reason.set(CloseReason::SlowConsumer).is_ok() {
+                    tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
+                }
+                self.closer.token.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Local state of one channel.
+#[derive(Debug, Default)]
+struct LocalChannel {
+    conns: HashMap<ConnId, ConnSink>,
+    /// The channel server the subscription was sent to.
+    upstream: Option<NodeId>,
+    /// That channel server confirmed it: every later event of the channel reaches us.
+    active: bool,
+    /// Connections waiting for `active`.
+    waiters: Vec<oneshot::Sender<()>>,
+    /// The newest ts delivered.
+    last_ts: Option<Ts>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    channels: HashMap<ChannelId, LocalChannel>,
+    upstreams: HashMap<NodeId, Upstream>,
+}
+
+/// The hub; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    gateway: String,
+    ring: RingWatcher,
+    state: Mutex<State>,
+    reconcile_scheduled: AtomicBool,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Hub {
+    /// A hub for gateway `gateway` following `ring`.
+    pub fn new(
+        gateway: String,
+        ring: RingWatcher,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                gateway,
+                ring,
+                state: Mutex::new(State::default()),
+                reconcile_scheduled: AtomicBool::new(false),
+                tracker,
+                cancel,
+            }),
+        };
+        hub.inner.tracker.spawn(hub.clone().follow_ring());
+        hub
+    }
+
+    /// This gateway's id.
+    pub fn gateway(&self) -> &str {
+        &self.inner.gateway
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `sink` to each channel; returns a receiver per channel whose upstream subscription
+    /// is not yet confirmed (each fires once it is).
+    pub fn join(&self, sink: &ConnSink, channels: &[ChannelId]) -> Vec<oneshot::Receiver<()>> {
+        let ring = self.inner.ring.current();
+        let mut state = self.state();
+        let mut waiting = Vec::new();
+        let mut to_subscribe: Vec<ChannelId> = Vec::new();
+        for channel in channels {
+            let local = state.channels.entry(channel.clone()).or_default();
+            local.conns.insert(sink.id, sink.clone());
+            if local.active {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            local.waiters.push(tx);
+            waiting.push(rx);
+            if local.upstream.is_none() {
+                to_subscribe.push(channel.clone());
+            }
+        }
+        self.subscribe_locked(&mut state, &ring, to_subscribe);
+        waiting
+    }
+
+    /// Removes connection `conn` from each channel, unsubscribing channels nobody wants.
+    pub fn leave(&self, conn: ConnId, channels: &[ChannelId]) {
+        let mut state = self.state();
+        let mut unsubscribe: HashMap<NodeId, Vec<String>> = HashMap::new();
+        for channel in channels {
+            let Some(local) = state.channels.get_mut(channel) else {
+                continue;
+            };
+            local.conns.remove(&conn);
+            if local.conns.is_empty() {
+                if let Some(node) = local.upstream.take() {
+                    unsubscribe.entry(node).or_default().push(channel.to_string());
+                }
+                state.channels.remove(channel);
+            }
+        }
+        for (node, channels) in unsubscribe {
+            self.send_locked(&mut state, &node, Command::Unsubscribe(pb::Unsubscribe { channels }));
+        }
+    }
+
+    /// Sends subscribes for `channels` (not yet sent anywhere) to their owners in `ring`.
+    fn subscribe_locked(&self, state: &mut State, ring: &Ring, channels: Vec<ChannelId>) {
+        let mut by_node: HashMap<NodeId, (String, Vec<String>)> = HashMap::new();
+        for channel in channels {
+            let Some(owner) = ring.owner_of(&channel) else {
+                continue; // No ring yet: the next ring reconciles it.
+            };
+            if let Some(local) = state.channels.get_mut(&channel) {
+                local.upstream = Some(owner.id.clone());
+                local.active = false;
+            }
+            by_node
+                .entry(owner.id.clone())
+                .or_insert_with(|| (owner.addr.clone(), Vec::new()))
+                .1
+                .push(channel.to_string());
+        }
+        for (node, (addr, channels)) in by_node {
+            if !state.upstreams.contains_key(&node) {
+                let upstream = upstream::spawn(
+                    self.clone(),
+                    node.clone(),
+                    addr,
+                    UPSTREAM_COMMAND_QUEUE,
+                    &self.inner.tracker,
+                    self.inner.cancel.child_token(),
+                );
+                state.upstreams.insert(node.clone(), upstream);
+            }
+            let command = Command::Subscribe(pb::Subscribe {
+                epoch: ring.epoch(),
+                channels,
+            });
+            self.send_locked(state, &node, command);
+        }
+    }
+
+    /// Queues a command on `node`'s stream; a full or closed queue restarts that stream.
+    fn send_locked(&self, state: &mut State, node: &NodeId, command: Command) {
+        let Some(upstream) = state.upstreams.get(node) else {
+            return;
+        };
+        let request = pb::SubscribeRequest {
+            command: Some(command),
+        };
+        if upstream.commands.try_send(request).is_err() {
+            tracing::warn!(%node, "upstream command queue full or closed; restarting the stream");
+            self.upstream_lost_locked(state, node);
+        }
+    }
+
+    /// Rendered once, queued to every local subscriber of the event's channel.
+    pub fn deliver(&self, from: &NodeId, event: ChannelEvent) {
+        let frame = rtm::render(&event);
+        let mut state = self.state();
+        let Some(local) = state.channels.get_mut(&event.channel) else {
+            return;
+        };
+        if local.upstream.as_ref() != Some(from) {
+            return; // A stale stream of a channel that moved.
+        }
+        if let Some(ts) = event.ts {
+            local.last_ts = Some(ts);
+        }
+        let skip = event
+            .origin
+            .as_ref()
+            .filter(|o| o.gateway == self.inner.gateway)
+            .map(|o| o.conn);
+        let item = match (&event.body, frame) {
+            (EventBody::ChannelJoined { channel, since }, _) => Outbound::Joined {
+                channel: channel.clone(),
+                since: *since,
+            },
+            (EventBody::ChannelLeft { channel }, _) => Outbound::Left {
+                channel: channel.clone(),
+            },
+            (_, Some(frame)) => Outbound::Frame(frame),
+            (_, None) => return,
+        };
+        for (id, sink) in &local.conns {
+            if Some(*id) != skip {
+                sink.push(item.clone());
+            }
+        }
+    }
+
+    /// `node` confirmed `channel`.
+    pub fn subscribed(&self, node: &NodeId, channel: &ChannelId) {
+        let mut state = self.state();
+        if let Some(local) = state.channels.get_mut(channel)
+            && local.upstream.as_ref() == Some(node)
+        {
+            local.active = true;
+            for waiter in local.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// `node` refused `channel` (it does not own it in its epoch, or it moved away).
+    pub fn refused(&self, node: &NodeId, channel: &str, reason: &str) {
+        let Ok(channel) = ChannelId::new(channel) else {
+            return;
+        };
+        let mut state = self.state();
+        if let Some(local) = state.channels.get_mut(&channel)
+            && local.upstream.as_ref() == Some(node)
+        {
+            tracing::debug!(%node, %channel, reason, "subscription refused; will resubscribe");
+            local.upstream = None;
+            local.active = false;
+            drop(state);
+            self.schedule_reconcile();
+        }
+    }
+
+    /// `node`'s stream ended: its channels resubscribe after a pause.
+    pub fn upstream_lost(&self, node: &NodeId) {
+        let mut state = self.state();
+        self.upstream_lost_locked(&mut state, node);
+        drop(state);
+        self.schedule_reconcile();
+    }
+
+    fn upstream_lost_locked(&self, state: &mut State, node: &NodeId) {
+        if let Some(upstream) = state.upstreams.remove(node) {
+            upstream.cancel.cancel();
+        }
+        for local in state.channels.values_mut() {
+            if local.upstream.as_ref() == Some(node) {
+                local.upstream = None;
+                local.active = false;
+            }
+        }
+    }
+
+    fn schedule_reconcile(&self) {
+        if self.inner.reconcile_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hub = self.clone();
+        self.inner.tracker.spawn(async move {
+            tokio::select! {
+                _ = hub.inner.cancel.cancelled() => {}
+                _ = tokio::time::sleep(RESUBSCRIBE_PAUSE) => {
+                    hub.inner.reconcile_scheduled.store(false, Ordering::Release);
+                    hub.reconcile(&hub.inner.ring.current());
+                }
+            }
+        });
+    }
+
+    /// Points every channel's subscription at its owner in `ring`.
+    pub fn reconcile(&self, ring: &Ring) {
+        let mut state = self.state();
+        let mut to_subscribe = Vec::new();
+        let mut unsubscribe: HashMap<NodeId, Vec<String>> = HashMap::new();
+        for (channel, local) in state.channels.iter_mut() {
+            let owner = ring.owner_of(channel).map(|n| &n.id);
+            if local.upstream.as_ref() == owner && owner.is_some() {
+                continue;
+            }
+            if let Some(old) = local.upstream.take() {
+                unsubscribe.entry(old).or_default().push(channel.to_string());
+            }
+            local.active = false;
+            to_subscribe.push(channel.clone());
+        }
+        for (node, channels) in unsubscribe {
+            self.send_locked(&mut state, &node, Command::Unsubscribe(pb::Unsubscribe { channels }));
+        }
+        // Streams to nodes that left the ring and serve nothing are closed.
+        let live: HashSet<&NodeId> = ring.nodes().iter().map(|n| &n.id).collect();
+        let gone: Vec<NodeId> = state
+            .upstreams
+            .keys()
+            .filter(|n| !live.contains(n))
+            .cloned()
+            .collect();
+        for node in gone {
+            if let Some(upstream) = state.upstreams.remove(&node) {
+                upstream.cancel.cancel();
+            }
+        }
+        if !to_subscribe.is_empty() {
+            tracing::info!(epoch = ring.epoch(), channels = to_subscribe.len(), "resubscribing moved channels");
+        }
+        self.subscribe_locked(&mut state, ring, to_subscribe);
+    }
+
+    async fn follow_ring(self) {
+        let mut rx = self.inner.ring.receiver();
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let ring = rx.borrow_and_update().clone();
+            self.reconcile(&ring);
+        }
+    }
+
+    /// Channels currently wanted by at least one local connection.
+    pub fn channel_count(&self) -> usize {
+        self.state().channels.len()
+    }
+
+    /// Upstream streams open.
+    pub fn upstream_count(&self) -> usize {
+        self.state().upstreams.len()
+    }
+}

@@ -1,0 +1,86 @@
+//! Connect tickets: `rtm.connect` hands out a single-use, short-lived WebSocket URL per call.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mesh_core::Identity;
+use rand::RngCore;
+
+/// How long a connect URL stays valid.
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+/// The most outstanding tickets one gateway holds; past it `rtm.connect` answers `ratelimited`.
+pub const MAX_TICKETS: usize = 100_000;
+
+/// What a ticket admits.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub identity: Identity,
+    /// The client asked for `batch_presence_aware=1`.
+    pub batch_presence: bool,
+    expires: Instant,
+}
+
+/// Outstanding tickets.
+#[derive(Debug, Default)]
+pub struct Tickets {
+    map: Mutex<HashMap<String, Ticket>>,
+}
+
+impl Tickets {
+    /// Issues a ticket id for `identity`, or `None` when too many are outstanding.
+    pub fn issue(&self, identity: Identity, batch_presence: bool) -> Option<String> {
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_TICKETS / 2 {
+            map.retain(|_, t| t.expires > now);
+        }
+        if map.len() >= MAX_TICKETS {
+            return None;
+        }
+        map.insert(
+            id.clone(),
+            Ticket {
+                identity,
+                batch_presence,
+                expires: now + TICKET_TTL,
+            },
+        );
+        Some(id)
+    }
+
+    /// Redeems a ticket: it works once, and only before it expires.
+    pub fn redeem(&self, id: &str) -> Option<Ticket> {
+        let ticket = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)?;
+        (ticket.expires > Instant::now()).then_some(ticket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::{TeamId, UserId};
+
+    #[test]
+    fn tickets_are_single_use() {
+        let tickets = Tickets::default();
+        let identity = Identity {
+            user: UserId::new("U1").unwrap(),
+            team: TeamId::new("T1").unwrap(),
+            name: None,
+            channels: vec![],
+            expires_at: 0,
+        };
+        let id = tickets.issue(identity, false).unwrap();
+        assert!(tickets.redeem(&id).is_some());
+        assert!(tickets.redeem(&id).is_none());
+        assert!(tickets.redeem("nope").is_none());
+    }
+}

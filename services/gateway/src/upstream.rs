@@ -1,0 +1,109 @@
+//! One subscription stream from this gateway to one channel server.
+//!
+//! The hub queues subscribe/unsubscribe commands; this task carries them and hands every reply
+//! back to the hub. When the stream fails the hub resubscribes its channels on a new stream.
+
+use mesh_core::NodeId;
+use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use mesh_proto::channel::subscribe_response::Reply;
+use channel_server::service::GATEWAY_ID_HEADER;
+use channel_server::wire::event_from_proto;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Endpoint;
+
+use crate::hub::Hub;
+
+/// The hub's handle on an upstream stream.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Commands to send, in order.
+    pub commands: mpsc::Sender<pb::SubscribeRequest>,
+    /// Ends the stream.
+    pub cancel: CancellationToken,
+}
+
+/// Opens a stream to channel server `node` at `addr` on a tracked task.
+pub fn spawn(
+    hub: Hub,
+    node: NodeId,
+    addr: String,
+    queue: usize,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Upstream {
+    let (tx, rx) = mpsc::channel(queue);
+    tracker.spawn(run(hub, node, addr, rx, cancel.clone()));
+    Upstream {
+        commands: tx,
+        cancel,
+    }
+}
+
+async fn run(
+    hub: Hub,
+    node: NodeId,
+    addr: String,
+    commands: mpsc::Receiver<pb::SubscribeRequest>,
+    cancel: CancellationToken,
+) {
+    let result = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = stream(&hub, &node, &addr, commands) => r,
+    };
+    match result {
+        Ok(()) => tracing::info!(%node, "upstream stream ended"),
+        Err(e) => tracing::warn!(%node, %addr, error = %e, "upstream stream failed"),
+    }
+    if !cancel.is_cancelled() {
+        hub.upstream_lost(&node);
+    }
+}
+
+async fn stream(
+    hub: &Hub,
+    node: &NodeId,
+    addr: &str,
+    commands: mpsc::Receiver<pb::SubscribeRequest>,
+) -> Result<(), String> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(ReceiverStream::new(commands));
+    if let Ok(value) = hub.gateway().parse() {
+        request.metadata_mut().insert(GATEWAY_ID_HEADER, value);
+    }
+    let mut replies = ChannelServerClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .subscribe(request)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    tracing::debug!(%node, "upstream stream open");
+    while let Some(reply) = replies.message().await.map_err(|e| e.to_string())? {
+        match reply.reply {
+            Some(Reply::Events(events)) => {
+                for event in events.events {
+                    match event_from_proto(event) {
+                        Ok(event) => hub.deliver(node, event),
+                        Err(e) => tracing::warn!(%node, error = %e, "dropping a malformed event"),
+                    }
+                }
+            }
+            Some(Reply::Subscribed(s)) => match mesh_core::ChannelId::new(&s.channel) {
+                Ok(channel) => hub.subscribed(node, &channel),
+                Err(e) => tracing::warn!(%node, error = %e, "bad channel in subscribe reply"),
+            },
+            Some(Reply::Refused(r)) => hub.refused(node, &r.channel, &r.reason),
+            None => {}
+        }
+    }
+    Ok(())
+}
