@@ -1,1 +1,64 @@
-//! stub
+//! The admin server (AS): the web application's gRPC API. Stateless: it validates each call,
+//! routes it by the ring to the owning channel server, and answers.
+
+mod auth;
+mod service;
+
+use std::time::Duration;
+
+use channel_server::ChannelRouter;
+use mesh_core::TokenKey;
+use mesh_proto::admin::admin_server::AdminServer;
+use ring_manager::RingWatcher;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::AdminAuth;
+pub use service::AdminService;
+
+/// Errors of the admin server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Configuration of one admin server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The ring manager's gRPC endpoint.
+    pub ring_manager: String,
+    /// The bearer token every call must present (`CHANNELMESH_ADMIN_TOKEN`).
+    pub admin_token: String,
+    /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
+    pub jwt_secret: Vec<u8>,
+}
+
+/// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.
+pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationToken) -> Result<(), Error> {
+    let tracker = TaskTracker::new();
+    let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let service = AdminService::new(ChannelRouter::new(ring), TokenKey::hs256(&config.jwt_secret));
+    let auth = AdminAuth::new(&config.admin_token);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .add_service(reflection)
+        .add_service(AdminServer::with_interceptor(service, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned())
+        .await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(result?)
+}

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound};
-use crate::rtm::{self, ClientFrame, ErrorCode, RtmError};
+use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 /// Frames queued to one connection before it counts as a slow consumer.
 pub const OUTBOUND_QUEUE: usize = 1024;
@@ -62,7 +62,7 @@ impl Connection {
                     // The notice goes out once the channel is subscribed here.
                     self.shared.tracker.spawn(async move {
                         let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
-                        let _ = tx.try_send(Outbound::Frame(rtm::channel_joined(&channel)));
+                        let _ = tx.try_send(Outbound::Frame(Utf8Bytes::from(rtm::channel_joined(&channel))));
                     });
                 }
                 None
@@ -70,7 +70,7 @@ impl Connection {
             Outbound::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
                     self.shared.hub.leave(self.conn, std::slice::from_ref(&channel));
-                    Some(rtm::channel_left(&channel))
+                    Some(Utf8Bytes::from(rtm::channel_left(&channel)))
                 } else {
                     None
                 }
@@ -104,12 +104,12 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     if !ready {
         tracing::warn!(conn, user = %me.identity.user, "channel subscriptions not confirmed in time");
         let error = RtmError::new(ErrorCode::Unavailable, "channels unavailable; reconnect later", None);
-        let _ = ws_tx.send(Message::Text(error.render())).await;
+        let _ = ws_tx.send(Message::Text(error.render().into())).await;
         let _ = ws_tx.send(close_frame(close::TRY_AGAIN_LATER, "subscriptions timed out")).await;
         shared.hub.leave(conn, &initial);
         return;
     }
-    if ws_tx.send(Message::Text(rtm::hello())).await.is_err() {
+    if ws_tx.send(Message::Text(Utf8Bytes::from(rtm::hello()))).await.is_err() {
         shared.hub.leave(conn, &initial);
         return;
     }
@@ -119,7 +119,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     let close: Option<(u16, &'static str)> = 'conn: loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = ws_tx.send(Message::Text(rtm::goodbye())).await;
+                let _ = ws_tx.send(Message::Text(Utf8Bytes::from(rtm::goodbye()))).await;
                 break Some((close::GOING_AWAY, "server shutting down"));
             }
             _ = closer.token.cancelled() => {
@@ -163,8 +163,8 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
                         break is_capacity(&e).then_some((close::TOO_BIG, "frame over the size limit"));
                     }
                     Some(Ok(Message::Text(text))) => match rtm::parse(text.as_str()) {
-                        Err(error) => Some(error.render()),
-                        Ok(ClientFrame::Ping { fields }) => Some(rtm::pong(fields)),
+                        Err(error) => Some(error.render().into()),
+                        Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
                         Ok(ClientFrame::Message { id, channel, text }) => {
                             in_flight.push(publish(&me, Some(id), channel, Some(text)));
                             None
@@ -175,7 +175,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
                         }
                     },
                     Some(Ok(Message::Binary(_))) => Some(
-                        RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None).render(),
+                        RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None).render().into(),
                     ),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
                 };
@@ -230,7 +230,7 @@ fn publish(
     let conn = me.conn;
     async move {
         if !allowed {
-            return Some(RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id).render());
+            return Some(RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id).render().into());
         }
         let event = ChannelEvent {
             channel,
@@ -243,13 +243,13 @@ fn publish(
         };
         match shared.router.publish(&event).await {
             Ok(Some(ts)) => match (&event.body, id) {
-                (EventBody::Message { text, .. }, Some(id)) => Some(rtm::message_ack(id, ts, text)),
+                (EventBody::Message { text, .. }, Some(id)) => Some(Utf8Bytes::from(rtm::message_ack(id, ts, text))),
                 _ => None,
             },
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(conn, error = %e, "publishing a client event failed");
-                Some(RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id).render())
+                Some(RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id).render().into())
             }
         }
     }

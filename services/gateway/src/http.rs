@@ -26,6 +26,7 @@ pub fn routes(shared: Arc<Shared>) -> Router {
         .route("/api/rtm.start", any(rtm_connect))
         .route("/rtm/{ticket}", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/stats", get(stats))
         .with_state(shared)
 }
 
@@ -142,6 +143,18 @@ async fn rtm_connect(
     .into_response()
 }
 
+/// Read-only counters for operators and tests.
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({
+        "gateway": shared.hub.gateway(),
+        "region": shared.region,
+        "connections": shared.connections.load(Ordering::Relaxed),
+        "channels": shared.hub.channel_count(),
+        "upstreams": shared.hub.upstream_count(),
+    }))
+    .into_response()
+}
+
 async fn websocket(
     State(shared): State<Arc<Shared>>,
     Path(ticket): Path<String>,
@@ -156,7 +169,12 @@ async fn websocket(
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| {
-            let task = connection::run(socket, tracked.clone(), conn, ticket.identity);
+            let shared = tracked.clone();
+            let task = async move {
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                connection::run(socket, shared.clone(), conn, ticket.identity).await;
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            };
             tracked.tracker.track_future(task)
         })
 }

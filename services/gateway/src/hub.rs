@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::rtm;
 use crate::upstream::{self, Upstream};
 
 /// A connection's id within its gateway.
@@ -252,7 +251,7 @@ impl Hub {
 
     /// Rendered once, queued to every local subscriber of the event's channel.
     pub fn deliver(&self, from: &NodeId, event: ChannelEvent) {
-        let frame = rtm::render(&event);
+        let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
         let mut state = self.state();
         let Some(local) = state.channels.get_mut(&event.channel) else {
             return;

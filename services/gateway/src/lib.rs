@@ -4,7 +4,6 @@
 pub mod connection;
 pub mod http;
 pub mod hub;
-pub mod rtm;
 pub mod tickets;
 mod upstream;
 
@@ -41,6 +40,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The HS256 secret client tokens are signed with.
     pub jwt_secret: Vec<u8>,
+    /// How long a connect URL from `rtm.connect` stays valid.
+    pub connect_url_ttl: std::time::Duration,
 }
 
 /// What every connection and route of a gateway shares.
@@ -56,6 +57,8 @@ pub struct Shared {
     /// "ws://host:port", no trailing slash.
     pub ws_url: String,
     pub next_conn: AtomicU64,
+    /// Open client connections.
+    pub connections: AtomicU64,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -79,12 +82,13 @@ pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationTo
     let shared = Arc::new(Shared {
         hub: Hub::new(config.id.clone(), ring.clone(), tracker.clone(), cancel.clone()),
         router: ChannelRouter::new(ring),
-        tickets: tickets::Tickets::default(),
+        tickets: tickets::Tickets::new(config.connect_url_ttl),
         key: TokenKey::hs256(&config.jwt_secret),
         region: config.region.clone(),
         http_url,
         ws_url,
         next_conn: AtomicU64::new(1),
+        connections: AtomicU64::new(0),
         cancel: cancel.clone(),
         tracker: tracker.clone(),
     });

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use mesh_core::Identity;
 use rand::RngCore;
 
-/// How long a connect URL stays valid.
-pub const TICKET_TTL: Duration = Duration::from_secs(30);
+/// How long a connect URL stays valid, by default.
+pub const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(30);
 /// The most outstanding tickets one gateway holds; past it `rtm.connect` answers `ratelimited`.
 pub const MAX_TICKETS: usize = 100_000;
 
@@ -22,12 +22,21 @@ pub struct Ticket {
 }
 
 /// Outstanding tickets.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tickets {
     map: Mutex<HashMap<String, Ticket>>,
+    ttl: Duration,
 }
 
 impl Tickets {
+    /// Tickets valid for `ttl` each.
+    pub fn new(ttl: Duration) -> Self {
+        Tickets {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
     /// Issues a ticket id for `identity`, or `None` when too many are outstanding.
     pub fn issue(&self, identity: Identity, batch_presence: bool) -> Option<String> {
         let mut bytes = [0u8; 16];
@@ -46,7 +55,7 @@ impl Tickets {
             Ticket {
                 identity,
                 batch_presence,
-                expires: now + TICKET_TTL,
+                expires: now + self.ttl,
             },
         );
         Some(id)
@@ -70,7 +79,7 @@ mod tests {
 
     #[test]
     fn tickets_are_single_use() {
-        let tickets = Tickets::default();
+        let tickets = Tickets::new(DEFAULT_TICKET_TTL);
         let identity = Identity {
             user: UserId::new("U1").unwrap(),
             team: TeamId::new("T1").unwrap(),

@@ -1,7 +1,6 @@
-//! The RTM wire format: parsing client frames and rendering server frames. The only place in the
-//! gateway that knows JSON; everything past it sees [`ClientFrame`] and domain events.
+//! The RTM wire format: parsing client frames and rendering server frames. The only place that
+//! knows RTM JSON; everything past it sees [`ClientFrame`] and domain events.
 
-use axum::extract::ws::Utf8Bytes;
 use mesh_core::event::MAX_TEXT_BYTES;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Ts};
 use serde_json::{Map, Value, json};
@@ -49,13 +48,13 @@ impl RtmError {
     }
 
     /// `{"ok":false,"reply_to":N,"error":{..}}` when there is an id, else a `type:error` event.
-    pub fn render(&self) -> Utf8Bytes {
+    pub fn render(&self) -> String {
         let error = json!({"code": self.code as u16, "msg": self.msg});
         let value = match self.reply_to {
             Some(id) => json!({"ok": false, "reply_to": id, "error": error}),
             None => json!({"type": "error", "error": error}),
         };
-        Utf8Bytes::from(value.to_string())
+        value.to_string()
     }
 }
 
@@ -141,40 +140,38 @@ fn channel_field(fields: &Map<String, Value>, id: Option<i64>) -> Result<Channel
 }
 
 /// `{"type":"hello"}`.
-pub fn hello() -> Utf8Bytes {
-    Utf8Bytes::from_static(r#"{"type":"hello"}"#)
+pub fn hello() -> String {
+    r#"{"type":"hello"}"#.to_string()
 }
 
 /// `{"type":"goodbye"}`: the server is about to close; reconnect.
-pub fn goodbye() -> Utf8Bytes {
-    Utf8Bytes::from_static(r#"{"type":"goodbye"}"#)
+pub fn goodbye() -> String {
+    r#"{"type":"goodbye"}"#.to_string()
 }
 
 /// The pong for a ping: `type:pong`, `reply_to` = the ping's id, other scalar fields echoed.
-pub fn pong(mut fields: Map<String, Value>) -> Utf8Bytes {
+pub fn pong(mut fields: Map<String, Value>) -> String {
     let id = fields.remove("id").unwrap_or(Value::Null);
     fields.retain(|_, v| !v.is_object() && !v.is_array());
     fields.insert("type".into(), Value::from("pong"));
     fields.insert("reply_to".into(), id);
-    Utf8Bytes::from(Value::Object(fields).to_string())
+    Value::Object(fields).to_string()
 }
 
 /// The ack of a sent message.
-pub fn message_ack(id: i64, ts: Ts, text: &str) -> Utf8Bytes {
-    Utf8Bytes::from(json!({"ok": true, "reply_to": id, "ts": ts.to_string(), "text": text}).to_string())
+pub fn message_ack(id: i64, ts: Ts, text: &str) -> String {
+    json!({"ok": true, "reply_to": id, "ts": ts.to_string(), "text": text}).to_string()
 }
 
 /// `{"type":"channel_joined","channel":{"id":C,..}}`.
-pub fn channel_joined(channel: &ChannelId) -> Utf8Bytes {
-    Utf8Bytes::from(
-        json!({"type": "channel_joined", "channel": {"id": channel.as_str(), "is_member": true}})
-            .to_string(),
-    )
+pub fn channel_joined(channel: &ChannelId) -> String {
+    json!({"type": "channel_joined", "channel": {"id": channel.as_str(), "is_member": true}})
+        .to_string()
 }
 
 /// `{"type":"channel_left","channel":C}`.
-pub fn channel_left(channel: &ChannelId) -> Utf8Bytes {
-    Utf8Bytes::from(json!({"type": "channel_left", "channel": channel.as_str()}).to_string())
+pub fn channel_left(channel: &ChannelId) -> String {
+    json!({"type": "channel_left", "channel": channel.as_str()}).to_string()
 }
 
 /// Slack's channel type letter: G (private), D (direct message), else C.
@@ -188,7 +185,7 @@ fn channel_type(channel: &ChannelId) -> &'static str {
 
 /// The frame every subscriber of the event's channel receives, rendered once per gateway.
 /// `None` for membership events, which each connection handles itself.
-pub fn render(event: &ChannelEvent) -> Option<Utf8Bytes> {
+pub fn render(event: &ChannelEvent) -> Option<String> {
     let channel = event.channel.as_str();
     let ts = event.ts.map(|t| t.to_string());
     let mut value = match &event.body {
@@ -227,7 +224,7 @@ pub fn render(event: &ChannelEvent) -> Option<Utf8Bytes> {
     if let Some(ts) = ts {
         value["event_ts"] = Value::from(ts);
     }
-    Some(Utf8Bytes::from(value.to_string()))
+    Some(value.to_string())
 }
 
 #[cfg(test)]
@@ -267,9 +264,9 @@ mod tests {
     #[test]
     fn renders_replies() {
         let e = RtmError::new(ErrorCode::NoText, "message text is missing", Some(4));
-        assert_eq!(e.render().as_str(), r#"{"error":{"code":2,"msg":"message text is missing"},"ok":false,"reply_to":4}"#);
+        assert_eq!(e.render(), r#"{"error":{"code":2,"msg":"message text is missing"},"ok":false,"reply_to":4}"#);
         let ClientFrame::Ping { fields } = parse(r#"{"type":"ping","id":9,"time":5,"nested":{}}"#).unwrap() else { panic!() };
-        let pong: Value = serde_json::from_str(pong(fields).as_str()).unwrap();
+        let pong: Value = serde_json::from_str(&pong(fields)).unwrap();
         assert_eq!(pong, json!({"type":"pong","reply_to":9,"time":5}));
     }
 
@@ -281,14 +278,14 @@ mod tests {
             body: EventBody::Message { user: UserId::new("U1").unwrap(), text: "hi".into(), team: None },
             origin: None,
         };
-        let v: Value = serde_json::from_str(render(&event).unwrap().as_str()).unwrap();
+        let v: Value = serde_json::from_str(&render(&event).unwrap()).unwrap();
         assert_eq!(v["ts"], "1700000000.000001");
         assert_eq!(v["type"], "message");
         let raw = ChannelEvent {
             body: EventBody::Raw { kind: "reaction_added".into(), json: bytes::Bytes::from_static(br#"{"type":"reaction_added","reaction":"x"}"#) },
             ..event
         };
-        let v: Value = serde_json::from_str(render(&raw).unwrap().as_str()).unwrap();
+        let v: Value = serde_json::from_str(&render(&raw).unwrap()).unwrap();
         assert_eq!(v["event_ts"], "1700000000.000001");
         assert_eq!(v["reaction"], "x");
     }

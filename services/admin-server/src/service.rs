@@ -1,0 +1,236 @@
+//! The `channelmesh.admin.v1.Admin` service: the protobuf edge of the admin API.
+
+use bytes::Bytes;
+use channel_server::{ChannelRouter, RouteError};
+use mesh_core::event::{MAX_RAW_EVENT_BYTES, MAX_TEXT_BYTES};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TeamId, TokenKey, Ts, UserId};
+use mesh_proto::admin as pb;
+use mesh_proto::admin::admin_server::Admin;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+/// Event types a publisher may not send: they are the protocol's own frames.
+const RESERVED_TYPES: &[&str] = &["hello", "goodbye", "pong", "error", "reconnect_url"];
+/// Lifetime of a minted token when the call asks for 0 seconds.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+/// The longest lifetime MintToken grants.
+const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    router: ChannelRouter,
+    key: TokenKey,
+}
+
+impl AdminService {
+    /// Routes through `router`; mints tokens with `key`.
+    pub fn new(router: ChannelRouter, key: TokenKey) -> Self {
+        AdminService { router, key }
+    }
+
+    async fn publish(&self, channel: ChannelId, body: EventBody) -> Result<Ts, Status> {
+        let event = ChannelEvent {
+            channel,
+            ts: None,
+            body,
+            origin: None,
+        };
+        match self.router.publish(&event).await {
+            Ok(Some(ts)) => Ok(ts),
+            Ok(None) => Err(Status::internal("channel server assigned no ts")),
+            Err(e) => Err(route_status(e)),
+        }
+    }
+}
+
+/// The one table from routing errors to gRPC statuses.
+fn route_status(e: RouteError) -> Status {
+    match e {
+        RouteError::Invalid(m) => Status::invalid_argument(m),
+        RouteError::Unavailable(m) => Status::unavailable(m),
+        RouteError::Internal(m) => Status::internal(m),
+    }
+}
+
+fn channel(field: &str, value: &str) -> Result<ChannelId, Status> {
+    ChannelId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn user(value: &str) -> Result<UserId, Status> {
+    UserId::new(value).map_err(|e| Status::invalid_argument(format!("user: {e}")))
+}
+
+fn opt_team(value: &str) -> Result<Option<TeamId>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    TeamId::new(value)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("team: {e}")))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn post_message(
+        &self,
+        request: Request<pb::PostMessageRequest>,
+    ) -> Result<Response<pb::PostMessageResponse>, Status> {
+        let req = request.into_inner();
+        let channel = channel("channel", &req.channel)?;
+        if req.text.is_empty() {
+            return Err(Status::invalid_argument("text: message text is missing"));
+        }
+        if req.text.len() > MAX_TEXT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "text: msg_too_long (over {MAX_TEXT_BYTES} bytes)"
+            )));
+        }
+        let body = EventBody::Message {
+            user: user(&req.user)?,
+            text: req.text,
+            team: opt_team(&req.team)?,
+        };
+        let ts = self.publish(channel, body).await?;
+        Ok(Response::new(pb::PostMessageResponse { ts: ts.to_string() }))
+    }
+
+    async fn publish_event(
+        &self,
+        request: Request<pb::PublishEventRequest>,
+    ) -> Result<Response<pb::PublishEventResponse>, Status> {
+        let req = request.into_inner();
+        let channel = channel("channel", &req.channel)?;
+        if req.event_json.len() > MAX_RAW_EVENT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "event_json: over {MAX_RAW_EVENT_BYTES} bytes"
+            )));
+        }
+        let value: Value = serde_json::from_str(&req.event_json)
+            .map_err(|e| Status::invalid_argument(format!("event_json: invalid JSON: {e}")))?;
+        let kind = match value.get("type") {
+            Some(Value::String(kind)) if !kind.is_empty() => kind.clone(),
+            _ if !value.is_object() => {
+                return Err(Status::invalid_argument("event_json: must be a JSON object"));
+            }
+            _ => return Err(Status::invalid_argument("event_json: needs a string \"type\"")),
+        };
+        if RESERVED_TYPES.contains(&kind.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "event_json: type {kind:?} is reserved for the protocol"
+            )));
+        }
+        let body = EventBody::Raw {
+            kind,
+            json: Bytes::from(req.event_json),
+        };
+        let ts = self.publish(channel, body).await?;
+        Ok(Response::new(pb::PublishEventResponse { ts: ts.to_string() }))
+    }
+
+    async fn join_channel(
+        &self,
+        request: Request<pb::JoinChannelRequest>,
+    ) -> Result<Response<pb::JoinChannelResponse>, Status> {
+        let req = request.into_inner();
+        let channel = channel("channel", &req.channel)?;
+        let user = user(&req.user)?;
+        let team = opt_team(&req.team)?;
+        // The channel first: its members see the join, and its ts is where the user's
+        // connections start reading the channel.
+        let ts = self
+            .publish(channel.clone(), EventBody::MemberJoined { user: user.clone(), team })
+            .await?;
+        self.publish(
+            ChannelId::from(&user),
+            EventBody::ChannelJoined {
+                channel,
+                since: Some(ts),
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::JoinChannelResponse { ts: ts.to_string() }))
+    }
+
+    async fn leave_channel(
+        &self,
+        request: Request<pb::LeaveChannelRequest>,
+    ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
+        let req = request.into_inner();
+        let channel = channel("channel", &req.channel)?;
+        let user = user(&req.user)?;
+        // The user first: their connections stop reading before the channel hears of it.
+        self.publish(
+            ChannelId::from(&user),
+            EventBody::ChannelLeft {
+                channel: channel.clone(),
+            },
+        )
+        .await?;
+        let ts = self.publish(channel, EventBody::MemberLeft { user }).await?;
+        Ok(Response::new(pb::LeaveChannelResponse { ts: ts.to_string() }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let channel = channel("channel", &req.channel)?;
+        let since = if req.since_ts.is_empty() {
+            None
+        } else {
+            Some(Ts::parse(&req.since_ts).map_err(|e| Status::invalid_argument(format!("since_ts: {e}")))?)
+        };
+        let page = self
+            .router
+            .history(&channel, since, req.limit)
+            .await
+            .map_err(route_status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            events: page
+                .events
+                .iter()
+                .filter_map(|event| {
+                    Some(pb::HistoryEvent {
+                        ts: event.ts?.to_string(),
+                        event_json: mesh_rtm::render(event)?,
+                    })
+                })
+                .collect(),
+            oldest_ts: page.oldest.map(|t| t.to_string()).unwrap_or_default(),
+            has_more: page.has_more,
+        }))
+    }
+
+    async fn mint_token(
+        &self,
+        request: Request<pb::MintTokenRequest>,
+    ) -> Result<Response<pb::MintTokenResponse>, Status> {
+        let req = request.into_inner();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL_SECS,
+            n => n.min(MAX_TOKEN_TTL_SECS),
+        };
+        let identity = Identity {
+            user: user(&req.user)?,
+            team: TeamId::new(&req.team).map_err(|e| Status::invalid_argument(format!("team: {e}")))?,
+            name: (!req.name.is_empty()).then_some(req.name),
+            channels: req
+                .channels
+                .iter()
+                .map(|c| channel("channels", c))
+                .collect::<Result<_, _>>()?,
+            expires_at: now + ttl,
+        };
+        let token = self
+            .key
+            .mint(&identity, now)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::MintTokenResponse { token }))
+    }
+}

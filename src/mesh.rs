@@ -1,0 +1,257 @@
+//! A whole mesh in one process: ring manager, channel servers, admin server and one gateway per
+//! region — each serving on its own socket and talking to the others over the same gRPC it
+//! uses across machines. `channelmesh dev` runs it; the integration tests boot it on port 0.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mesh_core::{Identity, NodeId, TeamId, TokenKey, UserId};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long start-up waits for every channel server to join the ring.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where and how to run a mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub ring_manager: SocketAddr,
+    /// One address per channel server.
+    pub channel_servers: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    /// (region, address) per gateway.
+    pub gateways: Vec<(String, SocketAddr)>,
+    pub jwt_secret: String,
+    pub admin_token: String,
+    /// How long a gateway's connect URLs stay valid.
+    pub connect_url_ttl: Duration,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl MeshConfig {
+    /// The `dev` layout: ring manager on 50050, admin on 50051, three channel servers on
+    /// 50061-50063, gateways us-east on 8080 and eu-west on 8081.
+    pub fn dev(jwt_secret: String, admin_token: String) -> Self {
+        MeshConfig {
+            ring_manager: loopback(50050),
+            channel_servers: (1..=3).map(|i| loopback(50060 + i)).collect(),
+            admin: loopback(50051),
+            gateways: vec![
+                ("us-east".into(), loopback(8080)),
+                ("eu-west".into(), loopback(8081)),
+            ],
+            jwt_secret,
+            admin_token,
+            connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
+        }
+    }
+
+    /// The `dev` layout on ports the OS picks, with fixed test secrets: for tests.
+    pub fn ephemeral() -> Self {
+        MeshConfig {
+            ring_manager: loopback(0),
+            channel_servers: vec![loopback(0); 3],
+            admin: loopback(0),
+            gateways: vec![
+                ("us-east".into(), loopback(0)),
+                ("eu-west".into(), loopback(0)),
+            ],
+            jwt_secret: "test-jwt-secret".into(),
+            admin_token: "test-admin-token".into(),
+            connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
+        }
+    }
+}
+
+/// A running mesh.
+#[derive(Debug)]
+pub struct Mesh {
+    pub ring_manager: SocketAddr,
+    pub channel_servers: Vec<(NodeId, SocketAddr)>,
+    pub admin: SocketAddr,
+    /// (region, address) per gateway.
+    pub gateways: Vec<(String, SocketAddr)>,
+    pub jwt_secret: String,
+    pub admin_token: String,
+    /// How long start-up took, until every channel server was on the ring.
+    pub started_in: Duration,
+    cancel: CancellationToken,
+    tasks: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} to {addr}"))
+}
+
+impl Mesh {
+    /// Binds every socket, starts every service, and returns once every channel server owns
+    /// slots on the ring. `cancel` stops it all.
+    pub async fn start(config: MeshConfig, cancel: CancellationToken) -> anyhow::Result<Mesh> {
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+
+        let rm_listener = bind(config.ring_manager, "ring manager").await?;
+        let ring_manager = rm_listener.local_addr()?;
+        let rm_endpoint = format!("http://{ring_manager}");
+        let manager = ring_manager::RingManager::new(cancel.clone());
+        let mut ring = manager.subscribe();
+        {
+            let (manager, cancel) = (manager.clone(), cancel.clone());
+            tasks.spawn(async move {
+                let r = ring_manager::serve(manager, rm_listener, cancel).await;
+                ("ring manager".to_string(), r.map_err(anyhow::Error::from))
+            });
+        }
+
+        let mut channel_servers = Vec::new();
+        for (i, addr) in config.channel_servers.iter().enumerate() {
+            let listener = bind(*addr, "channel server").await?;
+            let local = listener.local_addr()?;
+            let node = NodeId::new(&format!("cs-{}", i + 1))?;
+            channel_servers.push((node.clone(), local));
+            let cs_config = channel_server::Config {
+                node: node.clone(),
+                ring_manager: rm_endpoint.clone(),
+                advertise: None,
+                limits: channel_server::Limits::default(),
+                gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
+            };
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                let r = channel_server::serve(cs_config, listener, cancel).await;
+                (format!("channel server {node}"), r.map_err(anyhow::Error::from))
+            });
+        }
+
+        let admin_listener = bind(config.admin, "admin server").await?;
+        let admin = admin_listener.local_addr()?;
+        {
+            let admin_config = admin_server::Config {
+                ring_manager: rm_endpoint.clone(),
+                admin_token: config.admin_token.clone(),
+                jwt_secret: config.jwt_secret.clone().into_bytes(),
+            };
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                let r = admin_server::serve(admin_config, admin_listener, cancel).await;
+                ("admin server".to_string(), r.map_err(anyhow::Error::from))
+            });
+        }
+
+        let mut gateways = Vec::new();
+        for (region, addr) in &config.gateways {
+            let listener = bind(*addr, "gateway").await?;
+            let local = listener.local_addr()?;
+            gateways.push((region.clone(), local));
+            let gw_config = gateway::Config {
+                id: format!("{region}-1"),
+                region: region.clone(),
+                ring_manager: rm_endpoint.clone(),
+                public_url: None,
+                jwt_secret: config.jwt_secret.clone().into_bytes(),
+                connect_url_ttl: config.connect_url_ttl,
+            };
+            let (cancel, name) = (cancel.clone(), format!("gateway {region}"));
+            tasks.spawn(async move {
+                let r = gateway::serve(gw_config, listener, cancel).await;
+                (name, r.map_err(anyhow::Error::from))
+            });
+        }
+
+        // Ready once every channel server owns slots.
+        let want = channel_servers.len();
+        let waited = tokio::time::timeout(READY_TIMEOUT, ring.wait_for(|r| r.nodes().len() == want)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            cancel.cancel();
+            anyhow::bail!("channel servers did not all join the ring within {READY_TIMEOUT:?}");
+        }
+        Ok(Mesh {
+            ring_manager,
+            channel_servers,
+            admin,
+            gateways,
+            jwt_secret: config.jwt_secret,
+            admin_token: config.admin_token,
+            started_in: started.elapsed(),
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The RTM base URL of the gateway in `region`, e.g. "http://127.0.0.1:8080/api/".
+    pub fn rtm_base_url(&self, region: &str) -> Option<String> {
+        self.gateways
+            .iter()
+            .find(|(r, _)| r == region)
+            .map(|(_, addr)| format!("http://{addr}/api/"))
+    }
+
+    /// Mints a client token for `user` of `team` with `channels`, valid for an hour.
+    pub fn token(&self, user: &str, team: &str, channels: &[&str]) -> anyhow::Result<String> {
+        let now = unix_now();
+        let identity = Identity {
+            user: UserId::new(user)?,
+            team: TeamId::new(team)?,
+            name: None,
+            channels: channels.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+            expires_at: now + 3600,
+        };
+        Ok(TokenKey::hs256(self.jwt_secret.as_bytes()).mint(&identity, now)?)
+    }
+
+    /// Waits until a service stops (an error) or `cancel` fires, then stops everything within
+    /// `grace`.
+    pub async fn run_until_stopped(mut self, grace: Duration) -> anyhow::Result<()> {
+        let failure = tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            Some(done) = self.tasks.join_next() => Some(match done {
+                Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                Ok((name, Err(e))) => e.context(format!("{name} failed")),
+                Err(join) => anyhow::anyhow!("a service task panicked: {join}"),
+            }),
+        };
+        self.shutdown(grace).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops every service, waiting at most `grace`, then aborts what is left.
+    pub async fn shutdown(&mut self, grace: Duration) {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(done) = self.tasks.join_next().await {
+                if let Ok((name, Err(e))) = done {
+                    tracing::warn!(service = %name, error = %e, "service ended with an error");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(?grace, "services did not stop within the grace period; aborting them");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,7 @@
+//! Integration tests: each boots a whole mesh in-process on 127.0.0.1:0 and drives it through
+//! its real interfaces (RTM over WebSocket, the admin API over gRPC, real client libraries).
+
+mod bad_input;
+mod message_path;
+mod real_clients;
+mod support;

@@ -1,0 +1,68 @@
+//! Wire contracts checked with the real client libraries (installed by `tests/setup`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde_json::json;
+
+use crate::support::mesh;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of the test venv; run `tests/setup` to create it.
+fn python() -> PathBuf {
+    let python = repo().join("tests/.venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `tests/setup` (or `tests/run`) to install the real clients",
+        python.display()
+    );
+    python
+}
+
+async fn run(program: &Path, script: &Path, config: serde_json::Value) {
+    let output = tokio::process::Command::new(program)
+        .arg(script)
+        .env("CHANNELMESH_TEST", config.to_string())
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), output)
+        .await
+        .expect("the client script finishes within two minutes")
+        .expect("the client script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success() && stdout.lines().any(|l| l == "OK"),
+        "{} failed ({}):\n{stdout}\n{stderr}",
+        script.display(),
+        output.status
+    );
+}
+
+#[tokio::test]
+async fn slack_sdk_rtm_v2_clients_exchange_messages_across_regions_with_grpcio_admin() {
+    let mesh = mesh().await;
+    let config = json!({
+        "us_east": mesh.rtm_base_url("us-east").unwrap(),
+        "eu_west": mesh.rtm_base_url("eu-west").unwrap(),
+        "ann": "UANN",
+        "bob": "UBOB",
+        "ann_token": mesh.token("UANN", "T1", &["CGENERAL"]).unwrap(),
+        "bob_token": mesh.token("UBOB", "T1", &["CGENERAL"]).unwrap(),
+        "channel": "CGENERAL",
+        "admin_addr": mesh.admin.to_string(),
+        "admin_token": mesh.admin_token,
+        "proto_root": repo().join("proto"),
+    });
+    run(&python(), &repo().join("tests/clients/python/rtm_v2_exchange.py"), config).await;
+}

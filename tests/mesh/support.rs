@@ -1,0 +1,194 @@
+//! The test kit: boots a whole mesh on 127.0.0.1:0 in one line, and speaks RTM and the admin
+//! API to it as real clients do.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use channelmesh::{Mesh, MeshConfig};
+use futures::{SinkExt, StreamExt};
+use mesh_proto::admin::admin_client::AdminClient;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A whole mesh on ephemeral ports.
+pub async fn mesh() -> Mesh {
+    mesh_with(MeshConfig::ephemeral()).await
+}
+
+/// A whole mesh with `config`.
+pub async fn mesh_with(config: MeshConfig) -> Mesh {
+    Mesh::start(config, CancellationToken::new())
+        .await
+        .expect("the mesh starts")
+}
+
+/// Waits until `check` returns `Some`, polling, for at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what}: not within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Calls a Slack Web API method on a gateway (`POST {base}{method}`, bearer token).
+pub async fn web_api(base: &str, method: &str, token: Option<&str>) -> Value {
+    let mut request = reqwest::Client::new().post(format!("{base}{method}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request
+        .send()
+        .await
+        .expect("the gateway answers")
+        .json()
+        .await
+        .expect("the gateway answers JSON")
+}
+
+/// A raw RTM client over tokio-tungstenite.
+pub struct Rtm {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub url: String,
+}
+
+impl Rtm {
+    /// `rtm.connect`, then the WebSocket, then waits for `hello`.
+    pub async fn connect(base: &str, token: &str) -> anyhow::Result<Rtm> {
+        let reply = web_api(base, "rtm.connect", Some(token)).await;
+        if reply["ok"] != json!(true) {
+            bail!("rtm.connect refused: {reply}");
+        }
+        let url = reply["url"].as_str().context("rtm.connect has a url")?.to_string();
+        let mut rtm = Rtm::open(&url).await?;
+        let hello = rtm.next().await?;
+        if hello["type"] != "hello" {
+            bail!("first frame was {hello}, not hello");
+        }
+        Ok(rtm)
+    }
+
+    /// Opens the WebSocket at `url` only.
+    pub async fn open(url: &str) -> anyhow::Result<Rtm> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Rtm { ws, url: url.to_string() })
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("the frame is sent");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("the frame is sent");
+    }
+
+    /// The next JSON text frame (skipping protocol pings), within [`WAIT`].
+    pub async fn next(&mut self) -> anyhow::Result<Value> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .context("no frame within the wait")?
+                .context("the socket closed")??;
+            match msg {
+                Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => bail!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The first frame matching `pred`, skipping others.
+    pub async fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            match self.next().await {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => continue,
+                Err(e) => panic!("waiting for {what}: {e}"),
+            }
+        }
+    }
+
+    /// Checks that no frame matching `pred` arrives within `window` (a negative check: it can
+    /// only pass wrongly, never fail wrongly, on a slow machine).
+    pub async fn expect_none(&mut self, window: Duration, what: &str, pred: impl Fn(&Value) -> bool) {
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            if let Message::Text(text) = msg {
+                let v: Value = serde_json::from_str(text.as_str()).expect("JSON frame");
+                assert!(!pred(&v), "unexpected {what}: {v}");
+            }
+        }
+    }
+
+    /// Waits for the server to close the socket; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return None,
+                Err(_) => panic!("the server did not close the socket"),
+            }
+        }
+    }
+}
+
+/// Adds the admin bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0).parse().expect("ascii token");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// An admin API client with the mesh's admin token.
+pub async fn admin(mesh: &Mesh) -> Admin {
+    let channel = Channel::from_shared(format!("http://{}", mesh.admin))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("the admin server accepts");
+    AdminClient::with_interceptor(channel, Bearer(mesh.admin_token.clone()))
+}
+
+/// Posts a message through the admin API; returns its ts.
+pub async fn post(admin: &mut Admin, channel: &str, user: &str, text: &str) -> String {
+    admin
+        .post_message(mesh_proto::admin::PostMessageRequest {
+            channel: channel.into(),
+            user: user.into(),
+            text: text.into(),
+            team: String::new(),
+        })
+        .await
+        .expect("PostMessage succeeds")
+        .into_inner()
+        .ts
+}
