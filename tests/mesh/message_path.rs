@@ -232,3 +232,63 @@ async fn auth_test_answers_a_distinct_bot_id() {
     assert_eq!(reply["team_id"], "T1");
     assert_eq!(reply["bot_id"], "BUANN");
 }
+
+#[tokio::test]
+async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() {
+    // Posts keep coming while JoinChannel runs: some land after the join's ts but before the
+    // gateway hears of the join (only history has those), some race the new upstream
+    // subscription, some come after. The client must get each one after the join exactly once,
+    // in ts order, right after channel_joined.
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &[]).unwrap()).await.unwrap();
+    let mut admin = admin(&mesh).await;
+    for round in 0..5 {
+        let channel = format!("CJOIN{round}");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let poster = {
+            let (mut admin, channel, stop) = (admin.clone(), channel.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.is_cancelled() {
+                    post(&mut admin, &channel, "UBOB", &format!("m{i}")).await;
+                    i += 1;
+                }
+                for _ in 0..3 {
+                    post(&mut admin, &channel, "UBOB", &format!("m{i}")).await;
+                    i += 1;
+                }
+            })
+        };
+        let join_ts = admin
+            .join_channel(JoinChannelRequest { user: "UANN".into(), channel: channel.clone(), team: "T1".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .ts;
+        stop.cancel();
+        poster.await.unwrap();
+        let history = admin
+            .history(HistoryRequest { channel: channel.clone(), since_ts: join_ts.clone(), limit: 1000 })
+            .await
+            .unwrap()
+            .into_inner();
+        let want: Vec<String> = history
+            .events
+            .iter()
+            .filter(|e| e.event_json.contains(r#""type":"message""#))
+            .map(|e| e.ts.clone())
+            .collect();
+        assert!(want.len() >= 3, "round {round}: {want:?}");
+        let joined = ann.next().await.unwrap();
+        assert_eq!(joined["type"], "channel_joined", "round {round}: {joined}");
+        assert_eq!(joined["channel"]["id"], channel.as_str());
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let frame = ann.expect("a message of the joined channel", |v| v["type"] == "message").await;
+            got.push(frame["ts"].as_str().unwrap().to_string());
+        }
+        assert_eq!(got, want, "round {round}");
+    }
+    ann.expect_none(Duration::from_millis(300), "a duplicate", |v| v["type"] == "message").await;
+}

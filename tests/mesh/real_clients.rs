@@ -64,5 +64,46 @@ async fn slack_sdk_rtm_v2_clients_exchange_messages_across_regions_with_grpcio_a
         "admin_token": mesh.admin_token,
         "proto_root": repo().join("proto"),
     });
-    run(&python(), &repo().join("tests/clients/python/rtm_v2_exchange.py"), config).await;
+    run(
+        &python(),
+        &repo().join("tests/clients/python/rtm_v2_exchange.py"),
+        config,
+    )
+    .await;
+}
+
+/// The `node` on `PATH`, with `@slack/rtm-api` installed by `tests/setup`.
+fn node() -> PathBuf {
+    let rtm_api = repo().join("tests/clients/node/node_modules/@slack/rtm-api");
+    assert!(
+        rtm_api.exists(),
+        "{} is missing: run `tests/setup` (or `tests/run`) to install the real clients",
+        rtm_api.display()
+    );
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("node"))
+        .find(|node| node.is_file())
+        .expect("`node` (Node.js 20) is on PATH")
+}
+
+#[tokio::test]
+async fn slack_rtm_api_node_clients_exchange_messages_across_regions_and_keep_alive() {
+    let mesh = mesh().await;
+    let config = json!({
+        "us_east": mesh.rtm_base_url("us-east").unwrap(),
+        "eu_west": mesh.rtm_base_url("eu-west").unwrap(),
+        "ann": "UANN",
+        "bob": "UBOB",
+        "ann_token": mesh.token("UANN", "T1", &["CNODE"]).unwrap(),
+        "bob_token": mesh.token("UBOB", "T1", &["CNODE"]).unwrap(),
+        "channel": "CNODE",
+    });
+    run(
+        &node(),
+        &repo().join("tests/clients/node/rtm_exchange.js"),
+        config,
+    )
+    .await;
 }

@@ -1,6 +1,6 @@
 //! One client WebSocket: subscribe its channels, say hello, then carry frames both ways.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +11,15 @@ use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
 use tokio::sync::mpsc;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound};
+use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound, Rendered};
 use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 /// Frames queued to one connection before it counts as a slow consumer.
 pub const OUTBOUND_QUEUE: usize = 1024;
 /// How long a new connection waits for its channels' upstream subscriptions.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most history events a join catches up on.
+const CATCH_UP_LIMIT: u32 = 1000;
 /// Client frames being published at once per connection; past it the socket is not read.
 const MAX_IN_FLIGHT: usize = 16;
 
@@ -42,41 +44,108 @@ struct Connection {
     identity: Identity,
     shared: Arc<Shared>,
     sink: ConnSink,
-    /// Its own queue's sender, for notices sent after a subscription completes.
+    /// Its own queue's sender, for the catch-up a join sends later.
     tx: mpsc::Sender<Outbound>,
     /// Channels the user may read and post to right now.
     members: HashSet<ChannelId>,
     /// The user's and team's channels: never left.
     own: [ChannelId; 2],
+    /// Channels joined while connected whose history since the join is still being fetched:
+    /// their live events wait here, so the client gets history then live, in ts order.
+    catching_up: HashMap<ChannelId, Vec<Arc<Rendered>>>,
 }
 
 impl Connection {
-    /// Applies one queued item; returns the frame to write, if any.
-    fn on_outbound(&mut self, item: Outbound) -> Option<Utf8Bytes> {
+    /// Applies one queued item, appending the frames to write to `out`. Returns false when the
+    /// connection must close as a slow consumer.
+    fn on_outbound(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>) -> bool {
         match item {
-            Outbound::Frame(frame) => Some(frame),
-            Outbound::Joined { channel, .. } => {
-                if self.members.insert(channel.clone()) {
-                    let waiting = self.shared.hub.join(&self.sink, std::slice::from_ref(&channel));
-                    let tx = self.tx.clone();
-                    // The notice goes out once the channel is subscribed here.
-                    self.shared.tracker.spawn(async move {
-                        let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
-                        let _ = tx.try_send(Outbound::Frame(Utf8Bytes::from(rtm::channel_joined(&channel))));
-                    });
+            Outbound::Event(event) => {
+                if !self.catching_up.is_empty()
+                    && let Some(buffer) = self.catching_up.get_mut(&event.channel)
+                {
+                    if buffer.len() >= OUTBOUND_QUEUE {
+                        return false;
+                    }
+                    buffer.push(event);
+                } else {
+                    out.push(event.frame.clone());
                 }
-                None
+            }
+            Outbound::Frame(frame) => out.push(frame),
+            Outbound::Joined { channel, since } => {
+                if self.members.insert(channel.clone()) {
+                    self.catching_up.insert(channel.clone(), Vec::new());
+                    let waiting = self.shared.hub.join(&self.sink, std::slice::from_ref(&channel));
+                    let (shared, tx) = (self.shared.clone(), self.tx.clone());
+                    self.shared.tracker.spawn(catch_up(shared, tx, channel, since, waiting));
+                }
+            }
+            Outbound::CatchUp { channel, events } => {
+                let Some(live) = self.catching_up.remove(&channel) else {
+                    return true;
+                };
+                out.push(Utf8Bytes::from(rtm::channel_joined(&channel)));
+                let mut newest = None;
+                for event in events.iter().chain(live.iter()) {
+                    // Persisted events once each, in ts order; transient ones as they come.
+                    match event.ts {
+                        Some(ts) if newest.is_some_and(|n| ts <= n) => continue,
+                        Some(ts) => newest = Some(ts),
+                        None => {}
+                    }
+                    out.push(event.frame.clone());
+                }
             }
             Outbound::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
+                    self.catching_up.remove(&channel);
                     self.shared.hub.leave(self.conn, std::slice::from_ref(&channel));
-                    Some(Utf8Bytes::from(rtm::channel_left(&channel)))
-                } else {
-                    None
+                    out.push(Utf8Bytes::from(rtm::channel_left(&channel)));
                 }
             }
         }
+        true
     }
+}
+
+/// After a join: waits for the channel's upstream subscription, reads its history since the
+/// join, and queues both to the connection as one catch-up.
+async fn catch_up(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Outbound>,
+    channel: ChannelId,
+    since: Option<mesh_core::Ts>,
+    waiting: Vec<tokio::sync::oneshot::Receiver<()>>,
+) {
+    let subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
+    if !matches!(&subscribed, Ok(r) if r.iter().all(Result::is_ok)) {
+        tracing::warn!(%channel, "joined channel not subscribed in time; delivering live events only");
+    }
+    let mut events = Vec::new();
+    if since.is_some() {
+        match shared.router.history(&channel, since, CATCH_UP_LIMIT).await {
+            Ok(history) => {
+                if history.has_more {
+                    tracing::warn!(%channel, "more than {CATCH_UP_LIMIT} events since the join; catching up on the first ones");
+                }
+                events = history
+                    .events
+                    .iter()
+                    .filter_map(|event| {
+                        Some(Arc::new(Rendered {
+                            channel: channel.clone(),
+                            ts: event.ts,
+                            frame: Utf8Bytes::from(rtm::render(event)?),
+                        }))
+                    })
+                    .collect();
+            }
+            Err(e) => tracing::warn!(%channel, error = %e, "reading history of a joined channel failed"),
+        }
+    }
+    let item = Outbound::CatchUp { channel, events };
+    let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, tx.send(item)).await;
 }
 
 /// Runs one connection until either side closes or the gateway shuts down.
@@ -93,6 +162,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
         shared: shared.clone(),
         sink,
         tx,
+        catching_up: HashMap::new(),
     };
     let (mut ws_tx, mut ws_rx) = socket.split();
     let cancel = shared.cancel.clone();
@@ -116,6 +186,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
 
     let mut in_flight = FuturesUnordered::new();
+    let mut frames: Vec<Utf8Bytes> = Vec::new();
     let close: Option<(u16, &'static str)> = 'conn: loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -133,7 +204,10 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
                 let mut next = Some(item);
                 let mut written = 0;
                 while let Some(item) = next.take() {
-                    if let Some(frame) = me.on_outbound(item) {
+                    if !me.on_outbound(item, &mut frames) {
+                        break 'conn Some((close::SLOW_CONSUMER, "slow consumer: catch-up buffer overflowed"));
+                    }
+                    for frame in frames.drain(..) {
                         if ws_tx.feed(Message::Text(frame)).await.is_err() {
                             break 'conn None;
                         }

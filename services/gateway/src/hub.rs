@@ -30,15 +30,31 @@ const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
 /// Commands queued per upstream stream; a full queue restarts that stream.
 const UPSTREAM_COMMAND_QUEUE: usize = 65_536;
 
+/// A channel event rendered to RTM JSON, once per gateway, shared by every local subscriber.
+#[derive(Debug)]
+pub struct Rendered {
+    pub channel: ChannelId,
+    /// The channel's ts of the event; `None` for transient events.
+    pub ts: Option<Ts>,
+    pub frame: Utf8Bytes,
+}
+
 /// What the hub queues to a connection.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// A rendered frame, written as is.
+    /// A channel event.
+    Event(Arc<Rendered>),
+    /// A frame for this connection only, written as is.
     Frame(Utf8Bytes),
     /// The connection's user joined `channel`: start receiving it.
     Joined { channel: ChannelId, since: Option<Ts> },
     /// The connection's user left `channel`.
     Left { channel: ChannelId },
+    /// The history of a joined channel since the join, ready to write (see `connection`).
+    CatchUp {
+        channel: ChannelId,
+        events: Vec<Arc<Rendered>>,
+    },
 }
 
 /// Why the hub closed a connection.
@@ -275,7 +291,11 @@ impl Hub {
             (EventBody::ChannelLeft { channel }, _) => Outbound::Left {
                 channel: channel.clone(),
             },
-            (_, Some(frame)) => Outbound::Frame(frame),
+            (_, Some(frame)) => Outbound::Event(Arc::new(Rendered {
+                channel: event.channel.clone(),
+                ts: event.ts,
+                frame,
+            })),
             (_, None) => return,
         };
         for (id, sink) in &local.conns {
