@@ -23,7 +23,11 @@ const DEFAULT_RING_MANAGER: &str = "http://127.0.0.1:50050";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
-#[command(name = "channelmesh", version, about = "Slack's real-time messaging architecture: channel servers on a consistent-hash ring, regional gateways, admin servers.")]
+#[command(
+    name = "channelmesh",
+    version,
+    about = "Slack's real-time messaging architecture: channel servers on a consistent-hash ring, regional gateways, admin servers."
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -128,7 +132,9 @@ fn init_logging(json: bool) {
             "warn,channelmesh=info,ring_manager=info,channel_server=info,gateway=info,admin_server=info",
         )
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -156,15 +162,16 @@ fn cancel_on_signals(cancel: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    cancel.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -186,13 +193,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => dev(args, cancel).await,
         Command::RingManager { listen } => {
             cancel_on_signals(cancel.clone());
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             let manager = ring_manager::RingManager::new(cancel.clone());
             Ok(ring_manager::serve(manager, listener, cancel).await?)
         }
-        Command::ChannelServer { id, listen, advertise, ring } => {
+        Command::ChannelServer {
+            id,
+            listen,
+            advertise,
+            ring,
+        } => {
             cancel_on_signals(cancel.clone());
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             let config = channel_server::Config {
                 node: NodeId::new(&id)?,
                 ring_manager: ring.ring_manager,
@@ -209,10 +225,18 @@ async fn main() -> anyhow::Result<()> {
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
             };
             cancel_on_signals(cancel.clone());
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             Ok(admin_server::serve(config, listener, cancel).await?)
         }
-        Command::Gateway { region, id, listen, public_url, ring } => {
+        Command::Gateway {
+            region,
+            id,
+            listen,
+            public_url,
+            ring,
+        } => {
             let config = gateway::Config {
                 id: id.unwrap_or_else(|| format!("{region}-1")),
                 region,
@@ -222,20 +246,34 @@ async fn main() -> anyhow::Result<()> {
                 connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
             };
             cancel_on_signals(cancel.clone());
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             Ok(gateway::serve(config, listener, cancel).await?)
         }
-        Command::Token { user, team, channels, name, ttl } => {
+        Command::Token {
+            user,
+            team,
+            channels,
+            name,
+            ttl,
+        } => {
             let secret = required_env(ENV_JWT_SECRET)?;
             let now = unix_now();
             let identity = Identity {
                 user: UserId::new(&user)?,
                 team: TeamId::new(&team)?,
                 name,
-                channels: channels.iter().map(|c| ChannelId::new(c)).collect::<Result<_, _>>()?,
+                channels: channels
+                    .iter()
+                    .map(|c| ChannelId::new(c))
+                    .collect::<Result<_, _>>()?,
                 expires_at: now + ttl,
             };
-            println!("{}", TokenKey::hs256(secret.as_bytes()).mint(&identity, now)?);
+            println!(
+                "{}",
+                TokenKey::hs256(secret.as_bytes()).mint(&identity, now)?
+            );
             Ok(())
         }
     }
@@ -254,7 +292,10 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut config = MeshConfig::dev(jwt_secret, admin_token);
     config.admin = args.admin;
     config.ring_manager = args.ring_manager;
-    config.gateways = vec![("us-east".into(), args.us_east), ("eu-west".into(), args.eu_west)];
+    config.gateways = vec![
+        ("us-east".into(), args.us_east),
+        ("eu-west".into(), args.eu_west),
+    ];
     cancel_on_signals(cancel.clone());
     let mesh = Mesh::start(config, cancel).await?;
 
@@ -263,7 +304,10 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     for (node, addr) in &mesh.channel_servers {
         println!("  channel server   {node} grpc://{addr}");
     }
-    println!("  admin server     grpc://{}  (channelmesh.admin.v1.Admin, reflection on)", mesh.admin);
+    println!(
+        "  admin server     grpc://{}  (channelmesh.admin.v1.Admin, reflection on)",
+        mesh.admin
+    );
     for (region, addr) in &mesh.gateways {
         println!("  gateway {region:<8} http://{addr}/api/  (RTM base URL)");
     }

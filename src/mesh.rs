@@ -126,7 +126,10 @@ impl Mesh {
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 let r = channel_server::serve(cs_config, listener, cancel).await;
-                (format!("channel server {node}"), r.map_err(anyhow::Error::from))
+                (
+                    format!("channel server {node}"),
+                    r.map_err(anyhow::Error::from),
+                )
             });
         }
 
@@ -167,7 +170,8 @@ impl Mesh {
 
         // Ready once every channel server owns slots.
         let want = channel_servers.len();
-        let waited = tokio::time::timeout(READY_TIMEOUT, ring.wait_for(|r| r.nodes().len() == want)).await;
+        let waited =
+            tokio::time::timeout(READY_TIMEOUT, ring.wait_for(|r| r.nodes().len() == want)).await;
         if !matches!(waited, Ok(Ok(_))) {
             cancel.cancel();
             anyhow::bail!("channel servers did not all join the ring within {READY_TIMEOUT:?}");
@@ -200,7 +204,10 @@ impl Mesh {
             user: UserId::new(user)?,
             team: TeamId::new(team)?,
             name: None,
-            channels: channels.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+            channels: channels
+                .iter()
+                .map(|c| c.parse())
+                .collect::<Result<_, _>>()?,
             expires_at: now + 3600,
         };
         Ok(TokenKey::hs256(self.jwt_secret.as_bytes()).mint(&identity, now)?)
@@ -236,7 +243,10 @@ impl Mesh {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(?grace, "services did not stop within the grace period; aborting them");
+            tracing::warn!(
+                ?grace,
+                "services did not stop within the grace period; aborting them"
+            );
             self.tasks.abort_all();
         }
     }

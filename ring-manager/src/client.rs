@@ -69,8 +69,10 @@ impl RingWatcher {
 
     /// Waits for a ring of at least epoch `epoch`.
     pub async fn wait_for_epoch(&self, epoch: u64, timeout: Duration) -> Result<Arc<Ring>, Error> {
-        self.wait_for(timeout, &format!("ring epoch {epoch}"), |r| r.epoch() >= epoch)
-            .await
+        self.wait_for(timeout, &format!("ring epoch {epoch}"), |r| {
+            r.epoch() >= epoch
+        })
+        .await
     }
 }
 

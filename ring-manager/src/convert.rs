@@ -39,5 +39,6 @@ pub fn ring_from_proto(ring: pb::Ring) -> Result<Ring, Error> {
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    Ring::from_parts(ring.epoch, nodes, ring.slot_owner).map_err(|e| Error::InvalidRing(e.to_string()))
+    Ring::from_parts(ring.epoch, nodes, ring.slot_owner)
+        .map_err(|e| Error::InvalidRing(e.to_string()))
 }

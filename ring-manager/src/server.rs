@@ -66,7 +66,13 @@ impl RingManager {
     pub fn register(&self, id: NodeId, addr: String, pid: u32) -> u64 {
         let mut members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
         let unchanged = members.get(&id).is_some_and(|m| m.addr == addr);
-        members.insert(id.clone(), Member { addr: addr.clone(), pid });
+        members.insert(
+            id.clone(),
+            Member {
+                addr: addr.clone(),
+                pid,
+            },
+        );
         if unchanged {
             return self.inner.ring.borrow().epoch();
         }

@@ -1,6 +1,9 @@
 //! Integration tests: each boots a whole mesh in-process on 127.0.0.1:0 and drives it through
 //! its real interfaces (RTM over WebSocket, the admin API over gRPC, real client libraries).
 
+// A failed unwrap in a test is a test failure with a backtrace: what a test should do.
+#![allow(clippy::unwrap_used)]
+
 mod bad_input;
 mod message_path;
 mod real_clients;

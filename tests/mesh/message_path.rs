@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use channel_server::wire::event_to_proto;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, UserId};
-use mesh_proto::admin::{HistoryRequest, JoinChannelRequest, LeaveChannelRequest, PublishEventRequest};
+use mesh_proto::admin::{
+    HistoryRequest, JoinChannelRequest, LeaveChannelRequest, PublishEventRequest,
+};
 use mesh_proto::channel::PublishRequest;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use serde_json::{Value, json};
@@ -16,10 +18,15 @@ async fn client_message_is_acked_and_delivered_across_regions() {
     let mesh = mesh().await;
     let us = mesh.rtm_base_url("us-east").unwrap();
     let eu = mesh.rtm_base_url("eu-west").unwrap();
-    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &["CGEN"]).unwrap()).await.unwrap();
-    let mut bob = Rtm::connect(&eu, &mesh.token("UBOB", "T1", &["CGEN"]).unwrap()).await.unwrap();
+    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &["CGEN"]).unwrap())
+        .await
+        .unwrap();
+    let mut bob = Rtm::connect(&eu, &mesh.token("UBOB", "T1", &["CGEN"]).unwrap())
+        .await
+        .unwrap();
 
-    ann.send(json!({"id": 1, "type": "message", "channel": "CGEN", "text": "hi bob"})).await;
+    ann.send(json!({"id": 1, "type": "message", "channel": "CGEN", "text": "hi bob"}))
+        .await;
     let ack = ann.expect("ack", |v| v["reply_to"] == 1).await;
     assert_eq!(ack["ok"], true);
     let ts = ack["ts"].as_str().expect("ack has ts").to_string();
@@ -28,13 +35,25 @@ async fn client_message_is_acked_and_delivered_across_regions() {
     assert_eq!(got["user"], "UANN");
     assert_eq!(got["team"], "T1");
     // The sender's own connection does not get its message back.
-    ann.expect_none(Duration::from_millis(300), "an echo of its own message", |v| v["type"] == "message").await;
+    ann.expect_none(
+        Duration::from_millis(300),
+        "an echo of its own message",
+        |v| v["type"] == "message",
+    )
+    .await;
 
-    bob.send(json!({"id": 2, "type": "typing", "channel": "CGEN"})).await;
-    let typing = ann.expect("user_typing", |v| v["type"] == "user_typing").await;
-    assert_eq!(typing, json!({"type": "user_typing", "channel": "CGEN", "user": "UBOB"}));
+    bob.send(json!({"id": 2, "type": "typing", "channel": "CGEN"}))
+        .await;
+    let typing = ann
+        .expect("user_typing", |v| v["type"] == "user_typing")
+        .await;
+    assert_eq!(
+        typing,
+        json!({"type": "user_typing", "channel": "CGEN", "user": "UBOB"})
+    );
 
-    ann.send(json!({"type": "ping", "id": 9, "time": 123})).await;
+    ann.send(json!({"type": "ping", "id": 9, "time": 123}))
+        .await;
     let pong = ann.expect("pong", |v| v["type"] == "pong").await;
     assert_eq!(pong, json!({"type": "pong", "reply_to": 9, "time": 123}));
 }
@@ -50,12 +69,17 @@ async fn user_and_team_channels_reach_every_connection_of_the_user() {
     let mut admin = admin(&mesh).await;
     let ts = post(&mut admin, "UANN", "USLACKBOT", "direct to ann").await;
     for conn in [&mut phone, &mut laptop] {
-        let got = conn.expect("the user-channel message", |v| v["text"] == "direct to ann").await;
+        let got = conn
+            .expect("the user-channel message", |v| v["text"] == "direct to ann")
+            .await;
         assert_eq!(got["ts"], ts.as_str());
     }
     post(&mut admin, "TACME", "USLACKBOT", "to the whole team").await;
     for conn in [&mut phone, &mut laptop] {
-        conn.expect("the team-channel message", |v| v["text"] == "to the whole team").await;
+        conn.expect("the team-channel message", |v| {
+            v["text"] == "to the whole team"
+        })
+        .await;
     }
 }
 
@@ -70,14 +94,23 @@ async fn no_event_after_hello_is_missed() {
         let token = mesh.token(&format!("U{round}"), "T1", &[&channel]).unwrap();
         let mut client = Rtm::connect(&us, &token).await.unwrap();
         let ts = post(&mut admin, &channel, "UWEB", "right after hello").await;
-        let got = client.expect("the message posted right after hello", |v| v["type"] == "message").await;
+        let got = client
+            .expect("the message posted right after hello", |v| {
+                v["type"] == "message"
+            })
+            .await;
         assert_eq!(got["ts"], ts.as_str(), "round {round}");
     }
 }
 
 async fn gateway_stats(mesh: &channelmesh::Mesh, region: &str) -> Value {
     let addr = mesh.gateways.iter().find(|(r, _)| r == region).unwrap().1;
-    reqwest::get(format!("http://{addr}/stats")).await.unwrap().json().await.unwrap()
+    reqwest::get(format!("http://{addr}/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -96,7 +129,9 @@ async fn a_gateway_subscribes_each_channel_once_and_lets_go_with_the_last_client
     let mut admin = admin(&mesh).await;
     let ts = post(&mut admin, "CSHARED", "UWEB", "to all five").await;
     for client in &mut clients {
-        let got = client.expect("the shared message", |v| v["type"] == "message").await;
+        let got = client
+            .expect("the shared message", |v| v["type"] == "message")
+            .await;
         assert_eq!(got["ts"], ts.as_str());
     }
     drop(clients);
@@ -112,44 +147,82 @@ async fn join_and_leave_change_live_connections() {
     let mesh = mesh().await;
     let us = mesh.rtm_base_url("us-east").unwrap();
     let eu = mesh.rtm_base_url("eu-west").unwrap();
-    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &[]).unwrap()).await.unwrap();
-    let mut bob = Rtm::connect(&eu, &mesh.token("UBOB", "T1", &["CNEW"]).unwrap()).await.unwrap();
+    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    let mut bob = Rtm::connect(&eu, &mesh.token("UBOB", "T1", &["CNEW"]).unwrap())
+        .await
+        .unwrap();
     let mut admin = admin(&mesh).await;
 
     // ann is not in CNEW yet.
-    ann.send(json!({"id": 1, "type": "message", "channel": "CNEW", "text": "let me in"})).await;
+    ann.send(json!({"id": 1, "type": "message", "channel": "CNEW", "text": "let me in"}))
+        .await;
     let refused = ann.expect("not_in_channel", |v| v["reply_to"] == 1).await;
     assert_eq!(refused["ok"], false);
     assert_eq!(refused["error"]["msg"], "not_in_channel");
 
     admin
-        .join_channel(JoinChannelRequest { user: "UANN".into(), channel: "CNEW".into(), team: "T1".into() })
+        .join_channel(JoinChannelRequest {
+            user: "UANN".into(),
+            channel: "CNEW".into(),
+            team: "T1".into(),
+        })
         .await
         .unwrap();
-    let joined = ann.expect("channel_joined", |v| v["type"] == "channel_joined").await;
+    let joined = ann
+        .expect("channel_joined", |v| v["type"] == "channel_joined")
+        .await;
     assert_eq!(joined["channel"]["id"], "CNEW");
-    let member = bob.expect("member_joined_channel", |v| v["type"] == "member_joined_channel").await;
+    let member = bob
+        .expect("member_joined_channel", |v| {
+            v["type"] == "member_joined_channel"
+        })
+        .await;
     assert_eq!(member["user"], "UANN");
     assert_eq!(member["channel"], "CNEW");
 
     let ts = post(&mut admin, "CNEW", "UBOB", "welcome ann").await;
-    let got = ann.expect("a message in the joined channel", |v| v["type"] == "message").await;
+    let got = ann
+        .expect("a message in the joined channel", |v| {
+            v["type"] == "message"
+        })
+        .await;
     assert_eq!(got["ts"], ts.as_str());
-    ann.send(json!({"id": 2, "type": "message", "channel": "CNEW", "text": "thanks"})).await;
+    ann.send(json!({"id": 2, "type": "message", "channel": "CNEW", "text": "thanks"}))
+        .await;
     assert_eq!(ann.expect("ack", |v| v["reply_to"] == 2).await["ok"], true);
 
     admin
-        .leave_channel(LeaveChannelRequest { user: "UANN".into(), channel: "CNEW".into() })
+        .leave_channel(LeaveChannelRequest {
+            user: "UANN".into(),
+            channel: "CNEW".into(),
+        })
         .await
         .unwrap();
-    let left = ann.expect("channel_left", |v| v["type"] == "channel_left").await;
+    let left = ann
+        .expect("channel_left", |v| v["type"] == "channel_left")
+        .await;
     assert_eq!(left["channel"], "CNEW");
-    bob.expect("member_left_channel", |v| v["type"] == "member_left_channel" && v["user"] == "UANN").await;
+    bob.expect("member_left_channel", |v| {
+        v["type"] == "member_left_channel" && v["user"] == "UANN"
+    })
+    .await;
     post(&mut admin, "CNEW", "UBOB", "ann is gone").await;
-    bob.expect("bob still receives", |v| v["text"] == "ann is gone").await;
-    ann.send(json!({"id": 3, "type": "message", "channel": "CNEW", "text": "again?"})).await;
-    assert_eq!(ann.expect("not_in_channel", |v| v["reply_to"] == 3).await["error"]["msg"], "not_in_channel");
-    ann.expect_none(Duration::from_millis(300), "a message of a left channel", |v| v["text"] == "ann is gone").await;
+    bob.expect("bob still receives", |v| v["text"] == "ann is gone")
+        .await;
+    ann.send(json!({"id": 3, "type": "message", "channel": "CNEW", "text": "again?"}))
+        .await;
+    assert_eq!(
+        ann.expect("not_in_channel", |v| v["reply_to"] == 3).await["error"]["msg"],
+        "not_in_channel"
+    );
+    ann.expect_none(
+        Duration::from_millis(300),
+        "a message of a left channel",
+        |v| v["text"] == "ann is gone",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -162,15 +235,25 @@ async fn history_pages_forward_and_leaves_out_typing() {
     }
     let raw = json!({"type": "reaction_added", "user": "U1", "reaction": "tada", "item": {"type": "message", "channel": "CHIST", "ts": ts[0]}});
     let event_ts = admin
-        .publish_event(PublishEventRequest { channel: "CHIST".into(), event_json: raw.to_string() })
+        .publish_event(PublishEventRequest {
+            channel: "CHIST".into(),
+            event_json: raw.to_string(),
+        })
         .await
         .unwrap()
         .into_inner()
         .ts;
-    assert!(ts.windows(2).all(|w| w[0] < w[1]) && ts[4] < event_ts, "ts increase: {ts:?} {event_ts}");
+    assert!(
+        ts.windows(2).all(|w| w[0] < w[1]) && ts[4] < event_ts,
+        "ts increase: {ts:?} {event_ts}"
+    );
 
     let page = admin
-        .history(HistoryRequest { channel: "CHIST".into(), since_ts: ts[1].clone(), limit: 2 })
+        .history(HistoryRequest {
+            channel: "CHIST".into(),
+            since_ts: ts[1].clone(),
+            limit: 2,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -181,7 +264,11 @@ async fn history_pages_forward_and_leaves_out_typing() {
     let event: Value = serde_json::from_str(&page.events[0].event_json).unwrap();
     assert_eq!(event["text"], "m2");
     let rest = admin
-        .history(HistoryRequest { channel: "CHIST".into(), since_ts: ts[3].clone(), limit: 0 })
+        .history(HistoryRequest {
+            channel: "CHIST".into(),
+            since_ts: ts[3].clone(),
+            limit: 0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -206,27 +293,49 @@ async fn a_channel_server_refuses_slots_it_does_not_own() {
         .into_inner();
     let ring = ring_manager::convert::ring_from_proto(ring).unwrap();
     let owner = ring.owner_of(&channel).unwrap().id.clone();
-    let (_, other) = mesh.channel_servers.iter().find(|(id, _)| *id != owner).unwrap();
-    let mut client = ChannelServerClient::connect(format!("http://{other}")).await.unwrap();
+    let (_, other) = mesh
+        .channel_servers
+        .iter()
+        .find(|(id, _)| *id != owner)
+        .unwrap();
+    let mut client = ChannelServerClient::connect(format!("http://{other}"))
+        .await
+        .unwrap();
     let event = ChannelEvent {
         channel,
         ts: None,
-        body: EventBody::Message { user: UserId::new("U1").unwrap(), text: "x".into(), team: None },
+        body: EventBody::Message {
+            user: UserId::new("U1").unwrap(),
+            text: "x".into(),
+            team: None,
+        },
         origin: None,
     };
     let status = client
-        .publish(PublishRequest { epoch: ring.epoch(), event: Some(event_to_proto(&event)) })
+        .publish(PublishRequest {
+            epoch: ring.epoch(),
+            event: Some(event_to_proto(&event)),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert!(status.message().starts_with("wrong_owner"), "{}", status.message());
+    assert!(
+        status.message().starts_with("wrong_owner"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
 async fn auth_test_answers_a_distinct_bot_id() {
     let mesh = mesh().await;
     let us = mesh.rtm_base_url("us-east").unwrap();
-    let reply = web_api(&us, "auth.test", Some(&mesh.token("UANN", "T1", &[]).unwrap())).await;
+    let reply = web_api(
+        &us,
+        "auth.test",
+        Some(&mesh.token("UANN", "T1", &[]).unwrap()),
+    )
+    .await;
     assert_eq!(reply["ok"], true);
     assert_eq!(reply["user_id"], "UANN");
     assert_eq!(reply["team_id"], "T1");
@@ -241,7 +350,9 @@ async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() 
     // in ts order, right after channel_joined.
     let mesh = mesh().await;
     let us = mesh.rtm_base_url("us-east").unwrap();
-    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &[]).unwrap()).await.unwrap();
+    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &[]).unwrap())
+        .await
+        .unwrap();
     let mut admin = admin(&mesh).await;
     for round in 0..5 {
         let channel = format!("CJOIN{round}");
@@ -261,7 +372,11 @@ async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() 
             })
         };
         let join_ts = admin
-            .join_channel(JoinChannelRequest { user: "UANN".into(), channel: channel.clone(), team: "T1".into() })
+            .join_channel(JoinChannelRequest {
+                user: "UANN".into(),
+                channel: channel.clone(),
+                team: "T1".into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -269,7 +384,11 @@ async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() 
         stop.cancel();
         poster.await.unwrap();
         let history = admin
-            .history(HistoryRequest { channel: channel.clone(), since_ts: join_ts.clone(), limit: 1000 })
+            .history(HistoryRequest {
+                channel: channel.clone(),
+                since_ts: join_ts.clone(),
+                limit: 1000,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -285,10 +404,17 @@ async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() 
         assert_eq!(joined["channel"]["id"], channel.as_str());
         let mut got = Vec::new();
         while got.len() < want.len() {
-            let frame = ann.expect("a message of the joined channel", |v| v["type"] == "message").await;
+            let frame = ann
+                .expect("a message of the joined channel", |v| {
+                    v["type"] == "message"
+                })
+                .await;
             got.push(frame["ts"].as_str().unwrap().to_string());
         }
         assert_eq!(got, want, "round {round}");
     }
-    ann.expect_none(Duration::from_millis(300), "a duplicate", |v| v["type"] == "message").await;
+    ann.expect_none(Duration::from_millis(300), "a duplicate", |v| {
+        v["type"] == "message"
+    })
+    .await;
 }

@@ -77,7 +77,10 @@ impl Rtm {
         if reply["ok"] != json!(true) {
             bail!("rtm.connect refused: {reply}");
         }
-        let url = reply["url"].as_str().context("rtm.connect has a url")?.to_string();
+        let url = reply["url"]
+            .as_str()
+            .context("rtm.connect has a url")?
+            .to_string();
         let mut rtm = Rtm::open(&url).await?;
         let hello = rtm.next().await?;
         if hello["type"] != "hello" {
@@ -89,7 +92,10 @@ impl Rtm {
     /// Opens the WebSocket at `url` only.
     pub async fn open(url: &str) -> anyhow::Result<Rtm> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Rtm { ws, url: url.to_string() })
+        Ok(Rtm {
+            ws,
+            url: url.to_string(),
+        })
     }
 
     pub async fn send(&mut self, frame: Value) {
@@ -131,7 +137,12 @@ impl Rtm {
 
     /// Checks that no frame matching `pred` arrives within `window` (a negative check: it can
     /// only pass wrongly, never fail wrongly, on a slow machine).
-    pub async fn expect_none(&mut self, window: Duration, what: &str, pred: impl Fn(&Value) -> bool) {
+    pub async fn expect_none(
+        &mut self,
+        window: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) {
         let deadline = tokio::time::Instant::now() + window;
         while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
             if let Message::Text(text) = msg {
@@ -159,7 +170,10 @@ impl Rtm {
 pub struct Bearer(pub String);
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let value = format!("Bearer {}", self.0).parse().expect("ascii token");
         request.metadata_mut().insert("authorization", value);
         Ok(request)

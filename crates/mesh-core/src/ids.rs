@@ -124,18 +124,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_ids() {
-        assert_eq!(
-            ChannelId::new(""),
-            Err(IdError::Empty { kind: "channel" })
-        );
+        assert_eq!(ChannelId::new(""), Err(IdError::Empty { kind: "channel" }));
         assert_eq!(
             ChannelId::new(&"C".repeat(65)),
             Err(IdError::TooLong { kind: "channel" })
         );
-        assert_eq!(
-            UserId::new("U 1"),
-            Err(IdError::BadChar { kind: "user" })
-        );
+        assert_eq!(UserId::new("U 1"), Err(IdError::BadChar { kind: "user" }));
         assert!(ChannelId::new("C\u{e9}").is_err());
     }
 

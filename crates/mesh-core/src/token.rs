@@ -178,9 +178,14 @@ mod tests {
         let key = TokenKey::hs256(b"secret");
         let expired = key.mint(&identity(now() - 3600), now() - 7200).unwrap();
         assert_eq!(key.verify(&expired), Err(TokenError::Expired));
-        let other = TokenKey::hs256(b"other").mint(&identity(now() + 60), now()).unwrap();
+        let other = TokenKey::hs256(b"other")
+            .mint(&identity(now() + 60), now())
+            .unwrap();
         assert_eq!(key.verify(&other), Err(TokenError::BadSignature));
-        assert!(matches!(key.verify("garbage"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            key.verify("garbage"),
+            Err(TokenError::Malformed(_))
+        ));
         assert!(key.verify("").is_err());
     }
 

@@ -78,12 +78,22 @@ pub fn parse(text: &str) -> Result<ClientFrame, RtmError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| RtmError::new(ErrorCode::BadJson, format!("invalid JSON: {e}"), None))?;
     let Value::Object(mut fields) = value else {
-        return Err(RtmError::new(ErrorCode::BadJson, "a frame must be a JSON object", None));
+        return Err(RtmError::new(
+            ErrorCode::BadJson,
+            "a frame must be a JSON object",
+            None,
+        ));
     };
     let id = fields.get("id").and_then(Value::as_i64);
     let kind = match fields.get("type") {
         Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(RtmError::new(ErrorCode::BadField, "type must be a string", id)),
+        Some(_) => {
+            return Err(RtmError::new(
+                ErrorCode::BadField,
+                "type must be a string",
+                id,
+            ));
+        }
         None => return Err(RtmError::new(ErrorCode::UnknownType, "type is missing", id)),
     };
     match kind {
@@ -96,17 +106,31 @@ pub fn parse(text: &str) -> Result<ClientFrame, RtmError> {
                 Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
                     RtmError::new(ErrorCode::BadField, "id must be an integer", None)
                 })?,
-                Some(_) => return Err(RtmError::new(ErrorCode::BadField, "id must be a number", None)),
+                Some(_) => {
+                    return Err(RtmError::new(
+                        ErrorCode::BadField,
+                        "id must be a number",
+                        None,
+                    ));
+                }
                 None => return Err(RtmError::new(ErrorCode::BadField, "id is required", None)),
             };
             let channel = channel_field(&fields, Some(id))?;
             let text = match fields.get("text") {
                 Some(Value::String(t)) if !t.is_empty() => t,
                 Some(Value::String(_)) | None | Some(Value::Null) => {
-                    return Err(RtmError::new(ErrorCode::NoText, "message text is missing", Some(id)));
+                    return Err(RtmError::new(
+                        ErrorCode::NoText,
+                        "message text is missing",
+                        Some(id),
+                    ));
                 }
                 Some(_) => {
-                    return Err(RtmError::new(ErrorCode::BadField, "text must be a string", Some(id)));
+                    return Err(RtmError::new(
+                        ErrorCode::BadField,
+                        "text must be a string",
+                        Some(id),
+                    ));
                 }
             };
             if text.len() > MAX_TEXT_BYTES {
@@ -132,10 +156,19 @@ pub fn parse(text: &str) -> Result<ClientFrame, RtmError> {
 
 fn channel_field(fields: &Map<String, Value>, id: Option<i64>) -> Result<ChannelId, RtmError> {
     match fields.get("channel") {
-        Some(Value::String(c)) => ChannelId::new(c)
-            .map_err(|e| RtmError::new(ErrorCode::BadChannel, e.to_string(), id)),
-        Some(_) => Err(RtmError::new(ErrorCode::BadField, "channel must be a string", id)),
-        None => Err(RtmError::new(ErrorCode::BadField, "channel is required", id)),
+        Some(Value::String(c)) => {
+            ChannelId::new(c).map_err(|e| RtmError::new(ErrorCode::BadChannel, e.to_string(), id))
+        }
+        Some(_) => Err(RtmError::new(
+            ErrorCode::BadField,
+            "channel must be a string",
+            id,
+        )),
+        None => Err(RtmError::new(
+            ErrorCode::BadField,
+            "channel is required",
+            id,
+        )),
     }
 }
 
@@ -190,7 +223,8 @@ pub fn render(event: &ChannelEvent) -> Option<String> {
     let ts = event.ts.map(|t| t.to_string());
     let mut value = match &event.body {
         EventBody::Message { user, text, team } => {
-            let mut v = json!({"type": "message", "channel": channel, "user": user.as_str(), "text": text});
+            let mut v =
+                json!({"type": "message", "channel": channel, "user": user.as_str(), "text": text});
             if let Some(ts) = &ts {
                 v["ts"] = Value::from(ts.as_str());
             }
@@ -241,10 +275,20 @@ mod tests {
     fn parses_client_frames() {
         assert_eq!(
             parse(r#"{"id":1,"type":"message","channel":"C1","text":"hi"}"#).unwrap(),
-            ClientFrame::Message { id: 1, channel: ChannelId::new("C1").unwrap(), text: "hi".into() }
+            ClientFrame::Message {
+                id: 1,
+                channel: ChannelId::new("C1").unwrap(),
+                text: "hi".into()
+            }
         );
-        assert!(matches!(parse(r#"{"type":"ping","id":7}"#).unwrap(), ClientFrame::Ping { .. }));
-        assert!(matches!(parse(r#"{"type":"typing","channel":"C1"}"#).unwrap(), ClientFrame::Typing { id: None, .. }));
+        assert!(matches!(
+            parse(r#"{"type":"ping","id":7}"#).unwrap(),
+            ClientFrame::Ping { .. }
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"typing","channel":"C1"}"#).unwrap(),
+            ClientFrame::Typing { id: None, .. }
+        ));
     }
 
     #[test]
@@ -252,20 +296,45 @@ mod tests {
         assert_eq!(code("not json"), (ErrorCode::BadJson, None));
         assert_eq!(code("[1,2]"), (ErrorCode::BadJson, None));
         assert_eq!(code(r#"{"id":3}"#), (ErrorCode::UnknownType, Some(3)));
-        assert_eq!(code(r#"{"id":3,"type":"launch"}"#), (ErrorCode::UnknownType, Some(3)));
-        assert_eq!(code(r#"{"id":3,"type":"message","channel":"C1"}"#), (ErrorCode::NoText, Some(3)));
-        assert_eq!(code(r#"{"id":3,"type":"message","channel":5,"text":"x"}"#), (ErrorCode::BadField, Some(3)));
-        assert_eq!(code(r#"{"id":"3","type":"message","channel":"C1","text":"x"}"#), (ErrorCode::BadField, None));
-        assert_eq!(code(r#"{"id":3,"type":"message","channel":"bad id","text":"x"}"#), (ErrorCode::BadChannel, Some(3)));
-        let long = format!(r#"{{"id":3,"type":"message","channel":"C1","text":"{}"}}"#, "x".repeat(MAX_TEXT_BYTES + 1));
+        assert_eq!(
+            code(r#"{"id":3,"type":"launch"}"#),
+            (ErrorCode::UnknownType, Some(3))
+        );
+        assert_eq!(
+            code(r#"{"id":3,"type":"message","channel":"C1"}"#),
+            (ErrorCode::NoText, Some(3))
+        );
+        assert_eq!(
+            code(r#"{"id":3,"type":"message","channel":5,"text":"x"}"#),
+            (ErrorCode::BadField, Some(3))
+        );
+        assert_eq!(
+            code(r#"{"id":"3","type":"message","channel":"C1","text":"x"}"#),
+            (ErrorCode::BadField, None)
+        );
+        assert_eq!(
+            code(r#"{"id":3,"type":"message","channel":"bad id","text":"x"}"#),
+            (ErrorCode::BadChannel, Some(3))
+        );
+        let long = format!(
+            r#"{{"id":3,"type":"message","channel":"C1","text":"{}"}}"#,
+            "x".repeat(MAX_TEXT_BYTES + 1)
+        );
         assert_eq!(code(&long), (ErrorCode::TooLong, Some(3)));
     }
 
     #[test]
     fn renders_replies() {
         let e = RtmError::new(ErrorCode::NoText, "message text is missing", Some(4));
-        assert_eq!(e.render(), r#"{"error":{"code":2,"msg":"message text is missing"},"ok":false,"reply_to":4}"#);
-        let ClientFrame::Ping { fields } = parse(r#"{"type":"ping","id":9,"time":5,"nested":{}}"#).unwrap() else { panic!() };
+        assert_eq!(
+            e.render(),
+            r#"{"error":{"code":2,"msg":"message text is missing"},"ok":false,"reply_to":4}"#
+        );
+        let ClientFrame::Ping { fields } =
+            parse(r#"{"type":"ping","id":9,"time":5,"nested":{}}"#).unwrap()
+        else {
+            panic!()
+        };
         let pong: Value = serde_json::from_str(&pong(fields)).unwrap();
         assert_eq!(pong, json!({"type":"pong","reply_to":9,"time":5}));
     }
@@ -275,14 +344,21 @@ mod tests {
         let event = ChannelEvent {
             channel: ChannelId::new("C1").unwrap(),
             ts: Some(Ts::from_micros(1_700_000_000_000_001)),
-            body: EventBody::Message { user: UserId::new("U1").unwrap(), text: "hi".into(), team: None },
+            body: EventBody::Message {
+                user: UserId::new("U1").unwrap(),
+                text: "hi".into(),
+                team: None,
+            },
             origin: None,
         };
         let v: Value = serde_json::from_str(&render(&event).unwrap()).unwrap();
         assert_eq!(v["ts"], "1700000000.000001");
         assert_eq!(v["type"], "message");
         let raw = ChannelEvent {
-            body: EventBody::Raw { kind: "reaction_added".into(), json: bytes::Bytes::from_static(br#"{"type":"reaction_added","reaction":"x"}"#) },
+            body: EventBody::Raw {
+                kind: "reaction_added".into(),
+                json: bytes::Bytes::from_static(br#"{"type":"reaction_added","reaction":"x"}"#),
+            },
             ..event
         };
         let v: Value = serde_json::from_str(&render(&raw).unwrap()).unwrap();

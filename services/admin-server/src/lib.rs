@@ -41,10 +41,17 @@ pub struct Config {
 }
 
 /// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.
-pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
-    let service = AdminService::new(ChannelRouter::new(ring), TokenKey::hs256(&config.jwt_secret));
+    let service = AdminService::new(
+        ChannelRouter::new(ring),
+        TokenKey::hs256(&config.jwt_secret),
+    );
     let auth = AdminAuth::new(&config.admin_token);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
@@ -55,7 +62,10 @@ pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationTo
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
         .add_service(AdminServer::with_interceptor(service, auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            cancel.clone().cancelled_owned(),
+        )
         .await;
     cancel.cancel();
     tracker.close();

@@ -92,7 +92,9 @@ impl Admin for AdminService {
             team: opt_team(&req.team)?,
         };
         let ts = self.publish(channel, body).await?;
-        Ok(Response::new(pb::PostMessageResponse { ts: ts.to_string() }))
+        Ok(Response::new(pb::PostMessageResponse {
+            ts: ts.to_string(),
+        }))
     }
 
     async fn publish_event(
@@ -111,9 +113,15 @@ impl Admin for AdminService {
         let kind = match value.get("type") {
             Some(Value::String(kind)) if !kind.is_empty() => kind.clone(),
             _ if !value.is_object() => {
-                return Err(Status::invalid_argument("event_json: must be a JSON object"));
+                return Err(Status::invalid_argument(
+                    "event_json: must be a JSON object",
+                ));
             }
-            _ => return Err(Status::invalid_argument("event_json: needs a string \"type\"")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "event_json: needs a string \"type\"",
+                ));
+            }
         };
         if RESERVED_TYPES.contains(&kind.as_str()) {
             return Err(Status::invalid_argument(format!(
@@ -125,7 +133,9 @@ impl Admin for AdminService {
             json: Bytes::from(req.event_json),
         };
         let ts = self.publish(channel, body).await?;
-        Ok(Response::new(pb::PublishEventResponse { ts: ts.to_string() }))
+        Ok(Response::new(pb::PublishEventResponse {
+            ts: ts.to_string(),
+        }))
     }
 
     async fn join_channel(
@@ -139,7 +149,13 @@ impl Admin for AdminService {
         // The channel first: its members see the join, and its ts is where the user's
         // connections start reading the channel.
         let ts = self
-            .publish(channel.clone(), EventBody::MemberJoined { user: user.clone(), team })
+            .publish(
+                channel.clone(),
+                EventBody::MemberJoined {
+                    user: user.clone(),
+                    team,
+                },
+            )
             .await?;
         self.publish(
             ChannelId::from(&user),
@@ -149,7 +165,9 @@ impl Admin for AdminService {
             },
         )
         .await?;
-        Ok(Response::new(pb::JoinChannelResponse { ts: ts.to_string() }))
+        Ok(Response::new(pb::JoinChannelResponse {
+            ts: ts.to_string(),
+        }))
     }
 
     async fn leave_channel(
@@ -167,8 +185,12 @@ impl Admin for AdminService {
             },
         )
         .await?;
-        let ts = self.publish(channel, EventBody::MemberLeft { user }).await?;
-        Ok(Response::new(pb::LeaveChannelResponse { ts: ts.to_string() }))
+        let ts = self
+            .publish(channel, EventBody::MemberLeft { user })
+            .await?;
+        Ok(Response::new(pb::LeaveChannelResponse {
+            ts: ts.to_string(),
+        }))
     }
 
     async fn history(
@@ -180,7 +202,10 @@ impl Admin for AdminService {
         let since = if req.since_ts.is_empty() {
             None
         } else {
-            Some(Ts::parse(&req.since_ts).map_err(|e| Status::invalid_argument(format!("since_ts: {e}")))?)
+            Some(
+                Ts::parse(&req.since_ts)
+                    .map_err(|e| Status::invalid_argument(format!("since_ts: {e}")))?,
+            )
         };
         let page = self
             .router
@@ -218,7 +243,8 @@ impl Admin for AdminService {
         };
         let identity = Identity {
             user: user(&req.user)?,
-            team: TeamId::new(&req.team).map_err(|e| Status::invalid_argument(format!("team: {e}")))?,
+            team: TeamId::new(&req.team)
+                .map_err(|e| Status::invalid_argument(format!("team: {e}")))?,
             name: (!req.name.is_empty()).then_some(req.name),
             channels: req
                 .channels

@@ -150,12 +150,12 @@ impl ChannelRouter {
                 continue;
             };
             let client = self.client(&owner.addr)?;
-            let status = match tokio::time::timeout(ATTEMPT_TIMEOUT, call(client, ring.epoch())).await
-            {
-                Ok(Ok(reply)) => return Ok(reply.into_inner()),
-                Ok(Err(status)) => status,
-                Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
-            };
+            let status =
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, call(client, ring.epoch())).await {
+                    Ok(Ok(reply)) => return Ok(reply.into_inner()),
+                    Ok(Err(status)) => status,
+                    Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
+                };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             match status.code() {
                 // Another node owns the slot now: wait for the ring that says so.

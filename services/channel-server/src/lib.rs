@@ -59,7 +59,10 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let local: SocketAddr = listener.local_addr()?;
-    let addr = config.advertise.clone().unwrap_or_else(|| local.to_string());
+    let addr = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
     let service = ChannelService::new(
@@ -76,7 +79,10 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(ChannelServerServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            cancel.clone().cancelled_owned(),
+        );
     let server = tokio::spawn(server);
 
     let request = mesh_proto::ring::RegisterRequest {

@@ -190,7 +190,10 @@ impl ChannelService {
         if ring.owns(&self.inner.node, slot) {
             Ok(ring)
         } else {
-            let owner = ring.owner(slot).map(|n| n.id.to_string()).unwrap_or_default();
+            let owner = ring
+                .owner(slot)
+                .map(|n| n.id.to_string())
+                .unwrap_or_default();
             Err(Status::failed_precondition(format!(
                 "wrong_owner: slot {slot} belongs to {owner:?} in epoch {}, not to {}",
                 ring.epoch(),
@@ -226,7 +229,8 @@ impl ChannelService {
                         let reply = refused(&channel, ring.epoch(), "moved");
                         for sub in subs {
                             if sub.tx.try_send(reply.clone()).is_err() {
-                                sub.end.end(Status::resource_exhausted("gateway fell behind"));
+                                sub.end
+                                    .end(Status::resource_exhausted("gateway fell behind"));
                             }
                         }
                         moved += 1;
@@ -269,7 +273,11 @@ impl ChannelService {
                         Ok(_) => {
                             let mut shard = self.shard(&channel);
                             if subscribed.insert(channel.clone()) {
-                                shard.subs.entry(channel.clone()).or_default().push(sub.clone());
+                                shard
+                                    .subs
+                                    .entry(channel.clone())
+                                    .or_default()
+                                    .push(sub.clone());
                             }
                             let reply = pb::SubscribeResponse {
                                 reply: Some(Reply::Subscribed(pb::Subscribed {
@@ -299,7 +307,9 @@ impl ChannelService {
 
     fn send_control(&self, sub: &Subscriber, reply: pb::SubscribeResponse) {
         if sub.tx.try_send(reply).is_err() {
-            sub.end.end(Status::resource_exhausted("gateway fell behind its subscription queue"));
+            sub.end.end(Status::resource_exhausted(
+                "gateway fell behind its subscription queue",
+            ));
         }
     }
 
@@ -345,7 +355,11 @@ impl ChannelServerRpc for ChannelService {
         self.check_owner(slot_of(&event.channel), req.epoch).await?;
         let mut shard = self.shard(&event.channel);
         if !event.body.is_transient() {
-            event.ts = Some(shard.store.append(&event.channel, event.body.clone(), now_micros()));
+            event.ts = Some(
+                shard
+                    .store
+                    .append(&event.channel, event.body.clone(), now_micros()),
+            );
         }
         let reply = pb::SubscribeResponse {
             reply: Some(Reply::Events(pb::Events {
@@ -372,7 +386,10 @@ impl ChannelServerRpc for ChannelService {
             n => n.min(MAX_HISTORY_LIMIT),
         };
         self.check_owner(slot_of(&channel), req.epoch).await?;
-        let page = self.shard(&channel).store.history(&channel, since, limit as usize);
+        let page = self
+            .shard(&channel)
+            .store
+            .history(&channel, since, limit as usize);
         Ok(Response::new(pb::HistoryResponse {
             events: page
                 .events
@@ -426,7 +443,9 @@ impl ChannelServerRpc for ChannelService {
                     next = inbound.message() => next,
                 };
                 match next {
-                    Ok(Some(pb::SubscribeRequest { command: Some(command) })) => {
+                    Ok(Some(pb::SubscribeRequest {
+                        command: Some(command),
+                    })) => {
                         this.handle_command(command, &sub, &mut subscribed).await;
                     }
                     Ok(Some(_)) => {}

@@ -273,9 +273,14 @@ mod tests {
     #[test]
     fn history_pages_after_since() {
         let mut store = Store::new(Limits::default());
-        let ts: Vec<Ts> = (0..5).map(|i| store.append(&c("C1"), msg("m"), 10 + i)).collect();
+        let ts: Vec<Ts> = (0..5)
+            .map(|i| store.append(&c("C1"), msg("m"), 10 + i))
+            .collect();
         let page = store.history(&c("C1"), Some(ts[1]), 2);
-        assert_eq!(page.events.iter().map(|e| e.ts).collect::<Vec<_>>(), &ts[2..4]);
+        assert_eq!(
+            page.events.iter().map(|e| e.ts).collect::<Vec<_>>(),
+            &ts[2..4]
+        );
         assert!(page.has_more);
         assert_eq!(page.oldest, Some(ts[0]));
         let rest = store.history(&c("C1"), Some(ts[3]), 10);
@@ -297,7 +302,11 @@ mod tests {
         }
         assert!(store.evictions() > 0);
         assert!(store.total_bytes() <= limits.total_bytes);
-        assert_eq!(store.head(&c("C0")), None, "the least recently used went first");
+        assert_eq!(
+            store.head(&c("C0")),
+            None,
+            "the least recently used went first"
+        );
         // C0 comes back with a wall clock behind its old ts: still after it.
         assert!(store.append(&c("C0"), msg("b"), 1_000) > first);
     }

@@ -123,7 +123,7 @@ pub fn event_from_proto(event: pb::Event) -> Result<ChannelEvent, WireError> {
         channel: ChannelId::new(&event.channel)?,
         ts: opt_ts(&event.ts)?,
         body: body_from_proto(event.body.ok_or(WireError::MissingBody)?)?,
-        origin: (!event.origin_gateway.is_empty()).then(|| Origin {
+        origin: (!event.origin_gateway.is_empty()).then_some(Origin {
             gateway: event.origin_gateway,
             conn: event.origin_conn,
         }),
@@ -139,20 +139,36 @@ mod tests {
         let u = UserId::new("U1").unwrap();
         let c = ChannelId::new("C1").unwrap();
         let bodies = [
-            EventBody::Message { user: u.clone(), text: "hi".into(), team: Some(TeamId::new("T1").unwrap()) },
+            EventBody::Message {
+                user: u.clone(),
+                text: "hi".into(),
+                team: Some(TeamId::new("T1").unwrap()),
+            },
             EventBody::Typing { user: u.clone() },
-            EventBody::MemberJoined { user: u.clone(), team: None },
+            EventBody::MemberJoined {
+                user: u.clone(),
+                team: None,
+            },
             EventBody::MemberLeft { user: u.clone() },
-            EventBody::ChannelJoined { channel: c.clone(), since: Some(Ts::from_micros(5)) },
+            EventBody::ChannelJoined {
+                channel: c.clone(),
+                since: Some(Ts::from_micros(5)),
+            },
             EventBody::ChannelLeft { channel: c.clone() },
-            EventBody::Raw { kind: "reaction_added".into(), json: bytes::Bytes::from_static(b"{}") },
+            EventBody::Raw {
+                kind: "reaction_added".into(),
+                json: bytes::Bytes::from_static(b"{}"),
+            },
         ];
         for body in bodies {
             let event = ChannelEvent {
                 channel: c.clone(),
                 ts: Some(Ts::from_micros(7)),
                 body,
-                origin: Some(Origin { gateway: "gw".into(), conn: 3 }),
+                origin: Some(Origin {
+                    gateway: "gw".into(),
+                    conn: 3,
+                }),
             };
             assert_eq!(event_from_proto(event_to_proto(&event)), Ok(event));
         }
@@ -163,7 +179,9 @@ mod tests {
         let mut e = event_to_proto(&ChannelEvent {
             channel: ChannelId::new("C1").unwrap(),
             ts: None,
-            body: EventBody::Typing { user: UserId::new("U1").unwrap() },
+            body: EventBody::Typing {
+                user: UserId::new("U1").unwrap(),
+            },
             origin: None,
         });
         e.channel = "bad id".into();

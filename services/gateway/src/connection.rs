@@ -76,9 +76,14 @@ impl Connection {
             Outbound::Joined { channel, since } => {
                 if self.members.insert(channel.clone()) {
                     self.catching_up.insert(channel.clone(), Vec::new());
-                    let waiting = self.shared.hub.join(&self.sink, std::slice::from_ref(&channel));
+                    let waiting = self
+                        .shared
+                        .hub
+                        .join(&self.sink, std::slice::from_ref(&channel));
                     let (shared, tx) = (self.shared.clone(), self.tx.clone());
-                    self.shared.tracker.spawn(catch_up(shared, tx, channel, since, waiting));
+                    self.shared
+                        .tracker
+                        .spawn(catch_up(shared, tx, channel, since, waiting));
                 }
             }
             Outbound::CatchUp { channel, events } => {
@@ -100,7 +105,9 @@ impl Connection {
             Outbound::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
                     self.catching_up.remove(&channel);
-                    self.shared.hub.leave(self.conn, std::slice::from_ref(&channel));
+                    self.shared
+                        .hub
+                        .leave(self.conn, std::slice::from_ref(&channel));
                     out.push(Utf8Bytes::from(rtm::channel_left(&channel)));
                 }
             }
@@ -118,7 +125,8 @@ async fn catch_up(
     since: Option<mesh_core::Ts>,
     waiting: Vec<tokio::sync::oneshot::Receiver<()>>,
 ) {
-    let subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
+    let subscribed =
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
     if !matches!(&subscribed, Ok(r) if r.iter().all(Result::is_ok)) {
         tracing::warn!(%channel, "joined channel not subscribed in time; delivering live events only");
     }
@@ -141,7 +149,9 @@ async fn catch_up(
                     })
                     .collect();
             }
-            Err(e) => tracing::warn!(%channel, error = %e, "reading history of a joined channel failed"),
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "reading history of a joined channel failed")
+            }
         }
     }
     let item = Outbound::CatchUp { channel, events };
@@ -156,7 +166,10 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     let initial = identity.all_channels();
     let mut me = Connection {
         conn,
-        own: [ChannelId::from(&identity.user), ChannelId::from(&identity.team)],
+        own: [
+            ChannelId::from(&identity.user),
+            ChannelId::from(&identity.team),
+        ],
         members: initial.iter().cloned().collect(),
         identity,
         shared: shared.clone(),
@@ -173,13 +186,26 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     let ready = matches!(ready, Ok(results) if results.iter().all(Result::is_ok));
     if !ready {
         tracing::warn!(conn, user = %me.identity.user, "channel subscriptions not confirmed in time");
-        let error = RtmError::new(ErrorCode::Unavailable, "channels unavailable; reconnect later", None);
+        let error = RtmError::new(
+            ErrorCode::Unavailable,
+            "channels unavailable; reconnect later",
+            None,
+        );
         let _ = ws_tx.send(Message::Text(error.render().into())).await;
-        let _ = ws_tx.send(close_frame(close::TRY_AGAIN_LATER, "subscriptions timed out")).await;
+        let _ = ws_tx
+            .send(close_frame(
+                close::TRY_AGAIN_LATER,
+                "subscriptions timed out",
+            ))
+            .await;
         shared.hub.leave(conn, &initial);
         return;
     }
-    if ws_tx.send(Message::Text(Utf8Bytes::from(rtm::hello()))).await.is_err() {
+    if ws_tx
+        .send(Message::Text(Utf8Bytes::from(rtm::hello())))
+        .await
+        .is_err()
+    {
         shared.hub.leave(conn, &initial);
         return;
     }
@@ -304,7 +330,11 @@ fn publish(
     let conn = me.conn;
     async move {
         if !allowed {
-            return Some(RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id).render().into());
+            return Some(
+                RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id)
+                    .render()
+                    .into(),
+            );
         }
         let event = ChannelEvent {
             channel,
@@ -317,13 +347,19 @@ fn publish(
         };
         match shared.router.publish(&event).await {
             Ok(Some(ts)) => match (&event.body, id) {
-                (EventBody::Message { text, .. }, Some(id)) => Some(Utf8Bytes::from(rtm::message_ack(id, ts, text))),
+                (EventBody::Message { text, .. }, Some(id)) => {
+                    Some(Utf8Bytes::from(rtm::message_ack(id, ts, text)))
+                }
                 _ => None,
             },
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(conn, error = %e, "publishing a client event failed");
-                Some(RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id).render().into())
+                Some(
+                    RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id)
+                        .render()
+                        .into(),
+                )
             }
         }
     }

@@ -51,7 +51,10 @@ impl Params {
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -65,15 +68,22 @@ fn slack_error(error: &str) -> Response {
 }
 
 /// The caller's identity, from `Authorization: Bearer`, or a `token` parameter.
-fn authenticate(shared: &Shared, headers: &HeaderMap, params: &Params) -> Result<Identity, Response> {
+fn authenticate(
+    shared: &Shared,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Identity, &'static str> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty());
     let Some(token) = bearer.or_else(|| params.get("token").filter(|t| !t.is_empty())) else {
-        return Err(slack_error("not_authed"));
+        return Err("not_authed");
     };
     shared.key.verify(token).map_err(|e| {
         let reason = match e {
@@ -82,7 +92,7 @@ fn authenticate(shared: &Shared, headers: &HeaderMap, params: &Params) -> Result
             _ => "malformed",
         };
         tracing::debug!(reason, "refused a token");
-        slack_error("invalid_auth")
+        "invalid_auth"
     })
 }
 
@@ -95,7 +105,7 @@ async fn auth_test(
     let params = Params::read(&headers, query, &body);
     let identity = match authenticate(&shared, &headers, &params) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(error) => return slack_error(error),
     };
     let user = identity.user.as_str();
     axum::Json(json!({
@@ -121,7 +131,7 @@ async fn rtm_connect(
     let params = Params::read(&headers, query, &body);
     let identity = match authenticate(&shared, &headers, &params) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(error) => return slack_error(error),
     };
     let batch = matches!(params.get("batch_presence_aware"), Some("1" | "true"));
     let user = identity.user.to_string();

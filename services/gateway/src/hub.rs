@@ -47,7 +47,10 @@ pub enum Outbound {
     /// A frame for this connection only, written as is.
     Frame(Utf8Bytes),
     /// The connection's user joined `channel`: start receiving it.
-    Joined { channel: ChannelId, since: Option<Ts> },
+    Joined {
+        channel: ChannelId,
+        since: Option<Ts>,
+    },
     /// The connection's user left `channel`.
     Left { channel: ChannelId },
     /// The history of a joined channel since the join, ready to write (see `connection`).
@@ -83,7 +86,12 @@ pub struct Closer {
 impl ConnSink {
     /// A sink queueing into `tx`; `closer` ends the connection.
     pub fn new(id: ConnId, user: UserId, tx: mpsc::Sender<Outbound>, closer: Arc<Closer>) -> Self {
-        ConnSink { id, user, tx, closer }
+        ConnSink {
+            id,
+            user,
+            tx,
+            closer,
+        }
     }
 
     /// Queues without waiting; a full queue closes the connection as a slow consumer.
@@ -204,13 +212,20 @@ impl Hub {
             local.conns.remove(&conn);
             if local.conns.is_empty() {
                 if let Some(node) = local.upstream.take() {
-                    unsubscribe.entry(node).or_default().push(channel.to_string());
+                    unsubscribe
+                        .entry(node)
+                        .or_default()
+                        .push(channel.to_string());
                 }
                 state.channels.remove(channel);
             }
         }
         for (node, channels) in unsubscribe {
-            self.send_locked(&mut state, &node, Command::Unsubscribe(pb::Unsubscribe { channels }));
+            self.send_locked(
+                &mut state,
+                &node,
+                Command::Unsubscribe(pb::Unsubscribe { channels }),
+            );
         }
     }
 
@@ -382,13 +397,20 @@ impl Hub {
                 continue;
             }
             if let Some(old) = local.upstream.take() {
-                unsubscribe.entry(old).or_default().push(channel.to_string());
+                unsubscribe
+                    .entry(old)
+                    .or_default()
+                    .push(channel.to_string());
             }
             local.active = false;
             to_subscribe.push(channel.clone());
         }
         for (node, channels) in unsubscribe {
-            self.send_locked(&mut state, &node, Command::Unsubscribe(pb::Unsubscribe { channels }));
+            self.send_locked(
+                &mut state,
+                &node,
+                Command::Unsubscribe(pb::Unsubscribe { channels }),
+            );
         }
         // Streams to nodes that left the ring and serve nothing are closed.
         let live: HashSet<&NodeId> = ring.nodes().iter().map(|n| &n.id).collect();
@@ -404,7 +426,11 @@ impl Hub {
             }
         }
         if !to_subscribe.is_empty() {
-            tracing::info!(epoch = ring.epoch(), channels = to_subscribe.len(), "resubscribing moved channels");
+            tracing::info!(
+                epoch = ring.epoch(),
+                channels = to_subscribe.len(),
+                "resubscribing moved channels"
+            );
         }
         self.subscribe_locked(&mut state, ring, to_subscribe);
     }

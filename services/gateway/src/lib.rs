@@ -64,7 +64,11 @@ pub struct Shared {
 }
 
 /// Serves a gateway on `listener` until `cancel`; clients get `goodbye` on the way out.
-pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
     let local = listener.local_addr()?;
     let http_url = config
         .public_url
@@ -80,7 +84,12 @@ pub async fn serve(config: Config, listener: TcpListener, cancel: CancellationTo
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
     let shared = Arc::new(Shared {
-        hub: Hub::new(config.id.clone(), ring.clone(), tracker.clone(), cancel.clone()),
+        hub: Hub::new(
+            config.id.clone(),
+            ring.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ),
         router: ChannelRouter::new(ring),
         tickets: tickets::Tickets::new(config.connect_url_ttl),
         key: TokenKey::hs256(&config.jwt_secret),

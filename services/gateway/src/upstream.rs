@@ -3,12 +3,12 @@
 //! The hub queues subscribe/unsubscribe commands; this task carries them and hands every reply
 //! back to the hub. When the stream fails the hub resubscribes its channels on a new stream.
 
+use channel_server::service::GATEWAY_ID_HEADER;
+use channel_server::wire::event_from_proto;
 use mesh_core::NodeId;
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use mesh_proto::channel::subscribe_response::Reply;
-use channel_server::service::GATEWAY_ID_HEADER;
-use channel_server::wire::event_from_proto;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
