@@ -85,6 +85,9 @@ enum Command {
         #[command(flatten)]
         ring: RingArgs,
     },
+    /// Measure the mesh from outside, through its real interfaces.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Mint a client token (signed with CHANNELMESH_JWT_SECRET) for trying things out.
     Token {
         #[arg(long)]
@@ -100,6 +103,30 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Admin -> client delivery latency: posts messages one at a time through the admin API
+    /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
+    /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
+    Latency {
+        /// RTM base URL of the gateway the client connects to.
+        #[arg(long, default_value = "http://127.0.0.1:8080/api/")]
+        gateway: String,
+        /// Admin server address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        admin: String,
+        /// Messages to time.
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// Messages sent first and not counted.
+        #[arg(long, default_value_t = 100)]
+        warmup: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -250,6 +277,43 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             Ok(gateway::serve(config, listener, cancel).await?)
+        }
+        Command::Bench(BenchCommand::Latency {
+            gateway,
+            admin,
+            messages,
+            warmup,
+            json,
+        }) => {
+            let config = channelmesh::bench::LatencyConfig {
+                gateway,
+                admin,
+                admin_token: required_env(ENV_ADMIN_TOKEN)?,
+                jwt_secret: required_env(ENV_JWT_SECRET)?,
+                messages,
+                warmup,
+            };
+            let report = channelmesh::bench::latency(config).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "admin -> client delivery latency over {} messages",
+                    report.messages
+                );
+                println!("  p50  {:>8} us", report.p50_us);
+                println!("  p90  {:>8} us", report.p90_us);
+                println!("  p99  {:>8} us", report.p99_us);
+                println!("  max  {:>8} us", report.max_us);
+                println!("  mean {:>8} us", report.mean_us);
+                if let Some(rpc) = &report.post_rpc {
+                    println!(
+                        "  (the PostMessage call alone: p50 {} us, p99 {} us, max {} us)",
+                        rpc.p50_us, rpc.p99_us, rpc.max_us
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Token {
             user,

@@ -10,8 +10,9 @@ use mesh_proto::ring as pb;
 use mesh_proto::ring::ring_manager_server::{RingManager as RingManagerRpc, RingManagerServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::convert::ring_to_proto;
@@ -146,7 +147,10 @@ pub async fn serve(
     tracing::info!(addr = ?listener.local_addr().ok(), "ring manager listening");
     tonic::transport::Server::builder()
         .add_service(RingManagerServer::new(manager))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

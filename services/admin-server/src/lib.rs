@@ -11,9 +11,9 @@ use mesh_core::TokenKey;
 use mesh_proto::admin::admin_server::AdminServer;
 use ring_manager::RingWatcher;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use service::AdminService;
@@ -58,12 +58,11 @@ pub async fn serve(
         .build_v1()?;
     tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
         .add_service(AdminServer::with_interceptor(service, auth))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.clone().cancelled_owned(),
         )
         .await;

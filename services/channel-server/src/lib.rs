@@ -13,9 +13,9 @@ use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
 use ring_manager::RingWatcher;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 pub use client::{ChannelRouter, RouteError};
 pub use service::{ChannelService, ServiceConfig};
@@ -77,10 +77,9 @@ pub async fn serve(
     );
     tracing::info!(node = %config.node, %addr, "channel server listening");
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(ChannelServerServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

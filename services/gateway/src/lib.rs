@@ -10,6 +10,7 @@ mod upstream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use axum::serve::ListenerExt;
 use channel_server::ChannelRouter;
 use mesh_core::TokenKey;
 use ring_manager::RingWatcher;
@@ -103,6 +104,13 @@ pub async fn serve(
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
     let app = http::routes(shared);
+    // Events are small frames written as they come: Nagle's algorithm would hold them back
+    // behind the client's delayed ACKs (tens of milliseconds).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.clone().cancelled_owned())
         .await;
