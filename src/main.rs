@@ -144,6 +144,9 @@ struct DevArgs {
     /// Gateway for the eu-west region.
     #[arg(long, default_value = "127.0.0.1:8081")]
     eu_west: SocketAddr,
+    /// Port of the first of the three channel servers (the others follow); 0 lets the OS pick.
+    #[arg(long, default_value_t = 50061)]
+    channel_server_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -211,9 +214,25 @@ fn cancel_on_signals(cancel: CancellationToken) {
     });
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_json);
     let cancel = CancellationToken::new();
     match cli.command {
@@ -360,6 +379,15 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         ("us-east".into(), args.us_east),
         ("eu-west".into(), args.eu_west),
     ];
+    config.channel_servers = (0..3)
+        .map(|i| {
+            let port = match args.channel_server_port {
+                0 => 0,
+                base => base.saturating_add(i),
+            };
+            SocketAddr::from(([127, 0, 0, 1], port))
+        })
+        .collect();
     cancel_on_signals(cancel.clone());
     let mesh = Mesh::start(config, cancel).await?;
 
