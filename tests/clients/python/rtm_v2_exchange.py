@@ -8,10 +8,11 @@ import json
 import os
 import queue
 import sys
-import tempfile
 import time
 
 from slack_sdk.rtm_v2 import RTMClient
+
+import channelmesh_admin
 
 TIMEOUT = 15.0
 
@@ -56,26 +57,8 @@ class Client:
 
 
 def admin_stub(config):
-    """Generates Python stubs from the repo's proto with grpc_tools, and dials the admin server."""
-    import grpc
-    from grpc_tools import protoc
-
-    out = tempfile.mkdtemp(prefix="channelmesh-pb-")
-    proto_root = config["proto_root"]
-    rc = protoc.main([
-        "protoc",
-        f"-I{proto_root}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        "channelmesh/admin/v1/admin.proto",
-    ])
-    if rc != 0:
-        fail(f"grpc_tools.protoc failed with {rc}")
-    sys.path.insert(0, out)
-    from channelmesh.admin.v1 import admin_pb2, admin_pb2_grpc
-
-    channel = grpc.insecure_channel(config["admin_addr"])
-    return grpc, admin_pb2, admin_pb2_grpc.AdminStub(channel)
+    """The repo's admin proto compiled with grpc_tools, dialled with grpcio."""
+    return channelmesh_admin.connect(config["admin_addr"], config["proto_root"])
 
 
 def main():
