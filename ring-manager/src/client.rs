@@ -37,11 +37,6 @@ impl RingWatcher {
         RingWatcher { rx }
     }
 
-    /// A view over an in-process ring channel (tests, and services embedded with the manager).
-    pub fn from_receiver(rx: watch::Receiver<Arc<Ring>>) -> Self {
-        RingWatcher { rx }
-    }
-
     /// The latest ring.
     pub fn current(&self) -> Arc<Ring> {
         self.rx.borrow().clone()
@@ -64,6 +59,20 @@ impl RingWatcher {
             Ok(Ok(ring)) => Ok(ring.clone()),
             Ok(Err(_)) => Err(Error::Timeout(format!("{what}: ring watch closed"))),
             Err(_) => Err(Error::Timeout(format!("{what} within {timeout:?}"))),
+        }
+    }
+
+    /// Calls `f` with each ring published since this watcher was created (the latest one
+    /// whenever several came at once), until `cancel` fires.
+    pub async fn on_each_change(&self, cancel: CancellationToken, mut f: impl FnMut(Arc<Ring>)) {
+        let mut rx = self.rx.clone();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let ring = rx.borrow_and_update().clone();
+            f(ring);
         }
     }
 

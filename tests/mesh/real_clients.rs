@@ -49,21 +49,26 @@ async fn run(program: &Path, script: &Path, config: serde_json::Value) {
     );
 }
 
-#[tokio::test]
-async fn slack_sdk_rtm_v2_clients_exchange_messages_across_regions_with_grpcio_admin() {
-    let mesh = mesh().await;
-    let config = json!({
+/// Client config for two users of team T1 in `channel`: UANN on us-east, UBOB on eu-west.
+fn two_users(mesh: &channelmesh::Mesh, channel: &str) -> serde_json::Value {
+    json!({
         "us_east": mesh.rtm_base_url("us-east").unwrap(),
         "eu_west": mesh.rtm_base_url("eu-west").unwrap(),
         "ann": "UANN",
         "bob": "UBOB",
-        "ann_token": mesh.token("UANN", "T1", &["CGENERAL"]).unwrap(),
-        "bob_token": mesh.token("UBOB", "T1", &["CGENERAL"]).unwrap(),
-        "channel": "CGENERAL",
-        "admin_addr": mesh.admin.to_string(),
-        "admin_token": mesh.admin_token,
-        "proto_root": repo().join("proto"),
-    });
+        "ann_token": mesh.token("UANN", "T1", &[channel]).unwrap(),
+        "bob_token": mesh.token("UBOB", "T1", &[channel]).unwrap(),
+        "channel": channel,
+    })
+}
+
+#[tokio::test]
+async fn slack_sdk_rtm_v2_clients_exchange_messages_across_regions_with_grpcio_admin() {
+    let mesh = mesh().await;
+    let mut config = two_users(&mesh, "CGENERAL");
+    config["admin_addr"] = json!(mesh.admin.to_string());
+    config["admin_token"] = json!(mesh.admin_token);
+    config["proto_root"] = json!(repo().join("proto"));
     run(
         &python(),
         &repo().join("tests/clients/python/rtm_v2_exchange.py"),
@@ -91,15 +96,7 @@ fn node() -> PathBuf {
 #[tokio::test]
 async fn slack_rtm_api_node_clients_exchange_messages_across_regions_and_keep_alive() {
     let mesh = mesh().await;
-    let config = json!({
-        "us_east": mesh.rtm_base_url("us-east").unwrap(),
-        "eu_west": mesh.rtm_base_url("eu-west").unwrap(),
-        "ann": "UANN",
-        "bob": "UBOB",
-        "ann_token": mesh.token("UANN", "T1", &["CNODE"]).unwrap(),
-        "bob_token": mesh.token("UBOB", "T1", &["CNODE"]).unwrap(),
-        "channel": "CNODE",
-    });
+    let config = two_users(&mesh, "CNODE");
     run(
         &node(),
         &repo().join("tests/clients/node/rtm_exchange.js"),

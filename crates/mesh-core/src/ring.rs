@@ -151,11 +151,6 @@ impl Ring {
         self.owner(slot).is_some_and(|n| &n.id == node)
     }
 
-    /// A node by id.
-    pub fn node(&self, id: &NodeId) -> Option<&RingNode> {
-        self.nodes.iter().find(|n| &n.id == id)
-    }
-
     /// How many slots `node` owns.
     pub fn slots_owned(&self, node: &NodeId) -> usize {
         match self.nodes.iter().position(|n| &n.id == node) {

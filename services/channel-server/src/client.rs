@@ -64,11 +64,6 @@ impl ChannelRouter {
         }
     }
 
-    /// The ring this router follows.
-    pub fn ring(&self) -> &RingWatcher {
-        &self.ring
-    }
-
     /// A client for the channel server at `addr` ("host:port"), connected lazily and shared.
     pub fn client(&self, addr: &str) -> Result<ChannelServerClient<Channel>, RouteError> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());

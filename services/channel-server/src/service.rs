@@ -205,46 +205,44 @@ impl ChannelService {
     /// On every new ring: drop subscriptions and history of slots this node no longer owns,
     /// telling the subscribed gateways the channel moved.
     async fn follow_ring(self) {
-        let mut rx = self.inner.ring.receiver();
-        loop {
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                changed = rx.changed() => if changed.is_err() { return },
-            }
-            let ring = rx.borrow_and_update().clone();
-            let node = &self.inner.node;
-            let mut moved = 0usize;
-            let mut dropped = 0usize;
-            for shard in &self.inner.shards {
-                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                dropped += shard.store.drop_slots(|slot| !ring.owns(node, slot));
-                let lost: Vec<ChannelId> = shard
-                    .subs
-                    .keys()
-                    .filter(|c| !ring.owns(node, slot_of(c)))
-                    .cloned()
-                    .collect();
-                for channel in lost {
-                    if let Some(subs) = shard.subs.remove(&channel) {
-                        let reply = refused(&channel, ring.epoch(), "moved");
-                        for sub in subs {
-                            if sub.tx.try_send(reply.clone()).is_err() {
-                                sub.end
-                                    .end(Status::resource_exhausted("gateway fell behind"));
-                            }
+        let (ring, cancel) = (self.inner.ring.clone(), self.inner.cancel.clone());
+        ring.on_each_change(cancel, |ring| self.drop_lost_slots(&ring))
+            .await;
+    }
+
+    fn drop_lost_slots(&self, ring: &Ring) {
+        let node = &self.inner.node;
+        let mut moved = 0usize;
+        let mut dropped = 0usize;
+        for shard in &self.inner.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            dropped += shard.store.drop_slots(|slot| !ring.owns(node, slot));
+            let lost: Vec<ChannelId> = shard
+                .subs
+                .keys()
+                .filter(|c| !ring.owns(node, slot_of(c)))
+                .cloned()
+                .collect();
+            for channel in lost {
+                if let Some(subs) = shard.subs.remove(&channel) {
+                    let reply = refused(&channel, ring.epoch(), "moved");
+                    for sub in subs {
+                        if sub.tx.try_send(reply.clone()).is_err() {
+                            sub.end
+                                .end(Status::resource_exhausted("gateway fell behind"));
                         }
-                        moved += 1;
                     }
+                    moved += 1;
                 }
             }
-            tracing::info!(
-                epoch = ring.epoch(),
-                slots = ring.slots_owned(node),
-                moved_subscriptions = moved,
-                dropped_channels = dropped,
-                "channel server follows new ring"
-            );
         }
+        tracing::info!(
+            epoch = ring.epoch(),
+            slots = ring.slots_owned(node),
+            moved_subscriptions = moved,
+            dropped_channels = dropped,
+            "channel server follows new ring"
+        );
     }
 
     /// Handles one command of a gateway's subscription stream.

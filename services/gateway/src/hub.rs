@@ -436,15 +436,9 @@ impl Hub {
     }
 
     async fn follow_ring(self) {
-        let mut rx = self.inner.ring.receiver();
-        loop {
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                changed = rx.changed() => if changed.is_err() { return },
-            }
-            let ring = rx.borrow_and_update().clone();
-            self.reconcile(&ring);
-        }
+        let (ring, cancel) = (self.inner.ring.clone(), self.inner.cancel.clone());
+        ring.on_each_change(cancel, |ring| self.reconcile(&ring))
+            .await;
     }
 
     /// Channels currently wanted by at least one local connection.
