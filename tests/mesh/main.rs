@@ -8,4 +8,5 @@ mod bad_input;
 mod cli;
 mod message_path;
 mod real_clients;
+mod reflection;
 mod support;
