@@ -58,6 +58,9 @@ enum Command {
         /// Address others dial, if not the listen address.
         #[arg(long)]
         advertise: Option<String>,
+        /// Join as a standby: no slots until it replaces a failed node or is added.
+        #[arg(long)]
+        standby: bool,
         #[command(flatten)]
         ring: RingArgs,
     },
@@ -242,13 +245,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            let manager = ring_manager::RingManager::new(cancel.clone());
+            let tracker = tokio_util::task::TaskTracker::new();
+            let config = ring_manager::Config::default();
+            let manager = ring_manager::RingManager::new(config, &tracker, cancel.clone());
             Ok(ring_manager::serve(manager, listener, cancel).await?)
         }
         Command::ChannelServer {
             id,
             listen,
             advertise,
+            standby,
             ring,
         } => {
             cancel_on_signals(cancel.clone());
@@ -261,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise,
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
+                standby,
             };
             Ok(channel_server::serve(config, listener, cancel).await?)
         }

@@ -18,8 +18,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub ring_manager: SocketAddr,
-    /// One address per channel server.
+    /// Failure detection of the ring manager.
+    pub ring: ring_manager::Config,
+    /// One address per active channel server (cs-1, cs-2, ...).
     pub channel_servers: Vec<SocketAddr>,
+    /// One address per standby channel server (numbered after the active ones).
+    pub standbys: Vec<SocketAddr>,
     pub admin: SocketAddr,
     /// (region, address) per gateway.
     pub gateways: Vec<(String, SocketAddr)>,
@@ -35,11 +39,13 @@ fn loopback(port: u16) -> SocketAddr {
 
 impl MeshConfig {
     /// The `dev` layout: ring manager on 50050, admin on 50051, three channel servers on
-    /// 50061-50063, gateways us-east on 8080 and eu-west on 8081.
+    /// 50061-50063 and a standby on 50064, gateways us-east on 8080 and eu-west on 8081.
     pub fn dev(jwt_secret: String, admin_token: String) -> Self {
         MeshConfig {
             ring_manager: loopback(50050),
+            ring: ring_manager::Config::default(),
             channel_servers: (1..=3).map(|i| loopback(50060 + i)).collect(),
+            standbys: vec![loopback(50064)],
             admin: loopback(50051),
             gateways: vec![
                 ("us-east".into(), loopback(8080)),
@@ -55,7 +61,9 @@ impl MeshConfig {
     pub fn ephemeral() -> Self {
         MeshConfig {
             ring_manager: loopback(0),
+            ring: ring_manager::Config::default(),
             channel_servers: vec![loopback(0); 3],
+            standbys: vec![loopback(0)],
             admin: loopback(0),
             gateways: vec![
                 ("us-east".into(), loopback(0)),
@@ -72,6 +80,7 @@ impl MeshConfig {
 #[derive(Debug)]
 pub struct Mesh {
     pub ring_manager: SocketAddr,
+    /// Every channel server, active and standby, in start order.
     pub channel_servers: Vec<(NodeId, SocketAddr)>,
     pub admin: SocketAddr,
     /// (region, address) per gateway.
@@ -81,7 +90,10 @@ pub struct Mesh {
     /// How long start-up took, until every channel server was on the ring.
     pub started_in: Duration,
     cancel: CancellationToken,
+    /// Each channel server's own stop token (for failure tests).
+    cs_cancel: Vec<(NodeId, CancellationToken)>,
     tasks: JoinSet<(String, anyhow::Result<()>)>,
+    tracker: tokio_util::task::TaskTracker,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -100,7 +112,8 @@ impl Mesh {
         let rm_listener = bind(config.ring_manager, "ring manager").await?;
         let ring_manager = rm_listener.local_addr()?;
         let rm_endpoint = format!("http://{ring_manager}");
-        let manager = ring_manager::RingManager::new(cancel.clone());
+        let tracker = tokio_util::task::TaskTracker::new();
+        let manager = ring_manager::RingManager::new(config.ring, &tracker, cancel.clone());
         let mut ring = manager.subscribe();
         {
             let (manager, cancel) = (manager.clone(), cancel.clone());
@@ -111,7 +124,10 @@ impl Mesh {
         }
 
         let mut channel_servers = Vec::new();
-        for (i, addr) in config.channel_servers.iter().enumerate() {
+        let mut cs_cancel = Vec::new();
+        let actives = config.channel_servers.iter().map(|a| (a, false));
+        let standbys = config.standbys.iter().map(|a| (a, true));
+        for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
             let listener = bind(*addr, "channel server").await?;
             let local = listener.local_addr()?;
             let node = NodeId::new(&format!("cs-{}", i + 1))?;
@@ -122,8 +138,10 @@ impl Mesh {
                 advertise: None,
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
+                standby,
             };
-            let cancel = cancel.clone();
+            let cancel = cancel.child_token();
+            cs_cancel.push((node.clone(), cancel.clone()));
             tasks.spawn(async move {
                 let r = channel_server::serve(cs_config, listener, cancel).await;
                 (
@@ -168,11 +186,23 @@ impl Mesh {
             });
         }
 
-        // Ready once every channel server owns slots.
-        let want = channel_servers.len();
+        // Ready once every active channel server owns slots and every standby is registered.
+        let want = config.channel_servers.len();
         let waited =
             tokio::time::timeout(READY_TIMEOUT, ring.wait_for(|r| r.nodes().len() == want)).await;
-        if !matches!(waited, Ok(Ok(_))) {
+        let standbys_in = || {
+            manager
+                .members()
+                .iter()
+                .filter(|(_, s)| *s == ring_manager::NodeState::Standby)
+                .count()
+                >= config.standbys.len()
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while matches!(waited, Ok(Ok(_))) && !standbys_in() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !matches!(waited, Ok(Ok(_))) || !standbys_in() {
             cancel.cancel();
             anyhow::bail!("channel servers did not all join the ring within {READY_TIMEOUT:?}");
         }
@@ -185,8 +215,22 @@ impl Mesh {
             admin_token: config.admin_token,
             started_in: started.elapsed(),
             cancel,
+            cs_cancel,
             tasks,
+            tracker,
         })
+    }
+
+    /// Stops channel server `node` at once, as a crash would: its sockets close and it stops
+    /// heartbeating (in-process tests; the multi-process tests use SIGKILL).
+    pub fn stop_channel_server(&self, node: &str) -> bool {
+        match self.cs_cancel.iter().find(|(id, _)| id.as_str() == node) {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// The RTM base URL of the gateway in `region`, e.g. "http://127.0.0.1:8080/api/".
@@ -234,6 +278,7 @@ impl Mesh {
     /// Stops every service, waiting at most `grace`, then aborts what is left.
     pub async fn shutdown(&mut self, grace: Duration) {
         self.cancel.cancel();
+        self.tracker.close();
         let drained = tokio::time::timeout(grace, async {
             while let Some(done) = self.tasks.join_next().await {
                 if let Ok((name, Err(e))) = done {

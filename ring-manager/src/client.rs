@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_core::Ring;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
-use mesh_proto::ring::{RegisterRequest, WatchRingRequest};
+use mesh_proto::ring::{RegisterRequest, RegisterResponse, WatchRingRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -135,12 +135,12 @@ async fn follow_once(
 }
 
 /// Registers a channel server with the ring manager at `endpoint`, retrying until it answers or
-/// `timeout` passes. Returns the epoch that includes the node.
+/// `timeout` passes.
 pub async fn register(
     endpoint: &str,
     request: RegisterRequest,
     timeout: Duration,
-) -> Result<u64, Error> {
+) -> Result<RegisterResponse, Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -152,10 +152,10 @@ pub async fn register(
             let reply = RingManagerClient::new(channel)
                 .register(request.clone())
                 .await?;
-            Ok::<_, Error>(reply.into_inner().epoch)
+            Ok::<_, Error>(reply.into_inner())
         };
         match attempt.await {
-            Ok(epoch) => return Ok(epoch),
+            Ok(reply) => return Ok(reply),
             Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                 tracing::warn!(%endpoint, error = %e, "registering with the ring manager; retrying");
                 tokio::time::sleep(backoff).await;

@@ -3,13 +3,17 @@
 //! ring through [`client::RingWatcher`].
 //!
 //! This is the embedded backend: the ring manager itself is the registry, served over gRPC.
+//! Channel servers hold leases by heartbeat ([`lease`]); the ring manager replaces those that
+//! lose them ([`server`]).
 
 pub mod client;
 pub mod convert;
+pub mod lease;
 pub mod server;
 
 pub use client::RingWatcher;
-pub use server::{RingManager, serve};
+pub use lease::{Lease, LeaseEnd};
+pub use server::{Config, NodeState, RingManager, serve};
 
 /// Errors of the ring manager and its clients.
 #[derive(Debug, thiserror::Error)]

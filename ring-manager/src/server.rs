@@ -1,30 +1,117 @@
-//! The embedded ring manager: a registry of channel servers and the publisher of the ring.
+//! The embedded ring manager: membership with leases, replacement of dead channel servers, the
+//! SRE operations, and the publisher of the ring.
+//!
+//! Channel servers register (as active capacity or as standbys) and hold a lease with a
+//! heartbeat stream. A node whose stream ends or goes silent is probed; if the probe fails (or
+//! the silence goes on) it is declared down, and a standby takes over exactly its slots — or,
+//! with no standby, its slots spread over the survivors. Every change is a new epoch.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use mesh_core::{NodeId, Ring, RingNode};
+use mesh_core::{Handoff, NodeId, Ring, RingNode};
 use mesh_proto::ring as pb;
 use mesh_proto::ring::ring_manager_server::{RingManager as RingManagerRpc, RingManagerServer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::ring_to_proto;
 
-/// A registered channel server.
+/// Default: how often channel servers send a heartbeat.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Default: how long a heartbeat's reply keeps a channel server's lease, from the heartbeat's
+/// sending. Shorter than [`DEFAULT_SUSPECT_AFTER`], so a node stops serving before it can be
+/// declared down.
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(400);
+/// Default: silence after which a node is probed.
+pub const DEFAULT_SUSPECT_AFTER: Duration = Duration::from_millis(500);
+/// Default: how long the confirming probe (a TCP connect to the node's address) may take.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// A node that answers the probe but stays silent this many times [`Config::suspect_after`]
+/// is declared down anyway (it is alive but cut off from the ring manager, and has stopped
+/// serving since its lease lapsed).
+const SILENCE_LIMIT_FACTOR: u32 = 4;
+/// How often the monitor looks at the leases.
+const MONITOR_TICK: Duration = Duration::from_millis(25);
+
+/// Timing of the ring manager's failure detection.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+    pub suspect_after: Duration,
+    pub probe_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            lease: DEFAULT_LEASE,
+            suspect_after: DEFAULT_SUSPECT_AFTER,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+        }
+    }
+}
+
+/// A channel server's state, as `ctl ring` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Registered as active capacity, not yet given slots.
+    Joining,
+    /// Owns slots.
+    Active,
+    /// Registered, owns nothing; replaces a failed node or is added by an operator.
+    Standby,
+    /// Handing its slots' state to their new owners; becomes a standby when done.
+    Draining,
+    /// Lost its lease. A later registration under the same id starts a new incarnation.
+    Down,
+}
+
+impl NodeState {
+    /// The name `ctl` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Standby => "standby",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Member {
     addr: String,
     pid: u32,
+    state: NodeState,
+    incarnation: u64,
+    last_heartbeat: Instant,
+    /// Its lease stream ended: probe at once.
+    stream_closed: bool,
+    /// A probe is in flight.
+    probing: bool,
+    /// For a draining node: the epoch whose handoffs it must finish.
+    drain_epoch: u64,
 }
 
-/// The ring manager's state: members and the published ring.
+#[derive(Debug)]
+struct State {
+    members: BTreeMap<NodeId, Member>,
+    next_incarnation: u64,
+}
+
+/// The ring manager; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RingManager {
     inner: Arc<Inner>,
@@ -32,25 +119,42 @@ pub struct RingManager {
 
 #[derive(Debug)]
 struct Inner {
-    /// Registered channel servers by id. The lock is never held across an await.
-    members: Mutex<BTreeMap<NodeId, Member>>,
-    /// The published ring; every watcher follows it.
+    config: Config,
+    /// Members. The lock is never held across an await.
+    state: Mutex<State>,
+    /// The published ring; every watcher follows it. Changed only under `state`'s lock.
     ring: watch::Sender<Arc<Ring>>,
-    /// Ends every watch stream when the server shuts down.
     cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Why an SRE operation was refused.
+fn op_error(msg: impl Into<String>) -> Status {
+    Status::failed_precondition(msg.into())
 }
 
 impl RingManager {
-    /// A ring manager with no members (epoch 0).
-    pub fn new(cancel: CancellationToken) -> Self {
+    /// A ring manager with no members (epoch 0). Its monitor runs on `tracker` until `cancel`.
+    pub fn new(config: Config, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
         let (ring, _) = watch::channel(Arc::new(Ring::empty()));
-        RingManager {
+        let manager = RingManager {
             inner: Arc::new(Inner {
-                members: Mutex::new(BTreeMap::new()),
+                config,
+                state: Mutex::new(State {
+                    members: BTreeMap::new(),
+                    next_incarnation: 1,
+                }),
                 ring,
                 cancel,
+                tracker: tracker.clone(),
             }),
-        }
+        };
+        tracker.spawn(manager.clone().monitor());
+        manager
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current ring.
@@ -63,44 +167,365 @@ impl RingManager {
         self.inner.ring.subscribe()
     }
 
-    /// Adds (or re-announces) a channel server; publishes a new epoch when membership changed.
-    pub fn register(&self, id: NodeId, addr: String, pid: u32) -> u64 {
-        let mut members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
-        let unchanged = members.get(&id).is_some_and(|m| m.addr == addr);
-        members.insert(
-            id.clone(),
-            Member {
-                addr: addr.clone(),
-                pid,
-            },
-        );
-        if unchanged {
-            return self.inner.ring.borrow().epoch();
-        }
-        let nodes: Vec<RingNode> = members
+    /// Members and their states, sorted by id.
+    pub fn members(&self) -> Vec<(NodeId, NodeState)> {
+        self.state()
+            .members
             .iter()
+            .map(|(id, m)| (id.clone(), m.state))
+            .collect()
+    }
+
+    /// Publishes `next` (under the state lock) and logs what changed.
+    fn publish(&self, next: Ring, why: &str) -> Arc<Ring> {
+        let before = self.ring();
+        let moved = (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
+            .filter(|&s| before.owner(s).map(|n| &n.id) != next.owner(s).map(|n| &n.id))
+            .count();
+        tracing::info!(
+            epoch = next.epoch(),
+            moved_slots = moved,
+            why,
+            "new ring epoch"
+        );
+        let next = Arc::new(next);
+        self.inner.ring.send_replace(next.clone());
+        next
+    }
+
+    fn active_nodes(state: &State) -> Vec<RingNode> {
+        state
+            .members
+            .iter()
+            .filter(|(_, m)| m.state == NodeState::Active)
             .map(|(id, m)| RingNode {
                 id: id.clone(),
                 addr: m.addr.clone(),
             })
+            .collect()
+    }
+
+    /// A live standby to take over, preferring the lowest id.
+    fn pick_standby(&self, state: &State) -> Option<(NodeId, String)> {
+        let now = Instant::now();
+        state
+            .members
+            .iter()
+            .find(|(_, m)| {
+                m.state == NodeState::Standby
+                    && !m.stream_closed
+                    && now.duration_since(m.last_heartbeat) < self.inner.config.suspect_after
+            })
+            .map(|(id, m)| (id.clone(), m.addr.clone()))
+    }
+
+    /// Adds (or re-announces) a channel server. An active registration takes a fair share of
+    /// slots in a new epoch; a standby waits. A re-registration of an id whose earlier
+    /// incarnation still owns slots first retires that incarnation as if it had died.
+    pub fn register(&self, id: NodeId, addr: String, pid: u32, standby: bool) -> (u64, u64) {
+        let mut state = self.state();
+        if state
+            .members
+            .get(&id)
+            .is_some_and(|m| m.state != NodeState::Down)
+        {
+            tracing::warn!(node = %id, "node re-registered; retiring its earlier incarnation");
+            self.declare_down_locked(&mut state, &id, "re-registered");
+        }
+        let incarnation = state.next_incarnation;
+        state.next_incarnation += 1;
+        state.members.insert(
+            id.clone(),
+            Member {
+                addr: addr.clone(),
+                pid,
+                state: if standby {
+                    NodeState::Standby
+                } else {
+                    NodeState::Joining
+                },
+                incarnation,
+                last_heartbeat: Instant::now(),
+                stream_closed: false,
+                probing: false,
+                drain_epoch: 0,
+            },
+        );
+        let epoch = if standby {
+            tracing::info!(node = %id, %addr, "standby channel server registered");
+            self.ring().epoch()
+        } else {
+            let ring = self.add_locked(&mut state, &id);
+            tracing::info!(node = %id, %addr, epoch = ring.epoch(), "channel server registered");
+            ring.epoch()
+        };
+        (epoch, incarnation)
+    }
+
+    /// Makes `id` active, taking a fair share of slots from the others (with handoffs).
+    fn add_locked(&self, state: &mut State, id: &NodeId) -> Arc<Ring> {
+        if let Some(m) = state.members.get_mut(id) {
+            m.state = NodeState::Active;
+        }
+        let current = self.ring();
+        let next = current.rebalanced(&Self::active_nodes(state));
+        let handoffs = next.moves_from(&current);
+        self.publish(next.with_handoffs(handoffs), "node added")
+    }
+
+    /// Declares `id` down and moves its slots: to a standby if one is live, else spread over
+    /// the survivors.
+    fn declare_down_locked(&self, state: &mut State, id: &NodeId, why: &str) {
+        let Some(member) = state.members.get_mut(id) else {
+            return;
+        };
+        let owned = matches!(member.state, NodeState::Active | NodeState::Draining);
+        member.state = NodeState::Down;
+        member.probing = false;
+        tracing::warn!(node = %id, why, "channel server declared down");
+        let current = self.ring();
+        if !owned || current.slots_owned(id) == 0 {
+            return;
+        }
+        if let Some((standby, addr)) = self.pick_standby(state)
+            && let Some(next) = current.with_takeover(
+                id,
+                RingNode {
+                    id: standby.clone(),
+                    addr,
+                },
+            )
+        {
+            if let Some(m) = state.members.get_mut(&standby) {
+                m.state = NodeState::Active;
+            }
+            tracing::info!(dead = %id, %standby, "standby takes over the dead node's slots");
+            self.publish(next, "dead node replaced by a standby");
+            return;
+        }
+        let next = current.rebalanced(&Self::active_nodes(state));
+        self.publish(next, "dead node's slots spread over the survivors");
+    }
+
+    /// Renews `id`'s lease; false if that incarnation is no longer valid.
+    fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
+        let mut state = self.state();
+        let Some(member) = state.members.get_mut(id) else {
+            return false;
+        };
+        if member.incarnation != incarnation || member.state == NodeState::Down {
+            return false;
+        }
+        member.last_heartbeat = Instant::now();
+        member.stream_closed = false;
+        if member.state == NodeState::Draining && handed_off_epoch >= member.drain_epoch {
+            member.state = NodeState::Standby;
+            tracing::info!(node = %id, "drain complete; node is a standby");
+        }
+        true
+    }
+
+    fn lease_ended(&self, id: &NodeId, incarnation: u64) {
+        let mut state = self.state();
+        if let Some(member) = state.members.get_mut(id)
+            && member.incarnation == incarnation
+            && member.state != NodeState::Down
+        {
+            member.stream_closed = true;
+        }
+    }
+
+    /// Watches the leases: probes silent nodes and declares down the ones that fail.
+    async fn monitor(self) {
+        let mut tick = tokio::time::interval(MONITOR_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let config = self.inner.config;
+            let now = Instant::now();
+            let mut probes = Vec::new();
+            {
+                let mut state = self.state();
+                let mut overdue = Vec::new();
+                for (id, m) in state.members.iter_mut() {
+                    if m.state == NodeState::Down || m.probing {
+                        continue;
+                    }
+                    let silent = now.duration_since(m.last_heartbeat);
+                    if silent > config.suspect_after * SILENCE_LIMIT_FACTOR {
+                        overdue.push(id.clone());
+                    } else if m.stream_closed || silent > config.suspect_after {
+                        m.probing = true;
+                        probes.push((id.clone(), m.incarnation, m.addr.clone()));
+                    }
+                }
+                for id in overdue {
+                    self.declare_down_locked(&mut state, &id, "silent past the lease limit");
+                }
+            }
+            for (id, incarnation, addr) in probes {
+                let this = self.clone();
+                self.inner.tracker.spawn(async move {
+                    let reachable = matches!(
+                        tokio::time::timeout(
+                            config.probe_timeout,
+                            tokio::net::TcpStream::connect(&addr)
+                        )
+                        .await,
+                        Ok(Ok(_))
+                    );
+                    let mut state = this.state();
+                    let Some(m) = state.members.get_mut(&id) else {
+                        return;
+                    };
+                    if m.incarnation != incarnation || m.state == NodeState::Down {
+                        return;
+                    }
+                    m.probing = false;
+                    let fresh =
+                        Instant::now().duration_since(m.last_heartbeat) <= config.suspect_after;
+                    // Down when the probe failed and the node is not heartbeating right now.
+                    let healthy = fresh && !m.stream_closed;
+                    if !reachable && !healthy {
+                        this.declare_down_locked(&mut state, &id, "lease lost and probe failed");
+                    }
+                });
+            }
+        }
+    }
+
+    /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff.
+    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, Status> {
+        let mut state = self.state();
+        let member = state
+            .members
+            .get(id)
+            .ok_or_else(|| op_error(format!("no node {id}")))?;
+        if member.state != NodeState::Active {
+            return Err(op_error(format!(
+                "{id} is {}, not active",
+                member.state.as_str()
+            )));
+        }
+        let survivors: Vec<RingNode> = Self::active_nodes(&state)
+            .into_iter()
+            .filter(|n| &n.id != id)
             .collect();
-        let next = self.inner.ring.borrow().rebalanced(&nodes);
+        if survivors.is_empty() {
+            return Err(op_error(format!(
+                "{id} is the last active node: add one first"
+            )));
+        }
+        let current = self.ring();
+        let next = current.rebalanced(&survivors);
+        let handoffs = next.moves_from(&current);
         let epoch = next.epoch();
-        tracing::info!(node = %id, %addr, epoch, "channel server registered; new ring epoch");
-        self.inner.ring.send_replace(Arc::new(next));
-        epoch
+        if let Some(m) = state.members.get_mut(id) {
+            m.state = NodeState::Draining;
+            m.drain_epoch = epoch;
+        }
+        Ok(self.publish(next.with_handoffs(handoffs), "node drained"))
+    }
+
+    /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
+    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, Status> {
+        let mut state = self.state();
+        let member = state
+            .members
+            .get(id)
+            .ok_or_else(|| op_error(format!("no node {id}")))?;
+        if member.state != NodeState::Active {
+            return Err(op_error(format!(
+                "{id} is {}, not active",
+                member.state.as_str()
+            )));
+        }
+        let (standby, addr) = self
+            .pick_standby(&state)
+            .ok_or_else(|| op_error("no live standby to replace it with"))?;
+        let current = self.ring();
+        let next = current
+            .with_takeover(
+                id,
+                RingNode {
+                    id: standby.clone(),
+                    addr,
+                },
+            )
+            .ok_or_else(|| op_error(format!("{id} owns no slots")))?;
+        let epoch = next.epoch();
+        if let Some(m) = state.members.get_mut(&standby) {
+            m.state = NodeState::Active;
+        }
+        if let Some(m) = state.members.get_mut(id) {
+            m.state = NodeState::Draining;
+            m.drain_epoch = epoch;
+        }
+        let handoffs = vec![Handoff {
+            from: id.clone(),
+            to: standby,
+        }];
+        Ok(self.publish(next.with_handoffs(handoffs), "node replaced by a standby"))
+    }
+
+    /// `ctl add-node`: makes standby `id` (or any live standby) active.
+    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, Status> {
+        let mut state = self.state();
+        let id = match id {
+            Some(id) => {
+                let m = state
+                    .members
+                    .get(id)
+                    .ok_or_else(|| op_error(format!("no node {id}")))?;
+                if m.state != NodeState::Standby {
+                    return Err(op_error(format!(
+                        "{id} is {}, not a standby",
+                        m.state.as_str()
+                    )));
+                }
+                id.clone()
+            }
+            None => {
+                self.pick_standby(&state)
+                    .ok_or_else(|| op_error("no live standby to add"))?
+                    .0
+            }
+        };
+        Ok(self.add_locked(&mut state, &id))
     }
 
     fn to_proto(&self, ring: &Ring) -> pb::Ring {
-        let members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
-        ring_to_proto(ring, |id| {
-            let pid = members.get(id).map_or(0, |m| m.pid);
-            ("active".to_string(), pid)
-        })
+        let state = self.state();
+        let mut proto = ring_to_proto(ring, |id| {
+            let m = state.members.get(id);
+            (
+                m.map_or("active", |m| m.state.as_str()).to_string(),
+                m.map_or(0, |m| m.pid),
+            )
+        });
+        proto.members = state
+            .members
+            .iter()
+            .map(|(id, m)| pb::Member {
+                id: id.to_string(),
+                addr: m.addr.clone(),
+                state: m.state.as_str().to_string(),
+                pid: m.pid,
+                slots: ring.slots_owned(id) as u32,
+            })
+            .collect();
+        proto
     }
 }
 
-type RingStream = Pin<Box<dyn Stream<Item = Result<pb::Ring, Status>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn node_id(s: &str) -> Result<NodeId, Status> {
+    NodeId::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
 
 #[tonic::async_trait]
 impl RingManagerRpc for RingManager {
@@ -109,20 +534,66 @@ impl RingManagerRpc for RingManager {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
-        let id = NodeId::new(&req.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = node_id(&req.node_id)?;
         if req.addr.is_empty() {
             return Err(Status::invalid_argument("addr is required"));
         }
-        let epoch = RingManager::register(self, id, req.addr, req.pid);
-        Ok(Response::new(pb::RegisterResponse { epoch }))
+        let (epoch, incarnation) = RingManager::register(self, id, req.addr, req.pid, req.standby);
+        let config = self.inner.config;
+        Ok(Response::new(pb::RegisterResponse {
+            epoch,
+            incarnation,
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+            lease_ms: config.lease.as_millis() as u32,
+        }))
     }
 
-    type WatchRingStream = RingStream;
+    type LeaseStream = BoxStream<pb::LeaseReply>;
+
+    async fn lease(
+        &self,
+        request: Request<Streaming<pb::Heartbeat>>,
+    ) -> Result<Response<Self::LeaseStream>, Status> {
+        let mut heartbeats = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let mut holder: Option<(NodeId, u64)> = None;
+            loop {
+                // Cancel-safe: message() loses nothing when cancellation wins; we stop anyway.
+                let next = tokio::select! {
+                    _ = this.inner.cancel.cancelled() => break,
+                    next = heartbeats.message() => next,
+                };
+                let Ok(Some(hb)) = next else {
+                    break;
+                };
+                let Ok(id) = NodeId::new(&hb.node_id) else {
+                    break;
+                };
+                let valid = this.heartbeat(&id, hb.incarnation, hb.handed_off_epoch);
+                holder = Some((id, hb.incarnation));
+                let reply = pb::LeaseReply {
+                    seq: hb.seq,
+                    valid,
+                    epoch: this.ring().epoch(),
+                };
+                // A full reply queue means the node is not reading: it misses renewals.
+                let _ = tx.try_send(Ok(reply));
+            }
+            if let Some((id, incarnation)) = holder {
+                this.lease_ended(&id, incarnation);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchRingStream = BoxStream<pb::Ring>;
 
     async fn watch_ring(
         &self,
         _request: Request<pb::WatchRingRequest>,
-    ) -> Result<Response<RingStream>, Status> {
+    ) -> Result<Response<Self::WatchRingStream>, Status> {
         let this = self.clone();
         let stream = WatchStream::new(self.subscribe())
             .map(move |ring| Ok(this.to_proto(&ring)))
@@ -135,6 +606,36 @@ impl RingManagerRpc for RingManager {
         _request: Request<pb::GetRingRequest>,
     ) -> Result<Response<pb::Ring>, Status> {
         Ok(Response::new(self.to_proto(&self.ring())))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::Ring>, Status> {
+        let ring = self.drain(&node_id(&request.into_inner().node_id)?)?;
+        Ok(Response::new(self.to_proto(&ring)))
+    }
+
+    async fn replace_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::Ring>, Status> {
+        let ring = self.replace(&node_id(&request.into_inner().node_id)?)?;
+        Ok(Response::new(self.to_proto(&ring)))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::Ring>, Status> {
+        let req = request.into_inner();
+        let id = if req.node_id.is_empty() {
+            None
+        } else {
+            Some(node_id(&req.node_id)?)
+        };
+        let ring = self.add(id.as_ref())?;
+        Ok(Response::new(self.to_proto(&ring)))
     }
 }
 

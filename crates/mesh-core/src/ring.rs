@@ -31,6 +31,14 @@ pub struct RingNode {
     pub addr: String,
 }
 
+/// A move of channel state that comes with an epoch: `to` waits (up to a timeout) for `from`'s
+/// state of the slots that moved between them before serving those slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
 /// Why a published ring is not well formed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
@@ -57,6 +65,8 @@ pub struct Ring {
     nodes: Vec<RingNode>,
     /// `owners[slot]` indexes `nodes`; empty when `nodes` is.
     owners: Vec<u16>,
+    /// State moves that come with this epoch (drains and replacements of live nodes).
+    handoffs: Vec<Handoff>,
 }
 
 impl Ring {
@@ -66,6 +76,7 @@ impl Ring {
             epoch: 0,
             nodes: Vec::new(),
             owners: Vec::new(),
+            handoffs: Vec::new(),
         }
     }
 
@@ -80,6 +91,7 @@ impl Ring {
                 epoch,
                 nodes,
                 owners: Vec::new(),
+                handoffs: Vec::new(),
             });
         }
         if owners.len() != SLOT_COUNT {
@@ -117,6 +129,7 @@ impl Ring {
             epoch,
             nodes,
             owners: mapped,
+            handoffs: Vec::new(),
         })
     }
 
@@ -163,6 +176,21 @@ impl Ring {
         }
     }
 
+    /// The next epoch's ring in which `new` takes over exactly the slots of `old` (a standby
+    /// replacing a failed or retired node): no other slot moves. `None` if `old` owns no slots
+    /// or `new` already owns some.
+    pub fn with_takeover(&self, old: &NodeId, new: RingNode) -> Option<Ring> {
+        let old_index = self.nodes.iter().position(|n| &n.id == old)?;
+        if self.nodes.iter().any(|n| n.id == new.id) {
+            return None;
+        }
+        let mut nodes = self.nodes.clone();
+        nodes[old_index] = new;
+        let owners = self.owners.iter().map(|&i| u32::from(i)).collect();
+        // Re-sorting by id (from_parts) keeps equal rings equal; the parts are valid.
+        Ring::from_parts(self.epoch + 1, nodes, owners).ok()
+    }
+
     /// The next epoch's ring over exactly `members`, moving as few slots as possible.
     ///
     /// Every member ends with `SLOT_COUNT / n` or one more slot (the extra ones go to the
@@ -180,6 +208,7 @@ impl Ring {
                 epoch,
                 nodes,
                 owners: Vec::new(),
+                handoffs: Vec::new(),
             };
         }
         let index_of: HashMap<&NodeId, usize> =
@@ -233,7 +262,37 @@ impl Ring {
             epoch,
             nodes,
             owners,
+            handoffs: Vec::new(),
         }
+    }
+
+    /// This ring with `handoffs` attached.
+    pub fn with_handoffs(mut self, handoffs: Vec<Handoff>) -> Ring {
+        self.handoffs = handoffs;
+        self
+    }
+
+    /// The state moves that come with this epoch.
+    pub fn handoffs(&self) -> &[Handoff] {
+        &self.handoffs
+    }
+
+    /// For each node that gains slots from `previous` to this ring, the nodes it gains them
+    /// from: the handoffs of an epoch that moves state from every live old owner.
+    pub fn moves_from(&self, previous: &Ring) -> Vec<Handoff> {
+        let mut moves: Vec<Handoff> = Vec::new();
+        for slot in 0..SLOT_COUNT as Slot {
+            if let (Some(old), Some(new)) = (previous.owner(slot), self.owner(slot))
+                && old.id != new.id
+                && !moves.iter().any(|m| m.from == old.id && m.to == new.id)
+            {
+                moves.push(Handoff {
+                    from: old.id.clone(),
+                    to: new.id.clone(),
+                });
+            }
+        }
+        moves
     }
 }
 
@@ -297,6 +356,30 @@ mod tests {
         let ring = ring_of(1);
         assert_eq!(ring.epoch(), 1);
         assert_eq!(ring.slots_owned(&node(0).id), SLOT_COUNT);
+    }
+
+    #[test]
+    fn takeover_moves_exactly_the_old_nodes_slots_to_the_new_one() {
+        let before = ring_of(3);
+        let standby = node(9);
+        let after = before.with_takeover(&node(1).id, standby.clone()).unwrap();
+        assert_eq!(after.epoch(), before.epoch() + 1);
+        for slot in 0..SLOT_COUNT as Slot {
+            let (was, now) = (before.owner(slot).unwrap(), after.owner(slot).unwrap());
+            if was.id == node(1).id {
+                assert_eq!(now, &standby);
+            } else {
+                assert_eq!(now, was);
+            }
+        }
+        assert!(
+            before.with_takeover(&node(7).id, node(8)).is_none(),
+            "not a member"
+        );
+        assert!(
+            before.with_takeover(&node(1).id, node(2)).is_none(),
+            "already a member"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
-use ring_manager::RingWatcher;
+use mesh_proto::ring::{RegisterRequest, RegisterResponse};
+use ring_manager::{Lease, LeaseEnd, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,9 +51,12 @@ pub struct Config {
     pub limits: Limits,
     /// Responses queued per gateway stream.
     pub gateway_queue: usize,
+    /// Join as a standby: no slots until it replaces a node or an operator adds it.
+    pub standby: bool,
 }
 
-/// Serves a channel server on `listener`, registered with the ring manager, until `cancel`.
+/// Serves a channel server on `listener`, registered with the ring manager and holding its
+/// lease, until `cancel`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -65,6 +69,7 @@ pub async fn serve(
         .unwrap_or_else(|| local.to_string());
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let lease = Lease::default();
     let service = ChannelService::new(
         ServiceConfig {
             node: config.node.clone(),
@@ -72,30 +77,47 @@ pub async fn serve(
             gateway_queue: config.gateway_queue,
         },
         ring.clone(),
+        lease.clone(),
         tracker.clone(),
         cancel.clone(),
     );
-    tracing::info!(node = %config.node, %addr, "channel server listening");
+    tracing::info!(node = %config.node, %addr, standby = config.standby, "channel server listening");
     let server = tonic::transport::Server::builder()
-        .add_service(ChannelServerServer::new(service))
+        .add_service(
+            ChannelServerServer::new(service)
+                .max_decoding_message_size(service::MAX_HANDOFF_MESSAGE),
+        )
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
 
-    let request = mesh_proto::ring::RegisterRequest {
+    let request = RegisterRequest {
         node_id: config.node.to_string(),
         addr,
         pid: std::process::id(),
+        standby: config.standby,
     };
     let registered = tokio::select! {
         _ = cancel.cancelled() => None,
-        r = ring_manager::client::register(&config.ring_manager, request, REGISTER_TIMEOUT) => Some(r),
+        r = ring_manager::client::register(&config.ring_manager, request.clone(), REGISTER_TIMEOUT) => Some(r),
     };
-    if let Some(Err(e)) = registered {
-        cancel.cancel();
-        return Err(e.into());
+    match registered {
+        Some(Err(e)) => {
+            cancel.cancel();
+            return Err(e.into());
+        }
+        Some(Ok(reply)) => {
+            tracker.spawn(hold_membership(
+                config.ring_manager.clone(),
+                request,
+                reply,
+                lease,
+                cancel.clone(),
+            ));
+        }
+        None => {}
     }
     let result = server.await;
     cancel.cancel();
@@ -104,5 +126,52 @@ pub async fn serve(
     match result {
         Ok(r) => r.map_err(Error::from),
         Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),
+    }
+}
+
+/// Holds the lease; when the ring manager revokes it (this node was declared down), registers
+/// again as a standby, as a new incarnation, and holds that lease.
+async fn hold_membership(
+    endpoint: String,
+    mut request: RegisterRequest,
+    mut reply: RegisterResponse,
+    lease: Lease,
+    cancel: CancellationToken,
+) {
+    loop {
+        let interval = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1)));
+        let length = Duration::from_millis(u64::from(reply.lease_ms.max(1)));
+        let end = lease
+            .hold(
+                &endpoint,
+                &request.node_id,
+                reply.incarnation,
+                interval,
+                length,
+                &cancel,
+            )
+            .await;
+        if end == LeaseEnd::Cancelled {
+            return;
+        }
+        request.standby = true;
+        loop {
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = ring_manager::client::register(&endpoint, request.clone(), REGISTER_TIMEOUT) => r,
+            };
+            match attempt {
+                Ok(next) => {
+                    tracing::info!(
+                        incarnation = next.incarnation,
+                        "registered again as a standby"
+                    );
+                    lease.reset();
+                    reply = next;
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "registering again failed; retrying"),
+            }
+        }
     }
 }

@@ -11,19 +11,20 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use mesh_core::{ChannelId, NodeId, Ring, Slot, slot_of};
+use mesh_core::{ChannelId, NodeId, Ring, SLOT_COUNT, Slot, Ts, slot_of};
 use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use mesh_proto::channel::channel_server_server::ChannelServer as ChannelServerRpc;
 use mesh_proto::channel::subscribe_request::Command;
 use mesh_proto::channel::subscribe_response::Reply;
-use ring_manager::RingWatcher;
+use ring_manager::{Lease, RingWatcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::{Limits, Store};
+use crate::store::{Limits, Snapshot, Store, Stored};
 use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
 /// Shards of channel state; a power of two that divides the slot count.
@@ -34,6 +35,13 @@ const RING_CATCH_UP: Duration = Duration::from_secs(1);
 pub const MAX_HISTORY_LIMIT: u32 = 1000;
 /// The history limit when a call asks for 0.
 pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
+
+/// How long a new owner waits for a handoff before serving the moved slots without it.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// Channels per handoff message.
+const HANDOFF_CHUNK: usize = 64;
+/// The largest handoff message accepted.
+pub const MAX_HANDOFF_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Metadata key naming the calling gateway on a subscription stream.
 pub const GATEWAY_ID_HEADER: &str = "x-channelmesh-gateway";
@@ -109,10 +117,23 @@ pub struct ChannelService {
     inner: Arc<Inner>,
 }
 
+/// Slots this node gained in a handoff epoch and does not serve until the old owner's state
+/// arrives (or [`HANDOFF_TIMEOUT`] passes).
+#[derive(Debug, Default)]
+struct Warming {
+    /// Per waiting slot: the node its state comes from, and until when to wait.
+    slots: HashMap<Slot, (NodeId, tokio::time::Instant)>,
+    /// Handoffs already received, by (from, epoch): a handoff can beat the ring to this node.
+    done: HashSet<(NodeId, u64)>,
+}
+
 #[derive(Debug)]
 struct Inner {
     node: NodeId,
     ring: RingWatcher,
+    /// Serving is allowed only under a valid lease (fencing).
+    lease: Lease,
+    warming: Mutex<Warming>,
     shards: Vec<Mutex<Shard>>,
     gateway_queue: usize,
     next_stream: AtomicU64,
@@ -132,6 +153,7 @@ impl ChannelService {
     pub fn new(
         config: ServiceConfig,
         ring: RingWatcher,
+        lease: Lease,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -143,6 +165,8 @@ impl ChannelService {
             inner: Arc::new(Inner {
                 node: config.node,
                 ring,
+                lease,
+                warming: Mutex::new(Warming::default()),
                 shards: (0..SHARDS)
                     .map(|_| {
                         Mutex::new(Shard {
@@ -171,8 +195,20 @@ impl ChannelService {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks that this node owns `slot`, in the caller's epoch or a newer one.
+    /// Checks that this node may serve `slot`: it holds its lease, owns the slot in the
+    /// caller's epoch or a newer one, and is not waiting for the slot's handoff.
     async fn check_owner(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, Status> {
+        if !self.inner.lease.is_serving() {
+            return Err(Status::unavailable(format!(
+                "no_lease: {}",
+                self.inner.lease.why_not_serving()
+            )));
+        }
+        if let Some(from) = self.warming_from(slot) {
+            return Err(Status::unavailable(format!(
+                "slot_warming: waiting for slot {slot}'s state from {from}"
+            )));
+        }
         let mut ring = self.inner.ring.current();
         if epoch > ring.epoch() {
             ring = self
@@ -206,16 +242,69 @@ impl ChannelService {
     /// telling the subscribed gateways the channel moved.
     async fn follow_ring(self) {
         let (ring, cancel) = (self.inner.ring.clone(), self.inner.cancel.clone());
-        ring.on_each_change(cancel, |ring| self.drop_lost_slots(&ring))
-            .await;
+        let mut previous = ring.current();
+        ring.on_each_change(cancel, |ring| {
+            self.apply_ring(&previous, &ring);
+            previous = ring;
+        })
+        .await;
     }
 
-    fn drop_lost_slots(&self, ring: &Ring) {
+    /// The node this slot waits for a handoff from, if it waits.
+    fn warming_from(&self, slot: Slot) -> Option<NodeId> {
+        let mut warming = self.inner.warming.lock().unwrap_or_else(|e| e.into_inner());
+        let (from, deadline) = warming.slots.get(&slot)?.clone();
+        if tokio::time::Instant::now() < deadline {
+            return Some(from);
+        }
+        tracing::warn!(slot, %from, "handoff did not arrive in time; serving without it");
+        warming.slots.retain(|_, (f, _)| f != &from);
+        None
+    }
+
+    /// Follows a new ring: slots gained through a handoff wait for it; slots lost through a
+    /// handoff have their state sent to the new owner; every other lost slot is dropped; the
+    /// gateways subscribed to moved channels are told so.
+    fn apply_ring(&self, previous: &Ring, ring: &Ring) {
         let node = &self.inner.node;
+        {
+            let mut warming = self.inner.warming.lock().unwrap_or_else(|e| e.into_inner());
+            let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
+            for slot in 0..SLOT_COUNT as Slot {
+                if !ring.owns(node, slot) || previous.owns(node, slot) {
+                    continue;
+                }
+                let Some(old) = previous.owner(slot) else {
+                    continue;
+                };
+                let handed = ring
+                    .handoffs()
+                    .iter()
+                    .any(|h| h.from == old.id && &h.to == node);
+                if handed && !warming.done.contains(&(old.id.clone(), ring.epoch())) {
+                    warming.slots.insert(slot, (old.id.clone(), deadline));
+                }
+            }
+        }
+        // The new owner of a slot this node hands off in this epoch.
+        let handoff_to = |slot: Slot| {
+            let to = ring.owner(slot)?;
+            let handed = ring
+                .handoffs()
+                .iter()
+                .any(|h| &h.from == node && h.to == to.id);
+            (previous.owns(node, slot) && &to.id != node && handed).then_some(to)
+        };
+        let mut outgoing: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
         for shard in &self.inner.shards {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for snapshot in shard.store.take_slots(|slot| handoff_to(slot).is_some()) {
+                if let Some(to) = handoff_to(slot_of(&snapshot.channel)) {
+                    outgoing.entry(to.id.clone()).or_default().push(snapshot);
+                }
+            }
             dropped += shard.store.drop_slots(|slot| !ring.owns(node, slot));
             let lost: Vec<ChannelId> = shard
                 .subs
@@ -241,8 +330,71 @@ impl ChannelService {
             slots = ring.slots_owned(node),
             moved_subscriptions = moved,
             dropped_channels = dropped,
+            handing_off_channels = outgoing.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
+        let sends: Vec<(NodeId, String, Vec<Snapshot>)> = ring
+            .handoffs()
+            .iter()
+            .filter(|h| &h.from == node)
+            .filter_map(|h| {
+                let addr = ring.nodes().iter().find(|n| n.id == h.to)?.addr.clone();
+                Some((
+                    h.to.clone(),
+                    addr,
+                    outgoing.remove(&h.to).unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let (this, epoch) = (self.clone(), ring.epoch());
+        self.inner.tracker.spawn(async move {
+            for (to, addr, snapshots) in sends {
+                let count = snapshots.len();
+                match this.send_handoff(&addr, epoch, snapshots).await {
+                    Ok(()) => tracing::info!(%to, channels = count, epoch, "handoff sent"),
+                    Err(e) => tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout"),
+                }
+            }
+            this.inner.lease.handed_off(epoch);
+        });
+    }
+
+    /// Streams `snapshots` to the channel server at `addr`, then `done`.
+    async fn send_handoff(
+        &self,
+        addr: &str,
+        epoch: u64,
+        snapshots: Vec<Snapshot>,
+    ) -> Result<(), Status> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let from = self.inner.node.to_string();
+        let mut chunks: Vec<pb::HandoffChunk> = snapshots
+            .chunks(HANDOFF_CHUNK)
+            .map(|chunk| pb::HandoffChunk {
+                from_node: from.clone(),
+                epoch,
+                channels: chunk.iter().map(snapshot_to_proto).collect(),
+                done: false,
+            })
+            .collect();
+        chunks.push(pb::HandoffChunk {
+            from_node: from,
+            epoch,
+            channels: Vec::new(),
+            done: true,
+        });
+        let mut client =
+            ChannelServerClient::new(channel).max_encoding_message_size(MAX_HANDOFF_MESSAGE);
+        let call = client.handoff(futures::stream::iter(chunks));
+        tokio::time::timeout(HANDOFF_TIMEOUT, call)
+            .await
+            .map_err(|_| Status::deadline_exceeded("handoff took too long"))??;
+        Ok(())
     }
 
     /// Handles one command of a gateway's subscription stream.
@@ -406,6 +558,31 @@ impl ChannelServerRpc for ChannelService {
         }))
     }
 
+    async fn handoff(
+        &self,
+        request: Request<Streaming<pb::HandoffChunk>>,
+    ) -> Result<Response<pb::HandoffAck>, Status> {
+        let mut chunks = request.into_inner();
+        let mut received = 0u32;
+        while let Some(chunk) = chunks.message().await? {
+            let from = NodeId::new(&chunk.from_node)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            for state in chunk.channels {
+                let snapshot = snapshot_from_proto(state)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                self.shard(&snapshot.channel).store.absorb(snapshot);
+                received += 1;
+            }
+            if chunk.done {
+                let mut warming = self.inner.warming.lock().unwrap_or_else(|e| e.into_inner());
+                warming.slots.retain(|_, (f, _)| f != &from);
+                warming.done.insert((from.clone(), chunk.epoch));
+                tracing::info!(%from, epoch = chunk.epoch, channels = received, "handoff received");
+            }
+        }
+        Ok(Response::new(pb::HandoffAck { channels: received }))
+    }
+
     type SubscribeStream = SubscribeStream;
 
     async fn subscribe(
@@ -472,4 +649,44 @@ impl ChannelServerRpc for ChannelService {
         let stream = futures::stream::select(events, ended);
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+fn snapshot_to_proto(snapshot: &Snapshot) -> pb::ChannelState {
+    pb::ChannelState {
+        channel: snapshot.channel.to_string(),
+        last_ts: snapshot.last_ts.to_string(),
+        events: snapshot
+            .events
+            .iter()
+            .map(|stored| {
+                event_to_proto(&mesh_core::ChannelEvent {
+                    channel: snapshot.channel.clone(),
+                    ts: Some(stored.ts),
+                    body: stored.body.clone(),
+                    origin: None,
+                })
+            })
+            .collect(),
+    }
+}
+
+fn snapshot_from_proto(state: pb::ChannelState) -> Result<Snapshot, crate::wire::WireError> {
+    let channel = ChannelId::new(&state.channel)?;
+    let last_ts = Ts::parse(&state.last_ts)?;
+    let events = state
+        .events
+        .into_iter()
+        .filter_map(|e| match event_from_proto(e) {
+            Ok(mesh_core::ChannelEvent {
+                ts: Some(ts), body, ..
+            }) => Some(Ok(Stored { ts, body })),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Snapshot {
+        channel,
+        last_ts,
+        events,
+    })
 }

@@ -57,6 +57,16 @@ struct Channel {
     bytes: usize,
 }
 
+/// A channel's state on its way to a new owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub channel: ChannelId,
+    /// The newest ts handed out for the channel.
+    pub last_ts: Ts,
+    /// Retained history, oldest first.
+    pub events: Vec<Stored>,
+}
+
 /// One page of a channel's history.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HistoryPage {
@@ -195,6 +205,68 @@ impl Store {
         gone.len()
     }
 
+    /// Removes and returns the channels of the slots for which `moved` is true, for a handoff.
+    pub fn take_slots(&mut self, moved: impl Fn(Slot) -> bool) -> Vec<Snapshot> {
+        let ids: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(id, _)| moved(slot_of(id)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(state) = self.channels.pop(&id) {
+                self.forget(&id, &state);
+                taken.push(Snapshot {
+                    last_ts: state.clock.last(),
+                    events: state.events.into_iter().map(|(e, _)| e).collect(),
+                    channel: id,
+                });
+            }
+        }
+        taken
+    }
+
+    /// Takes in a channel handed over by its previous owner: its clock continues after both
+    /// owners' last ts, and its history is the union of both, in ts order, within the bounds.
+    pub fn absorb(&mut self, snapshot: Snapshot) {
+        let Snapshot {
+            channel,
+            last_ts,
+            events,
+        } = snapshot;
+        let floor = self.slot_floor[usize::from(slot_of(&channel))];
+        let mut merged: Vec<Stored> = events;
+        let mut clock = TsClock::starting_after(floor.max(last_ts));
+        if let Some(existing) = self.channels.pop(&channel) {
+            self.forget(&channel, &existing);
+            clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
+            merged.extend(existing.events.into_iter().map(|(e, _)| e));
+            merged.sort_by_key(|e| e.ts);
+            merged.dedup_by_key(|e| e.ts);
+        }
+        let mut state = Channel {
+            clock,
+            events: VecDeque::new(),
+            bytes: 0,
+        };
+        for event in merged {
+            let size = event.body.heap_size() + EVENT_OVERHEAD;
+            state.bytes += size;
+            state.events.push_back((event, size));
+        }
+        while state.events.len() > self.limits.history_events
+            || (state.bytes > self.limits.history_bytes && state.events.len() > 1)
+        {
+            if let Some((_, s)) = state.events.pop_front() {
+                state.bytes -= s;
+            }
+        }
+        self.total_bytes += state.bytes + CHANNEL_OVERHEAD;
+        self.channels.put(channel.clone(), state);
+        self.evict_over_budget(&channel);
+    }
+
     /// Channels held.
     pub fn len(&self) -> usize {
         self.channels.len()
@@ -309,6 +381,33 @@ mod tests {
         );
         // C0 comes back with a wall clock behind its old ts: still after it.
         assert!(store.append(&c("C0"), msg("b"), 1_000) > first);
+    }
+
+    #[test]
+    fn a_handed_over_channel_keeps_its_history_and_its_clock() {
+        let mut old = Store::new(Limits::default());
+        let a = old.append(&c("C1"), msg("a"), 5_000);
+        let b = old.append(&c("C1"), msg("b"), 5_000);
+        old.append(&c("C2"), msg("x"), 5_000);
+        let slot = slot_of(&c("C1"));
+        let mut taken = old.take_slots(|s| s == slot);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(old.head(&c("C1")), None);
+        let mut new = Store::new(Limits::default());
+        // The new owner already took a post during the move, with an earlier wall clock.
+        let early = new.append(&c("C1"), msg("early"), 4_000);
+        new.absorb(taken.remove(0));
+        let ts: Vec<Ts> = new
+            .history(&c("C1"), None, 10)
+            .events
+            .iter()
+            .map(|e| e.ts)
+            .collect();
+        assert_eq!(ts, vec![early, a, b]);
+        assert!(
+            new.append(&c("C1"), msg("c"), 1) > b,
+            "the clock continues after the old owner's"
+        );
     }
 
     #[test]
