@@ -98,7 +98,7 @@ impl Lease {
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-                r = self.session(endpoint, node, incarnation, interval, lease) => r,
+                r = self.session(endpoint, node, incarnation, interval, lease, cancel) => r,
             };
             match result {
                 Ok(()) => return LeaseEnd::Revoked,
@@ -128,7 +128,13 @@ impl Lease {
         incarnation: u64,
         interval: Duration,
         lease: Duration,
+        cancel: &CancellationToken,
     ) -> Result<(), bool> {
+        // The request stream is driven by the transport's own task: it must end by itself when
+        // this session does (returns, is dropped, or the server shuts down), or the ring manager
+        // would keep hearing heartbeats from a node that stopped.
+        let session = cancel.child_token();
+        let _end_heartbeats = session.clone().drop_guard();
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(|_| true)?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -142,20 +148,22 @@ impl Lease {
         let mut seq = 0u64;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let heartbeats = IntervalStream::new(ticker).map(move |_| {
-            seq += 1;
-            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            if log.len() == SENT_LOG {
-                log.pop_front();
-            }
-            log.push_back((seq, Instant::now()));
-            Heartbeat {
-                node_id: node.clone(),
-                incarnation,
-                seq,
-                handed_off_epoch: handed_off.load(Ordering::Relaxed),
-            }
-        });
+        let heartbeats = IntervalStream::new(ticker)
+            .take_until(session.cancelled_owned())
+            .map(move |_| {
+                seq += 1;
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                if log.len() == SENT_LOG {
+                    log.pop_front();
+                }
+                log.push_back((seq, Instant::now()));
+                Heartbeat {
+                    node_id: node.clone(),
+                    incarnation,
+                    seq,
+                    handed_off_epoch: handed_off.load(Ordering::Relaxed),
+                }
+            });
         let mut replies = RingManagerClient::new(channel)
             .lease(heartbeats)
             .await

@@ -358,6 +358,7 @@ impl RingManager {
                     if silent > config.suspect_after * SILENCE_LIMIT_FACTOR {
                         overdue.push(id.clone());
                     } else if m.stream_closed || silent > config.suspect_after {
+                        tracing::debug!(node = %id, ?silent, stream_closed = m.stream_closed, "lease suspect; probing");
                         m.probing = true;
                         probes.push((id.clone(), m.incarnation, m.addr.clone()));
                     }
@@ -581,6 +582,7 @@ impl RingManagerRpc for RingManager {
                 // A full reply queue means the node is not reading: it misses renewals.
                 let _ = tx.try_send(Ok(reply));
             }
+            tracing::debug!(holder = ?holder, "lease stream ended");
             if let Some((id, incarnation)) = holder {
                 this.lease_ended(&id, incarnation);
             }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod charm;
 mod cli;
 mod message_path;
 mod real_clients;

@@ -24,8 +24,14 @@ pub async fn mesh() -> Mesh {
     mesh_with(MeshConfig::ephemeral()).await
 }
 
-/// A whole mesh with `config`.
+/// A whole mesh with `config`. With `RUST_LOG` set, the services log to the test's output.
 pub async fn mesh_with(config: MeshConfig) -> Mesh {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     Mesh::start(config, CancellationToken::new())
         .await
         .expect("the mesh starts")

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use channel_server::ChannelRouter;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts, UserId};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::subscribe_request::Command;
@@ -25,6 +26,8 @@ use crate::upstream::{self, Upstream};
 /// A connection's id within its gateway.
 pub type ConnId = u64;
 
+/// The most history events one catch-up reads.
+const CATCH_UP_LIMIT: u32 = 1000;
 /// Pause before resubscribing after a refusal or a lost upstream.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
 /// Commands queued per upstream stream; a full queue restarts that stream.
@@ -122,6 +125,9 @@ struct LocalChannel {
     waiters: Vec<oneshot::Sender<()>>,
     /// The newest ts delivered.
     last_ts: Option<Ts>,
+    /// Set while the channel catches up from history after a resubscription: live events
+    /// wait here, so clients get the missed ones first, in ts order, without duplicates.
+    catching_up: Option<Vec<(ChannelEvent, Option<Utf8Bytes>)>>,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +146,8 @@ pub struct Hub {
 struct Inner {
     gateway: String,
     ring: RingWatcher,
+    /// Reads history to catch up a resubscribed channel.
+    router: ChannelRouter,
     state: Mutex<State>,
     reconcile_scheduled: AtomicBool,
     tracker: TaskTracker,
@@ -151,6 +159,7 @@ impl Hub {
     pub fn new(
         gateway: String,
         ring: RingWatcher,
+        router: ChannelRouter,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -158,6 +167,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 gateway,
                 ring,
+                router,
                 state: Mutex::new(State::default()),
                 reconcile_scheduled: AtomicBool::new(false),
                 tracker,
@@ -239,6 +249,7 @@ impl Hub {
             if let Some(local) = state.channels.get_mut(&channel) {
                 local.upstream = Some(owner.id.clone());
                 local.active = false;
+                local.catching_up = None;
             }
             by_node
                 .entry(owner.id.clone())
@@ -290,7 +301,18 @@ impl Hub {
         if local.upstream.as_ref() != Some(from) {
             return; // A stale stream of a channel that moved.
         }
+        match &mut local.catching_up {
+            Some(buffer) => buffer.push((event, frame)),
+            None => self.fan_out(local, &event, frame),
+        }
+    }
+
+    /// Queues one event to every local subscriber of its channel, once per ts.
+    fn fan_out(&self, local: &mut LocalChannel, event: &ChannelEvent, frame: Option<Utf8Bytes>) {
         if let Some(ts) = event.ts {
+            if local.last_ts.is_some_and(|last| ts <= last) {
+                return; // Already delivered (catch-up and live overlap).
+            }
             local.last_ts = Some(ts);
         }
         let skip = event
@@ -320,16 +342,74 @@ impl Hub {
         }
     }
 
-    /// `node` confirmed `channel`.
-    pub fn subscribed(&self, node: &NodeId, channel: &ChannelId) {
+    /// `node` confirmed `channel`, whose newest ts there is `head`. If that is past what this
+    /// gateway delivered (events went to the new owner while the channel moved), catch up
+    /// from its history first.
+    pub fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>) {
         let mut state = self.state();
-        if let Some(local) = state.channels.get_mut(channel)
-            && local.upstream.as_ref() == Some(node)
-        {
-            local.active = true;
-            for waiter in local.waiters.drain(..) {
-                let _ = waiter.send(());
+        let Some(local) = state.channels.get_mut(channel) else {
+            return;
+        };
+        if local.upstream.as_ref() != Some(node) {
+            return;
+        }
+        match (local.last_ts, head) {
+            (Some(last), Some(head)) if head > last => {
+                local.catching_up = Some(Vec::new());
+                let (hub, node, channel) = (self.clone(), node.clone(), channel.clone());
+                self.inner.tracker.spawn(async move {
+                    let history = hub
+                        .inner
+                        .router
+                        .history(&channel, Some(last), CATCH_UP_LIMIT)
+                        .await;
+                    hub.caught_up(&node, &channel, history);
+                });
             }
+            _ => Self::activate(local),
+        }
+    }
+
+    /// Delivers a catch-up's history, then the live events that waited for it.
+    fn caught_up(
+        &self,
+        node: &NodeId,
+        channel: &ChannelId,
+        history: Result<channel_server::client::History, channel_server::RouteError>,
+    ) {
+        let mut state = self.state();
+        let Some(local) = state.channels.get_mut(channel) else {
+            return;
+        };
+        if local.upstream.as_ref() != Some(node) {
+            return; // Moved again meanwhile: the next subscription catches up.
+        }
+        let waiting = local.catching_up.take().unwrap_or_default();
+        match history {
+            Ok(history) => {
+                if history.has_more {
+                    tracing::warn!(%channel, "more missed events than one catch-up reads");
+                }
+                tracing::info!(%channel, events = history.events.len(), "caught up after resubscribing");
+                for event in history.events {
+                    let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
+                    self.fan_out(local, &event, frame);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "catching up failed; delivering live events only")
+            }
+        }
+        for (event, frame) in waiting {
+            self.fan_out(local, &event, frame);
+        }
+        Self::activate(local);
+    }
+
+    fn activate(local: &mut LocalChannel) {
+        local.active = true;
+        for waiter in local.waiters.drain(..) {
+            let _ = waiter.send(());
         }
     }
 

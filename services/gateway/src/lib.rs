@@ -84,14 +84,16 @@ pub async fn serve(
     };
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let router = ChannelRouter::new(ring.clone());
     let shared = Arc::new(Shared {
         hub: Hub::new(
             config.id.clone(),
-            ring.clone(),
+            ring,
+            router.clone(),
             tracker.clone(),
             cancel.clone(),
         ),
-        router: ChannelRouter::new(ring),
+        router,
         tickets: tickets::Tickets::new(config.connect_url_ttl),
         key: TokenKey::hs256(&config.jwt_secret),
         region: config.region.clone(),

@@ -98,7 +98,10 @@ async fn stream(
                 }
             }
             Some(Reply::Subscribed(s)) => match mesh_core::ChannelId::new(&s.channel) {
-                Ok(channel) => hub.subscribed(node, &channel),
+                Ok(channel) => {
+                    let head = channel_server::wire::opt_ts(&s.head_ts).ok().flatten();
+                    hub.subscribed(node, &channel, head)
+                }
                 Err(e) => tracing::warn!(%node, error = %e, "bad channel in subscribe reply"),
             },
             Some(Reply::Refused(r)) => hub.refused(node, &r.channel, &r.reason),
