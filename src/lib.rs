@@ -1,6 +1,8 @@
 //! channelmesh as one program: the `dev` mesh assembly and the test kit build on [`mesh`].
 
 pub mod bench;
+pub mod ctl;
 pub mod mesh;
+pub mod multiprocess;
 
 pub use mesh::{Mesh, MeshConfig};

@@ -46,6 +46,10 @@ enum Command {
         /// Address to serve gRPC on.
         #[arg(long, default_value = "127.0.0.1:50050")]
         listen: SocketAddr,
+        /// Save the ring and its members here after every change, and resume from it on start
+        /// (without it, a restarted ring manager starts an empty ring).
+        #[arg(long)]
+        state_file: Option<std::path::PathBuf>,
     },
     /// Run a channel server.
     ChannelServer {
@@ -88,6 +92,8 @@ enum Command {
         #[command(flatten)]
         ring: RingArgs,
     },
+    /// SRE operations on the ring manager (by default the one `dev` starts).
+    Ctl(CtlArgs),
     /// Measure the mesh from outside, through its real interfaces.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -106,6 +112,35 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    #[command(flatten)]
+    ring: RingArgs,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// The ring: epoch, and every node with its state, slots, pid and address.
+    Ring,
+    /// The slot and node that own a channel.
+    Owner { channel: String },
+    /// Move a node's slots to the other active nodes (its channels' state goes with them);
+    /// the node becomes a standby.
+    DrainNode { id: String },
+    /// Hand a node's slots to a standby (with its channels' state if the node is alive).
+    ReplaceNode { id: String },
+    /// Bring a standby into the ring: it takes a fair share of slots from the others.
+    AddNode {
+        /// The standby to add; any live standby if omitted.
+        id: Option<String>,
     },
 }
 
@@ -147,9 +182,17 @@ struct DevArgs {
     /// Gateway for the eu-west region.
     #[arg(long, default_value = "127.0.0.1:8081")]
     eu_west: SocketAddr,
-    /// Port of the first of the three channel servers (the others follow); 0 lets the OS pick.
+    /// Port of the first of the three channel servers and the standby (the others follow);
+    /// 0 lets the OS pick.
     #[arg(long, default_value_t = 50061)]
     channel_server_port: u16,
+    /// Run every service as its own child process (ring manager, 3 active and 1 standby
+    /// channel servers, admin server, a gateway per region), on the same ports.
+    #[arg(long)]
+    multi_process: bool,
+    /// With --multi-process: the ring manager's state file (see `ring-manager --state-file`).
+    #[arg(long, requires = "multi_process")]
+    ring_state_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -240,14 +283,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     match cli.command {
         Command::Dev(args) => dev(args, cancel).await,
-        Command::RingManager { listen } => {
+        Command::RingManager { listen, state_file } => {
             cancel_on_signals(cancel.clone());
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
             let tracker = tokio_util::task::TaskTracker::new();
             let config = ring_manager::Config::default();
-            let manager = ring_manager::RingManager::new(config, &tracker, cancel.clone());
+            let manager =
+                ring_manager::RingManager::new(config, state_file, &tracker, cancel.clone())?;
             Ok(ring_manager::serve(manager, listener, cancel).await?)
         }
         Command::ChannelServer {
@@ -261,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
             let config = channel_server::Config {
                 node: NodeId::new(&id)?,
                 ring_manager: ring.ring_manager,
@@ -281,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
             Ok(admin_server::serve(config, listener, cancel).await?)
         }
         Command::Gateway {
@@ -302,7 +349,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
             Ok(gateway::serve(config, listener, cancel).await?)
+        }
+        Command::Ctl(args) => {
+            use channelmesh::ctl;
+            let endpoint = args.ring.ring_manager.as_str();
+            match args.command {
+                CtlCommand::Ring => ctl::ring(endpoint, args.json).await,
+                CtlCommand::Owner { channel } => ctl::owner(endpoint, &channel, args.json).await,
+                CtlCommand::DrainNode { id } => {
+                    ctl::node_op(endpoint, ctl::NodeOp::Drain, Some(&id), args.json).await
+                }
+                CtlCommand::ReplaceNode { id } => {
+                    ctl::node_op(endpoint, ctl::NodeOp::Replace, Some(&id), args.json).await
+                }
+                CtlCommand::AddNode { id } => {
+                    ctl::node_op(endpoint, ctl::NodeOp::Add, id.as_deref(), args.json).await
+                }
+            }
         }
         Command::Bench(BenchCommand::Latency {
             gateway,
@@ -386,36 +451,108 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         ("us-east".into(), args.us_east),
         ("eu-west".into(), args.eu_west),
     ];
+    let port = |i: u16| match args.channel_server_port {
+        0 => 0,
+        base => base.saturating_add(i),
+    };
     config.channel_servers = (0..3)
-        .map(|i| {
-            let port = match args.channel_server_port {
-                0 => 0,
-                base => base.saturating_add(i),
-            };
-            SocketAddr::from(([127, 0, 0, 1], port))
-        })
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], port(i))))
         .collect();
+    config.standbys = vec![SocketAddr::from(([127, 0, 0, 1], port(3)))];
     cancel_on_signals(cancel.clone());
-    let mesh = Mesh::start(config, cancel).await?;
+    let secrets = [
+        (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
+        (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),
+    ];
 
-    println!("channelmesh dev mesh (embedded ring manager)");
-    println!("  ring manager     grpc://{}", mesh.ring_manager);
-    for (node, addr) in &mesh.channel_servers {
-        println!("  channel server   {node} grpc://{addr}");
+    if args.multi_process {
+        let procs =
+            channelmesh::multiprocess::start_all(&config, args.ring_state_file.as_deref()).await?;
+        let summary = Summary {
+            mode: "multi-process",
+            ring_manager: (procs.ring_manager.addr, Some(procs.ring_manager.pid)),
+            channel_servers: procs
+                .channel_servers
+                .iter()
+                .map(|(id, standby, p)| (id.clone(), p.addr, *standby, Some(p.pid)))
+                .collect(),
+            admin: (procs.admin.addr, Some(procs.admin.pid)),
+            gateways: procs
+                .gateways
+                .iter()
+                .map(|(region, p)| (region.clone(), p.addr, Some(p.pid)))
+                .collect(),
+            started_in: procs.started_in,
+        };
+        summary.print(&secrets);
+        procs.run_until_stopped(cancel, SHUTDOWN_GRACE).await;
+        return Ok(());
     }
-    println!(
-        "  admin server     grpc://{}  (channelmesh.admin.v1.Admin, reflection on)",
-        mesh.admin
-    );
-    for (region, addr) in &mesh.gateways {
-        println!("  gateway {region:<8} http://{addr}/api/  (RTM base URL)");
-    }
-    if generated_jwt {
-        println!("  {ENV_JWT_SECRET}={}  (generated)", mesh.jwt_secret);
-    }
-    if generated_admin {
-        println!("  {ENV_ADMIN_TOKEN}={}  (generated)", mesh.admin_token);
-    }
-    println!("ready in {} ms", mesh.started_in.as_millis());
+
+    let actives = config.channel_servers.len();
+    let mesh = Mesh::start(config, cancel).await?;
+    let summary = Summary {
+        mode: "one process, embedded ring manager",
+        ring_manager: (mesh.ring_manager, None),
+        channel_servers: mesh
+            .channel_servers
+            .iter()
+            .enumerate()
+            .map(|(i, (id, addr))| (id.to_string(), *addr, i >= actives, None))
+            .collect(),
+        admin: (mesh.admin, None),
+        gateways: mesh
+            .gateways
+            .iter()
+            .map(|(r, a)| (r.clone(), *a, None))
+            .collect(),
+        started_in: mesh.started_in,
+    };
+    summary.print(&secrets);
     mesh.run_until_stopped(SHUTDOWN_GRACE).await
+}
+
+/// What `dev` prints once the mesh is up.
+struct Summary {
+    mode: &'static str,
+    ring_manager: (SocketAddr, Option<u32>),
+    /// (id, address, standby, pid)
+    channel_servers: Vec<(String, SocketAddr, bool, Option<u32>)>,
+    admin: (SocketAddr, Option<u32>),
+    /// (region, address, pid)
+    gateways: Vec<(String, SocketAddr, Option<u32>)>,
+    started_in: Duration,
+}
+
+impl Summary {
+    fn print(&self, secrets: &[(&str, String, bool)]) {
+        let pid = |p: Option<u32>| p.map(|p| format!("  pid {p}")).unwrap_or_default();
+        println!("channelmesh dev mesh ({})", self.mode);
+        println!(
+            "  ring manager     grpc://{}{}",
+            self.ring_manager.0,
+            pid(self.ring_manager.1)
+        );
+        for (id, addr, standby, p) in &self.channel_servers {
+            let role = if *standby { " (standby)" } else { "" };
+            println!("  channel server   {id} grpc://{addr}{role}{}", pid(*p));
+        }
+        println!(
+            "  admin server     grpc://{}  (channelmesh.admin.v1.Admin, reflection on){}",
+            self.admin.0,
+            pid(self.admin.1)
+        );
+        for (region, addr, p) in &self.gateways {
+            println!(
+                "  gateway {region:<8} http://{addr}/api/  (RTM base URL){}",
+                pid(*p)
+            );
+        }
+        for (name, value, generated) in secrets {
+            if *generated {
+                println!("  {name}={value}  (generated)");
+            }
+        }
+        println!("ready in {} ms", self.started_in.as_millis());
+    }
 }

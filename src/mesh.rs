@@ -113,7 +113,7 @@ impl Mesh {
         let ring_manager = rm_listener.local_addr()?;
         let rm_endpoint = format!("http://{ring_manager}");
         let tracker = tokio_util::task::TaskTracker::new();
-        let manager = ring_manager::RingManager::new(config.ring, &tracker, cancel.clone());
+        let manager = ring_manager::RingManager::new(config.ring, None, &tracker, cancel.clone())?;
         let mut ring = manager.subscribe();
         {
             let (manager, cancel) = (manager.clone(), cancel.clone());

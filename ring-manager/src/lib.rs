@@ -10,6 +10,7 @@ pub mod client;
 pub mod convert;
 pub mod lease;
 pub mod server;
+pub mod state_file;
 
 pub use client::RingWatcher;
 pub use lease::{Lease, LeaseEnd};
@@ -26,4 +27,6 @@ pub enum Error {
     Status(#[from] tonic::Status),
     #[error("timed out waiting for the ring: {0}")]
     Timeout(String),
+    #[error("state file: {0}")]
+    StateFile(#[from] state_file::StateFileError),
 }

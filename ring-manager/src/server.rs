@@ -7,6 +7,7 @@
 //! with no standby, its slots spread over the survivors. Every change is a new epoch.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -120,6 +121,8 @@ pub struct RingManager {
 #[derive(Debug)]
 struct Inner {
     config: Config,
+    /// Where the ring and members are saved after every change, if anywhere.
+    state_file: Option<PathBuf>,
     /// Members. The lock is never held across an await.
     state: Mutex<State>,
     /// The published ring; every watcher follows it. Changed only under `state`'s lock.
@@ -134,15 +137,63 @@ fn op_error(msg: impl Into<String>) -> Status {
 }
 
 impl RingManager {
-    /// A ring manager with no members (epoch 0). Its monitor runs on `tracker` until `cancel`.
-    pub fn new(config: Config, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
-        let (ring, _) = watch::channel(Arc::new(Ring::empty()));
+    /// A ring manager, resumed from `state_file` if it holds a saved ring (else epoch 0, no
+    /// members). Its monitor runs on `tracker` until `cancel`.
+    pub fn new(
+        config: Config,
+        state_file: Option<PathBuf>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, crate::Error> {
+        let saved = match &state_file {
+            Some(path) => crate::state_file::load(path)?,
+            None => None,
+        };
+        let (ring, members, next_incarnation) = match saved {
+            Some(saved) => {
+                let ring = saved.ring().map_err(crate::Error::InvalidRing)?;
+                let now = Instant::now();
+                let members = saved
+                    .members
+                    .iter()
+                    .filter_map(|m| {
+                        let state = match m.state.as_str() {
+                            "joining" => NodeState::Joining,
+                            "active" => NodeState::Active,
+                            "standby" => NodeState::Standby,
+                            "draining" => NodeState::Draining,
+                            _ => NodeState::Down,
+                        };
+                        // Everyone gets one suspicion period to resume its lease.
+                        let member = Member {
+                            addr: m.addr.clone(),
+                            pid: m.pid,
+                            state,
+                            incarnation: m.incarnation,
+                            last_heartbeat: now,
+                            stream_closed: false,
+                            probing: false,
+                            drain_epoch: 0,
+                        };
+                        Some((NodeId::new(&m.id).ok()?, member))
+                    })
+                    .collect();
+                tracing::info!(
+                    epoch = ring.epoch(),
+                    "ring manager resumed from its state file"
+                );
+                (ring, members, saved.next_incarnation)
+            }
+            None => (Ring::empty(), BTreeMap::new(), 1),
+        };
+        let (ring, _) = watch::channel(Arc::new(ring));
         let manager = RingManager {
             inner: Arc::new(Inner {
                 config,
+                state_file,
                 state: Mutex::new(State {
-                    members: BTreeMap::new(),
-                    next_incarnation: 1,
+                    members,
+                    next_incarnation,
                 }),
                 ring,
                 cancel,
@@ -150,7 +201,35 @@ impl RingManager {
             }),
         };
         tracker.spawn(manager.clone().monitor());
-        manager
+        Ok(manager)
+    }
+
+    /// Saves the ring and members, if there is a state file; a failure is logged, not fatal.
+    fn persist(&self, state: &State) {
+        let Some(path) = &self.inner.state_file else {
+            return;
+        };
+        let (epoch, nodes, slot_owner) = crate::state_file::Saved::ring_parts(&self.ring());
+        let saved = crate::state_file::Saved {
+            epoch,
+            nodes,
+            slot_owner,
+            members: state
+                .members
+                .iter()
+                .map(|(id, m)| crate::state_file::SavedMember {
+                    id: id.to_string(),
+                    addr: m.addr.clone(),
+                    pid: m.pid,
+                    state: m.state.as_str().to_string(),
+                    incarnation: m.incarnation,
+                })
+                .collect(),
+            next_incarnation: state.next_incarnation,
+        };
+        if let Err(e) = crate::state_file::store(path, &saved) {
+            tracing::error!(error = %e, "could not save the ring manager's state");
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -176,8 +255,8 @@ impl RingManager {
             .collect()
     }
 
-    /// Publishes `next` (under the state lock) and logs what changed.
-    fn publish(&self, next: Ring, why: &str) -> Arc<Ring> {
+    /// Publishes `next` (under the state lock), saves it, and logs what changed.
+    fn publish(&self, state: &State, next: Ring, why: &str) -> Arc<Ring> {
         let before = self.ring();
         let moved = (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
             .filter(|&s| before.owner(s).map(|n| &n.id) != next.owner(s).map(|n| &n.id))
@@ -190,6 +269,7 @@ impl RingManager {
         );
         let next = Arc::new(next);
         self.inner.ring.send_replace(next.clone());
+        self.persist(state);
         next
     }
 
@@ -253,6 +333,7 @@ impl RingManager {
         );
         let epoch = if standby {
             tracing::info!(node = %id, %addr, "standby channel server registered");
+            self.persist(&state);
             self.ring().epoch()
         } else {
             let ring = self.add_locked(&mut state, &id);
@@ -270,7 +351,7 @@ impl RingManager {
         let current = self.ring();
         let next = current.rebalanced(&Self::active_nodes(state));
         let handoffs = next.moves_from(&current);
-        self.publish(next.with_handoffs(handoffs), "node added")
+        self.publish(state, next.with_handoffs(handoffs), "node added")
     }
 
     /// Declares `id` down and moves its slots: to a standby if one is live, else spread over
@@ -285,6 +366,7 @@ impl RingManager {
         tracing::warn!(node = %id, why, "channel server declared down");
         let current = self.ring();
         if !owned || current.slots_owned(id) == 0 {
+            self.persist(state);
             return;
         }
         if let Some((standby, addr)) = self.pick_standby(state)
@@ -300,11 +382,11 @@ impl RingManager {
                 m.state = NodeState::Active;
             }
             tracing::info!(dead = %id, %standby, "standby takes over the dead node's slots");
-            self.publish(next, "dead node replaced by a standby");
+            self.publish(state, next, "dead node replaced by a standby");
             return;
         }
         let next = current.rebalanced(&Self::active_nodes(state));
-        self.publish(next, "dead node's slots spread over the survivors");
+        self.publish(state, next, "dead node's slots spread over the survivors");
     }
 
     /// Renews `id`'s lease; false if that incarnation is no longer valid.
@@ -321,6 +403,7 @@ impl RingManager {
         if member.state == NodeState::Draining && handed_off_epoch >= member.drain_epoch {
             member.state = NodeState::Standby;
             tracing::info!(node = %id, "drain complete; node is a standby");
+            self.persist(&state);
         }
         true
     }
@@ -428,7 +511,7 @@ impl RingManager {
             m.state = NodeState::Draining;
             m.drain_epoch = epoch;
         }
-        Ok(self.publish(next.with_handoffs(handoffs), "node drained"))
+        Ok(self.publish(&state, next.with_handoffs(handoffs), "node drained"))
     }
 
     /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
@@ -469,7 +552,11 @@ impl RingManager {
             from: id.clone(),
             to: standby,
         }];
-        Ok(self.publish(next.with_handoffs(handoffs), "node replaced by a standby"))
+        Ok(self.publish(
+            &state,
+            next.with_handoffs(handoffs),
+            "node replaced by a standby",
+        ))
     }
 
     /// `ctl add-node`: makes standby `id` (or any live standby) active.

@@ -5,109 +5,14 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use mesh_core::{ChannelId, Ring, SLOT_COUNT, Slot};
+use mesh_core::{ChannelId, SLOT_COUNT};
 use mesh_proto::admin::HistoryRequest;
-use mesh_proto::ring::ring_manager_client::RingManagerClient;
-use mesh_proto::ring::{GetRingRequest, Member, NodeRequest};
+use mesh_proto::ring::NodeRequest;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-use crate::support::{Admin, Rtm, admin, eventually, mesh, post};
-
-/// The ring and its members, as `ctl ring` sees them.
-async fn ring(mesh: &channelmesh::Mesh) -> (Ring, Vec<Member>) {
-    let mut client = rm(mesh).await;
-    let proto = client
-        .get_ring(GetRingRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let members = proto.members.clone();
-    (
-        ring_manager::convert::ring_from_proto(proto).unwrap(),
-        members,
-    )
-}
-
-async fn rm(mesh: &channelmesh::Mesh) -> RingManagerClient<Channel> {
-    RingManagerClient::connect(format!("http://{}", mesh.ring_manager))
-        .await
-        .unwrap()
-}
-
-fn state_of<'a>(members: &'a [Member], id: &str) -> &'a str {
-    members
-        .iter()
-        .find(|m| m.id == id)
-        .map_or("absent", |m| m.state.as_str())
-}
-
-/// For each slot: (owner before, owner after), for the slots whose owner changed.
-fn moves(before: &Ring, after: &Ring) -> Vec<(Slot, String, String)> {
-    (0..SLOT_COUNT as Slot)
-        .filter_map(|s| {
-            let (a, b) = (
-                before.owner(s)?.id.to_string(),
-                after.owner(s)?.id.to_string(),
-            );
-            (a != b).then_some((s, a, b))
-        })
-        .collect()
-}
-
-/// An acknowledged post: its text, its ts, and when the ack came back.
-type Acked = (String, String, Instant);
-
-/// Posts to `channel` every few milliseconds until `stop`; returns the acked posts and how many
-/// posts failed.
-fn poster(
-    admin: &Admin,
-    channel: &str,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<(Vec<Acked>, usize)> {
-    let (mut admin, channel) = (admin.clone(), channel.to_string());
-    tokio::spawn(async move {
-        let (mut acked, mut failed) = (Vec::new(), 0);
-        let mut i = 0;
-        while !stop.is_cancelled() {
-            let text = format!("p{i}");
-            let request = mesh_proto::admin::PostMessageRequest {
-                channel: channel.clone(),
-                user: "UPOSTER".into(),
-                text: text.clone(),
-                team: String::new(),
-            };
-            match admin.post_message(request).await {
-                Ok(reply) => acked.push((text, reply.into_inner().ts, Instant::now())),
-                Err(status) => {
-                    eprintln!("post {text} failed: {status}");
-                    failed += 1;
-                }
-            }
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        (acked, failed)
-    })
-}
-
-/// Reads messages until every ts in `want` arrived; checks ts order and no duplicates.
-async fn receive_all(client: &mut Rtm, want: &[Acked]) {
-    let want_ts: HashSet<&str> = want.iter().map(|(_, ts, _)| ts.as_str()).collect();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut last = String::new();
-    while !want_ts.iter().all(|ts| seen.contains(*ts)) {
-        let frame = client
-            .expect("the next message", |v| {
-                v["type"] == "message" && v["user"] == "UPOSTER"
-            })
-            .await;
-        let ts = frame["ts"].as_str().unwrap().to_string();
-        assert!(ts > last, "out of order: {ts} after {last}");
-        assert!(seen.insert(ts.clone()), "duplicate {ts}");
-        last = ts;
-    }
-}
+use crate::support::{
+    Acked, Rtm, admin, eventually, mesh, moves, post, poster, receive_all, ring_at, rm_at, state_of,
+};
 
 #[tokio::test]
 async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes() {
@@ -118,7 +23,7 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
         .await
         .unwrap();
     let admin = admin(&mesh).await;
-    let (before, _) = ring(&mesh).await;
+    let (before, _) = ring_at(mesh.ring_manager).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
@@ -130,7 +35,7 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(mesh.stop_channel_server(&victim));
     let after = eventually("the standby takes over", || async {
-        let (after, members) = ring(&mesh).await;
+        let (after, members) = ring_at(mesh.ring_manager).await;
         (after.epoch() > before.epoch() && state_of(&members, "cs-4") == "active").then_some(after)
     })
     .await;
@@ -156,7 +61,7 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
         "{:?}",
         &moved[..3]
     );
-    let (_, members) = ring(&mesh).await;
+    let (_, members) = ring_at(mesh.ring_manager).await;
     assert_eq!(state_of(&members, &victim), "down");
 
     // Every post acked after the replacement reaches the client, once, in order. (Posts the
@@ -179,7 +84,7 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
         .unwrap();
     let mut admin = admin(&mesh).await;
     let first = post(&mut admin, channel, "UPOSTER", "before the drain").await;
-    let (before, _) = ring(&mesh).await;
+    let (before, _) = ring_at(mesh.ring_manager).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
@@ -189,7 +94,7 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
     let stop = CancellationToken::new();
     let posting = poster(&admin, channel, stop.clone());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let drained = rm(&mesh)
+    let drained = rm_at(mesh.ring_manager)
         .await
         .drain_node(NodeRequest {
             node_id: victim.clone(),
@@ -242,7 +147,7 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
         "history holds every post exactly once"
     );
     eventually("the drained node becomes a standby", || async {
-        let (_, members) = ring(&mesh).await;
+        let (_, members) = ring_at(mesh.ring_manager).await;
         (state_of(&members, &victim) == "standby").then_some(())
     })
     .await;
@@ -254,13 +159,13 @@ async fn replace_node_hands_its_slots_and_history_to_the_standby() {
     let channel = "CREPLACE";
     let mut admin = admin(&mesh).await;
     let first = post(&mut admin, channel, "UPOSTER", "kept").await;
-    let (before, _) = ring(&mesh).await;
+    let (before, _) = ring_at(mesh.ring_manager).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
         .id
         .to_string();
-    let replaced = rm(&mesh)
+    let replaced = rm_at(mesh.ring_manager)
         .await
         .replace_node(NodeRequest {
             node_id: victim.clone(),
@@ -294,8 +199,8 @@ async fn replace_node_hands_its_slots_and_history_to_the_standby() {
 #[tokio::test]
 async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
     let mesh = mesh().await;
-    let (before, _) = ring(&mesh).await;
-    let added = rm(&mesh)
+    let (before, _) = ring_at(mesh.ring_manager).await;
+    let added = rm_at(mesh.ring_manager)
         .await
         .add_node(NodeRequest {
             node_id: "cs-4".into(),
@@ -311,7 +216,7 @@ async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
         "{}",
         moved.len()
     );
-    let refused = rm(&mesh)
+    let refused = rm_at(mesh.ring_manager)
         .await
         .add_node(NodeRequest {
             node_id: "cs-4".into(),
@@ -325,16 +230,16 @@ async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
 async fn with_no_standby_a_dead_nodes_slots_spread_over_the_survivors() {
     let mesh = mesh().await;
     // The standby replaces the first death; the second has none left.
-    let (ring0, _) = ring(&mesh).await;
+    let (ring0, _) = ring_at(mesh.ring_manager).await;
     assert!(mesh.stop_channel_server("cs-1"));
     let ring1 = eventually("cs-1 replaced", || async {
-        let (r, _) = ring(&mesh).await;
+        let (r, _) = ring_at(mesh.ring_manager).await;
         (r.epoch() > ring0.epoch()).then_some(r)
     })
     .await;
     assert!(mesh.stop_channel_server("cs-2"));
     let ring2 = eventually("cs-2's slots spread", || async {
-        let (r, _) = ring(&mesh).await;
+        let (r, _) = ring_at(mesh.ring_manager).await;
         (r.epoch() > ring1.epoch()).then_some(r)
     })
     .await;

@@ -8,6 +8,7 @@ mod bad_input;
 mod charm;
 mod cli;
 mod message_path;
+mod processes;
 mod real_clients;
 mod reflection;
 mod support;

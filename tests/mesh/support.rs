@@ -2,12 +2,17 @@
 //! API to it as real clients do.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use channelmesh::{Mesh, MeshConfig};
 use futures::{SinkExt, StreamExt};
+use mesh_core::{Ring, SLOT_COUNT, Slot};
 use mesh_proto::admin::admin_client::AdminClient;
+use mesh_proto::ring::ring_manager_client::RingManagerClient;
+use mesh_proto::ring::{GetRingRequest, Member};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -171,6 +176,103 @@ impl Rtm {
     }
 }
 
+/// The ring and its members, as `ctl ring` sees them.
+pub async fn ring_at(ring_manager: SocketAddr) -> (Ring, Vec<Member>) {
+    let mut client = rm_at(ring_manager).await;
+    let proto = client
+        .get_ring(GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let members = proto.members.clone();
+    (
+        ring_manager::convert::ring_from_proto(proto).unwrap(),
+        members,
+    )
+}
+
+/// A ring manager client.
+pub async fn rm_at(ring_manager: SocketAddr) -> RingManagerClient<Channel> {
+    RingManagerClient::connect(format!("http://{ring_manager}"))
+        .await
+        .unwrap()
+}
+
+/// A member's state, or "absent".
+pub fn state_of<'a>(members: &'a [Member], id: &str) -> &'a str {
+    members
+        .iter()
+        .find(|m| m.id == id)
+        .map_or("absent", |m| m.state.as_str())
+}
+
+/// For each slot: (owner before, owner after), for the slots whose owner changed.
+pub fn moves(before: &Ring, after: &Ring) -> Vec<(Slot, String, String)> {
+    (0..SLOT_COUNT as Slot)
+        .filter_map(|s| {
+            let (a, b) = (
+                before.owner(s)?.id.to_string(),
+                after.owner(s)?.id.to_string(),
+            );
+            (a != b).then_some((s, a, b))
+        })
+        .collect()
+}
+
+/// An acknowledged post: its text, its ts, and when the ack came back.
+pub type Acked = (String, String, Instant);
+
+/// Posts to `channel` every few milliseconds until `stop`; returns the acked posts and how many
+/// posts failed.
+pub fn poster(
+    admin: &Admin,
+    channel: &str,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(Vec<Acked>, usize)> {
+    let (mut admin, channel) = (admin.clone(), channel.to_string());
+    tokio::spawn(async move {
+        let (mut acked, mut failed) = (Vec::new(), 0);
+        let mut i = 0;
+        while !stop.is_cancelled() {
+            let text = format!("p{i}");
+            let request = mesh_proto::admin::PostMessageRequest {
+                channel: channel.clone(),
+                user: "UPOSTER".into(),
+                text: text.clone(),
+                team: String::new(),
+            };
+            match admin.post_message(request).await {
+                Ok(reply) => acked.push((text, reply.into_inner().ts, Instant::now())),
+                Err(status) => {
+                    eprintln!("post {text} failed: {status}");
+                    failed += 1;
+                }
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (acked, failed)
+    })
+}
+
+/// Reads messages until every ts in `want` arrived; checks ts order and no duplicates.
+pub async fn receive_all(client: &mut Rtm, want: &[Acked]) {
+    let want_ts: HashSet<&str> = want.iter().map(|(_, ts, _)| ts.as_str()).collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut last = String::new();
+    while !want_ts.iter().all(|ts| seen.contains(*ts)) {
+        let frame = client
+            .expect("the next message", |v| {
+                v["type"] == "message" && v["user"] == "UPOSTER"
+            })
+            .await;
+        let ts = frame["ts"].as_str().unwrap().to_string();
+        assert!(ts > last, "out of order: {ts} after {last}");
+        assert!(seen.insert(ts.clone()), "duplicate {ts}");
+        last = ts;
+    }
+}
+
 /// Adds the admin bearer token to every call.
 #[derive(Clone)]
 pub struct Bearer(pub String);
@@ -190,12 +292,17 @@ pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
 
 /// An admin API client with the mesh's admin token.
 pub async fn admin(mesh: &Mesh) -> Admin {
-    let channel = Channel::from_shared(format!("http://{}", mesh.admin))
+    admin_at(mesh.admin, &mesh.admin_token).await
+}
+
+/// An admin API client for the admin server at `addr`.
+pub async fn admin_at(addr: SocketAddr, token: &str) -> Admin {
+    let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("valid uri")
         .connect()
         .await
         .expect("the admin server accepts");
-    AdminClient::with_interceptor(channel, Bearer(mesh.admin_token.clone()))
+    AdminClient::with_interceptor(channel, Bearer(token.to_string()))
 }
 
 /// Posts a message through the admin API; returns its ts.

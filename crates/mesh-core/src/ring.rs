@@ -58,7 +58,7 @@ pub enum RingError {
 ///
 /// Invariant: either there are no nodes and no slot is owned, or every slot is owned by exactly
 /// one of `nodes`. A channel therefore has exactly one owning channel server per epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Ring {
     epoch: u64,
     /// Sorted by id.
@@ -67,6 +67,22 @@ pub struct Ring {
     owners: Vec<u16>,
     /// State moves that come with this epoch (drains and replacements of live nodes).
     handoffs: Vec<Handoff>,
+}
+
+impl std::fmt::Debug for Ring {
+    /// Compact: the epoch, each node with its slot count, and the handoffs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}@{}:{}", n.id, n.addr, self.slots_owned(&n.id)))
+            .collect();
+        f.debug_struct("Ring")
+            .field("epoch", &self.epoch)
+            .field("nodes", &nodes)
+            .field("handoffs", &self.handoffs)
+            .finish()
+    }
 }
 
 impl Ring {
@@ -264,6 +280,13 @@ impl Ring {
             owners,
             handoffs: Vec::new(),
         }
+    }
+
+    /// Whether both rings have the same epoch and the same owner for every slot (handoffs,
+    /// which only describe how the epoch was reached, are not compared).
+    pub fn same_assignment(&self, other: &Ring) -> bool {
+        self.epoch == other.epoch
+            && (0..SLOT_COUNT as Slot).all(|s| self.owner(s) == other.owner(s))
     }
 
     /// This ring with `handoffs` attached.

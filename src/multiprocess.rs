@@ -1,0 +1,221 @@
+//! `channelmesh dev --multi-process`: every service as its own child process of this binary,
+//! on the same ports as `dev`, so that a channel server can really be killed.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mesh_proto::ring::GetRingRequest;
+use mesh_proto::ring::ring_manager_client::RingManagerClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::MeshConfig;
+
+/// How long a child may take to print its `listening on` line.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the mesh may take to assemble its ring.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A started child process.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    child: Child,
+}
+
+/// The running children.
+#[derive(Debug)]
+pub struct Processes {
+    pub ring_manager: Service,
+    /// Active then standby channel servers: (id, standby, service).
+    pub channel_servers: Vec<(String, bool, Service)>,
+    pub admin: Service,
+    pub gateways: Vec<(String, Service)>,
+    pub started_in: Duration,
+}
+
+/// Starts `exe args...` with the secrets in its environment and waits for its
+/// `listening on ADDR` line.
+async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Result<Service> {
+    let exe = std::env::current_exe().context("locating the channelmesh binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .env("CHANNELMESH_JWT_SECRET", &config.jwt_secret)
+        .env("CHANNELMESH_ADMIN_TOKEN", &config.admin_token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let pid = child.id().context("the child has a pid")?;
+    let stdout = child.stdout.take().context("the child's stdout is piped")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+        .await
+        .with_context(|| format!("{name} did not start within {START_TIMEOUT:?}"))??
+        .with_context(|| format!("{name} exited before listening"))?;
+    let addr: SocketAddr = first
+        .strip_prefix("listening on ")
+        .with_context(|| format!("{name} printed {first:?}"))?
+        .parse()?;
+    // Keep draining its stdout so that it never blocks or fails on a full pipe.
+    let prefix = name.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            println!("[{prefix}] {line}");
+        }
+    });
+    Ok(Service {
+        name: name.to_string(),
+        addr,
+        pid,
+        child,
+    })
+}
+
+/// Starts the whole mesh as child processes and waits until its ring is assembled.
+pub async fn start_all(
+    config: &MeshConfig,
+    ring_state_file: Option<&std::path::Path>,
+) -> anyhow::Result<Processes> {
+    let started = Instant::now();
+    let s = |v: &str| v.to_string();
+    let mut rm_args = vec![
+        s("ring-manager"),
+        s("--listen"),
+        config.ring_manager.to_string(),
+    ];
+    if let Some(path) = ring_state_file {
+        rm_args.push(s("--state-file"));
+        rm_args.push(path.display().to_string());
+    }
+    let ring_manager = start("ring-manager", &rm_args, config).await?;
+    let rm = format!("http://{}", ring_manager.addr);
+    let mut channel_servers = Vec::new();
+    let actives = config.channel_servers.iter().map(|a| (a, false));
+    let standbys = config.standbys.iter().map(|a| (a, true));
+    for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
+        let id = format!("cs-{}", i + 1);
+        let mut args = vec![
+            s("channel-server"),
+            s("--id"),
+            id.clone(),
+            s("--listen"),
+            addr.to_string(),
+            s("--ring-manager"),
+            rm.clone(),
+        ];
+        if standby {
+            args.push(s("--standby"));
+        }
+        channel_servers.push((id.clone(), standby, start(&id, &args, config).await?));
+    }
+    let admin = start(
+        "admin-server",
+        &[
+            s("admin-server"),
+            s("--listen"),
+            config.admin.to_string(),
+            s("--ring-manager"),
+            rm.clone(),
+        ],
+        config,
+    )
+    .await?;
+    let mut gateways = Vec::new();
+    for (region, addr) in &config.gateways {
+        let args = [
+            s("gateway"),
+            s("--region"),
+            region.clone(),
+            s("--id"),
+            format!("{region}-1"),
+            s("--listen"),
+            addr.to_string(),
+            s("--ring-manager"),
+            rm.clone(),
+        ];
+        gateways.push((
+            region.clone(),
+            start(&format!("gateway-{region}"), &args, config).await?,
+        ));
+    }
+
+    // Ready when every active server owns slots and every standby is registered.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut client = RingManagerClient::connect(rm.clone()).await?;
+    loop {
+        let ring = client.get_ring(GetRingRequest {}).await?.into_inner();
+        let count = |state: &str| ring.members.iter().filter(|m| m.state == state).count();
+        if count("active") == config.channel_servers.len()
+            && count("standby") == config.standbys.len()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the ring did not assemble within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(Processes {
+        ring_manager,
+        channel_servers,
+        admin,
+        gateways,
+        started_in: started.elapsed(),
+    })
+}
+
+impl Processes {
+    fn all_mut(&mut self) -> Vec<&mut Service> {
+        let mut all: Vec<&mut Service> = Vec::new();
+        all.extend(self.gateways.iter_mut().map(|(_, s)| s));
+        all.push(&mut self.admin);
+        all.extend(self.channel_servers.iter_mut().map(|(_, _, s)| s));
+        all.push(&mut self.ring_manager);
+        all
+    }
+
+    /// Runs until `cancel`, reporting children that exit on their own, then stops them all:
+    /// SIGTERM, and SIGKILL after `grace`.
+    pub async fn run_until_stopped(mut self, cancel: CancellationToken, grace: Duration) {
+        let mut reported = std::collections::HashSet::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for service in self.all_mut() {
+                if let Ok(Some(status)) = service.child.try_wait()
+                    && reported.insert(service.pid)
+                {
+                    eprintln!("{} (pid {}) exited: {status}", service.name, service.pid);
+                }
+            }
+        }
+        for service in self.all_mut() {
+            let _ = kill(Pid::from_raw(service.pid as i32), Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for service in self.all_mut() {
+            if tokio::time::timeout_at(deadline, service.child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "{} (pid {}) did not stop in time; killing it",
+                    service.name, service.pid
+                );
+                let _ = service.child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Failures of real processes: `channelmesh dev --multi-process`, then SIGKILL, SIGSTOP and
+//! a ring manager restart.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use channel_server::wire::event_to_proto;
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, NodeId, TeamId, TokenKey, UserId};
+use mesh_proto::channel::PublishRequest;
+use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{Rtm, admin_at, eventually, moves, post, ring_at, state_of};
+
+const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
+const JWT_SECRET: &str = "process-test-secret";
+const ADMIN_TOKEN: &str = "process-test-admin";
+
+/// `channelmesh dev --multi-process` on ports the OS picks; stopped (SIGTERM) on drop.
+struct Dev {
+    child: Child,
+    ring_manager: SocketAddr,
+    ring_manager_pid: u32,
+    admin: SocketAddr,
+    us_east: SocketAddr,
+    state_file: PathBuf,
+}
+
+fn addr_after(line: &str, scheme: &str) -> SocketAddr {
+    let rest = &line[line.find(scheme).unwrap() + scheme.len()..];
+    let end = rest
+        .find(|c: char| c == '/' || c.is_whitespace())
+        .unwrap_or(rest.len());
+    rest[..end].parse().unwrap()
+}
+
+impl Dev {
+    fn start(name: &str) -> Dev {
+        let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state_file = dir.join("ring.json");
+        let _ = std::fs::remove_file(&state_file);
+        let mut child = Command::new(BIN)
+            .args([
+                "dev",
+                "--multi-process",
+                "--admin",
+                "127.0.0.1:0",
+                "--ring-manager",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--us-east",
+                "127.0.0.1:0",
+                "--eu-west",
+                "127.0.0.1:0",
+                "--channel-server-port",
+                "0",
+            ])
+            .arg("--ring-state-file")
+            .arg(&state_file)
+            .env("CHANNELMESH_JWT_SECRET", JWT_SECRET)
+            .env("CHANNELMESH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut ring_manager, mut admin, mut us_east) = (None, None, None);
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.starts_with("  ring manager") {
+                let pid = line
+                    .rsplit("pid ")
+                    .next()
+                    .and_then(|p| p.trim().parse().ok());
+                ring_manager = Some((
+                    addr_after(&line, "grpc://"),
+                    pid.expect("the ring manager's pid"),
+                ));
+            } else if line.starts_with("  admin server") {
+                admin = Some(addr_after(&line, "grpc://"));
+            } else if line.starts_with("  gateway us-east") {
+                us_east = Some(addr_after(&line, "http://"));
+            } else if line.starts_with("ready in") {
+                break;
+            }
+        }
+        // Keep reading its stdout so that it never blocks.
+        std::thread::spawn(move || for _ in lines {});
+        Dev {
+            child,
+            ring_manager: ring_manager.expect("dev printed the ring manager").0,
+            ring_manager_pid: ring_manager.expect("dev printed the ring manager").1,
+            admin: admin.expect("dev printed the admin server"),
+            us_east: us_east.expect("dev printed the us-east gateway"),
+            state_file,
+        }
+    }
+
+    fn token(&self, user: &str, channels: &[&str]) -> String {
+        let now = channelmesh::mesh::unix_now();
+        let identity = Identity {
+            user: UserId::new(user).unwrap(),
+            team: TeamId::new("T1").unwrap(),
+            name: None,
+            channels: channels
+                .iter()
+                .map(|c| ChannelId::new(c).unwrap())
+                .collect(),
+            expires_at: now + 3600,
+        };
+        TokenKey::hs256(JWT_SECRET.as_bytes())
+            .mint(&identity, now)
+            .unwrap()
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/api/", self.us_east)
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        if let Some(dir) = self.state_file.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn signal(pid: u32, signal: Signal) {
+    kill(Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+#[tokio::test]
+async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_resumes() {
+    let dev = Dev::start("sigkill");
+    let channel = "CKILL";
+    let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
+        .await
+        .unwrap();
+    let admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let (before, members) = ring_at(dev.ring_manager).await;
+    let victim = before
+        .owner_of(&ChannelId::new(channel).unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    let pid = members.iter().find(|m| m.id == victim).unwrap().pid;
+
+    // Posts keep coming; `next` is the index of the next post to be sent.
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let posting = {
+        let (mut admin, next, stop) = (admin.clone(), next.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                post(&mut admin, channel, "UPOSTER", &format!("{i}")).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    client
+        .expect("a first message", |v| v["type"] == "message")
+        .await;
+
+    signal(pid, Signal::SIGKILL);
+    let killed_at = Instant::now();
+    let first_after_kill = next.load(Ordering::SeqCst);
+    client
+        .expect("a message posted after the kill", |v| {
+            v["type"] == "message"
+                && v["text"]
+                    .as_str()
+                    .and_then(|t| t.parse::<usize>().ok())
+                    .is_some_and(|i| i >= first_after_kill)
+        })
+        .await;
+    let resumed_in = killed_at.elapsed();
+    stop.cancel();
+    posting.await.unwrap();
+    println!(
+        "kill -9 of {victim} -> delivery resumed in {} ms",
+        resumed_in.as_millis()
+    );
+
+    let (after, members) = ring_at(dev.ring_manager).await;
+    assert!(after.epoch() > before.epoch());
+    let moved = moves(&before, &after);
+    let owned = before.slots_owned(&NodeId::new(&victim).unwrap());
+    assert_eq!(moved.len(), owned, "only the dead node's slots move");
+    assert!(
+        moved
+            .iter()
+            .all(|(_, from, to)| *from == victim && to == "cs-4")
+    );
+    println!(
+        "slots moved: {} of {} ({:.1}%)",
+        moved.len(),
+        mesh_core::SLOT_COUNT,
+        100.0 * moved.len() as f64 / mesh_core::SLOT_COUNT as f64
+    );
+    assert_eq!(state_of(&members, &victim), "down");
+    assert_eq!(state_of(&members, "cs-4"), "active");
+}
+
+#[tokio::test]
+async fn a_node_declared_dead_that_comes_back_is_refused() {
+    let dev = Dev::start("fence");
+    let channel = ChannelId::new("CFENCED").unwrap();
+    let (before, members) = ring_at(dev.ring_manager).await;
+    let victim = before.owner_of(&channel).unwrap().clone();
+    let pid = members
+        .iter()
+        .find(|m| m.id == victim.id.as_str())
+        .unwrap()
+        .pid;
+
+    // Frozen: it holds its socket open but says nothing, until declared down.
+    signal(pid, Signal::SIGSTOP);
+    eventually("the frozen node is declared down", || async {
+        let (_, members) = ring_at(dev.ring_manager).await;
+        (state_of(&members, victim.id.as_str()) == "down").then_some(())
+    })
+    .await;
+    signal(pid, Signal::SIGCONT);
+
+    // Back at once, with the old ring in memory: it must not serve the slot it lost.
+    let mut stale = ChannelServerClient::connect(format!("http://{}", victim.addr))
+        .await
+        .unwrap();
+    let event = ChannelEvent {
+        channel: channel.clone(),
+        ts: None,
+        body: EventBody::Message {
+            user: UserId::new("U1").unwrap(),
+            text: "stale".into(),
+            team: None,
+        },
+        origin: None,
+    };
+    let refused = stale
+        .publish(PublishRequest {
+            epoch: before.epoch(),
+            event: Some(event_to_proto(&event)),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+        ),
+        "{refused:?}"
+    );
+
+    // The mesh serves the channel elsewhere, and the node comes back as a standby.
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    post(
+        &mut admin,
+        channel.as_str(),
+        "U1",
+        "served by the new owner",
+    )
+    .await;
+    eventually("the fenced node re-registers as a standby", || async {
+        let (_, members) = ring_at(dev.ring_manager).await;
+        (state_of(&members, victim.id.as_str()) == "standby").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_ring() {
+    let dev = Dev::start("rm-restart");
+    let channel = "CSTATIC";
+    let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
+        .await
+        .unwrap();
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let (before, _) = ring_at(dev.ring_manager).await;
+
+    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    // Well past the lease length: the channel servers keep serving on the ring they know.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..3 {
+        let ts = post(
+            &mut admin,
+            channel,
+            "UPOSTER",
+            &format!("while the ring manager is down {i}"),
+        )
+        .await;
+        let got = client
+            .expect("a message posted without a ring manager", |v| {
+                v["type"] == "message"
+            })
+            .await;
+        assert_eq!(got["ts"], ts.as_str());
+    }
+
+    // A new ring manager on the same address and state file resumes the same ring.
+    let mut restarted = Command::new(BIN)
+        .args([
+            "ring-manager",
+            "--listen",
+            &dev.ring_manager.to_string(),
+            "--state-file",
+        ])
+        .arg(&dev.state_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let after = eventually("the restarted ring manager answers", || async {
+        let mut client = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
+            format!("http://{}", dev.ring_manager),
+        )
+        .await
+        .ok()?;
+        let proto = client
+            .get_ring(mesh_proto::ring::GetRingRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        ring_manager::convert::ring_from_proto(proto).ok()
+    })
+    .await;
+    assert!(
+        after.same_assignment(&before),
+        "the same epoch and slot owners: {after:?} vs {before:?}"
+    );
+    // The channel servers' leases carry over: nobody is declared down, nothing moves.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (later, members) = ring_at(dev.ring_manager).await;
+    assert!(later.same_assignment(&before), "{later:?} vs {before:?}");
+    assert!(
+        members
+            .iter()
+            .filter(|m| m.id != "cs-4")
+            .all(|m| m.state == "active"),
+        "{members:?}"
+    );
+    let ts = post(&mut admin, channel, "UPOSTER", "after the restart").await;
+    let got = client
+        .expect("a message after the restart", |v| {
+            v["text"] == "after the restart"
+        })
+        .await;
+    assert_eq!(got["ts"], ts.as_str());
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+}
