@@ -17,8 +17,14 @@ const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
 const ENV_ADMIN_TOKEN: &str = "CHANNELMESH_ADMIN_TOKEN";
 /// Env var: the ring manager's gRPC endpoint.
 const ENV_RING_MANAGER: &str = "CHANNELMESH_RING_MANAGER";
+/// Env var: the Consul agent to use instead of a fixed ring manager.
+const ENV_CONSUL: &str = "CHANNELMESH_CONSUL";
+/// Env var: Consul's ACL token (Consul's own name for it).
+const ENV_CONSUL_TOKEN: &str = "CONSUL_HTTP_TOKEN";
 /// The ring manager `dev` starts, and the default everyone else dials.
 const DEFAULT_RING_MANAGER: &str = "http://127.0.0.1:50050";
+/// `dev --consul`: the second ring manager's port.
+const DEV_EXTRA_RING_MANAGER: u16 = 50060;
 /// How long shutdown waits for services to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -41,15 +47,29 @@ enum Command {
     /// Run the whole mesh in one process: ring manager, 3 channel servers, admin server on
     /// 127.0.0.1:50051, gateways us-east on 127.0.0.1:8080 and eu-west on 127.0.0.1:8081.
     Dev(DevArgs),
-    /// Run a ring manager (embedded registry).
+    /// Run a ring manager: the embedded registry, or with --consul one of a group that elects
+    /// a leader in Consul and keeps the ring in Consul KV.
     RingManager {
-        /// Address to serve gRPC on.
+        /// Address to serve gRPC on (with --consul: only while it leads).
         #[arg(long, default_value = "127.0.0.1:50050")]
         listen: SocketAddr,
         /// Save the ring and its members here after every change, and resume from it on start
-        /// (without it, a restarted ring manager starts an empty ring).
-        #[arg(long)]
+        /// (without it, a restarted ring manager starts an empty ring). Embedded mode only:
+        /// with --consul the ring lives in Consul KV.
+        #[arg(long, conflicts_with = "consul")]
         state_file: Option<std::path::PathBuf>,
+        /// The gRPC endpoint others dial when it leads (with --consul); defaults to
+        /// http://LISTEN.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// With --consul: the leader's session TTL in seconds (Consul allows 10 to 86400).
+        #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_SESSION_TTL.as_secs())]
+        session_ttl_secs: u64,
+        /// With --consul: the lock-delay in milliseconds after a leader's session ends.
+        #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_LOCK_DELAY.as_millis() as u64)]
+        lock_delay_ms: u64,
+        #[command(flatten)]
+        consul: ConsulArgs,
     },
     /// Run a channel server.
     ChannelServer {
@@ -70,6 +90,9 @@ enum Command {
     },
     /// Run an admin server (needs CHANNELMESH_ADMIN_TOKEN and CHANNELMESH_JWT_SECRET).
     AdminServer {
+        /// Its id in Consul's catalog, unique in the mesh; defaults to the listen address.
+        #[arg(long)]
+        id: Option<String>,
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
         #[command(flatten)]
@@ -191,15 +214,91 @@ struct DevArgs {
     #[arg(long)]
     multi_process: bool,
     /// With --multi-process: the ring manager's state file (see `ring-manager --state-file`).
-    #[arg(long, requires = "multi_process")]
+    #[arg(long, requires = "multi_process", conflicts_with = "consul")]
     ring_state_file: Option<std::path::PathBuf>,
+    /// With --multi-process: run on the Consul agent at this address (e.g.
+    /// http://127.0.0.1:8500) — ring managers elect a leader there, keep the ring in its KV,
+    /// and every service registers there.
+    #[arg(long, requires = "multi_process")]
+    consul: Option<String>,
+    /// With --consul: the Consul key prefix.
+    #[arg(long, requires = "consul")]
+    consul_prefix: Option<String>,
+    /// With --consul: another ring manager on this address (repeatable); they elect a leader.
+    /// Default: one on 127.0.0.1:50060.
+    #[arg(long = "extra-ring-manager", requires = "consul")]
+    extra_ring_managers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
 struct RingArgs {
-    /// The ring manager's gRPC endpoint.
+    /// The ring manager's gRPC endpoint (ignored with --consul).
     #[arg(long, env = ENV_RING_MANAGER, default_value = DEFAULT_RING_MANAGER)]
     ring_manager: String,
+    #[command(flatten)]
+    consul: ConsulArgs,
+}
+
+impl RingArgs {
+    /// Where the ring comes from: Consul if given, else the ring manager's endpoint.
+    fn source(&self) -> anyhow::Result<ring_manager::RingSource> {
+        Ok(match self.consul.ring()? {
+            Some(ring) => ring_manager::RingSource::Consul(ring),
+            None => ring_manager::RingSource::Direct(self.ring_manager.clone()),
+        })
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+struct ConsulArgs {
+    /// Use the Consul agent at this address (e.g. http://127.0.0.1:8500): the ring and the
+    /// leading ring manager are found there, and the service registers there with a TTL check.
+    #[arg(long, env = ENV_CONSUL)]
+    consul: Option<String>,
+    /// The prefix of channelmesh's keys in Consul KV.
+    #[arg(long, default_value = ring_manager::cluster::DEFAULT_PREFIX)]
+    consul_prefix: String,
+    /// Consul ACL token.
+    #[arg(long, env = ENV_CONSUL_TOKEN, hide_env_values = true)]
+    consul_token: Option<String>,
+}
+
+impl ConsulArgs {
+    fn ring(&self) -> anyhow::Result<Option<ring_manager::cluster::ConsulRing>> {
+        self.consul
+            .as_deref()
+            .map(|url| {
+                ring_manager::cluster::ConsulRing::new(
+                    url,
+                    self.consul_token.clone(),
+                    &self.consul_prefix,
+                )
+                .with_context(|| format!("--consul {url}"))
+            })
+            .transpose()
+    }
+
+    /// With Consul, registers this service (`kind`, unique `id`, listening on `addr`, reached
+    /// at `advertise` if given) with a TTL check that passes while the process runs, until
+    /// `cancel`.
+    fn register(
+        &self,
+        kind: &str,
+        id: &str,
+        (addr, advertise): (SocketAddr, Option<&str>),
+        meta: Vec<(String, String)>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(ring) = self.ring()? {
+            let def = ring_manager::cluster::service_def(kind, id, addr, advertise, meta);
+            tokio::spawn(ring_manager::cluster::keep_registered(
+                ring.consul,
+                def,
+                cancel.clone(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn init_logging(json: bool) {
@@ -283,14 +382,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     match cli.command {
         Command::Dev(args) => dev(args, cancel).await,
-        Command::RingManager { listen, state_file } => {
+        Command::RingManager {
+            listen,
+            state_file,
+            advertise,
+            session_ttl_secs,
+            lock_delay_ms,
+            consul,
+        } => {
             cancel_on_signals(cancel.clone());
+            let config = ring_manager::Config::default();
+            if let Some(ring) = consul.ring()? {
+                anyhow::ensure!(
+                    listen.port() != 0,
+                    "--consul needs a fixed --listen port: it is published before it is bound"
+                );
+                let endpoint = advertise.unwrap_or_else(|| format!("http://{listen}"));
+                let id = endpoint
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://");
+                consul.register(
+                    "ring-manager",
+                    id,
+                    (listen, Some(&endpoint)),
+                    vec![],
+                    &cancel,
+                )?;
+                println!("listening on {listen}");
+                let leader = ring_manager::cluster::LeaderConfig {
+                    endpoint,
+                    listen,
+                    session_ttl: Duration::from_secs(session_ttl_secs),
+                    lock_delay: Duration::from_millis(lock_delay_ms),
+                };
+                return Ok(ring_manager::cluster::run_leader_election(
+                    ring, config, leader, cancel,
+                )
+                .await?);
+            }
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             println!("listening on {}", listener.local_addr()?);
             let tracker = tokio_util::task::TaskTracker::new();
-            let config = ring_manager::Config::default();
             let manager =
                 ring_manager::RingManager::new(config, state_file, &tracker, cancel.clone())?;
             Ok(ring_manager::serve(manager, listener, cancel).await?)
@@ -306,10 +440,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            println!("listening on {}", listener.local_addr()?);
+            let local = listener.local_addr()?;
+            println!("listening on {local}");
+            ring.consul.register(
+                "channel-server",
+                &id,
+                (local, advertise.as_deref()),
+                vec![],
+                &cancel,
+            )?;
             let config = channel_server::Config {
                 node: NodeId::new(&id)?,
-                ring_manager: ring.ring_manager,
+                ring: ring.source()?,
                 advertise,
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
@@ -317,9 +459,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             Ok(channel_server::serve(config, listener, cancel).await?)
         }
-        Command::AdminServer { listen, ring } => {
+        Command::AdminServer { id, listen, ring } => {
             let config = admin_server::Config {
-                ring_manager: ring.ring_manager,
+                ring: ring.source()?,
                 admin_token: required_env(ENV_ADMIN_TOKEN)?,
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
             };
@@ -327,7 +469,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            println!("listening on {}", listener.local_addr()?);
+            let local = listener.local_addr()?;
+            println!("listening on {local}");
+            let id = id.unwrap_or_else(|| local.to_string());
+            ring.consul
+                .register("admin-server", &id, (local, None), vec![], &cancel)?;
             Ok(admin_server::serve(config, listener, cancel).await?)
         }
         Command::Gateway {
@@ -340,7 +486,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = gateway::Config {
                 id: id.unwrap_or_else(|| format!("{region}-1")),
                 region,
-                ring_manager: ring.ring_manager,
+                ring: ring.source()?,
                 public_url,
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
                 connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
@@ -349,12 +495,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            println!("listening on {}", listener.local_addr()?);
+            let local = listener.local_addr()?;
+            println!("listening on {local}");
+            let meta = vec![("region".to_string(), config.region.clone())];
+            ring.consul
+                .register("gateway", &config.id, (local, None), meta, &cancel)?;
             Ok(gateway::serve(config, listener, cancel).await?)
         }
         Command::Ctl(args) => {
             use channelmesh::ctl;
-            let endpoint = args.ring.ring_manager.as_str();
+            let endpoint = args
+                .ring
+                .source()?
+                .endpoint()
+                .await
+                .context("finding the ring manager")?;
+            let endpoint = endpoint.as_str();
             match args.command {
                 CtlCommand::Ring => ctl::ring(endpoint, args.json).await,
                 CtlCommand::Owner { channel } => ctl::owner(endpoint, &channel, args.json).await,
@@ -466,11 +622,31 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     ];
 
     if args.multi_process {
-        let procs =
-            channelmesh::multiprocess::start_all(&config, args.ring_state_file.as_deref()).await?;
+        let mut extra_ring_managers = args.extra_ring_managers;
+        if args.consul.is_some() && extra_ring_managers.is_empty() {
+            extra_ring_managers.push(SocketAddr::from(([127, 0, 0, 1], DEV_EXTRA_RING_MANAGER)));
+        }
+        let options = channelmesh::multiprocess::Options {
+            ring_state_file: args.ring_state_file,
+            consul: args.consul.clone(),
+            consul_prefix: args.consul_prefix,
+            extra_ring_managers,
+        };
+        let procs = channelmesh::multiprocess::start_all(&config, &options).await?;
+        let mut ring_managers = vec![(procs.ring_manager.addr, Some(procs.ring_manager.pid))];
+        ring_managers.extend(
+            procs
+                .extra_ring_managers
+                .iter()
+                .map(|p| (p.addr, Some(p.pid))),
+        );
         let summary = Summary {
-            mode: "multi-process",
-            ring_manager: (procs.ring_manager.addr, Some(procs.ring_manager.pid)),
+            mode: if args.consul.is_some() {
+                "multi-process, on consul"
+            } else {
+                "multi-process"
+            },
+            ring_managers,
             channel_servers: procs
                 .channel_servers
                 .iter()
@@ -493,7 +669,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let mesh = Mesh::start(config, cancel).await?;
     let summary = Summary {
         mode: "one process, embedded ring manager",
-        ring_manager: (mesh.ring_manager, None),
+        ring_managers: vec![(mesh.ring_manager, None)],
         channel_servers: mesh
             .channel_servers
             .iter()
@@ -515,7 +691,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
 /// What `dev` prints once the mesh is up.
 struct Summary {
     mode: &'static str,
-    ring_manager: (SocketAddr, Option<u32>),
+    ring_managers: Vec<(SocketAddr, Option<u32>)>,
     /// (id, address, standby, pid)
     channel_servers: Vec<(String, SocketAddr, bool, Option<u32>)>,
     admin: (SocketAddr, Option<u32>),
@@ -528,11 +704,9 @@ impl Summary {
     fn print(&self, secrets: &[(&str, String, bool)]) {
         let pid = |p: Option<u32>| p.map(|p| format!("  pid {p}")).unwrap_or_default();
         println!("channelmesh dev mesh ({})", self.mode);
-        println!(
-            "  ring manager     grpc://{}{}",
-            self.ring_manager.0,
-            pid(self.ring_manager.1)
-        );
+        for (addr, p) in &self.ring_managers {
+            println!("  ring manager     grpc://{addr}{}", pid(*p));
+        }
         for (id, addr, standby, p) in &self.channel_servers {
             let role = if *standby { " (standby)" } else { "" };
             println!("  channel server   {id} grpc://{addr}{role}{}", pid(*p));

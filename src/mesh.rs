@@ -134,7 +134,7 @@ impl Mesh {
             channel_servers.push((node.clone(), local));
             let cs_config = channel_server::Config {
                 node: node.clone(),
-                ring_manager: rm_endpoint.clone(),
+                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
                 advertise: None,
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
@@ -155,7 +155,7 @@ impl Mesh {
         let admin = admin_listener.local_addr()?;
         {
             let admin_config = admin_server::Config {
-                ring_manager: rm_endpoint.clone(),
+                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
                 admin_token: config.admin_token.clone(),
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
             };
@@ -174,7 +174,7 @@ impl Mesh {
             let gw_config = gateway::Config {
                 id: format!("{region}-1"),
                 region: region.clone(),
-                ring_manager: rm_endpoint.clone(),
+                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
                 public_url: None,
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
                 connect_url_ttl: config.connect_url_ttl,

@@ -1,5 +1,6 @@
 //! `channelmesh dev --multi-process`: every service as its own child process of this binary,
-//! on the same ports as `dev`, so that a channel server can really be killed.
+//! on the same ports as `dev`, so that a channel server can really be killed. With `--consul`
+//! the services find the ring in Consul and several ring managers elect a leader there.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -10,6 +11,8 @@ use mesh_proto::ring::GetRingRequest;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use ring_manager::RingSource;
+use ring_manager::cluster::ConsulRing;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -30,10 +33,27 @@ pub struct Service {
     child: Child,
 }
 
+/// What `start_all` runs besides the mesh layout.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The embedded ring manager's state file.
+    pub ring_state_file: Option<std::path::PathBuf>,
+    /// Run on the Consul agent at this URL: every ring manager in `extra_ring_managers` joins
+    /// the leader election, and every service finds the ring there.
+    pub consul: Option<String>,
+    /// The Consul key prefix (default `channelmesh`).
+    pub consul_prefix: Option<String>,
+    /// With Consul: more ring managers (followers), one per address.
+    pub extra_ring_managers: Vec<SocketAddr>,
+}
+
 /// The running children.
 #[derive(Debug)]
 pub struct Processes {
+    /// The first ring manager (with Consul, the first to campaign).
     pub ring_manager: Service,
+    /// With Consul, the other ring managers.
+    pub extra_ring_managers: Vec<Service>,
     /// Active then standby channel servers: (id, standby, service).
     pub channel_servers: Vec<(String, bool, Service)>,
     pub admin: Service,
@@ -81,23 +101,39 @@ async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Resu
 }
 
 /// Starts the whole mesh as child processes and waits until its ring is assembled.
-pub async fn start_all(
-    config: &MeshConfig,
-    ring_state_file: Option<&std::path::Path>,
-) -> anyhow::Result<Processes> {
+pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result<Processes> {
     let started = Instant::now();
     let s = |v: &str| v.to_string();
-    let mut rm_args = vec![
-        s("ring-manager"),
-        s("--listen"),
-        config.ring_manager.to_string(),
-    ];
-    if let Some(path) = ring_state_file {
-        rm_args.push(s("--state-file"));
-        rm_args.push(path.display().to_string());
+    let rm_args = |addr: SocketAddr| {
+        let mut args = vec![s("ring-manager"), s("--listen"), addr.to_string()];
+        if let Some(path) = &options.ring_state_file {
+            args.extend([s("--state-file"), path.display().to_string()]);
+        }
+        if let Some(url) = &options.consul {
+            args.extend([s("--consul"), url.clone()]);
+            if let Some(prefix) = &options.consul_prefix {
+                args.extend([s("--consul-prefix"), prefix.clone()]);
+            }
+        }
+        args
+    };
+    let ring_manager = start("ring-manager", &rm_args(config.ring_manager), config).await?;
+    // How every other service finds the ring: Consul, or the ring manager just started.
+    let ring_args = match &options.consul {
+        Some(url) => {
+            let mut args = vec![s("--consul"), url.clone()];
+            if let Some(prefix) = &options.consul_prefix {
+                args.extend([s("--consul-prefix"), prefix.clone()]);
+            }
+            args
+        }
+        None => vec![s("--ring-manager"), format!("http://{}", ring_manager.addr)],
+    };
+    let mut extra_ring_managers = Vec::new();
+    for (i, addr) in options.extra_ring_managers.iter().enumerate() {
+        let name = format!("ring-manager-{}", i + 2);
+        extra_ring_managers.push(start(&name, &rm_args(*addr), config).await?);
     }
-    let ring_manager = start("ring-manager", &rm_args, config).await?;
-    let rm = format!("http://{}", ring_manager.addr);
     let mut channel_servers = Vec::new();
     let actives = config.channel_servers.iter().map(|a| (a, false));
     let standbys = config.standbys.iter().map(|a| (a, true));
@@ -109,29 +145,19 @@ pub async fn start_all(
             id.clone(),
             s("--listen"),
             addr.to_string(),
-            s("--ring-manager"),
-            rm.clone(),
         ];
+        args.extend(ring_args.iter().cloned());
         if standby {
             args.push(s("--standby"));
         }
         channel_servers.push((id.clone(), standby, start(&id, &args, config).await?));
     }
-    let admin = start(
-        "admin-server",
-        &[
-            s("admin-server"),
-            s("--listen"),
-            config.admin.to_string(),
-            s("--ring-manager"),
-            rm.clone(),
-        ],
-        config,
-    )
-    .await?;
+    let mut admin_args = vec![s("admin-server"), s("--listen"), config.admin.to_string()];
+    admin_args.extend(ring_args.iter().cloned());
+    let admin = start("admin-server", &admin_args, config).await?;
     let mut gateways = Vec::new();
     for (region, addr) in &config.gateways {
-        let args = [
+        let mut args = vec![
             s("gateway"),
             s("--region"),
             region.clone(),
@@ -139,9 +165,8 @@ pub async fn start_all(
             format!("{region}-1"),
             s("--listen"),
             addr.to_string(),
-            s("--ring-manager"),
-            rm.clone(),
         ];
+        args.extend(ring_args.iter().cloned());
         gateways.push((
             region.clone(),
             start(&format!("gateway-{region}"), &args, config).await?,
@@ -150,22 +175,44 @@ pub async fn start_all(
 
     // Ready when every active server owns slots and every standby is registered.
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut client = RingManagerClient::connect(rm.clone()).await?;
+    let source = match &options.consul {
+        Some(url) => RingSource::Consul(ConsulRing::new(
+            url,
+            None,
+            options
+                .consul_prefix
+                .as_deref()
+                .unwrap_or(ring_manager::cluster::DEFAULT_PREFIX),
+        )?),
+        None => RingSource::Direct(format!("http://{}", ring_manager.addr)),
+    };
     loop {
-        let ring = client.get_ring(GetRingRequest {}).await?.into_inner();
+        // With Consul, the leader may not be elected yet.
+        let ring = match source.endpoint().await {
+            Ok(rm) => match RingManagerClient::connect(rm).await {
+                Ok(mut client) => client.get_ring(GetRingRequest {}).await.ok(),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if Instant::now() > deadline {
+            bail!("the ring did not assemble within {READY_TIMEOUT:?}");
+        }
+        let Some(ring) = ring.map(|r| r.into_inner()) else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         let count = |state: &str| ring.members.iter().filter(|m| m.state == state).count();
         if count("active") == config.channel_servers.len()
             && count("standby") == config.standbys.len()
         {
             break;
         }
-        if Instant::now() > deadline {
-            bail!("the ring did not assemble within {READY_TIMEOUT:?}");
-        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(Processes {
         ring_manager,
+        extra_ring_managers,
         channel_servers,
         admin,
         gateways,
@@ -180,6 +227,7 @@ impl Processes {
         all.push(&mut self.admin);
         all.extend(self.channel_servers.iter_mut().map(|(_, _, s)| s));
         all.push(&mut self.ring_manager);
+        all.extend(self.extra_ring_managers.iter_mut());
         all
     }
 

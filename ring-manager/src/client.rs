@@ -1,4 +1,5 @@
-//! Following the ring: a watch over the ring manager's stream that reconnects by itself.
+//! Following the ring: a watch over the ring manager's stream (or Consul KV) that reconnects by
+//! itself, and finding the ring manager to register with.
 //!
 //! Routers (admin servers, gateways, channel servers) read the latest ring from a
 //! `watch::Receiver`; while the ring manager is unreachable they keep the last ring they saw.
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
+use crate::cluster::ConsulRing;
 use crate::convert::ring_from_proto;
 
 /// The first and the longest pause between reconnects to the ring manager.
@@ -22,6 +24,40 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long one connect attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where a service finds the ring and the ring manager.
+#[derive(Debug, Clone)]
+pub enum RingSource {
+    /// The embedded ring manager at this gRPC endpoint (e.g. `http://127.0.0.1:50050`): it
+    /// publishes the ring by a watch stream.
+    Direct(String),
+    /// Consul: the ring in KV, followed by blocking queries; the leading ring manager's endpoint
+    /// in its lock key.
+    Consul(ConsulRing),
+}
+
+impl RingSource {
+    /// The gRPC endpoint of the ring manager to talk to now.
+    pub async fn endpoint(&self) -> Result<String, Error> {
+        match self {
+            RingSource::Direct(endpoint) => Ok(endpoint.clone()),
+            RingSource::Consul(ring) => ring
+                .leader()
+                .await?
+                .map(|l| l.endpoint)
+                .ok_or(Error::NoLeader),
+        }
+    }
+}
+
+impl std::fmt::Display for RingSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingSource::Direct(endpoint) => f.write_str(endpoint),
+            RingSource::Consul(ring) => write!(f, "consul {} ({})", ring.consul.url(), ring.prefix),
+        }
+    }
+}
+
 /// A live view of the ring published by a ring manager.
 #[derive(Debug, Clone)]
 pub struct RingWatcher {
@@ -29,11 +65,14 @@ pub struct RingWatcher {
 }
 
 impl RingWatcher {
-    /// Starts following the ring manager at `endpoint` (e.g. `http://127.0.0.1:50050`) on a task
-    /// tracked by `tracker` that ends with `cancel`.
-    pub fn spawn(endpoint: String, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
+    /// Starts following the ring from `source` on a task tracked by `tracker` that ends with
+    /// `cancel`.
+    pub fn spawn(source: RingSource, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Ring::empty()));
-        tracker.spawn(follow(endpoint, tx, cancel));
+        match source {
+            RingSource::Direct(endpoint) => tracker.spawn(follow(endpoint, tx, cancel)),
+            RingSource::Consul(ring) => tracker.spawn(crate::cluster::follow(ring, tx, cancel)),
+        };
         RingWatcher { rx }
     }
 
@@ -134,10 +173,10 @@ async fn follow_once(
     Ok(())
 }
 
-/// Registers a channel server with the ring manager at `endpoint`, retrying until it answers or
-/// `timeout` passes.
+/// Registers a channel server with the ring manager `source` leads to, retrying until it
+/// answers or `timeout` passes.
 pub async fn register(
-    endpoint: &str,
+    source: &RingSource,
     request: RegisterRequest,
     timeout: Duration,
 ) -> Result<RegisterResponse, Error> {
@@ -145,7 +184,8 @@ pub async fn register(
     let mut backoff = BACKOFF_MIN;
     loop {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+            let endpoint = source.endpoint().await?;
+            let channel = tonic::transport::Endpoint::from_shared(endpoint)?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .connect()
                 .await?;
@@ -157,7 +197,7 @@ pub async fn register(
         match attempt.await {
             Ok(reply) => return Ok(reply),
             Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                tracing::warn!(%endpoint, error = %e, "registering with the ring manager; retrying");
+                tracing::warn!(%source, error = %e, "registering with the ring manager; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }

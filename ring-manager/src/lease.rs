@@ -19,6 +19,8 @@ use mesh_proto::ring::ring_manager_client::RingManagerClient;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::RingSource;
+
 /// How long one connect to the ring manager may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between reconnects of the lease stream.
@@ -84,11 +86,11 @@ impl Lease {
         self.handed_off_epoch.fetch_max(epoch, Ordering::Relaxed);
     }
 
-    /// Holds the lease of `node`'s `incarnation` with the ring manager at `endpoint` until it
-    /// is revoked or `cancel` fires, reconnecting as needed.
+    /// Holds the lease of `node`'s `incarnation` with the ring manager `source` leads to until
+    /// it is revoked or `cancel` fires, reconnecting (and finding the leader again) as needed.
     pub async fn hold(
         &self,
-        endpoint: &str,
+        source: &RingSource,
         node: &str,
         incarnation: u64,
         interval: Duration,
@@ -98,7 +100,7 @@ impl Lease {
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return LeaseEnd::Cancelled,
-                r = self.session(endpoint, node, incarnation, interval, lease, cancel) => r,
+                r = self.session(source, node, incarnation, interval, lease, cancel) => r,
             };
             match result {
                 Ok(()) => return LeaseEnd::Revoked,
@@ -106,7 +108,7 @@ impl Lease {
                     if unreachable {
                         let mut s = self.state();
                         if !s.unreachable {
-                            tracing::warn!(%endpoint, "ring manager unreachable; serving on the last ring");
+                            tracing::warn!(%source, "ring manager unreachable; serving on the last ring");
                         }
                         s.unreachable = true;
                     }
@@ -123,7 +125,7 @@ impl Lease {
     /// opened (`true`: the ring manager is not there) or ended.
     async fn session(
         &self,
-        endpoint: &str,
+        source: &RingSource,
         node: &str,
         incarnation: u64,
         interval: Duration,
@@ -135,7 +137,10 @@ impl Lease {
         // would keep hearing heartbeats from a node that stopped.
         let session = cancel.child_token();
         let _end_heartbeats = session.clone().drop_guard();
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        // No leader to be found (or Consul unreachable) counts as an unreachable ring manager:
+        // nobody can reassign slots then either.
+        let endpoint = source.endpoint().await.map_err(|_| true)?;
+        let channel = tonic::transport::Endpoint::from_shared(endpoint)
             .map_err(|_| true)?
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()

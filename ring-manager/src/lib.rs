@@ -2,19 +2,22 @@
 //! them and publishes every new epoch; admin servers, gateways and channel servers follow the
 //! ring through [`client::RingWatcher`].
 //!
-//! This is the embedded backend: the ring manager itself is the registry, served over gRPC.
 //! Channel servers hold leases by heartbeat ([`lease`]); the ring manager replaces those that
-//! lose them ([`server`]).
+//! lose them ([`server`]). Two backends keep the ring: the embedded one, where the ring manager
+//! itself is the registry (durable through its state file), and Consul ([`cluster`]), where
+//! ring managers elect a leader with a session lock and keep the ring in KV.
 
 pub mod client;
+pub mod cluster;
+pub mod consul;
 pub mod convert;
 pub mod lease;
 pub mod server;
 pub mod state_file;
 
-pub use client::RingWatcher;
+pub use client::{RingSource, RingWatcher};
 pub use lease::{Lease, LeaseEnd};
-pub use server::{Config, NodeState, RingManager, serve};
+pub use server::{Config, NodeState, RingManager, Store, serve};
 
 /// Errors of the ring manager and its clients.
 #[derive(Debug, thiserror::Error)]
@@ -29,4 +32,10 @@ pub enum Error {
     Timeout(String),
     #[error("state file: {0}")]
     StateFile(#[from] state_file::StateFileError),
+    #[error(transparent)]
+    Consul(consul::ConsulError),
+    #[error("no ring manager leads (the lock in consul is free)")]
+    NoLeader,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
 }

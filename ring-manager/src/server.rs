@@ -25,6 +25,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::ring_to_proto;
+use crate::state_file::Saved;
 
 /// Default: how often channel servers send a heartbeat.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -121,14 +122,25 @@ pub struct RingManager {
 #[derive(Debug)]
 struct Inner {
     config: Config,
-    /// Where the ring and members are saved after every change, if anywhere.
-    state_file: Option<PathBuf>,
+    /// Where the ring and members are saved after every change.
+    store: Store,
     /// Members. The lock is never held across an await.
     state: Mutex<State>,
     /// The published ring; every watcher follows it. Changed only under `state`'s lock.
     ring: watch::Sender<Arc<Ring>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Where the ring manager saves its ring and members after every change.
+#[derive(Debug)]
+pub enum Store {
+    /// Nowhere: a restart starts an empty ring.
+    Memory,
+    /// A state file, rewritten atomically (embedded mode).
+    File(PathBuf),
+    /// The latest state, for a writer that stores it elsewhere (Consul KV) in order.
+    Latest(watch::Sender<Option<Arc<Saved>>>),
 }
 
 /// Why an SRE operation was refused.
@@ -138,17 +150,29 @@ fn op_error(msg: impl Into<String>) -> Status {
 
 impl RingManager {
     /// A ring manager, resumed from `state_file` if it holds a saved ring (else epoch 0, no
-    /// members). Its monitor runs on `tracker` until `cancel`.
+    /// members), saving every change there. Its monitor runs on `tracker` until `cancel`.
     pub fn new(
         config: Config,
         state_file: Option<PathBuf>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, crate::Error> {
-        let saved = match &state_file {
-            Some(path) => crate::state_file::load(path)?,
-            None => None,
+        let (saved, store) = match state_file {
+            Some(path) => (crate::state_file::load(&path)?, Store::File(path)),
+            None => (None, Store::Memory),
         };
+        Self::resume(config, saved, store, tracker, cancel)
+    }
+
+    /// A ring manager resumed from `saved` (else epoch 0, no members), saving every change to
+    /// `store`. Its monitor runs on `tracker` until `cancel`.
+    pub fn resume(
+        config: Config,
+        saved: Option<Saved>,
+        store: Store,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, crate::Error> {
         let (ring, members, next_incarnation) = match saved {
             Some(saved) => {
                 let ring = saved.ring().map_err(crate::Error::InvalidRing)?;
@@ -178,10 +202,7 @@ impl RingManager {
                         Some((NodeId::new(&m.id).ok()?, member))
                     })
                     .collect();
-                tracing::info!(
-                    epoch = ring.epoch(),
-                    "ring manager resumed from its state file"
-                );
+                tracing::info!(epoch = ring.epoch(), "ring manager resumed its saved ring");
                 (ring, members, saved.next_incarnation)
             }
             None => (Ring::empty(), BTreeMap::new(), 1),
@@ -190,7 +211,7 @@ impl RingManager {
         let manager = RingManager {
             inner: Arc::new(Inner {
                 config,
-                state_file,
+                store,
                 state: Mutex::new(State {
                     members,
                     next_incarnation,
@@ -204,13 +225,13 @@ impl RingManager {
         Ok(manager)
     }
 
-    /// Saves the ring and members, if there is a state file; a failure is logged, not fatal.
+    /// Saves the ring and members to the store; a failure is logged, not fatal.
     fn persist(&self, state: &State) {
-        let Some(path) = &self.inner.state_file else {
+        if matches!(self.inner.store, Store::Memory) {
             return;
-        };
-        let (epoch, nodes, slot_owner) = crate::state_file::Saved::ring_parts(&self.ring());
-        let saved = crate::state_file::Saved {
+        }
+        let (epoch, nodes, slot_owner) = Saved::ring_parts(&self.ring());
+        let saved = Saved {
             epoch,
             nodes,
             slot_owner,
@@ -227,8 +248,16 @@ impl RingManager {
                 .collect(),
             next_incarnation: state.next_incarnation,
         };
-        if let Err(e) = crate::state_file::store(path, &saved) {
-            tracing::error!(error = %e, "could not save the ring manager's state");
+        match &self.inner.store {
+            Store::Memory => {}
+            Store::File(path) => {
+                if let Err(e) = crate::state_file::store(path, &saved) {
+                    tracing::error!(error = %e, "could not save the ring manager's state");
+                }
+            }
+            Store::Latest(tx) => {
+                tx.send_replace(Some(Arc::new(saved)));
+            }
         }
     }
 

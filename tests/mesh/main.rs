@@ -7,6 +7,7 @@
 mod bad_input;
 mod charm;
 mod cli;
+mod consul;
 mod message_path;
 mod processes;
 mod real_clients;

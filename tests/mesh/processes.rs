@@ -19,17 +19,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{Rtm, admin_at, eventually, moves, post, ring_at, state_of};
 
-const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
+pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 const JWT_SECRET: &str = "process-test-secret";
-const ADMIN_TOKEN: &str = "process-test-admin";
+pub const ADMIN_TOKEN: &str = "process-test-admin";
 
 /// `channelmesh dev --multi-process` on ports the OS picks; stopped (SIGTERM) on drop.
-struct Dev {
+pub struct Dev {
     child: Child,
-    ring_manager: SocketAddr,
-    ring_manager_pid: u32,
-    admin: SocketAddr,
-    us_east: SocketAddr,
+    pub ring_manager: SocketAddr,
+    pub ring_manager_pid: u32,
+    /// Every ring manager (several on Consul): address and pid.
+    pub ring_managers: Vec<(SocketAddr, u32)>,
+    pub admin: SocketAddr,
+    pub us_east: SocketAddr,
     state_file: PathBuf,
 }
 
@@ -42,20 +44,41 @@ fn addr_after(line: &str, scheme: &str) -> SocketAddr {
 }
 
 impl Dev {
+    /// The embedded ring manager, with a state file.
     fn start(name: &str) -> Dev {
         let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let state_file = dir.join("ring.json");
         let _ = std::fs::remove_file(&state_file);
+        let args = [
+            "--ring-manager".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--ring-state-file".to_string(),
+            state_file.display().to_string(),
+        ];
+        Self::launch(&args, state_file)
+    }
+
+    /// On the Consul agent at `consul`, with a ring manager on each of `ring_managers` (they
+    /// need fixed ports: a ring manager's address is published before it is bound).
+    pub fn on_consul(name: &str, consul: &str, ring_managers: &[SocketAddr]) -> Dev {
+        let mut args = vec![
+            "--consul".to_string(),
+            consul.to_string(),
+            "--consul-prefix".to_string(),
+            format!("test-{name}"),
+            "--ring-manager".to_string(),
+            ring_managers[0].to_string(),
+        ];
+        for rm in &ring_managers[1..] {
+            args.extend(["--extra-ring-manager".to_string(), rm.to_string()]);
+        }
+        Self::launch(&args, PathBuf::new())
+    }
+
+    fn launch(extra: &[String], state_file: PathBuf) -> Dev {
         let mut child = Command::new(BIN)
-            .args([
-                "dev",
-                "--multi-process",
-                "--admin",
-                "127.0.0.1:0",
-                "--ring-manager",
-                "127.0.0.1:0",
-            ])
+            .args(["dev", "--multi-process", "--admin", "127.0.0.1:0"])
             .args([
                 "--us-east",
                 "127.0.0.1:0",
@@ -64,8 +87,7 @@ impl Dev {
                 "--channel-server-port",
                 "0",
             ])
-            .arg("--ring-state-file")
-            .arg(&state_file)
+            .args(extra)
             .env("CHANNELMESH_JWT_SECRET", JWT_SECRET)
             .env("CHANNELMESH_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdin(Stdio::null())
@@ -74,7 +96,7 @@ impl Dev {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut ring_manager, mut admin, mut us_east) = (None, None, None);
+        let (mut ring_managers, mut admin, mut us_east) = (Vec::new(), None, None);
         for line in lines.by_ref() {
             let line = line.unwrap();
             if line.starts_with("  ring manager") {
@@ -82,7 +104,7 @@ impl Dev {
                     .rsplit("pid ")
                     .next()
                     .and_then(|p| p.trim().parse().ok());
-                ring_manager = Some((
+                ring_managers.push((
                     addr_after(&line, "grpc://"),
                     pid.expect("the ring manager's pid"),
                 ));
@@ -96,17 +118,20 @@ impl Dev {
         }
         // Keep reading its stdout so that it never blocks.
         std::thread::spawn(move || for _ in lines {});
+        let (ring_manager, ring_manager_pid) =
+            *ring_managers.first().expect("dev printed the ring manager");
         Dev {
             child,
-            ring_manager: ring_manager.expect("dev printed the ring manager").0,
-            ring_manager_pid: ring_manager.expect("dev printed the ring manager").1,
+            ring_manager,
+            ring_manager_pid,
+            ring_managers,
             admin: admin.expect("dev printed the admin server"),
             us_east: us_east.expect("dev printed the us-east gateway"),
             state_file,
         }
     }
 
-    fn token(&self, user: &str, channels: &[&str]) -> String {
+    pub fn token(&self, user: &str, channels: &[&str]) -> String {
         let now = channelmesh::mesh::unix_now();
         let identity = Identity {
             user: UserId::new(user).unwrap(),
@@ -123,7 +148,7 @@ impl Dev {
             .unwrap()
     }
 
-    fn base_url(&self) -> String {
+    pub fn base_url(&self) -> String {
         format!("http://{}/api/", self.us_east)
     }
 }
@@ -132,13 +157,15 @@ impl Drop for Dev {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
-        if let Some(dir) = self.state_file.parent() {
+        if let Some(dir) = self.state_file.parent()
+            && !dir.as_os_str().is_empty()
+        {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
 
-fn signal(pid: u32, signal: Signal) {
+pub fn signal(pid: u32, signal: Signal) {
     kill(Pid::from_raw(pid as i32), signal).unwrap();
 }
 

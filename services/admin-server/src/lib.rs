@@ -9,7 +9,7 @@ use std::time::Duration;
 use channel_server::ChannelRouter;
 use mesh_core::TokenKey;
 use mesh_proto::admin::admin_server::AdminServer;
-use ring_manager::RingWatcher;
+use ring_manager::{RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,8 +32,8 @@ pub enum Error {
 /// Configuration of one admin server.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The ring manager's gRPC endpoint.
-    pub ring_manager: String,
+    /// Where the ring is found.
+    pub ring: RingSource,
     /// The bearer token every call must present (`CHANNELMESH_ADMIN_TOKEN`).
     pub admin_token: String,
     /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
@@ -47,7 +47,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let tracker = TaskTracker::new();
-    let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let service = AdminService::new(
         ChannelRouter::new(ring),
         TokenKey::hs256(&config.jwt_secret),

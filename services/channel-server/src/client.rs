@@ -152,7 +152,14 @@ impl ChannelRouter {
                     Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
                 };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match status.code() {
+            // The connection broke mid-call (the node died): as good as unavailable. A publish
+            // it may have taken died with it (its history went too), so retrying on the new
+            // owner is what keeps the post; at worst a gateway saw it once before the crash.
+            let code = match status.code() {
+                Code::Unknown if broke_mid_call(&status) => Code::Unavailable,
+                code => code,
+            };
+            match code {
                 // Another node owns the slot now: wait for the ring that says so.
                 Code::FailedPrecondition => {
                     tracing::debug!(%channel, node = %owner.id, "routed mid-move; waiting for a newer ring");
@@ -175,4 +182,16 @@ impl ChannelRouter {
             }
         }
     }
+}
+
+/// Whether `status` is the client's own report of a broken connection rather than an answer.
+fn broke_mid_call(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
 use mesh_proto::ring::{RegisterRequest, RegisterResponse};
-use ring_manager::{Lease, LeaseEnd, RingWatcher};
+use ring_manager::{Lease, LeaseEnd, RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,8 +43,8 @@ pub enum Error {
 pub struct Config {
     /// Its id on the ring, e.g. "cs-1".
     pub node: NodeId,
-    /// The ring manager's gRPC endpoint, e.g. "http://127.0.0.1:50050".
-    pub ring_manager: String,
+    /// Where the ring and the ring manager are found.
+    pub ring: RingSource,
     /// The address other services dial; defaults to the bound address.
     pub advertise: Option<String>,
     /// History bounds.
@@ -68,7 +68,7 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| local.to_string());
     let tracker = TaskTracker::new();
-    let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let lease = Lease::default();
     let service = ChannelService::new(
         ServiceConfig {
@@ -101,7 +101,7 @@ pub async fn serve(
     };
     let registered = tokio::select! {
         _ = cancel.cancelled() => None,
-        r = ring_manager::client::register(&config.ring_manager, request.clone(), REGISTER_TIMEOUT) => Some(r),
+        r = ring_manager::client::register(&config.ring, request.clone(), REGISTER_TIMEOUT) => Some(r),
     };
     match registered {
         Some(Err(e)) => {
@@ -110,7 +110,7 @@ pub async fn serve(
         }
         Some(Ok(reply)) => {
             tracker.spawn(hold_membership(
-                config.ring_manager.clone(),
+                config.ring.clone(),
                 request,
                 reply,
                 lease,
@@ -132,7 +132,7 @@ pub async fn serve(
 /// Holds the lease; when the ring manager revokes it (this node was declared down), registers
 /// again as a standby, as a new incarnation, and holds that lease.
 async fn hold_membership(
-    endpoint: String,
+    source: RingSource,
     mut request: RegisterRequest,
     mut reply: RegisterResponse,
     lease: Lease,
@@ -143,7 +143,7 @@ async fn hold_membership(
         let length = Duration::from_millis(u64::from(reply.lease_ms.max(1)));
         let end = lease
             .hold(
-                &endpoint,
+                &source,
                 &request.node_id,
                 reply.incarnation,
                 interval,
@@ -158,7 +158,7 @@ async fn hold_membership(
         loop {
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = ring_manager::client::register(&endpoint, request.clone(), REGISTER_TIMEOUT) => r,
+                r = ring_manager::client::register(&source, request.clone(), REGISTER_TIMEOUT) => r,
             };
             match attempt {
                 Ok(next) => {

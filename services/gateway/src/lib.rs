@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicU64;
 use axum::serve::ListenerExt;
 use channel_server::ChannelRouter;
 use mesh_core::TokenKey;
-use ring_manager::RingWatcher;
+use ring_manager::{RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,8 +34,8 @@ pub struct Config {
     pub id: String,
     /// Its region, e.g. "us-east".
     pub region: String,
-    /// The ring manager's gRPC endpoint.
-    pub ring_manager: String,
+    /// Where the ring is found.
+    pub ring: RingSource,
     /// The base URL clients reach this gateway at (e.g. "http://127.0.0.1:8080", or the
     /// region's Envoy); defaults to the bound address. WebSocket URLs use the same host.
     pub public_url: Option<String>,
@@ -83,7 +83,7 @@ pub async fn serve(
         format!("ws://{}", http_url.trim_start_matches("http://"))
     };
     let tracker = TaskTracker::new();
-    let ring = RingWatcher::spawn(config.ring_manager.clone(), &tracker, cancel.clone());
+    let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let router = ChannelRouter::new(ring.clone());
     let shared = Arc::new(Shared {
         hub: Hub::new(

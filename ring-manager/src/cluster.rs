@@ -1,0 +1,631 @@
+//! The Consul backend: ring managers elect a leader with a Consul session lock, the leader
+//! writes the ring to Consul KV (check-and-set, fenced by its lock), and every service follows
+//! the ring by blocking queries and finds the leader in the lock key.
+//!
+//! Keys, under a prefix (`channelmesh` by default):
+//! - `<prefix>/ring-manager/leader`: the lock. Its value is the leader's [`LeaderInfo`]; its
+//!   `LockIndex` counts acquisitions and is the leader's fencing token.
+//! - `<prefix>/ring`: the ring and its members as a [`Record`], written only by a transaction
+//!   that also checks that the writer's session still holds the lock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::consul::{BlockingLoop, Consul, ConsulError, ServiceDef};
+use crate::server::{Config, RingManager, Store};
+use crate::state_file::Saved;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "channelmesh";
+/// Default: the leader's session TTL (Consul's minimum is 10 s; it may wait up to twice that
+/// before invalidating a session whose holder died).
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(10);
+/// Default: how long the lock stays untakeable after its holder's session is invalidated
+/// (Consul's default is 15 s; a small one speeds failover while still letting a dying leader's
+/// in-flight writes fail first — and they cannot succeed anyway, being fenced).
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(1);
+/// Default: the TTL of a service's health check in Consul.
+pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(10);
+/// Consul removes a service whose check has been critical this long.
+const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// How long a blocking query waits for a change.
+const BLOCKING_WAIT: Duration = Duration::from_secs(60);
+/// The rate limit of every blocking-query loop: at most one query per this.
+const MIN_QUERY_SPACING: Duration = Duration::from_millis(20);
+/// The first and the longest pause after a failed request to Consul.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a leader retries binding its gRPC address (a previous leadership of the same
+/// process may still be closing it).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// How long a graceful step-down waits to flush the last ring and release the lock.
+const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the ring lives in Consul; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConsulRing {
+    pub consul: Consul,
+    pub prefix: String,
+}
+
+/// The lock key's value: who leads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    /// The leader's gRPC endpoint, e.g. `http://10.0.0.5:50050`.
+    pub endpoint: String,
+    pub pid: u32,
+}
+
+/// The ring key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The writer's lock index (its fencing token): never lower than any earlier writer's.
+    pub lock_index: u64,
+    /// The writer's endpoint, for operators.
+    pub leader: String,
+    #[serde(flatten)]
+    pub saved: Saved,
+}
+
+impl ConsulRing {
+    /// The ring at `prefix` in the Consul agent at `url`.
+    pub fn new(url: &str, token: Option<String>, prefix: &str) -> Result<Self, crate::Error> {
+        Ok(ConsulRing {
+            consul: Consul::new(url, token)?,
+            prefix: prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    /// The leader lock's key.
+    pub fn lock_key(&self) -> String {
+        format!("{}/ring-manager/leader", self.prefix)
+    }
+
+    /// The ring's key.
+    pub fn ring_key(&self) -> String {
+        format!("{}/ring", self.prefix)
+    }
+
+    /// The current leader, if the lock is held.
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>, crate::Error> {
+        let (entry, _) = self.consul.get(&self.lock_key(), None).await?;
+        Ok(entry
+            .filter(|e| e.session.is_some())
+            .and_then(|e| serde_json::from_slice(&e.value).ok()))
+    }
+
+    /// The stored ring record and its modify index (0 when there is none yet).
+    pub async fn load(&self) -> Result<(Option<Record>, u64), crate::Error> {
+        let (entry, _) = self.consul.get(&self.ring_key(), None).await?;
+        match entry {
+            None => Ok((None, 0)),
+            Some(entry) => {
+                let record = decode_record(&entry.value)?;
+                Ok((Some(record), entry.modify_index))
+            }
+        }
+    }
+}
+
+fn decode_record(value: &[u8]) -> Result<Record, crate::Error> {
+    let record: Record = serde_json::from_slice(value)
+        .map_err(|e| crate::Error::InvalidRing(format!("ring record in consul: {e}")))?;
+    record.saved.ring().map_err(crate::Error::InvalidRing)?;
+    Ok(record)
+}
+
+/// Follows the ring record by blocking queries, publishing each newer epoch on `tx`. Keeps the
+/// last ring while Consul is unreachable; refuses a record from an older leader (lower lock
+/// index) or an older epoch.
+pub(crate) async fn follow(
+    ring: ConsulRing,
+    tx: watch::Sender<Arc<mesh_core::Ring>>,
+    cancel: CancellationToken,
+) {
+    let key = ring.ring_key();
+    let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
+    let mut fence = 0u64;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = blocking.pace() => {}
+        }
+        // Cancel-safe: a dropped query loses nothing; the next one asks again.
+        let answer = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+        };
+        let (entry, index) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "ring watch on consul interrupted");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        if !blocking.observe(index) {
+            continue;
+        }
+        let Some(entry) = entry else { continue };
+        let record = match decode_record(&entry.value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "ignoring an unreadable ring record");
+                continue;
+            }
+        };
+        if record.lock_index < fence {
+            tracing::warn!(
+                lock_index = record.lock_index,
+                fence,
+                "ignoring a ring written by an earlier leader"
+            );
+            continue;
+        }
+        fence = record.lock_index;
+        let Ok(next) = record.saved.ring() else {
+            continue;
+        };
+        let current = tx.borrow().epoch();
+        if next.epoch() > current {
+            tx.send_replace(Arc::new(next));
+        }
+    }
+}
+
+/// How a ring manager runs on Consul.
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    /// The gRPC endpoint others dial when this one leads, e.g. `http://10.0.0.5:50050`.
+    pub endpoint: String,
+    /// The address it serves gRPC on while it leads.
+    pub listen: SocketAddr,
+    pub session_ttl: Duration,
+    pub lock_delay: Duration,
+}
+
+/// Runs one ring manager of a Consul-backed group until `cancel`: it campaigns for the lock;
+/// while it holds it, it serves the ring manager on `config.listen`, resumed from the ring in
+/// KV, and writes every change back; when it loses the lock (or a fenced write is refused) it
+/// stops serving and campaigns again.
+pub async fn run_leader_election(
+    ring: ConsulRing,
+    manager_config: Config,
+    config: LeaderConfig,
+    cancel: CancellationToken,
+) -> Result<(), crate::Error> {
+    let mut backoff = BACKOFF_MIN;
+    while !cancel.is_cancelled() {
+        let name = format!("channelmesh-ring-manager {}", config.endpoint);
+        let session = match ring
+            .consul
+            .create_session(&name, config.session_ttl, config.lock_delay)
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot create a consul session");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        tracing::info!(%session, "consul session created; campaigning for the ring manager lock");
+        let session_alive = cancel.child_token();
+        let renewer = tokio::spawn(renew(
+            ring.consul.clone(),
+            session.clone(),
+            config.session_ttl,
+            session_alive.clone(),
+        ));
+        campaign(&ring, manager_config, &config, &session, &session_alive).await;
+        session_alive.cancel();
+        let _ = renewer.await;
+        // Best effort: a clean exit lets a follower take over without waiting for the TTL.
+        if cancel.is_cancelled() {
+            let release = async {
+                let _ = ring.consul.release(&ring.lock_key(), &session).await;
+                let _ = ring.consul.destroy_session(&session).await;
+            };
+            let _ = tokio::time::timeout(STEP_DOWN_TIMEOUT, release).await;
+        }
+    }
+    Ok(())
+}
+
+/// Renews `session` every third of its TTL; cancels `alive` when Consul says it is gone or
+/// when no renewal succeeded for a whole TTL.
+async fn renew(consul: Consul, session: String, ttl: Duration, alive: CancellationToken) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = alive.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match consul.renew_session(&session).await {
+            Ok(true) => last_ok = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(%session, "consul session was invalidated");
+                alive.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the consul session");
+                if last_ok.elapsed() >= ttl {
+                    alive.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Campaigns with `session` until it is lost, leading whenever the lock is won.
+async fn campaign(
+    ring: &ConsulRing,
+    manager_config: Config,
+    config: &LeaderConfig,
+    session: &str,
+    alive: &CancellationToken,
+) {
+    let lock_key = ring.lock_key();
+    let info = LeaderInfo {
+        endpoint: config.endpoint.clone(),
+        pid: std::process::id(),
+    };
+    let value = serde_json::to_vec(&info).unwrap_or_default();
+    let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
+    let mut backoff = BACKOFF_MIN;
+    while !alive.is_cancelled() {
+        match ring.consul.acquire(&lock_key, session, value.clone()).await {
+            Ok(true) => {
+                backoff = BACKOFF_MIN;
+                if let Err(e) = lead(ring, manager_config, config, session, alive).await {
+                    tracing::error!(error = %e, "leadership ended with an error");
+                }
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot campaign for the lock");
+                tokio::select! {
+                    _ = alive.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        }
+        // Someone else leads, or the lock is free but in its lock-delay. Only the first is
+        // worth a blocking query (until the holder's session ends); the second is retried at
+        // a gentle pace.
+        let held = match ring.consul.get(&lock_key, None).await {
+            Ok((entry, index)) => {
+                blocking.observe(index);
+                entry.is_some_and(|e| e.session.is_some())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the ring manager lock");
+                false
+            }
+        };
+        if held {
+            tokio::select! {
+                _ = alive.cancelled() => return,
+                _ = blocking.pace() => {}
+            }
+            // Cancel-safe: a dropped query loses nothing.
+            let answer = tokio::select! {
+                _ = alive.cancelled() => return,
+                a = ring.consul.get(&lock_key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+            };
+            match answer {
+                Ok((_, index)) => {
+                    blocking.observe(index);
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot watch the ring manager lock"),
+            }
+        }
+        let pause = if held {
+            backoff
+        } else {
+            (config.lock_delay / 4).clamp(MIN_QUERY_SPACING, BACKOFF_MAX)
+        };
+        tokio::select! {
+            _ = alive.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Leads while `session` holds the lock: serves the ring manager, resumed from KV, and writes
+/// every change back, fenced by the lock. Returns when leadership ends.
+async fn lead(
+    ring: &ConsulRing,
+    manager_config: Config,
+    config: &LeaderConfig,
+    session: &str,
+    alive: &CancellationToken,
+) -> Result<(), crate::Error> {
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await?;
+    let Some(lock) = lock.filter(|l| l.session.as_deref() == Some(session)) else {
+        return Ok(());
+    };
+    let lock_index = lock.lock_index;
+    let (record, modify_index) = ring.load().await?;
+    let leading = alive.child_token();
+    let tracker = TaskTracker::new();
+    let (latest, updates) = watch::channel(None);
+    let epoch = record.as_ref().map_or(0, |r| r.saved.epoch);
+    let manager = RingManager::resume(
+        manager_config,
+        record.map(|r| r.saved),
+        Store::Latest(latest),
+        &tracker,
+        leading.clone(),
+    )?;
+    tracing::info!(
+        lock_index,
+        epoch,
+        endpoint = %config.endpoint,
+        "leading the ring managers"
+    );
+    tracker.spawn(write_ring(
+        ring.clone(),
+        session.to_string(),
+        Fence {
+            lock_index,
+            leader: config.endpoint.clone(),
+        },
+        modify_index,
+        updates,
+        leading.clone(),
+    ));
+    tracker.spawn(watch_lock(
+        ring.clone(),
+        session.to_string(),
+        leading.clone(),
+    ));
+    let listener = bind_with_retry(config.listen, &leading).await?;
+    let served = crate::server::serve(manager, listener, leading.clone()).await;
+    leading.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!(lock_index, "no longer leading the ring managers");
+    served
+}
+
+async fn bind_with_retry(
+    addr: SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<TcpListener, crate::Error> {
+    let deadline = Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() < deadline && !cancel.is_cancelled() => {
+                tracing::warn!(%addr, error = %e, "binding the ring manager's address; retrying");
+                tokio::time::sleep(BACKOFF_MIN).await;
+            }
+            Err(e) => return Err(crate::Error::Io(e)),
+        }
+    }
+}
+
+/// The leader's identity stamped on each record it writes.
+#[derive(Debug, Clone)]
+struct Fence {
+    lock_index: u64,
+    leader: String,
+}
+
+/// Writes each new state to the ring key, in order, by a transaction that checks the lock is
+/// still this session's and the key was not written by anyone else since. A refused write
+/// means leadership is lost: it stops leading at once.
+async fn write_ring(
+    ring: ConsulRing,
+    session: String,
+    fence: Fence,
+    mut modify_index: u64,
+    mut updates: watch::Receiver<Option<Arc<Saved>>>,
+    leading: CancellationToken,
+) {
+    let lock_key = ring.lock_key();
+    let ring_key = ring.ring_key();
+    loop {
+        // On cancellation, flush what is still unwritten (bounded by a timeout), then stop.
+        let stopping = tokio::select! {
+            _ = leading.cancelled() => true,
+            changed = updates.changed() => changed.is_err(),
+        };
+        if stopping && !updates.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(saved) = updates.borrow_and_update().clone() else {
+            continue;
+        };
+        let record = Record {
+            lock_index: fence.lock_index,
+            leader: fence.leader.clone(),
+            saved: (*saved).clone(),
+        };
+        let value = match serde_json::to_vec(&record) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the ring record");
+                continue;
+            }
+        };
+        let deadline = Instant::now() + STEP_DOWN_TIMEOUT;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match ring
+                .consul
+                .fenced_cas(&lock_key, &session, &ring_key, &value, modify_index)
+                .await
+            {
+                Ok(Ok(index)) => {
+                    modify_index = index;
+                    tracing::debug!(epoch = saved.epoch, index, "ring written to consul");
+                    break;
+                }
+                Ok(Err(refused)) => {
+                    tracing::error!(
+                        reasons = ?refused.0,
+                        "consul refused the fenced ring write: this ring manager no longer leads"
+                    );
+                    leading.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot write the ring to consul; retrying");
+                    if leading.is_cancelled() && Instant::now() >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Stops leading when the lock key shows another (or no) session.
+async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToken) {
+    let key = ring.lock_key();
+    let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
+    loop {
+        tokio::select! {
+            _ = leading.cancelled() => return,
+            _ = blocking.pace() => {}
+        }
+        let answer = tokio::select! {
+            _ = leading.cancelled() => return,
+            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+        };
+        match answer {
+            Ok((entry, index)) => {
+                blocking.observe(index);
+                let holder = entry.and_then(|e| e.session);
+                if holder.as_deref() != Some(session.as_str()) {
+                    tracing::warn!(?holder, "the ring manager lock is no longer ours");
+                    leading.cancel();
+                    return;
+                }
+            }
+            // Consul unreachable: the session renewer decides when the session is lost.
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch the lock");
+                tokio::select! {
+                    _ = leading.cancelled() => return,
+                    _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Registers `service` in Consul with a TTL check and passes the check every third of its TTL
+/// until `cancel`, then deregisters it. Re-registers when the agent forgot it (e.g. restarted).
+pub async fn keep_registered(consul: Consul, service: ServiceDef, cancel: CancellationToken) {
+    let check = service.check_id();
+    let mut registered = false;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let result = if registered {
+            consul.update_check(&check, true, "alive").await
+        } else {
+            consul.register_service(&service).await.map(|()| true)
+        };
+        let pause = match result {
+            Ok(true) => {
+                if !registered {
+                    tracing::info!(service = %service.id, "registered in consul");
+                }
+                registered = true;
+                backoff = BACKOFF_MIN;
+                service.ttl / 3
+            }
+            Ok(false) => {
+                registered = false;
+                BACKOFF_MIN
+            }
+            Err(e) => {
+                tracing::warn!(service = %service.id, error = %e, "consul registration");
+                let pause = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                pause
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    if registered {
+        let _ =
+            tokio::time::timeout(STEP_DOWN_TIMEOUT, consul.deregister_service(&service.id)).await;
+    }
+}
+
+/// A [`ServiceDef`] with the defaults channelmesh uses, for a service listening on `addr` and
+/// reached at `advertise` (`host:port`, optionally as an `http://` URL) if given. An unspecified
+/// listen IP with nothing advertised leaves the address empty: Consul then uses its node's.
+pub fn service_def(
+    kind: &str,
+    id: &str,
+    addr: SocketAddr,
+    advertise: Option<&str>,
+    meta: Vec<(String, String)>,
+) -> ServiceDef {
+    let advertised = advertise
+        .map(|a| {
+            a.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+        })
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)));
+    let (address, port) = match advertised {
+        Some(hp) => hp,
+        None if addr.ip().is_unspecified() => (String::new(), addr.port()),
+        None => (addr.ip().to_string(), addr.port()),
+    };
+    ServiceDef {
+        id: format!("channelmesh-{kind}-{id}"),
+        name: format!("channelmesh-{kind}"),
+        address,
+        port,
+        tags: vec!["channelmesh".to_string()],
+        meta,
+        ttl: DEFAULT_CHECK_TTL,
+        deregister_after: DEREGISTER_AFTER,
+    }
+}
+
+impl From<ConsulError> for crate::Error {
+    fn from(e: ConsulError) -> Self {
+        crate::Error::Consul(e)
+    }
+}
