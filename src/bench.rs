@@ -54,23 +54,7 @@ pub async fn latency(config: LatencyConfig) -> anyhow::Result<LatencyReport> {
         channels: vec![ChannelId::new(&channel)?],
         expires_at: now + 3600,
     };
-    let token = TokenKey::hs256(config.jwt_secret.as_bytes()).mint(&identity, now)?;
-    let reply: Value = reqwest::Client::new()
-        .post(format!("{}rtm.connect", config.gateway))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .context("calling rtm.connect")?
-        .json()
-        .await?;
-    let url = reply["url"]
-        .as_str()
-        .with_context(|| format!("rtm.connect answered {reply}"))?;
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
-    let first = next_json(&mut ws).await?;
-    if first["type"] != "hello" {
-        bail!("expected hello, got {first}");
-    }
+    let mut ws = connect_client(&config.gateway, &config.jwt_secret, &identity).await?;
 
     let mut admin = AdminClient::connect(format!("http://{}", config.admin)).await?;
     let bearer: tonic::metadata::MetadataValue<_> =
@@ -109,11 +93,40 @@ pub async fn latency(config: LatencyConfig) -> anyhow::Result<LatencyReport> {
     })
 }
 
-async fn next_json(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> anyhow::Result<Value> {
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects an RTM client for `identity` through the gateway at base URL `gateway` (the real
+/// connect flow: token, `rtm.connect`, WebSocket, `hello`).
+async fn connect_client(
+    gateway: &str,
+    jwt_secret: &str,
+    identity: &Identity,
+) -> anyhow::Result<Socket> {
+    let now = unix_now();
+    let token = TokenKey::hs256(jwt_secret.as_bytes()).mint(identity, now)?;
+    let reply: Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .post(format!("{gateway}rtm.connect"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .context("calling rtm.connect")?
+        .json()
+        .await?;
+    let url = reply["url"]
+        .as_str()
+        .with_context(|| format!("rtm.connect answered {reply}"))?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+    let first = next_json(&mut ws).await?;
+    if first["type"] != "hello" {
+        bail!("expected hello, got {first}");
+    }
+    Ok(ws)
+}
+
+async fn next_json(ws: &mut Socket) -> anyhow::Result<Value> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -142,6 +155,173 @@ fn report(samples: &mut [Duration]) -> LatencyReport {
         mean_us: total.checked_div(samples.len() as u128).unwrap_or(0) as u64,
         post_rpc: None,
     }
+}
+
+/// What `bench failover` measured in one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverRun {
+    /// The channel server killed (the owner of the client's channel).
+    pub killed: String,
+    /// From SIGKILL until the client received a message posted after it.
+    pub delivery_resumed_ms: f64,
+    /// From SIGKILL until the ring manager published the new epoch.
+    pub new_epoch_ms: f64,
+    /// Slots that changed owner, and how many there are.
+    pub slots_moved: usize,
+    pub slots_total: usize,
+    /// Whether every moved slot went from the killed node to one standby.
+    pub only_dead_nodes_slots_to_one_standby: bool,
+}
+
+/// `bench failover`: each run and the median.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverReport {
+    pub runs: Vec<FailoverRun>,
+    pub median_delivery_resumed_ms: f64,
+    pub median_new_epoch_ms: f64,
+}
+
+/// Kills the channel server owning a channel a client listens on, while posts keep coming, in
+/// a fresh multi-process mesh per run (this binary's `dev --multi-process` layout on ports the
+/// OS picks), and measures how long delivery stops.
+pub async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mut results = Vec::new();
+    for run in 0..runs {
+        let config = crate::mesh::MeshConfig::ephemeral();
+        let procs =
+            crate::multiprocess::start_all(&config, &crate::multiprocess::Options::default())
+                .await?;
+        let stop_mesh = tokio_util::sync::CancellationToken::new();
+        let rm = format!("http://{}", procs.ring_manager.addr);
+        let gateway = format!("http://{}/api/", procs.gateways[0].1.addr);
+        let admin_addr = procs.admin.addr;
+        let mesh = tokio::spawn(procs.run_until_stopped(stop_mesh.clone(), Duration::from_secs(5)));
+
+        let channel = ChannelId::new(&format!("CFAILOVER{run}"))?;
+        let identity = Identity {
+            user: UserId::new("UBENCH")?,
+            team: TeamId::new("TBENCH")?,
+            name: None,
+            channels: vec![channel.clone()],
+            expires_at: unix_now() + 3600,
+        };
+        let mut ws = connect_client(&gateway, &config.jwt_secret, &identity).await?;
+        let tracker = tokio_util::task::TaskTracker::new();
+        let watcher = ring_manager::RingWatcher::spawn(
+            ring_manager::RingSource::Direct(rm.clone()),
+            &tracker,
+            stop_mesh.clone(),
+        );
+        let before = watcher
+            .wait_for(Duration::from_secs(10), "the ring", |r| {
+                r.owner_of(&channel).is_some()
+            })
+            .await?;
+        let victim = before.owner_of(&channel).context("an owner")?.id.clone();
+        let mut rm_client =
+            mesh_proto::ring::ring_manager_client::RingManagerClient::connect(rm.clone()).await?;
+        let members = rm_client
+            .get_ring(mesh_proto::ring::GetRingRequest {})
+            .await?
+            .into_inner()
+            .members;
+        let pid = members
+            .iter()
+            .find(|m| m.id == victim.as_str())
+            .context("the owner's pid")?
+            .pid;
+
+        let mut admin = AdminClient::connect(format!("http://{admin_addr}")).await?;
+        let bearer: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", config.admin_token).parse()?;
+        let next = Arc::new(AtomicUsize::new(0));
+        let posting = {
+            let (next, stop, channel) = (next.clone(), stop_mesh.clone(), channel.to_string());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let mut request = tonic::Request::new(PostMessageRequest {
+                        channel: channel.clone(),
+                        user: "UPOSTER".into(),
+                        text: format!("f{i}"),
+                        team: String::new(),
+                    });
+                    request
+                        .metadata_mut()
+                        .insert("authorization", bearer.clone());
+                    // A post that fails is simply not counted; the measurement is of delivery.
+                    let _ = admin.post_message(request).await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        // Delivery is flowing before the kill.
+        while next_json(&mut ws).await?["type"] != "message" {}
+
+        let epoch = before.epoch();
+        let killed_at = Instant::now();
+        let first_after = next.load(Ordering::SeqCst);
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
+        let new_epoch = {
+            let watcher = watcher.clone();
+            tokio::spawn(async move {
+                let ring = watcher
+                    .wait_for_epoch(epoch + 1, Duration::from_secs(10))
+                    .await;
+                (killed_at.elapsed(), ring)
+            })
+        };
+        loop {
+            let frame = next_json(&mut ws).await?;
+            let index = frame["text"]
+                .as_str()
+                .and_then(|t| t.strip_prefix('f'))
+                .and_then(|t| t.parse::<usize>().ok());
+            if frame["type"] == "message" && index.is_some_and(|i| i >= first_after) {
+                break;
+            }
+        }
+        let resumed = killed_at.elapsed();
+        let (epoch_after, after) = new_epoch.await?;
+        let after = after?;
+        let moved: Vec<_> = (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
+            .filter_map(|s| {
+                let (a, b) = (before.owner(s)?, after.owner(s)?);
+                (a.id != b.id).then(|| (a.id.clone(), b.id.clone()))
+            })
+            .collect();
+        let targets: std::collections::HashSet<_> = moved.iter().map(|(_, to)| to).collect();
+        results.push(FailoverRun {
+            killed: victim.to_string(),
+            delivery_resumed_ms: resumed.as_secs_f64() * 1e3,
+            new_epoch_ms: epoch_after.as_secs_f64() * 1e3,
+            slots_moved: moved.len(),
+            slots_total: mesh_core::SLOT_COUNT,
+            only_dead_nodes_slots_to_one_standby: targets.len() == 1
+                && moved.iter().all(|(from, _)| *from == victim),
+        });
+        stop_mesh.cancel();
+        let _ = posting.await;
+        let _ = ws.close(None).await;
+        tracker.close();
+        tracker.wait().await;
+        mesh.await?;
+    }
+    let median = |f: fn(&FailoverRun) -> f64| {
+        let mut v: Vec<f64> = results.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Ok(FailoverReport {
+        median_delivery_resumed_ms: median(|r| r.delivery_resumed_ms),
+        median_new_epoch_ms: median(|r| r.new_epoch_ms),
+        runs: results,
+    })
 }
 
 #[cfg(test)]

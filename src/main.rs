@@ -169,6 +169,17 @@ enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Channel server failover: in a fresh `dev --multi-process` mesh per run (ports the OS
+    /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
+    /// reports how long delivery stopped and which slots moved.
+    Failover {
+        /// Runs (each on its own mesh); the report gives each and the median.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Admin -> client delivery latency: posts messages one at a time through the admin API
     /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
     /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
@@ -524,6 +535,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ctl::node_op(endpoint, ctl::NodeOp::Add, id.as_deref(), args.json).await
                 }
             }
+        }
+        Command::Bench(BenchCommand::Failover { runs, json }) => {
+            let report = channelmesh::bench::failover(runs).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(());
+            }
+            println!("channel server SIGKILL -> delivery resumed, {runs} runs");
+            println!(
+                "{:>4} {:<6} {:>12} {:>12} {:>14}  ONLY-DEAD->ONE-STANDBY",
+                "RUN", "KILLED", "RESUMED ms", "EPOCH ms", "SLOTS MOVED"
+            );
+            for (i, r) in report.runs.iter().enumerate() {
+                println!(
+                    "{:>4} {:<6} {:>12.1} {:>12.1} {:>8} ({:.1}%)  {}",
+                    i + 1,
+                    r.killed,
+                    r.delivery_resumed_ms,
+                    r.new_epoch_ms,
+                    r.slots_moved,
+                    100.0 * r.slots_moved as f64 / r.slots_total as f64,
+                    r.only_dead_nodes_slots_to_one_standby
+                );
+            }
+            println!(
+                "median: delivery resumed {:.1} ms, new epoch {:.1} ms",
+                report.median_delivery_resumed_ms, report.median_new_epoch_ms
+            );
+            Ok(())
         }
         Command::Bench(BenchCommand::Latency {
             gateway,

@@ -35,7 +35,7 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_LEASE: Duration = Duration::from_millis(400);
 /// Default: silence after which a node is probed.
 pub const DEFAULT_SUSPECT_AFTER: Duration = Duration::from_millis(500);
-/// Default: how long the confirming probe (a TCP connect to the node's address) may take.
+/// Default: how long the confirming probe (a gRPC health check on the node) may take.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// A node that answers the probe but stays silent this many times [`Config::suspect_after`]
 /// is declared down anyway (it is alive but cut off from the ring manager, and has stopped
@@ -483,12 +483,8 @@ impl RingManager {
                 let this = self.clone();
                 self.inner.tracker.spawn(async move {
                     let reachable = matches!(
-                        tokio::time::timeout(
-                            config.probe_timeout,
-                            tokio::net::TcpStream::connect(&addr)
-                        )
-                        .await,
-                        Ok(Ok(_))
+                        tokio::time::timeout(config.probe_timeout, probe(&addr)).await,
+                        Ok(true)
                     );
                     let mut state = this.state();
                     let Some(m) = state.members.get_mut(&id) else {
@@ -636,6 +632,23 @@ impl RingManager {
             .collect();
         proto
     }
+}
+
+/// The confirming probe: a gRPC health check on the node. Only a running process answers it;
+/// a frozen one still completes TCP handshakes, so a bare connect would not do.
+async fn probe(addr: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok()
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

@@ -256,11 +256,17 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
 
     // Frozen: it holds its socket open but says nothing, until declared down.
     signal(pid, Signal::SIGSTOP);
+    let frozen = Instant::now();
     eventually("the frozen node is declared down", || async {
         let (_, members) = ring_at(dev.ring_manager).await;
         (state_of(&members, victim.id.as_str()) == "down").then_some(())
     })
     .await;
+    println!(
+        "SIGSTOP of {} -> declared down after {} ms",
+        victim.id,
+        frozen.elapsed().as_millis()
+    );
     signal(pid, Signal::SIGCONT);
 
     // Back at once, with the old ring in memory: it must not serve the slot it lost.

@@ -170,7 +170,12 @@ impl ChannelRouter {
                 }
                 Code::Unavailable | Code::Cancelled if !remaining.is_zero() => {
                     tracing::debug!(%channel, node = %owner.id, error = %status.message(), "channel server unavailable; retrying");
-                    tokio::time::sleep(RETRY_PAUSE.min(remaining)).await;
+                    // Retry after the pause, or at once when a new ring comes (the node was
+                    // declared down and its slots moved).
+                    let _ = self
+                        .ring
+                        .wait_for_epoch(ring.epoch() + 1, RETRY_PAUSE.min(remaining))
+                        .await;
                 }
                 Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
                     return Err(RouteError::Unavailable(status.message().to_string()));

@@ -82,7 +82,11 @@ pub async fn serve(
         cancel.clone(),
     );
     tracing::info!(node = %config.node, %addr, standby = config.standby, "channel server listening");
+    // The ring manager probes a silent node with a standard gRPC health check: only a process
+    // that runs answers it (a frozen one still completes TCP handshakes).
+    let (_health, health_service) = tonic_health::server::health_reporter();
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(
             ChannelServerServer::new(service)
                 .max_decoding_message_size(service::MAX_HANDOFF_MESSAGE),
