@@ -17,6 +17,10 @@ const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
 const ENV_ADMIN_TOKEN: &str = "CHANNELMESH_ADMIN_TOKEN";
 /// Env var: the ring manager's gRPC endpoint.
 const ENV_RING_MANAGER: &str = "CHANNELMESH_RING_MANAGER";
+/// Env var: the presence ring's ring manager.
+const ENV_PRESENCE_RING_MANAGER: &str = "CHANNELMESH_PRESENCE_RING_MANAGER";
+/// The presence ring manager `dev` starts, and the default everyone else dials.
+const DEFAULT_PRESENCE_RING_MANAGER: &str = "http://127.0.0.1:50052";
 /// Env var: the Consul agent to use instead of a fixed ring manager.
 const ENV_CONSUL: &str = "CHANNELMESH_CONSUL";
 /// Env var: Consul's ACL token (Consul's own name for it).
@@ -85,6 +89,30 @@ enum Command {
         /// Join as a standby: no slots until it replaces a failed node or is added.
         #[arg(long)]
         standby: bool,
+        #[command(flatten)]
+        ring: RingArgs,
+    },
+    /// Run a presence server, on the presence ring (see --presence-ring-manager).
+    PresenceServer {
+        /// Its id on the presence ring, e.g. ps-1.
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Address others dial, if not the listen address.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Join as a standby: no users until it replaces a failed server or is added.
+        #[arg(long)]
+        standby: bool,
+        /// How long a user stays active after their last connection ends (ms): a reconnect
+        /// within it produces no away/active pair.
+        #[arg(long, default_value_t = presence_server::DEFAULT_GRACE.as_millis() as u64)]
+        grace_ms: u64,
+        /// How long a gateway's session may stay silent before its users' reports are dropped
+        /// (ms).
+        #[arg(long, default_value_t = presence_server::DEFAULT_GATEWAY_LEASE.as_millis() as u64)]
+        gateway_lease_ms: u64,
         #[command(flatten)]
         ring: RingArgs,
     },
@@ -220,6 +248,13 @@ struct DevArgs {
     /// 0 lets the OS pick.
     #[arg(long, default_value_t = 50061)]
     channel_server_port: u16,
+    /// The presence ring's ring manager.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    presence_ring_manager: SocketAddr,
+    /// Port of the first of the two presence servers and their standby (the others follow);
+    /// 0 lets the OS pick.
+    #[arg(long, default_value_t = 50071)]
+    presence_server_port: u16,
     /// Run every service as its own child process (ring manager, 3 active and 1 standby
     /// channel servers, admin server, a gateway per region), on the same ports.
     #[arg(long)]
@@ -246,6 +281,10 @@ struct RingArgs {
     /// The ring manager's gRPC endpoint (ignored with --consul).
     #[arg(long, env = ENV_RING_MANAGER, default_value = DEFAULT_RING_MANAGER)]
     ring_manager: String,
+    /// The presence ring's ring manager (ignored with --consul, where the presence ring lives
+    /// under CONSUL_PREFIX/presence).
+    #[arg(long, env = ENV_PRESENCE_RING_MANAGER, default_value = DEFAULT_PRESENCE_RING_MANAGER)]
+    presence_ring_manager: String,
     #[command(flatten)]
     consul: ConsulArgs,
 }
@@ -256,6 +295,16 @@ impl RingArgs {
         Ok(match self.consul.ring()? {
             Some(ring) => ring_manager::RingSource::Consul(ring),
             None => ring_manager::RingSource::Direct(self.ring_manager.clone()),
+        })
+    }
+
+    /// Where the presence ring comes from.
+    fn presence_source(&self) -> anyhow::Result<ring_manager::RingSource> {
+        let mut consul = self.consul.clone();
+        consul.consul_prefix = format!("{}/presence", consul.consul_prefix);
+        Ok(match consul.ring()? {
+            Some(ring) => ring_manager::RingSource::Consul(ring),
+            None => ring_manager::RingSource::Direct(self.presence_ring_manager.clone()),
         })
     }
 }
@@ -470,9 +519,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             Ok(channel_server::serve(config, listener, cancel).await?)
         }
+        Command::PresenceServer {
+            id,
+            listen,
+            advertise,
+            standby,
+            grace_ms,
+            gateway_lease_ms,
+            ring,
+        } => {
+            cancel_on_signals(cancel.clone());
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let local = listener.local_addr()?;
+            println!("listening on {local}");
+            ring.consul.register(
+                "presence-server",
+                &id,
+                (local, advertise.as_deref()),
+                vec![],
+                &cancel,
+            )?;
+            let config = presence_server::Config {
+                node: NodeId::new(&id)?,
+                ring: ring.presence_source()?,
+                advertise,
+                standby,
+                grace: Duration::from_millis(grace_ms),
+                gateway_lease: Duration::from_millis(gateway_lease_ms),
+            };
+            Ok(presence_server::serve(config, listener, cancel).await?)
+        }
         Command::AdminServer { id, listen, ring } => {
             let config = admin_server::Config {
                 ring: ring.source()?,
+                presence_ring: Some(ring.presence_source()?),
                 admin_token: required_env(ENV_ADMIN_TOKEN)?,
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
             };
@@ -498,6 +580,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 id: id.unwrap_or_else(|| format!("{region}-1")),
                 region,
                 ring: ring.source()?,
+                presence_ring: Some(ring.presence_source()?),
                 public_url,
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
                 connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
@@ -655,6 +738,15 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         .map(|i| SocketAddr::from(([127, 0, 0, 1], port(i))))
         .collect();
     config.standbys = vec![SocketAddr::from(([127, 0, 0, 1], port(3)))];
+    config.presence_ring_manager = args.presence_ring_manager;
+    let ps_port = |i: u16| match args.presence_server_port {
+        0 => 0,
+        base => base.saturating_add(i),
+    };
+    config.presence_servers = (0..2)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], ps_port(i))))
+        .collect();
+    config.presence_standbys = vec![SocketAddr::from(([127, 0, 0, 1], ps_port(2)))];
     cancel_on_signals(cancel.clone());
     let secrets = [
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
@@ -698,6 +790,15 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
                 .iter()
                 .map(|(region, p)| (region.clone(), p.addr, Some(p.pid)))
                 .collect(),
+            presence_ring_manager: (
+                procs.presence_ring_manager.addr,
+                Some(procs.presence_ring_manager.pid),
+            ),
+            presence_servers: procs
+                .presence_servers
+                .iter()
+                .map(|(id, standby, p)| (id.clone(), p.addr, *standby, Some(p.pid)))
+                .collect(),
             started_in: procs.started_in,
         };
         summary.print(&secrets);
@@ -706,6 +807,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     }
 
     let actives = config.channel_servers.len();
+    let presence_actives = config.presence_servers.len();
     let mesh = Mesh::start(config, cancel).await?;
     let summary = Summary {
         mode: "one process, embedded ring manager",
@@ -722,6 +824,13 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             .iter()
             .map(|(r, a)| (r.clone(), *a, None))
             .collect(),
+        presence_ring_manager: (mesh.presence_ring_manager, None),
+        presence_servers: mesh
+            .presence_servers
+            .iter()
+            .enumerate()
+            .map(|(i, (id, addr))| (id.to_string(), *addr, i >= presence_actives, None))
+            .collect(),
         started_in: mesh.started_in,
     };
     summary.print(&secrets);
@@ -737,6 +846,9 @@ struct Summary {
     admin: (SocketAddr, Option<u32>),
     /// (region, address, pid)
     gateways: Vec<(String, SocketAddr, Option<u32>)>,
+    presence_ring_manager: (SocketAddr, Option<u32>),
+    /// (id, address, standby, pid)
+    presence_servers: Vec<(String, SocketAddr, bool, Option<u32>)>,
     started_in: Duration,
 }
 
@@ -756,6 +868,15 @@ impl Summary {
             self.admin.0,
             pid(self.admin.1)
         );
+        println!(
+            "  presence ring    grpc://{}  (its ring manager){}",
+            self.presence_ring_manager.0,
+            pid(self.presence_ring_manager.1)
+        );
+        for (id, addr, standby, p) in &self.presence_servers {
+            let role = if *standby { " (standby)" } else { "" };
+            println!("  presence server  {id} grpc://{addr}{role}{}", pid(*p));
+        }
         for (region, addr, p) in &self.gateways {
             println!(
                 "  gateway {region:<8} http://{addr}/api/  (RTM base URL){}",

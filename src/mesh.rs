@@ -1,5 +1,5 @@
-//! A whole mesh in one process: ring manager, channel servers, admin server and one gateway per
-//! region — each serving on its own socket and talking to the others over the same gRPC it
+//! A whole mesh in one process: ring manager, channel servers, presence servers (with their
+//! own ring manager), admin server and one gateway per region — each serving on its own socket and talking to the others over the same gRPC it
 //! uses across machines. `channelmesh dev` runs it; the integration tests boot it on port 0.
 
 use std::net::SocketAddr;
@@ -31,6 +31,15 @@ pub struct MeshConfig {
     pub admin_token: String,
     /// How long a gateway's connect URLs stay valid.
     pub connect_url_ttl: Duration,
+    /// The presence ring's own ring manager.
+    pub presence_ring_manager: SocketAddr,
+    /// One address per active presence server (ps-1, ps-2, ...).
+    pub presence_servers: Vec<SocketAddr>,
+    /// One address per standby presence server.
+    pub presence_standbys: Vec<SocketAddr>,
+    /// Presence timing: the away grace period and the gateways' lease.
+    pub presence_grace: Duration,
+    pub presence_gateway_lease: Duration,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -39,7 +48,8 @@ fn loopback(port: u16) -> SocketAddr {
 
 impl MeshConfig {
     /// The `dev` layout: ring manager on 50050, admin on 50051, three channel servers on
-    /// 50061-50063 and a standby on 50064, gateways us-east on 8080 and eu-west on 8081.
+    /// 50061-50063 and a standby on 50064, gateways us-east on 8080 and eu-west on 8081; the
+    /// presence ring's manager on 50052, presence servers on 50071-50072 and a standby on 50073.
     pub fn dev(jwt_secret: String, admin_token: String) -> Self {
         MeshConfig {
             ring_manager: loopback(50050),
@@ -54,6 +64,11 @@ impl MeshConfig {
             jwt_secret,
             admin_token,
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
+            presence_ring_manager: loopback(50052),
+            presence_servers: (1..=2).map(|i| loopback(50070 + i)).collect(),
+            presence_standbys: vec![loopback(50073)],
+            presence_grace: presence_server::DEFAULT_GRACE,
+            presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
         }
     }
 
@@ -72,6 +87,11 @@ impl MeshConfig {
             jwt_secret: "test-jwt-secret".into(),
             admin_token: "test-admin-token".into(),
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
+            presence_ring_manager: loopback(0),
+            presence_servers: vec![loopback(0); 2],
+            presence_standbys: vec![loopback(0)],
+            presence_grace: presence_server::DEFAULT_GRACE,
+            presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
         }
     }
 }
@@ -92,6 +112,12 @@ pub struct Mesh {
     cancel: CancellationToken,
     /// Each channel server's own stop token (for failure tests).
     cs_cancel: Vec<(NodeId, CancellationToken)>,
+    pub presence_ring_manager: SocketAddr,
+    /// Every presence server, active and standby, in start order.
+    pub presence_servers: Vec<(NodeId, SocketAddr)>,
+    /// Each presence server's and each gateway's own stop token (for failure tests).
+    ps_cancel: Vec<(NodeId, CancellationToken)>,
+    gw_cancel: Vec<(String, CancellationToken)>,
     tasks: JoinSet<(String, anyhow::Result<()>)>,
     tracker: tokio_util::task::TaskTracker,
 }
@@ -151,11 +177,57 @@ impl Mesh {
             });
         }
 
+        // The presence ring: its own ring manager, managed exactly like the channel servers'.
+        let prm_listener = bind(config.presence_ring_manager, "presence ring manager").await?;
+        let presence_ring_manager = prm_listener.local_addr()?;
+        let prm_endpoint = format!("http://{presence_ring_manager}");
+        let presence_manager =
+            ring_manager::RingManager::new(config.ring, None, &tracker, cancel.clone())?;
+        let mut presence_ring = presence_manager.subscribe();
+        {
+            let (manager, cancel) = (presence_manager.clone(), cancel.clone());
+            tasks.spawn(async move {
+                let r = ring_manager::serve(manager, prm_listener, cancel).await;
+                (
+                    "presence ring manager".to_string(),
+                    r.map_err(anyhow::Error::from),
+                )
+            });
+        }
+        let presence_source = ring_manager::RingSource::Direct(prm_endpoint.clone());
+        let mut presence_servers = Vec::new();
+        let mut ps_cancel = Vec::new();
+        let actives = config.presence_servers.iter().map(|a| (a, false));
+        let standbys = config.presence_standbys.iter().map(|a| (a, true));
+        for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
+            let listener = bind(*addr, "presence server").await?;
+            let node = NodeId::new(&format!("ps-{}", i + 1))?;
+            presence_servers.push((node.clone(), listener.local_addr()?));
+            let ps_config = presence_server::Config {
+                node: node.clone(),
+                ring: presence_source.clone(),
+                advertise: None,
+                standby,
+                grace: config.presence_grace,
+                gateway_lease: config.presence_gateway_lease,
+            };
+            let cancel = cancel.child_token();
+            ps_cancel.push((node.clone(), cancel.clone()));
+            tasks.spawn(async move {
+                let r = presence_server::serve(ps_config, listener, cancel).await;
+                (
+                    format!("presence server {node}"),
+                    r.map_err(anyhow::Error::from),
+                )
+            });
+        }
+
         let admin_listener = bind(config.admin, "admin server").await?;
         let admin = admin_listener.local_addr()?;
         {
             let admin_config = admin_server::Config {
                 ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
+                presence_ring: Some(presence_source.clone()),
                 admin_token: config.admin_token.clone(),
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
             };
@@ -167,6 +239,7 @@ impl Mesh {
         }
 
         let mut gateways = Vec::new();
+        let mut gw_cancel = Vec::new();
         for (region, addr) in &config.gateways {
             let listener = bind(*addr, "gateway").await?;
             let local = listener.local_addr()?;
@@ -175,11 +248,13 @@ impl Mesh {
                 id: format!("{region}-1"),
                 region: region.clone(),
                 ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
+                presence_ring: Some(presence_source.clone()),
                 public_url: None,
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
                 connect_url_ttl: config.connect_url_ttl,
             };
-            let (cancel, name) = (cancel.clone(), format!("gateway {region}"));
+            let (cancel, name) = (cancel.child_token(), format!("gateway {region}"));
+            gw_cancel.push((region.clone(), cancel.clone()));
             tasks.spawn(async move {
                 let r = gateway::serve(gw_config, listener, cancel).await;
                 (name, r.map_err(anyhow::Error::from))
@@ -206,6 +281,27 @@ impl Mesh {
             cancel.cancel();
             anyhow::bail!("channel servers did not all join the ring within {READY_TIMEOUT:?}");
         }
+        let want = config.presence_servers.len();
+        let waited = tokio::time::timeout(
+            READY_TIMEOUT,
+            presence_ring.wait_for(|r| r.nodes().len() == want),
+        )
+        .await;
+        let presence_standbys_in = || {
+            presence_manager
+                .members()
+                .iter()
+                .filter(|(_, s)| *s == ring_manager::NodeState::Standby)
+                .count()
+                >= config.presence_standbys.len()
+        };
+        while matches!(waited, Ok(Ok(_))) && !presence_standbys_in() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !matches!(waited, Ok(Ok(_))) || !presence_standbys_in() {
+            cancel.cancel();
+            anyhow::bail!("presence servers did not all join their ring within {READY_TIMEOUT:?}");
+        }
         Ok(Mesh {
             ring_manager,
             channel_servers,
@@ -216,6 +312,10 @@ impl Mesh {
             started_in: started.elapsed(),
             cancel,
             cs_cancel,
+            presence_ring_manager,
+            presence_servers,
+            ps_cancel,
+            gw_cancel,
             tasks,
             tracker,
         })
@@ -225,6 +325,28 @@ impl Mesh {
     /// heartbeating (in-process tests; the multi-process tests use SIGKILL).
     pub fn stop_channel_server(&self, node: &str) -> bool {
         match self.cs_cancel.iter().find(|(id, _)| id.as_str() == node) {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops presence server `node` at once, as a crash would.
+    pub fn stop_presence_server(&self, node: &str) -> bool {
+        match self.ps_cancel.iter().find(|(id, _)| id.as_str() == node) {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the gateway of `region` (its clients' sockets close).
+    pub fn stop_gateway(&self, region: &str) -> bool {
+        match self.gw_cancel.iter().find(|(r, _)| r == region) {
             Some((_, cancel)) => {
                 cancel.cancel();
                 true

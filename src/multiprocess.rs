@@ -54,6 +54,9 @@ pub struct Processes {
     pub ring_manager: Service,
     /// With Consul, the other ring managers.
     pub extra_ring_managers: Vec<Service>,
+    pub presence_ring_manager: Service,
+    /// Active then standby presence servers: (id, standby, service).
+    pub presence_servers: Vec<(String, bool, Service)>,
     /// Active then standby channel servers: (id, standby, service).
     pub channel_servers: Vec<(String, bool, Service)>,
     pub admin: Service,
@@ -104,20 +107,37 @@ async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Resu
 pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result<Processes> {
     let started = Instant::now();
     let s = |v: &str| v.to_string();
-    let rm_args = |addr: SocketAddr| {
+    let prefix = options
+        .consul_prefix
+        .clone()
+        .unwrap_or_else(|| ring_manager::cluster::DEFAULT_PREFIX.to_string());
+    // A ring manager on `addr`; `presence`: the presence ring's.
+    let rm_args = |addr: SocketAddr, presence: bool| {
         let mut args = vec![s("ring-manager"), s("--listen"), addr.to_string()];
         if let Some(path) = &options.ring_state_file {
-            args.extend([s("--state-file"), path.display().to_string()]);
+            let mut path = path.display().to_string();
+            if presence {
+                path.push_str(".presence");
+            }
+            args.extend([s("--state-file"), path]);
         }
         if let Some(url) = &options.consul {
-            args.extend([s("--consul"), url.clone()]);
-            if let Some(prefix) = &options.consul_prefix {
-                args.extend([s("--consul-prefix"), prefix.clone()]);
-            }
+            let prefix = if presence {
+                format!("{prefix}/presence")
+            } else {
+                prefix.clone()
+            };
+            args.extend([s("--consul"), url.clone(), s("--consul-prefix"), prefix]);
         }
         args
     };
-    let ring_manager = start("ring-manager", &rm_args(config.ring_manager), config).await?;
+    let ring_manager = start("ring-manager", &rm_args(config.ring_manager, false), config).await?;
+    let presence_ring_manager = start(
+        "presence-ring-manager",
+        &rm_args(config.presence_ring_manager, true),
+        config,
+    )
+    .await?;
     // How every other service finds the ring: Consul, or the ring manager just started.
     let ring_args = match &options.consul {
         Some(url) => {
@@ -127,12 +147,35 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             }
             args
         }
-        None => vec![s("--ring-manager"), format!("http://{}", ring_manager.addr)],
+        None => vec![
+            s("--ring-manager"),
+            format!("http://{}", ring_manager.addr),
+            s("--presence-ring-manager"),
+            format!("http://{}", presence_ring_manager.addr),
+        ],
     };
     let mut extra_ring_managers = Vec::new();
     for (i, addr) in options.extra_ring_managers.iter().enumerate() {
         let name = format!("ring-manager-{}", i + 2);
-        extra_ring_managers.push(start(&name, &rm_args(*addr), config).await?);
+        extra_ring_managers.push(start(&name, &rm_args(*addr, false), config).await?);
+    }
+    let mut presence_servers = Vec::new();
+    let actives = config.presence_servers.iter().map(|a| (a, false));
+    let standbys = config.presence_standbys.iter().map(|a| (a, true));
+    for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
+        let id = format!("ps-{}", i + 1);
+        let mut args = vec![
+            s("presence-server"),
+            s("--id"),
+            id.clone(),
+            s("--listen"),
+            addr.to_string(),
+        ];
+        args.extend(ring_args.iter().cloned());
+        if standby {
+            args.push(s("--standby"));
+        }
+        presence_servers.push((id.clone(), standby, start(&id, &args, config).await?));
     }
     let mut channel_servers = Vec::new();
     let actives = config.channel_servers.iter().map(|a| (a, false));
@@ -173,19 +216,56 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         ));
     }
 
-    // Ready when every active server owns slots and every standby is registered.
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let source = match &options.consul {
-        Some(url) => RingSource::Consul(ConsulRing::new(
-            url,
-            None,
-            options
-                .consul_prefix
-                .as_deref()
-                .unwrap_or(ring_manager::cluster::DEFAULT_PREFIX),
-        )?),
-        None => RingSource::Direct(format!("http://{}", ring_manager.addr)),
+    // Ready when, on both rings, every active server owns slots and every standby is
+    // registered.
+    let consul = |prefix: String| -> anyhow::Result<RingSource> {
+        let url = options.consul.as_deref().unwrap_or_default();
+        Ok(RingSource::Consul(ConsulRing::new(url, None, &prefix)?))
     };
+    let (ring, presence_ring) = match &options.consul {
+        Some(_) => (
+            consul(prefix.clone())?,
+            consul(format!("{prefix}/presence"))?,
+        ),
+        None => (
+            RingSource::Direct(format!("http://{}", ring_manager.addr)),
+            RingSource::Direct(format!("http://{}", presence_ring_manager.addr)),
+        ),
+    };
+    let deadline = Instant::now() + READY_TIMEOUT;
+    assembled(
+        &ring,
+        config.channel_servers.len(),
+        config.standbys.len(),
+        deadline,
+    )
+    .await?;
+    assembled(
+        &presence_ring,
+        config.presence_servers.len(),
+        config.presence_standbys.len(),
+        deadline,
+    )
+    .await?;
+    Ok(Processes {
+        ring_manager,
+        extra_ring_managers,
+        presence_ring_manager,
+        presence_servers,
+        channel_servers,
+        admin,
+        gateways,
+        started_in: started.elapsed(),
+    })
+}
+
+/// Waits until the ring `source` leads to has `actives` active and `standbys` standby members.
+async fn assembled(
+    source: &RingSource,
+    actives: usize,
+    standbys: usize,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     loop {
         // With Consul, the leader may not be elected yet.
         let ring = match source.endpoint().await {
@@ -195,29 +275,17 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             },
             Err(_) => None,
         };
-        if Instant::now() > deadline {
-            bail!("the ring did not assemble within {READY_TIMEOUT:?}");
+        if let Some(ring) = ring.map(|r| r.into_inner()) {
+            let count = |state: &str| ring.members.iter().filter(|m| m.state == state).count();
+            if count("active") == actives && count("standby") == standbys {
+                return Ok(());
+            }
         }
-        let Some(ring) = ring.map(|r| r.into_inner()) else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let count = |state: &str| ring.members.iter().filter(|m| m.state == state).count();
-        if count("active") == config.channel_servers.len()
-            && count("standby") == config.standbys.len()
-        {
-            break;
+        if Instant::now() > deadline {
+            bail!("the ring at {source} did not assemble within {READY_TIMEOUT:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok(Processes {
-        ring_manager,
-        extra_ring_managers,
-        channel_servers,
-        admin,
-        gateways,
-        started_in: started.elapsed(),
-    })
 }
 
 impl Processes {
@@ -225,6 +293,8 @@ impl Processes {
         let mut all: Vec<&mut Service> = Vec::new();
         all.extend(self.gateways.iter_mut().map(|(_, s)| s));
         all.push(&mut self.admin);
+        all.extend(self.presence_servers.iter_mut().map(|(_, _, s)| s));
+        all.push(&mut self.presence_ring_manager);
         all.extend(self.channel_servers.iter_mut().map(|(_, _, s)| s));
         all.push(&mut self.ring_manager);
         all.extend(self.extra_ring_managers.iter_mut());

@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "channelmesh/admin/v1/admin.proto",
         "channelmesh/channel/v1/channel.proto",
+        "channelmesh/presence/v1/presence.proto",
         "channelmesh/ring/v1/ring.proto",
     ];
     let fds = protox::compile(files, [&root])?;

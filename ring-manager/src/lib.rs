@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod consul;
 pub mod convert;
 pub mod lease;
+pub mod membership;
 pub mod server;
 pub mod state_file;
 

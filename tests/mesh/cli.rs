@@ -84,6 +84,10 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         "127.0.0.1:0",
         "--channel-server-port",
         "0",
+        "--presence-ring-manager",
+        "127.0.0.1:0",
+        "--presence-server-port",
+        "0",
     ])
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
@@ -109,6 +113,7 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         "gateway us-east",
         "gateway eu-west",
         "cs-3",
+        "presence server  ps-3",
         "CHANNELMESH_JWT_SECRET=",
         "CHANNELMESH_ADMIN_TOKEN=",
     ] {

@@ -92,7 +92,9 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
             (passing("channelmesh-channel-server") == 4
                 && passing("channelmesh-gateway") == 2
                 && passing("channelmesh-admin-server") == 1
-                && passing("channelmesh-ring-manager") == 2)
+                && passing("channelmesh-presence-server") == 3
+            // Two for the channel ring, one for the presence ring.
+            && passing("channelmesh-ring-manager") == 3)
                 .then_some(())
         },
     )

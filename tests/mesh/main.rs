@@ -9,6 +9,7 @@ mod charm;
 mod cli;
 mod consul;
 mod message_path;
+mod presence;
 mod processes;
 mod real_clients;
 mod reflection;

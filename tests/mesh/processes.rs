@@ -53,6 +53,8 @@ impl Dev {
         let args = [
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
+            "--presence-ring-manager".to_string(),
+            "127.0.0.1:0".to_string(),
             "--ring-state-file".to_string(),
             state_file.display().to_string(),
         ];
@@ -69,6 +71,13 @@ impl Dev {
             format!("test-{name}"),
             "--ring-manager".to_string(),
             ring_managers[0].to_string(),
+            // A ring manager on Consul needs a fixed port: it is published before it is bound.
+            "--presence-ring-manager".to_string(),
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .to_string(),
         ];
         for rm in &ring_managers[1..] {
             args.extend(["--extra-ring-manager".to_string(), rm.to_string()]);
@@ -85,6 +94,8 @@ impl Dev {
                 "--eu-west",
                 "127.0.0.1:0",
                 "--channel-server-port",
+                "0",
+                "--presence-server-port",
                 "0",
             ])
             .args(extra)

@@ -84,7 +84,12 @@ pub struct Rtm {
 impl Rtm {
     /// `rtm.connect`, then the WebSocket, then waits for `hello`.
     pub async fn connect(base: &str, token: &str) -> anyhow::Result<Rtm> {
-        let reply = web_api(base, "rtm.connect", Some(token)).await;
+        Self::connect_with(base, token, "").await
+    }
+
+    /// The same, with `query` (e.g. `?batch_presence_aware=1`) on `rtm.connect`.
+    pub async fn connect_with(base: &str, token: &str, query: &str) -> anyhow::Result<Rtm> {
+        let reply = web_api(base, &format!("rtm.connect{query}"), Some(token)).await;
         if reply["ok"] != json!(true) {
             bail!("rtm.connect refused: {reply}");
         }

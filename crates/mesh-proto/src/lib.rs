@@ -10,6 +10,11 @@ pub mod channel {
     tonic::include_proto!("channelmesh.channel.v1");
 }
 
+/// The internal presence-server API used by gateways and admin servers.
+pub mod presence {
+    tonic::include_proto!("channelmesh.presence.v1");
+}
+
 /// The internal ring-manager API.
 pub mod ring {
     tonic::include_proto!("channelmesh.ring.v1");

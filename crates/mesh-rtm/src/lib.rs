@@ -2,7 +2,7 @@
 //! knows RTM JSON; everything past it sees [`ClientFrame`] and domain events.
 
 use mesh_core::event::MAX_TEXT_BYTES;
-use mesh_core::{ChannelEvent, ChannelId, EventBody, Ts};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Ts, UserId};
 use serde_json::{Map, Value, json};
 
 /// RTM error codes the gateway sends (`{"error":{"code":N,"msg":..}}`). Documented in the README.
@@ -27,7 +27,14 @@ pub enum ErrorCode {
     Binary = 8,
     /// The channel server could not take the event; try again.
     Unavailable = 9,
+    /// A `presence_sub`/`presence_query` names more than [`MAX_PRESENCE_IDS`] users:
+    /// msg `too_many_ids`.
+    TooManyIds = 10,
 }
+
+/// The most user ids one `presence_sub` or `presence_query` may name (Slack's clients keep it
+/// to the users on screen).
+pub const MAX_PRESENCE_IDS: usize = 500;
 
 /// An RTM error: a code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +78,10 @@ pub enum ClientFrame {
     },
     /// `{"id":N,"type":"typing","channel":C}`.
     Typing { id: Option<i64>, channel: ChannelId },
+    /// `{"type":"presence_sub","ids":[U..]}`: watch exactly these users.
+    PresenceSub { id: Option<i64>, ids: Vec<UserId> },
+    /// `{"type":"presence_query","ids":[U..]}`: their presence, once.
+    PresenceQuery { id: Option<i64>, ids: Vec<UserId> },
 }
 
 /// Parses one text frame.
@@ -146,12 +157,49 @@ pub fn parse(text: &str) -> Result<ClientFrame, RtmError> {
             channel: channel_field(&fields, id)?,
             id,
         }),
+        "presence_sub" => Ok(ClientFrame::PresenceSub {
+            ids: ids_field(&fields, id)?,
+            id,
+        }),
+        "presence_query" => Ok(ClientFrame::PresenceQuery {
+            ids: ids_field(&fields, id)?,
+            id,
+        }),
         other => Err(RtmError::new(
             ErrorCode::UnknownType,
             format!("unsupported type {other:?}"),
             id,
         )),
     }
+}
+
+fn ids_field(fields: &Map<String, Value>, id: Option<i64>) -> Result<Vec<UserId>, RtmError> {
+    let Some(Value::Array(ids)) = fields.get("ids") else {
+        return Err(RtmError::new(
+            ErrorCode::BadField,
+            "ids must be an array of user ids",
+            id,
+        ));
+    };
+    if ids.len() > MAX_PRESENCE_IDS {
+        return Err(RtmError::new(ErrorCode::TooManyIds, "too_many_ids", id));
+    }
+    let mut users = Vec::with_capacity(ids.len());
+    for value in ids {
+        let Value::String(raw) = value else {
+            return Err(RtmError::new(
+                ErrorCode::BadField,
+                "ids must be an array of user ids",
+                id,
+            ));
+        };
+        let user = UserId::new(raw)
+            .map_err(|e| RtmError::new(ErrorCode::BadField, format!("ids: {e}"), id))?;
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    Ok(users)
 }
 
 fn channel_field(fields: &Map<String, Value>, id: Option<i64>) -> Result<ChannelId, RtmError> {
@@ -189,6 +237,28 @@ pub fn pong(mut fields: Map<String, Value>) -> String {
     fields.insert("type".into(), Value::from("pong"));
     fields.insert("reply_to".into(), id);
     Value::Object(fields).to_string()
+}
+
+/// `{"type":"presence_change","user":U,"presence":"active"|"away"}`.
+pub fn presence_change(user: &UserId, active: bool) -> String {
+    json!({"type": "presence_change", "user": user.as_str(), "presence": presence(active)})
+        .to_string()
+}
+
+/// The batch form, for clients that connected with `batch_presence_aware=1`:
+/// `{"type":"presence_change","users":[U..],"presence":..}`.
+pub fn presence_change_batch(users: &[&UserId], active: bool) -> String {
+    let users: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+    json!({"type": "presence_change", "users": users, "presence": presence(active)}).to_string()
+}
+
+fn presence(active: bool) -> &'static str {
+    if active { "active" } else { "away" }
+}
+
+/// `{"ok":true,"reply_to":N}`: a frame with an id was taken.
+pub fn ok_reply(id: i64) -> String {
+    json!({"ok": true, "reply_to": id}).to_string()
 }
 
 /// The ack of a sent message.

@@ -34,6 +34,8 @@ pub enum Error {
 pub struct Config {
     /// Where the ring is found.
     pub ring: RingSource,
+    /// Where the presence ring is found, if the mesh has presence servers.
+    pub presence_ring: Option<RingSource>,
     /// The bearer token every call must present (`CHANNELMESH_ADMIN_TOKEN`).
     pub admin_token: String,
     /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
@@ -48,9 +50,14 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
+    let presence = config
+        .presence_ring
+        .clone()
+        .map(|source| RingWatcher::spawn(source, &tracker, cancel.clone()));
     let service = AdminService::new(
         ChannelRouter::new(ring),
         TokenKey::hs256(&config.jwt_secret),
+        presence,
     );
     let auth = AdminAuth::new(&config.admin_token);
     let reflection = tonic_reflection::server::Builder::configure()

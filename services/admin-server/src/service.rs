@@ -21,12 +21,25 @@ const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 pub struct AdminService {
     router: ChannelRouter,
     key: TokenKey,
+    /// The presence ring, when the mesh has presence servers.
+    presence: Option<ring_manager::RingWatcher>,
 }
 
+/// The most users one `GetPresence` may ask about.
+pub const MAX_PRESENCE_USERS: usize = 500;
+
 impl AdminService {
-    /// Routes through `router`; mints tokens with `key`.
-    pub fn new(router: ChannelRouter, key: TokenKey) -> Self {
-        AdminService { router, key }
+    /// Routes through `router`; mints tokens with `key`; asks presence servers on `presence`.
+    pub fn new(
+        router: ChannelRouter,
+        key: TokenKey,
+        presence: Option<ring_manager::RingWatcher>,
+    ) -> Self {
+        AdminService {
+            router,
+            key,
+            presence,
+        }
     }
 
     async fn publish(&self, channel: ChannelId, body: EventBody) -> Result<Ts, Status> {
@@ -190,6 +203,40 @@ impl Admin for AdminService {
             .await?;
         Ok(Response::new(pb::LeaveChannelResponse {
             ts: ts.to_string(),
+        }))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<pb::GetPresenceRequest>,
+    ) -> Result<Response<pb::GetPresenceResponse>, Status> {
+        let req = request.into_inner();
+        if req.users.len() > MAX_PRESENCE_USERS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PRESENCE_USERS} users per call"
+            )));
+        }
+        let users = req
+            .users
+            .iter()
+            .map(|u| UserId::new(u).map_err(|e| Status::invalid_argument(format!("users: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(ring) = &self.presence else {
+            return Err(Status::unavailable("this mesh has no presence servers"));
+        };
+        let ring = ring.current();
+        if ring.nodes().is_empty() {
+            return Err(Status::unavailable("no presence server is on the ring yet"));
+        }
+        let answer = presence_server::client::lookup(&ring, &users).await;
+        Ok(Response::new(pb::GetPresenceResponse {
+            users: answer
+                .into_iter()
+                .map(|(user, active)| pb::UserPresence {
+                    user: user.to_string(),
+                    presence: if active { "active" } else { "away" }.to_string(),
+                })
+                .collect(),
         }))
     }
 

@@ -7,12 +7,11 @@ pub mod store;
 pub mod wire;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
-use mesh_proto::ring::{RegisterRequest, RegisterResponse};
-use ring_manager::{Lease, LeaseEnd, RingSource, RingWatcher};
+use mesh_proto::ring::RegisterRequest;
+use ring_manager::{Lease, RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,9 +23,6 @@ pub use store::Limits;
 
 /// Default: responses queued per gateway stream before that gateway counts as fallen behind.
 pub const DEFAULT_GATEWAY_QUEUE: usize = 65_536;
-/// How long start-up waits for the ring manager to accept the registration.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Errors of the channel server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,25 +99,11 @@ pub async fn serve(
         pid: std::process::id(),
         standby: config.standby,
     };
-    let registered = tokio::select! {
-        _ = cancel.cancelled() => None,
-        r = ring_manager::client::register(&config.ring, request.clone(), REGISTER_TIMEOUT) => Some(r),
-    };
-    match registered {
-        Some(Err(e)) => {
-            cancel.cancel();
-            return Err(e.into());
-        }
-        Some(Ok(reply)) => {
-            tracker.spawn(hold_membership(
-                config.ring.clone(),
-                request,
-                reply,
-                lease,
-                cancel.clone(),
-            ));
-        }
-        None => {}
+    let joined =
+        ring_manager::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
+    if let Err(e) = joined {
+        cancel.cancel();
+        return Err(e.into());
     }
     let result = server.await;
     cancel.cancel();
@@ -130,52 +112,5 @@ pub async fn serve(
     match result {
         Ok(r) => r.map_err(Error::from),
         Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),
-    }
-}
-
-/// Holds the lease; when the ring manager revokes it (this node was declared down), registers
-/// again as a standby, as a new incarnation, and holds that lease.
-async fn hold_membership(
-    source: RingSource,
-    mut request: RegisterRequest,
-    mut reply: RegisterResponse,
-    lease: Lease,
-    cancel: CancellationToken,
-) {
-    loop {
-        let interval = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1)));
-        let length = Duration::from_millis(u64::from(reply.lease_ms.max(1)));
-        let end = lease
-            .hold(
-                &source,
-                &request.node_id,
-                reply.incarnation,
-                interval,
-                length,
-                &cancel,
-            )
-            .await;
-        if end == LeaseEnd::Cancelled {
-            return;
-        }
-        request.standby = true;
-        loop {
-            let attempt = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = ring_manager::client::register(&source, request.clone(), REGISTER_TIMEOUT) => r,
-            };
-            match attempt {
-                Ok(next) => {
-                    tracing::info!(
-                        incarnation = next.incarnation,
-                        "registered again as a standby"
-                    );
-                    lease.reset();
-                    reply = next;
-                    break;
-                }
-                Err(e) => tracing::warn!(error = %e, "registering again failed; retrying"),
-            }
-        }
     }
 }

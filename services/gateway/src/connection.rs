@@ -159,7 +159,13 @@ async fn catch_up(
 }
 
 /// Runs one connection until either side closes or the gateway shuts down.
-pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity: Identity) {
+pub async fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    conn: ConnId,
+    identity: Identity,
+    batch_presence: bool,
+) {
     let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Arc::new(Closer::default());
     let sink = ConnSink::new(conn, identity.user.clone(), tx.clone(), closer.clone());
@@ -210,6 +216,9 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
         return;
     }
     tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
+    if let Some(presence) = &shared.presence {
+        presence.connected(&me.sink, batch_presence);
+    }
 
     let mut in_flight = FuturesUnordered::new();
     let mut frames: Vec<Utf8Bytes> = Vec::new();
@@ -273,6 +282,8 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
                             in_flight.push(publish(&me, id, channel, None));
                             None
                         }
+                        Ok(ClientFrame::PresenceSub { id, ids }) => presence_frame(&shared, id, |p| p.subscribe(conn, ids)),
+                        Ok(ClientFrame::PresenceQuery { id, ids }) => presence_frame(&shared, id, |p| p.query(conn, ids)),
                     },
                     Some(Ok(Message::Binary(_))) => Some(
                         RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None).render().into(),
@@ -293,7 +304,30 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, conn: ConnId, identity:
     let _ = ws_tx.close().await;
     let all: Vec<ChannelId> = me.members.drain().collect();
     shared.hub.leave(conn, &all);
+    if let Some(presence) = &shared.presence {
+        presence.disconnected(conn, &me.identity.user);
+    }
     tracing::debug!(conn, user = %me.identity.user, ?close, "client disconnected");
+}
+
+/// Hands a presence frame to the presence hub; the reply, if the frame had an id, says it was
+/// taken (or that the mesh has no presence servers).
+fn presence_frame(
+    shared: &Shared,
+    id: Option<i64>,
+    f: impl FnOnce(&crate::presence::PresenceHub),
+) -> Option<Utf8Bytes> {
+    match &shared.presence {
+        Some(presence) => {
+            f(presence);
+            id.map(|id| Utf8Bytes::from(rtm::ok_reply(id)))
+        }
+        None => Some(
+            RtmError::new(ErrorCode::Unavailable, "presence is not available", id)
+                .render()
+                .into(),
+        ),
+    }
 }
 
 fn close_frame(code: u16, reason: &'static str) -> Message {

@@ -24,6 +24,8 @@ pub fn routes(shared: Arc<Shared>) -> Router {
         .route("/api/auth.test", any(auth_test))
         .route("/api/rtm.connect", any(rtm_connect))
         .route("/api/rtm.start", any(rtm_connect))
+        .route("/api/users.setPresence", any(set_presence))
+        .route("/api/users.getPresence", any(get_presence))
         .route("/rtm/{ticket}", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
         .route("/stats", get(stats))
@@ -153,6 +155,62 @@ async fn rtm_connect(
     .into_response()
 }
 
+/// `users.setPresence` (`presence=away|auto`): away overrides the user's connections until set
+/// back to `auto` (`active` is taken as `auto`).
+async fn set_presence(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let params = Params::read(&headers, query, &body);
+    let identity = match authenticate(&shared, &headers, &params) {
+        Ok(i) => i,
+        Err(error) => return slack_error(error),
+    };
+    let away = match params.get("presence") {
+        Some("away") => true,
+        Some("auto" | "active") => false,
+        _ => return slack_error("invalid_presence"),
+    };
+    let Some(presence) = &shared.presence else {
+        return slack_error("presence_unavailable");
+    };
+    presence.set_manual(&identity.user, away);
+    axum::Json(json!({"ok": true})).into_response()
+}
+
+/// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`.
+async fn get_presence(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let params = Params::read(&headers, query, &body);
+    let identity = match authenticate(&shared, &headers, &params) {
+        Ok(i) => i,
+        Err(error) => return slack_error(error),
+    };
+    let user = match params.get("user") {
+        Some(raw) => match mesh_core::UserId::new(raw) {
+            Ok(u) => u,
+            Err(_) => return slack_error("user_not_found"),
+        },
+        None => identity.user,
+    };
+    let Some(presence) = &shared.presence else {
+        return slack_error("presence_unavailable");
+    };
+    let active = presence
+        .lookup(std::slice::from_ref(&user))
+        .await
+        .first()
+        .is_some_and(|(_, a)| *a);
+    let presence = if active { "active" } else { "away" };
+    axum::Json(json!({"ok": true, "presence": presence})).into_response()
+}
+
 /// Read-only counters for operators and tests.
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(json!({
@@ -182,7 +240,14 @@ async fn websocket(
             let shared = tracked.clone();
             let task = async move {
                 shared.connections.fetch_add(1, Ordering::Relaxed);
-                connection::run(socket, shared.clone(), conn, ticket.identity).await;
+                connection::run(
+                    socket,
+                    shared.clone(),
+                    conn,
+                    ticket.identity,
+                    ticket.batch_presence,
+                )
+                .await;
                 shared.connections.fetch_sub(1, Ordering::Relaxed);
             };
             tracked.tracker.track_future(task)

@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod http;
 pub mod hub;
+pub mod presence;
 pub mod tickets;
 mod upstream;
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub region: String,
     /// Where the ring is found.
     pub ring: RingSource,
+    /// Where the presence ring is found; without one, presence frames get an error reply.
+    pub presence_ring: Option<RingSource>,
     /// The base URL clients reach this gateway at (e.g. "http://127.0.0.1:8080", or the
     /// region's Envoy); defaults to the bound address. WebSocket URLs use the same host.
     pub public_url: Option<String>,
@@ -49,6 +52,8 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Shared {
     pub hub: Hub,
+    /// Presence, when the mesh has presence servers.
+    pub presence: Option<presence::PresenceHub>,
     pub router: ChannelRouter,
     pub tickets: tickets::Tickets,
     pub key: TokenKey,
@@ -85,7 +90,12 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let router = ChannelRouter::new(ring.clone());
+    let presence = config.presence_ring.clone().map(|source| {
+        let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
+        presence::PresenceHub::new(config.id.clone(), ring, tracker.clone(), cancel.clone())
+    });
     let shared = Arc::new(Shared {
+        presence,
         hub: Hub::new(
             config.id.clone(),
             ring,

@@ -1,0 +1,61 @@
+//! Asking presence servers: routing users to their owners on the presence ring.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mesh_core::{ChannelId, NodeId, Ring, UserId};
+use mesh_proto::presence as pb;
+use mesh_proto::presence::presence_client::PresenceClient;
+
+/// How long one query to a presence server may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Presence servers asked at once.
+const PARALLEL: usize = 16;
+
+/// The presence server that owns `user` under `ring`: its id and address.
+pub fn owner(ring: &Ring, user: &UserId) -> Option<(NodeId, String)> {
+    ring.owner_of(&ChannelId::from(user))
+        .map(|n| (n.id.clone(), n.addr.clone()))
+}
+
+/// The presence of `ids` under `ring`, one query per presence server.
+pub async fn lookup(ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
+    let mut by_owner: HashMap<String, Vec<UserId>> = HashMap::new();
+    for user in ids {
+        if let Some((_, addr)) = owner(ring, user) {
+            by_owner.entry(addr).or_default().push(user.clone());
+        }
+    }
+    let queries = by_owner.into_iter().map(|(addr, users)| async move {
+        let ask = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect_timeout(CALL_TIMEOUT)
+                .connect()
+                .await
+                .ok()?;
+            let request = pb::QueryRequest {
+                users: users.iter().map(ToString::to_string).collect(),
+            };
+            PresenceClient::new(channel).query(request).await.ok()
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, ask).await {
+            Ok(Some(reply)) => reply
+                .into_inner()
+                .users
+                .into_iter()
+                .filter_map(|p| Some((UserId::new(&p.user).ok()?, p.active)))
+                .collect(),
+            _ => users.into_iter().map(|u| (u, false)).collect::<Vec<_>>(),
+        }
+    });
+    let answers: Vec<Vec<(UserId, bool)>> = futures::stream::iter(queries)
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let mut known: HashMap<UserId, bool> = answers.into_iter().flatten().collect();
+    ids.iter()
+        .map(|u| (u.clone(), known.remove(u).unwrap_or(false)))
+        .collect()
+}

@@ -1,0 +1,114 @@
+//! The presence server (PS): users are hashed onto presence servers by their own ring (managed
+//! by a ring manager exactly like the channel servers' ring). Gateways report their users'
+//! live connections to each user's owner over a leased stream and watch users there; the
+//! owner pushes presence changes back to the gateways that watch.
+
+pub mod client;
+pub mod service;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_core::NodeId;
+use mesh_proto::presence::presence_server::PresenceServer;
+use mesh_proto::ring::RegisterRequest;
+use ring_manager::{Lease, RingSource, RingWatcher};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+
+pub use service::PresenceService;
+
+/// Default: how long a user stays active after their last connection ends (and a gateway's
+/// users after it is gone): a reconnect within it produces no away/active pair.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+/// Default: how long a gateway's session may stay silent before its reports are dropped
+/// (gateways send a heartbeat every [`HEARTBEAT_INTERVAL`]).
+pub const DEFAULT_GATEWAY_LEASE: Duration = Duration::from_secs(3);
+/// How often a gateway says something on an otherwise quiet session.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// After gaining users (a ring change), how long changes are held so that gateways can
+/// re-report them first.
+pub const WARM_UP: Duration = Duration::from_millis(500);
+
+/// Errors of the presence server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ring manager: {0}")]
+    Ring(#[from] ring_manager::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Configuration of one presence server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Its id on the presence ring, e.g. "ps-1".
+    pub node: NodeId,
+    /// Where the presence ring and its ring manager are found.
+    pub ring: RingSource,
+    /// The address other services dial; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Join as a standby.
+    pub standby: bool,
+    pub grace: Duration,
+    pub gateway_lease: Duration,
+}
+
+/// Serves a presence server on `listener`, registered on the presence ring, until `cancel`.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let local: SocketAddr = listener.local_addr()?;
+    let addr = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
+    let tracker = TaskTracker::new();
+    let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
+    let service = PresenceService::start(
+        config.node.clone(),
+        ring,
+        config.grace,
+        config.gateway_lease,
+        &tracker,
+        cancel.clone(),
+    );
+    tracing::info!(node = %config.node, %addr, standby = config.standby, "presence server listening");
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(PresenceServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+    let request = RegisterRequest {
+        node_id: config.node.to_string(),
+        addr,
+        pid: std::process::id(),
+        standby: config.standby,
+    };
+    let joined =
+        ring_manager::membership::join(&config.ring, request, Lease::default(), &tracker, &cancel)
+            .await;
+    if let Err(e) = joined {
+        cancel.cancel();
+        return Err(e.into());
+    }
+    let result = server.await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    match result {
+        Ok(r) => r.map_err(Error::from),
+        Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),
+    }
+}
