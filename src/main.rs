@@ -197,6 +197,20 @@ enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Presence fan-out: one presence server (started here, with its ring manager) takes
+    /// online/offline reports for USERS from one gateway session as fast as it can while
+    /// WATCHERS gateway sessions watch them all; reports updates taken and pushed per second.
+    Presence {
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        #[arg(long, default_value_t = 10)]
+        watchers: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Channel server failover: in a fresh `dev --multi-process` mesh per run (ports the OS
     /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
     /// reports how long delivery stopped and which slots moved.
@@ -618,6 +632,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ctl::node_op(endpoint, ctl::NodeOp::Add, id.as_deref(), args.json).await
                 }
             }
+        }
+        Command::Bench(BenchCommand::Presence {
+            users,
+            watchers,
+            seconds,
+            json,
+        }) => {
+            let report = channelmesh::bench::presence(channelmesh::bench::PresenceConfig {
+                users,
+                watchers,
+                duration: Duration::from_secs(seconds),
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "one presence server, {} users, {} watching gateways, {:.1} s",
+                    report.users, report.watchers, report.seconds
+                );
+                println!("  reports taken  {:>12.0} /s", report.reports_per_s);
+                println!("  changes pushed {:>12.0} /s", report.pushed_per_s);
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Failover { runs, json }) => {
             let report = channelmesh::bench::failover(runs).await?;

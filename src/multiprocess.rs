@@ -66,7 +66,7 @@ pub struct Processes {
 
 /// Starts `exe args...` with the secrets in its environment and waits for its
 /// `listening on ADDR` line.
-async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Result<Service> {
+pub async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Result<Service> {
     let exe = std::env::current_exe().context("locating the channelmesh binary")?;
     let mut child = Command::new(exe)
         .args(args)

@@ -104,3 +104,43 @@ async fn slack_rtm_api_node_clients_exchange_messages_across_regions_and_keep_al
     )
     .await;
 }
+
+/// Client config for presence: UPRESA watches UPRESB; neither is in a channel.
+fn watcher_and_watched(mesh: &channelmesh::Mesh) -> serde_json::Value {
+    // A negative check waits this long: past the grace period, when a wrong away would show.
+    let quiet =
+        channelmesh::MeshConfig::ephemeral().presence_grace + std::time::Duration::from_secs(1);
+    json!({
+        "us_east": mesh.rtm_base_url("us-east").unwrap(),
+        "eu_west": mesh.rtm_base_url("eu-west").unwrap(),
+        "a": "UPRESA",
+        "b": "UPRESB",
+        "a_token": mesh.token("UPRESA", "T1", &[]).unwrap(),
+        "b_token": mesh.token("UPRESB", "T1", &[]).unwrap(),
+        "quiet_secs": quiet.as_secs_f64(),
+    })
+}
+
+#[tokio::test]
+async fn slack_sdk_rtm_v2_watcher_sees_presence_across_regions_and_devices() {
+    let mesh = mesh().await;
+    let config = watcher_and_watched(&mesh);
+    run(
+        &python(),
+        &repo().join("tests/clients/python/rtm_v2_presence.py"),
+        config,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn slack_rtm_api_node_batch_presence_aware_watcher_gets_the_users_form() {
+    let mesh = mesh().await;
+    let config = watcher_and_watched(&mesh);
+    run(
+        &node(),
+        &repo().join("tests/clients/node/rtm_presence.js"),
+        config,
+    )
+    .await;
+}
