@@ -32,6 +32,11 @@ pub struct Dev {
     pub ring_managers: Vec<(SocketAddr, u32)>,
     pub admin: SocketAddr,
     pub us_east: SocketAddr,
+    /// The eu-west gateway's address and pid.
+    pub eu_west: (SocketAddr, u32),
+    pub presence_ring_manager: SocketAddr,
+    /// (id, pid) of each presence server.
+    pub presence_servers: Vec<(String, u32)>,
     state_file: PathBuf,
 }
 
@@ -108,6 +113,14 @@ impl Dev {
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut ring_managers, mut admin, mut us_east) = (Vec::new(), None, None);
+        let (mut eu_west, mut presence_ring_manager, mut presence_servers) =
+            (None, None, Vec::new());
+        let pid_of = |line: &str| -> u32 {
+            line.rsplit("pid ")
+                .next()
+                .and_then(|p| p.trim().parse().ok())
+                .expect("a pid")
+        };
         for line in lines.by_ref() {
             let line = line.unwrap();
             if line.starts_with("  ring manager") {
@@ -123,6 +136,13 @@ impl Dev {
                 admin = Some(addr_after(&line, "grpc://"));
             } else if line.starts_with("  gateway us-east") {
                 us_east = Some(addr_after(&line, "http://"));
+            } else if line.starts_with("  gateway eu-west") {
+                eu_west = Some((addr_after(&line, "http://"), pid_of(&line)));
+            } else if line.starts_with("  presence ring") {
+                presence_ring_manager = Some(addr_after(&line, "grpc://"));
+            } else if let Some(rest) = line.strip_prefix("  presence server  ") {
+                let id = rest.split_whitespace().next().unwrap().to_string();
+                presence_servers.push((id, pid_of(&line)));
             } else if line.starts_with("ready in") {
                 break;
             }
@@ -138,6 +158,9 @@ impl Dev {
             ring_managers,
             admin: admin.expect("dev printed the admin server"),
             us_east: us_east.expect("dev printed the us-east gateway"),
+            eu_west: eu_west.expect("dev printed the eu-west gateway"),
+            presence_ring_manager: presence_ring_manager.expect("dev printed the presence ring"),
+            presence_servers,
             state_file,
         }
     }
@@ -406,4 +429,85 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
     assert_eq!(got["ts"], ts.as_str());
     let _ = restarted.kill();
     let _ = restarted.wait();
+}
+
+fn presence_of(v: &serde_json::Value, user: &str, presence: &str) -> bool {
+    v["type"] == "presence_change"
+        && v["presence"] == presence
+        && (v["user"] == user
+            || v["users"]
+                .as_array()
+                .is_some_and(|users| users.iter().any(|u| u == user)))
+}
+
+#[tokio::test]
+async fn a_frozen_gateway_loses_its_lease_and_its_users_go_away() {
+    let dev = Dev::start("frozen-gateway");
+    let mut a = Rtm::connect(&dev.base_url(), &dev.token("UA", &[]))
+        .await
+        .unwrap();
+    let eu = format!("http://{}/api/", dev.eu_west.0);
+    let _b = Rtm::connect(&eu, &dev.token("UB", &[])).await.unwrap();
+    a.send(serde_json::json!({"type": "presence_sub", "ids": ["UB"]}))
+        .await;
+    a.expect("B active", |v| presence_of(v, "UB", "active"))
+        .await;
+    // Frozen, B's socket and the gateway's presence session stay open but say nothing: only
+    // the lease (3 s) and then the grace period (2 s) turn B away.
+    signal(dev.eu_west.1, Signal::SIGSTOP);
+    let frozen = Instant::now();
+    a.expect("B away once the gateway's lease lapsed", |v| {
+        presence_of(v, "UB", "away")
+    })
+    .await;
+    println!(
+        "gateway SIGSTOP -> its user away after {} ms",
+        frozen.elapsed().as_millis()
+    );
+    signal(dev.eu_west.1, Signal::SIGCONT);
+}
+
+#[tokio::test]
+async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state() {
+    let dev = Dev::start("presence-kill");
+    let mut a = Rtm::connect(&dev.base_url(), &dev.token("UA", &[]))
+        .await
+        .unwrap();
+    let eu = format!("http://{}/api/", dev.eu_west.0);
+    let mut b = Rtm::connect(&eu, &dev.token("UB", &[])).await.unwrap();
+    a.send(serde_json::json!({"type": "presence_sub", "ids": ["UB"]}))
+        .await;
+    a.expect("B active", |v| presence_of(v, "UB", "active"))
+        .await;
+    let (ring, _) = ring_at(dev.presence_ring_manager).await;
+    let owner = ring
+        .owner_of(&ChannelId::new("UB").unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    let pid = dev
+        .presence_servers
+        .iter()
+        .find(|(id, _)| *id == owner)
+        .unwrap()
+        .1;
+    signal(pid, Signal::SIGKILL);
+    eventually("another presence server owns B", || async {
+        let (after, _) = ring_at(dev.presence_ring_manager).await;
+        (after.owner_of(&ChannelId::new("UB").unwrap())?.id.as_str() != owner).then_some(())
+    })
+    .await;
+    // Rebuilt from the gateways' re-reports: no away/active flap for A...
+    a.expect_none(
+        Duration::from_millis(1500),
+        "a presence change while B stayed online",
+        |v| presence_of(v, "UB", "away") || presence_of(v, "UB", "active"),
+    )
+    .await;
+    // ...and the new owner tracks B from here on.
+    b.ws.close(None).await.unwrap();
+    a.expect("B away, from the new owner", |v| {
+        presence_of(v, "UB", "away")
+    })
+    .await;
 }
