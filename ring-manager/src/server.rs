@@ -361,12 +361,12 @@ impl RingManager {
             },
         );
         let epoch = if standby {
-            tracing::info!(node = %id, %addr, "standby channel server registered");
+            tracing::info!(node = %id, %addr, "standby node registered");
             self.persist(&state);
             self.ring().epoch()
         } else {
             let ring = self.add_locked(&mut state, &id);
-            tracing::info!(node = %id, %addr, epoch = ring.epoch(), "channel server registered");
+            tracing::info!(node = %id, %addr, epoch = ring.epoch(), "node registered");
             ring.epoch()
         };
         (epoch, incarnation)
@@ -392,7 +392,7 @@ impl RingManager {
         let owned = matches!(member.state, NodeState::Active | NodeState::Draining);
         member.state = NodeState::Down;
         member.probing = false;
-        tracing::warn!(node = %id, why, "channel server declared down");
+        tracing::warn!(node = %id, why, "node declared down");
         let current = self.ring();
         if !owned || current.slots_owned(id) == 0 {
             self.persist(state);
