@@ -264,3 +264,60 @@ async fn a_dead_presence_server_is_rebuilt_from_the_gateways_without_a_storm() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_gateway_watches_a_user_once_for_all_its_clients() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let gateway = mesh
+        .gateways
+        .iter()
+        .find(|(r, _)| r == "us-east")
+        .unwrap()
+        .1;
+    let stats = || async move {
+        reqwest::get(format!("http://{gateway}/stats"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let mut a1 = Rtm::connect(&us, &mesh.token("UA1", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    let mut a2 = Rtm::connect(&us, &mesh.token("UA2", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    for a in [&mut a1, &mut a2] {
+        a.send(json!({"type": "presence_sub", "ids": ["UB", "UC"]}))
+            .await;
+        a.expect("B away at first", |v| presence_of(v, "UB", "away"))
+            .await;
+    }
+    let s = stats().await;
+    assert_eq!(s["presence"]["watched_users"], 2, "{s}");
+    // One client narrows its set; the other still hears about both.
+    a1.send(json!({"type": "presence_sub", "ids": ["UC"]}))
+        .await;
+    let _b = Rtm::connect(&us, &mesh.token("UB", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    a2.expect("B active for the client still watching", |v| {
+        presence_of(v, "UB", "active")
+    })
+    .await;
+    a1.expect_none(
+        QUIET,
+        "B for a client that stopped watching",
+        any_presence_of("UB"),
+    )
+    .await;
+    a2.send(json!({"type": "presence_sub", "ids": []})).await;
+    a1.send(json!({"type": "presence_sub", "ids": []})).await;
+    crate::support::eventually("no user watched any more", || async {
+        let s = stats().await;
+        (s["presence"]["watched_users"] == 0).then_some(())
+    })
+    .await;
+}

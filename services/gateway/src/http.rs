@@ -219,6 +219,10 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "connections": shared.connections.load(Ordering::Relaxed),
         "channels": shared.hub.channel_count(),
         "upstreams": shared.hub.upstream_count(),
+        "presence": shared.presence.as_ref().map(|p| {
+            let (watched, online, sessions) = p.counts();
+            json!({"watched_users": watched, "online_users": online, "sessions": sessions})
+        }),
     }))
     .into_response()
 }

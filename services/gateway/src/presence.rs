@@ -292,6 +292,17 @@ impl PresenceHub {
         push_to_watchers(&state, &changed);
     }
 
+    /// (users watched on presence servers, users online here, open presence sessions), for
+    /// `/stats`.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let state = self.state();
+        (
+            state.watchers.len(),
+            state.online.len(),
+            state.sessions.len(),
+        )
+    }
+
     /// A connection of `sink.user` opened (after `hello`).
     pub fn connected(&self, sink: &ConnSink, batch: bool) {
         let mut state = self.state();
