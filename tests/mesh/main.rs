@@ -13,4 +13,5 @@ mod presence;
 mod processes;
 mod real_clients;
 mod reflection;
+mod resume;
 mod support;

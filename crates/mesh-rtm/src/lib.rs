@@ -239,6 +239,19 @@ pub fn pong(mut fields: Map<String, Value>) -> String {
     Value::Object(fields).to_string()
 }
 
+/// `{"type":"history_gap","channel":C,"cursor":TS,"oldest_ts":TS|null}`: history no longer
+/// reaches back to the client's cursor for that channel; events between may be lost, so the
+/// client must refetch the channel. `oldest_ts` is the oldest event still held.
+pub fn history_gap(channel: &ChannelId, cursor: Ts, oldest: Option<Ts>) -> String {
+    json!({
+        "type": "history_gap",
+        "channel": channel.as_str(),
+        "cursor": cursor.to_string(),
+        "oldest_ts": oldest.map(|t| t.to_string()),
+    })
+    .to_string()
+}
+
 /// `{"type":"presence_change","user":U,"presence":"active"|"away"}`.
 pub fn presence_change(user: &UserId, active: bool) -> String {
     json!({"type": "presence_change", "user": user.as_str(), "presence": presence(active)})

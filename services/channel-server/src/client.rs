@@ -45,6 +45,8 @@ pub struct History {
     pub events: Vec<ChannelEvent>,
     pub oldest: Option<Ts>,
     pub has_more: bool,
+    /// Complete after this ts (`None`: from the start); an older cursor has a gap.
+    pub complete_after: Option<Ts>,
 }
 
 /// Calls the owning channel server of a channel.
@@ -122,6 +124,7 @@ impl ChannelRouter {
                 .map_err(bad)?,
             oldest: opt_ts(&reply.oldest_ts).map_err(bad)?,
             has_more: reply.has_more,
+            complete_after: opt_ts(&reply.complete_after_ts).map_err(bad)?,
         })
     }
 

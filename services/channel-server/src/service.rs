@@ -267,6 +267,7 @@ impl ChannelService {
     /// gateways subscribed to moved channels are told so.
     fn apply_ring(&self, previous: &Ring, ring: &Ring) {
         let node = &self.inner.node;
+        let mut unknown = Vec::new();
         {
             let mut warming = self.inner.warming.lock().unwrap_or_else(|e| e.into_inner());
             let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
@@ -283,6 +284,9 @@ impl ChannelService {
                     .any(|h| h.from == old.id && &h.to == node);
                 if handed && !warming.done.contains(&(old.id.clone(), ring.epoch())) {
                     warming.slots.insert(slot, (old.id.clone(), deadline));
+                } else if !handed {
+                    // Taken over from a node that died: its channels' history died with it.
+                    unknown.push(slot);
                 }
             }
         }
@@ -295,6 +299,15 @@ impl ChannelService {
                 .any(|h| &h.from == node && h.to == to.id);
             (previous.owns(node, slot) && &to.id != node && handed).then_some(to)
         };
+        if !unknown.is_empty() {
+            let now = Ts::from_micros(now_micros());
+            for shard in &self.inner.shards {
+                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                for &slot in &unknown {
+                    shard.store.mark_unknown_before(slot, now);
+                }
+            }
+        }
         let mut outgoing: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
@@ -554,6 +567,9 @@ impl ChannelServerRpc for ChannelService {
                 })
                 .collect(),
             oldest_ts: ts_str(page.oldest),
+            complete_after_ts: ts_str(
+                (page.complete_after != Ts::default()).then_some(page.complete_after),
+            ),
             has_more: page.has_more,
         }))
     }
@@ -655,6 +671,7 @@ fn snapshot_to_proto(snapshot: &Snapshot) -> pb::ChannelState {
     pb::ChannelState {
         channel: snapshot.channel.to_string(),
         last_ts: snapshot.last_ts.to_string(),
+        trimmed_ts: ts_str((snapshot.trimmed != Ts::default()).then_some(snapshot.trimmed)),
         events: snapshot
             .events
             .iter()
@@ -687,6 +704,7 @@ fn snapshot_from_proto(state: pb::ChannelState) -> Result<Snapshot, crate::wire:
     Ok(Snapshot {
         channel,
         last_ts,
+        trimmed: crate::wire::opt_ts(&state.trimmed_ts)?.unwrap_or_default(),
         events,
     })
 }

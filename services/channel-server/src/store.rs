@@ -55,6 +55,8 @@ struct Channel {
     events: VecDeque<(Stored, usize)>,
     /// Bytes of `events` (the channel's own overhead is counted only in the store's total).
     bytes: usize,
+    /// The newest ts dropped from `events` to stay within the bounds.
+    trimmed: Ts,
 }
 
 /// A channel's state on its way to a new owner.
@@ -65,6 +67,8 @@ pub struct Snapshot {
     pub last_ts: Ts,
     /// Retained history, oldest first.
     pub events: Vec<Stored>,
+    /// The newest ts dropped from its history.
+    pub trimmed: Ts,
 }
 
 /// One page of a channel's history.
@@ -76,6 +80,10 @@ pub struct HistoryPage {
     pub oldest: Option<Ts>,
     /// More events follow the last one returned.
     pub has_more: bool,
+    /// The history is complete after this ts: events at or before it may be gone (trimmed,
+    /// evicted, or lost with a channel server that died). A reader whose cursor is older has a
+    /// gap.
+    pub complete_after: Ts,
 }
 
 /// Channels, their clocks and histories.
@@ -114,6 +122,7 @@ impl Store {
                 clock: TsClock::starting_after(floor),
                 events: VecDeque::new(),
                 bytes: 0,
+                trimmed: Ts::default(),
             }
         });
         let ts = state.clock.next(now_micros);
@@ -123,8 +132,9 @@ impl Store {
         while state.events.len() > self.limits.history_events
             || (state.bytes > self.limits.history_bytes && state.events.len() > 1)
         {
-            if let Some((_, s)) = state.events.pop_front() {
+            if let Some((e, s)) = state.events.pop_front() {
                 state.bytes -= s;
+                state.trimmed = e.ts;
                 freed += s;
             }
         }
@@ -168,8 +178,12 @@ impl Store {
 
     /// Up to `limit` events strictly after `since` (all retained events when `None`).
     pub fn history(&mut self, channel: &ChannelId, since: Option<Ts>, limit: usize) -> HistoryPage {
+        let floor = self.slot_floor[usize::from(slot_of(channel))];
         let Some(state) = self.channels.get(channel) else {
-            return HistoryPage::default();
+            return HistoryPage {
+                complete_after: floor,
+                ..HistoryPage::default()
+            };
         };
         let start = match since {
             Some(since) => state.events.partition_point(|(e, _)| e.ts <= since),
@@ -185,8 +199,16 @@ impl Store {
         HistoryPage {
             has_more: state.events.len() - start > events.len(),
             oldest: state.events.front().map(|(e, _)| e.ts),
+            complete_after: floor.max(state.trimmed),
             events,
         }
+    }
+
+    /// Nothing of `slot` before `ts` is known here: its channels' state was lost (their
+    /// previous owner died without handing them over).
+    pub fn mark_unknown_before(&mut self, slot: Slot, ts: Ts) {
+        let floor = &mut self.slot_floor[usize::from(slot)];
+        *floor = (*floor).max(ts);
     }
 
     /// Drops every channel of the slots for which `lost` is true (their ownership moved away).
@@ -219,6 +241,7 @@ impl Store {
                 self.forget(&id, &state);
                 taken.push(Snapshot {
                     last_ts: state.clock.last(),
+                    trimmed: state.trimmed,
                     events: state.events.into_iter().map(|(e, _)| e).collect(),
                     channel: id,
                 });
@@ -234,11 +257,14 @@ impl Store {
             channel,
             last_ts,
             events,
+            trimmed,
         } = snapshot;
         let floor = self.slot_floor[usize::from(slot_of(&channel))];
         let mut merged: Vec<Stored> = events;
         let mut clock = TsClock::starting_after(floor.max(last_ts));
+        let mut trimmed = trimmed;
         if let Some(existing) = self.channels.pop(&channel) {
+            trimmed = trimmed.max(existing.trimmed);
             self.forget(&channel, &existing);
             clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
             merged.extend(existing.events.into_iter().map(|(e, _)| e));
@@ -249,6 +275,7 @@ impl Store {
             clock,
             events: VecDeque::new(),
             bytes: 0,
+            trimmed,
         };
         for event in merged {
             let size = event.body.heap_size() + EVENT_OVERHEAD;
@@ -258,8 +285,9 @@ impl Store {
         while state.events.len() > self.limits.history_events
             || (state.bytes > self.limits.history_bytes && state.events.len() > 1)
         {
-            if let Some((_, s)) = state.events.pop_front() {
+            if let Some((e, s)) = state.events.pop_front() {
                 state.bytes -= s;
+                state.trimmed = e.ts;
             }
         }
         self.total_bytes += state.bytes + CHANNEL_OVERHEAD;

@@ -102,6 +102,29 @@ impl Connection {
                     out.push(event.frame.clone());
                 }
             }
+            Outbound::Resume(resumed) => {
+                let Some(live) = self.catching_up.remove(&resumed.channel) else {
+                    return true;
+                };
+                if let Some(oldest) = resumed.gap {
+                    out.push(Utf8Bytes::from(rtm::history_gap(
+                        &resumed.channel,
+                        resumed.cursor,
+                        oldest,
+                    )));
+                }
+                // The missed events, then what came live meanwhile: each once, in ts order,
+                // none at or before the cursor.
+                let mut newest = Some(resumed.cursor);
+                for event in resumed.events.iter().chain(live.iter()) {
+                    match event.ts {
+                        Some(ts) if newest.is_some_and(|n| ts <= n) => continue,
+                        Some(ts) => newest = Some(ts),
+                        None => {}
+                    }
+                    out.push(event.frame.clone());
+                }
+            }
             Outbound::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
                     self.catching_up.remove(&channel);
@@ -165,6 +188,7 @@ pub async fn run(
     conn: ConnId,
     identity: Identity,
     batch_presence: bool,
+    cursors: Vec<(ChannelId, mesh_core::Ts)>,
 ) {
     let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Arc::new(Closer::default());
@@ -186,6 +210,14 @@ pub async fn run(
     let (mut ws_tx, mut ws_rx) = socket.split();
     let cancel = shared.cancel.clone();
 
+    // Channels resumed from a cursor hold their live events until their history is read.
+    let cursors: Vec<(ChannelId, mesh_core::Ts)> = cursors
+        .into_iter()
+        .filter(|(c, _)| me.members.contains(c))
+        .collect();
+    for (channel, _) in &cursors {
+        me.catching_up.insert(channel.clone(), Vec::new());
+    }
     // Subscribe first, hello after: every event posted after hello reaches this client.
     let waiting = shared.hub.join(&me.sink, &initial);
     let ready = tokio::time::timeout(SUBSCRIBE_TIMEOUT, futures::future::join_all(waiting)).await;
@@ -218,6 +250,14 @@ pub async fn run(
     tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
     if let Some(presence) = &shared.presence {
         presence.connected(&me.sink, batch_presence);
+    }
+    for (channel, cursor) in cursors {
+        shared.tracker.spawn(crate::resume::resume(
+            shared.clone(),
+            me.tx.clone(),
+            channel,
+            cursor,
+        ));
     }
 
     let mut in_flight = FuturesUnordered::new();

@@ -136,10 +136,15 @@ async fn rtm_connect(
         Err(error) => return slack_error(error),
     };
     let batch = matches!(params.get("batch_presence_aware"), Some("1" | "true"));
+    let cursors = match params.get("cursors").map(crate::resume::parse_cursors) {
+        None => Vec::new(),
+        Some(Ok(c)) => c,
+        Some(Err(_)) => return slack_error("invalid_cursors"),
+    };
     let user = identity.user.to_string();
     let name = identity.name.clone().unwrap_or_else(|| user.clone());
     let team = identity.team.to_string();
-    let Some(ticket) = shared.tickets.issue(identity, batch) else {
+    let Some(ticket) = shared.tickets.issue(identity, batch, cursors) else {
         let mut response = slack_error("ratelimited");
         response
             .headers_mut()
@@ -230,12 +235,25 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 async fn websocket(
     State(shared): State<Arc<Shared>>,
     Path(ticket): Path<String>,
+    RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(ticket) = shared.tickets.redeem(&ticket) else {
+    // Cursors may also come on the WebSocket URL (they then replace rtm.connect's).
+    let cursors = form_urlencoded_pairs(query.unwrap_or_default().as_bytes())
+        .into_iter()
+        .find(|(k, _)| k == "cursors")
+        .map(|(_, v)| crate::resume::parse_cursors(&v));
+    if let Some(Err(_)) = cursors {
+        let body = json!({"ok": false, "error": "invalid_cursors"});
+        return (StatusCode::BAD_REQUEST, axum::Json::<Value>(body)).into_response();
+    }
+    let Some(mut ticket) = shared.tickets.redeem(&ticket) else {
         let body = json!({"ok": false, "error": "invalid_connect_url"});
         return (StatusCode::UNAUTHORIZED, axum::Json::<Value>(body)).into_response();
     };
+    if let Some(Ok(cursors)) = cursors {
+        ticket.cursors = cursors;
+    }
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = shared.clone();
     ws.max_message_size(MAX_FRAME_BYTES)
@@ -250,6 +268,7 @@ async fn websocket(
                     conn,
                     ticket.identity,
                     ticket.batch_presence,
+                    ticket.cursors,
                 )
                 .await;
                 shared.connections.fetch_sub(1, Ordering::Relaxed);

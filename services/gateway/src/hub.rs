@@ -61,6 +61,8 @@ pub enum Outbound {
         channel: ChannelId,
         events: Vec<Arc<Rendered>>,
     },
+    /// What a reconnecting client missed on one channel (see `resume`).
+    Resume(crate::resume::Resumed),
 }
 
 /// Why the hub closed a connection.

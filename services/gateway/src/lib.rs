@@ -5,6 +5,7 @@ pub mod connection;
 pub mod http;
 pub mod hub;
 pub mod presence;
+pub mod resume;
 pub mod tickets;
 mod upstream;
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mesh_core::Identity;
+use mesh_core::{ChannelId, Identity, Ts};
 use rand::RngCore;
 
 /// How long a connect URL stays valid, by default.
@@ -18,6 +18,8 @@ pub struct Ticket {
     pub identity: Identity,
     /// The client asked for `batch_presence_aware=1`.
     pub batch_presence: bool,
+    /// Resume cursors: per channel, the last ts the client has.
+    pub cursors: Vec<(ChannelId, Ts)>,
     expires: Instant,
 }
 
@@ -38,7 +40,12 @@ impl Tickets {
     }
 
     /// Issues a ticket id for `identity`, or `None` when too many are outstanding.
-    pub fn issue(&self, identity: Identity, batch_presence: bool) -> Option<String> {
+    pub fn issue(
+        &self,
+        identity: Identity,
+        batch_presence: bool,
+        cursors: Vec<(ChannelId, Ts)>,
+    ) -> Option<String> {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -55,6 +62,7 @@ impl Tickets {
             Ticket {
                 identity,
                 batch_presence,
+                cursors,
                 expires: now + self.ttl,
             },
         );
@@ -87,7 +95,7 @@ mod tests {
             channels: vec![],
             expires_at: 0,
         };
-        let id = tickets.issue(identity, false).unwrap();
+        let id = tickets.issue(identity, false, vec![]).unwrap();
         assert!(tickets.redeem(&id).is_some());
         assert!(tickets.redeem(&id).is_none());
         assert!(tickets.redeem("nope").is_none());
