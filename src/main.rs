@@ -69,6 +69,10 @@ enum Command {
         /// With --consul: the leader's session TTL in seconds (Consul allows 10 to 86400).
         #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_SESSION_TTL.as_secs())]
         session_ttl_secs: u64,
+        /// A region's nearest regions, nearest first, for drains: REGION=R1,R2 (repeatable).
+        /// Regions without one prefer the others by name.
+        #[arg(long = "nearest", value_parser = parse_nearest)]
+        nearest: Vec<(String, Vec<String>)>,
         /// With --consul: the lock-delay in milliseconds after a leader's session ends.
         #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_LOCK_DELAY.as_millis() as u64)]
         lock_delay_ms: u64,
@@ -193,6 +197,18 @@ enum CtlCommand {
         /// The standby to add; any live standby if omitted.
         id: Option<String>,
     },
+    /// Every region: gateways, connections, drain state, nearest regions.
+    Regions,
+    /// Drain a region: its gateways fail health checks, send rtm.connect callers to the nearest
+    /// healthy region (with resume cursors), and say goodbye to their clients at RATE per second.
+    DrainRegion {
+        region: String,
+        /// Goodbyes per second per gateway (default 100).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// End a region's drain.
+    UndrainRegion { region: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,6 +391,21 @@ impl ConsulArgs {
     }
 }
 
+/// `REGION=R1,R2`.
+fn parse_nearest(raw: &str) -> Result<(String, Vec<String>), String> {
+    let (region, nearest) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw:?}: expected REGION=R1,R2"))?;
+    Ok((
+        region.to_string(),
+        nearest
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
+}
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
@@ -462,6 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             advertise,
             session_ttl_secs,
             lock_delay_ms,
+            nearest,
             consul,
         } => {
             cancel_on_signals(cancel.clone());
@@ -488,6 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     listen,
                     session_ttl: Duration::from_secs(session_ttl_secs),
                     lock_delay: Duration::from_millis(lock_delay_ms),
+                    nearest,
                 };
                 return Ok(ring_manager::cluster::run_leader_election(
                     ring, config, leader, cancel,
@@ -501,6 +534,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let tracker = tokio_util::task::TaskTracker::new();
             let manager =
                 ring_manager::RingManager::new(config, state_file, &tracker, cancel.clone())?;
+            manager.set_nearest(nearest);
             Ok(ring_manager::serve(manager, listener, cancel).await?)
         }
         Command::ChannelServer {
@@ -630,6 +664,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 CtlCommand::AddNode { id } => {
                     ctl::node_op(endpoint, ctl::NodeOp::Add, id.as_deref(), args.json).await
+                }
+                CtlCommand::Regions => ctl::regions(endpoint, args.json).await,
+                CtlCommand::DrainRegion { region, rate } => {
+                    ctl::region_op(endpoint, &region, true, rate, args.json).await
+                }
+                CtlCommand::UndrainRegion { region } => {
+                    ctl::region_op(endpoint, &region, false, 0, args.json).await
                 }
             }
         }

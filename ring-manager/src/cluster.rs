@@ -195,6 +195,8 @@ pub struct LeaderConfig {
     pub listen: SocketAddr,
     pub session_ttl: Duration,
     pub lock_delay: Duration,
+    /// Each region's nearest regions, nearest first (for drains).
+    pub nearest: Vec<(String, Vec<String>)>,
 }
 
 /// Runs one ring manager of a Consul-backed group until `cancel`: it campaigns for the lock;
@@ -382,6 +384,7 @@ async fn lead(
         &tracker,
         leading.clone(),
     )?;
+    manager.set_nearest(config.nearest.clone());
     tracing::info!(
         lock_index,
         epoch,

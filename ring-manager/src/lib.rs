@@ -13,6 +13,7 @@ pub mod consul;
 pub mod convert;
 pub mod lease;
 pub mod membership;
+pub mod regions;
 pub mod server;
 pub mod state_file;
 

@@ -128,6 +128,8 @@ struct Inner {
     state: Mutex<State>,
     /// The published ring; every watcher follows it. Changed only under `state`'s lock.
     ring: watch::Sender<Arc<Ring>>,
+    /// The regions' gateways and drain states.
+    regions: crate::regions::Regions,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -217,6 +219,7 @@ impl RingManager {
                     next_incarnation,
                 }),
                 ring,
+                regions: crate::regions::Regions::default(),
                 cancel,
                 tracker: tracker.clone(),
             }),
@@ -263,6 +266,11 @@ impl RingManager {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Configures each region's nearest regions (nearest first), for drains.
+    pub fn set_nearest(&self, nearest: Vec<(String, Vec<String>)>) {
+        self.inner.regions.set_nearest(nearest);
     }
 
     /// The current ring.
@@ -753,6 +761,42 @@ impl RingManagerRpc for RingManager {
     ) -> Result<Response<pb::Ring>, Status> {
         let ring = self.replace(&node_id(&request.into_inner().node_id)?)?;
         Ok(Response::new(self.to_proto(&ring)))
+    }
+
+    async fn report_gateway(
+        &self,
+        request: Request<pb::GatewayReport>,
+    ) -> Result<Response<pb::GatewayDirective>, Status> {
+        let report = request.into_inner();
+        if report.gateway.is_empty() || report.region.is_empty() {
+            return Err(Status::invalid_argument("gateway and region are required"));
+        }
+        Ok(Response::new(self.inner.regions.report(report)))
+    }
+
+    async fn regions(
+        &self,
+        _request: Request<pb::RegionsRequest>,
+    ) -> Result<Response<pb::RegionsView>, Status> {
+        Ok(Response::new(self.inner.regions.view()))
+    }
+
+    async fn drain_region(
+        &self,
+        request: Request<pb::DrainRegionRequest>,
+    ) -> Result<Response<pb::RegionsView>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.inner.regions.drain(&req.region, req.rate)?,
+        ))
+    }
+
+    async fn undrain_region(
+        &self,
+        request: Request<pb::DrainRegionRequest>,
+    ) -> Result<Response<pb::RegionsView>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.inner.regions.undrain(&req.region)))
     }
 
     async fn add_node(

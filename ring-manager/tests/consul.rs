@@ -223,6 +223,7 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
             listen,
             session_ttl: TTL,
             lock_delay: LOCK_DELAY,
+            nearest: vec![],
         };
         let (ring, cancel) = (ring.clone(), cancel.child_token());
         let task = tokio::spawn(cluster::run_leader_election(

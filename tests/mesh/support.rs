@@ -43,18 +43,27 @@ pub async fn mesh_with(config: MeshConfig) -> Mesh {
 }
 
 /// Waits until `check` returns `Some`, polling, for at most [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(what, WAIT, check).await
+}
+
+/// Waits until `check` returns `Some`, polling, for at most `limit`.
+pub async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = check().await {
             return v;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("{what}: not within {WAIT:?}");
+            panic!("{what}: not within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -53,9 +53,20 @@ struct Connection {
     /// Channels joined while connected whose history since the join is still being fetched:
     /// their live events wait here, so the client gets history then live, in ts order.
     catching_up: HashMap<ChannelId, Vec<Arc<Rendered>>>,
+    /// Per channel, the newest ts this client has (written, or from before it connected):
+    /// the cursors it resumes from if the region drains.
+    cursors: HashMap<ChannelId, mesh_core::Ts>,
 }
 
 impl Connection {
+    /// The client has `event` now: its channel's cursor moves to it.
+    fn advance(&mut self, event: &Rendered) {
+        if let Some(ts) = event.ts {
+            let cursor = self.cursors.entry(event.channel.clone()).or_default();
+            *cursor = (*cursor).max(ts);
+        }
+    }
+
     /// Applies one queued item, appending the frames to write to `out`. Returns false when the
     /// connection must close as a slow consumer.
     fn on_outbound(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>) -> bool {
@@ -68,13 +79,21 @@ impl Connection {
                         return false;
                     }
                     buffer.push(event);
+                } else if event
+                    .ts
+                    .is_some_and(|ts| self.cursors.get(&event.channel).is_some_and(|c| ts <= *c))
+                {
+                    // Already written: a resume's history read can overtake the live stream.
                 } else {
+                    self.advance(&event);
                     out.push(event.frame.clone());
                 }
             }
             Outbound::Frame(frame) => out.push(frame),
             Outbound::Joined { channel, since } => {
                 if self.members.insert(channel.clone()) {
+                    self.cursors
+                        .insert(channel.clone(), since.unwrap_or_default());
                     self.catching_up.insert(channel.clone(), Vec::new());
                     let waiting = self
                         .shared
@@ -99,6 +118,7 @@ impl Connection {
                         Some(ts) => newest = Some(ts),
                         None => {}
                     }
+                    self.advance(event);
                     out.push(event.frame.clone());
                 }
             }
@@ -122,11 +142,13 @@ impl Connection {
                         Some(ts) => newest = Some(ts),
                         None => {}
                     }
+                    self.advance(event);
                     out.push(event.frame.clone());
                 }
             }
             Outbound::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
+                    self.cursors.remove(&channel);
                     self.catching_up.remove(&channel);
                     self.shared
                         .hub
@@ -206,6 +228,7 @@ pub async fn run(
         sink,
         tx,
         catching_up: HashMap::new(),
+        cursors: HashMap::new(),
     };
     let (mut ws_tx, mut ws_rx) = socket.split();
     let cancel = shared.cancel.clone();
@@ -215,8 +238,17 @@ pub async fn run(
         .into_iter()
         .filter(|(c, _)| me.members.contains(c))
         .collect();
-    for (channel, _) in &cursors {
+    for (channel, cursor) in &cursors {
         me.catching_up.insert(channel.clone(), Vec::new());
+        me.cursors.insert(channel.clone(), *cursor);
+    }
+    // Where each channel starts for this client: every event after the gateway's newest ts at
+    // this point either reaches it live or is in history.
+    for channel in &me.members {
+        if !me.cursors.contains_key(channel) {
+            let start = shared.hub.last_ts(channel).unwrap_or_default();
+            me.cursors.insert(channel.clone(), start);
+        }
     }
     // Subscribe first, hello after: every event posted after hello reaches this client.
     let waiting = shared.hub.join(&me.sink, &initial);
@@ -248,6 +280,7 @@ pub async fn run(
         return;
     }
     tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
+    shared.region_state.register(conn, closer.clone());
     if let Some(presence) = &shared.presence {
         presence.connected(&me.sink, batch_presence);
     }
@@ -269,9 +302,30 @@ pub async fn run(
                 break Some((close::GOING_AWAY, "server shutting down"));
             }
             _ = closer.token.cancelled() => {
-                break match closer.reason.get() {
-                    Some(CloseReason::SlowConsumer) | None => Some((close::SLOW_CONSUMER, "slow consumer: outgoing queue overflowed")),
-                };
+                match closer.reason.get() {
+                    Some(CloseReason::Drain) => {
+                        // Lame duck: write what is already queued, keep the cursors for the
+                        // reconnect, then goodbye.
+                        while let Ok(item) = rx.try_recv() {
+                            if !me.on_outbound(item, &mut frames) {
+                                break;
+                            }
+                        }
+                        for frame in frames.drain(..) {
+                            if ws_tx.feed(Message::Text(frame)).await.is_err() {
+                                break;
+                            }
+                        }
+                        let cursors: Vec<(ChannelId, mesh_core::Ts)> =
+                            me.cursors.iter().map(|(c, t)| (c.clone(), *t)).collect();
+                        shared.region_state.hand_over(me.identity.user.clone(), cursors);
+                        let _ = ws_tx.send(Message::Text(Utf8Bytes::from(rtm::goodbye()))).await;
+                        break Some((close::GOING_AWAY, "region draining"));
+                    }
+                    Some(CloseReason::SlowConsumer) | None => {
+                        break Some((close::SLOW_CONSUMER, "slow consumer: outgoing queue overflowed"));
+                    }
+                }
             }
             // Cancel-safe: recv loses nothing if another branch wins.
             Some(item) = rx.recv() => {
@@ -342,6 +396,7 @@ pub async fn run(
         let _ = ws_tx.send(close_frame(code, reason)).await;
     }
     let _ = ws_tx.close().await;
+    shared.region_state.unregister(conn);
     let all: Vec<ChannelId> = me.members.drain().collect();
     shared.hub.leave(conn, &all);
     if let Some(presence) = &shared.presence {

@@ -27,7 +27,7 @@ pub fn routes(shared: Arc<Shared>) -> Router {
         .route("/api/users.setPresence", any(set_presence))
         .route("/api/users.getPresence", any(get_presence))
         .route("/rtm/{ticket}", get(websocket))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .with_state(shared)
 }
@@ -75,18 +75,10 @@ fn authenticate(
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<Identity, &'static str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(token) = bearer.or_else(|| params.get("token").filter(|t| !t.is_empty())) else {
+    let Some(token) = bearer_or_param(headers, params) else {
         return Err("not_authed");
     };
+    let token = token.as_str();
     shared.key.verify(token).map_err(|e| {
         let reason = match e {
             TokenError::Expired => "expired",
@@ -96,6 +88,22 @@ fn authenticate(
         tracing::debug!(reason, "refused a token");
         "invalid_auth"
     })
+}
+
+/// The caller's token: `Authorization: Bearer`, else a `token` parameter.
+fn bearer_or_param(headers: &HeaderMap, params: &Params) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    bearer
+        .or_else(|| params.get("token").filter(|t| !t.is_empty()))
+        .map(str::to_string)
 }
 
 async fn auth_test(
@@ -144,6 +152,20 @@ async fn rtm_connect(
     let user = identity.user.to_string();
     let name = identity.name.clone().unwrap_or_else(|| user.clone());
     let team = identity.team.to_string();
+    if shared.region_state.draining() {
+        let token = bearer_or_param(&headers, &params).unwrap_or_default();
+        let user = identity.user.clone();
+        return match redirect_connect(&shared, &token, &user, batch, cursors).await {
+            Some(response) => response,
+            None => {
+                let mut response = slack_error("ratelimited");
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                response
+            }
+        };
+    }
     let Some(ticket) = shared.tickets.issue(identity, batch, cursors) else {
         let mut response = slack_error("ratelimited");
         response
@@ -216,6 +238,67 @@ async fn get_presence(
     axum::Json(json!({"ok": true, "presence": presence})).into_response()
 }
 
+/// Health: 503 while the region drains, so load balancers (Envoy) send no new clients here.
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.region_state.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+/// While the region drains: asks a gateway of the nearest healthy region to admit the caller
+/// (with the caller's own token) and returns its answer, with the caller's resume cursors (from
+/// its goodbye'd connection here, or its own) on the URL.
+async fn redirect_connect(
+    shared: &Shared,
+    token: &str,
+    user: &mesh_core::UserId,
+    batch: bool,
+    cursors: Vec<(mesh_core::ChannelId, mesh_core::Ts)>,
+) -> Option<Response> {
+    let targets = shared.region_state.redirect();
+    if targets.is_empty() {
+        return None;
+    }
+    let mut cursors = cursors;
+    if let Some(handed) = shared.region_state.take_handover(user) {
+        for (channel, ts) in handed {
+            if !cursors.iter().any(|(c, _)| *c == channel) {
+                cursors.push((channel, ts));
+            }
+        }
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+        .ok()?;
+    for target in targets {
+        let mut form = vec![(
+            "batch_presence_aware",
+            if batch { "1" } else { "0" }.to_string(),
+        )];
+        if !cursors.is_empty() {
+            form.push(("cursors", crate::region::cursors_param(&cursors)));
+        }
+        let reply = client
+            .post(format!("{target}/api/rtm.connect"))
+            .bearer_auth(token)
+            .form(&form)
+            .send()
+            .await;
+        let Ok(reply) = reply else { continue };
+        let Ok(body) = reply.json::<Value>().await else {
+            continue;
+        };
+        if body["ok"] == json!(true) {
+            return Some(axum::Json(body).into_response());
+        }
+    }
+    None
+}
+
 /// Read-only counters for operators and tests.
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(json!({
@@ -246,6 +329,10 @@ async fn websocket(
     if let Some(Err(_)) = cursors {
         let body = json!({"ok": false, "error": "invalid_cursors"});
         return (StatusCode::BAD_REQUEST, axum::Json::<Value>(body)).into_response();
+    }
+    if shared.region_state.draining() {
+        let body = json!({"ok": false, "error": "region_draining"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
     }
     let Some(mut ticket) = shared.tickets.redeem(&ticket) else {
         let body = json!({"ok": false, "error": "invalid_connect_url"});

@@ -70,6 +70,8 @@ pub enum Outbound {
 pub enum CloseReason {
     /// Its outgoing queue was full: it does not read fast enough.
     SlowConsumer,
+    /// The region drains: goodbye, with the connection's cursors kept for its reconnect.
+    Drain,
 }
 
 /// How the hub reaches one connection.
@@ -524,6 +526,11 @@ impl Hub {
     }
 
     /// Channels currently wanted by at least one local connection.
+    /// The newest ts this gateway delivered on `channel` (a new connection's starting cursor).
+    pub fn last_ts(&self, channel: &ChannelId) -> Option<Ts> {
+        self.state().channels.get(channel).and_then(|c| c.last_ts)
+    }
+
     pub fn channel_count(&self) -> usize {
         self.state().channels.len()
     }

@@ -5,6 +5,7 @@ pub mod connection;
 pub mod http;
 pub mod hub;
 pub mod presence;
+pub mod region;
 pub mod resume;
 pub mod tickets;
 mod upstream;
@@ -55,6 +56,10 @@ pub struct Shared {
     pub hub: Hub,
     /// Presence, when the mesh has presence servers.
     pub presence: Option<presence::PresenceHub>,
+    /// Where the ring manager is found (for region reports).
+    pub ring_source: RingSource,
+    /// The region's drain state, open connections, and goodbye'd connections' cursors.
+    pub region_state: region::RegionState,
     pub router: ChannelRouter,
     pub tickets: tickets::Tickets,
     pub key: TokenKey,
@@ -97,6 +102,8 @@ pub async fn serve(
     });
     let shared = Arc::new(Shared {
         presence,
+        ring_source: config.ring.clone(),
+        region_state: region::RegionState::default(),
         hub: Hub::new(
             config.id.clone(),
             ring,
@@ -116,6 +123,7 @@ pub async fn serve(
         tracker: tracker.clone(),
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
+    tracker.spawn(region::run(shared.clone(), config.id.clone()));
     let app = http::routes(shared);
     // Events are small frames written as they come: Nagle's algorithm would hold them back
     // behind the client's delayed ACKs (tens of milliseconds).
