@@ -8,6 +8,7 @@ mod bad_input;
 mod charm;
 mod cli;
 mod consul;
+mod ctl;
 mod deploy;
 mod message_path;
 mod presence;
