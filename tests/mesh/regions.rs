@@ -2,10 +2,14 @@
 //! lost or duplicated.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -13,6 +17,81 @@ use crate::support::{Rtm, admin, mesh, poster, rm_at, web_api};
 
 const CLIENTS: usize = 300;
 const CHANNELS: usize = 10;
+/// Real `slack_sdk` RTM v2 clients, on top of the raw ones, in the first [`PY_CHANNELS`] channels.
+const PY_CLIENTS: usize = 6;
+const PY_CHANNELS: usize = 3;
+
+/// The real rtm_v2 clients of `tests/clients/python/rtm_v2_drain.py`, in one Python process.
+struct PyClients {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl PyClients {
+    /// Starts the script with `config` and waits until every client got `hello`.
+    async fn start(config: Value) -> PyClients {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let python = repo.join("tests/.venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run `tests/setup` (or `tests/run`) to install the real clients",
+            python.display()
+        );
+        let mut child = tokio::process::Command::new(python)
+            .arg(repo.join("tests/clients/python/rtm_v2_drain.py"))
+            .env("CHANNELMESH_TEST", config.to_string())
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the rtm_v2 drain script starts");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut py = PyClients { child, stdout };
+        py.expect_line("READY").await;
+        py
+    }
+
+    /// The next line the script prints, within `limit`.
+    async fn line(&mut self, limit: Duration) -> String {
+        tokio::time::timeout(limit, self.stdout.next_line())
+            .await
+            .expect("the rtm_v2 drain script answers in time")
+            .unwrap()
+            .expect("the rtm_v2 drain script is still running")
+    }
+
+    async fn expect_line(&mut self, want: &str) {
+        let line = self.line(Duration::from_secs(30)).await;
+        assert_eq!(line, want, "the rtm_v2 drain script said {line:?}");
+    }
+
+    /// Says STOP; returns each client's report (`user`, `seen`, `url`, ...).
+    async fn stop(mut self) -> Vec<Value> {
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"STOP\n").await.unwrap();
+        stdin.flush().await.unwrap();
+        let line = self.line(Duration::from_secs(10)).await;
+        let report: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the rtm_v2 drain script said {line:?}: {e}"));
+        self.expect_line("OK").await;
+        drop(stdin);
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the rtm_v2 drain script exits after OK")
+            .unwrap();
+        assert!(
+            status.success(),
+            "the rtm_v2 drain script exited with {status}"
+        );
+        report["clients"].as_array().unwrap().clone()
+    }
+}
 
 /// One client as an unmodified Slack client behaves: on `goodbye` or a closed socket it calls
 /// `rtm.connect` again on the same base URL and follows the URL it gets.
@@ -102,6 +181,16 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
             reconnects: 0,
         });
     }
+    // And real slack_sdk rtm_v2 clients, also on us-east, before any message is posted.
+    let py_channel = |i: usize| channel(i % PY_CHANNELS);
+    let py_clients: Vec<Value> = (0..PY_CLIENTS)
+        .map(|i| {
+            let user = format!("UPYDRAIN{i}");
+            let token = mesh.token(&user, "T1", &[&py_channel(i)]).unwrap();
+            json!({"user": user, "token": token, "channel": py_channel(i)})
+        })
+        .collect();
+    let py = PyClients::start(json!({"base_url": us, "clients": py_clients})).await;
     // Messages to every channel at a steady rate throughout.
     let admin = admin(&mesh).await;
     let stop_posting = CancellationToken::new();
@@ -136,7 +225,8 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
         Duration::from_secs(30),
         || async {
             let (us, eu) = (stats(us_addr).await, stats(eu_addr).await);
-            (us["connections"] == 0 && eu["connections"] == json!(CLIENTS)).then_some(())
+            (us["connections"] == 0 && eu["connections"] == json!(CLIENTS + PY_CLIENTS))
+                .then_some(())
         },
     )
     .await;
@@ -185,9 +275,47 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
             client.rtm.url
         );
     }
+    let (raw_lost, raw_duplicated) = (lost, duplicated);
+
+    // The real rtm_v2 clients: the same checks, on what each one recorded in arrival order.
+    let reports = py.stop().await;
+    assert_eq!(reports.len(), PY_CLIENTS);
+    let mut py_reconnects = 0;
+    let mut py_goodbyes = 0;
+    let mut py_seen = 0;
+    for (i, report) in reports.iter().enumerate() {
+        let user = &report["user"];
+        assert_eq!(user, &json!(format!("UPYDRAIN{i}")));
+        let seen: Vec<String> = report["seen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ts| ts.as_str().unwrap().to_string())
+            .collect();
+        let want: HashSet<&String> = acked[i % PY_CHANNELS].iter().collect();
+        let got: HashSet<&String> = seen.iter().collect();
+        py_seen += seen.len();
+        duplicated += seen.len() - got.len();
+        lost += want.difference(&got).count();
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted, seen,
+            "rtm_v2 client {user} got messages out of ts order"
+        );
+        let url = report["url"].as_str().unwrap_or("(not connected)");
+        assert!(
+            url.contains(&eu_addr.to_string()),
+            "rtm_v2 client {user} ended on {url}: {report}"
+        );
+        py_reconnects += report["hellos"].as_u64().unwrap() - 1;
+        py_goodbyes += report["goodbyes"].as_u64().unwrap();
+    }
+
     let total: usize = acked.iter().map(Vec::len).sum();
     println!(
-        "drained {CLIENTS} clients from us-east in {} ms at 200/s; {total} messages posted; lost {lost}, duplicated {duplicated}; {} reconnects",
+        "drained {} clients ({CLIENTS} raw + {PY_CLIENTS} slack_sdk rtm_v2) from us-east in {} ms at 200/s; {total} messages posted; lost {lost}, duplicated {duplicated} (raw: {raw_lost}, {raw_duplicated}); {} raw reconnects, rtm_v2: {py_seen} messages received, {py_goodbyes} goodbyes, {py_reconnects} reconnects",
+        CLIENTS + PY_CLIENTS,
         drained_in.as_millis(),
         reconnects.lock().await
     );
