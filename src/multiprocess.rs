@@ -159,42 +159,22 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         let name = format!("ring-manager-{}", i + 2);
         extra_ring_managers.push(start(&name, &rm_args(*addr, false), config).await?);
     }
-    let mut presence_servers = Vec::new();
-    let actives = config.presence_servers.iter().map(|a| (a, false));
-    let standbys = config.presence_standbys.iter().map(|a| (a, true));
-    for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
-        let id = format!("ps-{}", i + 1);
-        let mut args = vec![
-            s("presence-server"),
-            s("--id"),
-            id.clone(),
-            s("--listen"),
-            addr.to_string(),
-        ];
-        args.extend(ring_args.iter().cloned());
-        if standby {
-            args.push(s("--standby"));
-        }
-        presence_servers.push((id.clone(), standby, start(&id, &args, config).await?));
-    }
-    let mut channel_servers = Vec::new();
-    let actives = config.channel_servers.iter().map(|a| (a, false));
-    let standbys = config.standbys.iter().map(|a| (a, true));
-    for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
-        let id = format!("cs-{}", i + 1);
-        let mut args = vec![
-            s("channel-server"),
-            s("--id"),
-            id.clone(),
-            s("--listen"),
-            addr.to_string(),
-        ];
-        args.extend(ring_args.iter().cloned());
-        if standby {
-            args.push(s("--standby"));
-        }
-        channel_servers.push((id.clone(), standby, start(&id, &args, config).await?));
-    }
+    let presence_servers = start_nodes(
+        ("presence-server", "ps"),
+        &config.presence_servers,
+        &config.presence_standbys,
+        &ring_args,
+        config,
+    )
+    .await?;
+    let channel_servers = start_nodes(
+        ("channel-server", "cs"),
+        &config.channel_servers,
+        &config.standbys,
+        &ring_args,
+        config,
+    )
+    .await?;
     let mut admin_args = vec![s("admin-server"), s("--listen"), config.admin.to_string()];
     admin_args.extend(ring_args.iter().cloned());
     let admin = start("admin-server", &admin_args, config).await?;
@@ -257,6 +237,38 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         gateways,
         started_in: started.elapsed(),
     })
+}
+
+/// Starts the ring nodes of one kind (`subcommand`, ids `prefix-1`, `prefix-2`, ...): one
+/// per active address, then one standby per standby address.
+async fn start_nodes(
+    (subcommand, prefix): (&str, &str),
+    actives: &[SocketAddr],
+    standbys: &[SocketAddr],
+    ring_args: &[String],
+    config: &MeshConfig,
+) -> anyhow::Result<Vec<(String, bool, Service)>> {
+    let mut nodes = Vec::new();
+    let all = actives
+        .iter()
+        .map(|a| (a, false))
+        .chain(standbys.iter().map(|a| (a, true)));
+    for (i, (addr, standby)) in all.enumerate() {
+        let id = format!("{prefix}-{}", i + 1);
+        let mut args = vec![
+            subcommand.to_string(),
+            "--id".to_string(),
+            id.clone(),
+            "--listen".to_string(),
+            addr.to_string(),
+        ];
+        args.extend(ring_args.iter().cloned());
+        if standby {
+            args.push("--standby".to_string());
+        }
+        nodes.push((id.clone(), standby, start(&id, &args, config).await?));
+    }
+    Ok(nodes)
 }
 
 /// Waits until the ring `source` leads to has `actives` active and `standbys` standby members.

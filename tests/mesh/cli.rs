@@ -72,6 +72,8 @@ fn token_mints_a_jwt_the_gateway_accepts() {
 
 #[test]
 fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
+    // Its log, to show on failure.
+    let log = std::env::temp_dir().join(format!("channelmesh-dev-{}.log", std::process::id()));
     let mut child = without_secrets(&[
         "dev",
         "--admin",
@@ -90,7 +92,7 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         "0",
     ])
     .stdout(Stdio::piped())
-    .stderr(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
     .spawn()
     .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -106,7 +108,8 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
     let text = lines.join("\n");
     assert!(
         lines.last().is_some_and(|l| l.starts_with("ready in ")),
-        "{text}"
+        "{text}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     for want in [
         "admin server",
@@ -125,5 +128,6 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
+    let _ = std::fs::remove_file(&log);
     assert!(exit.success(), "dev exited with {exit} after SIGTERM");
 }

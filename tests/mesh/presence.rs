@@ -5,17 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Rtm, admin, mesh, web_api};
-
-/// A `presence_change` about `user` saying `presence`, in either form.
-fn presence_of(v: &Value, user: &str, presence: &str) -> bool {
-    v["type"] == "presence_change"
-        && v["presence"] == presence
-        && (v["user"] == user
-            || v["users"]
-                .as_array()
-                .is_some_and(|users| users.iter().any(|u| u == user)))
-}
+use crate::support::{Rtm, admin, mesh, presence_of, web_api};
 
 fn any_presence_of(user: &'static str) -> impl Fn(&Value) -> bool {
     move |v| presence_of(v, user, "active") || presence_of(v, user, "away")

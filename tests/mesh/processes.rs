@@ -17,7 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Rtm, admin_at, eventually, moves, post, ring_at, state_of};
+use crate::support::{Rtm, admin_at, eventually, moves, post, presence_of, ring_at, state_of};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 const JWT_SECRET: &str = "process-test-secret";
@@ -429,15 +429,6 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
     assert_eq!(got["ts"], ts.as_str());
     let _ = restarted.kill();
     let _ = restarted.wait();
-}
-
-fn presence_of(v: &serde_json::Value, user: &str, presence: &str) -> bool {
-    v["type"] == "presence_change"
-        && v["presence"] == presence
-        && (v["user"] == user
-            || v["users"]
-                .as_array()
-                .is_some_and(|users| users.iter().any(|u| u == user)))
 }
 
 #[tokio::test]

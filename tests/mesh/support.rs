@@ -333,3 +333,13 @@ pub async fn post(admin: &mut Admin, channel: &str, user: &str, text: &str) -> S
         .into_inner()
         .ts
 }
+
+/// A `presence_change` about `user` saying `presence`, in either the single or the batch form.
+pub fn presence_of(v: &Value, user: &str, presence: &str) -> bool {
+    v["type"] == "presence_change"
+        && v["presence"] == presence
+        && (v["user"] == user
+            || v["users"]
+                .as_array()
+                .is_some_and(|users| users.iter().any(|u| u == user)))
+}
