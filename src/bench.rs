@@ -98,7 +98,7 @@ type Socket =
 
 /// Connects an RTM client for `identity` through the gateway at base URL `gateway` (the real
 /// connect flow: token, `rtm.connect`, WebSocket, `hello`).
-async fn connect_client(
+pub(crate) async fn connect_client(
     gateway: &str,
     jwt_secret: &str,
     identity: &Identity,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod ctl;
+pub mod fanout;
 pub mod mesh;
 pub mod multiprocess;
 

@@ -213,6 +213,31 @@ enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Fan-out: CLIENTS RTM clients over CHANNELS channels (fan-out = clients / channels),
+    /// RATE messages/s published through the admin API for SECONDS; reports delivered/s,
+    /// publish -> receive latency percentiles, connect rate and lost messages. Needs
+    /// CHANNELMESH_JWT_SECRET and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
+    Fanout {
+        /// RTM base URL of a gateway; repeat to spread the clients.
+        #[arg(long = "gateway", default_values = ["http://127.0.0.1:8080/api/", "http://127.0.0.1:8081/api/"])]
+        gateways: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        admin: String,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        channels: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Message text size in bytes.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+        /// Print the report as JSON (and no progress).
+        #[arg(long)]
+        json: bool,
+    },
     /// Presence fan-out: one presence server (started here, with its ring manager) takes
     /// online/offline reports for USERS from one gateway session as fast as it can while
     /// WATCHERS gateway sessions watch them all; reports updates taken and pushed per second.
@@ -673,6 +698,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ctl::region_op(endpoint, &region, false, 0, args.json).await
                 }
             }
+        }
+        Command::Bench(BenchCommand::Fanout {
+            gateways,
+            admin,
+            clients,
+            channels,
+            rate,
+            seconds,
+            payload,
+            json,
+        }) => {
+            let report = channelmesh::fanout::fanout(channelmesh::fanout::FanoutConfig {
+                gateways,
+                admin,
+                admin_token: required_env(ENV_ADMIN_TOKEN)?,
+                jwt_secret: required_env(ENV_JWT_SECRET)?,
+                clients,
+                channels,
+                rate,
+                duration: Duration::from_secs(seconds),
+                payload,
+                progress: !json,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let r = &report;
+                println!(
+                    "fan-out: {} clients, {} channels (fan-out {:.0}), {} B messages",
+                    r.clients, r.channels, r.fanout, r.payload_bytes
+                );
+                println!("  connect rate     {:>12.0} /s", r.connect_per_s);
+                println!(
+                    "  published        {:>12} ({} errors)",
+                    r.published, r.publish_errors
+                );
+                println!(
+                    "  delivered        {:>12} of {} expected",
+                    r.delivered, r.expected
+                );
+                println!("  delivered rate   {:>12.0} /s", r.delivered_per_s);
+                println!("  lost             {:>12}", r.lost);
+                println!(
+                    "  latency          p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+                    r.p50_us, r.p99_us, r.p999_us, r.max_us
+                );
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Presence {
             users,

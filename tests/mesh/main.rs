@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod bench_smoke;
 mod charm;
 mod cli;
 mod consul;
