@@ -60,10 +60,22 @@ struct Connection {
 
 impl Connection {
     /// The client has `event` now: its channel's cursor moves to it.
-    fn advance(&mut self, event: &Rendered) {
-        if let Some(ts) = event.ts {
-            let cursor = self.cursors.entry(event.channel.clone()).or_default();
-            *cursor = (*cursor).max(ts);
+    /// Returns false, and moves nothing, when the client already has it (a persisted event
+    /// at or before the channel's cursor). One map lookup, no allocation on the hot path.
+    fn advance(&mut self, event: &Rendered) -> bool {
+        let Some(ts) = event.ts else {
+            return true;
+        };
+        match self.cursors.get_mut(&event.channel) {
+            Some(cursor) if ts <= *cursor => false,
+            Some(cursor) => {
+                *cursor = ts;
+                true
+            }
+            None => {
+                self.cursors.insert(event.channel.clone(), ts);
+                true
+            }
         }
     }
 
@@ -79,15 +91,11 @@ impl Connection {
                         return false;
                     }
                     buffer.push(event);
-                } else if event
-                    .ts
-                    .is_some_and(|ts| self.cursors.get(&event.channel).is_some_and(|c| ts <= *c))
-                {
-                    // Already written: a resume's history read can overtake the live stream.
-                } else {
-                    self.advance(&event);
+                } else if self.advance(&event) {
                     out.push(event.frame.clone());
                 }
+                // Otherwise already written: a resume's history read can overtake the live
+                // stream.
             }
             Outbound::Frame(frame) => out.push(frame),
             Outbound::Joined { channel, since } => {
@@ -118,8 +126,9 @@ impl Connection {
                         Some(ts) => newest = Some(ts),
                         None => {}
                     }
-                    self.advance(event);
-                    out.push(event.frame.clone());
+                    if self.advance(event) {
+                        out.push(event.frame.clone());
+                    }
                 }
             }
             Outbound::Resume(resumed) => {
@@ -142,8 +151,9 @@ impl Connection {
                         Some(ts) => newest = Some(ts),
                         None => {}
                     }
-                    self.advance(event);
-                    out.push(event.frame.clone());
+                    if self.advance(event) {
+                        out.push(event.frame.clone());
+                    }
                 }
             }
             Outbound::Left { channel } => {

@@ -269,11 +269,7 @@ async fn redirect_connect(
             }
         }
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(2))
-        .build()
-        .ok()?;
+    let client = shared.region_state.http();
     for target in targets {
         let mut form = vec![(
             "batch_presence_aware",

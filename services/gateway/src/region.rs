@@ -40,6 +40,8 @@ pub struct RegionState {
     /// Cursors of connections that said goodbye, per user, oldest first.
     handover: Mutex<HashMap<UserId, VecDeque<Handover>>>,
     handovers: Mutex<usize>,
+    /// The client that forwards `rtm.connect` to the healthy region, built once.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,6 +57,17 @@ impl RegionState {
     /// Base URLs of healthy gateways to send clients to, nearest first.
     pub fn redirect(&self) -> Vec<String> {
         lock(&self.redirect).clone()
+    }
+
+    /// The HTTP client for forwarded `rtm.connect` calls (pooled connections, one per gateway).
+    pub fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .timeout(CALL_TIMEOUT)
+                .build()
+                .unwrap_or_default()
+        })
     }
 
     pub fn register(&self, conn: ConnId, closer: Arc<Closer>) {
