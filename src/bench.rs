@@ -53,6 +53,7 @@ pub async fn latency(config: LatencyConfig) -> anyhow::Result<LatencyReport> {
         name: None,
         channels: vec![ChannelId::new(&channel)?],
         expires_at: now + 3600,
+        jti: None,
     };
     let mut ws = connect_client(&config.gateway, &config.jwt_secret, &identity).await?;
 
@@ -209,6 +210,7 @@ pub async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
             name: None,
             channels: vec![channel.clone()],
             expires_at: unix_now() + 3600,
+            jti: None,
         };
         let mut ws = connect_client(&gateway, &config.jwt_secret, &identity).await?;
         let tracker = tokio_util::task::TaskTracker::new();

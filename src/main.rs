@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelmesh::mesh::{Mesh, MeshConfig, unix_now};
 use clap::{Args, Parser, Subcommand};
+use gateway::limits::Limits;
 use mesh_core::{ChannelId, Identity, NodeId, TeamId, TokenKey, UserId};
 use rand::RngCore;
 use tokio::net::TcpListener;
@@ -27,6 +28,10 @@ const ENV_CONSUL: &str = "CHANNELMESH_CONSUL";
 const ENV_CONSUL_TOKEN: &str = "CONSUL_HTTP_TOKEN";
 /// The ring manager `dev` starts, and the default everyone else dials.
 const DEFAULT_RING_MANAGER: &str = "http://127.0.0.1:50050";
+/// Env var: the ring manager console's URL (for `ctl top`).
+const ENV_CONSOLE: &str = "CHANNELMESH_CONSOLE";
+/// The console of the ring manager `dev` starts, and the default `ctl top` reads.
+const DEFAULT_CONSOLE: &str = "http://127.0.0.1:50090";
 /// `dev --consul`: the second ring manager's port.
 const DEV_EXTRA_RING_MANAGER: u16 = 50060;
 /// How long shutdown waits for services to finish.
@@ -76,6 +81,10 @@ enum Command {
         /// With --consul: the lock-delay in milliseconds after a leader's session ends.
         #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_LOCK_DELAY.as_millis() as u64)]
         lock_delay_ms: u64,
+        /// Address to serve HTTP on: the SRE console (/), its JSON (/api/state, /api/events),
+        /// /healthz and /readyz (ready while it serves the ring).
+        #[arg(long, default_value = ring_manager::console::DEFAULT_HTTP)]
+        http: SocketAddr,
         #[command(flatten)]
         consul: ConsulArgs,
     },
@@ -130,7 +139,7 @@ enum Command {
         #[command(flatten)]
         ring: RingArgs,
     },
-    /// Run a gateway for one region (needs CHANNELMESH_JWT_SECRET).
+    /// Run a gateway for one region (needs CHANNELMESH_JWT_SECRET, or --jwt-public-key/--jwks).
     Gateway {
         /// The region it serves, e.g. us-east.
         #[arg(long)]
@@ -146,6 +155,10 @@ enum Command {
         public_url: Option<String>,
         #[command(flatten)]
         ring: RingArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
     },
     /// SRE operations on the ring manager (by default the one `dev` starts).
     Ctl(CtlArgs),
@@ -209,35 +222,41 @@ enum CtlCommand {
     },
     /// End a region's drain.
     UndrainRegion { region: String },
+    /// A refreshing terminal view of the console's numbers: epoch, nodes with states and
+    /// slots, regions with connections and drain state, recent epochs. Reads the ring
+    /// manager's console (`/api/state`), not its gRPC.
+    Top {
+        /// The ring manager console's URL.
+        #[arg(long, env = ENV_CONSOLE, default_value = DEFAULT_CONSOLE)]
+        console: String,
+        /// Print once and exit (with --json: one JSON snapshot).
+        #[arg(long)]
+        once: bool,
+        /// Milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Fan-out: CLIENTS RTM clients over CHANNELS channels (fan-out = clients / channels),
-    /// RATE messages/s published through the admin API for SECONDS; reports delivered/s,
-    /// publish -> receive latency percentiles, connect rate and lost messages. Needs
-    /// CHANNELMESH_JWT_SECRET and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
-    Fanout {
-        /// RTM base URL of a gateway; repeat to spread the clients.
-        #[arg(long = "gateway", default_values = ["http://127.0.0.1:8080/api/", "http://127.0.0.1:8081/api/"])]
-        gateways: Vec<String>,
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        admin: String,
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
-        #[arg(long, default_value_t = 10)]
-        channels: usize,
-        #[arg(long, default_value_t = 1000)]
-        rate: u64,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Message text size in bytes.
-        #[arg(long, default_value_t = 200)]
-        payload: usize,
-        /// Print the report as JSON (and no progress).
-        #[arg(long)]
-        json: bool,
-    },
+    /// Fan-out: few channels, many subscribers (CLIENTS over CHANNELS); publishes at RATE for
+    /// SECONDS (member clients over their WebSocket, or the admin API) and reports delivered/s,
+    /// publish -> receive latency percentiles, connect rate, lost messages. Against
+    /// channelmesh (needs CHANNELMESH_JWT_SECRET, as `dev` prints it) or nats-server.
+    Fanout(channelmesh::fanout::LoadArgs),
+    /// Chat: many small channels (mostly 2-5 members online, a few larger), a publisher in
+    /// each at a modest rate.
+    Chat(channelmesh::fanout::LoadArgs),
+    /// Connect/disconnect churn: CLIENTS stay connected while CHURN of them per second close
+    /// and reconnect; reports connects/s, failures, connect time percentiles.
+    ConnectStorm(channelmesh::fanout::LoadArgs),
+    /// Idle connections: connects CLIENTS, holds them SECONDS; with --server-pid, the server's
+    /// RSS per connection.
+    Idle(channelmesh::fanout::LoadArgs),
+    /// A load generator worker: started by the scenarios above, orders on stdin.
+    #[command(hide = true)]
+    Worker,
     /// Presence fan-out: one presence server (started here, with its ring manager) takes
     /// online/offline reports for USERS from one gateway session as fast as it can while
     /// WATCHERS gateway sessions watch them all; reports updates taken and pushed per second.
@@ -310,6 +329,12 @@ struct DevArgs {
     /// 0 lets the OS pick.
     #[arg(long, default_value_t = 50071)]
     presence_server_port: u16,
+    /// The ring manager's HTTP listener: the SRE console, /healthz, /readyz.
+    #[arg(long, default_value = ring_manager::console::DEFAULT_HTTP)]
+    http: SocketAddr,
+    /// The presence ring manager's HTTP listener.
+    #[arg(long, default_value = ring_manager::console::DEFAULT_PRESENCE_HTTP)]
+    presence_http: SocketAddr,
     /// Run every service as its own child process (ring manager, 3 active and 1 standby
     /// channel servers, admin server, a gateway per region), on the same ports.
     #[arg(long)]
@@ -329,6 +354,126 @@ struct DevArgs {
     /// Default: one on 127.0.0.1:50060.
     #[arg(long = "extra-ring-manager", requires = "consul")]
     extra_ring_managers: Vec<SocketAddr>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// A gateway's limits on clients (the README's "Limits" table).
+#[derive(Debug, Clone, Args)]
+struct LimitArgs {
+    /// Client frames one connection may send per second, sustained (0: no limit); past it
+    /// the frame gets a `ratelimited` error.
+    #[arg(long, default_value_t = Limits::default().frames_per_sec)]
+    client_frames_per_sec: u32,
+    /// Frames a connection may send at once above that rate.
+    #[arg(long, default_value_t = Limits::default().frame_burst)]
+    client_frame_burst: u32,
+    /// Refused frames in a row after which a connection is closed (4029).
+    #[arg(long, default_value_t = Limits::default().refusals_before_close)]
+    refusals_before_close: u32,
+    /// Bytes queued to one connection before it is closed as a slow consumer (4008).
+    #[arg(long, default_value_t = Limits::default().outbound_bytes)]
+    outbound_queue_bytes: usize,
+    /// Seconds a write to a client may stall before it is closed as a slow consumer (4008).
+    #[arg(long, default_value_t = Limits::default().write_timeout.as_secs_f64())]
+    write_timeout_secs: f64,
+    /// Milliseconds within which a user's repeated typing in a channel is coalesced.
+    #[arg(long, default_value_t = Limits::default().typing_interval.as_millis() as u64)]
+    typing_interval_ms: u64,
+    /// Client connections per gateway; past it `rtm.connect` answers `ratelimited`.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Open sockets per gateway (clients and HTTP calls); at the cap accept waits. Lowered
+    /// to fit the process's open-files limit.
+    #[arg(long, default_value_t = Limits::default().max_sockets)]
+    max_sockets: usize,
+    /// `rtm.connect` calls per second per gateway (0: no limit).
+    #[arg(long, default_value_t = Limits::default().handshakes_per_sec)]
+    handshakes_per_sec: u32,
+    /// Seconds a request may take to send its headers (slowloris).
+    #[arg(long, default_value_t = Limits::default().handshake_timeout.as_secs_f64())]
+    handshake_timeout_secs: f64,
+    /// Seconds a connection may stay silent (not even a pong) before it is closed (4001).
+    #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs_f64())]
+    idle_timeout_secs: f64,
+    /// Seconds between the gateway's pings to each connection.
+    #[arg(long, default_value_t = Limits::default().ping_interval.as_secs_f64())]
+    ping_interval_secs: f64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| anyhow::anyhow!("--{name}: {v} is not a duration"))
+        };
+        let limits = Limits {
+            frames_per_sec: self.client_frames_per_sec,
+            frame_burst: self.client_frame_burst,
+            refusals_before_close: self.refusals_before_close.max(1),
+            outbound_bytes: self.outbound_queue_bytes,
+            write_timeout: secs("write-timeout-secs", self.write_timeout_secs)?,
+            typing_interval: Duration::from_millis(self.typing_interval_ms),
+            max_connections: self.max_connections,
+            max_sockets: self.max_sockets,
+            handshakes_per_sec: self.handshakes_per_sec,
+            handshake_timeout: secs("handshake-timeout-secs", self.handshake_timeout_secs)?,
+            idle_timeout: secs("idle-timeout-secs", self.idle_timeout_secs)?,
+            ping_interval: secs("ping-interval-secs", self.ping_interval_secs)?,
+        };
+        anyhow::ensure!(
+            !limits.ping_interval.is_zero() && limits.ping_interval < limits.idle_timeout,
+            "--ping-interval-secs must be above 0 and below --idle-timeout-secs"
+        );
+        Ok(limits)
+    }
+
+    /// The same limits as command-line arguments, for gateway child processes.
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--client-frames-per-sec={}", self.client_frames_per_sec),
+            format!("--client-frame-burst={}", self.client_frame_burst),
+            format!("--refusals-before-close={}", self.refusals_before_close),
+            format!("--outbound-queue-bytes={}", self.outbound_queue_bytes),
+            format!("--write-timeout-secs={}", self.write_timeout_secs),
+            format!("--typing-interval-ms={}", self.typing_interval_ms),
+            format!("--max-connections={}", self.max_connections),
+            format!("--max-sockets={}", self.max_sockets),
+            format!("--handshakes-per-sec={}", self.handshakes_per_sec),
+            format!("--handshake-timeout-secs={}", self.handshake_timeout_secs),
+            format!("--idle-timeout-secs={}", self.idle_timeout_secs),
+            format!("--ping-interval-secs={}", self.ping_interval_secs),
+        ]
+    }
+}
+
+/// Which client tokens a gateway accepts beyond the HS256 secret (CHANNELMESH_JWT_SECRET, which
+/// becomes optional when a public key is given).
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// A PEM public key (RSA: RS256 tokens; Ed25519: EdDSA tokens); repeatable.
+    #[arg(
+        long = "jwt-public-key",
+        env = "CHANNELMESH_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    public_keys: Vec<std::path::PathBuf>,
+    /// A JWKS file of public keys, selected by the token's `kid`.
+    #[arg(long, env = "CHANNELMESH_JWKS")]
+    jwks: Option<std::path::PathBuf>,
+    /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+    #[arg(long, env = "CHANNELMESH_JWT_LEEWAY_SECS", default_value_t = mesh_core::token::LEEWAY_SECS)]
+    jwt_leeway_secs: u64,
+}
+
+impl TokenArgs {
+    fn config(&self) -> gateway::tokens::TokenConfig {
+        gateway::tokens::TokenConfig {
+            public_keys: self.public_keys.clone(),
+            jwks: self.jwks.clone(),
+            leeway_secs: self.jwt_leeway_secs,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -519,10 +664,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session_ttl_secs,
             lock_delay_ms,
             nearest,
+            http,
             consul,
         } => {
             cancel_on_signals(cancel.clone());
             let config = ring_manager::Config::default();
+            let http = TcpListener::bind(http)
+                .await
+                .with_context(|| format!("binding {http}"))?;
+            let console_url = format!("http://{}/", http.local_addr()?);
             if let Some(ring) = consul.ring()? {
                 anyhow::ensure!(
                     listen.port() != 0,
@@ -540,6 +690,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     &cancel,
                 )?;
                 println!("listening on {listen}");
+                println!("console on {console_url}");
                 let leader = ring_manager::cluster::LeaderConfig {
                     endpoint,
                     listen,
@@ -547,20 +698,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     lock_delay: Duration::from_millis(lock_delay_ms),
                     nearest,
                 };
-                return Ok(ring_manager::cluster::run_leader_election(
-                    ring, config, leader, cancel,
-                )
-                .await?);
+                let (leadership, leading) = tokio::sync::watch::channel(None);
+                let console = ring_manager::console::Console::consul(leading);
+                // Either ending with an error takes the process down.
+                tokio::try_join!(
+                    ring_manager::cluster::run_leader_election_with(
+                        ring,
+                        config,
+                        leader,
+                        leadership,
+                        cancel.clone(),
+                    ),
+                    ring_manager::console::serve(console, http, cancel.clone()),
+                )?;
+                return Ok(());
             }
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             println!("listening on {}", listener.local_addr()?);
+            println!("console on {console_url}");
             let tracker = tokio_util::task::TaskTracker::new();
             let manager =
                 ring_manager::RingManager::new(config, state_file, &tracker, cancel.clone())?;
             manager.set_nearest(nearest);
-            Ok(ring_manager::serve(manager, listener, cancel).await?)
+            let console = ring_manager::console::Console::embedded(manager.clone());
+            tokio::try_join!(
+                ring_manager::serve(manager, listener, cancel.clone()),
+                ring_manager::console::serve(console, http, cancel.clone()),
+            )?;
+            Ok(())
         }
         Command::ChannelServer {
             id,
@@ -648,15 +815,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             public_url,
             ring,
+            limits,
+            tokens,
         } => {
+            // Optional when public keys are given: such a gateway never needs the secret.
+            let from_env = std::env::var(ENV_JWT_SECRET).unwrap_or_default();
+            if from_env.is_empty() && tokens.public_keys.is_empty() && tokens.jwks.is_none() {
+                anyhow::bail!("set {ENV_JWT_SECRET}, or give --jwt-public-key or --jwks");
+            }
             let config = gateway::Config {
                 id: id.unwrap_or_else(|| format!("{region}-1")),
                 region,
                 ring: ring.source()?,
                 presence_ring: Some(ring.presence_source()?),
                 public_url,
-                jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
+                jwt_secret: from_env.into_bytes(),
                 connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
+                limits: limits.limits()?,
+                tokens: tokens.config(),
             };
             cancel_on_signals(cancel.clone());
             let listener = TcpListener::bind(listen)
@@ -668,6 +844,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ring.consul
                 .register("gateway", &config.id, (local, None), meta, &cancel)?;
             Ok(gateway::serve(config, listener, cancel).await?)
+        }
+        Command::Ctl(CtlArgs {
+            json,
+            command:
+                CtlCommand::Top {
+                    console,
+                    once,
+                    interval_ms,
+                },
+            ..
+        }) => {
+            cancel_on_signals(cancel.clone());
+            let every = Duration::from_millis(interval_ms.max(100));
+            channelmesh::ctl::top(&console, once, json, every, cancel).await
         }
         Command::Ctl(args) => {
             use channelmesh::ctl;
@@ -691,6 +881,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ctl::node_op(endpoint, ctl::NodeOp::Add, id.as_deref(), args.json).await
                 }
                 CtlCommand::Regions => ctl::regions(endpoint, args.json).await,
+                CtlCommand::Top { .. } => unreachable!("handled above"),
                 CtlCommand::DrainRegion { region, rate } => {
                     ctl::region_op(endpoint, &region, true, rate, args.json).await
                 }
@@ -699,55 +890,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench(BenchCommand::Fanout {
-            gateways,
-            admin,
-            clients,
-            channels,
-            rate,
-            seconds,
-            payload,
-            json,
-        }) => {
-            let report = channelmesh::fanout::fanout(channelmesh::fanout::FanoutConfig {
-                gateways,
-                admin,
-                admin_token: required_env(ENV_ADMIN_TOKEN)?,
-                jwt_secret: required_env(ENV_JWT_SECRET)?,
-                clients,
-                channels,
-                rate,
-                duration: Duration::from_secs(seconds),
-                payload,
-                progress: !json,
-            })
-            .await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                let r = &report;
-                println!(
-                    "fan-out: {} clients, {} channels (fan-out {:.0}), {} B messages",
-                    r.clients, r.channels, r.fanout, r.payload_bytes
-                );
-                println!("  connect rate     {:>12.0} /s", r.connect_per_s);
-                println!(
-                    "  published        {:>12} ({} errors)",
-                    r.published, r.publish_errors
-                );
-                println!(
-                    "  delivered        {:>12} of {} expected",
-                    r.delivered, r.expected
-                );
-                println!("  delivered rate   {:>12.0} /s", r.delivered_per_s);
-                println!("  lost             {:>12}", r.lost);
-                println!(
-                    "  latency          p50 {} us, p99 {} us, p99.9 {} us, max {} us",
-                    r.p50_us, r.p99_us, r.p999_us, r.max_us
-                );
-            }
-            Ok(())
+        Command::Bench(BenchCommand::Fanout(args)) => {
+            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Fanout, args).await
         }
+        Command::Bench(BenchCommand::Chat(args)) => {
+            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Chat, args).await
+        }
+        Command::Bench(BenchCommand::ConnectStorm(args)) => {
+            channelmesh::fanout::cli(channelmesh::fanout::Scenario::ConnectStorm, args).await
+        }
+        Command::Bench(BenchCommand::Idle(args)) => {
+            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Idle, args).await
+        }
+        Command::Bench(BenchCommand::Worker) => channelmesh::fanout::worker_main().await,
         Command::Bench(BenchCommand::Presence {
             users,
             watchers,
@@ -856,6 +1011,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|c| ChannelId::new(c))
                     .collect::<Result<_, _>>()?,
                 expires_at: now + ttl,
+                jti: None,
             };
             println!(
                 "{}",
@@ -900,6 +1056,9 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         .map(|i| SocketAddr::from(([127, 0, 0, 1], ps_port(i))))
         .collect();
     config.presence_standbys = vec![SocketAddr::from(([127, 0, 0, 1], ps_port(2)))];
+    config.console = args.http;
+    config.presence_console = args.presence_http;
+    config.limits = args.limits.limits()?;
     cancel_on_signals(cancel.clone());
     let secrets = [
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
@@ -916,6 +1075,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             consul: args.consul.clone(),
             consul_prefix: args.consul_prefix,
             extra_ring_managers,
+            gateway_args: args.limits.to_args(),
         };
         let procs = channelmesh::multiprocess::start_all(&config, &options).await?;
         let mut ring_managers = vec![(procs.ring_manager.addr, Some(procs.ring_manager.pid))];
@@ -952,6 +1112,11 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
                 .iter()
                 .map(|(id, standby, p)| (id.clone(), p.addr, *standby, Some(p.pid)))
                 .collect(),
+            // The OS-picked console ports of child processes are not known here.
+            consoles: [("", config.console), ("presence ", config.presence_console)]
+                .into_iter()
+                .filter(|(_, addr)| addr.port() != 0)
+                .collect(),
             started_in: procs.started_in,
         };
         summary.print(&secrets);
@@ -984,6 +1149,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             .enumerate()
             .map(|(i, (id, addr))| (id.to_string(), *addr, i >= presence_actives, None))
             .collect(),
+        consoles: vec![("", mesh.console), ("presence ", mesh.presence_console)],
         started_in: mesh.started_in,
     };
     summary.print(&secrets);
@@ -1002,6 +1168,8 @@ struct Summary {
     presence_ring_manager: (SocketAddr, Option<u32>),
     /// (id, address, standby, pid)
     presence_servers: Vec<(String, SocketAddr, bool, Option<u32>)>,
+    /// ("" or "presence ", address) per ring manager console.
+    consoles: Vec<(&'static str, SocketAddr)>,
     started_in: Duration,
 }
 
@@ -1035,6 +1203,10 @@ impl Summary {
                 "  gateway {region:<8} http://{addr}/api/  (RTM base URL){}",
                 pid(*p)
             );
+        }
+        for (which, addr) in &self.consoles {
+            let what = format!("{which}console");
+            println!("  {what:<16} http://{addr}/  (SRE console; /healthz, /readyz)");
         }
         for (name, value, generated) in secrets {
             if *generated {

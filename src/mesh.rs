@@ -18,6 +18,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub ring_manager: SocketAddr,
+    /// The ring manager's HTTP listener: the SRE console, `/healthz`, `/readyz`.
+    pub console: SocketAddr,
     /// Failure detection of the ring manager.
     pub ring: ring_manager::Config,
     /// One address per active channel server (cs-1, cs-2, ...).
@@ -33,6 +35,8 @@ pub struct MeshConfig {
     pub connect_url_ttl: Duration,
     /// The presence ring's own ring manager.
     pub presence_ring_manager: SocketAddr,
+    /// The presence ring manager's console.
+    pub presence_console: SocketAddr,
     /// One address per active presence server (ps-1, ps-2, ...).
     pub presence_servers: Vec<SocketAddr>,
     /// One address per standby presence server.
@@ -40,6 +44,8 @@ pub struct MeshConfig {
     /// Presence timing: the away grace period and the gateways' lease.
     pub presence_grace: Duration,
     pub presence_gateway_lease: Duration,
+    /// Every gateway's limits on clients.
+    pub limits: gateway::limits::Limits,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -47,12 +53,14 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 impl MeshConfig {
-    /// The `dev` layout: ring manager on 50050, admin on 50051, three channel servers on
-    /// 50061-50063 and a standby on 50064, gateways us-east on 8080 and eu-west on 8081; the
-    /// presence ring's manager on 50052, presence servers on 50071-50072 and a standby on 50073.
+    /// The `dev` layout: ring manager on 50050 (its console on 50090), admin on 50051, three
+    /// channel servers on 50061-50063 and a standby on 50064, gateways us-east on 8080 and
+    /// eu-west on 8081; the presence ring's manager on 50052 (console on 50092), presence
+    /// servers on 50071-50072 and a standby on 50073.
     pub fn dev(jwt_secret: String, admin_token: String) -> Self {
         MeshConfig {
             ring_manager: loopback(50050),
+            console: loopback(50090),
             ring: ring_manager::Config::default(),
             channel_servers: (1..=3).map(|i| loopback(50060 + i)).collect(),
             standbys: vec![loopback(50064)],
@@ -65,10 +73,12 @@ impl MeshConfig {
             admin_token,
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
             presence_ring_manager: loopback(50052),
+            presence_console: loopback(50092),
             presence_servers: (1..=2).map(|i| loopback(50070 + i)).collect(),
             presence_standbys: vec![loopback(50073)],
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
+            limits: gateway::limits::Limits::default(),
         }
     }
 
@@ -76,6 +86,7 @@ impl MeshConfig {
     pub fn ephemeral() -> Self {
         MeshConfig {
             ring_manager: loopback(0),
+            console: loopback(0),
             ring: ring_manager::Config::default(),
             channel_servers: vec![loopback(0); 3],
             standbys: vec![loopback(0)],
@@ -88,10 +99,12 @@ impl MeshConfig {
             admin_token: "test-admin-token".into(),
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
             presence_ring_manager: loopback(0),
+            presence_console: loopback(0),
             presence_servers: vec![loopback(0); 2],
             presence_standbys: vec![loopback(0)],
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
+            limits: gateway::limits::Limits::default(),
         }
     }
 }
@@ -100,6 +113,8 @@ impl MeshConfig {
 #[derive(Debug)]
 pub struct Mesh {
     pub ring_manager: SocketAddr,
+    /// The ring manager's console (HTTP).
+    pub console: SocketAddr,
     /// Every channel server, active and standby, in start order.
     pub channel_servers: Vec<(NodeId, SocketAddr)>,
     pub admin: SocketAddr,
@@ -113,6 +128,8 @@ pub struct Mesh {
     /// Each channel server's own stop token (for failure tests).
     cs_cancel: Vec<(NodeId, CancellationToken)>,
     pub presence_ring_manager: SocketAddr,
+    /// The presence ring manager's console (HTTP).
+    pub presence_console: SocketAddr,
     /// Every presence server, active and standby, in start order.
     pub presence_servers: Vec<(NodeId, SocketAddr)>,
     /// Each presence server's and each gateway's own stop token (for failure tests).
@@ -126,6 +143,26 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the {what} to {addr}"))
+}
+
+/// Serves `manager`'s console on `addr` as one of `tasks`; returns the bound address.
+async fn serve_console(
+    tasks: &mut JoinSet<(String, anyhow::Result<()>)>,
+    manager: &ring_manager::RingManager,
+    addr: SocketAddr,
+    which: &str,
+    cancel: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let name = format!("{which}ring manager console");
+    let listener = bind(addr, &name).await?;
+    let local = listener.local_addr()?;
+    let console = ring_manager::console::Console::embedded(manager.clone());
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let r = ring_manager::console::serve(console, listener, cancel).await;
+        (name, r.map_err(anyhow::Error::from))
+    });
+    Ok(local)
 }
 
 impl Mesh {
@@ -148,6 +185,7 @@ impl Mesh {
                 ("ring manager".to_string(), r.map_err(anyhow::Error::from))
             });
         }
+        let console = serve_console(&mut tasks, &manager, config.console, "", &cancel).await?;
 
         let mut channel_servers = Vec::new();
         let mut cs_cancel = Vec::new();
@@ -194,6 +232,14 @@ impl Mesh {
                 )
             });
         }
+        let presence_console = serve_console(
+            &mut tasks,
+            &presence_manager,
+            config.presence_console,
+            "presence ",
+            &cancel,
+        )
+        .await?;
         let presence_source = ring_manager::RingSource::Direct(prm_endpoint.clone());
         let mut presence_servers = Vec::new();
         let mut ps_cancel = Vec::new();
@@ -252,6 +298,8 @@ impl Mesh {
                 public_url: None,
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
                 connect_url_ttl: config.connect_url_ttl,
+                limits: config.limits.clone(),
+                tokens: Default::default(),
             };
             let (cancel, name) = (cancel.child_token(), format!("gateway {region}"));
             gw_cancel.push((region.clone(), cancel.clone()));
@@ -304,6 +352,7 @@ impl Mesh {
         }
         Ok(Mesh {
             ring_manager,
+            console,
             channel_servers,
             admin,
             gateways,
@@ -313,6 +362,7 @@ impl Mesh {
             cancel,
             cs_cancel,
             presence_ring_manager,
+            presence_console,
             presence_servers,
             ps_cancel,
             gw_cancel,
@@ -375,6 +425,7 @@ impl Mesh {
                 .map(|c| c.parse())
                 .collect::<Result<_, _>>()?,
             expires_at: now + 3600,
+            jti: None,
         };
         Ok(TokenKey::hs256(self.jwt_secret.as_bytes()).mint(&identity, now)?)
     }

@@ -45,6 +45,8 @@ pub struct Options {
     pub consul_prefix: Option<String>,
     /// With Consul: more ring managers (followers), one per address.
     pub extra_ring_managers: Vec<SocketAddr>,
+    /// More arguments for every gateway (its limits).
+    pub gateway_args: Vec<String>,
 }
 
 /// The running children.
@@ -111,9 +113,15 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         .consul_prefix
         .clone()
         .unwrap_or_else(|| ring_manager::cluster::DEFAULT_PREFIX.to_string());
-    // A ring manager on `addr`; `presence`: the presence ring's.
-    let rm_args = |addr: SocketAddr, presence: bool| {
-        let mut args = vec![s("ring-manager"), s("--listen"), addr.to_string()];
+    // A ring manager on `addr` with its console on `http`; `presence`: the presence ring's.
+    let rm_args = |addr: SocketAddr, http: SocketAddr, presence: bool| {
+        let mut args = vec![
+            s("ring-manager"),
+            s("--listen"),
+            addr.to_string(),
+            s("--http"),
+            http.to_string(),
+        ];
         if let Some(path) = &options.ring_state_file {
             let mut path = path.display().to_string();
             if presence {
@@ -131,10 +139,15 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         }
         args
     };
-    let ring_manager = start("ring-manager", &rm_args(config.ring_manager, false), config).await?;
+    let ring_manager = start(
+        "ring-manager",
+        &rm_args(config.ring_manager, config.console, false),
+        config,
+    )
+    .await?;
     let presence_ring_manager = start(
         "presence-ring-manager",
-        &rm_args(config.presence_ring_manager, true),
+        &rm_args(config.presence_ring_manager, config.presence_console, true),
         config,
     )
     .await?;
@@ -157,7 +170,9 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     let mut extra_ring_managers = Vec::new();
     for (i, addr) in options.extra_ring_managers.iter().enumerate() {
         let name = format!("ring-manager-{}", i + 2);
-        extra_ring_managers.push(start(&name, &rm_args(*addr, false), config).await?);
+        // Their consoles on ports the OS picks: they only serve while leading.
+        let http = SocketAddr::from(([127, 0, 0, 1], 0));
+        extra_ring_managers.push(start(&name, &rm_args(*addr, http, false), config).await?);
     }
     let presence_servers = start_nodes(
         ("presence-server", "ps"),
@@ -190,6 +205,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             addr.to_string(),
         ];
         args.extend(ring_args.iter().cloned());
+        args.extend(options.gateway_args.iter().cloned());
         gateways.push((
             region.clone(),
             start(&format!("gateway-{region}"), &args, config).await?,

@@ -209,6 +209,19 @@ pub async fn run_leader_election(
     config: LeaderConfig,
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
+    let (leadership, _) = watch::channel(None);
+    run_leader_election_with(ring, manager_config, config, leadership, cancel).await
+}
+
+/// [`run_leader_election`], publishing on `leadership` the ring manager while this one leads
+/// and `None` while it follows (the console shows the one that serves).
+pub async fn run_leader_election_with(
+    ring: ConsulRing,
+    manager_config: Config,
+    config: LeaderConfig,
+    leadership: watch::Sender<Option<RingManager>>,
+    cancel: CancellationToken,
+) -> Result<(), crate::Error> {
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
         let name = format!("channelmesh-ring-manager {}", config.endpoint);
@@ -237,7 +250,14 @@ pub async fn run_leader_election(
             config.session_ttl,
             session_alive.clone(),
         ));
-        campaign(&ring, manager_config, &config, &session, &session_alive).await;
+        campaign(
+            &ring,
+            manager_config,
+            &config,
+            (&session, &leadership),
+            &session_alive,
+        )
+        .await;
         session_alive.cancel();
         let _ = renewer.await;
         // Best effort: a clean exit lets a follower take over without waiting for the TTL.
@@ -284,7 +304,7 @@ async fn campaign(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    session: &str,
+    (session, leadership): (&str, &watch::Sender<Option<RingManager>>),
     alive: &CancellationToken,
 ) {
     let lock_key = ring.lock_key();
@@ -299,7 +319,8 @@ async fn campaign(
         match ring.consul.acquire(&lock_key, session, value.clone()).await {
             Ok(true) => {
                 backoff = BACKOFF_MIN;
-                if let Err(e) = lead(ring, manager_config, config, session, alive).await {
+                let led = lead(ring, manager_config, config, (session, leadership), alive).await;
+                if let Err(e) = led {
                     tracing::error!(error = %e, "leadership ended with an error");
                 }
                 continue;
@@ -364,7 +385,7 @@ async fn lead(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    session: &str,
+    (session, leadership): (&str, &watch::Sender<Option<RingManager>>),
     alive: &CancellationToken,
 ) -> Result<(), crate::Error> {
     let (lock, _) = ring.consul.get(&ring.lock_key(), None).await?;
@@ -408,7 +429,9 @@ async fn lead(
         leading.clone(),
     ));
     let listener = bind_with_retry(config.listen, &leading).await?;
+    leadership.send_replace(Some(manager.clone()));
     let served = crate::server::serve(manager, listener, leading.clone()).await;
+    leadership.send_replace(None);
     leading.cancel();
     tracker.close();
     tracker.wait().await;

@@ -9,11 +9,13 @@
 
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod consul;
 pub mod convert;
 pub mod lease;
 pub mod membership;
 pub mod regions;
+pub mod revocations;
 pub mod server;
 pub mod state_file;
 

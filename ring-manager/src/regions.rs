@@ -32,6 +32,8 @@ struct State {
     draining: BTreeMap<String, u32>,
     /// Configured nearest regions per region, nearest first.
     nearest: BTreeMap<String, Vec<String>>,
+    /// Revoked tokens, which every report's directive brings the gateway up to date with.
+    revocations: crate::revocations::Revocations,
 }
 
 /// The regions a ring manager knows.
@@ -61,10 +63,12 @@ impl Regions {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a gateway's report; answers whether its region drains and where to send clients.
+    /// Takes a gateway's report; answers whether its region drains, where to send clients, and
+    /// the token revocations it lacks.
     pub fn report(&self, report: pb::GatewayReport) -> pb::GatewayDirective {
         let mut state = self.state();
         let region = report.region.clone();
+        let held = (report.revocations_generation, report.revocations_version);
         state.gateways.insert(
             report.gateway,
             Gateway {
@@ -74,14 +78,25 @@ impl Regions {
                 last_seen: Instant::now(),
             },
         );
-        match state.draining.get(&region).copied() {
+        let mut directive = match state.draining.get(&region).copied() {
             Some(rate) => pb::GatewayDirective {
                 draining: true,
                 rate,
                 redirect: Self::redirect(&state, &region),
+                ..Default::default()
             },
             None => pb::GatewayDirective::default(),
-        }
+        };
+        state.revocations.catch_up(held.0, held.1, &mut directive);
+        directive
+    }
+
+    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]).
+    pub fn revoke(
+        &self,
+        request: pb::RevokeTokensRequest,
+    ) -> Result<pb::RevokeTokensResponse, Status> {
+        self.state().revocations.revoke(request.jtis)
     }
 
     /// Every known region, nearest first for `region`.
@@ -140,6 +155,7 @@ impl Regions {
             gateways: BTreeMap::new(),
             draining: state.draining.clone(),
             nearest: state.nearest.clone(),
+            revocations: Default::default(),
         };
         trial.draining.insert(region.to_string(), 1);
         // Only the gateways matter for the check; borrow them from the real state.

@@ -6,7 +6,7 @@
 //! the silence goes on) it is declared down, and a standby takes over exactly its slots — or,
 //! with no standby, its slots spread over the survivors. Every change is a new epoch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,6 +43,8 @@ pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 const SILENCE_LIMIT_FACTOR: u32 = 4;
 /// How often the monitor looks at the leases.
 const MONITOR_TICK: Duration = Duration::from_millis(25);
+/// How many recent epochs the ring manager remembers for the console (oldest dropped first).
+pub const EPOCH_HISTORY: usize = 50;
 
 /// Timing of the ring manager's failure detection.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +94,35 @@ impl NodeState {
     }
 }
 
+/// A member as the console shows it (read together with the ring it belongs to).
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    pub id: NodeId,
+    pub addr: String,
+    pub pid: u32,
+    pub state: NodeState,
+    /// Its registration: a node that re-registers gets a new one.
+    pub incarnation: u64,
+    /// Since its last heartbeat: the only liveness signal a node sends (heartbeats carry no
+    /// load figures).
+    pub since_heartbeat: Duration,
+}
+
+/// One published epoch and what it changed, for the console's history.
+#[derive(Debug, Clone)]
+pub struct EpochChange {
+    pub epoch: u64,
+    /// When it was published.
+    pub at: std::time::SystemTime,
+    /// Why, in words (the operation, or the dead node and who took its slots).
+    pub cause: String,
+    /// Slots whose owner changed.
+    pub moved: usize,
+    /// (from, to, slots) per pair of owners; `None` is "no owner" (the first epoch, or a ring
+    /// with no active node left).
+    pub moves: Vec<(Option<NodeId>, Option<NodeId>, usize)>,
+}
+
 #[derive(Debug, Clone)]
 struct Member {
     addr: String,
@@ -130,6 +161,10 @@ struct Inner {
     ring: watch::Sender<Arc<Ring>>,
     /// The regions' gateways and drain states.
     regions: crate::regions::Regions,
+    /// Bumped on every change of the ring or of a member's state (the console follows it).
+    changes: watch::Sender<u64>,
+    /// The last [`EPOCH_HISTORY`] epochs published by this ring manager, oldest first.
+    history: Mutex<VecDeque<EpochChange>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -220,6 +255,8 @@ impl RingManager {
                 }),
                 ring,
                 regions: crate::regions::Regions::default(),
+                changes: watch::channel(0).0,
+                history: Mutex::new(VecDeque::with_capacity(EPOCH_HISTORY)),
                 cancel,
                 tracker: tracker.clone(),
             }),
@@ -230,6 +267,8 @@ impl RingManager {
 
     /// Saves the ring and members to the store; a failure is logged, not fatal.
     fn persist(&self, state: &State) {
+        // Every change of the ring or of a member goes through here: tell the console.
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         if matches!(self.inner.store, Store::Memory) {
             return;
         }
@@ -283,6 +322,42 @@ impl RingManager {
         self.inner.ring.subscribe()
     }
 
+    /// Changes whenever the ring or a member's state does (a version number, for followers
+    /// that re-read [`RingManager::members_detail`]).
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The ring and every member, read together so that they agree.
+    pub fn members_detail(&self) -> (Arc<Ring>, Vec<MemberView>) {
+        let state = self.state();
+        let now = Instant::now();
+        let members = state
+            .members
+            .iter()
+            .map(|(id, m)| MemberView {
+                id: id.clone(),
+                addr: m.addr.clone(),
+                pid: m.pid,
+                state: m.state,
+                incarnation: m.incarnation,
+                since_heartbeat: now.saturating_duration_since(m.last_heartbeat),
+            })
+            .collect();
+        (self.ring(), members)
+    }
+
+    /// The recent epochs this ring manager published, newest first.
+    pub fn history(&self) -> Vec<EpochChange> {
+        let history = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.iter().rev().cloned().collect()
+    }
+
+    /// Every region's gateways, connections and drain state (what `ctl regions` shows).
+    pub fn regions(&self) -> pb::RegionsView {
+        self.inner.regions.view()
+    }
+
     /// Members and their states, sorted by id.
     pub fn members(&self) -> Vec<(NodeId, NodeState)> {
         self.state()
@@ -295,9 +370,24 @@ impl RingManager {
     /// Publishes `next` (under the state lock), saves it, and logs what changed.
     fn publish(&self, state: &State, next: Ring, why: &str) -> Arc<Ring> {
         let before = self.ring();
-        let moved = (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
-            .filter(|&s| before.owner(s).map(|n| &n.id) != next.owner(s).map(|n| &n.id))
-            .count();
+        let mut moves: BTreeMap<(Option<&NodeId>, Option<&NodeId>), usize> = BTreeMap::new();
+        for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+            let (from, to) = (before.owner(s).map(|n| &n.id), next.owner(s).map(|n| &n.id));
+            if from != to {
+                *moves.entry((from, to)).or_default() += 1;
+            }
+        }
+        let moved = moves.values().sum();
+        self.remember(EpochChange {
+            epoch: next.epoch(),
+            at: std::time::SystemTime::now(),
+            cause: why.to_string(),
+            moved,
+            moves: moves
+                .into_iter()
+                .map(|((from, to), n)| (from.cloned(), to.cloned(), n))
+                .collect(),
+        });
         tracing::info!(
             epoch = next.epoch(),
             moved_slots = moved,
@@ -308,6 +398,15 @@ impl RingManager {
         self.inner.ring.send_replace(next.clone());
         self.persist(state);
         next
+    }
+
+    /// Appends to the bounded epoch history.
+    fn remember(&self, change: EpochChange) {
+        let mut history = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
+        if history.len() == EPOCH_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(change);
     }
 
     fn active_nodes(state: &State) -> Vec<RingNode> {
@@ -388,7 +487,8 @@ impl RingManager {
         let current = self.ring();
         let next = current.rebalanced(&Self::active_nodes(state));
         let handoffs = next.moves_from(&current);
-        self.publish(state, next.with_handoffs(handoffs), "node added")
+        let cause = format!("{id} joined the active nodes");
+        self.publish(state, next.with_handoffs(handoffs), &cause)
     }
 
     /// Declares `id` down and moves its slots: to a standby if one is live, else spread over
@@ -419,11 +519,13 @@ impl RingManager {
                 m.state = NodeState::Active;
             }
             tracing::info!(dead = %id, %standby, "standby takes over the dead node's slots");
-            self.publish(state, next, "dead node replaced by a standby");
+            let cause = format!("{id} down ({why}); standby {standby} takes its slots");
+            self.publish(state, next, &cause);
             return;
         }
         let next = current.rebalanced(&Self::active_nodes(state));
-        self.publish(state, next, "dead node's slots spread over the survivors");
+        let cause = format!("{id} down ({why}); its slots spread over the survivors");
+        self.publish(state, next, &cause);
     }
 
     /// Renews `id`'s lease; false if that incarnation is no longer valid.
@@ -544,7 +646,8 @@ impl RingManager {
             m.state = NodeState::Draining;
             m.drain_epoch = epoch;
         }
-        Ok(self.publish(&state, next.with_handoffs(handoffs), "node drained"))
+        let cause = format!("{id} drained");
+        Ok(self.publish(&state, next.with_handoffs(handoffs), &cause))
     }
 
     /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
@@ -581,15 +684,12 @@ impl RingManager {
             m.state = NodeState::Draining;
             m.drain_epoch = epoch;
         }
+        let cause = format!("{id} replaced by standby {standby}");
         let handoffs = vec![Handoff {
             from: id.clone(),
             to: standby,
         }];
-        Ok(self.publish(
-            &state,
-            next.with_handoffs(handoffs),
-            "node replaced by a standby",
-        ))
+        Ok(self.publish(&state, next.with_handoffs(handoffs), &cause))
     }
 
     /// `ctl add-node`: makes standby `id` (or any live standby) active.
@@ -797,6 +897,15 @@ impl RingManagerRpc for RingManager {
     ) -> Result<Response<pb::RegionsView>, Status> {
         let req = request.into_inner();
         Ok(Response::new(self.inner.regions.undrain(&req.region)))
+    }
+
+    async fn revoke_tokens(
+        &self,
+        request: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        Ok(Response::new(
+            self.inner.regions.revoke(request.into_inner())?,
+        ))
     }
 
     async fn add_node(

@@ -25,6 +25,7 @@ async fn bad_tokens_are_refused_like_slack() {
         name: None,
         channels: vec![],
         expires_at: exp,
+        jti: None,
     };
     let expired = TokenKey::hs256(mesh.jwt_secret.as_bytes())
         .mint(&identity(now() - 3600), now() - 7200)

@@ -1,40 +1,167 @@
-//! The benchmark harness cannot rot: `channelmesh bench fanout` runs for a second against the
-//! in-process mesh, through its real interfaces, and must deliver everything (no timing is
-//! asserted).
+//! The load generator cannot rot: `channelmesh bench fanout` runs for a second with two worker
+//! processes against the in-process mesh (client and admin publishing) and against a real
+//! nats-server, through their real interfaces, and must deliver everything. No timing is
+//! asserted.
+
+use std::time::Duration;
+
+use serde_json::Value;
 
 use crate::support::mesh;
 
-#[tokio::test]
-async fn bench_fanout_runs_and_loses_nothing() {
-    let mesh = mesh().await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"))
+/// Fields every report has.
+const FIELDS: &[&str] = &[
+    "scenario",
+    "target",
+    "processes",
+    "connected",
+    "connect_per_s",
+    "published",
+    "delivered",
+    "delivered_per_s",
+    "expected",
+    "lost",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+];
+
+/// Runs the binary with `args` and returns its JSON report.
+async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"));
+    command
+        .args(["bench", "fanout", "--json", "--processes", "2"])
         .args([
-            "bench",
-            "fanout",
-            "--json",
             "--clients",
             "20",
             "--channels",
             "2",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
         ])
-        .args(["--rate", "50", "--seconds", "1"])
-        .args(["--gateway", &mesh.rtm_base_url("us-east").unwrap()])
-        .args(["--gateway", &mesh.rtm_base_url("eu-west").unwrap()])
-        .args(["--admin", &mesh.admin.to_string()])
-        .env("CHANNELMESH_JWT_SECRET", &mesh.jwt_secret)
-        .env("CHANNELMESH_ADMIN_TOKEN", &mesh.admin_token)
-        .output()
+        .args(args)
+        .env_remove("CHANNELMESH_JWT_SECRET")
+        .env_remove("CHANNELMESH_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
         .await
+        .expect("the bench run took over 2 minutes")
         .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in FIELDS {
+        assert!(!report[field].is_null(), "no {field} in {report}");
+    }
+    assert_eq!(report["processes"], 2, "{report}");
+    assert_eq!(report["connected"], 20, "{report}");
     assert!(report["published"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["publish_errors"], 0, "{report}");
     assert_eq!(report["delivered"], report["expected"], "{report}");
     assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["disconnects"], 0, "{report}");
+    report
+}
+
+#[tokio::test]
+async fn bench_fanout_over_two_processes_loses_nothing() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let eu = mesh.rtm_base_url("eu-west").unwrap();
+    let admin = mesh.admin.to_string();
+    let env = [
+        ("CHANNELMESH_JWT_SECRET", mesh.jwt_secret.as_str()),
+        ("CHANNELMESH_ADMIN_TOKEN", mesh.admin_token.as_str()),
+    ];
+    let gateways = ["--gateway", &us, "--gateway", &eu];
+
+    // Member clients publish: each message reaches the channel's other 9 members.
+    let report = bench(&gateways, &env).await;
+    assert_eq!(report["target"], "channelmesh");
     assert_eq!(report["fanout"], 10.0);
+    let published = report["published"].as_u64().unwrap();
+    assert_eq!(report["expected"].as_u64().unwrap(), published * 9);
+
+    // The admin API publishes: every member receives.
+    let mut args = gateways.to_vec();
+    args.extend(["--publish", "admin", "--admin", &admin]);
+    let report = bench(&args, &env).await;
+    let published = report["published"].as_u64().unwrap();
+    assert_eq!(report["expected"].as_u64().unwrap(), published * 10);
+}
+
+/// A nats-server with its WebSocket listener on a free loopback port; stopped on drop.
+struct Nats {
+    _child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    ws: String,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn nats_server() -> Nats {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (port, ws_port) = (free(), free());
+    let dir = std::env::temp_dir().join(format!(
+        "channelmesh-bench-nats-{}-{ws_port}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"127.0.0.1:{port}\"\nwebsocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n}}\n"
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new("nats-server")
+        .arg("-c")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server is not installed: run tests/setup");
+    let ws = format!("ws://127.0.0.1:{ws_port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+            .await
+            .is_ok()
+        {
+            return Nats {
+                _child: child,
+                dir,
+                ws,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nats-server did not open its WebSocket listener on {ws_port}");
+}
+
+#[tokio::test]
+async fn bench_fanout_against_nats_server_loses_nothing() {
+    let nats = nats_server().await;
+    let report = bench(&["--target", "nats", "--gateway", &nats.ws], &[]).await;
+    assert_eq!(report["target"], "nats");
+    let published = report["published"].as_u64().unwrap();
+    // echo:false: the publisher does not get its own messages, as on RTM.
+    assert_eq!(report["expected"].as_u64().unwrap(), published * 9);
 }

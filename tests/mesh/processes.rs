@@ -176,6 +176,7 @@ impl Dev {
                 .map(|c| ChannelId::new(c).unwrap())
                 .collect(),
             expires_at: now + 3600,
+            jti: None,
         };
         TokenKey::hs256(JWT_SECRET.as_bytes())
             .mint(&identity, now)

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     /// A `presence_sub`/`presence_query` names more than [`MAX_PRESENCE_IDS`] users:
     /// msg `too_many_ids`.
     TooManyIds = 10,
+    /// The connection sends frames faster than its limit: msg `ratelimited`. The frame was
+    /// dropped; slow down (persisting closes the connection with code 4029).
+    RateLimited = 11,
 }
 
 /// The most user ids one `presence_sub` or `presence_query` may name (Slack's clients keep it
@@ -82,6 +85,19 @@ pub enum ClientFrame {
     PresenceSub { id: Option<i64>, ids: Vec<UserId> },
     /// `{"type":"presence_query","ids":[U..]}`: their presence, once.
     PresenceQuery { id: Option<i64>, ids: Vec<UserId> },
+}
+
+impl ClientFrame {
+    /// The client's `id` for the frame, when it has one.
+    pub fn id(&self) -> Option<i64> {
+        match self {
+            ClientFrame::Ping { fields } => fields.get("id").and_then(Value::as_i64),
+            ClientFrame::Message { id, .. } => Some(*id),
+            ClientFrame::Typing { id, .. }
+            | ClientFrame::PresenceSub { id, .. }
+            | ClientFrame::PresenceQuery { id, .. } => *id,
+        }
+    }
 }
 
 /// Parses one text frame.

@@ -58,7 +58,8 @@ pub async fn serve(
         ChannelRouter::new(ring),
         TokenKey::hs256(&config.jwt_secret),
         presence,
-    );
+    )
+    .with_ring_manager(config.ring.clone());
     let auth = AdminAuth::new(&config.admin_token);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)

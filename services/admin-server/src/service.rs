@@ -15,6 +15,8 @@ const RESERVED_TYPES: &[&str] = &["hello", "goodbye", "pong", "error", "reconnec
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 /// The longest lifetime MintToken grants.
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+/// How long a RevokeTokens call may wait for the ring manager.
+const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The admin API.
 #[derive(Debug, Clone)]
@@ -23,6 +25,9 @@ pub struct AdminService {
     key: TokenKey,
     /// The presence ring, when the mesh has presence servers.
     presence: Option<ring_manager::RingWatcher>,
+    /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
+    /// one, RevokeTokens answers UNIMPLEMENTED.
+    ring_manager: Option<ring_manager::RingSource>,
 }
 
 /// The most users one `GetPresence` may ask about.
@@ -39,7 +44,14 @@ impl AdminService {
             router,
             key,
             presence,
+            ring_manager: None,
         }
+    }
+
+    /// Forwards RevokeTokens to the ring manager `source` leads to.
+    pub fn with_ring_manager(mut self, source: ring_manager::RingSource) -> Self {
+        self.ring_manager = Some(source);
+        self
     }
 
     async fn publish(&self, channel: ChannelId, body: EventBody) -> Result<Ts, Status> {
@@ -299,11 +311,66 @@ impl Admin for AdminService {
                 .map(|c| channel("channels", c))
                 .collect::<Result<_, _>>()?,
             expires_at: now + ttl,
+            jti: Some(new_jti()),
         };
         let token = self
             .key
             .mint(&identity, now)
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::MintTokenResponse { token }))
+        Ok(Response::new(pb::MintTokenResponse {
+            token,
+            jti: identity.jti.unwrap_or_default(),
+            expires_at: identity.expires_at,
+        }))
     }
+
+    async fn revoke_tokens(
+        &self,
+        request: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        use mesh_proto::ring::ring_manager_client::RingManagerClient;
+        let Some(source) = &self.ring_manager else {
+            return Err(Status::unimplemented(
+                "this admin server does not know the ring manager",
+            ));
+        };
+        let req = request.into_inner();
+        if req.jtis.is_empty() {
+            return Err(Status::invalid_argument("jtis: at least one"));
+        }
+        let forwarded = mesh_proto::ring::RevokeTokensRequest {
+            jtis: req
+                .jtis
+                .into_iter()
+                .map(|t| mesh_proto::ring::RevokedToken {
+                    jti: t.jti,
+                    expires_at: t.expires_at,
+                })
+                .collect(),
+        };
+        let call = async {
+            let endpoint = source
+                .endpoint()
+                .await
+                .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?;
+            let mut client = RingManagerClient::connect(endpoint)
+                .await
+                .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?;
+            client.revoke_tokens(forwarded).await
+        };
+        let reply = tokio::time::timeout(REVOKE_TIMEOUT, call)
+            .await
+            .map_err(|_| Status::unavailable("ring manager did not answer in time"))??
+            .into_inner();
+        Ok(Response::new(pb::RevokeTokensResponse {
+            version: reply.version,
+            held: reply.held,
+        }))
+    }
+}
+
+/// A fresh token id: 128 random bits, hex.
+fn new_jti() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::FuturesUnordered;
@@ -12,10 +12,12 @@ use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound, Rendered};
+use crate::limits::TokenBucket;
 use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
-/// Frames queued to one connection before it counts as a slow consumer.
-pub const OUTBOUND_QUEUE: usize = 1024;
+/// Items queued to one connection before it counts as a slow consumer (the byte budget,
+/// `Limits::outbound_bytes`, is usually reached first).
+pub const OUTBOUND_QUEUE: usize = 8192;
 /// How long a new connection waits for its channels' upstream subscriptions.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most history events a join catches up on.
@@ -31,9 +33,19 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The channels could not be subscribed in time: reconnect later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The client did not read fast enough; its queue overflowed: reconnect.
+    /// The client sent nothing, not even a pong, for the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4001;
+    /// The connection's token was revoked: get a new token before reconnecting.
+    pub const TOKEN_REVOKED: u16 = 4003;
+    /// The client did not read fast enough (its queue overflowed, or a write stalled):
+    /// reconnect.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client kept sending past its frame rate limit after `ratelimited` errors.
+    pub const RATE_LIMITED: u16 = 4029;
 }
+
+/// How long the close frame may take to write before the socket is dropped regardless.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames written before one flush when several are queued.
 const WRITE_BATCH: usize = 64;
@@ -81,7 +93,7 @@ impl Connection {
 
     /// Applies one queued item, appending the frames to write to `out`. Returns false when the
     /// connection must close as a slow consumer.
-    fn on_outbound(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>) -> bool {
+    fn on_outbound(&mut self, item: Outbound, out: &mut Vec<Message>) -> bool {
         match item {
             Outbound::Event(event) => {
                 if !self.catching_up.is_empty()
@@ -92,12 +104,12 @@ impl Connection {
                     }
                     buffer.push(event);
                 } else if self.advance(&event) {
-                    out.push(event.frame.clone());
+                    out.push(Message::Text(event.frame.clone()));
                 }
                 // Otherwise already written: a resume's history read can overtake the live
                 // stream.
             }
-            Outbound::Frame(frame) => out.push(frame),
+            Outbound::Frame(frame) => out.push(Message::Text(frame)),
             Outbound::Joined { channel, since } => {
                 if self.members.insert(channel.clone()) {
                     self.cursors
@@ -117,7 +129,7 @@ impl Connection {
                 let Some(live) = self.catching_up.remove(&channel) else {
                     return true;
                 };
-                out.push(Utf8Bytes::from(rtm::channel_joined(&channel)));
+                out.push(Message::Text(rtm::channel_joined(&channel).into()));
                 let mut newest = None;
                 for event in events.iter().chain(live.iter()) {
                     // Persisted events once each, in ts order; transient ones as they come.
@@ -127,7 +139,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
-                        out.push(event.frame.clone());
+                        out.push(Message::Text(event.frame.clone()));
                     }
                 }
             }
@@ -136,11 +148,9 @@ impl Connection {
                     return true;
                 };
                 if let Some(oldest) = resumed.gap {
-                    out.push(Utf8Bytes::from(rtm::history_gap(
-                        &resumed.channel,
-                        resumed.cursor,
-                        oldest,
-                    )));
+                    out.push(Message::Text(
+                        rtm::history_gap(&resumed.channel, resumed.cursor, oldest).into(),
+                    ));
                 }
                 // The missed events, then what came live meanwhile: each once, in ts order,
                 // none at or before the cursor.
@@ -152,7 +162,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
-                        out.push(event.frame.clone());
+                        out.push(Message::Text(event.frame.clone()));
                     }
                 }
             }
@@ -163,7 +173,7 @@ impl Connection {
                     self.shared
                         .hub
                         .leave(self.conn, std::slice::from_ref(&channel));
-                    out.push(Utf8Bytes::from(rtm::channel_left(&channel)));
+                    out.push(Message::Text(rtm::channel_left(&channel).into()));
                 }
             }
         }
@@ -224,7 +234,13 @@ pub async fn run(
 ) {
     let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Arc::new(Closer::default());
-    let sink = ConnSink::new(conn, identity.user.clone(), tx.clone(), closer.clone());
+    let sink = ConnSink::new(
+        conn,
+        identity.user.clone(),
+        tx.clone(),
+        closer.clone(),
+        shared.limits.outbound_bytes,
+    );
     let initial = identity.all_channels();
     let mut me = Connection {
         conn,
@@ -303,109 +319,178 @@ pub async fn run(
         ));
     }
 
+    let limits = &shared.limits;
+    let mut bucket = TokenBucket::new(limits.frames_per_sec, limits.frame_burst, Instant::now());
+    let mut refusals = 0u32;
+    let mut last_heard = Instant::now();
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + limits.ping_interval,
+        limits.ping_interval,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut in_flight = FuturesUnordered::new();
-    let mut frames: Vec<Utf8Bytes> = Vec::new();
-    let close: Option<(u16, &'static str)> = 'conn: loop {
-        tokio::select! {
+    // Frames to write once the branch that produced them is done: one flush per batch.
+    let mut frames: Vec<Message> = Vec::new();
+    let close: Option<(u16, &'static str)> = loop {
+        let step = tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = ws_tx.send(Message::Text(Utf8Bytes::from(rtm::goodbye()))).await;
-                break Some((close::GOING_AWAY, "server shutting down"));
+                frames.push(Message::Text(Utf8Bytes::from(rtm::goodbye())));
+                let _ = write(&mut ws_tx, &mut frames, limits.write_timeout, None).await;
+                Step::End(Some((close::GOING_AWAY, "server shutting down")))
             }
-            _ = closer.token.cancelled() => {
-                match closer.reason.get() {
-                    Some(CloseReason::Drain) => {
-                        // Lame duck: write what is already queued, keep the cursors for the
-                        // reconnect, then goodbye.
-                        while let Ok(item) = rx.try_recv() {
-                            if !me.on_outbound(item, &mut frames) {
-                                break;
-                            }
+            _ = closer.token.cancelled() => match closer.reason.get() {
+                Some(CloseReason::Drain) => {
+                    // Lame duck: write what is already queued, keep the cursors for the
+                    // reconnect, then goodbye.
+                    while let Ok(item) = rx.try_recv() {
+                        closer.taken(&item);
+                        if !me.on_outbound(item, &mut frames) {
+                            break;
                         }
-                        for frame in frames.drain(..) {
-                            if ws_tx.feed(Message::Text(frame)).await.is_err() {
-                                break;
-                            }
-                        }
-                        let cursors: Vec<(ChannelId, mesh_core::Ts)> =
-                            me.cursors.iter().map(|(c, t)| (c.clone(), *t)).collect();
-                        shared.region_state.hand_over(me.identity.user.clone(), cursors);
-                        let _ = ws_tx.send(Message::Text(Utf8Bytes::from(rtm::goodbye()))).await;
-                        break Some((close::GOING_AWAY, "region draining"));
                     }
-                    Some(CloseReason::SlowConsumer) | None => {
-                        break Some((close::SLOW_CONSUMER, "slow consumer: outgoing queue overflowed"));
-                    }
+                    let cursors: Vec<(ChannelId, mesh_core::Ts)> =
+                        me.cursors.iter().map(|(c, t)| (c.clone(), *t)).collect();
+                    shared.region_state.hand_over(me.identity.user.clone(), cursors);
+                    frames.push(Message::Text(Utf8Bytes::from(rtm::goodbye())));
+                    let _ = write(&mut ws_tx, &mut frames, limits.write_timeout, None).await;
+                    Step::End(Some((close::GOING_AWAY, "region draining")))
                 }
-            }
+                Some(CloseReason::Revoked) => {
+                    Step::End(Some((close::TOKEN_REVOKED, "token revoked")))
+                }
+                Some(CloseReason::SlowConsumer) | None => Step::End(Some((
+                    close::SLOW_CONSUMER,
+                    "slow consumer: outgoing queue overflowed",
+                ))),
+            },
             // Cancel-safe: recv loses nothing if another branch wins.
             Some(item) = rx.recv() => {
-                // Write this and whatever else is queued, then flush once.
+                // Take this and whatever else is queued, up to a batch: written with one flush.
                 let mut next = Some(item);
-                let mut written = 0;
+                let mut step = Step::Write;
                 while let Some(item) = next.take() {
+                    closer.taken(&item);
                     if !me.on_outbound(item, &mut frames) {
-                        break 'conn Some((close::SLOW_CONSUMER, "slow consumer: catch-up buffer overflowed"));
+                        step = Step::End(Some((
+                            close::SLOW_CONSUMER,
+                            "slow consumer: catch-up buffer overflowed",
+                        )));
+                        break;
                     }
-                    for frame in frames.drain(..) {
-                        if ws_tx.feed(Message::Text(frame)).await.is_err() {
-                            break 'conn None;
-                        }
-                        written += 1;
-                    }
-                    if written < WRITE_BATCH {
+                    if frames.len() < WRITE_BATCH {
                         next = rx.try_recv().ok();
                     }
                 }
-                if ws_tx.flush().await.is_err() {
-                    break None;
-                }
+                step
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Some(reply) = reply
-                    && ws_tx.send(Message::Text(reply)).await.is_err()
-                {
-                    break None;
+                if let Some(reply) = reply {
+                    frames.push(Message::Text(reply));
+                }
+                Step::Write
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= limits.idle_timeout {
+                    Step::End(Some((close::IDLE_TIMEOUT, "idle timeout")))
+                } else {
+                    frames.push(Message::Ping(Default::default()));
+                    Step::Write
                 }
             }
             // Cancel-safe: the WebSocket stream's next() loses nothing when another branch wins.
             msg = ws_rx.next(), if in_flight.len() < MAX_IN_FLIGHT => {
-                let reply = match msg {
-                    None | Some(Ok(Message::Close(_))) => break None,
+                let now = Instant::now();
+                last_heard = now;
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => Step::End(None),
                     Some(Err(e)) => {
                         tracing::debug!(conn, error = %e, "websocket read failed");
-                        break is_capacity(&e).then_some((close::TOO_BIG, "frame over the size limit"));
+                        Step::End(is_capacity(&e).then_some((close::TOO_BIG, "frame over the size limit")))
                     }
-                    Some(Ok(Message::Text(text))) => match rtm::parse(text.as_str()) {
-                        Err(error) => Some(error.render().into()),
-                        Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
-                        Ok(ClientFrame::Message { id, channel, text }) => {
-                            in_flight.push(publish(&me, Some(id), channel, Some(text)));
-                            None
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Write,
+                    Some(Ok(frame)) if !bucket.take(now) => {
+                        refusals += 1;
+                        if refusals >= limits.refusals_before_close {
+                            Step::End(Some((close::RATE_LIMITED, "rate limited: too many frames")))
+                        } else {
+                            let id = frame.to_text().ok().and_then(|t| rtm::parse(t).ok()).and_then(|f| f.id());
+                            let error = RtmError::new(ErrorCode::RateLimited, "ratelimited", id);
+                            frames.push(Message::Text(error.render().into()));
+                            Step::Write
                         }
-                        Ok(ClientFrame::Typing { id, channel }) => {
-                            in_flight.push(publish(&me, id, channel, None));
-                            None
-                        }
-                        Ok(ClientFrame::PresenceSub { id, ids }) => presence_frame(&shared, id, |p| p.subscribe(conn, ids)),
-                        Ok(ClientFrame::PresenceQuery { id, ids }) => presence_frame(&shared, id, |p| p.query(conn, ids)),
-                    },
-                    Some(Ok(Message::Binary(_))) => Some(
-                        RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None).render().into(),
-                    ),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
-                };
-                if let Some(reply) = reply
-                    && ws_tx.send(Message::Text(reply)).await.is_err()
-                {
-                    break None;
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        refusals = 0;
+                        let reply = match rtm::parse(text.as_str()) {
+                            Err(error) => Some(error.render().into()),
+                            Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
+                            Ok(ClientFrame::Message { id, channel, text }) => {
+                                in_flight.push(publish(&me, Some(id), channel, Some(text)));
+                                None
+                            }
+                            Ok(ClientFrame::Typing { id, channel }) => {
+                                // Repeats within the typing interval are dropped: receivers
+                                // already show the user typing.
+                                if shared.typing.first_in_interval(&me.identity.user, &channel, now) {
+                                    in_flight.push(publish(&me, id, channel, None));
+                                }
+                                None
+                            }
+                            Ok(ClientFrame::PresenceSub { id, ids }) => presence_frame(&shared, id, |p| p.subscribe(conn, ids)),
+                            Ok(ClientFrame::PresenceQuery { id, ids }) => presence_frame(&shared, id, |p| p.query(conn, ids)),
+                        };
+                        frames.extend(reply.map(Message::Text));
+                        Step::Write
+                    }
+                    Some(Ok(_)) => {
+                        refusals = 0;
+                        let error = RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None);
+                        frames.push(Message::Text(error.render().into()));
+                        Step::Write
+                    }
                 }
+            }
+        };
+        if let Step::End(close) = step {
+            break close;
+        }
+        if frames.is_empty() {
+            continue;
+        }
+        match write(
+            &mut ws_tx,
+            &mut frames,
+            limits.write_timeout,
+            Some(&closer.token),
+        )
+        .await
+        {
+            Written::Done | Written::Interrupted => {}
+            Written::Broken => break None,
+            Written::Stalled => {
+                closer.close(CloseReason::SlowConsumer);
+                tracing::info!(conn, user = %me.identity.user, "closing slow consumer: a write stalled");
+                break Some((close::SLOW_CONSUMER, "slow consumer: a write stalled"));
             }
         }
     };
     if let Some((code, reason)) = close {
-        let _ = ws_tx.send(close_frame(code, reason)).await;
+        // The closing handshake: send ours, then read (and drop) what the client still sends
+        // until its close. Closing the socket with unread input would reset it, and the client
+        // would lose our close frame, and its code, with the reset.
+        let sent = tokio::time::timeout(CLOSE_TIMEOUT, ws_tx.send(close_frame(code, reason))).await;
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while let Some(Ok(msg)) = ws_rx.next().await {
+                    if matches!(msg, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     }
-    let _ = ws_tx.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws_tx.close()).await;
     shared.region_state.unregister(conn);
     let all: Vec<ChannelId> = me.members.drain().collect();
     shared.hub.leave(conn, &all);
@@ -413,6 +498,57 @@ pub async fn run(
         presence.disconnected(conn, &me.identity.user);
     }
     tracing::debug!(conn, user = %me.identity.user, ?close, "client disconnected");
+}
+
+/// What one turn of a connection's loop leads to.
+enum Step {
+    /// Write the frames gathered, if any, and go on.
+    Write,
+    /// Close, with a close frame when there is a code.
+    End(Option<(u16, &'static str)>),
+}
+
+/// How a write went.
+enum Written {
+    Done,
+    /// `stop` fired first: the connection is being closed from outside.
+    Interrupted,
+    /// The socket failed: the client is gone.
+    Broken,
+    /// The client did not take the frames within the write timeout.
+    Stalled,
+}
+
+type WsSink = futures::stream::SplitSink<WebSocket, Message>;
+
+/// Writes `frames` (emptying it) and flushes once, within `timeout`; gives up early when
+/// `stop` fires, so a client that stopped reading never holds its connection's task.
+async fn write(
+    ws_tx: &mut WsSink,
+    frames: &mut Vec<Message>,
+    timeout: Duration,
+    stop: Option<&tokio_util::sync::CancellationToken>,
+) -> Written {
+    let writing = async {
+        for frame in frames.drain(..) {
+            ws_tx.feed(frame).await?;
+        }
+        ws_tx.flush().await
+    };
+    let timed = tokio::time::timeout(timeout, writing);
+    let result = match stop {
+        Some(stop) => tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Written::Interrupted,
+            result = timed => result,
+        },
+        None => timed.await,
+    };
+    match result {
+        Ok(Ok(())) => Written::Done,
+        Ok(Err(_)) => Written::Broken,
+        Err(_) => Written::Stalled,
+    }
 }
 
 /// Hands a presence frame to the presence hub; the reply, if the frame had an id, says it was

@@ -18,6 +18,9 @@ use crate::{Shared, connection};
 /// it is read whole. (Message text itself is capped at 16 KiB; this leaves room for escaping.)
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// The WebSocket read buffer per connection, in bytes (larger frames are read in pieces).
+const WS_READ_BUFFER: usize = 4096;
+
 /// The gateway's routes.
 pub fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -79,15 +82,24 @@ fn authenticate(
         return Err("not_authed");
     };
     let token = token.as_str();
-    shared.key.verify(token).map_err(|e| {
+    let identity = shared.key.verify(token).map_err(|e| {
         let reason = match e {
             TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not yet valid",
             TokenError::BadSignature => "bad signature",
+            TokenError::NoKey(_) => "no key for its algorithm or kid",
             _ => "malformed",
         };
         tracing::debug!(reason, "refused a token");
         "invalid_auth"
-    })
+    })?;
+    if let Some(jti) = &identity.jti
+        && shared.region_state.is_revoked(jti)
+    {
+        tracing::debug!(%jti, "refused a revoked token");
+        return Err("token_revoked");
+    }
+    Ok(identity)
 }
 
 /// The caller's token: `Authorization: Bearer`, else a `token` parameter.
@@ -143,6 +155,9 @@ async fn rtm_connect(
         Ok(i) => i,
         Err(error) => return slack_error(error),
     };
+    if let Some(refusal) = admission(&shared) {
+        return refusal;
+    }
     let batch = matches!(params.get("batch_presence_aware"), Some("1" | "true"));
     let cursors = match params.get("cursors").map(crate::resume::parse_cursors) {
         None => Vec::new(),
@@ -180,6 +195,34 @@ async fn rtm_connect(
         "team": {"id": team, "name": team, "domain": team.to_lowercase()},
     }))
     .into_response()
+}
+
+/// `ratelimited` with `Retry-After: 1`: Slack's answer to a caller that should come back.
+fn ratelimited() -> Response {
+    let mut response = slack_error("ratelimited");
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
+}
+
+/// Whether this gateway takes one more client now: under its connection cap and its
+/// handshake rate. `None` admits; otherwise the refusal to answer with.
+fn admission(shared: &Shared) -> Option<Response> {
+    if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
+        tracing::debug!("refused a connect: the gateway is at its connection cap");
+        return Some(ratelimited());
+    }
+    let admitted = shared
+        .handshakes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(std::time::Instant::now());
+    if !admitted {
+        tracing::debug!("refused a connect: over the handshake rate");
+        return Some(ratelimited());
+    }
+    None
 }
 
 /// `users.setPresence` (`presence=away|auto`): away overrides the user's connections until set
@@ -337,14 +380,31 @@ async fn websocket(
     if let Some(Ok(cursors)) = cursors {
         ticket.cursors = cursors;
     }
+    // Revoked since its rtm.connect.
+    if let Some(jti) = &ticket.identity.jti
+        && shared.region_state.is_revoked(jti)
+    {
+        let body = json!({"ok": false, "error": "token_revoked"});
+        return (StatusCode::FORBIDDEN, axum::Json::<Value>(body)).into_response();
+    }
+    if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
+        let body = json!({"ok": false, "error": "too_many_connections"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
+    }
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = shared.clone();
-    ws.max_message_size(MAX_FRAME_BYTES)
+    // Clients send little: a small read buffer keeps an idle connection cheap (tungstenite
+    // allocates it whole up front).
+    ws.read_buffer_size(WS_READ_BUFFER)
+        .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| {
             let shared = tracked.clone();
             let task = async move {
                 shared.connections.fetch_add(1, Ordering::Relaxed);
+                if let Some(jti) = &ticket.identity.jti {
+                    shared.region_state.track_jti(conn, jti.clone());
+                }
                 connection::run(
                     socket,
                     shared.clone(),
@@ -354,6 +414,8 @@ async fn websocket(
                     ticket.cursors,
                 )
                 .await;
+                // Also when the connection ended before it registered.
+                shared.region_state.unregister(conn);
                 shared.connections.fetch_sub(1, Ordering::Relaxed);
             };
             tracked.tracker.track_future(task)

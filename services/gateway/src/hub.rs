@@ -7,7 +7,7 @@
 //! The state lock is never held across an await.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -65,6 +65,18 @@ pub enum Outbound {
     Resume(crate::resume::Resumed),
 }
 
+impl Outbound {
+    /// The bytes this item holds for its connection alone, counted against the connection's
+    /// outgoing budget. A shared event counts its frame: a slow reader keeps it alive.
+    pub fn queued_bytes(&self) -> usize {
+        match self {
+            Outbound::Event(event) => event.frame.len(),
+            Outbound::Frame(frame) => frame.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Why the hub closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -72,6 +84,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// The region drains: goodbye, with the connection's cursors kept for its reconnect.
     Drain,
+    /// Its token was revoked (by `jti`): do not reconnect with it.
+    Revoked,
 }
 
 /// How the hub reaches one connection.
@@ -81,38 +95,82 @@ pub struct ConnSink {
     pub user: UserId,
     tx: mpsc::Sender<Outbound>,
     closer: Arc<Closer>,
+    /// The most bytes ([`Outbound::queued_bytes`]) queued and not yet taken by the connection.
+    max_bytes: usize,
 }
 
-/// Closes a connection from outside its task, with a reason.
+/// Closes a connection from outside its task, with a reason; and counts what is queued to it.
 #[derive(Debug, Default)]
 pub struct Closer {
     pub token: CancellationToken,
     pub reason: OnceLock<CloseReason>,
+    /// Bytes queued to the connection and not yet taken by its task.
+    pub queued_bytes: AtomicUsize,
+}
+
+impl Closer {
+    /// Closes the connection for `reason`, unless it is already closing; true if this call
+    /// set the reason.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        self.token.cancel();
+        first
+    }
+
+    /// The connection's task took `item` off its queue.
+    pub fn taken(&self, item: &Outbound) {
+        let bytes = item.queued_bytes();
+        if bytes > 0 {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ConnSink {
-    /// A sink queueing into `tx`; `closer` ends the connection.
-    pub fn new(id: ConnId, user: UserId, tx: mpsc::Sender<Outbound>, closer: Arc<Closer>) -> Self {
+    /// A sink queueing into `tx`, at most `max_bytes` at a time; `closer` ends the connection.
+    pub fn new(
+        id: ConnId,
+        user: UserId,
+        tx: mpsc::Sender<Outbound>,
+        closer: Arc<Closer>,
+        max_bytes: usize,
+    ) -> Self {
         ConnSink {
             id,
             user,
             tx,
             closer,
+            max_bytes,
         }
     }
 
-    /// Queues without waiting; a full queue closes the connection as a slow consumer.
+    /// Queues without waiting; a full queue (in items or bytes) closes the connection as a
+    /// slow consumer: the fan-out never waits for one client.
     pub fn push(&self, item: Outbound) -> bool {
+        let bytes = item.queued_bytes();
+        let before = self.closer.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.max_bytes {
+            self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.slow_consumer();
+            return false;
+        }
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.closer.reason.set(CloseReason::SlowConsumer).is_ok() {
-                    tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
-                }
-                self.closer.token.cancel();
+                self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.slow_consumer();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn slow_consumer(&self) {
+        if self.closer.close(CloseReason::SlowConsumer) {
+            tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
         }
     }
 }

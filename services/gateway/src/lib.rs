@@ -4,18 +4,20 @@
 pub mod connection;
 pub mod http;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod presence;
 pub mod region;
 pub mod resume;
 pub mod tickets;
+pub mod tokens;
 mod upstream;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use axum::serve::ListenerExt;
 use channel_server::ChannelRouter;
-use mesh_core::TokenKey;
+use mesh_core::token::Verifier;
 use ring_manager::{RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +30,8 @@ pub use hub::Hub;
 pub enum Error {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("token keys: {0}")]
+    Tokens(#[from] tokens::TokenConfigError),
 }
 
 /// Configuration of one gateway.
@@ -44,10 +48,15 @@ pub struct Config {
     /// The base URL clients reach this gateway at (e.g. "http://127.0.0.1:8080", or the
     /// region's Envoy); defaults to the bound address. WebSocket URLs use the same host.
     pub public_url: Option<String>,
-    /// The HS256 secret client tokens are signed with.
+    /// The HS256 secret client tokens are signed with; empty when the gateway accepts only
+    /// public-key tokens (`tokens`).
     pub jwt_secret: Vec<u8>,
+    /// Public keys for RS256/EdDSA tokens, and the clock-skew leeway.
+    pub tokens: tokens::TokenConfig,
     /// How long a connect URL from `rtm.connect` stays valid.
     pub connect_url_ttl: std::time::Duration,
+    /// What one client may do (the README's "Limits").
+    pub limits: limits::Limits,
 }
 
 /// What every connection and route of a gateway shares.
@@ -62,7 +71,8 @@ pub struct Shared {
     pub region_state: region::RegionState,
     pub router: ChannelRouter,
     pub tickets: tickets::Tickets,
-    pub key: TokenKey,
+    /// Checks client tokens.
+    pub key: Verifier,
     pub region: String,
     /// "http://host:port", no trailing slash.
     pub http_url: String,
@@ -71,6 +81,12 @@ pub struct Shared {
     pub next_conn: AtomicU64,
     /// Open client connections.
     pub connections: AtomicU64,
+    pub limits: limits::Limits,
+    /// `rtm.connect` calls the gateway takes per second.
+    pub handshakes: std::sync::Mutex<limits::TokenBucket>,
+    pub typing: limits::TypingCoalescer,
+    /// The listener's open sockets.
+    pub sockets: listener::Sockets,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -82,6 +98,8 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
+    // Bad key files stop the gateway before it starts anything.
+    let key = tokens::load(&config.jwt_secret, &config.tokens)?;
     let http_url = config
         .public_url
         .clone()
@@ -92,6 +110,11 @@ pub async fn serve(
         format!("wss://{rest}")
     } else {
         format!("ws://{}", http_url.trim_start_matches("http://"))
+    };
+    // Never more sockets than the process can open.
+    let limits = match limits::open_files_limit() {
+        Some(fds) => config.limits.clone().fit_to_fd_limit(fds, FD_RESERVE),
+        None => config.limits.clone(),
     };
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
@@ -113,30 +136,46 @@ pub async fn serve(
         ),
         router,
         tickets: tickets::Tickets::new(config.connect_url_ttl),
-        key: TokenKey::hs256(&config.jwt_secret),
+        key,
         region: config.region.clone(),
         http_url,
         ws_url,
         next_conn: AtomicU64::new(1),
         connections: AtomicU64::new(0),
+        handshakes: std::sync::Mutex::new(limits::TokenBucket::new(
+            limits.handshakes_per_sec,
+            limits.handshakes_per_sec,
+            std::time::Instant::now(),
+        )),
+        typing: limits::TypingCoalescer::new(limits.typing_interval, TYPING_PAIRS),
+        sockets: listener::Sockets::new(limits.max_sockets),
+        limits,
         cancel: cancel.clone(),
         tracker: tracker.clone(),
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
     tracker.spawn(region::run(shared.clone(), config.id.clone()));
-    let app = http::routes(shared);
-    // Events are small frames written as they come: Nagle's algorithm would hold them back
-    // behind the client's delayed ACKs (tens of milliseconds).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .await;
+    let app = http::routes(shared.clone());
+    listener::serve(
+        listener,
+        app,
+        &shared.sockets,
+        shared.limits.handshake_timeout,
+        &tracker,
+        cancel.clone(),
+    )
+    .await;
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
-    result.map_err(Error::from)
+    Ok(())
 }
+
+/// File descriptors kept free of client sockets: upstream gRPC connections, the listener,
+/// logs, the state of the runtime.
+const FD_RESERVE: u64 = 256;
+/// (user, channel) pairs the typing coalescer remembers.
+const TYPING_PAIRS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(65_536) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};

@@ -1,7 +1,8 @@
 //! This gateway's place in its region: it reports itself to the ring manager about every half
 //! second, and when its region drains it fails its health check, sends `rtm.connect` callers to
 //! the nearest healthy region (with resume cursors), and says goodbye to its clients in paced
-//! batches — lame duck, no reconnect storm.
+//! batches — lame duck, no reconnect storm. The same reports bring the token revocation list:
+//! revoked tokens are refused, and connections holding them closed (4003).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -25,6 +26,9 @@ const HANDOVER_TTL: Duration = Duration::from_secs(60);
 const MAX_HANDOVERS: usize = 200_000;
 /// How long one report or forwarded `rtm.connect` may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most revoked tokens a gateway holds (the ring manager holds at most as many; more
+/// here only after a ring manager restart, from two generations).
+pub const MAX_REVOKED: usize = 200_000;
 
 /// A goodbye'd connection's cursors, and when it left.
 type Handover = (Vec<(ChannelId, Ts)>, Instant);
@@ -42,6 +46,27 @@ pub struct RegionState {
     handovers: Mutex<usize>,
     /// The client that forwards `rtm.connect` to the healthy region, built once.
     http: std::sync::OnceLock<reqwest::Client>,
+    /// Revoked tokens, as the ring manager's directives bring them.
+    revoked: Mutex<Revoked>,
+    /// The `jti` of each open connection's token, for closing revoked ones.
+    conn_jtis: Mutex<HashMap<ConnId, String>>,
+}
+
+/// The revocation list a gateway holds.
+#[derive(Debug, Default)]
+struct Revoked {
+    /// The ring manager generation and version it is up to date with.
+    generation: u64,
+    version: u64,
+    /// jti -> expires_at (Unix seconds).
+    jtis: HashMap<String, u64>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,11 +96,91 @@ impl RegionState {
     }
 
     pub fn register(&self, conn: ConnId, closer: Arc<Closer>) {
-        lock(&self.conns).insert(conn, closer);
+        lock(&self.conns).insert(conn, closer.clone());
+        // A revocation that arrived between the upgrade's check and now found no closer.
+        let jti = lock(&self.conn_jtis).get(&conn).cloned();
+        if jti.is_some_and(|j| self.is_revoked(&j)) && closer.close(CloseReason::Revoked) {
+            tracing::info!(conn, "closing a connection whose token was revoked");
+        }
     }
 
     pub fn unregister(&self, conn: ConnId) {
         lock(&self.conns).remove(&conn);
+        lock(&self.conn_jtis).remove(&conn);
+    }
+
+    /// Notes the `jti` of connection `conn`'s token (before it registers), so that revoking it
+    /// closes the connection.
+    pub fn track_jti(&self, conn: ConnId, jti: String) {
+        lock(&self.conn_jtis).insert(conn, jti);
+    }
+
+    /// Whether the token `jti` is revoked (and not yet expired).
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        lock(&self.revoked)
+            .jtis
+            .get(jti)
+            .is_some_and(|&expires_at| expires_at > unix_now())
+    }
+
+    /// How many revoked tokens this gateway holds.
+    pub fn revoked_count(&self) -> usize {
+        lock(&self.revoked).jtis.len()
+    }
+
+    /// The (generation, version) of the revocation list held, for the report.
+    fn revocations_held(&self) -> (u64, u64) {
+        let revoked = lock(&self.revoked);
+        (revoked.generation, revoked.version)
+    }
+
+    /// Adds a directive's revocations and closes the open connections they name.
+    fn apply_revocations(&self, directive: &mesh_proto::ring::GatewayDirective) {
+        let now = unix_now();
+        let mut added = Vec::new();
+        {
+            let mut revoked = lock(&self.revoked);
+            revoked.generation = directive.revocations_generation;
+            revoked.version = directive.revocations_version;
+            if directive.revoked.is_empty() {
+                return;
+            }
+            if revoked.jtis.len() + directive.revoked.len() > MAX_REVOKED {
+                revoked.jtis.retain(|_, expires_at| *expires_at > now);
+            }
+            for entry in &directive.revoked {
+                if entry.expires_at <= now {
+                    continue;
+                }
+                if revoked.jtis.len() >= MAX_REVOKED && !revoked.jtis.contains_key(&entry.jti) {
+                    tracing::warn!(
+                        held = revoked.jtis.len(),
+                        "revocation list full; dropping a revocation"
+                    );
+                    continue;
+                }
+                let expiry = revoked.jtis.entry(entry.jti.clone()).or_insert(0);
+                *expiry = (*expiry).max(entry.expires_at);
+                added.push(entry.jti.as_str());
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        let added: std::collections::HashSet<&str> = added.into_iter().collect();
+        let doomed: Vec<ConnId> = lock(&self.conn_jtis)
+            .iter()
+            .filter(|(_, jti)| added.contains(jti.as_str()))
+            .map(|(conn, _)| *conn)
+            .collect();
+        let conns = lock(&self.conns);
+        for conn in doomed {
+            if let Some(closer) = conns.get(&conn)
+                && closer.close(CloseReason::Revoked)
+            {
+                tracing::info!(conn, "closing a connection whose token was revoked");
+            }
+        }
     }
 
     /// Keeps a goodbye'd connection's cursors for its user's next `rtm.connect`.
@@ -142,7 +247,10 @@ pub async fn run(shared: Arc<Shared>, gateway: String) {
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
             _ = report.tick() => {
+                let (revocations_generation, revocations_version) = region.revocations_held();
                 let request = GatewayReport {
+                    revocations_generation,
+                    revocations_version,
                     gateway: gateway.clone(),
                     region: shared.region.clone(),
                     url: shared.http_url.clone(),
@@ -155,6 +263,7 @@ pub async fn run(shared: Arc<Shared>, gateway: String) {
                 match tokio::time::timeout(CALL_TIMEOUT, c.report_gateway(request)).await {
                     Ok(Ok(directive)) => {
                         let directive = directive.into_inner();
+                        region.apply_revocations(&directive);
                         let was = region.draining.swap(directive.draining, Ordering::Relaxed);
                         if was != directive.draining {
                             tracing::info!(draining = directive.draining, rate = directive.rate, redirect = ?directive.redirect, "region drain state changed");

@@ -94,6 +94,7 @@ mod tests {
             name: None,
             channels: vec![],
             expires_at: 0,
+            jti: None,
         };
         let id = tickets.issue(identity, false, vec![]).unwrap();
         assert!(tickets.redeem(&id).is_some());

@@ -1,0 +1,267 @@
+//! Revoked client tokens: a bounded, versioned set of `jti`s that gateways follow through their
+//! reports.
+//!
+//! Each `RevokeTokens` call bumps the version and stamps its entries with it; a gateway reports
+//! the (generation, version) it holds and the directive carries the entries newer than that,
+//! oldest first and a page at a time. The generation is random per ring manager start, so a
+//! gateway reporting another generation gets the whole set again. Soft state like the regions:
+//! a restarted (or newly elected) ring manager starts empty; gateways keep what they learned
+//! until it expires, but a gateway started after the restart does not know older revocations.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mesh_proto::ring as pb;
+use tonic::Status;
+
+/// The most revocations held at once; past it `RevokeTokens` answers RESOURCE_EXHAUSTED.
+pub const MAX_REVOCATIONS: usize = 100_000;
+/// The most revocations one call may carry (and one directive, so a call's entries fit in one).
+pub const MAX_REVOCATIONS_PER_CALL: usize = 10_000;
+/// The longest `jti`, in bytes (as `mesh_core::token::MAX_JTI_BYTES`).
+pub const MAX_JTI_BYTES: usize = 256;
+
+/// The revocation set.
+#[derive(Debug)]
+pub struct Revocations {
+    generation: u64,
+    version: u64,
+    /// jti -> (expires_at, version).
+    by_jti: HashMap<String, (u64, u64)>,
+    /// (version, jti), for the entries newer than a gateway's version.
+    by_version: BTreeSet<(u64, String)>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations {
+            // Random per start (RandomState is seeded from the OS), never 0: a new gateway
+            // reports generation 0 and must get the whole set.
+            generation: RandomState::new().build_hasher().finish().max(1),
+            version: 0,
+            by_jti: HashMap::new(),
+            by_version: BTreeSet::new(),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Revocations {
+    /// Adds `entries` (already-expired ones are skipped: their tokens are refused anyway).
+    /// All or nothing: a bad entry or a full set refuses the whole call.
+    pub fn revoke(
+        &mut self,
+        entries: Vec<pb::RevokedToken>,
+    ) -> Result<pb::RevokeTokensResponse, Status> {
+        self.revoke_at(entries, unix_now())
+    }
+
+    fn revoke_at(
+        &mut self,
+        entries: Vec<pb::RevokedToken>,
+        now: u64,
+    ) -> Result<pb::RevokeTokensResponse, Status> {
+        if entries.len() > MAX_REVOCATIONS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} revocations in one call; at most {MAX_REVOCATIONS_PER_CALL}",
+                entries.len()
+            )));
+        }
+        for e in &entries {
+            if e.jti.is_empty() || e.jti.len() > MAX_JTI_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "jti must be 1 to {MAX_JTI_BYTES} bytes"
+                )));
+            }
+        }
+        self.expire(now);
+        let live: Vec<pb::RevokedToken> =
+            entries.into_iter().filter(|e| e.expires_at > now).collect();
+        let new = live
+            .iter()
+            .filter(|e| !self.by_jti.contains_key(&e.jti))
+            .count();
+        if self.by_jti.len() + new > MAX_REVOCATIONS {
+            return Err(Status::resource_exhausted(format!(
+                "the revocation list holds {} of at most {MAX_REVOCATIONS}",
+                self.by_jti.len()
+            )));
+        }
+        if !live.is_empty() {
+            self.version += 1;
+            for e in live {
+                let version = self.version;
+                let expires_at = match self.by_jti.get(&e.jti) {
+                    Some(&(old_expiry, old_version)) => {
+                        self.by_version.remove(&(old_version, e.jti.clone()));
+                        old_expiry.max(e.expires_at)
+                    }
+                    None => e.expires_at,
+                };
+                self.by_version.insert((version, e.jti.clone()));
+                self.by_jti.insert(e.jti, (expires_at, version));
+            }
+            tracing::info!(
+                version = self.version,
+                held = self.by_jti.len(),
+                "tokens revoked"
+            );
+        }
+        Ok(pb::RevokeTokensResponse {
+            version: self.version,
+            held: self.by_jti.len() as u64,
+        })
+    }
+
+    /// Drops the entries whose tokens have expired.
+    fn expire(&mut self, now: u64) {
+        let by_version = &mut self.by_version;
+        self.by_jti.retain(|jti, (expires_at, version)| {
+            let keep = *expires_at > now;
+            if !keep {
+                by_version.remove(&(*version, jti.clone()));
+            }
+            keep
+        });
+    }
+
+    /// Fills `directive` with what a gateway holding (`generation`, `version`) lacks: the
+    /// entries newer than `version` (all when the generation differs), whole versions at a time,
+    /// up to [`MAX_REVOCATIONS_PER_CALL`] entries.
+    pub fn catch_up(&self, generation: u64, version: u64, directive: &mut pb::GatewayDirective) {
+        let from = if generation == self.generation {
+            version
+        } else {
+            0
+        };
+        directive.revocations_generation = self.generation;
+        let mut page = Vec::new();
+        // The newest version whose entries are all in the page, and where the current one began.
+        let (mut complete, mut current, mut group_start) = (from, from, 0);
+        let mut full = false;
+        for (v, jti) in self.by_version.range((from + 1, String::new())..) {
+            let Some(&(expires_at, _)) = self.by_jti.get(jti) else {
+                continue;
+            };
+            if *v != current {
+                complete = current;
+                current = *v;
+                group_start = page.len();
+            }
+            if page.len() == MAX_REVOCATIONS_PER_CALL {
+                // A version is never split: its entries wait for the next directive. One
+                // call's entries always fit in a page, so every page makes progress.
+                page.truncate(group_start);
+                full = true;
+                break;
+            }
+            page.push(pb::RevokedToken {
+                jti: jti.clone(),
+                expires_at,
+            });
+        }
+        // Everything sent: the gateway is at the current version even if the newest versions'
+        // entries have expired since.
+        let last = if full { complete } else { self.version };
+        directive.revocations_version = last;
+        directive.revoked = page;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(jti: &str, expires_at: u64) -> pb::RevokedToken {
+        pb::RevokedToken {
+            jti: jti.into(),
+            expires_at,
+        }
+    }
+
+    fn jtis(d: &pb::GatewayDirective) -> Vec<&str> {
+        d.revoked.iter().map(|e| e.jti.as_str()).collect()
+    }
+
+    #[test]
+    fn gateways_catch_up_by_version() {
+        let mut r = Revocations::default();
+        let now = 1_000;
+        r.revoke_at(vec![entry("a", now + 10), entry("b", now + 10)], now)
+            .unwrap();
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(0, 0, &mut d);
+        assert_eq!(jtis(&d), ["a", "b"]);
+        assert_eq!(d.revocations_version, 1);
+        let (generation, version) = (d.revocations_generation, d.revocations_version);
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(generation, version, &mut d);
+        assert!(d.revoked.is_empty());
+        assert_eq!(d.revocations_version, 1);
+        r.revoke_at(vec![entry("c", now + 10)], now).unwrap();
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(generation, version, &mut d);
+        assert_eq!(jtis(&d), ["c"]);
+        assert_eq!(d.revocations_version, 2);
+        // Another generation (a restarted ring manager's gateway): the whole set.
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(generation.wrapping_add(1), 2, &mut d);
+        assert_eq!(jtis(&d), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn expired_entries_are_dropped_and_skipped() {
+        let mut r = Revocations::default();
+        let reply = r
+            .revoke_at(vec![entry("old", 5), entry("new", 50)], 10)
+            .unwrap();
+        assert_eq!(reply.held, 1);
+        let reply = r.revoke_at(vec![], 60).unwrap();
+        assert_eq!(reply.held, 0);
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(0, 0, &mut d);
+        assert!(d.revoked.is_empty());
+        assert_eq!(d.revocations_version, 1);
+    }
+
+    #[test]
+    fn refuses_past_the_caps() {
+        let mut r = Revocations::default();
+        let too_many: Vec<_> = (0..=MAX_REVOCATIONS_PER_CALL)
+            .map(|i| entry(&format!("j{i}"), 100))
+            .collect();
+        assert_eq!(
+            r.revoke_at(too_many, 1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            r.revoke_at(vec![entry("", 100)], 1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        for batch in 0..MAX_REVOCATIONS / MAX_REVOCATIONS_PER_CALL {
+            let entries = (0..MAX_REVOCATIONS_PER_CALL)
+                .map(|i| entry(&format!("j{batch}-{i}"), 100))
+                .collect();
+            r.revoke_at(entries, 1).unwrap();
+        }
+        let err = r.revoke_at(vec![entry("one-more", 100)], 1).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // Re-revoking a held jti needs no room.
+        r.revoke_at(vec![entry("j0-0", 200)], 1).unwrap();
+        // Pages stop at a version boundary: the first page is the first call's entries.
+        let mut d = pb::GatewayDirective::default();
+        r.catch_up(0, 0, &mut d);
+        assert_eq!(d.revoked.len(), MAX_REVOCATIONS_PER_CALL - 1);
+        assert_eq!(d.revocations_version, 1);
+        // Once expired, there is room again.
+        r.revoke_at(vec![entry("later", 300)], 150).unwrap();
+    }
+}

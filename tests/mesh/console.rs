@@ -1,0 +1,318 @@
+//! The ring manager's SRE console: its JSON, its live events, the page in a real headless
+//! Chromium (installed by `tests/setup`), and `ctl top`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Rtm, WAIT, eventually, mesh};
+
+const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
+/// How long one Chromium run may take (it starts cold on a busy 2-core machine).
+const CHROMIUM_TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn get(console: SocketAddr, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://{console}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn state(console: SocketAddr) -> Value {
+    let response = get(console, "/api/state").await;
+    assert!(response.status().is_success());
+    response.json().await.unwrap()
+}
+
+fn node<'a>(state: &'a Value, id: &str) -> &'a Value {
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap_or_else(|| panic!("{id} missing in {state}"))
+}
+
+#[tokio::test]
+async fn console_state_has_every_node_the_ring_regions_and_probes() {
+    let mesh = mesh().await;
+    let console = mesh.console;
+
+    let healthz = get(console, "/healthz").await;
+    assert_eq!(healthz.status(), 200);
+    let readyz = get(console, "/readyz").await;
+    assert_eq!(readyz.status(), 200);
+
+    let s = state(console).await;
+    assert_eq!(s["role"], "embedded");
+    assert_eq!(s["ready"], true);
+    assert!(s["epoch"].as_u64().unwrap() >= 1);
+    let ids: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cs-1", "cs-2", "cs-3", "cs-4"]);
+    assert_eq!(node(&s, "cs-4")["state"], "standby");
+    assert_eq!(node(&s, "cs-4")["standby"], true);
+    assert_eq!(node(&s, "cs-4")["slots"], 0);
+    let slots: u64 = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["slots"].as_u64().unwrap())
+        .sum();
+    assert_eq!(slots, mesh_core::SLOT_COUNT as u64);
+
+    // The arcs tile the ring, and each node's arcs add up to its slots.
+    let mut next = 0;
+    for arc in s["arcs"].as_array().unwrap() {
+        assert_eq!(arc["start"].as_u64().unwrap(), next);
+        next += arc["len"].as_u64().unwrap();
+    }
+    assert_eq!(next, mesh_core::SLOT_COUNT as u64);
+    for id in ["cs-1", "cs-2", "cs-3"] {
+        let in_arcs: u64 = s["arcs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["node"] == id)
+            .map(|a| a["len"].as_u64().unwrap())
+            .sum();
+        assert_eq!(in_arcs, node(&s, id)["slots"].as_u64().unwrap());
+    }
+    // The epoch history ends at the current epoch.
+    assert_eq!(s["epochs"][0]["epoch"], s["epoch"]);
+
+    // Regions with live connection counts.
+    let base = mesh.rtm_base_url("us-east").unwrap();
+    let token = mesh.token("UCONSOLE", "T1", &["CCONSOLE"]).unwrap();
+    let _client = Rtm::connect(&base, &token).await.unwrap();
+    eventually("us-east reports its client", || async {
+        let s = state(console).await;
+        let regions = s["regions"].as_array()?.clone();
+        let us = regions.iter().find(|r| r["region"] == "us-east")?;
+        let eu = regions.iter().find(|r| r["region"] == "eu-west")?;
+        (us["connections"] == 1
+            && eu["draining"] == false
+            && us["gateways"][0]["id"] == "us-east-1")
+            .then_some(())
+    })
+    .await;
+
+    // The presence ring's manager has its own console.
+    let p = state(mesh.presence_console).await;
+    assert_eq!(node(&p, "ps-1")["state"], "active");
+    assert_eq!(node(&p, "ps-3")["state"], "standby");
+
+    let page = get(console, "/").await;
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("console.js"));
+}
+
+/// Reads `/api/events` until a snapshot satisfies `want`.
+async fn until_event(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let snapshot: Value = serde_json::from_str(&data).unwrap();
+                if want(&snapshot) {
+                    return snapshot;
+                }
+            }
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await
+    .expect("the awaited snapshot arrives")
+}
+
+#[tokio::test]
+async fn console_events_push_a_snapshot_when_a_channel_server_dies() {
+    let mesh = mesh().await;
+    let mut events = reqwest::Client::new()
+        .get(format!("http://{}/api/events", mesh.console))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert!(
+        events.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buffer = String::new();
+    let first = until_event(&mut events, &mut buffer, |_| true).await;
+    assert_eq!(node(&first, "cs-2")["state"], "active");
+    let epoch = first["epoch"].as_u64().unwrap();
+
+    assert!(mesh.stop_channel_server("cs-2"));
+    let after = until_event(&mut events, &mut buffer, |s| {
+        node(s, "cs-2")["state"] == "down" && s["epoch"].as_u64().unwrap() > epoch
+    })
+    .await;
+    assert_eq!(node(&after, "cs-2")["slots"], 0);
+    assert_eq!(node(&after, "cs-4")["state"], "active");
+    let change = &after["epochs"][0];
+    assert!(
+        change["cause"].as_str().unwrap().contains("cs-2"),
+        "{change}"
+    );
+    assert_eq!(change["moves"][0]["from"], "cs-2");
+    assert_eq!(change["moves"][0]["to"], "cs-4");
+    assert_eq!(
+        change["moved"].as_u64().unwrap(),
+        node(&first, "cs-2")["slots"].as_u64().unwrap(),
+        "exactly the dead node's slots moved"
+    );
+}
+
+/// The Chromium that `tests/setup` installs (Debian's `chromium`).
+fn chromium() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = PathBuf::from(dir).join("chromium");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("chromium is missing: run `tests/setup` (it installs Debian's chromium package)");
+}
+
+/// The page's DOM after its scripts ran, as headless Chromium dumps it.
+async fn dump_dom(url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "channelmesh-console-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let run = tokio::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            // Below the page's LIVE_DELAY_MS: the dump is taken before its event stream
+            // opens (an open stream stops the virtual clock, and the dump would never come).
+            "--virtual-time-budget=500",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(CHROMIUM_TIMEOUT, run)
+        .await
+        .expect("chromium dumps the page within its timeout")
+        .expect("chromium runs");
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[tokio::test]
+async fn console_page_in_headless_chromium_shows_the_nodes_and_a_dead_one() {
+    let mesh = mesh().await;
+    let url = format!("http://{}/", mesh.console);
+
+    let dom = dump_dom(&url).await;
+    for id in ["cs-1", "cs-2", "cs-3", "cs-4"] {
+        assert!(
+            dom.contains(&format!("<tr data-node=\"{id}\"")),
+            "{id} is not in the page:\n{dom}"
+        );
+    }
+    assert!(dom.contains("<tr data-node=\"cs-2\" data-state=\"active\""));
+    assert!(dom.contains("<tr data-node=\"cs-4\" data-state=\"standby\""));
+    assert!(dom.contains("class=\"arc\""), "the ring is drawn");
+
+    assert!(mesh.stop_channel_server("cs-2"));
+    let dom = eventually("the page shows cs-2 down", || async {
+        let dom = dump_dom(&url).await;
+        dom.contains("<tr data-node=\"cs-2\" data-state=\"down\"")
+            .then_some(dom)
+    })
+    .await;
+    assert!(dom.contains("<tr data-node=\"cs-4\" data-state=\"active\""));
+    assert!(dom.contains("cs-2 down"), "the epoch list says why");
+}
+
+#[tokio::test]
+async fn ctl_top_once_prints_the_nodes_and_regions() {
+    let mesh = mesh().await;
+    let console = format!("http://{}", mesh.console);
+    let top = |json: bool| {
+        let mut command = tokio::process::Command::new(BIN);
+        command.args(["ctl", "top", "--once", "--console", &console]);
+        if json {
+            command.arg("--json");
+        }
+        command.output()
+    };
+    let out = eventually("ctl top shows both regions", || async {
+        let out = top(false).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        (text.contains("us-east") && text.contains("eu-west")).then_some(text)
+    })
+    .await;
+    for id in ["cs-1", "cs-2", "cs-3", "cs-4"] {
+        assert!(out.contains(id), "{id} missing:\n{out}");
+    }
+    assert!(out.contains("standby"), "{out}");
+    assert!(out.contains("RECENT EPOCHS"), "{out}");
+
+    let json = top(true).await.unwrap();
+    assert!(json.status.success());
+    let s: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 4);
+
+    // A console that is not there: exit 1 with the reason.
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "top", "--once", "--console", "http://127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("console"));
+}
