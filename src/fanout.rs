@@ -635,6 +635,12 @@ pub(crate) fn sent_at(text: &[u8]) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The clients' WebSocket settings: a 16 KiB read buffer instead of tungstenite's 128 KiB, so
+/// tens of thousands of idle clients fit in a few processes (messages here are small).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024)
+}
+
 /// Opens a WebSocket to `url` from `source` (bound before connecting, so each worker uses its
 /// own address and port range).
 pub(crate) async fn dial(url: &str, source: IpAddr) -> anyhow::Result<Socket> {
@@ -662,7 +668,7 @@ pub(crate) async fn dial(url: &str, source: IpAddr) -> anyhow::Result<Socket> {
     stream.set_nodelay(true)?;
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio_tungstenite::client_async_with_config(url, stream, None),
+        tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())),
     )
     .await
     .context("WebSocket handshake timed out")??;

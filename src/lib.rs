@@ -5,5 +5,6 @@ pub mod ctl;
 pub mod fanout;
 pub mod mesh;
 pub mod multiprocess;
+pub mod store_bench;
 
 pub use mesh::{Mesh, MeshConfig};

@@ -47,6 +47,10 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
+    /// unset. `dev --multi-process` passes it to every child.
+    #[arg(long, global = true, env = mesh_telemetry::init::ENV_OTLP_ENDPOINT)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,9 +86,10 @@ enum Command {
         #[arg(long, default_value_t = ring_manager::cluster::DEFAULT_LOCK_DELAY.as_millis() as u64)]
         lock_delay_ms: u64,
         /// Address to serve HTTP on: the SRE console (/), its JSON (/api/state, /api/events),
-        /// /healthz and /readyz (ready while it serves the ring).
-        #[arg(long, default_value = ring_manager::console::DEFAULT_HTTP)]
-        http: SocketAddr,
+        /// /healthz and /readyz (ready while it serves the ring). Default: --listen's port
+        /// + 40 (50050 -> 50090), or a port the OS picks when --listen's is 0.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         consul: ConsulArgs,
     },
@@ -102,6 +107,10 @@ enum Command {
         /// Join as a standby: no slots until it replaces a failed node or is added.
         #[arg(long)]
         standby: bool,
+        /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
+        /// (50061 -> 50101), or a port the OS picks when --listen's is 0.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         ring: RingArgs,
     },
@@ -126,6 +135,9 @@ enum Command {
         /// (ms).
         #[arg(long, default_value_t = presence_server::DEFAULT_GATEWAY_LEASE.as_millis() as u64)]
         gateway_lease_ms: u64,
+        /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         ring: RingArgs,
     },
@@ -136,6 +148,10 @@ enum Command {
         id: Option<String>,
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
+        /// (50051 -> 50091).
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         ring: RingArgs,
     },
@@ -165,6 +181,10 @@ enum Command {
     /// Measure the mesh from outside, through its real interfaces.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check a service's health endpoint (e.g. http://127.0.0.1:50101/readyz): exit 0 on a 2xx
+    /// answer within 2 s, else 1 with the answer. For container health checks, whose images
+    /// have no curl.
+    Probe { url: String },
     /// Mint a client token (signed with CHANNELMESH_JWT_SECRET) for trying things out.
     Token {
         #[arg(long)]
@@ -222,6 +242,16 @@ enum CtlCommand {
     },
     /// End a region's drain.
     UndrainRegion { region: String },
+    /// Revoke client tokens by `jti` until UNIX (their `exp`): gateways refuse them and close
+    /// connections holding them (close code 4003).
+    Revoke {
+        /// The tokens' `jti` claims.
+        #[arg(required = true)]
+        jtis: Vec<String>,
+        /// When the tokens expire, Unix seconds; the revocation is forgotten after it.
+        #[arg(long)]
+        until: u64,
+    },
     /// A refreshing terminal view of the console's numbers: epoch, nodes with states and
     /// slots, regions with connections and drain state, recent epochs. Reads the ring
     /// manager's console (`/api/state`), not its gRPC.
@@ -274,6 +304,20 @@ enum BenchCommand {
     /// Channel server failover: in a fresh `dev --multi-process` mesh per run (ports the OS
     /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
     /// reports how long delivery stopped and which slots moved.
+    /// Channel-server memory: fills a channel server's store with CHANNELS active channels of
+    /// EVENTS messages each (in this process) and reports the RSS it took.
+    ChannelMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        channels: usize,
+        #[arg(long, default_value_t = 10)]
+        events: usize,
+        /// Bytes of text per message.
+        #[arg(long, default_value_t = 200)]
+        text_bytes: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     Failover {
         /// Runs (each on its own mesh); the report gives each and the median.
         #[arg(long, default_value_t = 5)]
@@ -329,12 +373,14 @@ struct DevArgs {
     /// 0 lets the OS pick.
     #[arg(long, default_value_t = 50071)]
     presence_server_port: u16,
-    /// The ring manager's HTTP listener: the SRE console, /healthz, /readyz.
-    #[arg(long, default_value = ring_manager::console::DEFAULT_HTTP)]
-    http: SocketAddr,
-    /// The presence ring manager's HTTP listener.
-    #[arg(long, default_value = ring_manager::console::DEFAULT_PRESENCE_HTTP)]
-    presence_http: SocketAddr,
+    /// The ring manager's HTTP listener: the SRE console, /healthz, /readyz. Default:
+    /// --ring-manager's port + 40 (127.0.0.1:50090), or a port the OS picks when that is 0.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// The presence ring manager's HTTP listener. Default: --presence-ring-manager's port
+    /// + 40 (127.0.0.1:50092), or a port the OS picks when that is 0.
+    #[arg(long)]
+    presence_http: Option<SocketAddr>,
     /// Run every service as its own child process (ring manager, 3 active and 1 standby
     /// channel servers, admin server, a gateway per region), on the same ports.
     #[arg(long)]
@@ -399,6 +445,25 @@ struct LimitArgs {
     /// Seconds between the gateway's pings to each connection.
     #[arg(long, default_value_t = Limits::default().ping_interval.as_secs_f64())]
     ping_interval_secs: f64,
+    /// Concurrent connections per team across all gateways and regions (0: no cap); past it
+    /// `rtm.connect` answers `too_many_connections`. Counted by the presence servers.
+    #[arg(long, default_value_t = 0)]
+    team_connection_limit: u32,
+    /// A team's own cap, replacing --team-connection-limit: TEAM=N (repeatable; 0: no cap).
+    #[arg(long = "team-limit", value_parser = parse_team_limit)]
+    team_limits: Vec<(TeamId, u32)>,
+    /// Concurrent connections per user across all gateways (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    user_connection_limit: u32,
+}
+
+fn parse_team_limit(raw: &str) -> Result<(TeamId, u32), String> {
+    let (team, n) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw}: expected TEAM=N"))?;
+    let team = TeamId::new(team).map_err(|e| format!("{team}: {e}"))?;
+    let n = n.parse().map_err(|_| format!("{n}: not a number"))?;
+    Ok((team, n))
 }
 
 impl LimitArgs {
@@ -420,6 +485,9 @@ impl LimitArgs {
             handshake_timeout: secs("handshake-timeout-secs", self.handshake_timeout_secs)?,
             idle_timeout: secs("idle-timeout-secs", self.idle_timeout_secs)?,
             ping_interval: secs("ping-interval-secs", self.ping_interval_secs)?,
+            team_connections: self.team_connection_limit,
+            team_overrides: self.team_limits.iter().cloned().collect(),
+            user_connections: self.user_connection_limit,
         };
         anyhow::ensure!(
             !limits.ping_interval.is_zero() && limits.ping_interval < limits.idle_timeout,
@@ -443,7 +511,16 @@ impl LimitArgs {
             format!("--handshake-timeout-secs={}", self.handshake_timeout_secs),
             format!("--idle-timeout-secs={}", self.idle_timeout_secs),
             format!("--ping-interval-secs={}", self.ping_interval_secs),
+            format!("--team-connection-limit={}", self.team_connection_limit),
+            format!("--user-connection-limit={}", self.user_connection_limit),
         ]
+        .into_iter()
+        .chain(
+            self.team_limits
+                .iter()
+                .map(|(team, n)| format!("--team-limit={team}={n}")),
+        )
+        .collect()
     }
 }
 
@@ -561,6 +638,22 @@ impl ConsulArgs {
     }
 }
 
+/// How far a ring manager's console port is from its gRPC port by default (50050 -> 50090).
+const CONSOLE_PORT_OFFSET: u16 = 40;
+
+/// A ring manager's HTTP address: `http` if given, else next to its gRPC address `grpc` (same
+/// interface, port + [`CONSOLE_PORT_OFFSET`]), so that two ring managers on one host (the
+/// channel and presence rings) never collide, and port 0 stays "the OS picks".
+fn console_addr(http: Option<SocketAddr>, grpc: SocketAddr) -> SocketAddr {
+    http.unwrap_or_else(|| {
+        let port = match grpc.port() {
+            0 => 0,
+            p => p.checked_add(CONSOLE_PORT_OFFSET).unwrap_or(0),
+        };
+        SocketAddr::new(grpc.ip(), port)
+    })
+}
+
 /// `REGION=R1,R2`.
 fn parse_nearest(raw: &str) -> Result<(String, Vec<String>), String> {
     let (region, nearest) = raw
@@ -576,20 +669,33 @@ fn parse_nearest(raw: &str) -> Result<(String, Vec<String>), String> {
     ))
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,channelmesh=info,ring_manager=info,channel_server=info,gateway=info,admin_server=info",
-        )
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+/// The `service.name` a subcommand's spans are exported under.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Dev(_) => "channelmesh-dev",
+        Command::RingManager { .. } => "channelmesh-ring-manager",
+        Command::ChannelServer { .. } => "channelmesh-channel-server",
+        Command::PresenceServer { .. } => "channelmesh-presence-server",
+        Command::AdminServer { .. } => "channelmesh-admin-server",
+        Command::Gateway { .. } => "channelmesh-gateway",
+        _ => "channelmesh",
     }
+}
+
+/// Binds `--http` (default: next to the gRPC address `listen`) and serves `telemetry` on it
+/// until `cancel`.
+async fn serve_http(
+    http: Option<SocketAddr>,
+    listen: SocketAddr,
+    telemetry: mesh_telemetry::Telemetry,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = http.unwrap_or_else(|| channelmesh::mesh::http_addr(listen));
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    println!("http on {}", listener.local_addr()?);
+    Ok(mesh_telemetry::http::serve(listener, telemetry, cancel).await?)
 }
 
 /// A required secret from the environment.
@@ -643,7 +749,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let tracing = runtime.block_on(async {
+        mesh_telemetry::init(
+            cli.log_json,
+            cli.otlp_endpoint.as_deref(),
+            service_name(&cli.command),
+        )
+    });
+    let tracing = match tracing {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Spans still buffered go out before the process ends.
+    tracing.shutdown();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -653,10 +776,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.log_json);
     let cancel = CancellationToken::new();
     match cli.command {
-        Command::Dev(args) => dev(args, cancel).await,
+        Command::Dev(args) => dev(args, (cli.log_json, cli.otlp_endpoint), cancel).await,
         Command::RingManager {
             listen,
             state_file,
@@ -669,6 +791,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             cancel_on_signals(cancel.clone());
             let config = ring_manager::Config::default();
+            let http = console_addr(http, listen);
             let http = TcpListener::bind(http)
                 .await
                 .with_context(|| format!("binding {http}"))?;
@@ -734,6 +857,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             advertise,
             standby,
+            http,
             ring,
         } => {
             cancel_on_signals(cancel.clone());
@@ -756,8 +880,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
                 standby,
+                telemetry: mesh_telemetry::Telemetry::new(&[("node", id.as_str())]),
             };
-            Ok(channel_server::serve(config, listener, cancel).await?)
+            let telemetry = config.telemetry.clone();
+            tokio::try_join!(
+                async { Ok(channel_server::serve(config, listener, cancel.clone()).await?) },
+                serve_http(http, listen, telemetry, cancel.clone()),
+            )?;
+            Ok(())
         }
         Command::PresenceServer {
             id,
@@ -766,6 +896,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             standby,
             grace_ms,
             gateway_lease_ms,
+            http,
             ring,
         } => {
             cancel_on_signals(cancel.clone());
@@ -788,15 +919,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 standby,
                 grace: Duration::from_millis(grace_ms),
                 gateway_lease: Duration::from_millis(gateway_lease_ms),
+                telemetry: mesh_telemetry::Telemetry::new(&[("node", id.as_str())]),
             };
-            Ok(presence_server::serve(config, listener, cancel).await?)
+            let telemetry = config.telemetry.clone();
+            tokio::try_join!(
+                async { Ok(presence_server::serve(config, listener, cancel.clone()).await?) },
+                serve_http(http, listen, telemetry, cancel.clone()),
+            )?;
+            Ok(())
         }
-        Command::AdminServer { id, listen, ring } => {
-            let config = admin_server::Config {
+        Command::AdminServer {
+            id,
+            listen,
+            http,
+            ring,
+        } => {
+            let mut config = admin_server::Config {
                 ring: ring.source()?,
                 presence_ring: Some(ring.presence_source()?),
                 admin_token: required_env(ENV_ADMIN_TOKEN)?,
                 jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
+                telemetry: mesh_telemetry::Telemetry::default(),
             };
             cancel_on_signals(cancel.clone());
             let listener = TcpListener::bind(listen)
@@ -807,7 +950,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = id.unwrap_or_else(|| local.to_string());
             ring.consul
                 .register("admin-server", &id, (local, None), vec![], &cancel)?;
-            Ok(admin_server::serve(config, listener, cancel).await?)
+            config.telemetry = mesh_telemetry::Telemetry::new(&[("admin", id.as_str())]);
+            let telemetry = config.telemetry.clone();
+            tokio::try_join!(
+                async { Ok(admin_server::serve(config, listener, cancel.clone()).await?) },
+                serve_http(http, listen, telemetry, cancel.clone()),
+            )?;
+            Ok(())
         }
         Command::Gateway {
             region,
@@ -888,6 +1037,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 CtlCommand::UndrainRegion { region } => {
                     ctl::region_op(endpoint, &region, false, 0, args.json).await
                 }
+                CtlCommand::Revoke { jtis, until } => revoke(endpoint, jtis, until).await,
             }
         }
         Command::Bench(BenchCommand::Fanout(args)) => {
@@ -925,6 +1075,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  reports taken  {:>12.0} /s", report.reports_per_s);
                 println!("  changes pushed {:>12.0} /s", report.pushed_per_s);
             }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::ChannelMemory {
+            channels,
+            events,
+            text_bytes,
+            json,
+        }) => {
+            let r = channelmesh::store_bench::channel_memory(
+                &channelmesh::store_bench::ChannelMemoryConfig {
+                    channels,
+                    events_per_channel: events,
+                    text_bytes,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            println!(
+                "{} channels x {} messages of {} B text: RSS {:.0} MiB -> {:.0} MiB (+{:.0} MiB)",
+                r.channels,
+                r.events_per_channel,
+                r.text_bytes,
+                mib(r.rss_before_bytes),
+                mib(r.rss_after_bytes),
+                mib(r.rss_after_bytes.saturating_sub(r.rss_before_bytes))
+            );
+            println!(
+                "per channel {:.0} B; per message {:.0} B beyond its text; filled in {:.1} s",
+                r.bytes_per_channel, r.overhead_per_event, r.fill_secs
+            );
             Ok(())
         }
         Command::Bench(BenchCommand::Failover { runs, json }) => {
@@ -993,6 +1176,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Probe { url } => {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?;
+            let response = client.get(&url).send().await?;
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
+            Ok(())
+        }
         Command::Token {
             user,
             team,
@@ -1022,7 +1215,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+/// `ctl revoke`: one RevokeTokens call to the ring manager.
+async fn revoke(endpoint: &str, jtis: Vec<String>, until: u64) -> anyhow::Result<()> {
+    use mesh_proto::ring::ring_manager_client::RingManagerClient;
+    use mesh_proto::ring::{RevokeTokensRequest, RevokedToken};
+    let call = async {
+        let mut client = RingManagerClient::connect(endpoint.to_string()).await?;
+        let request = RevokeTokensRequest {
+            jtis: jtis
+                .into_iter()
+                .map(|jti| RevokedToken {
+                    jti,
+                    expires_at: until,
+                })
+                .collect(),
+        };
+        anyhow::Ok(client.revoke_tokens(request).await?.into_inner())
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .context("the ring manager did not answer in time")??;
+    println!(
+        "revocation list version {}: {} revoked tokens held",
+        reply.version, reply.held
+    );
+    Ok(())
+}
+
+/// `dev`; `(log_json, otlp_endpoint)` are passed on to child processes.
+async fn dev(
+    args: DevArgs,
+    (log_json, otlp_endpoint): (bool, Option<String>),
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let (jwt_secret, generated_jwt) = match from_env(ENV_JWT_SECRET) {
         Some(s) => (s, false),
@@ -1056,8 +1281,8 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         .map(|i| SocketAddr::from(([127, 0, 0, 1], ps_port(i))))
         .collect();
     config.presence_standbys = vec![SocketAddr::from(([127, 0, 0, 1], ps_port(2)))];
-    config.console = args.http;
-    config.presence_console = args.presence_http;
+    config.console = console_addr(args.http, args.ring_manager);
+    config.presence_console = console_addr(args.presence_http, args.presence_ring_manager);
     config.limits = args.limits.limits()?;
     cancel_on_signals(cancel.clone());
     let secrets = [
@@ -1076,6 +1301,8 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             consul_prefix: args.consul_prefix,
             extra_ring_managers,
             gateway_args: args.limits.to_args(),
+            otlp_endpoint: otlp_endpoint.clone(),
+            log_json,
         };
         let procs = channelmesh::multiprocess::start_all(&config, &options).await?;
         let mut ring_managers = vec![(procs.ring_manager.addr, Some(procs.ring_manager.pid))];
@@ -1117,6 +1344,30 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
                 .into_iter()
                 .filter(|(_, addr)| addr.port() != 0)
                 .collect(),
+            // Children serve HTTP next to their gRPC port; OS-picked ones are not known here.
+            http: std::iter::once(("admin".to_string(), config.admin))
+                .chain(
+                    procs
+                        .channel_servers
+                        .iter()
+                        .map(|(id, _, p)| (id.clone(), p.addr)),
+                )
+                .chain(
+                    procs
+                        .presence_servers
+                        .iter()
+                        .map(|(id, _, p)| (id.clone(), p.addr)),
+                )
+                .zip(
+                    std::iter::once(config.admin)
+                        .chain(config.channel_servers.iter().copied())
+                        .chain(config.standbys.iter().copied())
+                        .chain(config.presence_servers.iter().copied())
+                        .chain(config.presence_standbys.iter().copied()),
+                )
+                .filter(|(_, asked)| asked.port() != 0)
+                .map(|((id, _), asked)| (id, channelmesh::mesh::http_addr(asked)))
+                .collect(),
             started_in: procs.started_in,
         };
         summary.print(&secrets);
@@ -1150,6 +1401,7 @@ async fn dev(args: DevArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             .map(|(i, (id, addr))| (id.to_string(), *addr, i >= presence_actives, None))
             .collect(),
         consoles: vec![("", mesh.console), ("presence ", mesh.presence_console)],
+        http: mesh.http.clone(),
         started_in: mesh.started_in,
     };
     summary.print(&secrets);
@@ -1170,6 +1422,8 @@ struct Summary {
     presence_servers: Vec<(String, SocketAddr, bool, Option<u32>)>,
     /// ("" or "presence ", address) per ring manager console.
     consoles: Vec<(&'static str, SocketAddr)>,
+    /// (service, address) of each gRPC service's /metrics, /healthz, /readyz.
+    http: Vec<(String, SocketAddr)>,
     started_in: Duration,
 }
 
@@ -1203,6 +1457,9 @@ impl Summary {
                 "  gateway {region:<8} http://{addr}/api/  (RTM base URL){}",
                 pid(*p)
             );
+        }
+        for (service, addr) in &self.http {
+            println!("  http {service:<11} http://{addr}/metrics  (/healthz, /readyz)");
         }
         for (which, addr) in &self.consoles {
             let what = format!("{which}console");

@@ -109,6 +109,20 @@ impl MeshConfig {
     }
 }
 
+/// How far a gRPC service's HTTP port (`/metrics`, `/healthz`, `/readyz`) is from its gRPC port
+/// by default: the ring manager's console rule (50050 -> 50090), for every gRPC service.
+pub const HTTP_PORT_OFFSET: u16 = 40;
+
+/// The HTTP address of a gRPC service listening on `grpc`: same interface, port +
+/// [`HTTP_PORT_OFFSET`]; port 0 stays "the OS picks".
+pub fn http_addr(grpc: SocketAddr) -> SocketAddr {
+    let port = match grpc.port() {
+        0 => 0,
+        p => p.checked_add(HTTP_PORT_OFFSET).unwrap_or(0),
+    };
+    SocketAddr::new(grpc.ip(), port)
+}
+
 /// A running mesh.
 #[derive(Debug)]
 pub struct Mesh {
@@ -132,6 +146,10 @@ pub struct Mesh {
     pub presence_console: SocketAddr,
     /// Every presence server, active and standby, in start order.
     pub presence_servers: Vec<(NodeId, SocketAddr)>,
+    /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`) of every gRPC service, by name:
+    /// `admin`, `cs-1`, ..., `ps-1`, ... (gateways serve them on their own port; ring managers
+    /// on their consoles).
+    pub http: Vec<(String, SocketAddr)>,
     /// Each presence server's and each gateway's own stop token (for failure tests).
     ps_cancel: Vec<(NodeId, CancellationToken)>,
     gw_cancel: Vec<(String, CancellationToken)>,
@@ -143,6 +161,24 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the {what} to {addr}"))
+}
+
+/// Serves `telemetry` over HTTP on `addr` as one of `tasks`, until `cancel`; returns the bound
+/// address.
+async fn serve_http(
+    tasks: &mut JoinSet<(String, anyhow::Result<()>)>,
+    telemetry: mesh_telemetry::Telemetry,
+    addr: SocketAddr,
+    name: String,
+    cancel: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = bind(addr, &format!("{name} HTTP listener")).await?;
+    let local = listener.local_addr()?;
+    tasks.spawn(async move {
+        let r = mesh_telemetry::http::serve(listener, telemetry, cancel).await;
+        (format!("{name} HTTP"), r.map_err(anyhow::Error::from))
+    });
+    Ok(local)
 }
 
 /// Serves `manager`'s console on `addr` as one of `tasks`; returns the bound address.
@@ -187,6 +223,7 @@ impl Mesh {
         }
         let console = serve_console(&mut tasks, &manager, config.console, "", &cancel).await?;
 
+        let mut http = Vec::new();
         let mut channel_servers = Vec::new();
         let mut cs_cancel = Vec::new();
         let actives = config.channel_servers.iter().map(|a| (a, false));
@@ -196,6 +233,17 @@ impl Mesh {
             let local = listener.local_addr()?;
             let node = NodeId::new(&format!("cs-{}", i + 1))?;
             channel_servers.push((node.clone(), local));
+            let telemetry = mesh_telemetry::Telemetry::new(&[("node", node.as_str())]);
+            let cancel = cancel.child_token();
+            let http_local = serve_http(
+                &mut tasks,
+                telemetry.clone(),
+                http_addr(*addr),
+                format!("channel server {node}"),
+                cancel.clone(),
+            )
+            .await?;
+            http.push((node.to_string(), http_local));
             let cs_config = channel_server::Config {
                 node: node.clone(),
                 ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
@@ -203,8 +251,8 @@ impl Mesh {
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
                 standby,
+                telemetry,
             };
-            let cancel = cancel.child_token();
             cs_cancel.push((node.clone(), cancel.clone()));
             tasks.spawn(async move {
                 let r = channel_server::serve(cs_config, listener, cancel).await;
@@ -249,6 +297,17 @@ impl Mesh {
             let listener = bind(*addr, "presence server").await?;
             let node = NodeId::new(&format!("ps-{}", i + 1))?;
             presence_servers.push((node.clone(), listener.local_addr()?));
+            let telemetry = mesh_telemetry::Telemetry::new(&[("node", node.as_str())]);
+            let cancel = cancel.child_token();
+            let http_local = serve_http(
+                &mut tasks,
+                telemetry.clone(),
+                http_addr(*addr),
+                format!("presence server {node}"),
+                cancel.clone(),
+            )
+            .await?;
+            http.push((node.to_string(), http_local));
             let ps_config = presence_server::Config {
                 node: node.clone(),
                 ring: presence_source.clone(),
@@ -256,8 +315,8 @@ impl Mesh {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
+                telemetry,
             };
-            let cancel = cancel.child_token();
             ps_cancel.push((node.clone(), cancel.clone()));
             tasks.spawn(async move {
                 let r = presence_server::serve(ps_config, listener, cancel).await;
@@ -271,11 +330,22 @@ impl Mesh {
         let admin_listener = bind(config.admin, "admin server").await?;
         let admin = admin_listener.local_addr()?;
         {
+            let telemetry = mesh_telemetry::Telemetry::new(&[("admin", "admin-1")]);
+            let http_local = serve_http(
+                &mut tasks,
+                telemetry.clone(),
+                http_addr(config.admin),
+                "admin server".to_string(),
+                cancel.clone(),
+            )
+            .await?;
+            http.insert(0, ("admin".to_string(), http_local));
             let admin_config = admin_server::Config {
                 ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
                 presence_ring: Some(presence_source.clone()),
                 admin_token: config.admin_token.clone(),
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
+                telemetry,
             };
             let cancel = cancel.clone();
             tasks.spawn(async move {
@@ -364,6 +434,7 @@ impl Mesh {
             presence_ring_manager,
             presence_console,
             presence_servers,
+            http,
             ps_cancel,
             gw_cancel,
             tasks,

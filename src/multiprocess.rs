@@ -47,6 +47,10 @@ pub struct Options {
     pub extra_ring_managers: Vec<SocketAddr>,
     /// More arguments for every gateway (its limits).
     pub gateway_args: Vec<String>,
+    /// Every child exports traces here (`--otlp-endpoint`).
+    pub otlp_endpoint: Option<String>,
+    /// Every child logs JSON lines (`--log-json`).
+    pub log_json: bool,
 }
 
 /// The running children.
@@ -69,9 +73,27 @@ pub struct Processes {
 /// Starts `exe args...` with the secrets in its environment and waits for its
 /// `listening on ADDR` line.
 pub async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Result<Service> {
+    start_with(name, args, config, &Options::default()).await
+}
+
+/// [`start`], passing on `options`' logging and tracing flags.
+async fn start_with(
+    name: &str,
+    args: &[String],
+    config: &MeshConfig,
+    options: &Options,
+) -> anyhow::Result<Service> {
     let exe = std::env::current_exe().context("locating the channelmesh binary")?;
+    let mut global = Vec::new();
+    if options.log_json {
+        global.push("--log-json".to_string());
+    }
+    if let Some(endpoint) = &options.otlp_endpoint {
+        global.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
+    }
     let mut child = Command::new(exe)
         .args(args)
+        .args(global)
         .env("CHANNELMESH_JWT_SECRET", &config.jwt_secret)
         .env("CHANNELMESH_ADMIN_TOKEN", &config.admin_token)
         .stdin(Stdio::null())
@@ -139,16 +161,18 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         }
         args
     };
-    let ring_manager = start(
+    let ring_manager = start_with(
         "ring-manager",
         &rm_args(config.ring_manager, config.console, false),
         config,
+        options,
     )
     .await?;
-    let presence_ring_manager = start(
+    let presence_ring_manager = start_with(
         "presence-ring-manager",
         &rm_args(config.presence_ring_manager, config.presence_console, true),
         config,
+        options,
     )
     .await?;
     // How every other service finds the ring: Consul, or the ring manager just started.
@@ -172,7 +196,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         let name = format!("ring-manager-{}", i + 2);
         // Their consoles on ports the OS picks: they only serve while leading.
         let http = SocketAddr::from(([127, 0, 0, 1], 0));
-        extra_ring_managers.push(start(&name, &rm_args(*addr, http, false), config).await?);
+        extra_ring_managers
+            .push(start_with(&name, &rm_args(*addr, http, false), config, options).await?);
     }
     let presence_servers = start_nodes(
         ("presence-server", "ps"),
@@ -180,6 +205,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         &config.presence_standbys,
         &ring_args,
         config,
+        options,
     )
     .await?;
     let channel_servers = start_nodes(
@@ -188,11 +214,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         &config.standbys,
         &ring_args,
         config,
+        options,
     )
     .await?;
     let mut admin_args = vec![s("admin-server"), s("--listen"), config.admin.to_string()];
     admin_args.extend(ring_args.iter().cloned());
-    let admin = start("admin-server", &admin_args, config).await?;
+    let admin = start_with("admin-server", &admin_args, config, options).await?;
     let mut gateways = Vec::new();
     for (region, addr) in &config.gateways {
         let mut args = vec![
@@ -208,7 +235,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         args.extend(options.gateway_args.iter().cloned());
         gateways.push((
             region.clone(),
-            start(&format!("gateway-{region}"), &args, config).await?,
+            start_with(&format!("gateway-{region}"), &args, config, options).await?,
         ));
     }
 
@@ -263,6 +290,7 @@ async fn start_nodes(
     standbys: &[SocketAddr],
     ring_args: &[String],
     config: &MeshConfig,
+    options: &Options,
 ) -> anyhow::Result<Vec<(String, bool, Service)>> {
     let mut nodes = Vec::new();
     let all = actives
@@ -282,7 +310,11 @@ async fn start_nodes(
         if standby {
             args.push("--standby".to_string());
         }
-        nodes.push((id.clone(), standby, start(&id, &args, config).await?));
+        nodes.push((
+            id.clone(),
+            standby,
+            start_with(&id, &args, config, options).await?,
+        ));
     }
     Ok(nodes)
 }

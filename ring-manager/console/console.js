@@ -4,7 +4,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const CENTER = 200;
-const RADIUS = 150;
+const RADIUS = 140;
 const WIDTH = 44;
 const PALETTE = [
   "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948",

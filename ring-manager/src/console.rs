@@ -27,10 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::server::{NodeState, RingManager};
 
-/// The address `ring-manager --http` serves the console on by default.
-pub const DEFAULT_HTTP: &str = "127.0.0.1:50090";
-/// The presence ring manager's console in `dev`.
-pub const DEFAULT_PRESENCE_HTTP: &str = "127.0.0.1:50092";
 /// Snapshots pushed per second per viewer, at most: a burst of changes (a failover moves
 /// slots and states within milliseconds) becomes one update.
 pub const MAX_EVENTS_PER_SEC: u32 = 4;
@@ -368,6 +364,7 @@ pub fn router(console: Console, cancel: CancellationToken) -> Router {
         .route("/api/events", get(events))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -426,6 +423,66 @@ async fn readyz(axum::extract::State((console, _)): axum::extract::State<AppStat
         )
             .into_response(),
     }
+}
+
+/// Prometheus metrics of the ring this ring manager serves, read from a fresh snapshot (so
+/// that two ring managers in one process, as in `dev`, each show their own ring).
+async fn metrics(axum::extract::State((console, _)): axum::extract::State<AppState>) -> Response {
+    let snapshot = console.snapshot();
+    let t = mesh_telemetry::Telemetry::default();
+    t.gauge(
+        "channelmesh_ring_ready",
+        "1 while this ring manager serves the ring (embedded, or the Consul leader), else 0.",
+    )
+    .set(i64::from(snapshot.ready));
+    t.gauge("channelmesh_ring_epoch", "The ring's epoch.")
+        .set(snapshot.epoch as i64);
+    let slots = t.gauge_vec(
+        "channelmesh_ring_slots",
+        "Slots each node owns in the current epoch.",
+        &["node"],
+    );
+    let members = t.gauge_vec(
+        "channelmesh_ring_members",
+        "Registered nodes by state (joining, active, standby, draining, down).",
+        &["state"],
+    );
+    for state in ["joining", "active", "standby", "draining", "down"] {
+        members.with_label_values(&[state]).set(0);
+    }
+    for node in &snapshot.nodes {
+        slots.with_label_values(&[&node.id]).set(node.slots as i64);
+        members.with_label_values(&[&node.state]).inc();
+    }
+    t.gauge(
+        "channelmesh_ring_standbys",
+        "Standby nodes ready to take over a failed node's slots.",
+    )
+    .set(snapshot.nodes.iter().filter(|n| n.standby).count() as i64);
+    let connections = t.gauge_vec(
+        "channelmesh_ring_region_connections",
+        "Client connections per region, as its gateways last reported.",
+        &["region"],
+    );
+    let draining = t.gauge_vec(
+        "channelmesh_ring_region_draining",
+        "1 while a region drains, else 0.",
+        &["region"],
+    );
+    for region in &snapshot.regions {
+        connections
+            .with_label_values(&[&region.region])
+            .set(region.connections as i64);
+        draining
+            .with_label_values(&[&region.region])
+            .set(i64::from(region.draining));
+    }
+    let mut response = t.encode().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 async fn events(

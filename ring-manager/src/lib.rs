@@ -6,6 +6,9 @@
 //! lose them ([`server`]). Two backends keep the ring: the embedded one, where the ring manager
 //! itself is the registry (durable through its state file), and Consul ([`cluster`]), where
 //! ring managers elect a leader with a session lock and keep the ring in KV.
+//!
+//! Each ring manager also serves HTTP ([`console`]): a read-only SRE console of the ring, its
+//! members, the regions and recent epochs, with `/healthz` and `/readyz`.
 
 pub mod client;
 pub mod cluster;

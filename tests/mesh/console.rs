@@ -316,3 +316,130 @@ async fn ctl_top_once_prints_the_nodes_and_regions() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("console"));
 }
+
+/// Evaluates `expression` in the page over the DevTools protocol; returns its JSON value.
+async fn evaluate(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    id: u64,
+    expression: &str,
+) -> Value {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let call = serde_json::json!({
+        "id": id,
+        "method": "Runtime.evaluate",
+        "params": {"expression": expression, "returnByValue": true},
+    });
+    ws.send(Message::text(call.to_string())).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("chromium answers")
+            .expect("the DevTools socket stays open")
+            .unwrap();
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        if reply["id"] == id {
+            return reply["result"]["result"]["value"].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn console_page_updates_live_when_a_channel_server_dies() {
+    let mesh = mesh().await;
+    let profile = std::env::temp_dir().join(format!(
+        "channelmesh-console-live-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    // A page left open in a headless Chromium, driven over the DevTools protocol: it must
+    // change by the event stream alone, with no reload.
+    let mut browser = tokio::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://{}/", mesh.console))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: Debian's `chromium` is a wrapper script, and the browser
+        // and its helpers must all go when the test ends.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let group = nix::unistd::Pid::from_raw(browser.id().unwrap() as i32);
+    // Chromium writes the port it picked to DevToolsActivePort.
+    let port: u16 = eventually("chromium's DevTools port", || async {
+        let text = std::fs::read_to_string(profile.join("DevToolsActivePort")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    })
+    .await;
+    let page_ws: String = eventually("the console page in chromium", || async {
+        let pages: Value = reqwest::get(format!("http://127.0.0.1:{port}/json"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        pages
+            .as_array()?
+            .iter()
+            .find(|p| {
+                p["type"] == "page"
+                    && p["url"]
+                        .as_str()
+                        .is_some_and(|u| u.contains(&mesh.console.to_string()))
+            })
+            .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
+    })
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
+        .await
+        .unwrap();
+    let rows = "JSON.stringify({live: document.getElementById('live').textContent, \
+                nodes: Object.fromEntries([...document.querySelectorAll('#nodes tr[data-node]')] \
+                .map(r => [r.dataset.node, r.dataset.state]))})";
+    let mut id = 0;
+    let mut look = async || {
+        id += 1;
+        let text = evaluate(&mut ws, id, rows).await;
+        serde_json::from_str::<Value>(text.as_str().unwrap_or("null")).unwrap_or(Value::Null)
+    };
+    // Wait until the page has loaded and follows the event stream, then kill a node.
+    let mut live = look().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while live["live"] != "live" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never went live: {live}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        live = look().await;
+    }
+    assert_eq!(live["nodes"]["cs-2"], "active", "{live}");
+    assert!(mesh.stop_channel_server("cs-2"));
+    let mut after = look().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while after["nodes"]["cs-2"] != "down" || after["nodes"]["cs-4"] != "active" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page did not update: {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = look().await;
+    }
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = browser.wait().await;
+    let _ = std::fs::remove_dir_all(&profile);
+}

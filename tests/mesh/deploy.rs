@@ -517,7 +517,8 @@ fn envoy_configs_have_the_structure_of_envoys_v3_api() {
                 assert!(timeout > 0.0 && timeout < seconds(check, "interval"));
                 assert!(int(check, "unhealthy_threshold") >= 1);
                 assert!(int(check, "healthy_threshold") >= 1);
-                assert_eq!(string(check, "http_health_check.path"), "/healthz");
+                // Readiness, not liveness: a draining gateway leaves the rotation.
+                assert_eq!(string(check, "http_health_check.path"), "/readyz");
             }
             let outlier = at(cluster, "outlier_detection");
             assert!(int(outlier, "consecutive_5xx") >= 1);
@@ -819,4 +820,44 @@ fn compose_runs_an_envoy_before_two_gateways_per_region() {
             );
         }
     }
+}
+
+#[test]
+fn every_compose_service_is_health_checked_on_its_http_port() {
+    let services = compose();
+    let mut checked = 0;
+    for (name, service) in services.iter().filter(|(_, s)| runs_channelmesh(s)) {
+        let command = command(service);
+        let listen = port_of(flag(&command, "listen").unwrap());
+        // Gateways serve HTTP on their own port; gRPC services next to it (+40), unless --http.
+        let (port, path) = match command[0].as_str() {
+            "gateway" => (listen, "/readyz"),
+            // A Consul follower is alive but not ready: liveness only.
+            "ring-manager" => (listen + 40, "/healthz"),
+            _ => (
+                flag(&command, "http").map_or(listen + 40, port_of),
+                "/readyz",
+            ),
+        };
+        let test = strings(at(service, "healthcheck"), "test");
+        assert_eq!(
+            test[..3],
+            ["CMD", "channelmesh", "probe"],
+            "{name}: {test:?}"
+        );
+        assert_eq!(
+            test[3],
+            format!("http://127.0.0.1:{port}{path}"),
+            "{name}'s health check"
+        );
+        let out = Command::new(BIN)
+            .args(&test[2..])
+            .arg("--help")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {test:?} is refused");
+        checked += 1;
+    }
+    assert!(checked >= 14, "only {checked} channelmesh services");
 }

@@ -15,6 +15,7 @@ mod deploy;
 mod fuzz_connect;
 mod limits;
 mod message_path;
+mod metrics;
 mod presence;
 mod processes;
 mod real_clients;
@@ -23,4 +24,8 @@ mod regions;
 mod resume;
 mod revocation;
 mod support;
+mod team_caps;
 mod token_keys;
+// Not `mod tracing`: that name would shadow the `tracing` crate in this test crate.
+#[path = "tracing.rs"]
+mod traces;

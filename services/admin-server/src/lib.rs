@@ -40,6 +40,9 @@ pub struct Config {
     pub admin_token: String,
     /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
     pub jwt_secret: Vec<u8>,
+    /// Its metrics and readiness (served over HTTP by the caller): ready once the ring has
+    /// channel servers to route to.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.
@@ -55,11 +58,29 @@ pub async fn serve(
         .clone()
         .map(|source| RingWatcher::spawn(source, &tracker, cancel.clone()));
     let service = AdminService::new(
-        ChannelRouter::new(ring),
+        ChannelRouter::new(ring.clone()),
         TokenKey::hs256(&config.jwt_secret),
         presence,
     )
-    .with_ring_manager(config.ring.clone());
+    .with_ring_manager(config.ring.clone())
+    .with_telemetry(&config.telemetry);
+    {
+        let routed = ring.clone();
+        config.telemetry.set_ready(move || {
+            if routed.current().nodes().is_empty() {
+                Err("no channel server on the ring yet".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        let epoch = config.telemetry.gauge(
+            "channelmesh_admin_ring_epoch",
+            "The newest ring epoch this admin server routes by.",
+        );
+        config
+            .telemetry
+            .on_scrape(move || epoch.set(ring.current().epoch() as i64));
+    }
     let auth = AdminAuth::new(&config.admin_token);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
@@ -74,6 +95,7 @@ pub async fn serve(
             cancel.clone().cancelled_owned(),
         )
         .await;
+    config.telemetry.set_stopping();
     cancel.cancel();
     tracker.close();
     tracker.wait().await;

@@ -8,6 +8,7 @@ use mesh_proto::admin as pb;
 use mesh_proto::admin::admin_server::Admin;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Event types a publisher may not send: they are the protocol's own frames.
 const RESERVED_TYPES: &[&str] = &["hello", "goodbye", "pong", "error", "reconnect_url"];
@@ -28,6 +29,41 @@ pub struct AdminService {
     /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
     /// one, RevokeTokens answers UNIMPLEMENTED.
     ring_manager: Option<ring_manager::RingSource>,
+    metrics: Metrics,
+}
+
+/// The admin server's metrics (`channelmesh_admin_*`).
+#[derive(Debug, Clone)]
+struct Metrics {
+    /// Calls by method and outcome (`ok`, or the gRPC code).
+    requests: mesh_telemetry::prometheus::IntCounterVec,
+    /// Routed publishes: from the call to the owning channel server's answer, retries included.
+    publish_seconds: mesh_telemetry::prometheus::Histogram,
+}
+
+impl Metrics {
+    fn new(telemetry: &mesh_telemetry::Telemetry) -> Self {
+        Metrics {
+            requests: telemetry.counter_vec(
+                "channelmesh_admin_requests_total",
+                "Admin API calls by method and outcome (ok, or the gRPC status code).",
+                &["method", "outcome"],
+            ),
+            publish_seconds: telemetry.latency(
+                "channelmesh_admin_publish_seconds",
+                "Admin server -> channel server: a routed publish until the owner answered, retries across ring changes included.",
+            ),
+        }
+    }
+
+    /// Counts a call's outcome.
+    fn outcome<T>(&self, method: &str, result: &Result<T, Status>) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.requests.with_label_values(&[method, &outcome]).inc();
+    }
 }
 
 /// The most users one `GetPresence` may ask about.
@@ -45,7 +81,14 @@ impl AdminService {
             key,
             presence,
             ring_manager: None,
+            metrics: Metrics::new(&mesh_telemetry::Telemetry::default()),
         }
+    }
+
+    /// Registers its metrics in `telemetry` (else they are kept but not served).
+    pub fn with_telemetry(mut self, telemetry: &mesh_telemetry::Telemetry) -> Self {
+        self.metrics = Metrics::new(telemetry);
+        self
     }
 
     /// Forwards RevokeTokens to the ring manager `source` leads to.
@@ -61,7 +104,13 @@ impl AdminService {
             body,
             origin: None,
         };
-        match self.router.publish(&event).await {
+        let started = std::time::Instant::now();
+        let published = self.router.publish(&event).await;
+        if published.is_ok() {
+            let elapsed = started.elapsed().as_secs_f64();
+            self.metrics.publish_seconds.observe(elapsed);
+        }
+        match published {
             Ok(Some(ts)) => Ok(ts),
             Ok(None) => Err(Status::internal("channel server assigned no ts")),
             Err(e) => Err(route_status(e)),
@@ -95,13 +144,12 @@ fn opt_team(value: &str) -> Result<Option<TeamId>, Status> {
         .map_err(|e| Status::invalid_argument(format!("team: {e}")))
 }
 
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn post_message(
+impl AdminService {
+    /// PostMessage, inside its span.
+    async fn post(
         &self,
-        request: Request<pb::PostMessageRequest>,
+        req: pb::PostMessageRequest,
     ) -> Result<Response<pb::PostMessageResponse>, Status> {
-        let req = request.into_inner();
         let channel = channel("channel", &req.channel)?;
         if req.text.is_empty() {
             return Err(Status::invalid_argument("text: message text is missing"));
@@ -122,11 +170,11 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn publish_event(
+    /// PublishEvent, inside its span.
+    async fn publish_raw(
         &self,
-        request: Request<pb::PublishEventRequest>,
+        req: pb::PublishEventRequest,
     ) -> Result<Response<pb::PublishEventResponse>, Status> {
-        let req = request.into_inner();
         let channel = channel("channel", &req.channel)?;
         if req.event_json.len() > MAX_RAW_EVENT_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -163,11 +211,11 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn join_channel(
+    /// JoinChannel, inside its span.
+    async fn join(
         &self,
-        request: Request<pb::JoinChannelRequest>,
+        req: pb::JoinChannelRequest,
     ) -> Result<Response<pb::JoinChannelResponse>, Status> {
-        let req = request.into_inner();
         let channel = channel("channel", &req.channel)?;
         let user = user(&req.user)?;
         let team = opt_team(&req.team)?;
@@ -195,11 +243,11 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn leave_channel(
+    /// LeaveChannel, inside its span.
+    async fn leave(
         &self,
-        request: Request<pb::LeaveChannelRequest>,
+        req: pb::LeaveChannelRequest,
     ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
-        let req = request.into_inner();
         let channel = channel("channel", &req.channel)?;
         let user = user(&req.user)?;
         // The user first: their connections stop reading before the channel hears of it.
@@ -216,6 +264,58 @@ impl Admin for AdminService {
         Ok(Response::new(pb::LeaveChannelResponse {
             ts: ts.to_string(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn post_message(
+        &self,
+        request: Request<pb::PostMessageRequest>,
+    ) -> Result<Response<pb::PostMessageResponse>, Status> {
+        // One post, one trace: the caller's trace context (if it sent one) is the parent, and
+        // the channel server and every gateway join it.
+        let span = tracing::debug_span!("admin.PostMessage", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        let result = self.post(request.into_inner()).instrument(span).await;
+        self.metrics.outcome("PostMessage", &result);
+        result
+    }
+
+    async fn publish_event(
+        &self,
+        request: Request<pb::PublishEventRequest>,
+    ) -> Result<Response<pb::PublishEventResponse>, Status> {
+        let span = tracing::debug_span!("admin.PublishEvent", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        let result = self
+            .publish_raw(request.into_inner())
+            .instrument(span)
+            .await;
+        self.metrics.outcome("PublishEvent", &result);
+        result
+    }
+
+    async fn join_channel(
+        &self,
+        request: Request<pb::JoinChannelRequest>,
+    ) -> Result<Response<pb::JoinChannelResponse>, Status> {
+        let span = tracing::debug_span!("admin.JoinChannel", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        let result = self.join(request.into_inner()).instrument(span).await;
+        self.metrics.outcome("JoinChannel", &result);
+        result
+    }
+
+    async fn leave_channel(
+        &self,
+        request: Request<pb::LeaveChannelRequest>,
+    ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
+        let span = tracing::debug_span!("admin.LeaveChannel", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        let result = self.leave(request.into_inner()).instrument(span).await;
+        self.metrics.outcome("LeaveChannel", &result);
+        result
     }
 
     async fn get_presence(

@@ -15,6 +15,7 @@ use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use ring_manager::RingWatcher;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
@@ -84,14 +85,18 @@ impl ChannelRouter {
     /// Publishes `event` on its channel's owner; returns the assigned ts (none if transient).
     pub async fn publish(&self, event: &ChannelEvent) -> Result<Option<Ts>, RouteError> {
         let proto = event_to_proto(event);
+        let span = tracing::debug_span!("route.publish", channel = %event.channel);
         let reply = self
             .route(&event.channel, |mut client, epoch| {
-                let request = pb::PublishRequest {
+                let mut request = tonic::Request::new(pb::PublishRequest {
                     epoch,
                     event: Some(proto.clone()),
-                };
+                });
+                // The channel server's span joins this one's trace.
+                mesh_telemetry::propagation::inject_metadata(request.metadata_mut());
                 async move { client.publish(request).await }
             })
+            .instrument(span)
             .await?;
         opt_ts(&reply.ts).map_err(|e| RouteError::Internal(e.to_string()))
     }
@@ -105,12 +110,13 @@ impl ChannelRouter {
     ) -> Result<History, RouteError> {
         let reply = self
             .route(channel, |mut client, epoch| {
-                let request = pb::HistoryRequest {
+                let mut request = tonic::Request::new(pb::HistoryRequest {
                     epoch,
                     channel: channel.to_string(),
                     since_ts: ts_str(since),
                     limit,
-                };
+                });
+                mesh_telemetry::propagation::inject_metadata(request.metadata_mut());
                 async move { client.history(request).await }
             })
             .await?;

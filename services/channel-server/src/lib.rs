@@ -2,6 +2,7 @@
 //! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
 
 pub mod client;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod wire;
@@ -49,6 +50,9 @@ pub struct Config {
     pub gateway_queue: usize,
     /// Join as a standby: no slots until it replaces a node or an operator adds it.
     pub standby: bool,
+    /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
+    /// lease.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// Serves a channel server on `listener`, registered with the ring manager and holding its
@@ -66,11 +70,22 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let lease = Lease::default();
+    {
+        let lease = lease.clone();
+        config.telemetry.set_ready(move || {
+            if lease.is_serving() {
+                Ok(())
+            } else {
+                Err(lease.why_not_serving().to_string())
+            }
+        });
+    }
     let service = ChannelService::new(
         ServiceConfig {
             node: config.node.clone(),
             limits: config.limits,
             gateway_queue: config.gateway_queue,
+            telemetry: config.telemetry.clone(),
         },
         ring.clone(),
         lease.clone(),
@@ -106,6 +121,7 @@ pub async fn serve(
         return Err(e.into());
     }
     let result = server.await;
+    config.telemetry.set_stopping();
     cancel.cancel();
     tracker.close();
     tracker.wait().await;

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use mesh_core::{ChannelId, NodeId, Ring, SLOT_COUNT, Slot, Ts, slot_of};
@@ -23,7 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::store::{Limits, Snapshot, Store, Stored};
 use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
@@ -79,13 +81,17 @@ struct Shard {
 impl Shard {
     /// Queues `reply` to every subscriber of `channel`. A gateway whose queue is full has
     /// fallen behind: its stream is ended (it resubscribes), never blocking the others.
-    fn fan_out(&mut self, channel: &ChannelId, reply: &pb::SubscribeResponse) {
+    fn fan_out(&mut self, channel: &ChannelId, reply: &pb::SubscribeResponse, metrics: &Metrics) {
         let Some(subs) = self.subs.get_mut(channel) else {
             return;
         };
         subs.retain(|sub| match sub.tx.try_send(reply.clone()) {
-            Ok(()) => true,
+            Ok(()) => {
+                metrics.fanned_out.inc();
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics.streams_fallen_behind.inc();
                 tracing::warn!(stream = sub.stream, %channel, "gateway fell behind; ending its stream");
                 sub.end.end(Status::resource_exhausted(
                     "gateway fell behind its subscription queue; resubscribe",
@@ -109,6 +115,8 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Responses queued per gateway stream before the gateway counts as fallen behind.
     pub gateway_queue: usize,
+    /// Where its metrics are registered.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// The channel server's state and gRPC service.
@@ -137,8 +145,40 @@ struct Inner {
     shards: Vec<Mutex<Shard>>,
     gateway_queue: usize,
     next_stream: AtomicU64,
+    /// Every open gateway stream's queue, for the queue-depth gauge.
+    streams: Mutex<HashMap<u64, mpsc::Sender<pb::SubscribeResponse>>>,
+    metrics: Metrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+impl Inner {
+    /// Sets the gauges read at scrape time from the live state.
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let (mut subscriptions, mut channels) = (0usize, 0usize);
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            subscriptions += shard.subs.values().map(Vec::len).sum::<usize>();
+            channels += shard.store.len();
+        }
+        let (streams, queued) = {
+            let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let queued: usize = streams
+                .values()
+                .map(|tx| tx.max_capacity() - tx.capacity())
+                .sum();
+            (streams.len(), queued)
+        };
+        let ring = self.ring.current();
+        m.subscriptions.set(subscriptions as i64);
+        m.channels.set(channels as i64);
+        m.gateway_streams.set(streams as i64);
+        m.queued_replies.set(queued as i64);
+        m.ring_epoch.set(ring.epoch() as i64);
+        m.slots_owned.set(ring.slots_owned(&self.node) as i64);
+        m.lease_serving.set(i64::from(self.lease.is_serving()));
+    }
 }
 
 fn now_micros() -> u64 {
@@ -177,12 +217,20 @@ impl ChannelService {
                     .collect(),
                 gateway_queue: config.gateway_queue.max(1),
                 next_stream: AtomicU64::new(1),
+                streams: Mutex::new(HashMap::new()),
+                metrics: Metrics::new(&config.telemetry),
                 cancel,
                 tracker,
             }),
         };
         let follower = service.clone();
         service.inner.tracker.spawn(follower.follow_ring());
+        let weak = Arc::downgrade(&service.inner);
+        config.telemetry.on_scrape(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.update_gauges();
+            }
+        });
         service
     }
 
@@ -364,8 +412,14 @@ impl ChannelService {
             for (to, addr, snapshots) in sends {
                 let count = snapshots.len();
                 match this.send_handoff(&addr, epoch, snapshots).await {
-                    Ok(()) => tracing::info!(%to, channels = count, epoch, "handoff sent"),
-                    Err(e) => tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout"),
+                    Ok(()) => {
+                        this.inner.metrics.handoffs_sent.with_label_values(&["ok"]).inc();
+                        tracing::info!(%to, channels = count, epoch, "handoff sent")
+                    }
+                    Err(e) => {
+                        this.inner.metrics.handoffs_sent.with_label_values(&["failed"]).inc();
+                        tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout")
+                    }
                 }
             }
             this.inner.lease.handed_off(epoch);
@@ -487,6 +541,45 @@ impl ChannelService {
     }
 }
 
+impl ChannelService {
+    /// Publish, inside its span: appends the event and queues it to every subscribed gateway,
+    /// with the fan-out time and this span's trace context on it.
+    async fn publish_event(
+        &self,
+        req: pb::PublishRequest,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let event = req
+            .event
+            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+        let mut event =
+            event_from_proto(event).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_owner(slot_of(&event.channel), req.epoch).await?;
+        {
+            let mut shard = self.shard(&event.channel);
+            if !event.body.is_transient() {
+                event.ts = Some(shard.store.append(
+                    &event.channel,
+                    event.body.clone(),
+                    now_micros(),
+                ));
+            }
+            let mut proto = event_to_proto(&event);
+            proto.published_micros = now_micros();
+            // MUTATION
+            let reply = pb::SubscribeResponse {
+                reply: Some(Reply::Events(pb::Events {
+                    events: vec![proto],
+                })),
+            };
+            shard.fan_out(&event.channel, &reply, &self.inner.metrics);
+        }
+        self.inner.metrics.published(&event.body);
+        Ok(Response::new(pb::PublishResponse {
+            ts: ts_str(event.ts),
+        }))
+    }
+}
+
 fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> pb::SubscribeResponse {
     refused_name(channel.to_string(), epoch, reason)
 }
@@ -509,31 +602,16 @@ impl ChannelServerRpc for ChannelService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("channel.Publish", node = %self.inner.node);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
         let req = request.into_inner();
-        let event = req
-            .event
-            .ok_or_else(|| Status::invalid_argument("event is required"))?;
-        let mut event =
-            event_from_proto(event).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.check_owner(slot_of(&event.channel), req.epoch).await?;
-        let mut shard = self.shard(&event.channel);
-        if !event.body.is_transient() {
-            event.ts = Some(
-                shard
-                    .store
-                    .append(&event.channel, event.body.clone(), now_micros()),
-            );
+        let result = self.publish_event(req).instrument(span).await;
+        if result.is_ok() {
+            let elapsed = started.elapsed().as_secs_f64();
+            self.inner.metrics.publish_seconds.observe(elapsed);
         }
-        let reply = pb::SubscribeResponse {
-            reply: Some(Reply::Events(pb::Events {
-                events: vec![event_to_proto(&event)],
-            })),
-        };
-        shard.fan_out(&event.channel, &reply);
-        drop(shard);
-        Ok(Response::new(pb::PublishResponse {
-            ts: ts_str(event.ts),
-        }))
+        result
     }
 
     async fn history(
@@ -553,6 +631,16 @@ impl ChannelServerRpc for ChannelService {
             .shard(&channel)
             .store
             .history(&channel, since, limit as usize);
+        let outcome = if page.events.is_empty() {
+            "empty"
+        } else {
+            "hit"
+        };
+        self.inner
+            .metrics
+            .history_reads
+            .with_label_values(&[outcome])
+            .inc();
         Ok(Response::new(pb::HistoryResponse {
             events: page
                 .events
@@ -587,6 +675,7 @@ impl ChannelServerRpc for ChannelService {
                 let snapshot = snapshot_from_proto(state)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 self.shard(&snapshot.channel).store.absorb(snapshot);
+                self.inner.metrics.handoff_channels_received.inc();
                 received += 1;
             }
             if chunk.done {
@@ -623,6 +712,11 @@ impl ChannelServerRpc for ChannelService {
             end: end.clone(),
         };
         tracing::info!(%gateway, stream = sub.stream, "gateway subscription stream opened");
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sub.stream, sub.tx.clone());
         let this = self.clone();
         self.inner.tracker.spawn(async move {
             let mut subscribed = HashSet::new();
@@ -650,6 +744,11 @@ impl ChannelServerRpc for ChannelService {
             for channel in subscribed {
                 this.remove_subscriber(&channel, sub.stream);
             }
+            this.inner
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&sub.stream);
             sub.end.end(Status::cancelled("subscription stream closed"));
             tracing::info!(%gateway, stream = sub.stream, "gateway subscription stream closed");
         });

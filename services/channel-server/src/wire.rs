@@ -114,6 +114,9 @@ pub fn event_to_proto(event: &ChannelEvent) -> pb::Event {
         body: Some(body_to_proto(&event.body)),
         origin_gateway,
         origin_conn,
+        // Set by the fan-out only: history and handoffs carry neither.
+        published_micros: 0,
+        trace_context: Default::default(),
     }
 }
 

@@ -104,6 +104,7 @@ impl Connection {
                     }
                     buffer.push(event);
                 } else if self.advance(&event) {
+                    self.shared.metrics.written(&event);
                     out.push(Message::Text(event.frame.clone()));
                 }
                 // Otherwise already written: a resume's history read can overtake the live
@@ -139,6 +140,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
+                        self.shared.metrics.written(event);
                         out.push(Message::Text(event.frame.clone()));
                     }
                 }
@@ -162,6 +164,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
+                        self.shared.metrics.written(event);
                         out.push(Message::Text(event.frame.clone()));
                     }
                 }
@@ -210,6 +213,7 @@ async fn catch_up(
                             channel: channel.clone(),
                             ts: event.ts,
                             frame: Utf8Bytes::from(rtm::render(event)?),
+                            received: None,
                         }))
                     })
                     .collect();
@@ -306,6 +310,7 @@ pub async fn run(
         return;
     }
     tracing::debug!(conn, user = %me.identity.user, channels = me.members.len(), "client connected");
+    shared.metrics.connected();
     shared.region_state.register(conn, closer.clone());
     if let Some(presence) = &shared.presence {
         presence.connected(&me.sink, batch_presence);
@@ -410,6 +415,7 @@ pub async fn run(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Write,
                     Some(Ok(frame)) if !bucket.take(now) => {
                         refusals += 1;
+                        shared.metrics.rate_limited();
                         if refusals >= limits.refusals_before_close {
                             Step::End(Some((close::RATE_LIMITED, "rate limited: too many frames")))
                         } else {
@@ -497,6 +503,7 @@ pub async fn run(
     if let Some(presence) = &shared.presence {
         presence.disconnected(conn, &me.identity.user);
     }
+    shared.metrics.disconnected(close.map(|(code, _)| code));
     tracing::debug!(conn, user = %me.identity.user, ?close, "client disconnected");
 }
 

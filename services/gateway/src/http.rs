@@ -181,7 +181,11 @@ async fn rtm_connect(
             }
         };
     }
-    let Some(ticket) = shared.tickets.issue(identity, batch, cursors) else {
+    let slot = match team_slot(&shared, &identity).await {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal,
+    };
+    let Some(ticket) = shared.tickets.issue(identity, batch, cursors, slot) else {
         let mut response = slack_error("ratelimited");
         response
             .headers_mut()
@@ -211,6 +215,7 @@ fn ratelimited() -> Response {
 fn admission(shared: &Shared) -> Option<Response> {
     if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
         tracing::debug!("refused a connect: the gateway is at its connection cap");
+        shared.metrics.connect_refused("max_connections");
         return Some(ratelimited());
     }
     let admitted = shared
@@ -220,9 +225,47 @@ fn admission(shared: &Shared) -> Option<Response> {
         .take(std::time::Instant::now());
     if !admitted {
         tracing::debug!("refused a connect: over the handshake rate");
+        shared.metrics.connect_refused("handshake_rate");
         return Some(ratelimited());
     }
     None
+}
+
+/// A place under the caller's team and user connection caps, counted across every gateway
+/// by the team's presence server; `None` when neither cap applies (or the mesh has no
+/// presence servers to count: the caps are then not enforced, as logged at start).
+async fn team_slot(
+    shared: &Shared,
+    identity: &Identity,
+) -> Result<Option<crate::presence::TeamSlot>, Response> {
+    let team_cap = shared.limits.team_cap(&identity.team);
+    let user_cap = shared.limits.user_connections;
+    let Some(presence) = shared
+        .presence
+        .as_ref()
+        .filter(|_| team_cap > 0 || user_cap > 0)
+    else {
+        return Ok(None);
+    };
+    use crate::presence::Refused;
+    match presence
+        .acquire(&identity.team, &identity.user, team_cap, user_cap)
+        .await
+    {
+        Ok(slot) => Ok(Some(slot)),
+        Err(Refused::Team) => {
+            shared.metrics.connect_refused("team_connections");
+            Err(slack_error("too_many_connections"))
+        }
+        Err(Refused::User) => {
+            shared.metrics.connect_refused("user_connections");
+            Err(slack_error("too_many_connections"))
+        }
+        Err(Refused::Retry) => {
+            shared.metrics.connect_refused("team_count_unavailable");
+            Err(ratelimited())
+        }
+    }
 }
 
 /// `users.setPresence` (`presence=away|auto`): away overrides the user's connections until set
@@ -370,6 +413,7 @@ async fn websocket(
         return (StatusCode::BAD_REQUEST, axum::Json::<Value>(body)).into_response();
     }
     if shared.region_state.draining() {
+        shared.metrics.connect_refused("draining");
         let body = json!({"ok": false, "error": "region_draining"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
     }
@@ -388,6 +432,7 @@ async fn websocket(
         return (StatusCode::FORBIDDEN, axum::Json::<Value>(body)).into_response();
     }
     if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
+        shared.metrics.connect_refused("max_connections");
         let body = json!({"ok": false, "error": "too_many_connections"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
     }
@@ -405,6 +450,8 @@ async fn websocket(
                 if let Some(jti) = &ticket.identity.jti {
                     shared.region_state.track_jti(conn, jti.clone());
                 }
+                // The connection holds its place under the team's cap until it ends.
+                let slot = ticket.slot;
                 connection::run(
                     socket,
                     shared.clone(),
@@ -414,6 +461,7 @@ async fn websocket(
                     ticket.cursors,
                 )
                 .await;
+                drop(slot);
                 // Also when the connection ended before it registered.
                 shared.region_state.unregister(conn);
                 shared.connections.fetch_sub(1, Ordering::Relaxed);

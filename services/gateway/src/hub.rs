@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use channel_server::ChannelRouter;
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::GatewayMetrics;
 use crate::upstream::{self, Upstream};
 
 /// A connection's id within its gateway.
@@ -40,6 +41,9 @@ pub struct Rendered {
     /// The channel's ts of the event; `None` for transient events.
     pub ts: Option<Ts>,
     pub frame: Utf8Bytes,
+    /// When this gateway received it from its channel server (live events only): the start
+    /// of the gateway -> socket stage.
+    pub received: Option<Instant>,
 }
 
 /// What the hub queues to a connection.
@@ -147,23 +151,28 @@ impl ConnSink {
     /// Queues without waiting; a full queue (in items or bytes) closes the connection as a
     /// slow consumer: the fan-out never waits for one client.
     pub fn push(&self, item: Outbound) -> bool {
+        self.offer(item) == Offered::Queued
+    }
+
+    /// [`ConnSink::push`], saying why an item was not queued.
+    fn offer(&self, item: Outbound) -> Offered {
         let bytes = item.queued_bytes();
         let before = self.closer.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before + bytes > self.max_bytes {
             self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.slow_consumer();
-            return false;
+            return Offered::Full;
         }
         match self.tx.try_send(item) {
-            Ok(()) => true,
+            Ok(()) => Offered::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 self.slow_consumer();
-                false
+                Offered::Full
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                false
+                Offered::Closed
             }
         }
     }
@@ -174,6 +183,19 @@ impl ConnSink {
         }
     }
 }
+
+/// What became of an item offered to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    Queued,
+    /// The connection's queue was full: it is closed as a slow consumer.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// A live event waiting for a catch-up: the event, its rendered frame, and when it arrived.
+type Buffered = (ChannelEvent, Option<Utf8Bytes>, Option<Instant>);
 
 /// Local state of one channel.
 #[derive(Debug, Default)]
@@ -189,7 +211,7 @@ struct LocalChannel {
     last_ts: Option<Ts>,
     /// Set while the channel catches up from history after a resubscription: live events
     /// wait here, so clients get the missed ones first, in ts order, without duplicates.
-    catching_up: Option<Vec<(ChannelEvent, Option<Utf8Bytes>)>>,
+    catching_up: Option<Vec<Buffered>>,
 }
 
 #[derive(Debug, Default)]
@@ -212,16 +234,18 @@ struct Inner {
     router: ChannelRouter,
     state: Mutex<State>,
     reconcile_scheduled: AtomicBool,
+    metrics: Arc<GatewayMetrics>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl Hub {
-    /// A hub for gateway `gateway` following `ring`.
+    /// A hub for gateway `gateway` following `ring`, counting into `metrics`.
     pub fn new(
         gateway: String,
         ring: RingWatcher,
         router: ChannelRouter,
+        metrics: Arc<GatewayMetrics>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -232,6 +256,7 @@ impl Hub {
                 router,
                 state: Mutex::new(State::default()),
                 reconcile_scheduled: AtomicBool::new(false),
+                metrics,
                 tracker,
                 cancel,
             }),
@@ -243,6 +268,11 @@ impl Hub {
     /// This gateway's id.
     pub fn gateway(&self) -> &str {
         &self.inner.gateway
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.inner.metrics
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -353,8 +383,9 @@ impl Hub {
         }
     }
 
-    /// Rendered once, queued to every local subscriber of the event's channel.
-    pub fn deliver(&self, from: &NodeId, event: ChannelEvent) {
+    /// Rendered once, queued to every local subscriber of the event's channel; `received`:
+    /// when it came from the channel server.
+    pub fn deliver(&self, from: &NodeId, event: ChannelEvent, received: Instant) {
         let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
         let mut state = self.state();
         let Some(local) = state.channels.get_mut(&event.channel) else {
@@ -364,13 +395,19 @@ impl Hub {
             return; // A stale stream of a channel that moved.
         }
         match &mut local.catching_up {
-            Some(buffer) => buffer.push((event, frame)),
-            None => self.fan_out(local, &event, frame),
+            Some(buffer) => buffer.push((event, frame, Some(received))),
+            None => self.fan_out(local, &event, frame, Some(received)),
         }
     }
 
     /// Queues one event to every local subscriber of its channel, once per ts.
-    fn fan_out(&self, local: &mut LocalChannel, event: &ChannelEvent, frame: Option<Utf8Bytes>) {
+    fn fan_out(
+        &self,
+        local: &mut LocalChannel,
+        event: &ChannelEvent,
+        frame: Option<Utf8Bytes>,
+        received: Option<Instant>,
+    ) {
         if let Some(ts) = event.ts {
             if local.last_ts.is_some_and(|last| ts <= last) {
                 return; // Already delivered (catch-up and live overlap).
@@ -394,14 +431,22 @@ impl Hub {
                 channel: event.channel.clone(),
                 ts: event.ts,
                 frame,
+                received,
             })),
             (_, None) => return,
         };
+        let is_event = matches!(item, Outbound::Event(_));
+        let mut delivered = 0;
         for (id, sink) in &local.conns {
             if Some(*id) != skip {
-                sink.push(item.clone());
+                match sink.offer(item.clone()) {
+                    Offered::Queued => delivered += is_event as u64,
+                    Offered::Full => self.inner.metrics.queue_drops.inc(),
+                    Offered::Closed => {}
+                }
             }
         }
+        self.inner.metrics.delivered.inc_by(delivered);
     }
 
     /// `node` confirmed `channel`, whose newest ts there is `head`. If that is past what this
@@ -453,17 +498,27 @@ impl Hub {
                     tracing::warn!(%channel, "more missed events than one catch-up reads");
                 }
                 tracing::info!(%channel, events = history.events.len(), "caught up after resubscribing");
+                self.inner
+                    .metrics
+                    .catch_ups
+                    .with_label_values(&["ok"])
+                    .inc();
                 for event in history.events {
                     let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
-                    self.fan_out(local, &event, frame);
+                    self.fan_out(local, &event, frame, None);
                 }
             }
             Err(e) => {
+                self.inner
+                    .metrics
+                    .catch_ups
+                    .with_label_values(&["failed"])
+                    .inc();
                 tracing::warn!(%channel, error = %e, "catching up failed; delivering live events only")
             }
         }
-        for (event, frame) in waiting {
-            self.fan_out(local, &event, frame);
+        for (event, frame, received) in waiting {
+            self.fan_out(local, &event, frame, received);
         }
         Self::activate(local);
     }

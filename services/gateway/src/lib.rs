@@ -6,6 +6,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod presence;
 pub mod region;
 pub mod resume;
@@ -87,6 +88,8 @@ pub struct Shared {
     pub typing: limits::TypingCoalescer,
     /// The listener's open sockets.
     pub sockets: listener::Sockets,
+    /// The gateway's metrics (also reachable through the hub).
+    pub metrics: Arc<metrics::GatewayMetrics>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -117,6 +120,11 @@ pub async fn serve(
         None => config.limits.clone(),
     };
     let tracker = TaskTracker::new();
+    let telemetry = mesh_telemetry::Telemetry::new(&[
+        ("gateway", config.id.as_str()),
+        ("region", config.region.as_str()),
+    ]);
+    let metrics = metrics::GatewayMetrics::new(&telemetry);
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let router = ChannelRouter::new(ring.clone());
     let presence = config.presence_ring.clone().map(|source| {
@@ -129,8 +137,9 @@ pub async fn serve(
         region_state: region::RegionState::default(),
         hub: Hub::new(
             config.id.clone(),
-            ring,
+            ring.clone(),
             router.clone(),
+            metrics.clone(),
             tracker.clone(),
             cancel.clone(),
         ),
@@ -149,13 +158,25 @@ pub async fn serve(
         )),
         typing: limits::TypingCoalescer::new(limits.typing_interval, TYPING_PAIRS),
         sockets: listener::Sockets::new(limits.max_sockets),
+        metrics,
         limits,
         cancel: cancel.clone(),
         tracker: tracker.clone(),
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
     tracker.spawn(region::run(shared.clone(), config.id.clone()));
-    let app = http::routes(shared.clone());
+    tracker.spawn(sweep_tickets(shared.clone()));
+    let capped = shared.limits.team_connections > 0
+        || !shared.limits.team_overrides.is_empty()
+        || shared.limits.user_connections > 0;
+    if capped && shared.presence.is_none() {
+        tracing::warn!(
+            "team and user connection caps need presence servers to count them; not enforced"
+        );
+    }
+    observe(&shared, &telemetry, ring);
+    // `/metrics` and `/readyz` beside the gateway's own `/healthz`.
+    let app = http::routes(shared.clone()).merge(mesh_telemetry::http::probes(telemetry.clone()));
     listener::serve(
         listener,
         app,
@@ -165,10 +186,62 @@ pub async fn serve(
         cancel.clone(),
     )
     .await;
+    telemetry.set_stopping();
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Readiness (the ring is known and the region is not draining) and the gauges read at scrape
+/// time.
+fn observe(shared: &Arc<Shared>, telemetry: &mesh_telemetry::Telemetry, ring: RingWatcher) {
+    let weak = Arc::downgrade(shared);
+    let routed = ring.clone();
+    telemetry.set_ready(move || {
+        let Some(shared) = weak.upgrade() else {
+            return Err("stopping".to_string());
+        };
+        if shared.region_state.draining() {
+            Err("draining".to_string())
+        } else if routed.current().nodes().is_empty() {
+            Err("no channel server on the ring yet".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let weak = Arc::downgrade(shared);
+    telemetry.on_scrape(move || {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let m = &shared.metrics;
+        let connections = shared
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        m.connections.set(connections as i64);
+        m.channels.set(shared.hub.channel_count() as i64);
+        m.upstreams.set(shared.hub.upstream_count() as i64);
+        m.ring_epoch.set(ring.current().epoch() as i64);
+        m.draining.set(i64::from(shared.region_state.draining()));
+        if let Some(presence) = &shared.presence {
+            let (watched, online, sessions) = presence.counts();
+            m.presence_watched.set(watched as i64);
+            m.presence_online.set(online as i64);
+            m.presence_sessions.set(sessions as i64);
+        }
+    });
+}
+
+/// Drops expired connect URLs every second, freeing their places under team caps.
+async fn sweep_tickets(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tick.tick() => shared.tickets.purge_expired(),
+        }
+    }
 }
 
 /// File descriptors kept free of client sockets: upstream gRPC connections, the listener,

@@ -3,12 +3,13 @@
 //! Every limit here is configurable (`channelmesh gateway --help`) and listed in the README's
 //! "Limits" table with the error or close code it answers with.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use mesh_core::{ChannelId, UserId};
+use mesh_core::{ChannelId, TeamId, UserId};
 
 /// The gateway's limits on clients.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +46,13 @@ pub struct Limits {
     /// The gateway pings a connection this often, so that a live client always has something
     /// to answer before the idle timeout.
     pub ping_interval: Duration,
+    /// Concurrent connections per team across every gateway of every region (0: no cap),
+    /// unless `team_overrides` names the team. Counted by the team's presence server.
+    pub team_connections: u32,
+    /// Per-team caps that replace `team_connections` (0: no cap for that team).
+    pub team_overrides: HashMap<TeamId, u32>,
+    /// Concurrent connections per user across every gateway (0: no cap).
+    pub user_connections: u32,
 }
 
 impl Default for Limits {
@@ -62,11 +70,22 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             ping_interval: Duration::from_secs(30),
+            team_connections: 0,
+            team_overrides: HashMap::new(),
+            user_connections: 0,
         }
     }
 }
 
 impl Limits {
+    /// The connection cap of `team` (0: none).
+    pub fn team_cap(&self, team: &TeamId) -> u32 {
+        self.team_overrides
+            .get(team)
+            .copied()
+            .unwrap_or(self.team_connections)
+    }
+
     /// These limits with the socket caps lowered, if need be, to fit under `fd_limit` open
     /// files (the process's RLIMIT_NOFILE), leaving `reserve` for upstreams, logs and the like.
     pub fn fit_to_fd_limit(mut self, fd_limit: u64, reserve: u64) -> Self {

@@ -8,15 +8,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use mesh_core::{NodeId, Ring, UserId};
+use mesh_core::{ChannelId, NodeId, Ring, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
 use mesh_proto::presence::presence_client::PresenceClient;
 use ring_manager::RingWatcher;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +27,8 @@ use crate::hub::{ConnId, ConnSink, Outbound};
 const SESSION_QUEUE: usize = 4096;
 /// How long one connect or query to a presence server may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Unanswered `Acquire`s are forgotten after this.
+const PENDING_FORGET: Duration = Duration::from_secs(30);
 /// The first and the longest pause between reconnects to a presence server.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -53,6 +55,44 @@ struct State {
     known: HashMap<UserId, bool>,
     /// One session per presence server.
     sessions: HashMap<NodeId, mpsc::Sender<Kind>>,
+    /// Connections granted by teams' presence servers and not yet released, per (team, user).
+    held: HashMap<(TeamId, UserId), u32>,
+    /// `Acquire`s waiting for their answer, by request number: when they were asked, for
+    /// whom, and who waits (if anyone still does).
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+}
+
+type Pending = (
+    Instant,
+    TeamId,
+    UserId,
+    oneshot::Sender<Result<(), Refused>>,
+);
+
+/// Why a team's presence server did not grant a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The team is at its cap.
+    Team,
+    /// The user is at their cap.
+    User,
+    /// The count is not available right now (a takeover, or no answer in time): retry.
+    Retry,
+}
+
+/// A connection counted against its team's cap; dropping it releases the count.
+#[derive(Debug)]
+pub struct TeamSlot {
+    hub: PresenceHub,
+    team: TeamId,
+    user: UserId,
+}
+
+impl Drop for TeamSlot {
+    fn drop(&mut self) {
+        self.hub.release(&self.team, &self.user);
+    }
 }
 
 /// The gateway's presence state; cheap to clone.
@@ -70,7 +110,7 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-use presence_server::client::owner;
+use presence_server::client::{owner, owner_of};
 
 impl PresenceHub {
     /// Presence for gateway `gateway`, following the presence ring `ring`.
@@ -105,28 +145,38 @@ impl PresenceHub {
 
     /// Sends `kind` about `user` to the user's presence server, starting a session if needed.
     fn send(&self, state: &mut State, user: &UserId, kind: Kind) {
+        self.send_to(state, &ChannelId::from(user), kind);
+    }
+
+    /// Sends `kind` to the presence server owning `key` (a user's or a team's channel).
+    fn send_to(&self, state: &mut State, key: &ChannelId, kind: Kind) {
         let ring = self.inner.ring.current();
-        let Some((node, addr)) = owner(&ring, user) else {
+        let Some((node, addr)) = owner_of(&ring, key) else {
             return; // No presence server yet: the snapshot of the first session carries it.
         };
-        match state.sessions.get(&node) {
-            Some(tx) => {
-                if tx.try_send(kind).is_err() {
-                    // Full or gone: restart it; the new session starts from a snapshot.
-                    state.sessions.remove(&node);
-                    self.start_session(state, node, addr);
-                }
-            }
-            None => self.start_session(state, node, addr),
+        let kind = match state.sessions.get(&node) {
+            Some(tx) => match tx.try_send(kind) {
+                Ok(()) => return,
+                // Full or gone: restart it; the new session starts from a snapshot.
+                Err(e) => e.into_inner(),
+            },
+            None => kind,
+        };
+        let tx = self.start_session(state, node, addr);
+        // The snapshot that opens the session carries every delta; a question (`Acquire`)
+        // must still be asked.
+        if matches!(kind, Kind::Acquire(_)) {
+            let _ = tx.try_send(kind);
         }
     }
 
-    fn start_session(&self, state: &mut State, node: NodeId, addr: String) {
+    fn start_session(&self, state: &mut State, node: NodeId, addr: String) -> mpsc::Sender<Kind> {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        state.sessions.insert(node.clone(), tx);
+        state.sessions.insert(node.clone(), tx.clone());
         self.inner
             .tracker
             .spawn(self.clone().run_session(node, addr, rx));
+        tx
     }
 
     /// Everything this gateway reports to `node` under `ring`.
@@ -159,6 +209,26 @@ impl PresenceHub {
                 .filter(|u| mine(u))
                 .map(ToString::to_string)
                 .collect(),
+            teams: state
+                .held
+                .iter()
+                .filter(|((team, _), _)| {
+                    owner_of(ring, &ChannelId::from(team)).is_some_and(|(n, _)| &n == node)
+                })
+                .map(|((team, user), n)| pb::TeamConnections {
+                    team: team.to_string(),
+                    user: user.to_string(),
+                    connections: *n,
+                })
+                .collect(),
+            pending_acquires: state
+                .pending
+                .iter()
+                .filter(|(_, (_, team, ..))| {
+                    owner_of(ring, &ChannelId::from(team)).is_some_and(|(n, _)| &n == node)
+                })
+                .map(|(request, _)| *request)
+                .collect(),
         }
     }
 
@@ -173,7 +243,16 @@ impl PresenceHub {
             .chain(state.watchers.keys())
             .cloned()
             .collect();
-        let owners: HashMap<NodeId, String> = users.iter().filter_map(|u| owner(ring, u)).collect();
+        let owners: HashMap<NodeId, String> = users
+            .iter()
+            .filter_map(|u| owner(ring, u))
+            .chain(
+                state
+                    .held
+                    .keys()
+                    .filter_map(|(team, _)| owner_of(ring, &ChannelId::from(team))),
+            )
+            .collect();
         state.sessions.retain(|node, _| owners.contains_key(node));
         for (node, addr) in owners {
             let snapshot = self.snapshot(&state, ring, &node);
@@ -181,7 +260,7 @@ impl PresenceHub {
                 Some(tx) if tx.try_send(Kind::Snapshot(snapshot)).is_ok() => {}
                 _ => {
                     state.sessions.remove(&node);
-                    self.start_session(&mut state, node, addr);
+                    let _ = self.start_session(&mut state, node, addr);
                 }
             }
         }
@@ -233,12 +312,23 @@ impl PresenceHub {
         let (out_tx, out_rx) = mpsc::channel::<pb::GatewayMessage>(SESSION_QUEUE);
         {
             let state = self.state();
-            while rx.try_recv().is_ok() {}
+            // Deltas are in the snapshot; questions are not: they follow it.
+            let mut acquires = Vec::new();
+            while let Ok(kind) = rx.try_recv() {
+                if let Kind::Acquire(a) = kind {
+                    acquires.push(a);
+                }
+            }
             let ring = self.inner.ring.current();
             let snapshot = self.snapshot(&state, &ring, node);
             let _ = out_tx.try_send(pb::GatewayMessage {
                 kind: Some(Kind::Snapshot(snapshot)),
             });
+            for a in acquires {
+                let _ = out_tx.try_send(pb::GatewayMessage {
+                    kind: Some(Kind::Acquire(a)),
+                });
+            }
         }
         let mut incoming = match PresenceClient::new(channel)
             .session(ReceiverStream::new(out_rx))
@@ -277,6 +367,29 @@ impl PresenceHub {
     /// Presence from a server: remember it, and tell the local watchers what changed.
     fn on_server(&self, message: pb::ServerMessage) {
         let mut state = self.state();
+        for answer in message.acquired {
+            let Some((_, team, user, waiting)) = state.pending.remove(&answer.request) else {
+                continue;
+            };
+            let outcome = match (answer.granted, answer.refused.as_str()) {
+                (true, _) => Ok(()),
+                (false, "team") => Err(Refused::Team),
+                (false, "user") => Err(Refused::User),
+                (false, _) => Err(Refused::Retry),
+            };
+            if outcome.is_ok() {
+                // Held from the moment the grant is heard: snapshots from now on count it.
+                *state.held.entry((team.clone(), user.clone())).or_default() += 1;
+            }
+            if let Err(Ok(())) = waiting.send(outcome) {
+                // Granted after the caller gave up waiting: hand it back.
+                tracing::debug!(
+                    request = answer.request,
+                    "releasing a late connection grant"
+                );
+                self.release_locked(&mut state, &team, &user);
+            }
+        }
         let mut changed: Vec<(UserId, bool)> = Vec::new();
         for p in message.users {
             let Ok(user) = UserId::new(&p.user) else {
@@ -414,6 +527,71 @@ impl PresenceHub {
             set_at_ms: at,
         };
         self.send(&mut state, user, Kind::Manual(manual));
+    }
+
+    /// Asks the team's presence server for one more connection of `user` under the caps
+    /// (0: none), waiting at most [`CALL_TIMEOUT`]. The slot it returns holds the count until
+    /// dropped.
+    pub async fn acquire(
+        &self,
+        team: &TeamId,
+        user: &UserId,
+        team_limit: u32,
+        user_limit: u32,
+    ) -> Result<TeamSlot, Refused> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.state();
+            state.next_request += 1;
+            let request = state.next_request;
+            // Questions a lost session never answered are forgotten after a while.
+            let now = Instant::now();
+            state
+                .pending
+                .retain(|_, (asked, ..)| now.duration_since(*asked) < PENDING_FORGET);
+            state
+                .pending
+                .insert(request, (now, team.clone(), user.clone(), tx));
+            let acquire = pb::Acquire {
+                request,
+                team: team.to_string(),
+                user: user.to_string(),
+                team_limit,
+                user_limit,
+            };
+            self.send_to(&mut state, &ChannelId::from(team), Kind::Acquire(acquire));
+        }
+        // On a timeout the request stays pending: a grant that comes later is released.
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(TeamSlot {
+                hub: self.clone(),
+                team: team.clone(),
+                user: user.clone(),
+            }),
+            Ok(Ok(Err(refused))) => Err(refused),
+            Ok(Err(_)) | Err(_) => Err(Refused::Retry),
+        }
+    }
+
+    /// A connection counted by [`PresenceHub::acquire`] ended.
+    fn release(&self, team: &TeamId, user: &UserId) {
+        let mut state = self.state();
+        self.release_locked(&mut state, team, user);
+    }
+
+    fn release_locked(&self, state: &mut State, team: &TeamId, user: &UserId) {
+        let key = (team.clone(), user.clone());
+        if let Some(n) = state.held.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                state.held.remove(&key);
+            }
+        }
+        let release = pb::Release {
+            team: team.to_string(),
+            user: user.to_string(),
+        };
+        self.send_to(state, &ChannelId::from(team), Kind::Release(release));
     }
 
     /// `presence_query`: asks the users' presence servers once and answers `conn`.

@@ -96,12 +96,17 @@ pub async fn resume(
                     channel: channel.clone(),
                     ts: event.ts,
                     frame: Utf8Bytes::from(frame),
+                    received: None,
                 }));
             }
         }
         if !history.has_more || history.events.is_empty() {
             break;
         }
+    }
+    shared.hub.metrics().resumes.inc();
+    if resumed.gap.is_some() {
+        shared.hub.metrics().history_gaps.inc();
     }
     let _ = tokio::time::timeout(
         crate::connection::SUBSCRIBE_TIMEOUT,

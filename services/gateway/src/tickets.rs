@@ -1,11 +1,13 @@
 //! Connect tickets: `rtm.connect` hands out a single-use, short-lived WebSocket URL per call.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_core::{ChannelId, Identity, Ts};
 use rand::RngCore;
+
+use crate::presence::TeamSlot;
 
 /// How long a connect URL stays valid, by default.
 pub const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(30);
@@ -20,6 +22,9 @@ pub struct Ticket {
     pub batch_presence: bool,
     /// Resume cursors: per channel, the last ts the client has.
     pub cursors: Vec<(ChannelId, Ts)>,
+    /// The connection's place under its team's cap, when the team has one: held while the
+    /// ticket is outstanding, then by the connection.
+    pub slot: Option<Arc<TeamSlot>>,
     expires: Instant,
 }
 
@@ -45,6 +50,7 @@ impl Tickets {
         identity: Identity,
         batch_presence: bool,
         cursors: Vec<(ChannelId, Ts)>,
+        slot: Option<TeamSlot>,
     ) -> Option<String> {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
@@ -63,10 +69,20 @@ impl Tickets {
                 identity,
                 batch_presence,
                 cursors,
+                slot: slot.map(Arc::new),
                 expires: now + self.ttl,
             },
         );
         Some(id)
+    }
+
+    /// Drops expired tickets (and so frees their team slots).
+    pub fn purge_expired(&self) {
+        let now = Instant::now();
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, t| t.expires > now);
     }
 
     /// Redeems a ticket: it works once, and only before it expires.
@@ -96,7 +112,7 @@ mod tests {
             expires_at: 0,
             jti: None,
         };
-        let id = tickets.issue(identity, false, vec![]).unwrap();
+        let id = tickets.issue(identity, false, vec![], None).unwrap();
         assert!(tickets.redeem(&id).is_some());
         assert!(tickets.redeem(&id).is_none());
         assert!(tickets.redeem("nope").is_none());

@@ -56,7 +56,10 @@ async fn run(
     };
     match result {
         Ok(()) => tracing::info!(%node, "upstream stream ended"),
-        Err(e) => tracing::warn!(%node, %addr, error = %e, "upstream stream failed"),
+        Err(e) => {
+            hub.metrics().upstream_failures.inc();
+            tracing::warn!(%node, %addr, error = %e, "upstream stream failed")
+        }
     }
     if !cancel.is_cancelled() {
         hub.upstream_lost(&node);
@@ -90,9 +93,21 @@ async fn stream(
     while let Some(reply) = replies.message().await.map_err(|e| e.to_string())? {
         match reply.reply {
             Some(Reply::Events(events)) => {
-                for event in events.events {
+                for mut event in events.events {
+                    let received = hub.metrics().received(event.published_micros);
+                    // Traced publishes carry their trace: the delivery joins it. Untraced
+                    // ones (tracing off) get no span at all.
+                    let trace = std::mem::take(&mut event.trace_context);
+                    let span = if trace.is_empty() {
+                        tracing::Span::none()
+                    } else {
+                        let span = tracing::debug_span!("gateway.deliver", gateway = %hub.gateway(), channel = %event.channel);
+                        mesh_telemetry::propagation::set_parent_from_map(&span, &trace);
+                        span
+                    };
+                    let _entered = span.enter();
                     match event_from_proto(event) {
-                        Ok(event) => hub.deliver(node, event),
+                        Ok(event) => hub.deliver(node, event, received),
                         Err(e) => tracing::warn!(%node, error = %e, "dropping a malformed event"),
                     }
                 }

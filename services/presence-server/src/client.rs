@@ -15,8 +15,13 @@ const PARALLEL: usize = 16;
 
 /// The presence server that owns `user` under `ring`: its id and address.
 pub fn owner(ring: &Ring, user: &UserId) -> Option<(NodeId, String)> {
-    ring.owner_of(&ChannelId::from(user))
-        .map(|n| (n.id.clone(), n.addr.clone()))
+    owner_of(ring, &ChannelId::from(user))
+}
+
+/// The presence server that owns `key` under `ring` (a user's channel for the user's
+/// presence, a team's channel for the team's connection count).
+pub fn owner_of(ring: &Ring, key: &ChannelId) -> Option<(NodeId, String)> {
+    ring.owner_of(key).map(|n| (n.id.clone(), n.addr.clone()))
 }
 
 /// The presence of `ids` under `ring`, one query per presence server.

@@ -4,6 +4,7 @@
 //! owner pushes presence changes back to the gateways that watch.
 
 pub mod client;
+pub mod quota;
 pub mod service;
 pub mod state;
 
@@ -57,6 +58,9 @@ pub struct Config {
     pub standby: bool,
     pub grace: Duration,
     pub gateway_lease: Duration,
+    /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
+    /// lease on the presence ring.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// Serves a presence server on `listener`, registered on the presence ring, until `cancel`.
@@ -81,6 +85,8 @@ pub async fn serve(
         cancel.clone(),
     );
     tracing::info!(node = %config.node, %addr, standby = config.standby, "presence server listening");
+    let lease = Lease::default();
+    observe(&config.telemetry, &service, &lease);
     let (_health, health_service) = tonic_health::server::health_reporter();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -97,13 +103,13 @@ pub async fn serve(
         standby: config.standby,
     };
     let joined =
-        ring_manager::membership::join(&config.ring, request, Lease::default(), &tracker, &cancel)
-            .await;
+        ring_manager::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
     if let Err(e) = joined {
         cancel.cancel();
         return Err(e.into());
     }
     let result = server.await;
+    config.telemetry.set_stopping();
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
@@ -111,4 +117,30 @@ pub async fn serve(
         Ok(r) => r.map_err(Error::from),
         Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),
     }
+}
+
+/// Readiness (the lease holds) and the presence gauges read at scrape time.
+fn observe(telemetry: &mesh_telemetry::Telemetry, service: &PresenceService, lease: &Lease) {
+    let serving = lease.clone();
+    telemetry.set_ready(move || {
+        if serving.is_serving() {
+            Ok(())
+        } else {
+            Err(serving.why_not_serving().to_string())
+        }
+    });
+    let sessions = telemetry.gauge(
+        "channelmesh_presence_sessions",
+        "Open gateway sessions (each gateway reports and watches over one).",
+    );
+    let users = telemetry.gauge(
+        "channelmesh_presence_users",
+        "Users this presence server tracks (online, watched, or with a manual setting).",
+    );
+    let service = service.clone();
+    telemetry.on_scrape(move || {
+        let (open, tracked) = service.counts();
+        sessions.set(open as i64);
+        users.set(tracked as i64);
+    });
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use mesh_core::{ChannelId, NodeId, Ring, SLOT_COUNT, Slot, UserId};
+use mesh_core::{ChannelId, NodeId, Ring, SLOT_COUNT, Slot, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
 use ring_manager::RingWatcher;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::quota::{Quotas, Refusal};
 use crate::state::{Notices, Presence, SessionId};
 
 /// Messages queued to one gateway session; a gateway that falls this far behind is cut off
@@ -35,6 +36,8 @@ pub struct PresenceService {
 #[derive(Debug)]
 struct Inner {
     state: Mutex<Presence>,
+    /// Connection counts of the teams this server owns.
+    quotas: Mutex<Quotas>,
     /// Each live gateway session's outgoing queue.
     sessions: Mutex<HashMap<SessionId, mpsc::Sender<Result<pb::ServerMessage, Status>>>>,
     next_session: AtomicU64,
@@ -45,6 +48,7 @@ struct Inner {
 
 fn user_presence(items: Vec<(UserId, bool)>) -> pb::ServerMessage {
     pb::ServerMessage {
+        acquired: Vec::new(),
         users: items
             .into_iter()
             .map(|(user, active)| pb::UserPresence {
@@ -74,6 +78,7 @@ impl PresenceService {
         let service = PresenceService {
             inner: Arc::new(Inner {
                 state: Mutex::new(Presence::new(grace)),
+                quotas: Mutex::new(Quotas::default()),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 gateway_lease,
@@ -88,6 +93,68 @@ impl PresenceService {
 
     fn state(&self) -> MutexGuard<'_, Presence> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn quotas(&self) -> MutexGuard<'_, Quotas> {
+        self.inner.quotas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (open gateway sessions, users tracked), for the metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        (sessions, self.state().len())
+    }
+
+    /// Answers one `Acquire` of `session`: counted here, one at a time, for every gateway.
+    fn acquire(&self, session: SessionId, a: &pb::Acquire) {
+        let outcome = match (TeamId::new(&a.team), UserId::new(&a.user)) {
+            _ if self.state().warming(Instant::now()) => Err(Refusal::Warming),
+            (Ok(team), Ok(user)) => self.quotas().acquire(
+                session,
+                a.request,
+                &team,
+                &user,
+                a.team_limit,
+                a.user_limit,
+                Instant::now(),
+            ),
+            // Gateways send only ids they validated; refuse rather than count garbage.
+            _ => Err(Refusal::Team),
+        };
+        let reply = pb::ServerMessage {
+            users: Vec::new(),
+            acquired: vec![pb::Acquired {
+                request: a.request,
+                granted: outcome.is_ok(),
+                refused: outcome
+                    .err()
+                    .map(|r| r.as_str().to_string())
+                    .unwrap_or_default(),
+            }],
+        };
+        let sent = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session)
+            .map(|tx| tx.try_send(Ok(reply)).is_ok());
+        if sent == Some(false) {
+            // The gateway does not hear the grant and times out: take it back, and cut the
+            // session off as any session this far behind.
+            if outcome.is_ok()
+                && let (Ok(team), Ok(user)) = (TeamId::new(&a.team), UserId::new(&a.user))
+            {
+                self.quotas().release(session, &team, &user);
+            }
+            tracing::warn!(session, "gateway session fell behind; cutting it off");
+            self.end_session(session);
+        }
     }
 
     /// Sends each session its changes; a session whose queue is full is cut off.
@@ -124,6 +191,7 @@ impl PresenceService {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&session);
         if removed.is_some() {
+            self.quotas().drop_session(session);
             let notices = self.state().drop_session(session, Instant::now());
             self.deliver(notices);
         }
@@ -156,6 +224,10 @@ impl PresenceService {
             };
             self.state()
                 .rebalance(owned, gained, Instant::now(), crate::WARM_UP);
+            self.quotas().retain(|team| {
+                ring.owner_of(&ChannelId::from(team))
+                    .is_some_and(|n| n.id == node)
+            });
             if gained {
                 tracing::info!(epoch = ring.epoch(), "presence slots gained; warming up");
             }
@@ -179,6 +251,18 @@ impl PresenceService {
                     .iter()
                     .filter_map(|m| Some((UserId::new(&m.user).ok()?, m.away, m.set_at_ms)))
                     .collect();
+                let teams = s
+                    .teams
+                    .iter()
+                    .filter_map(|t| {
+                        Some((
+                            TeamId::new(&t.team).ok()?,
+                            UserId::new(&t.user).ok()?,
+                            t.connections,
+                        ))
+                    })
+                    .collect();
+                self.quotas().replace(session, teams, &s.pending_acquires);
                 tracing::debug!(session, gateway = %s.gateway, "gateway snapshot");
                 self.state()
                     .snapshot(session, online, manual, users(&s.watched), now)
@@ -204,6 +288,16 @@ impl PresenceService {
                 Err(_) => Notices::new(),
             },
             Kind::Heartbeat(_) => Notices::new(),
+            Kind::Acquire(a) => {
+                self.acquire(session, &a);
+                Notices::new()
+            }
+            Kind::Release(r) => {
+                if let (Ok(team), Ok(user)) = (TeamId::new(&r.team), UserId::new(&r.user)) {
+                    self.quotas().release(session, &team, &user);
+                }
+                Notices::new()
+            }
         };
         self.deliver(notices);
     }

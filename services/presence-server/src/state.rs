@@ -81,6 +81,11 @@ impl Presence {
             .unwrap_or(false)
     }
 
+    /// True while changes are held after gaining users (see [`Presence::rebalance`]).
+    pub fn warming(&self, now: Instant) -> bool {
+        self.warm_until.is_some_and(|t| now < t)
+    }
+
     /// Users tracked (online, watched, or with a manual setting).
     pub fn len(&self) -> usize {
         self.users.len()

@@ -1,0 +1,33 @@
+//! Observability shared by every channelmesh service.
+//!
+//! - [`metrics`]: a service's Prometheus registry and readiness check ([`Telemetry`]);
+//! - [`http`]: the small HTTP router that serves them as `/metrics`, `/healthz`, `/readyz`;
+//! - [`init`]: logging (text or JSON lines) and, when an OTLP endpoint is given, OpenTelemetry
+//!   tracing, for a whole process;
+//! - [`propagation`]: W3C trace context through gRPC metadata and internal messages, so that
+//!   one post is one trace across the admin server, the channel server and the gateway.
+//!
+//! Each service gets its own [`Telemetry`] (its own registry, with its identity as constant
+//! labels), so that the in-process `dev` mesh serves each service's own metrics on its own
+//! port, exactly as separate processes would.
+
+pub mod http;
+pub mod init;
+pub mod metrics;
+pub mod propagation;
+
+pub use init::{Tracing, init};
+pub use metrics::Telemetry;
+/// The Prometheus client every service registers its metrics with (one version everywhere).
+pub use prometheus;
+
+/// Errors of the telemetry set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The OTLP exporter could not be built (a bad endpoint URL, say).
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    /// A global tracing subscriber was already installed in this process.
+    #[error("a tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}

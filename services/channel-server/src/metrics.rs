@@ -1,0 +1,120 @@
+//! The channel server's metrics (`channelmesh_channel_*`), registered in its
+//! [`mesh_telemetry::Telemetry`]; the README's "Metrics" table lists them.
+
+use mesh_core::EventBody;
+use mesh_telemetry::Telemetry;
+use mesh_telemetry::prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+
+/// Handles on the channel server's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Events taken by Publish, by kind.
+    pub published: IntCounterVec,
+    /// Publish handling time, from the request to the event queued to every gateway.
+    pub publish_seconds: Histogram,
+    /// Event copies queued to gateway streams (one per subscribed gateway per event).
+    pub fanned_out: IntCounter,
+    /// Gateway streams ended because their queue was full (the gateway fell behind).
+    pub streams_fallen_behind: IntCounter,
+    /// History reads, by outcome: `hit` (events returned) or `empty`.
+    pub history_reads: IntCounterVec,
+    /// Handoffs this node sent, by outcome (`ok`, `failed`).
+    pub handoffs_sent: IntCounterVec,
+    /// Channels received in handoffs.
+    pub handoff_channels_received: IntCounter,
+    /// Set at scrape: open gateway streams, channel subscriptions, queued replies, channels
+    /// held, the ring epoch known, slots owned, whether the lease holds.
+    pub gateway_streams: IntGauge,
+    pub subscriptions: IntGauge,
+    pub queued_replies: IntGauge,
+    pub channels: IntGauge,
+    pub ring_epoch: IntGauge,
+    pub slots_owned: IntGauge,
+    pub lease_serving: IntGauge,
+}
+
+impl Metrics {
+    /// Registers the channel server's metrics in `telemetry`.
+    pub fn new(telemetry: &Telemetry) -> Self {
+        let t = telemetry;
+        Metrics {
+            published: t.counter_vec(
+                "channelmesh_channel_events_published_total",
+                "Events taken by Publish, by kind.",
+                &["kind"],
+            ),
+            publish_seconds: t.latency(
+                "channelmesh_channel_publish_seconds",
+                "Publish handling time: owner check, append, and queueing to every subscribed gateway.",
+            ),
+            fanned_out: t.counter(
+                "channelmesh_channel_events_fanned_out_total",
+                "Event copies queued to gateway streams (one per subscribed gateway per event).",
+            ),
+            streams_fallen_behind: t.counter(
+                "channelmesh_channel_streams_fallen_behind_total",
+                "Gateway streams ended because their queue was full (the gateway resubscribes).",
+            ),
+            history_reads: t.counter_vec(
+                "channelmesh_channel_history_reads_total",
+                "History reads, by outcome: hit (events returned) or empty.",
+                &["outcome"],
+            ),
+            handoffs_sent: t.counter_vec(
+                "channelmesh_channel_handoffs_sent_total",
+                "Handoffs of moved channels' state sent to a new owner, by outcome.",
+                &["outcome"],
+            ),
+            handoff_channels_received: t.counter(
+                "channelmesh_channel_handoff_channels_received_total",
+                "Channels whose state arrived in handoffs from their previous owner.",
+            ),
+            gateway_streams: t.gauge(
+                "channelmesh_channel_gateway_streams",
+                "Open subscription streams from gateways.",
+            ),
+            subscriptions: t.gauge(
+                "channelmesh_channel_subscriptions",
+                "Channel subscriptions of gateways (a channel subscribed by two gateways counts twice).",
+            ),
+            queued_replies: t.gauge(
+                "channelmesh_channel_stream_queued_replies",
+                "Replies queued to gateway streams and not yet sent, over all streams.",
+            ),
+            channels: t.gauge(
+                "channelmesh_channel_channels",
+                "Channels held in memory (with history or a ts floor).",
+            ),
+            ring_epoch: t.gauge(
+                "channelmesh_channel_ring_epoch",
+                "The newest ring epoch this channel server knows.",
+            ),
+            slots_owned: t.gauge(
+                "channelmesh_channel_slots_owned",
+                "Slots this channel server owns in that epoch.",
+            ),
+            lease_serving: t.gauge(
+                "channelmesh_channel_lease_serving",
+                "1 while this channel server holds its lease and may serve, else 0.",
+            ),
+        }
+    }
+
+    /// Counts one published event.
+    pub fn published(&self, body: &EventBody) {
+        self.published.with_label_values(&[kind(body)]).inc();
+    }
+}
+
+/// The `kind` label of an event.
+fn kind(body: &EventBody) -> &'static str {
+    match body {
+        EventBody::Message { .. } => "message",
+        EventBody::Typing { .. } => "typing",
+        EventBody::MemberJoined { .. } => "member_joined",
+        EventBody::MemberLeft { .. } => "member_left",
+        EventBody::ChannelJoined { .. } => "channel_joined",
+        EventBody::ChannelLeft { .. } => "channel_left",
+        EventBody::Raw { .. } => "raw",
+    }
+}

@@ -1,0 +1,220 @@
+//! The gateway's metrics (`channelmesh_gateway_*`, every series labelled with `gateway` and
+//! `region`), registered in its own [`Telemetry`] and served on its HTTP port at `/metrics`.
+//! The README's "Metrics" table lists them; every client limit is counted here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_telemetry::Telemetry;
+use mesh_telemetry::prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+
+use crate::hub::Rendered;
+
+/// Handles on one gateway's metrics; shared by its hub, routes and connections.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    /// WebSocket connections that reached `hello`.
+    pub connects: IntCounter,
+    /// Connects refused, by reason (`max_connections`, `handshake_rate`, `draining`, ...).
+    pub connect_refusals: IntCounterVec,
+    /// Connections ended, by close code (`none`: the client went away without one).
+    pub disconnects: IntCounterVec,
+    /// Connections closed as slow consumers (4008: queue overflow or a stalled write).
+    pub slow_consumers: IntCounter,
+    /// Client frames refused by the per-connection rate limit (error 11).
+    pub rate_limited: IntCounter,
+    /// Items not queued to a connection because its queue (items or bytes) was full.
+    pub queue_drops: IntCounter,
+    /// Events queued to local connections by the fan-out: one per event per receiving
+    /// connection, all-time.
+    pub delivered: IntCounter,
+    /// Events handed to connections' sockets (live, catch-up and resumed).
+    pub written: IntCounter,
+    /// Channel server -> gateway: from the channel server's fan-out to this gateway's
+    /// receipt (wall clocks of two machines; same-host figures are exact).
+    pub cs_to_gateway: Histogram,
+    /// Gateway -> socket: from the event's receipt to its write to a connection's socket.
+    pub gateway_to_socket: Histogram,
+    /// Upstream subscription streams that failed (each is reopened).
+    pub upstream_failures: IntCounter,
+    /// Catch-ups from history after a resubscription, by outcome (`ok`, `failed`).
+    pub catch_ups: IntCounterVec,
+    /// Resumes from client cursors, and those that had to say `history_gap`.
+    pub resumes: IntCounter,
+    pub history_gaps: IntCounter,
+    /// Set at scrape time.
+    pub connections: IntGauge,
+    pub channels: IntGauge,
+    pub upstreams: IntGauge,
+    pub presence_watched: IntGauge,
+    pub presence_online: IntGauge,
+    pub presence_sessions: IntGauge,
+    pub ring_epoch: IntGauge,
+    pub draining: IntGauge,
+}
+
+impl GatewayMetrics {
+    /// Registers a gateway's metrics in `telemetry`.
+    pub fn new(telemetry: &Telemetry) -> Arc<Self> {
+        let t = telemetry;
+        Arc::new(GatewayMetrics {
+            connects: t.counter(
+                "channelmesh_gateway_connects_total",
+                "WebSocket connections that reached hello.",
+            ),
+            connect_refusals: t.counter_vec(
+                "channelmesh_gateway_connect_refusals_total",
+                "rtm.connect calls and WebSocket upgrades refused, by reason.",
+                &["reason"],
+            ),
+            disconnects: t.counter_vec(
+                "channelmesh_gateway_disconnects_total",
+                "Connections ended, by the close code the gateway sent (none: the client left).",
+                &["code"],
+            ),
+            slow_consumers: t.counter(
+                "channelmesh_gateway_slow_consumer_disconnects_total",
+                "Connections closed as slow consumers (4008): queue over its bound, or a write stalled.",
+            ),
+            rate_limited: t.counter(
+                "channelmesh_gateway_rate_limited_frames_total",
+                "Client frames refused by the per-connection rate limit (error 11).",
+            ),
+            queue_drops: t.counter(
+                "channelmesh_gateway_queue_drops_total",
+                "Items not queued to a connection because its outgoing queue was full (the connection is closed).",
+            ),
+            delivered: t.counter(
+                "channelmesh_gateway_events_delivered_total",
+                "Events queued to local connections by the fan-out: one per event per receiving connection.",
+            ),
+            written: t.counter(
+                "channelmesh_gateway_events_written_total",
+                "Events handed to connections' sockets (live, catch-up and resumed).",
+            ),
+            cs_to_gateway: t.latency(
+                "channelmesh_gateway_cs_to_gateway_seconds",
+                "Channel server -> gateway: from the channel server's fan-out to this gateway's receipt.",
+            ),
+            gateway_to_socket: t.latency(
+                "channelmesh_gateway_gateway_to_socket_seconds",
+                "Gateway -> socket: from an event's receipt to its write to a connection's socket.",
+            ),
+            upstream_failures: t.counter(
+                "channelmesh_gateway_upstream_failures_total",
+                "Subscription streams to channel servers that failed (their channels resubscribe).",
+            ),
+            catch_ups: t.counter_vec(
+                "channelmesh_gateway_catch_ups_total",
+                "History catch-ups after a channel's resubscription, by outcome.",
+                &["outcome"],
+            ),
+            resumes: t.counter(
+                "channelmesh_gateway_resumes_total",
+                "Channels resumed from a client's cursor.",
+            ),
+            history_gaps: t.counter(
+                "channelmesh_gateway_history_gaps_total",
+                "Resumes that told the client history_gap (history no longer reached its cursor).",
+            ),
+            connections: t.gauge(
+                "channelmesh_gateway_connections",
+                "Open client connections.",
+            ),
+            channels: t.gauge(
+                "channelmesh_gateway_channels",
+                "Channels wanted by at least one local connection.",
+            ),
+            upstreams: t.gauge(
+                "channelmesh_gateway_upstream_streams",
+                "Open subscription streams to channel servers.",
+            ),
+            presence_watched: t.gauge(
+                "channelmesh_gateway_presence_watched_users",
+                "Users watched by this gateway's connections (presence subscriptions, each user once).",
+            ),
+            presence_online: t.gauge(
+                "channelmesh_gateway_presence_online_users",
+                "Users with a connection on this gateway.",
+            ),
+            presence_sessions: t.gauge(
+                "channelmesh_gateway_presence_sessions",
+                "Open sessions to presence servers.",
+            ),
+            ring_epoch: t.gauge(
+                "channelmesh_gateway_ring_epoch",
+                "The newest ring epoch this gateway routes by.",
+            ),
+            draining: t.gauge(
+                "channelmesh_gateway_draining",
+                "1 while the gateway's region drains, else 0.",
+            ),
+        })
+    }
+
+    /// A connection said `hello`.
+    pub fn connected(&self) {
+        self.connects.inc();
+    }
+
+    /// A connect refused for `reason`.
+    pub fn connect_refused(&self, reason: &str) {
+        self.connect_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// A connection ended with close `code` (`None`: without a close frame from us).
+    pub fn disconnected(&self, code: Option<u16>) {
+        let label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+        self.disconnects.with_label_values(&[&label]).inc();
+        if code == Some(crate::connection::close::SLOW_CONSUMER) {
+            self.slow_consumers.inc();
+        }
+    }
+
+    /// A client frame refused by the rate limit.
+    pub fn rate_limited(&self) {
+        self.rate_limited.inc();
+    }
+
+    /// `event` was handed to a connection's socket.
+    pub fn written(&self, event: &Rendered) {
+        self.written.inc();
+        if let Some(received) = event.received {
+            let elapsed = received.elapsed().as_secs_f64();
+            self.gateway_to_socket.observe(elapsed);
+        }
+    }
+
+    /// An event fanned out at `published_micros` (the channel server's clock) arrived now.
+    pub fn received(&self, published_micros: u64) -> Instant {
+        if let Some(age) = mesh_telemetry::metrics::seconds_since_unix_micros(published_micros) {
+            self.cs_to_gateway.observe(age);
+        }
+        Instant::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_valid_and_labelled() {
+        let telemetry = Telemetry::new(&[("gateway", "us-east-1"), ("region", "us-east")]);
+        let metrics = GatewayMetrics::new(&telemetry);
+        metrics.disconnected(Some(crate::connection::close::SLOW_CONSUMER));
+        metrics.disconnected(None);
+        metrics.connect_refused("max_connections");
+        let text = telemetry.encode();
+        assert!(!text.contains("invalid"), "{text}");
+        let slow = text
+            .lines()
+            .find(|l| l.starts_with("channelmesh_gateway_slow_consumer_disconnects_total{"))
+            .expect("the slow-consumer counter is exported");
+        assert!(slow.contains("gateway=\"us-east-1\""), "{slow}");
+        assert!(slow.contains("region=\"us-east\""), "{slow}");
+        assert!(slow.ends_with(" 1"), "{slow}");
+        assert!(text.contains("code=\"4008\""));
+        assert!(text.contains("code=\"none\""));
+    }
+}
