@@ -565,7 +565,7 @@ impl ChannelService {
             }
             let mut proto = event_to_proto(&event);
             proto.published_micros = now_micros();
-            // MUTATION
+            mesh_telemetry::propagation::inject_map(&mut proto.trace_context);
             let reply = pb::SubscribeResponse {
                 reply: Some(Reply::Events(pb::Events {
                     events: vec![proto],
