@@ -71,7 +71,9 @@ gateways=()
 pids=()
 for g in $(seq 1 "$GATEWAYS"); do
   port=$((GW_PORT + 10 + g))
-  "$bin" gateway --region us-east --id "us-east-idle-$g" --listen "127.0.0.1:$port" \
+  # GATEWAY_WRAPPER runs each gateway under a profiler, e.g.
+  # GATEWAY_WRAPPER="valgrind --tool=massif --massif-out-file=/tmp/massif.%p".
+  ${GATEWAY_WRAPPER:-} "$bin" gateway --region us-east --id "us-east-idle-$g" --listen "127.0.0.1:$port" \
     --ring-manager "http://127.0.0.1:$((BASE + 50))" \
     --presence-ring-manager "http://127.0.0.1:$((BASE + 52))" \
     "${limits[@]}" >"$work/gateway-$g.log" 2>&1 &

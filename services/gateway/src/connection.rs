@@ -8,11 +8,11 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
-use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound, Rendered};
 use crate::limits::TokenBucket;
+use crate::outbox::Outbox;
 use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 /// Items queued to one connection before it counts as a slow consumer (the byte budget,
@@ -56,8 +56,8 @@ struct Connection {
     identity: Identity,
     shared: Arc<Shared>,
     sink: ConnSink,
-    /// Its own queue's sender, for the catch-up a join sends later.
-    tx: mpsc::Sender<Outbound>,
+    /// Its own queue, for the catch-up a join sends later.
+    outbox: Arc<Outbox>,
     /// Channels the user may read and post to right now.
     members: HashSet<ChannelId>,
     /// The user's and team's channels: never left.
@@ -120,10 +120,10 @@ impl Connection {
                         .shared
                         .hub
                         .join(&self.sink, std::slice::from_ref(&channel));
-                    let (shared, tx) = (self.shared.clone(), self.tx.clone());
+                    let (shared, outbox) = (self.shared.clone(), self.outbox.clone());
                     self.shared
                         .tracker
-                        .spawn(catch_up(shared, tx, channel, since, waiting));
+                        .spawn(catch_up(shared, outbox, channel, since, waiting));
                 }
             }
             Outbound::CatchUp { channel, events } => {
@@ -188,7 +188,7 @@ impl Connection {
 /// join, and queues both to the connection as one catch-up.
 async fn catch_up(
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox>,
     channel: ChannelId,
     since: Option<mesh_core::Ts>,
     waiting: Vec<tokio::sync::oneshot::Receiver<()>>,
@@ -224,7 +224,7 @@ async fn catch_up(
         }
     }
     let item = Outbound::CatchUp { channel, events };
-    let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, tx.send(item)).await;
+    outbox.push_own(item);
 }
 
 /// Runs one connection until either side closes or the gateway shuts down.
@@ -236,15 +236,9 @@ pub async fn run(
     batch_presence: bool,
     cursors: Vec<(ChannelId, mesh_core::Ts)>,
 ) {
-    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let outbox = Arc::new(Outbox::new(OUTBOUND_QUEUE, shared.limits.outbound_bytes));
     let closer = Arc::new(Closer::default());
-    let sink = ConnSink::new(
-        conn,
-        identity.user.clone(),
-        tx.clone(),
-        closer.clone(),
-        shared.limits.outbound_bytes,
-    );
+    let sink = ConnSink::new(conn, identity.user.clone(), outbox.clone(), closer.clone());
     let initial = identity.all_channels();
     let mut me = Connection {
         conn,
@@ -256,7 +250,7 @@ pub async fn run(
         identity,
         shared: shared.clone(),
         sink,
-        tx,
+        outbox: outbox.clone(),
         catching_up: HashMap::new(),
         cursors: HashMap::new(),
     };
@@ -318,7 +312,7 @@ pub async fn run(
     for (channel, cursor) in cursors {
         shared.tracker.spawn(crate::resume::resume(
             shared.clone(),
-            me.tx.clone(),
+            me.outbox.clone(),
             channel,
             cursor,
         ));
@@ -333,7 +327,9 @@ pub async fn run(
         limits.ping_interval,
     );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut in_flight = FuturesUnordered::new();
+    // Boxed: `FuturesUnordered::new` allocates a stub task holding one future inline, which
+    // for the publish future would cost every idle connection kilobytes.
+    let mut in_flight: FuturesUnordered<Publishing> = FuturesUnordered::new();
     // Frames to write once the branch that produced them is done: one flush per batch.
     let mut frames: Vec<Message> = Vec::new();
     let close: Option<(u16, &'static str)> = loop {
@@ -347,8 +343,7 @@ pub async fn run(
                 Some(CloseReason::Drain) => {
                     // Lame duck: write what is already queued, keep the cursors for the
                     // reconnect, then goodbye.
-                    while let Ok(item) = rx.try_recv() {
-                        closer.taken(&item);
+                    while let Some(item) = outbox.pop() {
                         if !me.on_outbound(item, &mut frames) {
                             break;
                         }
@@ -368,13 +363,12 @@ pub async fn run(
                     "slow consumer: outgoing queue overflowed",
                 ))),
             },
-            // Cancel-safe: recv loses nothing if another branch wins.
-            Some(item) = rx.recv() => {
-                // Take this and whatever else is queued, up to a batch: written with one flush.
-                let mut next = Some(item);
+            // Cancel-safe: a push's wake-up is kept until taken.
+            _ = outbox.ready() => {
+                // Take what is queued, up to a batch: written with one flush.
                 let mut step = Step::Write;
-                while let Some(item) = next.take() {
-                    closer.taken(&item);
+                while frames.len() < WRITE_BATCH {
+                    let Some(item) = outbox.pop() else { break };
                     if !me.on_outbound(item, &mut frames) {
                         step = Step::End(Some((
                             close::SLOW_CONSUMER,
@@ -382,10 +376,8 @@ pub async fn run(
                         )));
                         break;
                     }
-                    if frames.len() < WRITE_BATCH {
-                        next = rx.try_recv().ok();
-                    }
                 }
+                outbox.rearm();
                 step
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
@@ -431,14 +423,14 @@ pub async fn run(
                             Err(error) => Some(error.render().into()),
                             Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
                             Ok(ClientFrame::Message { id, channel, text }) => {
-                                in_flight.push(publish(&me, Some(id), channel, Some(text)));
+                                in_flight.push(Box::pin(publish(&me, Some(id), channel, Some(text))));
                                 None
                             }
                             Ok(ClientFrame::Typing { id, channel }) => {
                                 // Repeats within the typing interval are dropped: receivers
                                 // already show the user typing.
                                 if shared.typing.first_in_interval(&me.identity.user, &channel, now) {
-                                    in_flight.push(publish(&me, id, channel, None));
+                                    in_flight.push(Box::pin(publish(&me, id, channel, None)));
                                 }
                                 None
                             }
@@ -498,6 +490,7 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws_tx.close()).await;
     shared.region_state.unregister(conn);
+    outbox.close();
     let all: Vec<ChannelId> = me.members.drain().collect();
     shared.hub.leave(conn, &all);
     if let Some(presence) = &shared.presence {
@@ -506,6 +499,9 @@ pub async fn run(
     shared.metrics.disconnected(close.map(|(code, _)| code));
     tracing::debug!(conn, user = %me.identity.user, ?close, "client disconnected");
 }
+
+/// A client frame being published; resolves to the reply to write, if any.
+type Publishing = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Utf8Bytes>> + Send>>;
 
 /// What one turn of a connection's loop leads to.
 enum Step {

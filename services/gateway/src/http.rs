@@ -18,8 +18,9 @@ use crate::{Shared, connection};
 /// it is read whole. (Message text itself is capped at 16 KiB; this leaves room for escaping.)
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
-/// The WebSocket read buffer per connection, in bytes (larger frames are read in pieces).
-const WS_READ_BUFFER: usize = 4096;
+/// The WebSocket read buffer per connection, in bytes: allocated whole for every connection
+/// up front, so small (clients send little; a larger frame grows it as it arrives).
+const WS_READ_BUFFER: usize = 512;
 
 /// The gateway's routes.
 pub fn routes(shared: Arc<Shared>) -> Router {

@@ -7,7 +7,7 @@
 //! The state lock is never held across an await.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,12 @@ use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts, UserId};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::subscribe_request::Command;
 use ring_manager::RingWatcher;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::GatewayMetrics;
+use crate::outbox::{self, Outbox};
 use crate::upstream::{self, Upstream};
 
 /// A connection's id within its gateway.
@@ -97,19 +98,15 @@ pub enum CloseReason {
 pub struct ConnSink {
     pub id: ConnId,
     pub user: UserId,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox>,
     closer: Arc<Closer>,
-    /// The most bytes ([`Outbound::queued_bytes`]) queued and not yet taken by the connection.
-    max_bytes: usize,
 }
 
-/// Closes a connection from outside its task, with a reason; and counts what is queued to it.
+/// Closes a connection from outside its task, with a reason.
 #[derive(Debug, Default)]
 pub struct Closer {
     pub token: CancellationToken,
     pub reason: OnceLock<CloseReason>,
-    /// Bytes queued to the connection and not yet taken by its task.
-    pub queued_bytes: AtomicUsize,
 }
 
 impl Closer {
@@ -120,31 +117,16 @@ impl Closer {
         self.token.cancel();
         first
     }
-
-    /// The connection's task took `item` off its queue.
-    pub fn taken(&self, item: &Outbound) {
-        let bytes = item.queued_bytes();
-        if bytes > 0 {
-            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        }
-    }
 }
 
 impl ConnSink {
-    /// A sink queueing into `tx`, at most `max_bytes` at a time; `closer` ends the connection.
-    pub fn new(
-        id: ConnId,
-        user: UserId,
-        tx: mpsc::Sender<Outbound>,
-        closer: Arc<Closer>,
-        max_bytes: usize,
-    ) -> Self {
+    /// A sink queueing into `outbox`; `closer` ends the connection.
+    pub fn new(id: ConnId, user: UserId, outbox: Arc<Outbox>, closer: Arc<Closer>) -> Self {
         ConnSink {
             id,
             user,
-            tx,
+            outbox,
             closer,
-            max_bytes,
         }
     }
 
@@ -156,24 +138,13 @@ impl ConnSink {
 
     /// [`ConnSink::push`], saying why an item was not queued.
     fn offer(&self, item: Outbound) -> Offered {
-        let bytes = item.queued_bytes();
-        let before = self.closer.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes > self.max_bytes {
-            self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            self.slow_consumer();
-            return Offered::Full;
-        }
-        match self.tx.try_send(item) {
+        match self.outbox.push(item) {
             Ok(()) => Offered::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            Err(outbox::Refused::Full) => {
                 self.slow_consumer();
                 Offered::Full
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                Offered::Closed
-            }
+            Err(outbox::Refused::Closed) => Offered::Closed,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod outbox;
 pub mod presence;
 pub mod region;
 pub mod resume;

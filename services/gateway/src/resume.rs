@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
+use crate::outbox::Outbox;
 use axum::extract::ws::Utf8Bytes;
 use mesh_core::{ChannelId, Ts};
 use mesh_rtm as rtm;
-use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::hub::{Outbound, Rendered};
@@ -53,12 +53,7 @@ pub struct Resumed {
 }
 
 /// Reads `channel`'s history after `cursor` and queues it to the connection.
-pub async fn resume(
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<Outbound>,
-    channel: ChannelId,
-    cursor: Ts,
-) {
+pub async fn resume(shared: Arc<Shared>, outbox: Arc<Outbox>, channel: ChannelId, cursor: Ts) {
     let mut resumed = Resumed {
         channel: channel.clone(),
         cursor,
@@ -108,11 +103,7 @@ pub async fn resume(
     if resumed.gap.is_some() {
         shared.hub.metrics().history_gaps.inc();
     }
-    let _ = tokio::time::timeout(
-        crate::connection::SUBSCRIBE_TIMEOUT,
-        tx.send(Outbound::Resume(resumed)),
-    )
-    .await;
+    outbox.push_own(Outbound::Resume(resumed));
 }
 
 #[cfg(test)]

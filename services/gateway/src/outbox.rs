@@ -1,0 +1,158 @@
+//! A connection's outgoing queue, bounded in items and bytes.
+//!
+//! The hub's fan-out pushes into it without waiting; the connection's task takes items out and
+//! writes them. It replaces a tokio `mpsc` channel, which allocates a block of 32 slots for
+//! every connection up front: an idle connection's outbox holds an empty `VecDeque` (no
+//! allocation) and a `Notify`.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::hub::Outbound;
+
+/// Capacity kept by a queue that has emptied; more is given back, so a connection that once
+/// had a burst does not hold the burst's memory while idle.
+const KEEP_CAPACITY: usize = 64;
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue holds its bound in items or bytes: the connection is a slow consumer.
+    Full,
+    /// The connection has ended.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// Bytes of `items` as [`Outbound::queued_bytes`] counts them.
+    bytes: usize,
+    closed: bool,
+}
+
+/// One connection's outgoing queue.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    /// Wakes the connection's task; a permit is kept when it is not waiting, so no push is
+    /// missed.
+    ready: Notify,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    /// An empty outbox holding at most `max_items` items and `max_bytes` bytes.
+    pub fn new(max_items: usize, max_bytes: usize) -> Self {
+        Outbox {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            max_items,
+            max_bytes,
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `item` without waiting.
+    pub fn push(&self, item: Outbound) -> Result<(), Refused> {
+        let bytes = item.queued_bytes();
+        {
+            let mut q = self.queue();
+            if q.closed {
+                return Err(Refused::Closed);
+            }
+            if q.items.len() >= self.max_items || q.bytes + bytes > self.max_bytes {
+                return Err(Refused::Full);
+            }
+            q.bytes += bytes;
+            q.items.push_back(item);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues `item` whatever the bound (for the connection's own, bounded, catch-up items).
+    pub fn push_own(&self, item: Outbound) {
+        {
+            let mut q = self.queue();
+            if q.closed {
+                return;
+            }
+            q.bytes += item.queued_bytes();
+            q.items.push_back(item);
+        }
+        self.ready.notify_one();
+    }
+
+    /// The next item, if any, without waiting.
+    pub fn pop(&self) -> Option<Outbound> {
+        let mut q = self.queue();
+        let item = q.items.pop_front()?;
+        q.bytes -= item.queued_bytes();
+        if q.items.is_empty() && q.items.capacity() > KEEP_CAPACITY {
+            q.items.shrink_to(KEEP_CAPACITY);
+        }
+        Some(item)
+    }
+
+    /// Waits until something may have been pushed. Cancel-safe.
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Wakes [`Outbox::ready`] again: items are left after a batch.
+    pub fn rearm(&self) {
+        if !self.queue().items.is_empty() {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The connection ended: later pushes are refused and what is queued is dropped.
+    pub fn close(&self) {
+        let mut q = self.queue();
+        q.closed = true;
+        q.items = VecDeque::new();
+        q.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::ws::Utf8Bytes;
+
+    fn frame(n: usize) -> Outbound {
+        Outbound::Frame(Utf8Bytes::from("x".repeat(n)))
+    }
+
+    #[test]
+    fn bounded_in_items_and_bytes() {
+        let outbox = Outbox::new(3, 100);
+        assert_eq!(outbox.push(frame(40)), Ok(()));
+        assert_eq!(outbox.push(frame(40)), Ok(()));
+        assert_eq!(outbox.push(frame(40)), Err(Refused::Full));
+        assert_eq!(outbox.push(frame(20)), Ok(()));
+        assert_eq!(outbox.push(frame(0)), Err(Refused::Full));
+        assert!(outbox.pop().is_some());
+        assert_eq!(outbox.push(frame(40)), Ok(()));
+        outbox.close();
+        assert!(outbox.pop().is_none());
+        assert_eq!(outbox.push(frame(1)), Err(Refused::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_push_before_waiting_is_not_missed() {
+        let outbox = Outbox::new(8, 1024);
+        outbox.push(frame(1)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.ready())
+            .await
+            .expect("the permit was kept");
+        assert!(outbox.pop().is_some());
+    }
+}
