@@ -131,7 +131,7 @@ pub fn channel_memory_with(
             };
             now_micros += 1;
             let shard = usize::from(slot_of(&channel)) % SHARDS;
-            shards[shard].append(&channel, body, now_micros);
+            shards[shard].append(&channel, &body, now_micros);
         }
     }
     let fill_secs = started.elapsed().as_secs_f64();

@@ -557,11 +557,11 @@ impl ChannelService {
         {
             let mut shard = self.shard(&event.channel);
             if !event.body.is_transient() {
-                event.ts = Some(shard.store.append(
-                    &event.channel,
-                    event.body.clone(),
-                    now_micros(),
-                ));
+                event.ts = Some(
+                    shard
+                        .store
+                        .append(&event.channel, &event.body, now_micros()),
+                );
             }
             let mut proto = event_to_proto(&event);
             proto.published_micros = now_micros();

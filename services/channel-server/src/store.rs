@@ -5,8 +5,9 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use lru::LruCache;
-use mesh_core::{ChannelId, EventBody, SLOT_COUNT, Slot, Ts, TsClock, slot_of};
+use mesh_core::{ChannelId, EventBody, SLOT_COUNT, Slot, TeamId, Ts, TsClock, UserId, slot_of};
 
 /// Default: events kept per channel.
 pub const DEFAULT_HISTORY_EVENTS: usize = 100;
@@ -15,17 +16,32 @@ pub const DEFAULT_HISTORY_BYTES: usize = 256 * 1024;
 /// Default: bytes of history across all channels of one store.
 pub const DEFAULT_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
 
-/// Fixed cost counted per stored event on top of its heap size (ts, enum, deque slot).
-const EVENT_OVERHEAD: usize = 96;
-/// Fixed cost counted per channel (id, LRU node, clock, deque header).
-const CHANNEL_OVERHEAD: usize = 160;
+// The two costs below are what a channel server's heap (glibc malloc) measured, so the total
+// budget means RSS. `channelmesh bench channel-memory --channels 1000000 --events 10` with
+// texts of a mean 60 B spread as chat is: +1,320 MiB RSS, 1,384 B per channel, where these
+// count 10 x (60 + 19 + 40) + 192 = 1,382 B. A dhat profile (20,000 channels) accounts for it:
+// each event's body block (its text, its user and team ids and 3 B of tag and lengths, rounded
+// up to the allocator's 16 B with an 8 B header), its 24 B ring slot; per channel the LRU node
+// (88 B, 96 as allocated), the id's `Arc<str>` (48 B as allocated), ~19 B of hash table and the
+// ring's block header. Texts all of one size count low (every text 200 B: 2,782 B counted,
+// 3,156 B measured per channel): the blocks a growing ring frees fit no later body and stay
+// empty, where mixed sizes reuse them (a ring sized to the bound up front measured the same
+// mix within 4 B per channel).
+
+/// Fixed cost counted per stored event on top of its packed body: its ring slot (ts and box,
+/// 24 B) and the allocator's header and rounding of the body's block (8 B plus 8 B on average).
+const EVENT_OVERHEAD: usize = 40;
+/// Fixed cost counted per channel: its LRU node, its id, its hash-table entry, the ring's block
+/// header and the ring's spare slots while it grows.
+const CHANNEL_OVERHEAD: usize = 192;
 
 /// A store's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Events kept per channel; older ones are dropped first.
     pub history_events: usize,
-    /// Bytes kept per channel (as counted by [`EventBody::heap_size`] plus a fixed overhead).
+    /// Bytes kept per channel (each event's packed body plus a fixed overhead; roughly its
+    /// [`EventBody::heap_size`] plus ~45 B).
     pub history_bytes: usize,
     /// Bytes across all channels; past it, least-recently-used channels are evicted whole.
     pub total_bytes: usize,
@@ -48,15 +64,255 @@ pub struct Stored {
     pub body: EventBody,
 }
 
+/// A stored event as the store keeps it: its ts beside one exact-size allocation holding the
+/// whole body. An [`EventBody`] would cost a heap block per id and text (~100 B of `Arc<str>`
+/// per message beyond its text) and 72 B of slot; this costs ~19 B beyond the text plus 24.
+#[derive(Debug)]
+struct Packed {
+    ts: Ts,
+    body: Box<[u8]>,
+}
+
+/// Body tags of [`Packed`].
+mod tag {
+    pub const MESSAGE: u8 = 1;
+    pub const TYPING: u8 = 2;
+    pub const MEMBER_JOINED: u8 = 3;
+    pub const MEMBER_LEFT: u8 = 4;
+    pub const CHANNEL_JOINED: u8 = 5;
+    pub const CHANNEL_LEFT: u8 = 6;
+    pub const RAW: u8 = 7;
+}
+
+/// Bytes of `n` as LEB128.
+fn varint_len(n: usize) -> usize {
+    (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
+}
+
+/// A body: `tag`, then `fields` each prefixed by its length (LEB128), then `last`, which runs
+/// to the end. Allocated once at its exact size. An absent id is written empty (ids never are).
+fn write(tag: u8, fields: &[&[u8]], last: &[u8]) -> Box<[u8]> {
+    let size = 1
+        + fields
+            .iter()
+            .map(|f| varint_len(f.len()) + f.len())
+            .sum::<usize>()
+        + last.len();
+    let mut out = Vec::with_capacity(size);
+    out.push(tag);
+    for field in fields {
+        let mut n = field.len();
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(field);
+    }
+    out.extend_from_slice(last);
+    out.into_boxed_slice()
+}
+
+/// Reads what [`write`] wrote; `None` on anything else.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn len(&mut self) -> Option<usize> {
+        let mut n = 0usize;
+        for shift in (0..usize::BITS).step_by(7) {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            n |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    fn field(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        if n > self.0.len() {
+            return None;
+        }
+        let (field, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(field)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.field()?).ok()
+    }
+
+    fn rest(self) -> &'a [u8] {
+        self.0
+    }
+
+    fn rest_str(self) -> Option<&'a str> {
+        std::str::from_utf8(self.0).ok()
+    }
+}
+
+fn team_bytes(team: &Option<TeamId>) -> &[u8] {
+    team.as_ref().map_or(&[], |t| t.as_str().as_bytes())
+}
+
+fn opt_team(s: &str) -> Option<Option<TeamId>> {
+    if s.is_empty() {
+        Some(None)
+    } else {
+        TeamId::new(s).ok().map(Some)
+    }
+}
+
+impl Packed {
+    fn pack(ts: Ts, event: &EventBody) -> Self {
+        let body = match event {
+            EventBody::Message {
+                user,
+                text,
+                team: t,
+            } => write(
+                tag::MESSAGE,
+                &[user.as_str().as_bytes(), team_bytes(t)],
+                text.as_bytes(),
+            ),
+            EventBody::Typing { user } => write(tag::TYPING, &[], user.as_str().as_bytes()),
+            EventBody::MemberJoined { user, team: t } => write(
+                tag::MEMBER_JOINED,
+                &[user.as_str().as_bytes()],
+                team_bytes(t),
+            ),
+            EventBody::MemberLeft { user } => {
+                write(tag::MEMBER_LEFT, &[], user.as_str().as_bytes())
+            }
+            EventBody::ChannelJoined { channel, since } => {
+                let micros = since.map(|s| s.as_micros().to_le_bytes());
+                write(
+                    tag::CHANNEL_JOINED,
+                    &[micros.as_ref().map_or(&[][..], |m| &m[..])],
+                    channel.as_str().as_bytes(),
+                )
+            }
+            EventBody::ChannelLeft { channel } => {
+                write(tag::CHANNEL_LEFT, &[], channel.as_str().as_bytes())
+            }
+            EventBody::Raw { kind, json } => write(tag::RAW, &[kind.as_bytes()], json),
+        };
+        Packed { ts, body }
+    }
+
+    /// The event back. `None` only if the bytes are not what [`Packed::pack`] writes, which
+    /// only ever writes ids that validated and text that was a `String`.
+    fn unpack(&self) -> Option<Stored> {
+        let (&tag, rest) = self.body.split_first()?;
+        let mut r = Reader(rest);
+        let body = match tag {
+            tag::MESSAGE => {
+                let user = UserId::new(r.str()?).ok()?;
+                let team = opt_team(r.str()?)?;
+                let text = r.rest_str()?.to_owned();
+                EventBody::Message { user, text, team }
+            }
+            tag::TYPING => EventBody::Typing {
+                user: UserId::new(r.rest_str()?).ok()?,
+            },
+            tag::MEMBER_JOINED => {
+                let user = UserId::new(r.str()?).ok()?;
+                let team = opt_team(r.rest_str()?)?;
+                EventBody::MemberJoined { user, team }
+            }
+            tag::MEMBER_LEFT => EventBody::MemberLeft {
+                user: UserId::new(r.rest_str()?).ok()?,
+            },
+            tag::CHANNEL_JOINED => {
+                let since = match r.field()? {
+                    [] => None,
+                    micros => Some(Ts::from_micros(u64::from_le_bytes(micros.try_into().ok()?))),
+                };
+                let channel = ChannelId::new(r.rest_str()?).ok()?;
+                EventBody::ChannelJoined { channel, since }
+            }
+            tag::CHANNEL_LEFT => EventBody::ChannelLeft {
+                channel: ChannelId::new(r.rest_str()?).ok()?,
+            },
+            tag::RAW => {
+                let kind = r.str()?.to_owned();
+                let json = Bytes::copy_from_slice(r.rest());
+                EventBody::Raw { kind, json }
+            }
+            _ => return None,
+        };
+        Some(Stored { ts: self.ts, body })
+    }
+
+    /// Bytes this event counts for in the budgets.
+    fn counted(&self) -> usize {
+        self.body.len() + EVENT_OVERHEAD
+    }
+}
+
 #[derive(Debug)]
 struct Channel {
     clock: TsClock,
-    /// Each event with the bytes it counts for.
-    events: VecDeque<(Stored, usize)>,
-    /// Bytes of `events` (the channel's own overhead is counted only in the store's total).
+    /// Oldest first. Its capacity grows toward the history bound and never past it, so a full
+    /// history carries no slack.
+    events: VecDeque<Packed>,
+    /// Bytes of `events` as counted (the channel's own overhead is counted only in the store's
+    /// total).
     bytes: usize,
     /// The newest ts dropped from `events` to stay within the bounds.
     trimmed: Ts,
+}
+
+impl Channel {
+    fn new(clock: TsClock, trimmed: Ts) -> Self {
+        Channel {
+            clock,
+            events: VecDeque::new(),
+            bytes: 0,
+            trimmed,
+        }
+    }
+
+    /// Appends `event`, then drops the oldest events until within `limits`; returns the bytes
+    /// freed.
+    fn push(&mut self, event: Packed, limits: &Limits) -> usize {
+        let mut freed = 0;
+        // Make room first, so a full ring is reused rather than grown past the bound.
+        while !self.events.is_empty() && self.events.len() >= limits.history_events {
+            freed += self.pop_oldest();
+        }
+        if self.events.len() == self.events.capacity() {
+            let want = (self.events.capacity() * 2)
+                .max(4)
+                .min(limits.history_events.max(1));
+            self.events
+                .reserve_exact(want.saturating_sub(self.events.len()).max(1));
+        }
+        self.bytes += event.counted();
+        self.events.push_back(event);
+        while self.events.len() > limits.history_events
+            || (self.bytes > limits.history_bytes && self.events.len() > 1)
+        {
+            freed += self.pop_oldest();
+        }
+        freed
+    }
+
+    fn pop_oldest(&mut self) -> usize {
+        let Some(event) = self.events.pop_front() else {
+            return 0;
+        };
+        let size = event.counted();
+        self.bytes -= size;
+        self.trimmed = event.ts;
+        size
+    }
+
+    fn unpacked(&self) -> impl Iterator<Item = Stored> + '_ {
+        self.events.iter().filter_map(Packed::unpack)
+    }
 }
 
 /// A channel's state on its way to a new owner.
@@ -110,34 +366,19 @@ impl Store {
         }
     }
 
-    /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores it, and returns
-    /// the ts.
-    pub fn append(&mut self, channel: &ChannelId, body: EventBody, now_micros: u64) -> Ts {
-        let size = body.heap_size() + EVENT_OVERHEAD;
+    /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores a copy of it
+    /// (packed in one allocation), and returns the ts.
+    pub fn append(&mut self, channel: &ChannelId, body: &EventBody, now_micros: u64) -> Ts {
         let floor = self.slot_floor[usize::from(slot_of(channel))];
         let mut created = false;
         let state = self.channels.get_or_insert_mut(channel.clone(), || {
             created = true;
-            Channel {
-                clock: TsClock::starting_after(floor),
-                events: VecDeque::new(),
-                bytes: 0,
-                trimmed: Ts::default(),
-            }
+            Channel::new(TsClock::starting_after(floor), Ts::default())
         });
         let ts = state.clock.next(now_micros);
-        state.events.push_back((Stored { ts, body }, size));
-        state.bytes += size;
-        let mut freed = 0;
-        while state.events.len() > self.limits.history_events
-            || (state.bytes > self.limits.history_bytes && state.events.len() > 1)
-        {
-            if let Some((e, s)) = state.events.pop_front() {
-                state.bytes -= s;
-                state.trimmed = e.ts;
-                freed += s;
-            }
-        }
+        let event = Packed::pack(ts, body);
+        let size = event.counted();
+        let freed = state.push(event, &self.limits);
         if created {
             self.total_bytes += CHANNEL_OVERHEAD;
         }
@@ -173,7 +414,7 @@ impl Store {
         self.channels
             .peek(channel)
             .and_then(|c| c.events.back())
-            .map(|(e, _)| e.ts)
+            .map(|e| e.ts)
     }
 
     /// Up to `limit` events strictly after `since` (all retained events when `None`).
@@ -186,19 +427,18 @@ impl Store {
             };
         };
         let start = match since {
-            Some(since) => state.events.partition_point(|(e, _)| e.ts <= since),
+            Some(since) => state.events.partition_point(|e| e.ts <= since),
             None => 0,
         };
+        let taken = limit.min(state.events.len() - start);
         let events: Vec<Stored> = state
             .events
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|(e, _)| e.clone())
+            .range(start..start + taken)
+            .filter_map(Packed::unpack)
             .collect();
         HistoryPage {
-            has_more: state.events.len() - start > events.len(),
-            oldest: state.events.front().map(|(e, _)| e.ts),
+            has_more: state.events.len() - start > taken,
+            oldest: state.events.front().map(|e| e.ts),
             complete_after: floor.max(state.trimmed),
             events,
         }
@@ -242,7 +482,7 @@ impl Store {
                 taken.push(Snapshot {
                     last_ts: state.clock.last(),
                     trimmed: state.trimmed,
-                    events: state.events.into_iter().map(|(e, _)| e).collect(),
+                    events: state.unpacked().collect(),
                     channel: id,
                 });
             }
@@ -260,35 +500,20 @@ impl Store {
             trimmed,
         } = snapshot;
         let floor = self.slot_floor[usize::from(slot_of(&channel))];
-        let mut merged: Vec<Stored> = events;
+        let mut merged: Vec<Packed> = events.iter().map(|e| Packed::pack(e.ts, &e.body)).collect();
         let mut clock = TsClock::starting_after(floor.max(last_ts));
         let mut trimmed = trimmed;
         if let Some(existing) = self.channels.pop(&channel) {
             trimmed = trimmed.max(existing.trimmed);
             self.forget(&channel, &existing);
             clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
-            merged.extend(existing.events.into_iter().map(|(e, _)| e));
+            merged.extend(existing.events);
             merged.sort_by_key(|e| e.ts);
             merged.dedup_by_key(|e| e.ts);
         }
-        let mut state = Channel {
-            clock,
-            events: VecDeque::new(),
-            bytes: 0,
-            trimmed,
-        };
+        let mut state = Channel::new(clock, trimmed);
         for event in merged {
-            let size = event.body.heap_size() + EVENT_OVERHEAD;
-            state.bytes += size;
-            state.events.push_back((event, size));
-        }
-        while state.events.len() > self.limits.history_events
-            || (state.bytes > self.limits.history_bytes && state.events.len() > 1)
-        {
-            if let Some((e, s)) = state.events.pop_front() {
-                state.bytes -= s;
-                state.trimmed = e.ts;
-            }
+            state.push(event, &self.limits);
         }
         self.total_bytes += state.bytes + CHANNEL_OVERHEAD;
         self.channels.put(channel.clone(), state);
@@ -319,7 +544,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::UserId;
     use proptest::prelude::*;
 
     fn c(s: &str) -> ChannelId {
@@ -337,9 +561,9 @@ mod tests {
     #[test]
     fn ts_are_unique_and_increasing_per_channel() {
         let mut store = Store::new(Limits::default());
-        let a = store.append(&c("C1"), msg("a"), 1_000);
-        let b = store.append(&c("C1"), msg("b"), 1_000);
-        let x = store.append(&c("C2"), msg("x"), 1_000);
+        let a = store.append(&c("C1"), &msg("a"), 1_000);
+        let b = store.append(&c("C1"), &msg("b"), 1_000);
+        let x = store.append(&c("C2"), &msg("x"), 1_000);
         assert!(a < b);
         assert_eq!(x, a, "another channel has its own clock");
         assert_eq!(store.head(&c("C1")), Some(b));
@@ -354,7 +578,7 @@ mod tests {
         };
         let mut store = Store::new(limits);
         for i in 0..5 {
-            store.append(&c("C1"), msg(&format!("m{i}")), 1_000 + i);
+            store.append(&c("C1"), &msg(&format!("m{i}")), 1_000 + i);
         }
         let page = store.history(&c("C1"), None, 100);
         let texts: Vec<_> = page
@@ -366,7 +590,7 @@ mod tests {
             })
             .collect();
         assert_eq!(texts, ["m2", "m3", "m4"]);
-        store.append(&c("C1"), msg(&"x".repeat(300)), 2_000);
+        store.append(&c("C1"), &msg(&"x".repeat(300)), 2_000);
         assert_eq!(store.history(&c("C1"), None, 100).events.len(), 1);
     }
 
@@ -374,7 +598,7 @@ mod tests {
     fn history_pages_after_since() {
         let mut store = Store::new(Limits::default());
         let ts: Vec<Ts> = (0..5)
-            .map(|i| store.append(&c("C1"), msg("m"), 10 + i))
+            .map(|i| store.append(&c("C1"), &msg("m"), 10 + i))
             .collect();
         let page = store.history(&c("C1"), Some(ts[1]), 2);
         assert_eq!(
@@ -396,9 +620,9 @@ mod tests {
             total_bytes: 4 * (CHANNEL_OVERHEAD + EVENT_OVERHEAD + 10),
         };
         let mut store = Store::new(limits);
-        let first = store.append(&c("C0"), msg("a"), 5_000_000);
+        let first = store.append(&c("C0"), &msg("a"), 5_000_000);
         for i in 1..10 {
-            store.append(&c(&format!("C{i}")), msg("a"), 1_000);
+            store.append(&c(&format!("C{i}")), &msg("a"), 1_000);
         }
         assert!(store.evictions() > 0);
         assert!(store.total_bytes() <= limits.total_bytes);
@@ -408,22 +632,22 @@ mod tests {
             "the least recently used went first"
         );
         // C0 comes back with a wall clock behind its old ts: still after it.
-        assert!(store.append(&c("C0"), msg("b"), 1_000) > first);
+        assert!(store.append(&c("C0"), &msg("b"), 1_000) > first);
     }
 
     #[test]
     fn a_handed_over_channel_keeps_its_history_and_its_clock() {
         let mut old = Store::new(Limits::default());
-        let a = old.append(&c("C1"), msg("a"), 5_000);
-        let b = old.append(&c("C1"), msg("b"), 5_000);
-        old.append(&c("C2"), msg("x"), 5_000);
+        let a = old.append(&c("C1"), &msg("a"), 5_000);
+        let b = old.append(&c("C1"), &msg("b"), 5_000);
+        old.append(&c("C2"), &msg("x"), 5_000);
         let slot = slot_of(&c("C1"));
         let mut taken = old.take_slots(|s| s == slot);
         assert_eq!(taken.len(), 1);
         assert_eq!(old.head(&c("C1")), None);
         let mut new = Store::new(Limits::default());
         // The new owner already took a post during the move, with an earlier wall clock.
-        let early = new.append(&c("C1"), msg("early"), 4_000);
+        let early = new.append(&c("C1"), &msg("early"), 4_000);
         new.absorb(taken.remove(0));
         let ts: Vec<Ts> = new
             .history(&c("C1"), None, 10)
@@ -433,7 +657,7 @@ mod tests {
             .collect();
         assert_eq!(ts, vec![early, a, b]);
         assert!(
-            new.append(&c("C1"), msg("c"), 1) > b,
+            new.append(&c("C1"), &msg("c"), 1) > b,
             "the clock continues after the old owner's"
         );
     }
@@ -441,14 +665,125 @@ mod tests {
     #[test]
     fn dropping_slots_forgets_their_channels() {
         let mut store = Store::new(Limits::default());
-        store.append(&c("C1"), msg("a"), 1);
-        store.append(&c("C2"), msg("a"), 1);
+        store.append(&c("C1"), &msg("a"), 1);
+        store.append(&c("C2"), &msg("a"), 1);
         let slot = slot_of(&c("C1"));
         assert_eq!(store.drop_slots(|s| s == slot), 1);
         assert_eq!(store.len(), 1);
     }
 
+    #[test]
+    fn a_full_history_has_no_slack() {
+        for bound in [1, 3, 10, 100] {
+            let limits = Limits {
+                history_events: bound,
+                ..Limits::default()
+            };
+            let mut store = Store::new(limits);
+            for i in 0..(2 * bound as u64 + 5) {
+                store.append(&c("C1"), &msg("m"), i);
+            }
+            let state = store.channels.peek(&c("C1")).unwrap();
+            assert_eq!(state.events.len(), bound);
+            assert_eq!(state.events.capacity(), bound, "bound {bound}");
+        }
+    }
+
+    #[test]
+    fn every_stored_kind_round_trips() {
+        let user = UserId::new("U0G9QF9C6").unwrap();
+        let team = Some(TeamId::new("T024BE7LD").unwrap());
+        let bodies = [
+            EventBody::Message {
+                user: user.clone(),
+                text: "h\u{e9}llo \u{1f44b}".into(),
+                team: team.clone(),
+            },
+            EventBody::Message {
+                user: user.clone(),
+                text: String::new(),
+                team: None,
+            },
+            EventBody::Typing { user: user.clone() },
+            EventBody::MemberJoined {
+                user: user.clone(),
+                team: team.clone(),
+            },
+            EventBody::MemberJoined {
+                user: user.clone(),
+                team: None,
+            },
+            EventBody::MemberLeft { user },
+            EventBody::ChannelJoined {
+                channel: c("C1"),
+                since: Some(Ts::from_micros(1_700_000_000_000_123)),
+            },
+            EventBody::ChannelJoined {
+                channel: c("C1"),
+                since: None,
+            },
+            EventBody::ChannelLeft { channel: c("C2") },
+            EventBody::Raw {
+                kind: "reaction_added".repeat(20),
+                json: Bytes::from(vec![b'x'; 70_000]),
+            },
+        ];
+        for body in bodies {
+            let ts = Ts::from_micros(42);
+            let packed = Packed::pack(ts, &body);
+            assert_eq!(packed.unpack(), Some(Stored { ts, body }));
+        }
+    }
+
+    #[test]
+    fn bodies_are_allocated_at_their_exact_size() {
+        for n in [0, 1, 127, 128, 16_383, 16_384, 70_000] {
+            let field = vec![b'k'; n];
+            let body = write(tag::RAW, &[&field], b"{}");
+            assert_eq!(body.len(), 1 + varint_len(n) + n + 2);
+            assert_eq!(
+                varint_len(n),
+                match n {
+                    0..128 => 1,
+                    128..16_384 => 2,
+                    _ => 3,
+                }
+            );
+            let (_, rest) = body.split_first().unwrap();
+            let mut r = Reader(rest);
+            assert_eq!(r.field(), Some(&field[..]));
+            assert_eq!(r.rest(), b"{}");
+        }
+    }
+
+    #[test]
+    fn foreign_bytes_do_not_unpack() {
+        for bytes in [
+            &[][..],
+            &[0],
+            &[tag::MESSAGE, 200],
+            &[tag::MESSAGE, 1, b' ', 0],
+        ] {
+            let packed = Packed {
+                ts: Ts::default(),
+                body: bytes.into(),
+            };
+            assert_eq!(packed.unpack(), None, "{bytes:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn messages_round_trip(user in "[A-Z0-9]{1,64}", team in proptest::option::of("[A-Za-z0-9_.:-]{1,64}"), text in ".{0,300}") {
+            let body = EventBody::Message {
+                user: UserId::new(&user).unwrap(),
+                text,
+                team: team.map(|t| TeamId::new(&t).unwrap()),
+            };
+            let packed = Packed::pack(Ts::from_micros(7), &body);
+            prop_assert_eq!(packed.unpack(), Some(Stored { ts: Ts::from_micros(7), body }));
+        }
+
         /// Against a naive model (a plain Vec per channel, trimmed to the last N): the store
         /// returns the same events in the same order, and the byte count matches its contents.
         #[test]
@@ -459,7 +794,7 @@ mod tests {
             for (ch, len, now) in ops {
                 let id = format!("C{ch}");
                 let text = "t".repeat(len);
-                let ts = store.append(&c(&id), msg(&text), now);
+                let ts = store.append(&c(&id), &msg(&text), now);
                 let entry = model.entry(id.clone()).or_default();
                 if let Some((last, _)) = entry.last() { prop_assert!(ts > *last); }
                 entry.push((ts, text));
@@ -469,7 +804,8 @@ mod tests {
                     .collect();
                 prop_assert_eq!(&got, entry);
             }
-            let expected: usize = model.values().map(|v| CHANNEL_OVERHEAD + v.iter().map(|(_, t)| t.len() + 2 + EVENT_OVERHEAD).sum::<usize>()).sum();
+            let counted = |t: &str| Packed::pack(Ts::default(), &msg(t)).counted();
+            let expected: usize = model.values().map(|v| CHANNEL_OVERHEAD + v.iter().map(|(_, t)| counted(t)).sum::<usize>()).sum();
             prop_assert_eq!(store.total_bytes(), expected);
         }
     }

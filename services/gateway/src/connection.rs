@@ -67,10 +67,41 @@ struct Connection {
     catching_up: HashMap<ChannelId, Vec<Arc<Rendered>>>,
     /// Per channel, the newest ts this client has (written, or from before it connected):
     /// the cursors it resumes from if the region drains.
-    cursors: HashMap<ChannelId, mesh_core::Ts>,
+    cursors: FastMap<ChannelId, mesh_core::Ts>,
+    /// Events in the batch being gathered, and when the gateway received the oldest: counted
+    /// in the metrics once the batch is written.
+    written: u64,
+    oldest: Option<std::time::Instant>,
 }
 
+/// The per-connection maps are looked up for every event delivered: a fast hasher (foldhash,
+/// seeded per process) instead of SipHash. Their keys are the connection's own channels, from
+/// its signed token or its joins.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 impl Connection {
+    /// Takes queued items until the batch is full or the queue empty.
+    fn take_batch(&mut self, outbox: &Outbox, frames: &mut Vec<Message>) -> Step {
+        while frames.len() < WRITE_BATCH {
+            let Some(item) = outbox.pop() else { break };
+            if !self.on_outbound(item, frames) {
+                return Step::End(Some((
+                    close::SLOW_CONSUMER,
+                    "slow consumer: catch-up buffer overflowed",
+                )));
+            }
+        }
+        Step::Write
+    }
+
+    /// `event` goes out in the batch being gathered.
+    fn count_written(&mut self, event: &Rendered) {
+        self.written += 1;
+        if self.oldest.is_none() {
+            self.oldest = event.received;
+        }
+    }
+
     /// The client has `event` now: its channel's cursor moves to it.
     /// Returns false, and moves nothing, when the client already has it (a persisted event
     /// at or before the channel's cursor). One map lookup, no allocation on the hot path.
@@ -104,7 +135,7 @@ impl Connection {
                     }
                     buffer.push(event);
                 } else if self.advance(&event) {
-                    self.shared.metrics.written(&event);
+                    self.count_written(&event);
                     out.push(Message::Text(event.frame.clone()));
                 }
                 // Otherwise already written: a resume's history read can overtake the live
@@ -140,7 +171,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
-                        self.shared.metrics.written(event);
+                        self.count_written(event);
                         out.push(Message::Text(event.frame.clone()));
                     }
                 }
@@ -164,7 +195,7 @@ impl Connection {
                         None => {}
                     }
                     if self.advance(event) {
-                        self.shared.metrics.written(event);
+                        self.count_written(event);
                         out.push(Message::Text(event.frame.clone()));
                     }
                 }
@@ -252,7 +283,9 @@ pub async fn run(
         sink,
         outbox: outbox.clone(),
         catching_up: HashMap::new(),
-        cursors: HashMap::new(),
+        cursors: FastMap::default(),
+        written: 0,
+        oldest: None,
     };
     let (mut ws_tx, mut ws_rx) = socket.split();
     let cancel = shared.cancel.clone();
@@ -330,16 +363,20 @@ pub async fn run(
     // Boxed: `FuturesUnordered::new` allocates a stub task holding one future inline, which
     // for the publish future would cost every idle connection kilobytes.
     let mut in_flight: FuturesUnordered<Publishing> = FuturesUnordered::new();
+    // Made once, not on every turn of the loop: making one locks the token's tree.
+    let shutdown = cancel.cancelled();
+    let closing = closer.token.cancelled();
+    tokio::pin!(shutdown, closing);
     // Frames to write once the branch that produced them is done: one flush per batch.
     let mut frames: Vec<Message> = Vec::new();
     let close: Option<(u16, &'static str)> = loop {
         let step = tokio::select! {
-            _ = cancel.cancelled() => {
+            _ = &mut shutdown => {
                 frames.push(Message::Text(Utf8Bytes::from(rtm::goodbye())));
                 let _ = write(&mut ws_tx, &mut frames, limits.write_timeout, None).await;
                 Step::End(Some((close::GOING_AWAY, "server shutting down")))
             }
-            _ = closer.token.cancelled() => match closer.reason.get() {
+            _ = &mut closing => match closer.reason.get() {
                 Some(CloseReason::Drain) => {
                     // Lame duck: write what is already queued, keep the cursors for the
                     // reconnect, then goodbye.
@@ -366,16 +403,13 @@ pub async fn run(
             // Cancel-safe: a push's wake-up is kept until taken.
             _ = outbox.ready() => {
                 // Take what is queued, up to a batch: written with one flush.
-                let mut step = Step::Write;
-                while frames.len() < WRITE_BATCH {
-                    let Some(item) = outbox.pop() else { break };
-                    if !me.on_outbound(item, &mut frames) {
-                        step = Step::End(Some((
-                            close::SLOW_CONSUMER,
-                            "slow consumer: catch-up buffer overflowed",
-                        )));
-                        break;
-                    }
+                let mut step = me.take_batch(&outbox, &mut frames);
+                if matches!(step, Step::Write) && frames.len() < WRITE_BATCH {
+                    // Let the fan-out queue more before paying for a system call: under load
+                    // a connection then writes several events per write, as NATS does per
+                    // read of its publishers; when idle, the yield returns at once.
+                    tokio::task::yield_now().await;
+                    step = me.take_batch(&outbox, &mut frames);
                 }
                 outbox.rearm();
                 step
@@ -463,7 +497,13 @@ pub async fn run(
         )
         .await
         {
-            Written::Done | Written::Interrupted => {}
+            Written::Done => {
+                if me.written > 0 {
+                    shared.metrics.written(me.written, me.oldest.take());
+                    me.written = 0;
+                }
+            }
+            Written::Interrupted => {}
             Written::Broken => break None,
             Written::Stalled => {
                 closer.close(CloseReason::SlowConsumer);
