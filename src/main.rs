@@ -311,9 +311,13 @@ enum BenchCommand {
         channels: usize,
         #[arg(long, default_value_t = 10)]
         events: usize,
-        /// Bytes of text per message.
+        /// Bytes of text per message (with --mixed: the mean).
         #[arg(long, default_value_t = 200)]
         text_bytes: usize,
+        /// Texts of random words with lengths spread around --text-bytes, as chat is,
+        /// instead of all the same length.
+        #[arg(long)]
+        mixed: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -1081,15 +1085,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             channels,
             events,
             text_bytes,
+            mixed,
             json,
         }) => {
-            let r = channelmesh::store_bench::channel_memory(
-                &channelmesh::store_bench::ChannelMemoryConfig {
-                    channels,
-                    events_per_channel: events,
-                    text_bytes,
-                },
-            )?;
+            use channelmesh::store_bench::{ChannelMemoryConfig, TextSizes, channel_memory_with};
+            let sizes = if mixed {
+                TextSizes::Mixed
+            } else {
+                TextSizes::Fixed
+            };
+            let config = ChannelMemoryConfig {
+                channels,
+                events_per_channel: events,
+                text_bytes,
+            };
+            let r = channel_memory_with(&config, sizes)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
                 return Ok(());
