@@ -57,7 +57,11 @@ pub async fn latency(config: LatencyConfig) -> anyhow::Result<LatencyReport> {
     };
     let mut ws = connect_client(&config.gateway, &config.jwt_secret, &identity).await?;
 
-    let mut admin = AdminClient::connect(format!("http://{}", config.admin)).await?;
+    let mut admin = AdminClient::new(
+        ring_manager::transport::endpoint(&config.admin)?
+            .connect()
+            .await?,
+    );
     let bearer: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", config.admin_token).parse()?;
     let mut samples = Vec::with_capacity(config.messages);
@@ -238,7 +242,11 @@ pub async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
             .context("the owner's pid")?
             .pid;
 
-        let mut admin = AdminClient::connect(format!("http://{admin_addr}")).await?;
+        let mut admin = AdminClient::new(
+            ring_manager::transport::endpoint(&admin_addr.to_string())?
+                .connect()
+                .await?,
+        );
         let bearer: tonic::metadata::MetadataValue<_> =
             format!("Bearer {}", config.admin_token).parse()?;
         let next = Arc::new(AtomicUsize::new(0));

@@ -34,7 +34,7 @@ pub struct OwnerView {
 }
 
 async fn connect(endpoint: &str) -> anyhow::Result<RingManagerClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+    let channel = ring_manager::transport::endpoint(endpoint)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await

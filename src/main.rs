@@ -51,8 +51,74 @@ struct Cli {
     /// unset. `dev --multi-process` passes it to every child.
     #[arg(long, global = true, env = mesh_telemetry::init::ENV_OTLP_ENDPOINT)]
     otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS for gRPC between the services (and to the admin API): all three files, or none.
+#[derive(Debug, Clone, Args)]
+struct TlsArgs {
+    /// The CA certificate (PEM) every service's certificate is signed by; with --tls-cert and
+    /// --tls-key, every gRPC server of this process serves TLS and every gRPC client dials TLS.
+    #[arg(long, global = true, env = "CHANNELMESH_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This process's certificate chain (PEM): valid for the addresses others dial it at, with
+    /// the serverAuth and clientAuth key usages.
+    #[arg(long, global = true, env = "CHANNELMESH_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, global = true, env = "CHANNELMESH_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Servers refuse clients without a certificate signed by the CA (mutual TLS).
+    #[arg(long, global = true, env = "CHANNELMESH_TLS_REQUIRE_CLIENT_CERT")]
+    tls_require_client_cert: bool,
+}
+
+impl TlsArgs {
+    /// Sets this process's gRPC transport from the flags (nothing when none is given).
+    fn configure(&self) -> anyhow::Result<()> {
+        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => {
+                anyhow::ensure!(
+                    !self.tls_require_client_cert,
+                    "--tls-require-client-cert needs --tls-ca, --tls-cert and --tls-key"
+                );
+                return Ok(());
+            }
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            _ => anyhow::bail!("TLS needs all of --tls-ca, --tls-cert and --tls-key"),
+        };
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        ring_manager::transport::configure(ring_manager::transport::Tls {
+            ca: read(ca)?,
+            cert: read(cert)?,
+            key: read(key)?,
+            require_client_cert: self.tls_require_client_cert,
+        })
+        .map_err(anyhow::Error::msg)
+    }
+
+    /// The same settings as arguments, for child processes.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--tls-ca", &self.tls_ca),
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+        ] {
+            if let Some(path) = path {
+                args.push(format!("{flag}={}", path.display()));
+            }
+        }
+        if self.tls_require_client_cert {
+            args.push("--tls-require-client-cert".into());
+        }
+        args
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -781,8 +847,12 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    cli.tls.configure()?;
     match cli.command {
-        Command::Dev(args) => dev(args, (cli.log_json, cli.otlp_endpoint), cancel).await,
+        Command::Dev(args) => {
+            let tls_args = cli.tls.to_args();
+            dev(args, (cli.log_json, cli.otlp_endpoint, tls_args), cancel).await
+        }
         Command::RingManager {
             listen,
             state_file,
@@ -1230,7 +1300,10 @@ async fn revoke(endpoint: &str, jtis: Vec<String>, until: u64) -> anyhow::Result
     use mesh_proto::ring::ring_manager_client::RingManagerClient;
     use mesh_proto::ring::{RevokeTokensRequest, RevokedToken};
     let call = async {
-        let mut client = RingManagerClient::connect(endpoint.to_string()).await?;
+        let channel = ring_manager::transport::endpoint(endpoint)?
+            .connect()
+            .await?;
+        let mut client = RingManagerClient::new(channel);
         let request = RevokeTokensRequest {
             jtis: jtis
                 .into_iter()
@@ -1252,10 +1325,10 @@ async fn revoke(endpoint: &str, jtis: Vec<String>, until: u64) -> anyhow::Result
     Ok(())
 }
 
-/// `dev`; `(log_json, otlp_endpoint)` are passed on to child processes.
+/// `dev`; `(log_json, otlp_endpoint, tls_args)` are passed on to child processes.
 async fn dev(
     args: DevArgs,
-    (log_json, otlp_endpoint): (bool, Option<String>),
+    (log_json, otlp_endpoint, tls_args): (bool, Option<String>, Vec<String>),
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -1313,6 +1386,7 @@ async fn dev(
             gateway_args: args.limits.to_args(),
             otlp_endpoint: otlp_endpoint.clone(),
             log_json,
+            tls_args,
         };
         let procs = channelmesh::multiprocess::start_all(&config, &options).await?;
         let mut ring_managers = vec![(procs.ring_manager.addr, Some(procs.ring_manager.pid))];

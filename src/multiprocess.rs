@@ -51,6 +51,8 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// Every child logs JSON lines (`--log-json`).
     pub log_json: bool,
+    /// `--tls-*` arguments for every child (empty: plaintext).
+    pub tls_args: Vec<String>,
 }
 
 /// The running children.
@@ -91,6 +93,7 @@ async fn start_with(
     if let Some(endpoint) = &options.otlp_endpoint {
         global.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
     }
+    global.extend(options.tls_args.iter().cloned());
     let mut child = Command::new(exe)
         .args(args)
         .args(global)
@@ -329,7 +332,7 @@ async fn assembled(
     loop {
         // With Consul, the leader may not be elected yet.
         let ring = match source.endpoint().await {
-            Ok(rm) => match RingManagerClient::connect(rm).await {
+            Ok(rm) => match connect_rm(&rm).await {
                 Ok(mut client) => client.get_ring(GetRingRequest {}).await.ok(),
                 Err(_) => None,
             },
@@ -396,4 +399,14 @@ impl Processes {
             }
         }
     }
+}
+
+/// A ring manager client for `endpoint`, over TLS when this process has it.
+async fn connect_rm(
+    endpoint: &str,
+) -> Result<RingManagerClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let channel = ring_manager::transport::endpoint(endpoint)?
+        .connect()
+        .await?;
+    Ok(RingManagerClient::new(channel))
 }

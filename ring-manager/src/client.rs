@@ -148,7 +148,7 @@ async fn follow_once(
     tx: &watch::Sender<Arc<Ring>>,
     backoff: &mut Duration,
 ) -> Result<(), Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+    let channel = crate::transport::endpoint(endpoint)?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await?;
@@ -185,7 +185,7 @@ pub async fn register(
     loop {
         let attempt = async {
             let endpoint = source.endpoint().await?;
-            let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+            let channel = crate::transport::endpoint(&endpoint)?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .connect()
                 .await?;

@@ -140,7 +140,7 @@ impl Lease {
         // No leader to be found (or Consul unreachable) counts as an unreachable ring manager:
         // nobody can reassign slots then either.
         let endpoint = source.endpoint().await.map_err(|_| true)?;
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        let channel = crate::transport::endpoint(&endpoint)
             .map_err(|_| true)?
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()

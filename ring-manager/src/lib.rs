@@ -21,6 +21,7 @@ pub mod regions;
 pub mod revocations;
 pub mod server;
 pub mod state_file;
+pub mod transport;
 
 pub use client::{RingSource, RingWatcher};
 pub use lease::{Lease, LeaseEnd};

@@ -745,7 +745,7 @@ impl RingManager {
 /// The confirming probe: a gRPC health check on the node. Only a running process answers it;
 /// a frozen one still completes TCP handshakes, so a bare connect would not do.
 async fn probe(addr: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+    let Ok(endpoint) = crate::transport::endpoint(addr) else {
         return false;
     };
     let Ok(channel) = endpoint.connect().await else {
@@ -930,7 +930,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
     tracing::info!(addr = ?listener.local_addr().ok(), "ring manager listening");
-    tonic::transport::Server::builder()
+    crate::transport::server()?
         .add_service(RingManagerServer::new(manager))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -706,9 +706,11 @@ async fn admin_publisher(shared: Arc<Shared>, task: usize) {
 
 async fn admin_publish(shared: &Shared, task: usize) -> anyhow::Result<()> {
     let plan = &shared.plan;
-    let mut admin = AdminClient::connect(format!("http://{}", plan.admin))
+    let channel = ring_manager::transport::endpoint(&plan.admin)?
+        .connect()
         .await
         .context("connecting to the admin server")?;
+    let mut admin = AdminClient::new(channel);
     let bearer: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", plan.admin_token).parse()?;
     let mut phase = shared.phase.clone();

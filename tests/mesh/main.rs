@@ -25,6 +25,7 @@ mod resume;
 mod revocation;
 mod support;
 mod team_caps;
+mod tls;
 mod token_keys;
 // Not `mod tracing`: that name would shadow the `tracing` crate in this test crate.
 #[path = "tracing.rs"]

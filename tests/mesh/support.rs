@@ -311,7 +311,8 @@ pub async fn admin(mesh: &Mesh) -> Admin {
 
 /// An admin API client for the admin server at `addr`.
 pub async fn admin_at(addr: SocketAddr, token: &str) -> Admin {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    // TLS when the test configured it for the process.
+    let channel = ring_manager::transport::endpoint(&addr.to_string())
         .expect("valid uri")
         .connect()
         .await

@@ -86,7 +86,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
-    let result = tonic::transport::Server::builder()
+    let result = ring_manager::transport::server()?
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
         .add_service(AdminServer::with_interceptor(service, auth))

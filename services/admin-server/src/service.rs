@@ -453,9 +453,12 @@ impl Admin for AdminService {
                 .endpoint()
                 .await
                 .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?;
-            let mut client = RingManagerClient::connect(endpoint)
+            let channel = ring_manager::transport::endpoint(&endpoint)
+                .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?
+                .connect()
                 .await
                 .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?;
+            let mut client = RingManagerClient::new(channel);
             client.revoke_tokens(forwarded).await
         };
         let reply = tokio::time::timeout(REVOKE_TIMEOUT, call)

@@ -13,7 +13,7 @@ use mesh_core::{ChannelEvent, ChannelId, Ts};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use ring_manager::RingWatcher;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
@@ -73,7 +73,7 @@ impl ChannelRouter {
         if let Some(client) = clients.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = ring_manager::transport::endpoint(addr)
             .map_err(|e| RouteError::Internal(format!("bad channel server address {addr}: {e}")))?
             .connect_timeout(ATTEMPT_TIMEOUT)
             .tcp_nodelay(true);

@@ -96,7 +96,7 @@ pub async fn serve(
     // The ring manager probes a silent node with a standard gRPC health check: only a process
     // that runs answers it (a frozen one still completes TCP handshakes).
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = tonic::transport::Server::builder()
+    let server = ring_manager::transport::server()?
         .add_service(health_service)
         .add_service(
             ChannelServerServer::new(service)

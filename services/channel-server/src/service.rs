@@ -433,7 +433,7 @@ impl ChannelService {
         epoch: u64,
         snapshots: Vec<Snapshot>,
     ) -> Result<(), Status> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let channel = ring_manager::transport::endpoint(addr)
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .connect()

@@ -299,7 +299,7 @@ impl PresenceHub {
         addr: &str,
         rx: &mut mpsc::Receiver<Kind>,
     ) -> SessionEnd {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let endpoint = match ring_manager::transport::endpoint(addr) {
             Ok(e) => e.connect_timeout(CALL_TIMEOUT).tcp_nodelay(true),
             Err(e) => return SessionEnd::Broken(e.to_string()),
         };

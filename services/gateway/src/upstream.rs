@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Endpoint;
 
 use crate::hub::Hub;
 
@@ -72,7 +71,7 @@ async fn stream(
     addr: &str,
     commands: mpsc::Receiver<pb::SubscribeRequest>,
 ) -> Result<(), String> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+    let channel = ring_manager::transport::endpoint(addr)
         .map_err(|e| e.to_string())?
         .connect_timeout(std::time::Duration::from_secs(2))
         .tcp_nodelay(true)

@@ -88,7 +88,7 @@ pub async fn serve(
     let lease = Lease::default();
     observe(&config.telemetry, &service, &lease);
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = tonic::transport::Server::builder()
+    let server = ring_manager::transport::server()?
         .add_service(health_service)
         .add_service(PresenceServer::new(service))
         .serve_with_incoming_shutdown(
