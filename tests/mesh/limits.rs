@@ -359,3 +359,74 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     post(&mut admin, "C1", "U3", "still here?").await;
     live.expect("the message", |v| v["type"] == "message").await;
 }
+
+#[tokio::test]
+async fn connects_past_the_handshake_rate_are_told_to_retry() {
+    let mesh = mesh_with(with_limits(Limits {
+        handshakes_per_sec: 5,
+        ..Limits::default()
+    }))
+    .await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let token = mesh.token("U1", "T1", &[]).unwrap();
+    let client = reqwest::Client::new();
+    let (mut admitted, mut refused) = (0, 0);
+    for _ in 0..30 {
+        let reply = client
+            .post(format!("{us}rtm.connect"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let retry_after = reply.headers().get("retry-after").cloned();
+        let body: Value = reply.json().await.unwrap();
+        if body["ok"] == json!(true) {
+            admitted += 1;
+        } else {
+            assert_eq!(body, json!({"ok": false, "error": "ratelimited"}));
+            assert_eq!(retry_after.unwrap(), "1");
+            refused += 1;
+        }
+    }
+    assert!(admitted >= 5, "the burst is admitted ({admitted})");
+    assert!(refused > 0, "30 connects at once all passed a limit of 5/s");
+}
+
+#[tokio::test]
+async fn at_the_socket_cap_accept_waits_until_one_closes() {
+    let mesh = mesh_with(with_limits(Limits {
+        max_sockets: 3,
+        ..Limits::default()
+    }))
+    .await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let addr = us
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // Three idle sockets hold the cap (the kernel still completes later handshakes: they wait
+    // in the listen backlog, unserved).
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut fourth = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(500), fourth.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "served past the socket cap: {answer:?}");
+    // One closes: the fourth is accepted and answered.
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), fourth.read_to_end(&mut answer))
+        .await
+        .expect("served once a socket closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
