@@ -10,7 +10,7 @@
 #   bench/compare.sh                     # saturating: RATE=0, as fast as the window allows
 #   RATE=20000 DURATION=20 bench/compare.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." && root="$(pwd)"
 
 CLIENTS="${CLIENTS:-1000}"
 CHANNELS="${CHANNELS:-10}"
@@ -25,41 +25,14 @@ NATS_WS_PORT="${NATS_WS_PORT:-4223}"
 NATS_PORT="${NATS_PORT:-14222}"
 # channelmesh dev's ports: BASE+50 ring manager, +51 admin, +52 presence ring manager,
 # +61.. channel servers, +71.. presence servers, +90/+92 consoles; gateways GW_PORT and +1.
-BASE="${BASE:-51000}"
+BASE="${BASE:-21000}"
 GW_PORT="${GW_PORT:-9080}"
 
 if ! command -v nats-server >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y nats-server
 fi
-# BIN=path runs a binary already built instead of building the release one.
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --bin channelmesh
-  BIN=target/release/channelmesh
-fi
-work="$(mktemp -d)"
-# A copy: other builds sharing target/ cannot swap the binary under the running workers.
-cp "$BIN" "$work/channelmesh"
-bin="$work/channelmesh"
-started=()
-cleanup() {
-  for pid in "${started[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${started[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() { # host port: wait up to 20 s for a listener
-  for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $1:$2" >&2
-  return 1
-}
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 
 workload=(--clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --seconds "$DURATION"
   --rate "$RATE" --window "$WINDOW" --processes "$PROCESSES" --publish clients --json)

@@ -8,45 +8,18 @@
 #   bench/idle.sh                          # 60,000 clients over 4 gateways
 #   CLIENTS=20000 GATEWAYS=2 bench/idle.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." && root="$(pwd)"
 
 CLIENTS="${CLIENTS:-60000}"
 GATEWAYS="${GATEWAYS:-4}"
 PROCESSES="${PROCESSES:-$(((CLIENTS + 14999) / 15000))}"
 CHANNELS="${CHANNELS:-100}"
 DURATION="${DURATION:-10}"
-BASE="${BASE:-51000}"
+BASE="${BASE:-21000}"
 GW_PORT="${GW_PORT:-9080}"
 
-# BIN=path runs a binary already built instead of building the release one.
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --bin channelmesh
-  BIN=target/release/channelmesh
-fi
-work="$(mktemp -d)"
-# A copy: other builds sharing target/ cannot swap the binary under the running workers.
-cp "$BIN" "$work/channelmesh"
-bin="$work/channelmesh"
-started=()
-cleanup() {
-  for pid in "${started[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${started[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $1:$2" >&2
-  return 1
-}
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 
 export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
 export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
