@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use mesh_core::{ChannelEvent, ChannelId, Ts};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use ring_manager::RingWatcher;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -56,6 +58,40 @@ pub struct ChannelRouter {
     ring: RingWatcher,
     /// One lazily connected client per channel-server address.
     clients: Arc<Mutex<HashMap<String, ChannelServerClient<Channel>>>>,
+    /// One publish stream per channel-server address, opened on the first publish.
+    pipes: Arc<Mutex<HashMap<String, Arc<Pipe>>>>,
+}
+
+/// Replies a publish stream waits for, by request id.
+type Waiting = HashMap<u64, oneshot::Sender<Result<pb::PublishResponse, Status>>>;
+
+/// Requests queued to one publish stream.
+const PIPE_QUEUE: usize = 4096;
+
+/// A publish stream to one channel server: requests go out as they come, replies are matched
+/// by id. Its task ends when the stream breaks (every waiting publish then fails as
+/// unavailable, and is retried as a broken call would be) or when the router drops it.
+#[derive(Debug)]
+struct Pipe {
+    tx: mpsc::Sender<pb::PublishStreamRequest>,
+    waiting: Arc<Mutex<Waiting>>,
+    next_id: AtomicU64,
+}
+
+/// Takes a publish's waiting entry out when the publish is given up (timed out, cancelled).
+struct Forget<'a> {
+    waiting: &'a Mutex<Waiting>,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.waiting).remove(&self.id);
+    }
+}
+
+fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ChannelRouter {
@@ -64,6 +100,90 @@ impl ChannelRouter {
         ChannelRouter {
             ring,
             clients: Arc::new(Mutex::new(HashMap::new())),
+            pipes: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The publish stream to the channel server at `addr`, opened if needed.
+    fn pipe(&self, addr: &str) -> Result<Arc<Pipe>, RouteError> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pipe) = pipes.get(addr)
+            && !pipe.tx.is_closed()
+        {
+            return Ok(pipe.clone());
+        }
+        let mut client = self.client(addr)?;
+        let (tx, rx) = mpsc::channel(PIPE_QUEUE);
+        let pipe = Arc::new(Pipe {
+            tx,
+            waiting: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+        });
+        let waiting = pipe.waiting.clone();
+        let addr_owned = addr.to_string();
+        // Ends with the stream: when it breaks, or when every sender (the router's map entry
+        // and the publishes in flight) is gone and the server finishes the closed stream.
+        tokio::spawn(async move {
+            let outcome = async {
+                let mut replies = client
+                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                while let Some(reply) = replies.message().await? {
+                    let Some(waiter) = lock(&waiting).remove(&reply.id) else {
+                        continue; // Given up on already.
+                    };
+                    let answer = match Code::from_i32(reply.code) {
+                        Code::Ok => Ok(pb::PublishResponse { ts: reply.ts }),
+                        code => Err(Status::new(code, reply.message)),
+                    };
+                    let _ = waiter.send(answer);
+                }
+                Ok::<_, Status>(())
+            }
+            .await;
+            let why = match outcome {
+                Ok(()) => "the publish stream ended".to_string(),
+                Err(status) => format!("the publish stream broke: {}", status.message()),
+            };
+            tracing::debug!(addr = %addr_owned, %why, "publish stream closed");
+            for (_, waiter) in lock(&waiting).drain() {
+                let _ = waiter.send(Err(Status::unavailable(why.clone())));
+            }
+        });
+        pipes.insert(addr.to_string(), pipe.clone());
+        Ok(pipe)
+    }
+
+    /// One publish over the stream to `addr`, answered as the unary call would be.
+    async fn publish_piped(
+        &self,
+        addr: &str,
+        publish: pb::PublishRequest,
+    ) -> Result<tonic::Response<pb::PublishResponse>, Status> {
+        let pipe = self
+            .pipe(addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&pipe.waiting).insert(id, tx);
+        let _forget = Forget {
+            waiting: &pipe.waiting,
+            id,
+        };
+        let mut request = pb::PublishStreamRequest {
+            id,
+            publish: Some(publish),
+            trace_context: HashMap::new(),
+        };
+        // The channel server's span joins this one's trace.
+        mesh_telemetry::propagation::inject_map(&mut request.trace_context);
+        if pipe.tx.send(request).await.is_err() {
+            return Err(Status::unavailable("the publish stream closed"));
+        }
+        match rx.await {
+            Ok(answer) => answer.map(tonic::Response::new),
+            Err(_) => Err(Status::unavailable("the publish stream closed")),
         }
     }
 
@@ -87,14 +207,12 @@ impl ChannelRouter {
         let proto = event_to_proto(event);
         let span = tracing::debug_span!("route.publish", channel = %event.channel);
         let reply = self
-            .route(&event.channel, |mut client, epoch| {
-                let mut request = tonic::Request::new(pb::PublishRequest {
+            .route(&event.channel, |_, addr, epoch| {
+                let publish = pb::PublishRequest {
                     epoch,
                     event: Some(proto.clone()),
-                });
-                // The channel server's span joins this one's trace.
-                mesh_telemetry::propagation::inject_metadata(request.metadata_mut());
-                async move { client.publish(request).await }
+                };
+                async move { self.publish_piped(&addr, publish).await }
             })
             .instrument(span)
             .await?;
@@ -109,7 +227,7 @@ impl ChannelRouter {
         limit: u32,
     ) -> Result<History, RouteError> {
         let reply = self
-            .route(channel, |mut client, epoch| {
+            .route(channel, |mut client, _, epoch| {
                 let mut request = tonic::Request::new(pb::HistoryRequest {
                     epoch,
                     channel: channel.to_string(),
@@ -137,7 +255,7 @@ impl ChannelRouter {
     /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline.
     async fn route<T, F, Fut>(&self, channel: &ChannelId, call: F) -> Result<T, RouteError>
     where
-        F: Fn(ChannelServerClient<Channel>, u64) -> Fut,
+        F: Fn(ChannelServerClient<Channel>, String, u64) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
@@ -154,12 +272,16 @@ impl ChannelRouter {
                 continue;
             };
             let client = self.client(&owner.addr)?;
-            let status =
-                match tokio::time::timeout(ATTEMPT_TIMEOUT, call(client, ring.epoch())).await {
-                    Ok(Ok(reply)) => return Ok(reply.into_inner()),
-                    Ok(Err(status)) => status,
-                    Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
-                };
+            let status = match tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                call(client, owner.addr.clone(), ring.epoch()),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => return Ok(reply.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
+            };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             // The connection broke mid-call (the node died): as good as unavailable. A publish
             // it may have taken died with it (its history went too), so retrying on the new

@@ -596,6 +596,9 @@ fn refused_name(channel: String, epoch: u64, reason: &str) -> pb::SubscribeRespo
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
+/// Replies queued to one publish stream's caller.
+const PUBLISH_STREAM_QUEUE: usize = 1024;
+
 #[tonic::async_trait]
 impl ChannelServerRpc for ChannelService {
     async fn publish(
@@ -689,6 +692,64 @@ impl ChannelServerRpc for ChannelService {
     }
 
     type SubscribeStream = SubscribeStream;
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishStreamReply, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(PUBLISH_STREAM_QUEUE);
+        let (this, cancel) = (self.clone(), self.inner.cancel.clone());
+        // One request at a time, in order: a caller's events to one channel keep their order.
+        self.inner.tracker.spawn(async move {
+            loop {
+                // Cancel-safe: message() loses nothing when the other branch wins; we stop.
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = incoming.message() => next,
+                };
+                let Ok(Some(request)) = next else { break };
+                let started = Instant::now();
+                let span = tracing::debug_span!("channel.Publish", node = %this.inner.node);
+                mesh_telemetry::propagation::set_parent_from_map(&span, &request.trace_context);
+                let result = match request.publish {
+                    Some(publish) => this.publish_event(publish).instrument(span).await,
+                    None => Err(Status::invalid_argument("publish is required")),
+                };
+                let reply = match result {
+                    Ok(reply) => {
+                        this.inner
+                            .metrics
+                            .publish_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        pb::PublishStreamReply {
+                            id: request.id,
+                            ts: reply.into_inner().ts,
+                            code: 0,
+                            message: String::new(),
+                        }
+                    }
+                    Err(status) => pb::PublishStreamReply {
+                        id: request.id,
+                        ts: String::new(),
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    },
+                };
+                // The caller reads its replies as they come; a full queue waits for it.
+                let sent = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    sent = tx.send(Ok(reply)) => sent,
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn subscribe(
         &self,
