@@ -3,12 +3,14 @@
 //! The hub's fan-out pushes into it without waiting; the connection's task takes items out and
 //! writes them. It replaces a tokio `mpsc` channel, which allocates a block of 32 slots for
 //! every connection up front: an idle connection's outbox holds an empty `VecDeque` (no
-//! allocation) and a `Notify`.
+//! allocation), a flag and a waker.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures::task::AtomicWaker;
 
 use crate::hub::Outbound;
 
@@ -37,9 +39,11 @@ struct Queue {
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    /// Wakes the connection's task; a permit is kept when it is not waiting, so no push is
-    /// missed.
-    ready: Notify,
+    /// Set by a push, taken by [`Outbox::ready`]: the task is woken once per batch of pushes,
+    /// not once per push, and no push is missed.
+    signaled: AtomicBool,
+    /// The connection's task, to wake.
+    waker: AtomicWaker,
     max_items: usize,
     max_bytes: usize,
 }
@@ -49,7 +53,8 @@ impl Outbox {
     pub fn new(max_items: usize, max_bytes: usize) -> Self {
         Outbox {
             queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
+            signaled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             max_items,
             max_bytes,
         }
@@ -73,7 +78,7 @@ impl Outbox {
             q.bytes += bytes;
             q.items.push_back(item);
         }
-        self.ready.notify_one();
+        self.signal();
         Ok(())
     }
 
@@ -87,7 +92,14 @@ impl Outbox {
             q.bytes += item.queued_bytes();
             q.items.push_back(item);
         }
-        self.ready.notify_one();
+        self.signal();
+    }
+
+    /// Wakes the task unless a wake is already pending.
+    fn signal(&self) {
+        if !self.signaled.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
 
     /// The next item, if any, without waiting.
@@ -101,15 +113,28 @@ impl Outbox {
         Some(item)
     }
 
-    /// Waits until something may have been pushed. Cancel-safe.
+    /// Waits until something may have been pushed. Cancel-safe: the signal is taken only
+    /// when this resolves.
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        std::future::poll_fn(|cx| {
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A push between the check and the registration woke the old waker, if any.
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
-    /// Wakes [`Outbox::ready`] again: items are left after a batch.
+    /// Makes [`Outbox::ready`] resolve again: items are left after a batch.
     pub fn rearm(&self) {
         if !self.queue().items.is_empty() {
-            self.ready.notify_one();
+            self.signaled.store(true, Ordering::Release);
         }
     }
 
