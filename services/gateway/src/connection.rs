@@ -465,6 +465,8 @@ pub async fn run(
                                 // already show the user typing.
                                 if shared.typing.first_in_interval(&me.identity.user, &channel, now) {
                                     in_flight.push(Box::pin(publish(&me, id, channel, None)));
+                                } else {
+                                    shared.metrics.typing_coalesced.inc();
                                 }
                                 None
                             }

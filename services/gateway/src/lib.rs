@@ -183,6 +183,7 @@ pub async fn serve(
         app,
         &shared.sockets,
         shared.limits.handshake_timeout,
+        shared.metrics.header_timeouts.clone(),
         &tracker,
         cancel.clone(),
     )

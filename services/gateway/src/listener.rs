@@ -99,13 +99,29 @@ impl Sockets {
     }
 }
 
+/// Whether hyper ended a connection because its request headers did not arrive in time.
+fn is_header_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Serves `app` on `listener` until `cancel`, holding at most `sockets.max` sockets open and
 /// giving each request `header_timeout` to send its headers.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     sockets: &Sockets,
     header_timeout: Duration,
+    header_timeouts: mesh_telemetry::prometheus::IntCounter,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -148,9 +164,13 @@ pub async fn serve(
             _permit: permit,
         });
         let (builder, service, watcher) = (builder.clone(), service.clone(), graceful.watcher());
+        let timeouts = header_timeouts.clone();
         tracker.spawn(async move {
             let connection = builder.serve_connection_with_upgrades(io, service);
             if let Err(e) = watcher.watch(connection).await {
+                if is_header_timeout(e.as_ref()) {
+                    timeouts.inc();
+                }
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
         });

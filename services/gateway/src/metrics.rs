@@ -21,6 +21,10 @@ pub struct GatewayMetrics {
     pub slow_consumers: IntCounter,
     /// Client frames refused by the per-connection rate limit (error 11).
     pub rate_limited: IntCounter,
+    /// Typing indicators dropped as repeats within the typing interval.
+    pub typing_coalesced: IntCounter,
+    /// HTTP connections closed because their request headers did not arrive in time.
+    pub header_timeouts: IntCounter,
     /// Items not queued to a connection because its queue (items or bytes) was full.
     pub queue_drops: IntCounter,
     /// Events queued to local connections by the fan-out: one per event per receiving
@@ -77,6 +81,14 @@ impl GatewayMetrics {
             rate_limited: t.counter(
                 "channelmesh_gateway_rate_limited_frames_total",
                 "Client frames refused by the per-connection rate limit (error 11).",
+            ),
+            typing_coalesced: t.counter(
+                "channelmesh_gateway_typing_coalesced_total",
+                "Typing indicators dropped as repeats of one user in one channel.",
+            ),
+            header_timeouts: t.counter(
+                "channelmesh_gateway_header_timeouts_total",
+                "HTTP connections closed: request headers not sent within the handshake timeout.",
             ),
             queue_drops: t.counter(
                 "channelmesh_gateway_queue_drops_total",
