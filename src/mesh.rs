@@ -505,12 +505,16 @@ impl Mesh {
     /// `grace`.
     pub async fn run_until_stopped(mut self, grace: Duration) -> anyhow::Result<()> {
         let failure = tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => None,
-            Some(done) = self.tasks.join_next() => Some(match done {
-                Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
-                Ok((name, Err(e))) => e.context(format!("{name} failed")),
-                Err(join) => anyhow::anyhow!("a service task panicked: {join}"),
-            }),
+            // A service that ends because the stop already began (its token is a child of
+            // `cancel`) is no failure: seen here first only by the luck of the poll order.
+            Some(done) = self.tasks.join_next() => match done {
+                Ok((_, Ok(()))) if self.cancel.is_cancelled() => None,
+                Ok((name, Ok(()))) => Some(anyhow::anyhow!("{name} stopped unexpectedly")),
+                Ok((name, Err(e))) => Some(e.context(format!("{name} failed"))),
+                Err(join) => Some(anyhow::anyhow!("a service task panicked: {join}")),
+            },
         };
         self.shutdown(grace).await;
         match failure {

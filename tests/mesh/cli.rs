@@ -128,6 +128,10 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
-    assert!(exit.success(), "dev exited with {exit} after SIGTERM");
+    assert!(
+        exit.success(),
+        "dev exited with {exit} after SIGTERM; its log:\n{stderr}"
+    );
 }
