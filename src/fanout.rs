@@ -608,14 +608,7 @@ fn rss(pids: &[u32]) -> anyhow::Result<Option<u64>> {
     }
     let mut total = 0;
     for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading the status of process {pid}"))?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmRSS for process {pid}"))?;
-        total += kb * 1024;
+        total += crate::store_bench::rss_of(&pid.to_string())?;
     }
     Ok(Some(total))
 }

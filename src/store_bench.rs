@@ -62,19 +62,20 @@ pub struct ChannelMemoryReport {
 
 /// This process's resident set, from `/proc/self/status`.
 pub fn rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+    rss_of("self")
+}
+
+/// The resident set of process `pid` (a number, or `self`), from `/proc/PID/status`.
+pub fn rss_of(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| anyhow::anyhow!("reading the status of process {pid}: {e}"))?;
     let kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse::<u64>().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))?;
     Ok(kb * 1024)
-}
-
-/// Fills a store with texts of `config.text_bytes` each and measures it.
-pub fn channel_memory(config: &ChannelMemoryConfig) -> anyhow::Result<ChannelMemoryReport> {
-    channel_memory_with(config, TextSizes::Fixed)
 }
 
 /// A text of `len` bytes: random lowercase words.
