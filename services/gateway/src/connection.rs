@@ -4,15 +4,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound, Rendered};
 use crate::limits::TokenBucket;
 use crate::outbox::Outbox;
+use crate::socket::{ClientSocket, Error as WsError, Message, Outgoing};
 use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 /// Items queued to one connection before it counts as a slow consumer (the byte budget,
@@ -81,8 +83,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl Connection {
     /// Takes queued items until the batch is full or the queue empty.
-    fn take_batch(&mut self, outbox: &Outbox, frames: &mut Vec<Message>) -> Step {
-        while frames.len() < WRITE_BATCH {
+    fn take_batch(&mut self, outbox: &Outbox, frames: &mut Outgoing) -> Step {
+        while frames.frames() < WRITE_BATCH {
             let Some(item) = outbox.pop() else { break };
             if !self.on_outbound(item, frames) {
                 return Step::End(Some((
@@ -124,7 +126,7 @@ impl Connection {
 
     /// Applies one queued item, appending the frames to write to `out`. Returns false when the
     /// connection must close as a slow consumer.
-    fn on_outbound(&mut self, item: Outbound, out: &mut Vec<Message>) -> bool {
+    fn on_outbound(&mut self, item: Outbound, out: &mut Outgoing) -> bool {
         match item {
             Outbound::Event(event) => {
                 if !self.catching_up.is_empty()
@@ -136,12 +138,12 @@ impl Connection {
                     buffer.push(event);
                 } else if self.advance(&event) {
                     self.count_written(&event);
-                    out.push(Message::Text(event.frame.clone()));
+                    out.text(&event.frame);
                 }
                 // Otherwise already written: a resume's history read can overtake the live
                 // stream.
             }
-            Outbound::Frame(frame) => out.push(Message::Text(frame)),
+            Outbound::Frame(frame) => out.text(&frame),
             Outbound::Joined { channel, since } => {
                 if self.members.insert(channel.clone()) {
                     self.cursors
@@ -161,7 +163,7 @@ impl Connection {
                 let Some(live) = self.catching_up.remove(&channel) else {
                     return true;
                 };
-                out.push(Message::Text(rtm::channel_joined(&channel).into()));
+                out.text(&rtm::channel_joined(&channel));
                 let mut newest = None;
                 for event in events.iter().chain(live.iter()) {
                     // Persisted events once each, in ts order; transient ones as they come.
@@ -172,7 +174,7 @@ impl Connection {
                     }
                     if self.advance(event) {
                         self.count_written(event);
-                        out.push(Message::Text(event.frame.clone()));
+                        out.text(&event.frame);
                     }
                 }
             }
@@ -181,9 +183,7 @@ impl Connection {
                     return true;
                 };
                 if let Some(oldest) = resumed.gap {
-                    out.push(Message::Text(
-                        rtm::history_gap(&resumed.channel, resumed.cursor, oldest).into(),
-                    ));
+                    out.text(&rtm::history_gap(&resumed.channel, resumed.cursor, oldest));
                 }
                 // The missed events, then what came live meanwhile: each once, in ts order,
                 // none at or before the cursor.
@@ -196,7 +196,7 @@ impl Connection {
                     }
                     if self.advance(event) {
                         self.count_written(event);
-                        out.push(Message::Text(event.frame.clone()));
+                        out.text(&event.frame);
                     }
                 }
             }
@@ -207,7 +207,7 @@ impl Connection {
                     self.shared
                         .hub
                         .leave(self.conn, std::slice::from_ref(&channel));
-                    out.push(Message::Text(rtm::channel_left(&channel).into()));
+                    out.text(&rtm::channel_left(&channel));
                 }
             }
         }
@@ -260,7 +260,7 @@ async fn catch_up(
 
 /// Runs one connection until either side closes or the gateway shuts down.
 pub async fn run(
-    socket: WebSocket,
+    mut socket: ClientSocket,
     shared: Arc<Shared>,
     conn: ConnId,
     identity: Identity,
@@ -287,7 +287,8 @@ pub async fn run(
         written: 0,
         oldest: None,
     };
-    let (mut ws_tx, mut ws_rx) = socket.split();
+    // Frames to write once the branch that produced them is done: one write per batch.
+    let mut frames = Outgoing::default();
     let cancel = shared.cancel.clone();
 
     // Channels resumed from a cursor hold their live events until their history is read.
@@ -318,21 +319,30 @@ pub async fn run(
             "channels unavailable; reconnect later",
             None,
         );
-        let _ = ws_tx.send(Message::Text(error.render().into())).await;
-        let _ = ws_tx
-            .send(close_frame(
-                close::TRY_AGAIN_LATER,
-                "subscriptions timed out",
-            ))
-            .await;
+        frames.text(&error.render());
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            socket.send(
+                &mut frames,
+                close_frame(close::TRY_AGAIN_LATER, "subscriptions timed out"),
+            ),
+        )
+        .await;
         shared.hub.leave(conn, &initial);
         return;
     }
-    if ws_tx
-        .send(Message::Text(Utf8Bytes::from(rtm::hello())))
-        .await
-        .is_err()
-    {
+    frames.text(&rtm::hello());
+    if !matches!(
+        write(
+            &mut socket,
+            &mut frames,
+            false,
+            shared.limits.write_timeout,
+            None
+        )
+        .await,
+        Written::Done
+    ) {
         shared.hub.leave(conn, &initial);
         return;
     }
@@ -367,13 +377,11 @@ pub async fn run(
     let shutdown = cancel.cancelled();
     let closing = closer.token.cancelled();
     tokio::pin!(shutdown, closing);
-    // Frames to write once the branch that produced them is done: one flush per batch.
-    let mut frames: Vec<Message> = Vec::new();
     let close: Option<(u16, &'static str)> = loop {
         let step = tokio::select! {
             _ = &mut shutdown => {
-                frames.push(Message::Text(Utf8Bytes::from(rtm::goodbye())));
-                let _ = write(&mut ws_tx, &mut frames, limits.write_timeout, None).await;
+                frames.text(&rtm::goodbye());
+                let _ = write(&mut socket, &mut frames, false, limits.write_timeout, None).await;
                 Step::End(Some((close::GOING_AWAY, "server shutting down")))
             }
             _ = &mut closing => match closer.reason.get() {
@@ -388,8 +396,8 @@ pub async fn run(
                     let cursors: Vec<(ChannelId, mesh_core::Ts)> =
                         me.cursors.iter().map(|(c, t)| (c.clone(), *t)).collect();
                     shared.region_state.hand_over(me.identity.user.clone(), cursors);
-                    frames.push(Message::Text(Utf8Bytes::from(rtm::goodbye())));
-                    let _ = write(&mut ws_tx, &mut frames, limits.write_timeout, None).await;
+                    frames.text(&rtm::goodbye());
+                    let _ = write(&mut socket, &mut frames, false, limits.write_timeout, None).await;
                     Step::End(Some((close::GOING_AWAY, "region draining")))
                 }
                 Some(CloseReason::Revoked) => {
@@ -404,7 +412,7 @@ pub async fn run(
             _ = outbox.ready() => {
                 // Take what is queued, up to a batch: written with one flush.
                 let mut step = me.take_batch(&outbox, &mut frames);
-                if matches!(step, Step::Write) && frames.len() < WRITE_BATCH {
+                if matches!(step, Step::Write) && frames.frames() < WRITE_BATCH {
                     // Let the fan-out queue more before paying for a system call: under load
                     // a connection then writes several events per write, as NATS does per
                     // read of its publishers; when idle, the yield returns at once.
@@ -416,7 +424,7 @@ pub async fn run(
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 if let Some(reply) = reply {
-                    frames.push(Message::Text(reply));
+                    frames.text(&reply);
                 }
                 Step::Write
             }
@@ -424,12 +432,11 @@ pub async fn run(
                 if last_heard.elapsed() >= limits.idle_timeout {
                     Step::End(Some((close::IDLE_TIMEOUT, "idle timeout")))
                 } else {
-                    frames.push(Message::Ping(Default::default()));
-                    Step::Write
+                    Step::Ping
                 }
             }
             // Cancel-safe: the WebSocket stream's next() loses nothing when another branch wins.
-            msg = ws_rx.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+            msg = socket.next(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let now = Instant::now();
                 last_heard = now;
                 match msg {
@@ -447,7 +454,7 @@ pub async fn run(
                         } else {
                             let id = frame.to_text().ok().and_then(|t| rtm::parse(t).ok()).and_then(|f| f.id());
                             let error = RtmError::new(ErrorCode::RateLimited, "ratelimited", id);
-                            frames.push(Message::Text(error.render().into()));
+                            frames.text(&error.render());
                             Step::Write
                         }
                     }
@@ -473,32 +480,30 @@ pub async fn run(
                             Ok(ClientFrame::PresenceSub { id, ids }) => presence_frame(&shared, id, |p| p.subscribe(conn, ids)),
                             Ok(ClientFrame::PresenceQuery { id, ids }) => presence_frame(&shared, id, |p| p.query(conn, ids)),
                         };
-                        frames.extend(reply.map(Message::Text));
+                        if let Some(reply) = reply {
+                            frames.text(&reply);
+                        }
                         Step::Write
                     }
                     Some(Ok(_)) => {
                         refusals = 0;
                         let error = RtmError::new(ErrorCode::Binary, "binary frames are not accepted; send JSON text", None);
-                        frames.push(Message::Text(error.render().into()));
+                        frames.text(&error.render());
                         Step::Write
                     }
                 }
             }
         };
-        if let Step::End(close) = step {
-            break close;
-        }
-        if frames.is_empty() {
-            continue;
-        }
-        match write(
-            &mut ws_tx,
-            &mut frames,
-            limits.write_timeout,
-            Some(&closer.token),
-        )
-        .await
-        {
+        let written = match step {
+            Step::End(close) => break close,
+            Step::Write if frames.is_empty() => continue,
+            Step::Write | Step::Ping => {
+                let ping = matches!(step, Step::Ping);
+                let stop = Some(&closer.token);
+                write(&mut socket, &mut frames, ping, limits.write_timeout, stop).await
+            }
+        };
+        match written {
             Written::Done => {
                 if me.written > 0 {
                     shared.metrics.written(me.written, me.oldest.take());
@@ -518,10 +523,16 @@ pub async fn run(
         // The closing handshake: send ours, then read (and drop) what the client still sends
         // until its close. Closing the socket with unread input would reset it, and the client
         // would lose our close frame, and its code, with the reset.
-        let sent = tokio::time::timeout(CLOSE_TIMEOUT, ws_tx.send(close_frame(code, reason))).await;
+        // What was being written when the close came is finished first, so the close frame
+        // does not land inside a text frame.
+        let sent = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            socket.send(&mut frames, close_frame(code, reason)),
+        )
+        .await;
         if matches!(sent, Ok(Ok(()))) {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while let Some(Ok(msg)) = ws_rx.next().await {
+                while let Some(Ok(msg)) = socket.next().await {
                     if matches!(msg, Message::Close(_)) {
                         break;
                     }
@@ -530,7 +541,7 @@ pub async fn run(
             .await;
         }
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws_tx.close()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
     shared.region_state.unregister(conn);
     outbox.close();
     let all: Vec<ChannelId> = me.members.drain().collect();
@@ -549,6 +560,8 @@ type Publishing = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Utf8
 enum Step {
     /// Write the frames gathered, if any, and go on.
     Write,
+    /// Write the frames gathered, then a ping.
+    Ping,
     /// Close, with a close frame when there is a code.
     End(Option<(u16, &'static str)>),
 }
@@ -564,21 +577,21 @@ enum Written {
     Stalled,
 }
 
-type WsSink = futures::stream::SplitSink<WebSocket, Message>;
-
-/// Writes `frames` (emptying it) and flushes once, within `timeout`; gives up early when
-/// `stop` fires, so a client that stopped reading never holds its connection's task.
+/// Writes `frames` (emptying it) in one write, and a ping after them when `ping`, within
+/// `timeout`; gives up early when `stop` fires, so a client that stopped reading never holds
+/// its connection's task. What an interrupted write left is written before the close frame.
 async fn write(
-    ws_tx: &mut WsSink,
-    frames: &mut Vec<Message>,
+    socket: &mut ClientSocket,
+    frames: &mut Outgoing,
+    ping: bool,
     timeout: Duration,
     stop: Option<&tokio_util::sync::CancellationToken>,
 ) -> Written {
     let writing = async {
-        for frame in frames.drain(..) {
-            ws_tx.feed(frame).await?;
+        match ping {
+            true => socket.send(frames, Message::Ping(Default::default())).await,
+            false => socket.write(frames).await,
         }
-        ws_tx.flush().await
     };
     let timed = tokio::time::timeout(timeout, writing);
     let result = match stop {
@@ -618,14 +631,13 @@ fn presence_frame(
 
 fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
+        code: code.into(),
+        reason: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(reason),
     }))
 }
 
-fn is_capacity(e: &axum::Error) -> bool {
-    let text = e.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+fn is_capacity(e: &WsError) -> bool {
+    matches!(e, WsError::Capacity(_))
 }
 
 /// Publishes a client's message (`text`) or typing indicator (no text); resolves to the reply

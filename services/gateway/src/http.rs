@@ -5,14 +5,16 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use mesh_core::{Identity, TokenError};
 use serde_json::{Value, json};
 
+use crate::socket::Upgrade;
 use crate::{Shared, connection};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// The largest client frame accepted, in bytes; a larger one closes the socket with 1009 before
 /// it is read whole. (Message text itself is capped at 16 KiB; this leaves room for escaping.)
@@ -402,7 +404,7 @@ async fn websocket(
     State(shared): State<Arc<Shared>>,
     Path(ticket): Path<String>,
     RawQuery(query): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     // Cursors may also come on the WebSocket URL (they then replace rtm.connect's).
     let cursors = form_urlencoded_pairs(query.unwrap_or_default().as_bytes())
@@ -441,34 +443,35 @@ async fn websocket(
     let tracked = shared.clone();
     // Clients send little: a small read buffer keeps an idle connection cheap (tungstenite
     // allocates it whole up front).
-    ws.read_buffer_size(WS_READ_BUFFER)
-        .max_message_size(MAX_FRAME_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| {
-            let shared = tracked.clone();
-            let task = async move {
-                shared.connections.fetch_add(1, Ordering::Relaxed);
-                if let Some(jti) = &ticket.identity.jti {
-                    shared.region_state.track_jti(conn, jti.clone());
-                }
-                // The connection holds its place under the team's cap until it ends.
-                let slot = ticket.slot;
-                connection::run(
-                    socket,
-                    shared.clone(),
-                    conn,
-                    ticket.identity,
-                    ticket.batch_presence,
-                    ticket.cursors,
-                )
-                .await;
-                drop(slot);
-                // Also when the connection ended before it registered.
-                shared.region_state.unregister(conn);
-                shared.connections.fetch_sub(1, Ordering::Relaxed);
-            };
-            tracked.tracker.track_future(task)
-        })
+    let config = WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    ws.on_upgrade(config, move |socket| {
+        let shared = tracked.clone();
+        let task = async move {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            if let Some(jti) = &ticket.identity.jti {
+                shared.region_state.track_jti(conn, jti.clone());
+            }
+            // The connection holds its place under the team's cap until it ends.
+            let slot = ticket.slot;
+            connection::run(
+                socket,
+                shared.clone(),
+                conn,
+                ticket.identity,
+                ticket.batch_presence,
+                ticket.cursors,
+            )
+            .await;
+            drop(slot);
+            // Also when the connection ended before it registered.
+            shared.region_state.unregister(conn);
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+        };
+        tracked.tracker.track_future(task)
+    })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod outbox;
 pub mod presence;
 pub mod region;
 pub mod resume;
+pub mod socket;
 pub mod tickets;
 pub mod tokens;
 mod upstream;
