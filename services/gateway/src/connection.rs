@@ -84,8 +84,9 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 impl Connection {
     /// Takes queued items until the batch is full or the queue empty.
     fn take_batch(&mut self, outbox: &Outbox, frames: &mut Outgoing) -> Step {
-        while frames.frames() < WRITE_BATCH {
-            let Some(item) = outbox.pop() else { break };
+        let mut items = Vec::new();
+        outbox.pop_into(&mut items, WRITE_BATCH.saturating_sub(frames.frames()));
+        for item in items {
             if !self.on_outbound(item, frames) {
                 return Step::End(Some((
                     close::SLOW_CONSUMER,

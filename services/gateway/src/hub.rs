@@ -133,18 +133,13 @@ impl ConnSink {
     /// Queues without waiting; a full queue (in items or bytes) closes the connection as a
     /// slow consumer: the fan-out never waits for one client.
     pub fn push(&self, item: Outbound) -> bool {
-        self.offer(item) == Offered::Queued
-    }
-
-    /// [`ConnSink::push`], saying why an item was not queued.
-    fn offer(&self, item: Outbound) -> Offered {
         match self.outbox.push(item) {
-            Ok(()) => Offered::Queued,
+            Ok(()) => true,
             Err(outbox::Refused::Full) => {
                 self.slow_consumer();
-                Offered::Full
+                false
             }
-            Err(outbox::Refused::Closed) => Offered::Closed,
+            Err(outbox::Refused::Closed) => false,
         }
     }
 
@@ -155,14 +150,11 @@ impl ConnSink {
     }
 }
 
-/// What became of an item offered to a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Offered {
-    Queued,
-    /// The connection's queue was full: it is closed as a slow consumer.
-    Full,
-    /// The connection is gone.
-    Closed,
+/// An item for a channel's subscribers: all but `skip`, the connection it came from.
+#[derive(Debug)]
+struct Ready {
+    item: Outbound,
+    skip: Option<ConnId>,
 }
 
 /// A live event waiting for a catch-up: the event, its rendered frame, and when it arrived.
@@ -371,6 +363,46 @@ impl Hub {
         }
     }
 
+    /// Rendered once each and queued to every local subscriber, under one lock of the hub:
+    /// a connection gets each channel's events of the batch with one lock of its queue and
+    /// one wake-up. `received`: when the batch came from the channel server.
+    pub fn deliver_batch(&self, from: &NodeId, batch: Vec<ChannelEvent>, received: Instant) {
+        let rendered: Vec<(ChannelEvent, Option<Utf8Bytes>)> = batch
+            .into_iter()
+            .map(|event| {
+                let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
+                (event, frame)
+            })
+            .collect();
+        let mut state = self.state();
+        // Per channel, in the order they came.
+        let mut groups: Vec<(ChannelId, Vec<Ready>)> = Vec::new();
+        for (event, frame) in rendered {
+            let Some(local) = state.channels.get_mut(&event.channel) else {
+                continue;
+            };
+            if local.upstream.as_ref() != Some(from) {
+                continue; // A stale stream of a channel that moved.
+            }
+            if let Some(buffer) = &mut local.catching_up {
+                buffer.push((event, frame, Some(received)));
+                continue;
+            }
+            let Some(ready) = self.prepare(local, &event, frame, Some(received)) else {
+                continue;
+            };
+            match groups.iter_mut().find(|(c, _)| *c == event.channel) {
+                Some((_, group)) => group.push(ready),
+                None => groups.push((event.channel, vec![ready])),
+            }
+        }
+        for (channel, ready) in groups {
+            if let Some(local) = state.channels.get(&channel) {
+                self.queue_all(local, &ready);
+            }
+        }
+    }
+
     /// Queues one event to every local subscriber of its channel, once per ts.
     fn fan_out(
         &self,
@@ -379,9 +411,23 @@ impl Hub {
         frame: Option<Utf8Bytes>,
         received: Option<Instant>,
     ) {
+        if let Some(ready) = self.prepare(local, event, frame, received) {
+            self.queue_all(local, std::slice::from_ref(&ready));
+        }
+    }
+
+    /// What `event` becomes for the channel's subscribers; `None` when it was delivered
+    /// already (catch-up and live overlap) or has nothing to show.
+    fn prepare(
+        &self,
+        local: &mut LocalChannel,
+        event: &ChannelEvent,
+        frame: Option<Utf8Bytes>,
+        received: Option<Instant>,
+    ) -> Option<Ready> {
         if let Some(ts) = event.ts {
             if local.last_ts.is_some_and(|last| ts <= last) {
-                return; // Already delivered (catch-up and live overlap).
+                return None;
             }
             local.last_ts = Some(ts);
         }
@@ -404,17 +450,28 @@ impl Hub {
                 frame,
                 received,
             })),
-            (_, None) => return,
+            (_, None) => return None,
         };
-        let is_event = matches!(item, Outbound::Event(_));
+        Some(Ready { item, skip })
+    }
+
+    /// Queues `ready`, in order, to every subscriber in `local` but the one each came from.
+    fn queue_all(&self, local: &LocalChannel, ready: &[Ready]) {
+        let all_events = ready.iter().all(|r| matches!(r.item, Outbound::Event(_)));
         let mut delivered = 0;
         for (id, sink) in &local.conns {
-            if Some(*id) != skip {
-                match sink.offer(item.clone()) {
-                    Offered::Queued => delivered += is_event as u64,
-                    Offered::Full => self.inner.metrics.queue_drops.inc(),
-                    Offered::Closed => {}
-                }
+            let items = ready.iter().filter(|r| r.skip != Some(*id));
+            let (queued, result) = sink.outbox.push_all(items.clone().map(|r| &r.item));
+            delivered += match all_events {
+                true => queued,
+                false => items
+                    .take(queued as usize)
+                    .filter(|r| matches!(r.item, Outbound::Event(_)))
+                    .count() as u64,
+            };
+            if result == Err(outbox::Refused::Full) {
+                sink.slow_consumer();
+                self.inner.metrics.queue_drops.inc();
             }
         }
         self.inner.metrics.delivered.inc_by(delivered);

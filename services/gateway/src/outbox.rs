@@ -82,6 +82,37 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queues `items`, in order, under one lock and with one wake-up; stops at the bound.
+    /// Returns how many were queued, and why the rest were not.
+    pub fn push_all<'a>(
+        &self,
+        items: impl Iterator<Item = &'a Outbound>,
+    ) -> (u64, Result<(), Refused>) {
+        let mut queued = 0;
+        let result = {
+            let mut q = self.queue();
+            if q.closed {
+                return (0, Err(Refused::Closed));
+            }
+            let mut result = Ok(());
+            for item in items {
+                let bytes = item.queued_bytes();
+                if q.items.len() >= self.max_items || q.bytes + bytes > self.max_bytes {
+                    result = Err(Refused::Full);
+                    break;
+                }
+                q.bytes += bytes;
+                q.items.push_back(item.clone());
+                queued += 1;
+            }
+            result
+        };
+        if queued > 0 {
+            self.signal();
+        }
+        (queued, result)
+    }
+
     /// Queues `item` whatever the bound (for the connection's own, bounded, catch-up items).
     pub fn push_own(&self, item: Outbound) {
         {
@@ -111,6 +142,22 @@ impl Outbox {
             q.items.shrink_to(KEEP_CAPACITY);
         }
         Some(item)
+    }
+
+    /// Moves up to `max` items, oldest first, into `out`, under one lock.
+    pub fn pop_into(&self, out: &mut Vec<Outbound>, max: usize) {
+        let mut q = self.queue();
+        out.reserve(max.min(q.items.len()));
+        for _ in 0..max {
+            let Some(item) = q.items.pop_front() else {
+                break;
+            };
+            q.bytes -= item.queued_bytes();
+            out.push(item);
+        }
+        if q.items.is_empty() && q.items.capacity() > KEEP_CAPACITY {
+            q.items.shrink_to(KEEP_CAPACITY);
+        }
     }
 
     /// Waits until something may have been pushed. Cancel-safe: the signal is taken only
@@ -169,6 +216,22 @@ mod tests {
         outbox.close();
         assert!(outbox.pop().is_none());
         assert_eq!(outbox.push(frame(1)), Err(Refused::Closed));
+    }
+
+    #[test]
+    fn a_batch_is_queued_up_to_the_bound_and_taken_in_order() {
+        let outbox = Outbox::new(3, 1000);
+        let items: Vec<Outbound> = (1..=4).map(frame).collect();
+        let (queued, result) = outbox.push_all(items.iter());
+        assert_eq!((queued, result), (3, Err(Refused::Full)));
+        let mut out = Vec::new();
+        outbox.pop_into(&mut out, 2);
+        outbox.pop_into(&mut out, 5);
+        let lens: Vec<usize> = out.iter().map(Outbound::queued_bytes).collect();
+        assert_eq!(lens, [1, 2, 3]);
+        assert_eq!(outbox.push_all(items[..1].iter()), (1, Ok(())));
+        outbox.close();
+        assert_eq!(outbox.push_all(items.iter()), (0, Err(Refused::Closed)));
     }
 
     #[tokio::test]

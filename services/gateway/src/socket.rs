@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use tokio_tungstenite::tungstenite::{Error, Message};
 
 /// Buffer capacity kept between writes; a larger one (after a burst) is given back.
-const KEEP_CAPACITY: usize = 16 * 1024;
+const KEEP_CAPACITY: usize = 4 * 1024;
 
 /// A WebSocket upgrade request (HTTP/1.1 only: the gateway does not speak HTTP/2).
 #[derive(Debug)]

@@ -5,16 +5,21 @@
 
 use channel_server::service::GATEWAY_ID_HEADER;
 use channel_server::wire::event_from_proto;
+use futures::FutureExt;
 use mesh_core::NodeId;
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use mesh_proto::channel::subscribe_response::Reply;
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
+
+/// The most events handed to the hub at once.
+const BATCH: usize = 256;
 
 /// The hub's handle on an upstream stream.
 #[derive(Debug)]
@@ -89,26 +94,43 @@ async fn stream(
         .map_err(|e| e.to_string())?
         .into_inner();
     tracing::debug!(%node, "upstream stream open");
-    while let Some(reply) = replies.message().await.map_err(|e| e.to_string())? {
+    let mut batch: Vec<pb::Event> = Vec::new();
+    // A reply read while gathering a batch, to handle after it.
+    let mut ahead: Option<pb::SubscribeResponse> = None;
+    loop {
+        let reply = match ahead.take() {
+            Some(reply) => reply,
+            None => match replies.message().await.map_err(|e| e.to_string())? {
+                Some(reply) => reply,
+                None => break,
+            },
+        };
         match reply.reply {
             Some(Reply::Events(events)) => {
-                for mut event in events.events {
-                    let received = hub.metrics().received(event.published_micros);
-                    // Traced publishes carry their trace: the delivery joins it. Untraced
-                    // ones (tracing off) get no span at all.
-                    let trace = std::mem::take(&mut event.trace_context);
-                    let span = if trace.is_empty() {
-                        tracing::Span::none()
-                    } else {
-                        let span = tracing::debug_span!("gateway.deliver", gateway = %hub.gateway(), channel = %event.channel);
-                        mesh_telemetry::propagation::set_parent_from_map(&span, &trace);
-                        span
-                    };
-                    let _entered = span.enter();
-                    match event_from_proto(event) {
-                        Ok(event) => hub.deliver(node, event, received),
-                        Err(e) => tracing::warn!(%node, error = %e, "dropping a malformed event"),
+                batch.extend(events.events);
+                // The replies already here are delivered together: one lock of the hub, and
+                // one wake-up per connection and channel, for the lot.
+                let mut ended = None;
+                while batch.len() < BATCH {
+                    match replies.message().now_or_never() {
+                        None => break,
+                        Some(Ok(Some(pb::SubscribeResponse {
+                            reply: Some(Reply::Events(more)),
+                        }))) => batch.extend(more.events),
+                        Some(Ok(Some(other))) => {
+                            ahead = Some(other);
+                            break;
+                        }
+                        Some(Ok(None)) => ended = Some(Ok(())),
+                        Some(Err(e)) => ended = Some(Err(e.to_string())),
                     }
+                    if ended.is_some() {
+                        break;
+                    }
+                }
+                deliver(hub, node, &mut batch);
+                if let Some(ended) = ended {
+                    return ended;
                 }
             }
             Some(Reply::Subscribed(s)) => match mesh_core::ChannelId::new(&s.channel) {
@@ -123,4 +145,36 @@ async fn stream(
         }
     }
     Ok(())
+}
+
+/// Hands `batch` (emptied) to the hub. Traced events (tracing on) go one at a time, each in a
+/// span joined to its publish's trace; the others together. Order is kept.
+fn deliver(hub: &Hub, node: &NodeId, batch: &mut Vec<pb::Event>) {
+    let mut plain = Vec::with_capacity(batch.len());
+    let mut received = Instant::now();
+    for mut event in batch.drain(..) {
+        received = hub.metrics().received(event.published_micros);
+        let trace = std::mem::take(&mut event.trace_context);
+        let event = match event_from_proto(event) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "dropping a malformed event");
+                continue;
+            }
+        };
+        if trace.is_empty() {
+            plain.push(event);
+            continue;
+        }
+        if !plain.is_empty() {
+            hub.deliver_batch(node, std::mem::take(&mut plain), received);
+        }
+        let span = tracing::debug_span!("gateway.deliver", gateway = %hub.gateway(), channel = %event.channel);
+        mesh_telemetry::propagation::set_parent_from_map(&span, &trace);
+        let _entered = span.enter();
+        hub.deliver(node, event, received);
+    }
+    if !plain.is_empty() {
+        hub.deliver_batch(node, plain, received);
+    }
 }
