@@ -9,6 +9,7 @@
 #
 #   bench/compare.sh                     # saturating: RATE=0, as fast as the window allows
 #   RATE=20000 DURATION=20 bench/compare.sh
+#   TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf, see below)
 set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
 
@@ -27,12 +28,114 @@ NATS_PORT="${NATS_PORT:-14222}"
 # +61.. channel servers, +71.. presence servers, +90/+92 consoles; gateways GW_PORT and +1.
 BASE="${BASE:-21000}"
 GW_PORT="${GW_PORT:-9080}"
+# TRACE=1: for 2 s of each run's publishing, perf traces the socket syscalls of the server and
+# of the load generator's workers. Per client connection, it pairs each write with the other
+# side's next read: how long bytes waited in a socket before the reader got to them. "loadgen
+# read wait" is the load generator's own share of the latency (server write -> worker read);
+# "server read wait" is how long published messages waited for the server (worker write ->
+# server read). Needs perf and ss; DURATION of at least 6 s.
+TRACE="${TRACE:-0}"
 
 if ! command -v nats-server >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y nats-server
 fi
 # shellcheck source=bench/lib.sh
 . "$root/bench/lib.sh"
+# LOADGEN_BIN=path drives the workload with another build than the server's (a copy too), so
+# two load generators can be compared against one server build, or one against two.
+loadgen="$bin"
+if [ -n "${LOADGEN_BIN:-}" ]; then
+  cp "$LOADGEN_BIN" "$work/loadgen"
+  loadgen="$work/loadgen"
+fi
+
+# run_workload OUT SERVER_PID "PORTS" COMMAND...: the load generator's run, its JSON in OUT;
+# with TRACE=1, the socket waits in OUT.trace.
+run_workload() {
+  local out=$1 server=$2 ports=$3
+  shift 3
+  if [ "$TRACE" != 1 ]; then
+    "$@" >"$out"
+    return
+  fi
+  "$@" >"$out" &
+  local lg=$! n
+  # Publishing starts once every client is connected and the 2 s RSS settle is over.
+  for _ in $(seq 600); do
+    n=$(ss -tnH state established | awk -v ports=" $ports " \
+      '{ split($3, a, ":"); if (index(ports, " " a[length(a)] " ")) n++ } END { print n + 0 }')
+    [ "$n" -ge "$CLIENTS" ] && break
+    sleep 0.1
+  done
+  sleep 3
+  local workers
+  workers=$(pgrep -P "$lg" | paste -sd, -)
+  ss -tnpH state established >"$work/trace-ss.txt"
+  perf record -q -e raw_syscalls:sys_enter -p "$server,$workers" -o "$work/trace.data" \
+    --filter 'id == 0 || id == 1 || id == 19 || id == 20 || id == 44 || id == 45 || id == 46 || id == 47' \
+    -- sleep 2 >/dev/null 2>&1 || echo "perf record failed" >&2
+  wait "$lg"
+  perf script -i "$work/trace.data" -F pid,time,trace >"$work/trace.txt" 2>/dev/null
+  python3 - "$work/trace-ss.txt" "$work/trace.txt" "$server" "$workers" "$ports" >"$out.trace" <<'EOF'
+import collections, json, re, sys
+ss, trace, server, workers, ports = sys.argv[1:6]
+server, workers, ports = int(server), {int(w) for w in workers.split(",") if w}, ports.split()
+# (pid, fd) -> (connection, side), for the connections to the server's client ports.
+sockets = {}
+for line in open(ss):
+    f = line.split()
+    if len(f) < 5:
+        continue
+    local, peer = f[2], f[3]
+    if local.rsplit(":", 1)[-1] not in ports and peer.rsplit(":", 1)[-1] not in ports:
+        continue
+    for pid, fd in re.findall(r"pid=(\d+),fd=(\d+)", line):
+        side = "server" if int(pid) == server else "loadgen" if int(pid) in workers else None
+        if side:
+            sockets[(int(pid), int(fd))] = (tuple(sorted((local, peer))), side)
+WRITES, READS = {1, 20, 44, 46}, {0, 19, 45, 47}
+# Per connection and direction, writes and reads in time order.
+down, up = collections.defaultdict(list), collections.defaultdict(list)
+for line in open(trace):
+    m = re.match(r"\s*(\d+)\s+([\d.]+):\s+(?:raw_syscalls:sys_enter:\s+)?NR (\d+) \(([0-9a-f]+)", line)
+    if not m:
+        continue
+    pid, t, nr, fd = int(m[1]), float(m[2]), int(m[3]), int(m[4], 16)
+    conn = sockets.get((pid, fd))
+    if not conn:
+        continue
+    key, side = conn
+    if nr in WRITES:
+        (down if side == "server" else up)[key].append((t, "w"))
+    elif nr in READS:
+        (up if side == "server" else down)[key].append((t, "r"))
+
+
+def waits(events):
+    """Each write's wait until the reader's next read on that connection, in microseconds."""
+    out = []
+    for es in events.values():
+        es.sort()
+        pending = []
+        for t, kind in es:
+            if kind == "w":
+                pending.append(t)
+            else:
+                out += [round((t - w) * 1e6) for w in pending]
+                pending = []
+    return sorted(out)
+
+
+report = {}
+for name, events in (("loadgen_wait", down), ("server_wait", up)):
+    w = waits(events)
+    if w:
+        report[f"{name}_p50_us"] = w[len(w) // 2]
+        report[f"{name}_p99_us"] = w[min(len(w) - 1, len(w) * 99 // 100)]
+        report[f"{name}_writes"] = len(w)
+print(json.dumps(report))
+EOF
+}
 
 workload=(--clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --seconds "$DURATION"
   --rate "$RATE" --window "$WINDOW" --processes "$PROCESSES" --publish clients --json)
@@ -52,8 +155,9 @@ nats_pid=$!
 started+=("$nats_pid")
 wait_port 127.0.0.1 "$NATS_WS_PORT"
 echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
-taskset -c "$LOADGEN_CPU" "$bin" bench fanout --target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" \
-  --server-pid "$nats_pid" "${workload[@]}" >"$work/nats.json"
+run_workload "$work/nats.json" "$nats_pid" "$NATS_WS_PORT" \
+  taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" \
+  --server-pid "$nats_pid" "${workload[@]}"
 kill "$nats_pid"
 wait "$nats_pid" 2>/dev/null || true
 
@@ -84,13 +188,17 @@ wait_port 127.0.0.1 "$GW_PORT"
 wait_port 127.0.0.1 "$((GW_PORT + 1))"
 sleep 1
 echo "channelmesh dev ${limits[*]} ..." >&2
-taskset -c "$LOADGEN_CPU" "$bin" bench fanout --target channelmesh \
+run_workload "$work/channelmesh.json" "$dev_pid" "$GW_PORT $((GW_PORT + 1))" \
+  taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target channelmesh \
   --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" \
-  --server-pid "$dev_pid" "${workload[@]}" >"$work/channelmesh.json"
+  --server-pid "$dev_pid" "${workload[@]}"
 
 python3 - "$work/nats.json" "$work/channelmesh.json" <<'EOF'
-import json, sys
+import json, os, sys
 nats, cm = (json.load(open(p)) for p in sys.argv[1:3])
+for report, path in ((nats, sys.argv[1]), (cm, sys.argv[2])):
+    if os.path.exists(path + ".trace"):
+        report.update(json.load(open(path + ".trace")))
 rows = [
     ("delivered msgs/s", "delivered_per_s", "{:,.0f}"),
     ("published msgs/s", "published_per_s", "{:,.0f}"),
@@ -105,6 +213,13 @@ rows = [
     ("connects/s", "connect_per_s", "{:,.0f}"),
     ("server RSS B/conn", "rss_per_connection_bytes", "{:,.0f}"),
 ]
+if "loadgen_wait_p50_us" in nats or "loadgen_wait_p50_us" in cm:
+    rows += [
+        ("loadgen wait p50 us", "loadgen_wait_p50_us", "{:,}"),
+        ("loadgen wait p99 us", "loadgen_wait_p99_us", "{:,}"),
+        ("server wait p50 us", "server_wait_p50_us", "{:,}"),
+        ("server wait p99 us", "server_wait_p99_us", "{:,}"),
+    ]
 print(f"fan-out: {cm['clients']} clients, {cm['channels']} channels (fan-out {cm['fanout']:.0f}), "
       f"{cm['payload_bytes']} B, rate {cm['rate'] or 'max'}, window {cm['window']}")
 print(f"{'':<20} {'nats-server':>14} {'channelmesh':>14} {'cm / nats':>10}")

@@ -93,7 +93,7 @@ pub enum Op {
 }
 
 /// Parses the server's byte stream: bytes go in with [`Parser::feed`], whole protocol messages
-/// come out of [`Parser::next`].
+/// come out of [`Parser::next`]; or both at once with [`Parser::each`], the receive path.
 #[derive(Debug, Default)]
 pub struct Parser {
     buf: Vec<u8>,
@@ -114,61 +114,129 @@ impl Parser {
     /// The next whole protocol message, or None until more bytes arrive. Malformed input is an
     /// error: the connection cannot be trusted after it.
     pub fn next(&mut self) -> anyhow::Result<Option<Op>> {
-        let rest = &self.buf[self.at..];
-        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-            if rest.len() > MAX_LINE {
-                bail!("a NATS control line longer than {MAX_LINE} bytes");
-            }
+        let Some((op, used)) = parse(&self.buf[self.at..])? else {
             return Ok(None);
         };
-        let line = &rest[..eol];
-        let verb_end = line
-            .iter()
-            .position(|&b| b == b' ' || b == b'\t')
-            .unwrap_or(line.len());
-        let verb = line[..verb_end].to_ascii_uppercase();
-        let op = match verb.as_slice() {
-            b"MSG" => {
-                // MSG <subject> <sid> [reply-to] <#bytes>
-                let args = std::str::from_utf8(&line[verb_end..]).context("a MSG line")?;
-                let fields: Vec<&str> = args.split_ascii_whitespace().collect();
-                let len: usize = match fields.as_slice() {
-                    [_, _, n] | [_, _, _, n] => n.parse().ok(),
-                    _ => None,
-                }
-                .with_context(|| format!("a malformed MSG line: {args}"))?;
-                if len > MAX_PAYLOAD {
-                    bail!("a NATS message of {len} bytes");
-                }
-                let start = eol + 2;
-                if rest.len() < start + len + 2 {
-                    return Ok(None);
-                }
-                let payload = &rest[start..start + len];
-                if &rest[start + len..start + len + 2] != b"\r\n" {
-                    bail!("a NATS message not followed by CRLF");
-                }
-                let sent_us = payload.strip_prefix(b"b").and_then(super::sent_at);
-                self.at += start + len + 2;
-                return Ok(Some(Op::Msg { sent_us }));
-            }
-            b"PING" => Op::Ping,
-            b"PONG" => Op::Pong,
-            b"INFO" => Op::Info,
-            b"+OK" => Op::Ok,
-            b"-ERR" => Op::Err(
-                String::from_utf8_lossy(&line[verb_end..])
-                    .trim()
-                    .to_string(),
-            ),
-            _ => bail!(
-                "an unknown NATS operation: {}",
-                String::from_utf8_lossy(&line[..line.len().min(80)])
-            ),
-        };
-        self.at += eol + 2;
+        self.at += used;
         Ok(Some(op))
     }
+
+    /// Feeds `bytes` and hands every whole protocol message to `f`. A frame usually holds
+    /// whole messages only, and then they are read from `bytes` in place: every receiver
+    /// reads every delivery, so the copy into the buffer is saved on the hot path.
+    pub fn each(&mut self, bytes: &[u8], mut f: impl FnMut(Op)) -> anyhow::Result<()> {
+        if self.at < self.buf.len() {
+            self.feed(bytes);
+            while let Some(op) = self.next()? {
+                f(op);
+            }
+            return Ok(());
+        }
+        let mut at = 0;
+        while let Some((op, used)) = parse(&bytes[at..])? {
+            at += used;
+            f(op);
+        }
+        self.buf.clear();
+        self.at = 0;
+        self.buf.extend_from_slice(&bytes[at..]);
+        Ok(())
+    }
+}
+
+/// The protocol message at the start of `rest` and its length in bytes, or None when it is
+/// not all there yet.
+fn parse(rest: &[u8]) -> anyhow::Result<Option<(Op, usize)>> {
+    let Some(eol) = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .filter(|&n| n > 0 && rest[n - 1] == b'\r')
+        .map(|n| n - 1)
+    else {
+        if rest.len() > MAX_LINE {
+            bail!("a NATS control line longer than {MAX_LINE} bytes");
+        }
+        if rest.contains(&b'\n') {
+            bail!("a NATS control line ending in a bare LF");
+        }
+        return Ok(None);
+    };
+    let line = &rest[..eol];
+    let verb_end = line
+        .iter()
+        .position(|&b| b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let verb = &line[..verb_end];
+    let op = if verb.eq_ignore_ascii_case(b"MSG") {
+        // MSG <subject> <sid> [reply-to] <#bytes>
+        let args = &line[verb_end..];
+        let mut fields: [&[u8]; 4] = [&[]; 4];
+        let mut count = 0;
+        for field in args
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|f| !f.is_empty())
+        {
+            if count == fields.len() {
+                count += 1;
+                break;
+            }
+            fields[count] = field;
+            count += 1;
+        }
+        let len = match count {
+            3 | 4 => digits(fields[count - 1]),
+            _ => None,
+        }
+        .with_context(|| format!("a malformed MSG line: {}", String::from_utf8_lossy(args)))?;
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > MAX_PAYLOAD {
+            bail!("a NATS message of {len} bytes");
+        }
+        let start = eol + 2;
+        if rest.len() < start + len + 2 {
+            return Ok(None);
+        }
+        let payload = &rest[start..start + len];
+        if &rest[start + len..start + len + 2] != b"\r\n" {
+            bail!("a NATS message not followed by CRLF");
+        }
+        let sent_us = payload.strip_prefix(b"b").and_then(super::sent_at);
+        return Ok(Some((Op::Msg { sent_us }, start + len + 2)));
+    } else if verb.eq_ignore_ascii_case(b"PING") {
+        Op::Ping
+    } else if verb.eq_ignore_ascii_case(b"PONG") {
+        Op::Pong
+    } else if verb.eq_ignore_ascii_case(b"INFO") {
+        Op::Info
+    } else if verb.eq_ignore_ascii_case(b"+OK") {
+        Op::Ok
+    } else if verb.eq_ignore_ascii_case(b"-ERR") {
+        Op::Err(
+            String::from_utf8_lossy(&line[verb_end..])
+                .trim()
+                .to_string(),
+        )
+    } else {
+        bail!(
+            "an unknown NATS operation: {}",
+            String::from_utf8_lossy(&line[..line.len().min(80)])
+        )
+    };
+    Ok(Some((op, eol + 2)))
+}
+
+/// An unsigned decimal number, all of `field`; None for anything else (or an overflow).
+fn digits(field: &[u8]) -> Option<u64> {
+    if field.is_empty() {
+        return None;
+    }
+    field.iter().try_fold(0u64, |n, &b| {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 #[cfg(test)]
@@ -200,6 +268,32 @@ mod tests {
                 Op::Err("'Slow Consumer'".into())
             ]
         );
+    }
+
+    #[test]
+    fn each_reads_the_same_however_the_stream_is_cut() {
+        let stream: &[u8] =
+            b"INFO {}\r\nMSG C1 1 10\r\nb123:4:xxx\r\nPING\r\nMSG C2 2 R 6\r\nb9:1:x\r\nPONG\r\n";
+        let want = vec![
+            Op::Info,
+            Op::Msg { sent_us: Some(123) },
+            Op::Ping,
+            Op::Msg { sent_us: Some(9) },
+            Op::Pong,
+        ];
+        for cut in 0..=stream.len() {
+            for second in cut..=stream.len() {
+                let mut p = Parser::default();
+                let mut got = Vec::new();
+                for part in [&stream[..cut], &stream[cut..second], &stream[second..]] {
+                    p.each(part, |op| got.push(op)).unwrap();
+                }
+                assert_eq!(got, want, "cut at {cut} and {second}");
+            }
+        }
+        let mut p = Parser::default();
+        assert!(p.each(b"MSG C1 1 x\r\n", |_| {}).is_err());
+        assert!(p.each(b"PING\nPONG\r\n", |_| {}).is_err());
     }
 
     #[test]

@@ -87,13 +87,22 @@ pub enum Incoming {
 /// Classifies a frame by looking for the few fields that matter rather than parsing the JSON:
 /// every delivery is read by every receiver, so this is the load generator's hot path (the
 /// NATS side is just as lean). Message texts this run writes hold no quotes or escapes.
+///
+/// `contains` (SIMD in std) rules out the rare kinds first; only the delivery's text is
+/// searched for its position (against channelmesh at 650,000 deliveries/s, a position search
+/// per field was a tenth of a worker's time).
 pub fn classify(frame: &str) -> Incoming {
-    if let Some(at) = frame.find(r#""reply_to":"#) {
-        let digits: String = frame[at + 11..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        if let Ok(id) = digits.parse() {
+    const REPLY_TO: &str = r#""reply_to":"#;
+    const TEXT: &str = r#""text":"b"#;
+    if frame.contains(REPLY_TO) {
+        let Some(at) = frame.find(REPLY_TO).map(|at| at + REPLY_TO.len()) else {
+            return Incoming::Other;
+        };
+        let digits = frame.as_bytes()[at..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if let Ok(id) = frame[at..at + digits].parse() {
             let ok = frame.contains(r#""ok":true"#);
             // A pong also carries reply_to; only acks carry ok.
             if ok || frame.contains(r#""ok":false"#) {
@@ -105,8 +114,8 @@ pub fn classify(frame: &str) -> Incoming {
     if !frame.contains(r#""type":"message""#) {
         return Incoming::Other;
     }
-    match frame.find(r#""text":"b"#) {
-        Some(at) => match super::sent_at(&frame.as_bytes()[at + 9..]) {
+    match frame.find(TEXT) {
+        Some(at) => match super::sent_at(&frame.as_bytes()[at + TEXT.len()..]) {
             Some(sent_us) => Incoming::Delivery { sent_us },
             None => Incoming::Other,
         },
@@ -137,6 +146,15 @@ mod tests {
             Incoming::Other
         );
         assert_eq!(classify(r#"{"type":"presence_change"}"#), Incoming::Other);
+        // Field order does not matter.
+        assert_eq!(
+            classify(r#"{"type":"message","text":"b5:1:x","channel":"C1"}"#),
+            Incoming::Delivery { sent_us: 5 }
+        );
+        assert_eq!(
+            classify(r#"{"text":"b1:2:","reply_to":7,"ok":true}"#),
+            Incoming::Ack { id: 7, ok: true }
+        );
     }
 
     #[test]

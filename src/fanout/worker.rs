@@ -7,8 +7,9 @@
 //! PONG acknowledges the burst. A message counts as published when it is acknowledged.
 
 use std::collections::VecDeque;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,19 +19,18 @@ use mesh_proto::admin::PostMessageRequest;
 use mesh_proto::admin::admin_client::AdminClient;
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pace::{self, Schedule};
 use super::plan::{self, ADMIN_PUBLISHERS, Member, Plan, PublishMode, Scenario, Target};
 use super::protocol::{self, Counters, FromWorker, ToWorker, WorkerReport};
 use super::{Socket, micros_now, nats, rtm};
 
 /// How often progress goes to the coordinator.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-/// Latency histograms, so receivers on different threads rarely wait for one another.
-const SHARDS: usize = 16;
 /// How long `Stop` waits for outstanding acknowledgements.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coordinator may take to send the plan.
@@ -58,12 +58,19 @@ struct Shared {
     cancel: CancellationToken,
     /// Connects in progress at once.
     gate: Semaphore,
-    /// Messages per second per publisher slot (0: as fast as the window allows).
-    rate_per_slot: f64,
+    /// Per client of this worker, its publishing schedule (rate 0: as fast as the window
+    /// allows, or not publishing).
+    schedules: Vec<Schedule>,
+    /// Per client of this worker, how the pacing thread says "a message is due".
+    wakes: Vec<Arc<Notify>>,
+    /// When publishing began (`Go`): the schedules count from it.
+    go: OnceLock<Instant>,
     counters: Atomics,
     /// Per channel, acknowledged messages.
     published: Vec<AtomicU64>,
-    latency: Vec<Mutex<Histogram<u64>>>,
+    /// Publish -> receive latency. One thread runs all the clients, so the lock is never
+    /// contended; it is taken once per received frame.
+    latency: Mutex<Histogram<u64>>,
     connects: Mutex<Histogram<u64>>,
     /// Per client of this worker, whether it connected.
     connected: Vec<AtomicBool>,
@@ -104,12 +111,19 @@ impl Atomics {
 }
 
 impl Shared {
-    fn delivered(&self, slot: usize, sent_us: u64) {
-        let now = micros_now();
-        if let Ok(mut h) = self.latency[slot % SHARDS].lock() {
-            h.saturating_record(now.saturating_sub(sent_us).max(1));
+    /// Records messages received at `now` (unix micros) that were sent at `sent_us`.
+    fn delivered(&self, now: u64, sent_us: &[u64]) {
+        if sent_us.is_empty() {
+            return;
         }
-        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut h) = self.latency.lock() {
+            for &sent in sent_us {
+                h.saturating_record(now.saturating_sub(sent).max(1));
+            }
+        }
+        self.counters
+            .delivered
+            .fetch_add(sent_us.len() as u64, Ordering::Relaxed);
         self.last_delivery_us.fetch_max(now, Ordering::Relaxed);
     }
 
@@ -154,7 +168,32 @@ impl Drop for Active<'_> {
 }
 
 /// Runs a worker: reads the plan from stdin, then orders, until `Finish` or stdin closes.
+///
+/// The worker gets a current-thread runtime of its own, on its own thread: a worker is pinned
+/// to one core with the others anyway, and one thread running every client spares each
+/// received message the multi-threaded scheduler's cross-thread bookkeeping. The caller's
+/// runtime only waits for the answer.
 pub async fn main() -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-worker".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the worker's runtime")
+                .and_then(|runtime| runtime.block_on(serve()));
+            let _ = tx.send(result);
+        })
+        .context("starting the worker's thread")?;
+    // No timeout: this is the worker's whole life, which ends when its stdin closes (the
+    // coordinator's orders and the worker's own steps have theirs).
+    rx.await
+        .context("the worker's thread ended without a word")?
+}
+
+/// The worker proper, on its own runtime.
+async fn serve() -> anyhow::Result<()> {
     raise_open_files_limit();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut out = tokio::io::stdout();
@@ -190,11 +229,11 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         .timeout(Duration::from_secs(20))
         .build()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
-    let latency = (0..SHARDS)
-        .map(|_| protocol::histogram().map(Mutex::new))
-        .collect::<anyhow::Result<_>>()?;
+    let schedules = schedules(&plan, &members, &mine);
     let shared = Arc::new(Shared {
-        rate_per_slot: plan.rate_per_slot(plan.publisher_slots(&members)),
+        wakes: mine.iter().map(|_| Arc::new(Notify::new())).collect(),
+        schedules,
+        go: OnceLock::new(),
         gate: Semaphore::new(plan.connect_parallel.max(1)),
         published: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
         connected: mine.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -204,7 +243,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         phase: phase_rx,
         cancel: CancellationToken::new(),
         counters: Atomics::default(),
-        latency,
+        latency: Mutex::new(protocol::histogram()?),
         connects: Mutex::new(protocol::histogram()?),
         active_publishers: AtomicUsize::new(0),
         first_publish_us: AtomicU64::new(u64::MAX),
@@ -258,15 +297,32 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
     )
     .await?;
 
+    let stop_pacing = CancellationToken::new();
+    let mut pacer = None;
     let finished = loop {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break false };
                 match serde_json::from_str::<ToWorker>(&line).context("an order")? {
                     ToWorker::Go => {
+                        let go = *shared.go.get_or_init(Instant::now);
+                        let publishers: Vec<_> = shared
+                            .schedules
+                            .iter()
+                            .zip(&shared.wakes)
+                            .filter(|(s, _)| s.rate > 0.0)
+                            .map(|(s, w)| (*s, w.clone()))
+                            .collect();
+                        if !publishers.is_empty() {
+                            pacer = Some(
+                                pace::spawn(go, publishers, stop_pacing.clone())
+                                    .context("starting the pacing thread")?,
+                            );
+                        }
                         phase_tx.send_replace(Phase::Running);
                     }
                     ToWorker::Stop => {
+                        stop_pacing.cancel();
                         phase_tx.send_replace(Phase::Stopping);
                         let waiting = Instant::now();
                         while shared.active_publishers.load(Ordering::SeqCst) > 0
@@ -290,15 +346,22 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
             }
         }
     };
+    stop_pacing.cancel();
     stop(&shared, &tracker).await?;
+    if let Some(pacer) = pacer {
+        // It looks at its token at least every few milliseconds.
+        tokio::time::timeout(CLOSE_TIMEOUT, tokio::task::spawn_blocking(|| pacer.join()))
+            .await
+            .context("the pacing thread did not stop in time")??
+            .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
+    }
     if finished {
-        let mut latency = protocol::histogram()?;
-        for shard in &shared.latency {
-            let shard = shard
+        let latency = protocol::encode(
+            &*shared
+                .latency
                 .lock()
-                .map_err(|_| anyhow::anyhow!("a poisoned histogram"))?;
-            latency.add(&*shard)?;
-        }
+                .map_err(|_| anyhow::anyhow!("a poisoned histogram"))?,
+        )?;
         let connects = protocol::encode(
             &*shared
                 .connects
@@ -308,7 +371,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         let first = shared.first_publish_us.load(Ordering::Relaxed);
         let report = WorkerReport {
             counters: shared.counters.snapshot(),
-            latency: protocol::encode(&latency)?,
+            latency,
             connect: connects,
             first_publish_us: if first == u64::MAX { 0 } else { first },
             last_delivery_us: shared.last_delivery_us.load(Ordering::Relaxed),
@@ -316,6 +379,32 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         send(out, &FromWorker::Report(Box::new(report))).await?;
     }
     Ok(())
+}
+
+/// Each of this worker's clients' publishing schedule: its publisher slots' share of the rate,
+/// and a phase from its first slot's place among all of the run's slots, so the publishers of
+/// every worker take turns evenly rather than firing together.
+fn schedules(plan: &Plan, members: &[Member], mine: &[usize]) -> Vec<Schedule> {
+    let slots = plan.publisher_slots(members);
+    let per_slot = plan.rate_per_slot(slots);
+    let mut first = Vec::with_capacity(members.len());
+    let mut k = 0;
+    for m in members {
+        first.push(k);
+        k += m.publishes.len();
+    }
+    mine.iter()
+        .map(|&i| {
+            let publishes = match plan.publish {
+                PublishMode::Clients => members[i].publishes.len(),
+                PublishMode::Admin => 0,
+            };
+            Schedule {
+                rate: per_slot * publishes as f64,
+                phase: pace::phase(first[i], slots),
+            }
+        })
+        .collect()
 }
 
 /// Closes every client and waits for their tasks.
@@ -338,8 +427,10 @@ async fn send(out: &mut tokio::io::Stdout, message: &FromWorker) -> anyhow::Resu
 struct Client {
     ws: Socket,
     nats: Option<nats::Parser>,
-    /// This client's place in the worker (picks its latency shard).
+    /// This client's place in the worker (its schedule and wake-up).
     slot: usize,
+    /// NATS: the publish times read from the frame at hand (kept for its allocation).
+    received: Vec<u64>,
 }
 
 /// How a connection's session ended.
@@ -424,6 +515,7 @@ async fn connect(shared: &Shared, slot: usize, index: usize) -> anyhow::Result<C
             .await?,
             nats: None,
             slot,
+            received: Vec::new(),
         },
         Target::Nats => {
             let (ws, parser) = nats::connect(gateway, plan.source, &channels).await?;
@@ -431,6 +523,7 @@ async fn connect(shared: &Shared, slot: usize, index: usize) -> anyhow::Result<C
                 ws,
                 nats: Some(parser),
                 slot,
+                received: Vec::new(),
             }
         }
     };
@@ -450,37 +543,26 @@ struct Pending {
 
 /// Reads the server's frames, and publishes to `publishes` (in turn) while the run is on.
 async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> anyhow::Result<End> {
-    let mut phase = shared.phase.clone();
     let mut pending = Pending::default();
     let mut active = (!publishes.is_empty()).then(|| Active::new(&shared.active_publishers));
     let window = shared.plan.window.max(1);
-    // This client's rate: its slots' share; the ticker only wakes it, the clock decides.
-    let rate = shared.rate_per_slot * publishes.len() as f64;
-    let mut ticker = (rate > 0.0).then(|| {
-        let period = Duration::from_secs_f64((1.0 / rate).max(0.001));
-        let mut t = tokio::time::interval(period);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        t
-    });
-    // A random start within the first period, so publishers do not fire together.
-    let offset = if rate > 0.0 {
-        rand::rng().random::<f64>() / rate
-    } else {
-        0.0
-    };
-    let mut started: Option<Instant> = None;
+    let schedule = shared.schedules[client.slot];
+    let wake = shared.wakes[client.slot].clone();
+    // Made once, not per frame: every receiver loops here for every delivery.
+    let mut cancelled = pin!(shared.cancel.cancelled());
+    let mut changed = pin!(phase_change(shared.phase.clone()));
+    let mut now = *shared.phase.borrow();
     let mut sent = 0u64;
     let mut next = 0usize;
     let mut out = Vec::new();
     loop {
-        let now = *phase.borrow_and_update();
         if !publishes.is_empty() {
             match now {
                 Phase::Running => {
-                    let started = *started.get_or_insert_with(Instant::now);
                     let mut room = window.saturating_sub(pending.messages.len());
-                    if rate > 0.0 {
-                        let due = ((started.elapsed().as_secs_f64() + offset) * rate) as u64;
+                    if schedule.rate > 0.0 {
+                        let go = *shared.go.get_or_init(Instant::now);
+                        let due = schedule.due(go.elapsed());
                         room = room.min(due.saturating_sub(sent) as usize);
                     }
                     if room > 0 {
@@ -500,18 +582,21 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
                 _ => {}
             }
         }
-        let ticking = now == Phase::Running && ticker.is_some();
+        let pacing = now == Phase::Running && schedule.rate > 0.0;
         tokio::select! {
-            _ = shared.cancel.cancelled() => {
+            _ = &mut cancelled => {
                 shared.counters.unacked.fetch_add(pending.messages.len() as u64, Ordering::Relaxed);
                 return Ok(End::Cancelled);
             }
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    return Ok(End::Cancelled);
+            phase = &mut changed => match phase {
+                Some(phase) => {
+                    now = *phase.borrow();
+                    changed.set(phase_change(phase));
                 }
-            }
-            _ = async { if let Some(t) = ticker.as_mut() { t.tick().await; } }, if ticking => {}
+                None => return Ok(End::Cancelled),
+            },
+            // The pacing thread says a message is due; the loop's top decides how many.
+            _ = wake.notified(), if pacing => {}
             msg = client.ws.next() => match msg {
                 Some(Ok(msg)) => {
                     if !on_frame(shared, client, &mut pending, msg).await? {
@@ -523,6 +608,13 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
             },
         }
     }
+}
+
+/// Resolves when the run's phase changes, handing the receiver back for the next change; None
+/// when the worker dropped the sender. Owns its receiver, so a session can keep one pinned
+/// across frames and re-arm it.
+async fn phase_change(mut phase: watch::Receiver<Phase>) -> Option<watch::Receiver<Phase>> {
+    phase.changed().await.ok().map(|()| phase)
 }
 
 /// Sends one message to each of `channels`: RTM one frame each, NATS one frame of PUBs and a
@@ -572,7 +664,7 @@ async fn on_frame(
     let Some(parser) = client.nats.as_mut() else {
         match msg {
             Message::Text(text) => match rtm::classify(text.as_str()) {
-                rtm::Incoming::Delivery { sent_us } => shared.delivered(client.slot, sent_us),
+                rtm::Incoming::Delivery { sent_us } => shared.delivered(micros_now(), &[sent_us]),
                 rtm::Incoming::Ack { id, ok } => {
                     let at = pending.messages.iter().position(|(i, _)| *i == id);
                     if let Some((_, c)) = at.and_then(|at| pending.messages.remove(at)) {
@@ -594,37 +686,40 @@ async fn on_frame(
         }
         return Ok(true);
     };
-    match msg {
-        Message::Binary(bytes) => parser.feed(&bytes),
-        Message::Text(text) => parser.feed(text.as_bytes()),
+    let bytes = match &msg {
+        Message::Binary(bytes) => bytes.as_ref(),
+        Message::Text(text) => text.as_bytes(),
         Message::Close(_) => return Ok(false),
         _ => return Ok(true),
-    }
+    };
+    // Everything in one frame arrived at once: one clock reading, one histogram lock.
+    let now = micros_now();
     let mut pong = false;
-    while let Some(op) = parser.next()? {
-        match op {
-            nats::Op::Msg {
-                sent_us: Some(sent_us),
-            } => shared.delivered(client.slot, sent_us),
-            nats::Op::Ping => pong = true,
-            nats::Op::Pong => {
-                let burst = pending.bursts.pop_front().unwrap_or(0);
-                for _ in 0..burst {
-                    if let Some((_, c)) = pending.messages.pop_front() {
-                        shared.acked(c);
-                    }
+    let sent = &mut client.received;
+    sent.clear();
+    parser.each(bytes, |op| match op {
+        nats::Op::Msg {
+            sent_us: Some(sent_us),
+        } => sent.push(sent_us),
+        nats::Op::Ping => pong = true,
+        nats::Op::Pong => {
+            let burst = pending.bursts.pop_front().unwrap_or(0);
+            for _ in 0..burst {
+                if let Some((_, c)) = pending.messages.pop_front() {
+                    shared.acked(c);
                 }
             }
-            nats::Op::Err(e) => {
-                shared
-                    .counters
-                    .publish_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "nats-server sent -ERR");
-            }
-            nats::Op::Msg { sent_us: None } | nats::Op::Info | nats::Op::Ok => {}
         }
-    }
+        nats::Op::Err(e) => {
+            shared
+                .counters
+                .publish_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "nats-server sent -ERR");
+        }
+        nats::Op::Msg { sent_us: None } | nats::Op::Info | nats::Op::Ok => {}
+    })?;
+    shared.delivered(now, sent);
     if pong {
         client.ws.send(nats::pong()).await?;
     }
@@ -720,7 +815,7 @@ async fn admin_publish(shared: &Shared, task: usize) -> anyhow::Result<()> {
             changed = phase.changed() => changed?,
         }
     }
-    let rate = shared.rate_per_slot;
+    let rate = plan.rate_per_slot(plan.publisher_slots(&shared.members));
     let offset = if rate > 0.0 {
         rand::rng().random::<f64>() / rate
     } else {
