@@ -375,8 +375,9 @@ impl Hub {
             })
             .collect();
         let mut state = self.state();
-        // Per channel, in the order they came.
+        // Per channel, in the order they came; `index` finds a channel's group.
         let mut groups: Vec<(ChannelId, Vec<Ready>)> = Vec::new();
+        let mut index: HashMap<ChannelId, usize, foldhash::fast::RandomState> = HashMap::default();
         for (event, frame) in rendered {
             let Some(local) = state.channels.get_mut(&event.channel) else {
                 continue;
@@ -391,9 +392,12 @@ impl Hub {
             let Some(ready) = self.prepare(local, &event, frame, Some(received)) else {
                 continue;
             };
-            match groups.iter_mut().find(|(c, _)| *c == event.channel) {
-                Some((_, group)) => group.push(ready),
-                None => groups.push((event.channel, vec![ready])),
+            match index.get(&event.channel) {
+                Some(&i) => groups[i].1.push(ready),
+                None => {
+                    index.insert(event.channel.clone(), groups.len());
+                    groups.push((event.channel, vec![ready]));
+                }
             }
         }
         for (channel, ready) in groups {
