@@ -292,7 +292,37 @@ pub fn ok_reply(id: i64) -> String {
 
 /// The ack of a sent message.
 pub fn message_ack(id: i64, ts: Ts, text: &str) -> String {
-    json!({"ok": true, "reply_to": id, "ts": ts.to_string(), "text": text}).to_string()
+    // A struct, not a `json!` map: one of these per published message, and the map would
+    // allocate per key.
+    #[derive(serde::Serialize)]
+    struct Ack<'a> {
+        ok: bool,
+        reply_to: i64,
+        ts: String,
+        text: &'a str,
+    }
+    let ack = Ack {
+        ok: true,
+        reply_to: id,
+        ts: ts.to_string(),
+        text,
+    };
+    serde_json::to_string(&ack).unwrap_or_default()
+}
+
+/// A message event as clients get it; the others are rare enough for `json!`.
+#[derive(serde::Serialize)]
+struct MessageEvent<'a> {
+    r#type: &'static str,
+    channel: &'a str,
+    user: &'a str,
+    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    team: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_ts: Option<&'a str>,
 }
 
 /// `{"type":"channel_joined","channel":{"id":C,..}}`.
@@ -322,15 +352,16 @@ pub fn render(event: &ChannelEvent) -> Option<String> {
     let ts = event.ts.map(|t| t.to_string());
     let mut value = match &event.body {
         EventBody::Message { user, text, team } => {
-            let mut v =
-                json!({"type": "message", "channel": channel, "user": user.as_str(), "text": text});
-            if let Some(ts) = &ts {
-                v["ts"] = Value::from(ts.as_str());
-            }
-            if let Some(team) = team {
-                v["team"] = Value::from(team.as_str());
-            }
-            v
+            let message = MessageEvent {
+                r#type: "message",
+                channel,
+                user: user.as_str(),
+                text,
+                team: team.as_ref().map(|t| t.as_str()),
+                ts: ts.as_deref(),
+                event_ts: ts.as_deref(),
+            };
+            return serde_json::to_string(&message).ok();
         }
         EventBody::Typing { user } => {
             json!({"type": "user_typing", "channel": channel, "user": user.as_str()})

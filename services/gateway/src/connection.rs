@@ -51,6 +51,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames written before one flush when several are queued.
 const WRITE_BATCH: usize = 64;
+/// Turns a connection yields, while each brings more events, before it writes.
+const MORE_TURNS: usize = 4;
 
 /// A connection's own state, owned by its task.
 struct Connection {
@@ -74,6 +76,9 @@ struct Connection {
     /// in the metrics once the batch is written.
     written: u64,
     oldest: Option<std::time::Instant>,
+    /// The items of the batch being taken from the outbox; its capacity is kept from one
+    /// batch to the next, so a busy connection allocates nothing per batch.
+    taken: Vec<Outbound>,
 }
 
 /// The per-connection maps are looked up for every event delivered: a fast hasher (foldhash,
@@ -84,17 +89,26 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 impl Connection {
     /// Takes queued items until the batch is full or the queue empty.
     fn take_batch(&mut self, outbox: &Outbox, frames: &mut Outgoing) -> Step {
-        let mut items = Vec::new();
+        let mut items = std::mem::take(&mut self.taken);
         outbox.pop_into(&mut items, WRITE_BATCH.saturating_sub(frames.frames()));
-        for item in items {
+        let mut step = Step::Write;
+        for item in items.drain(..) {
             if !self.on_outbound(item, frames) {
-                return Step::End(Some((
+                step = Step::End(Some((
                     close::SLOW_CONSUMER,
                     "slow consumer: catch-up buffer overflowed",
                 )));
+                break;
             }
         }
-        Step::Write
+        self.taken = items;
+        step
+    }
+
+    /// Gives back the memory kept between writes, once the connection is quiet.
+    fn release(&mut self, frames: &mut Outgoing) {
+        self.taken = Vec::new();
+        frames.release();
     }
 
     /// `event` goes out in the batch being gathered.
@@ -284,6 +298,7 @@ pub async fn run(
         sink,
         outbox: outbox.clone(),
         catching_up: HashMap::new(),
+        taken: Vec::new(),
         cursors: FastMap::default(),
         written: 0,
         oldest: None,
@@ -413,12 +428,20 @@ pub async fn run(
             _ = outbox.ready() => {
                 // Take what is queued, up to a batch: written with one flush.
                 let mut step = me.take_batch(&outbox, &mut frames);
-                if matches!(step, Step::Write) && frames.frames() < WRITE_BATCH {
-                    // Let the fan-out queue more before paying for a system call: under load
-                    // a connection then writes several events per write, as NATS does per
-                    // read of its publishers; when idle, the yield returns at once.
+                // Let the fan-out queue more before paying for a system call, for as long as
+                // each turn brings more (a few turns at most): under load a connection then
+                // writes many events per write; when idle, the first yield returns at once
+                // with nothing new.
+                for _ in 0..MORE_TURNS {
+                    let before = frames.frames();
+                    if !matches!(step, Step::Write) || before >= WRITE_BATCH {
+                        break;
+                    }
                     tokio::task::yield_now().await;
                     step = me.take_batch(&outbox, &mut frames);
+                    if frames.frames() == before {
+                        break;
+                    }
                 }
                 outbox.rearm();
                 step
@@ -433,6 +456,7 @@ pub async fn run(
                 if last_heard.elapsed() >= limits.idle_timeout {
                     Step::End(Some((close::IDLE_TIMEOUT, "idle timeout")))
                 } else {
+                    me.release(&mut frames);
                     Step::Ping
                 }
             }

@@ -29,8 +29,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use tokio_tungstenite::tungstenite::{Error, Message};
 
-/// Buffer capacity kept between writes; a larger one (after a burst) is given back.
-const KEEP_CAPACITY: usize = 4 * 1024;
+/// Buffer capacity kept between writes, so a busy connection does not grow its buffer again
+/// for every write; a larger one (after a burst) is given back at once, and a quiet
+/// connection gives back all of it ([`Outgoing::release`]).
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 /// A WebSocket upgrade request (HTTP/1.1 only: the gateway does not speak HTTP/2).
 #[derive(Debug)]
@@ -173,6 +175,15 @@ impl Outgoing {
 
     pub fn is_empty(&self) -> bool {
         self.buf.len() == self.sent
+    }
+
+    /// Frees the buffer if nothing is waiting in it.
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.sent = 0;
+            self.frames = 0;
+        }
     }
 
     fn written(&mut self) {
