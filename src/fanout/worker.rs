@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use mesh_proto::admin::PostMessageRequest;
 use mesh_proto::admin::admin_client::AdminClient;
@@ -29,6 +29,9 @@ use super::plan::{self, ADMIN_PUBLISHERS, Member, Plan, PublishMode, Scenario, T
 use super::protocol::{self, Counters, FromWorker, ToWorker, WorkerReport};
 use super::{Socket, micros_now, nats, rtm};
 
+/// Frames a client handles in a row when they are already read, before it looks at its
+/// other work (publishing, the phase) again.
+const DRAIN_FRAMES: usize = 32;
 /// How often progress goes to the coordinator.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How long `Stop` waits for outstanding acknowledgements.
@@ -597,15 +600,30 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
             },
             // The pacing thread says a message is due; the loop's top decides how many.
             _ = wake.notified(), if pacing => {}
-            msg = client.ws.next() => match msg {
-                Some(Ok(msg)) => {
-                    if !on_frame(shared, client, &mut pending, msg).await? {
-                        return Ok(End::Closed);
+            msg = client.ws.next() => {
+                // Frames already read from the socket are taken without going round the
+                // select for each: an RTM delivery is a frame of its own, so this loop runs
+                // per delivery (NATS packs several messages in a frame).
+                let mut msg = msg;
+                for taken in 1.. {
+                    match msg {
+                        Some(Ok(msg)) => {
+                            if !on_frame(shared, client, &mut pending, msg).await? {
+                                return Ok(End::Closed);
+                            }
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Ok(End::Closed),
+                    }
+                    if taken == DRAIN_FRAMES {
+                        break;
+                    }
+                    match client.ws.next().now_or_never() {
+                        Some(next) => msg = next,
+                        None => break,
                     }
                 }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(End::Closed),
-            },
+            }
         }
     }
 }
