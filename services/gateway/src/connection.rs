@@ -535,6 +535,7 @@ pub async fn run(
                     me.written = 0;
                 }
             }
+            // The close token fired: the next turn closes, finishing the cut write first.
             Written::Interrupted => {}
             Written::Broken => break None,
             Written::Stalled => {

@@ -125,6 +125,7 @@ impl Upgrade {
             then(ClientSocket {
                 ws,
                 control_queued: false,
+                mid_write: false,
             })
             .await;
         });
@@ -202,6 +203,10 @@ pub struct ClientSocket {
     ws: WebSocketStream<TokioIo<Upgraded>>,
     /// tungstenite may have queued a control frame (a pong, a close reply) while reading.
     control_queued: bool,
+    /// A write of the buffer stopped part-way (its future was dropped: the connection is
+    /// closing). Until it is finished, reading is held back: tungstenite writes its pong
+    /// replies while reading, and one would land inside the cut frame.
+    mid_write: bool,
 }
 
 impl ClientSocket {
@@ -212,6 +217,7 @@ impl ClientSocket {
             self.ws.flush().await?;
             self.control_queued = false;
         }
+        self.mid_write = true;
         let io = self.ws.get_mut();
         while out.sent < out.buf.len() {
             let n = io.write(&out.buf[out.sent..]).await?;
@@ -220,6 +226,7 @@ impl ClientSocket {
             }
             out.sent += n;
         }
+        self.mid_write = false;
         out.written();
         Ok(())
     }
@@ -239,8 +246,13 @@ impl ClientSocket {
 impl Stream for ClientSocket {
     type Item = Result<Message, Error>;
 
-    /// The client's next frame. Cancel-safe, as tungstenite's stream is.
+    /// The client's next frame. Cancel-safe, as tungstenite's stream is. Pending, without
+    /// reading, while a write is cut part-way: that happens only when the connection is
+    /// closing, and the close writes the rest first.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.mid_write {
+            return Poll::Pending;
+        }
         let next = self.ws.poll_next_unpin(cx);
         if let Poll::Ready(Some(Ok(Message::Ping(_) | Message::Close(_)))) = &next {
             self.control_queued = true;
