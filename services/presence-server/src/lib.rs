@@ -31,8 +31,10 @@ pub const DEFAULT_GATEWAY_LEASE: Duration = Duration::from_secs(3);
 /// How often a gateway says something on an otherwise quiet session.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// After gaining users (a ring change), how long changes are held so that gateways can
-/// re-report them first.
-pub const WARM_UP: Duration = Duration::from_millis(500);
+/// re-report them first. A gateway hears of the ring change and sends its snapshot within
+/// milliseconds when idle; 0.5 s was seen to be too short on a loaded 2-core machine (a
+/// watcher heard a user go away who never left), so the margin is wide.
+pub const WARM_UP: Duration = Duration::from_millis(1500);
 
 /// Errors of the presence server.
 #[derive(Debug, thiserror::Error)]
