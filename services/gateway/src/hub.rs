@@ -346,23 +346,6 @@ impl Hub {
         }
     }
 
-    /// Rendered once, queued to every local subscriber of the event's channel; `received`:
-    /// when it came from the channel server.
-    pub fn deliver(&self, from: &NodeId, event: ChannelEvent, received: Instant) {
-        let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
-        let mut state = self.state();
-        let Some(local) = state.channels.get_mut(&event.channel) else {
-            return;
-        };
-        if local.upstream.as_ref() != Some(from) {
-            return; // A stale stream of a channel that moved.
-        }
-        match &mut local.catching_up {
-            Some(buffer) => buffer.push((event, frame, Some(received))),
-            None => self.fan_out(local, &event, frame, Some(received)),
-        }
-    }
-
     /// Rendered once each and queued to every local subscriber, under one lock of the hub:
     /// a connection gets each channel's events of the batch with one lock of its queue and
     /// one wake-up. `received`: when the batch came from the channel server.

@@ -172,7 +172,7 @@ fn deliver(hub: &Hub, node: &NodeId, batch: &mut Vec<pb::Event>) {
         let span = tracing::debug_span!("gateway.deliver", gateway = %hub.gateway(), channel = %event.channel);
         mesh_telemetry::propagation::set_parent_from_map(&span, &trace);
         let _entered = span.enter();
-        hub.deliver(node, event, received);
+        hub.deliver_batch(node, vec![event], received);
     }
     if !plain.is_empty() {
         hub.deliver_batch(node, plain, received);
