@@ -72,7 +72,7 @@ struct Shared {
     /// Per channel, acknowledged messages.
     published: Vec<AtomicU64>,
     /// Publish -> receive latency. One thread runs all the clients, so the lock is never
-    /// contended; it is taken once per received frame.
+    /// contended; it is taken once per batch of frames read.
     latency: Mutex<Histogram<u64>>,
     connects: Mutex<Histogram<u64>>,
     /// Per client of this worker, whether it connected.
@@ -432,7 +432,8 @@ struct Client {
     nats: Option<nats::Parser>,
     /// This client's place in the worker (its schedule and wake-up).
     slot: usize,
-    /// NATS: the publish times read from the frame at hand (kept for its allocation).
+    /// The publish times read from the frames at hand, recorded together (kept for its
+    /// allocation).
     received: Vec<u64>,
 }
 
@@ -603,17 +604,20 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
             msg = client.ws.next() => {
                 // Frames already read from the socket are taken without going round the
                 // select for each: an RTM delivery is a frame of its own, so this loop runs
-                // per delivery (NATS packs several messages in a frame).
+                // per delivery (NATS packs several messages in a frame). What they deliver
+                // is recorded once for all of them, at one clock reading taken after the
+                // last (a latency errs long by the time it takes to read the rest, not short).
                 let mut msg = msg;
+                client.received.clear();
                 for taken in 1.. {
-                    match msg {
-                        Some(Ok(msg)) => {
-                            if !on_frame(shared, client, &mut pending, msg).await? {
-                                return Ok(End::Closed);
-                            }
-                        }
+                    let open = match msg {
+                        Some(Ok(msg)) => on_frame(shared, client, &mut pending, msg).await?,
                         Some(Err(e)) => return Err(e.into()),
-                        None => return Ok(End::Closed),
+                        None => false,
+                    };
+                    if !open {
+                        shared.delivered(micros_now(), &client.received);
+                        return Ok(End::Closed);
                     }
                     if taken == DRAIN_FRAMES {
                         break;
@@ -623,6 +627,7 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
                         None => break,
                     }
                 }
+                shared.delivered(micros_now(), &client.received);
             }
         }
     }
@@ -672,7 +677,8 @@ async fn publish(
     Ok(())
 }
 
-/// Handles one frame from the server. False when the server is closing the connection.
+/// Handles one frame from the server, adding the publish times of the messages it delivers
+/// to `client.received`. False when the server is closing the connection.
 async fn on_frame(
     shared: &Shared,
     client: &mut Client,
@@ -682,7 +688,7 @@ async fn on_frame(
     let Some(parser) = client.nats.as_mut() else {
         match msg {
             Message::Text(text) => match rtm::classify(text.as_str()) {
-                rtm::Incoming::Delivery { sent_us } => shared.delivered(micros_now(), &[sent_us]),
+                rtm::Incoming::Delivery { sent_us } => client.received.push(sent_us),
                 rtm::Incoming::Ack { id, ok } => {
                     let at = pending.messages.iter().position(|(i, _)| *i == id);
                     if let Some((_, c)) = at.and_then(|at| pending.messages.remove(at)) {
@@ -710,11 +716,8 @@ async fn on_frame(
         Message::Close(_) => return Ok(false),
         _ => return Ok(true),
     };
-    // Everything in one frame arrived at once: one clock reading, one histogram lock.
-    let now = micros_now();
     let mut pong = false;
     let sent = &mut client.received;
-    sent.clear();
     parser.each(bytes, |op| match op {
         nats::Op::Msg {
             sent_us: Some(sent_us),
@@ -737,7 +740,6 @@ async fn on_frame(
         }
         nats::Op::Msg { sent_us: None } | nats::Op::Info | nats::Op::Ok => {}
     })?;
-    shared.delivered(now, sent);
     if pong {
         client.ws.send(nats::pong()).await?;
     }
@@ -767,7 +769,10 @@ async fn storm(shared: &Shared, client: &mut Client, index: usize) -> anyhow::Re
                 _ = &mut deadline, if running => break true,
                 msg = client.ws.next() => match msg {
                     Some(Ok(msg)) => {
-                        if !on_frame(shared, client, &mut pending, msg).await? {
+                        client.received.clear();
+                        let open = on_frame(shared, client, &mut pending, msg).await?;
+                        shared.delivered(micros_now(), &client.received);
+                        if !open {
                             return Ok(End::Closed);
                         }
                     }

@@ -11,7 +11,7 @@ use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Outbound, Rendered};
+use crate::hub::{CloseReason, Closer, ConnId, ConnSink, Control, Outbound, Rendered};
 use crate::limits::TokenBucket;
 use crate::outbox::Outbox;
 use crate::socket::{ClientSocket, Error as WsError, Message, Outgoing};
@@ -153,13 +153,21 @@ impl Connection {
                     buffer.push(event);
                 } else if self.advance(&event) {
                     self.count_written(&event);
-                    out.text(&event.frame);
+                    out.event(event);
                 }
                 // Otherwise already written: a resume's history read can overtake the live
                 // stream.
             }
             Outbound::Frame(frame) => out.text(&frame),
-            Outbound::Joined { channel, since } => {
+            Outbound::Control(control) => self.on_control(*control, out),
+        }
+        true
+    }
+
+    /// Applies a change to what the connection receives.
+    fn on_control(&mut self, control: Control, out: &mut Outgoing) {
+        match control {
+            Control::Joined { channel, since } => {
                 if self.members.insert(channel.clone()) {
                     self.cursors
                         .insert(channel.clone(), since.unwrap_or_default());
@@ -174,9 +182,9 @@ impl Connection {
                         .spawn(catch_up(shared, outbox, channel, since, waiting));
                 }
             }
-            Outbound::CatchUp { channel, events } => {
+            Control::CatchUp { channel, events } => {
                 let Some(live) = self.catching_up.remove(&channel) else {
-                    return true;
+                    return;
                 };
                 out.text(&rtm::channel_joined(&channel));
                 let mut newest = None;
@@ -189,13 +197,13 @@ impl Connection {
                     }
                     if self.advance(event) {
                         self.count_written(event);
-                        out.text(&event.frame);
+                        out.event(event.clone());
                     }
                 }
             }
-            Outbound::Resume(resumed) => {
+            Control::Resume(resumed) => {
                 let Some(live) = self.catching_up.remove(&resumed.channel) else {
-                    return true;
+                    return;
                 };
                 if let Some(oldest) = resumed.gap {
                     out.text(&rtm::history_gap(&resumed.channel, resumed.cursor, oldest));
@@ -211,11 +219,11 @@ impl Connection {
                     }
                     if self.advance(event) {
                         self.count_written(event);
-                        out.text(&event.frame);
+                        out.event(event.clone());
                     }
                 }
             }
-            Outbound::Left { channel } => {
+            Control::Left { channel } => {
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
                     self.cursors.remove(&channel);
                     self.catching_up.remove(&channel);
@@ -226,7 +234,6 @@ impl Connection {
                 }
             }
         }
-        true
     }
 }
 
@@ -269,7 +276,7 @@ async fn catch_up(
             }
         }
     }
-    let item = Outbound::CatchUp { channel, events };
+    let item = Outbound::control(Control::CatchUp { channel, events });
     outbox.push_own(item);
 }
 

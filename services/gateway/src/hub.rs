@@ -47,13 +47,21 @@ pub struct Rendered {
     pub received: Option<Instant>,
 }
 
-/// What the hub queues to a connection.
+/// What the hub queues to a connection. Two words: a fan-out writes one of these into every
+/// subscriber's queue per event, so the rare kinds are boxed to keep the common one small.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A channel event.
     Event(Arc<Rendered>),
     /// A frame for this connection only, written as is.
-    Frame(Utf8Bytes),
+    Frame(Box<Utf8Bytes>),
+    /// A change to what the connection receives.
+    Control(Box<Control>),
+}
+
+/// A change to what a connection receives.
+#[derive(Debug, Clone)]
+pub enum Control {
     /// The connection's user joined `channel`: start receiving it.
     Joined {
         channel: ChannelId,
@@ -71,13 +79,23 @@ pub enum Outbound {
 }
 
 impl Outbound {
+    /// A frame for one connection.
+    pub fn frame(frame: impl Into<Utf8Bytes>) -> Self {
+        Outbound::Frame(Box::new(frame.into()))
+    }
+
+    /// A change to what one connection receives.
+    pub fn control(control: Control) -> Self {
+        Outbound::Control(Box::new(control))
+    }
+
     /// The bytes this item holds for its connection alone, counted against the connection's
     /// outgoing budget. A shared event counts its frame: a slow reader keeps it alive.
     pub fn queued_bytes(&self) -> usize {
         match self {
             Outbound::Event(event) => event.frame.len(),
             Outbound::Frame(frame) => frame.len(),
-            _ => 0,
+            Outbound::Control(_) => 0,
         }
     }
 }
@@ -424,13 +442,15 @@ impl Hub {
             .filter(|o| o.gateway == self.inner.gateway)
             .map(|o| o.conn);
         let item = match (&event.body, frame) {
-            (EventBody::ChannelJoined { channel, since }, _) => Outbound::Joined {
+            (EventBody::ChannelJoined { channel, since }, _) => {
+                Outbound::control(Control::Joined {
+                    channel: channel.clone(),
+                    since: *since,
+                })
+            }
+            (EventBody::ChannelLeft { channel }, _) => Outbound::control(Control::Left {
                 channel: channel.clone(),
-                since: *since,
-            },
-            (EventBody::ChannelLeft { channel }, _) => Outbound::Left {
-                channel: channel.clone(),
-            },
+            }),
             (_, Some(frame)) => Outbound::Event(Arc::new(Rendered {
                 channel: event.channel.clone(),
                 ts: event.ts,

@@ -197,10 +197,18 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::ws::Utf8Bytes;
 
     fn frame(n: usize) -> Outbound {
-        Outbound::Frame(Utf8Bytes::from("x".repeat(n)))
+        Outbound::frame("x".repeat(n))
+    }
+
+    #[test]
+    fn a_queued_item_is_two_words() {
+        // Every subscriber's queue gets one per event: the rare kinds are boxed.
+        assert_eq!(
+            std::mem::size_of::<Outbound>(),
+            2 * std::mem::size_of::<usize>()
+        );
     }
 
     #[test]

@@ -652,7 +652,7 @@ fn push_to_watchers(state: &State, changed: &[(UserId, bool)]) {
                 .entry(items.clone())
                 .or_insert_with(|| batch_frames(&items));
             for frame in frames.iter() {
-                watcher.sink.push(Outbound::Frame(frame.clone()));
+                watcher.sink.push(Outbound::frame(frame.clone()));
             }
         } else {
             for item in items {
@@ -660,7 +660,7 @@ fn push_to_watchers(state: &State, changed: &[(UserId, bool)]) {
                     .entry(item.clone())
                     .or_insert_with(|| Utf8Bytes::from(mesh_rtm::presence_change(&item.0, item.1)))
                     .clone();
-                watcher.sink.push(Outbound::Frame(frame));
+                watcher.sink.push(Outbound::frame(frame));
             }
         }
     }
@@ -671,12 +671,12 @@ fn push_to_watchers(state: &State, changed: &[(UserId, bool)]) {
 fn push_frames(watcher: &Watcher, items: &[(UserId, bool)]) {
     if watcher.batch {
         for frame in batch_frames(items) {
-            watcher.sink.push(Outbound::Frame(frame));
+            watcher.sink.push(Outbound::frame(frame));
         }
     } else {
         for (user, active) in items {
             let frame = mesh_rtm::presence_change(user, *active);
-            watcher.sink.push(Outbound::Frame(Utf8Bytes::from(frame)));
+            watcher.sink.push(Outbound::frame(frame));
         }
     }
 }

@@ -11,7 +11,7 @@ use mesh_core::{ChannelId, Ts};
 use mesh_rtm as rtm;
 
 use crate::Shared;
-use crate::hub::{Outbound, Rendered};
+use crate::hub::{Control, Outbound, Rendered};
 
 /// The most cursors one connection may give.
 pub const MAX_CURSORS: usize = 1000;
@@ -103,7 +103,7 @@ pub async fn resume(shared: Arc<Shared>, outbox: Arc<Outbox>, channel: ChannelId
     if resumed.gap.is_some() {
         shared.hub.metrics().history_gaps.inc();
     }
-    outbox.push_own(Outbound::Resume(resumed));
+    outbox.push_own(Outbound::control(Control::Resume(resumed)));
 }
 
 #[cfg(test)]

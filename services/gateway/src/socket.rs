@@ -4,7 +4,8 @@
 //! between) and writes the rare control frames: pong replies, ping, close. Every text frame the
 //! gateway sends is encoded here instead, straight into one buffer per write: a server frame is
 //! a 2–10 byte header and the payload, unmasked, so a batch of fan-out events becomes one
-//! contiguous write with one copy of each payload. Going through tungstenite's `Sink` cost a
+//! contiguous write with one copy of each payload, into a buffer the thread's connections
+//! share ([`Outgoing`]). Going through tungstenite's `Sink` cost a
 //! frame object, a second buffer, and a lock of the split halves per frame: a third of the
 //! gateway's time under fan-out load (the profile is in ARCHITECTURE.md).
 //!
@@ -14,6 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::FromRequestParts;
@@ -29,10 +31,25 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use tokio_tungstenite::tungstenite::{Error, Message};
 
-/// Buffer capacity kept between writes, so a busy connection does not grow its buffer again
-/// for every write; a larger one (after a burst) is given back at once, and a quiet
-/// connection gives back all of it ([`Outgoing::release`]).
+use crate::hub::Rendered;
+
+/// Largest write buffer kept for reuse; a larger one (after a burst) is freed once written.
 const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// Write buffers kept per thread for the next write.
+const SPARE_BUFFERS: usize = 8;
+
+/// A new write buffer's capacity: a batch of fan-out events fits without growing it.
+const START_CAPACITY: usize = 8 * 1024;
+
+thread_local! {
+    /// Write buffers written out, for the next write on this thread. A connection encodes
+    /// its frames into one only when it writes, and nearly every write completes at once,
+    /// so under fan-out load the same buffer or two take every connection's batch in turn
+    /// and stay in the CPU cache, where a buffer per connection (a thousand connections'
+    /// worth of kilobytes) was cold at every write. An idle connection holds none.
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A WebSocket upgrade request (HTTP/1.1 only: the gateway does not speak HTTP/2).
 #[derive(Debug)]
@@ -140,61 +157,110 @@ impl Upgrade {
     }
 }
 
-/// Text frames encoded for one write, and how much of them is written.
+/// The text frames for the next write, gathered in order, and the write in progress.
+///
+/// Fan-out events are kept by reference until the write: each is encoded (header and
+/// payload, one copy) straight into a write buffer shared by the thread's connections.
 #[derive(Debug, Default)]
 pub struct Outgoing {
+    /// Frames gathered since the last write began, in order.
+    pieces: Vec<Piece>,
+    /// The encoded frames of the connection's own pieces, in order.
+    own: Vec<u8>,
+    /// The write in progress: the pieces encoded. Empty (no capacity) between writes.
     buf: Vec<u8>,
     /// Bytes of `buf` written: a write interrupted part-way resumes here, so a frame is never
     /// cut by another.
     sent: usize,
-    frames: usize,
+}
+
+#[derive(Debug)]
+enum Piece {
+    /// A channel event, shared with its other subscribers.
+    Event(Arc<Rendered>),
+    /// The next `len` bytes of `own`.
+    Own(usize),
 }
 
 impl Outgoing {
-    /// Appends a text frame holding `text`.
-    pub fn text(&mut self, text: &str) {
-        let payload = text.as_bytes();
-        let len = payload.len();
-        // FIN + text opcode; a server's frames are not masked.
-        if len < 126 {
-            self.buf.extend_from_slice(&[0x81, len as u8]);
-        } else if let Ok(len) = u16::try_from(len) {
-            self.buf.extend_from_slice(&[0x81, 126]);
-            self.buf.extend_from_slice(&len.to_be_bytes());
-        } else {
-            self.buf.extend_from_slice(&[0x81, 127]);
-            self.buf.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        self.buf.extend_from_slice(payload);
-        self.frames += 1;
+    /// Appends a channel event's frame.
+    pub fn event(&mut self, event: Arc<Rendered>) {
+        self.pieces.push(Piece::Event(event));
     }
 
-    /// Frames gathered since the last complete write.
+    /// Appends a text frame holding `text`.
+    pub fn text(&mut self, text: &str) {
+        let before = self.own.len();
+        encode_text(&mut self.own, text.as_bytes());
+        self.pieces.push(Piece::Own(self.own.len() - before));
+    }
+
+    /// Frames gathered since the last write began.
     pub fn frames(&self) -> usize {
-        self.frames
+        self.pieces.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.len() == self.sent
+        self.pieces.is_empty() && self.buf.len() == self.sent
     }
 
-    /// Frees the buffer if nothing is waiting in it.
+    /// Frees what is kept between writes, once nothing is waiting.
     pub fn release(&mut self) {
         if self.is_empty() {
-            self.buf = Vec::new();
-            self.sent = 0;
-            self.frames = 0;
+            self.pieces = Vec::new();
+            self.own = Vec::new();
         }
     }
 
-    fn written(&mut self) {
-        self.buf.clear();
+    /// Encodes the gathered frames into a write buffer (the last write must be complete).
+    fn encode(&mut self) {
+        debug_assert_eq!(self.buf.len(), self.sent);
+        let mut buf = SPARE
+            .with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| Vec::with_capacity(START_CAPACITY));
+        let mut own = 0;
+        for piece in self.pieces.drain(..) {
+            match piece {
+                Piece::Event(event) => encode_text(&mut buf, event.frame.as_bytes()),
+                Piece::Own(len) => {
+                    buf.extend_from_slice(&self.own[own..own + len]);
+                    own += len;
+                }
+            }
+        }
+        self.own.clear();
+        self.buf = buf;
         self.sent = 0;
-        self.frames = 0;
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf.shrink_to(KEEP_CAPACITY);
+    }
+
+    /// The write buffer is written out: it goes back to the thread's spares.
+    fn written(&mut self) {
+        self.sent = 0;
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > 0 && buf.capacity() <= KEEP_CAPACITY {
+            buf.clear();
+            SPARE.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_BUFFERS {
+                    spare.push(buf);
+                }
+            });
         }
     }
+}
+
+/// Appends an unmasked text frame (FIN set) holding `payload` to `buf`.
+fn encode_text(buf: &mut Vec<u8>, payload: &[u8]) {
+    let len = payload.len();
+    if len < 126 {
+        buf.extend_from_slice(&[0x81, len as u8]);
+    } else if let Ok(len) = u16::try_from(len) {
+        buf.extend_from_slice(&[0x81, 126]);
+        buf.extend_from_slice(&len.to_be_bytes());
+    } else {
+        buf.extend_from_slice(&[0x81, 127]);
+        buf.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
 }
 
 /// A client's WebSocket after the upgrade.
@@ -219,7 +285,14 @@ impl ClientSocket {
         }
         self.mid_write = true;
         let io = self.ws.get_mut();
-        while out.sent < out.buf.len() {
+        loop {
+            if out.sent == out.buf.len() {
+                out.written();
+                if out.pieces.is_empty() {
+                    break;
+                }
+                out.encode();
+            }
             let n = io.write(&out.buf[out.sent..]).await?;
             if n == 0 {
                 return Err(io::Error::from(io::ErrorKind::WriteZero).into());
@@ -227,7 +300,6 @@ impl ClientSocket {
             out.sent += n;
         }
         self.mid_write = false;
-        out.written();
         Ok(())
     }
 
@@ -265,38 +337,59 @@ impl Stream for ClientSocket {
 mod tests {
     use super::*;
 
+    /// What `out` writes next.
+    fn encoded(out: &mut Outgoing) -> Vec<u8> {
+        out.encode();
+        std::mem::take(&mut out.buf)
+    }
+
     #[test]
     fn text_frames_carry_their_length_in_the_shortest_form() {
         let mut out = Outgoing::default();
         out.text("hi");
-        assert_eq!(out.buf, b"\x81\x02hi");
-        let mut out = Outgoing::default();
+        assert_eq!(encoded(&mut out), b"\x81\x02hi");
         out.text(&"x".repeat(126));
-        assert_eq!(&out.buf[..4], &[0x81, 126, 0, 126]);
-        assert_eq!(out.buf.len(), 4 + 126);
-        let mut out = Outgoing::default();
+        let buf = encoded(&mut out);
+        assert_eq!(&buf[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(buf.len(), 4 + 126);
         out.text(&"x".repeat(70_000));
-        assert_eq!(&out.buf[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert_eq!(out.frames(), 1);
+        let buf = encoded(&mut out);
+        assert_eq!(&buf[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(out.frames(), 0);
     }
 
     #[test]
-    fn frames_decode_with_tungstenite() {
+    fn events_and_own_frames_keep_their_order_and_decode_with_tungstenite() {
         use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+        let event = |text: &str| {
+            Arc::new(Rendered {
+                channel: mesh_core::ChannelId::new("C1").unwrap(),
+                ts: None,
+                frame: text.to_string().into(),
+                received: None,
+            })
+        };
+        let long = "b".repeat(300);
+        let texts = ["a", &long, "", "c", "d"];
         let mut out = Outgoing::default();
-        let texts = ["a", &"b".repeat(300), ""];
-        for t in texts {
-            out.text(t);
-        }
-        let mut cursor = std::io::Cursor::new(out.buf.as_slice());
+        out.text(texts[0]);
+        out.event(event(texts[1]));
+        out.text(texts[2]);
+        out.event(event(texts[3]));
+        out.text(texts[4]);
+        assert_eq!(out.frames(), 5);
+        let buf = encoded(&mut out);
+        let mut cursor = std::io::Cursor::new(buf.as_slice());
         for t in texts {
             let (header, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
             assert!(header.is_final);
             assert!(header.mask.is_none());
             let start = cursor.position() as usize;
-            assert_eq!(&out.buf[start..start + len as usize], t.as_bytes());
+            assert_eq!(&buf[start..start + len as usize], t.as_bytes());
             cursor.set_position((start + len as usize) as u64);
         }
-        assert_eq!(cursor.position() as usize, out.buf.len());
+        assert_eq!(cursor.position() as usize, buf.len());
+        assert!(out.is_empty());
     }
 }
