@@ -435,13 +435,13 @@ pub async fn run(
             _ = outbox.ready() => {
                 // Take what is queued, up to a batch: written with one flush.
                 let mut step = me.take_batch(&outbox, &mut frames);
-                // Let the fan-out queue more before paying for a system call, for as long as
-                // each turn brings more (a few turns at most): under load a connection then
-                // writes many events per write; when idle, the first yield returns at once
-                // with nothing new.
+                // Under load, let the fan-out queue more before paying for a system call, for
+                // as long as each turn brings more (a few turns at most): a connection then
+                // writes many events per write. A lone frame is no sign of load: it is
+                // written at once (a yield would cost a turn of the scheduler per write).
                 for _ in 0..MORE_TURNS {
                     let before = frames.frames();
-                    if !matches!(step, Step::Write) || before >= WRITE_BATCH {
+                    if !matches!(step, Step::Write) || !(2..WRITE_BATCH).contains(&before) {
                         break;
                     }
                     tokio::task::yield_now().await;
