@@ -612,7 +612,10 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
                 for taken in 1.. {
                     let open = match msg {
                         Some(Ok(msg)) => on_frame(shared, client, &mut pending, msg).await?,
-                        Some(Err(e)) => return Err(e.into()),
+                        Some(Err(e)) => {
+                            shared.delivered(micros_now(), &client.received);
+                            return Err(e.into());
+                        }
                         None => false,
                     };
                     if !open {
