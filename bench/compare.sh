@@ -28,6 +28,11 @@ NATS_PORT="${NATS_PORT:-14222}"
 # +61.. channel servers, +71.. presence servers, +90/+92 consoles; gateways GW_PORT and +1.
 BASE="${BASE:-21000}"
 GW_PORT="${GW_PORT:-9080}"
+# NODE_PEER=1 adds a second peer: bench/node-peer/server.js, Node's `ws` with the common
+# in-process pub/sub pattern, speaking the RTM subset the load generator uses (so it is driven
+# exactly as channelmesh is, `--target channelmesh`); `npm install`s `ws` on first use.
+NODE_PEER="${NODE_PEER:-0}"
+NODE_PORT="${NODE_PORT:-4724}"
 # TRACE=1: for 2 s of each run's publishing, perf traces the socket syscalls of the server and
 # of the load generator's workers. Per client connection, it pairs each write with the other
 # side's next read: how long bytes waited in a socket before the reader got to them. "loadgen
@@ -161,10 +166,29 @@ run_workload "$work/nats.json" "$nats_pid" "$NATS_WS_PORT" \
 kill "$nats_pid"
 wait "$nats_pid" 2>/dev/null || true
 
-# 2. channelmesh dev. nats-server has no per-connection frame or handshake rate limits, so
-# the gateway's are turned off for the comparison (where this build has them).
 export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
 export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+
+# 1b. The Node peer (NODE_PEER=1).
+if [ "$NODE_PEER" = 1 ]; then
+  if [ ! -d "$root/bench/node-peer/node_modules/ws" ]; then
+    npm install --prefix "$root/bench/node-peer" --no-audit --no-fund >&2
+  fi
+  taskset -c "$SERVER_CPU" node "$root/bench/node-peer/server.js" "127.0.0.1:${NODE_PORT}" \
+    >"$work/node.log" 2>&1 &
+  node_pid=$!
+  started+=("$node_pid")
+  wait_port 127.0.0.1 "$NODE_PORT"
+  echo "node $(node --version) ws $(node -p "require('$root/bench/node-peer/node_modules/ws/package.json').version") ..." >&2
+  run_workload "$work/node.json" "$node_pid" "$NODE_PORT" \
+    taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target channelmesh \
+    --gateway "http://127.0.0.1:${NODE_PORT}/api/" --server-pid "$node_pid" "${workload[@]}"
+  kill "$node_pid"
+  wait "$node_pid" 2>/dev/null || true
+fi
+
+# 2. channelmesh dev. nats-server has no per-connection frame or handshake rate limits, so
+# the gateway's are turned off for the comparison (where this build has them).
 limits=()
 if "$bin" dev --help | grep -q -- '--client-frames-per-sec'; then
   limits+=(--client-frames-per-sec 0)
@@ -193,11 +217,14 @@ run_workload "$work/channelmesh.json" "$dev_pid" "$GW_PORT $((GW_PORT + 1))" \
   --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" \
   --server-pid "$dev_pid" "${workload[@]}"
 
-python3 - "$work/nats.json" "$work/channelmesh.json" <<'EOF'
+python3 - "$work/nats.json" "$work/channelmesh.json" "$work/node.json" <<'EOF'
 import json, os, sys
 nats, cm = (json.load(open(p)) for p in sys.argv[1:3])
-for report, path in ((nats, sys.argv[1]), (cm, sys.argv[2])):
-    if os.path.exists(path + ".trace"):
+node = json.load(open(sys.argv[3])) if os.path.exists(sys.argv[3]) else None
+if node:
+    node["target"] = "node-ws"
+for report, path in ((nats, sys.argv[1]), (cm, sys.argv[2]), (node, sys.argv[3])):
+    if report and os.path.exists(path + ".trace"):
         report.update(json.load(open(path + ".trace")))
 rows = [
     ("delivered msgs/s", "delivered_per_s", "{:,.0f}"),
@@ -222,11 +249,24 @@ if "loadgen_wait_p50_us" in nats or "loadgen_wait_p50_us" in cm:
     ]
 print(f"fan-out: {cm['clients']} clients, {cm['channels']} channels (fan-out {cm['fanout']:.0f}), "
       f"{cm['payload_bytes']} B, rate {cm['rate'] or 'max'}, window {cm['window']}")
-print(f"{'':<20} {'nats-server':>14} {'channelmesh':>14} {'cm / nats':>10}")
+def ratio(b, a):
+    return f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+
+
+head = f"{'':<20} {'nats-server':>14} {'channelmesh':>14} {'cm / nats':>10}"
+if node:
+    head += f" {'node ws':>14} {'cm / node':>10}"
+print(head)
 for label, key, fmt in rows:
     a, b = nats.get(key), cm.get(key)
     show = lambda v: "-" if v is None else fmt.format(v)
-    ratio = f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
-    print(f"{label:<20} {show(a):>14} {show(b):>14} {ratio:>10}")
-print("json:", json.dumps({"nats": nats, "channelmesh": cm}))
+    line = f"{label:<20} {show(a):>14} {show(b):>14} {ratio(b, a):>10}"
+    if node:
+        n = node.get(key)
+        line += f" {show(n):>14} {ratio(b, n):>10}"
+    print(line)
+out = {"nats": nats, "channelmesh": cm}
+if node:
+    out["node"] = node
+print("json:", json.dumps(out))
 EOF

@@ -1,7 +1,7 @@
 //! The load generator cannot rot: `channelmesh bench fanout` runs for a second with two worker
-//! processes against the in-process mesh (client and admin publishing) and against a real
-//! nats-server, through their real interfaces, and must deliver everything. No timing is
-//! asserted.
+//! processes against the in-process mesh (client and admin publishing), against a real
+//! nats-server and against the Node peer of `bench/compare.sh` (`bench/node-peer`), through
+//! their real interfaces, and must deliver everything. No timing is asserted.
 
 use std::time::Duration;
 
@@ -163,5 +163,47 @@ async fn bench_fanout_against_nats_server_loses_nothing() {
     assert_eq!(report["target"], "nats");
     let published = report["published"].as_u64().unwrap();
     // echo:false: the publisher does not get its own messages, as on RTM.
+    assert_eq!(report["expected"].as_u64().unwrap(), published * 9);
+}
+
+/// The Node peer (`bench/node-peer/server.js`) on a free loopback port; stopped on drop.
+async fn node_peer(secret: &str) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/node-peer/server.js");
+    let child = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("127.0.0.1:{port}"))
+        .env("CHANNELMESH_JWT_SECRET", secret)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is not installed");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return (child, format!("http://127.0.0.1:{port}/api/"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the Node peer did not listen on {port} (tests/setup installs its `ws`)");
+}
+
+#[tokio::test]
+async fn bench_fanout_against_the_node_peer_loses_nothing() {
+    let secret = "node-peer-smoke-secret";
+    let (_peer, gateway) = node_peer(secret).await;
+    let report = bench(
+        &["--target", "channelmesh", "--gateway", &gateway],
+        &[("CHANNELMESH_JWT_SECRET", secret)],
+    )
+    .await;
+    let published = report["published"].as_u64().unwrap();
+    // The sender does not get its own message.
     assert_eq!(report["expected"].as_u64().unwrap(), published * 9);
 }
