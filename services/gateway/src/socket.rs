@@ -392,4 +392,117 @@ mod tests {
         assert_eq!(cursor.position() as usize, buf.len());
         assert!(out.is_empty());
     }
+
+    /// A socket served through [`Upgrade`] on a loopback port, and its client, which has a
+    /// small receive buffer so the server's writes block as soon as it stops reading.
+    async fn socket_pair() -> (
+        ClientSocket,
+        WebSocketStream<tokio::net::TcpStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use std::sync::Mutex;
+        let (tx, rx) = tokio::sync::oneshot::channel::<ClientSocket>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let app = axum::Router::new().route(
+            "/ws",
+            axum::routing::get(move |upgrade: Upgrade| {
+                let tx = tx.lock().unwrap().take();
+                async move {
+                    upgrade.on_upgrade(WebSocketConfig::default(), move |socket| async move {
+                        if let Some(tx) = tx {
+                            let _ = tx.send(socket);
+                        }
+                    })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(4096).unwrap();
+        let stream = tcp.connect(addr).await.unwrap();
+        let (client, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+            .await
+            .unwrap();
+        let socket = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        (socket, client, server)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_read_while_a_write_is_cut_and_the_close_finishes_it_first() {
+        use futures::FutureExt;
+        use std::time::Duration;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let (mut socket, mut client, server) = socket_pair().await;
+        // More than the socket buffers hold: with the client not reading, the write cannot
+        // complete, and the timeout cuts it part-way, as a connection's close does.
+        let text = "x".repeat(12 << 20);
+        let mut out = Outgoing::default();
+        out.text(&text);
+        let cut = tokio::time::timeout(Duration::from_millis(200), socket.write(&mut out)).await;
+        assert!(cut.is_err(), "12 MiB went into the socket buffers");
+        assert!(!out.is_empty());
+
+        // The client pings meanwhile. Reading it now would make tungstenite write its pong
+        // into the middle of the cut frame: the socket reads nothing until the write is done.
+        client
+            .send(Message::Ping(b"p".to_vec().into()))
+            .await
+            .unwrap();
+        // Time for the ping to arrive (should it not have, on a slow machine, the check below
+        // can only pass wrongly, never fail wrongly).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            socket.next().now_or_never().is_none(),
+            "read while a write was cut"
+        );
+
+        // Closing writes the rest of the frame first, then the close frame.
+        let close = Message::Close(Some(CloseFrame {
+            code: 4000.into(),
+            reason: "done".into(),
+        }));
+        let reading = async {
+            let mut got = Vec::new();
+            while let Some(msg) = client.next().await {
+                let msg = msg.expect("every frame the client reads is whole");
+                let end = matches!(msg, Message::Close(_));
+                got.push(msg);
+                if end {
+                    break;
+                }
+            }
+            got
+        };
+        let (sent, got) = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures::future::join(socket.send(&mut out, close), reading),
+        )
+        .await
+        .expect("the close and the reads finish");
+        sent.unwrap();
+        assert_eq!(
+            got.len(),
+            2,
+            "{:?}",
+            got.iter().map(Message::len).collect::<Vec<_>>()
+        );
+        assert_eq!(got[0], Message::Text(text.into()));
+        let Message::Close(Some(frame)) = &got[1] else {
+            panic!("the last frame is not the close: {:?}", got[1]);
+        };
+        assert_eq!(u16::from(frame.code), 4000);
+        // And the ping was kept for after: read now, whole.
+        let ping = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .unwrap();
+        assert!(matches!(ping, Some(Ok(Message::Ping(_)))), "{ping:?}");
+        server.abort();
+    }
 }
