@@ -418,3 +418,39 @@ async fn a_joining_connection_gets_every_message_since_the_join_once_in_order() 
     })
     .await;
 }
+
+/// A router's publish stream runs on the caller's task tracker and ends with the caller's
+/// token, even while the router (which holds the stream's sender) lives on.
+#[tokio::test]
+async fn a_routers_publish_stream_is_tracked_and_ends_with_its_token() {
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+    let mesh = mesh().await;
+    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let source = ring_manager::RingSource::Direct(format!("http://{}", mesh.ring_manager));
+    let ring = ring_manager::RingWatcher::spawn(source, &tracker, cancel.clone());
+    let router = channel_server::client::ChannelRouter::new(ring, &tracker, cancel.clone());
+    assert_eq!(tracker.len(), 1, "the ring watcher");
+    let event = ChannelEvent {
+        channel: ChannelId::new("CROUTER").unwrap(),
+        ts: None,
+        body: EventBody::Message {
+            user: UserId::new("UROUTER").unwrap(),
+            text: "through the stream".into(),
+            team: None,
+        },
+        origin: None,
+    };
+    let ts = eventually("a publish through the router", || async {
+        router.publish(&event).await.ok()
+    })
+    .await;
+    assert!(ts.is_some(), "a message gets a ts");
+    assert_eq!(tracker.len(), 2, "the ring watcher and the publish stream");
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .expect("the publish stream ended with its token");
+    drop(router);
+}

@@ -58,7 +58,7 @@ pub async fn serve(
         .clone()
         .map(|source| RingWatcher::spawn(source, &tracker, cancel.clone()));
     let service = AdminService::new(
-        ChannelRouter::new(ring.clone()),
+        ChannelRouter::new(ring.clone(), &tracker, cancel.clone()),
         TokenKey::hs256(&config.jwt_secret),
         presence,
     )

@@ -15,6 +15,8 @@ use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use ring_manager::RingWatcher;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -60,6 +62,9 @@ pub struct ChannelRouter {
     clients: Arc<Mutex<HashMap<String, ChannelServerClient<Channel>>>>,
     /// One publish stream per channel-server address, opened on the first publish.
     pipes: Arc<Mutex<HashMap<String, Arc<Pipe>>>>,
+    /// The publish streams' tasks, and what ends them with the service.
+    tracker: TaskTracker,
+    cancel: CancellationToken,
 }
 
 /// Replies a publish stream waits for, by request id.
@@ -70,7 +75,8 @@ const PIPE_QUEUE: usize = 4096;
 
 /// A publish stream to one channel server: requests go out as they come, replies are matched
 /// by id. Its task ends when the stream breaks (every waiting publish then fails as
-/// unavailable, and is retried as a broken call would be) or when the router drops it.
+/// unavailable, and is retried as a broken call would be), when the router drops it, or when
+/// the service is cancelled.
 #[derive(Debug)]
 struct Pipe {
     tx: mpsc::Sender<pb::PublishStreamRequest>,
@@ -95,12 +101,15 @@ fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
 }
 
 impl ChannelRouter {
-    /// A router following `ring`.
-    pub fn new(ring: RingWatcher) -> Self {
+    /// A router following `ring`; its publish streams' tasks go on `tracker` and end with
+    /// `cancel`.
+    pub fn new(ring: RingWatcher, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
         ChannelRouter {
             ring,
             clients: Arc::new(Mutex::new(HashMap::new())),
             pipes: Arc::new(Mutex::new(HashMap::new())),
+            tracker: tracker.clone(),
+            cancel,
         }
     }
 
@@ -122,9 +131,11 @@ impl ChannelRouter {
         let waiting = pipe.waiting.clone();
         let addr_owned = addr.to_string();
         // Ends with the stream: when it breaks, or when every sender (the router's map entry
-        // and the publishes in flight) is gone and the server finishes the closed stream.
-        tokio::spawn(async move {
-            let outcome = async {
+        // and the publishes in flight) is gone and the server finishes the closed stream; or
+        // with the service.
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            let streaming = async {
                 let mut replies = client
                     .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await?
@@ -140,8 +151,11 @@ impl ChannelRouter {
                     let _ = waiter.send(answer);
                 }
                 Ok::<_, Status>(())
-            }
-            .await;
+            };
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => Err(Status::unavailable("the service is shutting down")),
+                outcome = streaming => outcome,
+            };
             let why = match outcome {
                 Ok(()) => "the publish stream ended".to_string(),
                 Err(status) => format!("the publish stream broke: {}", status.message()),

@@ -128,7 +128,7 @@ pub async fn serve(
     ]);
     let metrics = metrics::GatewayMetrics::new(&telemetry);
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
-    let router = ChannelRouter::new(ring.clone());
+    let router = ChannelRouter::new(ring.clone(), &tracker, cancel.clone());
     let presence = config.presence_ring.clone().map(|source| {
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
         presence::PresenceHub::new(config.id.clone(), ring, tracker.clone(), cancel.clone())
