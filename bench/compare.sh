@@ -13,15 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
 
-CLIENTS="${CLIENTS:-1000}"
-CHANNELS="${CHANNELS:-10}"
-PAYLOAD="${PAYLOAD:-200}"
-DURATION="${DURATION:-10}"
-RATE="${RATE:-0}"
-WINDOW="${WINDOW:-16}"
-PROCESSES="${PROCESSES:-2}"
-SERVER_CPU="${SERVER_CPU:-0}"
-LOADGEN_CPU="${LOADGEN_CPU:-1}"
+# shellcheck source=bench/workload.sh
+. "$root/bench/workload.sh"
 NATS_WS_PORT="${NATS_WS_PORT:-4223}"
 NATS_PORT="${NATS_PORT:-14222}"
 # channelmesh dev's ports: BASE+50 ring manager, +51 admin, +52 presence ring manager,

@@ -17,15 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
 
 TARGET="${TARGET:-channelmesh}"
-CLIENTS="${CLIENTS:-1000}"
-CHANNELS="${CHANNELS:-10}"
-PAYLOAD="${PAYLOAD:-200}"
-DURATION="${DURATION:-10}"
-RATE="${RATE:-0}"
-WINDOW="${WINDOW:-16}"
-PROCESSES="${PROCESSES:-2}"
-SERVER_CPU="${SERVER_CPU:-0}"
-LOADGEN_CPU="${LOADGEN_CPU:-1}"
+# shellcheck source=bench/workload.sh
+. "$root/bench/workload.sh"
 OUT="${OUT:-$root/bench/out}"
 BASE="${BASE:-24000}"
 GW_PORT="${GW_PORT:-9480}"
