@@ -57,11 +57,7 @@ pub async fn latency(config: LatencyConfig) -> anyhow::Result<LatencyReport> {
     };
     let mut ws = connect_client(&config.gateway, &config.jwt_secret, &identity).await?;
 
-    let mut admin = AdminClient::new(
-        ring_manager::transport::endpoint(&config.admin)?
-            .connect()
-            .await?,
-    );
+    let mut admin = AdminClient::new(mesh_transport::endpoint(&config.admin)?.connect().await?);
     let bearer: tonic::metadata::MetadataValue<_> =
         format!("Bearer {}", config.admin_token).parse()?;
     let mut samples = Vec::with_capacity(config.messages);
@@ -218,8 +214,8 @@ pub async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
         };
         let mut ws = connect_client(&gateway, &config.jwt_secret, &identity).await?;
         let tracker = tokio_util::task::TaskTracker::new();
-        let watcher = ring_manager::RingWatcher::spawn(
-            ring_manager::RingSource::Direct(rm.clone()),
+        let watcher = ring_client::RingWatcher::spawn(
+            ring_client::RingSource::Direct(rm.clone()),
             &tracker,
             stop_mesh.clone(),
         );
@@ -243,7 +239,7 @@ pub async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
             .pid;
 
         let mut admin = AdminClient::new(
-            ring_manager::transport::endpoint(&admin_addr.to_string())?
+            mesh_transport::endpoint(&admin_addr.to_string())?
                 .connect()
                 .await?,
         );
@@ -401,8 +397,8 @@ pub async fn presence(config: PresenceConfig) -> anyhow::Result<PresenceReport> 
     .await?;
     let tracker = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
-    let ring = ring_manager::RingWatcher::spawn(
-        ring_manager::RingSource::Direct(rm_url),
+    let ring = ring_client::RingWatcher::spawn(
+        ring_client::RingSource::Direct(rm_url),
         &tracker,
         stop.clone(),
     );

@@ -34,7 +34,7 @@ pub struct OwnerView {
 }
 
 async fn connect(endpoint: &str) -> anyhow::Result<RingManagerClient<Channel>> {
-    let channel = ring_manager::transport::endpoint(endpoint)?
+    let channel = mesh_transport::endpoint(endpoint)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
@@ -101,7 +101,7 @@ pub async fn owner(endpoint: &str, channel: &str, json: bool) -> anyhow::Result<
         .get_ring(GetRingRequest {})
         .await?
         .into_inner();
-    let ring = ring_manager::convert::ring_from_proto(proto)?;
+    let ring = ring_client::convert::ring_from_proto(proto)?;
     let slot = slot_of(&id);
     let node = ring.owner(slot).with_context(|| {
         format!(

@@ -93,7 +93,7 @@ impl TlsArgs {
         let read = |path: &std::path::Path| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))
         };
-        ring_manager::transport::configure(ring_manager::transport::Tls {
+        mesh_transport::configure(mesh_transport::Tls {
             ca: read(ca)?,
             cert: read(cert)?,
             key: read(key)?,
@@ -638,20 +638,20 @@ struct RingArgs {
 
 impl RingArgs {
     /// Where the ring comes from: Consul if given, else the ring manager's endpoint.
-    fn source(&self) -> anyhow::Result<ring_manager::RingSource> {
+    fn source(&self) -> anyhow::Result<ring_client::RingSource> {
         Ok(match self.consul.ring()? {
-            Some(ring) => ring_manager::RingSource::Consul(ring),
-            None => ring_manager::RingSource::Direct(self.ring_manager.clone()),
+            Some(ring) => ring_client::RingSource::Consul(ring),
+            None => ring_client::RingSource::Direct(self.ring_manager.clone()),
         })
     }
 
     /// Where the presence ring comes from.
-    fn presence_source(&self) -> anyhow::Result<ring_manager::RingSource> {
+    fn presence_source(&self) -> anyhow::Result<ring_client::RingSource> {
         let mut consul = self.consul.clone();
         consul.consul_prefix = format!("{}/presence", consul.consul_prefix);
         Ok(match consul.ring()? {
-            Some(ring) => ring_manager::RingSource::Consul(ring),
-            None => ring_manager::RingSource::Direct(self.presence_ring_manager.clone()),
+            Some(ring) => ring_client::RingSource::Consul(ring),
+            None => ring_client::RingSource::Direct(self.presence_ring_manager.clone()),
         })
     }
 }
@@ -663,7 +663,7 @@ struct ConsulArgs {
     #[arg(long, env = ENV_CONSUL)]
     consul: Option<String>,
     /// The prefix of channelmesh's keys in Consul KV.
-    #[arg(long, default_value = ring_manager::cluster::DEFAULT_PREFIX)]
+    #[arg(long, default_value = ring_client::consul_ring::DEFAULT_PREFIX)]
     consul_prefix: String,
     /// Consul ACL token.
     #[arg(long, env = ENV_CONSUL_TOKEN, hide_env_values = true)]
@@ -671,16 +671,12 @@ struct ConsulArgs {
 }
 
 impl ConsulArgs {
-    fn ring(&self) -> anyhow::Result<Option<ring_manager::cluster::ConsulRing>> {
+    fn ring(&self) -> anyhow::Result<Option<ring_client::ConsulRing>> {
         self.consul
             .as_deref()
             .map(|url| {
-                ring_manager::cluster::ConsulRing::new(
-                    url,
-                    self.consul_token.clone(),
-                    &self.consul_prefix,
-                )
-                .with_context(|| format!("--consul {url}"))
+                ring_client::ConsulRing::new(url, self.consul_token.clone(), &self.consul_prefix)
+                    .with_context(|| format!("--consul {url}"))
             })
             .transpose()
     }
@@ -697,8 +693,8 @@ impl ConsulArgs {
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         if let Some(ring) = self.ring()? {
-            let def = ring_manager::cluster::service_def(kind, id, addr, advertise, meta);
-            tokio::spawn(ring_manager::cluster::keep_registered(
+            let def = ring_client::consul_ring::service_def(kind, id, addr, advertise, meta);
+            tokio::spawn(ring_client::consul_ring::keep_registered(
                 ring.consul,
                 def,
                 cancel.clone(),
@@ -1300,9 +1296,7 @@ async fn revoke(endpoint: &str, jtis: Vec<String>, until: u64) -> anyhow::Result
     use mesh_proto::ring::ring_manager_client::RingManagerClient;
     use mesh_proto::ring::{RevokeTokensRequest, RevokedToken};
     let call = async {
-        let channel = ring_manager::transport::endpoint(endpoint)?
-            .connect()
-            .await?;
+        let channel = mesh_transport::endpoint(endpoint)?.connect().await?;
         let mut client = RingManagerClient::new(channel);
         let request = RevokeTokensRequest {
             jtis: jtis

@@ -246,7 +246,7 @@ impl Mesh {
             http.push((node.to_string(), http_local));
             let cs_config = channel_server::Config {
                 node: node.clone(),
-                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
+                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
                 advertise: None,
                 limits: channel_server::Limits::default(),
                 gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
@@ -288,7 +288,7 @@ impl Mesh {
             &cancel,
         )
         .await?;
-        let presence_source = ring_manager::RingSource::Direct(prm_endpoint.clone());
+        let presence_source = ring_client::RingSource::Direct(prm_endpoint.clone());
         let mut presence_servers = Vec::new();
         let mut ps_cancel = Vec::new();
         let actives = config.presence_servers.iter().map(|a| (a, false));
@@ -341,7 +341,7 @@ impl Mesh {
             .await?;
             http.insert(0, ("admin".to_string(), http_local));
             let admin_config = admin_server::Config {
-                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
+                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
                 presence_ring: Some(presence_source.clone()),
                 admin_token: config.admin_token.clone(),
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
@@ -363,7 +363,7 @@ impl Mesh {
             let gw_config = gateway::Config {
                 id: format!("{region}-1"),
                 region: region.clone(),
-                ring: ring_manager::RingSource::Direct(rm_endpoint.clone()),
+                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
                 presence_ring: Some(presence_source.clone()),
                 public_url: None,
                 jwt_secret: config.jwt_secret.clone().into_bytes(),

@@ -11,8 +11,8 @@ use mesh_proto::ring::GetRingRequest;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use ring_manager::RingSource;
-use ring_manager::cluster::ConsulRing;
+use ring_client::ConsulRing;
+use ring_client::RingSource;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -137,7 +137,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     let prefix = options
         .consul_prefix
         .clone()
-        .unwrap_or_else(|| ring_manager::cluster::DEFAULT_PREFIX.to_string());
+        .unwrap_or_else(|| ring_client::consul_ring::DEFAULT_PREFIX.to_string());
     // A ring manager on `addr` with its console on `http`; `presence`: the presence ring's.
     let rm_args = |addr: SocketAddr, http: SocketAddr, presence: bool| {
         let mut args = vec![
@@ -405,8 +405,6 @@ impl Processes {
 async fn connect_rm(
     endpoint: &str,
 ) -> Result<RingManagerClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let channel = ring_manager::transport::endpoint(endpoint)?
-        .connect()
-        .await?;
+    let channel = mesh_transport::endpoint(endpoint)?.connect().await?;
     Ok(RingManagerClient::new(channel))
 }

@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::ring_to_proto;
 use crate::state_file::Saved;
+use ring_client::convert::ring_to_proto;
 
 /// Default: how often channel servers send a heartbeat.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -745,7 +745,7 @@ impl RingManager {
 /// The confirming probe: a gRPC health check on the node. Only a running process answers it;
 /// a frozen one still completes TCP handshakes, so a bare connect would not do.
 async fn probe(addr: &str) -> bool {
-    let Ok(endpoint) = crate::transport::endpoint(addr) else {
+    let Ok(endpoint) = mesh_transport::endpoint(addr) else {
         return false;
     };
     let Ok(channel) = endpoint.connect().await else {
@@ -930,7 +930,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
     tracing::info!(addr = ?listener.local_addr().ok(), "ring manager listening");
-    crate::transport::server()?
+    mesh_transport::server()?
         .add_service(RingManagerServer::new(manager))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -4,8 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mesh_core::{NodeId, Ring, RingNode};
-use serde::{Deserialize, Serialize};
+pub use ring_client::record::{Saved, SavedMember};
 
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -17,57 +16,6 @@ pub enum StateFileError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-}
-
-/// One member as saved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedMember {
-    pub id: String,
-    pub addr: String,
-    pub pid: u32,
-    pub state: String,
-    pub incarnation: u64,
-}
-
-/// Everything the ring manager needs to resume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Saved {
-    pub epoch: u64,
-    /// (id, addr) of each slot owner, in the ring's order.
-    pub nodes: Vec<(String, String)>,
-    /// Index into `nodes` per slot.
-    pub slot_owner: Vec<u32>,
-    pub members: Vec<SavedMember>,
-    pub next_incarnation: u64,
-}
-
-impl Saved {
-    /// The saved ring.
-    pub fn ring(&self) -> Result<Ring, String> {
-        let nodes = self
-            .nodes
-            .iter()
-            .map(|(id, addr)| {
-                Ok(RingNode {
-                    id: NodeId::new(id).map_err(|e| e.to_string())?,
-                    addr: addr.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ring::from_parts(self.epoch, nodes, self.slot_owner.clone()).map_err(|e| e.to_string())
-    }
-
-    /// The parts of `ring` to save.
-    pub fn ring_parts(ring: &Ring) -> (u64, Vec<(String, String)>, Vec<u32>) {
-        (
-            ring.epoch(),
-            ring.nodes()
-                .iter()
-                .map(|n| (n.id.to_string(), n.addr.clone()))
-                .collect(),
-            ring.owners().collect(),
-        )
-    }
 }
 
 /// Reads the state file at `path`; `None` when it does not exist yet.
@@ -111,6 +59,7 @@ pub fn store(path: &Path, saved: &Saved) -> Result<(), StateFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::{NodeId, Ring, RingNode};
 
     #[test]
     fn round_trips_and_refuses_garbage() {

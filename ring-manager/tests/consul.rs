@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use fake_consul::FakeConsul;
 use mesh_core::{NodeId, Ring, RingNode};
+use ring_client::consul::{BlockingLoop, Consul};
+use ring_client::record::Saved;
+use ring_client::{RingSource, RingWatcher};
 use ring_manager::cluster::{self, ConsulRing, LeaderConfig, Record};
-use ring_manager::consul::{BlockingLoop, Consul};
-use ring_manager::state_file::Saved;
-use ring_manager::{RingSource, RingWatcher};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -240,7 +240,7 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     let source = RingSource::Consul(ring.clone());
     let tracker = TaskTracker::new();
     let watcher = RingWatcher::spawn(source.clone(), &tracker, cancel.clone());
-    let reply = ring_manager::client::register(
+    let reply = ring_client::source::register(
         &source,
         mesh_proto::ring::RegisterRequest {
             node_id: "cs-1".into(),
@@ -294,13 +294,13 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
             .await
             .ok()?
             .into_inner();
-        ring_manager::convert::ring_from_proto(proto).ok()
+        ring_client::convert::ring_from_proto(proto).ok()
     })
     .await;
     assert!(served.same_assignment(&before), "{served:?} vs {before:?}");
 
     // Its next change carries its own, higher lock index.
-    ring_manager::client::register(
+    ring_client::source::register(
         &source,
         mesh_proto::ring::RegisterRequest {
             node_id: "cs-2".into(),
@@ -342,14 +342,14 @@ async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown()
     let fake = FakeConsul::start().await.unwrap();
     let consul = Consul::new(&fake.url(), None).unwrap();
     let cancel = CancellationToken::new();
-    let def = cluster::service_def(
+    let def = ring_client::consul_ring::service_def(
         "gateway",
         "us-east-1",
         "0.0.0.0:8080".parse().unwrap(),
         Some("gw-1.internal:8080"),
         vec![("region".into(), "us-east".into())],
     );
-    let task = tokio::spawn(cluster::keep_registered(
+    let task = tokio::spawn(ring_client::consul_ring::keep_registered(
         consul.clone(),
         def.clone(),
         cancel.clone(),

@@ -827,7 +827,7 @@ async fn admin_publisher(shared: Arc<Shared>, task: usize) {
 
 async fn admin_publish(shared: &Shared, task: usize) -> anyhow::Result<()> {
     let plan = &shared.plan;
-    let channel = ring_manager::transport::endpoint(&plan.admin)?
+    let channel = mesh_transport::endpoint(&plan.admin)?
         .connect()
         .await
         .context("connecting to the admin server")?;

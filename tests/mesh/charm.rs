@@ -102,7 +102,7 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let after = ring_manager::convert::ring_from_proto(drained).unwrap();
+    let after = ring_client::convert::ring_from_proto(drained).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     let (acked, failed) = posting.await.unwrap();
@@ -173,7 +173,7 @@ async fn replace_node_hands_its_slots_and_history_to_the_standby() {
         .await
         .unwrap()
         .into_inner();
-    let after = ring_manager::convert::ring_from_proto(replaced).unwrap();
+    let after = ring_client::convert::ring_from_proto(replaced).unwrap();
     let moved = moves(&before, &after);
     assert!(!moved.is_empty());
     assert!(
@@ -208,7 +208,7 @@ async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
         .await
         .unwrap()
         .into_inner();
-    let after = ring_manager::convert::ring_from_proto(added).unwrap();
+    let after = ring_client::convert::ring_from_proto(added).unwrap();
     let moved = moves(&before, &after);
     assert!(moved.iter().all(|(_, _, to)| to == "cs-4"));
     assert!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fake_consul::FakeConsul;
 use mesh_core::{ChannelId, NodeId, Ring};
 use nix::sys::signal::Signal;
-use ring_manager::cluster::ConsulRing;
+use ring_client::ConsulRing;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -202,7 +202,7 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
                 .ok()?
                 .into_inner();
             let members = proto.members.clone();
-            Some((ring_manager::convert::ring_from_proto(proto).ok()?, members))
+            Some((ring_client::convert::ring_from_proto(proto).ok()?, members))
         },
     )
     .await;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use channel_server::wire::event_to_proto;
+use channel_client::wire::event_to_proto;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, UserId};
 use mesh_proto::admin::{
     HistoryRequest, JoinChannelRequest, LeaveChannelRequest, PublishEventRequest,
@@ -291,7 +291,7 @@ async fn a_channel_server_refuses_slots_it_does_not_own() {
         .await
         .unwrap()
         .into_inner();
-    let ring = ring_manager::convert::ring_from_proto(ring).unwrap();
+    let ring = ring_client::convert::ring_from_proto(ring).unwrap();
     let owner = ring.owner_of(&channel).unwrap().id.clone();
     let (_, other) = mesh
         .channel_servers
@@ -427,9 +427,9 @@ async fn a_routers_publish_stream_is_tracked_and_ends_with_its_token() {
     use tokio_util::task::TaskTracker;
     let mesh = mesh().await;
     let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-    let source = ring_manager::RingSource::Direct(format!("http://{}", mesh.ring_manager));
-    let ring = ring_manager::RingWatcher::spawn(source, &tracker, cancel.clone());
-    let router = channel_server::client::ChannelRouter::new(ring, &tracker, cancel.clone());
+    let source = ring_client::RingSource::Direct(format!("http://{}", mesh.ring_manager));
+    let ring = ring_client::RingWatcher::spawn(source, &tracker, cancel.clone());
+    let router = channel_client::router::ChannelRouter::new(ring, &tracker, cancel.clone());
     assert_eq!(tracker.len(), 1, "the ring watcher");
     let event = ChannelEvent {
         channel: ChannelId::new("CROUTER").unwrap(),

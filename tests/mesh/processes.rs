@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use channel_server::wire::event_to_proto;
+use channel_client::wire::event_to_proto;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, NodeId, TeamId, TokenKey, UserId};
 use mesh_proto::channel::PublishRequest;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
@@ -403,7 +403,7 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
             .await
             .ok()?
             .into_inner();
-        ring_manager::convert::ring_from_proto(proto).ok()
+        ring_client::convert::ring_from_proto(proto).ok()
     })
     .await;
     assert!(

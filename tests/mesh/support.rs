@@ -200,7 +200,7 @@ pub async fn ring_at(ring_manager: SocketAddr) -> (Ring, Vec<Member>) {
         .into_inner();
     let members = proto.members.clone();
     (
-        ring_manager::convert::ring_from_proto(proto).unwrap(),
+        ring_client::convert::ring_from_proto(proto).unwrap(),
         members,
     )
 }
@@ -312,7 +312,7 @@ pub async fn admin(mesh: &Mesh) -> Admin {
 /// An admin API client for the admin server at `addr`.
 pub async fn admin_at(addr: SocketAddr, token: &str) -> Admin {
     // TLS when the test configured it for the process.
-    let channel = ring_manager::transport::endpoint(&addr.to_string())
+    let channel = mesh_transport::endpoint(&addr.to_string())
         .expect("valid uri")
         .connect()
         .await

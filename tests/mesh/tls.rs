@@ -3,11 +3,11 @@
 
 use mesh_proto::admin::PostMessageRequest;
 use mesh_proto::admin::admin_client::AdminClient;
+use mesh_transport::Tls;
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use ring_manager::transport::{self, Tls};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::support::{Rtm, admin, mesh};
@@ -56,7 +56,7 @@ async fn post_with(endpoint: Endpoint, token: &str) -> Result<(), String> {
 #[tokio::test]
 async fn a_mesh_on_mutual_tls_delivers_and_refuses_plaintext_and_strangers() {
     let (ca, cert, key) = authority("mesh");
-    transport::configure(Tls {
+    mesh_transport::configure(Tls {
         ca: ca.clone().into_bytes(),
         cert: cert.into_bytes(),
         key: key.into_bytes(),
@@ -105,6 +105,6 @@ async fn a_mesh_on_mutual_tls_delivers_and_refuses_plaintext_and_strangers() {
         .unwrap();
     assert!(post_with(stranger, &mesh.admin_token).await.is_err());
     // The mesh's own certificate is accepted.
-    let own = transport::endpoint(&addr).unwrap();
+    let own = mesh_transport::endpoint(&addr).unwrap();
     assert_eq!(post_with(own, &mesh.admin_token).await, Ok(()));
 }

@@ -63,7 +63,7 @@ pub async fn public_key_gateway(
     let config = gateway::Config {
         id: format!("{region}-pk"),
         region: region.into(),
-        ring: ring_manager::RingSource::Direct(format!("http://{ring_manager}")),
+        ring: ring_client::RingSource::Direct(format!("http://{ring_manager}")),
         presence_ring: None,
         public_url: None,
         jwt_secret: Vec::new(),
@@ -191,7 +191,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
     let config = gateway::Config {
         id: "bad-1".into(),
         region: "bad".into(),
-        ring: ring_manager::RingSource::Direct("http://127.0.0.1:1".into()),
+        ring: ring_client::RingSource::Direct("http://127.0.0.1:1".into()),
         presence_ring: None,
         public_url: None,
         jwt_secret: Vec::new(),
@@ -211,7 +211,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
     let config = gateway::Config {
         id: "bad-2".into(),
         region: "bad".into(),
-        ring: ring_manager::RingSource::Direct("http://127.0.0.1:1".into()),
+        ring: ring_client::RingSource::Direct("http://127.0.0.1:1".into()),
         presence_ring: None,
         public_url: None,
         jwt_secret: Vec::new(),

@@ -18,16 +18,19 @@ use tracing_subscriber::{Layer, Registry};
 use crate::Error;
 
 /// Logs when `RUST_LOG` is not set: warnings, and what channelmesh's own crates say at info.
-pub const DEFAULT_LOG_FILTER: &str = "warn,channelmesh=info,ring_manager=info,channel_server=info,gateway=info,admin_server=info,presence_server=info,mesh_telemetry=info";
+pub const DEFAULT_LOG_FILTER: &str = "warn,channelmesh=info,ring_manager=info,ring_client=info,channel_server=info,channel_client=info,gateway=info,admin_server=info,presence_server=info,presence_client=info,mesh_transport=info,mesh_telemetry=info";
 
 /// The crates whose spans (down to debug level) are exported when tracing is on.
 pub const TRACE_TARGETS: &[&str] = &[
     "channelmesh",
     "admin_server",
     "channel_server",
+    "channel_client",
     "gateway",
     "presence_server",
     "ring_manager",
+    "ring_client",
+    "presence_client",
 ];
 
 /// Env var the OTLP endpoint is also read from (OpenTelemetry's own name for it).

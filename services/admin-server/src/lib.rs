@@ -6,10 +6,10 @@ mod service;
 
 use std::time::Duration;
 
-use channel_server::ChannelRouter;
+use channel_client::ChannelRouter;
 use mesh_core::TokenKey;
 use mesh_proto::admin::admin_server::AdminServer;
-use ring_manager::{RingSource, RingWatcher};
+use ring_client::{RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,7 +86,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
-    let result = ring_manager::transport::server()?
+    let result = mesh_transport::server()?
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
         .add_service(AdminServer::with_interceptor(service, auth))

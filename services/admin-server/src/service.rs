@@ -1,7 +1,7 @@
 //! The `channelmesh.admin.v1.Admin` service: the protobuf edge of the admin API.
 
 use bytes::Bytes;
-use channel_server::{ChannelRouter, RouteError};
+use channel_client::{ChannelRouter, RouteError};
 use mesh_core::event::{MAX_RAW_EVENT_BYTES, MAX_TEXT_BYTES};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TeamId, TokenKey, Ts, UserId};
 use mesh_proto::admin as pb;
@@ -25,10 +25,10 @@ pub struct AdminService {
     router: ChannelRouter,
     key: TokenKey,
     /// The presence ring, when the mesh has presence servers.
-    presence: Option<ring_manager::RingWatcher>,
+    presence: Option<ring_client::RingWatcher>,
     /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
     /// one, RevokeTokens answers UNIMPLEMENTED.
-    ring_manager: Option<ring_manager::RingSource>,
+    ring_manager: Option<ring_client::RingSource>,
     metrics: Metrics,
 }
 
@@ -74,7 +74,7 @@ impl AdminService {
     pub fn new(
         router: ChannelRouter,
         key: TokenKey,
-        presence: Option<ring_manager::RingWatcher>,
+        presence: Option<ring_client::RingWatcher>,
     ) -> Self {
         AdminService {
             router,
@@ -92,7 +92,7 @@ impl AdminService {
     }
 
     /// Forwards RevokeTokens to the ring manager `source` leads to.
-    pub fn with_ring_manager(mut self, source: ring_manager::RingSource) -> Self {
+    pub fn with_ring_manager(mut self, source: ring_client::RingSource) -> Self {
         self.ring_manager = Some(source);
         self
     }
@@ -340,7 +340,7 @@ impl Admin for AdminService {
         if ring.nodes().is_empty() {
             return Err(Status::unavailable("no presence server is on the ring yet"));
         }
-        let answer = presence_server::client::lookup(&ring, &users).await;
+        let answer = presence_client::lookup(&ring, &users).await;
         Ok(Response::new(pb::GetPresenceResponse {
             users: answer
                 .into_iter()
@@ -453,7 +453,7 @@ impl Admin for AdminService {
                 .endpoint()
                 .await
                 .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?;
-            let channel = ring_manager::transport::endpoint(&endpoint)
+            let channel = mesh_transport::endpoint(&endpoint)
                 .map_err(|e| Status::unavailable(format!("ring manager: {e}")))?
                 .connect()
                 .await

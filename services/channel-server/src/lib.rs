@@ -1,24 +1,21 @@
 //! The channel server (CS): holds channels in memory for the ring slots it owns, gives each event
 //! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
 
-pub mod client;
 pub mod metrics;
 pub mod service;
 pub mod store;
-pub mod wire;
 
 use std::net::SocketAddr;
 
 use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
 use mesh_proto::ring::RegisterRequest;
-use ring_manager::{Lease, RingSource, RingWatcher};
+use ring_client::{Lease, RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
-pub use client::{ChannelRouter, RouteError};
 pub use service::{ChannelService, ServiceConfig};
 pub use store::Limits;
 
@@ -28,7 +25,7 @@ pub const DEFAULT_GATEWAY_QUEUE: usize = 65_536;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("ring manager: {0}")]
-    Ring(#[from] ring_manager::Error),
+    Ring(#[from] ring_client::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("io: {0}")]
@@ -96,7 +93,7 @@ pub async fn serve(
     // The ring manager probes a silent node with a standard gRPC health check: only a process
     // that runs answers it (a frozen one still completes TCP handshakes).
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = ring_manager::transport::server()?
+    let server = mesh_transport::server()?
         .add_service(health_service)
         .add_service(
             ChannelServerServer::new(service)
@@ -115,7 +112,7 @@ pub async fn serve(
         standby: config.standby,
     };
     let joined =
-        ring_manager::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
+        ring_client::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
     if let Err(e) = joined {
         cancel.cancel();
         return Err(e.into());

@@ -17,7 +17,7 @@ use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use mesh_proto::channel::channel_server_server::ChannelServer as ChannelServerRpc;
 use mesh_proto::channel::subscribe_request::Command;
 use mesh_proto::channel::subscribe_response::Reply;
-use ring_manager::{Lease, RingWatcher};
+use ring_client::{Lease, RingWatcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::store::{Limits, Snapshot, Store, Stored};
-use crate::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
+use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
 /// Shards of channel state; a power of two that divides the slot count.
 const SHARDS: usize = 16;
@@ -42,11 +42,7 @@ pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
 /// Channels per handoff message.
 const HANDOFF_CHUNK: usize = 64;
-/// The largest handoff message accepted.
-pub const MAX_HANDOFF_MESSAGE: usize = 64 * 1024 * 1024;
-
-/// Metadata key naming the calling gateway on a subscription stream.
-pub const GATEWAY_ID_HEADER: &str = "x-channelmesh-gateway";
+pub use channel_client::{GATEWAY_ID_HEADER, MAX_HANDOFF_MESSAGE};
 
 /// A gateway's subscription stream, as the shards see it.
 #[derive(Debug, Clone)]
@@ -433,7 +429,7 @@ impl ChannelService {
         epoch: u64,
         snapshots: Vec<Snapshot>,
     ) -> Result<(), Status> {
-        let channel = ring_manager::transport::endpoint(addr)
+        let channel = mesh_transport::endpoint(addr)
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .connect()
@@ -847,7 +843,9 @@ fn snapshot_to_proto(snapshot: &Snapshot) -> pb::ChannelState {
     }
 }
 
-fn snapshot_from_proto(state: pb::ChannelState) -> Result<Snapshot, crate::wire::WireError> {
+fn snapshot_from_proto(
+    state: pb::ChannelState,
+) -> Result<Snapshot, channel_client::wire::WireError> {
     let channel = ChannelId::new(&state.channel)?;
     let last_ts = Ts::parse(&state.last_ts)?;
     let events = state
@@ -864,7 +862,7 @@ fn snapshot_from_proto(state: pb::ChannelState) -> Result<Snapshot, crate::wire:
     Ok(Snapshot {
         channel,
         last_ts,
-        trimmed: crate::wire::opt_ts(&state.trimmed_ts)?.unwrap_or_default(),
+        trimmed: channel_client::wire::opt_ts(&state.trimmed_ts)?.unwrap_or_default(),
         events,
     })
 }

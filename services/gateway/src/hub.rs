@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use channel_server::ChannelRouter;
+use channel_client::ChannelRouter;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts, UserId};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::subscribe_request::Command;
-use ring_manager::RingWatcher;
+use ring_client::RingWatcher;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -517,7 +517,7 @@ impl Hub {
         &self,
         node: &NodeId,
         channel: &ChannelId,
-        history: Result<channel_server::client::History, channel_server::RouteError>,
+        history: Result<channel_client::router::History, channel_client::RouteError>,
     ) {
         let mut state = self.state();
         let Some(local) = state.channels.get_mut(channel) else {

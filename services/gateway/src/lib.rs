@@ -19,9 +19,9 @@ mod upstream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use channel_server::ChannelRouter;
+use channel_client::ChannelRouter;
 use mesh_core::token::Verifier;
-use ring_manager::{RingSource, RingWatcher};
+use ring_client::{RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -15,7 +15,7 @@ use mesh_core::{ChannelId, NodeId, Ring, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
 use mesh_proto::presence::presence_client::PresenceClient;
-use ring_manager::RingWatcher;
+use ring_client::RingWatcher;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-use presence_server::client::{owner, owner_of};
+use presence_client::{owner, owner_of};
 
 impl PresenceHub {
     /// Presence for gateway `gateway`, following the presence ring `ring`.
@@ -299,7 +299,7 @@ impl PresenceHub {
         addr: &str,
         rx: &mut mpsc::Receiver<Kind>,
     ) -> SessionEnd {
-        let endpoint = match ring_manager::transport::endpoint(addr) {
+        let endpoint = match mesh_transport::endpoint(addr) {
             Ok(e) => e.connect_timeout(CALL_TIMEOUT).tcp_nodelay(true),
             Err(e) => return SessionEnd::Broken(e.to_string()),
         };
@@ -608,7 +608,7 @@ impl PresenceHub {
 
     /// The presence of `ids` from their presence servers (away when one cannot be asked).
     pub async fn lookup(&self, ids: &[UserId]) -> Vec<(UserId, bool)> {
-        presence_server::client::lookup(&self.inner.ring.current(), ids).await
+        presence_client::lookup(&self.inner.ring.current(), ids).await
     }
 }
 

@@ -287,7 +287,7 @@ pub async fn run(shared: Arc<Shared>, gateway: String) {
 
 async fn connect(shared: &Shared) -> Option<RingManagerClient<tonic::transport::Channel>> {
     let endpoint = shared.ring_source.endpoint().await.ok()?;
-    let channel = ring_manager::transport::endpoint(&endpoint)
+    let channel = mesh_transport::endpoint(&endpoint)
         .ok()?
         .connect_timeout(CALL_TIMEOUT)
         .connect()

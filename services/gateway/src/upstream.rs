@@ -3,8 +3,8 @@
 //! The hub queues subscribe/unsubscribe commands; this task carries them and hands every reply
 //! back to the hub. When the stream fails the hub resubscribes its channels on a new stream.
 
-use channel_server::service::GATEWAY_ID_HEADER;
-use channel_server::wire::event_from_proto;
+use channel_client::GATEWAY_ID_HEADER;
+use channel_client::wire::event_from_proto;
 use futures::FutureExt;
 use mesh_core::NodeId;
 use mesh_proto::channel as pb;
@@ -76,7 +76,7 @@ async fn stream(
     addr: &str,
     commands: mpsc::Receiver<pb::SubscribeRequest>,
 ) -> Result<(), String> {
-    let channel = ring_manager::transport::endpoint(addr)
+    let channel = mesh_transport::endpoint(addr)
         .map_err(|e| e.to_string())?
         .connect_timeout(std::time::Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -135,7 +135,7 @@ async fn stream(
             }
             Some(Reply::Subscribed(s)) => match mesh_core::ChannelId::new(&s.channel) {
                 Ok(channel) => {
-                    let head = channel_server::wire::opt_ts(&s.head_ts).ok().flatten();
+                    let head = channel_client::wire::opt_ts(&s.head_ts).ok().flatten();
                     hub.subscribed(node, &channel, head)
                 }
                 Err(e) => tracing::warn!(%node, error = %e, "bad channel in subscribe reply"),

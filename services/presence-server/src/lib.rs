@@ -3,7 +3,6 @@
 //! live connections to each user's owner over a leased stream and watch users there; the
 //! owner pushes presence changes back to the gateways that watch.
 
-pub mod client;
 pub mod quota;
 pub mod service;
 pub mod state;
@@ -14,7 +13,7 @@ use std::time::Duration;
 use mesh_core::NodeId;
 use mesh_proto::presence::presence_server::PresenceServer;
 use mesh_proto::ring::RegisterRequest;
-use ring_manager::{Lease, RingSource, RingWatcher};
+use ring_client::{Lease, RingSource, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,7 +39,7 @@ pub const WARM_UP: Duration = Duration::from_millis(1500);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("ring manager: {0}")]
-    Ring(#[from] ring_manager::Error),
+    Ring(#[from] ring_client::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("io: {0}")]
@@ -90,7 +89,7 @@ pub async fn serve(
     let lease = Lease::default();
     observe(&config.telemetry, &service, &lease);
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = ring_manager::transport::server()?
+    let server = mesh_transport::server()?
         .add_service(health_service)
         .add_service(PresenceServer::new(service))
         .serve_with_incoming_shutdown(
@@ -105,7 +104,7 @@ pub async fn serve(
         standby: config.standby,
     };
     let joined =
-        ring_manager::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
+        ring_client::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
     if let Err(e) = joined {
         cancel.cancel();
         return Err(e.into());

@@ -11,7 +11,7 @@ use futures::Stream;
 use mesh_core::{ChannelId, NodeId, Ring, SLOT_COUNT, Slot, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
-use ring_manager::RingWatcher;
+use ring_client::RingWatcher;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

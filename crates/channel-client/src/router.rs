@@ -13,7 +13,7 @@ use std::time::Duration;
 use mesh_core::{ChannelEvent, ChannelId, Ts};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
-use ring_manager::RingWatcher;
+use ring_client::RingWatcher;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -207,7 +207,7 @@ impl ChannelRouter {
         if let Some(client) = clients.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = ring_manager::transport::endpoint(addr)
+        let endpoint = mesh_transport::endpoint(addr)
             .map_err(|e| RouteError::Internal(format!("bad channel server address {addr}: {e}")))?
             .connect_timeout(ATTEMPT_TIMEOUT)
             .tcp_nodelay(true);

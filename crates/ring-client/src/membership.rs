@@ -8,8 +8,8 @@ use mesh_proto::ring::{RegisterRequest, RegisterResponse};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client::{RingSource, register};
 use crate::lease::{Lease, LeaseEnd};
+use crate::source::{RingSource, register};
 
 /// How long a node keeps trying to register before giving up.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);

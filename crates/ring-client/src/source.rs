@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
-use crate::cluster::ConsulRing;
+use crate::consul_ring::ConsulRing;
 use crate::convert::ring_from_proto;
 
 /// The first and the longest pause between reconnects to the ring manager.
@@ -71,7 +71,7 @@ impl RingWatcher {
         let (tx, rx) = watch::channel(Arc::new(Ring::empty()));
         match source {
             RingSource::Direct(endpoint) => tracker.spawn(follow(endpoint, tx, cancel)),
-            RingSource::Consul(ring) => tracker.spawn(crate::cluster::follow(ring, tx, cancel)),
+            RingSource::Consul(ring) => tracker.spawn(crate::consul_ring::follow(ring, tx, cancel)),
         };
         RingWatcher { rx }
     }
@@ -148,7 +148,7 @@ async fn follow_once(
     tx: &watch::Sender<Arc<Ring>>,
     backoff: &mut Duration,
 ) -> Result<(), Error> {
-    let channel = crate::transport::endpoint(endpoint)?
+    let channel = mesh_transport::endpoint(endpoint)?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await?;
@@ -185,7 +185,7 @@ pub async fn register(
     loop {
         let attempt = async {
             let endpoint = source.endpoint().await?;
-            let channel = crate::transport::endpoint(&endpoint)?
+            let channel = mesh_transport::endpoint(&endpoint)?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .connect()
                 .await?;

@@ -34,7 +34,7 @@ pub async fn lookup(ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
     }
     let queries = by_owner.into_iter().map(|(addr, users)| async move {
         let ask = async {
-            let channel = ring_manager::transport::endpoint(&addr)
+            let channel = mesh_transport::endpoint(&addr)
                 .ok()?
                 .connect_timeout(CALL_TIMEOUT)
                 .connect()

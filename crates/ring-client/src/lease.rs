@@ -19,7 +19,7 @@ use mesh_proto::ring::ring_manager_client::RingManagerClient;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::RingSource;
+use crate::source::RingSource;
 
 /// How long one connect to the ring manager may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -140,7 +140,7 @@ impl Lease {
         // No leader to be found (or Consul unreachable) counts as an unreachable ring manager:
         // nobody can reassign slots then either.
         let endpoint = source.endpoint().await.map_err(|_| true)?;
-        let channel = crate::transport::endpoint(&endpoint)
+        let channel = mesh_transport::endpoint(&endpoint)
             .map_err(|_| true)?
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
