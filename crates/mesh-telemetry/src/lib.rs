@@ -5,17 +5,22 @@
 //! - [`init`]: logging (text or JSON lines) and, when an OTLP endpoint is given, OpenTelemetry
 //!   tracing, for a whole process;
 //! - [`propagation`]: W3C trace context through gRPC metadata and internal messages, so that
-//!   one post is one trace across the admin server, the channel server and the gateway.
+//!   one post is one trace across the admin server, the channel server and the gateway;
+//! - [`side_port`]: where a gRPC service serves its HTTP side by default (gRPC port + 40), and
+//!   serving it beside the service; [`LogArgs`]: the `--log-json`/`--otlp-endpoint` flags.
 //!
 //! Each service gets its own [`Telemetry`] (its own registry, with its identity as constant
 //! labels), so that the in-process `dev` mesh serves each service's own metrics on its own
 //! port, exactly as separate processes would.
 
+mod args;
 pub mod http;
 pub mod init;
 pub mod metrics;
 pub mod propagation;
+pub mod side_port;
 
+pub use args::LogArgs;
 pub use init::{Tracing, init};
 pub use metrics::Telemetry;
 /// The Prometheus client every service registers its metrics with (one version everywhere).
@@ -30,4 +35,11 @@ pub enum Error {
     /// A global tracing subscriber was already installed in this process.
     #[error("a tracing subscriber is already installed: {0}")]
     AlreadyInstalled(String),
+    /// A service's listener could not be bound ([`side_port`]).
+    #[error("binding {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -13,10 +13,34 @@
 //! alternative names) and usable both as a server and as a client (extended key usages
 //! serverAuth and clientAuth). With `require_client_cert`, servers refuse clients without a
 //! certificate signed by the CA: mutual TLS.
+//!
+//! [`TlsArgs`] are the `--tls-*` flags that ask for it, in every process.
+
+mod args;
 
 use std::sync::OnceLock;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+pub use args::TlsArgs;
+
+/// Errors of setting up the transport from the `--tls-*` flags.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--tls-require-client-cert needs --tls-ca, --tls-cert and --tls-key")]
+    ClientCertWithoutTls,
+    #[error("TLS needs all of --tls-ca, --tls-cert and --tls-key")]
+    IncompleteTls,
+    #[error("reading {}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process's TLS was already set otherwise ([`configure`]).
+    #[error("{0}")]
+    Configured(String),
+}
 
 /// TLS material of this process.
 #[derive(Debug, Clone, PartialEq, Eq)]

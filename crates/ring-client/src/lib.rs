@@ -9,7 +9,10 @@
 //!   Consul KV).
 //! - [`consul`]: the thin Consul HTTP client; [`consul_ring`]: the ring's keys in Consul KV,
 //!   following them, and registering a service in Consul's catalog.
+//! - [`args`]: the `--ring-manager`, `--presence-ring-manager` and `--consul*` flags every
+//!   service takes, and a service's [`Registration`] in Consul while it runs.
 
+pub mod args;
 pub mod consul;
 pub mod consul_ring;
 pub mod convert;
@@ -18,6 +21,7 @@ pub mod membership;
 pub mod record;
 pub mod source;
 
+pub use args::{ConsulArgs, Registration, RingArgs};
 pub use consul_ring::ConsulRing;
 pub use lease::{Lease, LeaseEnd};
 pub use source::{RingSource, RingWatcher};
@@ -37,4 +41,11 @@ pub enum Error {
     Consul(#[from] consul::ConsulError),
     #[error("no ring manager leads (the lock in consul is free)")]
     NoLeader,
+    /// `--consul` names no Consul agent this client can talk to.
+    #[error("--consul {url}")]
+    ConsulFlag {
+        url: String,
+        #[source]
+        source: Box<Error>,
+    },
 }

@@ -1,0 +1,144 @@
+//! The HTTP side port of a gRPC service (`/metrics`, `/healthz`, `/readyz`; a ring manager's
+//! console): where it is unless `--http` says otherwise, and serving it beside the service.
+//!
+//! The rule is the ring manager console's (50050 -> 50090), for every gRPC service: the same
+//! interface, the gRPC port + [`HTTP_PORT_OFFSET`]; port 0 stays "the OS picks", so that a
+//! service on an ephemeral port gets an ephemeral side port.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Telemetry};
+
+/// How far a gRPC service's HTTP port is from its gRPC port by default.
+pub const HTTP_PORT_OFFSET: u16 = 40;
+
+/// The HTTP address of a gRPC service listening on `grpc`: `explicit` (its `--http`) if given,
+/// else the same interface with the port + [`HTTP_PORT_OFFSET`] (0 when `grpc`'s is 0, or when
+/// the sum would not be a port).
+pub fn http_addr(explicit: Option<SocketAddr>, grpc: SocketAddr) -> SocketAddr {
+    explicit.unwrap_or_else(|| {
+        let port = match grpc.port() {
+            0 => 0,
+            p => p.checked_add(HTTP_PORT_OFFSET).unwrap_or(0),
+        };
+        SocketAddr::new(grpc.ip(), port)
+    })
+}
+
+/// Binds a listener on `addr`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// A gRPC service's two sockets, bound: its gRPC listener and its HTTP side's.
+#[derive(Debug)]
+pub struct Sockets {
+    grpc: TcpListener,
+    http: TcpListener,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Sockets {
+    /// Binds gRPC on `listen` and HTTP on `http`, by default next to it ([`http_addr`]).
+    pub async fn bind(listen: SocketAddr, http: Option<SocketAddr>) -> Result<Sockets, Error> {
+        let asked = http_addr(http, listen);
+        let grpc = bind(listen).await?;
+        let http = bind(asked).await?;
+        let bound = |listener: &TcpListener, addr| {
+            listener
+                .local_addr()
+                .map_err(|source| Error::Bind { addr, source })
+        };
+        Ok(Sockets {
+            grpc_addr: bound(&grpc, listen)?,
+            http_addr: bound(&http, asked)?,
+            grpc,
+            http,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Serves `service` on the gRPC listener and `telemetry`'s `/metrics`, `/healthz` and
+    /// `/readyz` on the HTTP one, until `cancel`. Both stop on one token (a child of `cancel`),
+    /// so that when either ends, on its own or failing, the other is stopped too. Returns the
+    /// service's error if it failed, else the HTTP side's.
+    pub async fn serve<E, F>(
+        self,
+        telemetry: Telemetry,
+        cancel: &CancellationToken,
+        service: impl FnOnce(TcpListener, CancellationToken) -> F,
+    ) -> Result<(), E>
+    where
+        F: Future<Output = Result<(), E>>,
+        E: From<std::io::Error>,
+    {
+        let stop = cancel.child_token();
+        let served = async {
+            let result = service(self.grpc, stop.clone()).await;
+            stop.cancel();
+            result
+        };
+        let http = async {
+            let result = crate::http::serve(self.http, telemetry, stop.clone()).await;
+            stop.cancel();
+            result
+        };
+        let (served, http) = tokio::join!(served, http);
+        served?;
+        Ok(http?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_side_port_is_the_grpc_port_plus_40_unless_given() {
+        let grpc: SocketAddr = "127.0.0.1:50061".parse().unwrap();
+        assert_eq!(http_addr(None, grpc).to_string(), "127.0.0.1:50101");
+        let ephemeral: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(http_addr(None, ephemeral).to_string(), "0.0.0.0:0");
+        let top: SocketAddr = "127.0.0.1:65500".parse().unwrap();
+        assert_eq!(http_addr(None, top).port(), 0);
+        let given: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        assert_eq!(http_addr(Some(given), grpc), given);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_ends_stops_its_http_side() {
+        let sockets = Sockets::bind("127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        assert_ne!(sockets.grpc_addr().port(), 0);
+        assert_ne!(sockets.http_addr().port(), 0);
+        let cancel = CancellationToken::new();
+        let done =
+            sockets
+                .serve::<std::io::Error, _>(Telemetry::default(), &cancel, |_, _| async { Ok(()) });
+        tokio::time::timeout(std::time::Duration::from_secs(5), done)
+            .await
+            .expect("the HTTP side stops with the service")
+            .expect("no error");
+        assert!(
+            !cancel.is_cancelled(),
+            "only the service's own token is cancelled"
+        );
+    }
+}
