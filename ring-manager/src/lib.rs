@@ -11,12 +11,16 @@
 //! members, the regions and recent epochs, with `/healthz` and `/readyz`.
 
 pub mod cluster;
+pub mod config;
 pub mod console;
 pub mod regions;
 pub mod revocations;
+pub mod run;
 pub mod server;
 pub mod state_file;
 
+pub use config::{Args, ProcessConfig};
+pub use run::{Bound, bind, run};
 pub use server::{Config, NodeState, RingManager, Store, serve};
 
 /// Errors of the ring manager.
@@ -32,6 +36,11 @@ pub enum Error {
     Client(#[from] ring_client::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] mesh_telemetry::Error),
+    #[error("--consul needs a fixed --listen port: it is published before it is bound")]
+    ConsulNeedsFixedPort,
 }
 
 impl From<ring_client::consul::ConsulError> for Error {

@@ -2,6 +2,8 @@
 //! routes it by the ring to the owning channel server, and answers.
 
 mod auth;
+pub mod config;
+pub mod run;
 mod service;
 
 use std::time::Duration;
@@ -9,13 +11,15 @@ use std::time::Duration;
 use channel_client::ChannelRouter;
 use mesh_core::TokenKey;
 use mesh_proto::admin::admin_server::AdminServer;
-use ring_client::{RingSource, RingWatcher};
+use ring_client::RingWatcher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
+pub use config::{Args, Config};
+pub use run::{Bound, bind, run};
 pub use service::AdminService;
 
 /// Errors of the admin server.
@@ -27,22 +31,15 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Configuration of one admin server.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Where the ring is found.
-    pub ring: RingSource,
-    /// Where the presence ring is found, if the mesh has presence servers.
-    pub presence_ring: Option<RingSource>,
-    /// The bearer token every call must present (`CHANNELMESH_ADMIN_TOKEN`).
-    pub admin_token: String,
-    /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
-    pub jwt_secret: Vec<u8>,
-    /// Its metrics and readiness (served over HTTP by the caller): ready once the ring has
-    /// channel servers to route to.
-    pub telemetry: mesh_telemetry::Telemetry,
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] mesh_telemetry::Error),
+    /// A secret the admin server needs is not in the environment.
+    #[error("{0} must be set (only `channelmesh dev` generates it)")]
+    MissingEnv(&'static str),
+    /// The `--ring-manager`/`--consul*` flags name no usable ring.
+    #[error(transparent)]
+    RingArgs(#[from] ring_client::Error),
 }
 
 /// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.

@@ -1,26 +1,27 @@
 //! The channel server (CS): holds channels in memory for the ring slots it owns, gives each event
 //! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
 
+pub mod config;
 pub mod metrics;
+pub mod run;
 pub mod service;
 pub mod store;
 
 use std::net::SocketAddr;
 
-use mesh_core::NodeId;
 use mesh_proto::channel::channel_server_server::ChannelServerServer;
 use mesh_proto::ring::RegisterRequest;
-use ring_client::{Lease, RingSource, RingWatcher};
+use ring_client::{Lease, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
+pub use config::{Args, Config, DEFAULT_GATEWAY_QUEUE};
+pub use run::{Bound, bind, run};
 pub use service::{ChannelService, ServiceConfig};
 pub use store::Limits;
 
-/// Default: responses queued per gateway stream before that gateway counts as fallen behind.
-pub const DEFAULT_GATEWAY_QUEUE: usize = 65_536;
 /// Errors of the channel server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,26 +31,14 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Configuration of one channel server.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Its id on the ring, e.g. "cs-1".
-    pub node: NodeId,
-    /// Where the ring and the ring manager are found.
-    pub ring: RingSource,
-    /// The address other services dial; defaults to the bound address.
-    pub advertise: Option<String>,
-    /// History bounds.
-    pub limits: Limits,
-    /// Responses queued per gateway stream.
-    pub gateway_queue: usize,
-    /// Join as a standby: no slots until it replaces a node or an operator adds it.
-    pub standby: bool,
-    /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
-    /// lease.
-    pub telemetry: mesh_telemetry::Telemetry,
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] mesh_telemetry::Error),
+    #[error(transparent)]
+    Id(#[from] mesh_core::IdError),
+    /// The `--ring-manager`/`--consul*` flags name no usable ring.
+    #[error(transparent)]
+    RingArgs(ring_client::Error),
 }
 
 /// Serves a channel server on `listener`, registered with the ring manager and holding its

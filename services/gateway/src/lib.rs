@@ -1,6 +1,7 @@
 //! The gateway server (GS): terminates clients' WebSockets for one region, speaking Slack's RTM
 //! protocol, and subscribes upstream to each channel once for all its local clients.
 
+pub mod config;
 pub mod connection;
 pub mod http;
 pub mod hub;
@@ -11,6 +12,7 @@ pub mod outbox;
 pub mod presence;
 pub mod region;
 pub mod resume;
+pub mod run;
 pub mod socket;
 pub mod tickets;
 pub mod tokens;
@@ -26,7 +28,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use config::{Args, Config};
 pub use hub::Hub;
+pub use run::{Bound, bind, run};
 
 /// Errors of the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -35,31 +39,17 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("token keys: {0}")]
     Tokens(#[from] tokens::TokenConfigError),
-}
-
-/// Configuration of one gateway.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// This gateway's id, unique in the mesh, e.g. "us-east-1".
-    pub id: String,
-    /// Its region, e.g. "us-east".
-    pub region: String,
-    /// Where the ring is found.
-    pub ring: RingSource,
-    /// Where the presence ring is found; without one, presence frames get an error reply.
-    pub presence_ring: Option<RingSource>,
-    /// The base URL clients reach this gateway at (e.g. "http://127.0.0.1:8080", or the
-    /// region's Envoy); defaults to the bound address. WebSocket URLs use the same host.
-    pub public_url: Option<String>,
-    /// The HS256 secret client tokens are signed with; empty when the gateway accepts only
-    /// public-key tokens (`tokens`).
-    pub jwt_secret: Vec<u8>,
-    /// Public keys for RS256/EdDSA tokens, and the clock-skew leeway.
-    pub tokens: tokens::TokenConfig,
-    /// How long a connect URL from `rtm.connect` stays valid.
-    pub connect_url_ttl: std::time::Duration,
-    /// What one client may do (the README's "Limits").
-    pub limits: limits::Limits,
+    /// The listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] mesh_telemetry::Error),
+    /// Neither the HS256 secret nor a public key: no token could be checked.
+    #[error("set {}, or give --jwt-public-key or --jwks", config::ENV_JWT_SECRET)]
+    NoTokenKey,
+    #[error("--ping-interval-secs must be above 0 and below --idle-timeout-secs")]
+    PingInterval,
+    /// The `--ring-manager`/`--consul*` flags name no usable ring.
+    #[error(transparent)]
+    RingArgs(#[from] ring_client::Error),
 }
 
 /// What every connection and route of a gateway shares.

@@ -3,22 +3,25 @@
 //! live connections to each user's owner over a leased stream and watch users there; the
 //! owner pushes presence changes back to the gateways that watch.
 
+pub mod config;
 pub mod quota;
+pub mod run;
 pub mod service;
 pub mod state;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mesh_core::NodeId;
 use mesh_proto::presence::presence_server::PresenceServer;
 use mesh_proto::ring::RegisterRequest;
-use ring_client::{Lease, RingSource, RingWatcher};
+use ring_client::{Lease, RingWatcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
+pub use config::{Args, Config};
+pub use run::{Bound, bind, run};
 pub use service::PresenceService;
 
 /// Default: how long a user stays active after their last connection ends (and a gateway's
@@ -44,24 +47,14 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Configuration of one presence server.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Its id on the presence ring, e.g. "ps-1".
-    pub node: NodeId,
-    /// Where the presence ring and its ring manager are found.
-    pub ring: RingSource,
-    /// The address other services dial; defaults to the bound address.
-    pub advertise: Option<String>,
-    /// Join as a standby.
-    pub standby: bool,
-    pub grace: Duration,
-    pub gateway_lease: Duration,
-    /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
-    /// lease on the presence ring.
-    pub telemetry: mesh_telemetry::Telemetry,
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] mesh_telemetry::Error),
+    #[error(transparent)]
+    Id(#[from] mesh_core::IdError),
+    /// The `--presence-ring-manager`/`--consul*` flags name no usable ring.
+    #[error(transparent)]
+    RingArgs(ring_client::Error),
 }
 
 /// Serves a presence server on `listener`, registered on the presence ring, until `cancel`.

@@ -1,0 +1,476 @@
+//! A gateway's configuration: the `gateway` command's flags ([`Args`]) and the typed [`Config`]
+//! that [`crate::serve`] runs with, made from them once.
+//!
+//! The limit flags are one table ([`LIMIT_FLAGS`]) that parses straight into [`Limits`]
+//! (`Limits` is a `clap::Args`), gives each flag's default from `Limits::default()`, and turns
+//! limits back into flags for child processes ([`limit_args`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
+use mesh_core::TeamId;
+use ring_client::{RingArgs, RingSource};
+
+use crate::limits::Limits;
+use crate::{Error, tickets, tokens};
+
+/// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
+/// `/readyz`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Env var: the HS256 secret client tokens are signed with (optional with public keys).
+pub const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
+
+/// The `gateway` command's flags (its HS256 secret comes from [`ENV_JWT_SECRET`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The region it serves, e.g. us-east.
+    #[arg(long)]
+    pub region: String,
+    /// Its id, unique in the mesh; defaults to REGION-1.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// The base URL clients reach it at (e.g. its region's Envoy); defaults to the listen
+    /// address.
+    #[arg(long)]
+    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub ring: RingArgs,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+}
+
+/// Configuration of one gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This gateway's id, unique in the mesh, e.g. "us-east-1".
+    pub id: String,
+    /// Its region, e.g. "us-east".
+    pub region: String,
+    /// Where the ring is found.
+    pub ring: RingSource,
+    /// Where the presence ring is found; without one, presence frames get an error reply.
+    pub presence_ring: Option<RingSource>,
+    /// The base URL clients reach this gateway at (e.g. "http://127.0.0.1:8080", or the
+    /// region's Envoy); defaults to the bound address. WebSocket URLs use the same host.
+    pub public_url: Option<String>,
+    /// The HS256 secret client tokens are signed with; empty when the gateway accepts only
+    /// public-key tokens (`tokens`).
+    pub jwt_secret: Vec<u8>,
+    /// Public keys for RS256/EdDSA tokens, and the clock-skew leeway.
+    pub tokens: tokens::TokenConfig,
+    /// How long a connect URL from `rtm.connect` stays valid.
+    pub connect_url_ttl: std::time::Duration,
+    /// What one client may do (the README's "Limits").
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The configuration `args` and the environment ask for.
+    pub fn from_args(args: &Args) -> Result<Config, Error> {
+        // Optional when public keys are given: such a gateway never needs the secret.
+        let jwt_secret = std::env::var(ENV_JWT_SECRET).unwrap_or_default();
+        if jwt_secret.is_empty() && args.tokens.public_keys.is_empty() && args.tokens.jwks.is_none()
+        {
+            return Err(Error::NoTokenKey);
+        }
+        Ok(Config {
+            id: args.id.clone().unwrap_or_else(|| default_id(&args.region)),
+            region: args.region.clone(),
+            ring: args.ring.source()?,
+            presence_ring: Some(args.ring.presence_source()?),
+            public_url: args.public_url.clone(),
+            jwt_secret: jwt_secret.into_bytes(),
+            connect_url_ttl: tickets::DEFAULT_TICKET_TTL,
+            limits: checked(args.limits.clone())?,
+            tokens: args.tokens.config(),
+        })
+    }
+}
+
+/// The id of a region's first gateway, e.g. "us-east-1": the default.
+pub fn default_id(region: &str) -> String {
+    format!("{region}-1")
+}
+
+/// `limits`, if they make sense together: the gateway pings within the idle timeout.
+pub fn checked(limits: Limits) -> Result<Limits, Error> {
+    if limits.ping_interval.is_zero() || limits.ping_interval >= limits.idle_timeout {
+        return Err(Error::PingInterval);
+    }
+    Ok(limits)
+}
+
+/// Which client tokens a gateway accepts beyond the HS256 secret (CHANNELMESH_JWT_SECRET, which
+/// becomes optional when a public key is given).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// A PEM public key (RSA: RS256 tokens; Ed25519: EdDSA tokens); repeatable.
+    #[arg(
+        long = "jwt-public-key",
+        env = "CHANNELMESH_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS file of public keys, selected by the token's `kid`.
+    #[arg(long, env = "CHANNELMESH_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+    #[arg(long, env = "CHANNELMESH_JWT_LEEWAY_SECS", default_value_t = mesh_core::token::LEEWAY_SECS)]
+    pub jwt_leeway_secs: u64,
+}
+
+impl TokenArgs {
+    /// The token keys these flags name.
+    pub fn config(&self) -> tokens::TokenConfig {
+        tokens::TokenConfig {
+            public_keys: self.public_keys.clone(),
+            jwks: self.jwks.clone(),
+            leeway_secs: self.jwt_leeway_secs,
+        }
+    }
+}
+
+/// Where a limit flag's value lands in [`Limits`], and how it is written.
+#[derive(Clone, Copy)]
+enum Field {
+    /// A count.
+    U32(fn(&mut Limits) -> &mut u32),
+    /// A count or a size in bytes.
+    Usize(fn(&mut Limits) -> &mut usize),
+    /// A duration in seconds (fractions allowed).
+    Secs(fn(&mut Limits) -> &mut Duration),
+    /// A duration in milliseconds.
+    Millis(fn(&mut Limits) -> &mut Duration),
+    /// `TEAM=N`, repeatable: the per-team caps.
+    TeamCaps,
+}
+
+/// One limit flag: `--NAME`, its help, and its field of [`Limits`].
+struct LimitFlag {
+    name: &'static str,
+    help: &'static str,
+    field: Field,
+}
+
+/// Every limit flag, in `--help` order; the README's "Limits" table lists them.
+const LIMIT_FLAGS: &[LimitFlag] = &[
+    LimitFlag {
+        name: "client-frames-per-sec",
+        help: "Client frames one connection may send per second, sustained (0: no limit); past it the frame gets a `ratelimited` error",
+        field: Field::U32(|l| &mut l.frames_per_sec),
+    },
+    LimitFlag {
+        name: "client-frame-burst",
+        help: "Frames a connection may send at once above that rate",
+        field: Field::U32(|l| &mut l.frame_burst),
+    },
+    LimitFlag {
+        name: "refusals-before-close",
+        help: "Refused frames in a row after which a connection is closed (4029)",
+        field: Field::U32(|l| &mut l.refusals_before_close),
+    },
+    LimitFlag {
+        name: "outbound-queue-bytes",
+        help: "Bytes queued to one connection before it is closed as a slow consumer (4008)",
+        field: Field::Usize(|l| &mut l.outbound_bytes),
+    },
+    LimitFlag {
+        name: "write-timeout-secs",
+        help: "Seconds a write to a client may stall before it is closed as a slow consumer (4008)",
+        field: Field::Secs(|l| &mut l.write_timeout),
+    },
+    LimitFlag {
+        name: "typing-interval-ms",
+        help: "Milliseconds within which a user's repeated typing in a channel is coalesced",
+        field: Field::Millis(|l| &mut l.typing_interval),
+    },
+    LimitFlag {
+        name: "max-connections",
+        help: "Client connections per gateway; past it `rtm.connect` answers `ratelimited`",
+        field: Field::Usize(|l| &mut l.max_connections),
+    },
+    LimitFlag {
+        name: "max-sockets",
+        help: "Open sockets per gateway (clients and HTTP calls); at the cap accept waits. Lowered to fit the process's open-files limit",
+        field: Field::Usize(|l| &mut l.max_sockets),
+    },
+    LimitFlag {
+        name: "handshakes-per-sec",
+        help: "`rtm.connect` calls per second per gateway (0: no limit)",
+        field: Field::U32(|l| &mut l.handshakes_per_sec),
+    },
+    LimitFlag {
+        name: "handshake-timeout-secs",
+        help: "Seconds a request may take to send its headers (slowloris)",
+        field: Field::Secs(|l| &mut l.handshake_timeout),
+    },
+    LimitFlag {
+        name: "idle-timeout-secs",
+        help: "Seconds a connection may stay silent (not even a pong) before it is closed (4001)",
+        field: Field::Secs(|l| &mut l.idle_timeout),
+    },
+    LimitFlag {
+        name: "ping-interval-secs",
+        help: "Seconds between the gateway's pings to each connection",
+        field: Field::Secs(|l| &mut l.ping_interval),
+    },
+    LimitFlag {
+        name: "team-connection-limit",
+        help: "Concurrent connections per team across all gateways and regions (0: no cap); past it `rtm.connect` answers `too_many_connections`. Counted by the presence servers",
+        field: Field::U32(|l| &mut l.team_connections),
+    },
+    LimitFlag {
+        name: "team-limit",
+        help: "A team's own cap, replacing --team-connection-limit: TEAM=N (repeatable; 0: no cap)",
+        field: Field::TeamCaps,
+    },
+    LimitFlag {
+        name: "user-connection-limit",
+        help: "Concurrent connections per user across all gateways (0: no cap)",
+        field: Field::U32(|l| &mut l.user_connections),
+    },
+];
+
+impl LimitFlag {
+    /// The flag, with its default taken from `defaults`.
+    fn arg(&self, defaults: &mut Limits) -> Arg {
+        let arg = Arg::new(self.name)
+            .long(self.name)
+            .help(self.help)
+            .value_name(self.name.to_uppercase().replace('-', "_"));
+        match self.field {
+            Field::U32(field) => arg
+                .value_parser(value_parser!(u32))
+                .default_value(field(defaults).to_string()),
+            Field::Usize(field) => arg
+                .value_parser(value_parser!(usize))
+                .default_value(field(defaults).to_string()),
+            Field::Secs(field) => arg
+                .value_parser(parse_secs)
+                .default_value(field(defaults).as_secs_f64().to_string()),
+            Field::Millis(field) => arg
+                .value_parser(value_parser!(u64).map(Duration::from_millis))
+                .default_value(field(defaults).as_millis().to_string()),
+            Field::TeamCaps => arg
+                .value_name("TEAM_LIMITS")
+                .value_parser(parse_team_limit)
+                .action(ArgAction::Append),
+        }
+    }
+
+    /// Sets this flag's field of `limits` from `matches`, if the flag has a value there.
+    fn update(&self, limits: &mut Limits, matches: &ArgMatches) {
+        match self.field {
+            Field::U32(field) => {
+                if let Some(v) = matches.get_one::<u32>(self.name) {
+                    *field(limits) = *v;
+                }
+            }
+            Field::Usize(field) => {
+                if let Some(v) = matches.get_one::<usize>(self.name) {
+                    *field(limits) = *v;
+                }
+            }
+            Field::Secs(field) | Field::Millis(field) => {
+                if let Some(v) = matches.get_one::<Duration>(self.name) {
+                    *field(limits) = *v;
+                }
+            }
+            Field::TeamCaps => {
+                if let Some(caps) = matches.get_many::<(TeamId, u32)>(self.name) {
+                    limits.team_overrides = caps.cloned().collect();
+                }
+            }
+        }
+    }
+
+    /// This flag as arguments (`--NAME=VALUE`, one per value) saying what `limits` hold.
+    fn to_args(&self, limits: &mut Limits) -> Vec<String> {
+        let name = self.name;
+        match self.field {
+            Field::U32(field) => vec![format!("--{name}={}", field(limits))],
+            Field::Usize(field) => vec![format!("--{name}={}", field(limits))],
+            Field::Secs(field) => vec![format!("--{name}={}", field(limits).as_secs_f64())],
+            Field::Millis(field) => vec![format!("--{name}={}", field(limits).as_millis())],
+            Field::TeamCaps => limits
+                .team_overrides
+                .iter()
+                .map(|(team, n)| format!("--{name}={team}={n}"))
+                .collect(),
+        }
+    }
+}
+
+/// `limits` as the limit flags that give them, for gateway child processes.
+pub fn limit_args(limits: &Limits) -> Vec<String> {
+    // The table reaches fields through `&mut`; read them from a copy.
+    let mut limits = limits.clone();
+    LIMIT_FLAGS
+        .iter()
+        .flat_map(|flag| flag.to_args(&mut limits))
+        .collect()
+}
+
+impl clap::Args for Limits {
+    fn augment_args(command: Command) -> Command {
+        let mut defaults = Limits::default();
+        LIMIT_FLAGS.iter().fold(command, |command, flag| {
+            command.arg(flag.arg(&mut defaults))
+        })
+    }
+
+    fn augment_args_for_update(command: Command) -> Command {
+        Self::augment_args(command)
+    }
+}
+
+impl clap::FromArgMatches for Limits {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut limits = Limits::default();
+        limits.update_from_arg_matches(matches)?;
+        Ok(limits)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for flag in LIMIT_FLAGS {
+            flag.update(self, matches);
+        }
+        // At least one: a connection is closed only after a refused frame.
+        self.refusals_before_close = self.refusals_before_close.max(1);
+        Ok(())
+    }
+}
+
+/// Seconds, fractions allowed.
+fn parse_secs(raw: &str) -> Result<Duration, String> {
+    let secs: f64 = raw
+        .parse()
+        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{secs} is not a duration"))
+}
+
+/// `TEAM=N`.
+fn parse_team_limit(raw: &str) -> Result<(TeamId, u32), String> {
+    let (team, n) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw}: expected TEAM=N"))?;
+    let team = TeamId::new(team).map_err(|e| format!("{team}: {e}"))?;
+    let n = n.parse().map_err(|_| format!("{n}: not a number"))?;
+    Ok((team, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        limits: Limits,
+    }
+
+    fn parse(args: &[&str]) -> Result<Limits, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+            .map(|c| c.limits)
+    }
+
+    #[test]
+    fn no_flags_are_the_default_limits() {
+        assert_eq!(parse(&[]).unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn every_flag_lands_in_its_field() {
+        let limits = parse(&[
+            "--client-frames-per-sec=1",
+            "--client-frame-burst=2",
+            "--refusals-before-close=3",
+            "--outbound-queue-bytes=4",
+            "--write-timeout-secs=0.5",
+            "--typing-interval-ms=6",
+            "--max-connections=7",
+            "--max-sockets=8",
+            "--handshakes-per-sec=9",
+            "--handshake-timeout-secs=10",
+            "--idle-timeout-secs=11",
+            "--ping-interval-secs=1.5",
+            "--team-connection-limit=13",
+            "--team-limit=T1=14",
+            "--team-limit",
+            "T2=0",
+            "--user-connection-limit=15",
+        ])
+        .unwrap();
+        let want = Limits {
+            frames_per_sec: 1,
+            frame_burst: 2,
+            refusals_before_close: 3,
+            outbound_bytes: 4,
+            write_timeout: Duration::from_millis(500),
+            typing_interval: Duration::from_millis(6),
+            max_connections: 7,
+            max_sockets: 8,
+            handshakes_per_sec: 9,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(11),
+            ping_interval: Duration::from_millis(1500),
+            team_connections: 13,
+            team_overrides: [
+                (TeamId::new("T1").unwrap(), 14),
+                (TeamId::new("T2").unwrap(), 0),
+            ]
+            .into_iter()
+            .collect(),
+            user_connections: 15,
+        };
+        assert_eq!(limits, want);
+    }
+
+    #[test]
+    fn limits_survive_the_way_to_a_child_process() {
+        let limits = parse(&["--write-timeout-secs=0.25", "--team-limit=T9=3"]).unwrap();
+        let args = limit_args(&limits);
+        let again = parse(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert_eq!(again, limits);
+        assert_eq!(
+            limit_args(&Limits::default()).len(),
+            LIMIT_FLAGS.len() - 1,
+            "one argument per flag, none for no team caps"
+        );
+    }
+
+    #[test]
+    fn zero_refusals_means_one() {
+        let limits = parse(&["--refusals-before-close=0"]).unwrap();
+        assert_eq!(limits.refusals_before_close, 1);
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_flag() {
+        let error = parse(&["--write-timeout-secs=-1"]).unwrap_err().to_string();
+        assert!(error.contains("-1 is not a duration"), "{error}");
+        let error = parse(&["--team-limit=T1"]).unwrap_err().to_string();
+        assert!(error.contains("T1: expected TEAM=N"), "{error}");
+    }
+
+    #[test]
+    fn the_ping_interval_must_be_below_the_idle_timeout() {
+        let at_idle = parse(&["--ping-interval-secs=120"]).unwrap();
+        let error = checked(at_idle).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "--ping-interval-secs must be above 0 and below --idle-timeout-secs"
+        );
+        assert!(checked(parse(&["--ping-interval-secs=0"]).unwrap()).is_err());
+        assert!(checked(Limits::default()).is_ok());
+    }
+}
