@@ -1,10 +1,19 @@
-//! channelmesh as one program: the `dev` mesh assembly and the test kit build on [`mesh`].
+//! channelmesh as one program: the commands `src/main.rs` dispatches to that are not a single
+//! service — `dev` (the whole mesh, in one process or as child processes; the test kit builds
+//! on [`Mesh`]), `ctl`, `token`, `probe` — and, until the load generator moves to its own
+//! crate, `bench`.
 
 pub mod bench;
+pub mod bench_cli;
 pub mod ctl;
+pub mod dev;
 pub mod fanout;
-pub mod mesh;
-pub mod multiprocess;
+pub mod probe;
 pub mod store_bench;
+pub mod token;
 
-pub use mesh::{Mesh, MeshConfig};
+/// The in-process mesh under its old path (`channelmesh::mesh::unix_now`, the tests).
+pub use dev::mesh;
+pub use dev::mesh::{Mesh, MeshConfig};
+/// The multi-process mesh under its old path (the benches).
+pub use dev::processes as multiprocess;

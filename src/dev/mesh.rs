@@ -1,13 +1,17 @@
 //! A whole mesh in one process: ring manager, channel servers, presence servers (with their
-//! own ring manager), admin server and one gateway per region — each serving on its own socket and talking to the others over the same gRPC it
-//! uses across machines. `channelmesh dev` runs it; the integration tests boot it on port 0.
+//! own ring manager), admin server and one gateway per region — each bound and served by its
+//! crate's own start-up (`bind`, then `Bound::serve`), on its own sockets, talking to the
+//! others over the same gRPC it uses across machines. `channelmesh dev` runs it; the
+//! integration tests boot it on port 0.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_core::{Identity, NodeId, TeamId, TokenKey, UserId};
-use tokio::net::TcpListener;
+use ring_client::RingSource;
+use ring_manager::{NodeState, ProcessConfig, RingManager};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -109,20 +113,6 @@ impl MeshConfig {
     }
 }
 
-/// How far a gRPC service's HTTP port (`/metrics`, `/healthz`, `/readyz`) is from its gRPC port
-/// by default: the ring manager's console rule (50050 -> 50090), for every gRPC service.
-pub const HTTP_PORT_OFFSET: u16 = 40;
-
-/// The HTTP address of a gRPC service listening on `grpc`: same interface, port +
-/// [`HTTP_PORT_OFFSET`]; port 0 stays "the OS picks".
-pub fn http_addr(grpc: SocketAddr) -> SocketAddr {
-    let port = match grpc.port() {
-        0 => 0,
-        p => p.checked_add(HTTP_PORT_OFFSET).unwrap_or(0),
-    };
-    SocketAddr::new(grpc.ip(), port)
-}
-
 /// A running mesh.
 #[derive(Debug)]
 pub struct Mesh {
@@ -153,52 +143,73 @@ pub struct Mesh {
     /// Each presence server's and each gateway's own stop token (for failure tests).
     ps_cancel: Vec<(NodeId, CancellationToken)>,
     gw_cancel: Vec<(String, CancellationToken)>,
-    tasks: JoinSet<(String, anyhow::Result<()>)>,
-    tracker: tokio_util::task::TaskTracker,
+    tasks: Tasks,
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} to {addr}"))
-}
+/// Every service's task, each ending with its name and how it ended.
+type Tasks = JoinSet<(String, anyhow::Result<()>)>;
 
-/// Serves `telemetry` over HTTP on `addr` as one of `tasks`, until `cancel`; returns the bound
-/// address.
-async fn serve_http(
-    tasks: &mut JoinSet<(String, anyhow::Result<()>)>,
-    telemetry: mesh_telemetry::Telemetry,
-    addr: SocketAddr,
+/// Runs `serve` as the service `name` among `tasks`.
+fn spawn<E>(
+    tasks: &mut Tasks,
     name: String,
-    cancel: CancellationToken,
-) -> anyhow::Result<SocketAddr> {
-    let listener = bind(addr, &format!("{name} HTTP listener")).await?;
-    let local = listener.local_addr()?;
-    tasks.spawn(async move {
-        let r = mesh_telemetry::http::serve(listener, telemetry, cancel).await;
-        (format!("{name} HTTP"), r.map_err(anyhow::Error::from))
-    });
-    Ok(local)
+    serve: impl Future<Output = Result<(), E>> + Send + 'static,
+) where
+    E: Into<anyhow::Error>,
+{
+    tasks.spawn(async move { (name, serve.await.map_err(Into::into)) });
 }
 
-/// Serves `manager`'s console on `addr` as one of `tasks`; returns the bound address.
-async fn serve_console(
-    tasks: &mut JoinSet<(String, anyhow::Result<()>)>,
-    manager: &ring_manager::RingManager,
-    addr: SocketAddr,
-    which: &str,
+/// Active addresses then standby ones, each with whether it is a standby.
+fn nodes<'a>(
+    actives: &'a [SocketAddr],
+    standbys: &'a [SocketAddr],
+) -> impl Iterator<Item = (SocketAddr, bool)> + 'a {
+    let actives = actives.iter().map(|a| (*a, false));
+    actives.chain(standbys.iter().map(|a| (*a, true)))
+}
+
+/// Binds an embedded ring manager on `listen` (its console on `console`) and serves it as the
+/// service `name`; returns its gRPC and console addresses and the manager.
+async fn start_ring_manager(
+    tasks: &mut Tasks,
+    name: &str,
+    config: ProcessConfig,
     cancel: &CancellationToken,
-) -> anyhow::Result<SocketAddr> {
-    let name = format!("{which}ring manager console");
-    let listener = bind(addr, &name).await?;
-    let local = listener.local_addr()?;
-    let console = ring_manager::console::Console::embedded(manager.clone());
-    let cancel = cancel.clone();
-    tasks.spawn(async move {
-        let r = ring_manager::console::serve(console, listener, cancel).await;
-        (name, r.map_err(anyhow::Error::from))
-    });
-    Ok(local)
+) -> anyhow::Result<(SocketAddr, SocketAddr, RingManager)> {
+    let bound = ring_manager::bind(config, cancel)
+        .await
+        .with_context(|| format!("starting the {name}"))?;
+    let manager = bound.manager().context("an embedded ring manager")?.clone();
+    let addrs = (bound.local_addr(), bound.console_addr());
+    spawn(tasks, name.to_string(), bound.serve(cancel.clone()));
+    Ok((addrs.0, addrs.1, manager))
+}
+
+/// Waits until `manager`'s ring has `actives` active nodes and at least `standbys` standbys
+/// are registered, for at most [`READY_TIMEOUT`]; false if not by then.
+async fn assembled(manager: &RingManager, actives: usize, standbys: usize) -> bool {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let mut ring = manager.subscribe();
+    let active = ring.wait_for(|r| r.nodes().len() == actives);
+    if !matches!(tokio::time::timeout_at(deadline, active).await, Ok(Ok(_))) {
+        return false;
+    }
+    let standbys_in = || {
+        let members = manager.members();
+        members
+            .iter()
+            .filter(|(_, s)| *s == NodeState::Standby)
+            .count()
+            >= standbys
+    };
+    while !standbys_in() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 impl Mesh {
@@ -206,217 +217,125 @@ impl Mesh {
     /// slots on the ring. `cancel` stops it all.
     pub async fn start(config: MeshConfig, cancel: CancellationToken) -> anyhow::Result<Mesh> {
         let started = Instant::now();
-        let mut tasks = JoinSet::new();
-
-        let rm_listener = bind(config.ring_manager, "ring manager").await?;
-        let ring_manager = rm_listener.local_addr()?;
-        let rm_endpoint = format!("http://{ring_manager}");
-        let tracker = tokio_util::task::TaskTracker::new();
-        let manager = ring_manager::RingManager::new(config.ring, None, &tracker, cancel.clone())?;
-        let mut ring = manager.subscribe();
-        {
-            let (manager, cancel) = (manager.clone(), cancel.clone());
-            tasks.spawn(async move {
-                let r = ring_manager::serve(manager, rm_listener, cancel).await;
-                ("ring manager".to_string(), r.map_err(anyhow::Error::from))
-            });
-        }
-        let console = serve_console(&mut tasks, &manager, config.console, "", &cancel).await?;
-
+        let mut tasks = Tasks::new();
+        // The HTTP side (`/metrics`, `/healthz`, `/readyz`) of every gRPC service, admin first.
         let mut http = Vec::new();
-        let mut channel_servers = Vec::new();
-        let mut cs_cancel = Vec::new();
-        let actives = config.channel_servers.iter().map(|a| (a, false));
-        let standbys = config.standbys.iter().map(|a| (a, true));
-        for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
-            let listener = bind(*addr, "channel server").await?;
-            let local = listener.local_addr()?;
-            let node = NodeId::new(&format!("cs-{}", i + 1))?;
-            channel_servers.push((node.clone(), local));
-            let telemetry = mesh_telemetry::Telemetry::new(&[("node", node.as_str())]);
-            let cancel = cancel.child_token();
-            let http_local = serve_http(
-                &mut tasks,
-                telemetry.clone(),
-                http_addr(*addr),
-                format!("channel server {node}"),
-                cancel.clone(),
-            )
-            .await?;
-            http.push((node.to_string(), http_local));
-            let cs_config = channel_server::Config {
-                node: node.clone(),
-                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
-                advertise: None,
-                limits: channel_server::Limits::default(),
-                gateway_queue: channel_server::DEFAULT_GATEWAY_QUEUE,
-                standby,
-                telemetry,
-            };
-            cs_cancel.push((node.clone(), cancel.clone()));
-            tasks.spawn(async move {
-                let r = channel_server::serve(cs_config, listener, cancel).await;
-                (
-                    format!("channel server {node}"),
-                    r.map_err(anyhow::Error::from),
-                )
-            });
-        }
 
-        // The presence ring: its own ring manager, managed exactly like the channel servers'.
-        let prm_listener = bind(config.presence_ring_manager, "presence ring manager").await?;
-        let presence_ring_manager = prm_listener.local_addr()?;
-        let prm_endpoint = format!("http://{presence_ring_manager}");
-        let presence_manager =
-            ring_manager::RingManager::new(config.ring, None, &tracker, cancel.clone())?;
-        let mut presence_ring = presence_manager.subscribe();
-        {
-            let (manager, cancel) = (presence_manager.clone(), cancel.clone());
-            tasks.spawn(async move {
-                let r = ring_manager::serve(manager, prm_listener, cancel).await;
-                (
-                    "presence ring manager".to_string(),
-                    r.map_err(anyhow::Error::from),
-                )
-            });
-        }
-        let presence_console = serve_console(
+        let (ring_manager, console, manager) = start_ring_manager(
             &mut tasks,
-            &presence_manager,
-            config.presence_console,
-            "presence ",
+            "ring manager",
+            ProcessConfig::embedded(config.ring, config.ring_manager, config.console),
             &cancel,
         )
         .await?;
-        let presence_source = ring_client::RingSource::Direct(prm_endpoint.clone());
+        let ring = RingSource::Direct(format!("http://{ring_manager}"));
+
+        let mut channel_servers = Vec::new();
+        let mut cs_cancel = Vec::new();
+        for (i, (addr, standby)) in nodes(&config.channel_servers, &config.standbys).enumerate() {
+            let node = NodeId::new(&format!("cs-{}", i + 1))?;
+            let name = format!("channel server {node}");
+            let cs = channel_server::Config {
+                standby,
+                ..channel_server::Config::new(node.clone(), ring.clone())
+            };
+            let bound = channel_server::bind(cs, addr, None)
+                .await
+                .with_context(|| format!("starting {name}"))?;
+            channel_servers.push((node.clone(), bound.local_addr()));
+            http.push((node.to_string(), bound.http_addr()));
+            let stop = cancel.child_token();
+            cs_cancel.push((node, stop.clone()));
+            spawn(&mut tasks, name, bound.serve(stop));
+        }
+
+        // The presence ring: its own ring manager, managed exactly like the channel servers'.
+        let (presence_ring_manager, presence_console, presence_manager) = start_ring_manager(
+            &mut tasks,
+            "presence ring manager",
+            ProcessConfig::embedded(
+                config.ring,
+                config.presence_ring_manager,
+                config.presence_console,
+            ),
+            &cancel,
+        )
+        .await?;
+        let presence_ring = RingSource::Direct(format!("http://{presence_ring_manager}"));
         let mut presence_servers = Vec::new();
         let mut ps_cancel = Vec::new();
-        let actives = config.presence_servers.iter().map(|a| (a, false));
-        let standbys = config.presence_standbys.iter().map(|a| (a, true));
-        for (i, (addr, standby)) in actives.chain(standbys).enumerate() {
-            let listener = bind(*addr, "presence server").await?;
+        let all = nodes(&config.presence_servers, &config.presence_standbys);
+        for (i, (addr, standby)) in all.enumerate() {
             let node = NodeId::new(&format!("ps-{}", i + 1))?;
-            presence_servers.push((node.clone(), listener.local_addr()?));
-            let telemetry = mesh_telemetry::Telemetry::new(&[("node", node.as_str())]);
-            let cancel = cancel.child_token();
-            let http_local = serve_http(
-                &mut tasks,
-                telemetry.clone(),
-                http_addr(*addr),
-                format!("presence server {node}"),
-                cancel.clone(),
-            )
-            .await?;
-            http.push((node.to_string(), http_local));
-            let ps_config = presence_server::Config {
-                node: node.clone(),
-                ring: presence_source.clone(),
-                advertise: None,
+            let name = format!("presence server {node}");
+            let ps = presence_server::Config {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
-                telemetry,
+                ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
-            ps_cancel.push((node.clone(), cancel.clone()));
-            tasks.spawn(async move {
-                let r = presence_server::serve(ps_config, listener, cancel).await;
-                (
-                    format!("presence server {node}"),
-                    r.map_err(anyhow::Error::from),
-                )
-            });
+            let bound = presence_server::bind(ps, addr, None)
+                .await
+                .with_context(|| format!("starting {name}"))?;
+            presence_servers.push((node.clone(), bound.local_addr()));
+            http.push((node.to_string(), bound.http_addr()));
+            let stop = cancel.child_token();
+            ps_cancel.push((node, stop.clone()));
+            spawn(&mut tasks, name, bound.serve(stop));
         }
 
-        let admin_listener = bind(config.admin, "admin server").await?;
-        let admin = admin_listener.local_addr()?;
-        {
-            let telemetry = mesh_telemetry::Telemetry::new(&[("admin", "admin-1")]);
-            let http_local = serve_http(
-                &mut tasks,
-                telemetry.clone(),
-                http_addr(config.admin),
-                "admin server".to_string(),
-                cancel.clone(),
-            )
-            .await?;
-            http.insert(0, ("admin".to_string(), http_local));
-            let admin_config = admin_server::Config {
-                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
-                presence_ring: Some(presence_source.clone()),
-                admin_token: config.admin_token.clone(),
-                jwt_secret: config.jwt_secret.clone().into_bytes(),
-                telemetry,
-            };
-            let cancel = cancel.clone();
-            tasks.spawn(async move {
-                let r = admin_server::serve(admin_config, admin_listener, cancel).await;
-                ("admin server".to_string(), r.map_err(anyhow::Error::from))
-            });
-        }
+        let admin_config = admin_server::Config {
+            ring: ring.clone(),
+            presence_ring: Some(presence_ring.clone()),
+            admin_token: config.admin_token.clone(),
+            jwt_secret: config.jwt_secret.clone().into_bytes(),
+            telemetry: admin_server::config::telemetry("admin-1"),
+        };
+        let bound = admin_server::bind(admin_config, config.admin, None)
+            .await
+            .context("starting the admin server")?;
+        let admin = bound.local_addr();
+        http.insert(0, ("admin".to_string(), bound.http_addr()));
+        spawn(
+            &mut tasks,
+            "admin server".into(),
+            bound.serve(cancel.clone()),
+        );
 
         let mut gateways = Vec::new();
         let mut gw_cancel = Vec::new();
         for (region, addr) in &config.gateways {
-            let listener = bind(*addr, "gateway").await?;
-            let local = listener.local_addr()?;
-            gateways.push((region.clone(), local));
-            let gw_config = gateway::Config {
-                id: format!("{region}-1"),
+            let name = format!("gateway {region}");
+            let gw = gateway::Config {
+                id: gateway::config::default_id(region),
                 region: region.clone(),
-                ring: ring_client::RingSource::Direct(rm_endpoint.clone()),
-                presence_ring: Some(presence_source.clone()),
+                ring: ring.clone(),
+                presence_ring: Some(presence_ring.clone()),
                 public_url: None,
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
                 connect_url_ttl: config.connect_url_ttl,
                 limits: config.limits.clone(),
                 tokens: Default::default(),
             };
-            let (cancel, name) = (cancel.child_token(), format!("gateway {region}"));
-            gw_cancel.push((region.clone(), cancel.clone()));
-            tasks.spawn(async move {
-                let r = gateway::serve(gw_config, listener, cancel).await;
-                (name, r.map_err(anyhow::Error::from))
-            });
+            let bound = gateway::bind(gw, *addr)
+                .await
+                .with_context(|| format!("starting the {name}"))?;
+            gateways.push((region.clone(), bound.local_addr()));
+            let stop = cancel.child_token();
+            gw_cancel.push((region.clone(), stop.clone()));
+            spawn(&mut tasks, name, bound.serve(stop));
         }
 
-        // Ready once every active channel server owns slots and every standby is registered.
-        let want = config.channel_servers.len();
-        let waited =
-            tokio::time::timeout(READY_TIMEOUT, ring.wait_for(|r| r.nodes().len() == want)).await;
-        let standbys_in = || {
-            manager
-                .members()
-                .iter()
-                .filter(|(_, s)| *s == ring_manager::NodeState::Standby)
-                .count()
-                >= config.standbys.len()
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while matches!(waited, Ok(Ok(_))) && !standbys_in() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if !matches!(waited, Ok(Ok(_))) || !standbys_in() {
+        // Ready once every active server owns slots and every standby is registered, on both
+        // rings.
+        let (actives, standbys) = (config.channel_servers.len(), config.standbys.len());
+        if !assembled(&manager, actives, standbys).await {
             cancel.cancel();
             anyhow::bail!("channel servers did not all join the ring within {READY_TIMEOUT:?}");
         }
-        let want = config.presence_servers.len();
-        let waited = tokio::time::timeout(
-            READY_TIMEOUT,
-            presence_ring.wait_for(|r| r.nodes().len() == want),
-        )
-        .await;
-        let presence_standbys_in = || {
-            presence_manager
-                .members()
-                .iter()
-                .filter(|(_, s)| *s == ring_manager::NodeState::Standby)
-                .count()
-                >= config.presence_standbys.len()
-        };
-        while matches!(waited, Ok(Ok(_))) && !presence_standbys_in() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if !matches!(waited, Ok(Ok(_))) || !presence_standbys_in() {
+        let actives = config.presence_servers.len();
+        let standbys = config.presence_standbys.len();
+        if !assembled(&presence_manager, actives, standbys).await {
             cancel.cancel();
             anyhow::bail!("presence servers did not all join their ring within {READY_TIMEOUT:?}");
         }
@@ -438,7 +357,6 @@ impl Mesh {
             ps_cancel,
             gw_cancel,
             tasks,
-            tracker,
         })
     }
 
@@ -502,7 +420,7 @@ impl Mesh {
     }
 
     /// Waits until a service stops (an error) or `cancel` fires, then stops everything within
-    /// `grace`.
+    /// `grace`; a service that does not stop by then is aborted, and that is an error too.
     pub async fn run_until_stopped(mut self, grace: Duration) -> anyhow::Result<()> {
         let failure = tokio::select! {
             biased;
@@ -516,17 +434,24 @@ impl Mesh {
                 Err(join) => Some(anyhow::anyhow!("a service task panicked: {join}")),
             },
         };
-        self.shutdown(grace).await;
+        let stopped = self.stop(grace).await;
         match failure {
             Some(e) => Err(e),
+            None if !stopped => {
+                anyhow::bail!("services did not stop within {grace:?}; aborted them")
+            }
             None => Ok(()),
         }
     }
 
     /// Stops every service, waiting at most `grace`, then aborts what is left.
     pub async fn shutdown(&mut self, grace: Duration) {
+        self.stop(grace).await;
+    }
+
+    /// [`Mesh::shutdown`]; false if services had to be aborted.
+    async fn stop(&mut self, grace: Duration) -> bool {
         self.cancel.cancel();
-        self.tracker.close();
         let drained = tokio::time::timeout(grace, async {
             while let Some(done) = self.tasks.join_next().await {
                 if let Ok((name, Err(e))) = done {
@@ -542,6 +467,7 @@ impl Mesh {
             );
             self.tasks.abort_all();
         }
+        drained.is_ok()
     }
 }
 

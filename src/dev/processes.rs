@@ -1,6 +1,7 @@
 //! `channelmesh dev --multi-process`: every service as its own child process of this binary,
-//! on the same ports as `dev`, so that a channel server can really be killed. With `--consul`
-//! the services find the ring in Consul and several ring managers elect a leader there.
+//! running the service's own subcommand (the same `run` as in production), on the same ports
+//! as `dev`, so that a channel server can really be killed. With `--consul` the services find
+//! the ring in Consul and several ring managers elect a leader there.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -17,7 +18,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::MeshConfig;
+use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
+
+use super::mesh::MeshConfig;
 
 /// How long a child may take to print its `listening on` line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -45,14 +48,8 @@ pub struct Options {
     pub consul_prefix: Option<String>,
     /// With Consul: more ring managers (followers), one per address.
     pub extra_ring_managers: Vec<SocketAddr>,
-    /// More arguments for every gateway (its limits).
-    pub gateway_args: Vec<String>,
-    /// Every child exports traces here (`--otlp-endpoint`).
-    pub otlp_endpoint: Option<String>,
-    /// Every child logs JSON lines (`--log-json`).
-    pub log_json: bool,
-    /// `--tls-*` arguments for every child (empty: plaintext).
-    pub tls_args: Vec<String>,
+    /// The global flags every child gets: logging, tracing, `--tls-*` (empty: plaintext).
+    pub global_args: Vec<String>,
 }
 
 /// The running children.
@@ -78,7 +75,7 @@ pub async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::
     start_with(name, args, config, &Options::default()).await
 }
 
-/// [`start`], passing on `options`' logging and tracing flags.
+/// [`start`], passing on `options`' global flags.
 async fn start_with(
     name: &str,
     args: &[String],
@@ -86,19 +83,11 @@ async fn start_with(
     options: &Options,
 ) -> anyhow::Result<Service> {
     let exe = std::env::current_exe().context("locating the channelmesh binary")?;
-    let mut global = Vec::new();
-    if options.log_json {
-        global.push("--log-json".to_string());
-    }
-    if let Some(endpoint) = &options.otlp_endpoint {
-        global.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
-    }
-    global.extend(options.tls_args.iter().cloned());
     let mut child = Command::new(exe)
         .args(args)
-        .args(global)
-        .env("CHANNELMESH_JWT_SECRET", &config.jwt_secret)
-        .env("CHANNELMESH_ADMIN_TOKEN", &config.admin_token)
+        .args(&options.global_args)
+        .env(ENV_JWT_SECRET, &config.jwt_secret)
+        .env(ENV_ADMIN_TOKEN, &config.admin_token)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -156,7 +145,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         }
         if let Some(url) = &options.consul {
             let prefix = if presence {
-                format!("{prefix}/presence")
+                ring_client::args::presence_prefix(&prefix)
             } else {
                 prefix.clone()
             };
@@ -230,12 +219,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             s("--region"),
             region.clone(),
             s("--id"),
-            format!("{region}-1"),
+            gateway::config::default_id(region),
             s("--listen"),
             addr.to_string(),
         ];
         args.extend(ring_args.iter().cloned());
-        args.extend(options.gateway_args.iter().cloned());
+        args.extend(gateway::config::limit_args(&config.limits));
         gateways.push((
             region.clone(),
             start_with(&format!("gateway-{region}"), &args, config, options).await?,
@@ -251,7 +240,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     let (ring, presence_ring) = match &options.consul {
         Some(_) => (
             consul(prefix.clone())?,
-            consul(format!("{prefix}/presence"))?,
+            consul(ring_client::args::presence_prefix(&prefix))?,
         ),
         None => (
             RingSource::Direct(format!("http://{}", ring_manager.addr)),
@@ -366,7 +355,12 @@ impl Processes {
 
     /// Runs until `cancel`, reporting children that exit on their own, then stops them all:
     /// SIGTERM, and SIGKILL after `grace`.
-    pub async fn run_until_stopped(mut self, cancel: CancellationToken, grace: Duration) {
+    pub async fn run_until_stopped(self, cancel: CancellationToken, grace: Duration) {
+        let _ = self.run(cancel, grace).await;
+    }
+
+    /// [`Processes::run_until_stopped`]; an error if a child had to be killed.
+    pub async fn run(mut self, cancel: CancellationToken, grace: Duration) -> anyhow::Result<()> {
         let mut reported = std::collections::HashSet::new();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
@@ -386,6 +380,7 @@ impl Processes {
             let _ = kill(Pid::from_raw(service.pid as i32), Signal::SIGTERM);
         }
         let deadline = tokio::time::Instant::now() + grace;
+        let mut killed = 0;
         for service in self.all_mut() {
             if tokio::time::timeout_at(deadline, service.child.wait())
                 .await
@@ -396,8 +391,13 @@ impl Processes {
                     service.name, service.pid
                 );
                 let _ = service.child.kill().await;
+                killed += 1;
             }
         }
+        if killed > 0 {
+            bail!("{killed} services did not stop within {grace:?}; killed them");
+        }
+        Ok(())
     }
 }
 

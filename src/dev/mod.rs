@@ -1,0 +1,173 @@
+//! `channelmesh dev`: the whole mesh on one machine — in this process ([`mesh`]) or as child
+//! processes of this binary ([`processes`]), each service started by its own crate's start-up
+//! either way — and what it prints once up ([`summary`]).
+
+pub mod mesh;
+pub mod processes;
+mod summary;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
+use gateway::limits::Limits;
+use mesh_telemetry::side_port::http_addr;
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+
+use mesh::{Mesh, MeshConfig};
+use summary::Summary;
+
+/// `dev --consul`: the second ring manager's port.
+const EXTRA_RING_MANAGER_PORT: u16 = 50060;
+
+/// The `dev` command's flags.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Admin server address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    admin: SocketAddr,
+    /// Ring manager address.
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    ring_manager: SocketAddr,
+    /// Gateway for the us-east region.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    us_east: SocketAddr,
+    /// Gateway for the eu-west region.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    eu_west: SocketAddr,
+    /// Port of the first of the three channel servers and the standby (the others follow);
+    /// 0 lets the OS pick.
+    #[arg(long, default_value_t = 50061)]
+    channel_server_port: u16,
+    /// The presence ring's ring manager.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    presence_ring_manager: SocketAddr,
+    /// Port of the first of the two presence servers and their standby (the others follow);
+    /// 0 lets the OS pick.
+    #[arg(long, default_value_t = 50071)]
+    presence_server_port: u16,
+    /// The ring manager's HTTP listener: the SRE console, /healthz, /readyz. Default:
+    /// --ring-manager's port + 40 (127.0.0.1:50090), or a port the OS picks when that is 0.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// The presence ring manager's HTTP listener. Default: --presence-ring-manager's port
+    /// + 40 (127.0.0.1:50092), or a port the OS picks when that is 0.
+    #[arg(long)]
+    presence_http: Option<SocketAddr>,
+    /// Run every service as its own child process (ring manager, 3 active and 1 standby
+    /// channel servers, admin server, a gateway per region), on the same ports.
+    #[arg(long)]
+    multi_process: bool,
+    /// With --multi-process: the ring manager's state file (see `ring-manager --state-file`).
+    #[arg(long, requires = "multi_process", conflicts_with = "consul")]
+    ring_state_file: Option<PathBuf>,
+    /// With --multi-process: run on the Consul agent at this address (e.g.
+    /// http://127.0.0.1:8500) — ring managers elect a leader there, keep the ring in its KV,
+    /// and every service registers there.
+    #[arg(long, requires = "multi_process")]
+    consul: Option<String>,
+    /// With --consul: the Consul key prefix.
+    #[arg(long, requires = "consul")]
+    consul_prefix: Option<String>,
+    /// With --consul: another ring manager on this address (repeatable); they elect a leader.
+    /// Default: one on 127.0.0.1:50060.
+    #[arg(long = "extra-ring-manager", requires = "consul")]
+    extra_ring_managers: Vec<SocketAddr>,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+impl DevArgs {
+    /// The mesh layout these flags ask for, with these secrets.
+    fn mesh_config(&self, jwt_secret: String, admin_token: String) -> anyhow::Result<MeshConfig> {
+        // `count` addresses on consecutive ports from `base` (all OS-picked when it is 0).
+        let ports = |base: u16, from: u16, count: u16| -> Vec<SocketAddr> {
+            (from..from + count)
+                .map(|i| match base {
+                    0 => 0,
+                    base => base.saturating_add(i),
+                })
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .collect()
+        };
+        Ok(MeshConfig {
+            admin: self.admin,
+            ring_manager: self.ring_manager,
+            console: http_addr(self.http, self.ring_manager),
+            gateways: vec![
+                ("us-east".into(), self.us_east),
+                ("eu-west".into(), self.eu_west),
+            ],
+            channel_servers: ports(self.channel_server_port, 0, 3),
+            standbys: ports(self.channel_server_port, 3, 1),
+            presence_ring_manager: self.presence_ring_manager,
+            presence_console: http_addr(self.presence_http, self.presence_ring_manager),
+            presence_servers: ports(self.presence_server_port, 0, 2),
+            presence_standbys: ports(self.presence_server_port, 2, 1),
+            limits: gateway::config::checked(self.limits.clone())?,
+            ..MeshConfig::dev(jwt_secret, admin_token)
+        })
+    }
+}
+
+/// Runs `dev` until `cancel`, then stops every service within `grace` (a service that does not
+/// is an error). `child_args`: the global flags every child process gets (logging, tracing,
+/// TLS).
+pub async fn run(
+    args: DevArgs,
+    child_args: Vec<String>,
+    cancel: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let (jwt_secret, generated_jwt) = secret(ENV_JWT_SECRET);
+    let (admin_token, generated_admin) = secret(ENV_ADMIN_TOKEN);
+    let config = args.mesh_config(jwt_secret, admin_token)?;
+    let secrets = [
+        (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
+        (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),
+    ];
+
+    if args.multi_process {
+        let mut extra_ring_managers = args.extra_ring_managers;
+        if args.consul.is_some() && extra_ring_managers.is_empty() {
+            extra_ring_managers.push(SocketAddr::from(([127, 0, 0, 1], EXTRA_RING_MANAGER_PORT)));
+        }
+        let options = processes::Options {
+            ring_state_file: args.ring_state_file,
+            consul: args.consul.clone(),
+            consul_prefix: args.consul_prefix,
+            extra_ring_managers,
+            global_args: child_args,
+        };
+        // A signal before the mesh is up stops it at once (the children are killed).
+        let procs = tokio::select! {
+            procs = processes::start_all(&config, &options) => procs?,
+            () = cancel.cancelled() => return Ok(()),
+        };
+        Summary::multi_process(&procs, &config, args.consul.is_some()).print(&secrets);
+        return procs.run(cancel, grace).await;
+    }
+
+    let mesh = tokio::select! {
+        mesh = Mesh::start(config.clone(), cancel.clone()) => mesh?,
+        () = cancel.cancelled() => return Ok(()),
+    };
+    Summary::in_process(&mesh, &config).print(&secrets);
+    mesh.run_until_stopped(grace).await
+}
+
+/// The secret in the environment variable `name`, or a random one: (secret, generated).
+fn secret(name: &str) -> (String, bool) {
+    match std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        Some(secret) => (secret, false),
+        None => (random_secret(), true),
+    }
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
