@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use mesh_telemetry::side_port;
+use mesh_telemetry::side_port::{self, spawn_until};
 use ring_client::consul_ring::service_def;
 use ring_client::{ConsulRing, Registration};
 use tokio::net::TcpListener;
@@ -122,12 +122,6 @@ impl Bound {
     /// `cancel`, or until either stops (which stops the other).
     pub async fn serve(self, cancel: CancellationToken) -> Result<(), Error> {
         let stop = cancel.child_token();
-        let console_stop = stop.clone();
-        let serve_console = |console: Console| async move {
-            let result = console::serve(console, self.console, console_stop.clone()).await;
-            console_stop.cancel();
-            result
-        };
         let (served, console) = match self.serving {
             Serving::Embedded {
                 grpc,
@@ -136,12 +130,10 @@ impl Bound {
                 monitor,
             } => {
                 let console = Console::embedded(manager.clone());
-                let grpc = async {
-                    let result = crate::serve(manager, grpc, stop.clone()).await;
-                    stop.cancel();
-                    result
-                };
-                let results = tokio::join!(grpc, serve_console(console));
+                let grpc = crate::serve(manager, grpc, stop.clone());
+                let console = console::serve(console, self.console, stop.clone());
+                let results =
+                    tokio::join!(spawn_until(grpc, stop.clone()), spawn_until(console, stop));
                 monitor.cancel();
                 tracker.close();
                 tracker.wait().await;
@@ -154,14 +146,13 @@ impl Bound {
             } => {
                 let (leadership, leading) = watch::channel(None);
                 let console = Console::consul(leading);
-                let campaign = async {
-                    let result =
-                        run_leader_election_with(ring, manager, leader, leadership, stop.clone())
-                            .await;
-                    stop.cancel();
-                    result
-                };
-                tokio::join!(campaign, serve_console(console))
+                let campaign =
+                    run_leader_election_with(ring, manager, leader, leadership, stop.clone());
+                let console = console::serve(console, self.console, stop.clone());
+                tokio::join!(
+                    spawn_until(campaign, stop.clone()),
+                    spawn_until(console, stop)
+                )
             }
         };
         served?;
@@ -184,12 +175,11 @@ pub async fn run(args: Args, cancel: CancellationToken) -> Result<(), Error> {
         Backend::Embedded { .. } => None,
     };
     let bound = bind(config, &cancel).await?;
-    let registration = service.map(|(ring, def)| Registration::start(Some(&ring), def, &cancel));
+    let registration = match service {
+        Some((ring, def)) => Registration::start(&ring, def, &cancel),
+        None => Registration::none(),
+    };
     println!("listening on {}", bound.local_addr());
     println!("console on http://{}/", bound.console_addr());
-    let served = bound.serve(cancel).await;
-    if let Some(registration) = registration {
-        registration.end().await;
-    }
-    served
+    registration.during(bound.serve(cancel)).await
 }

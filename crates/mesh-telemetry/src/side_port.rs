@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{Error, Telemetry};
 
@@ -75,9 +76,10 @@ impl Sockets {
     }
 
     /// Serves `service` on the gRPC listener and `telemetry`'s `/metrics`, `/healthz` and
-    /// `/readyz` on the HTTP one, until `cancel`. Both stop on one token (a child of `cancel`),
-    /// so that when either ends, on its own or failing, the other is stopped too. Returns the
-    /// service's error if it failed, else the HTTP side's.
+    /// `/readyz` on the HTTP one, until `cancel`. Each runs on a task of its own (aborted if
+    /// this future is dropped); both stop on one token (a child of `cancel`), so that when
+    /// either ends, on its own or failing, the other is stopped too. Returns the service's
+    /// error if it failed, else the HTTP side's.
     pub async fn serve<E, F>(
         self,
         telemetry: Telemetry,
@@ -85,24 +87,32 @@ impl Sockets {
         service: impl FnOnce(TcpListener, CancellationToken) -> F,
     ) -> Result<(), E>
     where
-        F: Future<Output = Result<(), E>>,
-        E: From<std::io::Error>,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: From<std::io::Error> + Send + 'static,
     {
         let stop = cancel.child_token();
-        let served = async {
-            let result = service(self.grpc, stop.clone()).await;
-            stop.cancel();
-            result
-        };
-        let http = async {
-            let result = crate::http::serve(self.http, telemetry, stop.clone()).await;
-            stop.cancel();
-            result
-        };
+        let served = spawn_until(service(self.grpc, stop.clone()), stop.clone());
+        let http = crate::http::serve(self.http, telemetry, stop.clone());
+        let http = spawn_until(http, stop);
         let (served, http) = tokio::join!(served, http);
         served?;
         Ok(http?)
     }
+}
+
+/// Runs `future` on a task of its own (aborted when the returned future is dropped), then
+/// cancels `stop`: its partner's signal that it ended. A panic is an error.
+pub async fn spawn_until<E>(
+    future: impl Future<Output = Result<(), E>> + Send + 'static,
+    stop: CancellationToken,
+) -> Result<(), E>
+where
+    E: From<std::io::Error> + Send + 'static,
+{
+    let task = AbortOnDropHandle::new(tokio::spawn(future));
+    let result = task.await;
+    stop.cancel();
+    result.unwrap_or_else(|panic| Err(std::io::Error::other(panic).into()))
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! `--consul*` group, taken by every service and by `ctl` — and keeping a service registered in
 //! Consul's catalog while it runs.
 
+use std::future::Future;
+
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -101,7 +103,10 @@ impl ConsulArgs {
         service: ServiceDef,
         cancel: &CancellationToken,
     ) -> Result<Registration, Error> {
-        Ok(Registration::start(self.ring()?.as_ref(), service, cancel))
+        Ok(match self.ring()? {
+            Some(ring) => Registration::start(&ring, service, cancel),
+            None => Registration::none(),
+        })
     }
 }
 
@@ -114,22 +119,35 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Registers `service` in `consul`'s catalog until `cancel` or [`Registration::end`]; with
-    /// no Consul, a registration that does nothing.
-    pub fn start(
-        consul: Option<&ConsulRing>,
-        service: ServiceDef,
-        cancel: &CancellationToken,
-    ) -> Registration {
+    /// Registers `service` in Consul's catalog (where `ring` lives) until `cancel` or
+    /// [`Registration::end`].
+    pub fn start(ring: &ConsulRing, service: ServiceDef, cancel: &CancellationToken) -> Self {
         let stop = cancel.child_token();
-        let task = consul.map(|ring| {
-            tokio::spawn(consul_ring::keep_registered(
-                ring.consul.clone(),
-                service,
-                stop.clone(),
-            ))
-        });
-        Registration { stop, task }
+        let task = tokio::spawn(consul_ring::keep_registered(
+            ring.consul.clone(),
+            service,
+            stop.clone(),
+        ));
+        Registration {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// No registration: a service not on Consul.
+    pub fn none() -> Self {
+        Registration {
+            stop: CancellationToken::new(),
+            task: None,
+        }
+    }
+
+    /// Runs `serving` (the service itself), then ends the registration: the service stays in
+    /// the catalog exactly while it serves.
+    pub async fn during<T>(self, serving: impl Future<Output = T>) -> T {
+        let served = serving.await;
+        self.end().await;
+        served
     }
 
     /// Stops passing the check and waits for the deregistration (itself bounded in time).

@@ -63,7 +63,5 @@ pub async fn run(args: Args, cancel: CancellationToken) -> Result<(), Error> {
     let service = ring_client::consul_ring::service_def("admin-server", &id, local, None, vec![]);
     let registration = args.ring.consul.register(service, &cancel)?;
     println!("http on {}", bound.http_addr());
-    let served = bound.serve(cancel).await;
-    registration.end().await;
-    served
+    registration.during(bound.serve(cancel)).await
 }

@@ -68,7 +68,5 @@ pub async fn run(args: Args, cancel: CancellationToken) -> Result<(), Error> {
         .register(service, &cancel)
         .map_err(Error::RingArgs)?;
     println!("http on {}", bound.http_addr());
-    let served = bound.serve(cancel).await;
-    registration.end().await;
-    served
+    registration.during(bound.serve(cancel)).await
 }

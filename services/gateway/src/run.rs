@@ -54,7 +54,5 @@ pub async fn run(args: Args, cancel: CancellationToken) -> Result<(), Error> {
         meta,
     );
     let registration = args.ring.consul.register(service, &cancel)?;
-    let served = bound.serve(cancel).await;
-    registration.end().await;
-    served
+    registration.during(bound.serve(cancel)).await
 }
