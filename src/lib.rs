@@ -1,7 +1,7 @@
 //! channelmesh as one program: the commands `src/main.rs` dispatches to that are not a single
 //! service — `dev` (the whole mesh, in one process or as child processes; the test kit builds
-//! on [`Mesh`]), `ctl`, `token`, `probe` — and, until the load generator moves to its own
-//! crate, `bench`.
+//! on [`Mesh`]), `ctl`, `token`, `probe`; how every command stops ([`shutdown`]); and, until
+//! the load generator moves to its own crate, `bench`.
 
 pub mod bench;
 pub mod bench_cli;
@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod dev;
 pub mod fanout;
 pub mod probe;
+pub mod shutdown;
 pub mod store_bench;
 pub mod token;
 

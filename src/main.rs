@@ -1,12 +1,11 @@
 //! `channelmesh`: the one binary. Parses the command line, sets up logging, turns ctrl-c and
 //! SIGTERM into one cancellation, and hands each command to the library that runs it; every
-//! command then gets the same shutdown grace.
+//! command then gets the same shutdown grace ([`shutdown`]).
 
-use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use channelmesh::{bench_cli, ctl, dev, probe, token};
+use channelmesh::{bench_cli, ctl, dev, probe, shutdown, token};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -89,11 +88,6 @@ impl Command {
     }
 }
 
-/// The error of a command abandoned after the shutdown grace.
-#[derive(Debug, thiserror::Error)]
-#[error("did not stop within {SHUTDOWN_GRACE:?} of the signal")]
-struct Abandoned;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -125,7 +119,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.is::<Abandoned>() {
+            if e.is::<shutdown::Abandoned>() {
                 // What did not stop is left behind rather than waited for.
                 runtime.shutdown_background();
             }
@@ -136,53 +130,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.configure()?;
+    let cancel = CancellationToken::new();
     // The load generator keeps its own ways: ctrl-c ends it at once.
-    if let Command::Bench(command) = cli.command {
-        return bench_cli::run(command).await;
+    if !matches!(cli.command, Command::Bench(_)) {
+        shutdown::cancel_on_signals(cancel.clone());
     }
     let child_args = [cli.log.to_args(), cli.tls.to_args()].concat();
-    let cancel = CancellationToken::new();
-    cancel_on_signals(cancel.clone());
-    supervise(cli.command.run(child_args, cancel.clone()), &cancel).await
-}
-
-/// Runs `work` to its end; once `cancel` fires, gives it [`SHUTDOWN_GRACE`] to finish, and
-/// then abandons it with a warning and [`Abandoned`].
-async fn supervise(
-    work: impl Future<Output = anyhow::Result<()>>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    tokio::pin!(work);
-    tokio::select! {
-        result = &mut work => return result,
-        () = cancel.cancelled() => {}
-    }
-    match tokio::time::timeout(SHUTDOWN_GRACE, work).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "did not stop within the grace; abandoning it");
-            Err(Abandoned.into())
-        }
-    }
-}
-
-/// Cancels `cancel` on ctrl-c or SIGTERM: the one signal handler of the process.
-fn cancel_on_signals(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate())
-        .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGTERM"));
-    tokio::spawn(async move {
-        let term = async {
-            match term {
-                Ok(mut term) => term.recv().await,
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        tracing::info!("shutting down");
-        cancel.cancel();
-    });
+    let work = cli.command.run(child_args, cancel.clone());
+    shutdown::supervise(work, &cancel, SHUTDOWN_GRACE).await
 }

@@ -169,8 +169,8 @@ fn nodes<'a>(
     actives.chain(standbys.iter().map(|a| (*a, true)))
 }
 
-/// Binds an embedded ring manager on `listen` (its console on `console`) and serves it as the
-/// service `name`; returns its gRPC and console addresses and the manager.
+/// Binds the embedded ring manager `config` describes and serves it as the service `name`;
+/// returns its gRPC and console addresses and the manager (to follow its ring).
 async fn start_ring_manager(
     tasks: &mut Tasks,
     name: &str,

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
 use anyhow::{Context, bail};
 use mesh_proto::ring::GetRingRequest;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
@@ -17,8 +18,6 @@ use ring_client::RingSource;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
-
-use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
 
 use super::mesh::MeshConfig;
 

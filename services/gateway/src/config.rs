@@ -67,7 +67,7 @@ pub struct Config {
     pub tokens: tokens::TokenConfig,
     /// How long a connect URL from `rtm.connect` stays valid.
     pub connect_url_ttl: std::time::Duration,
-    /// What one client may do (the README's "Limits").
+    /// What one client may do (docs/operations.md, "Limits").
     pub limits: Limits,
 }
 
@@ -159,7 +159,7 @@ struct LimitFlag {
     field: Field,
 }
 
-/// Every limit flag, in `--help` order; the README's "Limits" table lists them.
+/// Every limit flag, in `--help` order; docs/operations.md ("Limits") lists them.
 const LIMIT_FLAGS: &[LimitFlag] = &[
     LimitFlag {
         name: "client-frames-per-sec",
