@@ -52,8 +52,35 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
 }
 
-fn loopback(port: u16) -> SocketAddr {
+/// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
+/// its port + 40 (`mesh_telemetry::side_port`).
+pub mod dev_ports {
+    pub const RING_MANAGER: u16 = 50050;
+    pub const ADMIN: u16 = 50051;
+    pub const PRESENCE_RING_MANAGER: u16 = 50052;
+    /// The first channel server's; the others and the standby follow.
+    pub const CHANNEL_SERVERS: u16 = 50061;
+    /// The first presence server's; the other and the standby follow.
+    pub const PRESENCE_SERVERS: u16 = 50071;
+    pub const US_EAST: u16 = 8080;
+    pub const EU_WEST: u16 = 8081;
+}
+
+/// `port` on the loopback interface.
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `count` loopback addresses on consecutive ports, from `base` + `from` (all 0, "the OS
+/// picks", when `base` is 0).
+pub fn consecutive(base: u16, from: u16, count: u16) -> Vec<SocketAddr> {
+    (from..from.saturating_add(count))
+        .map(|i| match base {
+            0 => 0,
+            base => base.saturating_add(i),
+        })
+        .map(loopback)
+        .collect()
 }
 
 impl MeshConfig {
@@ -62,24 +89,26 @@ impl MeshConfig {
     /// eu-west on 8081; the presence ring's manager on 50052 (console on 50092), presence
     /// servers on 50071-50072 and a standby on 50073.
     pub fn dev(jwt_secret: String, admin_token: String) -> Self {
+        use dev_ports::*;
+        let console = |port| mesh_telemetry::side_port::http_addr(None, loopback(port));
         MeshConfig {
-            ring_manager: loopback(50050),
-            console: loopback(50090),
+            ring_manager: loopback(RING_MANAGER),
+            console: console(RING_MANAGER),
             ring: ring_manager::Config::default(),
-            channel_servers: (1..=3).map(|i| loopback(50060 + i)).collect(),
-            standbys: vec![loopback(50064)],
-            admin: loopback(50051),
+            channel_servers: consecutive(CHANNEL_SERVERS, 0, 3),
+            standbys: consecutive(CHANNEL_SERVERS, 3, 1),
+            admin: loopback(ADMIN),
             gateways: vec![
-                ("us-east".into(), loopback(8080)),
-                ("eu-west".into(), loopback(8081)),
+                ("us-east".into(), loopback(US_EAST)),
+                ("eu-west".into(), loopback(EU_WEST)),
             ],
             jwt_secret,
             admin_token,
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
-            presence_ring_manager: loopback(50052),
-            presence_console: loopback(50092),
-            presence_servers: (1..=2).map(|i| loopback(50070 + i)).collect(),
-            presence_standbys: vec![loopback(50073)],
+            presence_ring_manager: loopback(PRESENCE_RING_MANAGER),
+            presence_console: console(PRESENCE_RING_MANAGER),
+            presence_servers: consecutive(PRESENCE_SERVERS, 0, 2),
+            presence_standbys: consecutive(PRESENCE_SERVERS, 2, 1),
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),

@@ -16,7 +16,7 @@ use mesh_telemetry::side_port::http_addr;
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
 
-use mesh::{Mesh, MeshConfig};
+use mesh::{Mesh, MeshConfig, consecutive, dev_ports, loopback};
 use summary::Summary;
 
 /// `dev --consul`: the second ring manager's port.
@@ -26,27 +26,27 @@ const EXTRA_RING_MANAGER_PORT: u16 = 50060;
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
     /// Admin server address.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, default_value_t = loopback(dev_ports::ADMIN))]
     admin: SocketAddr,
     /// Ring manager address.
-    #[arg(long, default_value = "127.0.0.1:50050")]
+    #[arg(long, default_value_t = loopback(dev_ports::RING_MANAGER))]
     ring_manager: SocketAddr,
     /// Gateway for the us-east region.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value_t = loopback(dev_ports::US_EAST))]
     us_east: SocketAddr,
     /// Gateway for the eu-west region.
-    #[arg(long, default_value = "127.0.0.1:8081")]
+    #[arg(long, default_value_t = loopback(dev_ports::EU_WEST))]
     eu_west: SocketAddr,
     /// Port of the first of the three channel servers and the standby (the others follow);
     /// 0 lets the OS pick.
-    #[arg(long, default_value_t = 50061)]
+    #[arg(long, default_value_t = dev_ports::CHANNEL_SERVERS)]
     channel_server_port: u16,
     /// The presence ring's ring manager.
-    #[arg(long, default_value = "127.0.0.1:50052")]
+    #[arg(long, default_value_t = loopback(dev_ports::PRESENCE_RING_MANAGER))]
     presence_ring_manager: SocketAddr,
     /// Port of the first of the two presence servers and their standby (the others follow);
     /// 0 lets the OS pick.
-    #[arg(long, default_value_t = 50071)]
+    #[arg(long, default_value_t = dev_ports::PRESENCE_SERVERS)]
     presence_server_port: u16,
     /// The ring manager's HTTP listener: the SRE console, /healthz, /readyz. Default:
     /// --ring-manager's port + 40 (127.0.0.1:50090), or a port the OS picks when that is 0.
@@ -82,16 +82,7 @@ pub struct DevArgs {
 impl DevArgs {
     /// The mesh layout these flags ask for, with these secrets.
     fn mesh_config(&self, jwt_secret: String, admin_token: String) -> anyhow::Result<MeshConfig> {
-        // `count` addresses on consecutive ports from `base` (all OS-picked when it is 0).
-        let ports = |base: u16, from: u16, count: u16| -> Vec<SocketAddr> {
-            (from..from + count)
-                .map(|i| match base {
-                    0 => 0,
-                    base => base.saturating_add(i),
-                })
-                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-                .collect()
-        };
+        let (channel, presence) = (self.channel_server_port, self.presence_server_port);
         Ok(MeshConfig {
             admin: self.admin,
             ring_manager: self.ring_manager,
@@ -100,12 +91,12 @@ impl DevArgs {
                 ("us-east".into(), self.us_east),
                 ("eu-west".into(), self.eu_west),
             ],
-            channel_servers: ports(self.channel_server_port, 0, 3),
-            standbys: ports(self.channel_server_port, 3, 1),
+            channel_servers: consecutive(channel, 0, 3),
+            standbys: consecutive(channel, 3, 1),
             presence_ring_manager: self.presence_ring_manager,
             presence_console: http_addr(self.presence_http, self.presence_ring_manager),
-            presence_servers: ports(self.presence_server_port, 0, 2),
-            presence_standbys: ports(self.presence_server_port, 2, 1),
+            presence_servers: consecutive(presence, 0, 2),
+            presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
@@ -132,7 +123,7 @@ pub async fn run(
     if args.multi_process {
         let mut extra_ring_managers = args.extra_ring_managers;
         if args.consul.is_some() && extra_ring_managers.is_empty() {
-            extra_ring_managers.push(SocketAddr::from(([127, 0, 0, 1], EXTRA_RING_MANAGER_PORT)));
+            extra_ring_managers.push(loopback(EXTRA_RING_MANAGER_PORT));
         }
         let options = processes::Options {
             ring_state_file: args.ring_state_file,
