@@ -75,11 +75,11 @@ impl Command {
     async fn run(self, child_args: Vec<String>, cancel: CancellationToken) -> anyhow::Result<()> {
         match self {
             Command::Dev(args) => dev::run(args, child_args, cancel, SHUTDOWN_GRACE).await,
-            Command::RingManager(args) => Ok(ring_manager::run(args, cancel).await?),
-            Command::ChannelServer(args) => Ok(channel_server::run(args, cancel).await?),
-            Command::PresenceServer(args) => Ok(presence_server::run(args, cancel).await?),
-            Command::AdminServer(args) => Ok(admin_server::run(args, cancel).await?),
-            Command::Gateway(args) => Ok(gateway::run(args, cancel).await?),
+            Command::RingManager(args) => Ok(ring_manager::run::run(args, cancel).await?),
+            Command::ChannelServer(args) => Ok(channel_server::run::run(args, cancel).await?),
+            Command::PresenceServer(args) => Ok(presence_server::run::run(args, cancel).await?),
+            Command::AdminServer(args) => Ok(admin_server::run::run(args, cancel).await?),
+            Command::Gateway(args) => Ok(gateway::run::run(args, cancel).await?),
             Command::Ctl(args) => ctl::run(args, cancel).await,
             Command::Bench(command) => bench_cli::run(command).await,
             Command::Probe(args) => probe::run(args).await,

@@ -20,7 +20,6 @@ pub mod server;
 pub mod state_file;
 
 pub use config::{Args, ProcessConfig};
-pub use run::{Bound, bind, run};
 pub use server::{Config, NodeState, RingManager, Store, serve};
 
 /// Errors of the ring manager.

@@ -206,7 +206,7 @@ async fn start_ring_manager(
     config: ProcessConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(SocketAddr, SocketAddr, RingManager)> {
-    let bound = ring_manager::bind(config, cancel)
+    let bound = ring_manager::run::bind(config, cancel)
         .await
         .with_context(|| format!("starting the {name}"))?;
     let manager = bound.manager().context("an embedded ring manager")?.clone();
@@ -268,7 +268,7 @@ impl Mesh {
                 standby,
                 ..channel_server::Config::new(node.clone(), ring.clone())
             };
-            let bound = channel_server::bind(cs, addr, None)
+            let bound = channel_server::run::bind(cs, addr, None)
                 .await
                 .with_context(|| format!("starting {name}"))?;
             channel_servers.push((node.clone(), bound.local_addr()));
@@ -303,7 +303,7 @@ impl Mesh {
                 gateway_lease: config.presence_gateway_lease,
                 ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
-            let bound = presence_server::bind(ps, addr, None)
+            let bound = presence_server::run::bind(ps, addr, None)
                 .await
                 .with_context(|| format!("starting {name}"))?;
             presence_servers.push((node.clone(), bound.local_addr()));
@@ -320,7 +320,7 @@ impl Mesh {
             jwt_secret: config.jwt_secret.clone().into_bytes(),
             telemetry: admin_server::config::telemetry("admin-1"),
         };
-        let bound = admin_server::bind(admin_config, config.admin, None)
+        let bound = admin_server::run::bind(admin_config, config.admin, None)
             .await
             .context("starting the admin server")?;
         let admin = bound.local_addr();
@@ -346,7 +346,7 @@ impl Mesh {
                 limits: config.limits.clone(),
                 tokens: Default::default(),
             };
-            let bound = gateway::bind(gw, *addr)
+            let bound = gateway::run::bind(gw, *addr)
                 .await
                 .with_context(|| format!("starting the {name}"))?;
             gateways.push((region.clone(), bound.local_addr()));

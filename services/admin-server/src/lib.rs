@@ -19,7 +19,6 @@ use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use config::{Args, Config};
-pub use run::{Bound, bind, run};
 pub use service::AdminService;
 
 /// Errors of the admin server.

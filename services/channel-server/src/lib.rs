@@ -18,7 +18,6 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{Args, Config, DEFAULT_GATEWAY_QUEUE};
-pub use run::{Bound, bind, run};
 pub use service::{ChannelService, ServiceConfig};
 pub use store::Limits;
 

@@ -1,5 +1,5 @@
 //! A gateway's configuration: the `gateway` command's flags ([`Args`]) and the typed [`Config`]
-//! that [`crate::serve`] runs with, made from them once.
+//! that the crate's `serve` runs with, made from them once.
 //!
 //! The limit flags are one table ([`LIMIT_FLAGS`]) that parses straight into [`Limits`]
 //! (`Limits` is a `clap::Args`), gives each flag's default from `Limits::default()`, and turns
@@ -15,13 +15,27 @@ use mesh_core::TeamId;
 use ring_client::{RingArgs, RingSource};
 
 use crate::limits::Limits;
-use crate::{Error, tickets, tokens};
+use crate::{tickets, tokens};
 
 /// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
 /// `/readyz`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Env var: the HS256 secret client tokens are signed with (optional with public keys).
 pub const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
+
+/// Why the flags and the environment make no gateway configuration. (Its own type rather than
+/// the crate's `Error`, so that this module stays below the crate root: the root uses it.)
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither the HS256 secret nor a public key: no token could be checked.
+    #[error("set {ENV_JWT_SECRET}, or give --jwt-public-key or --jwks")]
+    NoTokenKey,
+    #[error("--ping-interval-secs must be above 0 and below --idle-timeout-secs")]
+    PingInterval,
+    /// The `--ring-manager`/`--consul*` flags name no usable ring.
+    #[error(transparent)]
+    RingArgs(#[from] ring_client::Error),
+}
 
 /// The `gateway` command's flags (its HS256 secret comes from [`ENV_JWT_SECRET`]).
 #[derive(Debug, Clone, clap::Args)]
@@ -73,12 +87,12 @@ pub struct Config {
 
 impl Config {
     /// The configuration `args` and the environment ask for.
-    pub fn from_args(args: &Args) -> Result<Config, Error> {
+    pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         // Optional when public keys are given: such a gateway never needs the secret.
         let jwt_secret = std::env::var(ENV_JWT_SECRET).unwrap_or_default();
         if jwt_secret.is_empty() && args.tokens.public_keys.is_empty() && args.tokens.jwks.is_none()
         {
-            return Err(Error::NoTokenKey);
+            return Err(ConfigError::NoTokenKey);
         }
         Ok(Config {
             id: args.id.clone().unwrap_or_else(|| default_id(&args.region)),
@@ -100,9 +114,9 @@ pub fn default_id(region: &str) -> String {
 }
 
 /// `limits`, if they make sense together: the gateway pings within the idle timeout.
-pub fn checked(limits: Limits) -> Result<Limits, Error> {
+pub fn checked(limits: Limits) -> Result<Limits, ConfigError> {
     if limits.ping_interval.is_zero() || limits.ping_interval >= limits.idle_timeout {
-        return Err(Error::PingInterval);
+        return Err(ConfigError::PingInterval);
     }
     Ok(limits)
 }

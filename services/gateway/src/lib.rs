@@ -30,7 +30,6 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config};
 pub use hub::Hub;
-pub use run::{Bound, bind, run};
 
 /// Errors of the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +41,10 @@ pub enum Error {
     /// The listener could not be bound.
     #[error(transparent)]
     Bind(#[from] mesh_telemetry::Error),
-    /// Neither the HS256 secret nor a public key: no token could be checked.
-    #[error("set {}, or give --jwt-public-key or --jwks", config::ENV_JWT_SECRET)]
-    NoTokenKey,
-    #[error("--ping-interval-secs must be above 0 and below --idle-timeout-secs")]
-    PingInterval,
-    /// The `--ring-manager`/`--consul*` flags name no usable ring.
+    /// The flags and the environment make no configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The `--consul*` flags name no usable Consul agent.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
 }

@@ -21,7 +21,6 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{Args, Config};
-pub use run::{Bound, bind, run};
 pub use service::PresenceService;
 
 /// Default: how long a user stays active after their last connection ends (and a gateway's
