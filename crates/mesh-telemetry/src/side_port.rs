@@ -37,18 +37,42 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// A gRPC service's two sockets, bound: its gRPC listener and its HTTP side's.
+/// A gRPC service whose telemetry is served on an HTTP side port beside it: what [`Bound`]
+/// binds and serves. Each service crate implements it for its `Config`.
+pub trait Service: Send + 'static {
+    /// The service's error; a failed bind or a failed HTTP side becomes one.
+    type Error: From<Error> + From<std::io::Error> + Send + 'static;
+
+    /// The metrics and readiness its HTTP side serves.
+    fn telemetry(&self) -> Telemetry;
+
+    /// Serves the service on `listener` until `cancel`.
+    fn serve(
+        self,
+        listener: TcpListener,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static;
+}
+
+/// A service with its gRPC and HTTP sockets bound, not serving yet: a caller that bound port 0
+/// learns the addresses here.
 #[derive(Debug)]
-pub struct Sockets {
+pub struct Bound<S> {
+    service: S,
     grpc: TcpListener,
     http: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
 }
 
-impl Sockets {
-    /// Binds gRPC on `listen` and HTTP on `http`, by default next to it ([`http_addr`]).
-    pub async fn bind(listen: SocketAddr, http: Option<SocketAddr>) -> Result<Sockets, Error> {
+impl<S: Service> Bound<S> {
+    /// Binds `service`'s gRPC on `listen` and its HTTP side on `http`, by default next to it
+    /// ([`http_addr`]).
+    pub async fn bind(
+        service: S,
+        listen: SocketAddr,
+        http: Option<SocketAddr>,
+    ) -> Result<Self, S::Error> {
         let asked = http_addr(http, listen);
         let grpc = bind(listen).await?;
         let http = bind(asked).await?;
@@ -57,16 +81,17 @@ impl Sockets {
                 .local_addr()
                 .map_err(|source| Error::Bind { addr, source })
         };
-        Ok(Sockets {
+        Ok(Bound {
             grpc_addr: bound(&grpc, listen)?,
             http_addr: bound(&http, asked)?,
+            service,
             grpc,
             http,
         })
     }
 
     /// The bound gRPC address.
-    pub fn grpc_addr(&self) -> SocketAddr {
+    pub fn local_addr(&self) -> SocketAddr {
         self.grpc_addr
     }
 
@@ -75,23 +100,19 @@ impl Sockets {
         self.http_addr
     }
 
-    /// Serves `service` on the gRPC listener and `telemetry`'s `/metrics`, `/healthz` and
-    /// `/readyz` on the HTTP one, until `cancel`. Each runs on a task of its own (aborted if
-    /// this future is dropped); both stop on one token (a child of `cancel`), so that when
+    /// The service, to adjust before it serves (say, its telemetry once its id is known).
+    pub fn service_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+
+    /// Serves gRPC and the HTTP side until `cancel`. Each runs on a task of its own (aborted
+    /// if this future is dropped); both stop on one token (a child of `cancel`), so that when
     /// either ends, on its own or failing, the other is stopped too. Returns the service's
     /// error if it failed, else the HTTP side's.
-    pub async fn serve<E, F>(
-        self,
-        telemetry: Telemetry,
-        cancel: &CancellationToken,
-        service: impl FnOnce(TcpListener, CancellationToken) -> F,
-    ) -> Result<(), E>
-    where
-        F: Future<Output = Result<(), E>> + Send + 'static,
-        E: From<std::io::Error> + Send + 'static,
-    {
+    pub async fn serve(self, cancel: CancellationToken) -> Result<(), S::Error> {
         let stop = cancel.child_token();
-        let served = spawn_until(service(self.grpc, stop.clone()), stop.clone());
+        let telemetry = self.service.telemetry();
+        let served = spawn_until(self.service.serve(self.grpc, stop.clone()), stop.clone());
         let http = crate::http::serve(self.http, telemetry, stop.clone());
         let http = spawn_until(http, stop);
         let (served, http) = tokio::join!(served, http);
@@ -131,21 +152,43 @@ mod tests {
         assert_eq!(http_addr(Some(given), grpc), given);
     }
 
+    /// A service that ends at once.
+    #[derive(Debug)]
+    struct Brief;
+
+    impl Service for Brief {
+        type Error = std::io::Error;
+
+        fn telemetry(&self) -> Telemetry {
+            Telemetry::default()
+        }
+
+        async fn serve(self, _: TcpListener, _: CancellationToken) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl From<Error> for std::io::Error {
+        fn from(e: Error) -> Self {
+            std::io::Error::other(e)
+        }
+    }
+
     #[tokio::test]
     async fn a_service_that_ends_stops_its_http_side() {
-        let sockets = Sockets::bind("127.0.0.1:0".parse().unwrap(), None)
+        let bound = Bound::bind(Brief, "127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
-        assert_ne!(sockets.grpc_addr().port(), 0);
-        assert_ne!(sockets.http_addr().port(), 0);
+        assert_ne!(bound.local_addr().port(), 0);
+        assert_ne!(bound.http_addr().port(), 0);
         let cancel = CancellationToken::new();
-        let done =
-            sockets
-                .serve::<std::io::Error, _>(Telemetry::default(), &cancel, |_, _| async { Ok(()) });
-        tokio::time::timeout(std::time::Duration::from_secs(5), done)
-            .await
-            .expect("the HTTP side stops with the service")
-            .expect("no error");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            bound.serve(cancel.clone()),
+        )
+        .await
+        .expect("the HTTP side stops with the service")
+        .expect("no error");
         assert!(
             !cancel.is_cancelled(),
             "only the service's own token is cancelled"

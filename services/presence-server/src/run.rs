@@ -1,52 +1,43 @@
 //! Starting a presence server: [`bind`] its gRPC and HTTP sockets (so that a caller on port 0
-//! learns its addresses), then [`Bound::serve`] both; [`run`] is the `presence-server` command.
+//! learns its addresses), then serve both ([`Bound::serve`](side_port::Bound::serve));
+//! [`run`] is the `presence-server` command.
 
+use std::future::Future;
 use std::net::SocketAddr;
 
-use mesh_telemetry::side_port::Sockets;
+use mesh_telemetry::side_port::{self, Service};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Args, Config, Error};
 
 /// A presence server with its sockets bound, not serving yet.
-#[derive(Debug)]
-pub struct Bound {
-    config: Config,
-    sockets: Sockets,
+pub type Bound = side_port::Bound<Config>;
+
+impl Service for Config {
+    type Error = Error;
+
+    fn telemetry(&self) -> mesh_telemetry::Telemetry {
+        self.telemetry.clone()
+    }
+
+    fn serve(
+        self,
+        listener: TcpListener,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        crate::serve(self, listener, cancel)
+    }
 }
 
 /// Binds a presence server's gRPC socket on `listen` and its HTTP side (`/metrics`, `/healthz`,
-/// `/readyz`) on `http`, by default next to it ([`mesh_telemetry::side_port::http_addr`]).
+/// `/readyz`) on `http`, by default next to it ([`side_port::http_addr`]).
 pub async fn bind(
     config: Config,
     listen: SocketAddr,
     http: Option<SocketAddr>,
 ) -> Result<Bound, Error> {
-    let sockets = Sockets::bind(listen, http).await?;
-    Ok(Bound { config, sockets })
-}
-
-impl Bound {
-    /// The bound gRPC address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.sockets.grpc_addr()
-    }
-
-    /// The bound HTTP address.
-    pub fn http_addr(&self) -> SocketAddr {
-        self.sockets.http_addr()
-    }
-
-    /// Serves gRPC and HTTP until `cancel`, or until either stops (which stops the other).
-    pub async fn serve(self, cancel: CancellationToken) -> Result<(), Error> {
-        let Bound { config, sockets } = self;
-        let telemetry = config.telemetry.clone();
-        sockets
-            .serve(telemetry, &cancel, |grpc, stop| {
-                crate::serve(config, grpc, stop)
-            })
-            .await
-    }
+    Bound::bind(config, listen, http).await
 }
 
 /// The `presence-server` command: binds, says where (`listening on ADDR`, then `http on ADDR`),
