@@ -245,8 +245,16 @@ enum Command {
     /// SRE operations on the ring manager (by default the one `dev` starts).
     Ctl(CtlArgs),
     /// Measure the mesh from outside, through its real interfaces.
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    ///
+    /// Runs the load generator, `channelmesh-loadgen` (beside this binary, or at
+    /// $CHANNELMESH_LOADGEN), with these arguments: `channelmesh bench --help` lists its
+    /// commands.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The load generator's command and its flags, passed on as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Check a service's health endpoint (e.g. http://127.0.0.1:50101/readyz): exit 0 on a 2xx
     /// answer within 2 s, else 1 with the answer. For container health checks, whose images
     /// have no curl.
@@ -331,90 +339,6 @@ enum CtlCommand {
         /// Milliseconds between refreshes.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Fan-out: few channels, many subscribers (CLIENTS over CHANNELS); publishes at RATE for
-    /// SECONDS (member clients over their WebSocket, or the admin API) and reports delivered/s,
-    /// publish -> receive latency percentiles, connect rate, lost messages. Against
-    /// channelmesh (needs CHANNELMESH_JWT_SECRET, as `dev` prints it) or nats-server.
-    Fanout(channelmesh::fanout::LoadArgs),
-    /// Chat: many small channels (mostly 2-5 members online, a few larger), a publisher in
-    /// each at a modest rate.
-    Chat(channelmesh::fanout::LoadArgs),
-    /// Connect/disconnect churn: CLIENTS stay connected while CHURN of them per second close
-    /// and reconnect; reports connects/s, failures, connect time percentiles.
-    ConnectStorm(channelmesh::fanout::LoadArgs),
-    /// Idle connections: connects CLIENTS, holds them SECONDS; with --server-pid, the server's
-    /// RSS per connection.
-    Idle(channelmesh::fanout::LoadArgs),
-    /// A load generator worker: started by the scenarios above, orders on stdin.
-    #[command(hide = true)]
-    Worker,
-    /// Presence fan-out: one presence server (started here, with its ring manager) takes
-    /// online/offline reports for USERS from one gateway session as fast as it can while
-    /// WATCHERS gateway sessions watch them all; reports updates taken and pushed per second.
-    Presence {
-        #[arg(long, default_value_t = 1000)]
-        users: usize,
-        #[arg(long, default_value_t = 10)]
-        watchers: usize,
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Channel server failover: in a fresh `dev --multi-process` mesh per run (ports the OS
-    /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
-    /// reports how long delivery stopped and which slots moved.
-    /// Channel-server memory: fills a channel server's store with CHANNELS active channels of
-    /// EVENTS messages each (in this process) and reports the RSS it took.
-    ChannelMemory {
-        #[arg(long, default_value_t = 1_000_000)]
-        channels: usize,
-        #[arg(long, default_value_t = 10)]
-        events: usize,
-        /// Bytes of text per message (with --mixed: the mean).
-        #[arg(long, default_value_t = 200)]
-        text_bytes: usize,
-        /// Texts of random words with lengths spread around --text-bytes, as chat is,
-        /// instead of all the same length.
-        #[arg(long)]
-        mixed: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    Failover {
-        /// Runs (each on its own mesh); the report gives each and the median.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Admin -> client delivery latency: posts messages one at a time through the admin API
-    /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
-    /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
-    Latency {
-        /// RTM base URL of the gateway the client connects to.
-        #[arg(long, default_value = "http://127.0.0.1:8080/api/")]
-        gateway: String,
-        /// Admin server address.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        admin: String,
-        /// Messages to time.
-        #[arg(long, default_value_t = 1000)]
-        messages: usize,
-        /// Messages sent first and not counted.
-        #[arg(long, default_value_t = 100)]
-        warmup: usize,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -808,6 +732,17 @@ fn cancel_on_signals(cancel: CancellationToken) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = cli.command {
+        // The flags given before `bench` go first; the load generator takes them too.
+        let mut global = cli.tls.to_args();
+        if cli.log_json {
+            global.push("--log-json".into());
+        }
+        if let Some(endpoint) = cli.otlp_endpoint {
+            global.push(format!("--otlp-endpoint={endpoint}"));
+        }
+        return channelmesh::loadgen::run(global, args);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -1110,148 +1045,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 CtlCommand::Revoke { jtis, until } => revoke(endpoint, jtis, until).await,
             }
         }
-        Command::Bench(BenchCommand::Fanout(args)) => {
-            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Fanout, args).await
-        }
-        Command::Bench(BenchCommand::Chat(args)) => {
-            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Chat, args).await
-        }
-        Command::Bench(BenchCommand::ConnectStorm(args)) => {
-            channelmesh::fanout::cli(channelmesh::fanout::Scenario::ConnectStorm, args).await
-        }
-        Command::Bench(BenchCommand::Idle(args)) => {
-            channelmesh::fanout::cli(channelmesh::fanout::Scenario::Idle, args).await
-        }
-        Command::Bench(BenchCommand::Worker) => channelmesh::fanout::worker_main().await,
-        Command::Bench(BenchCommand::Presence {
-            users,
-            watchers,
-            seconds,
-            json,
-        }) => {
-            let report = channelmesh::bench::presence(channelmesh::bench::PresenceConfig {
-                users,
-                watchers,
-                duration: Duration::from_secs(seconds),
-            })
-            .await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!(
-                    "one presence server, {} users, {} watching gateways, {:.1} s",
-                    report.users, report.watchers, report.seconds
-                );
-                println!("  reports taken  {:>12.0} /s", report.reports_per_s);
-                println!("  changes pushed {:>12.0} /s", report.pushed_per_s);
-            }
-            Ok(())
-        }
-        Command::Bench(BenchCommand::ChannelMemory {
-            channels,
-            events,
-            text_bytes,
-            mixed,
-            json,
-        }) => {
-            use channelmesh::store_bench::{ChannelMemoryConfig, TextSizes, channel_memory_with};
-            let sizes = if mixed {
-                TextSizes::Mixed
-            } else {
-                TextSizes::Fixed
-            };
-            let config = ChannelMemoryConfig {
-                channels,
-                events_per_channel: events,
-                text_bytes,
-            };
-            let r = channel_memory_with(&config, sizes)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-                return Ok(());
-            }
-            let mib = |b: u64| b as f64 / (1 << 20) as f64;
-            println!(
-                "{} channels x {} messages of {} B text: RSS {:.0} MiB -> {:.0} MiB (+{:.0} MiB)",
-                r.channels,
-                r.events_per_channel,
-                r.text_bytes,
-                mib(r.rss_before_bytes),
-                mib(r.rss_after_bytes),
-                mib(r.rss_after_bytes.saturating_sub(r.rss_before_bytes))
-            );
-            println!(
-                "per channel {:.0} B; per message {:.0} B beyond its text; filled in {:.1} s",
-                r.bytes_per_channel, r.overhead_per_event, r.fill_secs
-            );
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Failover { runs, json }) => {
-            let report = channelmesh::bench::failover(runs).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-                return Ok(());
-            }
-            println!("channel server SIGKILL -> delivery resumed, {runs} runs");
-            println!(
-                "{:>4} {:<6} {:>12} {:>12} {:>14}  ONLY-DEAD->ONE-STANDBY",
-                "RUN", "KILLED", "RESUMED ms", "EPOCH ms", "SLOTS MOVED"
-            );
-            for (i, r) in report.runs.iter().enumerate() {
-                println!(
-                    "{:>4} {:<6} {:>12.1} {:>12.1} {:>8} ({:.1}%)  {}",
-                    i + 1,
-                    r.killed,
-                    r.delivery_resumed_ms,
-                    r.new_epoch_ms,
-                    r.slots_moved,
-                    100.0 * r.slots_moved as f64 / r.slots_total as f64,
-                    r.only_dead_nodes_slots_to_one_standby
-                );
-            }
-            println!(
-                "median: delivery resumed {:.1} ms, new epoch {:.1} ms",
-                report.median_delivery_resumed_ms, report.median_new_epoch_ms
-            );
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Latency {
-            gateway,
-            admin,
-            messages,
-            warmup,
-            json,
-        }) => {
-            let config = channelmesh::bench::LatencyConfig {
-                gateway,
-                admin,
-                admin_token: required_env(ENV_ADMIN_TOKEN)?,
-                jwt_secret: required_env(ENV_JWT_SECRET)?,
-                messages,
-                warmup,
-            };
-            let report = channelmesh::bench::latency(config).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!(
-                    "admin -> client delivery latency over {} messages",
-                    report.messages
-                );
-                println!("  p50  {:>8} us", report.p50_us);
-                println!("  p90  {:>8} us", report.p90_us);
-                println!("  p99  {:>8} us", report.p99_us);
-                println!("  max  {:>8} us", report.max_us);
-                println!("  mean {:>8} us", report.mean_us);
-                if let Some(rpc) = &report.post_rpc {
-                    println!(
-                        "  (the PostMessage call alone: p50 {} us, p99 {} us, max {} us)",
-                        rpc.p50_us, rpc.p99_us, rpc.max_us
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Bench { .. } => unreachable!("handled in main, before the runtime starts"),
         Command::Probe { url } => {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))

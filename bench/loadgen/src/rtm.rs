@@ -12,8 +12,8 @@ use mesh_core::{ChannelId, Identity, TeamId, TokenKey, UserId};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::Socket;
-use crate::mesh::unix_now;
+use crate::clock::{sent_at, unix_now};
+use crate::ws::{self, Socket};
 
 /// How long the connect flow's steps may take, each.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,7 +55,7 @@ pub async fn connect(
     let url = reply["url"]
         .as_str()
         .with_context(|| format!("rtm.connect answered {reply}"))?;
-    let mut ws = super::dial(url, source).await?;
+    let mut ws = ws::dial(url, source).await?;
     loop {
         let msg = tokio::time::timeout(STEP_TIMEOUT, ws.next())
             .await
@@ -100,7 +100,7 @@ pub fn classify(frame: &str) -> Incoming {
         LazyLock::new(|| Finder::new(br#""type":"message""#));
     let frame = frame.as_bytes();
     let delivery = |frame: &[u8]| match TEXT.find(frame) {
-        Some(at) => match super::sent_at(&frame[at + TEXT.needle().len()..]) {
+        Some(at) => match sent_at(&frame[at + TEXT.needle().len()..]) {
             Some(sent_us) => Incoming::Delivery { sent_us },
             None => Incoming::Other,
         },

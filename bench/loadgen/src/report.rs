@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::plan::{PublishMode, Scenario, Target};
+use crate::plan::{PublishMode, Scenario, Target};
 
 /// A run's figures. Latencies in microseconds; rates per second.
 #[derive(Debug, Clone, Serialize)]

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::plan::Plan;
+use crate::plan::Plan;
 
 /// An order to a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +120,23 @@ mod tests {
             assert_eq!(back.value_at_quantile(q), h.value_at_quantile(q));
         }
         assert!(decode("not base64!").is_err());
+    }
+
+    #[test]
+    fn merged_histograms_give_exact_percentiles() {
+        let mut a = histogram().unwrap();
+        let mut b = histogram().unwrap();
+        let mut all = histogram().unwrap();
+        for v in 1..=1000u64 {
+            let h = if v % 3 == 0 { &mut a } else { &mut b };
+            h.record(v * 7).unwrap();
+            all.record(v * 7).unwrap();
+        }
+        let mut merged = decode(&encode(&a).unwrap()).unwrap();
+        merged.add(decode(&encode(&b).unwrap()).unwrap()).unwrap();
+        for q in [0.5, 0.99, 0.999] {
+            assert_eq!(merged.value_at_quantile(q), all.value_at_quantile(q));
+        }
     }
 
     #[test]

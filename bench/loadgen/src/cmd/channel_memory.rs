@@ -1,4 +1,4 @@
-//! `channelmesh bench channel-memory`: how much memory a channel server needs to hold N active
+//! `channel-memory`: how much memory a channel server needs to hold N active
 //! channels with a history of E events each.
 //!
 //! It fills the channel server's own store (`channel_server::store::Store`, sharded by slot
@@ -17,8 +17,65 @@ use mesh_core::event::MAX_TEXT_BYTES;
 use mesh_core::{ChannelId, EventBody, TeamId, UserId, slot_of};
 use rand::{Rng, SeedableRng};
 
+use crate::rss;
+
 /// Shards, as the channel server's service splits its store.
 const SHARDS: usize = 16;
+
+/// `channel-memory`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    // Active channels to fill.
+    #[arg(long, default_value_t = 1_000_000)]
+    channels: usize,
+    // Messages in each channel's history.
+    #[arg(long, default_value_t = 10)]
+    events: usize,
+    /// Bytes of text per message (with --mixed: the mean).
+    #[arg(long, default_value_t = 200)]
+    text_bytes: usize,
+    /// Texts of random words with lengths spread around --text-bytes, as chat is,
+    /// instead of all the same length.
+    #[arg(long)]
+    mixed: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Measures and prints the report.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let sizes = if args.mixed {
+        TextSizes::Mixed
+    } else {
+        TextSizes::Fixed
+    };
+    let config = ChannelMemoryConfig {
+        channels: args.channels,
+        events_per_channel: args.events,
+        text_bytes: args.text_bytes,
+    };
+    let r = channel_memory_with(&config, sizes)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{} channels x {} messages of {} B text: RSS {:.0} MiB -> {:.0} MiB (+{:.0} MiB)",
+        r.channels,
+        r.events_per_channel,
+        r.text_bytes,
+        mib(r.rss_before_bytes),
+        mib(r.rss_after_bytes),
+        mib(r.rss_after_bytes.saturating_sub(r.rss_before_bytes))
+    );
+    println!(
+        "per channel {:.0} B; per message {:.0} B beyond its text; filled in {:.1} s",
+        r.bytes_per_channel, r.overhead_per_event, r.fill_secs
+    );
+    Ok(())
+}
 
 /// What to fill.
 #[derive(Debug, Clone)]
@@ -60,24 +117,6 @@ pub struct ChannelMemoryReport {
     pub evictions: u64,
 }
 
-/// This process's resident set, from `/proc/self/status`.
-pub fn rss_bytes() -> anyhow::Result<u64> {
-    rss_of("self")
-}
-
-/// The resident set of process `pid` (a number, or `self`), from `/proc/PID/status`.
-pub fn rss_of(pid: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| anyhow::anyhow!("reading the status of process {pid}: {e}"))?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))?;
-    Ok(kb * 1024)
-}
-
 /// A text of `len` bytes: random lowercase words.
 fn random_text(rng: &mut impl Rng, len: usize) -> String {
     let mut text = String::with_capacity(len);
@@ -107,7 +146,7 @@ pub fn channel_memory_with(
     // Seeded: runs compare like with like.
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     let mut text_total = 0u64;
-    let before = rss_bytes()?;
+    let before = rss::own()?;
     let started = Instant::now();
     let mut now_micros = 1_700_000_000_000_000u64;
     // Round-robin over the channels so every channel's history is spread over time, as a
@@ -136,7 +175,7 @@ pub fn channel_memory_with(
         }
     }
     let fill_secs = started.elapsed().as_secs_f64();
-    let after = rss_bytes()?;
+    let after = rss::own()?;
     let held: usize = shards.iter().map(Store::len).sum();
     anyhow::ensure!(
         held == config.channels,
@@ -183,7 +222,7 @@ mod tests {
     }
 
     /// The realistic-mix figures, until the CLI takes a text-size mode:
-    /// `cargo test --release -p channelmesh --lib store_bench -- --ignored --nocapture`
+    /// `cargo test --release -p channelmesh-loadgen channel_memory -- --ignored --nocapture`
     /// (`CHANNELS`, `TEXT_BYTES` override 1,000,000 and 60).
     #[test]
     #[ignore = "fills a million channels: a benchmark, run by hand"]

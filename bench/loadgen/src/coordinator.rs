@@ -1,19 +1,11 @@
-//! `channelmesh bench fanout|chat|connect-storm|idle`: the load generator. A coordinator (this
-//! module) starts worker processes of the same binary (`bench worker`), each binding its
-//! sockets to its own source address 127.0.0.(2+k) (one process holds at most RLIMIT_NOFILE
-//! sockets); they connect clients through the target's real connect flow, publish, and report
-//! counters and HDR histograms, which the coordinator merges.
+//! The load scenarios' coordinator: starts worker processes of this binary (its hidden
+//! `worker` subcommand), each binding its sockets to its own source address 127.0.0.(2+k) (one
+//! process holds at most RLIMIT_NOFILE sockets); they connect clients through the target's real
+//! connect flow, publish, and report counters and HDR histograms, which the coordinator merges
+//! into one [`Report`].
 //!
 //! The same client code drives channelmesh (RTM over WebSocket) and nats-server (NATS over
-//! WebSocket); only the protocol adapters ([`rtm`], [`nats`]) differ.
-
-mod nats;
-mod pace;
-pub mod plan;
-pub mod protocol;
-pub mod report;
-mod rtm;
-mod worker;
+//! WebSocket); only the protocol adapters ([`crate::rtm`], [`crate::nats`]) differ.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -26,23 +18,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-pub use plan::{PublishMode, Scenario, Target};
-pub use report::Report;
-pub use worker::main as worker_main;
+use crate::plan::{self, Plan, Scenario};
+use crate::protocol::{self, Counters, FromWorker, ToWorker, WorkerReport};
+use crate::report::Report;
+use crate::rss;
 
-use plan::Plan;
-use protocol::{Counters, FromWorker, ToWorker, WorkerReport};
-
-/// A client's WebSocket.
-pub(crate) type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Clients per worker process when `--processes` is not given (under the 20,000 open files a
-/// process may hold, with room for the rest).
-const CLIENTS_PER_PROCESS: usize = 15_000;
-/// The dev mesh's gateways, us-east and eu-west.
-const DEV_GATEWAYS: [&str; 2] = ["http://127.0.0.1:8080/api/", "http://127.0.0.1:8081/api/"];
-/// Where `bench/compare.sh` puts nats-server's WebSocket listener.
-const DEFAULT_NATS: &str = "ws://127.0.0.1:4223";
 /// Lines from the workers waiting for the coordinator.
 const EVENT_QUEUE: usize = 1024;
 /// Connecting may go this long without a single client more before the run gives up.
@@ -56,87 +36,22 @@ const DRAIN_MAX: Duration = Duration::from_secs(60);
 /// The idle moment between the last connect and the RSS reading.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// `bench fanout|chat|connect-storm|idle`'s flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct LoadArgs {
-    /// The server under test.
-    #[arg(long, value_enum, default_value = "channelmesh")]
-    pub target: Target,
-    /// Where clients connect (repeat to spread them): RTM base URLs for channelmesh (default:
-    /// both dev gateways), WebSocket URLs for nats (default ws://127.0.0.1:4223).
-    #[arg(long = "gateway")]
-    pub gateways: Vec<String>,
-    /// The admin server (with `--publish admin`).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub admin: String,
-    /// Clients (default: fanout 1,000; chat 10,000; connect-storm 1,000; idle 10,000).
-    #[arg(long)]
-    pub clients: Option<usize>,
-    /// Channels (default: fanout 10; chat 10,000; connect-storm and idle 100).
-    #[arg(long)]
-    pub channels: Option<usize>,
-    /// Messages per second over the whole run; 0: as fast as the window allows.
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
+/// How a run goes besides its plan.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
     /// How long to publish (or churn, or hold).
-    #[arg(long, default_value_t = 10)]
-    pub seconds: u64,
-    /// Message size in bytes.
-    #[arg(long, default_value_t = 200)]
-    pub payload: usize,
-    /// Who publishes: member clients over their WebSocket, or the admin API (channelmesh).
-    #[arg(long, value_enum, default_value = "clients")]
-    pub publish: PublishMode,
-    /// Unacknowledged messages one publishing client may have outstanding (RTM: acks; NATS:
-    /// PONGs to the PING after each burst).
-    #[arg(long, default_value_t = 16)]
-    pub window: usize,
-    /// connect-storm: the fraction of clients that reconnect per second.
-    #[arg(long, default_value_t = 0.1)]
-    pub churn: f64,
-    /// Worker processes (default: one per 15,000 clients); worker k binds 127.0.0.(2+k).
-    #[arg(long)]
-    pub processes: Option<usize>,
-    /// A server process whose RSS to read before and after connecting; repeatable.
-    #[arg(long = "server-pid")]
+    pub duration: Duration,
+    /// Server processes whose summed RSS is read before and after connecting.
     pub server_pids: Vec<u32>,
-    /// Connects in progress at once, per worker.
-    #[arg(long, default_value_t = 64)]
-    pub connect_parallel: usize,
-    /// Seeds the chat scenario's channel sizes.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
     /// Show the progress bar even when stderr is not a terminal.
-    #[arg(long)]
     pub progress: bool,
-    /// The secret client tokens are signed with (channelmesh).
-    #[arg(long, env = "CHANNELMESH_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// The admin API's bearer token (with `--publish admin`).
-    #[arg(long, env = "CHANNELMESH_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
 }
 
-/// Runs `scenario` and prints its report (a table, or JSON with `--json`).
-pub async fn cli(scenario: Scenario, args: LoadArgs) -> anyhow::Result<()> {
-    let json = args.json;
-    let report = run(scenario, args).await?;
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", report.table());
-    }
-    Ok(())
-}
-
-/// Runs `scenario` with `args`: starts the workers, drives them through connect, publish,
-/// drain, and merges what they report.
-pub async fn run(scenario: Scenario, args: LoadArgs) -> anyhow::Result<Report> {
-    let (plan, processes) = plan_for(scenario, &args)?;
-    let show = args.progress || std::io::IsTerminal::is_terminal(&std::io::stderr());
+/// Runs `plan` over `processes` workers: starts them, drives them through connect, publish
+/// (or churn, or hold) for `options.duration`, drain, and merges what they report.
+pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::Result<Report> {
+    let scenario = plan.scenario;
+    let show = options.progress || std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = if show {
         ProgressBar::with_draw_target(
             Some(plan.clients as u64),
@@ -152,7 +67,7 @@ pub async fn run(scenario: Scenario, args: LoadArgs) -> anyhow::Result<Report> {
     );
     bar.set_prefix("connecting");
 
-    let rss_before = rss(&args.server_pids)?;
+    let rss_before = rss::sum(&options.server_pids)?;
     let mut workers = Workers::start(&plan, processes).await?;
 
     // Connect.
@@ -193,15 +108,15 @@ pub async fn run(scenario: Scenario, args: LoadArgs) -> anyhow::Result<Report> {
     }
     let connected = workers.totals();
     let connect_secs = (span.1.saturating_sub(span.0)) as f64 / 1e6;
-    let rss_after = if args.server_pids.is_empty() {
+    let rss_after = if options.server_pids.is_empty() {
         None
     } else {
         tokio::time::sleep(SETTLE).await;
-        rss(&args.server_pids)?
+        rss::sum(&options.server_pids)?
     };
 
     // Run.
-    let duration = Duration::from_secs(args.seconds);
+    let duration = options.duration;
     bar.set_prefix(match scenario {
         Scenario::Idle => "holding",
         Scenario::ConnectStorm => "churning",
@@ -352,89 +267,6 @@ pub async fn run(scenario: Scenario, args: LoadArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// The plan every worker gets (its index and source address filled in per worker), and how
-/// many workers.
-fn plan_for(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<(Plan, usize)> {
-    let (clients, channels) = match scenario {
-        Scenario::Fanout => (1000, 10),
-        Scenario::Chat => (10_000, 10_000),
-        Scenario::ConnectStorm => (1000, 100),
-        Scenario::Idle => (10_000, 100),
-    };
-    let clients = args.clients.unwrap_or(clients);
-    let channels = args.channels.unwrap_or(channels);
-    anyhow::ensure!(clients > 0, "--clients must be at least 1");
-    anyhow::ensure!(channels > 0, "--channels must be at least 1");
-    anyhow::ensure!(args.window > 0, "--window must be at least 1");
-    let processes = args
-        .processes
-        .unwrap_or(clients.div_ceil(CLIENTS_PER_PROCESS))
-        .clamp(1, clients);
-    anyhow::ensure!(
-        processes <= 250,
-        "at most 250 processes (source addresses 127.0.0.2-251)"
-    );
-    if scenario == Scenario::ConnectStorm {
-        anyhow::ensure!(
-            args.churn > 0.0 && args.churn.is_finite(),
-            "--churn must be a positive fraction per second"
-        );
-    }
-    let gateways = if args.gateways.is_empty() {
-        match args.target {
-            Target::Channelmesh => DEV_GATEWAYS.iter().map(|g| g.to_string()).collect(),
-            Target::Nats => vec![DEFAULT_NATS.to_string()],
-        }
-    } else {
-        args.gateways.clone()
-    };
-    let publishing = matches!(scenario, Scenario::Fanout | Scenario::Chat);
-    let (mut jwt_secret, mut admin_token) = (String::new(), String::new());
-    if args.target == Target::Channelmesh {
-        jwt_secret = args
-            .jwt_secret
-            .clone()
-            .filter(|s| !s.is_empty())
-            .context("CHANNELMESH_JWT_SECRET must be set (`channelmesh dev` prints it)")?;
-        if publishing && args.publish == PublishMode::Admin {
-            admin_token = args
-                .admin_token
-                .clone()
-                .filter(|s| !s.is_empty())
-                .context("CHANNELMESH_ADMIN_TOKEN must be set for --publish admin")?;
-        }
-    } else if publishing && args.publish == PublishMode::Admin {
-        bail!("nats-server has no admin API: use --publish clients");
-    }
-    let plan = Plan {
-        scenario,
-        target: args.target,
-        // Only the publishing scenarios publish.
-        publish: if publishing {
-            args.publish
-        } else {
-            PublishMode::Clients
-        },
-        gateways,
-        admin: args.admin.clone(),
-        admin_token,
-        jwt_secret,
-        clients,
-        channels,
-        payload: args.payload,
-        rate: if publishing { args.rate } else { 0 },
-        window: args.window,
-        churn: args.churn,
-        seed: args.seed,
-        run: micros_now(),
-        processes,
-        worker: 0,
-        source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
-        connect_parallel: args.connect_parallel.max(1),
-    };
-    Ok((plan, processes))
-}
-
 /// What a worker's stdout said, or that it ended.
 enum Event {
     Line(FromWorker),
@@ -461,7 +293,7 @@ impl Workers {
         let mut stdins = Vec::new();
         for k in 0..processes {
             let mut child = tokio::process::Command::new(&exe)
-                .args(["bench", "worker"])
+                .arg("worker")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -600,152 +432,4 @@ async fn write_line(stdin: &mut ChildStdin, order: &ToWorker) -> anyhow::Result<
         .context("writing to a worker")?;
     stdin.flush().await?;
     Ok(())
-}
-
-/// The summed VmRSS of `pids`, in bytes; None without pids.
-fn rss(pids: &[u32]) -> anyhow::Result<Option<u64>> {
-    if pids.is_empty() {
-        return Ok(None);
-    }
-    let mut total = 0;
-    for pid in pids {
-        total += crate::store_bench::rss_of(&pid.to_string())?;
-    }
-    Ok(Some(total))
-}
-
-/// Unix time in microseconds: the publish timestamp messages carry (one clock, one machine).
-pub(crate) fn micros_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// The publish time at the start of a message text after its leading `b`: digits up to `:`.
-pub(crate) fn sent_at(text: &[u8]) -> Option<u64> {
-    let end = text.iter().position(|&b| b == b':')?;
-    if end == 0 {
-        return None;
-    }
-    // By hand rather than through `str::parse`: every receiver reads every message.
-    text[..end].iter().try_fold(0u64, |n, &b| {
-        let d = b.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(d))
-    })
-}
-
-/// The clients' WebSocket settings: a 4 KiB read buffer instead of tungstenite's 128 KiB, so
-/// tens of thousands of idle clients fit in a few processes (messages here are small), and
-/// because tungstenite zeroes the free part of the buffer before every read: with 16 KiB that
-/// memset was 7% of a worker's time at 650,000 deliveries/s. A larger frame (a NATS batch)
-/// still arrives whole; it takes a few more reads.
-fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024)
-}
-
-/// Opens a WebSocket to `url` from `source` (bound before connecting, so each worker uses its
-/// own address and port range).
-pub(crate) async fn dial(url: &str, source: IpAddr) -> anyhow::Result<Socket> {
-    use tokio_tungstenite::tungstenite::http::Uri;
-    let uri: Uri = url
-        .parse()
-        .with_context(|| format!("a WebSocket URL: {url}"))?;
-    let host = uri.host().with_context(|| format!("no host in {url}"))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
-        .await?
-        .find(|a| a.is_ipv4() == source.is_ipv4())
-        .with_context(|| format!("no address for {host} of the source's family"))?;
-    let socket = match addr {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // Ports in TIME_WAIT from closed clients (connect-storm) may be bound again.
-    socket.set_reuseaddr(true)?;
-    socket.bind((source, 0).into())?;
-    let stream = tokio::time::timeout(Duration::from_secs(20), socket.connect(addr))
-        .await
-        .context("TCP connect timed out")?
-        .with_context(|| format!("connecting to {addr} from {source}"))?;
-    stream.set_nodelay(true)?;
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())),
-    )
-    .await
-    .context("WebSocket handshake timed out")??;
-    Ok(ws)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hdrhistogram::Histogram;
-
-    #[test]
-    fn publish_times_are_read_from_the_text() {
-        assert_eq!(
-            sent_at(b"1700000000123456:7:xx"),
-            Some(1_700_000_000_123_456)
-        );
-        assert_eq!(sent_at(b"12x:7"), None);
-        assert_eq!(sent_at(b"123"), None);
-        assert_eq!(sent_at(b":7"), None);
-        assert_eq!(sent_at(b"99999999999999999999999:7"), None);
-    }
-
-    #[test]
-    fn merged_histograms_give_exact_percentiles() {
-        let mut a: Histogram<u64> = protocol::histogram().unwrap();
-        let mut b: Histogram<u64> = protocol::histogram().unwrap();
-        let mut all: Histogram<u64> = protocol::histogram().unwrap();
-        for v in 1..=1000u64 {
-            let h = if v % 3 == 0 { &mut a } else { &mut b };
-            h.record(v * 7).unwrap();
-            all.record(v * 7).unwrap();
-        }
-        let mut merged = protocol::decode(&protocol::encode(&a).unwrap()).unwrap();
-        merged
-            .add(protocol::decode(&protocol::encode(&b).unwrap()).unwrap())
-            .unwrap();
-        for q in [0.5, 0.99, 0.999] {
-            assert_eq!(merged.value_at_quantile(q), all.value_at_quantile(q));
-        }
-    }
-
-    #[test]
-    fn bad_combinations_are_refused_before_anything_starts() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: LoadArgs,
-        }
-        let args = |extra: &[&str]| {
-            let mut argv = vec!["bench"];
-            argv.extend_from_slice(extra);
-            Cli::parse_from(argv).args
-        };
-        let nats_admin = args(&["--target", "nats", "--publish", "admin"]);
-        assert!(plan_for(Scenario::Fanout, &nats_admin).is_err());
-        assert!(
-            plan_for(
-                Scenario::Fanout,
-                &args(&["--target", "nats", "--clients", "0"])
-            )
-            .is_err()
-        );
-        let storm = args(&["--target", "nats", "--churn", "0"]);
-        assert!(plan_for(Scenario::ConnectStorm, &storm).is_err());
-        let (plan, processes) = plan_for(
-            Scenario::Idle,
-            &args(&["--target", "nats", "--clients", "40000"]),
-        )
-        .unwrap();
-        assert_eq!((processes, plan.rate), (3, 0));
-    }
 }

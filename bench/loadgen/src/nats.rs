@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::Socket;
+use crate::clock::{digits, sent_at};
+use crate::ws::{self, Socket};
 
 /// How long each connect step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,7 +28,7 @@ pub async fn connect(
     source: IpAddr,
     subjects: &[String],
 ) -> anyhow::Result<(Socket, Parser)> {
-    let mut ws = super::dial(url, source).await?;
+    let mut ws = ws::dial(url, source).await?;
     let mut parser = Parser::default();
     let mut hello = String::from(
         "CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false,\"lang\":\"rust\",\"version\":\"channelmesh-bench\",\"protocol\":1}\r\n",
@@ -200,7 +201,7 @@ fn parse(rest: &[u8]) -> anyhow::Result<Option<(Op, usize)>> {
         if &rest[start + len..start + len + 2] != b"\r\n" {
             bail!("a NATS message not followed by CRLF");
         }
-        let sent_us = payload.strip_prefix(b"b").and_then(super::sent_at);
+        let sent_us = payload.strip_prefix(b"b").and_then(sent_at);
         return Ok(Some((Op::Msg { sent_us }, start + len + 2)));
     } else if verb.eq_ignore_ascii_case(b"PING") {
         Op::Ping
@@ -223,20 +224,6 @@ fn parse(rest: &[u8]) -> anyhow::Result<Option<(Op, usize)>> {
         )
     };
     Ok(Some((op, eol + 2)))
-}
-
-/// An unsigned decimal number, all of `field`; None for anything else (or an overflow).
-fn digits(field: &[u8]) -> Option<u64> {
-    if field.is_empty() {
-        return None;
-    }
-    field.iter().try_fold(0u64, |n, &b| {
-        let d = b.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(d))
-    })
 }
 
 #[cfg(test)]
