@@ -1,7 +1,7 @@
 //! A channel server's channel state: ts clocks and bounded history, with idle channels evicted
 //! least-recently-used first when the whole store passes its memory budget.
 //!
-//! Pure data structure: no I/O, no locks; the service wraps it in shards.
+//! Pure data structure: no I/O, no locks; `shards.rs` wraps one store per shard in its lock.
 
 mod packed;
 
