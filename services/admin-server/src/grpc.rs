@@ -139,6 +139,22 @@ impl AdminService {
         }
     }
 
+    /// Runs one call of `method` inside `span`, counting its outcome.
+    async fn traced<T>(
+        &self,
+        method: &str,
+        span: tracing::Span,
+        call: impl Future<Output = Result<T, AdminError>>,
+    ) -> Result<Response<T>, Status> {
+        let result = call
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(status);
+        self.metrics.outcome(method, &result);
+        result
+    }
+
     /// PostMessage, inside its span.
     async fn post(
         &self,
@@ -300,10 +316,8 @@ impl Admin for AdminService {
         // the channel server and every gateway join it.
         let span = tracing::debug_span!("admin.PostMessage", channel = %request.get_ref().channel);
         mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
-        let result = self.post(request.into_inner()).instrument(span).await;
-        let result = result.map(Response::new).map_err(status);
-        self.metrics.outcome("PostMessage", &result);
-        result
+        self.traced("PostMessage", span, self.post(request.into_inner()))
+            .await
     }
 
     async fn publish_event(
@@ -312,13 +326,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::PublishEventResponse>, Status> {
         let span = tracing::debug_span!("admin.PublishEvent", channel = %request.get_ref().channel);
         mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
-        let result = self
-            .publish_raw(request.into_inner())
-            .instrument(span)
-            .await;
-        let result = result.map(Response::new).map_err(status);
-        self.metrics.outcome("PublishEvent", &result);
-        result
+        self.traced("PublishEvent", span, self.publish_raw(request.into_inner()))
+            .await
     }
 
     async fn join_channel(
@@ -327,10 +336,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::JoinChannelResponse>, Status> {
         let span = tracing::debug_span!("admin.JoinChannel", channel = %request.get_ref().channel);
         mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
-        let result = self.join(request.into_inner()).instrument(span).await;
-        let result = result.map(Response::new).map_err(status);
-        self.metrics.outcome("JoinChannel", &result);
-        result
+        self.traced("JoinChannel", span, self.join(request.into_inner()))
+            .await
     }
 
     async fn leave_channel(
@@ -339,10 +346,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
         let span = tracing::debug_span!("admin.LeaveChannel", channel = %request.get_ref().channel);
         mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
-        let result = self.leave(request.into_inner()).instrument(span).await;
-        let result = result.map(Response::new).map_err(status);
-        self.metrics.outcome("LeaveChannel", &result);
-        result
+        self.traced("LeaveChannel", span, self.leave(request.into_inner()))
+            .await
     }
 
     async fn get_presence(
