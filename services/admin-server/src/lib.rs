@@ -2,7 +2,9 @@
 //! routes it by the ring to the owning channel server, and answers.
 
 mod auth;
-mod service;
+mod error;
+mod grpc;
+mod requests;
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
-pub use service::AdminService;
+pub use grpc::AdminService;
 
 /// Errors of the admin server.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,12 @@
 //! The channel server (CS): holds channels in memory for the ring slots it owns, gives each event
 //! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
 
+pub mod error;
+pub mod grpc;
+pub mod handoff;
 pub mod metrics;
-pub mod service;
+pub mod ownership;
+pub mod shards;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -16,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
-pub use service::{ChannelService, ServiceConfig};
+pub use error::ServeError;
+pub use grpc::{ChannelService, ServiceConfig};
 pub use store::Limits;
 
 /// Default: responses queued per gateway stream before that gateway counts as fallen behind.
@@ -96,8 +101,7 @@ pub async fn serve(
     let server = mesh_transport::server()?
         .add_service(health_service)
         .add_service(
-            ChannelServerServer::new(service)
-                .max_decoding_message_size(service::MAX_HANDOFF_MESSAGE),
+            ChannelServerServer::new(service).max_decoding_message_size(grpc::MAX_HANDOFF_MESSAGE),
         )
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

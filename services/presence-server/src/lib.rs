@@ -3,9 +3,11 @@
 //! live connections to each user's owner over a leased stream and watch users there; the
 //! owner pushes presence changes back to the gateways that watch.
 
+pub mod grpc;
 pub mod quota;
-pub mod service;
+pub mod sessions;
 pub mod state;
+pub mod ticker;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
-pub use service::PresenceService;
+pub use grpc::PresenceService;
 
 /// Default: how long a user stays active after their last connection ends (and a gateway's
 /// users after it is gone): a reconnect within it produces no away/active pair.
