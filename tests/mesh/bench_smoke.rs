@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::mesh;
+use crate::support::{listening, mesh};
 
 /// Fields every report has.
 const FIELDS: &[&str] = &[
@@ -158,21 +158,16 @@ async fn nats_server() -> Nats {
         .kill_on_drop(true)
         .spawn()
         .expect("nats-server is not installed: run tests/setup");
-    let ws = format!("ws://127.0.0.1:{ws_port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
-            .await
-            .is_ok()
-        {
-            return Nats {
-                _child: child,
-                dir,
-                ws,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    listening(
+        ws_port,
+        &format!("nats-server's WebSocket listener on {ws_port}"),
+    )
+    .await;
+    Nats {
+        _child: child,
+        dir,
+        ws: format!("ws://127.0.0.1:{ws_port}"),
     }
-    panic!("nats-server did not open its WebSocket listener on {ws_port}");
 }
 
 #[tokio::test]
@@ -201,16 +196,12 @@ async fn node_peer(secret: &str) -> (tokio::process::Child, String) {
         .kill_on_drop(true)
         .spawn()
         .expect("node is not installed");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (child, format!("http://127.0.0.1:{port}/api/"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the Node peer did not listen on {port} (tests/setup installs its `ws`)");
+    listening(
+        port,
+        &format!("the Node peer on {port} (tests/setup installs its `ws`)"),
+    )
+    .await;
+    (child, format!("http://127.0.0.1:{port}/api/"))
 }
 
 #[tokio::test]
