@@ -1,6 +1,7 @@
-//! The ring manager's gRPC service, the only module that speaks its protobuf API: it converts
-//! each request to the domain's types, calls the [`RingManager`], converts the answer back, and
-//! maps every refusal to a `tonic::Status` in one table (`status`).
+//! The ring manager's gRPC side, the only module that speaks protobuf: the `RingManager`
+//! service converts each request to the domain's types, calls the [`RingManager`], converts the
+//! answer back, and maps every refusal to a `tonic::Status` in one table (`status`); the
+//! failure monitor's health-check probe of a channel server is here too.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -40,6 +41,24 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// The failure monitor's confirming probe: a gRPC health check on the node at `addr`. Only a
+/// running process answers it; a frozen one still completes TCP handshakes, so a bare connect
+/// would not do.
+pub async fn probe(addr: &str) -> bool {
+    let Ok(endpoint) = mesh_transport::endpoint(addr) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok()
 }
 
 /// Why a call was refused, whichever part of the ring manager refused it.

@@ -6,7 +6,8 @@
 //! those that lose them. The decisions are state machines without I/O: [`membership`] (leases,
 //! takeover, standbys, epochs), [`operations`] (drain, replace and add a node), [`regions`] and
 //! [`revocations`]. [`monitor`] watches the leases, [`server`] holds the state and publishes
-//! the ring, and [`grpc`] is the only module that speaks the ring manager's protobuf API.
+//! the ring, and [`grpc`] is the only module that speaks protobuf (the service and the
+//! monitor's health-check probe).
 //!
 //! Two backends keep the ring: the embedded one, where the ring manager itself is the registry
 //! (durable through its state file), and Consul ([`cluster`]), where ring managers elect a

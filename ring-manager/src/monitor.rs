@@ -5,12 +5,13 @@
 //! answers it). A node that fails the probe and is still not heartbeating is declared down; so
 //! is one silent for far longer (alive but cut off from the ring manager, and no longer serving
 //! since its lease lapsed), probe or not. The decisions are plain methods on [`Membership`];
-//! the loop and the probe are the only I/O here.
+//! the loop here runs them, and the probe itself is gRPC ([`crate::grpc::probe`]).
 
 use std::time::{Duration, Instant};
 
 use mesh_core::NodeId;
 
+use crate::grpc;
 use crate::membership::{Membership, NodeState};
 use crate::server::RingManager;
 
@@ -31,7 +32,9 @@ pub(crate) struct Timing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Probe {
     pub(crate) id: NodeId,
+    /// The incarnation that was suspect: an answer about another one is ignored.
     pub(crate) incarnation: u64,
+    /// Where to send the health check.
     pub(crate) addr: String,
 }
 
@@ -102,35 +105,18 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
         let now = Instant::now();
         let probes = manager.update(|m| m.sweep(now, &timing));
         for suspect in probes {
-            let manager = manager.clone();
-            manager.clone().tracker().spawn(async move {
+            let prober = manager.clone();
+            manager.tracker().spawn(async move {
                 let reachable = matches!(
-                    tokio::time::timeout(timing.probe_timeout, probe(&suspect.addr)).await,
+                    tokio::time::timeout(timing.probe_timeout, grpc::probe(&suspect.addr)).await,
                     Ok(true)
                 );
-                manager.update(|m| {
+                prober.update(|m| {
                     m.probed(&suspect, reachable, Instant::now(), timing.suspect_after)
                 });
             });
         }
     }
-}
-
-/// The confirming probe: a gRPC health check on the node. Only a running process answers it;
-/// a frozen one still completes TCP handshakes, so a bare connect would not do.
-async fn probe(addr: &str) -> bool {
-    let Ok(endpoint) = mesh_transport::endpoint(addr) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok()
 }
 
 #[cfg(test)]

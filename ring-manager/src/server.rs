@@ -82,7 +82,9 @@ struct Inner {
     regions: Mutex<Regions>,
     /// Bumped on every change of the ring or of a member's state (the console follows it).
     changes: watch::Sender<u64>,
+    /// Stops the monitor and the lease streams.
     cancel: CancellationToken,
+    /// Runs the monitor, its probes and the lease streams.
     tracker: TaskTracker,
 }
 
