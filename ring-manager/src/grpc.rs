@@ -104,6 +104,7 @@ fn status(refused: impl Into<Refused>) -> Status {
     }
 }
 
+/// A node id from a request; a malformed one is refused as an invalid argument.
 fn node_id(s: &str) -> Result<NodeId, Status> {
     NodeId::new(s).map_err(status)
 }
