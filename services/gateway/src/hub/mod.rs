@@ -8,6 +8,8 @@
 //! does the sending, the fan-out and the catch-ups.
 
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
