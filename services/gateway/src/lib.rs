@@ -1,7 +1,7 @@
 //! The gateway server (GS): terminates clients' WebSockets for one region, speaking Slack's RTM
 //! protocol, and subscribes upstream to each channel once for all its local clients.
 //!
-//! Modules, leaf first (each uses only those before it): the vocabulary
+//! Modules, leaf first (each uses only those before it; `layering` checks it): the vocabulary
 //! ([`vocab`], [`close`], [`cursors`]), [`limits`], [`tokens`], [`metrics`]; the [`outbox`] and
 //! the [`socket`]; [`history`]; the `upstream` streams and the [`hub`]; [`presence`]; the
 //! region's state ([`region::state`]); [`tickets`]; the [`connection`]; the region's reports
@@ -14,6 +14,8 @@ pub mod cursors;
 pub mod history;
 pub mod http;
 pub mod hub;
+#[cfg(test)]
+mod layering;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
