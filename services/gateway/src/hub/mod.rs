@@ -4,16 +4,21 @@
 //! A channel is subscribed upstream once, on the channel server that owns it in the newest
 //! ring, however many local connections want it; it is unsubscribed when the last one leaves.
 //! Each upstream event is rendered to RTM JSON once and queued to every local subscriber.
-//! The state lock is never held across an await.
+//! The state lock is never held across an await. The bookkeeping is in [`state`]; this module
+//! does the sending, the fan-out and the catch-ups.
 
-use std::collections::{HashMap, HashSet};
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use channel_client::ChannelRouter;
-use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts, UserId};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, Ts};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::subscribe_request::Command;
 use ring_client::RingWatcher;
@@ -21,184 +26,23 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::history;
 use crate::metrics::GatewayMetrics;
-use crate::outbox::{self, Outbox};
-use crate::upstream::{self, Upstream};
+use crate::outbox::{self, ConnSink};
+use crate::upstream::{self, Downstream};
+use crate::vocab::{ConnId, Control, Outbound, Rendered};
+use state::{LocalChannel, State, Unsubscribes};
 
-/// A connection's id within its gateway.
-pub type ConnId = u64;
-
-/// The most history events one catch-up reads.
-const CATCH_UP_LIMIT: u32 = 1000;
 /// Pause before resubscribing after a refusal or a lost upstream.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
 /// Commands queued per upstream stream; a full queue restarts that stream.
 const UPSTREAM_COMMAND_QUEUE: usize = 65_536;
-
-/// A channel event rendered to RTM JSON, once per gateway, shared by every local subscriber.
-#[derive(Debug)]
-pub struct Rendered {
-    pub channel: ChannelId,
-    /// The channel's ts of the event; `None` for transient events.
-    pub ts: Option<Ts>,
-    pub frame: Utf8Bytes,
-    /// When this gateway received it from its channel server (live events only): the start
-    /// of the gateway -> socket stage.
-    pub received: Option<Instant>,
-}
-
-/// What the hub queues to a connection. Two words: a fan-out writes one of these into every
-/// subscriber's queue per event, so the rare kinds are boxed to keep the common one small.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    /// A channel event.
-    Event(Arc<Rendered>),
-    /// A frame for this connection only, written as is.
-    Frame(Box<Utf8Bytes>),
-    /// A change to what the connection receives.
-    Control(Box<Control>),
-}
-
-/// A change to what a connection receives.
-#[derive(Debug, Clone)]
-pub enum Control {
-    /// The connection's user joined `channel`: start receiving it.
-    Joined {
-        channel: ChannelId,
-        since: Option<Ts>,
-    },
-    /// The connection's user left `channel`.
-    Left { channel: ChannelId },
-    /// The history of a joined channel since the join, ready to write (see `connection`).
-    CatchUp {
-        channel: ChannelId,
-        events: Vec<Arc<Rendered>>,
-    },
-    /// What a reconnecting client missed on one channel (see `resume`).
-    Resume(crate::resume::Resumed),
-}
-
-impl Outbound {
-    /// A frame for one connection.
-    pub fn frame(frame: impl Into<Utf8Bytes>) -> Self {
-        Outbound::Frame(Box::new(frame.into()))
-    }
-
-    /// A change to what one connection receives.
-    pub fn control(control: Control) -> Self {
-        Outbound::Control(Box::new(control))
-    }
-
-    /// The bytes this item holds for its connection alone, counted against the connection's
-    /// outgoing budget. A shared event counts its frame: a slow reader keeps it alive.
-    pub fn queued_bytes(&self) -> usize {
-        match self {
-            Outbound::Event(event) => event.frame.len(),
-            Outbound::Frame(frame) => frame.len(),
-            Outbound::Control(_) => 0,
-        }
-    }
-}
-
-/// Why the hub closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Its outgoing queue was full: it does not read fast enough.
-    SlowConsumer,
-    /// The region drains: goodbye, with the connection's cursors kept for its reconnect.
-    Drain,
-    /// Its token was revoked (by `jti`): do not reconnect with it.
-    Revoked,
-}
-
-/// How the hub reaches one connection.
-#[derive(Debug, Clone)]
-pub struct ConnSink {
-    pub id: ConnId,
-    pub user: UserId,
-    outbox: Arc<Outbox>,
-    closer: Arc<Closer>,
-}
-
-/// Closes a connection from outside its task, with a reason.
-#[derive(Debug, Default)]
-pub struct Closer {
-    pub token: CancellationToken,
-    pub reason: OnceLock<CloseReason>,
-}
-
-impl Closer {
-    /// Closes the connection for `reason`, unless it is already closing; true if this call
-    /// set the reason.
-    pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.set(reason).is_ok();
-        self.token.cancel();
-        first
-    }
-}
-
-impl ConnSink {
-    /// A sink queueing into `outbox`; `closer` ends the connection.
-    pub fn new(id: ConnId, user: UserId, outbox: Arc<Outbox>, closer: Arc<Closer>) -> Self {
-        ConnSink {
-            id,
-            user,
-            outbox,
-            closer,
-        }
-    }
-
-    /// Queues without waiting; a full queue (in items or bytes) closes the connection as a
-    /// slow consumer: the fan-out never waits for one client.
-    pub fn push(&self, item: Outbound) -> bool {
-        match self.outbox.push(item) {
-            Ok(()) => true,
-            Err(outbox::Refused::Full) => {
-                self.slow_consumer();
-                false
-            }
-            Err(outbox::Refused::Closed) => false,
-        }
-    }
-
-    fn slow_consumer(&self) {
-        if self.closer.close(CloseReason::SlowConsumer) {
-            tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
-        }
-    }
-}
 
 /// An item for a channel's subscribers: all but `skip`, the connection it came from.
 #[derive(Debug)]
 struct Ready {
     item: Outbound,
     skip: Option<ConnId>,
-}
-
-/// A live event waiting for a catch-up: the event, its rendered frame, and when it arrived.
-type Buffered = (ChannelEvent, Option<Utf8Bytes>, Option<Instant>);
-
-/// Local state of one channel.
-#[derive(Debug, Default)]
-struct LocalChannel {
-    conns: HashMap<ConnId, ConnSink>,
-    /// The channel server the subscription was sent to.
-    upstream: Option<NodeId>,
-    /// That channel server confirmed it: every later event of the channel reaches us.
-    active: bool,
-    /// Connections waiting for `active`.
-    waiters: Vec<oneshot::Sender<()>>,
-    /// The newest ts delivered.
-    last_ts: Option<Ts>,
-    /// Set while the channel catches up from history after a resubscription: live events
-    /// wait here, so clients get the missed ones first, in ts order, without duplicates.
-    catching_up: Option<Vec<Buffered>>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    channels: HashMap<ChannelId, LocalChannel>,
-    upstreams: HashMap<NodeId, Upstream>,
 }
 
 /// The hub; cheap to clone.
@@ -265,21 +109,7 @@ impl Hub {
     pub fn join(&self, sink: &ConnSink, channels: &[ChannelId]) -> Vec<oneshot::Receiver<()>> {
         let ring = self.inner.ring.current();
         let mut state = self.state();
-        let mut waiting = Vec::new();
-        let mut to_subscribe: Vec<ChannelId> = Vec::new();
-        for channel in channels {
-            let local = state.channels.entry(channel.clone()).or_default();
-            local.conns.insert(sink.id, sink.clone());
-            if local.active {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            local.waiters.push(tx);
-            waiting.push(rx);
-            if local.upstream.is_none() {
-                to_subscribe.push(channel.clone());
-            }
-        }
+        let (waiting, to_subscribe) = state.join(sink, channels);
         self.subscribe_locked(&mut state, &ring, to_subscribe);
         waiting
     }
@@ -287,50 +117,13 @@ impl Hub {
     /// Removes connection `conn` from each channel, unsubscribing channels nobody wants.
     pub fn leave(&self, conn: ConnId, channels: &[ChannelId]) {
         let mut state = self.state();
-        let mut unsubscribe: HashMap<NodeId, Vec<String>> = HashMap::new();
-        for channel in channels {
-            let Some(local) = state.channels.get_mut(channel) else {
-                continue;
-            };
-            local.conns.remove(&conn);
-            if local.conns.is_empty() {
-                if let Some(node) = local.upstream.take() {
-                    unsubscribe
-                        .entry(node)
-                        .or_default()
-                        .push(channel.to_string());
-                }
-                state.channels.remove(channel);
-            }
-        }
-        for (node, channels) in unsubscribe {
-            self.send_locked(
-                &mut state,
-                &node,
-                Command::Unsubscribe(pb::Unsubscribe { channels }),
-            );
-        }
+        let unsubscribe = state.leave(conn, channels);
+        self.unsubscribe_locked(&mut state, unsubscribe);
     }
 
     /// Sends subscribes for `channels` (not yet sent anywhere) to their owners in `ring`.
     fn subscribe_locked(&self, state: &mut State, ring: &Ring, channels: Vec<ChannelId>) {
-        let mut by_node: HashMap<NodeId, (String, Vec<String>)> = HashMap::new();
-        for channel in channels {
-            let Some(owner) = ring.owner_of(&channel) else {
-                continue; // No ring yet: the next ring reconciles it.
-            };
-            if let Some(local) = state.channels.get_mut(&channel) {
-                local.upstream = Some(owner.id.clone());
-                local.active = false;
-                local.catching_up = None;
-            }
-            by_node
-                .entry(owner.id.clone())
-                .or_insert_with(|| (owner.addr.clone(), Vec::new()))
-                .1
-                .push(channel.to_string());
-        }
-        for (node, (addr, channels)) in by_node {
+        for (node, (addr, channels)) in state.assign(ring, channels) {
             if !state.upstreams.contains_key(&node) {
                 let upstream = upstream::spawn(
                     self.clone(),
@@ -350,6 +143,17 @@ impl Hub {
         }
     }
 
+    /// Sends `unsubscribe`, per channel server.
+    fn unsubscribe_locked(&self, state: &mut State, unsubscribe: Unsubscribes) {
+        for (node, channels) in unsubscribe {
+            self.send_locked(
+                state,
+                &node,
+                Command::Unsubscribe(pb::Unsubscribe { channels }),
+            );
+        }
+    }
+
     /// Queues a command on `node`'s stream; a full or closed queue restarts that stream.
     fn send_locked(&self, state: &mut State, node: &NodeId, command: Command) {
         let Some(upstream) = state.upstreams.get(node) else {
@@ -360,7 +164,7 @@ impl Hub {
         };
         if upstream.commands.try_send(request).is_err() {
             tracing::warn!(%node, "upstream command queue full or closed; restarting the stream");
-            self.upstream_lost_locked(state, node);
+            state.lose(node);
         }
     }
 
@@ -495,20 +299,12 @@ impl Hub {
         if local.upstream.as_ref() != Some(node) {
             return;
         }
-        match (local.last_ts, head) {
-            (Some(last), Some(head)) if head > last => {
-                local.catching_up = Some(Vec::new());
-                let (hub, node, channel) = (self.clone(), node.clone(), channel.clone());
-                self.inner.tracker.spawn(async move {
-                    let history = hub
-                        .inner
-                        .router
-                        .history(&channel, Some(last), CATCH_UP_LIMIT)
-                        .await;
-                    hub.caught_up(&node, &channel, history);
-                });
-            }
-            _ => Self::activate(local),
+        if let Some(last) = local.confirmed(head) {
+            let (hub, node, channel) = (self.clone(), node.clone(), channel.clone());
+            self.inner.tracker.spawn(async move {
+                let history = history::read(&hub.inner.router, &channel, Some(last)).await;
+                hub.caught_up(&node, &channel, history);
+            });
         }
     }
 
@@ -527,7 +323,7 @@ impl Hub {
             return; // Moved again meanwhile: the next subscription catches up.
         }
         let waiting = local.catching_up.take().unwrap_or_default();
-        match history {
+        let missed = match history {
             Ok(history) => {
                 if history.has_more {
                     tracing::warn!(%channel, "more missed events than one catch-up reads");
@@ -538,10 +334,7 @@ impl Hub {
                     .catch_ups
                     .with_label_values(&["ok"])
                     .inc();
-                for event in history.events {
-                    let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
-                    self.fan_out(local, &event, frame, None);
-                }
+                history.events
             }
             Err(e) => {
                 self.inner
@@ -549,20 +342,20 @@ impl Hub {
                     .catch_ups
                     .with_label_values(&["failed"])
                     .inc();
-                tracing::warn!(%channel, error = %e, "catching up failed; delivering live events only")
+                tracing::warn!(%channel, error = %e, "catching up failed; delivering live events only");
+                Vec::new()
             }
-        }
-        for (event, frame, received) in waiting {
+        };
+        let missed = missed.into_iter().map(|event| {
+            let frame = mesh_rtm::render(&event).map(Utf8Bytes::from);
+            (event, frame, None)
+        });
+        for (event, frame, received) in
+            history::merge(local.last_ts, missed, waiting, |(event, ..)| event.ts)
+        {
             self.fan_out(local, &event, frame, received);
         }
-        Self::activate(local);
-    }
-
-    fn activate(local: &mut LocalChannel) {
-        local.active = true;
-        for waiter in local.waiters.drain(..) {
-            let _ = waiter.send(());
-        }
+        local.activate();
     }
 
     /// `node` refused `channel` (it does not own it in its epoch, or it moved away).
@@ -572,11 +365,9 @@ impl Hub {
         };
         let mut state = self.state();
         if let Some(local) = state.channels.get_mut(&channel)
-            && local.upstream.as_ref() == Some(node)
+            && local.detach(node)
         {
             tracing::debug!(%node, %channel, reason, "subscription refused; will resubscribe");
-            local.upstream = None;
-            local.active = false;
             drop(state);
             self.schedule_reconcile();
         }
@@ -584,22 +375,8 @@ impl Hub {
 
     /// `node`'s stream ended: its channels resubscribe after a pause.
     pub fn upstream_lost(&self, node: &NodeId) {
-        let mut state = self.state();
-        self.upstream_lost_locked(&mut state, node);
-        drop(state);
+        self.state().lose(node);
         self.schedule_reconcile();
-    }
-
-    fn upstream_lost_locked(&self, state: &mut State, node: &NodeId) {
-        if let Some(upstream) = state.upstreams.remove(node) {
-            upstream.cancel.cancel();
-        }
-        for local in state.channels.values_mut() {
-            if local.upstream.as_ref() == Some(node) {
-                local.upstream = None;
-                local.active = false;
-            }
-        }
     }
 
     fn schedule_reconcile(&self) {
@@ -621,42 +398,10 @@ impl Hub {
     /// Points every channel's subscription at its owner in `ring`.
     pub fn reconcile(&self, ring: &Ring) {
         let mut state = self.state();
-        let mut to_subscribe = Vec::new();
-        let mut unsubscribe: HashMap<NodeId, Vec<String>> = HashMap::new();
-        for (channel, local) in state.channels.iter_mut() {
-            let owner = ring.owner_of(channel).map(|n| &n.id);
-            if local.upstream.as_ref() == owner && owner.is_some() {
-                continue;
-            }
-            if let Some(old) = local.upstream.take() {
-                unsubscribe
-                    .entry(old)
-                    .or_default()
-                    .push(channel.to_string());
-            }
-            local.active = false;
-            to_subscribe.push(channel.clone());
-        }
-        for (node, channels) in unsubscribe {
-            self.send_locked(
-                &mut state,
-                &node,
-                Command::Unsubscribe(pb::Unsubscribe { channels }),
-            );
-        }
+        let (to_subscribe, unsubscribe) = state.moved(ring);
+        self.unsubscribe_locked(&mut state, unsubscribe);
         // Streams to nodes that left the ring and serve nothing are closed.
-        let live: HashSet<&NodeId> = ring.nodes().iter().map(|n| &n.id).collect();
-        let gone: Vec<NodeId> = state
-            .upstreams
-            .keys()
-            .filter(|n| !live.contains(n))
-            .cloned()
-            .collect();
-        for node in gone {
-            if let Some(upstream) = state.upstreams.remove(&node) {
-                upstream.cancel.cancel();
-            }
-        }
+        state.close_departed(ring);
         if !to_subscribe.is_empty() {
             tracing::info!(
                 epoch = ring.epoch(),
@@ -673,12 +418,12 @@ impl Hub {
             .await;
     }
 
-    /// Channels currently wanted by at least one local connection.
     /// The newest ts this gateway delivered on `channel` (a new connection's starting cursor).
     pub fn last_ts(&self, channel: &ChannelId) -> Option<Ts> {
         self.state().channels.get(channel).and_then(|c| c.last_ts)
     }
 
+    /// Channels currently wanted by at least one local connection.
     pub fn channel_count(&self) -> usize {
         self.state().channels.len()
     }
@@ -686,5 +431,32 @@ impl Hub {
     /// Upstream streams open.
     pub fn upstream_count(&self) -> usize {
         self.state().upstreams.len()
+    }
+}
+
+/// What the upstream streams say reaches the hub.
+impl Downstream for Hub {
+    fn gateway(&self) -> &str {
+        Hub::gateway(self)
+    }
+
+    fn metrics(&self) -> &GatewayMetrics {
+        Hub::metrics(self)
+    }
+
+    fn deliver_batch(&self, from: &NodeId, batch: Vec<ChannelEvent>, received: Instant) {
+        Hub::deliver_batch(self, from, batch, received);
+    }
+
+    fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>) {
+        Hub::subscribed(self, node, channel, head);
+    }
+
+    fn refused(&self, node: &NodeId, channel: &str, reason: &str) {
+        Hub::refused(self, node, channel, reason);
+    }
+
+    fn upstream_lost(&self, node: &NodeId) {
+        Hub::upstream_lost(self, node);
     }
 }

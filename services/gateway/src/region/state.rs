@@ -1,8 +1,7 @@
-//! This gateway's place in its region: it reports itself to the ring manager about every half
-//! second, and when its region drains it fails its health check, sends `rtm.connect` callers to
-//! the nearest healthy region (with resume cursors), and says goodbye to its clients in paced
-//! batches — lame duck, no reconnect storm. The same reports bring the token revocation list:
-//! revoked tokens are refused, and connections holding them closed (4003).
+//! What this gateway knows of its region, as the ring manager's directives say it: whether the
+//! region drains (and where to send clients meanwhile), the revoked tokens; and what it can do
+//! about it: the open connections it can close, the cursors of goodbye'd connections kept for
+//! their reconnect. State only: the report task talks to the ring manager.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -10,22 +9,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mesh_core::{ChannelId, Ts, UserId};
-use mesh_proto::ring::GatewayReport;
-use mesh_proto::ring::ring_manager_client::RingManagerClient;
+use mesh_proto::ring::GatewayDirective;
 
-use crate::Shared;
-use crate::hub::{CloseReason, Closer, ConnId};
+use crate::close::{Close, Closer};
+use crate::vocab::ConnId;
 
-/// How often the gateway reports itself.
-const REPORT_INTERVAL: Duration = Duration::from_millis(500);
-/// How often a draining gateway says goodbye to its next batch.
-const DRAIN_TICK: Duration = Duration::from_millis(100);
 /// How long a goodbye'd connection's cursors wait for its reconnect.
 const HANDOVER_TTL: Duration = Duration::from_secs(60);
 /// The most goodbye'd connections whose cursors are kept.
 const MAX_HANDOVERS: usize = 200_000;
 /// How long one report or forwarded `rtm.connect` may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most revoked tokens a gateway holds (the ring manager holds at most as many; more
 /// here only after a ring manager restart, from two generations).
 pub const MAX_REVOKED: usize = 200_000;
@@ -95,15 +89,18 @@ impl RegionState {
         })
     }
 
+    /// Connection `conn` is open and can be closed through `closer` (it is closed at once if
+    /// its token was revoked meanwhile).
     pub fn register(&self, conn: ConnId, closer: Arc<Closer>) {
         lock(&self.conns).insert(conn, closer.clone());
         // A revocation that arrived between the upgrade's check and now found no closer.
         let jti = lock(&self.conn_jtis).get(&conn).cloned();
-        if jti.is_some_and(|j| self.is_revoked(&j)) && closer.close(CloseReason::Revoked) {
+        if jti.is_some_and(|j| self.is_revoked(&j)) && closer.close(Close::Revoked) {
             tracing::info!(conn, "closing a connection whose token was revoked");
         }
     }
 
+    /// Connection `conn` ended.
     pub fn unregister(&self, conn: ConnId) {
         lock(&self.conns).remove(&conn);
         lock(&self.conn_jtis).remove(&conn);
@@ -129,13 +126,30 @@ impl RegionState {
     }
 
     /// The (generation, version) of the revocation list held, for the report.
-    fn revocations_held(&self) -> (u64, u64) {
+    pub(super) fn revocations_held(&self) -> (u64, u64) {
         let revoked = lock(&self.revoked);
         (revoked.generation, revoked.version)
     }
 
+    /// Takes in a directive of the ring manager: the drain state, its pace and where to send
+    /// clients, and the revocations.
+    pub(super) fn apply(&self, directive: &GatewayDirective) {
+        self.apply_revocations(directive);
+        let was = self.draining.swap(directive.draining, Ordering::Relaxed);
+        if was != directive.draining {
+            tracing::info!(draining = directive.draining, rate = directive.rate, redirect = ?directive.redirect, "region drain state changed");
+        }
+        self.rate.store(directive.rate, Ordering::Relaxed);
+        *lock(&self.redirect) = directive.redirect.clone();
+    }
+
+    /// Goodbyes per second while draining.
+    pub(super) fn rate(&self) -> u32 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
     /// Adds a directive's revocations and closes the open connections they name.
-    fn apply_revocations(&self, directive: &mesh_proto::ring::GatewayDirective) {
+    fn apply_revocations(&self, directive: &GatewayDirective) {
         let now = unix_now();
         let mut added = Vec::new();
         {
@@ -176,7 +190,7 @@ impl RegionState {
         let conns = lock(&self.conns);
         for conn in doomed {
             if let Some(closer) = conns.get(&conn)
-                && closer.close(CloseReason::Revoked)
+                && closer.close(Close::Revoked)
             {
                 tracing::info!(conn, "closing a connection whose token was revoked");
             }
@@ -221,15 +235,14 @@ impl RegionState {
     }
 
     /// Says goodbye to up to `n` connections.
-    fn close_batch(&self, n: usize) -> usize {
+    pub(super) fn close_batch(&self, n: usize) -> usize {
         let conns = lock(&self.conns);
         let mut closed = 0;
         for closer in conns.values() {
             if closed == n {
                 break;
             }
-            if closer.reason.set(CloseReason::Drain).is_ok() {
-                closer.token.cancel();
+            if closer.close(Close::Draining) {
                 closed += 1;
             }
         }
@@ -237,70 +250,96 @@ impl RegionState {
     }
 }
 
-/// Reports this gateway until it stops, and drains it while its region drains.
-pub async fn run(shared: Arc<Shared>, gateway: String) {
-    let region = &shared.region_state;
-    let mut client: Option<RingManagerClient<tonic::transport::Channel>> = None;
-    let mut report = tokio::time::interval(REPORT_INTERVAL);
-    let mut tick = tokio::time::interval(DRAIN_TICK);
-    loop {
-        tokio::select! {
-            _ = shared.cancel.cancelled() => return,
-            _ = report.tick() => {
-                let (revocations_generation, revocations_version) = region.revocations_held();
-                let request = GatewayReport {
-                    revocations_generation,
-                    revocations_version,
-                    gateway: gateway.clone(),
-                    region: shared.region.clone(),
-                    url: shared.http_url.clone(),
-                    connections: shared.connections.load(Ordering::Relaxed),
-                };
-                if client.is_none() {
-                    client = connect(&shared).await;
-                }
-                let Some(c) = client.as_mut() else { continue };
-                match tokio::time::timeout(CALL_TIMEOUT, c.report_gateway(request)).await {
-                    Ok(Ok(directive)) => {
-                        let directive = directive.into_inner();
-                        region.apply_revocations(&directive);
-                        let was = region.draining.swap(directive.draining, Ordering::Relaxed);
-                        if was != directive.draining {
-                            tracing::info!(draining = directive.draining, rate = directive.rate, redirect = ?directive.redirect, "region drain state changed");
-                        }
-                        region.rate.store(directive.rate, Ordering::Relaxed);
-                        *lock(&region.redirect) = directive.redirect;
-                    }
-                    // The ring manager is away: keep the last directive (static stability).
-                    _ => client = None,
-                }
-            }
-            _ = tick.tick() => {
-                if region.draining() && !region.redirect().is_empty() {
-                    let per_tick = (region.rate.load(Ordering::Relaxed) as usize / 10).max(1);
-                    region.close_batch(per_tick);
-                }
-            }
+#[cfg(test)]
+mod tests {
+    use mesh_proto::ring::RevokedToken;
+
+    use super::*;
+
+    fn revoke(jtis: &[&str], expires_at: u64) -> GatewayDirective {
+        GatewayDirective {
+            revoked: jtis
+                .iter()
+                .map(|jti| RevokedToken {
+                    jti: jti.to_string(),
+                    expires_at,
+                })
+                .collect(),
+            revocations_generation: 7,
+            revocations_version: 3,
+            ..GatewayDirective::default()
         }
     }
-}
 
-async fn connect(shared: &Shared) -> Option<RingManagerClient<tonic::transport::Channel>> {
-    let endpoint = shared.ring_source.endpoint().await.ok()?;
-    let channel = mesh_transport::endpoint(&endpoint)
-        .ok()?
-        .connect_timeout(CALL_TIMEOUT)
-        .connect()
-        .await
-        .ok()?;
-    Some(RingManagerClient::new(channel))
-}
+    #[test]
+    fn a_revocation_closes_the_connections_holding_the_token() {
+        let region = RegionState::default();
+        let (a, b) = (Arc::new(Closer::default()), Arc::new(Closer::default()));
+        region.track_jti(1, "j1".into());
+        region.track_jti(2, "j2".into());
+        region.register(1, a.clone());
+        region.register(2, b.clone());
+        region.apply(&revoke(&["j1"], unix_now() + 60));
+        assert_eq!(a.reason(), Some(Close::Revoked));
+        assert_eq!(b.reason(), None);
+        assert!(region.is_revoked("j1") && !region.is_revoked("j2"));
+        assert_eq!(region.revocations_held(), (7, 3));
+        // A connection that registers after its token was revoked is closed at once.
+        let c = Arc::new(Closer::default());
+        region.track_jti(3, "j1".into());
+        region.register(3, c.clone());
+        assert_eq!(c.reason(), Some(Close::Revoked));
+        // Expired revocations are not taken.
+        region.apply(&revoke(&["j2"], unix_now().saturating_sub(1)));
+        assert_eq!(b.reason(), None);
+        assert_eq!(region.revoked_count(), 1);
+    }
 
-/// Renders cursors as the `cursors` parameter: `C1:TS1,C2:TS2`.
-pub fn cursors_param(cursors: &[(ChannelId, Ts)]) -> String {
-    cursors
-        .iter()
-        .map(|(c, ts)| format!("{c}:{ts}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    #[test]
+    fn a_drain_says_goodbye_in_batches_to_connections_still_open() {
+        let region = RegionState::default();
+        let closers: Vec<Arc<Closer>> = (0..5).map(|_| Arc::new(Closer::default())).collect();
+        for (conn, closer) in closers.iter().enumerate() {
+            region.register(conn as ConnId, closer.clone());
+        }
+        region.apply(&GatewayDirective {
+            draining: true,
+            rate: 20,
+            redirect: vec!["http://elsewhere".into()],
+            ..GatewayDirective::default()
+        });
+        assert!(region.draining());
+        assert_eq!((region.rate(), region.redirect().len()), (20, 1));
+        // One already closing is not counted again.
+        closers[0].close(Close::QueueOverflow);
+        region.unregister(4);
+        assert_eq!(region.close_batch(2), 2);
+        assert_eq!(region.close_batch(2), 1);
+        assert_eq!(region.close_batch(2), 0);
+        let reasons: Vec<Option<Close>> = closers.iter().map(|c| c.reason()).collect();
+        assert_eq!(reasons[0], Some(Close::QueueOverflow));
+        assert!(reasons[1..4].iter().all(|r| *r == Some(Close::Draining)));
+        assert_eq!(reasons[4], None);
+        region.apply(&GatewayDirective::default());
+        assert!(!region.draining() && region.redirect().is_empty());
+    }
+
+    #[test]
+    fn handed_over_cursors_wait_for_their_users_oldest_first() {
+        let region = RegionState::default();
+        let user = UserId::new("U1").unwrap();
+        let cursor = |ts: &str| vec![(ChannelId::new("C1").unwrap(), Ts::parse(ts).unwrap())];
+        region.hand_over(user.clone(), cursor("1700000000.000001"));
+        region.hand_over(user.clone(), cursor("1700000000.000002"));
+        assert_eq!(
+            region.take_handover(&user),
+            Some(cursor("1700000000.000001"))
+        );
+        assert_eq!(
+            region.take_handover(&user),
+            Some(cursor("1700000000.000002"))
+        );
+        assert_eq!(region.take_handover(&user), None);
+        assert_eq!(*lock(&region.handovers), 0);
+    }
 }
