@@ -40,11 +40,21 @@ fi
 # shellcheck source=bench/lib.sh
 . "$root/bench/lib.sh"
 # LOADGEN_BIN=path drives the workload with another build than the server's (a copy too), so
-# two load generators can be compared against one server build, or one against two.
-loadgen="$bin"
+# two load generators can be compared against one server build, or one against two: a
+# channelmesh-loadgen, or a channelmesh binary whose `bench` is the load generator (with the
+# channelmesh-loadgen beside it, if it has one).
+loadgen=("$loadgen_bin")
 if [ -n "${LOADGEN_BIN:-}" ]; then
-  cp "$LOADGEN_BIN" "$work/loadgen"
-  loadgen="$work/loadgen"
+  mkdir "$work/other"
+  cp "$LOADGEN_BIN" "$work/other/"
+  if [ "$(basename "$LOADGEN_BIN")" = channelmesh-loadgen ]; then
+    loadgen=("$work/other/channelmesh-loadgen")
+  else
+    if [ -f "$(dirname "$LOADGEN_BIN")/channelmesh-loadgen" ]; then
+      cp "$(dirname "$LOADGEN_BIN")/channelmesh-loadgen" "$work/other/"
+    fi
+    loadgen=("$work/other/$(basename "$LOADGEN_BIN")" bench)
+  fi
 fi
 
 # run_workload OUT SERVER_PID "PORTS" COMMAND...: the load generator's run, its JSON in OUT;
@@ -154,7 +164,7 @@ started+=("$nats_pid")
 wait_port 127.0.0.1 "$NATS_WS_PORT"
 echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
 run_workload "$work/nats.json" "$nats_pid" "$NATS_WS_PORT" \
-  taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" \
+  taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" \
   --server-pid "$nats_pid" "${workload[@]}"
 kill "$nats_pid"
 wait "$nats_pid" 2>/dev/null || true
@@ -174,7 +184,7 @@ if [ "$NODE_PEER" = 1 ]; then
   wait_port 127.0.0.1 "$NODE_PORT"
   echo "node $(node --version) ws $(node -p "require('$root/bench/node-peer/node_modules/ws/package.json').version") ..." >&2
   run_workload "$work/node.json" "$node_pid" "$NODE_PORT" \
-    taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target channelmesh \
+    taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target channelmesh \
     --gateway "http://127.0.0.1:${NODE_PORT}/api/" --server-pid "$node_pid" "${workload[@]}"
   kill "$node_pid"
   wait "$node_pid" 2>/dev/null || true
@@ -206,7 +216,7 @@ wait_port 127.0.0.1 "$((GW_PORT + 1))"
 sleep 1
 echo "channelmesh dev ${limits[*]} ..." >&2
 run_workload "$work/channelmesh.json" "$dev_pid" "$GW_PORT $((GW_PORT + 1))" \
-  taskset -c "$LOADGEN_CPU" "$loadgen" bench fanout --target channelmesh \
+  taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target channelmesh \
   --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" \
   --server-pid "$dev_pid" "${workload[@]}"
 

@@ -59,5 +59,5 @@ for g in $(seq 1 "$GATEWAYS"); do
 done
 sleep 2
 
-"$bin" bench idle --clients "$CLIENTS" --channels "$CHANNELS" --processes "$PROCESSES" \
+"$loadgen_bin" idle --clients "$CLIENTS" --channels "$CHANNELS" --processes "$PROCESSES" \
   --seconds "$DURATION" "${gateways[@]}" "${pids[@]}" "$@"

@@ -1,15 +1,24 @@
-# Shared by the benchmark scripts (sourced): the binary, a scratch folder, the processes
+# Shared by the benchmark scripts (sourced): the binaries (channelmesh, the server, as $bin;
+# channelmesh-loadgen, the load generator, as $loadgen_bin), a scratch folder, the processes
 # started (stopped on exit), and waiting for a port.
 
-# BIN=path runs a binary already built instead of building the release one.
+# BIN=path runs a channelmesh binary already built instead of building the release one; the
+# load generator is the channelmesh-loadgen beside it.
 if [ -z "${BIN:-}" ]; then
-  cargo build --release --bin channelmesh
+  cargo build --release --bin channelmesh --bin channelmesh-loadgen
   BIN=target/release/channelmesh
 fi
+if [ ! -f "$(dirname "$BIN")/channelmesh-loadgen" ]; then
+  echo "no channelmesh-loadgen beside $BIN: cargo build --release -p channelmesh-loadgen" >&2
+  exit 1
+fi
 work="$(mktemp -d)"
-# A copy: other builds sharing target/ cannot swap the binary under the running workers.
+# Copies: other builds sharing target/ cannot swap a binary under the running workers. The
+# load generator stays beside channelmesh, where `channelmesh bench` finds it.
 cp "$BIN" "$work/channelmesh"
+cp "$(dirname "$BIN")/channelmesh-loadgen" "$work/channelmesh-loadgen"
 bin="$work/channelmesh"
+loadgen_bin="$work/channelmesh-loadgen"
 started=()
 cleanup() {
   for pid in "${started[@]}"; do

@@ -72,7 +72,7 @@ hz=$(getconf CLK_TCK)
 
 # The workload runs in the background; the window is measured once the clients are connected
 # (the load generator prints its progress line "running" on stderr).
-taskset -c "$LOADGEN_CPU" "$bin" bench fanout "${target[@]}" --server-pid "$server" \
+taskset -c "$LOADGEN_CPU" "$loadgen_bin" fanout "${target[@]}" --server-pid "$server" \
   --clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --seconds "$DURATION" \
   --rate "$RATE" --window "$WINDOW" --processes "$PROCESSES" --publish clients --json \
   >"$OUT/report.json" 2>"$OUT/loadgen.log" &

@@ -1,20 +1,17 @@
 //! channelmesh as one program: the commands `src/main.rs` dispatches to that are not a single
 //! service — `dev` (the whole mesh, in one process or as child processes; the test kit builds
-//! on [`Mesh`]), `ctl`, `token`, `probe`; how every command stops ([`shutdown`]); and, until
-//! the load generator moves to its own crate, `bench`.
+//! on [`Mesh`]), `ctl`, `token`, `probe`; how every command stops ([`shutdown`]); and
+//! `bench`, which runs the load generator ([`loadgen`]).
 
-pub mod bench;
-pub mod bench_cli;
 pub mod ctl;
 pub mod dev;
-pub mod fanout;
+pub mod loadgen;
 pub mod probe;
 pub mod shutdown;
-pub mod store_bench;
 pub mod token;
 
 /// The in-process mesh under its old path (`channelmesh::mesh::unix_now`, the tests).
 pub use dev::mesh;
 pub use dev::mesh::{Mesh, MeshConfig};
-/// The multi-process mesh under its old path (the benches).
+/// The multi-process mesh under its old path.
 pub use dev::processes as multiprocess;

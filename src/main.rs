@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use channelmesh::{bench_cli, ctl, dev, probe, shutdown, token};
+use channelmesh::{ctl, dev, loadgen, probe, shutdown, token};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -46,8 +46,16 @@ enum Command {
     /// SRE operations on the ring manager (by default the one `dev` starts).
     Ctl(ctl::CtlArgs),
     /// Measure the mesh from outside, through its real interfaces.
-    #[command(subcommand)]
-    Bench(bench_cli::BenchCommand),
+    ///
+    /// Runs the load generator, `channelmesh-loadgen` (beside this binary, or at
+    /// $CHANNELMESH_LOADGEN), with these arguments: `channelmesh bench --help` lists its
+    /// commands.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The load generator's command and its flags, passed on as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Check a service's health endpoint (e.g. http://127.0.0.1:50101/readyz): exit 0 on a 2xx
     /// answer within 2 s, else 1 with the answer. For container health checks, whose images
     /// have no curl.
@@ -81,7 +89,7 @@ impl Command {
             Command::AdminServer(args) => Ok(admin_server::run::run(args, cancel).await?),
             Command::Gateway(args) => Ok(gateway::run::run(args, cancel).await?),
             Command::Ctl(args) => ctl::run(args, cancel).await,
-            Command::Bench(command) => bench_cli::run(command).await,
+            Command::Bench { .. } => unreachable!("handled in main, before the runtime starts"),
             Command::Probe(args) => probe::run(args).await,
             Command::Token(args) => token::run(args),
         }
@@ -90,6 +98,10 @@ impl Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = cli.command {
+        // The flags given before `bench` go first; the load generator takes them too.
+        return loadgen::run([cli.tls.to_args(), cli.log.to_args()].concat(), args);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -131,10 +143,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.configure()?;
     let cancel = CancellationToken::new();
-    // The load generator keeps its own ways: ctrl-c ends it at once.
-    if !matches!(cli.command, Command::Bench(_)) {
-        shutdown::cancel_on_signals(cancel.clone());
-    }
+    shutdown::cancel_on_signals(cancel.clone());
     let child_args = [cli.log.to_args(), cli.tls.to_args()].concat();
     let work = cli.command.run(child_args, cancel.clone());
     shutdown::supervise(work, &cancel, SHUTDOWN_GRACE).await

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use ring_client::consul::{BlockingLoop, Consul};
+use ring_client::consul::{BlockingLoop, Consul, KvEntry};
 use ring_client::consul_ring::{BACKOFF_MAX, BACKOFF_MIN, BLOCKING_WAIT, MIN_QUERY_SPACING};
 pub use ring_client::consul_ring::{ConsulRing, DEFAULT_PREFIX, LeaderInfo, Record};
 
@@ -82,7 +82,7 @@ pub async fn run_leader_election_with(
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = next_backoff(backoff);
                 continue;
             }
         };
@@ -126,21 +126,51 @@ async fn renew(consul: Consul, session: String, ttl: Duration, alive: Cancellati
             _ = alive.cancelled() => return,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
-        match consul.renew_session(&session).await {
-            Ok(true) => last_ok = Instant::now(),
+        let lost = match consul.renew_session(&session).await {
+            Ok(true) => {
+                last_ok = Instant::now();
+                false
+            }
             Ok(false) => {
                 tracing::warn!(%session, "consul session was invalidated");
-                alive.cancel();
-                return;
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the consul session");
-                if last_ok.elapsed() >= ttl {
-                    alive.cancel();
-                    return;
-                }
+                lapsed(last_ok.elapsed(), ttl)
             }
+        };
+        if lost {
+            alive.cancel();
+            return;
         }
+    }
+}
+
+/// Whether a session last renewed `since_renewed` ago is lost to renewals that keep failing:
+/// after a whole TTL, Consul may have invalidated it.
+fn lapsed(since_renewed: Duration, ttl: Duration) -> bool {
+    since_renewed >= ttl
+}
+
+/// The next retry pause after `backoff`: twice as long, at most [`BACKOFF_MAX`].
+fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).min(BACKOFF_MAX)
+}
+
+/// Whether the lock, as its KV entry shows it, is held by `session`.
+fn held_by(lock: Option<&KvEntry>, session: &str) -> bool {
+    lock.and_then(|l| l.session.as_deref()) == Some(session)
+}
+
+/// How long a campaign that did not win the lock pauses before trying again: the backoff when
+/// another session holds it, a gentle pace (a quarter of the lock delay, within bounds) while
+/// the lock is free but in its lock delay.
+fn campaign_pause(held: bool, backoff: Duration, lock_delay: Duration) -> Duration {
+    if held {
+        backoff
+    } else {
+        (lock_delay / 4).clamp(MIN_QUERY_SPACING, BACKOFF_MAX)
     }
 }
 
@@ -177,7 +207,7 @@ async fn campaign(
                     _ = alive.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = next_backoff(backoff);
                 continue;
             }
         }
@@ -212,11 +242,7 @@ async fn campaign(
                 Err(e) => tracing::warn!(error = %e, "cannot watch the ring manager lock"),
             }
         }
-        let pause = if held {
-            backoff
-        } else {
-            (config.lock_delay / 4).clamp(MIN_QUERY_SPACING, BACKOFF_MAX)
-        };
+        let pause = campaign_pause(held, backoff, config.lock_delay);
         tokio::select! {
             _ = alive.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
@@ -234,7 +260,7 @@ async fn lead(
     alive: &CancellationToken,
 ) -> Result<(), crate::Error> {
     let (lock, _) = ring.consul.get(&ring.lock_key(), None).await?;
-    let Some(lock) = lock.filter(|l| l.session.as_deref() == Some(session)) else {
+    let Some(lock) = lock.filter(|l| held_by(Some(l), session)) else {
         return Ok(());
     };
     let lock_index = lock.lock_index;
@@ -275,7 +301,7 @@ async fn lead(
     ));
     let listener = bind_with_retry(config.listen, &leading).await?;
     leadership.send_replace(Some(manager.clone()));
-    let served = crate::server::serve(manager, listener, leading.clone()).await;
+    let served = crate::grpc::serve(manager, listener, leading.clone()).await;
     leadership.send_replace(None);
     leading.cancel();
     tracker.close();
@@ -304,8 +330,21 @@ async fn bind_with_retry(
 /// The leader's identity stamped on each record it writes.
 #[derive(Debug, Clone)]
 struct Fence {
+    /// Its lock index: the fencing token.
     lock_index: u64,
+    /// Its gRPC endpoint.
     leader: String,
+}
+
+impl Fence {
+    /// `saved`, stamped as this leader's.
+    fn record(&self, saved: &Saved) -> Record {
+        Record {
+            lock_index: self.lock_index,
+            leader: self.leader.clone(),
+            saved: saved.clone(),
+        }
+    }
 }
 
 /// Writes each new state to the ring key, in order, by a transaction that checks the lock is
@@ -333,12 +372,7 @@ async fn write_ring(
         let Some(saved) = updates.borrow_and_update().clone() else {
             continue;
         };
-        let record = Record {
-            lock_index: fence.lock_index,
-            leader: fence.leader.clone(),
-            saved: (*saved).clone(),
-        };
-        let value = match serde_json::to_vec(&record) {
+        let value = match serde_json::to_vec(&fence.record(&saved)) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the ring record");
@@ -372,7 +406,7 @@ async fn write_ring(
                         return;
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff = next_backoff(backoff);
                 }
             }
         }
@@ -398,8 +432,8 @@ async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToke
         match answer {
             Ok((entry, index)) => {
                 blocking.observe(index);
-                let holder = entry.and_then(|e| e.session);
-                if holder.as_deref() != Some(session.as_str()) {
+                if !held_by(entry.as_ref(), &session) {
+                    let holder = entry.and_then(|e| e.session);
                     tracing::warn!(?holder, "the ring manager lock is no longer ours");
                     leading.cancel();
                     return;
@@ -414,5 +448,84 @@ async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToke
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(session: Option<&str>) -> KvEntry {
+        KvEntry {
+            key: "channelmesh/ring-manager/leader".into(),
+            value: Vec::new(),
+            session: session.map(String::from),
+            lock_index: 3,
+            modify_index: 9,
+        }
+    }
+
+    #[test]
+    fn only_the_sessions_own_lock_counts_as_held_by_it() {
+        assert!(held_by(Some(&lock(Some("s1"))), "s1"));
+        assert!(!held_by(Some(&lock(Some("s2"))), "s1"));
+        assert!(!held_by(Some(&lock(None)), "s1"), "a released lock");
+        assert!(!held_by(None, "s1"), "no lock key yet");
+    }
+
+    #[test]
+    fn retries_back_off_to_a_cap_and_a_free_lock_is_retried_gently() {
+        let mut backoff = BACKOFF_MIN;
+        let mut seen = vec![backoff];
+        while backoff < BACKOFF_MAX {
+            backoff = next_backoff(backoff);
+            seen.push(backoff);
+        }
+        assert_eq!(seen[1], BACKOFF_MIN * 2);
+        assert_eq!(next_backoff(BACKOFF_MAX), BACKOFF_MAX);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        // Held by another: the backoff. Free but in its lock delay: a quarter of the delay,
+        // never busier than the query spacing nor lazier than the backoff cap.
+        assert_eq!(campaign_pause(true, backoff, DEFAULT_LOCK_DELAY), backoff);
+        assert_eq!(
+            campaign_pause(false, backoff, Duration::from_millis(400)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            campaign_pause(false, backoff, Duration::ZERO),
+            MIN_QUERY_SPACING
+        );
+        assert_eq!(
+            campaign_pause(false, backoff, Duration::from_secs(60)),
+            BACKOFF_MAX
+        );
+    }
+
+    #[test]
+    fn a_session_is_lost_after_a_whole_ttl_without_a_renewal() {
+        assert!(!lapsed(DEFAULT_SESSION_TTL / 3 * 2, DEFAULT_SESSION_TTL));
+        assert!(lapsed(DEFAULT_SESSION_TTL, DEFAULT_SESSION_TTL));
+    }
+
+    #[test]
+    fn every_record_carries_the_leaders_fence() {
+        let saved = Saved {
+            epoch: 0,
+            nodes: Vec::new(),
+            slot_owner: Vec::new(),
+            members: Vec::new(),
+            next_incarnation: 1,
+        };
+        let fence = Fence {
+            lock_index: 7,
+            leader: "http://10.0.0.5:50050".into(),
+        };
+        let record = fence.record(&saved);
+        assert_eq!(record.lock_index, 7);
+        assert_eq!(record.leader, "http://10.0.0.5:50050");
+        assert_eq!(record.saved, saved);
+        let decoded =
+            ring_client::consul_ring::decode_record(&serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(decoded, record);
     }
 }

@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{NodeState, RingManager};
+use crate::membership::NodeState;
+use crate::regions::RegionView;
+use crate::server::RingManager;
 
 /// Snapshots pushed per second per viewer, at most: a burst of changes (a failover moves
 /// slots and states within milliseconds) becomes one update.
@@ -65,7 +67,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeJson>,
     /// The ring as runs of consecutive slots with one owner, in slot order.
     pub arcs: Vec<ArcJson>,
-    pub regions: Vec<RegionJson>,
+    /// Every region with its gateways, sorted by name.
+    pub regions: Vec<RegionView>,
     /// Recent epochs, newest first.
     pub epochs: Vec<EpochJson>,
 }
@@ -94,31 +97,6 @@ pub struct ArcJson {
     pub start: usize,
     pub len: usize,
     pub node: Option<String>,
-}
-
-/// A region, as `ctl regions --json` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegionJson {
-    pub region: String,
-    pub draining: bool,
-    /// Goodbyes per second per gateway while draining.
-    pub rate: u32,
-    pub connections: u64,
-    /// Nearest regions first.
-    pub nearest: Vec<String>,
-    pub gateways: Vec<GatewayJson>,
-}
-
-/// A gateway of a region.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GatewayJson {
-    pub id: String,
-    pub url: String,
-    pub connections: u64,
-    /// Milliseconds since its last report.
-    pub last_seen_ms: u64,
-    /// Not heard from for [`crate::regions::GATEWAY_STALE`]: no longer counted.
-    pub stale: bool,
 }
 
 /// A published epoch and what it changed.
@@ -244,7 +222,7 @@ impl Console {
             at_ms,
             nodes,
             arcs: arcs(&ring),
-            regions: regions_json(manager.regions()),
+            regions: manager.regions().regions,
             epochs: manager
                 .history()
                 .into_iter()
@@ -300,31 +278,6 @@ fn arcs(ring: &mesh_core::Ring) -> Vec<ArcJson> {
         }
     }
     arcs
-}
-
-fn regions_json(view: mesh_proto::ring::RegionsView) -> Vec<RegionJson> {
-    let stale_ms = crate::regions::GATEWAY_STALE.as_millis() as u64;
-    view.regions
-        .into_iter()
-        .map(|r| RegionJson {
-            region: r.region,
-            draining: r.draining,
-            rate: r.rate,
-            connections: r.connections,
-            nearest: r.nearest,
-            gateways: r
-                .gateways
-                .into_iter()
-                .map(|g| GatewayJson {
-                    stale: g.last_seen_ms >= stale_ms,
-                    id: g.id,
-                    url: g.url,
-                    connections: g.connections,
-                    last_seen_ms: g.last_seen_ms,
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 /// Serves `console` on `listener` until `cancel` fires.

@@ -3,9 +3,15 @@
 //! ring through `ring_client::RingWatcher` (the client halves live in the `ring-client` crate).
 //!
 //! Channel servers hold leases by heartbeat (`ring_client::lease`); the ring manager replaces
-//! those that lose them ([`server`]). Two backends keep the ring: the embedded one, where the
-//! ring manager itself is the registry (durable through its state file), and Consul
-//! ([`cluster`]), where ring managers elect a leader with a session lock and keep the ring in KV.
+//! those that lose them. The decisions are state machines without I/O: [`membership`] (leases,
+//! takeover, standbys, epochs), [`operations`] (drain, replace and add a node), [`regions`] and
+//! [`revocations`]. [`monitor`] watches the leases, [`server`] holds the state and publishes
+//! the ring, and [`grpc`] is the only module that speaks protobuf (the service and the
+//! monitor's health-check probe).
+//!
+//! Two backends keep the ring: the embedded one, where the ring manager itself is the registry
+//! (durable through its state file), and Consul ([`cluster`]), where ring managers elect a
+//! leader with a session lock and keep the ring in KV.
 //!
 //! Each ring manager also serves HTTP ([`console`]): a read-only SRE console of the ring, its
 //! members, the regions and recent epochs, with `/healthz` and `/readyz`.
@@ -13,6 +19,10 @@
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod grpc;
+pub mod membership;
+pub mod monitor;
+pub mod operations;
 pub mod regions;
 pub mod revocations;
 pub mod run;

@@ -13,15 +13,51 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mesh_proto::ring as pb;
-use tonic::Status;
-
 /// The most revocations held at once; past it `RevokeTokens` answers RESOURCE_EXHAUSTED.
 pub const MAX_REVOCATIONS: usize = 100_000;
 /// The most revocations one call may carry (and one directive, so a call's entries fit in one).
 pub const MAX_REVOCATIONS_PER_CALL: usize = 10_000;
 /// The longest `jti`, in bytes (as `mesh_core::token::MAX_JTI_BYTES`).
 pub const MAX_JTI_BYTES: usize = 256;
+
+/// A revoked token: its `jti` and when the token expires (Unix seconds); the entry is dropped
+/// after that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedToken {
+    pub jti: String,
+    pub expires_at: u64,
+}
+
+/// The set after a `RevokeTokens` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// The set's version (bumped by every call that revoked something).
+    pub version: u64,
+    /// Entries held.
+    pub held: u64,
+}
+
+/// What a gateway lacks: the entries newer than the version it reported, and the generation
+/// and version it holds once it has added them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    pub generation: u64,
+    pub version: u64,
+    /// Oldest first.
+    pub revoked: Vec<RevokedToken>,
+}
+
+/// Why a `RevokeTokens` call was refused (the whole call: it is all or nothing).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationError {
+    #[error("{0} revocations in one call; at most {MAX_REVOCATIONS_PER_CALL}")]
+    TooManyInOneCall(usize),
+    #[error("jti must be 1 to {MAX_JTI_BYTES} bytes")]
+    BadJti,
+    /// The set is full; it holds this many.
+    #[error("the revocation list holds {0} of at most {MAX_REVOCATIONS}")]
+    Full(usize),
+}
 
 /// The revocation set.
 #[derive(Debug)]
@@ -57,43 +93,33 @@ fn unix_now() -> u64 {
 impl Revocations {
     /// Adds `entries` (already-expired ones are skipped: their tokens are refused anyway).
     /// All or nothing: a bad entry or a full set refuses the whole call.
-    pub fn revoke(
-        &mut self,
-        entries: Vec<pb::RevokedToken>,
-    ) -> Result<pb::RevokeTokensResponse, Status> {
+    pub fn revoke(&mut self, entries: Vec<RevokedToken>) -> Result<Revoked, RevocationError> {
         self.revoke_at(entries, unix_now())
     }
 
+    /// [`Revocations::revoke`] at `now` (Unix seconds).
     fn revoke_at(
         &mut self,
-        entries: Vec<pb::RevokedToken>,
+        entries: Vec<RevokedToken>,
         now: u64,
-    ) -> Result<pb::RevokeTokensResponse, Status> {
+    ) -> Result<Revoked, RevocationError> {
         if entries.len() > MAX_REVOCATIONS_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "{} revocations in one call; at most {MAX_REVOCATIONS_PER_CALL}",
-                entries.len()
-            )));
+            return Err(RevocationError::TooManyInOneCall(entries.len()));
         }
-        for e in &entries {
-            if e.jti.is_empty() || e.jti.len() > MAX_JTI_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "jti must be 1 to {MAX_JTI_BYTES} bytes"
-                )));
-            }
+        if entries
+            .iter()
+            .any(|e| e.jti.is_empty() || e.jti.len() > MAX_JTI_BYTES)
+        {
+            return Err(RevocationError::BadJti);
         }
         self.expire(now);
-        let live: Vec<pb::RevokedToken> =
-            entries.into_iter().filter(|e| e.expires_at > now).collect();
+        let live: Vec<RevokedToken> = entries.into_iter().filter(|e| e.expires_at > now).collect();
         let new = live
             .iter()
             .filter(|e| !self.by_jti.contains_key(&e.jti))
             .count();
         if self.by_jti.len() + new > MAX_REVOCATIONS {
-            return Err(Status::resource_exhausted(format!(
-                "the revocation list holds {} of at most {MAX_REVOCATIONS}",
-                self.by_jti.len()
-            )));
+            return Err(RevocationError::Full(self.by_jti.len()));
         }
         if !live.is_empty() {
             self.version += 1;
@@ -115,7 +141,7 @@ impl Revocations {
                 "tokens revoked"
             );
         }
-        Ok(pb::RevokeTokensResponse {
+        Ok(Revoked {
             version: self.version,
             held: self.by_jti.len() as u64,
         })
@@ -133,16 +159,15 @@ impl Revocations {
         });
     }
 
-    /// Fills `directive` with what a gateway holding (`generation`, `version`) lacks: the
-    /// entries newer than `version` (all when the generation differs), whole versions at a time,
-    /// up to [`MAX_REVOCATIONS_PER_CALL`] entries.
-    pub fn catch_up(&self, generation: u64, version: u64, directive: &mut pb::GatewayDirective) {
+    /// What a gateway holding (`generation`, `version`) lacks: the entries newer than
+    /// `version` (all when the generation differs), whole versions at a time, up to
+    /// [`MAX_REVOCATIONS_PER_CALL`] entries.
+    pub fn catch_up(&self, generation: u64, version: u64) -> CatchUp {
         let from = if generation == self.generation {
             version
         } else {
             0
         };
-        directive.revocations_generation = self.generation;
         let mut page = Vec::new();
         // The newest version whose entries are all in the page, and where the current one began.
         let (mut complete, mut current, mut group_start) = (from, from, 0);
@@ -163,7 +188,7 @@ impl Revocations {
                 full = true;
                 break;
             }
-            page.push(pb::RevokedToken {
+            page.push(RevokedToken {
                 jti: jti.clone(),
                 expires_at,
             });
@@ -171,8 +196,11 @@ impl Revocations {
         // Everything sent: the gateway is at the current version even if the newest versions'
         // entries have expired since.
         let last = if full { complete } else { self.version };
-        directive.revocations_version = last;
-        directive.revoked = page;
+        CatchUp {
+            generation: self.generation,
+            version: last,
+            revoked: page,
+        }
     }
 }
 
@@ -180,15 +208,15 @@ impl Revocations {
 mod tests {
     use super::*;
 
-    fn entry(jti: &str, expires_at: u64) -> pb::RevokedToken {
-        pb::RevokedToken {
+    fn entry(jti: &str, expires_at: u64) -> RevokedToken {
+        RevokedToken {
             jti: jti.into(),
             expires_at,
         }
     }
 
-    fn jtis(d: &pb::GatewayDirective) -> Vec<&str> {
-        d.revoked.iter().map(|e| e.jti.as_str()).collect()
+    fn jtis(c: &CatchUp) -> Vec<&str> {
+        c.revoked.iter().map(|e| e.jti.as_str()).collect()
     }
 
     #[test]
@@ -197,24 +225,49 @@ mod tests {
         let now = 1_000;
         r.revoke_at(vec![entry("a", now + 10), entry("b", now + 10)], now)
             .unwrap();
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(0, 0, &mut d);
-        assert_eq!(jtis(&d), ["a", "b"]);
-        assert_eq!(d.revocations_version, 1);
-        let (generation, version) = (d.revocations_generation, d.revocations_version);
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(generation, version, &mut d);
-        assert!(d.revoked.is_empty());
-        assert_eq!(d.revocations_version, 1);
+        let c = r.catch_up(0, 0);
+        assert_eq!(jtis(&c), ["a", "b"]);
+        assert_eq!(c.version, 1);
+        let (generation, version) = (c.generation, c.version);
+        assert_ne!(generation, 0, "a new gateway's generation is never ours");
+        let c = r.catch_up(generation, version);
+        assert!(c.revoked.is_empty());
+        assert_eq!(c.version, 1);
         r.revoke_at(vec![entry("c", now + 10)], now).unwrap();
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(generation, version, &mut d);
-        assert_eq!(jtis(&d), ["c"]);
-        assert_eq!(d.revocations_version, 2);
+        let c = r.catch_up(generation, version);
+        assert_eq!(jtis(&c), ["c"]);
+        assert_eq!(c.version, 2);
         // Another generation (a restarted ring manager's gateway): the whole set.
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(generation.wrapping_add(1), 2, &mut d);
-        assert_eq!(jtis(&d), ["a", "b", "c"]);
+        let c = r.catch_up(generation.wrapping_add(1), 2);
+        assert_eq!(jtis(&c), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_call_bumps_the_version_only_when_it_revokes_something() {
+        let mut r = Revocations::default();
+        assert_eq!(
+            r.revoke_at(vec![], 10).unwrap(),
+            Revoked {
+                version: 0,
+                held: 0
+            }
+        );
+        assert_eq!(r.revoke_at(vec![entry("a", 50)], 10).unwrap().version, 1);
+        // Only expired entries: nothing to add, no new version.
+        assert_eq!(r.revoke_at(vec![entry("b", 5)], 10).unwrap().version, 1);
+        // Re-revoking keeps the later expiry and moves the entry to the new version.
+        let reply = r.revoke_at(vec![entry("a", 20)], 10).unwrap();
+        assert_eq!(
+            reply,
+            Revoked {
+                version: 2,
+                held: 1
+            }
+        );
+        let c = r.catch_up(0, 0);
+        assert_eq!(c.revoked, [entry("a", 50)]);
+        assert_eq!(r.catch_up(c.generation, 1).revoked, [entry("a", 50)]);
+        assert!(r.catch_up(c.generation, 2).revoked.is_empty());
     }
 
     #[test]
@@ -226,10 +279,27 @@ mod tests {
         assert_eq!(reply.held, 1);
         let reply = r.revoke_at(vec![], 60).unwrap();
         assert_eq!(reply.held, 0);
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(0, 0, &mut d);
-        assert!(d.revoked.is_empty());
-        assert_eq!(d.revocations_version, 1);
+        let c = r.catch_up(0, 0);
+        assert!(c.revoked.is_empty());
+        assert_eq!(c.version, 1);
+    }
+
+    #[test]
+    fn refuses_bad_jtis_whole_calls() {
+        let mut r = Revocations::default();
+        assert_eq!(
+            r.revoke_at(vec![entry("", 100)], 1),
+            Err(RevocationError::BadJti)
+        );
+        let long = "j".repeat(MAX_JTI_BYTES + 1);
+        assert_eq!(
+            r.revoke_at(vec![entry("fine", 100), entry(&long, 100)], 1),
+            Err(RevocationError::BadJti)
+        );
+        // All or nothing: the good entry of the refused call was not kept.
+        assert_eq!(r.revoke_at(vec![], 1).unwrap().held, 0);
+        let longest = "j".repeat(MAX_JTI_BYTES);
+        assert_eq!(r.revoke_at(vec![entry(&longest, 100)], 1).unwrap().held, 1);
     }
 
     #[test]
@@ -239,12 +309,10 @@ mod tests {
             .map(|i| entry(&format!("j{i}"), 100))
             .collect();
         assert_eq!(
-            r.revoke_at(too_many, 1).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
-        assert_eq!(
-            r.revoke_at(vec![entry("", 100)], 1).unwrap_err().code(),
-            tonic::Code::InvalidArgument
+            r.revoke_at(too_many, 1),
+            Err(RevocationError::TooManyInOneCall(
+                MAX_REVOCATIONS_PER_CALL + 1
+            ))
         );
         for batch in 0..MAX_REVOCATIONS / MAX_REVOCATIONS_PER_CALL {
             let entries = (0..MAX_REVOCATIONS_PER_CALL)
@@ -252,15 +320,16 @@ mod tests {
                 .collect();
             r.revoke_at(entries, 1).unwrap();
         }
-        let err = r.revoke_at(vec![entry("one-more", 100)], 1).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            r.revoke_at(vec![entry("one-more", 100)], 1),
+            Err(RevocationError::Full(MAX_REVOCATIONS))
+        );
         // Re-revoking a held jti needs no room.
         r.revoke_at(vec![entry("j0-0", 200)], 1).unwrap();
         // Pages stop at a version boundary: the first page is the first call's entries.
-        let mut d = pb::GatewayDirective::default();
-        r.catch_up(0, 0, &mut d);
-        assert_eq!(d.revoked.len(), MAX_REVOCATIONS_PER_CALL - 1);
-        assert_eq!(d.revocations_version, 1);
+        let c = r.catch_up(0, 0);
+        assert_eq!(c.revoked.len(), MAX_REVOCATIONS_PER_CALL - 1);
+        assert_eq!(c.version, 1);
         // Once expired, there is room again.
         r.revoke_at(vec![entry("later", 300)], 150).unwrap();
     }

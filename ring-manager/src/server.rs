@@ -1,31 +1,27 @@
-//! The embedded ring manager: membership with leases, replacement of dead channel servers, the
-//! SRE operations, and the publisher of the ring.
+//! The ring manager's shared handle: the membership state machine behind its lock, the ring it
+//! publishes, the regions, and where every change is saved.
 //!
-//! Channel servers register (as active capacity or as standbys) and hold a lease with a
-//! heartbeat stream. A node whose stream ends or goes silent is probed; if the probe fails (or
-//! the silence goes on) it is declared down, and a standby takes over exactly its slots — or,
-//! with no standby, its slots spread over the survivors. Every change is a new epoch.
+//! The state machines ([`crate::membership`], [`crate::operations`], [`crate::regions`]) decide;
+//! this module runs them in short critical sections, publishes each new ring in order, saves
+//! the state after every change and starts the failure monitor ([`crate::monitor`]). The gRPC
+//! service on top of it is [`crate::grpc`].
 
-use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
-use mesh_core::{Handoff, NodeId, Ring, RingNode};
-use mesh_proto::ring as pb;
-use mesh_proto::ring::ring_manager_server::{RingManager as RingManagerRpc, RingManagerServer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use mesh_core::{NodeId, Ring};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status, Streaming};
 
+pub use crate::grpc::serve;
+pub use crate::membership::{EpochChange, MemberView, NodeState};
+use crate::membership::{Membership, MembershipError};
+use crate::monitor::{self, Timing};
+use crate::regions::{Directive, GatewayReport, RegionError, Regions, RegionsView};
+use crate::revocations::{RevocationError, Revoked, RevokedToken};
 use crate::state_file::Saved;
-use ring_client::convert::ring_to_proto;
 
 /// Default: how often channel servers send a heartbeat.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -66,84 +62,6 @@ impl Default for Config {
     }
 }
 
-/// A channel server's state, as `ctl ring` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeState {
-    /// Registered as active capacity, not yet given slots.
-    Joining,
-    /// Owns slots.
-    Active,
-    /// Registered, owns nothing; replaces a failed node or is added by an operator.
-    Standby,
-    /// Handing its slots' state to their new owners; becomes a standby when done.
-    Draining,
-    /// Lost its lease. A later registration under the same id starts a new incarnation.
-    Down,
-}
-
-impl NodeState {
-    /// The name `ctl` prints.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeState::Joining => "joining",
-            NodeState::Active => "active",
-            NodeState::Standby => "standby",
-            NodeState::Draining => "draining",
-            NodeState::Down => "down",
-        }
-    }
-}
-
-/// A member as the console shows it (read together with the ring it belongs to).
-#[derive(Debug, Clone)]
-pub struct MemberView {
-    pub id: NodeId,
-    pub addr: String,
-    pub pid: u32,
-    pub state: NodeState,
-    /// Its registration: a node that re-registers gets a new one.
-    pub incarnation: u64,
-    /// Since its last heartbeat: the only liveness signal a node sends (heartbeats carry no
-    /// load figures).
-    pub since_heartbeat: Duration,
-}
-
-/// One published epoch and what it changed, for the console's history.
-#[derive(Debug, Clone)]
-pub struct EpochChange {
-    pub epoch: u64,
-    /// When it was published.
-    pub at: std::time::SystemTime,
-    /// Why, in words (the operation, or the dead node and who took its slots).
-    pub cause: String,
-    /// Slots whose owner changed.
-    pub moved: usize,
-    /// (from, to, slots) per pair of owners; `None` is "no owner" (the first epoch, or a ring
-    /// with no active node left).
-    pub moves: Vec<(Option<NodeId>, Option<NodeId>, usize)>,
-}
-
-#[derive(Debug, Clone)]
-struct Member {
-    addr: String,
-    pid: u32,
-    state: NodeState,
-    incarnation: u64,
-    last_heartbeat: Instant,
-    /// Its lease stream ended: probe at once.
-    stream_closed: bool,
-    /// A probe is in flight.
-    probing: bool,
-    /// For a draining node: the epoch whose handoffs it must finish.
-    drain_epoch: u64,
-}
-
-#[derive(Debug)]
-struct State {
-    members: BTreeMap<NodeId, Member>,
-    next_incarnation: u64,
-}
-
 /// The ring manager; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RingManager {
@@ -155,17 +73,18 @@ struct Inner {
     config: Config,
     /// Where the ring and members are saved after every change.
     store: Store,
-    /// Members. The lock is never held across an await.
-    state: Mutex<State>,
-    /// The published ring; every watcher follows it. Changed only under `state`'s lock.
+    /// Members, leases, the ring and its recent epochs. The lock is never held across an await.
+    membership: Mutex<Membership>,
+    /// The published ring; every watcher follows it. Changed only under `membership`'s lock.
     ring: watch::Sender<Arc<Ring>>,
-    /// The regions' gateways and drain states.
-    regions: crate::regions::Regions,
+    /// The regions' gateways and drain states, and the token revocations. The lock is never
+    /// held across an await.
+    regions: Mutex<Regions>,
     /// Bumped on every change of the ring or of a member's state (the console follows it).
     changes: watch::Sender<u64>,
-    /// The last [`EPOCH_HISTORY`] epochs published by this ring manager, oldest first.
-    history: Mutex<VecDeque<EpochChange>>,
+    /// Stops the monitor and the lease streams.
     cancel: CancellationToken,
+    /// Runs the monitor, its probes and the lease streams.
     tracker: TaskTracker,
 }
 
@@ -178,11 +97,6 @@ pub enum Store {
     File(PathBuf),
     /// The latest state, for a writer that stores it elsewhere (Consul KV) in order.
     Latest(watch::Sender<Option<Arc<Saved>>>),
-}
-
-/// Why an SRE operation was refused.
-fn op_error(msg: impl Into<String>) -> Status {
-    Status::failed_precondition(msg.into())
 }
 
 impl RingManager {
@@ -210,106 +124,101 @@ impl RingManager {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, crate::Error> {
-        let (ring, members, next_incarnation) = match saved {
+        let membership = match saved {
             Some(saved) => {
-                let ring = saved.ring().map_err(crate::Error::InvalidRing)?;
-                let now = Instant::now();
-                let members = saved
-                    .members
-                    .iter()
-                    .filter_map(|m| {
-                        let state = match m.state.as_str() {
-                            "joining" => NodeState::Joining,
-                            "active" => NodeState::Active,
-                            "standby" => NodeState::Standby,
-                            "draining" => NodeState::Draining,
-                            _ => NodeState::Down,
-                        };
-                        // Everyone gets one suspicion period to resume its lease.
-                        let member = Member {
-                            addr: m.addr.clone(),
-                            pid: m.pid,
-                            state,
-                            incarnation: m.incarnation,
-                            last_heartbeat: now,
-                            stream_closed: false,
-                            probing: false,
-                            drain_epoch: 0,
-                        };
-                        Some((NodeId::new(&m.id).ok()?, member))
-                    })
-                    .collect();
-                tracing::info!(epoch = ring.epoch(), "ring manager resumed its saved ring");
-                (ring, members, saved.next_incarnation)
+                let membership =
+                    Membership::resume(&saved, Instant::now(), config.suspect_after, EPOCH_HISTORY)
+                        .map_err(crate::Error::InvalidRing)?;
+                let epoch = membership.ring().epoch();
+                tracing::info!(epoch, "ring manager resumed its saved ring");
+                membership
             }
-            None => (Ring::empty(), BTreeMap::new(), 1),
+            None => Membership::new(config.suspect_after, EPOCH_HISTORY),
         };
-        let (ring, _) = watch::channel(Arc::new(ring));
+        let (ring, _) = watch::channel(membership.ring().clone());
         let manager = RingManager {
             inner: Arc::new(Inner {
                 config,
                 store,
-                state: Mutex::new(State {
-                    members,
-                    next_incarnation,
-                }),
+                membership: Mutex::new(membership),
                 ring,
-                regions: crate::regions::Regions::default(),
+                regions: Mutex::new(Regions::default()),
                 changes: watch::channel(0).0,
-                history: Mutex::new(VecDeque::with_capacity(EPOCH_HISTORY)),
                 cancel,
                 tracker: tracker.clone(),
             }),
         };
-        tracker.spawn(manager.clone().monitor());
+        let timing = Timing {
+            tick: MONITOR_TICK,
+            suspect_after: config.suspect_after,
+            silence_limit: config.suspect_after * SILENCE_LIMIT_FACTOR,
+            probe_timeout: config.probe_timeout,
+        };
+        tracker.spawn(monitor::run(manager.clone(), timing));
         Ok(manager)
     }
 
+    fn membership(&self) -> MutexGuard<'_, Membership> {
+        self.inner
+            .membership
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn regions_state(&self) -> MutexGuard<'_, Regions> {
+        self.inner.regions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `change` on the membership under its lock, then, still under it, publishes each
+    /// ring it made (in order) and saves the state if it changed.
+    pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Membership) -> T) -> T {
+        let mut membership = self.membership();
+        let out = change(&mut membership);
+        let effects = membership.take_effects();
+        for ring in effects.published {
+            self.inner.ring.send_replace(ring);
+        }
+        if effects.changed {
+            self.persist(&membership);
+        }
+        out
+    }
+
     /// Saves the ring and members to the store; a failure is logged, not fatal.
-    fn persist(&self, state: &State) {
+    fn persist(&self, membership: &Membership) {
         // Every change of the ring or of a member goes through here: tell the console.
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
-        if matches!(self.inner.store, Store::Memory) {
-            return;
-        }
-        let (epoch, nodes, slot_owner) = Saved::ring_parts(&self.ring());
-        let saved = Saved {
-            epoch,
-            nodes,
-            slot_owner,
-            members: state
-                .members
-                .iter()
-                .map(|(id, m)| crate::state_file::SavedMember {
-                    id: id.to_string(),
-                    addr: m.addr.clone(),
-                    pid: m.pid,
-                    state: m.state.as_str().to_string(),
-                    incarnation: m.incarnation,
-                })
-                .collect(),
-            next_incarnation: state.next_incarnation,
-        };
         match &self.inner.store {
             Store::Memory => {}
             Store::File(path) => {
-                if let Err(e) = crate::state_file::store(path, &saved) {
+                if let Err(e) = crate::state_file::store(path, &membership.saved()) {
                     tracing::error!(error = %e, "could not save the ring manager's state");
                 }
             }
             Store::Latest(tx) => {
-                tx.send_replace(Some(Arc::new(saved)));
+                tx.send_replace(Some(Arc::new(membership.saved())));
             }
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Failure detection and lease timing.
+    pub(crate) fn config(&self) -> Config {
+        self.inner.config
+    }
+
+    /// Cancelled when the ring manager stops.
+    pub(crate) fn cancel(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Where the ring manager's own tasks (lease streams, probes) run.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
     }
 
     /// Configures each region's nearest regions (nearest first), for drains.
     pub fn set_nearest(&self, nearest: Vec<(String, Vec<String>)>) {
-        self.inner.regions.set_nearest(nearest);
+        self.regions_state().set_nearest(nearest);
     }
 
     /// The current ring.
@@ -330,612 +239,80 @@ impl RingManager {
 
     /// The ring and every member, read together so that they agree.
     pub fn members_detail(&self) -> (Arc<Ring>, Vec<MemberView>) {
-        let state = self.state();
-        let now = Instant::now();
-        let members = state
-            .members
-            .iter()
-            .map(|(id, m)| MemberView {
-                id: id.clone(),
-                addr: m.addr.clone(),
-                pid: m.pid,
-                state: m.state,
-                incarnation: m.incarnation,
-                since_heartbeat: now.saturating_duration_since(m.last_heartbeat),
-            })
-            .collect();
-        (self.ring(), members)
+        let membership = self.membership();
+        (membership.ring().clone(), membership.views(Instant::now()))
     }
 
     /// The recent epochs this ring manager published, newest first.
     pub fn history(&self) -> Vec<EpochChange> {
-        let history = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.iter().rev().cloned().collect()
-    }
-
-    /// Every region's gateways, connections and drain state (what `ctl regions` shows).
-    pub fn regions(&self) -> pb::RegionsView {
-        self.inner.regions.view()
+        self.membership().history()
     }
 
     /// Members and their states, sorted by id.
     pub fn members(&self) -> Vec<(NodeId, NodeState)> {
-        self.state()
-            .members
-            .iter()
-            .map(|(id, m)| (id.clone(), m.state))
-            .collect()
+        self.membership().members()
     }
 
-    /// Publishes `next` (under the state lock), saves it, and logs what changed.
-    fn publish(&self, state: &State, next: Ring, why: &str) -> Arc<Ring> {
-        let before = self.ring();
-        let mut moves: BTreeMap<(Option<&NodeId>, Option<&NodeId>), usize> = BTreeMap::new();
-        for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
-            let (from, to) = (before.owner(s).map(|n| &n.id), next.owner(s).map(|n| &n.id));
-            if from != to {
-                *moves.entry((from, to)).or_default() += 1;
-            }
-        }
-        let moved = moves.values().sum();
-        self.remember(EpochChange {
-            epoch: next.epoch(),
-            at: std::time::SystemTime::now(),
-            cause: why.to_string(),
-            moved,
-            moves: moves
-                .into_iter()
-                .map(|((from, to), n)| (from.cloned(), to.cloned(), n))
-                .collect(),
-        });
-        tracing::info!(
-            epoch = next.epoch(),
-            moved_slots = moved,
-            why,
-            "new ring epoch"
-        );
-        let next = Arc::new(next);
-        self.inner.ring.send_replace(next.clone());
-        self.persist(state);
-        next
-    }
-
-    /// Appends to the bounded epoch history.
-    fn remember(&self, change: EpochChange) {
-        let mut history = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
-        if history.len() == EPOCH_HISTORY {
-            history.pop_front();
-        }
-        history.push_back(change);
-    }
-
-    fn active_nodes(state: &State) -> Vec<RingNode> {
-        state
-            .members
-            .iter()
-            .filter(|(_, m)| m.state == NodeState::Active)
-            .map(|(id, m)| RingNode {
-                id: id.clone(),
-                addr: m.addr.clone(),
-            })
-            .collect()
-    }
-
-    /// A live standby to take over, preferring the lowest id.
-    fn pick_standby(&self, state: &State) -> Option<(NodeId, String)> {
-        let now = Instant::now();
-        state
-            .members
-            .iter()
-            .find(|(_, m)| {
-                m.state == NodeState::Standby
-                    && !m.stream_closed
-                    && now.duration_since(m.last_heartbeat) < self.inner.config.suspect_after
-            })
-            .map(|(id, m)| (id.clone(), m.addr.clone()))
-    }
-
-    /// Adds (or re-announces) a channel server. An active registration takes a fair share of
-    /// slots in a new epoch; a standby waits. A re-registration of an id whose earlier
-    /// incarnation still owns slots first retires that incarnation as if it had died.
-    pub fn register(&self, id: NodeId, addr: String, pid: u32, standby: bool) -> (u64, u64) {
-        let mut state = self.state();
-        if state
-            .members
-            .get(&id)
-            .is_some_and(|m| m.state != NodeState::Down)
-        {
-            tracing::warn!(node = %id, "node re-registered; retiring its earlier incarnation");
-            self.declare_down_locked(&mut state, &id, "re-registered");
-        }
-        let incarnation = state.next_incarnation;
-        state.next_incarnation += 1;
-        state.members.insert(
-            id.clone(),
-            Member {
-                addr: addr.clone(),
-                pid,
-                state: if standby {
-                    NodeState::Standby
-                } else {
-                    NodeState::Joining
-                },
-                incarnation,
-                last_heartbeat: Instant::now(),
-                stream_closed: false,
-                probing: false,
-                drain_epoch: 0,
-            },
-        );
-        let epoch = if standby {
-            tracing::info!(node = %id, %addr, "standby node registered");
-            self.persist(&state);
-            self.ring().epoch()
-        } else {
-            let ring = self.add_locked(&mut state, &id);
-            tracing::info!(node = %id, %addr, epoch = ring.epoch(), "node registered");
-            ring.epoch()
-        };
-        (epoch, incarnation)
-    }
-
-    /// Makes `id` active, taking a fair share of slots from the others (with handoffs).
-    fn add_locked(&self, state: &mut State, id: &NodeId) -> Arc<Ring> {
-        if let Some(m) = state.members.get_mut(id) {
-            m.state = NodeState::Active;
-        }
-        let current = self.ring();
-        let next = current.rebalanced(&Self::active_nodes(state));
-        let handoffs = next.moves_from(&current);
-        let cause = format!("{id} joined the active nodes");
-        self.publish(state, next.with_handoffs(handoffs), &cause)
-    }
-
-    /// Declares `id` down and moves its slots: to a standby if one is live, else spread over
-    /// the survivors.
-    fn declare_down_locked(&self, state: &mut State, id: &NodeId, why: &str) {
-        let Some(member) = state.members.get_mut(id) else {
-            return;
-        };
-        let owned = matches!(member.state, NodeState::Active | NodeState::Draining);
-        member.state = NodeState::Down;
-        member.probing = false;
-        tracing::warn!(node = %id, why, "node declared down");
-        let current = self.ring();
-        if !owned || current.slots_owned(id) == 0 {
-            self.persist(state);
-            return;
-        }
-        if let Some((standby, addr)) = self.pick_standby(state)
-            && let Some(next) = current.with_takeover(
-                id,
-                RingNode {
-                    id: standby.clone(),
-                    addr,
-                },
-            )
-        {
-            if let Some(m) = state.members.get_mut(&standby) {
-                m.state = NodeState::Active;
-            }
-            tracing::info!(dead = %id, %standby, "standby takes over the dead node's slots");
-            let cause = format!("{id} down ({why}); standby {standby} takes its slots");
-            self.publish(state, next, &cause);
-            return;
-        }
-        let next = current.rebalanced(&Self::active_nodes(state));
-        let cause = format!("{id} down ({why}); its slots spread over the survivors");
-        self.publish(state, next, &cause);
+    /// Adds (or re-announces) a channel server; returns the epoch it joined in and its
+    /// incarnation (see [`Membership::register`]).
+    pub fn register(
+        &self,
+        id: NodeId,
+        addr: String,
+        pid: u32,
+        standby: bool,
+    ) -> Result<(u64, u64), MembershipError> {
+        self.update(|m| m.register(id, addr, pid, standby, Instant::now()))
     }
 
     /// Renews `id`'s lease; false if that incarnation is no longer valid.
-    fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
-        let mut state = self.state();
-        let Some(member) = state.members.get_mut(id) else {
-            return false;
-        };
-        if member.incarnation != incarnation || member.state == NodeState::Down {
-            return false;
-        }
-        member.last_heartbeat = Instant::now();
-        member.stream_closed = false;
-        if member.state == NodeState::Draining && handed_off_epoch >= member.drain_epoch {
-            member.state = NodeState::Standby;
-            tracing::info!(node = %id, "drain complete; node is a standby");
-            self.persist(&state);
-        }
-        true
+    pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
+        self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, Instant::now()))
     }
 
-    fn lease_ended(&self, id: &NodeId, incarnation: u64) {
-        let mut state = self.state();
-        if let Some(member) = state.members.get_mut(id)
-            && member.incarnation == incarnation
-            && member.state != NodeState::Down
-        {
-            member.stream_closed = true;
-        }
-    }
-
-    /// Watches the leases: probes silent nodes and declares down the ones that fail.
-    async fn monitor(self) {
-        let mut tick = tokio::time::interval(MONITOR_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let config = self.inner.config;
-            let now = Instant::now();
-            let mut probes = Vec::new();
-            {
-                let mut state = self.state();
-                let mut overdue = Vec::new();
-                for (id, m) in state.members.iter_mut() {
-                    if m.state == NodeState::Down || m.probing {
-                        continue;
-                    }
-                    let silent = now.duration_since(m.last_heartbeat);
-                    if silent > config.suspect_after * SILENCE_LIMIT_FACTOR {
-                        overdue.push(id.clone());
-                    } else if m.stream_closed || silent > config.suspect_after {
-                        tracing::debug!(node = %id, ?silent, stream_closed = m.stream_closed, "lease suspect; probing");
-                        m.probing = true;
-                        probes.push((id.clone(), m.incarnation, m.addr.clone()));
-                    }
-                }
-                for id in overdue {
-                    self.declare_down_locked(&mut state, &id, "silent past the lease limit");
-                }
-            }
-            for (id, incarnation, addr) in probes {
-                let this = self.clone();
-                self.inner.tracker.spawn(async move {
-                    let reachable = matches!(
-                        tokio::time::timeout(config.probe_timeout, probe(&addr)).await,
-                        Ok(true)
-                    );
-                    let mut state = this.state();
-                    let Some(m) = state.members.get_mut(&id) else {
-                        return;
-                    };
-                    if m.incarnation != incarnation || m.state == NodeState::Down {
-                        return;
-                    }
-                    m.probing = false;
-                    let fresh =
-                        Instant::now().duration_since(m.last_heartbeat) <= config.suspect_after;
-                    // Down when the probe failed and the node is not heartbeating right now.
-                    let healthy = fresh && !m.stream_closed;
-                    if !reachable && !healthy {
-                        this.declare_down_locked(&mut state, &id, "lease lost and probe failed");
-                    }
-                });
-            }
-        }
+    /// `id`'s lease stream ended.
+    pub(crate) fn lease_ended(&self, id: &NodeId, incarnation: u64) {
+        self.update(|m| m.lease_ended(id, incarnation));
     }
 
     /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff.
-    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, Status> {
-        let mut state = self.state();
-        let member = state
-            .members
-            .get(id)
-            .ok_or_else(|| op_error(format!("no node {id}")))?;
-        if member.state != NodeState::Active {
-            return Err(op_error(format!(
-                "{id} is {}, not active",
-                member.state.as_str()
-            )));
-        }
-        let survivors: Vec<RingNode> = Self::active_nodes(&state)
-            .into_iter()
-            .filter(|n| &n.id != id)
-            .collect();
-        if survivors.is_empty() {
-            return Err(op_error(format!(
-                "{id} is the last active node: add one first"
-            )));
-        }
-        let current = self.ring();
-        let next = current.rebalanced(&survivors);
-        let handoffs = next.moves_from(&current);
-        let epoch = next.epoch();
-        if let Some(m) = state.members.get_mut(id) {
-            m.state = NodeState::Draining;
-            m.drain_epoch = epoch;
-        }
-        let cause = format!("{id} drained");
-        Ok(self.publish(&state, next.with_handoffs(handoffs), &cause))
+    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
+        self.update(|m| m.drain(id))
     }
 
     /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
-    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, Status> {
-        let mut state = self.state();
-        let member = state
-            .members
-            .get(id)
-            .ok_or_else(|| op_error(format!("no node {id}")))?;
-        if member.state != NodeState::Active {
-            return Err(op_error(format!(
-                "{id} is {}, not active",
-                member.state.as_str()
-            )));
-        }
-        let (standby, addr) = self
-            .pick_standby(&state)
-            .ok_or_else(|| op_error("no live standby to replace it with"))?;
-        let current = self.ring();
-        let next = current
-            .with_takeover(
-                id,
-                RingNode {
-                    id: standby.clone(),
-                    addr,
-                },
-            )
-            .ok_or_else(|| op_error(format!("{id} owns no slots")))?;
-        let epoch = next.epoch();
-        if let Some(m) = state.members.get_mut(&standby) {
-            m.state = NodeState::Active;
-        }
-        if let Some(m) = state.members.get_mut(id) {
-            m.state = NodeState::Draining;
-            m.drain_epoch = epoch;
-        }
-        let cause = format!("{id} replaced by standby {standby}");
-        let handoffs = vec![Handoff {
-            from: id.clone(),
-            to: standby,
-        }];
-        Ok(self.publish(&state, next.with_handoffs(handoffs), &cause))
+    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
+        self.update(|m| m.replace(id, Instant::now()))
     }
 
     /// `ctl add-node`: makes standby `id` (or any live standby) active.
-    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, Status> {
-        let mut state = self.state();
-        let id = match id {
-            Some(id) => {
-                let m = state
-                    .members
-                    .get(id)
-                    .ok_or_else(|| op_error(format!("no node {id}")))?;
-                if m.state != NodeState::Standby {
-                    return Err(op_error(format!(
-                        "{id} is {}, not a standby",
-                        m.state.as_str()
-                    )));
-                }
-                id.clone()
-            }
-            None => {
-                self.pick_standby(&state)
-                    .ok_or_else(|| op_error("no live standby to add"))?
-                    .0
-            }
-        };
-        Ok(self.add_locked(&mut state, &id))
+    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, MembershipError> {
+        self.update(|m| m.add(id, Instant::now()))
     }
 
-    fn to_proto(&self, ring: &Ring) -> pb::Ring {
-        let state = self.state();
-        let mut proto = ring_to_proto(ring, |id| {
-            let m = state.members.get(id);
-            (
-                m.map_or("active", |m| m.state.as_str()).to_string(),
-                m.map_or(0, |m| m.pid),
-            )
-        });
-        proto.members = state
-            .members
-            .iter()
-            .map(|(id, m)| pb::Member {
-                id: id.to_string(),
-                addr: m.addr.clone(),
-                state: m.state.as_str().to_string(),
-                pid: m.pid,
-                slots: ring.slots_owned(id) as u32,
-            })
-            .collect();
-        proto
-    }
-}
-
-/// The confirming probe: a gRPC health check on the node. Only a running process answers it;
-/// a frozen one still completes TCP handshakes, so a bare connect would not do.
-async fn probe(addr: &str) -> bool {
-    let Ok(endpoint) = mesh_transport::endpoint(addr) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok()
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-fn node_id(s: &str) -> Result<NodeId, Status> {
-    NodeId::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-#[tonic::async_trait]
-impl RingManagerRpc for RingManager {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = request.into_inner();
-        let id = node_id(&req.node_id)?;
-        if req.addr.is_empty() {
-            return Err(Status::invalid_argument("addr is required"));
-        }
-        let (epoch, incarnation) = RingManager::register(self, id, req.addr, req.pid, req.standby);
-        let config = self.inner.config;
-        Ok(Response::new(pb::RegisterResponse {
-            epoch,
-            incarnation,
-            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
-            lease_ms: config.lease.as_millis() as u32,
-        }))
+    /// Takes a gateway's report; answers with its directive.
+    pub fn report_gateway(&self, report: GatewayReport) -> Result<Directive, RegionError> {
+        self.regions_state().report(report, Instant::now())
     }
 
-    type LeaseStream = BoxStream<pb::LeaseReply>;
-
-    async fn lease(
-        &self,
-        request: Request<Streaming<pb::Heartbeat>>,
-    ) -> Result<Response<Self::LeaseStream>, Status> {
-        let mut heartbeats = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let this = self.clone();
-        self.inner.tracker.spawn(async move {
-            let mut holder: Option<(NodeId, u64)> = None;
-            loop {
-                // Cancel-safe: message() loses nothing when cancellation wins; we stop anyway.
-                let next = tokio::select! {
-                    _ = this.inner.cancel.cancelled() => break,
-                    next = heartbeats.message() => next,
-                };
-                let Ok(Some(hb)) = next else {
-                    break;
-                };
-                let Ok(id) = NodeId::new(&hb.node_id) else {
-                    break;
-                };
-                let valid = this.heartbeat(&id, hb.incarnation, hb.handed_off_epoch);
-                holder = Some((id, hb.incarnation));
-                let reply = pb::LeaseReply {
-                    seq: hb.seq,
-                    valid,
-                    epoch: this.ring().epoch(),
-                };
-                // A full reply queue means the node is not reading: it misses renewals.
-                let _ = tx.try_send(Ok(reply));
-            }
-            tracing::debug!(holder = ?holder, "lease stream ended");
-            if let Some((id, incarnation)) = holder {
-                this.lease_ended(&id, incarnation);
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    /// Every region's gateways, connections and drain state (what `ctl regions` shows).
+    pub fn regions(&self) -> RegionsView {
+        self.regions_state().view(Instant::now())
     }
 
-    type WatchRingStream = BoxStream<pb::Ring>;
-
-    async fn watch_ring(
-        &self,
-        _request: Request<pb::WatchRingRequest>,
-    ) -> Result<Response<Self::WatchRingStream>, Status> {
-        let this = self.clone();
-        let stream = WatchStream::new(self.subscribe())
-            .map(move |ring| Ok(this.to_proto(&ring)))
-            .take_until(self.inner.cancel.clone().cancelled_owned());
-        Ok(Response::new(Box::pin(stream)))
+    /// `ctl drain-region`: drains `region` at `rate` goodbyes per second per gateway (0: the
+    /// default).
+    pub fn drain_region(&self, region: &str, rate: u32) -> Result<RegionsView, RegionError> {
+        self.regions_state().drain(region, rate, Instant::now())
     }
 
-    async fn get_ring(
-        &self,
-        _request: Request<pb::GetRingRequest>,
-    ) -> Result<Response<pb::Ring>, Status> {
-        Ok(Response::new(self.to_proto(&self.ring())))
+    /// `ctl undrain-region`: ends `region`'s drain.
+    pub fn undrain_region(&self, region: &str) -> RegionsView {
+        self.regions_state().undrain(region, Instant::now())
     }
 
-    async fn drain_node(
-        &self,
-        request: Request<pb::NodeRequest>,
-    ) -> Result<Response<pb::Ring>, Status> {
-        let ring = self.drain(&node_id(&request.into_inner().node_id)?)?;
-        Ok(Response::new(self.to_proto(&ring)))
+    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]).
+    pub fn revoke_tokens(&self, entries: Vec<RevokedToken>) -> Result<Revoked, RevocationError> {
+        self.regions_state().revoke(entries)
     }
-
-    async fn replace_node(
-        &self,
-        request: Request<pb::NodeRequest>,
-    ) -> Result<Response<pb::Ring>, Status> {
-        let ring = self.replace(&node_id(&request.into_inner().node_id)?)?;
-        Ok(Response::new(self.to_proto(&ring)))
-    }
-
-    async fn report_gateway(
-        &self,
-        request: Request<pb::GatewayReport>,
-    ) -> Result<Response<pb::GatewayDirective>, Status> {
-        let report = request.into_inner();
-        if report.gateway.is_empty() || report.region.is_empty() {
-            return Err(Status::invalid_argument("gateway and region are required"));
-        }
-        Ok(Response::new(self.inner.regions.report(report)))
-    }
-
-    async fn regions(
-        &self,
-        _request: Request<pb::RegionsRequest>,
-    ) -> Result<Response<pb::RegionsView>, Status> {
-        Ok(Response::new(self.inner.regions.view()))
-    }
-
-    async fn drain_region(
-        &self,
-        request: Request<pb::DrainRegionRequest>,
-    ) -> Result<Response<pb::RegionsView>, Status> {
-        let req = request.into_inner();
-        Ok(Response::new(
-            self.inner.regions.drain(&req.region, req.rate)?,
-        ))
-    }
-
-    async fn undrain_region(
-        &self,
-        request: Request<pb::DrainRegionRequest>,
-    ) -> Result<Response<pb::RegionsView>, Status> {
-        let req = request.into_inner();
-        Ok(Response::new(self.inner.regions.undrain(&req.region)))
-    }
-
-    async fn revoke_tokens(
-        &self,
-        request: Request<pb::RevokeTokensRequest>,
-    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
-        Ok(Response::new(
-            self.inner.regions.revoke(request.into_inner())?,
-        ))
-    }
-
-    async fn add_node(
-        &self,
-        request: Request<pb::NodeRequest>,
-    ) -> Result<Response<pb::Ring>, Status> {
-        let req = request.into_inner();
-        let id = if req.node_id.is_empty() {
-            None
-        } else {
-            Some(node_id(&req.node_id)?)
-        };
-        let ring = self.add(id.as_ref())?;
-        Ok(Response::new(self.to_proto(&ring)))
-    }
-}
-
-/// Serves `manager` on `listener` until `cancel` fires.
-pub async fn serve(
-    manager: RingManager,
-    listener: TcpListener,
-    cancel: CancellationToken,
-) -> Result<(), crate::Error> {
-    tracing::info!(addr = ?listener.local_addr().ok(), "ring manager listening");
-    mesh_transport::server()?
-        .add_service(RingManagerServer::new(manager))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            cancel.cancelled_owned(),
-        )
-        .await?;
-    Ok(())
 }

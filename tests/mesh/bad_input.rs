@@ -65,6 +65,8 @@ async fn connect_urls_are_single_use_and_expire() {
 
     let reply = web_api(&us, "rtm.connect", Some(&token)).await;
     let url = reply["url"].as_str().unwrap().to_string();
+    // A clock that must pass: twice the URL's 200 ms lifetime. (Polling until it is refused
+    // would prove nothing: the first try would use the single-use URL up.)
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         Rtm::open(&url).await.is_err(),

@@ -2,12 +2,16 @@
 //! processes against the in-process mesh (client and admin publishing), against a real
 //! nats-server and against the Node peer of `bench/compare.sh` (`bench/node-peer`), through
 //! their real interfaces, and must deliver everything. No timing is asserted.
+//!
+//! `channelmesh bench` runs the `channelmesh-loadgen` binary beside it, so these runs also prove
+//! that dispatch. That binary belongs to another package of the workspace: `tests/run` (`cargo
+//! nextest run --workspace`) builds it; a run of this package alone needs it built first.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::mesh;
+use crate::support::{listening, mesh};
 
 /// Fields every report has.
 const FIELDS: &[&str] = &[
@@ -27,8 +31,22 @@ const FIELDS: &[&str] = &[
     "max_us",
 ];
 
+/// `channelmesh bench` runs `channelmesh-loadgen` from beside `channelmesh`: fails clearly
+/// when it is not there.
+fn assert_loadgen_built() {
+    let channelmesh = std::path::Path::new(env!("CARGO_BIN_EXE_channelmesh"));
+    let loadgen = channelmesh.with_file_name("channelmesh-loadgen");
+    assert!(
+        loadgen.is_file(),
+        "{} is missing: `channelmesh bench` runs it. Build it with `cargo build -p \
+         channelmesh-loadgen` (`tests/run` builds the whole workspace)",
+        loadgen.display()
+    );
+}
+
 /// Runs the binary with `args` and returns its JSON report.
 async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
+    assert_loadgen_built();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"));
     command
         .args(["bench", "fanout", "--json", "--processes", "2"])
@@ -45,6 +63,7 @@ async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
         .args(args)
         .env_remove("CHANNELMESH_JWT_SECRET")
         .env_remove("CHANNELMESH_ADMIN_TOKEN")
+        .env_remove("CHANNELMESH_LOADGEN")
         .kill_on_drop(true);
     for (k, v) in env {
         command.env(k, v);
@@ -139,21 +158,16 @@ async fn nats_server() -> Nats {
         .kill_on_drop(true)
         .spawn()
         .expect("nats-server is not installed: run tests/setup");
-    let ws = format!("ws://127.0.0.1:{ws_port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
-            .await
-            .is_ok()
-        {
-            return Nats {
-                _child: child,
-                dir,
-                ws,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    listening(
+        ws_port,
+        &format!("nats-server's WebSocket listener on {ws_port}"),
+    )
+    .await;
+    Nats {
+        _child: child,
+        dir,
+        ws: format!("ws://127.0.0.1:{ws_port}"),
     }
-    panic!("nats-server did not open its WebSocket listener on {ws_port}");
 }
 
 #[tokio::test]
@@ -182,16 +196,12 @@ async fn node_peer(secret: &str) -> (tokio::process::Child, String) {
         .kill_on_drop(true)
         .spawn()
         .expect("node is not installed");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (child, format!("http://127.0.0.1:{port}/api/"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the Node peer did not listen on {port} (tests/setup installs its `ws`)");
+    listening(
+        port,
+        &format!("the Node peer on {port} (tests/setup installs its `ws`)"),
+    )
+    .await;
+    (child, format!("http://127.0.0.1:{port}/api/"))
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! `processes`).
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mesh_core::{ChannelId, SLOT_COUNT};
 use mesh_proto::admin::HistoryRequest;
@@ -31,8 +31,10 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
         .to_string();
 
     let stop = CancellationToken::new();
+    let started = Instant::now();
     let posting = poster(&admin, channel, stop.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Posts are flowing when the owner dies.
+    posting.acked_since(started, 3).await;
     assert!(mesh.stop_channel_server(&victim));
     let after = eventually("the standby takes over", || async {
         let (after, members) = ring_at(mesh.ring_manager).await;
@@ -40,9 +42,10 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
     })
     .await;
     let replaced_at = Instant::now();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Posts keep being acknowledged after the replacement.
+    posting.acked_since(replaced_at, 10).await;
     stop.cancel();
-    let (acked, failed) = posting.await.unwrap();
+    let (acked, failed) = posting.finish().await;
     assert_eq!(
         failed, 0,
         "posts must be retried across the failover, not failed"
@@ -92,8 +95,10 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
         .to_string();
 
     let stop = CancellationToken::new();
+    let started = Instant::now();
     let posting = poster(&admin, channel, stop.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Posts are flowing when the drain starts.
+    posting.acked_since(started, 3).await;
     let drained = rm_at(mesh.ring_manager)
         .await
         .drain_node(NodeRequest {
@@ -103,9 +108,10 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
         .unwrap()
         .into_inner();
     let after = ring_client::convert::ring_from_proto(drained).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Posts keep being acknowledged after the drain.
+    posting.acked_since(Instant::now(), 10).await;
     stop.cancel();
-    let (acked, failed) = posting.await.unwrap();
+    let (acked, failed) = posting.finish().await;
     assert_eq!(failed, 0);
 
     let moved = moves(&before, &after);

@@ -404,41 +404,42 @@ async fn console_page_updates_live_when_a_channel_server_dies() {
             .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
     })
     .await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
+    let (ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
         .await
         .unwrap();
     let rows = "JSON.stringify({live: document.getElementById('live').textContent, \
                 nodes: Object.fromEntries([...document.querySelectorAll('#nodes tr[data-node]')] \
                 .map(r => [r.dataset.node, r.dataset.state]))})";
-    let mut id = 0;
-    let mut look = async || {
-        id += 1;
-        let text = evaluate(&mut ws, id, rows).await;
+    // The DevTools socket and the id of its last call, shared by the looks of the waits below.
+    let devtools = tokio::sync::Mutex::new((ws, 0));
+    let look = || async {
+        let mut devtools = devtools.lock().await;
+        let (ws, id) = &mut *devtools;
+        *id += 1;
+        let text = evaluate(ws, *id, rows).await;
         serde_json::from_str::<Value>(text.as_str().unwrap_or("null")).unwrap_or(Value::Null)
     };
     // Wait until the page has loaded and follows the event stream, then kill a node.
-    let mut live = look().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while live["live"] != "live" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page never went live: {live}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        live = look().await;
-    }
+    let live = eventually("the page to go live", || async {
+        let live = look().await;
+        if live["live"] == "live" {
+            Ok(live)
+        } else {
+            Err(live)
+        }
+    })
+    .await;
     assert_eq!(live["nodes"]["cs-2"], "active", "{live}");
     assert!(mesh.stop_channel_server("cs-2"));
-    let mut after = look().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while after["nodes"]["cs-2"] != "down" || after["nodes"]["cs-4"] != "active" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page did not update: {after}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        after = look().await;
-    }
+    eventually("the page to show cs-2 down and cs-4 active", || async {
+        let after = look().await;
+        if after["nodes"]["cs-2"] == "down" && after["nodes"]["cs-4"] == "active" {
+            Ok(())
+        } else {
+            Err(after)
+        }
+    })
+    .await;
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = browser.wait().await;
     let _ = std::fs::remove_dir_all(&profile);

@@ -4,8 +4,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fake_consul::FakeConsul;
@@ -16,23 +14,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
-use crate::support::{Rtm, admin_at, moves, post, poster, receive_all, ring_at};
-
-/// Waits up to `limit` for `check` (leader failover waits out Consul's session TTL).
-async fn within<T, Fut: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    limit: Duration,
-    mut check: impl FnMut() -> Fut,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::support::{
+    Poster, Rtm, admin_at, eventually, eventually_within, moves, post, post_index, poster,
+    receive_all, ring_at,
+};
 
 fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -50,18 +35,13 @@ async fn stored(ring: &ConsulRing) -> (Ring, u64) {
     (record.saved.ring().unwrap(), record.lock_index)
 }
 
-/// Posts in a loop and waits until a post made after `mark` is delivered to `client`.
-async fn delivered_after(client: &mut Rtm, next: &AtomicUsize) -> Duration {
+/// Waits until a post sent from now on is delivered to `client`; returns how long that took.
+async fn delivered_after(client: &mut Rtm, posting: &Poster) -> Duration {
     let started = Instant::now();
-    let first = next.load(Ordering::SeqCst);
+    let first = posting.next_index();
     client
         .expect("a message posted after the failure", |v| {
-            v["type"] == "message"
-                && v["text"]
-                    .as_str()
-                    .and_then(|t| t.strip_prefix('n'))
-                    .and_then(|t| t.parse::<usize>().ok())
-                    .is_some_and(|i| i >= first)
+            post_index(v).is_some_and(|i| i >= first)
         })
         .await;
     started.elapsed()
@@ -78,26 +58,22 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
     let leader = ring.leader().await.unwrap().expect("a leader");
 
     // Every service registered itself, with a passing TTL check.
-    within(
-        "every service registered",
-        Duration::from_secs(10),
-        || async {
-            let services = fake.services();
-            let passing = |name: &str| {
-                services
-                    .iter()
-                    .filter(|(_, n, status)| n == name && status == "passing")
-                    .count()
-            };
-            (passing("channelmesh-channel-server") == 4
+    eventually("every service registered", || async {
+        let services = fake.services();
+        let passing = |name: &str| {
+            services
+                .iter()
+                .filter(|(_, n, status)| n == name && status == "passing")
+                .count()
+        };
+        (passing("channelmesh-channel-server") == 4
                 && passing("channelmesh-gateway") == 2
                 && passing("channelmesh-admin-server") == 1
                 && passing("channelmesh-presence-server") == 3
             // Two for the channel ring, one for the presence ring.
             && passing("channelmesh-ring-manager") == 3)
-                .then_some(())
-        },
-    )
+            .then_some(())
+    })
     .await;
 
     // 1. SIGKILL the channel server that owns a channel a client listens on.
@@ -115,34 +91,21 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
         .id
         .to_string();
     let pid = members.iter().find(|m| m.id == victim).unwrap().pid;
-    let next = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
-    let posting = {
-        let (mut admin, next, stop) = (admin.clone(), next.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                post(&mut admin, channel, "UPOSTER", &format!("n{i}")).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let posting = poster(&admin, channel, stop.clone());
     signal(pid, Signal::SIGKILL);
-    let resumed_in = delivered_after(&mut client, &next).await;
+    let resumed_in = delivered_after(&mut client, &posting).await;
     stop.cancel();
-    posting.await.unwrap();
+    let (_, failed) = posting.finish().await;
+    assert_eq!(failed, 0, "no post failed across the kill");
     println!(
         "on consul: kill -9 of {victim} -> delivery resumed in {} ms",
         resumed_in.as_millis()
     );
-    let (after, _) = within(
-        "the new ring in consul",
-        Duration::from_secs(10),
-        || async {
-            let (r, i) = stored(&ring).await;
-            (r.epoch() > before.epoch()).then_some((r, i))
-        },
-    )
+    let (after, _) = eventually("the new ring in consul", || async {
+        let (r, i) = stored(&ring).await;
+        (r.epoch() > before.epoch()).then_some((r, i))
+    })
     .await;
     let moved = moves(&before, &after);
     assert_eq!(
@@ -168,7 +131,7 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
     let posts = poster(&admin, channel, stop.clone());
     signal(leader_pid, Signal::SIGKILL);
     let killed = Instant::now();
-    let second = within("a new leader", Duration::from_secs(40), || async {
+    let second = eventually_within("a new leader", Duration::from_secs(40), || async {
         ring.leader()
             .await
             .ok()
@@ -181,30 +144,26 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
         killed.elapsed().as_millis()
     );
     stop.cancel();
-    let (acked, failed) = posts.await.unwrap();
+    let (acked, failed) = posts.finish().await;
     assert_eq!(failed, 0, "no post failed while the ring manager was down");
     assert!(!acked.is_empty());
     receive_all(&mut client, &acked).await;
 
     // The new leader serves the same ring it found in KV: nothing reshuffled.
-    let (served, _) = within(
-        "the new leader answers",
-        Duration::from_secs(10),
-        || async {
-            let mut rm = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
-                second.endpoint.clone(),
-            )
+    let (served, _) = eventually("the new leader answers", || async {
+        let mut rm = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
+            second.endpoint.clone(),
+        )
+        .await
+        .ok()?;
+        let proto = rm
+            .get_ring(mesh_proto::ring::GetRingRequest {})
             .await
-            .ok()?;
-            let proto = rm
-                .get_ring(mesh_proto::ring::GetRingRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            let members = proto.members.clone();
-            Some((ring_client::convert::ring_from_proto(proto).ok()?, members))
-        },
-    )
+            .ok()?
+            .into_inner();
+        let members = proto.members.clone();
+        Some((ring_client::convert::ring_from_proto(proto).ok()?, members))
+    })
     .await;
     assert!(served.same_assignment(&after), "{served:?} vs {after:?}");
 
@@ -240,14 +199,10 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
         .unwrap()
         .pid;
     signal(pid, Signal::SIGKILL);
-    let (last, lock_index) = within(
-        "the survivors take the dead node's slots",
-        Duration::from_secs(10),
-        || async {
-            let (r, i) = stored(&ring).await;
-            (r.epoch() > after.epoch()).then_some((r, i))
-        },
-    )
+    let (last, lock_index) = eventually("the survivors take the dead node's slots", || async {
+        let (r, i) = stored(&ring).await;
+        (r.epoch() > after.epoch()).then_some((r, i))
+    })
     .await;
     assert_eq!(lock_index, 2, "written under the second leader's fence");
     let moved = moves(&after, &last);

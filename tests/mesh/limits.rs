@@ -70,6 +70,7 @@ async fn a_flooding_client_is_throttled_then_closed_while_a_polite_one_is_served
             "the polite client was refused: {reply}"
         );
         latencies.push(sent.elapsed());
+        // Pacing: a polite client sends at 10 frames a second, under its limit of 20.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("polite client's ack latencies during the flood: {latencies:?}");
@@ -365,21 +366,18 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     let mut live = Rtm::connect(&us, &mesh.token("U2", "T1", &["C1"]).unwrap())
         .await
         .unwrap();
-    // The live client keeps reading (and so answers pings); the silent one is not polled.
-    let live = tokio::spawn(async move {
-        live.expect_none(Duration::from_secs(3), "anything", |_| false)
-            .await;
-        live
-    });
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // The server closed it. (The code may not reach a client this silent: answering the
-    // queued pings on a socket the server already closed fails first.)
+    // The live client keeps reading (and so answers pings) and stays open for twice the idle
+    // timeout: a deliberate window. Meanwhile the silent one is not polled at all (reading it
+    // would answer the pings).
+    live.stays_open(Duration::from_secs(3), "the live client")
+        .await;
+    // The server closed the silent one. (The code may not reach a client this silent:
+    // answering the queued pings on a socket the server already closed fails first.)
     let code = silent.closed().await;
     assert!(
         code.is_none() || code == Some(gateway::connection::close::IDLE_TIMEOUT),
         "closed with {code:?}"
     );
-    let mut live = live.await.unwrap();
     let mut admin = admin(&mesh).await;
     post(&mut admin, "C1", "U3", "still here?").await;
     live.expect("the message", |v| v["type"] == "message").await;

@@ -5,8 +5,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use channel_client::wire::event_to_proto;
@@ -17,7 +15,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Rtm, admin_at, eventually, moves, post, presence_of, ring_at, state_of};
+use crate::support::{
+    Rtm, admin_at, eventually, moves, post, post_index, poster, presence_of, ring_at, state_of,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 const JWT_SECRET: &str = "process-test-secret";
@@ -220,38 +220,25 @@ async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_r
         .to_string();
     let pid = members.iter().find(|m| m.id == victim).unwrap().pid;
 
-    // Posts keep coming; `next` is the index of the next post to be sent.
-    let next = Arc::new(AtomicUsize::new(0));
+    // Posts keep coming.
     let stop = CancellationToken::new();
-    let posting = {
-        let (mut admin, next, stop) = (admin.clone(), next.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                post(&mut admin, channel, "UPOSTER", &format!("{i}")).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let posting = poster(&admin, channel, stop.clone());
     client
         .expect("a first message", |v| v["type"] == "message")
         .await;
 
     signal(pid, Signal::SIGKILL);
     let killed_at = Instant::now();
-    let first_after_kill = next.load(Ordering::SeqCst);
+    let first_after_kill = posting.next_index();
     client
         .expect("a message posted after the kill", |v| {
-            v["type"] == "message"
-                && v["text"]
-                    .as_str()
-                    .and_then(|t| t.parse::<usize>().ok())
-                    .is_some_and(|i| i >= first_after_kill)
+            post_index(v).is_some_and(|i| i >= first_after_kill)
         })
         .await;
     let resumed_in = killed_at.elapsed();
     stop.cancel();
-    posting.await.unwrap();
+    let (_, failed) = posting.finish().await;
+    assert_eq!(failed, 0, "no post failed across the kill");
     println!(
         "kill -9 of {victim} -> delivery resumed in {} ms",
         resumed_in.as_millis()
@@ -360,7 +347,9 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
     let (before, _) = ring_at(dev.ring_manager).await;
 
     signal(dev.ring_manager_pid, Signal::SIGKILL);
-    // Well past the lease length: the channel servers keep serving on the ring they know.
+    // A clock that must pass, not a wait for an event: well past the lease length (400 ms),
+    // the channel servers keep serving on the ring they know (static stability). Nothing the
+    // test can observe marks the moment a lease would have lapsed.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..3 {
         let ts = post(
@@ -410,7 +399,9 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
         after.same_assignment(&before),
         "the same epoch and slot owners: {after:?} vs {before:?}"
     );
-    // The channel servers' leases carry over: nobody is declared down, nothing moves.
+    // The channel servers' leases carry over: nobody is declared down, nothing moves. A
+    // deliberate "nothing happens" window, longer than the ring manager's suspicion delay and
+    // probe (500 + 200 ms): no later event proves that a declaration did not happen.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (later, members) = ring_at(dev.ring_manager).await;
     assert!(later.same_assignment(&before), "{later:?} vs {before:?}");

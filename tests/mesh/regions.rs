@@ -13,7 +13,7 @@ use tokio::process::{Child, ChildStdout};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Rtm, admin, mesh, poster, rm_at, web_api};
+use crate::support::{Rtm, WAIT, admin, eventually, mesh, poll_until, poster, rm_at, web_api};
 
 const CLIENTS: usize = 300;
 const CHANNELS: usize = 10;
@@ -71,14 +71,26 @@ impl PyClients {
         assert_eq!(line, want, "the rtm_v2 drain script said {line:?}");
     }
 
+    /// Says REPORT; returns each client's report so far (`user`, `seen`, `url`, ...).
+    async fn report(&mut self) -> Vec<Value> {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"REPORT\n").await.unwrap();
+        stdin.flush().await.unwrap();
+        Self::clients(&self.line(Duration::from_secs(10)).await)
+    }
+
+    fn clients(line: &str) -> Vec<Value> {
+        let report: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("the rtm_v2 drain script said {line:?}: {e}"));
+        report["clients"].as_array().unwrap().clone()
+    }
+
     /// Says STOP; returns each client's report (`user`, `seen`, `url`, ...).
     async fn stop(mut self) -> Vec<Value> {
         let mut stdin = self.child.stdin.take().unwrap();
         stdin.write_all(b"STOP\n").await.unwrap();
         stdin.flush().await.unwrap();
-        let line = self.line(Duration::from_secs(10)).await;
-        let report: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the rtm_v2 drain script said {line:?}: {e}"));
+        let clients = Self::clients(&self.line(Duration::from_secs(10)).await);
         self.expect_line("OK").await;
         drop(stdin);
         let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
@@ -89,7 +101,7 @@ impl PyClients {
             status.success(),
             "the rtm_v2 drain script exited with {status}"
         );
-        report["clients"].as_array().unwrap().clone()
+        clients
     }
 }
 
@@ -99,26 +111,24 @@ struct Client {
     base: String,
     token: String,
     rtm: Rtm,
-    /// Message ts in arrival order.
-    seen: Vec<String>,
+    /// Message ts in arrival order; shared, so that the test can wait for the last ones.
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
     reconnects: usize,
 }
 
 impl Client {
     async fn reconnect(&mut self) {
-        for _ in 0..50 {
-            let reply = web_api(&self.base, "rtm.connect", Some(&self.token)).await;
-            if let Some(url) = reply["url"].as_str()
-                && let Ok(mut rtm) = Rtm::open(url).await
-                && rtm.next().await.is_ok_and(|v| v["type"] == "hello")
-            {
-                self.rtm = rtm;
-                self.reconnects += 1;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("could not reconnect");
+        let (base, token) = (&self.base, &self.token);
+        self.rtm = eventually("a reconnect", || async {
+            let reply = web_api(base, "rtm.connect", Some(token)).await;
+            let mut rtm = Rtm::open(reply["url"].as_str()?).await.ok()?;
+            rtm.next()
+                .await
+                .is_ok_and(|v| v["type"] == "hello")
+                .then_some(rtm)
+        })
+        .await;
+        self.reconnects += 1;
     }
 
     /// Reads until `stop`, following goodbyes.
@@ -130,7 +140,8 @@ impl Client {
             };
             match frame {
                 Ok(v) if v["type"] == "message" && v["user"] == "UPOSTER" => {
-                    self.seen.push(v["ts"].as_str().unwrap().to_string());
+                    let ts = v["ts"].as_str().unwrap().to_string();
+                    self.seen.lock().unwrap().push(ts);
                 }
                 Ok(v) if v["type"] == "goodbye" => self.reconnect().await,
                 Ok(_) => {}
@@ -177,7 +188,7 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
             base: us.clone(),
             token,
             rtm,
-            seen: Vec::new(),
+            seen: Arc::default(),
             reconnects: 0,
         });
     }
@@ -190,7 +201,8 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
             json!({"user": user, "token": token, "channel": py_channel(i)})
         })
         .collect();
-    let py = PyClients::start(json!({"base_url": us, "clients": py_clients})).await;
+    // Behind a lock: the wait for the last messages below asks it for reports.
+    let py = Mutex::new(PyClients::start(json!({"base_url": us, "clients": py_clients})).await);
     // Messages to every channel at a steady rate throughout.
     let admin = admin(&mesh).await;
     let stop_posting = CancellationToken::new();
@@ -198,11 +210,16 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
         .map(|c| poster(&admin, &channel(c), stop_posting.clone()))
         .collect();
     let stop_reading = CancellationToken::new();
+    let seen: Vec<_> = clients.iter().map(|c| c.seen.clone()).collect();
     let readers: Vec<_> = clients
         .into_iter()
         .map(|c| tokio::spawn(c.run(stop_reading.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Messages flow in every channel before the drain.
+    let posting_since = Instant::now();
+    for p in &posters {
+        p.acked_since(posting_since, 5).await;
+    }
 
     // Drain us-east (the gateways learn it from their next report).
     let started = Instant::now();
@@ -240,18 +257,42 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
         "a draining gateway fails its health check"
     );
 
-    // A little more traffic on the new region, then stop and let the last messages arrive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A little more traffic on the new region, then stop.
+    let drained = Instant::now();
+    for p in &posters {
+        p.acked_since(drained, 5).await;
+    }
     stop_posting.cancel();
     let mut acked: Vec<Vec<String>> = Vec::new();
     let mut failed = 0;
     for p in posters {
-        let (a, f) = p.await.unwrap();
+        let (a, f) = p.finish().await;
         failed += f;
         acked.push(a.into_iter().map(|(_, ts, _)| ts).collect());
     }
     assert_eq!(failed, 0, "no post failed during the drain");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Let the last messages arrive: wait until every client has every acknowledged post of its
+    // channel. Any duplicate from a reconnect comes before these, on the same connection. If
+    // some never arrive, the counts below say how many.
+    let _ = poll_until(WAIT, || async {
+        let complete = |i: usize, seen: &[String]| {
+            let got: HashSet<&String> = seen.iter().collect();
+            acked[i % CHANNELS].iter().all(|ts| got.contains(ts))
+        };
+        for (i, seen) in seen.iter().enumerate() {
+            if !complete(i, &seen.lock().unwrap()) {
+                return Err(format!("client {i} is missing messages"));
+            }
+        }
+        for (i, report) in py.lock().await.report().await.iter().enumerate() {
+            let seen: Vec<String> = serde_json::from_value(report["seen"].clone()).unwrap();
+            if !complete(i % PY_CHANNELS, &seen) {
+                return Err(format!("rtm_v2 client {i} is missing messages"));
+            }
+        }
+        Ok(())
+    })
+    .await;
     stop_reading.cancel();
     let mut lost = 0;
     let mut duplicated = 0;
@@ -259,16 +300,14 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
     for (i, reader) in readers.into_iter().enumerate() {
         let client = reader.await.unwrap();
         *reconnects.lock().await += client.reconnects;
+        let seen = client.seen.lock().unwrap().clone();
         let want: HashSet<&String> = acked[i % CHANNELS].iter().collect();
-        let got: HashSet<&String> = client.seen.iter().collect();
-        duplicated += client.seen.len() - got.len();
+        let got: HashSet<&String> = seen.iter().collect();
+        duplicated += seen.len() - got.len();
         lost += want.difference(&got).count();
-        let mut sorted = client.seen.clone();
+        let mut sorted = seen.clone();
         sorted.sort();
-        assert_eq!(
-            sorted, client.seen,
-            "client {i} got messages out of ts order"
-        );
+        assert_eq!(sorted, seen, "client {i} got messages out of ts order");
         assert!(
             client.rtm.url.contains(&eu_addr.to_string()),
             "client {i} ended on {}",
@@ -278,7 +317,7 @@ async fn draining_a_region_moves_every_client_with_nothing_lost_or_duplicated() 
     let (raw_lost, raw_duplicated) = (lost, duplicated);
 
     // The real rtm_v2 clients: the same checks, on what each one recorded in arrival order.
-    let reports = py.stop().await;
+    let reports = py.into_inner().stop().await;
     assert_eq!(reports.len(), PY_CLIENTS);
     let mut py_reconnects = 0;
     let mut py_goodbyes = 0;

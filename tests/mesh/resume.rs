@@ -2,6 +2,8 @@
 //! events, with no duplicates and no gaps — or a `history_gap` event when history no longer
 //! reaches back that far.
 
+use std::time::Instant;
+
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -31,14 +33,15 @@ async fn a_client_that_reconnects_with_a_cursor_gets_everything_it_missed_once_i
     }
     first.ws.close(None).await.unwrap();
     drop(first);
-    // Away for a moment, then back in the other region with the cursor.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Away while posts are acknowledged, then back in the other region with the cursor.
+    posts.acked_since(Instant::now(), 5).await;
     let mut second = Rtm::connect_with(&eu, &token, &format!("?cursors={channel}:{cursor}"))
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // And posts keep coming after the resume.
+    posts.acked_since(Instant::now(), 5).await;
     stop.cancel();
-    let (acked, failed) = posts.await.unwrap();
+    let (acked, failed) = posts.finish().await;
     assert_eq!(failed, 0);
     let missed_and_after: Vec<_> = acked
         .into_iter()

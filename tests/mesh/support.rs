@@ -4,6 +4,8 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -42,31 +44,93 @@ pub async fn mesh_with(config: MeshConfig) -> Mesh {
         .expect("the mesh starts")
 }
 
-/// Waits until `check` returns `Some`, polling, for at most [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+/// What an [`eventually`] check answers: `Some` or `Ok` ends the wait with its value; `None` or
+/// `Err` polls again, and the last `Err` is shown if the wait gives up.
+pub trait Check<T> {
+    fn done(self) -> Result<T, Option<String>>;
+}
+
+impl<T> Check<T> for Option<T> {
+    fn done(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T, E: std::fmt::Display> Check<T> for Result<T, E> {
+    fn done(self) -> Result<T, Option<String>> {
+        self.map_err(|e| Some(e.to_string()))
+    }
+}
+
+/// The first pause between two polls of a condition; it doubles up to [`POLL_MAX`], so that a
+/// quick condition is seen soon and a slow one (or many waits at once) does not load a shared
+/// machine.
+const POLL_FIRST: Duration = Duration::from_millis(20);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Waits until `check` is done (see [`Check`]), polling, for at most [`WAIT`]; panics with
+/// `what` (and the last thing `check` saw) if it is not.
+///
+/// `check` is a closure returning a future (`|| async { .. }`) rather than an async closure,
+/// whose future could not be sent to another task (`tokio::spawn`) by today's compiler; state it
+/// needs mutably goes behind a lock.
+pub async fn eventually<T, C, F, Fut>(what: &str, check: F) -> T
 where
+    C: Check<T>,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = C>,
 {
     eventually_within(what, WAIT, check).await
 }
 
-/// Waits until `check` returns `Some`, polling, for at most `limit`.
-pub async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+/// [`eventually`], for at most `limit`.
+pub async fn eventually_within<T, C, F, Fut>(what: &str, limit: Duration, check: F) -> T
 where
+    C: Check<T>,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = C>,
+{
+    match poll_until(limit, check).await {
+        Ok(v) => v,
+        Err(Some(last)) => panic!("{what}: not within {limit:?}; last seen: {last}"),
+        Err(None) => panic!("{what}: not within {limit:?}"),
+    }
+}
+
+/// Polls `check` until it is done or `limit` passes; then `Err` holds the last thing it saw. For
+/// a wait after which the test's own assertions say what went wrong.
+pub async fn poll_until<T, C, F, Fut>(limit: Duration, mut check: F) -> Result<T, Option<String>>
+where
+    C: Check<T>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = C>,
 {
     let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = POLL_FIRST;
     loop {
-        if let Some(v) = check().await {
-            return v;
-        }
+        let last = match check().await.done() {
+            Ok(v) => return Ok(v),
+            Err(last) => last,
+        };
         if tokio::time::Instant::now() > deadline {
-            panic!("{what}: not within {limit:?}");
+            return Err(last);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The poll interval of every wait in the kit: not a wait by itself.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(POLL_MAX);
     }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` (a child process that
+/// started listening); panics with `what` if nothing does within [`WAIT`].
+pub async fn listening(port: u16, what: &str) {
+    eventually(what, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
 }
 
 /// Calls a Slack Web API method on a gateway (`POST {base}{method}`, bearer token).
@@ -177,6 +241,21 @@ impl Rtm {
         }
     }
 
+    /// Reads (and so answers the server's pings) for all of `window`, and checks that the
+    /// server keeps the socket open throughout. Like [`Rtm::expect_none`], a deliberate window.
+    pub async fn stays_open(&mut self, window: Duration, what: &str) {
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("{what}: closed with {frame:?}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => panic!("{what}: the socket failed: {e}"),
+                Ok(None) => panic!("{what}: the socket ended"),
+            }
+        }
+    }
+
     /// Waits for the server to close the socket; returns the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
@@ -236,37 +315,87 @@ pub fn moves(before: &Ring, after: &Ring) -> Vec<(Slot, String, String)> {
 /// An acknowledged post: its text, its ts, and when the ack came back.
 pub type Acked = (String, String, Instant);
 
-/// Posts to `channel` every few milliseconds until `stop`; returns the acked posts and how many
-/// posts failed.
-pub fn poster(
-    admin: &Admin,
-    channel: &str,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<(Vec<Acked>, usize)> {
+/// A load of posts to one channel, one every few milliseconds, as `UPOSTER` with the texts
+/// `p0`, `p1`, ... until its stop token fires. Its progress can be waited on, so that a test
+/// acts once posts are flowing rather than after a guessed pause.
+pub struct Poster {
+    /// Every acknowledged post so far, in order.
+    acked: Arc<Mutex<Vec<Acked>>>,
+    /// The index of the next post to be sent.
+    next: Arc<AtomicUsize>,
+    /// Ends with the stop token; answers how many posts failed.
+    task: tokio::task::JoinHandle<usize>,
+}
+
+/// Starts posting to `channel` until `stop`.
+pub fn poster(admin: &Admin, channel: &str, stop: CancellationToken) -> Poster {
     let (mut admin, channel) = (admin.clone(), channel.to_string());
-    tokio::spawn(async move {
-        let (mut acked, mut failed) = (Vec::new(), 0);
-        let mut i = 0;
-        while !stop.is_cancelled() {
-            let text = format!("p{i}");
-            let request = mesh_proto::admin::PostMessageRequest {
-                channel: channel.clone(),
-                user: "UPOSTER".into(),
-                text: text.clone(),
-                team: String::new(),
-            };
-            match admin.post_message(request).await {
-                Ok(reply) => acked.push((text, reply.into_inner().ts, Instant::now())),
-                Err(status) => {
-                    eprintln!("post {text} failed: {status}");
-                    failed += 1;
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let next = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn({
+        let (acked, next) = (acked.clone(), next.clone());
+        async move {
+            let mut failed = 0;
+            while !stop.is_cancelled() {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let text = format!("p{i}");
+                let request = mesh_proto::admin::PostMessageRequest {
+                    channel: channel.clone(),
+                    user: "UPOSTER".into(),
+                    text: text.clone(),
+                    team: String::new(),
+                };
+                match admin.post_message(request).await {
+                    Ok(reply) => {
+                        let ack = (text, reply.into_inner().ts, Instant::now());
+                        acked.lock().unwrap().push(ack);
+                    }
+                    Err(status) => {
+                        eprintln!("post {text} failed: {status}");
+                        failed += 1;
+                    }
                 }
+                // Pacing: a steady load, not a wait for anything.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            failed
         }
+    });
+    Poster { acked, next, task }
+}
+
+impl Poster {
+    /// The index of the next post to be sent: every post from here on has an index at least
+    /// this (see [`post_index`]).
+    pub fn next_index(&self) -> usize {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` posts were acknowledged after `since`.
+    pub async fn acked_since(&self, since: Instant, n: usize) {
+        eventually(&format!("{n} posts acknowledged"), || async {
+            let acked = self.acked.lock().unwrap();
+            let count = acked.iter().filter(|(_, _, at)| *at > since).count();
+            (count >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits for the poster to stop (its token must have fired); returns the acknowledged posts
+    /// and how many posts failed.
+    pub async fn finish(self) -> (Vec<Acked>, usize) {
+        let failed = self.task.await.unwrap();
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
         (acked, failed)
-    })
+    }
+}
+
+/// The index of a [`Poster`]'s post in a `message` frame, if it is one.
+pub fn post_index(v: &Value) -> Option<usize> {
+    if v["type"] != "message" || v["user"] != "UPOSTER" {
+        return None;
+    }
+    v["text"].as_str()?.strip_prefix('p')?.parse().ok()
 }
 
 /// Reads messages until every ts in `want` arrived; checks ts order and no duplicates.

@@ -80,7 +80,10 @@ pub async fn public_key_gateway(
     (format!("http://{addr}/api/"), cancel.drop_guard())
 }
 
-#[tokio::test]
+// Multi-threaded: signing an RS256 token here (the `rsa` crate, unoptimized) holds its thread
+// for a good part of a second on a loaded machine, and the in-process mesh must keep
+// heartbeating meanwhile, or its ring manager declares every node down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_public_key_gateway_takes_rs256_and_eddsa_and_refuses_hs256() {
     let mesh = mesh().await;
     let (base, _gateway) = public_key_gateway(mesh.ring_manager, "pk-region").await;

@@ -297,23 +297,15 @@ impl ChannelRouter {
                 Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            // The connection broke mid-call (the node died): as good as unavailable. A publish
-            // it may have taken died with it (its history went too), so retrying on the new
-            // owner is what keeps the post; at worst a gateway saw it once before the crash.
-            let code = match status.code() {
-                Code::Unknown if broke_mid_call(&status) => Code::Unavailable,
-                code => code,
-            };
-            match code {
-                // Another node owns the slot now: wait for the ring that says so.
-                Code::FailedPrecondition => {
+            match after_failure(&status, remaining) {
+                Next::AwaitNewerRing => {
                     tracing::debug!(%channel, node = %owner.id, "routed mid-move; waiting for a newer ring");
                     self.ring
                         .wait_for_epoch(ring.epoch() + 1, remaining)
                         .await
                         .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
                 }
-                Code::Unavailable | Code::Cancelled if !remaining.is_zero() => {
+                Next::Retry => {
                     tracing::debug!(%channel, node = %owner.id, error = %status.message(), "channel server unavailable; retrying");
                     // Retry after the pause, or at once when a new ring comes (the node was
                     // declared down and its slots moved).
@@ -322,15 +314,44 @@ impl ChannelRouter {
                         .wait_for_epoch(ring.epoch() + 1, RETRY_PAUSE.min(remaining))
                         .await;
                 }
-                Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
-                    return Err(RouteError::Unavailable(status.message().to_string()));
-                }
-                Code::InvalidArgument | Code::OutOfRange => {
-                    return Err(RouteError::Invalid(status.message().to_string()));
-                }
-                _ => return Err(RouteError::Internal(status.to_string())),
+                Next::Fail(error) => return Err(error),
             }
         }
+    }
+}
+
+/// What a routed call does after an attempt failed with a status.
+#[derive(Debug)]
+enum Next {
+    /// Another node owns the slot now: wait for the ring that says so (and fail as
+    /// unavailable if none comes before the deadline).
+    AwaitNewerRing,
+    /// The channel server is unreachable: try again after a pause or on a newer ring.
+    Retry,
+    /// Give up with this error.
+    Fail(RouteError),
+}
+
+/// The one table from a channel server's failed answer to the router's next step, with
+/// `remaining` left before the call's deadline.
+fn after_failure(status: &Status, remaining: Duration) -> Next {
+    // The connection broke mid-call (the node died): as good as unavailable. A publish it may
+    // have taken died with it (its history went too), so retrying on the new owner is what
+    // keeps the post; at worst a gateway saw it once before the crash.
+    let code = match status.code() {
+        Code::Unknown if broke_mid_call(status) => Code::Unavailable,
+        code => code,
+    };
+    match code {
+        Code::FailedPrecondition => Next::AwaitNewerRing,
+        Code::Unavailable | Code::Cancelled if !remaining.is_zero() => Next::Retry,
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+            Next::Fail(RouteError::Unavailable(status.message().to_string()))
+        }
+        Code::InvalidArgument | Code::OutOfRange => {
+            Next::Fail(RouteError::Invalid(status.message().to_string()))
+        }
+        _ => Next::Fail(RouteError::Internal(status.to_string())),
     }
 }
 
@@ -344,4 +365,104 @@ fn broke_mid_call(status: &Status) -> bool {
         source = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring_client::RingSource;
+
+    const LEFT: Duration = Duration::from_secs(1);
+
+    fn next(code: Code, remaining: Duration) -> Next {
+        after_failure(&Status::new(code, "the reason"), remaining)
+    }
+
+    #[test]
+    fn a_call_routed_mid_move_waits_for_the_newer_ring() {
+        assert!(matches!(
+            next(Code::FailedPrecondition, LEFT),
+            Next::AwaitNewerRing
+        ));
+        // Even at the deadline: the wait itself then fails as unavailable.
+        assert!(matches!(
+            next(Code::FailedPrecondition, Duration::ZERO),
+            Next::AwaitNewerRing
+        ));
+    }
+
+    #[test]
+    fn an_unreachable_server_is_retried_until_the_deadline() {
+        for code in [Code::Unavailable, Code::Cancelled] {
+            assert!(matches!(next(code, LEFT), Next::Retry), "{code:?}");
+            assert!(
+                matches!(
+                    next(code, Duration::ZERO),
+                    Next::Fail(RouteError::Unavailable(m)) if m == "the reason"
+                ),
+                "{code:?} at the deadline"
+            );
+        }
+        assert!(
+            matches!(
+                next(Code::DeadlineExceeded, LEFT),
+                Next::Fail(RouteError::Unavailable(_))
+            ),
+            "a server that ran out of time is not retried"
+        );
+    }
+
+    #[test]
+    fn a_refused_request_is_invalid_and_anything_else_internal() {
+        for code in [Code::InvalidArgument, Code::OutOfRange] {
+            assert!(
+                matches!(next(code, LEFT), Next::Fail(RouteError::Invalid(m)) if m == "the reason"),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::NotFound,
+            Code::Internal,
+            Code::PermissionDenied,
+            Code::Unknown,
+        ] {
+            match next(code, LEFT) {
+                Next::Fail(RouteError::Internal(m)) => assert!(m.contains("the reason"), "{m}"),
+                other => panic!("{code:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_that_broke_mid_call_counts_as_unavailable() {
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert!(broke_mid_call(&broken));
+        assert!(matches!(after_failure(&broken, LEFT), Next::Retry));
+        // An Unknown the server itself answered is not a broken connection.
+        assert!(!broke_mid_call(&Status::unknown("the server's own error")));
+    }
+
+    #[tokio::test]
+    async fn a_bad_channel_server_address_is_an_internal_error() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ring = RingWatcher::spawn(
+            RingSource::Direct("http://127.0.0.1:1".into()),
+            &tracker,
+            cancel.clone(),
+        );
+        let router = ChannelRouter::new(ring, &tracker, cancel.clone());
+        assert!(router.client("127.0.0.1:7001").is_ok(), "connected lazily");
+        assert!(matches!(
+            router.client("not an address"),
+            Err(RouteError::Internal(m)) if m.contains("not an address")
+        ));
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
 }

@@ -193,4 +193,30 @@ mod tests {
         e.body = None;
         assert_eq!(event_from_proto(e), Err(WireError::MissingBody));
     }
+
+    #[test]
+    fn an_empty_ts_is_none_and_a_bad_one_is_refused() {
+        assert_eq!(opt_ts(""), Ok(None));
+        assert_eq!(ts_str(None), "");
+        let ts = Ts::from_micros(1_700_000_000_123_456);
+        assert_eq!(opt_ts(&ts_str(Some(ts))), Ok(Some(ts)));
+        assert!(matches!(opt_ts("yesterday"), Err(WireError::Ts(_))));
+    }
+
+    #[test]
+    fn an_event_without_ts_or_origin_goes_out_with_empty_fields() {
+        let event = ChannelEvent {
+            channel: ChannelId::new("C1").unwrap(),
+            ts: None,
+            body: EventBody::MemberLeft {
+                user: UserId::new("U1").unwrap(),
+            },
+            origin: None,
+        };
+        let proto = event_to_proto(&event);
+        assert_eq!(proto.ts, "");
+        assert_eq!((proto.origin_gateway.as_str(), proto.origin_conn), ("", 0));
+        assert_eq!(proto.published_micros, 0, "set by the fan-out only");
+        assert_eq!(event_from_proto(proto), Ok(event));
+    }
 }

@@ -64,3 +64,67 @@ pub async fn lookup(ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
         .map(|u| (u.clone(), known.remove(u).unwrap_or(false)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::{RingNode, TeamId};
+
+    use super::*;
+
+    fn ring(addrs: &[(&str, &str)]) -> Ring {
+        let nodes: Vec<RingNode> = addrs
+            .iter()
+            .map(|(id, addr)| RingNode {
+                id: NodeId::new(id).unwrap(),
+                addr: addr.to_string(),
+            })
+            .collect();
+        Ring::empty().rebalanced(&nodes)
+    }
+
+    fn users(n: usize) -> Vec<UserId> {
+        (0..n)
+            .map(|i| UserId::new(&format!("U{i}")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_user_is_owned_by_the_owner_of_their_own_channel() {
+        let ring = ring(&[("ps-1", "10.0.0.1:7101"), ("ps-2", "10.0.0.2:7101")]);
+        let mut owners = std::collections::HashSet::new();
+        for user in users(64) {
+            let (id, addr) = owner(&ring, &user).unwrap();
+            let node = ring.owner_of(&ChannelId::from(&user)).unwrap();
+            assert_eq!((&id, &addr), (&node.id, &node.addr), "{user}");
+            owners.insert(id);
+        }
+        assert_eq!(owners.len(), 2, "64 users spread over both servers");
+    }
+
+    #[test]
+    fn a_team_is_owned_by_the_owner_of_its_channel() {
+        let ring = ring(&[("ps-1", "10.0.0.1:7101"), ("ps-2", "10.0.0.2:7101")]);
+        let team = ChannelId::from(&TeamId::new("T1").unwrap());
+        let node = ring.owner_of(&team).unwrap();
+        assert_eq!(
+            owner_of(&ring, &team),
+            Some((node.id.clone(), node.addr.clone()))
+        );
+    }
+
+    #[test]
+    fn nobody_owns_anything_on_an_empty_ring() {
+        assert_eq!(owner(&Ring::empty(), &users(1)[0]), None);
+    }
+
+    #[tokio::test]
+    async fn users_nobody_can_answer_for_are_offline_in_the_order_asked() {
+        let ids = users(5);
+        let expected: Vec<(UserId, bool)> = ids.iter().map(|u| (u.clone(), false)).collect();
+        // No presence server at all.
+        assert_eq!(lookup(&Ring::empty(), &ids).await, expected);
+        // Presence servers that do not answer (nothing listens on port 1).
+        let unreachable = ring(&[("ps-1", "127.0.0.1:1"), ("ps-2", "127.0.0.1:1")]);
+        assert_eq!(lookup(&unreachable, &ids).await, expected);
+    }
+}

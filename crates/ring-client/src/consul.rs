@@ -598,3 +598,6 @@ impl BlockingLoop {
         changed
     }
 }
+
+#[cfg(test)]
+mod tests;

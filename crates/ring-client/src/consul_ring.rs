@@ -251,3 +251,164 @@ pub fn service_def(
         deregister_after: DEREGISTER_AFTER,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::{NodeId, Ring, RingNode};
+
+    use super::*;
+    use crate::record::SavedMember;
+
+    fn def(addr: &str, advertise: Option<&str>) -> ServiceDef {
+        service_def(
+            "gateway",
+            "us-east-1",
+            addr.parse().unwrap(),
+            advertise,
+            vec![],
+        )
+    }
+
+    fn address(d: &ServiceDef) -> (&str, u16) {
+        (d.address.as_str(), d.port)
+    }
+
+    #[test]
+    fn a_service_is_named_by_kind_and_id_with_the_default_check() {
+        let meta = vec![("region".to_string(), "us-east".to_string())];
+        let d = service_def(
+            "channel-server",
+            "cs-1",
+            "127.0.0.1:7001".parse().unwrap(),
+            None,
+            meta.clone(),
+        );
+        assert_eq!(d.id, "channelmesh-channel-server-cs-1");
+        assert_eq!(d.name, "channelmesh-channel-server");
+        assert_eq!(d.tags, ["channelmesh"]);
+        assert_eq!(d.meta, meta);
+        assert_eq!(d.ttl, DEFAULT_CHECK_TTL);
+        assert_eq!(d.deregister_after, DEREGISTER_AFTER);
+    }
+
+    #[test]
+    fn the_advertised_address_wins_with_or_without_a_scheme() {
+        for advertise in [
+            "gw-1.internal:8080",
+            "http://gw-1.internal:8080",
+            "https://gw-1.internal:8080/",
+        ] {
+            let d = def("0.0.0.0:9000", Some(advertise));
+            assert_eq!(address(&d), ("gw-1.internal", 8080), "{advertise}");
+        }
+    }
+
+    #[test]
+    fn without_a_usable_advertised_address_the_listen_address_is_used() {
+        assert_eq!(address(&def("10.0.0.5:9000", None)), ("10.0.0.5", 9000));
+        // No port, or not a number: as if nothing were advertised.
+        assert_eq!(
+            address(&def("10.0.0.5:9000", Some("gw-1.internal"))),
+            ("10.0.0.5", 9000)
+        );
+        assert_eq!(
+            address(&def("10.0.0.5:9000", Some("gw-1.internal:http"))),
+            ("10.0.0.5", 9000)
+        );
+    }
+
+    #[test]
+    fn an_unspecified_listen_ip_leaves_the_address_to_consul() {
+        assert_eq!(address(&def("0.0.0.0:9000", None)), ("", 9000));
+        assert_eq!(address(&def("[::]:9000", None)), ("", 9000));
+    }
+
+    #[test]
+    fn the_keys_live_under_the_prefix_without_its_slashes() {
+        let ring = ConsulRing::new("http://127.0.0.1:8500", None, "/team-a/cm/").unwrap();
+        assert_eq!(ring.prefix, "team-a/cm");
+        assert_eq!(ring.lock_key(), "team-a/cm/ring-manager/leader");
+        assert_eq!(ring.ring_key(), "team-a/cm/ring");
+        assert!(ConsulRing::new("127.0.0.1:8500", None, DEFAULT_PREFIX).is_err());
+    }
+
+    fn saved() -> Saved {
+        let node = |id: &str, addr: &str| RingNode {
+            id: NodeId::new(id).unwrap(),
+            addr: addr.into(),
+        };
+        let ring = Ring::empty()
+            .rebalanced(&[node("cs-1", "10.0.0.1:7001"), node("cs-2", "10.0.0.2:7001")]);
+        let (epoch, nodes, slot_owner) = Saved::ring_parts(&ring);
+        Saved {
+            epoch,
+            nodes,
+            slot_owner,
+            members: vec![SavedMember {
+                id: "cs-1".into(),
+                addr: "10.0.0.1:7001".into(),
+                pid: 42,
+                state: "active".into(),
+                incarnation: 1,
+            }],
+            next_incarnation: 2,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_with_the_saved_ring_beside_the_fence() {
+        let record = Record {
+            lock_index: 3,
+            leader: "http://10.0.0.9:50050".into(),
+            saved: saved(),
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        // Flattened: the ring's fields sit next to the writer's, as every service reads them.
+        assert_eq!(json["lock_index"], 3);
+        assert_eq!(json["epoch"], record.saved.epoch);
+        assert!(json.get("saved").is_none());
+        let decoded = decode_record(json.to_string().as_bytes()).unwrap();
+        assert_eq!(decoded, record);
+    }
+
+    #[test]
+    fn a_record_that_is_not_json_or_holds_a_bad_ring_is_refused() {
+        let invalid =
+            |value: &[u8]| matches!(decode_record(value), Err(crate::Error::InvalidRing(_)));
+        assert!(invalid(b"not json"));
+        assert!(invalid(b"{\"lock_index\": 1}"), "no ring in it");
+        let mut record = Record {
+            lock_index: 1,
+            leader: String::new(),
+            saved: saved(),
+        };
+        record.saved.slot_owner.pop();
+        assert!(
+            invalid(&serde_json::to_vec(&record).unwrap()),
+            "a slot short"
+        );
+        let mut record = Record {
+            lock_index: 1,
+            leader: String::new(),
+            saved: saved(),
+        };
+        record.saved.nodes[0].0 = "not a node id".into();
+        assert!(
+            invalid(&serde_json::to_vec(&record).unwrap()),
+            "a bad node id"
+        );
+    }
+
+    #[test]
+    fn the_leaders_lock_value_is_its_endpoint_and_pid() {
+        let leader: LeaderInfo =
+            serde_json::from_str(r#"{"endpoint": "http://10.0.0.9:50050", "pid": 7}"#).unwrap();
+        assert_eq!(
+            leader,
+            LeaderInfo {
+                endpoint: "http://10.0.0.9:50050".into(),
+                pid: 7
+            }
+        );
+    }
+}

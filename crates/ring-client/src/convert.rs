@@ -63,3 +63,74 @@ pub fn ring_from_proto(ring: pb::Ring) -> Result<Ring, Error> {
         .map_err(|e| Error::InvalidRing(e.to_string()))?
         .with_handoffs(handoffs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> RingNode {
+        RingNode {
+            id: NodeId::new(id).unwrap(),
+            addr: format!("{id}.internal:7001"),
+        }
+    }
+
+    fn ring() -> Ring {
+        let before = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
+        let after = before.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
+        let moves = after.moves_from(&before);
+        after.with_handoffs(moves)
+    }
+
+    #[test]
+    fn a_ring_round_trips_through_its_protobuf_form() {
+        let ring = ring();
+        assert!(!ring.handoffs().is_empty(), "the test ring has handoffs");
+        let back = ring_from_proto(ring_to_proto(&ring, |_| (String::new(), 0))).unwrap();
+        assert_eq!(back, ring);
+    }
+
+    #[test]
+    fn each_node_carries_its_state_and_pid() {
+        let proto = ring_to_proto(&ring(), |id| {
+            let pid = id.as_str().trim_start_matches("cs-").parse().unwrap();
+            (format!("state of {id}"), pid)
+        });
+        assert_eq!(proto.nodes.len(), 3);
+        for n in &proto.nodes {
+            assert_eq!(n.state, format!("state of {}", n.id));
+            assert_eq!(n.pid.to_string(), n.id.trim_start_matches("cs-"));
+        }
+        assert!(proto.members.is_empty(), "members are the server's to add");
+        assert_eq!(proto.slot_owner.len(), mesh_core::SLOT_COUNT);
+    }
+
+    #[test]
+    fn invalid_ids_and_shapes_are_refused() {
+        let good = ring_to_proto(&ring(), |_| (String::new(), 0));
+        let invalid =
+            |proto: pb::Ring| matches!(ring_from_proto(proto), Err(Error::InvalidRing(_)));
+
+        let mut bad_node = good.clone();
+        bad_node.nodes[0].id = "cs 1".into();
+        assert!(invalid(bad_node), "a node id with a space");
+        let mut bad_from = good.clone();
+        bad_from.handoffs[0].from_node = String::new();
+        assert!(invalid(bad_from), "an empty handoff source");
+        let mut bad_to = good.clone();
+        bad_to.handoffs[0].to_node = "to/where".into();
+        assert!(invalid(bad_to), "a bad handoff target");
+        let mut short = good.clone();
+        short.slot_owner.pop();
+        assert!(invalid(short), "a slot short");
+        let mut past = good;
+        past.slot_owner[0] = 9;
+        assert!(invalid(past), "an owner past the nodes");
+    }
+
+    #[test]
+    fn the_empty_ring_round_trips() {
+        let proto = ring_to_proto(&Ring::empty(), |_| (String::new(), 0));
+        assert_eq!(ring_from_proto(proto).unwrap(), Ring::empty());
+    }
+}

@@ -54,3 +54,73 @@ impl Saved {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Ring {
+        let node = |id: &str, addr: &str| RingNode {
+            id: NodeId::new(id).unwrap(),
+            addr: addr.into(),
+        };
+        Ring::empty()
+            .rebalanced(&[node("cs-1", "10.0.0.1:7001"), node("cs-2", "10.0.0.2:7001")])
+            .rebalanced(&[
+                node("cs-1", "10.0.0.1:7001"),
+                node("cs-2", "10.0.0.2:7001"),
+                node("cs-3", "10.0.0.3:7001"),
+            ])
+    }
+
+    fn saved(ring: &Ring) -> Saved {
+        let (epoch, nodes, slot_owner) = Saved::ring_parts(ring);
+        Saved {
+            epoch,
+            nodes,
+            slot_owner,
+            members: Vec::new(),
+            next_incarnation: 1,
+        }
+    }
+
+    #[test]
+    fn a_saved_ring_comes_back_the_same() {
+        let ring = ring();
+        let back = saved(&ring).ring().unwrap();
+        assert_eq!(back.epoch(), 2);
+        assert!(back.same_assignment(&ring));
+        assert_eq!(back.nodes(), ring.nodes());
+    }
+
+    #[test]
+    fn a_saved_record_round_trips_through_json() {
+        let mut record = saved(&ring());
+        record.members.push(SavedMember {
+            id: "cs-1".into(),
+            addr: "10.0.0.1:7001".into(),
+            pid: 42,
+            state: "active".into(),
+            incarnation: 3,
+        });
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<Saved>(&json).unwrap(), record);
+    }
+
+    #[test]
+    fn a_bad_record_is_refused() {
+        let good = saved(&ring());
+        let mut short = good.clone();
+        short.slot_owner.truncate(10);
+        assert!(short.ring().is_err(), "too few slots");
+        let mut bad_owner = good.clone();
+        bad_owner.slot_owner[0] = 3;
+        assert!(bad_owner.ring().is_err(), "an owner index past the nodes");
+        let mut bad_id = good.clone();
+        bad_id.nodes[1].0 = "cs 2".into();
+        assert!(bad_id.ring().is_err(), "an invalid node id");
+        let mut twice = good;
+        twice.nodes[1].0 = "cs-1".into();
+        assert!(twice.ring().is_err(), "the same node twice");
+    }
+}

@@ -205,3 +205,48 @@ pub async fn register(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_direct_source_is_its_endpoint() {
+        let source = RingSource::Direct("http://127.0.0.1:50050".into());
+        assert_eq!(source.to_string(), "http://127.0.0.1:50050");
+        assert_eq!(source.endpoint().await.unwrap(), "http://127.0.0.1:50050");
+    }
+
+    #[test]
+    fn a_consul_source_shows_the_agent_and_prefix() {
+        let ring = ConsulRing::new("http://127.0.0.1:8500", None, "cm").unwrap();
+        assert_eq!(
+            RingSource::Consul(ring).to_string(),
+            "consul http://127.0.0.1:8500 (cm)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_hears_nothing_keeps_the_empty_ring_and_times_out() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        // Nothing listens on port 1: the watcher keeps retrying in the background.
+        let watcher = RingWatcher::spawn(
+            RingSource::Direct("http://127.0.0.1:1".into()),
+            &tracker,
+            cancel.clone(),
+        );
+        assert_eq!(watcher.current().epoch(), 0);
+        let waited = watcher
+            .wait_for_epoch(1, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&waited, Error::Timeout(what) if what.contains("ring epoch 1")),
+            "{waited}"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}

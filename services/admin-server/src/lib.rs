@@ -3,8 +3,10 @@
 
 mod auth;
 pub mod config;
+mod error;
+mod grpc;
+mod requests;
 pub mod run;
-mod service;
 
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use config::{Args, Config};
-pub use service::AdminService;
+pub use grpc::AdminService;
 
 /// Errors of the admin server.
 #[derive(Debug, thiserror::Error)]

@@ -2,9 +2,13 @@
 //! its ts, keeps bounded history, and fans each event out once to every subscribed gateway.
 
 pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod handoff;
 pub mod metrics;
+pub mod ownership;
 pub mod run;
-pub mod service;
+pub mod shards;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -18,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{Args, Config, DEFAULT_GATEWAY_QUEUE};
-pub use service::{ChannelService, ServiceConfig};
+pub use error::ServeError;
+pub use grpc::{ChannelService, ServiceConfig};
 pub use store::Limits;
 
 /// Errors of the channel server.
@@ -84,8 +89,7 @@ pub async fn serve(
     let server = mesh_transport::server()?
         .add_service(health_service)
         .add_service(
-            ChannelServerServer::new(service)
-                .max_decoding_message_size(service::MAX_HANDOFF_MESSAGE),
+            ChannelServerServer::new(service).max_decoding_message_size(grpc::MAX_HANDOFF_MESSAGE),
         )
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -1,7 +1,7 @@
 //! HTTP routes: Slack's `auth.test` and `rtm.connect`, the WebSocket endpoint, health.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -9,12 +9,17 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use mesh_core::token::Verifier;
 use mesh_core::{Identity, TokenError};
 use serde_json::{Value, json};
-
-use crate::socket::Upgrade;
-use crate::{Shared, connection};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::connection::{self, ConnectionContext};
+use crate::cursors::{cursors_param, parse_cursors};
+use crate::limits::TokenBucket;
+use crate::presence::{Refused, TeamSlot};
+use crate::socket::Upgrade;
+use crate::tickets::Tickets;
 
 /// The largest client frame accepted, in bytes; a larger one closes the socket with 1009 before
 /// it is read whole. (Message text itself is capped at 16 KiB; this leaves room for escaping.)
@@ -24,8 +29,31 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// up front, so small (clients send little; a larger frame grows it as it arrives).
 const WS_READ_BUFFER: usize = 512;
 
+/// What the HTTP routes use.
+#[derive(Debug)]
+pub struct Edge {
+    /// What every connection shares; each WebSocket accepted runs on it.
+    pub ctx: Arc<ConnectionContext>,
+    /// Checks client tokens.
+    pub key: Verifier,
+    /// Connect URLs handed out by `rtm.connect`, not yet used.
+    pub tickets: Arc<Tickets>,
+    /// This gateway's region.
+    pub region: String,
+    /// "http://host:port", no trailing slash.
+    pub http_url: String,
+    /// "ws://host:port", no trailing slash.
+    pub ws_url: String,
+    /// Open client connections.
+    pub connections: Arc<AtomicU64>,
+    /// The next connection's id.
+    pub next_conn: AtomicU64,
+    /// `rtm.connect` calls the gateway takes per second.
+    pub handshakes: Mutex<TokenBucket>,
+}
+
 /// The gateway's routes.
-pub fn routes(shared: Arc<Shared>) -> Router {
+pub fn routes(edge: Arc<Edge>) -> Router {
     Router::new()
         .route("/api/auth.test", any(auth_test))
         .route("/api/rtm.connect", any(rtm_connect))
@@ -35,7 +63,7 @@ pub fn routes(shared: Arc<Shared>) -> Router {
         .route("/rtm/{ticket}", get(websocket))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
-        .with_state(shared)
+        .with_state(edge)
 }
 
 /// Request parameters from the query string and a form body (JSON bodies are ignored: slack_sdk
@@ -77,7 +105,7 @@ fn slack_error(error: &str) -> Response {
 
 /// The caller's identity, from `Authorization: Bearer`, or a `token` parameter.
 fn authenticate(
-    shared: &Shared,
+    edge: &Edge,
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<Identity, &'static str> {
@@ -85,7 +113,7 @@ fn authenticate(
         return Err("not_authed");
     };
     let token = token.as_str();
-    let identity = shared.key.verify(token).map_err(|e| {
+    let identity = edge.key.verify(token).map_err(|e| {
         let reason = match e {
             TokenError::Expired => "expired",
             TokenError::NotYetValid => "not yet valid",
@@ -97,7 +125,7 @@ fn authenticate(
         "invalid_auth"
     })?;
     if let Some(jti) = &identity.jti
-        && shared.region_state.is_revoked(jti)
+        && edge.ctx.region.is_revoked(jti)
     {
         tracing::debug!(%jti, "refused a revoked token");
         return Err("token_revoked");
@@ -122,20 +150,20 @@ fn bearer_or_param(headers: &HeaderMap, params: &Params) -> Option<String> {
 }
 
 async fn auth_test(
-    State(shared): State<Arc<Shared>>,
+    State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
     let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&shared, &headers, &params) {
+    let identity = match authenticate(&edge, &headers, &params) {
         Ok(i) => i,
         Err(error) => return slack_error(error),
     };
     let user = identity.user.as_str();
     axum::Json(json!({
         "ok": true,
-        "url": format!("{}/", shared.http_url),
+        "url": format!("{}/", edge.http_url),
         "team": identity.team.as_str(),
         "user": identity.name.as_deref().unwrap_or(user),
         "team_id": identity.team.as_str(),
@@ -148,21 +176,21 @@ async fn auth_test(
 }
 
 async fn rtm_connect(
-    State(shared): State<Arc<Shared>>,
+    State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
     let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&shared, &headers, &params) {
+    let identity = match authenticate(&edge, &headers, &params) {
         Ok(i) => i,
         Err(error) => return slack_error(error),
     };
-    if let Some(refusal) = admission(&shared) {
+    if let Some(refusal) = admission(&edge) {
         return refusal;
     }
     let batch = matches!(params.get("batch_presence_aware"), Some("1" | "true"));
-    let cursors = match params.get("cursors").map(crate::resume::parse_cursors) {
+    let cursors = match params.get("cursors").map(parse_cursors) {
         None => Vec::new(),
         Some(Ok(c)) => c,
         Some(Err(_)) => return slack_error("invalid_cursors"),
@@ -170,34 +198,24 @@ async fn rtm_connect(
     let user = identity.user.to_string();
     let name = identity.name.clone().unwrap_or_else(|| user.clone());
     let team = identity.team.to_string();
-    if shared.region_state.draining() {
+    if edge.ctx.region.draining() {
         let token = bearer_or_param(&headers, &params).unwrap_or_default();
         let user = identity.user.clone();
-        return match redirect_connect(&shared, &token, &user, batch, cursors).await {
+        return match redirect_connect(&edge, &token, &user, batch, cursors).await {
             Some(response) => response,
-            None => {
-                let mut response = slack_error("ratelimited");
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                response
-            }
+            None => ratelimited(),
         };
     }
-    let slot = match team_slot(&shared, &identity).await {
+    let slot = match team_slot(&edge, &identity).await {
         Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
-    let Some(ticket) = shared.tickets.issue(identity, batch, cursors, slot) else {
-        let mut response = slack_error("ratelimited");
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
+    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot) else {
+        return ratelimited();
     };
     axum::Json(json!({
         "ok": true,
-        "url": format!("{}/rtm/{ticket}", shared.ws_url),
+        "url": format!("{}/rtm/{ticket}", edge.ws_url),
         "self": {"id": user, "name": name},
         "team": {"id": team, "name": team, "domain": team.to_lowercase()},
     }))
@@ -215,20 +233,20 @@ fn ratelimited() -> Response {
 
 /// Whether this gateway takes one more client now: under its connection cap and its
 /// handshake rate. `None` admits; otherwise the refusal to answer with.
-fn admission(shared: &Shared) -> Option<Response> {
-    if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
+fn admission(edge: &Edge) -> Option<Response> {
+    if edge.connections.load(Ordering::Relaxed) >= edge.ctx.limits.max_connections as u64 {
         tracing::debug!("refused a connect: the gateway is at its connection cap");
-        shared.metrics.connect_refused("max_connections");
+        edge.ctx.metrics.connect_refused("max_connections");
         return Some(ratelimited());
     }
-    let admitted = shared
+    let admitted = edge
         .handshakes
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take(std::time::Instant::now());
     if !admitted {
         tracing::debug!("refused a connect: over the handshake rate");
-        shared.metrics.connect_refused("handshake_rate");
+        edge.ctx.metrics.connect_refused("handshake_rate");
         return Some(ratelimited());
     }
     None
@@ -237,35 +255,32 @@ fn admission(shared: &Shared) -> Option<Response> {
 /// A place under the caller's team and user connection caps, counted across every gateway
 /// by the team's presence server; `None` when neither cap applies (or the mesh has no
 /// presence servers to count: the caps are then not enforced, as logged at start).
-async fn team_slot(
-    shared: &Shared,
-    identity: &Identity,
-) -> Result<Option<crate::presence::TeamSlot>, Response> {
-    let team_cap = shared.limits.team_cap(&identity.team);
-    let user_cap = shared.limits.user_connections;
-    let Some(presence) = shared
+async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>, Response> {
+    let team_cap = edge.ctx.limits.team_cap(&identity.team);
+    let user_cap = edge.ctx.limits.user_connections;
+    let Some(presence) = edge
+        .ctx
         .presence
         .as_ref()
         .filter(|_| team_cap > 0 || user_cap > 0)
     else {
         return Ok(None);
     };
-    use crate::presence::Refused;
     match presence
         .acquire(&identity.team, &identity.user, team_cap, user_cap)
         .await
     {
         Ok(slot) => Ok(Some(slot)),
         Err(Refused::Team) => {
-            shared.metrics.connect_refused("team_connections");
+            edge.ctx.metrics.connect_refused("team_connections");
             Err(slack_error("too_many_connections"))
         }
         Err(Refused::User) => {
-            shared.metrics.connect_refused("user_connections");
+            edge.ctx.metrics.connect_refused("user_connections");
             Err(slack_error("too_many_connections"))
         }
         Err(Refused::Retry) => {
-            shared.metrics.connect_refused("team_count_unavailable");
+            edge.ctx.metrics.connect_refused("team_count_unavailable");
             Err(ratelimited())
         }
     }
@@ -274,13 +289,13 @@ async fn team_slot(
 /// `users.setPresence` (`presence=away|auto`): away overrides the user's connections until set
 /// back to `auto` (`active` is taken as `auto`).
 async fn set_presence(
-    State(shared): State<Arc<Shared>>,
+    State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
     let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&shared, &headers, &params) {
+    let identity = match authenticate(&edge, &headers, &params) {
         Ok(i) => i,
         Err(error) => return slack_error(error),
     };
@@ -289,7 +304,7 @@ async fn set_presence(
         Some("auto" | "active") => false,
         _ => return slack_error("invalid_presence"),
     };
-    let Some(presence) = &shared.presence else {
+    let Some(presence) = &edge.ctx.presence else {
         return slack_error("presence_unavailable");
     };
     presence.set_manual(&identity.user, away);
@@ -298,13 +313,13 @@ async fn set_presence(
 
 /// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`.
 async fn get_presence(
-    State(shared): State<Arc<Shared>>,
+    State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
     let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&shared, &headers, &params) {
+    let identity = match authenticate(&edge, &headers, &params) {
         Ok(i) => i,
         Err(error) => return slack_error(error),
     };
@@ -315,7 +330,7 @@ async fn get_presence(
         },
         None => identity.user,
     };
-    let Some(presence) = &shared.presence else {
+    let Some(presence) = &edge.ctx.presence else {
         return slack_error("presence_unavailable");
     };
     let active = presence
@@ -328,8 +343,8 @@ async fn get_presence(
 }
 
 /// Health: 503 while the region drains, so load balancers (Envoy) send no new clients here.
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.region_state.draining() {
+async fn healthz(State(edge): State<Arc<Edge>>) -> Response {
+    if edge.ctx.region.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         "ok".into_response()
@@ -340,32 +355,32 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 /// (with the caller's own token) and returns its answer, with the caller's resume cursors (from
 /// its goodbye'd connection here, or its own) on the URL.
 async fn redirect_connect(
-    shared: &Shared,
+    edge: &Edge,
     token: &str,
     user: &mesh_core::UserId,
     batch: bool,
     cursors: Vec<(mesh_core::ChannelId, mesh_core::Ts)>,
 ) -> Option<Response> {
-    let targets = shared.region_state.redirect();
+    let targets = edge.ctx.region.redirect();
     if targets.is_empty() {
         return None;
     }
     let mut cursors = cursors;
-    if let Some(handed) = shared.region_state.take_handover(user) {
+    if let Some(handed) = edge.ctx.region.take_handover(user) {
         for (channel, ts) in handed {
             if !cursors.iter().any(|(c, _)| *c == channel) {
                 cursors.push((channel, ts));
             }
         }
     }
-    let client = shared.region_state.http();
+    let client = edge.ctx.region.http();
     for target in targets {
         let mut form = vec![(
             "batch_presence_aware",
             if batch { "1" } else { "0" }.to_string(),
         )];
         if !cursors.is_empty() {
-            form.push(("cursors", crate::region::cursors_param(&cursors)));
+            form.push(("cursors", cursors_param(&cursors)));
         }
         let reply = client
             .post(format!("{target}/api/rtm.connect"))
@@ -385,14 +400,14 @@ async fn redirect_connect(
 }
 
 /// Read-only counters for operators and tests.
-async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+async fn stats(State(edge): State<Arc<Edge>>) -> Response {
     axum::Json(json!({
-        "gateway": shared.hub.gateway(),
-        "region": shared.region,
-        "connections": shared.connections.load(Ordering::Relaxed),
-        "channels": shared.hub.channel_count(),
-        "upstreams": shared.hub.upstream_count(),
-        "presence": shared.presence.as_ref().map(|p| {
+        "gateway": edge.ctx.hub.gateway(),
+        "region": edge.region,
+        "connections": edge.connections.load(Ordering::Relaxed),
+        "channels": edge.ctx.hub.channel_count(),
+        "upstreams": edge.ctx.hub.upstream_count(),
+        "presence": edge.ctx.presence.as_ref().map(|p| {
             let (watched, online, sessions) = p.counts();
             json!({"watched_users": watched, "online_users": online, "sessions": sessions})
         }),
@@ -401,7 +416,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn websocket(
-    State(shared): State<Arc<Shared>>,
+    State(edge): State<Arc<Edge>>,
     Path(ticket): Path<String>,
     RawQuery(query): RawQuery,
     ws: Upgrade,
@@ -410,17 +425,17 @@ async fn websocket(
     let cursors = form_urlencoded_pairs(query.unwrap_or_default().as_bytes())
         .into_iter()
         .find(|(k, _)| k == "cursors")
-        .map(|(_, v)| crate::resume::parse_cursors(&v));
+        .map(|(_, v)| parse_cursors(&v));
     if let Some(Err(_)) = cursors {
         let body = json!({"ok": false, "error": "invalid_cursors"});
         return (StatusCode::BAD_REQUEST, axum::Json::<Value>(body)).into_response();
     }
-    if shared.region_state.draining() {
-        shared.metrics.connect_refused("draining");
+    if edge.ctx.region.draining() {
+        edge.ctx.metrics.connect_refused("draining");
         let body = json!({"ok": false, "error": "region_draining"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
     }
-    let Some(mut ticket) = shared.tickets.redeem(&ticket) else {
+    let Some(mut ticket) = edge.tickets.redeem(&ticket) else {
         let body = json!({"ok": false, "error": "invalid_connect_url"});
         return (StatusCode::UNAUTHORIZED, axum::Json::<Value>(body)).into_response();
     };
@@ -429,18 +444,18 @@ async fn websocket(
     }
     // Revoked since its rtm.connect.
     if let Some(jti) = &ticket.identity.jti
-        && shared.region_state.is_revoked(jti)
+        && edge.ctx.region.is_revoked(jti)
     {
         let body = json!({"ok": false, "error": "token_revoked"});
         return (StatusCode::FORBIDDEN, axum::Json::<Value>(body)).into_response();
     }
-    if shared.connections.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
-        shared.metrics.connect_refused("max_connections");
+    if edge.connections.load(Ordering::Relaxed) >= edge.ctx.limits.max_connections as u64 {
+        edge.ctx.metrics.connect_refused("max_connections");
         let body = json!({"ok": false, "error": "too_many_connections"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
     }
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let tracked = shared.clone();
+    let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
+    let tracked = edge.clone();
     // Clients send little: a small read buffer keeps an idle connection cheap (tungstenite
     // allocates it whole up front).
     let config = WebSocketConfig::default()
@@ -448,17 +463,17 @@ async fn websocket(
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
     ws.on_upgrade(config, move |socket| {
-        let shared = tracked.clone();
+        let edge = tracked.clone();
         let task = async move {
-            shared.connections.fetch_add(1, Ordering::Relaxed);
+            edge.connections.fetch_add(1, Ordering::Relaxed);
             if let Some(jti) = &ticket.identity.jti {
-                shared.region_state.track_jti(conn, jti.clone());
+                edge.ctx.region.track_jti(conn, jti.clone());
             }
             // The connection holds its place under the team's cap until it ends.
             let slot = ticket.slot;
             connection::run(
                 socket,
-                shared.clone(),
+                edge.ctx.clone(),
                 conn,
                 ticket.identity,
                 ticket.batch_presence,
@@ -467,10 +482,10 @@ async fn websocket(
             .await;
             drop(slot);
             // Also when the connection ended before it registered.
-            shared.region_state.unregister(conn);
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            edge.ctx.region.unregister(conn);
+            edge.connections.fetch_sub(1, Ordering::Relaxed);
         };
-        tracked.tracker.track_future(task)
+        tracked.ctx.tracker.track_future(task)
     })
 }
 

@@ -1,34 +1,46 @@
 //! The gateway server (GS): terminates clients' WebSockets for one region, speaking Slack's RTM
 //! protocol, and subscribes upstream to each channel once for all its local clients.
+//!
+//! Modules, leaf first (each uses only those before it; `layering` checks it): the vocabulary
+//! ([`vocab`], [`close`], [`cursors`]), [`limits`], [`tokens`], [`metrics`]; the [`outbox`] and
+//! the [`socket`]; [`history`]; the `upstream` streams and the [`hub`]; [`presence`]; the
+//! region's state ([`region::state`]); [`tickets`]; the [`connection`]; the region's reports
+//! ([`region::report`]); the [`listener`] and the HTTP edge ([`http`]); and here, [`serve`],
+//! which assembles them.
 
+pub mod close;
 pub mod config;
 pub mod connection;
+pub mod cursors;
+pub mod history;
 pub mod http;
 pub mod hub;
+#[cfg(test)]
+mod layering;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;
 pub mod region;
-pub mod resume;
 pub mod run;
 pub mod socket;
 pub mod tickets;
 pub mod tokens;
 mod upstream;
+pub mod vocab;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use channel_client::ChannelRouter;
-use mesh_core::token::Verifier;
-use ring_client::{RingSource, RingWatcher};
+use ring_client::RingWatcher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config};
+use connection::ConnectionContext;
 pub use hub::Hub;
 
 /// Errors of the gateway.
@@ -47,40 +59,6 @@ pub enum Error {
     /// The `--consul*` flags name no usable Consul agent.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
-}
-
-/// What every connection and route of a gateway shares.
-#[derive(Debug)]
-pub struct Shared {
-    pub hub: Hub,
-    /// Presence, when the mesh has presence servers.
-    pub presence: Option<presence::PresenceHub>,
-    /// Where the ring manager is found (for region reports).
-    pub ring_source: RingSource,
-    /// The region's drain state, open connections, and goodbye'd connections' cursors.
-    pub region_state: region::RegionState,
-    pub router: ChannelRouter,
-    pub tickets: tickets::Tickets,
-    /// Checks client tokens.
-    pub key: Verifier,
-    pub region: String,
-    /// "http://host:port", no trailing slash.
-    pub http_url: String,
-    /// "ws://host:port", no trailing slash.
-    pub ws_url: String,
-    pub next_conn: AtomicU64,
-    /// Open client connections.
-    pub connections: AtomicU64,
-    pub limits: limits::Limits,
-    /// `rtm.connect` calls the gateway takes per second.
-    pub handshakes: std::sync::Mutex<limits::TokenBucket>,
-    pub typing: limits::TypingCoalescer,
-    /// The listener's open sockets.
-    pub sockets: listener::Sockets,
-    /// The gateway's metrics (also reachable through the hub).
-    pub metrics: Arc<metrics::GatewayMetrics>,
-    pub cancel: CancellationToken,
-    pub tracker: TaskTracker,
 }
 
 /// Serves a gateway on `listener` until `cancel`; clients get `goodbye` on the way out.
@@ -120,10 +98,15 @@ pub async fn serve(
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
         presence::PresenceHub::new(config.id.clone(), ring, tracker.clone(), cancel.clone())
     });
-    let shared = Arc::new(Shared {
-        presence,
-        ring_source: config.ring.clone(),
-        region_state: region::RegionState::default(),
+    let region_state = Arc::new(region::RegionState::default());
+    let connections = Arc::new(AtomicU64::new(0));
+    let sockets = listener::Sockets::new(limits.max_sockets);
+    let handshakes = limits::TokenBucket::new(
+        limits.handshakes_per_sec,
+        limits.handshakes_per_sec,
+        std::time::Instant::now(),
+    );
+    let ctx = Arc::new(ConnectionContext {
         hub: Hub::new(
             config.id.clone(),
             ring.clone(),
@@ -133,45 +116,54 @@ pub async fn serve(
             cancel.clone(),
         ),
         router,
-        tickets: tickets::Tickets::new(config.connect_url_ttl),
+        presence,
+        region: region_state.clone(),
+        typing: limits::TypingCoalescer::new(limits.typing_interval, TYPING_PAIRS),
+        metrics,
+        limits,
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+    });
+    let edge = Arc::new(http::Edge {
+        ctx: ctx.clone(),
         key,
+        tickets: Arc::new(tickets::Tickets::new(config.connect_url_ttl)),
         region: config.region.clone(),
         http_url,
         ws_url,
+        connections: connections.clone(),
         next_conn: AtomicU64::new(1),
-        connections: AtomicU64::new(0),
-        handshakes: std::sync::Mutex::new(limits::TokenBucket::new(
-            limits.handshakes_per_sec,
-            limits.handshakes_per_sec,
-            std::time::Instant::now(),
-        )),
-        typing: limits::TypingCoalescer::new(limits.typing_interval, TYPING_PAIRS),
-        sockets: listener::Sockets::new(limits.max_sockets),
-        metrics,
-        limits,
-        cancel: cancel.clone(),
-        tracker: tracker.clone(),
+        handshakes: Mutex::new(handshakes),
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
-    tracker.spawn(region::run(shared.clone(), config.id.clone()));
-    tracker.spawn(sweep_tickets(shared.clone()));
-    let capped = shared.limits.team_connections > 0
-        || !shared.limits.team_overrides.is_empty()
-        || shared.limits.user_connections > 0;
-    if capped && shared.presence.is_none() {
+    let reporter = region::Reporter {
+        gateway: config.id.clone(),
+        region: config.region.clone(),
+        url: edge.http_url.clone(),
+        ring_source: config.ring.clone(),
+        state: region_state,
+        connections,
+        cancel: cancel.clone(),
+    };
+    tracker.spawn(reporter.run());
+    tracker.spawn(sweep_tickets(edge.tickets.clone(), cancel.clone()));
+    let capped = ctx.limits.team_connections > 0
+        || !ctx.limits.team_overrides.is_empty()
+        || ctx.limits.user_connections > 0;
+    if capped && ctx.presence.is_none() {
         tracing::warn!(
             "team and user connection caps need presence servers to count them; not enforced"
         );
     }
-    observe(&shared, &telemetry, ring);
+    observe(&edge, &telemetry, ring);
     // `/metrics` and `/readyz` beside the gateway's own `/healthz`.
-    let app = http::routes(shared.clone()).merge(mesh_telemetry::http::probes(telemetry.clone()));
+    let app = http::routes(edge.clone()).merge(mesh_telemetry::http::probes(telemetry.clone()));
     listener::serve(
         listener,
         app,
-        &shared.sockets,
-        shared.limits.handshake_timeout,
-        shared.metrics.header_timeouts.clone(),
+        &sockets,
+        ctx.limits.handshake_timeout,
+        ctx.metrics.header_timeouts.clone(),
         &tracker,
         cancel.clone(),
     )
@@ -185,14 +177,14 @@ pub async fn serve(
 
 /// Readiness (the ring is known and the region is not draining) and the gauges read at scrape
 /// time.
-fn observe(shared: &Arc<Shared>, telemetry: &mesh_telemetry::Telemetry, ring: RingWatcher) {
-    let weak = Arc::downgrade(shared);
+fn observe(edge: &Arc<http::Edge>, telemetry: &mesh_telemetry::Telemetry, ring: RingWatcher) {
+    let weak = Arc::downgrade(edge);
     let routed = ring.clone();
     telemetry.set_ready(move || {
-        let Some(shared) = weak.upgrade() else {
+        let Some(edge) = weak.upgrade() else {
             return Err("stopping".to_string());
         };
-        if shared.region_state.draining() {
+        if edge.ctx.region.draining() {
             Err("draining".to_string())
         } else if routed.current().nodes().is_empty() {
             Err("no channel server on the ring yet".to_string())
@@ -200,21 +192,20 @@ fn observe(shared: &Arc<Shared>, telemetry: &mesh_telemetry::Telemetry, ring: Ri
             Ok(())
         }
     });
-    let weak = Arc::downgrade(shared);
+    let weak = Arc::downgrade(edge);
     telemetry.on_scrape(move || {
-        let Some(shared) = weak.upgrade() else {
+        let Some(edge) = weak.upgrade() else {
             return;
         };
-        let m = &shared.metrics;
-        let connections = shared
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let ctx = &edge.ctx;
+        let m = &ctx.metrics;
+        let connections = edge.connections.load(std::sync::atomic::Ordering::Relaxed);
         m.connections.set(connections as i64);
-        m.channels.set(shared.hub.channel_count() as i64);
-        m.upstreams.set(shared.hub.upstream_count() as i64);
+        m.channels.set(ctx.hub.channel_count() as i64);
+        m.upstreams.set(ctx.hub.upstream_count() as i64);
         m.ring_epoch.set(ring.current().epoch() as i64);
-        m.draining.set(i64::from(shared.region_state.draining()));
-        if let Some(presence) = &shared.presence {
+        m.draining.set(i64::from(ctx.region.draining()));
+        if let Some(presence) = &ctx.presence {
             let (watched, online, sessions) = presence.counts();
             m.presence_watched.set(watched as i64);
             m.presence_online.set(online as i64);
@@ -224,12 +215,12 @@ fn observe(shared: &Arc<Shared>, telemetry: &mesh_telemetry::Telemetry, ring: Ri
 }
 
 /// Drops expired connect URLs every second, freeing their places under team caps.
-async fn sweep_tickets(shared: Arc<Shared>) {
+async fn sweep_tickets(tickets: Arc<tickets::Tickets>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = shared.cancel.cancelled() => return,
-            _ = tick.tick() => shared.tickets.purge_expired(),
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => tickets.purge_expired(),
         }
     }
 }

@@ -20,10 +20,10 @@ pub struct Limits {
     /// Frames a connection may send at once above that rate.
     pub frame_burst: u32,
     /// Refused frames in a row (no frame accepted between them) after which the connection is
-    /// closed with [`crate::connection::close::RATE_LIMITED`].
+    /// closed with [`crate::close::codes::RATE_LIMITED`].
     pub refusals_before_close: u32,
     /// Bytes of events queued to one connection and not yet written; past it the client is a
-    /// slow consumer and is closed with [`crate::connection::close::SLOW_CONSUMER`].
+    /// slow consumer and is closed with [`crate::close::codes::SLOW_CONSUMER`].
     pub outbound_bytes: usize,
     /// How long a write to a client may stall before it counts as a slow consumer.
     pub write_timeout: Duration,
@@ -41,7 +41,7 @@ pub struct Limits {
     /// How long a client may take to send a request's headers (slowloris).
     pub handshake_timeout: Duration,
     /// A connection the client sent nothing on (not even a pong) for this long is closed
-    /// with [`crate::connection::close::IDLE_TIMEOUT`].
+    /// with [`crate::close::codes::IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
     /// The gateway pings a connection this often, so that a live client always has something
     /// to answer before the idle timeout.

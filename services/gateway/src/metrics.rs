@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mesh_telemetry::Telemetry;
+
+use crate::close::{Close, codes};
 use mesh_telemetry::prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
 /// Handles on one gateway's metrics; shared by its hub, routes and connections.
@@ -172,11 +174,12 @@ impl GatewayMetrics {
         self.connect_refusals.with_label_values(&[reason]).inc();
     }
 
-    /// A connection ended with close `code` (`None`: without a close frame from us).
-    pub fn disconnected(&self, code: Option<u16>) {
+    /// A connection ended, closed for `close` (`None`: without a close frame from us).
+    pub fn disconnected(&self, close: Option<Close>) {
+        let code = close.map(Close::code);
         let label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
         self.disconnects.with_label_values(&[&label]).inc();
-        if code == Some(crate::connection::close::SLOW_CONSUMER) {
+        if code == Some(codes::SLOW_CONSUMER) {
             self.slow_consumers.inc();
         }
     }
@@ -215,7 +218,7 @@ mod tests {
     fn every_metric_is_valid_and_labelled() {
         let telemetry = Telemetry::new(&[("gateway", "us-east-1"), ("region", "us-east")]);
         let metrics = GatewayMetrics::new(&telemetry);
-        metrics.disconnected(Some(crate::connection::close::SLOW_CONSUMER));
+        metrics.disconnected(Some(Close::WriteStalled));
         metrics.disconnected(None);
         metrics.connect_refused("max_connections");
         let text = telemetry.encode();

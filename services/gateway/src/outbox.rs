@@ -1,18 +1,21 @@
-//! A connection's outgoing queue, bounded in items and bytes.
+//! A connection's outgoing queue, bounded in items and bytes, and the [`ConnSink`] through
+//! which the hub and presence push into it.
 //!
 //! The hub's fan-out pushes into it without waiting; the connection's task takes items out and
-//! writes them. It replaces a tokio `mpsc` channel, which allocates a block of 32 slots for
+//! writes them; a push past the bound closes the connection as a slow consumer. It replaces a tokio `mpsc` channel, which allocates a block of 32 slots for
 //! every connection up front: an idle connection's outbox holds an empty `VecDeque` (no
 //! allocation), a flag and a waker.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
 use futures::task::AtomicWaker;
+use mesh_core::UserId;
 
-use crate::hub::Outbound;
+use crate::close::{Close, Closer};
+use crate::vocab::{ConnId, Outbound};
 
 /// Capacity kept by a queue that has emptied; more is given back, so a connection that once
 /// had a burst does not hold the burst's memory while idle.
@@ -195,6 +198,57 @@ impl Outbox {
 }
 
 #[cfg(test)]
+impl Outbox {
+    /// Everything queued, oldest first (for tests).
+    pub(crate) fn take_all(&self) -> Vec<Outbound> {
+        let mut items = Vec::new();
+        self.pop_into(&mut items, usize::MAX);
+        items
+    }
+}
+
+/// How the hub and presence reach one connection.
+#[derive(Debug, Clone)]
+pub struct ConnSink {
+    pub id: ConnId,
+    pub user: UserId,
+    pub(crate) outbox: Arc<Outbox>,
+    closer: Arc<Closer>,
+}
+
+impl ConnSink {
+    /// A sink queueing into `outbox`; `closer` ends the connection.
+    pub fn new(id: ConnId, user: UserId, outbox: Arc<Outbox>, closer: Arc<Closer>) -> Self {
+        ConnSink {
+            id,
+            user,
+            outbox,
+            closer,
+        }
+    }
+
+    /// Queues without waiting; a full queue (in items or bytes) closes the connection as a
+    /// slow consumer: the fan-out never waits for one client.
+    pub fn push(&self, item: Outbound) -> bool {
+        match self.outbox.push(item) {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                self.slow_consumer();
+                false
+            }
+            Err(Refused::Closed) => false,
+        }
+    }
+
+    /// Closes the connection as a slow consumer (once).
+    pub(crate) fn slow_consumer(&self) {
+        if self.closer.close(Close::QueueOverflow) {
+            tracing::info!(conn = self.id, user = %self.user, "closing slow consumer");
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -240,6 +294,26 @@ mod tests {
         assert_eq!(outbox.push_all(items[..1].iter()), (1, Ok(())));
         outbox.close();
         assert_eq!(outbox.push_all(items.iter()), (0, Err(Refused::Closed)));
+    }
+
+    #[test]
+    fn a_full_sink_closes_its_connection_as_a_slow_consumer() {
+        let outbox = Arc::new(Outbox::new(1, 100));
+        let closer = Arc::new(Closer::default());
+        let user = UserId::new("U1").unwrap();
+        let sink = ConnSink::new(7, user, outbox.clone(), closer.clone());
+        assert!(sink.push(frame(1)));
+        assert_eq!(closer.reason(), None);
+        assert!(!sink.push(frame(1)));
+        assert_eq!(closer.reason(), Some(Close::QueueOverflow));
+        assert!(closer.token().is_cancelled());
+        // A closed outbox refuses quietly: the connection is already gone.
+        outbox.close();
+        let quiet = Arc::new(Closer::default());
+        let user = UserId::new("U1").unwrap();
+        let gone = ConnSink::new(8, user, outbox, quiet.clone());
+        assert!(!gone.push(frame(1)));
+        assert_eq!(quiet.reason(), None);
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use tokio_tungstenite::tungstenite::{Error, Message};
 
-use crate::hub::Rendered;
+use crate::vocab::Rendered;
 
 /// Largest write buffer kept for reuse; a larger one (after a burst) is freed once written.
 const KEEP_CAPACITY: usize = 64 * 1024;
@@ -245,6 +245,29 @@ impl Outgoing {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+impl Outgoing {
+    /// The text of each frame gathered, in order, emptying it (for tests).
+    pub(crate) fn texts(&mut self) -> Vec<String> {
+        use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+        self.encode();
+        let buf = std::mem::take(&mut self.buf);
+        self.sent = 0;
+        let mut cursor = io::Cursor::new(buf.as_slice());
+        let mut texts = Vec::new();
+        while (cursor.position() as usize) < buf.len() {
+            let (_, len) = FrameHeader::parse(&mut cursor)
+                .expect("a whole header")
+                .expect("a header");
+            let start = cursor.position() as usize;
+            let end = start + len as usize;
+            texts.push(String::from_utf8_lossy(&buf[start..end]).into_owned());
+            cursor.set_position(end as u64);
+        }
+        texts
     }
 }
 

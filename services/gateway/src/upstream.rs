@@ -1,12 +1,13 @@
 //! One subscription stream from this gateway to one channel server.
 //!
 //! The hub queues subscribe/unsubscribe commands; this task carries them and hands every reply
-//! back to the hub. When the stream fails the hub resubscribes its channels on a new stream.
+//! back to the hub, through [`Downstream`] (so this module knows nothing of the hub). When the
+//! stream fails the hub resubscribes its channels on a new stream.
 
 use channel_client::GATEWAY_ID_HEADER;
 use channel_client::wire::event_from_proto;
 use futures::FutureExt;
-use mesh_core::NodeId;
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ts};
 use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use mesh_proto::channel::subscribe_response::Reply;
@@ -16,10 +17,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::Hub;
+use crate::metrics::GatewayMetrics;
 
 /// The most events handed to the hub at once.
 const BATCH: usize = 256;
+
+/// Where a stream hands what its channel server says: the hub.
+pub trait Downstream: Send + Sync + 'static {
+    /// This gateway's id, sent with the subscription and named in traces.
+    fn gateway(&self) -> &str;
+    /// The gateway's metrics.
+    fn metrics(&self) -> &GatewayMetrics;
+    /// Events from `from`, in order, received at `received`.
+    fn deliver_batch(&self, from: &NodeId, batch: Vec<ChannelEvent>, received: Instant);
+    /// `node` confirmed `channel`, whose newest ts there is `head`.
+    fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>);
+    /// `node` refused `channel`.
+    fn refused(&self, node: &NodeId, channel: &str, reason: &str);
+    /// The stream to `node` ended on its own.
+    fn upstream_lost(&self, node: &NodeId);
+}
 
 /// The hub's handle on an upstream stream.
 #[derive(Debug)]
@@ -31,8 +48,8 @@ pub struct Upstream {
 }
 
 /// Opens a stream to channel server `node` at `addr` on a tracked task.
-pub fn spawn(
-    hub: Hub,
+pub fn spawn<H: Downstream>(
+    hub: H,
     node: NodeId,
     addr: String,
     queue: usize,
@@ -47,8 +64,8 @@ pub fn spawn(
     }
 }
 
-async fn run(
-    hub: Hub,
+async fn run<H: Downstream>(
+    hub: H,
     node: NodeId,
     addr: String,
     commands: mpsc::Receiver<pb::SubscribeRequest>,
@@ -70,8 +87,8 @@ async fn run(
     }
 }
 
-async fn stream(
-    hub: &Hub,
+async fn stream<H: Downstream>(
+    hub: &H,
     node: &NodeId,
     addr: &str,
     commands: mpsc::Receiver<pb::SubscribeRequest>,
@@ -149,7 +166,7 @@ async fn stream(
 
 /// Hands `batch` (emptied) to the hub. Traced events (tracing on) go one at a time, each in a
 /// span joined to its publish's trace; the others together. Order is kept.
-fn deliver(hub: &Hub, node: &NodeId, batch: &mut Vec<pb::Event>) {
+fn deliver<H: Downstream>(hub: &H, node: &NodeId, batch: &mut Vec<pb::Event>) {
     let mut plain = Vec::with_capacity(batch.len());
     let mut received = Instant::now();
     for mut event in batch.drain(..) {

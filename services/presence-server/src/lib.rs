@@ -4,10 +4,12 @@
 //! owner pushes presence changes back to the gateways that watch.
 
 pub mod config;
+pub mod grpc;
 pub mod quota;
 pub mod run;
-pub mod service;
+pub mod sessions;
 pub mod state;
+pub mod ticker;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{Args, Config};
-pub use service::PresenceService;
+pub use grpc::PresenceService;
 
 /// Default: how long a user stays active after their last connection ends (and a gateway's
 /// users after it is gone): a reconnect within it produces no away/active pair.

@@ -6,9 +6,10 @@ configuration arrives as JSON in the environment variable CHANNELMESH_TEST:
 
 Starts one RTMClient per entry, auto-reconnect on (so goodbye makes them call rtm.connect again on
 the same base URL, as shipped), records the ts of every UPOSTER message in arrival order, prints
-READY once every client got hello, then waits for a line STOP on stdin, prints one JSON line
-{"clients": [{"user", "seen", "url", "hellos", "goodbyes", "closes"}]} and OK, and exits. Prints
-"FAIL: reason" and exits 1 on a failure; every wait has a timeout.
+READY once every client got hello, then reads lines on stdin: REPORT prints one JSON line
+{"clients": [{"user", "seen", "url", "hellos", "goodbyes", "closes"}]} (what the clients saw so
+far); STOP prints that line and OK, and exits. Prints "FAIL: reason" and exits 1 on a failure;
+every wait has a timeout.
 """
 
 import json
@@ -118,7 +119,9 @@ def main():
     print("READY", flush=True)
 
     for line in sys.stdin:
-        if line.strip() == "STOP":
+        if line.strip() == "REPORT":
+            print(json.dumps({"clients": [c.report() for c in clients]}), flush=True)
+        elif line.strip() == "STOP":
             break
     else:
         fail("stdin closed before STOP")

@@ -1,0 +1,414 @@
+//! One client of a worker, for its whole life: connect through the target's real connect flow
+//! (RTM or NATS), then read the server's frames, timing each delivery, and publish on its
+//! schedule within its window while the run is on; in connect-storm, close and connect again.
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, SinkExt, StreamExt};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Active, Phase, Shared};
+use crate::clock::micros_now;
+use crate::plan::{PublishMode, Scenario, Target};
+use crate::ws::Socket;
+use crate::{nats, rtm};
+
+/// Frames a client handles in a row when they are already read, before it looks at its
+/// other work (publishing, the phase) again.
+const DRAIN_FRAMES: usize = 32;
+
+/// One connection; for NATS, with the parser of the server's byte stream.
+struct Client {
+    ws: Socket,
+    nats: Option<nats::Parser>,
+    /// This client's place in the worker (its schedule and wake-up).
+    slot: usize,
+    /// The publish times read from the frames at hand, recorded together (kept for its
+    /// allocation).
+    received: Vec<u64>,
+}
+
+/// How a connection's session ended.
+enum End {
+    /// The run is over: close politely.
+    Cancelled,
+    /// The server closed it, or it failed.
+    Closed,
+}
+
+/// Runs client `index` (this worker's `slot`-th) until the worker cancels.
+pub(super) async fn client(shared: Arc<Shared>, slot: usize, index: usize) {
+    let connected = tokio::select! {
+        _ = shared.cancel.cancelled() => return,
+        c = connect(&shared, slot, index) => c,
+    };
+    let mut client = match connected {
+        Ok(c) => {
+            shared.counters.connected.fetch_add(1, Ordering::Relaxed);
+            shared.connected[slot].store(true, Ordering::Relaxed);
+            c
+        }
+        Err(e) => {
+            // The first few say why; the count says how many.
+            if shared
+                .counters
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed)
+                < 3
+            {
+                tracing::warn!(client = index, error = %format!("{e:#}"), "connect failed");
+            }
+            return;
+        }
+    };
+    let end = match shared.plan.scenario {
+        Scenario::ConnectStorm => storm(&shared, &mut client, index).await,
+        _ => {
+            let publishes = match shared.plan.publish {
+                PublishMode::Clients => shared.members[index].publishes.clone(),
+                PublishMode::Admin => Vec::new(),
+            };
+            session(&shared, &mut client, &publishes).await
+        }
+    };
+    match end {
+        Ok(End::Cancelled) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.ws.close(None)).await;
+        }
+        Ok(End::Closed) => {
+            shared.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            if shared.counters.disconnects.fetch_add(1, Ordering::Relaxed) < 3 {
+                tracing::warn!(client = index, error = %format!("{e:#}"), "connection failed");
+            }
+        }
+    }
+}
+
+/// Connects client `index` (at most `connect_parallel` at once) and times it.
+async fn connect(shared: &Shared, slot: usize, index: usize) -> anyhow::Result<Client> {
+    let _permit = shared.gate.acquire().await?;
+    let plan = &shared.plan;
+    anyhow::ensure!(!plan.gateways.is_empty(), "no gateway to connect to");
+    let gateway = &plan.gateways[index % plan.gateways.len()];
+    let channels: Vec<String> = shared.members[index]
+        .channels
+        .iter()
+        .map(|&c| shared.names[c as usize].clone())
+        .collect();
+    let started = Instant::now();
+    let client = match plan.target {
+        Target::Channelmesh => Client {
+            ws: rtm::connect(
+                &shared.http,
+                gateway,
+                plan.source,
+                &plan.jwt_secret,
+                &plan.user(index),
+                &channels,
+            )
+            .await?,
+            nats: None,
+            slot,
+            received: Vec::new(),
+        },
+        Target::Nats => {
+            let (ws, parser) = nats::connect(gateway, plan.source, &channels).await?;
+            Client {
+                ws,
+                nats: Some(parser),
+                slot,
+                received: Vec::new(),
+            }
+        }
+    };
+    if let Ok(mut h) = shared.connects.lock() {
+        h.saturating_record(started.elapsed().as_micros() as u64);
+    }
+    Ok(client)
+}
+
+/// Messages sent and not yet acknowledged, oldest first: (RTM id, channel).
+#[derive(Default)]
+struct Pending {
+    messages: VecDeque<(u64, u32)>,
+    /// NATS: messages per outstanding PING, oldest first.
+    bursts: VecDeque<usize>,
+}
+
+/// Reads the server's frames, and publishes to `publishes` (in turn) while the run is on.
+async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> anyhow::Result<End> {
+    let mut pending = Pending::default();
+    let mut active = (!publishes.is_empty()).then(|| Active::new(&shared.active_publishers));
+    let window = shared.plan.window.max(1);
+    let schedule = shared.schedules[client.slot];
+    let wake = shared.wakes[client.slot].clone();
+    // Made once, not per frame: every receiver loops here for every delivery.
+    let mut cancelled = pin!(shared.cancel.cancelled());
+    let mut changed = pin!(phase_change(shared.phase.clone()));
+    let mut now = *shared.phase.borrow();
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    let mut out = Vec::new();
+    loop {
+        if !publishes.is_empty() {
+            match now {
+                Phase::Running => {
+                    let mut room = window.saturating_sub(pending.messages.len());
+                    if schedule.rate > 0.0 {
+                        let go = *shared.go.get_or_init(Instant::now);
+                        let due = schedule.due(go.elapsed());
+                        room = room.min(due.saturating_sub(sent) as usize);
+                    }
+                    if room > 0 {
+                        let channels: Vec<u32> = (0..room)
+                            .map(|k| publishes[(next + k) % publishes.len()])
+                            .collect();
+                        next = (next + room) % publishes.len();
+                        publish(shared, client, &mut pending, &mut out, &mut sent, &channels)
+                            .await?;
+                    }
+                }
+                Phase::Stopping if pending.messages.is_empty() => {
+                    if let Some(a) = active.as_mut() {
+                        a.settle();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let pacing = now == Phase::Running && schedule.rate > 0.0;
+        tokio::select! {
+            _ = &mut cancelled => {
+                shared.counters.unacked.fetch_add(pending.messages.len() as u64, Ordering::Relaxed);
+                return Ok(End::Cancelled);
+            }
+            phase = &mut changed => match phase {
+                Some(phase) => {
+                    now = *phase.borrow();
+                    changed.set(phase_change(phase));
+                }
+                None => return Ok(End::Cancelled),
+            },
+            // The pacing thread says a message is due; the loop's top decides how many.
+            _ = wake.notified(), if pacing => {}
+            msg = client.ws.next() => {
+                // Frames already read from the socket are taken without going round the
+                // select for each: an RTM delivery is a frame of its own, so this loop runs
+                // per delivery (NATS packs several messages in a frame). What they deliver
+                // is recorded once for all of them, at one clock reading taken after the
+                // last (a latency errs long by the time it takes to read the rest, not short).
+                let mut msg = msg;
+                client.received.clear();
+                for taken in 1.. {
+                    let open = match msg {
+                        Some(Ok(msg)) => on_frame(shared, client, &mut pending, msg).await?,
+                        Some(Err(e)) => {
+                            shared.delivered(micros_now(), &client.received);
+                            return Err(e.into());
+                        }
+                        None => false,
+                    };
+                    if !open {
+                        shared.delivered(micros_now(), &client.received);
+                        return Ok(End::Closed);
+                    }
+                    if taken == DRAIN_FRAMES {
+                        break;
+                    }
+                    match client.ws.next().now_or_never() {
+                        Some(next) => msg = next,
+                        None => break,
+                    }
+                }
+                shared.delivered(micros_now(), &client.received);
+            }
+        }
+    }
+}
+
+/// Resolves when the run's phase changes, handing the receiver back for the next change; None
+/// when the worker dropped the sender. Owns its receiver, so a session can keep one pinned
+/// across frames and re-arm it.
+async fn phase_change(mut phase: watch::Receiver<Phase>) -> Option<watch::Receiver<Phase>> {
+    phase.changed().await.ok().map(|()| phase)
+}
+
+/// Sends one message to each of `channels`: RTM one frame each, NATS one frame of PUBs and a
+/// PING.
+async fn publish(
+    shared: &Shared,
+    client: &mut Client,
+    pending: &mut Pending,
+    out: &mut Vec<u8>,
+    sent: &mut u64,
+    channels: &[u32],
+) -> anyhow::Result<()> {
+    match client.nats {
+        None => {
+            for &c in channels {
+                *sent += 1;
+                let frame =
+                    rtm::message_frame(*sent, &shared.names[c as usize], &shared.text(*sent));
+                client.ws.feed(Message::Text(frame.into())).await?;
+                pending.messages.push_back((*sent, c));
+            }
+            client.ws.flush().await?;
+        }
+        Some(_) => {
+            out.clear();
+            for &c in channels {
+                *sent += 1;
+                let text = shared.text(*sent);
+                nats::publish_frame(out, &shared.names[c as usize], text.as_bytes());
+                pending.messages.push_back((*sent, c));
+            }
+            out.extend_from_slice(nats::PING);
+            pending.bursts.push_back(channels.len());
+            client.ws.send(Message::Binary(out.clone().into())).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Handles one frame from the server, adding the publish times of the messages it delivers
+/// to `client.received`. False when the server is closing the connection.
+async fn on_frame(
+    shared: &Shared,
+    client: &mut Client,
+    pending: &mut Pending,
+    msg: Message,
+) -> anyhow::Result<bool> {
+    let Some(parser) = client.nats.as_mut() else {
+        match msg {
+            Message::Text(text) => match rtm::classify(text.as_str()) {
+                rtm::Incoming::Delivery { sent_us } => client.received.push(sent_us),
+                rtm::Incoming::Ack { id, ok } => {
+                    let at = pending.messages.iter().position(|(i, _)| *i == id);
+                    if let Some((_, c)) = at.and_then(|at| pending.messages.remove(at)) {
+                        if ok {
+                            shared.acked(c);
+                        } else {
+                            shared
+                                .counters
+                                .publish_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                rtm::Incoming::Other => {}
+            },
+            Message::Close(_) => return Ok(false),
+            // The gateway sends only text; tungstenite answers pings itself.
+            _ => {}
+        }
+        return Ok(true);
+    };
+    let bytes = match &msg {
+        Message::Binary(bytes) => bytes.as_ref(),
+        Message::Text(text) => text.as_bytes(),
+        Message::Close(_) => return Ok(false),
+        _ => return Ok(true),
+    };
+    let mut pong = false;
+    let sent = &mut client.received;
+    parser.each(bytes, |op| match op {
+        nats::Op::Msg {
+            sent_us: Some(sent_us),
+        } => sent.push(sent_us),
+        nats::Op::Ping => pong = true,
+        nats::Op::Pong => {
+            let burst = pending.bursts.pop_front().unwrap_or(0);
+            for _ in 0..burst {
+                if let Some((_, c)) = pending.messages.pop_front() {
+                    shared.acked(c);
+                }
+            }
+        }
+        nats::Op::Err(e) => {
+            shared
+                .counters
+                .publish_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "nats-server sent -ERR");
+        }
+        nats::Op::Msg { sent_us: None } | nats::Op::Info | nats::Op::Ok => {}
+    })?;
+    if pong {
+        client.ws.send(nats::pong()).await?;
+    }
+    Ok(true)
+}
+
+/// connect-storm: while the run is on, each client holds its connection for a random time
+/// (mean 1 / churn seconds), closes it and connects again, timing the connect.
+async fn storm(shared: &Shared, client: &mut Client, index: usize) -> anyhow::Result<End> {
+    let mut phase = shared.phase.clone();
+    let mut pending = Pending::default();
+    let churn = shared.plan.churn.max(1e-6);
+    loop {
+        let running = *phase.borrow_and_update() == Phase::Running;
+        let hold = Duration::from_secs_f64(rand::rng().random::<f64>() * 2.0 / churn);
+        let deadline = tokio::time::sleep(hold);
+        tokio::pin!(deadline);
+        let reconnect = loop {
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return Ok(End::Cancelled),
+                changed = phase.changed() => {
+                    if changed.is_err() {
+                        return Ok(End::Cancelled);
+                    }
+                    break false;
+                }
+                _ = &mut deadline, if running => break true,
+                msg = client.ws.next() => match msg {
+                    Some(Ok(msg)) => {
+                        client.received.clear();
+                        let open = on_frame(shared, client, &mut pending, msg).await?;
+                        shared.delivered(micros_now(), &client.received);
+                        if !open {
+                            return Ok(End::Closed);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(End::Closed),
+                },
+            }
+        };
+        if !reconnect {
+            continue;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.ws.close(None)).await;
+        loop {
+            let attempt = tokio::select! {
+                _ = shared.cancel.cancelled() => return Ok(End::Cancelled),
+                c = connect(shared, client.slot, index) => c,
+            };
+            match attempt {
+                Ok(c) => {
+                    *client = c;
+                    shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    if shared
+                        .counters
+                        .reconnect_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        < 3
+                    {
+                        tracing::warn!(client = index, error = %format!("{e:#}"), "reconnect failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

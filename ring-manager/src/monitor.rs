@@ -1,0 +1,247 @@
+//! The failure monitor: silence, then a probe, then down.
+//!
+//! Every tick it looks at the leases. A node whose lease stream ended, or that has been silent
+//! for longer than the suspicion period, is probed (a gRPC health check: only a running process
+//! answers it). A node that fails the probe and is still not heartbeating is declared down; so
+//! is one silent for far longer (alive but cut off from the ring manager, and no longer serving
+//! since its lease lapsed), probe or not. The decisions are plain methods on [`Membership`];
+//! the loop here runs them, and the probe itself is gRPC ([`crate::grpc::probe`]).
+
+use std::time::{Duration, Instant};
+
+use mesh_core::NodeId;
+
+use crate::grpc;
+use crate::membership::{Membership, NodeState};
+use crate::server::RingManager;
+
+/// When the monitor looks and what it tolerates.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// How often it looks at the leases.
+    pub(crate) tick: Duration,
+    /// Silence after which a node is probed.
+    pub(crate) suspect_after: Duration,
+    /// Silence after which a node is declared down without a probe.
+    pub(crate) silence_limit: Duration,
+    /// How long a probe may take.
+    pub(crate) probe_timeout: Duration,
+}
+
+/// A probe of a suspect node, of the incarnation that was suspect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Probe {
+    pub(crate) id: NodeId,
+    /// The incarnation that was suspect: an answer about another one is ignored.
+    pub(crate) incarnation: u64,
+    /// Where to send the health check.
+    pub(crate) addr: String,
+}
+
+impl Membership {
+    /// One look at the leases at `now`: declares down the nodes silent past the limit, and
+    /// returns a probe for each other suspect (marked as probing until its answer).
+    pub(crate) fn sweep(&mut self, now: Instant, timing: &Timing) -> Vec<Probe> {
+        let mut overdue = Vec::new();
+        let mut probes = Vec::new();
+        for (id, m) in self.members_mut() {
+            if m.state == NodeState::Down || m.probing {
+                continue;
+            }
+            let silent = now.duration_since(m.last_heartbeat);
+            if silent > timing.silence_limit {
+                overdue.push(id.clone());
+            } else if m.stream_closed || silent > timing.suspect_after {
+                tracing::debug!(node = %id, ?silent, stream_closed = m.stream_closed, "lease suspect; probing");
+                m.probing = true;
+                probes.push(Probe {
+                    id: id.clone(),
+                    incarnation: m.incarnation,
+                    addr: m.addr.clone(),
+                });
+            }
+        }
+        for id in overdue {
+            self.declare_down(&id, "silent past the lease limit", now);
+        }
+        probes
+    }
+
+    /// `probe`'s answer at `now`: the node is down when it did not answer and is not
+    /// heartbeating (its stream ended, or silent for longer than `suspect_after`). An answer
+    /// about an incarnation that is gone, or already down, changes nothing.
+    pub(crate) fn probed(
+        &mut self,
+        probe: &Probe,
+        reachable: bool,
+        now: Instant,
+        suspect_after: Duration,
+    ) {
+        let Some(m) = self.member_mut(&probe.id) else {
+            return;
+        };
+        if m.incarnation != probe.incarnation || m.state == NodeState::Down {
+            return;
+        }
+        m.probing = false;
+        let fresh = now.duration_since(m.last_heartbeat) <= suspect_after;
+        let healthy = fresh && !m.stream_closed;
+        if !reachable && !healthy {
+            self.declare_down(&probe.id, "lease lost and probe failed", now);
+        }
+    }
+}
+
+/// Watches `manager`'s leases every tick until it is cancelled, probing suspects on its task
+/// tracker.
+pub(crate) async fn run(manager: RingManager, timing: Timing) {
+    let mut tick = tokio::time::interval(timing.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = manager.cancel().cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let probes = manager.update(|m| m.sweep(now, &timing));
+        for suspect in probes {
+            let prober = manager.clone();
+            manager.tracker().spawn(async move {
+                let reachable = matches!(
+                    tokio::time::timeout(timing.probe_timeout, grpc::probe(&suspect.addr)).await,
+                    Ok(true)
+                );
+                prober.update(|m| {
+                    m.probed(&suspect, reachable, Instant::now(), timing.suspect_after)
+                });
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::tests::{SUSPECT, id, state, with_nodes};
+
+    const TIMING: Timing = Timing {
+        tick: Duration::from_millis(25),
+        suspect_after: SUSPECT,
+        silence_limit: Duration::from_millis(2000),
+        probe_timeout: Duration::from_millis(200),
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_silent_node_is_probed_once_and_a_heartbeating_one_is_not() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &[], start);
+        assert!(
+            m.sweep(start + SUSPECT, &TIMING).is_empty(),
+            "not past it yet"
+        );
+        m.heartbeat(&id("b"), 2, 0, start + ms(400));
+        let probes = m.sweep(start + ms(600), &TIMING);
+        assert_eq!(
+            probes,
+            [Probe {
+                id: id("a"),
+                incarnation: 1,
+                addr: "a:1".into()
+            }]
+        );
+        assert!(
+            m.sweep(start + ms(700), &TIMING).is_empty(),
+            "one probe at a time"
+        );
+        assert!(
+            m.take_effects().published.is_empty(),
+            "suspicion changes no ring"
+        );
+    }
+
+    #[test]
+    fn an_ended_stream_is_probed_at_once() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a"], &[], start);
+        m.lease_ended(&id("a"), 1);
+        assert_eq!(m.sweep(start, &TIMING).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_probe_of_a_silent_node_declares_it_down() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &["s"], start);
+        m.heartbeat(&id("s"), 3, 0, start + ms(500));
+        let probes = m.sweep(start + ms(600), &TIMING);
+        assert_eq!(probes.len(), 2, "a and b are silent");
+        m.probed(&probes[0], false, start + ms(700), SUSPECT);
+        assert_eq!(state(&m, "a"), NodeState::Down);
+        assert_eq!(state(&m, "s"), NodeState::Active, "the standby took over");
+        assert_eq!(
+            m.history()[0].cause,
+            "a down (lease lost and probe failed); standby s takes its slots"
+        );
+        // b answers: it stays, and may be probed again later.
+        m.probed(&probes[1], true, start + ms(700), SUSPECT);
+        assert_eq!(state(&m, "b"), NodeState::Active);
+        assert!(!m.member(&id("b")).unwrap().probing);
+    }
+
+    #[test]
+    fn a_node_heartbeating_again_survives_a_failed_probe() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a"], &[], start);
+        let probes = m.sweep(start + ms(600), &TIMING);
+        m.heartbeat(&id("a"), 1, 0, start + ms(650));
+        m.probed(&probes[0], false, start + ms(700), SUSPECT);
+        assert_eq!(state(&m, "a"), NodeState::Active);
+        // But not one whose stream has ended since, however recent its last heartbeat.
+        m.lease_ended(&id("a"), 1);
+        let probes = m.sweep(start + ms(700), &TIMING);
+        m.probed(&probes[0], false, start + ms(700), SUSPECT);
+        assert_eq!(state(&m, "a"), NodeState::Down);
+    }
+
+    #[test]
+    fn a_probe_of_an_earlier_incarnation_changes_nothing() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &[], start);
+        let probes = m.sweep(start + ms(600), &TIMING);
+        let at = start + ms(600);
+        m.register(id("a"), "a:2".into(), 0, false, at).unwrap();
+        let epoch = m.ring().epoch();
+        m.probed(&probes[0], false, at, SUSPECT);
+        assert_eq!(state(&m, "a"), NodeState::Active);
+        assert_eq!(m.ring().epoch(), epoch);
+        // Nor one of a node that is gone already.
+        m.declare_down(&id("b"), "test", at);
+        let epoch = m.ring().epoch();
+        m.probed(&probes[1], false, at, SUSPECT);
+        assert_eq!(m.ring().epoch(), epoch);
+    }
+
+    #[test]
+    fn a_node_silent_past_the_limit_is_down_without_a_probe() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &[], start);
+        m.heartbeat(&id("b"), 2, 0, start + ms(1800));
+        let probes = m.sweep(start + ms(2001), &TIMING);
+        assert!(probes.is_empty());
+        assert_eq!(state(&m, "a"), NodeState::Down);
+        assert_eq!(
+            m.history()[0].cause,
+            "a down (silent past the lease limit); its slots spread over the survivors"
+        );
+        assert_eq!(m.ring().slots_owned(&id("b")), mesh_core::SLOT_COUNT);
+        // A down node is never looked at again.
+        assert!(
+            m.sweep(start + ms(9000), &TIMING)
+                .iter()
+                .all(|p| p.id != id("a"))
+        );
+    }
+}

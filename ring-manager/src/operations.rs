@@ -1,0 +1,244 @@
+//! The SRE operations on the membership (`ctl drain-node`, `ctl replace-node`, `ctl add-node`):
+//! each checks that it applies, changes the ring in a new epoch (with the handoffs of channel
+//! state it needs) and returns that ring, or says why it was refused ([`MembershipError`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::{Handoff, NodeId, Ring, RingNode};
+
+use crate::membership::{Membership, MembershipError, NodeState};
+
+impl Membership {
+    /// `id`'s state, if it is registered.
+    fn state_of(&self, id: &NodeId) -> Result<NodeState, MembershipError> {
+        self.member(id)
+            .map(|m| m.state)
+            .ok_or_else(|| MembershipError::NoSuchNode(id.clone()))
+    }
+
+    /// Refuses unless `id` is active.
+    fn check_active(&self, id: &NodeId) -> Result<(), MembershipError> {
+        match self.state_of(id)? {
+            NodeState::Active => Ok(()),
+            state => Err(MembershipError::NotActive(id.clone(), state)),
+        }
+    }
+
+    /// Marks `id` draining until it has handed off `epoch`'s moves.
+    fn start_draining(&mut self, id: &NodeId, epoch: u64) {
+        if let Some(m) = self.member_mut(id) {
+            m.state = NodeState::Draining;
+            m.drain_epoch = epoch;
+        }
+    }
+
+    /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff; `id`
+    /// drains, and becomes a standby once it has handed them off.
+    pub fn drain(&mut self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
+        self.check_active(id)?;
+        let survivors: Vec<RingNode> = self
+            .active_nodes()
+            .into_iter()
+            .filter(|n| &n.id != id)
+            .collect();
+        if survivors.is_empty() {
+            return Err(MembershipError::LastActiveNode(id.clone()));
+        }
+        let next = self.ring().rebalanced(&survivors);
+        let handoffs = next.moves_from(self.ring());
+        self.start_draining(id, next.epoch());
+        let cause = format!("{id} drained");
+        Ok(self.publish(next.with_handoffs(handoffs), &cause))
+    }
+
+    /// `ctl replace-node`: hands `id`'s slots to a standby live at `now` (with handoff, since
+    /// `id` is alive).
+    pub fn replace(&mut self, id: &NodeId, now: Instant) -> Result<Arc<Ring>, MembershipError> {
+        self.check_active(id)?;
+        let (standby, addr) = self
+            .pick_standby(now)
+            .ok_or(MembershipError::NoStandbyToReplace)?;
+        let next = self
+            .ring()
+            .with_takeover(
+                id,
+                RingNode {
+                    id: standby.clone(),
+                    addr,
+                },
+            )
+            .ok_or_else(|| MembershipError::OwnsNoSlots(id.clone()))?;
+        if let Some(m) = self.member_mut(&standby) {
+            m.state = NodeState::Active;
+        }
+        self.start_draining(id, next.epoch());
+        let cause = format!("{id} replaced by standby {standby}");
+        let handoffs = vec![Handoff {
+            from: id.clone(),
+            to: standby,
+        }];
+        Ok(self.publish(next.with_handoffs(handoffs), &cause))
+    }
+
+    /// `ctl add-node`: makes standby `id` (or, with `None`, any standby live at `now`) active,
+    /// taking a fair share of slots from the others.
+    pub fn add(&mut self, id: Option<&NodeId>, now: Instant) -> Result<Arc<Ring>, MembershipError> {
+        let id = match id {
+            Some(id) => match self.state_of(id)? {
+                NodeState::Standby => id.clone(),
+                state => return Err(MembershipError::NotStandby(id.clone(), state)),
+            },
+            None => {
+                self.pick_standby(now)
+                    .ok_or(MembershipError::NoStandbyToAdd)?
+                    .0
+            }
+        };
+        Ok(self.activate(&id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::membership::tests::{SUSPECT, id, state, with_nodes};
+
+    #[test]
+    fn drain_moves_the_slots_to_the_others_with_handoffs() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a", "b", "c"], &[], now);
+        let before = m.ring().clone();
+        let ring = m.drain(&id("b")).unwrap();
+        assert_eq!(ring.epoch(), before.epoch() + 1);
+        assert_eq!(ring.slots_owned(&id("b")), 0);
+        let mut from: Vec<&NodeId> = ring.handoffs().iter().map(|h| &h.from).collect();
+        from.dedup();
+        assert_eq!(from, [&id("b")], "only b's slots move");
+        assert_eq!(m.take_effects().published, std::slice::from_ref(&ring));
+        assert_eq!(state(&m, "b"), NodeState::Draining);
+        assert_eq!(m.history()[0].cause, "b drained");
+        // Draining ends when b has handed off the drain's epoch.
+        assert!(m.heartbeat(&id("b"), 2, ring.epoch() - 1, now));
+        assert_eq!(state(&m, "b"), NodeState::Draining);
+        assert!(!m.take_effects().changed);
+        assert!(m.heartbeat(&id("b"), 2, ring.epoch(), now));
+        assert_eq!(state(&m, "b"), NodeState::Standby);
+        assert!(m.take_effects().changed);
+    }
+
+    #[test]
+    fn drain_is_refused_for_unknown_inactive_and_last_nodes() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a"], &["s"], now);
+        let refusals = [
+            (m.drain(&id("zz")), "no node zz"),
+            (m.drain(&id("s")), "s is standby, not active"),
+            (
+                m.drain(&id("a")),
+                "a is the last active node: add one first",
+            ),
+        ];
+        for (result, message) in refusals {
+            assert_eq!(result.unwrap_err().to_string(), message);
+        }
+        assert_eq!(m.ring().epoch(), 1, "nothing changed");
+        assert!(m.take_effects().published.is_empty());
+    }
+
+    #[test]
+    fn replace_hands_exactly_the_nodes_slots_to_a_standby() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &["s"], now);
+        let before = m.ring().clone();
+        let ring = m.replace(&id("a"), now).unwrap();
+        for slot in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+            let expected = if before.owns(&id("a"), slot) {
+                "s"
+            } else {
+                "b"
+            };
+            assert!(ring.owns(&id(expected), slot));
+        }
+        assert_eq!(
+            ring.handoffs(),
+            [Handoff {
+                from: id("a"),
+                to: id("s")
+            }]
+        );
+        assert_eq!(state(&m, "a"), NodeState::Draining);
+        assert_eq!(state(&m, "s"), NodeState::Active);
+        assert_eq!(m.history()[0].cause, "a replaced by standby s");
+        // Once a has handed off, it is a standby itself.
+        assert!(m.heartbeat(&id("a"), 1, ring.epoch(), now));
+        assert_eq!(state(&m, "a"), NodeState::Standby);
+    }
+
+    #[test]
+    fn replace_is_refused_without_an_active_node_or_a_live_standby() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a", "b"], &["s"], now);
+        assert_eq!(
+            m.replace(&id("zz"), now),
+            Err(MembershipError::NoSuchNode(id("zz")))
+        );
+        assert_eq!(
+            m.replace(&id("s"), now).unwrap_err().to_string(),
+            "s is standby, not active"
+        );
+        let err = m.replace(&id("a"), now + SUSPECT).unwrap_err();
+        assert_eq!(err, MembershipError::NoStandbyToReplace);
+        assert_eq!(err.to_string(), "no live standby to replace it with");
+        assert!(m.take_effects().published.is_empty());
+    }
+
+    #[test]
+    fn replace_is_refused_for_an_active_node_without_slots() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a"], &["s", "t"], now);
+        // A member marked active that owns no slots, as a hand-edited state file could leave.
+        m.member_mut(&id("t")).unwrap().state = NodeState::Active;
+        let err = m.replace(&id("t"), now).unwrap_err();
+        assert_eq!(err.to_string(), "t owns no slots");
+        assert_eq!(state(&m, "s"), NodeState::Standby, "nothing changed");
+    }
+
+    #[test]
+    fn add_activates_the_named_standby_or_any_live_one() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a"], &["s1", "s2"], now);
+        let ring = m.add(Some(&id("s2")), now).unwrap();
+        assert_eq!(ring.slots_owned(&id("s2")), mesh_core::SLOT_COUNT / 2);
+        assert_eq!(state(&m, "s2"), NodeState::Active);
+        assert_eq!(m.history()[0].cause, "s2 joined the active nodes");
+        let ring = m.add(None, now + Duration::from_millis(1)).unwrap();
+        assert!(ring.slots_owned(&id("s1")) > 0);
+        assert_eq!(
+            m.add(None, now).unwrap_err().to_string(),
+            "no live standby to add"
+        );
+    }
+
+    #[test]
+    fn add_is_refused_for_unknown_and_non_standby_nodes() {
+        let now = Instant::now();
+        let mut m = with_nodes(&["a"], &["s"], now);
+        assert_eq!(
+            m.add(Some(&id("zz")), now).unwrap_err().to_string(),
+            "no node zz"
+        );
+        assert_eq!(
+            m.add(Some(&id("a")), now).unwrap_err().to_string(),
+            "a is active, not a standby"
+        );
+        // A standby that is not live is still added when named; only the pick needs a live one.
+        assert_eq!(
+            m.add(None, now + SUSPECT),
+            Err(MembershipError::NoStandbyToAdd)
+        );
+        assert!(m.add(Some(&id("s")), now + SUSPECT).is_ok());
+    }
+}

@@ -1,0 +1,66 @@
+//! Why an admin call fails: the admin server's one domain error, each variant's message the one
+//! the caller reads. `grpc::status` maps it to a gRPC status in one table.
+
+use channel_client::RouteError;
+use mesh_core::event::{MAX_RAW_EVENT_BYTES, MAX_TEXT_BYTES};
+use mesh_core::{IdError, TokenError, TsError};
+
+use crate::requests::MAX_PRESENCE_USERS;
+
+/// Why an admin call fails.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdminError {
+    /// An id field does not parse.
+    #[error("{field}: {error}")]
+    BadId { field: &'static str, error: IdError },
+    /// `since_ts` does not parse.
+    #[error("since_ts: {0}")]
+    BadSince(TsError),
+    #[error("text: message text is missing")]
+    MissingText,
+    #[error("text: msg_too_long (over {MAX_TEXT_BYTES} bytes)")]
+    TextTooLong,
+    #[error("event_json: over {MAX_RAW_EVENT_BYTES} bytes")]
+    EventTooLarge,
+    #[error("event_json: invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("event_json: must be a JSON object")]
+    NotAnObject,
+    #[error("event_json: needs a string \"type\"")]
+    NoEventType,
+    /// The event's type is one of the protocol's own frames.
+    #[error("event_json: type {0:?} is reserved for the protocol")]
+    ReservedType(String),
+    #[error("at most {MAX_PRESENCE_USERS} users per call")]
+    TooManyUsers,
+    #[error("jtis: at least one")]
+    NoJtis,
+    /// The mesh was started without presence servers.
+    #[error("this mesh has no presence servers")]
+    NoPresenceServers,
+    #[error("no presence server is on the ring yet")]
+    NoPresenceServerYet,
+    /// Routing to the owning channel server failed; the message is the router's own.
+    #[error("{}", route_message(.0))]
+    Route(RouteError),
+    /// The owning channel server accepted a publish but gave it no ts.
+    #[error("channel server assigned no ts")]
+    NoTs,
+    #[error("{0}")]
+    Mint(TokenError),
+    /// RevokeTokens without a ring manager to forward it to.
+    #[error("this admin server does not know the ring manager")]
+    NoRingManager,
+    /// The ring manager could not be found or dialled.
+    #[error("ring manager: {0}")]
+    RingManager(String),
+    #[error("ring manager did not answer in time")]
+    RingManagerTimeout,
+}
+
+/// The message a routing error carries, without the router's prefix.
+fn route_message(error: &RouteError) -> &str {
+    match error {
+        RouteError::Invalid(m) | RouteError::Unavailable(m) | RouteError::Internal(m) => m,
+    }
+}

@@ -1,0 +1,553 @@
+//! The `channelmesh.admin.v1.Admin` service: the protobuf edge of the admin API. It checks each
+//! request with `requests`, routes it, converts the answer, and maps every [`AdminError`] to a
+//! `Status` in one table ([`status`]); a status the ring manager answers a forwarded
+//! RevokeTokens with is relayed as it is.
+
+use channel_client::{ChannelRouter, RouteError};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TokenKey, Ts};
+use mesh_proto::admin as pb;
+use mesh_proto::admin::admin_server::Admin;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::error::AdminError;
+use crate::requests::{self, channel, user};
+
+/// How long a RevokeTokens call may wait for the ring manager.
+const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The one table from the admin server's errors to gRPC statuses; the message is the error's.
+pub fn status(error: AdminError) -> Status {
+    let message = error.to_string();
+    match error {
+        AdminError::BadId { .. }
+        | AdminError::BadSince(_)
+        | AdminError::MissingText
+        | AdminError::TextTooLong
+        | AdminError::EventTooLarge
+        | AdminError::InvalidJson(_)
+        | AdminError::NotAnObject
+        | AdminError::NoEventType
+        | AdminError::ReservedType(_)
+        | AdminError::TooManyUsers
+        | AdminError::NoJtis
+        | AdminError::Route(RouteError::Invalid(_)) => Status::invalid_argument(message),
+        AdminError::NoPresenceServers
+        | AdminError::NoPresenceServerYet
+        | AdminError::Route(RouteError::Unavailable(_))
+        | AdminError::RingManager(_)
+        | AdminError::RingManagerTimeout => Status::unavailable(message),
+        AdminError::Route(RouteError::Internal(_)) | AdminError::NoTs | AdminError::Mint(_) => {
+            Status::internal(message)
+        }
+        AdminError::NoRingManager => Status::unimplemented(message),
+    }
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    router: ChannelRouter,
+    key: TokenKey,
+    /// The presence ring, when the mesh has presence servers.
+    presence: Option<ring_client::RingWatcher>,
+    /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
+    /// one, RevokeTokens answers UNIMPLEMENTED.
+    ring_manager: Option<ring_client::RingSource>,
+    metrics: Metrics,
+}
+
+/// The admin server's metrics (`channelmesh_admin_*`).
+#[derive(Debug, Clone)]
+struct Metrics {
+    /// Calls by method and outcome (`ok`, or the gRPC code).
+    requests: mesh_telemetry::prometheus::IntCounterVec,
+    /// Routed publishes: from the call to the owning channel server's answer, retries included.
+    publish_seconds: mesh_telemetry::prometheus::Histogram,
+}
+
+impl Metrics {
+    fn new(telemetry: &mesh_telemetry::Telemetry) -> Self {
+        Metrics {
+            requests: telemetry.counter_vec(
+                "channelmesh_admin_requests_total",
+                "Admin API calls by method and outcome (ok, or the gRPC status code).",
+                &["method", "outcome"],
+            ),
+            publish_seconds: telemetry.latency(
+                "channelmesh_admin_publish_seconds",
+                "Admin server -> channel server: a routed publish until the owner answered, retries across ring changes included.",
+            ),
+        }
+    }
+
+    /// Counts a call's outcome.
+    fn outcome<T>(&self, method: &str, result: &Result<T, Status>) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.requests.with_label_values(&[method, &outcome]).inc();
+    }
+}
+
+impl AdminService {
+    /// Routes through `router`; mints tokens with `key`; asks presence servers on `presence`.
+    pub fn new(
+        router: ChannelRouter,
+        key: TokenKey,
+        presence: Option<ring_client::RingWatcher>,
+    ) -> Self {
+        AdminService {
+            router,
+            key,
+            presence,
+            ring_manager: None,
+            metrics: Metrics::new(&mesh_telemetry::Telemetry::default()),
+        }
+    }
+
+    /// Registers its metrics in `telemetry` (else they are kept but not served).
+    pub fn with_telemetry(mut self, telemetry: &mesh_telemetry::Telemetry) -> Self {
+        self.metrics = Metrics::new(telemetry);
+        self
+    }
+
+    /// Forwards RevokeTokens to the ring manager `source` leads to.
+    pub fn with_ring_manager(mut self, source: ring_client::RingSource) -> Self {
+        self.ring_manager = Some(source);
+        self
+    }
+
+    async fn publish(&self, channel: ChannelId, body: EventBody) -> Result<Ts, AdminError> {
+        let event = ChannelEvent {
+            channel,
+            ts: None,
+            body,
+            origin: None,
+        };
+        let started = std::time::Instant::now();
+        let published = self.router.publish(&event).await;
+        if published.is_ok() {
+            let elapsed = started.elapsed().as_secs_f64();
+            self.metrics.publish_seconds.observe(elapsed);
+        }
+        match published {
+            Ok(Some(ts)) => Ok(ts),
+            Ok(None) => Err(AdminError::NoTs),
+            Err(e) => Err(AdminError::Route(e)),
+        }
+    }
+
+    /// Runs one call of `method` inside `span`, counting its outcome.
+    async fn traced<T>(
+        &self,
+        method: &str,
+        span: tracing::Span,
+        call: impl Future<Output = Result<T, AdminError>>,
+    ) -> Result<Response<T>, Status> {
+        let result = call
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(status);
+        self.metrics.outcome(method, &result);
+        result
+    }
+
+    /// PostMessage, inside its span.
+    async fn post(
+        &self,
+        req: pb::PostMessageRequest,
+    ) -> Result<pb::PostMessageResponse, AdminError> {
+        let channel = channel("channel", &req.channel)?;
+        let body = requests::message(&req.user, req.text, &req.team)?;
+        let ts = self.publish(channel, body).await?;
+        Ok(pb::PostMessageResponse { ts: ts.to_string() })
+    }
+
+    /// PublishEvent, inside its span.
+    async fn publish_raw(
+        &self,
+        req: pb::PublishEventRequest,
+    ) -> Result<pb::PublishEventResponse, AdminError> {
+        let channel = channel("channel", &req.channel)?;
+        let body = requests::raw_event(req.event_json)?;
+        let ts = self.publish(channel, body).await?;
+        Ok(pb::PublishEventResponse { ts: ts.to_string() })
+    }
+
+    /// JoinChannel, inside its span.
+    async fn join(
+        &self,
+        req: pb::JoinChannelRequest,
+    ) -> Result<pb::JoinChannelResponse, AdminError> {
+        let channel = channel("channel", &req.channel)?;
+        let user = user(&req.user)?;
+        let team = requests::opt_team(&req.team)?;
+        // The channel first: its members see the join, and its ts is where the user's
+        // connections start reading the channel.
+        let ts = self
+            .publish(
+                channel.clone(),
+                EventBody::MemberJoined {
+                    user: user.clone(),
+                    team,
+                },
+            )
+            .await?;
+        self.publish(
+            ChannelId::from(&user),
+            EventBody::ChannelJoined {
+                channel,
+                since: Some(ts),
+            },
+        )
+        .await?;
+        Ok(pb::JoinChannelResponse { ts: ts.to_string() })
+    }
+
+    /// LeaveChannel, inside its span.
+    async fn leave(
+        &self,
+        req: pb::LeaveChannelRequest,
+    ) -> Result<pb::LeaveChannelResponse, AdminError> {
+        let channel = channel("channel", &req.channel)?;
+        let user = user(&req.user)?;
+        // The user first: their connections stop reading before the channel hears of it.
+        self.publish(
+            ChannelId::from(&user),
+            EventBody::ChannelLeft {
+                channel: channel.clone(),
+            },
+        )
+        .await?;
+        let ts = self
+            .publish(channel, EventBody::MemberLeft { user })
+            .await?;
+        Ok(pb::LeaveChannelResponse { ts: ts.to_string() })
+    }
+
+    async fn presence(
+        &self,
+        req: pb::GetPresenceRequest,
+    ) -> Result<pb::GetPresenceResponse, AdminError> {
+        let users = requests::presence_users(&req.users)?;
+        let Some(ring) = &self.presence else {
+            return Err(AdminError::NoPresenceServers);
+        };
+        let ring = ring.current();
+        if ring.nodes().is_empty() {
+            return Err(AdminError::NoPresenceServerYet);
+        }
+        let answer = presence_client::lookup(&ring, &users).await;
+        Ok(pb::GetPresenceResponse {
+            users: answer
+                .into_iter()
+                .map(|(user, active)| pb::UserPresence {
+                    user: user.to_string(),
+                    presence: if active { "active" } else { "away" }.to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn read_history(
+        &self,
+        req: pb::HistoryRequest,
+    ) -> Result<pb::HistoryResponse, AdminError> {
+        let channel = channel("channel", &req.channel)?;
+        let since = requests::since(&req.since_ts)?;
+        let page = self
+            .router
+            .history(&channel, since, req.limit)
+            .await
+            .map_err(AdminError::Route)?;
+        Ok(pb::HistoryResponse {
+            events: page
+                .events
+                .iter()
+                .filter_map(|event| {
+                    Some(pb::HistoryEvent {
+                        ts: event.ts?.to_string(),
+                        event_json: mesh_rtm::render(event)?,
+                    })
+                })
+                .collect(),
+            oldest_ts: page.oldest.map(|t| t.to_string()).unwrap_or_default(),
+            has_more: page.has_more,
+        })
+    }
+
+    fn mint(&self, req: pb::MintTokenRequest) -> Result<pb::MintTokenResponse, AdminError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ttl = requests::token_ttl(req.ttl_seconds);
+        let identity = Identity {
+            user: user(&req.user)?,
+            team: requests::team(&req.team)?,
+            name: (!req.name.is_empty()).then_some(req.name),
+            channels: req
+                .channels
+                .iter()
+                .map(|c| channel("channels", c))
+                .collect::<Result<_, _>>()?,
+            expires_at: now + ttl,
+            jti: Some(new_jti()),
+        };
+        let token = self.key.mint(&identity, now).map_err(AdminError::Mint)?;
+        Ok(pb::MintTokenResponse {
+            token,
+            jti: identity.jti.unwrap_or_default(),
+            expires_at: identity.expires_at,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn post_message(
+        &self,
+        request: Request<pb::PostMessageRequest>,
+    ) -> Result<Response<pb::PostMessageResponse>, Status> {
+        // One post, one trace: the caller's trace context (if it sent one) is the parent, and
+        // the channel server and every gateway join it.
+        let span = tracing::debug_span!("admin.PostMessage", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        self.traced("PostMessage", span, self.post(request.into_inner()))
+            .await
+    }
+
+    async fn publish_event(
+        &self,
+        request: Request<pb::PublishEventRequest>,
+    ) -> Result<Response<pb::PublishEventResponse>, Status> {
+        let span = tracing::debug_span!("admin.PublishEvent", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        self.traced("PublishEvent", span, self.publish_raw(request.into_inner()))
+            .await
+    }
+
+    async fn join_channel(
+        &self,
+        request: Request<pb::JoinChannelRequest>,
+    ) -> Result<Response<pb::JoinChannelResponse>, Status> {
+        let span = tracing::debug_span!("admin.JoinChannel", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        self.traced("JoinChannel", span, self.join(request.into_inner()))
+            .await
+    }
+
+    async fn leave_channel(
+        &self,
+        request: Request<pb::LeaveChannelRequest>,
+    ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
+        let span = tracing::debug_span!("admin.LeaveChannel", channel = %request.get_ref().channel);
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        self.traced("LeaveChannel", span, self.leave(request.into_inner()))
+            .await
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<pb::GetPresenceRequest>,
+    ) -> Result<Response<pb::GetPresenceResponse>, Status> {
+        let answer = self.presence(request.into_inner()).await;
+        answer.map(Response::new).map_err(status)
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let page = self.read_history(request.into_inner()).await;
+        page.map(Response::new).map_err(status)
+    }
+
+    async fn mint_token(
+        &self,
+        request: Request<pb::MintTokenRequest>,
+    ) -> Result<Response<pb::MintTokenResponse>, Status> {
+        let minted = self.mint(request.into_inner());
+        minted.map(Response::new).map_err(status)
+    }
+
+    async fn revoke_tokens(
+        &self,
+        request: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        use mesh_proto::ring::ring_manager_client::RingManagerClient;
+        let Some(source) = &self.ring_manager else {
+            return Err(status(AdminError::NoRingManager));
+        };
+        let req = request.into_inner();
+        if req.jtis.is_empty() {
+            return Err(status(AdminError::NoJtis));
+        }
+        let forwarded = mesh_proto::ring::RevokeTokensRequest {
+            jtis: req
+                .jtis
+                .into_iter()
+                .map(|t| mesh_proto::ring::RevokedToken {
+                    jti: t.jti,
+                    expires_at: t.expires_at,
+                })
+                .collect(),
+        };
+        let unreachable =
+            |e: &dyn std::fmt::Display| status(AdminError::RingManager(e.to_string()));
+        let call = async {
+            let endpoint = source.endpoint().await.map_err(|e| unreachable(&e))?;
+            let channel = mesh_transport::endpoint(&endpoint)
+                .map_err(|e| unreachable(&e))?
+                .connect()
+                .await
+                .map_err(|e| unreachable(&e))?;
+            let mut client = RingManagerClient::new(channel);
+            // The ring manager's own answer, refusals included, is relayed as it is.
+            client.revoke_tokens(forwarded).await
+        };
+        let reply = tokio::time::timeout(REVOKE_TIMEOUT, call)
+            .await
+            .map_err(|_| status(AdminError::RingManagerTimeout))??
+            .into_inner();
+        Ok(Response::new(pb::RevokeTokensResponse {
+            version: reply.version,
+            held: reply.held,
+        }))
+    }
+}
+
+/// A fresh token id: 128 random bits, hex.
+fn new_jti() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::{TokenError, TsError, UserId};
+    use tonic::Code;
+
+    #[test]
+    fn every_error_has_its_code_and_message() {
+        let id = UserId::new("").unwrap_err();
+        let cases = [
+            (
+                AdminError::BadId {
+                    field: "channels",
+                    error: id.clone(),
+                },
+                Code::InvalidArgument,
+                format!("channels: {id}"),
+            ),
+            (
+                AdminError::BadSince(TsError),
+                Code::InvalidArgument,
+                format!("since_ts: {TsError}"),
+            ),
+            (
+                AdminError::MissingText,
+                Code::InvalidArgument,
+                "text: message text is missing".into(),
+            ),
+            (
+                AdminError::TextTooLong,
+                Code::InvalidArgument,
+                "text: msg_too_long (over 16384 bytes)".into(),
+            ),
+            (
+                AdminError::EventTooLarge,
+                Code::InvalidArgument,
+                "event_json: over 65536 bytes".into(),
+            ),
+            (
+                AdminError::InvalidJson("EOF while parsing".into()),
+                Code::InvalidArgument,
+                "event_json: invalid JSON: EOF while parsing".into(),
+            ),
+            (
+                AdminError::NotAnObject,
+                Code::InvalidArgument,
+                "event_json: must be a JSON object".into(),
+            ),
+            (
+                AdminError::NoEventType,
+                Code::InvalidArgument,
+                "event_json: needs a string \"type\"".into(),
+            ),
+            (
+                AdminError::ReservedType("hello".into()),
+                Code::InvalidArgument,
+                "event_json: type \"hello\" is reserved for the protocol".into(),
+            ),
+            (
+                AdminError::TooManyUsers,
+                Code::InvalidArgument,
+                "at most 500 users per call".into(),
+            ),
+            (
+                AdminError::NoJtis,
+                Code::InvalidArgument,
+                "jtis: at least one".into(),
+            ),
+            (
+                AdminError::Route(RouteError::Invalid("bad event".into())),
+                Code::InvalidArgument,
+                "bad event".into(),
+            ),
+            (
+                AdminError::NoPresenceServers,
+                Code::Unavailable,
+                "this mesh has no presence servers".into(),
+            ),
+            (
+                AdminError::NoPresenceServerYet,
+                Code::Unavailable,
+                "no presence server is on the ring yet".into(),
+            ),
+            (
+                AdminError::Route(RouteError::Unavailable("no owner".into())),
+                Code::Unavailable,
+                "no owner".into(),
+            ),
+            (
+                AdminError::RingManager("no leader".into()),
+                Code::Unavailable,
+                "ring manager: no leader".into(),
+            ),
+            (
+                AdminError::RingManagerTimeout,
+                Code::Unavailable,
+                "ring manager did not answer in time".into(),
+            ),
+            (
+                AdminError::Route(RouteError::Internal("boom".into())),
+                Code::Internal,
+                "boom".into(),
+            ),
+            (
+                AdminError::NoTs,
+                Code::Internal,
+                "channel server assigned no ts".into(),
+            ),
+            (
+                AdminError::Mint(TokenError::Malformed("x".into())),
+                Code::Internal,
+                TokenError::Malformed("x".into()).to_string(),
+            ),
+            (
+                AdminError::NoRingManager,
+                Code::Unimplemented,
+                "this admin server does not know the ring manager".into(),
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = status(error);
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+        }
+    }
+}

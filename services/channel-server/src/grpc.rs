@@ -1,0 +1,541 @@
+//! The channel server's gRPC edge: publish, history, handoffs and one subscription stream per
+//! gateway. It converts prost ⇄ domain (with `channel_client::wire`), maps every
+//! [`ServeError`] to a `Status` in one table ([`status`]), runs each gateway stream's task and
+//! sends handoffs; the state it serves is the [`Shards`] behind an [`Ownership`] check.
+
+mod handoff_wire;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, Ts, slot_of};
+use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_server::ChannelServer as ChannelServerRpc;
+use mesh_proto::channel::subscribe_request::Command;
+use mesh_proto::channel::subscribe_response::Reply;
+use ring_client::{Lease, RingWatcher};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::error::ServeError;
+use crate::handoff::Outgoing;
+use crate::metrics::Metrics;
+use crate::ownership::Ownership;
+use crate::shards::{GatewayStream, Shards, StreamReply, history_limit, now_micros};
+use crate::store::Limits;
+use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
+
+pub use channel_client::{GATEWAY_ID_HEADER, MAX_HANDOFF_MESSAGE};
+
+/// The one table from the domain's errors to gRPC statuses: the code each refusal carries,
+/// with its message as the caller reads it.
+pub fn status(error: ServeError) -> Status {
+    let message = error.to_string();
+    match error {
+        ServeError::NoLease(_)
+        | ServeError::Warming { .. }
+        | ServeError::RingBehind { .. }
+        | ServeError::ShuttingDown => Status::unavailable(message),
+        ServeError::WrongOwner { .. } => Status::failed_precondition(message),
+        ServeError::FellBehind | ServeError::FellBehindOnReply | ServeError::FellBehindOnMove => {
+            Status::resource_exhausted(message)
+        }
+        ServeError::StreamClosed => Status::cancelled(message),
+    }
+}
+
+/// A request that does not decode.
+fn invalid(error: impl ToString) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// Configuration of the channel service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// This node's id on the ring.
+    pub node: NodeId,
+    /// History bounds (the total is split evenly over the shards).
+    pub limits: Limits,
+    /// Responses queued per gateway stream before the gateway counts as fallen behind.
+    pub gateway_queue: usize,
+    /// Where its metrics are registered.
+    pub telemetry: mesh_telemetry::Telemetry,
+}
+
+/// The channel server's gRPC service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ChannelService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ownership: Ownership,
+    shards: Shards<pb::SubscribeResponse>,
+    gateway_queue: usize,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Inner {
+    /// Sets the gauges read at scrape time from the live state.
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let counts = self.shards.counts();
+        let ring = self.ownership.ring().current();
+        m.subscriptions.set(counts.subscriptions as i64);
+        m.channels.set(counts.channels as i64);
+        m.gateway_streams.set(counts.streams as i64);
+        m.queued_replies.set(counts.queued as i64);
+        m.ring_epoch.set(ring.epoch() as i64);
+        m.slots_owned
+            .set(ring.slots_owned(self.ownership.node()) as i64);
+        m.lease_serving
+            .set(i64::from(self.ownership.lease().is_serving()));
+    }
+}
+
+/// Replies on a gateway's stream in their protobuf form.
+impl StreamReply for pb::SubscribeResponse {
+    /// The event with the fan-out time and the current span's trace context on it.
+    fn event(event: &ChannelEvent) -> Self {
+        let mut proto = event_to_proto(event);
+        proto.published_micros = now_micros();
+        mesh_telemetry::propagation::inject_map(&mut proto.trace_context);
+        pb::SubscribeResponse {
+            reply: Some(Reply::Events(pb::Events {
+                events: vec![proto],
+            })),
+        }
+    }
+
+    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self {
+        pb::SubscribeResponse {
+            reply: Some(Reply::Subscribed(pb::Subscribed {
+                channel: channel.to_string(),
+                head_ts: ts_str(head),
+            })),
+        }
+    }
+
+    fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> Self {
+        refused_name(channel.to_string(), epoch, reason)
+    }
+}
+
+fn refused_name(channel: String, epoch: u64, reason: &str) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        reply: Some(Reply::Refused(pb::Refused {
+            channel,
+            epoch,
+            reason: reason.to_string(),
+        })),
+    }
+}
+
+impl ChannelService {
+    /// A service following `ring`; its tasks are tracked by `tracker` and end with `cancel`.
+    pub fn new(
+        config: ServiceConfig,
+        ring: RingWatcher,
+        lease: Lease,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let metrics = Metrics::new(&config.telemetry);
+        let service = ChannelService {
+            inner: Arc::new(Inner {
+                ownership: Ownership::new(config.node, ring, lease),
+                shards: Shards::new(config.limits, metrics.clone(), now_micros),
+                gateway_queue: config.gateway_queue.max(1),
+                metrics,
+                cancel,
+                tracker,
+            }),
+        };
+        let follower = service.clone();
+        service.inner.tracker.spawn(follower.follow_ring());
+        let weak = Arc::downgrade(&service.inner);
+        config.telemetry.on_scrape(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.update_gauges();
+            }
+        });
+        service
+    }
+
+    /// On every new ring: drop subscriptions and history of slots this node no longer owns,
+    /// telling the subscribed gateways the channel moved.
+    async fn follow_ring(self) {
+        let (ring, cancel) = (
+            self.inner.ownership.ring().clone(),
+            self.inner.cancel.clone(),
+        );
+        let mut previous = ring.current();
+        ring.on_each_change(cancel, |ring| {
+            self.apply_ring(&previous, &ring);
+            previous = ring;
+        })
+        .await;
+    }
+
+    /// Follows a new ring: slots gained through a handoff wait for it; slots lost through a
+    /// handoff have their state sent to the new owner; every other lost slot is dropped; the
+    /// gateways subscribed to moved channels are told so.
+    fn apply_ring(&self, previous: &Ring, ring: &Ring) {
+        let ownership = &self.inner.ownership;
+        let unknown = ownership.gain(previous, ring);
+        let sends = self
+            .inner
+            .shards
+            .follow_ring(previous, ring, ownership.node(), &unknown);
+        let (this, epoch) = (self.clone(), ring.epoch());
+        self.inner.tracker.spawn(async move {
+            for Outgoing {
+                to,
+                addr,
+                snapshots,
+            } in sends
+            {
+                let count = snapshots.len();
+                match handoff_wire::send(this.inner.ownership.node(), &addr, epoch, snapshots).await {
+                    Ok(()) => {
+                        this.inner.metrics.handoffs_sent.with_label_values(&["ok"]).inc();
+                        tracing::info!(%to, channels = count, epoch, "handoff sent")
+                    }
+                    Err(e) => {
+                        this.inner.metrics.handoffs_sent.with_label_values(&["failed"]).inc();
+                        tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout")
+                    }
+                }
+            }
+            this.inner.ownership.lease().handed_off(epoch);
+        });
+    }
+
+    /// Handles one command of a gateway's subscription stream.
+    async fn handle_command(
+        &self,
+        command: Command,
+        stream: &mut GatewayStream<pb::SubscribeResponse>,
+    ) {
+        match command {
+            Command::Subscribe(s) => {
+                for name in s.channels {
+                    let channel = match ChannelId::new(&name) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            stream.send(refused_name(name, 0, &e.to_string()));
+                            continue;
+                        }
+                    };
+                    match self.inner.ownership.check(slot_of(&channel), s.epoch).await {
+                        Err(refusal) => {
+                            let epoch = self.inner.ownership.ring().current().epoch();
+                            let reason = refusal.to_string();
+                            stream.send(StreamReply::refused(&channel, epoch, &reason));
+                        }
+                        Ok(_) => self.inner.shards.subscribe(stream, &channel),
+                    }
+                }
+            }
+            Command::Unsubscribe(u) => {
+                for name in u.channels {
+                    let Ok(channel) = ChannelId::new(&name) else {
+                        continue;
+                    };
+                    self.inner.shards.unsubscribe(stream, &channel);
+                }
+            }
+        }
+    }
+
+    /// Publish, inside its span: appends the event and queues it to every subscribed gateway,
+    /// with the fan-out time and this span's trace context on it.
+    async fn publish_event(
+        &self,
+        req: pb::PublishRequest,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let event = req.event.ok_or_else(|| invalid("event is required"))?;
+        let mut event = event_from_proto(event).map_err(invalid)?;
+        self.inner
+            .ownership
+            .check(slot_of(&event.channel), req.epoch)
+            .await
+            .map_err(status)?;
+        self.inner.shards.publish(&mut event);
+        self.inner.metrics.published(&event.body);
+        Ok(Response::new(pb::PublishResponse {
+            ts: ts_str(event.ts),
+        }))
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+/// Replies queued to one publish stream's caller.
+const PUBLISH_STREAM_QUEUE: usize = 1024;
+
+#[tonic::async_trait]
+impl ChannelServerRpc for ChannelService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("channel.Publish", node = %self.inner.ownership.node());
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        let req = request.into_inner();
+        let result = self.publish_event(req).instrument(span).await;
+        if result.is_ok() {
+            let elapsed = started.elapsed().as_secs_f64();
+            self.inner.metrics.publish_seconds.observe(elapsed);
+        }
+        result
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let channel = ChannelId::new(&req.channel).map_err(invalid)?;
+        let since = opt_ts(&req.since_ts).map_err(invalid)?;
+        let limit = history_limit(req.limit);
+        self.inner
+            .ownership
+            .check(slot_of(&channel), req.epoch)
+            .await
+            .map_err(status)?;
+        let page = self.inner.shards.history(&channel, since, limit);
+        Ok(Response::new(pb::HistoryResponse {
+            events: page
+                .events
+                .into_iter()
+                .map(|stored| {
+                    event_to_proto(&ChannelEvent {
+                        channel: channel.clone(),
+                        ts: Some(stored.ts),
+                        body: stored.body,
+                        origin: None,
+                    })
+                })
+                .collect(),
+            oldest_ts: ts_str(page.oldest),
+            complete_after_ts: ts_str(
+                (page.complete_after != Ts::default()).then_some(page.complete_after),
+            ),
+            has_more: page.has_more,
+        }))
+    }
+
+    async fn handoff(
+        &self,
+        request: Request<Streaming<pb::HandoffChunk>>,
+    ) -> Result<Response<pb::HandoffAck>, Status> {
+        let mut chunks = request.into_inner();
+        let mut received = 0u32;
+        while let Some(chunk) = chunks.message().await? {
+            let from = NodeId::new(&chunk.from_node).map_err(invalid)?;
+            for state in chunk.channels {
+                let snapshot = handoff_wire::snapshot_from_proto(state).map_err(invalid)?;
+                self.inner.shards.absorb(snapshot);
+                self.inner.metrics.handoff_channels_received.inc();
+                received += 1;
+            }
+            if chunk.done {
+                self.inner.ownership.received(&from, chunk.epoch);
+                tracing::info!(%from, epoch = chunk.epoch, channels = received, "handoff received");
+            }
+        }
+        Ok(Response::new(pb::HandoffAck { channels: received }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishStreamReply, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(PUBLISH_STREAM_QUEUE);
+        let (this, cancel) = (self.clone(), self.inner.cancel.clone());
+        // One request at a time, in order: a caller's events to one channel keep their order.
+        self.inner.tracker.spawn(async move {
+            loop {
+                // Cancel-safe: message() loses nothing when the other branch wins; we stop.
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = incoming.message() => next,
+                };
+                let Ok(Some(request)) = next else { break };
+                let started = Instant::now();
+                let span =
+                    tracing::debug_span!("channel.Publish", node = %this.inner.ownership.node());
+                mesh_telemetry::propagation::set_parent_from_map(&span, &request.trace_context);
+                let result = match request.publish {
+                    Some(publish) => this.publish_event(publish).instrument(span).await,
+                    None => Err(invalid("publish is required")),
+                };
+                let reply = match result {
+                    Ok(reply) => {
+                        this.inner
+                            .metrics
+                            .publish_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        pb::PublishStreamReply {
+                            id: request.id,
+                            ts: reply.into_inner().ts,
+                            code: 0,
+                            message: String::new(),
+                        }
+                    }
+                    Err(status) => pb::PublishStreamReply {
+                        id: request.id,
+                        ts: String::new(),
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    },
+                };
+                // The caller reads its replies as they come; a full queue waits for it.
+                let sent = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    sent = tx.send(Ok(reply)) => sent,
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<SubscribeStream>, Status> {
+        let gateway = request
+            .metadata()
+            .get(GATEWAY_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_string();
+        let mut inbound = request.into_inner();
+        let (mut stream, rx) = self
+            .inner
+            .shards
+            .open_stream(self.inner.gateway_queue, &self.inner.cancel);
+        let end = stream.end().clone();
+        tracing::info!(%gateway, stream = stream.id(), "gateway subscription stream opened");
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            loop {
+                // Cancel-safe: `message()` loses nothing when the other branch wins, and the
+                // stream is dropped right after.
+                let next = tokio::select! {
+                    _ = stream.end().cancelled() => break,
+                    next = inbound.message() => next,
+                };
+                match next {
+                    Ok(Some(pb::SubscribeRequest {
+                        command: Some(command),
+                    })) => {
+                        this.handle_command(command, &mut stream).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%gateway, error = %e, "gateway stream ended with an error");
+                        break;
+                    }
+                }
+            }
+            let id = stream.id();
+            this.inner.shards.close_stream(stream);
+            tracing::info!(%gateway, stream = id, "gateway subscription stream closed");
+        });
+        let events = ReceiverStream::new(rx).map(Ok);
+        let ended = futures::stream::once(async move { Err(status(end.ended().await)) });
+        let stream = futures::stream::select(events, ended);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn every_refusal_has_its_code_and_message() {
+        let node = NodeId::new("cs-2").unwrap();
+        let cases = [
+            (
+                ServeError::NoLease("lease revoked: this node was declared down"),
+                Code::Unavailable,
+                "no_lease: lease revoked: this node was declared down",
+            ),
+            (
+                ServeError::Warming {
+                    slot: 12,
+                    from: NodeId::new("cs-1").unwrap(),
+                },
+                Code::Unavailable,
+                "slot_warming: waiting for slot 12's state from cs-1",
+            ),
+            (
+                ServeError::RingBehind { known: 3, asked: 4 },
+                Code::Unavailable,
+                "ring_behind: this channel server knows epoch 3, caller routed by 4",
+            ),
+            (
+                ServeError::WrongOwner {
+                    slot: 12,
+                    owner: "cs-1".into(),
+                    epoch: 4,
+                    node,
+                },
+                Code::FailedPrecondition,
+                "wrong_owner: slot 12 belongs to \"cs-1\" in epoch 4, not to cs-2",
+            ),
+            (
+                ServeError::FellBehind,
+                Code::ResourceExhausted,
+                "gateway fell behind its subscription queue; resubscribe",
+            ),
+            (
+                ServeError::FellBehindOnReply,
+                Code::ResourceExhausted,
+                "gateway fell behind its subscription queue",
+            ),
+            (
+                ServeError::FellBehindOnMove,
+                Code::ResourceExhausted,
+                "gateway fell behind",
+            ),
+            (
+                ServeError::StreamClosed,
+                Code::Cancelled,
+                "subscription stream closed",
+            ),
+            (
+                ServeError::ShuttingDown,
+                Code::Unavailable,
+                "channel server shutting down",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = status(error);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The wire side of handoffs: a moved slot's channels sent to their new owner over gRPC in
+//! chunks, and channel snapshots to and from their protobuf form. What to send and how to
+//! absorb it is decided in `crate::handoff` and the shards. A failed send is only logged by its
+//! sender, so its statuses are not part of the service's error table.
+
+use std::time::Duration;
+
+use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ts};
+use mesh_proto::channel as pb;
+use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use tonic::Status;
+
+use super::MAX_HANDOFF_MESSAGE;
+use crate::handoff::{HANDOFF_CHUNK, HANDOFF_TIMEOUT};
+use crate::store::{Snapshot, Stored};
+
+/// Streams `snapshots` to the channel server at `addr`, then `done`.
+pub(super) async fn send(
+    from: &NodeId,
+    addr: &str,
+    epoch: u64,
+    snapshots: Vec<Snapshot>,
+) -> Result<(), Status> {
+    let channel = mesh_transport::endpoint(addr)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let from = from.to_string();
+    let mut chunks: Vec<pb::HandoffChunk> = snapshots
+        .chunks(HANDOFF_CHUNK)
+        .map(|chunk| pb::HandoffChunk {
+            from_node: from.clone(),
+            epoch,
+            channels: chunk.iter().map(snapshot_to_proto).collect(),
+            done: false,
+        })
+        .collect();
+    chunks.push(pb::HandoffChunk {
+        from_node: from,
+        epoch,
+        channels: Vec::new(),
+        done: true,
+    });
+    let mut client =
+        ChannelServerClient::new(channel).max_encoding_message_size(MAX_HANDOFF_MESSAGE);
+    let call = client.handoff(futures::stream::iter(chunks));
+    tokio::time::timeout(HANDOFF_TIMEOUT, call)
+        .await
+        .map_err(|_| Status::deadline_exceeded("handoff took too long"))??;
+    Ok(())
+}
+
+/// A channel's snapshot in its protobuf form.
+pub(super) fn snapshot_to_proto(snapshot: &Snapshot) -> pb::ChannelState {
+    pb::ChannelState {
+        channel: snapshot.channel.to_string(),
+        last_ts: snapshot.last_ts.to_string(),
+        trimmed_ts: ts_str((snapshot.trimmed != Ts::default()).then_some(snapshot.trimmed)),
+        events: snapshot
+            .events
+            .iter()
+            .map(|stored| {
+                event_to_proto(&ChannelEvent {
+                    channel: snapshot.channel.clone(),
+                    ts: Some(stored.ts),
+                    body: stored.body.clone(),
+                    origin: None,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The snapshot a protobuf channel state describes (events without a ts are skipped).
+pub(super) fn snapshot_from_proto(
+    state: pb::ChannelState,
+) -> Result<Snapshot, channel_client::wire::WireError> {
+    let channel = ChannelId::new(&state.channel)?;
+    let last_ts = Ts::parse(&state.last_ts)?;
+    let events = state
+        .events
+        .into_iter()
+        .filter_map(|e| match event_from_proto(e) {
+            Ok(ChannelEvent {
+                ts: Some(ts), body, ..
+            }) => Some(Ok(Stored { ts, body })),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Snapshot {
+        channel,
+        last_ts,
+        trimmed: opt_ts(&state.trimmed_ts)?.unwrap_or_default(),
+        events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_survives_its_protobuf_form() {
+        let channel = ChannelId::new("C1").unwrap();
+        let snapshot = Snapshot {
+            channel: channel.clone(),
+            last_ts: Ts::from_micros(30),
+            trimmed: Ts::from_micros(10),
+            events: vec![Stored {
+                ts: Ts::from_micros(20),
+                body: mesh_core::EventBody::MemberLeft {
+                    user: mesh_core::UserId::new("U1").unwrap(),
+                },
+            }],
+        };
+        let back = snapshot_from_proto(snapshot_to_proto(&snapshot)).unwrap();
+        assert_eq!(back, snapshot);
+    }
+}

@@ -1,0 +1,206 @@
+//! Unit tests of handoffs: warming on gained slots, who sends what to whom, and a moved
+//! channel's history, trim point and clock arriving whole at its new owner.
+
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Ts, UserId, slot_of};
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::shards::{Shards, StreamReply};
+use crate::store::Limits;
+
+/// Replies nobody reads: these tests open no gateway stream.
+#[derive(Debug, Clone)]
+struct Unread;
+
+impl StreamReply for Unread {
+    fn event(_: &ChannelEvent) -> Self {
+        Unread
+    }
+
+    fn subscribed(_: &ChannelId, _: Option<Ts>) -> Self {
+        Unread
+    }
+
+    fn refused(_: &ChannelId, _: u64, _: &str) -> Self {
+        Unread
+    }
+}
+
+/// A clock that stands still: only a carried channel clock keeps a new owner's ts ahead.
+fn still() -> u64 {
+    1
+}
+
+fn node(id: &str) -> RingNode {
+    RingNode {
+        id: NodeId::new(id).unwrap(),
+        addr: format!("{id}:1"),
+    }
+}
+
+/// Two rings: cs-1 and cs-2, then cs-3 joins; with the handoffs of a planned move if `planned`.
+fn rings(planned: bool) -> (Ring, Ring) {
+    let first = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
+    let mut second = first.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
+    if planned {
+        let moves = second.moves_from(&first);
+        second = second.with_handoffs(moves);
+    }
+    (first, second)
+}
+
+/// Slots `from` owns in `first` and cs-3 in `second`.
+fn moved(first: &Ring, second: &Ring, from: &str) -> Vec<Slot> {
+    let (from, to) = (node(from).id, node("cs-3").id);
+    (0..SLOT_COUNT as Slot)
+        .filter(|&s| first.owns(&from, s) && second.owns(&to, s))
+        .collect()
+}
+
+#[test]
+fn a_gained_slot_waits_for_its_handoff_until_it_arrives() {
+    let (first, second) = rings(true);
+    let slot = moved(&first, &second, "cs-1")[0];
+    let mut warming = Warming::default();
+    let now = Instant::now();
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    assert!(unknown.is_empty(), "every gained slot comes with a handoff");
+    assert_eq!(warming.waiting_for(slot, now), Some(node("cs-1").id));
+    warming.received(&node("cs-1").id, 2);
+    assert_eq!(warming.waiting_for(slot, now), None);
+}
+
+#[test]
+fn a_handoff_that_beats_the_ring_is_not_waited_for() {
+    let (first, second) = rings(true);
+    let mut warming = Warming::default();
+    warming.received(&node("cs-1").id, 2);
+    let now = Instant::now();
+    warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    for slot in moved(&first, &second, "cs-1") {
+        assert_eq!(warming.waiting_for(slot, now), None);
+    }
+    let from_two = moved(&first, &second, "cs-2")[0];
+    assert_eq!(
+        warming.waiting_for(from_two, now),
+        Some(node("cs-2").id),
+        "a handoff of another epoch or node does not count"
+    );
+}
+
+#[test]
+fn a_late_handoff_is_given_up_for_every_slot_of_its_sender() {
+    let (first, second) = rings(true);
+    let slots = moved(&first, &second, "cs-1");
+    let mut warming = Warming::default();
+    let deadline = Instant::now();
+    warming.gain(&first, &second, &node("cs-3").id, deadline);
+    assert_eq!(warming.waiting_for(slots[0], deadline), None);
+    assert_eq!(
+        warming.waiting_for(slots[1], deadline - Duration::from_millis(1)),
+        None,
+        "given up for the sender's other slots too"
+    );
+}
+
+#[test]
+fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
+    let (first, second) = rings(false);
+    let mut warming = Warming::default();
+    let now = Instant::now();
+    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    let mut gained = [
+        moved(&first, &second, "cs-1"),
+        moved(&first, &second, "cs-2"),
+    ]
+    .concat();
+    unknown.sort_unstable();
+    gained.sort_unstable();
+    assert_eq!(unknown, gained);
+    assert!(
+        gained
+            .iter()
+            .all(|&s| warming.waiting_for(s, now).is_none())
+    );
+}
+
+#[test]
+fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
+    let (first, planned) = rings(true);
+    let (_, unplanned) = rings(false);
+    let one = node("cs-1").id;
+    let slot = moved(&first, &planned, "cs-1")[0];
+    let kept = (0..SLOT_COUNT as Slot)
+        .find(|&s| planned.owns(&one, s))
+        .unwrap();
+    assert_eq!(new_owner(&first, &planned, &one, slot), Some(&node("cs-3")));
+    assert_eq!(new_owner(&first, &planned, &one, kept), None);
+    assert_eq!(new_owner(&first, &unplanned, &one, slot), None);
+    let sends = outgoing(&planned, &one, HashMap::new());
+    assert_eq!(sends.len(), 1);
+    assert_eq!(
+        (&sends[0].to, sends[0].addr.as_str()),
+        (&node("cs-3").id, "cs-3:1")
+    );
+    assert!(
+        sends[0].snapshots.is_empty(),
+        "sent even empty: cs-3 waits for it"
+    );
+    assert!(outgoing(&unplanned, &one, HashMap::new()).is_empty());
+}
+
+#[test]
+fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
+    let (first, second) = rings(true);
+    let slots = moved(&first, &second, "cs-1");
+    let channel = (0..100_000)
+        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
+        .find(|c| slots.contains(&slot_of(c)))
+        .unwrap();
+    let limits = Limits {
+        history_events: 3,
+        ..Limits::default()
+    };
+    let metrics = || Metrics::new(&mesh_telemetry::Telemetry::default());
+    let old: Shards<Unread> = Shards::new(limits, metrics(), still);
+    let new: Shards<Unread> = Shards::new(limits, metrics(), still);
+    let publish = |shards: &Shards<Unread>| {
+        let mut event = ChannelEvent {
+            channel: channel.clone(),
+            ts: None,
+            body: EventBody::MemberLeft {
+                user: UserId::new("U1").unwrap(),
+            },
+            origin: None,
+        };
+        shards.publish(&mut event);
+        event.ts.unwrap()
+    };
+    let ts: Vec<Ts> = (0..5).map(|_| publish(&old)).collect();
+
+    let mut sends = old.follow_ring(&first, &second, &node("cs-1").id, &[]);
+    assert_eq!(sends.len(), 1);
+    assert_eq!(sends[0].to, node("cs-3").id);
+    let snapshot = sends[0].snapshots.pop().unwrap();
+    assert!(sends[0].snapshots.is_empty());
+    assert_eq!(snapshot.channel, channel);
+    assert_eq!(snapshot.last_ts, ts[4]);
+    assert_eq!(snapshot.trimmed, ts[1]);
+    assert_eq!(
+        snapshot.events.iter().map(|e| e.ts).collect::<Vec<_>>(),
+        &ts[2..]
+    );
+    assert_eq!(old.counts().channels, 0, "the old owner keeps nothing");
+
+    new.absorb(snapshot);
+    let page = new.history(&channel, None, 10);
+    assert_eq!(
+        page.events.iter().map(|e| e.ts).collect::<Vec<_>>(),
+        &ts[2..]
+    );
+    assert_eq!(page.complete_after, ts[1]);
+    assert!(
+        publish(&new) > ts[4],
+        "the clock continues after the old owner's"
+    );
+}

@@ -1,0 +1,196 @@
+//! Whether this channel server may serve a slot now: it holds its lease, is not waiting for the
+//! slot's handoff, and owns the slot in the caller's epoch or a newer one.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use mesh_core::{NodeId, Ring, Slot};
+use ring_client::{Lease, RingWatcher};
+
+use crate::error::ServeError;
+use crate::handoff::{HANDOFF_TIMEOUT, Warming};
+
+/// How long a call naming a newer epoch waits for this server's ring to catch up.
+const RING_CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Whether `node` owns `slot` in `ring`; if not, who does.
+pub fn owns(ring: &Ring, node: &NodeId, slot: Slot) -> Result<(), ServeError> {
+    if ring.owns(node, slot) {
+        return Ok(());
+    }
+    let owner = ring
+        .owner(slot)
+        .map(|n| n.id.to_string())
+        .unwrap_or_default();
+    Err(ServeError::WrongOwner {
+        slot,
+        owner,
+        epoch: ring.epoch(),
+        node: node.clone(),
+    })
+}
+
+/// This node's right to serve: its id, the ring it follows, its lease, and the slots it waits
+/// for handoffs of.
+#[derive(Debug)]
+pub struct Ownership {
+    node: NodeId,
+    ring: RingWatcher,
+    /// Serving is allowed only under a valid lease (fencing).
+    lease: Lease,
+    warming: Mutex<Warming>,
+}
+
+impl Ownership {
+    /// Node `node` following `ring`, serving under `lease`.
+    pub fn new(node: NodeId, ring: RingWatcher, lease: Lease) -> Self {
+        Ownership {
+            node,
+            ring,
+            lease,
+            warming: Mutex::new(Warming::default()),
+        }
+    }
+
+    /// This node's id on the ring.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The ring it follows.
+    pub fn ring(&self) -> &RingWatcher {
+        &self.ring
+    }
+
+    /// Its lease.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn warming(&self) -> MutexGuard<'_, Warming> {
+        self.warming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
+    /// little for a newer ring than it knows; returns the ring it checked against.
+    pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
+        if !self.lease.is_serving() {
+            return Err(ServeError::NoLease(self.lease.why_not_serving()));
+        }
+        let waiting = self
+            .warming()
+            .waiting_for(slot, tokio::time::Instant::now());
+        if let Some(from) = waiting {
+            return Err(ServeError::Warming { slot, from });
+        }
+        let mut ring = self.ring.current();
+        if epoch > ring.epoch() {
+            ring = self
+                .ring
+                .wait_for_epoch(epoch, RING_CATCH_UP)
+                .await
+                .map_err(|_| ServeError::RingBehind {
+                    known: ring.epoch(),
+                    asked: epoch,
+                })?;
+        }
+        owns(&ring, &self.node, slot)?;
+        Ok(ring)
+    }
+
+    /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
+    /// history died with their previous owner.
+    pub fn gain(&self, previous: &Ring, ring: &Ring) -> Vec<Slot> {
+        let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
+        self.warming().gain(previous, ring, &self.node, deadline)
+    }
+
+    /// The whole handoff `from` sent for `epoch` arrived.
+    pub fn received(&self, from: &NodeId, epoch: u64) {
+        self.warming().received(from, epoch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::{RingNode, SLOT_COUNT};
+    use ring_client::RingSource;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    fn node(id: &str) -> RingNode {
+        RingNode {
+            id: NodeId::new(id).unwrap(),
+            addr: format!("{id}:1"),
+        }
+    }
+
+    /// A slot `a` owns in `ring` and `b` owns in `next`.
+    fn moved_slot(ring: &Ring, next: &Ring, a: &NodeId, b: &NodeId) -> Slot {
+        (0..SLOT_COUNT as Slot)
+            .find(|&s| ring.owns(a, s) && next.owns(b, s))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_owner_serves_and_another_node_names_it() {
+        let ring = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
+        let (one, two) = (node("cs-1").id, node("cs-2").id);
+        let slot = (0..SLOT_COUNT as Slot)
+            .find(|&s| ring.owns(&one, s))
+            .unwrap();
+        assert_eq!(owns(&ring, &one, slot), Ok(()));
+        let refused = owns(&ring, &two, slot).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            format!("wrong_owner: slot {slot} belongs to \"cs-1\" in epoch 1, not to cs-2")
+        );
+    }
+
+    #[test]
+    fn ownership_is_per_epoch() {
+        let first = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
+        let second = first.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
+        let (one, three) = (node("cs-1").id, node("cs-3").id);
+        let slot = moved_slot(&first, &second, &one, &three);
+        assert_eq!(owns(&first, &one, slot), Ok(()));
+        assert_eq!(
+            owns(&second, &one, slot),
+            Err(ServeError::WrongOwner {
+                slot,
+                owner: "cs-3".into(),
+                epoch: 2,
+                node: one.clone(),
+            })
+        );
+        assert_eq!(owns(&second, &three, slot), Ok(()));
+    }
+
+    #[test]
+    fn nobody_owns_anything_on_an_empty_ring() {
+        let refused = owns(&Ring::empty(), &node("cs-1").id, 7).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "wrong_owner: slot 7 belongs to \"\" in epoch 0, not to cs-1"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_lease_nothing_is_served() {
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        // Nothing listens there: the ring stays empty and the lease never renews.
+        let ring = RingWatcher::spawn(
+            RingSource::Direct("http://127.0.0.1:1".into()),
+            &tracker,
+            cancel.clone(),
+        );
+        let ownership = Ownership::new(node("cs-1").id, ring, Lease::default());
+        let refused = ownership.check(0, 0).await.unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "no_lease: lease lapsed: no word from the ring manager"
+        );
+        cancel.cancel();
+    }
+}

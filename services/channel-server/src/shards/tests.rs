@@ -1,0 +1,295 @@
+//! Unit tests of the shards: subscriptions, publish order and fan-out, falling behind, history
+//! bounds, and following a ring that moves channels away.
+
+use std::sync::atomic::AtomicU64;
+
+use mesh_core::{EventBody, RingNode, SLOT_COUNT, UserId};
+use tokio::sync::mpsc::error::TryRecvError;
+
+use super::*;
+
+/// A reply as the tests read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Test {
+    Event(ChannelEvent),
+    Subscribed(ChannelId, Option<Ts>),
+    Refused(ChannelId, u64, String),
+}
+
+impl StreamReply for Test {
+    fn event(event: &ChannelEvent) -> Self {
+        Test::Event(event.clone())
+    }
+
+    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self {
+        Test::Subscribed(channel.clone(), head)
+    }
+
+    fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> Self {
+        Test::Refused(channel.clone(), epoch, reason.to_string())
+    }
+}
+
+/// A clock that stands still at one microsecond past the epoch: every ts comes from the
+/// channel's own clock, so they are exact.
+fn frozen() -> u64 {
+    1
+}
+
+static TICKS: AtomicU64 = AtomicU64::new(1_000);
+
+/// A clock that moves a microsecond per reading.
+fn ticking() -> u64 {
+    TICKS.fetch_add(1, Ordering::Relaxed)
+}
+
+fn shards(limits: Limits) -> (Shards<Test>, Metrics) {
+    let metrics = Metrics::new(&mesh_telemetry::Telemetry::default());
+    (Shards::new(limits, metrics.clone(), frozen), metrics)
+}
+
+fn c(s: &str) -> ChannelId {
+    ChannelId::new(s).unwrap()
+}
+
+fn node(id: &str) -> RingNode {
+    RingNode {
+        id: NodeId::new(id).unwrap(),
+        addr: format!("{id}:1"),
+    }
+}
+
+fn message(channel: &ChannelId, text: &str) -> ChannelEvent {
+    ChannelEvent {
+        channel: channel.clone(),
+        ts: None,
+        body: EventBody::Message {
+            user: UserId::new("U1").unwrap(),
+            text: text.into(),
+            team: None,
+        },
+        origin: None,
+    }
+}
+
+fn publish(shards: &Shards<Test>, channel: &ChannelId, text: &str) -> Ts {
+    let mut event = message(channel, text);
+    shards.publish(&mut event);
+    event.ts.unwrap()
+}
+
+fn drain(rx: &mut mpsc::Receiver<Test>) -> Vec<Test> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+fn texts(replies: &[Test]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Test::Event(ChannelEvent {
+                body: EventBody::Message { text, .. },
+                ..
+            }) => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn subscribed_comes_first_then_every_event_in_ts_order() {
+    let (shards, metrics) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let before = publish(&shards, &c("C1"), "before");
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"));
+    let ts: Vec<Ts> = (0..5)
+        .map(|i| publish(&shards, &c("C1"), &format!("m{i}")))
+        .collect();
+    publish(&shards, &c("C2"), "elsewhere");
+    let replies = drain(&mut rx);
+    assert_eq!(replies[0], Test::Subscribed(c("C1"), Some(before)));
+    let got: Vec<Ts> = replies[1..]
+        .iter()
+        .map(|r| match r {
+            Test::Event(e) => e.ts.unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ts);
+    assert!(ts.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(metrics.fanned_out.get(), 5);
+}
+
+#[test]
+fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C1"));
+    assert_eq!(shards.counts().subscriptions, 1);
+    publish(&shards, &c("C1"), "once");
+    let replies = drain(&mut rx);
+    assert_eq!(replies.len(), 3, "two Subscribed, one event: {replies:?}");
+    assert_eq!(texts(&replies), ["once"]);
+    shards.unsubscribe(&mut stream, &c("C1"));
+    shards.unsubscribe(&mut stream, &c("C1"));
+    publish(&shards, &c("C1"), "unheard");
+    assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+    assert_eq!(shards.counts().subscriptions, 0);
+}
+
+#[test]
+fn a_transient_event_is_fanned_out_but_not_kept() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"));
+    let mut typing = ChannelEvent {
+        body: EventBody::Typing {
+            user: UserId::new("U1").unwrap(),
+        },
+        ..message(&c("C1"), "")
+    };
+    shards.publish(&mut typing);
+    assert_eq!(typing.ts, None);
+    assert_eq!(drain(&mut rx)[1], Test::Event(typing));
+    assert!(shards.history(&c("C1"), None, 10).events.is_empty());
+}
+
+#[tokio::test]
+async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
+    let (shards, metrics) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut slow, _slow_rx) = shards.open_stream(2, &cancel);
+    let (mut fast, mut fast_rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut slow, &c("C1"));
+    shards.subscribe(&mut fast, &c("C1"));
+    for i in 0..3 {
+        publish(&shards, &c("C1"), &format!("m{i}"));
+    }
+    assert_eq!(
+        slow.end().clone().ended().await,
+        ServeError::FellBehind,
+        "the first reason given is the one the gateway reads"
+    );
+    assert_eq!(metrics.streams_fallen_behind.get(), 1);
+    assert_eq!(texts(&drain(&mut fast_rx)), ["m0", "m1", "m2"]);
+    assert_eq!(shards.counts().subscriptions, 1);
+}
+
+#[tokio::test]
+async fn a_reply_that_does_not_fit_ends_the_stream() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut stream, _rx) = shards.open_stream(1, &cancel);
+    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C2"));
+    assert_eq!(
+        stream.end().clone().ended().await,
+        ServeError::FellBehindOnReply
+    );
+}
+
+#[tokio::test]
+async fn closing_a_stream_drops_its_subscriptions_and_shutdown_ends_the_others() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut closed, _closed_rx) = shards.open_stream(16, &cancel);
+    let (open, _open_rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut closed, &c("C1"));
+    shards.subscribe(&mut closed, &c("C2"));
+    let end = closed.end().clone();
+    assert_eq!(shards.counts().streams, 2);
+    shards.close_stream(closed);
+    assert_eq!(end.ended().await, ServeError::StreamClosed);
+    let counts = shards.counts();
+    assert_eq!((counts.subscriptions, counts.streams), (0, 1));
+    cancel.cancel();
+    assert_eq!(open.end().clone().ended().await, ServeError::ShuttingDown);
+}
+
+#[test]
+fn history_is_trimmed_to_its_bounds_and_says_where_it_is_complete() {
+    let limits = Limits {
+        history_events: 3,
+        ..Limits::default()
+    };
+    let (shards, metrics) = shards(limits);
+    assert!(shards.history(&c("C1"), None, 10).events.is_empty());
+    let ts: Vec<Ts> = (0..5)
+        .map(|i| publish(&shards, &c("C1"), &format!("m{i}")))
+        .collect();
+    let page = shards.history(&c("C1"), None, 10);
+    assert_eq!(
+        page.events.iter().map(|e| e.ts).collect::<Vec<_>>(),
+        &ts[2..]
+    );
+    assert_eq!(page.complete_after, ts[1], "the newest ts trimmed");
+    assert_eq!(page.oldest, Some(ts[2]));
+    let first = shards.history(&c("C1"), Some(ts[2]), 1);
+    assert_eq!((first.events[0].ts, first.has_more), (ts[3], true));
+    let reads = |outcome| metrics.history_reads.with_label_values(&[outcome]).get();
+    assert_eq!((reads("empty"), reads("hit")), (1, 2));
+}
+
+#[test]
+fn history_limits_default_and_cap() {
+    assert_eq!(history_limit(0), DEFAULT_HISTORY_LIMIT as usize);
+    assert_eq!(history_limit(7), 7);
+    assert_eq!(history_limit(u32::MAX), MAX_HISTORY_LIMIT as usize);
+}
+
+#[test]
+fn a_lost_slot_is_dropped_and_its_gateways_told_it_moved() {
+    let (one, two) = (node("cs-1"), node("cs-2"));
+    let first = Ring::empty().rebalanced(std::slice::from_ref(&one));
+    // cs-2 takes over without a handoff (as after a failure).
+    let second = first.rebalanced(&[one.clone(), two.clone()]);
+    let lost = (0..1000)
+        .map(|i| c(&format!("C{i}")))
+        .find(|ch| second.owns(&two.id, slot_of(ch)))
+        .unwrap();
+    let kept = (0..1000)
+        .map(|i| c(&format!("C{i}")))
+        .find(|ch| second.owns(&one.id, slot_of(ch)))
+        .unwrap();
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    for channel in [&lost, &kept] {
+        publish(&shards, channel, "x");
+        shards.subscribe(&mut stream, channel);
+    }
+    drain(&mut rx);
+    let sends = shards.follow_ring(&first, &second, &one.id, &[]);
+    assert!(sends.is_empty(), "no handoff named: nothing to send");
+    assert_eq!(
+        drain(&mut rx),
+        [Test::Refused(lost.clone(), 2, "moved".into())]
+    );
+    assert_eq!(shards.counts().channels, 1);
+    assert!(shards.history(&lost, None, 10).events.is_empty());
+    assert_eq!(shards.history(&kept, None, 10).events.len(), 1);
+    assert_eq!(shards.counts().subscriptions, 1);
+}
+
+#[test]
+fn slots_known_lost_have_no_history_before_now() {
+    let metrics = Metrics::new(&mesh_telemetry::Telemetry::default());
+    let shards = Shards::<Test>::new(Limits::default(), metrics, ticking);
+    let ring = Ring::empty().rebalanced(&[node("cs-1")]);
+    let channel = c("C1");
+    shards.follow_ring(&ring, &ring, &node("cs-1").id, &[slot_of(&channel)]);
+    let page = shards.history(&channel, None, 10);
+    assert!(page.complete_after >= Ts::from_micros(1_000));
+    assert!(publish(&shards, &channel, "after") > page.complete_after);
+    let other = (0..SLOT_COUNT)
+        .map(|i| c(&format!("C{i}")))
+        .find(|ch| slot_of(ch) != slot_of(&channel))
+        .unwrap();
+    assert_eq!(
+        shards.history(&other, None, 10).complete_after,
+        Ts::default()
+    );
+}

@@ -1,0 +1,383 @@
+//! The client's side of a connection: each frame it sends, the rate limit on them, the
+//! replies, and the publishes its messages and typing indicators start (at most
+//! [`MAX_IN_FLIGHT`] at once; past it the socket is not read).
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
+use futures::stream::{FuturesUnordered, Next};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
+use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
+
+use super::context::ConnectionContext;
+use crate::close::Close;
+use crate::limits::TokenBucket;
+use crate::presence::PresenceHub;
+use crate::socket::{Error as WsError, Message, Outgoing};
+use crate::vocab::ConnId;
+
+/// Client frames being published at once per connection; past it the socket is not read.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// A client frame being published; resolves to the reply to write, if any.
+pub(super) type Publishing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Utf8Bytes>> + Send>>;
+
+/// What a connection knows of its client's frames.
+pub(super) struct Inbound {
+    ctx: Arc<ConnectionContext>,
+    conn: ConnId,
+    /// The frame rate limit.
+    bucket: TokenBucket,
+    /// Frames refused in a row by the rate limit.
+    refusals: u32,
+    /// When the client last sent anything (a pong included).
+    last_heard: Instant,
+    /// Publishes not yet answered. Boxed: `FuturesUnordered::new` allocates a stub task
+    /// holding one future inline, which for the publish future would cost every idle
+    /// connection kilobytes.
+    in_flight: FuturesUnordered<Publishing>,
+}
+
+impl Inbound {
+    /// The client side of connection `conn`, its rate limit starting full at `now`.
+    pub(super) fn new(ctx: Arc<ConnectionContext>, conn: ConnId, now: Instant) -> Self {
+        let limits = &ctx.limits;
+        Inbound {
+            bucket: TokenBucket::new(limits.frames_per_sec, limits.frame_burst, now),
+            refusals: 0,
+            last_heard: now,
+            in_flight: FuturesUnordered::new(),
+            ctx,
+            conn,
+        }
+    }
+
+    /// Whether the client's next frame may be read: not too many publishes in flight.
+    pub(super) fn can_read(&self) -> bool {
+        self.in_flight.len() < MAX_IN_FLIGHT
+    }
+
+    /// Whether a publish is in flight.
+    pub(super) fn publishing(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// The next publish to finish, with its reply. Cancel-safe.
+    pub(super) fn next_reply(&mut self) -> Next<'_, FuturesUnordered<Publishing>> {
+        self.in_flight.next()
+    }
+
+    /// Whether the client has sent nothing for the idle timeout.
+    pub(super) fn idle(&self) -> bool {
+        self.last_heard.elapsed() >= self.ctx.limits.idle_timeout
+    }
+
+    /// Handles what the socket read (`None`: it ended): replies go to `frames`; `Break` ends
+    /// the connection, with a close frame when there is a reason. `identity` and `members`
+    /// are the connection's: who publishes, and where they may.
+    pub(super) fn on_message(
+        &mut self,
+        msg: Option<Result<Message, WsError>>,
+        identity: &Identity,
+        members: &HashSet<ChannelId>,
+        frames: &mut Outgoing,
+    ) -> ControlFlow<Option<Close>> {
+        let now = Instant::now();
+        self.last_heard = now;
+        let (ctx, conn) = (&self.ctx, self.conn);
+        match msg {
+            None | Some(Ok(Message::Close(_))) => ControlFlow::Break(None),
+            Some(Err(e)) => {
+                tracing::debug!(conn, error = %e, "websocket read failed");
+                ControlFlow::Break(is_capacity(&e).then_some(Close::FrameTooBig))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => ControlFlow::Continue(()),
+            Some(Ok(frame)) if !self.bucket.take(now) => {
+                self.refusals += 1;
+                ctx.metrics.rate_limited();
+                if self.refusals >= ctx.limits.refusals_before_close {
+                    ControlFlow::Break(Some(Close::RateLimited))
+                } else {
+                    let id = frame
+                        .to_text()
+                        .ok()
+                        .and_then(|t| rtm::parse(t).ok())
+                        .and_then(|f| f.id());
+                    let error = RtmError::new(ErrorCode::RateLimited, "ratelimited", id);
+                    frames.text(&error.render());
+                    ControlFlow::Continue(())
+                }
+            }
+            Some(Ok(Message::Text(text))) => {
+                self.refusals = 0;
+                let reply = match rtm::parse(text.as_str()) {
+                    Err(error) => Some(error.render().into()),
+                    Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
+                    Ok(ClientFrame::Message { id, channel, text }) => {
+                        let allowed = members.contains(&channel);
+                        let publishing =
+                            publish(ctx, conn, identity, allowed, Some(id), channel, Some(text));
+                        self.in_flight.push(Box::pin(publishing));
+                        None
+                    }
+                    Ok(ClientFrame::Typing { id, channel }) => {
+                        // Repeats within the typing interval are dropped: receivers already
+                        // show the user typing.
+                        if ctx.typing.first_in_interval(&identity.user, &channel, now) {
+                            let allowed = members.contains(&channel);
+                            let publishing =
+                                publish(ctx, conn, identity, allowed, id, channel, None);
+                            self.in_flight.push(Box::pin(publishing));
+                        } else {
+                            ctx.metrics.typing_coalesced.inc();
+                        }
+                        None
+                    }
+                    Ok(ClientFrame::PresenceSub { id, ids }) => {
+                        presence_frame(ctx, id, |p| p.subscribe(conn, ids))
+                    }
+                    Ok(ClientFrame::PresenceQuery { id, ids }) => {
+                        presence_frame(ctx, id, |p| p.query(conn, ids))
+                    }
+                };
+                if let Some(reply) = reply {
+                    frames.text(&reply);
+                }
+                ControlFlow::Continue(())
+            }
+            Some(Ok(_)) => {
+                self.refusals = 0;
+                let error = RtmError::new(
+                    ErrorCode::Binary,
+                    "binary frames are not accepted; send JSON text",
+                    None,
+                );
+                frames.text(&error.render());
+                ControlFlow::Continue(())
+            }
+        }
+    }
+}
+
+/// Hands a presence frame to the presence hub; the reply, if the frame had an id, says it was
+/// taken (or that the mesh has no presence servers).
+fn presence_frame(
+    ctx: &ConnectionContext,
+    id: Option<i64>,
+    f: impl FnOnce(&PresenceHub),
+) -> Option<Utf8Bytes> {
+    match &ctx.presence {
+        Some(presence) => {
+            f(presence);
+            id.map(|id| Utf8Bytes::from(rtm::ok_reply(id)))
+        }
+        None => Some(
+            RtmError::new(ErrorCode::Unavailable, "presence is not available", id)
+                .render()
+                .into(),
+        ),
+    }
+}
+
+fn is_capacity(e: &WsError) -> bool {
+    matches!(e, WsError::Capacity(_))
+}
+
+/// Publishes a client's message (`text`) or typing indicator (no text) on `channel`, if
+/// `allowed` there; resolves to the reply frame, if any.
+fn publish(
+    ctx: &Arc<ConnectionContext>,
+    conn: ConnId,
+    identity: &Identity,
+    allowed: bool,
+    id: Option<i64>,
+    channel: ChannelId,
+    text: Option<String>,
+) -> impl std::future::Future<Output = Option<Utf8Bytes>> + use<> {
+    let user = identity.user.clone();
+    let body = match text {
+        Some(text) => EventBody::Message {
+            user,
+            text,
+            team: Some(identity.team.clone()),
+        },
+        None => EventBody::Typing { user },
+    };
+    let ctx = ctx.clone();
+    async move {
+        if !allowed {
+            return Some(
+                RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id)
+                    .render()
+                    .into(),
+            );
+        }
+        let event = ChannelEvent {
+            channel,
+            ts: None,
+            body,
+            origin: Some(Origin {
+                gateway: ctx.hub.gateway().to_string(),
+                conn,
+            }),
+        };
+        match ctx.router.publish(&event).await {
+            Ok(Some(ts)) => match (&event.body, id) {
+                (EventBody::Message { text, .. }, Some(id)) => {
+                    Some(Utf8Bytes::from(rtm::message_ack(id, ts, text)))
+                }
+                _ => None,
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(conn, error = %e, "publishing a client event failed");
+                Some(
+                    RtmError::new(ErrorCode::Unavailable, "could not deliver; try again", id)
+                        .render()
+                        .into(),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::{TeamId, UserId};
+
+    use super::*;
+
+    /// The client side of a connection of user U1, a member of no channel, and what it wrote.
+    struct Client {
+        inbound: Inbound,
+        me: Identity,
+        members: HashSet<ChannelId>,
+        frames: Outgoing,
+    }
+
+    impl Client {
+        fn new() -> Self {
+            let ctx = ConnectionContext::for_tests();
+            Client {
+                inbound: Inbound::new(ctx, 1, Instant::now()),
+                me: Identity {
+                    user: UserId::new("U1").unwrap(),
+                    team: TeamId::new("T1").unwrap(),
+                    name: None,
+                    channels: vec![ChannelId::new("C1").unwrap()],
+                    expires_at: 0,
+                    jti: None,
+                },
+                members: HashSet::new(),
+                frames: Outgoing::default(),
+            }
+        }
+
+        /// The connection reads `msg`.
+        fn read(&mut self, msg: Option<Result<Message, WsError>>) -> ControlFlow<Option<Close>> {
+            let Client {
+                inbound,
+                me,
+                members,
+                frames,
+            } = self;
+            inbound.on_message(msg, me, members, frames)
+        }
+
+        /// The connection reads a text frame.
+        fn send(&mut self, frame: &str) -> ControlFlow<Option<Close>> {
+            self.read(Some(Ok(Message::Text(frame.into()))))
+        }
+
+        /// The frames written since the last call, parsed.
+        fn replies(&mut self) -> Vec<serde_json::Value> {
+            self.frames
+                .texts()
+                .iter()
+                .map(|t| serde_json::from_str(t).unwrap())
+                .collect()
+        }
+    }
+
+    const GO_ON: ControlFlow<Option<Close>> = ControlFlow::Continue(());
+
+    #[tokio::test]
+    async fn pings_are_answered_and_bad_frames_told_why() {
+        let mut client = Client::new();
+        assert_eq!(client.send(r#"{"type":"ping","id":7}"#), GO_ON);
+        assert_eq!(client.send("not json"), GO_ON);
+        let binary = Some(Ok(Message::Binary(vec![1u8].into())));
+        assert_eq!(client.read(binary), GO_ON);
+        let got = client.replies();
+        assert_eq!(got[0]["type"], "pong");
+        assert_eq!(got[0]["reply_to"], 7);
+        assert_eq!(got[1]["type"], "error");
+        assert_eq!(got[2]["type"], "error");
+        assert!(!client.inbound.publishing());
+        // Without presence servers, presence frames get an error.
+        assert_eq!(
+            client.send(r#"{"type":"presence_sub","id":8,"ids":["U2"]}"#),
+            GO_ON
+        );
+        let got = client.replies();
+        assert_eq!(got[0]["error"]["msg"], "presence is not available");
+    }
+
+    #[tokio::test]
+    async fn a_message_outside_the_users_channels_is_refused() {
+        let mut client = Client::new();
+        let message = r#"{"id":3,"type":"message","channel":"C9","text":"hi"}"#;
+        assert_eq!(client.send(message), GO_ON);
+        assert!(client.frames.is_empty() && client.inbound.publishing());
+        let reply = client.inbound.next_reply().await.flatten().unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+        assert_eq!(
+            (reply["ok"].clone(), reply["reply_to"].clone()),
+            (false.into(), 3.into())
+        );
+        assert_eq!(reply["error"]["msg"], "not_in_channel");
+    }
+
+    #[tokio::test]
+    async fn a_client_past_its_rate_is_refused_then_closed() {
+        let mut client = Client::new();
+        let limits = client.inbound.ctx.limits.clone();
+        let ping = r#"{"type":"ping","id":1}"#;
+        for _ in 0..limits.frame_burst {
+            assert_eq!(client.send(ping), GO_ON);
+        }
+        let mut turns = 0;
+        let flow = loop {
+            match client.send(ping) {
+                GO_ON => turns += 1,
+                end => break end,
+            }
+            assert!(turns < 10_000, "never closed");
+        };
+        assert_eq!(flow, ControlFlow::Break(Some(Close::RateLimited)));
+        // Every refused frame was told so, up to the one that closed the connection.
+        let got = client.replies();
+        let refused = got
+            .iter()
+            .filter(|r| r["error"]["msg"] == "ratelimited")
+            .count();
+        assert!(
+            refused as u32 >= limits.refusals_before_close - 1,
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_stream_ends_the_connection_without_a_close_code() {
+        let mut client = Client::new();
+        assert_eq!(client.read(None), ControlFlow::Break(None));
+        let close = Some(Ok(Message::Close(None)));
+        assert_eq!(client.read(close), ControlFlow::Break(None));
+        assert!(!client.inbound.idle());
+    }
+}

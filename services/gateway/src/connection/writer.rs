@@ -1,0 +1,84 @@
+//! Writing to a client: the frames gathered, in one write within the write timeout (given up
+//! early when the connection is closed from outside), and the close frame.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+
+use crate::close::Close;
+use crate::socket::{ClientSocket, Message, Outgoing};
+
+/// How long the close frame may take to write before the socket is dropped regardless.
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a write went.
+pub(super) enum Written {
+    Done,
+    /// `stop` fired first: the connection is being closed from outside.
+    Interrupted,
+    /// The socket failed: the client is gone.
+    Broken,
+    /// The client did not take the frames within the write timeout.
+    Stalled,
+}
+
+/// Writes `frames` (emptying it) in one write, and a ping after them when `ping`, within
+/// `timeout`; gives up early when `stop` fires, so a client that stopped reading never holds
+/// its connection's task. What an interrupted write left is written before the close frame.
+pub(super) async fn write(
+    socket: &mut ClientSocket,
+    frames: &mut Outgoing,
+    ping: bool,
+    timeout: Duration,
+    stop: Option<&CancellationToken>,
+) -> Written {
+    let writing = async {
+        match ping {
+            true => socket.send(frames, Message::Ping(Default::default())).await,
+            false => socket.write(frames).await,
+        }
+    };
+    let timed = tokio::time::timeout(timeout, writing);
+    let result = match stop {
+        Some(stop) => tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Written::Interrupted,
+            result = timed => result,
+        },
+        None => timed.await,
+    };
+    match result {
+        Ok(Ok(())) => Written::Done,
+        Ok(Err(_)) => Written::Broken,
+        Err(_) => Written::Stalled,
+    }
+}
+
+/// The close frame for `close`: its code and reason text.
+pub(super) fn close_frame(close: Close) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: close.code().into(),
+        reason: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(close.reason()),
+    }))
+}
+
+/// The closing handshake: sends the close frame for `close` after what is gathered, then
+/// reads (and drops) what the client still sends until its close. Closing the socket with
+/// unread input would reset it, and the client would lose our close frame, and its code, with
+/// the reset. What was being written when the close came is finished first, so the close
+/// frame does not land inside a text frame.
+pub(super) async fn close(socket: &mut ClientSocket, frames: &mut Outgoing, close: Close) {
+    use futures::StreamExt;
+    let sent = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frames, close_frame(close))).await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(Ok(msg)) = socket.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,76 @@
+//! What this gateway reports to presence servers about its own users: how many live local
+//! connections each has, and the last manual setting (`users.setPresence`) of each.
+
+use std::collections::HashMap;
+
+use mesh_core::UserId;
+
+/// The users connected here, as presence servers are told.
+#[derive(Debug, Default)]
+pub(super) struct Reports {
+    /// Live local connections per user.
+    pub(super) online: HashMap<UserId, u32>,
+    /// The last manual setting relayed per user: (away, set at ms).
+    pub(super) manual: HashMap<UserId, (bool, u64)>,
+}
+
+impl Reports {
+    /// One more connection of `user`; true when it is the first: the user is online here now.
+    pub(super) fn connected(&mut self, user: &UserId) -> bool {
+        let n = self.online.entry(user.clone()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// One connection of `user` fewer; true when it was the last: the user is offline here
+    /// now, and its manual setting is forgotten.
+    pub(super) fn disconnected(&mut self, user: &UserId) -> bool {
+        let Some(n) = self.online.get_mut(user) else {
+            return false;
+        };
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.online.remove(user);
+            self.manual.remove(user);
+            return true;
+        }
+        false
+    }
+
+    /// `user` set `away` (or back to automatic) at `at` ms. Kept while the user is connected
+    /// here (and until then), so that snapshots carry it.
+    pub(super) fn set_manual(&mut self, user: &UserId, away: bool, at: u64) {
+        self.manual.insert(user.clone(), (away, at));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_and_the_last_connection_change_what_is_reported() {
+        let mut reports = Reports::default();
+        let u1 = UserId::new("U1").unwrap();
+        assert!(reports.connected(&u1));
+        assert!(!reports.connected(&u1));
+        reports.set_manual(&u1, true, 5);
+        assert!(!reports.disconnected(&u1));
+        assert_eq!(reports.online[&u1], 1);
+        assert!(reports.disconnected(&u1));
+        assert!(reports.online.is_empty() && reports.manual.is_empty());
+        // A user never seen (or already gone) changes nothing.
+        assert!(!reports.disconnected(&u1));
+    }
+
+    #[test]
+    fn a_manual_setting_waits_for_the_user_to_connect() {
+        let mut reports = Reports::default();
+        let u1 = UserId::new("U1").unwrap();
+        reports.set_manual(&u1, true, 5);
+        reports.set_manual(&u1, false, 6);
+        assert_eq!(reports.manual[&u1], (false, 6));
+        assert!(reports.connected(&u1));
+        assert_eq!(reports.manual[&u1], (false, 6));
+    }
+}

@@ -1,0 +1,14 @@
+//! This gateway's place in its region: it reports itself to the ring manager about every half
+//! second, and when its region drains it fails its health check, sends `rtm.connect` callers to
+//! the nearest healthy region (with resume cursors), and says goodbye to its clients in paced
+//! batches — lame duck, no reconnect storm. The same reports bring the token revocation list:
+//! revoked tokens are refused, and connections holding them closed (4003).
+//!
+//! [`state`] holds what the directives say and the connections to close; [`report`] is the
+//! task that reports and applies the directives.
+
+pub mod report;
+pub mod state;
+
+pub use report::Reporter;
+pub use state::{MAX_REVOKED, RegionState};

@@ -1,0 +1,268 @@
+//! The presence server's gRPC edge: one leased session stream per gateway (its reports in,
+//! presence changes and connection answers out) and queries. It converts prost ⇄ domain and
+//! maps every error to a `Status` in one table ([`status`]); the sessions and the presence
+//! state live in [`Sessions`], the background loops in `ticker`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use mesh_core::{NodeId, TeamId, UserId};
+use mesh_proto::presence as pb;
+use mesh_proto::presence::gateway_message::Kind;
+use ring_client::RingWatcher;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::quota::Refusal;
+use crate::sessions::{Acquire, Outbound, QueryError, Report, SESSION_QUEUE, Sessions};
+use crate::ticker;
+
+/// The one table from the presence server's errors to gRPC statuses.
+pub fn status(error: QueryError) -> Status {
+    match error {
+        QueryError::BadUser { .. } => Status::invalid_argument(error.to_string()),
+    }
+}
+
+/// The presence service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PresenceService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    sessions: Arc<Sessions<pb::ServerMessage>>,
+    gateway_lease: Duration,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Messages to a gateway session in their protobuf form.
+impl Outbound for pb::ServerMessage {
+    fn presence(items: Vec<(UserId, bool)>) -> Self {
+        pb::ServerMessage {
+            acquired: Vec::new(),
+            users: items
+                .into_iter()
+                .map(|(user, active)| pb::UserPresence {
+                    user: user.to_string(),
+                    active,
+                })
+                .collect(),
+        }
+    }
+
+    fn acquired(request: u64, outcome: Result<(), Refusal>) -> Self {
+        pb::ServerMessage {
+            users: Vec::new(),
+            acquired: vec![pb::Acquired {
+                request,
+                granted: outcome.is_ok(),
+                refused: outcome
+                    .err()
+                    .map(|r| r.as_str().to_string())
+                    .unwrap_or_default(),
+            }],
+        }
+    }
+}
+
+/// Valid user ids of `raw`; the others are skipped (gateways only send ids they validated).
+fn users(raw: &[String]) -> Vec<UserId> {
+    raw.iter().filter_map(|u| UserId::new(u).ok()).collect()
+}
+
+/// The report a gateway's message makes; `None` for a heartbeat, or for a message about an id
+/// that does not parse (except an acquire, which is answered).
+fn report(kind: Kind) -> Option<Report> {
+    Some(match kind {
+        Kind::Snapshot(s) => Report::Snapshot {
+            online: s
+                .online
+                .iter()
+                .filter_map(|o| Some((UserId::new(&o.user).ok()?, o.connections)))
+                .collect(),
+            manual: s
+                .manual
+                .iter()
+                .filter_map(|m| Some((UserId::new(&m.user).ok()?, m.away, m.set_at_ms)))
+                .collect(),
+            teams: s
+                .teams
+                .iter()
+                .filter_map(|t| {
+                    Some((
+                        TeamId::new(&t.team).ok()?,
+                        UserId::new(&t.user).ok()?,
+                        t.connections,
+                    ))
+                })
+                .collect(),
+            watched: users(&s.watched),
+            pending_acquires: s.pending_acquires,
+            gateway: s.gateway,
+        },
+        Kind::Online(o) => Report::Online {
+            user: UserId::new(&o.user).ok()?,
+            connections: o.connections,
+        },
+        Kind::Watch(w) => Report::Watch(users(&w.users)),
+        Kind::Unwatch(w) => Report::Unwatch(users(&w.users)),
+        Kind::Manual(m) => Report::Manual {
+            user: UserId::new(&m.user).ok()?,
+            away: m.away,
+            set_at_ms: m.set_at_ms,
+        },
+        Kind::Heartbeat(_) => return None,
+        Kind::Acquire(a) => Report::Acquire(Acquire {
+            request: a.request,
+            who: TeamId::new(&a.team).ok().zip(UserId::new(&a.user).ok()),
+            team_limit: a.team_limit,
+            user_limit: a.user_limit,
+        }),
+        Kind::Release(r) => Report::Release {
+            team: TeamId::new(&r.team).ok()?,
+            user: UserId::new(&r.user).ok()?,
+        },
+    })
+}
+
+impl PresenceService {
+    /// A service for presence-ring node `node`; its ticker and ring follower run on `tracker`
+    /// until `cancel`.
+    pub fn start(
+        node: NodeId,
+        ring: RingWatcher,
+        grace: Duration,
+        gateway_lease: Duration,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let sessions = Arc::new(Sessions::new(grace, SESSION_QUEUE));
+        tracker.spawn(ticker::tick(sessions.clone(), cancel.clone()));
+        tracker.spawn(ticker::follow_ring(
+            sessions.clone(),
+            node,
+            ring,
+            cancel.clone(),
+        ));
+        PresenceService {
+            inner: Arc::new(Inner {
+                sessions,
+                gateway_lease,
+                tracker: tracker.clone(),
+                cancel,
+            }),
+        }
+    }
+
+    /// (open gateway sessions, users tracked), for the metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        self.inner.sessions.counts()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::presence_server::Presence for PresenceService {
+    type SessionStream = BoxStream<pb::ServerMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::GatewayMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (session, rx) = self.inner.sessions.open();
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let lease = this.inner.gateway_lease;
+            loop {
+                // Cancel-safe: message() loses nothing when another branch wins; we stop.
+                let next = tokio::select! {
+                    _ = this.inner.cancel.cancelled() => break,
+                    next = tokio::time::timeout(lease, incoming.message()) => next,
+                };
+                match next {
+                    Ok(Ok(Some(pb::GatewayMessage { kind: Some(kind) }))) => {
+                        if let Some(report) = report(kind) {
+                            this.inner.sessions.apply(session, report, Instant::now());
+                        }
+                    }
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                    Err(_) => {
+                        tracing::warn!(session, ?lease, "gateway session silent past its lease");
+                        break;
+                    }
+                }
+            }
+            this.inner.sessions.end(session, Instant::now());
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+
+    async fn query(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
+        let req = request.into_inner();
+        let answer = self.inner.sessions.query(&req.users).map_err(status)?;
+        Ok(Response::new(pb::QueryResponse {
+            users: answer
+                .into_iter()
+                .map(|(user, active)| pb::UserPresence {
+                    user: user.to_string(),
+                    active,
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn a_bad_user_in_a_query_is_an_invalid_argument_naming_it() {
+        let error = UserId::new("").unwrap_err();
+        let status = status(QueryError::BadUser {
+            raw: String::new(),
+            error: error.clone(),
+        });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), format!(": {error}"));
+    }
+
+    #[test]
+    fn unparsable_ids_are_skipped_but_an_acquire_is_answered() {
+        let online = Kind::Online(pb::UserOnline {
+            user: "not valid".into(),
+            connections: 1,
+        });
+        assert_eq!(report(online), None);
+        let acquire = Kind::Acquire(pb::Acquire {
+            request: 7,
+            team: String::new(),
+            user: "U1".into(),
+            team_limit: 1,
+            user_limit: 1,
+        });
+        assert_eq!(
+            report(acquire),
+            Some(Report::Acquire(Acquire {
+                request: 7,
+                who: None,
+                team_limit: 1,
+                user_limit: 1,
+            }))
+        );
+    }
+}
