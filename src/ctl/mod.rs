@@ -12,7 +12,6 @@ use anyhow::Context;
 use ring_client::RingArgs;
 use tokio_util::sync::CancellationToken;
 
-pub use regions::{GatewayJson, RegionJson};
 pub use ring::{NodeOp, NodeView, OwnerView, RingView, ring_view};
 pub use top::render_top;
 

@@ -1,63 +1,23 @@
 //! `ctl regions`, `ctl drain-region` and `ctl undrain-region`: the regions as the ring manager
 //! reports them.
 
-use serde::Serialize;
+use ring_manager::regions::RegionsView;
 
 use super::ring::connect;
 
-/// A region as `ctl regions --json` prints it.
-#[derive(Debug, Serialize)]
-pub struct RegionJson {
-    pub region: String,
-    pub draining: bool,
-    pub rate: u32,
-    pub connections: u64,
-    pub nearest: Vec<String>,
-    pub gateways: Vec<GatewayJson>,
-}
-
-/// A gateway as `ctl regions --json` prints it.
-#[derive(Debug, Serialize)]
-pub struct GatewayJson {
-    pub id: String,
-    pub url: String,
-    pub connections: u64,
-    pub last_seen_ms: u64,
-}
-
-fn regions_json(view: mesh_proto::ring::RegionsView) -> Vec<RegionJson> {
-    view.regions
-        .into_iter()
-        .map(|r| RegionJson {
-            region: r.region,
-            draining: r.draining,
-            rate: r.rate,
-            connections: r.connections,
-            nearest: r.nearest,
-            gateways: r
-                .gateways
-                .into_iter()
-                .map(|g| GatewayJson {
-                    id: g.id,
-                    url: g.url,
-                    connections: g.connections,
-                    last_seen_ms: g.last_seen_ms,
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-fn print_regions(regions: &[RegionJson], json: bool) -> anyhow::Result<()> {
+/// Prints the regions as a table, or with `json` as the JSON list of `ring_manager::regions::RegionView`s (the same
+/// view the console serves).
+fn print_regions(view: mesh_proto::ring::RegionsView, json: bool) -> anyhow::Result<()> {
+    let regions = RegionsView::from(view).regions;
     if json {
-        println!("{}", serde_json::to_string(regions)?);
+        println!("{}", serde_json::to_string(&regions)?);
         return Ok(());
     }
     println!(
         "{:<10} {:<14} {:>11}  {:<20} GATEWAYS",
         "REGION", "STATE", "CONNECTIONS", "NEAREST"
     );
-    for r in regions {
+    for r in &regions {
         let state = if r.draining {
             format!("draining {}/s", r.rate)
         } else {
@@ -87,7 +47,7 @@ pub async fn regions(endpoint: &str, json: bool) -> anyhow::Result<()> {
         .regions(mesh_proto::ring::RegionsRequest {})
         .await?
         .into_inner();
-    print_regions(&regions_json(view), json)
+    print_regions(view, json)
 }
 
 /// `ctl drain-region` (`drain`) and `ctl undrain-region`.
@@ -114,5 +74,5 @@ pub async fn region_op(
         let verb = if drain { "draining" } else { "undrained" };
         println!("{verb} {region}");
     }
-    print_regions(&regions_json(view), json)
+    print_regions(view, json)
 }

@@ -15,7 +15,6 @@ mod protocol;
 mod report;
 mod rss;
 mod rtm;
-mod tls;
 mod worker;
 mod ws;
 
@@ -29,15 +28,12 @@ use plan::Scenario;
     about = "Measure the mesh from outside, through its real interfaces"
 )]
 struct Cli {
-    /// Log as JSON lines instead of text.
-    #[arg(long, global = true)]
-    log_json: bool,
-    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
-    /// unset. `dev --multi-process` passes it to every child.
-    #[arg(long, global = true, env = mesh_telemetry::init::ENV_OTLP_ENDPOINT)]
-    otlp_endpoint: Option<String>,
     #[command(flatten)]
-    tls: tls::TlsArgs,
+    log: mesh_telemetry::LogArgs,
+    // The `--tls-*` flags `channelmesh` takes (`channelmesh bench` passes them on): with them,
+    // the load generator's gRPC calls (admin API, ring manager, presence server) dial TLS.
+    #[command(flatten)]
+    tls: mesh_transport::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +85,11 @@ fn main() -> std::process::ExitCode {
     };
     // Spans go out under the name `channelmesh bench` always had.
     let tracing = runtime.block_on(async {
-        mesh_telemetry::init(cli.log_json, cli.otlp_endpoint.as_deref(), "channelmesh")
+        mesh_telemetry::init(
+            cli.log.log_json,
+            cli.log.otlp_endpoint.as_deref(),
+            "channelmesh",
+        )
     });
     let tracing = match tracing {
         Ok(t) => t,

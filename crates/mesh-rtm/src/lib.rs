@@ -5,7 +5,7 @@ use mesh_core::event::MAX_TEXT_BYTES;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Ts, UserId};
 use serde_json::{Map, Value, json};
 
-/// RTM error codes the gateway sends (`{"error":{"code":N,"msg":..}}`). Documented in the README.
+/// RTM error codes the gateway sends (`{"error":{"code":N,"msg":..}}`). Documented in docs/rtm.md ("Error replies").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum ErrorCode {

@@ -1,5 +1,5 @@
 //! The channel server's metrics (`channelmesh_channel_*`), registered in its
-//! [`mesh_telemetry::Telemetry`]; the README's "Metrics" table lists them.
+//! [`mesh_telemetry::Telemetry`]; docs/operations.md ("Metrics, traces, health") lists them.
 
 use mesh_core::EventBody;
 use mesh_telemetry::Telemetry;

@@ -1,7 +1,7 @@
 //! What one client may do to a gateway, and the arithmetic that enforces it.
 //!
-//! Every limit here is configurable (`channelmesh gateway --help`) and listed in the README's
-//! "Limits" table with the error or close code it answers with.
+//! Every limit here is configurable (`channelmesh gateway --help`) and listed in docs/rtm.md
+//! ("Limits as a client sees them") with the error or close code it answers with.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;

@@ -1,6 +1,6 @@
 //! The gateway's metrics (`channelmesh_gateway_*`, every series labelled with `gateway` and
 //! `region`), registered in its own [`Telemetry`] and served on its HTTP port at `/metrics`.
-//! The README's "Metrics" table lists them; every client limit is counted here.
+//! docs/operations.md ("Metrics, traces, health") lists them; every client limit is counted here.
 
 use std::sync::Arc;
 use std::time::Instant;

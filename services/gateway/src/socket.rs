@@ -7,7 +7,7 @@
 //! contiguous write with one copy of each payload, into a buffer the thread's connections
 //! share ([`Outgoing`]). Going through tungstenite's `Sink` cost a
 //! frame object, a second buffer, and a lock of the split halves per frame: a third of the
-//! gateway's time under fan-out load (the profile is in ARCHITECTURE.md).
+//! gateway's time under fan-out load (the profile is in docs/decisions.md, "Text frames are written by the gateway itself").
 //!
 //! The two writers never interleave inside a frame: the buffer is written whole before
 //! tungstenite writes anything, and what tungstenite queued while reading (a pong) is flushed
