@@ -172,7 +172,12 @@ impl Revocations {
         // The newest version whose entries are all in the page, and where the current one began.
         let (mut complete, mut current, mut group_start) = (from, from, 0);
         let mut full = false;
-        for (v, jti) in self.by_version.range((from + 1, String::new())..) {
+        // A report of the last possible version (no gateway holds it; a hostile one may say so)
+        // has nothing after it.
+        for (v, jti) in self
+            .by_version
+            .range((from.saturating_add(1), String::new())..)
+        {
             let Some(&(expires_at, _)) = self.by_jti.get(jti) else {
                 continue;
             };
@@ -268,6 +273,16 @@ mod tests {
         assert_eq!(c.revoked, [entry("a", 50)]);
         assert_eq!(r.catch_up(c.generation, 1).revoked, [entry("a", 50)]);
         assert!(r.catch_up(c.generation, 2).revoked.is_empty());
+    }
+
+    #[test]
+    fn a_gateway_claiming_the_last_version_gets_nothing_and_the_current_version() {
+        let mut r = Revocations::default();
+        let now = 1_000;
+        r.revoke_at(vec![entry("a", now + 10)], now).unwrap();
+        let c = r.catch_up(r.generation, u64::MAX);
+        assert!(c.revoked.is_empty());
+        assert_eq!(c.version, 1);
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub struct Limits {
     /// TCP connections (clients plus HTTP calls) the listener holds at once; at the cap it
     /// stops accepting until one closes, so the process never runs out of file descriptors.
     pub max_sockets: usize,
-    /// `rtm.connect` calls and WebSocket upgrades per second the gateway takes; past it
+    /// `rtm.connect` calls per second the gateway takes (WebSocket upgrades are bounded by the
+    /// single-use tickets those calls issue); past it
     /// `ratelimited` with `Retry-After`. 0 turns the limit off.
     pub handshakes_per_sec: u32,
     /// How long a client may take to send a request's headers (slowloris).
