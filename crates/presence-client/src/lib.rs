@@ -1,4 +1,7 @@
-//! Asking presence servers: routing users to their owners on the presence ring.
+//! Asking presence servers: routing users to their owners on the presence ring, over pooled
+//! channels ([`Pool`]).
+
+mod pool;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -7,6 +10,8 @@ use futures::StreamExt;
 use mesh_core::{ChannelId, NodeId, Ring, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::presence_client::PresenceClient;
+
+pub use pool::{IDLE, MAX_CHANNELS, Pool};
 
 /// How long one query to a presence server may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,8 +29,9 @@ pub fn owner_of(ring: &Ring, key: &ChannelId) -> Option<(NodeId, String)> {
     ring.owner_of(key).map(|n| (n.id.clone(), n.addr.clone()))
 }
 
-/// The presence of `ids` under `ring`, one query per presence server.
-pub async fn lookup(ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
+/// The presence of `ids` under `ring`, one query per presence server, over `pool`'s channels.
+/// A user whose server cannot be asked in time reads as away.
+pub async fn lookup(pool: &Pool, ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
     let mut by_owner: HashMap<String, Vec<UserId>> = HashMap::new();
     for user in ids {
         if let Some((_, addr)) = owner(ring, user) {
@@ -34,12 +40,7 @@ pub async fn lookup(ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
     }
     let queries = by_owner.into_iter().map(|(addr, users)| async move {
         let ask = async {
-            let channel = mesh_transport::endpoint(&addr)
-                .ok()?
-                .connect_timeout(CALL_TIMEOUT)
-                .connect()
-                .await
-                .ok()?;
+            let channel = pool.channel(&addr).ok()?;
             let request = pb::QueryRequest {
                 users: users.iter().map(ToString::to_string).collect(),
             };
@@ -121,10 +122,11 @@ mod tests {
     async fn users_nobody_can_answer_for_are_offline_in_the_order_asked() {
         let ids = users(5);
         let expected: Vec<(UserId, bool)> = ids.iter().map(|u| (u.clone(), false)).collect();
+        let pool = Pool::new();
         // No presence server at all.
-        assert_eq!(lookup(&Ring::empty(), &ids).await, expected);
+        assert_eq!(lookup(&pool, &Ring::empty(), &ids).await, expected);
         // Presence servers that do not answer (nothing listens on port 1).
         let unreachable = ring(&[("ps-1", "127.0.0.1:1"), ("ps-2", "127.0.0.1:1")]);
-        assert_eq!(lookup(&unreachable, &ids).await, expected);
+        assert_eq!(lookup(&pool, &unreachable, &ids).await, expected);
     }
 }

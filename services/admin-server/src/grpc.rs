@@ -3,6 +3,8 @@
 //! `Status` in one table ([`status`]); a status the ring manager answers a forwarded
 //! RevokeTokens with is relayed as it is.
 
+use std::sync::Arc;
+
 use channel_client::{ChannelRouter, RouteError};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TokenKey, Ts};
 use mesh_proto::admin as pb;
@@ -51,6 +53,8 @@ pub struct AdminService {
     key: TokenKey,
     /// The presence ring, when the mesh has presence servers.
     presence: Option<ring_client::RingWatcher>,
+    /// Channels to presence servers, reused across `GetPresence` calls.
+    presence_channels: Arc<presence_client::Pool>,
     /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
     /// one, RevokeTokens answers UNIMPLEMENTED.
     ring_manager: Option<ring_client::RingSource>,
@@ -102,6 +106,7 @@ impl AdminService {
             router,
             key,
             presence,
+            presence_channels: Arc::default(),
             ring_manager: None,
             metrics: Metrics::new(&mesh_telemetry::Telemetry::default()),
         }
@@ -240,7 +245,7 @@ impl AdminService {
         if ring.nodes().is_empty() {
             return Err(AdminError::NoPresenceServerYet);
         }
-        let answer = presence_client::lookup(&ring, &users).await;
+        let answer = presence_client::lookup(&self.presence_channels, &ring, &users).await;
         Ok(pb::GetPresenceResponse {
             users: answer
                 .into_iter()

@@ -146,6 +146,8 @@ struct Inner {
     gateway: String,
     ring: RingWatcher,
     state: Mutex<State>,
+    /// Channels to presence servers for queries (`lookup`), reused across calls.
+    channels: presence_client::Pool,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -163,6 +165,7 @@ impl PresenceHub {
                 gateway,
                 ring,
                 state: Mutex::new(State::default()),
+                channels: presence_client::Pool::new(),
                 tracker,
                 cancel,
             }),
@@ -376,7 +379,7 @@ impl PresenceHub {
 
     /// The presence of `ids` from their presence servers (away when one cannot be asked).
     pub async fn lookup(&self, ids: &[UserId]) -> Vec<(UserId, bool)> {
-        presence_client::lookup(&self.inner.ring.current(), ids).await
+        presence_client::lookup(&self.inner.channels, &self.inner.ring.current(), ids).await
     }
 }
 
