@@ -199,6 +199,9 @@ fi
 if "$bin" dev --help | grep -q -- '--handshakes-per-sec'; then
   limits+=(--handshakes-per-sec 0)
 fi
+if "$bin" dev --help | grep -q -- '--connects-per-addr-per-sec'; then
+  limits+=(--connects-per-addr-per-sec 0)
+fi
 consoles=()
 if "$bin" dev --help | grep -q -- '--presence-http'; then
   consoles+=(--http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))")

@@ -27,6 +27,10 @@ limits=()
 if "$bin" gateway --help | grep -q -- '--handshakes-per-sec'; then
   limits+=(--handshakes-per-sec 0)
 fi
+# The load generator is thousands of clients per source address: no per-address limit.
+if "$bin" gateway --help | grep -q -- '--connects-per-addr-per-sec'; then
+  limits+=(--connects-per-addr-per-sec 0)
+fi
 consoles=()
 if "$bin" dev --help | grep -q -- '--presence-http'; then
   consoles+=(--http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))")

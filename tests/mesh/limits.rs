@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Rtm, admin, eventually, mesh_with, post, web_api};
+use crate::support::{
+    Rtm, admin, eventually, gateway_metrics, mesh_with, metric_sum, post, web_api,
+};
 
 fn with_limits(limits: Limits) -> MeshConfig {
     let mut config = MeshConfig::ephemeral();
@@ -125,9 +127,9 @@ async fn repeated_typing_is_coalesced() {
             v["type"] == "user_typing"
         })
         .await;
-    let metrics = metric_text(&us).await;
+    let metrics = gateway_metrics(&us).await;
     assert_eq!(
-        counter(&metrics, "channelmesh_gateway_typing_coalesced_total"),
+        metric_sum(&metrics, "channelmesh_gateway_typing_coalesced_total", &[]),
         4.0
     );
 }
@@ -302,24 +304,11 @@ async fn slowloris_handshakes_time_out_and_others_still_connect() {
     eprintln!("the slowloris connection was closed after {held:?}");
     // And counted.
     eventually("the header timeout in the metrics", || async {
-        let metrics = metric_text(&us).await;
-        (counter(&metrics, "channelmesh_gateway_header_timeouts_total") >= 1.0).then_some(())
+        let metrics = gateway_metrics(&us).await;
+        (metric_sum(&metrics, "channelmesh_gateway_header_timeouts_total", &[]) >= 1.0)
+            .then_some(())
     })
     .await;
-}
-
-/// The gateway's `/metrics` text.
-async fn metric_text(base: &str) -> String {
-    let url = base.trim_end_matches("/api/").to_string() + "/metrics";
-    reqwest::get(url).await.unwrap().text().await.unwrap()
-}
-
-/// The value of the unlabelled-by-us counter `name` (its identity labels aside).
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

@@ -3,9 +3,9 @@
 //! WebSocket upgrade, and live connections holding them are closed with 4003.
 
 use mesh_proto::admin::{MintTokenRequest, RevokeTokensRequest, RevokedToken};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{Rtm, admin, admin_at, eventually, mesh, web_api};
+use crate::support::{Rtm, admin, admin_at, eventually, mesh, refused_upgrade, web_api};
 
 fn mint_request(user: &str) -> MintTokenRequest {
     MintTokenRequest {
@@ -67,17 +67,8 @@ async fn revoked_tokens_are_refused_and_their_connections_closed() {
         .await;
     }
     // The URL from before is refused at the upgrade.
-    let upgrade = reqwest::Client::new()
-        .get(pending_url.replace("ws://", "http://"))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upgrade.status(), reqwest::StatusCode::FORBIDDEN);
-    let body: Value = upgrade.json().await.unwrap();
+    let (status, body) = refused_upgrade(&pending_url).await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
     assert_eq!(body["error"], "token_revoked");
 
     // Others are untouched.

@@ -148,6 +148,38 @@ pub async fn web_api(base: &str, method: &str, token: Option<&str>) -> Value {
         .expect("the gateway answers JSON")
 }
 
+/// A gateway's `/metrics` text (`base`: its Web API base URL, `http://host:port/api/`).
+pub async fn gateway_metrics(base: &str) -> String {
+    let url = base.trim_end_matches("/api/").to_string() + "/metrics";
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// The sum of the series of metric `name` in `text` whose labels include each of `labels`
+/// (e.g. `reason="timeout"`; none: every series).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A WebSocket upgrade of connect URL `url` that the gateway is to refuse: its HTTP status
+/// and JSON body.
+pub async fn refused_upgrade(url: &str) -> (reqwest::StatusCode, Value) {
+    let reply = reqwest::Client::new()
+        .get(url.replacen("ws://", "http://", 1))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = reply.status();
+    (status, reply.json().await.expect("a JSON answer"))
+}
+
 /// A raw RTM client over tokio-tungstenite.
 pub struct Rtm {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,

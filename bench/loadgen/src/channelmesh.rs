@@ -182,6 +182,9 @@ impl Dev {
             .args(["--presence-server-port", "0", "--ring-manager", any])
             .args(["--presence-ring-manager", any, "--admin", any])
             .args(["--us-east", any, "--eu-west", any])
+            // Thousands of clients per source address (a worker process each): no
+            // per-address connect limit.
+            .args(["--connects-per-addr-per-sec", "0"])
             .env("CHANNELMESH_JWT_SECRET", jwt_secret)
             .env("CHANNELMESH_ADMIN_TOKEN", admin_token)
             .stdin(Stdio::null())

@@ -14,7 +14,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
 use mesh_core::TeamId;
 use ring_client::{RingArgs, RingSource};
 
-use crate::limits::Limits;
+use crate::limits::{Cidr, Limits};
 use crate::{tickets, tokens};
 
 /// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
@@ -164,6 +164,8 @@ enum Field {
     Millis(fn(&mut Limits) -> &mut Duration),
     /// `TEAM=N`, repeatable: the per-team caps.
     TeamCaps,
+    /// `ADDRESS[/BITS]`, repeatable or comma-separated: the trusted proxies.
+    Proxies,
 }
 
 /// One limit flag: `--NAME`, its help, and its field of [`Limits`].
@@ -250,6 +252,41 @@ const LIMIT_FLAGS: &[LimitFlag] = &[
         help: "Concurrent connections per user across all gateways (0: no cap)",
         field: Field::U32(|l| &mut l.user_connections),
     },
+    LimitFlag {
+        name: "connects-per-user-per-sec",
+        help: "`rtm.connect` calls per second per user (the token's subject), with bursts of 10 s worth (0: no limit); past it `ratelimited`",
+        field: Field::U32(|l| &mut l.connects_per_user),
+    },
+    LimitFlag {
+        name: "connects-per-addr-per-sec",
+        help: "`rtm.connect` calls per second per client address (an IPv6 /64), with bursts of 10 s worth (0: no limit); past it `ratelimited`",
+        field: Field::U32(|l| &mut l.connects_per_addr),
+    },
+    LimitFlag {
+        name: "api-calls-per-user-per-sec",
+        help: "`auth.test` and `users.*` calls per second per user, with bursts of 10 s worth (0: no limit); past it `ratelimited`",
+        field: Field::U32(|l| &mut l.api_calls_per_user),
+    },
+    LimitFlag {
+        name: "api-calls-per-addr-per-sec",
+        help: "`auth.test` and `users.*` calls per second per client address, with bursts of 10 s worth (0: no limit); past it `ratelimited`",
+        field: Field::U32(|l| &mut l.api_calls_per_addr),
+    },
+    LimitFlag {
+        name: "request-body-bytes",
+        help: "The largest request body accepted; past it HTTP 413 `request_too_large`",
+        field: Field::Usize(|l| &mut l.request_body_bytes),
+    },
+    LimitFlag {
+        name: "request-body-timeout-secs",
+        help: "Seconds a request may take to send its body once its headers are in (slowloris on bodies); past it HTTP 408 `request_timeout` and the connection is closed",
+        field: Field::Secs(|l| &mut l.request_body_timeout),
+    },
+    LimitFlag {
+        name: "trusted-proxy",
+        help: "A proxy (ADDRESS or ADDRESS/BITS; repeatable or comma-separated) whose X-Forwarded-For names the client for the per-address limits: the region's Envoys, and the gateways that forward rtm.connect while their region drains",
+        field: Field::Proxies,
+    },
 ];
 
 impl LimitFlag {
@@ -275,6 +312,11 @@ impl LimitFlag {
             Field::TeamCaps => arg
                 .value_name("TEAM_LIMITS")
                 .value_parser(parse_team_limit)
+                .action(ArgAction::Append),
+            Field::Proxies => arg
+                .value_name("CIDR")
+                .value_parser(|raw: &str| raw.parse::<Cidr>())
+                .value_delimiter(',')
                 .action(ArgAction::Append),
         }
     }
@@ -302,6 +344,11 @@ impl LimitFlag {
                     limits.team_overrides = caps.cloned().collect();
                 }
             }
+            Field::Proxies => {
+                if let Some(proxies) = matches.get_many::<Cidr>(self.name) {
+                    limits.trusted_proxies = proxies.copied().collect();
+                }
+            }
         }
     }
 
@@ -317,6 +364,11 @@ impl LimitFlag {
                 .team_overrides
                 .iter()
                 .map(|(team, n)| format!("--{name}={team}={n}"))
+                .collect(),
+            Field::Proxies => limits
+                .trusted_proxies
+                .iter()
+                .map(|cidr| format!("--{name}={cidr}"))
                 .collect(),
         }
     }
@@ -422,6 +474,15 @@ mod tests {
             "--team-limit",
             "T2=0",
             "--user-connection-limit=15",
+            "--connects-per-user-per-sec=16",
+            "--connects-per-addr-per-sec=17",
+            "--api-calls-per-user-per-sec=18",
+            "--api-calls-per-addr-per-sec=19",
+            "--request-body-bytes=20",
+            "--request-body-timeout-secs=21",
+            "--trusted-proxy=10.0.0.0/8,192.0.2.1",
+            "--trusted-proxy",
+            "fd00::/8",
         ])
         .unwrap();
         let want = Limits {
@@ -445,20 +506,34 @@ mod tests {
             .into_iter()
             .collect(),
             user_connections: 15,
+            connects_per_user: 16,
+            connects_per_addr: 17,
+            api_calls_per_user: 18,
+            api_calls_per_addr: 19,
+            request_body_bytes: 20,
+            request_body_timeout: Duration::from_secs(21),
+            trusted_proxies: ["10.0.0.0/8", "192.0.2.1", "fd00::/8"]
+                .map(|c| c.parse().unwrap())
+                .to_vec(),
         };
         assert_eq!(limits, want);
     }
 
     #[test]
     fn limits_survive_the_way_to_a_child_process() {
-        let limits = parse(&["--write-timeout-secs=0.25", "--team-limit=T9=3"]).unwrap();
+        let limits = parse(&[
+            "--write-timeout-secs=0.25",
+            "--team-limit=T9=3",
+            "--trusted-proxy=10.0.0.0/8,::1",
+        ])
+        .unwrap();
         let args = limit_args(&limits);
         let again = parse(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         assert_eq!(again, limits);
         assert_eq!(
             limit_args(&Limits::default()).len(),
-            LIMIT_FLAGS.len() - 1,
-            "one argument per flag, none for no team caps"
+            LIMIT_FLAGS.len() - 2,
+            "one argument per flag, none for no team caps and no trusted proxies"
         );
     }
 
@@ -474,6 +549,10 @@ mod tests {
         assert!(error.contains("-1 is not a duration"), "{error}");
         let error = parse(&["--team-limit=T1"]).unwrap_err().to_string();
         assert!(error.contains("T1: expected TEAM=N"), "{error}");
+        let error = parse(&["--trusted-proxy=10.0.0.0/40"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("the prefix must be 0 to 32 bits"), "{error}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! HTTP routes: Slack's `auth.test` and `rtm.connect`, the WebSocket endpoint, health.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use mesh_core::{Identity, TokenError};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::admission::{Gate, Method, Peer, Refusal};
 use crate::connection::{self, ConnectionContext};
 use crate::cursors::{cursors_param, parse_cursors};
 use crate::limits::TokenBucket;
@@ -50,6 +52,8 @@ pub struct Edge {
     pub next_conn: AtomicU64,
     /// `rtm.connect` calls the gateway takes per second.
     pub handshakes: Mutex<TokenBucket>,
+    /// The per-address and per-user rates of the Slack methods, and how bodies are read.
+    pub gate: Gate,
 }
 
 /// The gateway's routes.
@@ -103,6 +107,56 @@ fn slack_error(error: &str) -> Response {
     axum::Json(json!({"ok": false, "error": error})).into_response()
 }
 
+/// A Slack method call the gate let through: its parameters, its caller, and the client's
+/// address.
+struct Call {
+    params: Params,
+    identity: Identity,
+    client: IpAddr,
+}
+
+/// Lets a call of `method` through the gate: its address's rate, its body (capped, with a
+/// deadline), its token, its user's rate. Otherwise the answer to give.
+async fn admit(
+    edge: &Edge,
+    method: Method,
+    peer: Peer,
+    headers: &HeaderMap,
+    query: Option<String>,
+    body: Body,
+) -> Result<Call, Response> {
+    let client = edge.gate.client(peer, headers);
+    edge.gate.by_address(method, client).map_err(refused)?;
+    let body = edge.gate.body(body).await.map_err(refused)?;
+    let params = Params::read(headers, query, &body);
+    let identity = authenticate(edge, headers, &params).map_err(slack_error)?;
+    edge.gate.by_user(method, &identity.user).map_err(refused)?;
+    Ok(Call {
+        params,
+        identity,
+        client,
+    })
+}
+
+/// The answer to a call the gate refused: `ratelimited` for a rate; for a body, an HTTP
+/// error with a Slack-style body, on a connection then closed (the rest of a body too large
+/// or too slow is never read).
+fn refused(refusal: Refusal) -> Response {
+    let (status, error) = match refusal {
+        Refusal::AddressRate | Refusal::UserRate => return ratelimited(),
+        Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+        Refusal::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+        Refusal::BodyBroken => (StatusCode::BAD_REQUEST, "invalid_form_data"),
+    };
+    let body = json!({"ok": false, "error": error});
+    let mut response = (status, axum::Json::<Value>(body)).into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
+}
+
 /// The caller's identity, from `Authorization: Bearer`, or a `token` parameter.
 fn authenticate(
     edge: &Edge,
@@ -151,14 +205,14 @@ fn bearer_or_param(headers: &HeaderMap, params: &Params) -> Option<String> {
 
 async fn auth_test(
     State(edge): State<Arc<Edge>>,
+    peer: Peer,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&edge, &headers, &params) {
-        Ok(i) => i,
-        Err(error) => return slack_error(error),
+    let identity = match admit(&edge, Method::AuthTest, peer, &headers, query, body).await {
+        Ok(call) => call.identity,
+        Err(refusal) => return refusal,
     };
     let user = identity.user.as_str();
     axum::Json(json!({
@@ -177,14 +231,18 @@ async fn auth_test(
 
 async fn rtm_connect(
     State(edge): State<Arc<Edge>>,
+    peer: Peer,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&edge, &headers, &params) {
-        Ok(i) => i,
-        Err(error) => return slack_error(error),
+    let Call {
+        params,
+        identity,
+        client,
+    } = match admit(&edge, Method::Connect, peer, &headers, query, body).await {
+        Ok(call) => call,
+        Err(refusal) => return refusal,
     };
     if let Some(refusal) = admission(&edge) {
         return refusal;
@@ -201,14 +259,15 @@ async fn rtm_connect(
     if edge.ctx.region.draining() {
         let token = bearer_or_param(&headers, &params).unwrap_or_default();
         let user = identity.user.clone();
-        return match redirect_connect(&edge, &token, &user, batch, cursors).await {
+        return match redirect_connect(&edge, &token, &user, client, batch, cursors).await {
             Some(response) => response,
             None => ratelimited(),
         };
     }
     let slot = match team_slot(&edge, &identity).await {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(Refused::Team | Refused::User) => return slack_error("too_many_connections"),
+        Err(Refused::Retry) => return ratelimited(),
     };
     let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot) else {
         return ratelimited();
@@ -254,8 +313,9 @@ fn admission(edge: &Edge) -> Option<Response> {
 
 /// A place under the caller's team and user connection caps, counted across every gateway
 /// by the team's presence server; `None` when neither cap applies (or the mesh has no
-/// presence servers to count: the caps are then not enforced, as logged at start).
-async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>, Response> {
+/// presence servers to count: the caps are then not enforced, as logged at start). A refusal
+/// is counted here.
+async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>, Refused> {
     let team_cap = edge.ctx.limits.team_cap(&identity.team);
     let user_cap = edge.ctx.limits.user_connections;
     let Some(presence) = edge
@@ -271,17 +331,14 @@ async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>,
         .await
     {
         Ok(slot) => Ok(Some(slot)),
-        Err(Refused::Team) => {
-            edge.ctx.metrics.connect_refused("team_connections");
-            Err(slack_error("too_many_connections"))
-        }
-        Err(Refused::User) => {
-            edge.ctx.metrics.connect_refused("user_connections");
-            Err(slack_error("too_many_connections"))
-        }
-        Err(Refused::Retry) => {
-            edge.ctx.metrics.connect_refused("team_count_unavailable");
-            Err(ratelimited())
+        Err(refused) => {
+            let reason = match refused {
+                Refused::Team => "team_connections",
+                Refused::User => "user_connections",
+                Refused::Retry => "team_count_unavailable",
+            };
+            edge.ctx.metrics.connect_refused(reason);
+            Err(refused)
         }
     }
 }
@@ -290,14 +347,16 @@ async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>,
 /// back to `auto` (`active` is taken as `auto`).
 async fn set_presence(
     State(edge): State<Arc<Edge>>,
+    peer: Peer,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&edge, &headers, &params) {
-        Ok(i) => i,
-        Err(error) => return slack_error(error),
+    let Call {
+        params, identity, ..
+    } = match admit(&edge, Method::SetPresence, peer, &headers, query, body).await {
+        Ok(call) => call,
+        Err(refusal) => return refusal,
     };
     let away = match params.get("presence") {
         Some("away") => true,
@@ -314,14 +373,16 @@ async fn set_presence(
 /// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`.
 async fn get_presence(
     State(edge): State<Arc<Edge>>,
+    peer: Peer,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let params = Params::read(&headers, query, &body);
-    let identity = match authenticate(&edge, &headers, &params) {
-        Ok(i) => i,
-        Err(error) => return slack_error(error),
+    let Call {
+        params, identity, ..
+    } = match admit(&edge, Method::GetPresence, peer, &headers, query, body).await {
+        Ok(call) => call,
+        Err(refusal) => return refusal,
     };
     let user = match params.get("user") {
         Some(raw) => match mesh_core::UserId::new(raw) {
@@ -352,12 +413,14 @@ async fn healthz(State(edge): State<Arc<Edge>>) -> Response {
 }
 
 /// While the region drains: asks a gateway of the nearest healthy region to admit the caller
-/// (with the caller's own token) and returns its answer, with the caller's resume cursors (from
-/// its goodbye'd connection here, or its own) on the URL.
+/// (with the caller's own token, and its address in `X-Forwarded-For` for the per-address
+/// limits of a gateway that trusts this one) and returns its answer, with the caller's resume
+/// cursors (from its goodbye'd connection here, or its own) on the URL.
 async fn redirect_connect(
     edge: &Edge,
     token: &str,
     user: &mesh_core::UserId,
+    caller: IpAddr,
     batch: bool,
     cursors: Vec<(mesh_core::ChannelId, mesh_core::Ts)>,
 ) -> Option<Response> {
@@ -385,6 +448,7 @@ async fn redirect_connect(
         let reply = client
             .post(format!("{target}/api/rtm.connect"))
             .bearer_auth(token)
+            .header("x-forwarded-for", caller.to_string())
             .form(&form)
             .send()
             .await;
@@ -453,6 +517,28 @@ async fn websocket(
         edge.ctx.metrics.connect_refused("max_connections");
         let body = json!({"ok": false, "error": "too_many_connections"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
+    }
+    // A ticket older than its hold gave its place under the caps back: ask again
+    // (a refusal here is answered like the gateway's own cap: 503).
+    if ticket.slot.is_none() {
+        ticket.slot = match team_slot(&edge, &ticket.identity).await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                let error = match refused {
+                    Refused::Team | Refused::User => "too_many_connections",
+                    Refused::Retry => "ratelimited",
+                };
+                let body = json!({"ok": false, "error": error});
+                let mut response =
+                    (StatusCode::SERVICE_UNAVAILABLE, axum::Json::<Value>(body)).into_response();
+                if refused == Refused::Retry {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                }
+                return response;
+            }
+        };
     }
     let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = edge.clone();

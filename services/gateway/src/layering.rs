@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["connection::context", "connection::writer"],
     &["connection::delivery", "connection::inbound"],
     &["connection"],
-    &["region::report", "listener"],
+    &["region::report", "listener", "admission"],
     &["region"],
     &["http", "config"],
     &["crate"],

@@ -5,9 +5,10 @@
 //! ([`vocab`], [`close`], [`cursors`]), [`limits`], [`tokens`], [`metrics`]; the [`outbox`] and
 //! the [`socket`]; [`history`]; the `upstream` streams and the [`hub`]; [`presence`]; the
 //! region's state ([`region::state`]); [`tickets`]; the [`connection`]; the region's reports
-//! ([`region::report`]); the [`listener`] and the HTTP edge ([`http`]); and here, [`serve`],
-//! which assembles them.
+//! ([`region::report`]); the [`listener`], the [`admission`] of HTTP calls and the HTTP edge
+//! ([`http`]); and here, [`serve`], which assembles them.
 
+pub mod admission;
 pub mod close;
 pub mod config;
 pub mod connection;
@@ -134,6 +135,7 @@ pub async fn serve(
         connections: connections.clone(),
         next_conn: AtomicU64::new(1),
         handshakes: Mutex::new(handshakes),
+        gate: admission::Gate::new(&ctx.limits, ctx.metrics.clone()),
     });
     tracing::info!(gateway = %config.id, region = %config.region, %local, "gateway listening");
     let reporter = region::Reporter {
@@ -146,7 +148,11 @@ pub async fn serve(
         cancel: cancel.clone(),
     };
     tracker.spawn(reporter.run());
-    tracker.spawn(sweep_tickets(edge.tickets.clone(), cancel.clone()));
+    tracker.spawn(sweep_tickets(
+        edge.tickets.clone(),
+        ctx.metrics.clone(),
+        cancel.clone(),
+    ));
     let capped = ctx.limits.team_connections > 0
         || !ctx.limits.team_overrides.is_empty()
         || ctx.limits.user_connections > 0;
@@ -205,6 +211,11 @@ fn observe(edge: &Arc<http::Edge>, telemetry: &mesh_telemetry::Telemetry, ring: 
         m.upstreams.set(ctx.hub.upstream_count() as i64);
         m.ring_epoch.set(ring.current().epoch() as i64);
         m.draining.set(i64::from(ctx.region.draining()));
+        for (table, keys) in edge.gate.keys() {
+            m.rate_limit_keys
+                .with_label_values(&[table])
+                .set(keys as i64);
+        }
         if let Some(presence) = &ctx.presence {
             let (watched, online, sessions) = presence.counts();
             m.presence_watched.set(watched as i64);
@@ -214,13 +225,25 @@ fn observe(edge: &Arc<http::Edge>, telemetry: &mesh_telemetry::Telemetry, ring: 
     });
 }
 
-/// Drops expired connect URLs every second, freeing their places under team caps.
-async fn sweep_tickets(tickets: Arc<tickets::Tickets>, cancel: CancellationToken) {
+/// Every second: drops expired connect URLs, and gives back the places under team and user
+/// caps of those unused for `tickets::SLOT_HOLD`.
+async fn sweep_tickets(
+    tickets: Arc<tickets::Tickets>,
+    metrics: Arc<metrics::GatewayMetrics>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => tickets.purge_expired(),
+            _ = tick.tick() => {
+                // Dropping a place releases it (outside the tickets' lock).
+                let released = tickets.sweep(std::time::Instant::now());
+                if !released.is_empty() {
+                    tracing::debug!(places = released.len(), "connect URLs unused: places under the caps given back");
+                    metrics.ticket_places_released.inc_by(released.len() as u64);
+                }
+            }
         }
     }
 }

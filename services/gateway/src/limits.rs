@@ -4,7 +4,10 @@
 //! ("Limits as a client sees them") with the error or close code it answers with.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroUsize;
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -54,6 +57,26 @@ pub struct Limits {
     pub team_overrides: HashMap<TeamId, u32>,
     /// Concurrent connections per user across every gateway (0: no cap).
     pub user_connections: u32,
+    /// `rtm.connect` calls per second one user (the token's subject) may make, with bursts of
+    /// [`BURST_SECS`] seconds' worth; past it `ratelimited`. 0 turns the limit off.
+    pub connects_per_user: u32,
+    /// `rtm.connect` calls per second from one client address (an IPv6 client's /64), the
+    /// same way; counted before the token is checked.
+    pub connects_per_addr: u32,
+    /// Calls per second of the other Slack methods (`auth.test`, `users.getPresence`,
+    /// `users.setPresence`) one user may make, the same way.
+    pub api_calls_per_user: u32,
+    /// Calls per second of those methods from one client address, the same way.
+    pub api_calls_per_addr: u32,
+    /// The largest request body accepted, in bytes; a larger one gets HTTP 413.
+    pub request_body_bytes: usize,
+    /// How long a client may take to send a request's body once its headers are in
+    /// (slowloris on bodies); past it HTTP 408 and the connection is closed.
+    pub request_body_timeout: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client (the region's Envoys, and the
+    /// gateways that forward `rtm.connect` while their region drains). Anyone else is the
+    /// client themselves, whatever the header says.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for Limits {
@@ -74,6 +97,13 @@ impl Default for Limits {
             team_connections: 0,
             team_overrides: HashMap::new(),
             user_connections: 0,
+            connects_per_user: 2,
+            connects_per_addr: 100,
+            api_calls_per_user: 10,
+            api_calls_per_addr: 200,
+            request_body_bytes: 64 * 1024,
+            request_body_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -132,6 +162,136 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// A keyed limit's burst, in seconds of its rate: a user or an address that was quiet may do
+/// this many seconds' worth at once (every device of a user reconnecting after a drain, an
+/// office behind one address coming back).
+pub const BURST_SECS: u32 = 10;
+
+/// Token buckets by key (a user, a client address): `rate` a second and bursts of
+/// [`BURST_SECS`] seconds' worth per key, for at most `capacity` keys (each about 150 bytes).
+///
+/// At the bound the least recently used key's bucket is forgotten: that key starts again with
+/// a full bucket. So the bound can only loosen the limit for a key that was quiet longest (and
+/// a bucket idle for [`BURST_SECS`] is full anyway, so forgetting it changes nothing); it never
+/// refuses anyone more. Hammering from more keys than the bound is what the per-gateway rate
+/// (`handshakes_per_sec`) is for.
+#[derive(Debug)]
+pub struct KeyedBuckets<K: Hash + Eq> {
+    rate: u32,
+    buckets: Mutex<LruCache<K, TokenBucket>>,
+}
+
+impl<K: Hash + Eq> KeyedBuckets<K> {
+    /// Buckets of `rate` a second (0: no limit, nothing is remembered) for `capacity` keys.
+    pub fn new(rate: u32, capacity: NonZeroUsize) -> Self {
+        KeyedBuckets {
+            rate,
+            buckets: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// Takes one token from `key`'s bucket at `now`; false if it has none.
+    pub fn take(&self, key: K, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let (rate, burst) = (self.rate, self.rate.saturating_mul(BURST_SECS));
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets
+            .get_or_insert_mut(key, || TokenBucket::new(rate, burst, now))
+            .take(now)
+    }
+
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The key a client address is limited by: an IPv4 address as it is (an IPv4-mapped IPv6
+/// address as its IPv4 address), an IPv6 address by its /64, the block one subscriber gets.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
+/// A block of addresses, `10.0.0.0/8` or one address (`192.0.2.7`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let (addr, prefix) = match raw.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (raw, None),
+        };
+        let net: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{raw}: not an address or ADDRESS/BITS"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{raw}: the prefix must be 0 to {max} bits"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
     }
 }
 
@@ -224,6 +384,71 @@ mod tests {
         assert!(typing.first_in_interval(&u2, &c1, t0 + Duration::from_secs(1)));
         assert!(typing.first_in_interval(&u1, &c2, t0 + Duration::from_secs(1)));
         assert!(typing.first_in_interval(&u1, &c1, t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn keyed_buckets_limit_each_key_alone() {
+        let start = Instant::now();
+        let buckets = KeyedBuckets::new(2, NonZeroUsize::MIN.saturating_add(7));
+        let burst = (2 * BURST_SECS) as usize;
+        assert_eq!((0..100).filter(|_| buckets.take("a", start)).count(), burst);
+        // Another key has its own bucket.
+        assert!(buckets.take("b", start));
+        // Half a second later: one more for "a".
+        let later = start + Duration::from_millis(500);
+        assert_eq!((0..10).filter(|_| buckets.take("a", later)).count(), 1);
+        assert_eq!(buckets.len(), 2);
+    }
+
+    #[test]
+    fn at_the_bound_the_quietest_key_is_forgotten_and_comes_back_full() {
+        let now = Instant::now();
+        let buckets = KeyedBuckets::new(1, NonZeroUsize::MIN.saturating_add(1));
+        while buckets.take("a", now) {}
+        assert!(buckets.take("b", now));
+        assert_eq!(buckets.len(), 2);
+        // "c" pushes out "a", the least recently used: "a" is refused no more.
+        assert!(buckets.take("c", now));
+        assert_eq!(buckets.len(), 2);
+        assert!(buckets.take("a", now));
+    }
+
+    #[test]
+    fn a_zero_rate_remembers_nobody() {
+        let buckets = KeyedBuckets::new(0, NonZeroUsize::MIN);
+        let now = Instant::now();
+        assert!((0..1000).all(|i| buckets.take(i, now)));
+        assert!(buckets.is_empty());
+    }
+
+    #[test]
+    fn addresses_are_keyed_by_ipv4_and_by_ipv6_slash_64() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn cidrs_parse_and_contain() {
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.200.1.1")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("10.1.2.3").contains(ip("10.1.2.3")));
+        assert!(!c("10.1.2.3").contains(ip("10.1.2.4")));
+        assert!(c("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(c("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
+        assert!(c("fd00::/8").contains(ip("fd12::1")));
+        assert!(!c("fd00::/8").contains(ip("10.0.0.1")));
+        assert!(c("::/0").contains(ip("2001:db8::1")));
+        assert_eq!(c("10.0.0.0/8").to_string(), "10.0.0.0/8");
+        assert_eq!(c("::1").to_string(), "::1/128");
+        for bad in ["10.0.0.0/33", "nope", "::/129", "10.0.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
     }
 
     #[test]

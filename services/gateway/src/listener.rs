@@ -7,7 +7,8 @@
 //! upgrade, since the permit travels inside the I/O object — so at the cap accept simply waits
 //! instead of failing with EMFILE. hyper's `header_read_timeout` ends connections whose
 //! request headers do not arrive in time (slowloris), on every request of a keep-alive
-//! connection.
+//! connection; bodies have their own deadline where they are read (`admission`). Each request
+//! carries its TCP peer's address (axum's `ConnectInfo`), for the per-address limits.
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +17,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -141,10 +146,10 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::select! {
@@ -163,7 +168,12 @@ pub async fn serve(
             io: tcp,
             _permit: permit,
         });
-        let (builder, service, watcher) = (builder.clone(), service.clone(), graceful.watcher());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let app = service.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.call(request)
+        });
         let timeouts = header_timeouts.clone();
         tracker.spawn(async move {
             let connection = builder.serve_connection_with_upgrades(io, service);

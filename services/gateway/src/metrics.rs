@@ -8,15 +8,26 @@ use std::time::Instant;
 use mesh_telemetry::Telemetry;
 
 use crate::close::{Close, codes};
-use mesh_telemetry::prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use mesh_telemetry::prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 /// Handles on one gateway's metrics; shared by its hub, routes and connections.
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     /// WebSocket connections that reached `hello`.
     pub connects: IntCounter,
-    /// Connects refused, by reason (`max_connections`, `handshake_rate`, `draining`, ...).
+    /// Connects refused, by reason (`max_connections`, `handshake_rate`, `user_rate`,
+    /// `address_rate`, `draining`, ...).
     pub connect_refusals: IntCounterVec,
+    /// Calls of the other Slack methods refused, by method and reason (`user_rate`,
+    /// `address_rate`).
+    pub api_refusals: IntCounterVec,
+    /// Requests refused for their body, by reason (`too_large`, `timeout`).
+    pub body_refusals: IntCounterVec,
+    /// Places under the team and user caps given back by connect URLs not used within the
+    /// hold (`tickets::SLOT_HOLD`).
+    pub ticket_places_released: IntCounter,
+    /// Keys each per-user or per-address rate limit remembers, by table (set at scrape time).
+    pub rate_limit_keys: IntGaugeVec,
     /// Connections ended, by close code (`none`: the client went away without one).
     pub disconnects: IntCounterVec,
     /// Connections closed as slow consumers (4008: queue overflow or a stalled write).
@@ -70,6 +81,25 @@ impl GatewayMetrics {
                 "channelmesh_gateway_connect_refusals_total",
                 "rtm.connect calls and WebSocket upgrades refused, by reason.",
                 &["reason"],
+            ),
+            api_refusals: t.counter_vec(
+                "channelmesh_gateway_api_refusals_total",
+                "auth.test and users.* calls refused, by method and reason.",
+                &["method", "reason"],
+            ),
+            body_refusals: t.counter_vec(
+                "channelmesh_gateway_request_body_refusals_total",
+                "Requests refused for their body (too_large: over the cap; timeout: not sent in time), by reason.",
+                &["reason"],
+            ),
+            ticket_places_released: t.counter(
+                "channelmesh_gateway_ticket_places_released_total",
+                "Places under team and user caps given back by connect URLs not used within the hold.",
+            ),
+            rate_limit_keys: t.gauge_vec(
+                "channelmesh_gateway_rate_limit_keys",
+                "Users or client addresses a per-user or per-address rate limit remembers, by table.",
+                &["table"],
             ),
             disconnects: t.counter_vec(
                 "channelmesh_gateway_disconnects_total",
@@ -172,6 +202,16 @@ impl GatewayMetrics {
     /// A connect refused for `reason`.
     pub fn connect_refused(&self, reason: &str) {
         self.connect_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// A call of `method` (`auth.test`, `users.getPresence`, ...) refused for `reason`.
+    pub fn api_refused(&self, method: &str, reason: &str) {
+        self.api_refusals.with_label_values(&[method, reason]).inc();
+    }
+
+    /// A request refused for its body, for `reason`.
+    pub fn body_refused(&self, reason: &str) {
+        self.body_refusals.with_label_values(&[reason]).inc();
     }
 
     /// A connection ended, closed for `close` (`None`: without a close frame from us).
