@@ -43,7 +43,8 @@ pub enum Error {
     RingArgs(#[from] ring_client::Error),
 }
 
-/// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.
+/// Serves the admin API on `listener`, with gRPC server reflection of the admin API alone,
+/// until `cancel`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -80,8 +81,9 @@ pub async fn serve(
             .on_scrape(move || epoch.set(ring.current().epoch() as i64));
     }
     let auth = AdminAuth::new(&config.admin_token);
+    // The public API only: the internal services' schemas are nobody else's business.
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(mesh_proto::ADMIN_FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
     let result = mesh_transport::server()?
