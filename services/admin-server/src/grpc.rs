@@ -4,13 +4,14 @@
 //! RevokeTokens with is relayed as it is.
 
 use channel_client::{ChannelRouter, RouteError};
-use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TokenKey, Ts};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Ts};
 use mesh_proto::admin as pb;
 use mesh_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::AdminError;
+use crate::mint::Minter;
 use crate::requests::{self, channel, user};
 
 /// How long a RevokeTokens call may wait for the ring manager.
@@ -48,7 +49,7 @@ pub fn status(error: AdminError) -> Status {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     router: ChannelRouter,
-    key: TokenKey,
+    minter: Minter,
     /// The presence ring, when the mesh has presence servers.
     presence: Option<ring_client::RingWatcher>,
     /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
@@ -92,15 +93,16 @@ impl Metrics {
 }
 
 impl AdminService {
-    /// Routes through `router`; mints tokens with `key`; asks presence servers on `presence`.
+    /// Routes through `router`; mints tokens with `minter`; asks presence servers on
+    /// `presence`.
     pub fn new(
         router: ChannelRouter,
-        key: TokenKey,
+        minter: Minter,
         presence: Option<ring_client::RingWatcher>,
     ) -> Self {
         AdminService {
             router,
-            key,
+            minter,
             presence,
             ring_manager: None,
             metrics: Metrics::new(&mesh_telemetry::Telemetry::default()),
@@ -295,13 +297,13 @@ impl AdminService {
                 .map(|c| channel("channels", c))
                 .collect::<Result<_, _>>()?,
             expires_at: now + ttl,
-            jti: Some(new_jti()),
+            jti: None,
         };
-        let token = self.key.mint(&identity, now).map_err(AdminError::Mint)?;
+        let minted = self.minter.mint(identity, now).map_err(AdminError::Mint)?;
         Ok(pb::MintTokenResponse {
-            token,
-            jti: identity.jti.unwrap_or_default(),
-            expires_at: identity.expires_at,
+            token: minted.token,
+            jti: minted.jti,
+            expires_at: minted.expires_at,
         })
     }
 }
@@ -418,12 +420,6 @@ impl Admin for AdminService {
             held: reply.held,
         }))
     }
-}
-
-/// A fresh token id: 128 random bits, hex.
-fn new_jti() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
