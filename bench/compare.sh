@@ -169,8 +169,8 @@ run_workload "$work/nats.json" "$nats_pid" "$NATS_WS_PORT" \
 kill "$nats_pid"
 wait "$nats_pid" 2>/dev/null || true
 
-export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
 
 # 1b. The Node peer (NODE_PEER=1).
 if [ "$NODE_PEER" = 1 ]; then

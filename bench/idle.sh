@@ -21,8 +21,8 @@ GW_PORT="${GW_PORT:-9080}"
 # shellcheck source=bench/lib.sh
 . "$root/bench/lib.sh"
 
-export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
 limits=()
 if "$bin" gateway --help | grep -q -- '--handshakes-per-sec'; then
   limits+=(--handshakes-per-sec 0)

@@ -43,8 +43,8 @@ case "$TARGET" in
     target=(--target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}")
     ;;
   channelmesh)
-    export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-    export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+    export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+    export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
     taskset -c "$SERVER_CPU" "$bin" dev \
       --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
       --presence-ring-manager "127.0.0.1:$((BASE + 52))" \

@@ -1,8 +1,9 @@
-//! `channelmesh token`: mints a client token signed with the HS256 secret, for trying things
-//! out.
+//! `channelmesh token`: mints a client token as MintToken does — signed with the HS256 secret,
+//! with a fresh `jti` and the configured `iss`/`aud` — for trying things out.
 
-use gateway::config::ENV_JWT_SECRET;
-use mesh_core::{ChannelId, Identity, TeamId, TokenKey, UserId};
+use admin_server::Minter;
+use admin_server::config::{ClaimArgs, jwt_secret_from_env};
+use mesh_core::{ChannelId, Identity, TeamId, UserId};
 
 use crate::dev::mesh::unix_now;
 
@@ -22,11 +23,14 @@ pub struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
+    #[command(flatten)]
+    claims: ClaimArgs,
 }
 
-/// Prints a token for `args`, signed with the secret in `CHANNELMESH_JWT_SECRET`.
+/// Prints a token for `args` on stdout, signed with the secret in `CHANNELMESH_JWT_SECRET`
+/// (at least 32 bytes), and its `jti` and expiry on stderr, for `ctl revoke`.
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let secret = admin_server::config::required_env(ENV_JWT_SECRET)?;
+    let minter = Minter::new(&jwt_secret_from_env()?, args.claims.claims())?;
     let now = unix_now();
     let identity = Identity {
         user: UserId::new(&args.user)?,
@@ -40,9 +44,11 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         expires_at: now + args.ttl,
         jti: None,
     };
-    println!(
-        "{}",
-        TokenKey::hs256(secret.as_bytes()).mint(&identity, now)?
+    let minted = minter.mint(identity, now)?;
+    println!("{}", minted.token);
+    eprintln!(
+        "jti {} expires {} (revoke: channelmesh ctl revoke {} --until {})",
+        minted.jti, minted.expires_at, minted.jti, minted.expires_at
     );
     Ok(())
 }

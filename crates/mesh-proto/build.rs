@@ -10,9 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let fds = protox::compile(files, [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // Reflection serves the public admin API alone: its own descriptor set.
+    let admin = protox::compile([files[0]], [&root])?;
     std::fs::write(
-        out.join("channelmesh_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        out.join("admin_descriptor.bin"),
+        prost::Message::encode_to_vec(&admin),
     )?;
     tonic_prost_build::configure()
         .bytes(".channelmesh.channel.v1.RawEvent.json")

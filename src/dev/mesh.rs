@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mesh_core::{Identity, NodeId, TeamId, TokenKey, UserId};
+use mesh_core::{Identity, IssuerAudience, NodeId, TeamId, TokenKey, UserId};
 use ring_client::RingSource;
 use ring_manager::{NodeState, ProcessConfig, RingManager};
 use tokio::task::JoinSet;
@@ -33,7 +33,10 @@ pub struct MeshConfig {
     pub admin: SocketAddr,
     /// (region, address) per gateway.
     pub gateways: Vec<(String, SocketAddr)>,
+    /// The HS256 secret of client tokens: at least 32 bytes.
     pub jwt_secret: String,
+    /// The `iss` and `aud` the admin server mints and the gateways require, when set.
+    pub jwt_claims: IssuerAudience,
     pub admin_token: String,
     /// How long a gateway's connect URLs stay valid.
     pub connect_url_ttl: Duration,
@@ -103,6 +106,7 @@ impl MeshConfig {
                 ("eu-west".into(), loopback(EU_WEST)),
             ],
             jwt_secret,
+            jwt_claims: IssuerAudience::default(),
             admin_token,
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
             presence_ring_manager: loopback(PRESENCE_RING_MANAGER),
@@ -128,7 +132,9 @@ impl MeshConfig {
                 ("us-east".into(), loopback(0)),
                 ("eu-west".into(), loopback(0)),
             ],
-            jwt_secret: "test-jwt-secret".into(),
+            // 32 bytes: the shortest HS256 secret the services take.
+            jwt_secret: "test-jwt-secret-test-jwt-secret!".into(),
+            jwt_claims: IssuerAudience::default(),
             admin_token: "test-admin-token".into(),
             connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
             presence_ring_manager: loopback(0),
@@ -154,6 +160,8 @@ pub struct Mesh {
     /// (region, address) per gateway.
     pub gateways: Vec<(String, SocketAddr)>,
     pub jwt_secret: String,
+    /// The `iss` and `aud` its tokens carry, when set.
+    pub jwt_claims: IssuerAudience,
     pub admin_token: String,
     /// How long start-up took, until every channel server was on the ring.
     pub started_in: Duration,
@@ -318,6 +326,7 @@ impl Mesh {
             presence_ring: Some(presence_ring.clone()),
             admin_token: config.admin_token.clone(),
             jwt_secret: config.jwt_secret.clone().into_bytes(),
+            jwt_claims: config.jwt_claims.clone(),
             telemetry: admin_server::config::telemetry("admin-1"),
         };
         let bound = admin_server::run::bind(admin_config, config.admin, None)
@@ -344,7 +353,10 @@ impl Mesh {
                 jwt_secret: config.jwt_secret.clone().into_bytes(),
                 connect_url_ttl: config.connect_url_ttl,
                 limits: config.limits.clone(),
-                tokens: Default::default(),
+                tokens: gateway::tokens::TokenConfig {
+                    claims: config.jwt_claims.clone(),
+                    ..Default::default()
+                },
             };
             let bound = gateway::run::bind(gw, *addr)
                 .await
@@ -375,6 +387,7 @@ impl Mesh {
             admin,
             gateways,
             jwt_secret: config.jwt_secret,
+            jwt_claims: config.jwt_claims,
             admin_token: config.admin_token,
             started_in: started.elapsed(),
             cancel,
@@ -431,7 +444,8 @@ impl Mesh {
             .map(|(_, addr)| format!("http://{addr}/api/"))
     }
 
-    /// Mints a client token for `user` of `team` with `channels`, valid for an hour.
+    /// Mints a client token for `user` of `team` with `channels`, valid for an hour, with the
+    /// mesh's `iss` and `aud`.
     pub fn token(&self, user: &str, team: &str, channels: &[&str]) -> anyhow::Result<String> {
         let now = unix_now();
         let identity = Identity {
@@ -445,7 +459,8 @@ impl Mesh {
             expires_at: now + 3600,
             jti: None,
         };
-        Ok(TokenKey::hs256(self.jwt_secret.as_bytes()).mint(&identity, now)?)
+        let key = TokenKey::hs256(self.jwt_secret.as_bytes())?.expect(self.jwt_claims.clone());
+        Ok(key.mint(&identity, now)?)
     }
 
     /// Waits until a service stops (an error) or `cancel` fires, then stops everything within

@@ -10,8 +10,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
+use admin_server::config::{
+    ENV_ADMIN_TOKEN, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_SECRET, check_jwt_secret,
+};
 use gateway::limits::Limits;
+use mesh_core::IssuerAudience;
 use mesh_telemetry::side_port::http_addr;
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
@@ -113,8 +116,13 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let (jwt_secret, generated_jwt) = secret(ENV_JWT_SECRET);
+    // A secret of the user's that no gateway would take: refused before anything starts.
+    check_jwt_secret(&jwt_secret)?;
     let (admin_token, generated_admin) = secret(ENV_ADMIN_TOKEN);
-    let config = args.mesh_config(jwt_secret, admin_token)?;
+    let config = MeshConfig {
+        jwt_claims: IssuerAudience::new(env(ENV_JWT_ISSUER), env(ENV_JWT_AUDIENCE)),
+        ..args.mesh_config(jwt_secret, admin_token)?
+    };
     let secrets = [
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
         (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),
@@ -149,16 +157,36 @@ pub async fn run(
     mesh.run_until_stopped(grace).await
 }
 
+/// The environment variable `name`, unless unset or empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 /// The secret in the environment variable `name`, or a random one: (secret, generated).
 fn secret(name: &str) -> (String, bool) {
-    match std::env::var(name).ok().filter(|v| !v.is_empty()) {
+    match env(name) {
         Some(secret) => (secret, false),
         None => (random_secret(), true),
     }
 }
 
+/// 32 random bytes (HS256's key size) as 64 hex digits: the secret is used as the bytes of
+/// this string, 64 of them.
 fn random_secret() -> String {
-    let mut bytes = [0u8; 24];
+    let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_secrets_are_long_enough_to_sign_with() {
+        let secret = random_secret();
+        assert_eq!(secret.len(), 64);
+        assert!(check_jwt_secret(&secret).is_ok());
+        assert_ne!(secret, random_secret());
+    }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_SECRET};
+use admin_server::config::{ENV_ADMIN_TOKEN, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_SECRET};
 use anyhow::{Context, bail};
 use mesh_proto::ring::GetRingRequest;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
@@ -82,7 +82,19 @@ async fn start_with(
     options: &Options,
 ) -> anyhow::Result<Service> {
     let exe = std::env::current_exe().context("locating the channelmesh binary")?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // The token claims as the mesh has them, not as this process's environment may.
+    let claims = &config.jwt_claims;
+    for (name, value) in [
+        (ENV_JWT_ISSUER, &claims.issuer),
+        (ENV_JWT_AUDIENCE, &claims.audience),
+    ] {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    let mut child = command
         .args(args)
         .args(&options.global_args)
         .env(ENV_JWT_SECRET, &config.jwt_secret)

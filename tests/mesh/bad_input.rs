@@ -28,9 +28,11 @@ async fn bad_tokens_are_refused_like_slack() {
         jti: None,
     };
     let expired = TokenKey::hs256(mesh.jwt_secret.as_bytes())
+        .unwrap()
         .mint(&identity(now() - 3600), now() - 7200)
         .unwrap();
-    let wrong_secret = TokenKey::hs256(b"not the secret")
+    let wrong_secret = TokenKey::hs256(b"not the secret, though long enough")
+        .unwrap()
         .mint(&identity(now() + 3600), now())
         .unwrap();
     for method in ["auth.test", "rtm.connect"] {

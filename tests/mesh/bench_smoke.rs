@@ -206,7 +206,7 @@ async fn node_peer(secret: &str) -> (tokio::process::Child, String) {
 
 #[tokio::test]
 async fn bench_fanout_against_the_node_peer_loses_nothing() {
-    let secret = "node-peer-smoke-secret";
+    let secret = "node-peer-smoke-secret-of-32-bytes";
     let (_peer, gateway) = node_peer(secret).await;
     let report = bench(
         &["--target", "channelmesh", "--gateway", &gateway],

@@ -7,6 +7,9 @@ use mesh_core::TokenKey;
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 
+/// 32 bytes: the shortest HS256 secret accepted.
+const CLI_SECRET: &str = "cli-secret-cli-secret-cli-secret";
+
 fn without_secrets(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
@@ -57,12 +60,15 @@ fn token_mints_a_jwt_the_gateway_accepts() {
         "--name",
         "ann",
     ])
-    .env("CHANNELMESH_JWT_SECRET", "cli-secret")
+    .env("CHANNELMESH_JWT_SECRET", CLI_SECRET)
     .output()
     .unwrap();
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap();
-    let identity = TokenKey::hs256(b"cli-secret").verify(token.trim()).unwrap();
+    let identity = TokenKey::hs256(CLI_SECRET.as_bytes())
+        .unwrap()
+        .verify(token.trim())
+        .unwrap();
     assert_eq!(identity.user.as_str(), "U1");
     assert_eq!(identity.team.as_str(), "T1");
     assert_eq!(identity.name.as_deref(), Some("ann"));

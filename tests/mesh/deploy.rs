@@ -542,6 +542,106 @@ fn both_regions_envoy_configs_differ_only_in_the_region_name() {
     );
 }
 
+/// Every access log command operator of `format` (`%NAME%`, `%NAME(ARG)%`, `%NAME(ARG):N%`),
+/// the format having no literal `%`.
+fn operators(format: &str) -> Vec<&str> {
+    let parts: Vec<&str> = format.split('%').collect();
+    assert!(parts.len() % 2 == 1, "unbalanced % in {format:?}");
+    parts.into_iter().skip(1).step_by(2).collect()
+}
+
+/// Why the access log operator `op` could write a credential, if it could: a client's token
+/// may come as `?token=` on the path, and in the authorization or cookie header.
+fn leaks_a_credential(op: &str) -> Option<&'static str> {
+    let (name, arg) = match op.split_once('(') {
+        Some((name, rest)) => (name, rest.split(')').next().unwrap_or_default()),
+        None => (op.split(':').next().unwrap_or_default(), ""),
+    };
+    let arg = arg.to_ascii_lowercase();
+    match name {
+        "PATH" if !arg.starts_with("nq") => Some("the path with its query"),
+        // REQUEST_HEADER and RESPONSE_TRAILER are the newer names of REQ and TRAILER.
+        "REQ" | "REQUEST_HEADER" | "REQ_WITHOUT_QUERY" | "TRAILER" | "RESPONSE_TRAILER" => {
+            let headers: Vec<&str> = arg.split('?').collect();
+            if name != "REQ_WITHOUT_QUERY"
+                && headers
+                    .iter()
+                    .any(|h| [":path", "x-envoy-original-path"].contains(h))
+            {
+                Some("the path header with its query")
+            } else if headers
+                .iter()
+                .any(|h| ["authorization", "cookie"].contains(h))
+            {
+                Some("a credential header")
+            } else {
+                None
+            }
+        }
+        "QUERY_PARAM" => Some("a query parameter"),
+        "CEL" | "TYPED_CEL" | "METADATA" | "DYNAMIC_METADATA" => {
+            Some("an expression that can read anything")
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn no_envoy_access_log_holds_a_token() {
+    // The check itself: Envoy's default format logs `?token=` with the path.
+    let default = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\"";
+    assert!(
+        operators(default)
+            .into_iter()
+            .any(|op| leaks_a_credential(op).is_some())
+    );
+    for op in [
+        "PATH",
+        "PATH(WQ:ORIG)",
+        "REQ(Authorization)",
+        "REQUEST_HEADER(X-ENVOY-ORIGINAL-PATH?:PATH)",
+        "REQUEST_HEADER(cookie):10",
+        "QUERY_PARAM(token)",
+    ] {
+        assert!(leaks_a_credential(op).is_some(), "{op}");
+    }
+    for op in [
+        "PATH(NQ:ORIG_OR_PATH)",
+        "PATH(NQ)",
+        "REQ(:AUTHORITY)",
+        "REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)",
+        "START_TIME",
+    ] {
+        assert_eq!(leaks_a_credential(op), None, "{op}");
+    }
+
+    for region in REGIONS {
+        let doc = envoy(region);
+        for listener in list(&doc, "static_resources.listeners") {
+            let name = string(listener, "name");
+            let logs = list(hcm(listener), "access_log");
+            assert!(!logs.is_empty(), "{name}: no access log");
+            for log in logs {
+                // Without a format of its own, Envoy logs the path with its query.
+                let format = string(
+                    log,
+                    "typed_config.log_format.text_format_source.inline_string",
+                );
+                let ops = operators(format);
+                assert!(
+                    ops.iter().any(|op| op.starts_with("PATH(NQ")),
+                    "{name}: the path, without its query, is logged: {format}"
+                );
+                for op in ops {
+                    if let Some(why) = leaks_a_credential(op) {
+                        panic!("{name}: %{op}% logs {why}: {format}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn a_websocket_url_reaches_only_the_gateway_that_issued_it() {
     let services = compose();

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks_dos;
+mod attacks_tokens;
 mod bad_input;
 mod bench_smoke;
 mod charm;

@@ -20,7 +20,8 @@ use crate::support::{
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
-const JWT_SECRET: &str = "process-test-secret";
+/// 32 bytes: the shortest HS256 secret the services take.
+const JWT_SECRET: &str = "process-test-secret-process-test";
 pub const ADMIN_TOKEN: &str = "process-test-admin";
 
 /// `channelmesh dev --multi-process` on ports the OS picks; stopped (SIGTERM) on drop.
@@ -179,6 +180,7 @@ impl Dev {
             jti: None,
         };
         TokenKey::hs256(JWT_SECRET.as_bytes())
+            .unwrap()
             .mint(&identity, now)
             .unwrap()
     }

@@ -73,6 +73,7 @@ pub async fn public_key_gateway(
             public_keys: vec![key_path("rsa-public.pem"), key_path("ed25519-public.pem")],
             jwks: Some(key_path("jwks.json")),
             leeway_secs: 120,
+            ..Default::default()
         },
     };
     let cancel = CancellationToken::new();

@@ -29,7 +29,7 @@ pub async fn connect(
     identity: &Identity,
 ) -> anyhow::Result<Socket> {
     let now = unix_now();
-    let token = TokenKey::hs256(jwt_secret.as_bytes()).mint(identity, now)?;
+    let token = TokenKey::hs256(jwt_secret.as_bytes())?.mint(identity, now)?;
     let reply: Value = reqwest::Client::builder()
         .no_proxy()
         .build()?

@@ -40,7 +40,7 @@ pub async fn connect(
         expires_at: unix_now() + 3600,
         jti: None,
     };
-    let token = TokenKey::hs256(jwt_secret.as_bytes()).mint(&identity, unix_now())?;
+    let token = TokenKey::hs256(jwt_secret.as_bytes())?.mint(&identity, unix_now())?;
     let reply: Value = tokio::time::timeout(STEP_TIMEOUT, async {
         http.post(format!("{gateway}rtm.connect"))
             .bearer_auth(&token)

@@ -12,5 +12,5 @@ pub mod ts;
 pub use event::{ChannelEvent, EventBody, Origin};
 pub use ids::{ChannelId, IdError, NodeId, TeamId, UserId};
 pub use ring::{Handoff, Ring, RingNode, SLOT_COUNT, Slot, slot_of};
-pub use token::{Identity, TokenError, TokenKey};
+pub use token::{Identity, IssuerAudience, TokenError, TokenKey};
 pub use ts::{Ts, TsClock, TsError};

@@ -7,6 +7,11 @@
 //! (PEM) and keys from a JWKS document. Each key verifies only the algorithm it is for, so an
 //! RS256 public key never checks an HS256 token (algorithm confusion), and `alg: none` does not
 //! parse at all. [`TokenKey`] signs HS256 tokens (the dev mesh, `channelmesh token`, MintToken).
+//! An HS256 secret is at least [`MIN_HS256_SECRET_BYTES`] long, or no key is made of it.
+//!
+//! Optionally a deployment names its tokens' issuer and audience ([`IssuerAudience`]): a
+//! verifier then requires `iss` and `aud` to match, and a [`TokenKey`] sets them on every token
+//! it mints. Unset, neither is checked (a token may carry them or not).
 //! This crate does no I/O: callers read key files and hand over their bytes.
 
 use jsonwebtoken::errors::ErrorKind;
@@ -35,6 +40,10 @@ pub const MAX_JTI_BYTES: usize = 256;
 /// The most keys one JWKS document may hold: each token without a `kid` may be tried on all.
 pub const MAX_JWKS_KEYS: usize = 64;
 
+/// The shortest HS256 secret accepted, in bytes: HMAC-SHA256's output size (RFC 7518, 3.2).
+/// A shorter secret can be brute-forced offline from any one token.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
 /// Why a token was refused, or a key could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -54,6 +63,61 @@ pub enum TokenError {
     Signing(String),
     #[error("key {origin}: {reason}")]
     Key { origin: String, reason: String },
+    /// An HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`] (its length in bytes).
+    #[error(
+        "the HS256 secret is {0} bytes; it must be at least {MIN_HS256_SECRET_BYTES} bytes (e.g. 32 random bytes as 64 hex digits)"
+    )]
+    ShortSecret(usize),
+}
+
+/// Refuses an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`].
+pub fn check_hs256_secret(secret: &[u8]) -> Result<(), TokenError> {
+    if secret.len() < MIN_HS256_SECRET_BYTES {
+        return Err(TokenError::ShortSecret(secret.len()));
+    }
+    Ok(())
+}
+
+/// The issuer (`iss`) and audience (`aud`) a deployment's tokens carry, each optional. A
+/// verifier requires each one set (a token without it, or with another value, is refused); a
+/// [`TokenKey`] writes each one set into every token it mints. Unset, the claim is neither
+/// required nor checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IssuerAudience {
+    /// The `iss` every token must carry, e.g. `https://chat.example.com`.
+    pub issuer: Option<String>,
+    /// A value the token's `aud` (a string, or an array of them) must hold, e.g.
+    /// `channelmesh`.
+    pub audience: Option<String>,
+}
+
+impl IssuerAudience {
+    /// `issuer` and `audience`, each ignored when empty.
+    pub fn new(issuer: Option<String>, audience: Option<String>) -> Self {
+        IssuerAudience {
+            issuer: issuer.filter(|i| !i.is_empty()),
+            audience: audience.filter(|a| !a.is_empty()),
+        }
+    }
+
+    /// Makes `validation` require and check the claims that are set.
+    fn apply(&self, validation: &mut Validation) {
+        let mut required = vec!["exp", "sub"];
+        validation.iss = None;
+        validation.aud = None;
+        // A token's `aud` is ignored unless an audience is configured.
+        validation.validate_aud = false;
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = &self.audience {
+            validation.set_audience(&[audience]);
+            validation.validate_aud = true;
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
+    }
 }
 
 /// A verified token holder.
@@ -98,6 +162,11 @@ struct Claims {
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     jti: Option<String>,
+    /// Only written: `jsonwebtoken` checks `iss` and `aud` on the raw claims.
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    aud: Option<String>,
 }
 
 impl Claims {
@@ -150,6 +219,8 @@ struct VerifyKey {
 pub struct Verifier {
     keys: Vec<VerifyKey>,
     leeway_secs: u64,
+    /// The `iss` and `aud` every token must carry, when set.
+    expected: IssuerAudience,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -162,6 +233,7 @@ impl std::fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("keys", &keys)
             .field("leeway_secs", &self.leeway_secs)
+            .field("expected", &self.expected)
             .finish()
     }
 }
@@ -171,6 +243,7 @@ impl Default for Verifier {
         Verifier {
             keys: Vec::new(),
             leeway_secs: LEEWAY_SECS,
+            expected: IssuerAudience::default(),
         }
     }
 }
@@ -195,7 +268,22 @@ impl Verifier {
         Ok(Verifier {
             keys: Vec::new(),
             leeway_secs,
+            expected: IssuerAudience::default(),
         })
+    }
+
+    /// Requires every token, whatever its key, to carry the `iss` and `aud` `expected` sets.
+    pub fn expect(mut self, expected: IssuerAudience) -> Self {
+        for key in &mut self.keys {
+            expected.apply(&mut key.validation);
+        }
+        self.expected = expected;
+        self
+    }
+
+    /// The `iss` and `aud` every token must carry.
+    pub fn expected(&self) -> &IssuerAudience {
+        &self.expected
     }
 
     /// The clock skew tolerated, in seconds.
@@ -217,8 +305,7 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.validate_aud = false;
+        self.expected.apply(&mut validation);
         self.keys.push(VerifyKey {
             kid,
             alg,
@@ -228,11 +315,10 @@ impl Verifier {
         });
     }
 
-    /// Accepts HS256 tokens signed with `secret`.
+    /// Accepts HS256 tokens signed with `secret`, which is at least [`MIN_HS256_SECRET_BYTES`]
+    /// long.
     pub fn add_hs256(&mut self, secret: &[u8]) -> Result<(), TokenError> {
-        if secret.is_empty() {
-            return Err(key_error("HS256 secret", "empty"));
-        }
+        check_hs256_secret(secret)?;
         self.push(
             None,
             Algorithm::HS256,
@@ -393,6 +479,12 @@ fn classify(e: &jsonwebtoken::errors::Error) -> TokenError {
         ErrorKind::ExpiredSignature => TokenError::Expired,
         ErrorKind::ImmatureSignature => TokenError::NotYetValid,
         ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::InvalidIssuer => {
+            TokenError::InvalidClaims("iss is not the expected issuer".into())
+        }
+        ErrorKind::InvalidAudience => {
+            TokenError::InvalidClaims("aud does not name the expected audience".into())
+        }
         ErrorKind::Json(_)
         | ErrorKind::MissingRequiredClaim(_)
         | ErrorKind::InvalidClaimFormat(_) => TokenError::InvalidClaims(e.to_string()),
@@ -400,7 +492,8 @@ fn classify(e: &jsonwebtoken::errors::Error) -> TokenError {
     }
 }
 
-/// Signs and checks tokens with one HS256 secret.
+/// Signs and checks tokens with one HS256 secret, setting (and requiring) the configured `iss`
+/// and `aud`.
 #[derive(Clone)]
 pub struct TokenKey {
     encoding: EncodingKey,
@@ -414,15 +507,21 @@ impl std::fmt::Debug for TokenKey {
 }
 
 impl TokenKey {
-    /// A key for HS256 with `secret`; an empty secret verifies nothing.
-    pub fn hs256(secret: &[u8]) -> Self {
+    /// A key for HS256 with `secret`, which is at least [`MIN_HS256_SECRET_BYTES`] long.
+    pub fn hs256(secret: &[u8]) -> Result<Self, TokenError> {
         let mut verifier = Verifier::default();
-        // Only an empty secret fails, and it then verifies nothing (the verifier is empty).
-        let _ = verifier.add_hs256(secret);
-        TokenKey {
+        verifier.add_hs256(secret)?;
+        Ok(TokenKey {
             encoding: EncodingKey::from_secret(secret),
             verifier,
-        }
+        })
+    }
+
+    /// Sets the `iss` and `aud` of `expected` on every token minted, and requires them of every
+    /// token verified.
+    pub fn expect(mut self, expected: IssuerAudience) -> Self {
+        self.verifier = self.verifier.expect(expected);
+        self
     }
 
     /// Checks the signature, expiry and claims of `token`.
@@ -430,25 +529,39 @@ impl TokenKey {
         self.verifier.verify(token)
     }
 
-    /// Signs a token for `identity` (valid until `identity.expires_at`), issued at `now_secs`.
+    /// Signs a token for `identity` (valid until `identity.expires_at`), issued at `now_secs`,
+    /// with the configured `iss` and `aud`.
     pub fn mint(&self, identity: &Identity, now_secs: u64) -> Result<String, TokenError> {
-        mint_with(
+        mint_for(
             &Header::new(Algorithm::HS256),
             &self.encoding,
             identity,
+            self.verifier.expected(),
             now_secs,
         )
     }
 }
 
-/// Signs a token for `identity` with any key and header (tests and tools sign RS256/EdDSA
-/// tokens with it; the mesh itself signs only HS256).
+/// Signs a token for `identity` with any key and header, without `iss` or `aud` (tests and
+/// tools sign RS256/EdDSA tokens with it; the mesh itself signs only HS256).
 pub fn mint_with(
     header: &Header,
     key: &EncodingKey,
     identity: &Identity,
     now_secs: u64,
 ) -> Result<String, TokenError> {
+    mint_for(header, key, identity, &IssuerAudience::default(), now_secs)
+}
+
+/// [`mint_with`], with the `iss` and `aud` `claims` sets.
+pub fn mint_for(
+    header: &Header,
+    key: &EncodingKey,
+    identity: &Identity,
+    claims: &IssuerAudience,
+    now_secs: u64,
+) -> Result<String, TokenError> {
+    let (iss, aud) = (claims.issuer.clone(), claims.audience.clone());
     let claims = Claims {
         sub: identity.user.to_string(),
         team: identity.team.to_string(),
@@ -457,6 +570,8 @@ pub fn mint_with(
         name: identity.name.clone(),
         iat: Some(now_secs),
         jti: identity.jti.clone(),
+        iss,
+        aud,
     };
     jsonwebtoken::encode(header, &claims, key).map_err(|e| TokenError::Signing(e.to_string()))
 }
@@ -464,6 +579,14 @@ pub fn mint_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret of the shortest length accepted.
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const OTHER: &[u8] = b"another secret of thirty-two b..";
+
+    fn key() -> TokenKey {
+        TokenKey::hs256(SECRET).unwrap()
+    }
 
     fn now() -> u64 {
         std::time::SystemTime::now()
@@ -485,17 +608,18 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let key = TokenKey::hs256(b"secret");
+        let key = key();
         let token = key.mint(&identity(now() + 60), now()).unwrap();
         assert_eq!(key.verify(&token).unwrap(), identity(now() + 60));
     }
 
     #[test]
     fn refuses_expired_wrong_secret_and_garbage() {
-        let key = TokenKey::hs256(b"secret");
+        let key = key();
         let expired = key.mint(&identity(now() - 3600), now() - 7200).unwrap();
         assert_eq!(key.verify(&expired), Err(TokenError::Expired));
-        let other = TokenKey::hs256(b"other")
+        let other = TokenKey::hs256(OTHER)
+            .unwrap()
             .mint(&identity(now() + 60), now())
             .unwrap();
         assert_eq!(key.verify(&other), Err(TokenError::BadSignature));
@@ -606,10 +730,7 @@ mod tests {
         );
         assert!(matches!(v.verify(&none), Err(TokenError::Malformed(_))));
         // A secret-only verifier refuses public-key tokens.
-        assert!(matches!(
-            TokenKey::hs256(b"secret").verify(&rs),
-            Err(TokenError::NoKey(_))
-        ));
+        assert!(matches!(key().verify(&rs), Err(TokenError::NoKey(_))));
     }
 
     #[test]
@@ -688,13 +809,13 @@ mod tests {
             v.add_jwks(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, "x")
                 .is_err()
         );
-        assert!(v.add_hs256(b"").is_err());
+        assert_eq!(v.add_hs256(b""), Err(TokenError::ShortSecret(0)));
         assert!(v.is_empty());
     }
 
     #[test]
     fn refuses_oversized_tokens_and_jti() {
-        let key = TokenKey::hs256(b"secret");
+        let key = key();
         assert!(matches!(
             key.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
             Err(TokenError::Malformed(_))
@@ -706,5 +827,140 @@ mod tests {
             key.verify(&token),
             Err(TokenError::InvalidClaims(_))
         ));
+    }
+
+    #[test]
+    fn refuses_secrets_shorter_than_32_bytes() {
+        let short = &SECRET[..MIN_HS256_SECRET_BYTES - 1];
+        assert_eq!(check_hs256_secret(short), Err(TokenError::ShortSecret(31)));
+        assert!(check_hs256_secret(SECRET).is_ok());
+        assert!(matches!(
+            TokenKey::hs256(short),
+            Err(TokenError::ShortSecret(31))
+        ));
+        assert!(TokenKey::hs256(b"devsecret").is_err());
+        let mut v = Verifier::default();
+        assert_eq!(v.add_hs256(short), Err(TokenError::ShortSecret(31)));
+        assert!(v.is_empty());
+        assert_eq!(
+            TokenError::ShortSecret(9).to_string(),
+            "the HS256 secret is 9 bytes; it must be at least 32 bytes (e.g. 32 random bytes as 64 hex digits)"
+        );
+    }
+
+    fn expected(issuer: Option<&str>, audience: Option<&str>) -> IssuerAudience {
+        IssuerAudience::new(issuer.map(str::to_string), audience.map(str::to_string))
+    }
+
+    /// The claims of `token`, unverified.
+    fn claims_of(token: &str) -> serde_json::Value {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        serde_json::from_slice(&json).unwrap()
+    }
+
+    #[test]
+    fn a_configured_key_mints_iss_and_aud_and_requires_them() {
+        let id = identity(now() + 60);
+        let both = expected(Some("https://chat.example.com"), Some("channelmesh"));
+        let strict = key().expect(both.clone());
+        let token = strict.mint(&id, now()).unwrap();
+        let claims = claims_of(&token);
+        assert_eq!(claims["iss"], "https://chat.example.com");
+        assert_eq!(claims["aud"], "channelmesh");
+        assert_eq!(strict.verify(&token).unwrap(), id);
+
+        // Unconfigured, neither claim is set, and neither is checked.
+        let plain = key().mint(&id, now()).unwrap();
+        let claims = claims_of(&plain);
+        assert!(claims.get("iss").is_none() && claims.get("aud").is_none());
+        assert_eq!(key().verify(&token).unwrap(), id, "iss and aud ignored");
+        assert!(matches!(
+            strict.verify(&plain),
+            Err(TokenError::InvalidClaims(m)) if m.contains("iss")
+        ));
+
+        // Each claim alone: missing, or another value, is refused.
+        let other_issuer = key()
+            .expect(expected(Some("https://evil.example"), Some("channelmesh")))
+            .mint(&id, now())
+            .unwrap();
+        assert!(matches!(
+            strict.verify(&other_issuer),
+            Err(TokenError::InvalidClaims(m)) if m.contains("iss")
+        ));
+        let other_audience = key()
+            .expect(expected(Some("https://chat.example.com"), Some("billing")))
+            .mint(&id, now())
+            .unwrap();
+        assert!(matches!(
+            strict.verify(&other_audience),
+            Err(TokenError::InvalidClaims(m)) if m.contains("aud")
+        ));
+        let issuer_only = key()
+            .expect(expected(Some("https://chat.example.com"), None))
+            .mint(&id, now())
+            .unwrap();
+        assert!(matches!(
+            strict.verify(&issuer_only),
+            Err(TokenError::InvalidClaims(m)) if m.contains("aud")
+        ));
+        // Only the issuer required: any audience, or none, passes.
+        let wants_issuer = key().expect(expected(Some("https://chat.example.com"), None));
+        assert!(wants_issuer.verify(&issuer_only).is_ok());
+        assert!(wants_issuer.verify(&other_audience).is_ok());
+        // Empty values are unset.
+        assert_eq!(expected(Some(""), Some("")), IssuerAudience::default());
+    }
+
+    #[test]
+    fn an_audience_array_passes_when_it_holds_the_audience() {
+        let id = identity(now() + 60);
+        let claims = json_claims(&id, serde_json::json!(["billing", "channelmesh"]));
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        let wants = |aud: &str| key().expect(expected(None, Some(aud)));
+        assert_eq!(wants("channelmesh").verify(&token).unwrap(), id);
+        assert!(wants("chat").verify(&token).is_err());
+    }
+
+    fn json_claims(id: &Identity, aud: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "sub": id.user.as_str(),
+            "team": id.team.as_str(),
+            "channels": ["C1"],
+            "name": "ann",
+            "exp": id.expires_at,
+            "jti": "j-1",
+            "aud": aud,
+        })
+    }
+
+    #[test]
+    fn public_key_verifiers_require_iss_and_aud_too() {
+        let id = identity(now() + 60);
+        let v = public_only().expect(expected(Some("webapp"), Some("channelmesh")));
+        let private = key_file!("rsa-private.pem");
+        let plain = signed(Algorithm::RS256, None, private, &id);
+        assert!(matches!(
+            v.verify(&plain),
+            Err(TokenError::InvalidClaims(_))
+        ));
+        let with = mint_for(
+            &Header::new(Algorithm::RS256),
+            &EncodingKey::from_rsa_pem(private).unwrap(),
+            &id,
+            &expected(Some("webapp"), Some("channelmesh")),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&with).unwrap(), id);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use mesh_core::IssuerAudience;
 use ring_client::{RingArgs, RingSource};
 
 use crate::Error;
@@ -11,8 +12,12 @@ use crate::Error;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Env var: the admin API's bearer token.
 pub const ENV_ADMIN_TOKEN: &str = "CHANNELMESH_ADMIN_TOKEN";
-/// Env var: the HS256 secret client tokens are signed with.
+/// Env var: the HS256 secret client tokens are signed with (at least 32 bytes).
 pub const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
+/// Env var: the `iss` minted tokens carry (`--jwt-issuer`).
+pub const ENV_JWT_ISSUER: &str = "CHANNELMESH_JWT_ISSUER";
+/// Env var: the `aud` minted tokens carry (`--jwt-audience`).
+pub const ENV_JWT_AUDIENCE: &str = "CHANNELMESH_JWT_AUDIENCE";
 
 /// The `admin-server` command's flags (its secrets come from [`ENV_ADMIN_TOKEN`] and
 /// [`ENV_JWT_SECRET`]).
@@ -29,6 +34,27 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    #[command(flatten)]
+    pub claims: ClaimArgs,
+}
+
+/// The `iss` and `aud` minted tokens carry, for gateways that check them (their `--jwt-issuer`
+/// and `--jwt-audience`): MintToken's and `channelmesh token`'s flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClaimArgs {
+    /// Set this `iss` on every token minted (unset: none).
+    #[arg(long, env = ENV_JWT_ISSUER)]
+    pub jwt_issuer: Option<String>,
+    /// Set this `aud` on every token minted (unset: none).
+    #[arg(long, env = ENV_JWT_AUDIENCE)]
+    pub jwt_audience: Option<String>,
+}
+
+impl ClaimArgs {
+    /// The claims these flags set.
+    pub fn claims(&self) -> IssuerAudience {
+        IssuerAudience::new(self.jwt_issuer.clone(), self.jwt_audience.clone())
+    }
 }
 
 /// Configuration of one admin server.
@@ -40,8 +66,11 @@ pub struct Config {
     pub presence_ring: Option<RingSource>,
     /// The bearer token every call must present (`CHANNELMESH_ADMIN_TOKEN`).
     pub admin_token: String,
-    /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken.
+    /// The HS256 secret client tokens are signed with (`CHANNELMESH_JWT_SECRET`), for MintToken:
+    /// at least 32 bytes.
     pub jwt_secret: Vec<u8>,
+    /// The `iss` and `aud` MintToken sets, when set.
+    pub jwt_claims: IssuerAudience,
     /// Its metrics and readiness (served over HTTP by the caller): ready once the ring has
     /// channel servers to route to.
     pub telemetry: mesh_telemetry::Telemetry,
@@ -55,7 +84,8 @@ impl Config {
             ring: args.ring.source()?,
             presence_ring: Some(args.ring.presence_source()?),
             admin_token: required_env(ENV_ADMIN_TOKEN)?,
-            jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
+            jwt_secret: jwt_secret_from_env()?,
+            jwt_claims: args.claims.claims(),
             telemetry: mesh_telemetry::Telemetry::default(),
         })
     }
@@ -64,6 +94,18 @@ impl Config {
 /// The metrics of the admin server `id`, labelled with it.
 pub fn telemetry(id: &str) -> mesh_telemetry::Telemetry {
     mesh_telemetry::Telemetry::new(&[("admin", id)])
+}
+
+/// The HS256 secret in [`ENV_JWT_SECRET`], which must be at least 32 bytes.
+pub fn jwt_secret_from_env() -> Result<Vec<u8>, Error> {
+    let secret = required_env(ENV_JWT_SECRET)?;
+    check_jwt_secret(&secret)?;
+    Ok(secret.into_bytes())
+}
+
+/// Refuses an HS256 secret shorter than 32 bytes, naming [`ENV_JWT_SECRET`].
+pub fn check_jwt_secret(secret: &str) -> Result<(), Error> {
+    mesh_core::token::check_hs256_secret(secret.as_bytes()).map_err(Error::JwtSecret)
 }
 
 /// A secret from the environment variable `name`, which must be set and not empty.

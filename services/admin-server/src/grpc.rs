@@ -6,13 +6,14 @@
 use std::sync::Arc;
 
 use channel_client::{ChannelRouter, RouteError};
-use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, TokenKey, Ts};
+use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Ts};
 use mesh_proto::admin as pb;
 use mesh_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::AdminError;
+use crate::mint::Minter;
 use crate::requests::{self, channel, user};
 
 /// How long a RevokeTokens call may wait for the ring manager.
@@ -50,7 +51,7 @@ pub fn status(error: AdminError) -> Status {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     router: ChannelRouter,
-    key: TokenKey,
+    minter: Minter,
     /// The presence ring, when the mesh has presence servers.
     presence: Option<ring_client::RingWatcher>,
     /// Channels to presence servers, reused across `GetPresence` calls.
@@ -96,15 +97,16 @@ impl Metrics {
 }
 
 impl AdminService {
-    /// Routes through `router`; mints tokens with `key`; asks presence servers on `presence`.
+    /// Routes through `router`; mints tokens with `minter`; asks presence servers on
+    /// `presence`.
     pub fn new(
         router: ChannelRouter,
-        key: TokenKey,
+        minter: Minter,
         presence: Option<ring_client::RingWatcher>,
     ) -> Self {
         AdminService {
             router,
-            key,
+            minter,
             presence,
             presence_channels: Arc::default(),
             ring_manager: None,
@@ -300,13 +302,13 @@ impl AdminService {
                 .map(|c| channel("channels", c))
                 .collect::<Result<_, _>>()?,
             expires_at: now + ttl,
-            jti: Some(new_jti()),
+            jti: None,
         };
-        let token = self.key.mint(&identity, now).map_err(AdminError::Mint)?;
+        let minted = self.minter.mint(identity, now).map_err(AdminError::Mint)?;
         Ok(pb::MintTokenResponse {
-            token,
-            jti: identity.jti.unwrap_or_default(),
-            expires_at: identity.expires_at,
+            token: minted.token,
+            jti: minted.jti,
+            expires_at: minted.expires_at,
         })
     }
 }
@@ -423,12 +425,6 @@ impl Admin for AdminService {
             held: reply.held,
         }))
     }
-}
-
-/// A fresh token id: 128 random bits, hex.
-fn new_jti() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -5,13 +5,13 @@ mod auth;
 pub mod config;
 mod error;
 mod grpc;
+pub mod mint;
 mod requests;
 pub mod run;
 
 use std::time::Duration;
 
 use channel_client::ChannelRouter;
-use mesh_core::TokenKey;
 use mesh_proto::admin::admin_server::AdminServer;
 use ring_client::RingWatcher;
 use tokio::net::TcpListener;
@@ -22,6 +22,7 @@ use tonic::transport::server::TcpIncoming;
 pub use auth::AdminAuth;
 pub use config::{Args, Config};
 pub use grpc::AdminService;
+pub use mint::{Minted, Minter};
 
 /// Errors of the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -38,17 +39,24 @@ pub enum Error {
     /// A secret the admin server needs is not in the environment.
     #[error("{0} must be set (only `channelmesh dev` generates it)")]
     MissingEnv(&'static str),
+    /// The HS256 secret is too short to sign with.
+    #[error("{var}: {0}", var = config::ENV_JWT_SECRET)]
+    JwtSecret(mesh_core::TokenError),
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
 }
 
-/// Serves the admin API on `listener`, with gRPC server reflection, until `cancel`.
+/// Serves the admin API on `listener`, with gRPC server reflection of the admin API alone,
+/// until `cancel`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
+    // A short secret stops the admin server before it starts anything.
+    let minter =
+        Minter::new(&config.jwt_secret, config.jwt_claims.clone()).map_err(Error::JwtSecret)?;
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let presence = config
@@ -57,7 +65,7 @@ pub async fn serve(
         .map(|source| RingWatcher::spawn(source, &tracker, cancel.clone()));
     let service = AdminService::new(
         ChannelRouter::new(ring.clone(), &tracker, cancel.clone()),
-        TokenKey::hs256(&config.jwt_secret),
+        minter,
         presence,
     )
     .with_ring_manager(config.ring.clone())
@@ -80,8 +88,9 @@ pub async fn serve(
             .on_scrape(move || epoch.set(ring.current().epoch() as i64));
     }
     let auth = AdminAuth::new(&config.admin_token);
+    // The public API only: the internal services' schemas are nobody else's business.
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(mesh_proto::ADMIN_FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
     let result = mesh_transport::server()?

@@ -20,8 +20,13 @@ use crate::{tickets, tokens};
 /// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
 /// `/readyz`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-/// Env var: the HS256 secret client tokens are signed with (optional with public keys).
+/// Env var: the HS256 secret client tokens are signed with (optional with public keys; at least
+/// 32 bytes).
 pub const ENV_JWT_SECRET: &str = "CHANNELMESH_JWT_SECRET";
+/// Env var: the `iss` every client token must carry (`--jwt-issuer`).
+pub const ENV_JWT_ISSUER: &str = "CHANNELMESH_JWT_ISSUER";
+/// Env var: the `aud` every client token must carry (`--jwt-audience`).
+pub const ENV_JWT_AUDIENCE: &str = "CHANNELMESH_JWT_AUDIENCE";
 
 /// Why the flags and the environment make no gateway configuration. (Its own type rather than
 /// the crate's `Error`, so that this module stays below the crate root: the root uses it.)
@@ -30,6 +35,9 @@ pub enum ConfigError {
     /// Neither the HS256 secret nor a public key: no token could be checked.
     #[error("set {ENV_JWT_SECRET}, or give --jwt-public-key or --jwks")]
     NoTokenKey,
+    /// The HS256 secret is too short to sign with.
+    #[error("{ENV_JWT_SECRET}: {0}")]
+    JwtSecret(mesh_core::TokenError),
     #[error("--ping-interval-secs must be above 0 and below --idle-timeout-secs")]
     PingInterval,
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
@@ -94,6 +102,10 @@ impl Config {
         {
             return Err(ConfigError::NoTokenKey);
         }
+        if !jwt_secret.is_empty() {
+            mesh_core::token::check_hs256_secret(jwt_secret.as_bytes())
+                .map_err(ConfigError::JwtSecret)?;
+        }
         Ok(Config {
             id: args.id.clone().unwrap_or_else(|| default_id(&args.region)),
             region: args.region.clone(),
@@ -138,6 +150,12 @@ pub struct TokenArgs {
     /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
     #[arg(long, env = "CHANNELMESH_JWT_LEEWAY_SECS", default_value_t = mesh_core::token::LEEWAY_SECS)]
     pub jwt_leeway_secs: u64,
+    /// Require every token's `iss` to be this (unset: `iss` is not checked).
+    #[arg(long, env = ENV_JWT_ISSUER)]
+    pub jwt_issuer: Option<String>,
+    /// Require every token's `aud` to hold this (unset: `aud` is not checked).
+    #[arg(long, env = ENV_JWT_AUDIENCE)]
+    pub jwt_audience: Option<String>,
 }
 
 impl TokenArgs {
@@ -147,6 +165,10 @@ impl TokenArgs {
             public_keys: self.public_keys.clone(),
             jwks: self.jwks.clone(),
             leeway_secs: self.jwt_leeway_secs,
+            claims: mesh_core::IssuerAudience::new(
+                self.jwt_issuer.clone(),
+                self.jwt_audience.clone(),
+            ),
         }
     }
 }
@@ -447,6 +469,30 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Limits, clap::Error> {
         Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
             .map(|c| c.limits)
+    }
+
+    #[derive(Debug, Parser)]
+    struct TokenCli {
+        #[command(flatten)]
+        tokens: TokenArgs,
+    }
+
+    #[test]
+    fn issuer_and_audience_flags_make_the_claims_required() {
+        let parse = |args: &[&str]| {
+            TokenCli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+                .unwrap()
+                .tokens
+                .config()
+                .claims
+        };
+        let claims = parse(&["--jwt-issuer", "webapp", "--jwt-audience=channelmesh"]);
+        assert_eq!(claims.issuer.as_deref(), Some("webapp"));
+        assert_eq!(claims.audience.as_deref(), Some("channelmesh"));
+        assert_eq!(
+            parse(&["--jwt-issuer="]),
+            mesh_core::IssuerAudience::default()
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! HTTP routes: Slack's `auth.test` and `rtm.connect`, the WebSocket endpoint, health.
+//! HTTP routes: Slack's `auth.test` and `rtm.connect`, the WebSocket endpoint, health; and
+//! their access log, which never holds a credential ([`access_log`]).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use mesh_core::token::Verifier;
@@ -67,7 +69,59 @@ pub fn routes(edge: Arc<Edge>) -> Router {
         .route("/rtm/{ticket}", get(websocket))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
+        .route_layer(axum::middleware::from_fn(access_log))
         .with_state(edge)
+}
+
+/// What the access log writes in place of a credential.
+const REDACTED: &str = "REDACTED";
+
+/// Logs each routed request at debug level: its method, its route (the pattern, so a connect
+/// URL's ticket is not written), its query with every `token` value [redacted](redact_query),
+/// the status and how long the answer took. Nothing else here logs a URL or a query.
+async fn access_log(request: Request, next: Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(request).await;
+    }
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let query = request.uri().query().map(redact_query).unwrap_or_default();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        route,
+        query,
+        status = response.status().as_u16(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "http request"
+    );
+    response
+}
+
+/// `query` with the value of every `token` parameter replaced by `REDACTED` (names compared
+/// decoded, as [`Params`] reads them: `%74oken` is a token too); the other pairs as they were.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let (name, _) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if decoded == "token" {
+                format!("{name}={REDACTED}")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Request parameters from the query string and a form body (JSON bodies are ignored: slack_sdk
@@ -173,6 +227,7 @@ fn authenticate(
             TokenError::NotYetValid => "not yet valid",
             TokenError::BadSignature => "bad signature",
             TokenError::NoKey(_) => "no key for its algorithm or kid",
+            TokenError::InvalidClaims(_) => "missing or wrong claims (e.g. iss, aud)",
             _ => "malformed",
         };
         tracing::debug!(reason, "refused a token");
@@ -578,6 +633,21 @@ async fn websocket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_every_token_value_and_nothing_else() {
+        assert_eq!(
+            redact_query("token=abc.def.ghi&batch_presence_aware=1"),
+            "token=REDACTED&batch_presence_aware=1"
+        );
+        // Encoded names, repeats, empty and bare pairs; a `token` inside another value stays.
+        assert_eq!(
+            redact_query("%74oken=x&token=y&cursors=C1%3D1&token&x=token%3Dz&"),
+            "%74oken=REDACTED&token=REDACTED&cursors=C1%3D1&token=REDACTED&x=token%3Dz&"
+        );
+        assert_eq!(redact_query("tokens=a&atoken=b"), "tokens=a&atoken=b");
+        assert_eq!(redact_query(""), "");
+    }
 
     #[test]
     fn decodes_form_pairs() {

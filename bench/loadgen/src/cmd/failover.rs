@@ -92,7 +92,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
 
 /// A fresh secret for one run's mesh.
 fn secret() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    // 256 random bits: HS256's key size.
+    format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    )
 }
 
 /// Runs the measurement `runs` times, each on its own mesh.
