@@ -309,13 +309,13 @@ async fn slowloris_handshakes_time_out_and_others_still_connect() {
 }
 
 /// The gateway's `/metrics` text.
-async fn metric_text(base: &str) -> String {
+pub(crate) async fn metric_text(base: &str) -> String {
     let url = base.trim_end_matches("/api/").to_string() + "/metrics";
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
 /// The value of the unlabelled-by-us counter `name` (its identity labels aside).
-fn counter(text: &str, name: &str) -> f64 {
+pub(crate) fn counter(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

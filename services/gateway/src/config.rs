@@ -164,6 +164,8 @@ enum Field {
     Millis(fn(&mut Limits) -> &mut Duration),
     /// `TEAM=N`, repeatable: the per-team caps.
     TeamCaps,
+    /// A switch: `--NAME` (or `--NAME=true`) turns it on.
+    Bool(fn(&mut Limits) -> &mut bool),
 }
 
 /// One limit flag: `--NAME`, its help, and its field of [`Limits`].
@@ -250,6 +252,11 @@ const LIMIT_FLAGS: &[LimitFlag] = &[
         help: "Concurrent connections per user across all gateways (0: no cap)",
         field: Field::U32(|l| &mut l.user_connections),
     },
+    LimitFlag {
+        name: "allow-team-channel-posts",
+        help: "Let clients post messages and typing to their team's channel (by default it carries server events only, and a client post gets error 12)",
+        field: Field::Bool(|l| &mut l.team_channel_posts),
+    },
 ];
 
 impl LimitFlag {
@@ -276,6 +283,13 @@ impl LimitFlag {
                 .value_name("TEAM_LIMITS")
                 .value_parser(parse_team_limit)
                 .action(ArgAction::Append),
+            Field::Bool(field) => arg
+                .value_name("BOOL")
+                .value_parser(value_parser!(bool))
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .default_value(field(defaults).to_string()),
         }
     }
 
@@ -302,6 +316,11 @@ impl LimitFlag {
                     limits.team_overrides = caps.cloned().collect();
                 }
             }
+            Field::Bool(field) => {
+                if let Some(v) = matches.get_one::<bool>(self.name) {
+                    *field(limits) = *v;
+                }
+            }
         }
     }
 
@@ -318,6 +337,7 @@ impl LimitFlag {
                 .iter()
                 .map(|(team, n)| format!("--{name}={team}={n}"))
                 .collect(),
+            Field::Bool(field) => vec![format!("--{name}={}", field(limits))],
         }
     }
 }
@@ -422,6 +442,7 @@ mod tests {
             "--team-limit",
             "T2=0",
             "--user-connection-limit=15",
+            "--allow-team-channel-posts",
         ])
         .unwrap();
         let want = Limits {
@@ -445,13 +466,21 @@ mod tests {
             .into_iter()
             .collect(),
             user_connections: 15,
+            team_channel_posts: true,
         };
         assert_eq!(limits, want);
+        let off = parse(&["--allow-team-channel-posts=false"]).unwrap();
+        assert!(!off.team_channel_posts);
     }
 
     #[test]
     fn limits_survive_the_way_to_a_child_process() {
-        let limits = parse(&["--write-timeout-secs=0.25", "--team-limit=T9=3"]).unwrap();
+        let limits = parse(&[
+            "--write-timeout-secs=0.25",
+            "--team-limit=T9=3",
+            "--allow-team-channel-posts",
+        ])
+        .unwrap();
         let args = limit_args(&limits);
         let again = parse(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         assert_eq!(again, limits);

@@ -54,6 +54,10 @@ pub struct Limits {
     pub team_overrides: HashMap<TeamId, u32>,
     /// Concurrent connections per user across every gateway (0: no cap).
     pub user_connections: u32,
+    /// Whether clients may post (messages, typing) to their team's channel. Off by default:
+    /// the team channel carries the server's events to the whole team, and a client post
+    /// there gets error 12 (`restricted_action_read_only_channel`).
+    pub team_channel_posts: bool,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             team_connections: 0,
             team_overrides: HashMap::new(),
             user_connections: 0,
+            team_channel_posts: false,
         }
     }
 }
