@@ -10,7 +10,7 @@ use mesh_proto::admin::{HistoryRequest, JoinChannelRequest, LeaveChannelRequest}
 use serde_json::{Value, json};
 
 use crate::limits::{counter, metric_text};
-use crate::support::{Admin, Rtm, admin, eventually, mesh, mesh_with, post};
+use crate::support::{Admin, Rtm, admin, eventually, mesh, mesh_with, post, web_api};
 
 /// Long enough for a frame to have arrived if one were coming (a negative check).
 const QUIET: Duration = Duration::from_millis(700);
@@ -235,4 +235,166 @@ async fn a_gateway_may_allow_posts_to_the_team_channel_but_never_to_the_users() 
         .await;
     let reply = ask(&mut poster, 2, message(2, "UPOST", "a note to myself")).await;
     assert_eq!(error_code(&reply), Some(12), "{reply}");
+}
+
+/// A `presence_change` naming `user`, in either form.
+fn about(user: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| {
+        v["type"] == "presence_change"
+            && (v["user"] == user
+                || v["users"]
+                    .as_array()
+                    .is_some_and(|users| users.iter().any(|u| u == user)))
+    }
+}
+
+/// `users.getPresence?user=USER` with `token`: the whole answer.
+async fn get_presence(base: &str, user: &str, token: &str) -> Value {
+    web_api(base, &format!("users.getPresence?user={user}"), Some(token)).await
+}
+
+#[tokio::test]
+async fn a_team_cannot_read_another_teams_presence_by_any_path() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let eu = mesh.rtm_base_url("eu-west").unwrap();
+    // Alice and Bob of T1; Zed of T2, online on the other region; UNEVER never connected.
+    let alice_token = mesh.token("UALICE", "T1", &[]).unwrap();
+    let mut alice = Rtm::connect(&us, &alice_token).await.unwrap();
+    let mut bob = Rtm::connect(&eu, &mesh.token("UBOB", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    let zed_token = mesh.token("UZED", "T2", &[]).unwrap();
+    let mut zed = Rtm::connect(&eu, &zed_token).await.unwrap();
+    // Online users are known to the presence servers once their reports arrived: wait until
+    // each team sees its own (so that what follows is not a race with the reports).
+    eventually("Bob reported online", || async {
+        let reply = get_presence(&us, "UBOB", &alice_token).await;
+        (reply["presence"] == "active").then_some(())
+    })
+    .await;
+    eventually("Zed reported online", || async {
+        let reply = get_presence(&eu, "UZED", &zed_token).await;
+        (reply["presence"] == "active").then_some(())
+    })
+    .await;
+
+    // 1. users.getPresence: another team's user reads exactly as a user who does not exist.
+    let other_team = get_presence(&us, "UZED", &alice_token).await;
+    assert_eq!(other_team, json!({"ok": false, "error": "user_not_found"}));
+    assert_eq!(get_presence(&us, "UNEVER", &alice_token).await, other_team);
+    assert_eq!(
+        get_presence(&us, "UBOB", &alice_token).await,
+        json!({"ok": true, "presence": "active"})
+    );
+    let own = web_api(&us, "users.getPresence", Some(&alice_token)).await;
+    assert_eq!(own, json!({"ok": true, "presence": "active"}));
+
+    // 2. presence_query: one answer for all the ids, in the order asked; Zed and UNEVER are
+    // left out, so the first frame of it is Bob's.
+    let query = json!({"id": 1, "type": "presence_query", "ids": ["UZED", "UNEVER", "UBOB"]});
+    assert_eq!(ask(&mut alice, 1, query).await["ok"], true);
+    let first = alice
+        .expect("the query's answer", |v| v["type"] == "presence_change")
+        .await;
+    assert_eq!(
+        first,
+        json!({"type": "presence_change", "user": "UBOB", "presence": "active"})
+    );
+
+    // 3. presence_sub: Bob's presence comes, Zed's never, neither now nor when Zed leaves.
+    let sub = json!({"id": 2, "type": "presence_sub", "ids": ["UZED", "UNEVER", "UBOB"]});
+    assert_eq!(ask(&mut alice, 2, sub).await["ok"], true);
+    alice
+        .expect("Bob's presence", |v| {
+            about("UBOB")(v) && v["presence"] == "active"
+        })
+        .await;
+    zed.ws.close(None).await.unwrap();
+    bob.ws.close(None).await.unwrap();
+    // Zed went first, so Zed's away was published before Bob's (on whichever presence server):
+    // by the time Alice hears Bob's, she would have heard Zed's. A short window after covers
+    // two servers whose ticks are not in step.
+    alice
+        .expect("Bob away", |v| about("UBOB")(v) && v["presence"] == "away")
+        .await;
+    alice
+        .expect_none(QUIET, "another team's presence", |v| {
+            about("UZED")(v) || about("UNEVER")(v)
+        })
+        .await;
+    // Withheld and counted: getPresence twice, the query twice, the subscription at least once.
+    let text = metric_text(&us).await;
+    let withheld = counter(&text, "channelmesh_gateway_presence_withheld_total");
+    assert!(withheld >= 5.0, "{withheld}: {text}");
+
+    // The other way round: a T2 client does not see Alice.
+    let mut zed = Rtm::connect(&us, &zed_token).await.unwrap();
+    assert_eq!(
+        get_presence(&us, "UALICE", &zed_token).await,
+        json!({"ok": false, "error": "user_not_found"})
+    );
+    let query = json!({"id": 3, "type": "presence_query", "ids": ["UALICE", "UZED"]});
+    assert_eq!(ask(&mut zed, 3, query).await["ok"], true);
+    let first = zed
+        .expect("the query's answer", |v| v["type"] == "presence_change")
+        .await;
+    assert_eq!(
+        first,
+        json!({"type": "presence_change", "user": "UZED", "presence": "active"})
+    );
+
+    // The web app's own call is not limited to a team.
+    let mut admin = admin(&mesh).await;
+    let reply = admin
+        .get_presence(mesh_proto::admin::GetPresenceRequest {
+            users: vec!["UZED".into(), "UALICE".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, &str)> = reply
+        .users
+        .iter()
+        .map(|p| (p.user.as_str(), p.presence.as_str()))
+        .collect();
+    assert_eq!(got, [("UZED", "active"), ("UALICE", "active")]);
+}
+
+#[tokio::test]
+async fn a_teammate_seen_online_reads_away_and_one_never_seen_reads_as_nobody() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let alice_token = mesh.token("UALICE", "T1", &[]).unwrap();
+    let mut alice = Rtm::connect(&us, &alice_token).await.unwrap();
+    // Never online: the presence servers cannot tell Bob's team, so Alice reads Bob as she
+    // reads a user of another team.
+    assert_eq!(
+        get_presence(&us, "UBOB", &alice_token).await,
+        json!({"ok": false, "error": "user_not_found"})
+    );
+    // Bob comes and goes; nobody watches him.
+    let bob = Rtm::connect(&us, &mesh.token("UBOB", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    eventually("Bob active", || async {
+        let reply = get_presence(&us, "UBOB", &alice_token).await;
+        (reply["presence"] == "active").then_some(())
+    })
+    .await;
+    drop(bob);
+    // Offline, watched by nobody: no longer tracked, but his team is remembered.
+    eventually("Bob away", || async {
+        let reply = get_presence(&us, "UBOB", &alice_token).await;
+        (reply == json!({"ok": true, "presence": "away"})).then_some(())
+    })
+    .await;
+    // A watch answers at once with his presence.
+    let sub = json!({"id": 1, "type": "presence_sub", "ids": ["UBOB"]});
+    assert_eq!(ask(&mut alice, 1, sub).await["ok"], true);
+    alice
+        .expect("Bob away at once", |v| {
+            about("UBOB")(v) && v["presence"] == "away"
+        })
+        .await;
 }

@@ -311,7 +311,9 @@ async fn set_presence(
     axum::Json(json!({"ok": true})).into_response()
 }
 
-/// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`.
+/// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`. A user
+/// the caller may not see — of another team, or whose team the presence servers do not know —
+/// is `user_not_found`, as an id that names nobody (docs/rtm.md, "Presence").
 async fn get_presence(
     State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
@@ -328,17 +330,19 @@ async fn get_presence(
             Ok(u) => u,
             Err(_) => return slack_error("user_not_found"),
         },
-        None => identity.user,
+        None => identity.user.clone(),
     };
     let Some(presence) = &edge.ctx.presence else {
         return slack_error("presence_unavailable");
     };
-    let active = presence
-        .lookup(std::slice::from_ref(&user))
-        .await
-        .first()
-        .is_some_and(|(_, a)| *a);
-    let presence = if active { "active" } else { "away" };
+    let answer = presence.lookup(std::slice::from_ref(&user)).await;
+    let Some(found) = answer.first().filter(|p| {
+        crate::presence::visible(&identity.user, &identity.team, &p.user, p.team.as_ref())
+    }) else {
+        presence.withheld();
+        return slack_error("user_not_found");
+    };
+    let presence = if found.active { "active" } else { "away" };
     axum::Json(json!({"ok": true, "presence": presence})).into_response()
 }
 

@@ -96,7 +96,14 @@ pub async fn serve(
     let router = ChannelRouter::new(ring.clone(), &tracker, cancel.clone());
     let presence = config.presence_ring.clone().map(|source| {
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
-        presence::PresenceHub::new(config.id.clone(), ring, tracker.clone(), cancel.clone())
+        let withheld = metrics.presence_withheld.clone();
+        presence::PresenceHub::new(
+            config.id.clone(),
+            ring,
+            withheld,
+            tracker.clone(),
+            cancel.clone(),
+        )
     });
     let region_state = Arc::new(region::RegionState::default());
     let connections = Arc::new(AtomicU64::new(0));
