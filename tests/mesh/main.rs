@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks_clients;
+mod attacks_redirect;
 mod bad_input;
 mod bench_smoke;
 mod charm;

@@ -15,6 +15,7 @@ use mesh_core::TeamId;
 use ring_client::{RingArgs, RingSource};
 
 use crate::limits::Limits;
+use crate::region::{AllowEntry, RedirectAllow};
 use crate::{tickets, tokens};
 
 /// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
@@ -58,6 +59,16 @@ pub struct Args {
     pub limits: Limits,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    /// While its region drains, forward clients' `rtm.connect` (with their token) only to the
+    /// gateways at these origins (`http://10.0.0.7:8080`) or host patterns
+    /// (`https://*.gw.example.com`): repeatable, or a comma list. None: no forwarding.
+    #[arg(
+        long = "redirect-allow",
+        env = "CHANNELMESH_REDIRECT_ALLOW",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub redirect_allow: Vec<AllowEntry>,
 }
 
 /// Configuration of one gateway.
@@ -83,6 +94,8 @@ pub struct Config {
     pub connect_url_ttl: std::time::Duration,
     /// What one client may do (docs/operations.md, "Limits").
     pub limits: Limits,
+    /// Where a draining gateway may forward `rtm.connect` (empty: nowhere).
+    pub redirect_allow: RedirectAllow,
 }
 
 impl Config {
@@ -104,6 +117,7 @@ impl Config {
             connect_url_ttl: tickets::DEFAULT_TICKET_TTL,
             limits: checked(args.limits.clone())?,
             tokens: args.tokens.config(),
+            redirect_allow: RedirectAllow::new(args.redirect_allow.clone()),
         })
     }
 }
@@ -515,5 +529,49 @@ mod tests {
         );
         assert!(checked(parse(&["--ping-interval-secs=0"]).unwrap()).is_err());
         assert!(checked(Limits::default()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: Args,
+    }
+
+    fn redirect_allow(args: &[&str]) -> Result<Vec<String>, clap::Error> {
+        let base = ["gateway", "--region", "us-east"];
+        let cli = Cli::try_parse_from(base.iter().chain(args.iter()).copied())?;
+        Ok(cli
+            .gateway
+            .redirect_allow
+            .iter()
+            .map(|e| e.to_string())
+            .collect())
+    }
+
+    #[test]
+    fn redirect_allow_is_repeatable_and_takes_comma_lists() {
+        let got = redirect_allow(&[
+            "--redirect-allow",
+            "http://10.0.0.7:8080,https://*.gw.example.com",
+            "--redirect-allow=http://10.0.0.8:8080",
+        ])
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                "http://10.0.0.7:8080",
+                "https://*.gw.example.com",
+                "http://10.0.0.8:8080"
+            ]
+        );
+        assert!(redirect_allow(&["--redirect-allow", "10.0.0.7:8080"]).is_err());
+        assert!(redirect_allow(&["--redirect-allow", "https://gw.example.com/api"]).is_err());
     }
 }

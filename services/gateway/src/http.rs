@@ -365,7 +365,8 @@ async fn redirect_connect(
     batch: bool,
     cursors: Vec<(mesh_core::ChannelId, mesh_core::Ts)>,
 ) -> Option<Response> {
-    let targets = edge.ctx.region.redirect();
+    // Only gateways on --redirect-allow ever see the caller's token.
+    let targets = edge.ctx.region.redirect_to();
     if targets.is_empty() {
         return None;
     }
@@ -387,7 +388,7 @@ async fn redirect_connect(
             form.push(("cursors", cursors_param(&cursors)));
         }
         let reply = client
-            .post(format!("{target}/api/rtm.connect"))
+            .post(target)
             .bearer_auth(token)
             .form(&form)
             .send()

@@ -36,6 +36,8 @@ pub struct GatewayMetrics {
     /// Presence answers and changes withheld from a client: the user is of another team, or
     /// their team is not known.
     pub presence_withheld: IntCounter,
+    /// Redirect targets skipped by a draining gateway: not on `--redirect-allow`.
+    pub redirects_refused: IntCounter,
     /// Items not queued to a connection because its queue (items or bytes) was full.
     pub queue_drops: IntCounter,
     /// Events queued to local connections by the fan-out: one per event per receiving
@@ -113,6 +115,10 @@ impl GatewayMetrics {
             presence_withheld: t.counter(
                 "channelmesh_gateway_presence_withheld_total",
                 "Presence answers and changes withheld from a client: a user of another team, or of no known team.",
+            ),
+            redirects_refused: t.counter(
+                "channelmesh_gateway_redirects_refused_total",
+                "Gateways a draining gateway did not forward rtm.connect to: not on --redirect-allow.",
             ),
             queue_drops: t.counter(
                 "channelmesh_gateway_queue_drops_total",
