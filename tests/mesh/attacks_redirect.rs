@@ -17,7 +17,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::limits::{counter, metric_text};
 use crate::support::{Rtm, eventually, mesh, rm_at, web_api};
 
-/// Long enough for a forwarded call to have arrived if one were coming (a negative check).
+/// Long enough for a goodbye to have arrived if one were coming (a negative check).
 const QUIET: Duration = Duration::from_millis(700);
 
 /// The attacker's "gateway": a real HTTP listener that records every byte it is sent and
@@ -109,6 +109,30 @@ async fn redirect_told(ring_manager: SocketAddr, region: &str) -> Vec<String> {
     directive.unwrap().into_inner().redirect
 }
 
+/// Drains `region` (once its gateway at `base` has reported) and waits until that gateway
+/// knows it (its `/healthz` fails).
+async fn drain(ring_manager: SocketAddr, region: &str, base: &str) {
+    eventually("the region drained", || async {
+        let request = DrainRegionRequest {
+            region: region.into(),
+            rate: 0,
+        };
+        let view = rm_at(ring_manager).await.drain_region(request).await.ok()?;
+        let regions = view.into_inner().regions;
+        regions
+            .iter()
+            .any(|r| r.region == region && r.draining)
+            .then_some(())
+    })
+    .await;
+    let healthz = format!("{}/healthz", base.trim_end_matches("/api/"));
+    eventually("its gateway draining", || async {
+        let status = reqwest::get(&healthz).await.ok()?.status();
+        (status == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_draining_gateway_never_forwards_a_token_to_a_gateway_not_on_its_allowlist() {
     let mesh = mesh().await;
@@ -123,21 +147,7 @@ async fn a_draining_gateway_never_forwards_a_token_to_a_gateway_not_on_its_allow
     let attacker = Attacker::start().await;
     let _forged = keep_reporting(mesh.ring_manager, "eu-west-evil", "eu-west", &attacker.url);
 
-    let drained = rm_at(mesh.ring_manager)
-        .await
-        .drain_region(DrainRegionRequest {
-            region: "us-east".into(),
-            rate: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        drained
-            .regions
-            .iter()
-            .any(|r| r.region == "us-east" && r.draining)
-    );
+    drain(mesh.ring_manager, "us-east", &us).await;
     // The attack is set: us-east's gateways are told to send clients to the attacker first.
     eventually("the forged gateway first in the redirect", || async {
         let redirect = redirect_told(mesh.ring_manager, "us-east").await;
@@ -145,13 +155,6 @@ async fn a_draining_gateway_never_forwards_a_token_to_a_gateway_not_on_its_allow
             .then_some(())
     })
     .await;
-    let healthz = format!("{}/healthz", us.trim_end_matches("/api/"));
-    eventually("us-east draining", || async {
-        let status = reqwest::get(&healthz).await.ok()?.status();
-        (status == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
-    })
-    .await;
-
     // A client of the draining region is sent to the real eu-west gateway...
     let token = mesh.token("UVICTIM", "T1", &[]).unwrap();
     let reply = web_api(&us, "rtm.connect", Some(&token)).await;
@@ -162,11 +165,11 @@ async fn a_draining_gateway_never_forwards_a_token_to_a_gateway_not_on_its_allow
     let mut moved = Rtm::open(ws).await.unwrap();
     let hello: Value = moved.next().await.unwrap();
     assert_eq!(hello["type"], "hello", "{hello}");
-    // ... and the attacker got nothing: no connection, no request, no token.
-    tokio::time::sleep(QUIET).await;
+    // ... and the attacker got nothing: no connection, no request, no token. (The gateway
+    // tries its targets in order and the attacker records a request before answering it, so
+    // a call to it would be on record by now.)
     let received = attacker.received();
     assert!(received.is_empty(), "the attacker received {received:?}");
-    assert!(!received.iter().any(|r| r.contains(&token)));
     // Skipped and counted.
     let text = metric_text(&us).await;
     let refused = counter(&text, "channelmesh_gateway_redirects_refused_total");
@@ -210,32 +213,10 @@ async fn a_gateway_without_an_allowlist_forwards_nobody() {
     let attacker = Attacker::start().await;
     // eu-west comes first for ap-south (no nearest regions configured: by name).
     let _forged = keep_reporting(mesh.ring_manager, "eu-west-evil", "eu-west", &attacker.url);
-    eventually("ap-south reported", || async {
-        let drained = rm_at(mesh.ring_manager)
-            .await
-            .drain_region(DrainRegionRequest {
-                region: "ap-south".into(),
-                rate: 0,
-            })
-            .await
-            .ok()?;
-        drained
-            .into_inner()
-            .regions
-            .iter()
-            .any(|r| r.region == "ap-south" && r.draining)
-            .then_some(())
-    })
-    .await;
+    drain(mesh.ring_manager, "ap-south", &ap).await;
     eventually("the forged gateway in the redirect", || async {
         let redirect = redirect_told(mesh.ring_manager, "ap-south").await;
         redirect.contains(&attacker.url).then_some(())
-    })
-    .await;
-    let healthz = format!("{}/healthz", ap.trim_end_matches("/api/"));
-    eventually("ap-south draining", || async {
-        let status = reqwest::get(&healthz).await.ok()?.status();
-        (status == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
     // Refused as when no region can take the caller; the attacker hears nothing.
