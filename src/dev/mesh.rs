@@ -340,8 +340,8 @@ impl Mesh {
             bound.serve(cancel.clone()),
         );
 
-        let mut gateways = Vec::new();
-        let mut gw_cancel = Vec::new();
+        // Bound first, so that each may forward clients to the others (`--redirect-allow`).
+        let mut bound_gateways = Vec::new();
         for (region, addr) in &config.gateways {
             let name = format!("gateway {region}");
             let gw = gateway::Config {
@@ -357,10 +357,23 @@ impl Mesh {
                     claims: config.jwt_claims.clone(),
                     ..Default::default()
                 },
+                redirect_allow: Default::default(),
             };
             let bound = gateway::run::bind(gw, *addr)
                 .await
                 .with_context(|| format!("starting the {name}"))?;
+            bound_gateways.push((region.clone(), name, bound));
+        }
+        let own = gateway::region::RedirectAllow::new(
+            bound_gateways
+                .iter()
+                .map(|(_, _, b)| gateway::region::AllowEntry::origin(b.local_addr()))
+                .collect(),
+        );
+        let mut gateways = Vec::new();
+        let mut gw_cancel = Vec::new();
+        for (region, name, bound) in bound_gateways {
+            let bound = bound.with_redirect_allow(own.clone());
             gateways.push((region.clone(), bound.local_addr()));
             let stop = cancel.child_token();
             gw_cancel.push((region.clone(), stop.clone()));

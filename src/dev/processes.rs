@@ -223,6 +223,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     let mut admin_args = vec![s("admin-server"), s("--listen"), config.admin.to_string()];
     admin_args.extend(ring_args.iter().cloned());
     let admin = start_with("admin-server", &admin_args, config, options).await?;
+    // Each gateway may forward clients to the mesh's own gateways while its region drains.
+    let redirect_allow: Vec<String> = config
+        .gateways
+        .iter()
+        .map(|(_, addr)| format!("http://{addr}"))
+        .collect();
     let mut gateways = Vec::new();
     for (region, addr) in &config.gateways {
         let mut args = vec![
@@ -233,6 +239,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             gateway::config::default_id(region),
             s("--listen"),
             addr.to_string(),
+            s("--redirect-allow"),
+            redirect_allow.join(","),
         ];
         args.extend(ring_args.iter().cloned());
         args.extend(gateway::config::limit_args(&config.limits));

@@ -122,6 +122,7 @@ async fn every_entry_point_refuses_a_short_hs256_secret() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         tokens: Default::default(),
+        redirect_allow: Default::default(),
     };
     let error = gateway::serve(gateway, listener, CancellationToken::new())
         .await

@@ -4,7 +4,9 @@
 // A failed unwrap in a test is a test failure with a backtrace: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod attacks_clients;
 mod attacks_dos;
+mod attacks_redirect;
 mod attacks_tokens;
 mod bad_input;
 mod bench_smoke;

@@ -22,15 +22,18 @@ async fn a_watcher_sees_a_user_of_the_other_region_come_and_go_across_devices() 
     let mut a = Rtm::connect(&us, &mesh.token("UA", "T1", &[]).unwrap())
         .await
         .unwrap();
-    a.send(json!({"type": "presence_sub", "ids": ["UB"]})).await;
-    a.expect("B away at first", |v| presence_of(v, "UB", "away"))
+    // B was never online: the presence servers do not know B's team, so A hears nothing of B
+    // yet (as of a user of another team); the first thing A hears is B coming online.
+    a.send(json!({"id": 1, "type": "presence_sub", "ids": ["UB"]}))
         .await;
+    a.expect("the reply", |v| v["reply_to"] == 1).await;
 
     let b_token = mesh.token("UB", "T1", &[]).unwrap();
     let mut b1 = Rtm::connect(&eu, &b_token).await.unwrap();
     let got = a
-        .expect("B active", |v| presence_of(v, "UB", "active"))
+        .expect("news of B", |v| v["type"] == "presence_change")
         .await;
+    assert!(presence_of(&got, "UB", "active"), "B active first: {got}");
     assert_eq!(got["user"], "UB", "one presence_change per user: {got}");
 
     // A second device, then one of them closes: no change.
@@ -280,11 +283,11 @@ async fn a_gateway_watches_a_user_once_for_all_its_clients() {
         .await
         .unwrap();
     for a in [&mut a1, &mut a2] {
-        a.send(json!({"type": "presence_sub", "ids": ["UB", "UC"]}))
+        a.send(json!({"id": 1, "type": "presence_sub", "ids": ["UB", "UC"]}))
             .await;
-        a.expect("B away at first", |v| presence_of(v, "UB", "away"))
-            .await;
+        a.expect("the reply", |v| v["reply_to"] == 1).await;
     }
+    // Both subscriptions taken (their replies came after): B and C are watched once each.
     let s = stats().await;
     assert_eq!(s["presence"]["watched_users"], 2, "{s}");
     // One client narrows its set; the other still hears about both.

@@ -105,7 +105,8 @@ async fn slack_rtm_api_node_clients_exchange_messages_across_regions_and_keep_al
     .await;
 }
 
-/// Client config for presence: UPRESA watches UPRESB; neither is in a channel.
+/// Client config for presence: UPRESA watches UPRESB, both of team T1 (a client sees only its
+/// own team's presence); neither is in a channel.
 fn watcher_and_watched(mesh: &channelmesh::Mesh) -> serde_json::Value {
     // A negative check waits this long: past the grace period, when a wrong away would show.
     let quiet =

@@ -69,6 +69,7 @@ pub async fn public_key_gateway(
         jwt_secret: Vec::new(),
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
+        redirect_allow: Default::default(),
         tokens: gateway::tokens::TokenConfig {
             public_keys: vec![key_path("rsa-public.pem"), key_path("ed25519-public.pem")],
             jwks: Some(key_path("jwks.json")),
@@ -201,6 +202,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         jwt_secret: Vec::new(),
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
+        redirect_allow: Default::default(),
         tokens: gateway::tokens::TokenConfig {
             // A private key: the gateway must never be handed one.
             public_keys: vec![key_path("rsa-private.pem")],
@@ -221,6 +223,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         jwt_secret: Vec::new(),
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
+        redirect_allow: Default::default(),
         tokens: Default::default(),
     };
     let result = gateway::serve(config, listener, CancellationToken::new()).await;

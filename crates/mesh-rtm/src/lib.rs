@@ -33,6 +33,10 @@ pub enum ErrorCode {
     /// The connection sends frames faster than its limit: msg `ratelimited`. The frame was
     /// dropped; slow down (persisting closes the connection with code 4029).
     RateLimited = 11,
+    /// The channel carries the server's events only — the user's own channel, and the
+    /// team's unless the gateway allows posts there: msg `restricted_action_read_only_channel`
+    /// (Slack's error for a post to a read-only channel).
+    ReadOnlyChannel = 12,
 }
 
 /// The most user ids one `presence_sub` or `presence_query` may name (Slack's clients keep it

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mesh_core::{ChannelId, NodeId, Ring, UserId};
+use mesh_core::{ChannelId, NodeId, Ring, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::presence_client::PresenceClient;
 
@@ -17,6 +17,37 @@ pub use pool::{IDLE, MAX_CHANNELS, Pool};
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Presence servers asked at once.
 const PARALLEL: usize = 16;
+
+/// A user's presence as their presence server answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub user: UserId,
+    pub active: bool,
+    /// The user's team as last reported with their connections; `None` when the server does
+    /// not know it (or could not be asked).
+    pub team: Option<TeamId>,
+}
+
+impl Presence {
+    /// The answer `p` of a presence server; `None` when its user id does not parse. A team
+    /// that is empty or does not parse is no team.
+    pub fn from_proto(p: pb::UserPresence) -> Option<Self> {
+        Some(Presence {
+            user: UserId::new(&p.user).ok()?,
+            active: p.active,
+            team: TeamId::new(&p.team).ok(),
+        })
+    }
+
+    /// Away, team unknown: what is said of a user nobody could answer for.
+    fn unknown(user: UserId) -> Self {
+        Presence {
+            user,
+            active: false,
+            team: None,
+        }
+    }
+}
 
 /// The presence server that owns `user` under `ring`: its id and address.
 pub fn owner(ring: &Ring, user: &UserId) -> Option<(NodeId, String)> {
@@ -29,9 +60,9 @@ pub fn owner_of(ring: &Ring, key: &ChannelId) -> Option<(NodeId, String)> {
     ring.owner_of(key).map(|n| (n.id.clone(), n.addr.clone()))
 }
 
-/// The presence of `ids` under `ring`, one query per presence server, over `pool`'s channels.
-/// A user whose server cannot be asked in time reads as away.
-pub async fn lookup(pool: &Pool, ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bool)> {
+/// The presence of `ids` under `ring`, in the order asked, one query per presence server over
+/// `pool`'s channels; a user nobody could answer in time for is away, team unknown.
+pub async fn lookup(pool: &Pool, ring: &Ring, ids: &[UserId]) -> Vec<Presence> {
     let mut by_owner: HashMap<String, Vec<UserId>> = HashMap::new();
     for user in ids {
         if let Some((_, addr)) = owner(ring, user) {
@@ -51,24 +82,32 @@ pub async fn lookup(pool: &Pool, ring: &Ring, ids: &[UserId]) -> Vec<(UserId, bo
                 .into_inner()
                 .users
                 .into_iter()
-                .filter_map(|p| Some((UserId::new(&p.user).ok()?, p.active)))
+                .filter_map(Presence::from_proto)
                 .collect(),
-            _ => users.into_iter().map(|u| (u, false)).collect::<Vec<_>>(),
+            _ => users.into_iter().map(Presence::unknown).collect::<Vec<_>>(),
         }
     });
-    let answers: Vec<Vec<(UserId, bool)>> = futures::stream::iter(queries)
+    let answers: Vec<Vec<Presence>> = futures::stream::iter(queries)
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    let mut known: HashMap<UserId, bool> = answers.into_iter().flatten().collect();
+    let mut known: HashMap<UserId, Presence> = answers
+        .into_iter()
+        .flatten()
+        .map(|p| (p.user.clone(), p))
+        .collect();
     ids.iter()
-        .map(|u| (u.clone(), known.remove(u).unwrap_or(false)))
+        .map(|u| {
+            known
+                .remove(u)
+                .unwrap_or_else(|| Presence::unknown(u.clone()))
+        })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use mesh_core::{RingNode, TeamId};
+    use mesh_core::RingNode;
 
     use super::*;
 
@@ -114,6 +153,22 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_without_a_valid_team_has_none() {
+        let answer = |user: &str, team: &str| {
+            Presence::from_proto(pb::UserPresence {
+                user: user.into(),
+                active: true,
+                team: team.into(),
+            })
+        };
+        let team = answer("U1", "T1").and_then(|p| p.team);
+        assert_eq!(team.as_ref().map(TeamId::as_str), Some("T1"));
+        assert_eq!(answer("U1", "").and_then(|p| p.team), None);
+        assert_eq!(answer("U1", "not a team").and_then(|p| p.team), None);
+        assert_eq!(answer("not a user", "T1"), None);
+    }
+
+    #[test]
     fn nobody_owns_anything_on_an_empty_ring() {
         assert_eq!(owner(&Ring::empty(), &users(1)[0]), None);
     }
@@ -121,7 +176,7 @@ mod tests {
     #[tokio::test]
     async fn users_nobody_can_answer_for_are_offline_in_the_order_asked() {
         let ids = users(5);
-        let expected: Vec<(UserId, bool)> = ids.iter().map(|u| (u.clone(), false)).collect();
+        let expected: Vec<Presence> = ids.iter().cloned().map(Presence::unknown).collect();
         let pool = Pool::new();
         // No presence server at all.
         assert_eq!(lookup(&pool, &Ring::empty(), &ids).await, expected);

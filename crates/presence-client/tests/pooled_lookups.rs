@@ -40,7 +40,11 @@ impl Presence for AllActive {
             .into_inner()
             .users
             .into_iter()
-            .map(|user| pb::UserPresence { user, active: true })
+            .map(|user| pb::UserPresence {
+                user,
+                active: true,
+                team: String::new(),
+            })
             .collect();
         Ok(Response::new(pb::QueryResponse { users }))
     }
@@ -99,7 +103,7 @@ async fn lookups_share_one_connection_and_follow_a_restarted_server() {
         .collect();
     for _ in 0..20 {
         let answer = lookup(&pool, &ring, &users).await;
-        assert!(answer.iter().all(|(_, active)| *active), "{answer:?}");
+        assert!(answer.iter().all(|p| p.active), "{answer:?}");
     }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -116,7 +120,7 @@ async fn lookups_share_one_connection_and_follow_a_restarted_server() {
     serve(listener, again.clone(), CancellationToken::new());
     poll(|| async {
         let answer = lookup(&pool, &ring, &users).await;
-        answer.iter().all(|(_, active)| *active).then_some(())
+        answer.iter().all(|p| p.active).then_some(())
     })
     .await;
     assert_eq!(pool.len(), 1, "still one channel for the address");

@@ -247,13 +247,14 @@ impl AdminService {
         if ring.nodes().is_empty() {
             return Err(AdminError::NoPresenceServerYet);
         }
+        // The web app's own call: every user's presence, whatever their team.
         let answer = presence_client::lookup(&self.presence_channels, &ring, &users).await;
         Ok(pb::GetPresenceResponse {
             users: answer
                 .into_iter()
-                .map(|(user, active)| pb::UserPresence {
-                    user: user.to_string(),
-                    presence: if active { "active" } else { "away" }.to_string(),
+                .map(|p| pb::UserPresence {
+                    user: p.user.to_string(),
+                    presence: if p.active { "active" } else { "away" }.to_string(),
                 })
                 .collect(),
         })

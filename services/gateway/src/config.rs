@@ -15,6 +15,7 @@ use mesh_core::TeamId;
 use ring_client::{RingArgs, RingSource};
 
 use crate::limits::{Cidr, Limits};
+use crate::region::{AllowEntry, RedirectAllow};
 use crate::{tickets, tokens};
 
 /// Default: the address to serve on (RTM's HTTP calls and WebSockets, `/metrics`, `/healthz`,
@@ -66,6 +67,16 @@ pub struct Args {
     pub limits: Limits,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    /// While its region drains, forward clients' `rtm.connect` (with their token) only to the
+    /// gateways at these origins (`http://10.0.0.7:8080`) or host patterns
+    /// (`https://*.gw.example.com`): repeatable, or a comma list. None: no forwarding.
+    #[arg(
+        long = "redirect-allow",
+        env = "CHANNELMESH_REDIRECT_ALLOW",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub redirect_allow: Vec<AllowEntry>,
 }
 
 /// Configuration of one gateway.
@@ -91,6 +102,8 @@ pub struct Config {
     pub connect_url_ttl: std::time::Duration,
     /// What one client may do (docs/operations.md, "Limits").
     pub limits: Limits,
+    /// Where a draining gateway may forward `rtm.connect` (empty: nowhere).
+    pub redirect_allow: RedirectAllow,
 }
 
 impl Config {
@@ -116,6 +129,7 @@ impl Config {
             connect_url_ttl: tickets::DEFAULT_TICKET_TTL,
             limits: checked(args.limits.clone())?,
             tokens: args.tokens.config(),
+            redirect_allow: RedirectAllow::new(args.redirect_allow.clone()),
         })
     }
 }
@@ -188,6 +202,8 @@ enum Field {
     TeamCaps,
     /// `ADDRESS[/BITS]`, repeatable or comma-separated: the trusted proxies.
     Proxies,
+    /// A switch: `--NAME` (or `--NAME=true`) turns it on.
+    Bool(fn(&mut Limits) -> &mut bool),
 }
 
 /// One limit flag: `--NAME`, its help, and its field of [`Limits`].
@@ -309,6 +325,11 @@ const LIMIT_FLAGS: &[LimitFlag] = &[
         help: "A proxy (ADDRESS or ADDRESS/BITS; repeatable or comma-separated) whose X-Forwarded-For names the client for the per-address limits: the region's Envoys, and the gateways that forward rtm.connect while their region drains",
         field: Field::Proxies,
     },
+    LimitFlag {
+        name: "allow-team-channel-posts",
+        help: "Let clients post messages and typing to their team's channel (by default it carries server events only, and a client post gets error 12)",
+        field: Field::Bool(|l| &mut l.team_channel_posts),
+    },
 ];
 
 impl LimitFlag {
@@ -340,6 +361,13 @@ impl LimitFlag {
                 .value_parser(|raw: &str| raw.parse::<Cidr>())
                 .value_delimiter(',')
                 .action(ArgAction::Append),
+            Field::Bool(field) => arg
+                .value_name("BOOL")
+                .value_parser(value_parser!(bool))
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .default_value(field(defaults).to_string()),
         }
     }
 
@@ -371,6 +399,11 @@ impl LimitFlag {
                     limits.trusted_proxies = proxies.copied().collect();
                 }
             }
+            Field::Bool(field) => {
+                if let Some(v) = matches.get_one::<bool>(self.name) {
+                    *field(limits) = *v;
+                }
+            }
         }
     }
 
@@ -392,6 +425,7 @@ impl LimitFlag {
                 .iter()
                 .map(|cidr| format!("--{name}={cidr}"))
                 .collect(),
+            Field::Bool(field) => vec![format!("--{name}={}", field(limits))],
         }
     }
 }
@@ -529,6 +563,7 @@ mod tests {
             "--trusted-proxy=10.0.0.0/8,192.0.2.1",
             "--trusted-proxy",
             "fd00::/8",
+            "--allow-team-channel-posts",
         ])
         .unwrap();
         let want = Limits {
@@ -561,8 +596,11 @@ mod tests {
             trusted_proxies: ["10.0.0.0/8", "192.0.2.1", "fd00::/8"]
                 .map(|c| c.parse().unwrap())
                 .to_vec(),
+            team_channel_posts: true,
         };
         assert_eq!(limits, want);
+        let off = parse(&["--allow-team-channel-posts=false"]).unwrap();
+        assert!(!off.team_channel_posts);
     }
 
     #[test]
@@ -571,6 +609,7 @@ mod tests {
             "--write-timeout-secs=0.25",
             "--team-limit=T9=3",
             "--trusted-proxy=10.0.0.0/8,::1",
+            "--allow-team-channel-posts",
         ])
         .unwrap();
         let args = limit_args(&limits);
@@ -611,5 +650,49 @@ mod tests {
         );
         assert!(checked(parse(&["--ping-interval-secs=0"]).unwrap()).is_err());
         assert!(checked(Limits::default()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: Args,
+    }
+
+    fn redirect_allow(args: &[&str]) -> Result<Vec<String>, clap::Error> {
+        let base = ["gateway", "--region", "us-east"];
+        let cli = Cli::try_parse_from(base.iter().chain(args.iter()).copied())?;
+        Ok(cli
+            .gateway
+            .redirect_allow
+            .iter()
+            .map(|e| e.to_string())
+            .collect())
+    }
+
+    #[test]
+    fn redirect_allow_is_repeatable_and_takes_comma_lists() {
+        let got = redirect_allow(&[
+            "--redirect-allow",
+            "http://10.0.0.7:8080,https://*.gw.example.com",
+            "--redirect-allow=http://10.0.0.8:8080",
+        ])
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                "http://10.0.0.7:8080",
+                "https://*.gw.example.com",
+                "http://10.0.0.8:8080"
+            ]
+        );
+        assert!(redirect_allow(&["--redirect-allow", "10.0.0.7:8080"]).is_err());
+        assert!(redirect_allow(&["--redirect-allow", "https://gw.example.com/api"]).is_err());
     }
 }

@@ -425,7 +425,9 @@ async fn set_presence(
     axum::Json(json!({"ok": true})).into_response()
 }
 
-/// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`.
+/// `users.getPresence` (`user=U`, default the caller): `{"ok":true,"presence":..}`. A user
+/// the caller may not see — of another team, or whose team the presence servers do not know —
+/// is `user_not_found`, as an id that names nobody (docs/rtm.md, "Presence").
 async fn get_presence(
     State(edge): State<Arc<Edge>>,
     peer: Peer,
@@ -444,17 +446,19 @@ async fn get_presence(
             Ok(u) => u,
             Err(_) => return slack_error("user_not_found"),
         },
-        None => identity.user,
+        None => identity.user.clone(),
     };
     let Some(presence) = &edge.ctx.presence else {
         return slack_error("presence_unavailable");
     };
-    let active = presence
-        .lookup(std::slice::from_ref(&user))
-        .await
-        .first()
-        .is_some_and(|(_, a)| *a);
-    let presence = if active { "active" } else { "away" };
+    let answer = presence.lookup(std::slice::from_ref(&user)).await;
+    let Some(found) = answer.first().filter(|p| {
+        crate::presence::visible(&identity.user, &identity.team, &p.user, p.team.as_ref())
+    }) else {
+        presence.withheld();
+        return slack_error("user_not_found");
+    };
+    let presence = if found.active { "active" } else { "away" };
     axum::Json(json!({"ok": true, "presence": presence})).into_response()
 }
 
@@ -479,7 +483,8 @@ async fn redirect_connect(
     batch: bool,
     cursors: Vec<(mesh_core::ChannelId, mesh_core::Ts)>,
 ) -> Option<Response> {
-    let targets = edge.ctx.region.redirect();
+    // Only gateways on --redirect-allow ever see the caller's token.
+    let targets = edge.ctx.region.redirect_to();
     if targets.is_empty() {
         return None;
     }
@@ -501,7 +506,7 @@ async fn redirect_connect(
             form.push(("cursors", cursors_param(&cursors)));
         }
         let reply = client
-            .post(format!("{target}/api/rtm.connect"))
+            .post(target)
             .bearer_auth(token)
             .header("x-forwarded-for", caller.to_string())
             .form(&form)

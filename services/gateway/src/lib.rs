@@ -97,9 +97,34 @@ pub async fn serve(
     let router = ChannelRouter::new(ring.clone(), &tracker, cancel.clone());
     let presence = config.presence_ring.clone().map(|source| {
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
-        presence::PresenceHub::new(config.id.clone(), ring, tracker.clone(), cancel.clone())
+        let withheld = metrics.presence_withheld.clone();
+        presence::PresenceHub::new(
+            config.id.clone(),
+            ring,
+            withheld,
+            tracker.clone(),
+            cancel.clone(),
+        )
     });
-    let region_state = Arc::new(region::RegionState::default());
+    if config.redirect_allow.is_empty() {
+        tracing::info!(
+            "redirects are off: while the region drains, rtm.connect is refused, not forwarded (give --redirect-allow)"
+        );
+    } else {
+        let allowed: Vec<String> = config
+            .redirect_allow
+            .entries()
+            .map(|e| e.to_string())
+            .collect();
+        tracing::info!(
+            ?allowed,
+            "while the region drains, rtm.connect is forwarded only to these gateways"
+        );
+    }
+    let region_state = Arc::new(region::RegionState::new(
+        config.redirect_allow.clone(),
+        metrics.redirects_refused.clone(),
+    ));
     let connections = Arc::new(AtomicU64::new(0));
     let sockets = listener::Sockets::new(limits.max_sockets);
     let handshakes = limits::TokenBucket::new(

@@ -77,6 +77,10 @@ pub struct Limits {
     /// gateways that forward `rtm.connect` while their region drains). Anyone else is the
     /// client themselves, whatever the header says.
     pub trusted_proxies: Vec<Cidr>,
+    /// Whether clients may post (messages, typing) to their team's channel. Off by default:
+    /// the team channel carries the server's events to the whole team, and a client post
+    /// there gets error 12 (`restricted_action_read_only_channel`).
+    pub team_channel_posts: bool,
 }
 
 impl Default for Limits {
@@ -104,6 +108,7 @@ impl Default for Limits {
             request_body_bytes: 64 * 1024,
             request_body_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
+            team_channel_posts: false,
         }
     }
 }

@@ -38,6 +38,17 @@ pub struct GatewayMetrics {
     pub typing_coalesced: IntCounter,
     /// HTTP connections closed because their request headers did not arrive in time.
     pub header_timeouts: IntCounter,
+    /// Client posts (messages, typing) refused, by reason (`not_in_channel`,
+    /// `read_only_channel`: the user's or the team's own channel).
+    pub posts_refused: IntCounterVec,
+    /// `ChannelJoined`/`ChannelLeft` directives a connection ignored: they came on a channel
+    /// other than its user's own.
+    pub directives_ignored: IntCounter,
+    /// Presence answers and changes withheld from a client: the user is of another team, or
+    /// their team is not known.
+    pub presence_withheld: IntCounter,
+    /// Redirect targets skipped by a draining gateway: not on `--redirect-allow`.
+    pub redirects_refused: IntCounter,
     /// Items not queued to a connection because its queue (items or bytes) was full.
     pub queue_drops: IntCounter,
     /// Events queued to local connections by the fan-out: one per event per receiving
@@ -121,6 +132,23 @@ impl GatewayMetrics {
             header_timeouts: t.counter(
                 "channelmesh_gateway_header_timeouts_total",
                 "HTTP connections closed: request headers not sent within the handshake timeout.",
+            ),
+            posts_refused: t.counter_vec(
+                "channelmesh_gateway_posts_refused_total",
+                "Client messages and typing refused, by reason (not_in_channel, read_only_channel).",
+                &["reason"],
+            ),
+            directives_ignored: t.counter(
+                "channelmesh_gateway_directives_ignored_total",
+                "Channel join/leave directives a connection ignored: not on its user's own channel.",
+            ),
+            presence_withheld: t.counter(
+                "channelmesh_gateway_presence_withheld_total",
+                "Presence answers and changes withheld from a client: a user of another team, or of no known team.",
+            ),
+            redirects_refused: t.counter(
+                "channelmesh_gateway_redirects_refused_total",
+                "Gateways a draining gateway did not forward rtm.connect to: not on --redirect-allow.",
             ),
             queue_drops: t.counter(
                 "channelmesh_gateway_queue_drops_total",

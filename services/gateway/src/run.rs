@@ -33,6 +33,13 @@ impl Bound {
         self.local_addr
     }
 
+    /// Replaces the gateways it may forward clients to while its region drains (for a mesh
+    /// whose gateways learn each other's addresses once bound).
+    pub fn with_redirect_allow(mut self, allow: crate::region::RedirectAllow) -> Self {
+        self.config.redirect_allow = allow;
+        self
+    }
+
     /// Serves until `cancel`; clients get `goodbye` on the way out.
     pub async fn serve(self, cancel: CancellationToken) -> Result<(), Error> {
         crate::serve(self.config, self.listener, cancel).await

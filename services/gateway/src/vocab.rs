@@ -37,13 +37,15 @@ pub enum Outbound {
 /// A change to what a connection receives.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// The connection's user joined `channel`: start receiving it.
+    /// The connection's user joined `channel`: start receiving it. `on` is the channel the
+    /// directive was published on: a connection honours it only on its user's own channel.
     Joined {
         channel: ChannelId,
         since: Option<Ts>,
+        on: ChannelId,
     },
-    /// The connection's user left `channel`.
-    Left { channel: ChannelId },
+    /// The connection's user left `channel` (honoured, too, only `on` the user's channel).
+    Left { channel: ChannelId, on: ChannelId },
     /// What the connection missed on one channel, ready to write before the live events that
     /// waited for it (see `history`).
     Backlog(Backlog),

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::quota::Refusal;
 use crate::sessions::{Acquire, Outbound, QueryError, Report, SESSION_QUEUE, Sessions};
+use crate::state::{Notice, Online};
 use crate::ticker;
 
 /// The one table from the presence server's errors to gRPC statuses.
@@ -44,16 +45,10 @@ struct Inner {
 
 /// Messages to a gateway session in their protobuf form.
 impl Outbound for pb::ServerMessage {
-    fn presence(items: Vec<(UserId, bool)>) -> Self {
+    fn presence(items: Vec<Notice>) -> Self {
         pb::ServerMessage {
             acquired: Vec::new(),
-            users: items
-                .into_iter()
-                .map(|(user, active)| pb::UserPresence {
-                    user: user.to_string(),
-                    active,
-                })
-                .collect(),
+            users: items.into_iter().map(user_presence).collect(),
         }
     }
 
@@ -72,6 +67,25 @@ impl Outbound for pb::ServerMessage {
     }
 }
 
+/// The protobuf form of a user's presence ("" for a team not known).
+fn user_presence(notice: Notice) -> pb::UserPresence {
+    pb::UserPresence {
+        user: notice.user.to_string(),
+        active: notice.active,
+        team: notice.team.map(|t| t.to_string()).unwrap_or_default(),
+    }
+}
+
+/// A gateway's report of a user's connections; `None` when the user id does not parse. A team
+/// that does not parse (or is "", from a gateway that does not say) is no team.
+fn online(o: &pb::UserOnline) -> Option<Online> {
+    Some(Online {
+        user: UserId::new(&o.user).ok()?,
+        connections: o.connections,
+        team: TeamId::new(&o.team).ok(),
+    })
+}
+
 /// Valid user ids of `raw`; the others are skipped (gateways only send ids they validated).
 fn users(raw: &[String]) -> Vec<UserId> {
     raw.iter().filter_map(|u| UserId::new(u).ok()).collect()
@@ -82,11 +96,7 @@ fn users(raw: &[String]) -> Vec<UserId> {
 fn report(kind: Kind) -> Option<Report> {
     Some(match kind {
         Kind::Snapshot(s) => Report::Snapshot {
-            online: s
-                .online
-                .iter()
-                .filter_map(|o| Some((UserId::new(&o.user).ok()?, o.connections)))
-                .collect(),
+            online: s.online.iter().filter_map(online).collect(),
             manual: s
                 .manual
                 .iter()
@@ -107,10 +117,7 @@ fn report(kind: Kind) -> Option<Report> {
             pending_acquires: s.pending_acquires,
             gateway: s.gateway,
         },
-        Kind::Online(o) => Report::Online {
-            user: UserId::new(&o.user).ok()?,
-            connections: o.connections,
-        },
+        Kind::Online(o) => Report::Online(online(&o)?),
         Kind::Watch(w) => Report::Watch(users(&w.users)),
         Kind::Unwatch(w) => Report::Unwatch(users(&w.users)),
         Kind::Manual(m) => Report::Manual {
@@ -214,13 +221,7 @@ impl pb::presence_server::Presence for PresenceService {
         let req = request.into_inner();
         let answer = self.inner.sessions.query(&req.users).map_err(status)?;
         Ok(Response::new(pb::QueryResponse {
-            users: answer
-                .into_iter()
-                .map(|(user, active)| pb::UserPresence {
-                    user: user.to_string(),
-                    active,
-                })
-                .collect(),
+            users: answer.into_iter().map(user_presence).collect(),
         }))
     }
 }
@@ -246,8 +247,23 @@ mod tests {
         let online = Kind::Online(pb::UserOnline {
             user: "not valid".into(),
             connections: 1,
+            team: "T1".into(),
         });
         assert_eq!(report(online), None);
+        // A team that does not parse, or none, is no team; the report still counts.
+        for team in ["", "not a team"] {
+            let online = Kind::Online(pb::UserOnline {
+                user: "U1".into(),
+                connections: 1,
+                team: team.into(),
+            });
+            let want = Online {
+                user: UserId::new("U1").unwrap(),
+                connections: 1,
+                team: None,
+            };
+            assert_eq!(report(online), Some(Report::Online(want)));
+        }
         let acquire = Kind::Acquire(pb::Acquire {
             request: 7,
             team: String::new(),

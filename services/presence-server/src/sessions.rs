@@ -14,7 +14,7 @@ use mesh_core::{ChannelId, IdError, NodeId, Ring, SLOT_COUNT, Slot, TeamId, User
 use tokio::sync::mpsc;
 
 use crate::quota::{Quotas, Refusal};
-use crate::state::{Notices, Presence, SessionId};
+use crate::state::{Notice, Notices, Online, Presence, SessionId};
 
 /// Messages queued to one gateway session; a gateway that falls this far behind is cut off
 /// (it reconnects and sends a fresh snapshot).
@@ -36,8 +36,8 @@ pub enum Report {
     Snapshot {
         /// The gateway's name, for logs.
         gateway: String,
-        /// Live connections per user.
-        online: Vec<(UserId, u32)>,
+        /// Live connections per user, with the user's team.
+        online: Vec<Online>,
         /// Manual settings: (user, away, set at ms).
         manual: Vec<(UserId, bool, u64)>,
         /// Connections per team and user, for the caps.
@@ -48,10 +48,7 @@ pub enum Report {
         watched: Vec<UserId>,
     },
     /// A user's live connections on the gateway now.
-    Online {
-        user: UserId,
-        connections: u32,
-    },
+    Online(Online),
     Watch(Vec<UserId>),
     Unwatch(Vec<UserId>),
     /// A user set themselves away or back.
@@ -83,8 +80,8 @@ pub struct Acquire {
 
 /// A message to a gateway session, in the edge's own form.
 pub trait Outbound: Send + 'static {
-    /// Presence changes: (user, active) pairs.
-    fn presence(items: Vec<(UserId, bool)>) -> Self;
+    /// Presence changes and answers, each with the user's team when known.
+    fn presence(items: Vec<Notice>) -> Self;
     /// The answer to connection request `request`.
     fn acquired(request: u64, outcome: Result<(), Refusal>) -> Self;
 }
@@ -195,9 +192,7 @@ impl<M: Outbound> Sessions<M> {
                 tracing::debug!(session, %gateway, "gateway snapshot");
                 self.state().snapshot(session, online, manual, watched, now)
             }
-            Report::Online { user, connections } => {
-                self.state().online(session, &user, connections, now)
-            }
+            Report::Online(online) => self.state().online(session, &online, now),
             Report::Watch(users) => {
                 let answer = self.state().watch(session, &users);
                 let mut notices = Notices::new();
@@ -280,8 +275,8 @@ impl<M: Outbound> Sessions<M> {
         }
     }
 
-    /// The presence of each of `users` (as raw ids), as watchers know it.
-    pub fn query(&self, users: &[String]) -> Result<Vec<(UserId, bool)>, QueryError> {
+    /// The presence of each of `users` (as raw ids), as watchers know it, with their teams.
+    pub fn query(&self, users: &[String]) -> Result<Vec<Notice>, QueryError> {
         let mut parsed = Vec::with_capacity(users.len());
         for raw in users {
             let user = UserId::new(raw).map_err(|error| QueryError::BadUser {
@@ -291,13 +286,7 @@ impl<M: Outbound> Sessions<M> {
             parsed.push(user);
         }
         let state = self.state();
-        Ok(parsed
-            .into_iter()
-            .map(|user| {
-                let active = state.get(&user);
-                (user, active)
-            })
-            .collect())
+        Ok(parsed.iter().map(|user| state.get(user)).collect())
     }
 }
 

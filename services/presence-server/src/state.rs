@@ -5,17 +5,48 @@
 //! set themselves away; away otherwise. Becoming active is published at once; becoming away
 //! only after the grace period, so a reconnect within it produces no away/active pair — except
 //! a manual away, which is published at once.
+//!
+//! Each user's team comes with the reports of their connections (the gateway read it from the
+//! user's token) and goes out with every answer and change, so that a gateway shows a user's
+//! presence only to clients of the same team. It is kept while the user is tracked, then
+//! remembered for the [`REMEMBERED_TEAMS`] users last forgotten; a user whose team is not
+//! known (never online since this server owned them) is answered without one.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use mesh_core::UserId;
+use lru::LruCache;
+use mesh_core::{TeamId, UserId};
 
 /// One gateway stream, numbered by the server.
 pub type SessionId = u64;
 
-/// Presence changes to send: per session, (user, active) pairs.
-pub type Notices = HashMap<SessionId, Vec<(UserId, bool)>>;
+/// Users no longer tracked (offline, watched by nobody) whose team a server remembers, the
+/// least recently forgotten dropped first: so that an offline user's teammates still read
+/// them as away. About 100 bytes each.
+pub const REMEMBERED_TEAMS: NonZeroUsize = NonZeroUsize::new(100_000).expect("not zero");
+
+/// A user's presence as a watcher hears it, with the user's team when it is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub user: UserId,
+    pub active: bool,
+    pub team: Option<TeamId>,
+}
+
+/// Presence changes to send, per session.
+pub type Notices = HashMap<SessionId, Vec<Notice>>;
+
+/// A user's connections on one gateway, as its session reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    pub user: UserId,
+    /// Live connections there (0: none left).
+    pub connections: u32,
+    /// The user's team, from their token (`None`: a gateway that does not say).
+    pub team: Option<TeamId>,
+}
 
 #[derive(Debug, Default)]
 struct Session {
@@ -26,6 +57,8 @@ struct Session {
 
 #[derive(Debug, Default)]
 struct User {
+    /// The team the user's connections were last reported with.
+    team: Option<TeamId>,
     /// Sessions reporting at least one live connection.
     online_in: u32,
     /// The newest manual setting: (away, set at ms).
@@ -48,6 +81,11 @@ impl User {
             && self.watchers.is_empty()
             && self.away_at.is_none()
     }
+
+    /// No longer needed: idle and not published active.
+    fn forgettable(&self) -> bool {
+        self.idle() && self.published != Some(true)
+    }
 }
 
 /// Presence of the users one server owns.
@@ -56,6 +94,8 @@ pub struct Presence {
     grace: Duration,
     sessions: HashMap<SessionId, Session>,
     users: HashMap<UserId, User>,
+    /// The teams of users no longer tracked, most recently forgotten first.
+    remembered: LruCache<UserId, TeamId>,
     /// While set, changes are held (after gaining users, until their gateways re-reported).
     warm_until: Option<Instant>,
     /// Users whose watchers must hear their state when warming ends.
@@ -68,17 +108,39 @@ impl Presence {
             grace,
             sessions: HashMap::new(),
             users: HashMap::new(),
+            remembered: LruCache::new(REMEMBERED_TEAMS),
             warm_until: None,
             dirty: HashSet::new(),
         }
     }
 
-    /// The current presence of `user` as watchers know it (or would, on watching).
-    pub fn get(&self, user: &UserId) -> bool {
-        self.users
-            .get(user)
-            .map(|u| u.published.unwrap_or_else(|| u.computed()))
-            .unwrap_or(false)
+    /// The current presence of `user` as watchers know it (or would, on watching), with
+    /// their team if known.
+    pub fn get(&self, user: &UserId) -> Notice {
+        let tracked = self.users.get(user);
+        Notice {
+            user: user.clone(),
+            active: tracked.is_some_and(|u| u.published.unwrap_or_else(|| u.computed())),
+            team: match tracked {
+                Some(u) => u.team.clone(),
+                None => self.remembered.peek(user).cloned(),
+            },
+        }
+    }
+
+    /// `user`'s entry, made when there is none.
+    fn track(&mut self, user: &UserId) -> &mut User {
+        track(&mut self.users, &mut self.remembered, user)
+    }
+
+    /// Stops tracking `user` if nothing needs them any more, remembering their team.
+    fn forget_if_unneeded(&mut self, user: &UserId) {
+        if self.users.get(user).is_some_and(User::forgettable)
+            && let Some(u) = self.users.remove(user)
+            && let Some(team) = u.team
+        {
+            self.remembered.put(user.clone(), team);
+        }
     }
 
     /// True while changes are held after gaining users (see [`Presence::rebalance`]).
@@ -99,7 +161,7 @@ impl Presence {
     pub fn snapshot(
         &mut self,
         session: SessionId,
-        online: Vec<(UserId, u32)>,
+        online: Vec<Online>,
         manual: Vec<(UserId, bool, u64)>,
         watched: Vec<UserId>,
         now: Instant,
@@ -114,8 +176,8 @@ impl Presence {
         for user in old.online.keys() {
             self.adjust(user, -1, now, &mut notices);
         }
-        for (user, n) in online {
-            self.set_online(session, &user, n, now, &mut notices);
+        for report in online {
+            self.set_online(session, &report, now, &mut notices);
         }
         for (user, away, at) in manual {
             self.set_manual(&user, away, at, now, &mut notices);
@@ -131,21 +193,30 @@ impl Presence {
         notices
     }
 
-    /// `user` has `n` live connections on `session`'s gateway.
-    pub fn online(&mut self, session: SessionId, user: &UserId, n: u32, now: Instant) -> Notices {
+    /// A user's live connections on `session`'s gateway now.
+    pub fn online(&mut self, session: SessionId, report: &Online, now: Instant) -> Notices {
         let mut notices = Notices::new();
-        self.set_online(session, user, n, now, &mut notices);
+        self.set_online(session, report, now, &mut notices);
         notices
     }
 
     fn set_online(
         &mut self,
         session: SessionId,
-        user: &UserId,
-        n: u32,
+        report: &Online,
         now: Instant,
         notices: &mut Notices,
     ) {
+        let (user, n) = (&report.user, report.connections);
+        if !self.sessions.contains_key(&session) {
+            return;
+        }
+        if n > 0
+            && let Some(team) = &report.team
+        {
+            // The newest report names the team: a user id belongs to one team.
+            self.track(user).team = Some(team.clone());
+        }
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -163,7 +234,7 @@ impl Presence {
     }
 
     fn adjust(&mut self, user: &UserId, delta: i32, now: Instant, notices: &mut Notices) {
-        let u = self.users.entry(user.clone()).or_default();
+        let u = self.track(user);
         u.online_in = u.online_in.saturating_add_signed(delta);
         self.settle(user, now, notices);
     }
@@ -183,7 +254,7 @@ impl Presence {
         now: Instant,
         notices: &mut Notices,
     ) {
-        let u = self.users.entry(user.clone()).or_default();
+        let u = track(&mut self.users, &mut self.remembered, user);
         if u.manual.is_some_and(|(_, t)| t > at) {
             return;
         }
@@ -195,7 +266,7 @@ impl Presence {
             if self.warm_until.is_some() {
                 self.dirty.insert(user.clone());
             } else {
-                notify(notices, &u.watchers, user, false);
+                notify(notices, u, user, false);
             }
         }
         self.settle(user, now, notices);
@@ -217,34 +288,36 @@ impl Presence {
             if warming {
                 self.dirty.insert(user.clone());
             } else {
-                notify(notices, &u.watchers, user, true);
+                notify(notices, u, user, true);
             }
         } else if u.published.is_none() {
             u.published = Some(false);
         } else if u.away_at.is_none() {
             u.away_at = Some(now + grace);
         }
-        if u.idle() && u.published != Some(true) {
-            self.users.remove(user);
-        }
+        self.forget_if_unneeded(user);
     }
 
     /// `session` watches `users`; returns their presence for it.
-    pub fn watch(&mut self, session: SessionId, users: &[UserId]) -> Vec<(UserId, bool)> {
+    pub fn watch(&mut self, session: SessionId, users: &[UserId]) -> Vec<Notice> {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Vec::new();
         };
         let mut answer = Vec::new();
         for user in users {
             s.watched.insert(user.clone());
-            let u = self.users.entry(user.clone()).or_default();
+            let u = track(&mut self.users, &mut self.remembered, user);
             u.watchers.insert(session);
             let computed = u.computed();
             let active = *u.published.get_or_insert(computed);
             if self.warm_until.is_some() {
                 self.dirty.insert(user.clone());
             } else {
-                answer.push((user.clone(), active));
+                answer.push(Notice {
+                    user: user.clone(),
+                    active,
+                    team: u.team.clone(),
+                });
             }
         }
         answer
@@ -260,9 +333,7 @@ impl Presence {
         for user in users {
             if let Some(u) = self.users.get_mut(user) {
                 u.watchers.remove(&session);
-                if u.idle() && u.published != Some(true) {
-                    self.users.remove(user);
-                }
+                self.forget_if_unneeded(user);
             }
         }
     }
@@ -292,7 +363,7 @@ impl Presence {
             for user in std::mem::take(&mut self.dirty) {
                 if let Some(u) = self.users.get(&user) {
                     let active = u.published.unwrap_or(false);
-                    notify(&mut notices, &u.watchers, &user, active);
+                    notify(&mut notices, u, &user, active);
                 }
             }
         }
@@ -312,10 +383,8 @@ impl Presence {
             u.away_at = None;
             if !u.computed() {
                 u.published = Some(false);
-                notify(&mut notices, &u.watchers, &user, false);
-                if u.idle() {
-                    self.users.remove(&user);
-                }
+                notify(&mut notices, u, &user, false);
+                self.forget_if_unneeded(&user);
             }
         }
         notices
@@ -332,6 +401,15 @@ impl Presence {
         warm_up: Duration,
     ) {
         self.users.retain(|user, _| owned(user));
+        let gone: Vec<UserId> = self
+            .remembered
+            .iter()
+            .filter(|(user, _)| !owned(user))
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in gone {
+            self.remembered.pop(&user);
+        }
         for s in self.sessions.values_mut() {
             s.online.retain(|user, _| owned(user));
             s.watched.retain(|user| owned(user));
@@ -343,21 +421,36 @@ impl Presence {
     }
 }
 
-fn notify(notices: &mut Notices, watchers: &HashSet<SessionId>, user: &UserId, active: bool) {
-    for session in watchers {
-        notices
-            .entry(*session)
-            .or_default()
-            .push((user.clone(), active));
+/// `user`'s entry in `users`, made when there is none, with the team `remembered` for them.
+/// (A function of the two fields, so that the rest of the state stays free to borrow.)
+fn track<'a>(
+    users: &'a mut HashMap<UserId, User>,
+    remembered: &mut LruCache<UserId, TeamId>,
+    user: &UserId,
+) -> &'a mut User {
+    users.entry(user.clone()).or_insert_with(|| User {
+        team: remembered.pop(user),
+        ..User::default()
+    })
+}
+
+/// Tells `u`'s watchers that `user` is now `active`.
+fn notify(notices: &mut Notices, u: &User, user: &UserId, active: bool) {
+    for session in &u.watchers {
+        notices.entry(*session).or_default().push(Notice {
+            user: user.clone(),
+            active,
+            team: u.team.clone(),
+        });
     }
 }
 
 trait ExtendSession {
-    fn extend_session(&mut self, session: SessionId, items: Vec<(UserId, bool)>);
+    fn extend_session(&mut self, session: SessionId, items: Vec<Notice>);
 }
 
 impl ExtendSession for Notices {
-    fn extend_session(&mut self, session: SessionId, items: Vec<(UserId, bool)>) {
+    fn extend_session(&mut self, session: SessionId, items: Vec<Notice>) {
         if !items.is_empty() {
             self.entry(session).or_default().extend(items);
         }
@@ -374,23 +467,37 @@ mod tests {
         UserId::new(id).unwrap()
     }
 
+    /// `user` of team T1 has `n` connections on a gateway.
+    fn on(user: &str, n: u32) -> Online {
+        Online {
+            user: u(user),
+            connections: n,
+            team: Some(TeamId::new("T1").unwrap()),
+        }
+    }
+
+    /// What notices say, without the teams.
+    fn said(notices: &[Notice]) -> Vec<(UserId, bool)> {
+        notices.iter().map(|n| (n.user.clone(), n.active)).collect()
+    }
+
     #[test]
     fn a_watcher_hears_active_then_away_after_the_grace() {
         let t0 = Instant::now();
         let mut p = Presence::new(GRACE);
         p.snapshot(1, vec![], vec![], vec![], t0);
         p.snapshot(2, vec![], vec![], vec![], t0);
-        assert_eq!(p.watch(1, &[u("UB")]), vec![(u("UB"), false)]);
-        let n = p.online(2, &u("UB"), 1, t0);
-        assert_eq!(n[&1], vec![(u("UB"), true)]);
+        assert_eq!(said(&p.watch(1, &[u("UB")])), vec![(u("UB"), false)]);
+        let n = p.online(2, &on("UB", 1), t0);
+        assert_eq!(said(&n[&1]), vec![(u("UB"), true)]);
         // A second device, then one closes: nothing to say.
-        assert!(p.online(2, &u("UB"), 2, t0).is_empty());
-        assert!(p.online(2, &u("UB"), 1, t0).is_empty());
+        assert!(p.online(2, &on("UB", 2), t0).is_empty());
+        assert!(p.online(2, &on("UB", 1), t0).is_empty());
         // The last closes: away only after the grace.
-        assert!(p.online(2, &u("UB"), 0, t0).is_empty());
+        assert!(p.online(2, &on("UB", 0), t0).is_empty());
         assert!(p.tick(t0 + GRACE / 2).is_empty());
-        assert_eq!(p.tick(t0 + GRACE)[&1], vec![(u("UB"), false)]);
-        assert!(!p.get(&u("UB")));
+        assert_eq!(said(&p.tick(t0 + GRACE)[&1]), vec![(u("UB"), false)]);
+        assert!(!p.get(&u("UB")).active);
     }
 
     #[test]
@@ -398,12 +505,12 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Presence::new(GRACE);
         p.snapshot(1, vec![], vec![], vec![u("UB")], t0);
-        p.snapshot(2, vec![(u("UB"), 1)], vec![], vec![], t0);
-        assert!(p.online(2, &u("UB"), 0, t0).is_empty());
+        p.snapshot(2, vec![on("UB", 1)], vec![], vec![], t0);
+        assert!(p.online(2, &on("UB", 0), t0).is_empty());
         // It comes back on another gateway before the grace ends.
-        p.snapshot(3, vec![(u("UB"), 1)], vec![], vec![], t0 + GRACE / 2);
+        p.snapshot(3, vec![on("UB", 1)], vec![], vec![], t0 + GRACE / 2);
         assert!(p.tick(t0 + GRACE * 2).is_empty());
-        assert!(p.get(&u("UB")));
+        assert!(p.get(&u("UB")).active);
     }
 
     #[test]
@@ -411,17 +518,24 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Presence::new(GRACE);
         p.snapshot(1, vec![], vec![], vec![u("UB"), u("UC")], t0);
-        p.snapshot(2, vec![(u("UB"), 1), (u("UC"), 1)], vec![], vec![], t0);
+        p.snapshot(2, vec![on("UB", 1), on("UC", 1)], vec![], vec![], t0);
         let n = p.manual(&u("UC"), true, 10, t0);
-        assert_eq!(n[&1], vec![(u("UC"), false)], "away by hand is at once");
+        assert_eq!(
+            said(&n[&1]),
+            vec![(u("UC"), false)],
+            "away by hand is at once"
+        );
         // An older setting from another gateway loses.
         assert!(p.manual(&u("UC"), false, 5, t0).is_empty());
         assert!(p.tick(t0 + GRACE).is_empty());
         p.drop_session(2, t0 + GRACE);
-        assert_eq!(p.tick(t0 + GRACE * 2)[&1], vec![(u("UB"), false)]);
+        assert_eq!(said(&p.tick(t0 + GRACE * 2)[&1]), vec![(u("UB"), false)]);
         // Back to automatic: active again at once while connected.
-        p.snapshot(3, vec![(u("UC"), 1)], vec![], vec![], t0);
-        assert_eq!(p.manual(&u("UC"), false, 20, t0)[&1], vec![(u("UC"), true)]);
+        p.snapshot(3, vec![on("UC", 1)], vec![], vec![], t0);
+        assert_eq!(
+            said(&p.manual(&u("UC"), false, 20, t0)[&1]),
+            vec![(u("UC"), true)]
+        );
     }
 
     #[test]
@@ -431,16 +545,72 @@ mod tests {
         p.rebalance(|_| true, true, t0, Duration::from_millis(500));
         p.snapshot(1, vec![], vec![], vec![u("UB")], t0);
         assert!(
-            p.snapshot(2, vec![(u("UB"), 1)], vec![], vec![], t0)
+            p.snapshot(2, vec![on("UB", 1)], vec![], vec![], t0)
                 .is_empty()
         );
         assert!(p.tick(t0).is_empty());
         assert_eq!(
-            p.tick(t0 + Duration::from_millis(500))[&1],
+            said(&p.tick(t0 + Duration::from_millis(500))[&1]),
             vec![(u("UB"), true)]
         );
         // Users no longer owned are forgotten.
         p.rebalance(|_| false, false, t0, Duration::ZERO);
         assert!(p.is_empty());
+    }
+
+    /// `user`'s team as the state answers it.
+    fn team_of(p: &Presence, user: &str) -> Option<String> {
+        p.get(&u(user)).team.map(|t| t.to_string())
+    }
+
+    #[test]
+    fn a_users_team_goes_with_every_answer_and_change() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(GRACE);
+        p.snapshot(1, vec![], vec![], vec![], t0);
+        p.snapshot(2, vec![], vec![], vec![], t0);
+        // Never online: no team, in the answer to a watch as in a query.
+        let answer = p.watch(1, &[u("UB")]);
+        assert_eq!(answer[0].team, None);
+        assert_eq!(team_of(&p, "UB"), None);
+        // Online: the report names the team, and the change carries it.
+        let n = p.online(2, &on("UB", 1), t0);
+        assert_eq!(n[&1][0].team.as_ref().map(TeamId::as_str), Some("T1"));
+        // A report without a team leaves it as it was.
+        let unnamed = Online {
+            team: None,
+            ..on("UB", 2)
+        };
+        p.online(2, &unnamed, t0);
+        assert_eq!(team_of(&p, "UB").as_deref(), Some("T1"));
+        // Gone, watched: the away after the grace still names it.
+        p.online(2, &on("UB", 0), t0);
+        let n = p.tick(t0 + GRACE);
+        assert_eq!(n[&1][0].team.as_ref().map(TeamId::as_str), Some("T1"));
+        // Watched by nobody: no longer tracked, the team remembered for queries and for the
+        // next watch.
+        p.unwatch(1, &[u("UB")]);
+        assert!(p.is_empty());
+        assert_eq!(team_of(&p, "UB").as_deref(), Some("T1"));
+        let answer = p.watch(1, &[u("UB")]);
+        assert_eq!(answer[0].team.as_ref().map(TeamId::as_str), Some("T1"));
+        assert!(!answer[0].active);
+        // A user no longer owned is forgotten, team and all.
+        p.unwatch(1, &[u("UB")]);
+        p.rebalance(|_| false, false, t0, Duration::ZERO);
+        assert_eq!(team_of(&p, "UB"), None);
+    }
+
+    #[test]
+    fn the_newest_report_names_the_team() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(GRACE);
+        p.snapshot(1, vec![on("UB", 1)], vec![], vec![], t0);
+        let elsewhere = Online {
+            team: Some(TeamId::new("T2").unwrap()),
+            ..on("UB", 1)
+        };
+        p.snapshot(2, vec![elsewhere], vec![], vec![], t0);
+        assert_eq!(team_of(&p, "UB").as_deref(), Some("T2"));
     }
 }

@@ -164,6 +164,8 @@ async fn presence(args: &Args) -> anyhow::Result<PresenceReport> {
             .map(|u| pb::UserOnline {
                 user: u.clone(),
                 connections: 1,
+                // As a gateway reports it: the server keeps each user's team.
+                team: "TBENCH".into(),
             })
             .collect(),
         ..Default::default()

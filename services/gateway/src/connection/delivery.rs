@@ -40,7 +40,8 @@ pub(super) struct Delivery {
     outbox: Arc<Outbox>,
     /// Channels the user may read and post to right now.
     pub(super) members: HashSet<ChannelId>,
-    /// The user's and team's channels: never left.
+    /// The user's and the team's channels, in that order: never left. Only the user's carries
+    /// the directives that join and leave channels.
     own: [ChannelId; 2],
     /// Channels joined or resumed whose history is still being read: their live events wait
     /// here, so the client gets history then live, in ts order.
@@ -221,10 +222,32 @@ impl Delivery {
         true
     }
 
+    /// Whether a directive published on channel `on` is this connection's to follow: only
+    /// its user's own channel carries them. Any other is ignored, counted and logged: a
+    /// directive on a shared channel (the team's, an ordinary one, another user's) would
+    /// otherwise join or remove every connection subscribed to it.
+    fn directive_is_mine(&self, on: &ChannelId, channel: &ChannelId) -> bool {
+        if on == self.user_channel() {
+            return true;
+        }
+        self.ctx.metrics.directives_ignored.inc();
+        tracing::debug!(conn = self.sink.id, user = %self.sink.user, %on, %channel,
+            "ignored a channel directive not on the user's own channel");
+        false
+    }
+
+    /// The connection's user's own channel.
+    fn user_channel(&self) -> &ChannelId {
+        &self.own[0]
+    }
+
     /// Applies a change to what the connection receives.
     fn on_control(&mut self, control: Control, out: &mut Outgoing) {
         match control {
-            Control::Joined { channel, since } => {
+            Control::Joined { channel, since, on } => {
+                if !self.directive_is_mine(&on, &channel) {
+                    return;
+                }
                 if self.members.insert(channel.clone()) {
                     self.cursors
                         .insert(channel.clone(), since.unwrap_or_default());
@@ -257,7 +280,10 @@ impl Delivery {
                     }
                 }
             }
-            Control::Left { channel } => {
+            Control::Left { channel, on } => {
+                if !self.directive_is_mine(&on, &channel) {
+                    return;
+                }
                 if !self.own.contains(&channel) && self.members.remove(&channel) {
                     self.cursors.remove(&channel);
                     self.catching_up.remove(&channel);
@@ -385,6 +411,7 @@ mod tests {
         let joined = Control::Joined {
             channel: channel("C2"),
             since: Some(ts(1)),
+            on: channel("U1"),
         };
         assert!(written(&mut d, vec![Outbound::control(joined)]).is_empty());
         assert!(d.members.contains(&channel("C2")));
@@ -403,6 +430,7 @@ mod tests {
         );
         let left = Control::Left {
             channel: channel("C2"),
+            on: channel("U1"),
         };
         let got = written(&mut d, vec![Outbound::control(left)]);
         assert_eq!(got.len(), 1);
@@ -418,6 +446,7 @@ mod tests {
         for own in ["U1", "T1"] {
             let left = Control::Left {
                 channel: channel(own),
+                on: channel("U1"),
             };
             assert!(written(&mut d, vec![Outbound::control(left)]).is_empty());
             assert!(d.members.contains(&channel(own)));
@@ -425,10 +454,46 @@ mod tests {
         // Nor is a channel the user is not in.
         let left = Control::Left {
             channel: channel("C7"),
+            on: channel("U1"),
         };
         assert!(written(&mut d, vec![Outbound::control(left)]).is_empty());
         assert_eq!(d.members.len(), 3);
         assert_eq!(d.leave_all().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn directives_are_followed_only_on_the_users_own_channel() {
+        let ctx = ConnectionContext::for_tests();
+        let mut d = delivery(&ctx);
+        d.start(Vec::new());
+        // On the team's channel, an ordinary channel the user is in, another user's channel:
+        // none joins, none leaves.
+        for on in ["T1", "C1", "U2"] {
+            let joined = Control::Joined {
+                channel: channel("C9"),
+                since: None,
+                on: channel(on),
+            };
+            let left = Control::Left {
+                channel: channel("C1"),
+                on: channel(on),
+            };
+            let items = vec![Outbound::control(joined), Outbound::control(left)];
+            assert!(written(&mut d, items).is_empty(), "on {on}");
+        }
+        assert!(!d.members.contains(&channel("C9")));
+        assert!(d.members.contains(&channel("C1")));
+        assert_eq!(ctx.hub.channel_count(), 0, "nothing subscribed");
+        assert_eq!(ctx.metrics.directives_ignored.get(), 6);
+        // The same directives on the user's own channel are followed.
+        let joined = Control::Joined {
+            channel: channel("C9"),
+            since: None,
+            on: channel("U1"),
+        };
+        assert!(written(&mut d, vec![Outbound::control(joined)]).is_empty());
+        assert!(d.members.contains(&channel("C9")));
+        assert_eq!(ctx.metrics.directives_ignored.get(), 6);
     }
 
     #[tokio::test]

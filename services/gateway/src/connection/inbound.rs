@@ -15,7 +15,7 @@ use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 use super::context::ConnectionContext;
 use crate::close::Close;
-use crate::limits::TokenBucket;
+use crate::limits::{Limits, TokenBucket};
 use crate::presence::PresenceHub;
 use crate::socket::{Error as WsError, Message, Outgoing};
 use crate::vocab::ConnId;
@@ -119,7 +119,7 @@ impl Inbound {
                     Err(error) => Some(error.render().into()),
                     Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
                     Ok(ClientFrame::Message { id, channel, text }) => {
-                        let allowed = members.contains(&channel);
+                        let allowed = may_post(identity, members, &channel, &ctx.limits);
                         let publishing =
                             publish(ctx, conn, identity, allowed, Some(id), channel, Some(text));
                         self.in_flight.push(Box::pin(publishing));
@@ -129,7 +129,7 @@ impl Inbound {
                         // Repeats within the typing interval are dropped: receivers already
                         // show the user typing.
                         if ctx.typing.first_in_interval(&identity.user, &channel, now) {
-                            let allowed = members.contains(&channel);
+                            let allowed = may_post(identity, members, &channel, &ctx.limits);
                             let publishing =
                                 publish(ctx, conn, identity, allowed, id, channel, None);
                             self.in_flight.push(Box::pin(publishing));
@@ -188,13 +188,62 @@ fn is_capacity(e: &WsError) -> bool {
     matches!(e, WsError::Capacity(_))
 }
 
+/// Why a client may not post to a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PostRefused {
+    /// Its user is not a member of the channel: error 6.
+    NotInChannel,
+    /// The channel carries the server's events only: error 12.
+    ReadOnly,
+}
+
+impl PostRefused {
+    /// The error reply, to the frame's `id` if it had one.
+    fn error(self, id: Option<i64>) -> RtmError {
+        match self {
+            PostRefused::NotInChannel => RtmError::new(ErrorCode::NotInChannel, self.as_str(), id),
+            PostRefused::ReadOnly => RtmError::new(ErrorCode::ReadOnlyChannel, self.as_str(), id),
+        }
+    }
+
+    /// The error's message, also the metrics' label.
+    fn as_str(self) -> &'static str {
+        match self {
+            PostRefused::NotInChannel => "not_in_channel",
+            PostRefused::ReadOnly => "restricted_action_read_only_channel",
+        }
+    }
+}
+
+/// Whether the connection of `identity`, a member of `members`, may post (a message, a typing
+/// indicator) to `channel`. The user's own channel carries the server's events to that user
+/// (joins, leaves, and what the web app publishes there) and the team's channel the server's
+/// events to the whole team: a client posts to neither, unless `limits` let it post to the
+/// team's (docs/decisions.md, "Clients do not post to their own channels").
+fn may_post(
+    identity: &Identity,
+    members: &HashSet<ChannelId>,
+    channel: &ChannelId,
+    limits: &Limits,
+) -> Result<(), PostRefused> {
+    let is_user = channel.as_str() == identity.user.as_str();
+    let is_team = channel.as_str() == identity.team.as_str();
+    if is_user || (is_team && !limits.team_channel_posts) {
+        return Err(PostRefused::ReadOnly);
+    }
+    if !members.contains(channel) {
+        return Err(PostRefused::NotInChannel);
+    }
+    Ok(())
+}
+
 /// Publishes a client's message (`text`) or typing indicator (no text) on `channel`, if
 /// `allowed` there; resolves to the reply frame, if any.
 fn publish(
     ctx: &Arc<ConnectionContext>,
     conn: ConnId,
     identity: &Identity,
-    allowed: bool,
+    allowed: Result<(), PostRefused>,
     id: Option<i64>,
     channel: ChannelId,
     text: Option<String>,
@@ -210,12 +259,12 @@ fn publish(
     };
     let ctx = ctx.clone();
     async move {
-        if !allowed {
-            return Some(
-                RtmError::new(ErrorCode::NotInChannel, "not_in_channel", id)
-                    .render()
-                    .into(),
-            );
+        if let Err(refused) = allowed {
+            ctx.metrics
+                .posts_refused
+                .with_label_values(&[refused.as_str()])
+                .inc();
+            return Some(refused.error(id).render().into());
         }
         let event = ChannelEvent {
             channel,
@@ -252,7 +301,8 @@ mod tests {
 
     use super::*;
 
-    /// The client side of a connection of user U1, a member of no channel, and what it wrote.
+    /// The client side of a connection of user U1 (of team T1), a member of no channel, and
+    /// what it wrote.
     struct Client {
         inbound: Inbound,
         me: Identity,
@@ -265,16 +315,21 @@ mod tests {
             let ctx = ConnectionContext::for_tests();
             Client {
                 inbound: Inbound::new(ctx, 1, Instant::now()),
-                me: Identity {
-                    user: UserId::new("U1").unwrap(),
-                    team: TeamId::new("T1").unwrap(),
-                    name: None,
-                    channels: vec![ChannelId::new("C1").unwrap()],
-                    expires_at: 0,
-                    jti: None,
-                },
+                me: Client::identity(),
                 members: HashSet::new(),
                 frames: Outgoing::default(),
+            }
+        }
+
+        /// User U1 of team T1, whose token names C1.
+        fn identity() -> Identity {
+            Identity {
+                user: UserId::new("U1").unwrap(),
+                team: TeamId::new("T1").unwrap(),
+                name: None,
+                channels: vec![ChannelId::new("C1").unwrap()],
+                expires_at: 0,
+                jti: None,
             }
         }
 
@@ -341,6 +396,54 @@ mod tests {
             (false.into(), 3.into())
         );
         assert_eq!(reply["error"]["msg"], "not_in_channel");
+    }
+
+    #[test]
+    fn the_users_and_the_teams_channels_are_read_only_to_clients() {
+        let me = Client::identity();
+        let members: HashSet<ChannelId> = me.all_channels().into_iter().collect();
+        let c = |id: &str| ChannelId::new(id).unwrap();
+        let (mut limits, refused) = (Limits::default(), Err(PostRefused::ReadOnly));
+        assert_eq!(may_post(&me, &members, &c("C1"), &limits), Ok(()));
+        assert_eq!(may_post(&me, &members, &c("U1"), &limits), refused);
+        assert_eq!(may_post(&me, &members, &c("T1"), &limits), refused);
+        assert_eq!(
+            may_post(&me, &members, &c("C9"), &limits),
+            Err(PostRefused::NotInChannel)
+        );
+        // The gateway may allow posts to the team's channel; never to the user's.
+        limits.team_channel_posts = true;
+        assert_eq!(may_post(&me, &members, &c("T1"), &limits), Ok(()));
+        assert_eq!(may_post(&me, &members, &c("U1"), &limits), refused);
+        // Read-only wins over membership: a channel the token lists is no exception.
+        let no_members = HashSet::new();
+        assert_eq!(
+            may_post(&me, &no_members, &c("T1"), &Limits::default()),
+            refused
+        );
+    }
+
+    #[tokio::test]
+    async fn a_post_to_the_teams_channel_gets_error_12_and_is_counted() {
+        let mut client = Client::new();
+        let message = r#"{"id":4,"type":"message","channel":"T1","text":"hi all"}"#;
+        assert_eq!(client.send(message), GO_ON);
+        let reply = client.inbound.next_reply().await.flatten().unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+        assert_eq!(reply["reply_to"], 4);
+        assert_eq!(reply["error"]["code"], 12);
+        assert_eq!(reply["error"]["msg"], "restricted_action_read_only_channel");
+        // Typing without an id gets the error event.
+        assert_eq!(client.send(r#"{"type":"typing","channel":"U1"}"#), GO_ON);
+        let reply = client.inbound.next_reply().await.flatten().unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+        assert_eq!(
+            (reply["type"].as_str(), reply["error"]["code"].as_u64()),
+            (Some("error"), Some(12))
+        );
+        let refused = &client.inbound.ctx.metrics.posts_refused;
+        let read_only = refused.with_label_values(&["restricted_action_read_only_channel"]);
+        assert_eq!(read_only.get(), 2);
     }
 
     #[tokio::test]

@@ -138,7 +138,7 @@ impl Connection {
         ctx.metrics.connected();
         ctx.region.register(conn, closer.clone());
         if let Some(presence) = &ctx.presence {
-            presence.connected(&sink, batch_presence);
+            presence.connected(&sink, &identity.team, batch_presence);
         }
         delivery.resume(resumed);
         let inbound = Inbound::new(ctx.clone(), conn, Instant::now());

@@ -246,14 +246,18 @@ impl Hub {
             .filter(|o| o.gateway == self.inner.gateway)
             .map(|o| o.conn);
         let item = match (&event.body, frame) {
+            // Directives go to every subscriber of the channel they came on, each connection
+            // honouring only those on its own user's channel (`Delivery::on_control`).
             (EventBody::ChannelJoined { channel, since }, _) => {
                 Outbound::control(Control::Joined {
                     channel: channel.clone(),
                     since: *since,
+                    on: event.channel.clone(),
                 })
             }
             (EventBody::ChannelLeft { channel }, _) => Outbound::control(Control::Left {
                 channel: channel.clone(),
+                on: event.channel.clone(),
             }),
             (_, Some(frame)) => Outbound::Event(Arc::new(Rendered {
                 channel: event.channel.clone(),

@@ -140,9 +140,9 @@ async fn membership_events_tell_each_connection_to_join_or_leave() {
         })
         .collect();
     assert!(matches!(&controls[..], [
-        Control::Joined { channel: j, since: Some(_) },
-        Control::Left { channel: l },
-    ] if j.as_str() == "C5" && l.as_str() == "C5"));
+        Control::Joined { channel: j, since: Some(_), on: o1 },
+        Control::Left { channel: l, on: o2 },
+    ] if j.as_str() == "C5" && l.as_str() == "C5" && o1 == &u1 && o2 == &u1));
     // Controls are not events: nothing counted as delivered.
     assert_eq!(hub.metrics().delivered.get(), 0);
 }

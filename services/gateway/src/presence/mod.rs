@@ -22,7 +22,8 @@ use std::time::Instant;
 use mesh_core::{ChannelId, NodeId, Ring, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
-use presence_client::{owner, owner_of};
+use mesh_telemetry::prometheus::IntCounter;
+use presence_client::{Presence, owner, owner_of};
 use ring_client::RingWatcher;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ pub use caps::Refused;
 use reports::Reports;
 use session::{CALL_TIMEOUT, SESSION_QUEUE};
 use watchers::Watchers;
+pub(crate) use watchers::visible;
 
 #[derive(Debug, Default)]
 struct State {
@@ -58,9 +60,10 @@ impl State {
                 .online
                 .iter()
                 .filter(|(u, _)| mine(u))
-                .map(|(u, n)| pb::UserOnline {
+                .map(|(u, here)| pb::UserOnline {
                     user: u.to_string(),
-                    connections: *n,
+                    connections: here.connections,
+                    team: here.team.to_string(),
                 })
                 .collect(),
             manual: self
@@ -148,15 +151,19 @@ struct Inner {
     state: Mutex<State>,
     /// Channels to presence servers for queries (`lookup`), reused across calls.
     channels: presence_client::Pool,
+    /// Counts the presence answers and changes withheld from clients (another team's users).
+    withheld: IntCounter,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl PresenceHub {
-    /// Presence for gateway `gateway`, following the presence ring `ring`.
+    /// Presence for gateway `gateway`, following the presence ring `ring`; what is withheld
+    /// from clients is counted in `withheld`.
     pub fn new(
         gateway: String,
         ring: RingWatcher,
+        withheld: IntCounter,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -166,6 +173,7 @@ impl PresenceHub {
                 ring,
                 state: Mutex::new(State::default()),
                 channels: presence_client::Pool::new(),
+                withheld,
                 tracker,
                 cancel,
             }),
@@ -182,6 +190,14 @@ impl PresenceHub {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts what the watchers withheld from their clients.
+    fn count_withheld(&self, state: &mut State) {
+        let withheld = state.watchers.take_withheld();
+        if withheld > 0 {
+            self.inner.withheld.inc_by(withheld);
+        }
     }
 
     /// Sends `kind` about `user` to the user's presence server, starting a session if needed.
@@ -250,14 +266,15 @@ impl PresenceHub {
         )
     }
 
-    /// A connection of `sink.user` opened (after `hello`).
-    pub fn connected(&self, sink: &ConnSink, batch: bool) {
+    /// A connection of `sink.user`, of `team`, opened (after `hello`).
+    pub fn connected(&self, sink: &ConnSink, team: &TeamId, batch: bool) {
         let mut state = self.state();
-        state.watchers.connected(sink, batch);
-        if state.reports.connected(&sink.user) {
+        state.watchers.connected(sink, team, batch);
+        if state.reports.connected(&sink.user, team) {
             let online = pb::UserOnline {
                 user: sink.user.to_string(),
                 connections: 1,
+                team: team.to_string(),
             };
             self.send(&mut state, &sink.user, Kind::Online(online));
         }
@@ -272,16 +289,19 @@ impl PresenceHub {
             let online = pb::UserOnline {
                 user: user.to_string(),
                 connections: 0,
+                team: String::new(),
             };
             self.send(&mut state, user, Kind::Online(online));
         }
     }
 
     /// `presence_sub`: `conn` now watches exactly `ids`. Newly watched users' known presence is
-    /// pushed at once; the others' comes from their presence servers.
+    /// pushed at once; the others' comes from their presence servers. Only users the
+    /// connection may see are ever pushed to it ([`visible`]).
     pub fn subscribe(&self, conn: ConnId, ids: Vec<UserId>) {
         let mut state = self.state();
         let (first, unwatched) = state.watchers.subscribe(conn, ids);
+        self.count_withheld(&mut state);
         self.unwatch(&mut state, unwatched);
         // Watch once per user on this gateway.
         for user in first {
@@ -368,18 +388,28 @@ impl PresenceHub {
         self.send_to(state, &ChannelId::from(team), Kind::Release(release));
     }
 
-    /// `presence_query`: asks the users' presence servers once and answers `conn`.
+    /// `presence_query`: asks the users' presence servers once and answers `conn` about those
+    /// it may see.
     pub fn query(&self, conn: ConnId, ids: Vec<UserId>) {
         let this = self.clone();
         self.inner.tracker.spawn(async move {
             let answer = this.lookup(&ids).await;
-            this.state().watchers.answer(conn, &answer);
+            let mut state = this.state();
+            state.watchers.answer(conn, &answer);
+            this.count_withheld(&mut state);
         });
     }
 
-    /// The presence of `ids` from their presence servers (away when one cannot be asked).
-    pub async fn lookup(&self, ids: &[UserId]) -> Vec<(UserId, bool)> {
+    /// The presence of `ids` from their presence servers, with their teams (away, team
+    /// unknown, when one cannot be asked). Unfiltered: callers show each only where
+    /// [`visible`].
+    pub async fn lookup(&self, ids: &[UserId]) -> Vec<Presence> {
         presence_client::lookup(&self.inner.channels, &self.inner.ring.current(), ids).await
+    }
+
+    /// One lookup counted as withheld from its caller.
+    pub fn withheld(&self) {
+        self.inner.withheld.inc();
     }
 }
 
@@ -411,11 +441,9 @@ impl session::Peer for PresenceHub {
                 self.release_locked(&mut state, &team, &user);
             }
         }
-        let heard = message
-            .users
-            .into_iter()
-            .filter_map(|p| Some((UserId::new(&p.user).ok()?, p.active)));
+        let heard = message.users.into_iter().filter_map(Presence::from_proto);
         state.watchers.heard(heard);
+        self.count_withheld(&mut state);
     }
 }
 
@@ -445,7 +473,7 @@ mod tests {
             .collect();
         let team = TeamId::new("T1").unwrap();
         for (i, user) in users.iter().enumerate() {
-            state.reports.connected(user);
+            state.reports.connected(user, &team);
             state.reports.set_manual(user, i % 2 == 0, i as u64);
             let (tx, _) = oneshot::channel();
             let request = state.caps.ask(&team, user, tx, Instant::now());
@@ -453,7 +481,7 @@ mod tests {
         }
         let outbox = Arc::new(Outbox::new(64, 1 << 20));
         let sink = ConnSink::new(1, users[0].clone(), outbox, Arc::new(Closer::default()));
-        state.watchers.connected(&sink, false);
+        state.watchers.connected(&sink, &team, false);
         state.watchers.subscribe(1, users.clone());
         let (tx, _pending) = oneshot::channel();
         let open = state.caps.ask(&team, &users[0], tx, Instant::now());
@@ -469,7 +497,7 @@ mod tests {
                 snapshot
                     .online
                     .iter()
-                    .all(|o| owned(&o.user) && o.connections == 1)
+                    .all(|o| owned(&o.user) && o.connections == 1 && o.team == "T1")
             );
             assert!(snapshot.manual.iter().all(|m| owned(&m.user)));
             assert!(snapshot.watched.iter().all(|u| owned(u)));

@@ -1,35 +1,49 @@
 //! What this gateway reports to presence servers about its own users: how many live local
-//! connections each has, and the last manual setting (`users.setPresence`) of each.
+//! connections each has (and the user's team, from their token), and the last manual setting
+//! (`users.setPresence`) of each.
 
 use std::collections::HashMap;
 
-use mesh_core::UserId;
+use mesh_core::{TeamId, UserId};
+
+/// A user's live connections here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Here {
+    pub(super) connections: u32,
+    /// The team of the user's newest connection.
+    pub(super) team: TeamId,
+}
 
 /// The users connected here, as presence servers are told.
 #[derive(Debug, Default)]
 pub(super) struct Reports {
     /// Live local connections per user.
-    pub(super) online: HashMap<UserId, u32>,
+    pub(super) online: HashMap<UserId, Here>,
     /// The last manual setting relayed per user: (away, set at ms).
     pub(super) manual: HashMap<UserId, (bool, u64)>,
 }
 
 impl Reports {
-    /// One more connection of `user`; true when it is the first: the user is online here now.
-    pub(super) fn connected(&mut self, user: &UserId) -> bool {
-        let n = self.online.entry(user.clone()).or_insert(0);
-        *n += 1;
-        *n == 1
+    /// One more connection of `user`, of `team`; true when it is the first: the user is online
+    /// here now.
+    pub(super) fn connected(&mut self, user: &UserId, team: &TeamId) -> bool {
+        let here = self.online.entry(user.clone()).or_insert(Here {
+            connections: 0,
+            team: team.clone(),
+        });
+        here.connections += 1;
+        here.team = team.clone();
+        here.connections == 1
     }
 
     /// One connection of `user` fewer; true when it was the last: the user is offline here
     /// now, and its manual setting is forgotten.
     pub(super) fn disconnected(&mut self, user: &UserId) -> bool {
-        let Some(n) = self.online.get_mut(user) else {
+        let Some(here) = self.online.get_mut(user) else {
             return false;
         };
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+        here.connections = here.connections.saturating_sub(1);
+        if here.connections == 0 {
             self.online.remove(user);
             self.manual.remove(user);
             return true;
@@ -51,12 +65,16 @@ mod tests {
     #[test]
     fn only_the_first_and_the_last_connection_change_what_is_reported() {
         let mut reports = Reports::default();
-        let u1 = UserId::new("U1").unwrap();
-        assert!(reports.connected(&u1));
-        assert!(!reports.connected(&u1));
+        let (u1, t1) = (UserId::new("U1").unwrap(), TeamId::new("T1").unwrap());
+        assert!(reports.connected(&u1, &t1));
+        assert!(!reports.connected(&u1, &t1));
         reports.set_manual(&u1, true, 5);
         assert!(!reports.disconnected(&u1));
-        assert_eq!(reports.online[&u1], 1);
+        let here = Here {
+            connections: 1,
+            team: t1,
+        };
+        assert_eq!(reports.online[&u1], here);
         assert!(reports.disconnected(&u1));
         assert!(reports.online.is_empty() && reports.manual.is_empty());
         // A user never seen (or already gone) changes nothing.
@@ -70,7 +88,7 @@ mod tests {
         reports.set_manual(&u1, true, 5);
         reports.set_manual(&u1, false, 6);
         assert_eq!(reports.manual[&u1], (false, 6));
-        assert!(reports.connected(&u1));
+        assert!(reports.connected(&u1, &TeamId::new("T1").unwrap()));
         assert_eq!(reports.manual[&u1], (false, 6));
     }
 }

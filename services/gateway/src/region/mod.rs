@@ -5,10 +5,13 @@
 //! revoked tokens are refused, and connections holding them closed (4003).
 //!
 //! [`state`] holds what the directives say and the connections to close; [`report`] is the
-//! task that reports and applies the directives.
+//! task that reports and applies the directives; [`allow`] is where `rtm.connect` may be
+//! forwarded (`--redirect-allow`).
 
+pub mod allow;
 pub mod report;
 pub mod state;
 
+pub use allow::{AllowEntry, RedirectAllow};
 pub use report::Reporter;
 pub use state::{MAX_REVOKED, RegionState};

@@ -68,7 +68,7 @@ impl Reporter {
                     }
                 }
                 _ = tick.tick() => {
-                    if region.draining() && !region.redirect().is_empty() {
+                    if region.draining() && region.has_redirect() {
                         let per_tick = (region.rate() as usize / 10).max(1);
                         region.close_batch(per_tick);
                     }

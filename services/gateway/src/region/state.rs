@@ -3,13 +3,17 @@
 //! about it: the open connections it can close, the cursors of goodbye'd connections kept for
 //! their reconnect. State only: the report task talks to the ring manager.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mesh_core::{ChannelId, Ts, UserId};
 use mesh_proto::ring::GatewayDirective;
+use mesh_telemetry::prometheus::IntCounter;
+use reqwest::Url;
+
+use super::allow::RedirectAllow;
 
 use crate::close::{Close, Closer};
 use crate::vocab::ConnId;
@@ -24,6 +28,9 @@ pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// here only after a ring manager restart, from two generations).
 pub const MAX_REVOKED: usize = 200_000;
 
+/// The most refused redirect targets logged (each once): reports are not a way to fill a log.
+const MAX_WARNED_TARGETS: usize = 1_000;
+
 /// A goodbye'd connection's cursors, and when it left.
 type Handover = (Vec<(ChannelId, Ts)>, Instant);
 
@@ -33,6 +40,10 @@ pub struct RegionState {
     draining: AtomicBool,
     rate: AtomicU32,
     redirect: Mutex<Vec<String>>,
+    /// Where `rtm.connect` may be forwarded (`--redirect-allow`), and what is refused.
+    allow: RedirectAllow,
+    refused: Option<IntCounter>,
+    warned: Mutex<HashSet<String>>,
     /// Open connections, to say goodbye to.
     conns: Mutex<HashMap<ConnId, Arc<Closer>>>,
     /// Cursors of connections that said goodbye, per user, oldest first.
@@ -68,6 +79,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RegionState {
+    /// A region state that forwards `rtm.connect` only to gateways `allow` allows, counting in
+    /// `refused` the targets it skips. (`Default`: no redirects, nothing counted.)
+    pub fn new(allow: RedirectAllow, refused: IntCounter) -> Self {
+        RegionState {
+            allow,
+            refused: Some(refused),
+            ..RegionState::default()
+        }
+    }
+
     /// Whether the region drains.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -78,11 +99,47 @@ impl RegionState {
         lock(&self.redirect).clone()
     }
 
+    /// Where to forward `rtm.connect` now: the `rtm.connect` URLs of the directive's gateways
+    /// that `--redirect-allow` allows, nearest first. Each target refused is counted, and
+    /// logged at warn the first time. With no allowlist redirects are off: nothing is
+    /// considered, counted or logged (the gateway said so at start).
+    pub fn redirect_to(&self) -> Vec<Url> {
+        let mut urls = Vec::new();
+        if self.allow.is_empty() {
+            return urls;
+        }
+        for target in self.redirect() {
+            match self.allow.connect_url(&target) {
+                Some(url) => urls.push(url),
+                None => self.refuse(&target),
+            }
+        }
+        urls
+    }
+
+    /// Whether a draining gateway has somewhere to send its clients: an allowed target.
+    pub(super) fn has_redirect(&self) -> bool {
+        let targets = lock(&self.redirect);
+        targets.iter().any(|t| self.allow.connect_url(t).is_some())
+    }
+
+    fn refuse(&self, target: &str) {
+        if let Some(refused) = &self.refused {
+            refused.inc();
+        }
+        let mut warned = lock(&self.warned);
+        if warned.len() < MAX_WARNED_TARGETS && warned.insert(target.to_string()) {
+            tracing::warn!(%target, "not forwarding rtm.connect to a gateway that is not on --redirect-allow");
+        }
+    }
+
     /// The HTTP client for forwarded `rtm.connect` calls (pooled connections, one per gateway).
+    /// It follows no HTTP redirect: only the allowed URL is ever called.
     pub fn http(&self) -> &reqwest::Client {
         self.http.get_or_init(|| {
             reqwest::Client::builder()
                 .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
                 .timeout(CALL_TIMEOUT)
                 .build()
                 .unwrap_or_default()

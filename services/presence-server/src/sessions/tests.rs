@@ -8,7 +8,7 @@ use super::*;
 
 const GRACE: Duration = Duration::from_secs(2);
 
-/// A message as the tests read it.
+/// A message as the tests read it (presence without the teams: `query` shows those).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Sent {
     Presence(Vec<(UserId, bool)>),
@@ -16,8 +16,8 @@ enum Sent {
 }
 
 impl Outbound for Sent {
-    fn presence(items: Vec<(UserId, bool)>) -> Self {
-        Sent::Presence(items)
+    fn presence(items: Vec<Notice>) -> Self {
+        Sent::Presence(items.into_iter().map(|n| (n.user, n.active)).collect())
     }
 
     fn acquired(request: u64, outcome: Result<(), Refusal>) -> Self {
@@ -45,10 +45,21 @@ fn watching(watched: &[&str]) -> Report {
     }
 }
 
+/// `user`, of team T1, has `connections` on the gateway.
 fn online(user: &str, connections: u32) -> Report {
-    Report::Online {
+    Report::Online(Online {
         user: u(user),
         connections,
+        team: Some(t("T1")),
+    })
+}
+
+/// What a query answers for `user`.
+fn notice(user: &str, active: bool, team: Option<&str>) -> Notice {
+    Notice {
+        user: u(user),
+        active,
+        team: team.map(t),
     }
 }
 
@@ -87,7 +98,10 @@ fn a_watcher_hears_another_sessions_user_come_and_go_after_the_grace() {
     assert_eq!(drain(&mut rx), [], "within the grace: nothing yet");
     sessions.tick(t0 + GRACE);
     assert_eq!(drain(&mut rx), [Sent::Presence(vec![(u("U1"), false)])]);
-    assert_eq!(sessions.query(&["U1".into()]), Ok(vec![(u("U1"), false)]));
+    assert_eq!(
+        sessions.query(&["U1".into()]),
+        Ok(vec![notice("U1", false, Some("T1"))])
+    );
 }
 
 #[test]
@@ -214,7 +228,10 @@ fn users_of_slots_lost_are_forgotten() {
     let (session, _rx) = sessions.open();
     sessions.apply(session, watching(&[]), now);
     sessions.apply(session, online("U1", 1), now);
-    assert_eq!(sessions.query(&["U1".into()]), Ok(vec![(u("U1"), true)]));
+    assert_eq!(
+        sessions.query(&["U1".into()]),
+        Ok(vec![notice("U1", true, Some("T1"))])
+    );
     let other = RingNode {
         id: NodeId::new("ps-2").unwrap(),
         addr: "ps-2:1".into(),
@@ -222,7 +239,11 @@ fn users_of_slots_lost_are_forgotten() {
     let ring = Ring::empty().rebalanced(&[other]);
     sessions.follow_ring(&NodeId::new("ps-1").unwrap(), None, &ring, now);
     assert_eq!(sessions.counts(), (1, 0));
-    assert_eq!(sessions.query(&["U1".into()]), Ok(vec![(u("U1"), false)]));
+    // Nor is their team remembered.
+    assert_eq!(
+        sessions.query(&["U1".into()]),
+        Ok(vec![notice("U1", false, None)])
+    );
 }
 
 #[test]
