@@ -198,7 +198,7 @@ async fn a_client_post_to_its_team_channel_is_refused_and_reaches_nobody() {
         })
         .await;
     let text = gateway_metrics(&us).await;
-    let refused = "channelmesh_gateway_posts_refused_total{";
+    let refused = "channelmesh_gateway_posts_refused_total";
     assert_eq!(metric_sum(&text, refused, &[]), 3.0, "{text}");
     // The team channel still carries the server's events to the whole team.
     post(&mut admin, "T1", "UADMIN", "all hands at noon").await;
