@@ -87,6 +87,13 @@ async fn start_with(
         .args(&options.global_args)
         .env(ENV_JWT_SECRET, &config.jwt_secret)
         .env(ENV_ADMIN_TOKEN, &config.admin_token)
+        // The HTTP token by environment, not argv, however it was given to `dev`.
+        .envs(mesh_telemetry::access::token().map(|t| {
+            (
+                mesh_telemetry::access::ENV_HTTP_TOKEN,
+                t.expose().to_string(),
+            )
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
