@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks_console;
+mod attacks_consul;
 mod bad_input;
 mod bench_smoke;
 mod charm;
