@@ -78,6 +78,7 @@ async fn only_the_token_reads(port: u16, paths: &[&str]) -> Vec<String> {
             let (status, body) = get(port, path, refused.as_deref()).await;
             assert_eq!(status, 401, "{path} with {refused:?}: {body}");
             assert!(body.contains("--http-token"), "{path}: {body}");
+            println!("GET {path} with {refused:?}: {status} {}", body.trim());
         }
         let (status, body) = get(port, path, Some(&bearer(HTTP_TOKEN))).await;
         assert_eq!(status, 200, "{path} with the token: {body}");
@@ -149,6 +150,7 @@ async fn a_console_and_metrics_off_loopback_answer_only_the_http_token() {
         stderr.contains("401") && stderr.contains("--http-token or CHANNELMESH_HTTP_TOKEN"),
         "{stderr}"
     );
+    println!("ctl top without the token: {}", stderr.trim());
     let read = command(&top, Some(HTTP_TOKEN)).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&read.stdout);
     assert!(
@@ -181,6 +183,10 @@ async fn a_console_or_side_port_off_loopback_without_a_token_does_not_start() {
         stderr.contains("is not a loopback address")
             && stderr.contains("--http-token or CHANNELMESH_HTTP_TOKEN"),
         "{stderr}"
+    );
+    println!(
+        "ring-manager --http 0.0.0.0 without a token: {}",
+        stderr.trim()
     );
     // Nothing was left listening on the gRPC port either.
     assert!(std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err());
@@ -237,6 +243,10 @@ async fn a_gateway_on_a_public_address_guards_metrics_and_stats_and_keeps_its_pr
         let (status, body) = get(without, path, Some(&bearer(HTTP_TOKEN))).await;
         assert_eq!(status, 403, "{path}: {body}");
         assert!(body.contains("this service has none"), "{body}");
+        println!(
+            "GET {path} on a gateway without a token: {status} {}",
+            body.trim()
+        );
     }
     assert_eq!(get(without, "/healthz", None).await.0, 200);
     // The public API is untouched: `rtm.connect` without a token is Slack's answer.

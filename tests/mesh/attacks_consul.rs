@@ -123,6 +123,7 @@ async fn a_forged_consul_ring_record_moves_no_reader_and_does_not_freeze_the_rin
             back.saved.ring().unwrap().same_assignment(&good_ring),
             "{what}"
         );
+        println!("a forged record with {what}: the leader wrote its ring back");
     }
     stop.cancel();
     let (acked, failed) = posting.finish().await;
@@ -225,6 +226,7 @@ async fn consul_calls_without_the_acl_token_are_refused_with_a_clear_message() {
             "Permission denied"
         };
         assert!(stderr.contains(why), "{token:?}: {stderr}");
+        println!("ctl ring with token {token:?}: {}", stderr.trim());
     }
 
     // A ring manager without the token logs the refusal and never takes the lock.
@@ -250,6 +252,7 @@ async fn consul_calls_without_the_acl_token_are_refused_with_a_clear_message() {
     let mut refused = ring_manager(None);
     let line = stderr_line(&mut refused, "CONSUL_HTTP_TOKEN").await;
     assert!(line.contains("consul refused"), "{line}");
+    println!("ring manager without the token: {line}");
     assert_eq!(
         ring.leader().await.unwrap(),
         None,
