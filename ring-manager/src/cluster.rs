@@ -589,6 +589,41 @@ async fn guard_ring(
     leading: CancellationToken,
 ) {
     let key = ring.ring_key();
+    watch_key(&ring, &key, "the ring key", &leading, |entry| {
+        let current = entry.map_or(0, |e| e.modify_index);
+        if current != *written.borrow() {
+            rewrite.notify_one();
+        }
+        true
+    })
+    .await;
+}
+
+/// Stops leading when the lock key shows another (or no) session.
+async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToken) {
+    let key = ring.lock_key();
+    watch_key(&ring, &key, "the lock", &leading, |entry| {
+        if held_by(entry.as_ref(), &session) {
+            return true;
+        }
+        let holder = entry.and_then(|e| e.session);
+        tracing::warn!(?holder, "the ring manager lock is no longer ours");
+        leading.cancel();
+        false
+    })
+    .await;
+}
+
+/// While `leading`, follows `key` by blocking queries and hands each answer to `seen` until it
+/// returns false. Consul unreachable: retried every [`BACKOFF_MAX`] (the session renewer
+/// decides when the session is lost).
+async fn watch_key(
+    ring: &ConsulRing,
+    key: &str,
+    what: &str,
+    leading: &CancellationToken,
+    mut seen: impl FnMut(Option<KvEntry>) -> bool,
+) {
     let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
     loop {
         tokio::select! {
@@ -598,53 +633,17 @@ async fn guard_ring(
         // Cancel-safe: a dropped query loses nothing.
         let answer = tokio::select! {
             _ = leading.cancelled() => return,
-            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+            a = ring.consul.get(key, Some((blocking.index(), BLOCKING_WAIT))) => a,
         };
         match answer {
             Ok((entry, index)) => {
                 blocking.observe(index);
-                let current = entry.map_or(0, |e| e.modify_index);
-                if current != *written.borrow() {
-                    rewrite.notify_one();
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot watch the ring key");
-                tokio::select! {
-                    _ = leading.cancelled() => return,
-                    _ = tokio::time::sleep(BACKOFF_MAX) => {}
-                }
-            }
-        }
-    }
-}
-
-/// Stops leading when the lock key shows another (or no) session.
-async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToken) {
-    let key = ring.lock_key();
-    let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
-    loop {
-        tokio::select! {
-            _ = leading.cancelled() => return,
-            _ = blocking.pace() => {}
-        }
-        let answer = tokio::select! {
-            _ = leading.cancelled() => return,
-            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
-        };
-        match answer {
-            Ok((entry, index)) => {
-                blocking.observe(index);
-                if !held_by(entry.as_ref(), &session) {
-                    let holder = entry.and_then(|e| e.session);
-                    tracing::warn!(?holder, "the ring manager lock is no longer ours");
-                    leading.cancel();
+                if !seen(entry) {
                     return;
                 }
             }
-            // Consul unreachable: the session renewer decides when the session is lost.
             Err(e) => {
-                tracing::debug!(error = %e, "cannot watch the lock");
+                tracing::debug!(error = %e, "cannot watch {what}");
                 tokio::select! {
                     _ = leading.cancelled() => return,
                     _ = tokio::time::sleep(BACKOFF_MAX) => {}

@@ -217,22 +217,57 @@ async fn next_outcome(
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-#[tokio::test]
-async fn the_ring_watch_follows_kv_survives_an_index_reset_and_refuses_an_older_leader() {
+/// A fake Consul and its ring at one prefix, followed by a `RingWatcher` and by [`follow`],
+/// with a leader whose first ring (three nodes) the watcher has taken.
+struct Watched {
+    fake: FakeConsul,
+    ring: ConsulRing,
+    cancel: CancellationToken,
+    watcher: RingWatcher,
+    outcomes: Outcomes,
+    leader: Holder,
+    first: Ring,
+    tracker: TaskTracker,
+}
+
+async fn watched(prefix: &str) -> Watched {
     let fake = FakeConsul::start().await.unwrap();
-    let ring = ConsulRing::new(&fake.url(), None, "watch").unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, prefix).unwrap();
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let watcher = RingWatcher::spawn(RingSource::Consul(ring.clone()), &tracker, cancel.clone());
-    let mut outcomes = follow(&ring, &cancel);
-
-    let a = Holder::acquire(&ring).await;
-    let r1 = Ring::empty().rebalanced(&nodes(3));
-    a.write_ring(&r1).await;
+    let outcomes = follow(&ring, &cancel);
+    let leader = Holder::acquire(&ring).await;
+    let first = Ring::empty().rebalanced(&nodes(3));
+    leader.write_ring(&first).await;
     watcher
-        .wait_for_epoch(r1.epoch(), Duration::from_secs(10))
+        .wait_for_epoch(first.epoch(), Duration::from_secs(10))
         .await
         .unwrap();
+    Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        outcomes,
+        leader,
+        first,
+        tracker,
+    }
+}
+
+#[tokio::test]
+async fn the_ring_watch_follows_kv_survives_an_index_reset_and_refuses_an_older_leader() {
+    let Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        mut outcomes,
+        leader: a,
+        first: r1,
+        tracker,
+    } = watched("watch").await;
 
     // Consul's index goes backwards (a snapshot restore): the watch starts over and still
     // sees the next ring.
@@ -294,19 +329,16 @@ async fn the_ring_watch_follows_kv_survives_an_index_reset_and_refuses_an_older_
 /// the leader's next rings still go through.
 #[tokio::test]
 async fn a_forged_record_with_a_huge_lock_index_moves_no_reader_and_freezes_nothing() {
-    let fake = FakeConsul::start().await.unwrap();
-    let ring = ConsulRing::new(&fake.url(), None, "forged").unwrap();
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let watcher = RingWatcher::spawn(RingSource::Consul(ring.clone()), &tracker, cancel.clone());
-    let mut outcomes = follow(&ring, &cancel);
-    let leader = Holder::acquire(&ring).await;
-    let good = Ring::empty().rebalanced(&nodes(3));
-    leader.write_ring(&good).await;
-    watcher
-        .wait_for_epoch(good.epoch(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        mut outcomes,
+        leader,
+        first: good,
+        tracker,
+    } = watched("forged").await;
 
     // The forger's ring: its own node owning every slot, at a huge epoch, under a huge lock
     // index, claiming the leader's session for good measure; a plain KV write.

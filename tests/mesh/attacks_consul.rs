@@ -132,14 +132,12 @@ async fn a_forged_consul_ring_record_moves_no_reader_and_does_not_freeze_the_rin
     receive_all(&mut client, &acked).await;
     // The leader kept leading, and serves its ring, not the forged one.
     assert_eq!(ring.leader().await.unwrap(), Some(leader.clone()));
-    let (served, _) = ring_at(
-        leader
-            .endpoint
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap(),
-    )
-    .await;
+    let leader_at: SocketAddr = leader
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let (served, members) = ring_at(leader_at).await;
     assert!(served.same_assignment(&good_ring));
     assert!(served.nodes().iter().all(|n| n.addr != EVIL));
 
@@ -152,14 +150,6 @@ async fn a_forged_consul_ring_record_moves_no_reader_and_does_not_freeze_the_rin
         .unwrap()
         .id
         .to_string();
-    let (_, members) = ring_at(
-        leader
-            .endpoint
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap(),
-    )
-    .await;
     let pid = members.iter().find(|m| m.id == victim).unwrap().pid;
     signal(pid, Signal::SIGKILL);
     let after = eventually("the next ring in consul", || async {

@@ -183,6 +183,20 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
+/// `req` as a blocking query when `block` gives the last index seen and the longest wait, with
+/// a client timeout past the wait (Consul adds up to 1/16 of it as jitter).
+fn blocking(
+    req: reqwest::RequestBuilder,
+    block: Option<(u64, Duration)>,
+) -> reqwest::RequestBuilder {
+    match block {
+        Some((index, wait)) => req
+            .query(&[("index", index.to_string()), ("wait", go_duration(wait))])
+            .timeout(wait + wait / 16 + BLOCKING_MARGIN),
+        None => req,
+    }
+}
+
 impl Consul {
     /// A client for the agent at `url` (e.g. `http://127.0.0.1:8500`), sending `token` as the
     /// ACL token if given.
@@ -362,12 +376,10 @@ impl Consul {
         block: Option<(u64, Duration)>,
     ) -> Result<(Option<KvEntry>, u64), ConsulError> {
         let what = "kv get";
-        let mut req = self.request(reqwest::Method::GET, &format!("/v1/kv/{key}"));
-        if let Some((index, wait)) = block {
-            req = req
-                .query(&[("index", index.to_string()), ("wait", go_duration(wait))])
-                .timeout(wait + wait / 16 + BLOCKING_MARGIN);
-        }
+        let req = blocking(
+            self.request(reqwest::Method::GET, &format!("/v1/kv/{key}")),
+            block,
+        );
         let resp = self.send(what, req).await?;
         let index = index_of(&resp);
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
@@ -398,14 +410,11 @@ impl Consul {
         block: Option<(u64, Duration)>,
     ) -> Result<(Vec<KvEntry>, u64), ConsulError> {
         let what = "kv list";
-        let mut req = self
-            .request(reqwest::Method::GET, &format!("/v1/kv/{prefix}"))
-            .query(&[("recurse", "true")]);
-        if let Some((index, wait)) = block {
-            req = req
-                .query(&[("index", index.to_string()), ("wait", go_duration(wait))])
-                .timeout(wait + wait / 16 + BLOCKING_MARGIN);
-        }
+        let req = blocking(
+            self.request(reqwest::Method::GET, &format!("/v1/kv/{prefix}"))
+                .query(&[("recurse", "true")]),
+            block,
+        );
         let resp = self.send(what, req).await?;
         let index = index_of(&resp);
         if resp
