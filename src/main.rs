@@ -23,6 +23,8 @@ struct Cli {
     log: mesh_telemetry::LogArgs,
     #[command(flatten)]
     tls: mesh_transport::TlsArgs,
+    #[command(flatten)]
+    http: mesh_telemetry::HttpArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -142,6 +144,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.configure()?;
+    cli.http.configure()?;
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signals(cancel.clone());
     let child_args = [cli.log.to_args(), cli.tls.to_args()].concat();

@@ -1,18 +1,28 @@
 //! The Consul backend's server side: ring managers elect a leader with a Consul session lock,
 //! and the leader writes the ring to Consul KV (check-and-set, fenced by its lock). The keys,
 //! and how every service follows them, are in `ring_client::consul_ring`.
+//!
+//! Every ring manager also follows the ring as services do (the same acceptance rule,
+//! `consul_ring::check`), keeping the last good record it saw. A new leader resumes from the
+//! stored record only if an earlier leader could have written it (a lower lock index, or its
+//! own session's); otherwise from that last good record, or not at all. It then writes the
+//! ring at once, stamped with its own lock index and session, so that readers — which accept
+//! only the current leader's record — find it. While it leads it keeps the ring key its own:
+//! when anyone else writes the key, it writes its ring back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use ring_client::consul::{BlockingLoop, Consul, KvEntry};
-use ring_client::consul_ring::{BACKOFF_MAX, BACKOFF_MIN, BLOCKING_WAIT, MIN_QUERY_SPACING};
+use ring_client::consul_ring::{
+    BACKOFF_MAX, BACKOFF_MIN, BLOCKING_WAIT, MIN_QUERY_SPACING, decode_record, follow_records,
+};
 pub use ring_client::consul_ring::{ConsulRing, DEFAULT_PREFIX, LeaderInfo, Record};
 
 use crate::server::{Config, RingManager, Store};
@@ -67,6 +77,19 @@ pub async fn run_leader_election_with(
     leadership: watch::Sender<Option<RingManager>>,
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
+    // The last ring record this ring manager accepted as a reader: what it resumes from if,
+    // once it leads, the stored record is not an earlier leader's.
+    let (last_good, seen) = watch::channel(None);
+    let following = cancel.child_token();
+    let follower = tokio::spawn(follow_records(
+        ring.clone(),
+        following.clone(),
+        move |outcome| {
+            if let Ok(record) = outcome {
+                last_good.send_replace(Some(Arc::new(record)));
+            }
+        },
+    ));
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
         let name = format!("channelmesh-ring-manager {}", config.endpoint);
@@ -99,7 +122,7 @@ pub async fn run_leader_election_with(
             &ring,
             manager_config,
             &config,
-            (&session, &leadership),
+            (&session, &leadership, &seen),
             &session_alive,
         )
         .await;
@@ -114,8 +137,13 @@ pub async fn run_leader_election_with(
             let _ = tokio::time::timeout(STEP_DOWN_TIMEOUT, release).await;
         }
     }
+    following.cancel();
+    let _ = follower.await;
     Ok(())
 }
+
+/// The last good ring record a ring manager saw as a reader.
+type LastGood = watch::Receiver<Option<Arc<Record>>>;
 
 /// Renews `session` every third of its TTL; cancels `alive` when Consul says it is gone or
 /// when no renewal succeeded for a whole TTL.
@@ -179,7 +207,7 @@ async fn campaign(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    (session, leadership): (&str, &watch::Sender<Option<RingManager>>),
+    (session, leadership, seen): (&str, &watch::Sender<Option<RingManager>>, &LastGood),
     alive: &CancellationToken,
 ) {
     let lock_key = ring.lock_key();
@@ -194,9 +222,26 @@ async fn campaign(
         match ring.consul.acquire(&lock_key, session, value.clone()).await {
             Ok(true) => {
                 backoff = BACKOFF_MIN;
-                let led = lead(ring, manager_config, config, (session, leadership), alive).await;
-                if let Err(e) = led {
-                    tracing::error!(error = %e, "leadership ended with an error");
+                let led = lead(
+                    ring,
+                    manager_config,
+                    config,
+                    (session, leadership, seen),
+                    alive,
+                );
+                match led.await {
+                    Ok(()) => {}
+                    Err(e @ crate::Error::UntrustedRing(_)) => {
+                        // Let another ring manager, which may have seen a good record, try;
+                        // come back after a pause.
+                        tracing::error!(error = %e, "stepping down");
+                        let _ = ring.consul.release(&lock_key, session).await;
+                        tokio::select! {
+                            _ = alive.cancelled() => return,
+                            _ = tokio::time::sleep(BACKOFF_MAX) => {}
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "leadership ended with an error"),
                 }
                 continue;
             }
@@ -250,48 +295,69 @@ async fn campaign(
     }
 }
 
-/// Leads while `session` holds the lock: serves the ring manager, resumed from KV, and writes
-/// every change back, fenced by the lock. Returns when leadership ends.
+/// Leads while `session` holds the lock: serves the ring manager, resumed from KV (or from the
+/// last good record `seen`, see [`resume_from`]), writes it back at once under its own fence,
+/// then writes every change, fenced by the lock, and keeps the ring key its own. Returns when
+/// leadership ends.
 async fn lead(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    (session, leadership): (&str, &watch::Sender<Option<RingManager>>),
+    (session, leadership, seen): (&str, &watch::Sender<Option<RingManager>>, &LastGood),
     alive: &CancellationToken,
 ) -> Result<(), crate::Error> {
     let (lock, _) = ring.consul.get(&ring.lock_key(), None).await?;
     let Some(lock) = lock.filter(|l| held_by(Some(l), session)) else {
         return Ok(());
     };
-    let lock_index = lock.lock_index;
-    let (record, modify_index) = ring.load().await?;
+    let fence = Fence {
+        lock_index: lock.lock_index,
+        session: session.to_string(),
+        leader: config.endpoint.clone(),
+    };
+    let (stored, _) = ring.consul.get(&ring.ring_key(), None).await?;
+    let modify_index = stored.as_ref().map_or(0, |e| e.modify_index);
+    let stored = stored.map(|e| decode_record(&e.value).map_err(|e| e.to_string()));
+    let last_good = seen.borrow().clone();
+    let saved = resume_from(&fence, stored, last_good.as_deref())?;
     let leading = alive.child_token();
     let tracker = TaskTracker::new();
+    // The resumed state goes out first, stamped with this leader's fence: readers accept only
+    // the current leader's record.
     let (latest, updates) = watch::channel(None);
-    let epoch = record.as_ref().map_or(0, |r| r.saved.epoch);
+    if let Some(saved) = &saved {
+        latest.send_replace(Some(Arc::new(saved.clone())));
+    }
+    let epoch = saved.as_ref().map_or(0, |s| s.epoch);
     let manager = RingManager::resume(
         manager_config,
-        record.map(|r| r.saved),
+        saved,
         Store::Latest(latest),
         &tracker,
         leading.clone(),
     )?;
     manager.set_nearest(config.nearest.clone());
     tracing::info!(
-        lock_index,
+        lock_index = fence.lock_index,
         epoch,
         endpoint = %config.endpoint,
         "leading the ring managers"
     );
+    let lock_index = fence.lock_index;
+    let (written, written_rx) = watch::channel(modify_index);
+    let rewrite = Arc::new(Notify::new());
     tracker.spawn(write_ring(
         ring.clone(),
-        session.to_string(),
-        Fence {
-            lock_index,
-            leader: config.endpoint.clone(),
-        },
+        fence,
         modify_index,
         updates,
+        (written, rewrite.clone()),
+        leading.clone(),
+    ));
+    tracker.spawn(guard_ring(
+        ring.clone(),
+        written_rx,
+        rewrite,
         leading.clone(),
     ));
     tracker.spawn(watch_lock(
@@ -308,6 +374,49 @@ async fn lead(
     tracker.wait().await;
     tracing::info!(lock_index, "no longer leading the ring managers");
     served
+}
+
+/// What a new leader (holding `fence`) resumes from: the `stored` record if an earlier holder
+/// of the lock could have written it — a lower lock index, or this session's own (from an
+/// earlier term of the same session) — else the `last_good` record it saw as a reader (logged
+/// as an error), else nothing if the key is absent. A stored record no earlier leader wrote,
+/// with no good one to fall back on, is refused: resuming it would hand its ring to readers
+/// under this leader's fence.
+fn resume_from(
+    fence: &Fence,
+    stored: Option<Result<Record, String>>,
+    last_good: Option<&Record>,
+) -> Result<Option<Saved>, crate::Error> {
+    let problem = match stored {
+        None => None,
+        Some(Ok(record)) => match fence.earlier(&record) {
+            Ok(()) => return Ok(Some(record.saved)),
+            Err(why) => Some(why),
+        },
+        Some(Err(unreadable)) => Some(format!("it is unreadable: {unreadable}")),
+    };
+    match (problem, last_good) {
+        (None, None) => Ok(None),
+        (None, Some(good)) => {
+            tracing::warn!(
+                epoch = good.saved.epoch,
+                "the ring key is gone from consul; resuming the last good ring this ring manager saw"
+            );
+            Ok(Some(good.saved.clone()))
+        }
+        (Some(why), Some(good)) => {
+            tracing::error!(
+                problem = %why,
+                epoch = good.saved.epoch,
+                "the ring record in consul was not written by an earlier leader; resuming the last good ring this ring manager saw"
+            );
+            Ok(Some(good.saved.clone()))
+        }
+        (Some(why), None) => Err(crate::Error::UntrustedRing(format!(
+            "{why}; and this ring manager saw no good record to resume from instead (if the \
+             lock key was deleted on purpose, delete the ring key too to start an empty ring)"
+        ))),
+    }
 }
 
 async fn bind_with_retry(
@@ -327,11 +436,14 @@ async fn bind_with_retry(
     }
 }
 
-/// The leader's identity stamped on each record it writes.
+/// The leader's identity stamped on each record it writes: what readers check against the
+/// lock (`consul_ring::check`).
 #[derive(Debug, Clone)]
 struct Fence {
     /// Its lock index: the fencing token.
     lock_index: u64,
+    /// The session it holds the lock with.
+    session: String,
     /// Its gRPC endpoint.
     leader: String,
 }
@@ -341,30 +453,52 @@ impl Fence {
     fn record(&self, saved: &Saved) -> Record {
         Record {
             lock_index: self.lock_index,
+            session: Some(self.session.clone()),
             leader: self.leader.clone(),
             saved: saved.clone(),
         }
     }
+
+    /// Whether `record` can have been written by an earlier holder of the lock than this one:
+    /// under a lower lock index, or under this one by this session (an earlier term of it).
+    fn earlier(&self, record: &Record) -> Result<(), String> {
+        if record.lock_index < self.lock_index
+            || (record.lock_index == self.lock_index
+                && record.session.as_deref() == Some(self.session.as_str()))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "it claims lock index {} and session {:?}, but this leader holds the lock at index {} \
+             with session {}",
+            record.lock_index, record.session, self.lock_index, self.session
+        ))
+    }
 }
 
 /// Writes each new state to the ring key, in order, by a transaction that checks the lock is
-/// still this session's and the key was not written by anyone else since. A refused write
-/// means leadership is lost: it stops leading at once.
+/// still this session's and the key was not written by anyone else since; and writes the
+/// latest state again when `rewrite` is notified. A refused session check (or an ACL refusal)
+/// means leadership is lost: it stops leading at once. A refused check-and-set with the lock
+/// still ours means someone else wrote the ring key: it is logged, and this leader's state is
+/// written over it. Each modify index written goes to `written`.
 async fn write_ring(
     ring: ConsulRing,
-    session: String,
     fence: Fence,
     mut modify_index: u64,
     mut updates: watch::Receiver<Option<Arc<Saved>>>,
+    (written, rewrite): (watch::Sender<u64>, Arc<Notify>),
     leading: CancellationToken,
 ) {
     let lock_key = ring.lock_key();
     let ring_key = ring.ring_key();
     loop {
         // On cancellation, flush what is still unwritten (bounded by a timeout), then stop.
+        // Cancel-safe: a notification or change missed here is taken on the next turn.
         let stopping = tokio::select! {
             _ = leading.cancelled() => true,
             changed = updates.changed() => changed.is_err(),
+            () = rewrite.notified() => false,
         };
         if stopping && !updates.has_changed().unwrap_or(false) {
             return;
@@ -382,32 +516,61 @@ async fn write_ring(
         let deadline = Instant::now() + STEP_DOWN_TIMEOUT;
         let mut backoff = BACKOFF_MIN;
         loop {
-            match ring
+            let retry = match ring
                 .consul
-                .fenced_cas(&lock_key, &session, &ring_key, &value, modify_index)
+                .fenced_cas(&lock_key, &fence.session, &ring_key, &value, modify_index)
                 .await
             {
                 Ok(Ok(index)) => {
                     modify_index = index;
+                    written.send_replace(index);
                     tracing::debug!(epoch = saved.epoch, index, "ring written to consul");
                     break;
                 }
-                Ok(Err(refused)) => {
+                Ok(Err(refused)) if refused.failed(0) || refused.denied() => {
+                    let reasons: Vec<String> = refused.0.iter().map(|e| e.to_string()).collect();
                     tracing::error!(
-                        reasons = ?refused.0,
+                        ?reasons,
                         "consul refused the fenced ring write: this ring manager no longer leads"
                     );
                     leading.cancel();
                     return;
                 }
+                Ok(Err(_)) => {
+                    // The lock is ours but the key moved: someone else wrote (or deleted) it.
+                    match ring.consul.get(&ring_key, None).await {
+                        Ok((entry, _)) => {
+                            let claims = entry.as_ref().map(|e| {
+                                decode_record(&e.value)
+                                    .map(|r| {
+                                        format!(
+                                            "lock index {}, leader {:?}",
+                                            r.lock_index, r.leader
+                                        )
+                                    })
+                                    .unwrap_or_else(|e| e.to_string())
+                            });
+                            tracing::error!(
+                                ?claims,
+                                "the ring key in consul was written by someone other than this leader; writing this leader's ring over it"
+                            );
+                            modify_index = entry.map_or(0, |e| e.modify_index);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the ring key"),
+                    }
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot write the ring to consul; retrying");
-                    if leading.is_cancelled() && Instant::now() >= deadline {
-                        return;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = next_backoff(backoff);
+                    true
                 }
+            };
+            if retry {
+                if leading.is_cancelled() && Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = next_backoff(backoff);
             }
         }
         if stopping {
@@ -416,32 +579,71 @@ async fn write_ring(
     }
 }
 
+/// While leading, follows the ring key by blocking queries and notifies `rewrite` whenever its
+/// modify index is not the last one this leader wrote (`written`): someone else wrote or
+/// deleted it, and the writer puts this leader's ring back.
+async fn guard_ring(
+    ring: ConsulRing,
+    written: watch::Receiver<u64>,
+    rewrite: Arc<Notify>,
+    leading: CancellationToken,
+) {
+    let key = ring.ring_key();
+    watch_key(&ring, &key, "the ring key", &leading, |entry| {
+        let current = entry.map_or(0, |e| e.modify_index);
+        if current != *written.borrow() {
+            rewrite.notify_one();
+        }
+        true
+    })
+    .await;
+}
+
 /// Stops leading when the lock key shows another (or no) session.
 async fn watch_lock(ring: ConsulRing, session: String, leading: CancellationToken) {
     let key = ring.lock_key();
+    watch_key(&ring, &key, "the lock", &leading, |entry| {
+        if held_by(entry.as_ref(), &session) {
+            return true;
+        }
+        let holder = entry.and_then(|e| e.session);
+        tracing::warn!(?holder, "the ring manager lock is no longer ours");
+        leading.cancel();
+        false
+    })
+    .await;
+}
+
+/// While `leading`, follows `key` by blocking queries and hands each answer to `seen` until it
+/// returns false. Consul unreachable: retried every [`BACKOFF_MAX`] (the session renewer
+/// decides when the session is lost).
+async fn watch_key(
+    ring: &ConsulRing,
+    key: &str,
+    what: &str,
+    leading: &CancellationToken,
+    mut seen: impl FnMut(Option<KvEntry>) -> bool,
+) {
     let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
     loop {
         tokio::select! {
             _ = leading.cancelled() => return,
             _ = blocking.pace() => {}
         }
+        // Cancel-safe: a dropped query loses nothing.
         let answer = tokio::select! {
             _ = leading.cancelled() => return,
-            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+            a = ring.consul.get(key, Some((blocking.index(), BLOCKING_WAIT))) => a,
         };
         match answer {
             Ok((entry, index)) => {
                 blocking.observe(index);
-                if !held_by(entry.as_ref(), &session) {
-                    let holder = entry.and_then(|e| e.session);
-                    tracing::warn!(?holder, "the ring manager lock is no longer ours");
-                    leading.cancel();
+                if !seen(entry) {
                     return;
                 }
             }
-            // Consul unreachable: the session renewer decides when the session is lost.
             Err(e) => {
-                tracing::debug!(error = %e, "cannot watch the lock");
+                tracing::debug!(error = %e, "cannot watch {what}");
                 tokio::select! {
                     _ = leading.cancelled() => return,
                     _ = tokio::time::sleep(BACKOFF_MAX) => {}
@@ -507,6 +709,64 @@ mod tests {
         assert!(lapsed(DEFAULT_SESSION_TTL, DEFAULT_SESSION_TTL));
     }
 
+    fn saved(epoch: u64) -> Saved {
+        Saved {
+            epoch,
+            nodes: Vec::new(),
+            slot_owner: Vec::new(),
+            members: Vec::new(),
+            next_incarnation: 1,
+        }
+    }
+
+    fn record(lock_index: u64, session: &str, epoch: u64) -> Record {
+        Record {
+            lock_index,
+            session: Some(session.into()),
+            leader: String::new(),
+            saved: saved(epoch),
+        }
+    }
+
+    #[test]
+    fn a_new_leader_resumes_only_what_an_earlier_leader_wrote() {
+        let fence = Fence {
+            lock_index: 5,
+            session: "s5".into(),
+            leader: String::new(),
+        };
+        let epoch =
+            |resumed: Result<Option<Saved>, crate::Error>| resumed.unwrap().map(|s| s.epoch);
+        let good = record(4, "s4", 30);
+        // Nothing stored, nothing seen: an empty ring.
+        assert_eq!(epoch(resume_from(&fence, None, None)), None);
+        // An earlier leader's record, or this session's own from an earlier term.
+        let earlier = Some(Ok(record(4, "s4", 31)));
+        assert_eq!(epoch(resume_from(&fence, earlier, Some(&good))), Some(31));
+        let own = Some(Ok(record(5, "s5", 32)));
+        assert_eq!(epoch(resume_from(&fence, own, None)), Some(32));
+        // A record no earlier leader wrote — a lock index the lock never reached, or this
+        // index under another session — or an unreadable one: the last good record instead.
+        for forged in [record(u64::MAX, "s5", 1_000_000), record(5, "intruder", 33)] {
+            assert_eq!(
+                epoch(resume_from(&fence, Some(Ok(forged.clone())), Some(&good))),
+                Some(30)
+            );
+            let refused = resume_from(&fence, Some(Ok(forged)), None).unwrap_err();
+            assert!(
+                matches!(&refused, crate::Error::UntrustedRing(why) if why.contains("this leader holds the lock at index 5")),
+                "{refused}"
+            );
+        }
+        let unreadable = Some(Err("not json".to_string()));
+        assert_eq!(
+            epoch(resume_from(&fence, unreadable, Some(&good))),
+            Some(30)
+        );
+        // The ring key deleted: the last good record.
+        assert_eq!(epoch(resume_from(&fence, None, Some(&good))), Some(30));
+    }
+
     #[test]
     fn every_record_carries_the_leaders_fence() {
         let saved = Saved {
@@ -518,10 +778,12 @@ mod tests {
         };
         let fence = Fence {
             lock_index: 7,
+            session: "s7".into(),
             leader: "http://10.0.0.5:50050".into(),
         };
         let record = fence.record(&saved);
         assert_eq!(record.lock_index, 7);
+        assert_eq!(record.session.as_deref(), Some("s7"));
         assert_eq!(record.leader, "http://10.0.0.5:50050");
         assert_eq!(record.saved, saved);
         let decoded =

@@ -41,8 +41,9 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_LOCK_DELAY.as_millis() as u64)]
     pub lock_delay_ms: u64,
     /// Address to serve HTTP on: the SRE console (/), its JSON (/api/state, /api/events),
-    /// /healthz and /readyz (ready while it serves the ring). Default: --listen's port
-    /// + 40 (50050 -> 50090), or a port the OS picks when --listen's is 0.
+    /// /metrics, /healthz and /readyz (ready while it serves the ring). Default: --listen's
+    /// port + 40 (50050 -> 50090) on loopback, or a port the OS picks when --listen's is 0.
+    /// Off loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     #[command(flatten)]
@@ -160,9 +161,11 @@ mod tests {
     }
 
     #[test]
-    fn the_console_is_next_to_the_grpc_port_unless_given() {
+    fn the_console_is_next_to_the_grpc_port_on_loopback_unless_given() {
         let c = config(&["--listen", "127.0.0.1:50052"]).unwrap();
         assert_eq!(c.console.to_string(), "127.0.0.1:50092");
+        let c = config(&["--listen", "0.0.0.0:50050"]).unwrap();
+        assert_eq!(c.console.to_string(), "127.0.0.1:50090");
         assert!(matches!(c.backend, Backend::Embedded { state_file: None }));
         let c = config(&["--http", "127.0.0.1:9000"]).unwrap();
         assert_eq!(c.console.to_string(), "127.0.0.1:9000");

@@ -7,6 +7,10 @@
 //! second per viewer); `GET /healthz` answers while the process runs, `GET /readyz` while this
 //! ring manager serves the ring (embedded, or the Consul leader). Nothing here changes the
 //! ring: operations stay in `channelmesh ctl`, which is authenticated by where it runs.
+//!
+//! Off loopback, everything but `/healthz` and `/readyz` needs the HTTP token
+//! (`mesh_telemetry::access`): a browser asks for it (HTTP Basic, the token as password),
+//! `ctl top` sends it as a bearer token.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -286,14 +290,19 @@ pub async fn serve(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "ring manager console listening");
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "ring manager console listening");
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on a console connection");
         }
     });
-    axum::serve(listener, router(console, cancel.clone()))
+    let app = mesh_telemetry::access::guard(
+        router(console, cancel.clone()),
+        addr,
+        mesh_telemetry::access::all_but_probes,
+    );
+    axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await?;
     Ok(())

@@ -50,6 +50,10 @@ pub enum Error {
     Bind(#[from] mesh_telemetry::Error),
     #[error("--consul needs a fixed --listen port: it is published before it is bound")]
     ConsulNeedsFixedPort,
+    /// The ring record in Consul was not written by an earlier leader, and this ring manager
+    /// saw no good one to resume from instead (`cluster`).
+    #[error("refusing to lead from the ring record in consul: {0}")]
+    UntrustedRing(String),
 }
 
 impl From<ring_client::consul::ConsulError> for Error {

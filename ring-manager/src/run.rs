@@ -52,7 +52,7 @@ enum Serving {
 /// Binds the console and, embedded, the gRPC listener, and creates the ring manager, whose
 /// failure monitor runs from now until `cancel` or until [`Bound::serve`] ends.
 pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<Bound, Error> {
-    let console = side_port::bind(config.console).await?;
+    let console = side_port::bind_http(config.console).await?;
     let console_addr = console.local_addr()?;
     let (local_addr, serving) = match config.backend {
         Backend::Embedded { state_file } => {

@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 
 const TTL: Duration = Duration::from_secs(10);
 const LOCK_DELAY: Duration = Duration::from_millis(300);
+/// The management token of the tests that run Consul with ACLs on.
+const TOKEN: &str = "0b9f7c1e-4d2a-4e11-9a35-consul0acl001";
 
 /// Polls `f` until it returns `Some`, for at most 20 s.
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
@@ -43,10 +45,12 @@ fn nodes(n: usize) -> Vec<RingNode> {
         .collect()
 }
 
-fn record(ring: &Ring, lock_index: u64) -> Vec<u8> {
+/// A ring record stamped with `lock_index` and `session`.
+fn record(ring: &Ring, lock_index: u64, session: &str) -> Vec<u8> {
     let (epoch, nodes, slot_owner) = Saved::ring_parts(ring);
     serde_json::to_vec(&Record {
         lock_index,
+        session: Some(session.into()),
         leader: "http://127.0.0.1:1".into(),
         saved: Saved {
             epoch,
@@ -123,77 +127,272 @@ async fn a_lock_holder_writes_fenced_and_a_lapsed_one_is_refused() {
     consul.destroy_session(&b).await.unwrap();
 }
 
-#[tokio::test]
-async fn the_ring_watch_follows_kv_survives_an_index_reset_and_refuses_an_older_leader() {
+/// A stand-in leader: a session holding `ring`'s lock, writing records as the ring manager
+/// does (fenced, stamped with its lock index and session).
+struct Holder {
+    ring: ConsulRing,
+    session: String,
+    lock_index: u64,
+}
+
+impl Holder {
+    async fn acquire(ring: &ConsulRing) -> Holder {
+        let consul = &ring.consul;
+        let session = consul.create_session("w", TTL, LOCK_DELAY).await.unwrap();
+        assert!(
+            consul
+                .acquire(&ring.lock_key(), &session, vec![])
+                .await
+                .unwrap()
+        );
+        let (lock, _) = consul.get(&ring.lock_key(), None).await.unwrap();
+        Holder {
+            ring: ring.clone(),
+            session,
+            lock_index: lock.unwrap().lock_index,
+        }
+    }
+
+    /// Writes `value` to the ring key, fenced by the lock.
+    async fn write(&self, value: &[u8]) {
+        let (key, consul) = (self.ring.ring_key(), &self.ring.consul);
+        let (entry, _) = consul.get(&key, None).await.unwrap();
+        let cas = entry.map_or(0, |e| e.modify_index);
+        consul
+            .fenced_cas(&self.ring.lock_key(), &self.session, &key, value, cas)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Writes `ring` stamped as this holder's.
+    async fn write_ring(&self, ring: &Ring) {
+        self.write(&record(ring, self.lock_index, &self.session))
+            .await;
+    }
+
+    /// Gives the lock up and ends the session.
+    async fn release(self) {
+        let consul = &self.ring.consul;
+        consul
+            .release(&self.ring.lock_key(), &self.session)
+            .await
+            .unwrap();
+        consul.destroy_session(&self.session).await.unwrap();
+    }
+}
+
+/// What one follower of the ring records made of each record it saw: the epoch it accepted,
+/// or why it refused.
+type Outcomes = tokio::sync::mpsc::UnboundedReceiver<Result<u64, String>>;
+
+fn follow(ring: &ConsulRing, cancel: &CancellationToken) -> Outcomes {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(ring_client::consul_ring::follow_records(
+        ring.clone(),
+        cancel.clone(),
+        move |outcome| {
+            let _ = tx.send(outcome.map(|r| r.saved.epoch).map_err(|e| e.to_string()));
+        },
+    ));
+    rx
+}
+
+/// The next outcome that satisfies `pred`, skipping others.
+async fn next_outcome(
+    outcomes: &mut Outcomes,
+    what: &str,
+    pred: impl Fn(&Result<u64, String>) -> bool,
+) -> Result<u64, String> {
+    let wait = async {
+        loop {
+            let outcome = outcomes.recv().await.expect("the follower runs");
+            if pred(&outcome) {
+                return outcome;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A fake Consul and its ring at one prefix, followed by a `RingWatcher` and by [`follow`],
+/// with a leader whose first ring (three nodes) the watcher has taken.
+struct Watched {
+    fake: FakeConsul,
+    ring: ConsulRing,
+    cancel: CancellationToken,
+    watcher: RingWatcher,
+    outcomes: Outcomes,
+    leader: Holder,
+    first: Ring,
+    tracker: TaskTracker,
+}
+
+async fn watched(prefix: &str) -> Watched {
     let fake = FakeConsul::start().await.unwrap();
-    let ring = ConsulRing::new(&fake.url(), None, "watch").unwrap();
-    let consul = ring.consul.clone();
+    let ring = ConsulRing::new(&fake.url(), None, prefix).unwrap();
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let watcher = RingWatcher::spawn(RingSource::Consul(ring.clone()), &tracker, cancel.clone());
-
-    let r1 = Ring::empty().rebalanced(&nodes(3));
-    let put = |value: Vec<u8>| {
-        let consul = consul.clone();
-        let key = ring.ring_key();
-        async move {
-            let s = consul.create_session("w", TTL, LOCK_DELAY).await.unwrap();
-            let lock = ring_lock(&key);
-            assert!(consul.acquire(&lock, &s, vec![]).await.unwrap());
-            let (entry, _) = consul.get(&key, None).await.unwrap();
-            let cas = entry.map_or(0, |e| e.modify_index);
-            consul
-                .fenced_cas(&lock, &s, &key, &value, cas)
-                .await
-                .unwrap()
-                .unwrap();
-            consul.release(&lock, &s).await.unwrap();
-            consul.destroy_session(&s).await.unwrap();
-        }
-    };
-    put(record(&r1, 5)).await;
+    let outcomes = follow(&ring, &cancel);
+    let leader = Holder::acquire(&ring).await;
+    let first = Ring::empty().rebalanced(&nodes(3));
+    leader.write_ring(&first).await;
     watcher
-        .wait_for_epoch(r1.epoch(), Duration::from_secs(10))
+        .wait_for_epoch(first.epoch(), Duration::from_secs(10))
         .await
         .unwrap();
+    Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        outcomes,
+        leader,
+        first,
+        tracker,
+    }
+}
+
+#[tokio::test]
+async fn the_ring_watch_follows_kv_survives_an_index_reset_and_refuses_an_older_leader() {
+    let Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        mut outcomes,
+        leader: a,
+        first: r1,
+        tracker,
+    } = watched("watch").await;
 
     // Consul's index goes backwards (a snapshot restore): the watch starts over and still
     // sees the next ring.
     fake.reset_index(1);
     let r2 = r1.rebalanced(&nodes(4));
-    put(record(&r2, 5)).await;
+    a.write_ring(&r2).await;
     watcher
         .wait_for_epoch(r2.epoch(), Duration::from_secs(10))
         .await
         .unwrap();
 
-    // A record from an older leader (lower lock index) is ignored even with a newer epoch;
-    // a later one from the current leader is taken.
+    // A new leader takes the lock. Its predecessor's record is now stale, even with a newer
+    // epoch (a late write): refused until the new leader writes its own.
+    let stale = a.lock_index;
+    let old_session = a.session.clone();
+    a.release().await;
+    let b = Holder::acquire(&ring).await;
+    assert_eq!(b.lock_index, stale + 1);
     let r3 = r2.rebalanced(&nodes(5));
-    put(record(&r3, 4)).await;
+    b.write(&record(&r3, stale, &old_session)).await;
+    let refused = next_outcome(&mut outcomes, "the older leader's record refused", |o| {
+        o.as_ref().is_err_and(|e| e.contains("earlier leader"))
+    })
+    .await;
+    assert!(
+        refused
+            .unwrap_err()
+            .contains(&format!("lock index {stale}"))
+    );
+    assert_eq!(
+        watcher.current().epoch(),
+        r2.epoch(),
+        "the older leader's ring was taken"
+    );
     let r4 = r3.rebalanced(&nodes(6));
-    put(record(&r4, 6)).await;
+    b.write_ring(&r4).await;
     let seen = watcher
         .wait_for_epoch(r4.epoch(), Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(seen.epoch(), r4.epoch());
+    assert!(seen.same_assignment(&r4));
 
     // Rate-limited: with nothing changing, the blocking loop is not spinning.
     let before = fake.request_count("/v1/kv/watch/ring");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = fake.request_count("/v1/kv/watch/ring") - before;
     assert!(
-        during <= 3,
-        "{during} queries in 500 ms while nothing changed"
+        during <= 6,
+        "{during} queries in 500 ms from two followers while nothing changed"
     );
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
 }
 
-fn ring_lock(ring_key: &str) -> String {
-    format!("{ring_key}-writer-lock")
+/// The attack: whoever can write KV (without holding the lock) writes a ring record that
+/// claims a huge lock index — which, fenced by the highest lock index seen, would have frozen
+/// every reader on the forged ring forever. Readers refuse it and keep the last good ring, and
+/// the leader's next rings still go through.
+#[tokio::test]
+async fn a_forged_record_with_a_huge_lock_index_moves_no_reader_and_freezes_nothing() {
+    let Watched {
+        fake,
+        ring,
+        cancel,
+        watcher,
+        mut outcomes,
+        leader,
+        first: good,
+        tracker,
+    } = watched("forged").await;
+
+    // The forger's ring: its own node owning every slot, at a huge epoch, under a huge lock
+    // index, claiming the leader's session for good measure; a plain KV write.
+    let evil = Ring::empty().rebalanced(&[RingNode {
+        id: NodeId::new("evil").unwrap(),
+        addr: "203.0.113.66:7001".into(),
+    }]);
+    let (_, nodes_, slot_owner) = Saved::ring_parts(&evil);
+    let forged = serde_json::to_vec(&Record {
+        lock_index: u64::MAX / 2,
+        session: Some(leader.session.clone()),
+        leader: "http://203.0.113.66:50050".into(),
+        saved: Saved {
+            epoch: 1_000_000,
+            nodes: nodes_,
+            slot_owner,
+            members: vec![],
+            next_incarnation: 1,
+        },
+    })
+    .unwrap();
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/kv/{}", fake.url(), ring.ring_key()))
+        .body(forged)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "the forger can write KV here");
+
+    let refused = next_outcome(&mut outcomes, "the forged record refused", Result::is_err).await;
+    assert!(
+        refused.as_ref().unwrap_err().contains("has not reached"),
+        "{refused:?}"
+    );
+    let kept = watcher.current();
+    assert_eq!(kept.epoch(), good.epoch());
+    assert!(
+        kept.same_assignment(&good),
+        "a reader moved to the forged ring"
+    );
+
+    // The leader's next ring, at a far lower epoch than the forged one, reaches every reader.
+    let next = good.rebalanced(&nodes(4));
+    leader.write_ring(&next).await;
+    let accepted = next_outcome(&mut outcomes, "the leader's next ring", Result::is_ok).await;
+    assert_eq!(accepted, Ok(next.epoch()));
+    let seen = watcher
+        .wait_for_epoch(next.epoch(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(seen.same_assignment(&next));
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
 
 #[test]
@@ -208,12 +407,14 @@ fn the_blocking_loop_resets_an_index_that_goes_backwards_and_never_sends_zero() 
     assert_eq!(blocking.index(), 0, "and restarts from 0");
 }
 
-/// Two ring managers on one Consul: one leads and serves; when its session lapses, the other
-/// takes over with the same ring, and the first, fenced, no longer writes.
+/// Two ring managers on one Consul (with ACLs on: every call carries the token): one leads and
+/// serves; when its session lapses, the other takes over with the same ring, and the first,
+/// fenced, no longer writes.
 #[tokio::test]
 async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     let fake = FakeConsul::start().await.unwrap();
-    let ring = ConsulRing::new(&fake.url(), None, "elect").unwrap();
+    fake.require_token(Some(TOKEN));
+    let ring = ConsulRing::new(&fake.url(), Some(TOKEN.into()), "elect").unwrap();
     let cancel = CancellationToken::new();
     let mut managers = Vec::new();
     for _ in 0..2 {
@@ -260,6 +461,12 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     let stored = stored.unwrap();
     assert_eq!(stored.leader, first.endpoint);
     assert_eq!(stored.lock_index, 1);
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    assert_eq!(
+        stored.session,
+        lock.unwrap().session,
+        "the record names its writer"
+    );
 
     // The leader "dies" without a word: cancel it, then let its session lapse in Consul.
     let (leader_idx, _) = managers
@@ -340,7 +547,8 @@ fn free_port() -> std::net::SocketAddr {
 #[tokio::test]
 async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown() {
     let fake = FakeConsul::start().await.unwrap();
-    let consul = Consul::new(&fake.url(), None).unwrap();
+    fake.require_token(Some(TOKEN));
+    let consul = Consul::new(&fake.url(), Some(TOKEN.into())).unwrap();
     let cancel = CancellationToken::new();
     let def = ring_client::consul_ring::service_def(
         "gateway",
@@ -376,4 +584,357 @@ async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown()
             .is_empty(),
         "deregistered on shutdown"
     );
+}
+
+/// Starts a ring manager of a Consul group on a free port; its config, cancel token and task.
+fn start_ring_manager(
+    ring: &ConsulRing,
+    cancel: &CancellationToken,
+) -> (
+    LeaderConfig,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
+) {
+    let listen = free_port();
+    let config = LeaderConfig {
+        endpoint: format!("http://{listen}"),
+        listen,
+        session_ttl: TTL,
+        lock_delay: LOCK_DELAY,
+        nearest: vec![],
+    };
+    let stop = cancel.child_token();
+    let task = tokio::spawn(cluster::run_leader_election(
+        ring.clone(),
+        ring_manager::Config::default(),
+        config.clone(),
+        stop.clone(),
+    ));
+    (config, stop, task)
+}
+
+/// A forged record (a huge lock index, the forger's own ring) written with a plain KV write;
+/// returns its modify index.
+async fn forge(fake: &FakeConsul, ring: &ConsulRing) -> u64 {
+    let evil = Ring::empty().rebalanced(&[RingNode {
+        id: NodeId::new("evil").unwrap(),
+        addr: "203.0.113.66:7001".into(),
+    }]);
+    let (_, nodes, slot_owner) = Saved::ring_parts(&evil);
+    let forged = Record {
+        lock_index: u64::MAX / 2,
+        session: None,
+        leader: "http://203.0.113.66:50050".into(),
+        saved: Saved {
+            epoch: 1_000_000,
+            nodes,
+            slot_owner,
+            members: vec![],
+            next_incarnation: 1,
+        },
+    };
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/kv/{}", fake.url(), ring.ring_key()))
+        .body(serde_json::to_vec(&forged).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let (entry, _) = ring.consul.get(&ring.ring_key(), None).await.unwrap();
+    let entry = entry.unwrap();
+    assert_eq!(entry.value, serde_json::to_vec(&forged).unwrap());
+    entry.modify_index
+}
+
+/// Registers a node through whichever ring manager leads.
+async fn register(source: &RingSource, node: &str, port: u16) -> u64 {
+    ring_client::source::register(
+        source,
+        mesh_proto::ring::RegisterRequest {
+            node_id: node.into(),
+            addr: format!("127.0.0.1:{port}"),
+            pid: u32::from(port),
+            standby: false,
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+    .epoch
+}
+
+/// The leader's side of the forged-record attack: the leading ring manager writes its ring
+/// back over a forged record at once (and keeps leading); a new leader that finds a forged
+/// record in KV resumes the last good ring it saw instead, and stamps it as its own.
+#[tokio::test]
+async fn a_leader_writes_its_ring_over_a_forged_record_and_a_new_one_never_resumes_it() {
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "guard").unwrap();
+    let cancel = CancellationToken::new();
+    let mut managers = vec![
+        start_ring_manager(&ring, &cancel),
+        start_ring_manager(&ring, &cancel),
+    ];
+    let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let source = RingSource::Consul(ring.clone());
+    let tracker = TaskTracker::new();
+    let watcher = RingWatcher::spawn(source.clone(), &tracker, cancel.clone());
+    // cs-1 holds its lease (heartbeats), so nothing changes the ring on its own.
+    let joined = ring_client::membership::join(
+        &source,
+        mesh_proto::ring::RegisterRequest {
+            node_id: "cs-1".into(),
+            addr: "127.0.0.1:9".into(),
+            pid: 9,
+            standby: false,
+        },
+        ring_client::Lease::default(),
+        &tracker,
+        &cancel,
+    );
+    joined.await.unwrap();
+    let good = eventually("cs-1 active in KV", || async {
+        let (record, _) = ring.load().await.unwrap();
+        let record = record?;
+        let active = record.saved.members.iter().any(|m| m.state == "active");
+        active.then_some(record)
+    })
+    .await;
+    watcher
+        .wait_for_epoch(good.saved.epoch, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let evil = |ring: &Ring| ring.nodes().iter().any(|n| n.id.as_str() == "evil");
+
+    // 1. Forged while the leader runs: it puts its own record back, and still leads.
+    let forged_at = forge(&fake, &ring).await;
+    let restored = eventually("the leader's record back in KV", || async {
+        let (entry, _) = ring.consul.get(&ring.ring_key(), None).await.unwrap();
+        let entry = entry.filter(|e| e.modify_index > forged_at)?;
+        let record = ring_client::consul_ring::decode_record(&entry.value).ok()?;
+        (record.leader == first.endpoint).then_some(record)
+    })
+    .await;
+    assert_eq!(restored.lock_index, 1);
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    let lock = lock.unwrap();
+    assert_eq!(
+        restored.session, lock.session,
+        "stamped with the holder's session"
+    );
+    assert_eq!(lock.lock_index, 1, "nobody else took the lock");
+    assert_eq!(restored.saved, good.saved, "the ring it held, written back");
+    assert_eq!(
+        ring.leader().await.unwrap(),
+        Some(first.clone()),
+        "it kept leading"
+    );
+    assert!(!evil(&watcher.current()), "a reader took the forged ring");
+    assert!(watcher.current().epoch() < 1_000_000);
+
+    // 2. The leader dies (its guard with it), a forged record lands, and its session lapses:
+    // the other ring manager leads from the last good ring it saw, not from KV.
+    let (index, _) = managers
+        .iter()
+        .enumerate()
+        .find(|(_, (c, _, _))| c.endpoint == first.endpoint)
+        .unwrap();
+    let (_, stop, task) = managers.remove(index);
+    task.abort();
+    stop.cancel();
+    let _ = task.await;
+    let (last, _) = ring.load().await.unwrap();
+    let last = last.unwrap();
+    assert_eq!(last.leader, first.endpoint, "the dead leader's last record");
+    let dead = lock.session.unwrap();
+    let forged_at = forge(&fake, &ring).await;
+    fake.expire_session(&dead);
+    let second = eventually("a new leader", || async {
+        ring.leader()
+            .await
+            .unwrap()
+            .filter(|l| l.endpoint != first.endpoint)
+    })
+    .await;
+    let stamped = eventually("the new leader's record in KV", || async {
+        let (entry, _) = ring.consul.get(&ring.ring_key(), None).await.unwrap();
+        let entry = entry.filter(|e| e.modify_index > forged_at)?;
+        ring_client::consul_ring::decode_record(&entry.value).ok()
+    })
+    .await;
+    assert_eq!(stamped.leader, second.endpoint);
+    assert_eq!(stamped.lock_index, 2);
+    assert!(
+        stamped.saved.epoch >= last.saved.epoch && stamped.saved.epoch < 1_000_000,
+        "resumed the last good ring (epoch {}), not the forged one: {}",
+        last.saved.epoch,
+        stamped.saved.epoch
+    );
+    assert!(stamped.saved.members.iter().any(|m| m.id == "cs-1"));
+    assert!(!evil(&stamped.saved.ring().unwrap()));
+
+    // Readers never took the forged ring, and the new leader's next one reaches them.
+    assert!(!evil(&watcher.current()));
+    let next = register(&source, "cs-2", 10).await;
+    let after = watcher
+        .wait_for_epoch(next, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(after.nodes().iter().any(|n| n.id.as_str() == "cs-2"));
+    assert!(!evil(&after));
+
+    cancel.cancel();
+    for (_, _, task) in managers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Every call the Consul client makes carries the ACL token: against a Consul with ACLs on
+/// (default deny), each works with the management token, and each fails with a clear refusal
+/// that names the flag without it or with a wrong one.
+#[tokio::test]
+async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() {
+    let fake = FakeConsul::start().await.unwrap();
+    fake.require_token(Some(TOKEN));
+    let with = Consul::new(&fake.url(), Some(TOKEN.into())).unwrap();
+    let def = ring_client::consul_ring::service_def(
+        "gateway",
+        "acl-1",
+        "127.0.0.1:8080".parse().unwrap(),
+        None,
+        vec![],
+    );
+
+    // With the token: every call.
+    let session = with.create_session("acl", TTL, LOCK_DELAY).await.unwrap();
+    assert!(with.renew_session(&session).await.unwrap());
+    assert!(
+        with.acquire("acl/ring-manager/leader", &session, vec![])
+            .await
+            .unwrap()
+    );
+    let (lock, _) = with.get("acl/ring-manager/leader", None).await.unwrap();
+    assert_eq!(lock.unwrap().session.as_deref(), Some(session.as_str()));
+    with.fenced_cas("acl/ring-manager/leader", &session, "acl/ring", b"r", 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let (entries, _) = with.list("acl/ring", None).await.unwrap();
+    assert_eq!(entries.len(), 2, "the lock and the ring");
+    with.register_service(&def).await.unwrap();
+    assert!(
+        with.update_check(&def.check_id(), true, "ok")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        with.health_service(&def.name, false).await.unwrap().len(),
+        1
+    );
+    let ring = ConsulRing::new(&fake.url(), Some(TOKEN.into()), "acl").unwrap();
+    let (snapshot, _) = ring.snapshot(None).await.unwrap();
+    assert!(snapshot.lock.is_some() && snapshot.ring.is_some());
+
+    // Without it (the anonymous token) and with a wrong one: refused, clearly.
+    let denied = |result: Result<(), ring_client::consul::ConsulError>, what: &str, says: &str| {
+        let error = result.expect_err(what);
+        let text = error.to_string();
+        assert!(
+            matches!(error, ring_client::consul::ConsulError::Denied { .. }),
+            "{what}: {text}"
+        );
+        assert!(text.contains(says), "{what}: {text}");
+        assert!(
+            text.contains("--consul-token or CONSUL_HTTP_TOKEN"),
+            "{what}: {text}"
+        );
+    };
+    for (client, says) in [
+        (Consul::new(&fake.url(), None).unwrap(), "Permission denied"),
+        (
+            Consul::new(&fake.url(), Some("not-the-token".into())).unwrap(),
+            "ACL not found",
+        ),
+    ] {
+        denied(
+            client.create_session("x", TTL, LOCK_DELAY).await.map(drop),
+            "session create",
+            says,
+        );
+        denied(
+            client.renew_session(&session).await.map(drop),
+            "renew",
+            says,
+        );
+        denied(
+            client
+                .acquire("acl/ring-manager/leader", &session, vec![])
+                .await
+                .map(drop),
+            "acquire",
+            says,
+        );
+        denied(client.get("acl/ring", None).await.map(drop), "get", says);
+        denied(
+            client.register_service(&def).await,
+            "service register",
+            says,
+        );
+        denied(
+            client
+                .update_check(&def.check_id(), true, "ok")
+                .await
+                .map(drop),
+            "check update",
+            says,
+        );
+        denied(client.deregister_service(&def.id).await, "deregister", says);
+        denied(
+            client
+                .release("acl/ring-manager/leader", &session)
+                .await
+                .map(drop),
+            "release",
+            says,
+        );
+        denied(client.destroy_session(&session).await, "destroy", says);
+        let ring = ConsulRing::new(&fake.url(), None, "acl").unwrap();
+        let ring = ConsulRing {
+            consul: client.clone(),
+            ..ring
+        };
+        let watched = ring.snapshot(None).await.map(|_| ()).map_err(|e| match e {
+            ring_client::Error::Consul(e) => e,
+            other => panic!("{other}"),
+        });
+        denied(watched, "the ring watch's read", says);
+    }
+    // What Consul filters rather than refuses, for the anonymous token.
+    let anonymous = Consul::new(&fake.url(), None).unwrap();
+    let (entries, _) = anonymous.list("acl/ring", None).await.unwrap();
+    assert!(entries.is_empty(), "an anonymous list reads nothing");
+    assert!(
+        anonymous
+            .health_service(&def.name, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let refused = anonymous
+        .fenced_cas("acl/ring-manager/leader", &session, "acl/ring", b"x", 0)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(refused.denied(), "{refused:?}");
+    assert_eq!(fake.kv_value("acl/ring").unwrap(), b"r", "nothing written");
+
+    with.deregister_service(&def.id).await.unwrap();
+    assert!(
+        with.release("acl/ring-manager/leader", &session)
+            .await
+            .unwrap()
+    );
+    with.destroy_session(&session).await.unwrap();
 }

@@ -1,4 +1,5 @@
-//! `ctl top`: a refreshing terminal view of the ring manager console's numbers.
+//! `ctl top`: a refreshing terminal view of the ring manager console's numbers. It sends the
+//! process's HTTP token (`--http-token`), which a console off loopback requires.
 
 use anyhow::Context;
 
@@ -48,16 +49,22 @@ async fn fetch_state(
     client: &reqwest::Client,
     url: &str,
 ) -> anyhow::Result<ring_manager::console::Snapshot> {
-    let response = client
-        .get(url)
+    let mut request = client.get(url);
+    // A console off loopback needs the HTTP token; one on loopback ignores it.
+    if let Some(token) = mesh_telemetry::access::token() {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request
         .send()
         .await
         .with_context(|| format!("reading the ring manager console at {url}"))?;
+    let status = response.status();
     anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}",
-        response.status()
+        status != reqwest::StatusCode::UNAUTHORIZED,
+        "{url} answered {status}: give ctl the console's token (--http-token or {})",
+        mesh_telemetry::access::ENV_HTTP_TOKEN
     );
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
     response
         .json()
         .await

@@ -74,6 +74,9 @@ pub struct DevArgs {
     /// With --consul: the Consul key prefix.
     #[arg(long, requires = "consul")]
     consul_prefix: Option<String>,
+    /// With --consul: Consul's ACL token, for dev and (by environment) every child.
+    #[arg(long, requires = "consul", env = ring_client::args::ENV_CONSUL_TOKEN, hide_env_values = true)]
+    consul_token: Option<String>,
     /// With --consul: another ring manager on this address (repeatable); they elect a leader.
     /// Default: one on 127.0.0.1:50060.
     #[arg(long = "extra-ring-manager", requires = "consul")]
@@ -137,6 +140,7 @@ pub async fn run(
             ring_state_file: args.ring_state_file,
             consul: args.consul.clone(),
             consul_prefix: args.consul_prefix,
+            consul_token: args.consul_token,
             extra_ring_managers,
             global_args: child_args,
         };

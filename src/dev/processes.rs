@@ -45,6 +45,8 @@ pub struct Options {
     pub consul: Option<String>,
     /// The Consul key prefix (default `channelmesh`).
     pub consul_prefix: Option<String>,
+    /// Consul's ACL token, given to every child by environment (not argv).
+    pub consul_token: Option<String>,
     /// With Consul: more ring managers (followers), one per address.
     pub extra_ring_managers: Vec<SocketAddr>,
     /// The global flags every child gets: logging, tracing, `--tls-*` (empty: plaintext).
@@ -99,6 +101,19 @@ async fn start_with(
         .args(&options.global_args)
         .env(ENV_JWT_SECRET, &config.jwt_secret)
         .env(ENV_ADMIN_TOKEN, &config.admin_token)
+        // Consul's ACL token and the HTTP token by environment, not argv, however `dev` got them.
+        .envs(
+            options
+                .consul_token
+                .as_ref()
+                .map(|t| (ring_client::args::ENV_CONSUL_TOKEN, t.clone())),
+        )
+        .envs(mesh_telemetry::access::token().map(|t| {
+            (
+                mesh_telemetry::access::ENV_HTTP_TOKEN,
+                t.expose().to_string(),
+            )
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -254,7 +269,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     // registered.
     let consul = |prefix: String| -> anyhow::Result<RingSource> {
         let url = options.consul.as_deref().unwrap_or_default();
-        Ok(RingSource::Consul(ConsulRing::new(url, None, &prefix)?))
+        let token = options.consul_token.clone();
+        Ok(RingSource::Consul(ConsulRing::new(url, token, &prefix)?))
     };
     let (ring, presence_ring) = match &options.consul {
         Some(_) => (

@@ -961,3 +961,72 @@ fn every_compose_service_is_health_checked_on_its_http_port() {
     }
     assert!(checked >= 14, "only {checked} channelmesh services");
 }
+
+/// A compose `environment` mapping's value (a missing one fails the test).
+fn env<'a>(service: &'a Yaml, name: &str) -> &'a str {
+    string(service, &format!("environment.{name}"))
+}
+
+#[test]
+fn compose_runs_consul_with_acls_on_loopback_and_every_service_has_its_token() {
+    let services = compose();
+    let consul = &services["consul"];
+
+    // Published on the host's loopback only.
+    let ports = strings(consul, "ports");
+    assert!(!ports.is_empty());
+    for spec in &ports {
+        assert!(
+            spec.starts_with("127.0.0.1:"),
+            "consul publishes {spec} beyond loopback"
+        );
+    }
+
+    // ACLs on, deny by default, the bootstrap token from CONSUL_HTTP_TOKEN.
+    let config: serde_json::Value = serde_json::from_str(env(consul, "CONSUL_LOCAL_CONFIG"))
+        .expect("CONSUL_LOCAL_CONFIG is JSON");
+    let acl = &config["acl"];
+    assert_eq!(acl["enabled"], true, "{config}");
+    assert_eq!(acl["default_policy"], "deny", "{config}");
+    let token_var = "${CONSUL_HTTP_TOKEN}";
+    assert_eq!(acl["tokens"]["initial_management"], token_var, "{config}");
+    assert_eq!(acl["tokens"]["agent"], token_var, "{config}");
+    let required = |value: &str| value.starts_with("${CONSUL_HTTP_TOKEN:?") && value.ends_with('}');
+    assert!(required(env(consul, "CONSUL_HTTP_TOKEN")));
+
+    // Every channelmesh service gets the same token (required: compose refuses to start
+    // without it), under the name the binary reads, and the optional HTTP token.
+    let mut checked = 0;
+    for (name, service) in services.iter().filter(|(_, s)| runs_channelmesh(s)) {
+        assert!(
+            required(env(service, "CONSUL_HTTP_TOKEN")),
+            "{name}: {}",
+            env(service, "CONSUL_HTTP_TOKEN")
+        );
+        assert_eq!(
+            env(service, "CHANNELMESH_HTTP_TOKEN"),
+            "${CHANNELMESH_HTTP_TOKEN:-}"
+        );
+        assert!(env(service, "CHANNELMESH_CONSUL").starts_with("http://consul:"));
+        let command = command(service);
+        let help = Command::new(BIN)
+            .args([command[0].as_str(), "--help"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for var in [
+            "CONSUL_HTTP_TOKEN",
+            "CHANNELMESH_HTTP_TOKEN",
+            "CHANNELMESH_CONSUL",
+        ] {
+            assert!(
+                help.contains(&format!("env: {var}")),
+                "{name}: {} reads no {var}",
+                command[0]
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 14, "only {checked} channelmesh services");
+}

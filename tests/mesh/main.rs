@@ -8,6 +8,8 @@ mod attacks_clients;
 mod attacks_dos;
 mod attacks_redirect;
 mod attacks_tokens;
+mod attacks_console;
+mod attacks_consul;
 mod bad_input;
 mod bench_smoke;
 mod charm;

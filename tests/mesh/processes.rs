@@ -70,6 +70,16 @@ impl Dev {
     /// On the Consul agent at `consul`, with a ring manager on each of `ring_managers` (they
     /// need fixed ports: a ring manager's address is published before it is bound).
     pub fn on_consul(name: &str, consul: &str, ring_managers: &[SocketAddr]) -> Dev {
+        Self::on_consul_with(name, consul, ring_managers, &[])
+    }
+
+    /// [`Dev::on_consul`] with more `dev` flags (e.g. `--consul-token`).
+    pub fn on_consul_with(
+        name: &str,
+        consul: &str,
+        ring_managers: &[SocketAddr],
+        more: &[&str],
+    ) -> Dev {
         let mut args = vec![
             "--consul".to_string(),
             consul.to_string(),
@@ -88,6 +98,7 @@ impl Dev {
         for rm in &ring_managers[1..] {
             args.extend(["--extra-ring-manager".to_string(), rm.to_string()]);
         }
+        args.extend(more.iter().map(|s| s.to_string()));
         Self::launch(&args, PathBuf::new())
     }
 

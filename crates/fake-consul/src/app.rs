@@ -1,5 +1,5 @@
 //! What the HTTP handlers and the timer task share: the state mutex, the change signal that
-//! wakes blocking queries, the request counters and the "no leader" switch.
+//! wakes blocking queries, the request counters, the "no leader" switch and the ACL token.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -42,6 +42,8 @@ pub(crate) struct App {
     requests: Mutex<HashMap<String, u64>>,
     /// While set, every request fails as if the cluster had no leader.
     pub(crate) unavailable: AtomicBool,
+    /// With ACLs on, the one management token; `None` while ACLs are off.
+    acl: Mutex<Option<String>>,
     /// Cancelled on shutdown: stops the server and the timers and releases blocked queries.
     pub(crate) cancel: CancellationToken,
 }
@@ -57,6 +59,7 @@ impl App {
             changed: watch::Sender::new(0),
             requests: Mutex::new(HashMap::new()),
             unavailable: AtomicBool::new(false),
+            acl: Mutex::new(None),
             cancel,
         }
     }
@@ -78,6 +81,16 @@ impl App {
         if f(&mut unpoisoned(&self.state)) {
             self.changed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The management token while ACLs are on.
+    pub(crate) fn acl_token(&self) -> Option<String> {
+        unpoisoned(&self.acl).clone()
+    }
+
+    /// Turns ACLs on with `token` as the management token, or off.
+    pub(crate) fn set_acl_token(&self, token: Option<String>) {
+        *unpoisoned(&self.acl) = token;
     }
 
     /// Counts one request to `path`.

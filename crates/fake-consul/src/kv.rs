@@ -53,6 +53,9 @@ pub(crate) struct Kv {
     pub(crate) entries: BTreeMap<String, Entry>,
     /// The last index at which any key was written or deleted.
     pub(crate) index: u64,
+    /// Consul's graveyard: the index at which each deleted key was deleted, so that a prefix
+    /// read's index moves on a delete under the prefix. Kept forever (Consul reaps them).
+    pub(crate) tombstones: BTreeMap<String, u64>,
 }
 
 impl Kv {
@@ -155,10 +158,11 @@ impl Kv {
         }
     }
 
-    /// Deletes a key; deleting a missing key changes nothing.
+    /// Deletes a key (leaving a tombstone); deleting a missing key changes nothing.
     pub(crate) fn delete(&mut self, idx: u64, key: &str) {
         if self.entries.remove(key).is_some() {
             self.index = idx;
+            self.tombstones.insert(key.to_owned(), idx);
         }
     }
 
@@ -188,6 +192,26 @@ impl Kv {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// A prefix read as `kvsListTxn` answers it: the entries under `prefix`, and its index —
+    /// the highest `ModifyIndex` or tombstone under the prefix, else the table's (at least 1).
+    pub(crate) fn list(&self, prefix: &str) -> (u64, Vec<(String, Entry)>) {
+        let entries: Vec<(String, Entry)> = self
+            .entries
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        let modified = entries.iter().map(|(_, e)| e.modify_index);
+        let deleted = self
+            .tombstones
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, idx)| *idx);
+        let index = modified.chain(deleted).max().unwrap_or(0);
+        let index = if index == 0 { self.index.max(1) } else { index };
+        (index, entries)
     }
 
     /// The keys locked by `session`.

@@ -9,18 +9,20 @@
 //!
 //! | Endpoints | Follows |
 //! |---|---|
-//! | `GET/PUT/DELETE /v1/kv/<key>` (`?raw`, `?cas`, `?flags`, `?acquire`, `?release`, DELETE `?recurse`) | `api-docs/kv.mdx`, `agent/kvs_endpoint.go`, `agent/consul/state/kvs.go` |
+//! | `GET/PUT/DELETE /v1/kv/<key>` (`?raw`, `?recurse`, `?cas`, `?flags`, `?acquire`, `?release`, DELETE `?recurse`) | `api-docs/kv.mdx`, `agent/kvs_endpoint.go`, `agent/consul/state/kvs.go` |
 //! | `?index`/`?wait` blocking on KV, session info and health reads | `api-docs/features/blocking.mdx` |
 //! | `PUT /v1/session/create`, `/renew/<id>`, `/destroy/<id>`, `GET /v1/session/info/<id>` | `api-docs/session.mdx`, `docs/dynamic-app-config/sessions/index.mdx`, `agent/session_endpoint.go` |
 //! | `PUT /v1/txn` (KV verbs `set cas lock unlock get get-or-empty get-tree check-index check-session check-not-exists delete delete-tree delete-cas`) | `api-docs/txn.mdx`, `agent/consul/state/txn.go`, `agent/consul/txn_endpoint.go` |
 //! | `PUT /v1/agent/service/register`, `/v1/agent/service/deregister/<id>` | `api-docs/agent/service.mdx`, `agent/agent.go` |
 //! | `PUT /v1/agent/check/{pass,warn,fail}/<id>?note=`, `/v1/agent/check/update/<id>` | `api-docs/agent/check.mdx`, `agent/checks/check.go` |
 //! | `GET /v1/health/service/<name>` (`?passing`) | `api-docs/health.mdx`, `agent/health_endpoint.go` |
+//! | ACLs ([`FakeConsul::require_token`]): `X-Consul-Token` | `security/acl/index.mdx`, `agent/http.go`, `acl/errors.go` |
 //!
 //! Behaviour worth knowing, taken from Consul rather than invented:
 //! - One Raft index, starting at 10, moves on every write. A KV read answers `X-Consul-Index`
 //!   with the key's `ModifyIndex`, or for a missing key with the KV table's index (at least 1),
-//!   as `KVS.Get` does. Identical KV writes and identical service re-registrations move nothing.
+//!   as `KVS.Get` does; a `?recurse` read with the highest `ModifyIndex` or tombstone under the
+//!   prefix (a plain string prefix), else the table's, as `KVS.List` does. Identical KV writes and identical service re-registrations move nothing.
 //!   [`FakeConsul::reset_index`] lowers stored indexes like a snapshot restore and releases
 //!   blocked queries, while Raft keeps counting up (`features/blocking.mdx`).
 //! - A plain write to a locked key keeps the holder but resets `LockIndex` to 0, and a
@@ -34,9 +36,13 @@
 //!   nothing (a real agent syncs them lazily). A re-registered check keeps its status.
 //!
 //! Deliberate simplifications:
-//! - One node, `fake-node` (127.0.0.1), one datacenter, `dc1`; no ACLs, namespaces,
-//!   partitions, consistency modes, `?dc`, `?recurse`/`?keys` reads, `?tag`/`?filter`, or
-//!   non-KV txn operations (those are refused with a 400 that says so).
+//! - One node, `fake-node` (127.0.0.1), one datacenter, `dc1`; no namespaces, partitions,
+//!   consistency modes, `?dc`, `?keys` reads, `?tag`/`?filter`, or non-KV txn operations (those
+//!   are refused with a 400 that says so). Tombstones of deleted keys are never reaped.
+//! - ACLs are off unless [`FakeConsul::require_token`] turns them on, and then there are only
+//!   two callers: the management token, which may do everything, and the anonymous token (no
+//!   token), which may do nothing (`default_policy = "deny"`); any other token is `ACL not
+//!   found`. No policies, roles or the `/v1/acl` endpoints; see `acl.rs` for the answers.
 //! - A session expires exactly at its TTL (Consul may take up to 2×TTL); session checks are
 //!   recorded but never evaluated.
 //! - Only TTL checks run. Other check kinds are stored with their initial status.
@@ -49,6 +55,7 @@
 //!   `rpc error: No cluster leader`, including agent endpoints that a real agent would still
 //!   serve from local state.
 
+mod acl;
 mod app;
 mod catalog;
 mod duration;
@@ -166,6 +173,13 @@ impl FakeConsul {
     /// blocking is included.
     pub fn request_count(&self, prefix: &str) -> u64 {
         self.app.request_count(prefix)
+    }
+
+    /// Turns ACLs on, `default_policy = "deny"`, with `token` the one management token (`None`
+    /// turns them off again, the default): requests without it are refused as Consul refuses
+    /// them (see the module docs).
+    pub fn require_token(&self, token: Option<&str>) {
+        self.app.set_acl_token(token.map(str::to_owned));
     }
 
     /// While `down`, every request fails with HTTP 500 `rpc error: No cluster leader`.

@@ -178,6 +178,9 @@ impl State {
             entry.modify_index = entry.modify_index.min(to);
         }
         self.kv.index = self.kv.index.min(to);
+        for idx in self.kv.tombstones.values_mut() {
+            *idx = (*idx).min(to);
+        }
         for session in self.sessions.values_mut() {
             session.create_index = session.create_index.min(to);
         }

@@ -662,3 +662,198 @@ async fn unavailable_unknown_paths_and_wrong_methods() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_recurse_read_lists_a_prefix_in_one_snapshot_and_blocks_on_it() {
+    let (consul, client) = start().await;
+    let kv = |key: &str| format!("{}/v1/kv/{key}", consul.url());
+    let list = kv("cm/ring?recurse");
+    // Nothing under the prefix: 404, with the table's index.
+    let empty = client.get(&list).send().await.unwrap();
+    assert_eq!(empty.status(), StatusCode::NOT_FOUND);
+    assert!(index_of(&empty) >= 1);
+
+    // A plain string prefix: `cm/ring` and `cm/ring-manager/leader`, not `cm/other`.
+    assert!(put_bool(&client, kv("cm/ring"), "r1").await);
+    assert!(put_bool(&client, kv("cm/ring-manager/leader"), "l1").await);
+    assert!(put_bool(&client, kv("cm/other"), "o").await);
+    let resp = client.get(&list).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let index = index_of(&resp);
+    let entries: Value = resp.json().await.unwrap();
+    let keys: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["cm/ring", "cm/ring-manager/leader"]);
+    // The index is the highest ModifyIndex under the prefix, not the table's.
+    let leader = get_entry(&client, &consul, "cm/ring-manager/leader").await;
+    assert_eq!(index, leader["ModifyIndex"].as_u64().unwrap());
+    assert_eq!(
+        entries[0]["Value"], "cjE=",
+        "values base64 as in a single read"
+    );
+
+    // A write elsewhere does not wake it; a write to either key under it does.
+    let blocked = spawn_get(&client, format!("{list}&index={index}&wait=1m"));
+    assert!(put_bool(&client, kv("cm/other"), "o2").await);
+    assert!(put_bool(&client, kv("cm/ring"), "r2").await);
+    let woken = answer(blocked).await;
+    assert!(index_of(&woken) > index);
+    let entries: Value = woken.json().await.unwrap();
+    assert_eq!(entries[0]["Value"], "cjI=");
+
+    // Deleting a key under the prefix moves its index too (Consul's tombstones).
+    let index = index_of(&client.get(&list).send().await.unwrap());
+    let blocked = spawn_get(&client, format!("{list}&index={index}&wait=1m"));
+    let deleted = client
+        .delete(kv("cm/ring-manager/leader"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::OK);
+    let woken = answer(blocked).await;
+    assert!(index_of(&woken) > index);
+    let entries: Value = woken.json().await.unwrap();
+    assert_eq!(entries.as_array().unwrap().len(), 1);
+}
+
+/// Every endpoint with ACLs on: the management token may do everything; no token (the
+/// anonymous token, `default_policy = "deny"`) is refused with Consul's answers; another token
+/// is not found.
+#[tokio::test]
+async fn with_acls_on_only_the_management_token_is_obeyed() {
+    const TOKEN: &str = "5e1f1c3a-2b9d-4c57-8f00-acl0manage0001";
+    let (consul, client) = start().await;
+    let url = |path: &str| format!("{}{path}", consul.url());
+    // Off by default: a request without a token works.
+    assert!(put_bool(&client, url("/v1/kv/cm/ring"), "before").await);
+    consul.require_token(Some(TOKEN));
+
+    let anonymous = |method: reqwest::Method, path: &str| client.request(method, url(path));
+    let denied = |resource: &str, on: &str| {
+        format!(
+            "Permission denied: anonymous token lacks permission '{resource}'{on}. The anonymous \
+             token is used implicitly when a request does not specify a token."
+        )
+    };
+    use reqwest::Method;
+    let refusals = [
+        (
+            Method::GET,
+            "/v1/kv/cm/ring",
+            denied("key:read", " on \"cm/ring\""),
+        ),
+        (
+            Method::PUT,
+            "/v1/kv/cm/ring",
+            denied("key:write", " on \"cm/ring\""),
+        ),
+        (
+            Method::DELETE,
+            "/v1/kv/cm/ring",
+            denied("key:write", " on \"cm/ring\""),
+        ),
+        (
+            Method::PUT,
+            "/v1/session/create",
+            denied("session:write", " on \"fake-node\""),
+        ),
+        (
+            Method::PUT,
+            "/v1/session/renew/x",
+            denied("session:write", " on \"fake-node\""),
+        ),
+        (
+            Method::PUT,
+            "/v1/agent/service/register",
+            denied("service:write", ""),
+        ),
+        (
+            Method::PUT,
+            "/v1/agent/service/deregister/gw",
+            denied("service:write", " on \"gw\""),
+        ),
+        (
+            Method::PUT,
+            "/v1/agent/check/pass/service:gw",
+            denied("service:write", " on \"service:gw\""),
+        ),
+    ];
+    for (method, path, text) in refusals {
+        let resp = anonymous(method.clone(), path).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(resp.text().await.unwrap(), text, "{method} {path}");
+    }
+    // A transaction: every operation refused, nothing applied.
+    let ops = json!([{"KV": {"Verb": "set", "Key": "cm/ring", "Value": "eA=="}}]);
+    let txn = anonymous(Method::PUT, "/v1/txn")
+        .body(ops.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(txn.status(), StatusCode::CONFLICT);
+    let body: Value = txn.json().await.unwrap();
+    assert_eq!(
+        body["Errors"],
+        json!([{"OpIndex": 0, "What": "Permission denied"}])
+    );
+    assert_eq!(consul.kv_value("cm/ring").unwrap(), b"before");
+    // Lists are filtered to nothing, silently for the anonymous token.
+    let list = anonymous(Method::GET, "/v1/kv/cm/ring?recurse")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::NOT_FOUND);
+    assert!(
+        list.headers()
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .is_none()
+    );
+    let health = anonymous(Method::GET, "/v1/health/service/channelmesh-gateway")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.json::<Value>().await.unwrap(), json!([]));
+
+    // Another token is not found, whatever it asks.
+    let unknown = client
+        .get(url("/v1/kv/cm/ring"))
+        .header("X-Consul-Token", "not-the-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::FORBIDDEN);
+    assert_eq!(unknown.text().await.unwrap(), "ACL not found");
+
+    // The management token, in any of the places Consul reads it.
+    let header = client
+        .get(url("/v1/kv/cm/ring?recurse"))
+        .header("X-Consul-Token", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header.status(), StatusCode::OK);
+    let bearer = client
+        .put(url("/v1/kv/cm/ring"))
+        .bearer_auth(TOKEN)
+        .body("after")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), StatusCode::OK);
+    let param = client
+        .get(url(&format!("/v1/kv/cm/ring?token={TOKEN}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(param.status(), StatusCode::OK);
+    assert_eq!(consul.kv_value("cm/ring").unwrap(), b"after");
+
+    // And off again.
+    consul.require_token(None);
+    assert!(put_bool(&client, url("/v1/kv/cm/ring"), "open").await);
+}

@@ -1,4 +1,5 @@
-//! The logging and tracing flags every process takes (`--log-json`, `--otlp-endpoint`).
+//! The flags every process takes: logging and tracing (`--log-json`, `--otlp-endpoint`), and
+//! the HTTP token (`--http-token`).
 
 /// How a process logs and whether it exports traces; [`crate::init`] takes them.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -23,6 +24,30 @@ impl LogArgs {
             args.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
         }
         args
+    }
+}
+
+/// The bearer token of the HTTP endpoints beyond the health probes, where they are served off
+/// loopback ([`crate::access`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HttpArgs {
+    /// Bearer token for /metrics, the ring manager's console and a gateway's /stats where they
+    /// listen off loopback (at least 16 bytes); `ctl top` sends it. A side port or console
+    /// off loopback does not start without it. Children of `dev --multi-process` inherit it.
+    #[arg(long, global = true, env = crate::access::ENV_HTTP_TOKEN, hide_env_values = true)]
+    pub http_token: Option<String>,
+}
+
+impl HttpArgs {
+    /// Sets this process's HTTP token from the flag (none when unset or empty).
+    pub fn configure(&self) -> Result<(), crate::Error> {
+        let token = self
+            .http_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(crate::access::HttpToken::new)
+            .transpose()?;
+        crate::access::configure(token)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP side of a service's telemetry: `/metrics` (Prometheus text), `/healthz` (the
-//! process runs) and `/readyz` (it takes traffic: 200, or 503 with the reason).
+//! process runs) and `/readyz` (it takes traffic: 200, or 503 with the reason). Off loopback,
+//! `/metrics` needs the HTTP token ([`crate::access`]); the probes stay open.
 
 use std::net::SocketAddr;
 
@@ -49,15 +50,17 @@ async fn readyz(State(telemetry): State<Telemetry>) -> Response {
     }
 }
 
-/// Serves [`router`] on `listener` until `cancel`.
+/// Serves [`router`] on `listener` until `cancel`, everything but the probes guarded by the
+/// listener's [`Access`](crate::access::Access).
 pub async fn serve(
     listener: TcpListener,
     telemetry: Telemetry,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::debug!(?addr, "telemetry HTTP listening");
-    axum::serve(listener, router(telemetry))
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::debug!(%addr, "telemetry HTTP listening");
+    let app = crate::access::guard(router(telemetry), addr, crate::access::all_but_probes);
+    axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
 }

@@ -1,9 +1,12 @@
 //! The HTTP side port of a gRPC service (`/metrics`, `/healthz`, `/readyz`; a ring manager's
 //! console): where it is unless `--http` says otherwise, and serving it beside the service.
 //!
-//! The rule is the ring manager console's (50050 -> 50090), for every gRPC service: the same
-//! interface, the gRPC port + [`HTTP_PORT_OFFSET`]; port 0 stays "the OS picks", so that a
-//! service on an ephemeral port gets an ephemeral side port.
+//! The rule is the ring manager console's (50050 -> 50090), for every gRPC service: the gRPC
+//! port + [`HTTP_PORT_OFFSET`] on loopback — the `--listen` address itself if it is a loopback
+//! one, else `127.0.0.1` (`::1` for IPv6) — so that a service listening for gRPC on every
+//! interface still keeps its metrics and console on the machine. Port 0 stays "the OS picks",
+//! so that a service on an ephemeral port gets an ephemeral side port. A side port off loopback
+//! (only by `--http`) needs the HTTP token ([`crate::access`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,21 +15,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::access::{Access, loopback_like};
 use crate::{Error, Telemetry};
 
 /// How far a gRPC service's HTTP port is from its gRPC port by default.
 pub const HTTP_PORT_OFFSET: u16 = 40;
 
 /// The HTTP address of a gRPC service listening on `grpc`: `explicit` (its `--http`) if given,
-/// else the same interface with the port + [`HTTP_PORT_OFFSET`] (0 when `grpc`'s is 0, or when
-/// the sum would not be a port).
+/// else loopback ([`loopback_like`] `grpc`'s address) with the port + [`HTTP_PORT_OFFSET`] (0
+/// when `grpc`'s is 0, or when the sum would not be a port).
 pub fn http_addr(explicit: Option<SocketAddr>, grpc: SocketAddr) -> SocketAddr {
     explicit.unwrap_or_else(|| {
         let port = match grpc.port() {
             0 => 0,
             p => p.checked_add(HTTP_PORT_OFFSET).unwrap_or(0),
         };
-        SocketAddr::new(grpc.ip(), port)
+        SocketAddr::new(loopback_like(grpc.ip()), port)
     })
 }
 
@@ -35,6 +39,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Binds an HTTP side port or console on `addr`: off loopback only with the HTTP token
+/// ([`Access::required`]).
+pub async fn bind_http(addr: SocketAddr) -> Result<TcpListener, Error> {
+    Access::required(addr)?;
+    bind(addr).await
 }
 
 /// A gRPC service whose telemetry is served on an HTTP side port beside it: what [`Bound`]
@@ -67,13 +78,15 @@ pub struct Bound<S> {
 
 impl<S: Service> Bound<S> {
     /// Binds `service`'s gRPC on `listen` and its HTTP side on `http`, by default next to it
-    /// ([`http_addr`]).
+    /// on loopback ([`http_addr`]). An HTTP side off loopback without the HTTP token is refused
+    /// before anything is bound.
     pub async fn bind(
         service: S,
         listen: SocketAddr,
         http: Option<SocketAddr>,
     ) -> Result<Self, S::Error> {
         let asked = http_addr(http, listen);
+        Access::required(asked)?;
         let grpc = bind(listen).await?;
         let http = bind(asked).await?;
         let bound = |listener: &TcpListener, addr| {
@@ -141,15 +154,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_side_port_is_the_grpc_port_plus_40_unless_given() {
+    fn the_side_port_is_the_grpc_port_plus_40_on_loopback_unless_given() {
         let grpc: SocketAddr = "127.0.0.1:50061".parse().unwrap();
         assert_eq!(http_addr(None, grpc).to_string(), "127.0.0.1:50101");
+        let other_loopback: SocketAddr = "127.0.0.7:50061".parse().unwrap();
+        assert_eq!(
+            http_addr(None, other_loopback).to_string(),
+            "127.0.0.7:50101"
+        );
+        // gRPC on every interface (or one of them): the side port stays on the machine.
+        let everywhere: SocketAddr = "0.0.0.0:50061".parse().unwrap();
+        assert_eq!(http_addr(None, everywhere).to_string(), "127.0.0.1:50101");
+        let public: SocketAddr = "10.0.0.5:50061".parse().unwrap();
+        assert_eq!(http_addr(None, public).to_string(), "127.0.0.1:50101");
+        let v6: SocketAddr = "[::]:50061".parse().unwrap();
+        assert_eq!(http_addr(None, v6).to_string(), "[::1]:50101");
         let ephemeral: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        assert_eq!(http_addr(None, ephemeral).to_string(), "0.0.0.0:0");
+        assert_eq!(http_addr(None, ephemeral).to_string(), "127.0.0.1:0");
         let top: SocketAddr = "127.0.0.1:65500".parse().unwrap();
         assert_eq!(http_addr(None, top).port(), 0);
-        let given: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let given: SocketAddr = "0.0.0.0:9000".parse().unwrap();
         assert_eq!(http_addr(Some(given), grpc), given);
+    }
+
+    #[tokio::test]
+    async fn a_side_port_off_loopback_without_a_token_is_refused_before_binding() {
+        // No token is configured in this test process.
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = grpc.local_addr().unwrap();
+        let refused = Bound::bind(Brief, taken, Some("0.0.0.0:0".parse().unwrap()))
+            .await
+            .unwrap_err();
+        // Refused for the token, not for the gRPC port already in use: nothing was bound.
+        assert!(
+            refused.to_string().contains("needs a bearer token"),
+            "{refused}"
+        );
+        assert!(bind_http("0.0.0.0:0".parse().unwrap()).await.is_err());
+        assert!(bind_http("127.0.0.1:0".parse().unwrap()).await.is_ok());
     }
 
     /// A service that ends at once.

@@ -7,12 +7,19 @@
 //! Consul binary runs on the machines the tests run on.
 //!
 //! - Sessions (`/v1/session/create|renew|destroy`): `api-docs/session.mdx`.
-//! - KV (`/v1/kv/<key>` get with blocking queries, `?acquire=`/`?release=`): `api-docs/kv.mdx`,
-//!   `api-docs/features/blocking.mdx`.
+//! - KV (`/v1/kv/<key>` get, and `?recurse` prefix reads, with blocking queries;
+//!   `?acquire=`/`?release=`): `api-docs/kv.mdx`, `api-docs/features/blocking.mdx`.
 //! - Transactions (`/v1/txn`, KV verbs `check-session` and `cas`): `api-docs/txn.mdx`.
 //! - Agent services and TTL checks (`/v1/agent/service/register|deregister`,
 //!   `/v1/agent/check/pass|fail`): `api-docs/agent/service.mdx`, `api-docs/agent/check.mdx`.
 //! - Health (`/v1/health/service/<name>`): `api-docs/health.mdx`.
+//!
+//! ACLs (`security/acl/index.mdx`): every request carries the client's token, when it has one,
+//! in `X-Consul-Token` (one place: [`Consul::request`]). Consul answers a request its token may
+//! not make with 403 ([`ConsulError::Denied`]) — except list reads, which it filters instead:
+//! a filtered prefix read (`X-Consul-Results-Filtered-By-ACLs`) is refused here too, and an
+//! anonymous one (which Consul does not flag) is told apart from an empty prefix by the caller
+//! (`consul_ring`).
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +36,8 @@ const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
 const TOKEN_HEADER: &str = "X-Consul-Token";
 /// The header that carries a read's index.
 const INDEX_HEADER: &str = "X-Consul-Index";
+/// The header Consul sets on a read whose results its ACLs filtered (for a known token).
+const FILTERED_HEADER: &str = "X-Consul-Results-Filtered-By-ACLs";
 
 /// Errors talking to Consul.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +50,10 @@ pub enum ConsulError {
         status: u16,
         body: String,
     },
+    /// Consul's ACLs refused the request (HTTP 403: no token, an unknown one, or one without
+    /// the right), or filtered what it read.
+    #[error("consul refused {what}: {body} (the ACL token is --consul-token or CONSUL_HTTP_TOKEN)")]
+    Denied { what: String, body: String },
     #[error("consul sent an unreadable answer to {what}: {message}")]
     Decode { what: String, message: String },
     #[error("invalid consul address {0:?}: expected http://HOST:PORT")]
@@ -123,7 +136,35 @@ pub struct HealthyService {
 
 /// Why a transaction was refused (HTTP 409): one entry per failed operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TxnRefused(pub Vec<String>);
+pub struct TxnRefused(pub Vec<TxnError>);
+
+/// One failed operation of a refused transaction: its index in the transaction and Consul's
+/// reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnError {
+    pub op_index: usize,
+    pub what: String,
+}
+
+impl TxnRefused {
+    /// Whether operation `op_index` failed.
+    pub fn failed(&self, op_index: usize) -> bool {
+        self.0.iter().any(|e| e.op_index == op_index)
+    }
+
+    /// Whether Consul's ACLs refused an operation (`Permission denied`).
+    pub fn denied(&self) -> bool {
+        self.0
+            .iter()
+            .any(|e| e.what.starts_with("Permission denied"))
+    }
+}
+
+impl std::fmt::Display for TxnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "op {}: {}", self.op_index, self.what)
+    }
+}
 
 /// A Consul agent's HTTP API; cheap to clone.
 #[derive(Debug, Clone)]
@@ -139,6 +180,20 @@ pub fn go_duration(d: Duration) -> String {
         format!("{}s", d.as_secs())
     } else {
         format!("{}ms", d.as_millis())
+    }
+}
+
+/// `req` as a blocking query when `block` gives the last index seen and the longest wait, with
+/// a client timeout past the wait (Consul adds up to 1/16 of it as jitter).
+fn blocking(
+    req: reqwest::RequestBuilder,
+    block: Option<(u64, Duration)>,
+) -> reqwest::RequestBuilder {
+    match block {
+        Some((index, wait)) => req
+            .query(&[("index", index.to_string()), ("wait", go_duration(wait))])
+            .timeout(wait + wait / 16 + BLOCKING_MARGIN),
+        None => req,
     }
 }
 
@@ -171,6 +226,13 @@ impl Consul {
         &self.base
     }
 
+    /// Whether requests carry an ACL token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Every request starts here: the agent's URL, the timeout and, when configured, the ACL
+    /// token in `X-Consul-Token`.
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut req = self
             .http
@@ -200,13 +262,20 @@ impl Consul {
             message: e.to_string(),
         })?;
         if !(200..300).contains(&status) {
-            return Err(ConsulError::Status {
-                what: what.to_string(),
-                status,
-                body: String::from_utf8_lossy(&body).trim().to_string(),
-            });
+            return Err(Self::refused(what, status, &body));
         }
         Ok(body.to_vec())
+    }
+
+    /// The error for an answer of `status` (not 2xx) with `body`.
+    fn refused(what: &str, status: u16, body: &[u8]) -> ConsulError {
+        let body = String::from_utf8_lossy(body).trim().to_string();
+        let what = what.to_string();
+        if status == reqwest::StatusCode::FORBIDDEN.as_u16() {
+            ConsulError::Denied { what, body }
+        } else {
+            ConsulError::Status { what, status, body }
+        }
     }
 
     fn json<T: for<'de> Deserialize<'de>>(what: &str, body: &[u8]) -> Result<T, ConsulError> {
@@ -307,12 +376,10 @@ impl Consul {
         block: Option<(u64, Duration)>,
     ) -> Result<(Option<KvEntry>, u64), ConsulError> {
         let what = "kv get";
-        let mut req = self.request(reqwest::Method::GET, &format!("/v1/kv/{key}"));
-        if let Some((index, wait)) = block {
-            req = req
-                .query(&[("index", index.to_string()), ("wait", go_duration(wait))])
-                .timeout(wait + wait / 16 + BLOCKING_MARGIN);
-        }
+        let req = blocking(
+            self.request(reqwest::Method::GET, &format!("/v1/kv/{key}")),
+            block,
+        );
         let resp = self.send(what, req).await?;
         let index = index_of(&resp);
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
@@ -330,6 +397,50 @@ impl Consul {
                 message,
             })?;
         Ok((entry, index))
+    }
+
+    /// `GET /v1/kv/<prefix>?recurse`, as a blocking query when `block` gives the last index
+    /// seen and the longest wait: every entry whose key starts with `prefix` (a plain string
+    /// prefix), read in one snapshot, and the `X-Consul-Index` (the highest index under the
+    /// prefix). An empty prefix answers 404: no entries. A read Consul says its ACLs filtered
+    /// is refused as [`ConsulError::Denied`].
+    pub async fn list(
+        &self,
+        prefix: &str,
+        block: Option<(u64, Duration)>,
+    ) -> Result<(Vec<KvEntry>, u64), ConsulError> {
+        let what = "kv list";
+        let req = blocking(
+            self.request(reqwest::Method::GET, &format!("/v1/kv/{prefix}"))
+                .query(&[("recurse", "true")]),
+            block,
+        );
+        let resp = self.send(what, req).await?;
+        let index = index_of(&resp);
+        if resp
+            .headers()
+            .get(FILTERED_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"true")
+        {
+            return Err(ConsulError::Denied {
+                what: format!("{what} {prefix}"),
+                body: "results filtered by ACLs: the token may not read every key".to_string(),
+            });
+        }
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), index));
+        }
+        let body = Self::body(what, resp).await?;
+        let entries: Vec<KvWire> = Self::json(what, &body)?;
+        let entries = entries
+            .into_iter()
+            .map(KvWire::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| ConsulError::Decode {
+                what: what.to_string(),
+                message,
+            })?;
+        Ok((entries, index))
     }
 
     /// `PUT /v1/txn`: sets `key` to `value` only if its modify index is still `cas` (0: only if
@@ -376,11 +487,7 @@ impl Consul {
             message: e.to_string(),
         })?;
         if status != reqwest::StatusCode::OK && status != reqwest::StatusCode::CONFLICT {
-            return Err(ConsulError::Status {
-                what: what.to_string(),
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&body).trim().to_string(),
-            });
+            return Err(Self::refused(what, status.as_u16(), &body));
         }
         let answer: Answer = Self::json(what, &body)?;
         if status == reqwest::StatusCode::CONFLICT {
@@ -388,7 +495,10 @@ impl Consul {
             return Ok(Err(TxnRefused(
                 errors
                     .into_iter()
-                    .map(|e| format!("op {}: {}", e.op_index, e.what))
+                    .map(|e| TxnError {
+                        op_index: e.op_index,
+                        what: e.what,
+                    })
                     .collect(),
             )));
         }

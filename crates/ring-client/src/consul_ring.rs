@@ -7,7 +7,15 @@
 //!   `LockIndex` counts acquisitions and is the leader's fencing token.
 //! - `<prefix>/ring`: the ring and its members as a [`Record`], written only by a transaction
 //!   that also checks that the writer's session still holds the lock (the ring manager's
-//!   `cluster` module writes it).
+//!   `cluster` module writes it). The record names its writer: the lock index and the session
+//!   it held the lock with.
+//!
+//! Both keys start with `<prefix>/ring`, so one blocking prefix read of it sees the lock and
+//! the ring together, from one snapshot of Consul's store, and wakes when either changes.
+//! Whoever may write KV can write the ring key; what a reader accepts is decided by
+//! [`check`]: only a record that names the lock's current `LockIndex` and holder. A record
+//! with an invented lock index is refused, and since the fence is the lock's own index rather
+//! than the highest one seen, it cannot freeze a reader either.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::{BlockingLoop, Consul, ServiceDef};
+use crate::consul::{BlockingLoop, Consul, ConsulError, ServiceDef};
 use crate::record::Saved;
 
 /// The default key prefix.
@@ -54,12 +62,92 @@ pub struct LeaderInfo {
 /// The ring key's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// The writer's lock index (its fencing token): never lower than any earlier writer's.
+    /// The writer's lock index (its fencing token): the lock's `LockIndex` when it won it.
     pub lock_index: u64,
+    /// The session the writer held the lock with (absent in records written before it was
+    /// recorded: such a record is accepted by no reader, and a new leader rewrites it).
+    #[serde(default)]
+    pub session: Option<String>,
     /// The writer's endpoint, for operators.
     pub leader: String,
     #[serde(flatten)]
     pub saved: Saved,
+}
+
+/// The lock key as a reader sees it: its `LockIndex`, and the session holding it (none while
+/// it is free: between a leader's end and the next one's start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub lock_index: u64,
+    pub session: Option<String>,
+}
+
+/// Why a reader refused a ring record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// There is no lock key: no leader ever took it, so no leader wrote the record.
+    #[error("there is no ring manager lock, so no leader wrote it")]
+    NoLock,
+    /// Written under an earlier acquisition of the lock: the current leader has not written
+    /// yet (it does as it starts).
+    #[error("written by an earlier leader (lock index {record}; the lock's is {lock})")]
+    EarlierLeader { record: u64, lock: u64 },
+    /// It names a lock index the lock has not reached: no leader wrote it.
+    #[error("it claims lock index {record}, which the lock (at {lock}) has not reached")]
+    FutureLockIndex { record: u64, lock: u64 },
+    /// The right lock index, but not the session holding the lock.
+    #[error("written by session {record:?}, but session {holder} holds the lock")]
+    NotTheHolder {
+        record: Option<String>,
+        holder: String,
+    },
+}
+
+impl Refusal {
+    /// Whether the record is simply older than the current leader (nothing wrong), rather than
+    /// one no leader could have written.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Refusal::EarlierLeader { .. })
+    }
+}
+
+/// Whether a reader accepts `record` while the lock is `lock`: only a record that names the
+/// lock's current `LockIndex` and the session holding it. While the lock is free (its holder's
+/// session ended, the next leader not in yet) Consul keeps its `LockIndex` but forgets the
+/// session: a record of that lock index is the last leader's, and is accepted, so that a
+/// process starting then still finds the ring (static stability).
+pub fn check(record: &Record, lock: Option<&Lock>) -> Result<(), Refusal> {
+    let Some(lock) = lock else {
+        return Err(Refusal::NoLock);
+    };
+    if record.lock_index < lock.lock_index {
+        return Err(Refusal::EarlierLeader {
+            record: record.lock_index,
+            lock: lock.lock_index,
+        });
+    }
+    if record.lock_index > lock.lock_index {
+        return Err(Refusal::FutureLockIndex {
+            record: record.lock_index,
+            lock: lock.lock_index,
+        });
+    }
+    match &lock.session {
+        Some(holder) if record.session.as_ref() != Some(holder) => Err(Refusal::NotTheHolder {
+            record: record.session.clone(),
+            holder: holder.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The lock and the ring, as one read of Consul saw them.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The lock key, if it exists.
+    pub lock: Option<Lock>,
+    /// The ring key's raw value and modify index, if it exists.
+    pub ring: Option<(Vec<u8>, u64)>,
 }
 
 impl ConsulRing {
@@ -89,6 +177,41 @@ impl ConsulRing {
             .and_then(|e| serde_json::from_slice(&e.value).ok()))
     }
 
+    /// The prefix both keys start with: one prefix read sees the lock and the ring together.
+    fn watched_prefix(&self) -> String {
+        self.ring_key()
+    }
+
+    /// Reads the lock and the ring in one snapshot, as a blocking query when `block` gives the
+    /// last index seen and the longest wait; returns them with the `X-Consul-Index`.
+    ///
+    /// When there is nothing under the prefix, the ring key is read once more on its own: an
+    /// anonymous prefix read that Consul's ACLs filter down to nothing looks just like an
+    /// empty prefix, and the single read turns it into a clear refusal.
+    pub async fn snapshot(
+        &self,
+        block: Option<(u64, Duration)>,
+    ) -> Result<(Snapshot, u64), crate::Error> {
+        let (entries, index) = self.consul.list(&self.watched_prefix(), block).await?;
+        if entries.is_empty() {
+            // 404 when allowed and absent; 403 (an error) when not allowed.
+            self.consul.get(&self.ring_key(), None).await?;
+        }
+        let (lock_key, ring_key) = (self.lock_key(), self.ring_key());
+        let mut snapshot = Snapshot::default();
+        for entry in entries {
+            if entry.key == lock_key {
+                snapshot.lock = Some(Lock {
+                    lock_index: entry.lock_index,
+                    session: entry.session,
+                });
+            } else if entry.key == ring_key {
+                snapshot.ring = Some((entry.value, entry.modify_index));
+            }
+        }
+        Ok((snapshot, index))
+    }
+
     /// The stored ring record and its modify index (0 when there is none yet).
     pub async fn load(&self) -> Result<(Option<Record>, u64), crate::Error> {
         let (entry, _) = self.consul.get(&self.ring_key(), None).await?;
@@ -110,17 +233,40 @@ pub fn decode_record(value: &[u8]) -> Result<Record, crate::Error> {
 }
 
 /// Follows the ring record by blocking queries, publishing each newer epoch on `tx`. Keeps the
-/// last ring while Consul is unreachable; refuses a record from an older leader (lower lock
-/// index) or an older epoch.
+/// last ring while Consul is unreachable, and while the stored record is one it refuses
+/// ([`follow_records`]).
 pub(crate) async fn follow(
     ring: ConsulRing,
     tx: watch::Sender<Arc<mesh_core::Ring>>,
     cancel: CancellationToken,
 ) {
-    let key = ring.ring_key();
+    follow_records(ring, cancel, |outcome| {
+        let Ok(next) = outcome.and_then(|r| r.saved.ring().map_err(crate::Error::InvalidRing))
+        else {
+            return;
+        };
+        let current = tx.borrow().epoch();
+        if next.epoch() > current {
+            tx.send_replace(Arc::new(next));
+        }
+    })
+    .await;
+}
+
+/// Follows the lock and the ring record together by blocking prefix queries until `cancel`,
+/// calling `seen` whenever either key changed (and the ring key exists) with the record if
+/// [`check`] accepts it, else why not. A refused or unreadable record is logged (once) and
+/// should leave the caller's last good one in place. Keeps going while Consul is unreachable
+/// (backing off) or refuses the read (logged as an error: a missing or wrong ACL token).
+pub async fn follow_records(
+    ring: ConsulRing,
+    cancel: CancellationToken,
+    mut seen: impl FnMut(Result<Record, crate::Error>),
+) {
     let mut blocking = BlockingLoop::new(MIN_QUERY_SPACING);
-    let mut fence = 0u64;
     let mut backoff = BACKOFF_MIN;
+    // The modify index of the last record refused, so that a refusal is logged once.
+    let mut refused = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -129,12 +275,16 @@ pub(crate) async fn follow(
         // Cancel-safe: a dropped query loses nothing; the next one asks again.
         let answer = tokio::select! {
             _ = cancel.cancelled() => return,
-            a = ring.consul.get(&key, Some((blocking.index(), BLOCKING_WAIT))) => a,
+            a = ring.snapshot(Some((blocking.index(), BLOCKING_WAIT))) => a,
         };
-        let (entry, index) = match answer {
+        let (snapshot, index) = match answer {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "ring watch on consul interrupted");
+                if matches!(&e, crate::Error::Consul(ConsulError::Denied { .. })) {
+                    tracing::error!(error = %e, retry_in = ?backoff, "consul refuses the ring watch");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "ring watch on consul interrupted");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -147,30 +297,32 @@ pub(crate) async fn follow(
         if !blocking.observe(index) {
             continue;
         }
-        let Some(entry) = entry else { continue };
-        let record = match decode_record(&entry.value) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "ignoring an unreadable ring record");
-                continue;
+        let Some((value, modify_index)) = snapshot.ring else {
+            continue;
+        };
+        let outcome = decode_record(&value).and_then(|record| {
+            check(&record, snapshot.lock.as_ref())
+                .map(|()| record)
+                .map_err(crate::Error::RefusedRecord)
+        });
+        match &outcome {
+            Ok(_) => refused = None,
+            Err(e) if refused != Some(modify_index) => {
+                refused = Some(modify_index);
+                match e {
+                    crate::Error::RefusedRecord(r) if r.is_stale() => {
+                        tracing::info!(reason = %r, "waiting for the leader's ring record");
+                    }
+                    _ => tracing::error!(
+                        error = %e,
+                        modify_index,
+                        "refusing the ring record in consul; keeping the last good ring"
+                    ),
+                }
             }
-        };
-        if record.lock_index < fence {
-            tracing::warn!(
-                lock_index = record.lock_index,
-                fence,
-                "ignoring a ring written by an earlier leader"
-            );
-            continue;
+            Err(_) => {}
         }
-        fence = record.lock_index;
-        let Ok(next) = record.saved.ring() else {
-            continue;
-        };
-        let current = tx.borrow().epoch();
-        if next.epoch() > current {
-            tx.send_replace(Arc::new(next));
-        }
+        seen(outcome);
     }
 }
 
@@ -359,12 +511,14 @@ mod tests {
     fn a_record_round_trips_with_the_saved_ring_beside_the_fence() {
         let record = Record {
             lock_index: 3,
+            session: Some("s-3".into()),
             leader: "http://10.0.0.9:50050".into(),
             saved: saved(),
         };
         let json = serde_json::to_value(&record).unwrap();
         // Flattened: the ring's fields sit next to the writer's, as every service reads them.
         assert_eq!(json["lock_index"], 3);
+        assert_eq!(json["session"], "s-3");
         assert_eq!(json["epoch"], record.saved.epoch);
         assert!(json.get("saved").is_none());
         let decoded = decode_record(json.to_string().as_bytes()).unwrap();
@@ -379,6 +533,7 @@ mod tests {
         assert!(invalid(b"{\"lock_index\": 1}"), "no ring in it");
         let mut record = Record {
             lock_index: 1,
+            session: None,
             leader: String::new(),
             saved: saved(),
         };
@@ -389,6 +544,7 @@ mod tests {
         );
         let mut record = Record {
             lock_index: 1,
+            session: None,
             leader: String::new(),
             saved: saved(),
         };
@@ -397,6 +553,77 @@ mod tests {
             invalid(&serde_json::to_vec(&record).unwrap()),
             "a bad node id"
         );
+    }
+
+    #[test]
+    fn a_record_written_before_sessions_were_recorded_reads_without_one() {
+        let mut json = serde_json::to_value(Record {
+            lock_index: 2,
+            session: None,
+            leader: String::new(),
+            saved: saved(),
+        })
+        .unwrap();
+        json.as_object_mut().unwrap().remove("session");
+        let record = decode_record(json.to_string().as_bytes()).unwrap();
+        assert_eq!(record.session, None);
+    }
+
+    fn written(lock_index: u64, session: Option<&str>) -> Record {
+        Record {
+            lock_index,
+            session: session.map(String::from),
+            leader: String::new(),
+            saved: saved(),
+        }
+    }
+
+    fn lock(lock_index: u64, session: Option<&str>) -> Lock {
+        Lock {
+            lock_index,
+            session: session.map(String::from),
+        }
+    }
+
+    #[test]
+    fn a_reader_accepts_only_the_record_of_the_locks_current_index_and_holder() {
+        let held = lock(5, Some("s5"));
+        assert_eq!(check(&written(5, Some("s5")), Some(&held)), Ok(()));
+        // An earlier leader's: stale, not forged.
+        let earlier = check(&written(4, Some("s4")), Some(&held)).unwrap_err();
+        assert_eq!(earlier, Refusal::EarlierLeader { record: 4, lock: 5 });
+        assert!(earlier.is_stale());
+        // An invented lock index, however large: refused, and it moves no fence.
+        let forged = check(&written(u64::MAX, Some("s5")), Some(&held)).unwrap_err();
+        assert_eq!(
+            forged,
+            Refusal::FutureLockIndex {
+                record: u64::MAX,
+                lock: 5
+            }
+        );
+        assert!(!forged.is_stale());
+        assert_eq!(check(&written(5, Some("s5")), Some(&held)), Ok(()));
+        // The right index, another session (or none recorded).
+        for session in [Some("intruder"), None] {
+            assert_eq!(
+                check(&written(5, session), Some(&held)),
+                Err(Refusal::NotTheHolder {
+                    record: session.map(String::from),
+                    holder: "s5".into()
+                })
+            );
+        }
+        // No lock at all: no leader wrote anything.
+        assert_eq!(check(&written(1, Some("s1")), None), Err(Refusal::NoLock));
+    }
+
+    #[test]
+    fn while_the_lock_is_free_the_last_leaders_record_is_accepted() {
+        let free = lock(5, None);
+        assert_eq!(check(&written(5, Some("s5")), Some(&free)), Ok(()));
+        assert!(check(&written(4, Some("s4")), Some(&free)).is_err());
+        assert!(check(&written(6, Some("s6")), Some(&free)).is_err());
     }
 
     #[test]

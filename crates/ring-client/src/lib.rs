@@ -41,6 +41,9 @@ pub enum Error {
     Consul(#[from] consul::ConsulError),
     #[error("no ring manager leads (the lock in consul is free)")]
     NoLeader,
+    /// A ring record in Consul that no current leader wrote.
+    #[error("refused the ring record: {0}")]
+    RefusedRecord(consul_ring::Refusal),
     /// `--consul` names no Consul agent this client can talk to.
     #[error("--consul {url}")]
     ConsulFlag {

@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
-    /// (50051 -> 50091).
+    /// (50051 -> 50091) on loopback. Off loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     #[command(flatten)]

@@ -29,7 +29,8 @@ pub struct Args {
     #[arg(long)]
     pub standby: bool,
     /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
-    /// (50061 -> 50101), or a port the OS picks when --listen's is 0.
+    /// (50061 -> 50101) on loopback, or a port the OS picks when --listen's is 0. Off
+    /// loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     #[command(flatten)]

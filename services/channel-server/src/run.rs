@@ -31,7 +31,7 @@ impl Service for Config {
 }
 
 /// Binds a channel server's gRPC socket on `listen` and its HTTP side (`/metrics`, `/healthz`,
-/// `/readyz`) on `http`, by default next to it ([`side_port::http_addr`]).
+/// `/readyz`) on `http`, by default next to it on loopback ([`side_port::http_addr`]).
 pub async fn bind(
     config: Config,
     listen: SocketAddr,

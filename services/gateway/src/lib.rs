@@ -187,8 +187,11 @@ pub async fn serve(
         );
     }
     observe(&edge, &telemetry, ring);
-    // `/metrics` and `/readyz` beside the gateway's own `/healthz`.
+    // `/metrics` and `/readyz` beside the gateway's own `/healthz`; off loopback `/metrics`
+    // and `/stats` need the HTTP token (`mesh_telemetry::access`).
     let app = http::routes(edge.clone()).merge(mesh_telemetry::http::probes(telemetry.clone()));
+    let app =
+        mesh_telemetry::access::guard(app, local, |path| path == "/metrics" || path == "/stats");
     listener::serve(
         listener,
         app,

@@ -34,7 +34,8 @@ pub struct Args {
     /// (ms).
     #[arg(long, default_value_t = DEFAULT_GATEWAY_LEASE.as_millis() as u64)]
     pub gateway_lease_ms: u64,
-    /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40.
+    /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40 on
+    /// loopback. Off loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
     #[command(flatten)]

@@ -17,6 +17,7 @@ use super::{
     Answer, AppState, HttpError, Params, blocking_query, decode_body, not_found, param, read_meta,
     refuse,
 };
+use crate::acl::Caller;
 use crate::app::Arrival;
 use crate::catalog::{
     CRITICAL, CheckDef, CheckUpdateError, PASSING, Registration, ServiceDef, WARNING,
@@ -210,6 +211,7 @@ fn go_bool(text: &str) -> Option<bool> {
 pub(super) async fn health_service(
     Shared(app): AppState,
     Extension(arrival): Extension<Arrival>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(params): Params,
 ) -> Answer {
@@ -230,5 +232,10 @@ pub(super) async fn health_service(
             )
         })
         .await;
+    // ACLs filter what an anonymous caller reads down to nothing, silently.
+    let entries = match caller {
+        Caller::Anonymous => Vec::new(),
+        Caller::Management => entries,
+    };
     Ok((read_meta(index), Json(entries)).into_response())
 }

@@ -12,22 +12,30 @@ use tokio::time::Instant;
 use super::{
     Answer, AppState, HttpError, Params, blocking_query, param, parse_uint, read_meta, refuse,
 };
-use crate::app::Arrival;
+use crate::acl::{self, Caller};
+use crate::app::{App, Arrival, BlockingQuery};
 use crate::duration::go_quote;
 use crate::state::State;
 use crate::txn;
 
 /// A missing key answers with the KV table's index (Consul's `kvsMaxIndex`, never below 1),
 /// so a blocking read of an absent key wakes on any KV write; a present key answers with its
-/// own `ModifyIndex`.
+/// own `ModifyIndex`. `?recurse` reads every key under a prefix ([`kv_list`]).
 pub(super) async fn kv_get(
     Shared(app): AppState,
     Extension(arrival): Extension<Arrival>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     Query(params): Params,
 ) -> Answer {
-    refuse(&params, &["recurse", "keys", "separator"])?;
+    refuse(&params, &["keys", "separator"])?;
     let query = blocking_query(&params, arrival)?;
+    if param(&params, "recurse").is_some() {
+        return Ok(kv_list(&app, query, caller, &key).await);
+    }
+    if caller == Caller::Anonymous {
+        return Err(acl::anonymous_denied("key", "read", &key));
+    }
     let (index, entry) = app
         .blocking(query, |state| match state.kv.entries.get(&key) {
             Some(entry) => (entry.modify_index, Some(entry.clone())),
@@ -47,6 +55,25 @@ pub(super) async fn kv_get(
         }
         Some(entry) => (meta, Json(json!([entry.to_json(&key, true)]))).into_response(),
     })
+}
+
+/// `?recurse`: every entry under `prefix`, from one snapshot, blocking on the prefix's index
+/// (`kvsListTxn`). Nothing under it is a 404. ACLs filter a list rather than refuse it: an
+/// anonymous caller (with a deny-all default) reads nothing, and Consul does not say so to an
+/// anonymous caller (no `X-Consul-Results-Filtered-By-ACLs`).
+async fn kv_list(
+    app: &App,
+    query: BlockingQuery,
+    caller: Caller,
+    prefix: &str,
+) -> axum::response::Response {
+    let (index, entries) = app.blocking(query, |st| st.kv.list(prefix)).await;
+    let meta = read_meta(index);
+    if entries.is_empty() || caller == Caller::Anonymous {
+        return (StatusCode::NOT_FOUND, meta).into_response();
+    }
+    let entries: Vec<_> = entries.iter().map(|(k, e)| e.to_json(k, true)).collect();
+    (meta, Json(entries)).into_response()
 }
 
 fn conflicting(params: &[(String, String)], flags: &[&str]) -> Result<(), HttpError> {
@@ -149,8 +176,20 @@ pub(super) async fn kv_delete(
     Ok(Json(done).into_response())
 }
 
-pub(super) async fn txn(Shared(app): AppState, body: Bytes) -> Answer {
+pub(super) async fn txn(
+    Shared(app): AppState,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Answer {
     let ops = txn::decode(&body)?;
+    if caller == Caller::Anonymous {
+        // Consul vets each operation's ACL before applying any: every KV operation fails.
+        let errors: Vec<_> = (0..ops.len())
+            .map(|i| json!({ "OpIndex": i, "What": acl::PERMISSION_DENIED }))
+            .collect();
+        let body = Json(json!({ "Results": null, "Errors": errors }));
+        return Ok((StatusCode::CONFLICT, body).into_response());
+    }
     let writes = ops.iter().flatten().any(txn::is_write);
     let now = Instant::now();
     let outcome = if writes {

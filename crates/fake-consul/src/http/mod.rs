@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use serde::Deserialize;
 
+use crate::acl::{self, Caller};
 use crate::app::{App, Arrival, BlockingQuery};
 use crate::duration::{self, go_quote};
 
@@ -85,8 +86,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Counts every request and, while the fake is "unavailable", fails it as Consul does
-/// without a cluster leader.
+/// Counts every request; while the fake is "unavailable", fails it as Consul does without a
+/// cluster leader; and resolves its ACL token (`acl.rs`), refusing what the caller may not do.
 async fn gate(Shared(app): AppState, mut req: Request, next: Next) -> Response {
     let epoch = app.read(|st| st.epoch);
     req.extensions_mut().insert(Arrival { epoch });
@@ -94,6 +95,20 @@ async fn gate(Shared(app): AppState, mut req: Request, next: Next) -> Response {
     if app.unavailable.load(Ordering::SeqCst) {
         return HttpError::internal("rpc error: No cluster leader").into_response();
     }
+    let query: Vec<(String, String)> = Query::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    let required = app.acl_token();
+    let caller = match acl::resolve(required.as_deref(), req.headers(), &query) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.into_response(),
+    };
+    if caller == Caller::Anonymous
+        && let Some(refused) = acl::anonymous_refusal(req.method(), req.uri().path())
+    {
+        return refused.into_response();
+    }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
