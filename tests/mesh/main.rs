@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod attacks_clients;
+mod attacks_console;
+mod attacks_consul;
 mod attacks_dos;
 mod attacks_redirect;
 mod attacks_tokens;
-mod attacks_console;
-mod attacks_consul;
 mod bad_input;
 mod bench_smoke;
 mod charm;

@@ -27,6 +27,8 @@ pub const ADMIN_TOKEN: &str = "process-test-admin";
 /// `channelmesh dev --multi-process` on ports the OS picks; stopped (SIGTERM) on drop.
 pub struct Dev {
     child: Child,
+    /// Its stderr, removed when it stops.
+    log: PathBuf,
     pub ring_manager: SocketAddr,
     pub ring_manager_pid: u32,
     /// Every ring manager (several on Consul): address and pid.
@@ -103,6 +105,11 @@ impl Dev {
     }
 
     fn launch(extra: &[String], state_file: PathBuf) -> Dev {
+        // Its log, to say why when it stops before it is ready.
+        static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log =
+            std::env::temp_dir().join(format!("channelmesh-dev-{}-{n}.log", std::process::id()));
         let mut child = Command::new(BIN)
             .args(["dev", "--multi-process", "--admin", "127.0.0.1:0"])
             .args([
@@ -120,7 +127,7 @@ impl Dev {
             .env("CHANNELMESH_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -159,12 +166,22 @@ impl Dev {
                 break;
             }
         }
+        if ring_managers.is_empty() || us_east.is_none() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "dev stopped before it was ready; the end of its log:\n{}",
+                tail.join("\n")
+            );
+        }
         // Keep reading its stdout so that it never blocks.
         std::thread::spawn(move || for _ in lines {});
         let (ring_manager, ring_manager_pid) =
             *ring_managers.first().expect("dev printed the ring manager");
         Dev {
             child,
+            log,
             ring_manager,
             ring_manager_pid,
             ring_managers,
@@ -205,6 +222,7 @@ impl Drop for Dev {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
         if let Some(dir) = self.state_file.parent()
             && !dir.as_os_str().is_empty()
         {
