@@ -62,6 +62,9 @@ pub struct ProcessConfig {
     pub nearest: Vec<(String, Vec<String>)>,
     /// What keeps the ring.
     pub backend: Backend,
+    /// Its own metrics (the refusals of its gRPC calls), served on the console's `/metrics`
+    /// beside the ring's.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// What keeps the ring.
@@ -92,6 +95,7 @@ impl ProcessConfig {
             console,
             nearest: Vec::new(),
             backend: Backend::Embedded { state_file: None },
+            telemetry: mesh_telemetry::Telemetry::default(),
         }
     }
 
@@ -123,6 +127,7 @@ impl ProcessConfig {
             console: mesh_telemetry::side_port::http_addr(args.http, args.listen),
             nearest: args.nearest.clone(),
             backend,
+            telemetry: mesh_telemetry::Telemetry::default(),
         })
     }
 }

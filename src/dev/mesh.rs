@@ -10,13 +10,43 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_core::{Identity, NodeId, TeamId, TokenKey, UserId};
+use mesh_transport::{Role, Transport};
 use ring_client::RingSource;
 use ring_manager::{NodeState, ProcessConfig, RingManager};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::certs::Authority;
+
 /// How long start-up waits for every channel server to join the ring.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The identity of the ring manager, in certificates.
+pub const RING_MANAGER_ID: &str = "rm-1";
+/// The identity of the presence ring's ring manager, in certificates.
+pub const PRESENCE_RING_MANAGER_ID: &str = "prm-1";
+/// The identity of the admin server, in certificates (and its metrics' label).
+pub const ADMIN_ID: &str = "admin-1";
+
+/// How a mesh's services speak to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Plaintext, no identities, no authorization (`--insecure`).
+    Insecure,
+    /// Mutual TLS with this process's throwaway CA ([`Authority::for_this_process`]): the
+    /// process's certificate names every service of the mesh (one process hosts them all);
+    /// the internal servers enforce the authorization table.
+    Mtls,
+}
+
+impl Security {
+    /// How an operator (`ctl`, a test) calls this mesh's ring managers.
+    pub fn operator(&self) -> anyhow::Result<Transport> {
+        match self {
+            Security::Insecure => Ok(Transport::Insecure),
+            Security::Mtls => Ok(Transport::Mtls(Authority::for_this_process()?.operator()?)),
+        }
+    }
+}
 
 /// Where and how to run a mesh.
 #[derive(Debug, Clone)]
@@ -50,6 +80,8 @@ pub struct MeshConfig {
     pub presence_gateway_lease: Duration,
     /// Every gateway's limits on clients.
     pub limits: gateway::limits::Limits,
+    /// Mutual TLS with identities (the default), or plaintext.
+    pub security: Security,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -112,6 +144,7 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            security: Security::Mtls,
         }
     }
 
@@ -138,7 +171,61 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            security: Security::Mtls,
         }
+    }
+
+    /// Every identity of the mesh's services, as its process's certificate names them.
+    pub fn identities(&self) -> anyhow::Result<Vec<mesh_transport::Identity>> {
+        use mesh_transport::Identity;
+        let mut ids = vec![
+            Identity::new(Role::RingManager, RING_MANAGER_ID)?,
+            Identity::new(Role::RingManager, PRESENCE_RING_MANAGER_ID)?,
+            Identity::new(Role::Admin, ADMIN_ID)?,
+        ];
+        let channel_servers = self.channel_servers.len() + self.standbys.len();
+        for i in 1..=channel_servers {
+            ids.push(Identity::new(Role::ChannelServer, &format!("cs-{i}"))?);
+        }
+        let presence_servers = self.presence_servers.len() + self.presence_standbys.len();
+        for i in 1..=presence_servers {
+            ids.push(Identity::new(Role::PresenceServer, &format!("ps-{i}"))?);
+        }
+        for (region, _) in &self.gateways {
+            let id = gateway::config::default_id(region);
+            ids.push(Identity::new(Role::Gateway, &id)?);
+        }
+        Ok(ids)
+    }
+
+    /// The hosts the services dial each other at: loopback, and every other address of the
+    /// layout.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = ["127.0.0.1", "::1", "localhost"].map(String::from).into();
+        let addrs = [self.ring_manager, self.admin, self.presence_ring_manager]
+            .into_iter()
+            .chain(self.channel_servers.iter().copied())
+            .chain(self.standbys.iter().copied())
+            .chain(self.presence_servers.iter().copied())
+            .chain(self.presence_standbys.iter().copied());
+        for addr in addrs {
+            let ip = addr.ip().to_string();
+            if !hosts.contains(&ip) {
+                hosts.push(ip);
+            }
+        }
+        hosts
+    }
+
+    /// Sets this process's transport for the mesh: mutual TLS with a certificate naming
+    /// every service, or plaintext.
+    pub fn configure_transport(&self) -> anyhow::Result<()> {
+        match self.security {
+            Security::Insecure => mesh_transport::configure(Transport::Insecure)?,
+            Security::Mtls => Authority::for_this_process()?
+                .configure_process(&self.identities()?, &self.hosts())?,
+        }
+        Ok(())
     }
 }
 
@@ -173,6 +260,8 @@ pub struct Mesh {
     ps_cancel: Vec<(NodeId, CancellationToken)>,
     gw_cancel: Vec<(String, CancellationToken)>,
     tasks: Tasks,
+    /// How its services speak to each other.
+    pub security: Security,
 }
 
 /// Every service's task, each ending with its name and how it ended.
@@ -246,6 +335,9 @@ impl Mesh {
     /// slots on the ring. `cancel` stops it all.
     pub async fn start(config: MeshConfig, cancel: CancellationToken) -> anyhow::Result<Mesh> {
         let started = Instant::now();
+        config
+            .configure_transport()
+            .context("setting up the mesh's transport")?;
         let mut tasks = Tasks::new();
         // The HTTP side (`/metrics`, `/healthz`, `/readyz`) of every gRPC service, admin first.
         let mut http = Vec::new();
@@ -318,7 +410,8 @@ impl Mesh {
             presence_ring: Some(presence_ring.clone()),
             admin_token: config.admin_token.clone(),
             jwt_secret: config.jwt_secret.clone().into_bytes(),
-            telemetry: admin_server::config::telemetry("admin-1"),
+            telemetry: admin_server::config::telemetry(ADMIN_ID),
+            public_tls: None,
         };
         let bound = admin_server::run::bind(admin_config, config.admin, None)
             .await
@@ -386,6 +479,7 @@ impl Mesh {
             ps_cancel,
             gw_cancel,
             tasks,
+            security: config.security,
         })
     }
 

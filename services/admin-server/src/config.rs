@@ -2,6 +2,9 @@
 //! from the environment, and the typed [`Config`] that [`crate::serve`] runs with.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use mesh_transport::ServerTls;
 
 use ring_client::{RingArgs, RingSource};
 
@@ -27,6 +30,15 @@ pub struct Args {
     /// (50051 -> 50091).
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// The admin API's own server certificate (PEM, valid for the name the web app dials):
+    /// with --admin-tls-key, the public listener serves TLS (no client certificate asked;
+    /// callers present the bearer token). Without it, plaintext. Apart from the mesh's
+    /// --tls-* certificate, which this server presents on its calls to the other services.
+    #[arg(long, env = "CHANNELMESH_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The admin API certificate's private key (PEM).
+    #[arg(long, env = "CHANNELMESH_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub ring: RingArgs,
 }
@@ -45,6 +57,8 @@ pub struct Config {
     /// Its metrics and readiness (served over HTTP by the caller): ready once the ring has
     /// channel servers to route to.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// The public listener's own certificate: TLS when set, plaintext otherwise.
+    pub public_tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -57,6 +71,10 @@ impl Config {
             admin_token: required_env(ENV_ADMIN_TOKEN)?,
             jwt_secret: required_env(ENV_JWT_SECRET)?.into_bytes(),
             telemetry: mesh_telemetry::Telemetry::default(),
+            public_tls: match (&args.admin_tls_cert, &args.admin_tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTls::read(cert, key)?),
+                _ => None,
+            },
         })
     }
 }
