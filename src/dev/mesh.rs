@@ -330,9 +330,31 @@ async fn assembled(manager: &RingManager, actives: usize, standbys: usize) -> bo
     true
 }
 
+/// Waits until every HTTP side at `addrs` answers `/readyz` with 200, for at most
+/// [`READY_TIMEOUT`]; the first that did not, and why, if not by then.
+async fn all_ready(addrs: impl Iterator<Item = SocketAddr>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let client = reqwest::Client::new();
+    for addr in addrs {
+        loop {
+            let answer = client.get(format!("http://{addr}/readyz")).send().await;
+            let why = match answer {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("the service at {addr} was not ready ({why})"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(())
+}
+
 impl Mesh {
     /// Binds every socket, starts every service, and returns once every channel server owns
-    /// slots on the ring. `cancel` stops it all.
+    /// slots on the ring and every service is ready. `cancel` stops it all.
     pub async fn start(config: MeshConfig, cancel: CancellationToken) -> anyhow::Result<Mesh> {
         let started = Instant::now();
         config
@@ -460,6 +482,13 @@ impl Mesh {
         if !assembled(&presence_manager, actives, standbys).await {
             cancel.cancel();
             anyhow::bail!("presence servers did not all join their ring within {READY_TIMEOUT:?}");
+        }
+        // The admin server and the gateways follow the ring over connections of their own, a
+        // moment after the ring manager has it.
+        let sides = http.iter().map(|(_, a)| *a);
+        if let Err(not_ready) = all_ready(sides.chain(gateways.iter().map(|(_, a)| *a))).await {
+            cancel.cancel();
+            anyhow::bail!("{not_ready} within {READY_TIMEOUT:?}");
         }
         Ok(Mesh {
             ring_manager,

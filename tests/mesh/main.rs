@@ -4,6 +4,7 @@
 // A failed unwrap in a test is a test failure with a backtrace: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod attacks_grpc;
 mod bad_input;
 mod bench_smoke;
 mod charm;
