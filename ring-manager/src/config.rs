@@ -45,8 +45,23 @@ pub struct Args {
     /// + 40 (50050 -> 50090), or a port the OS picks when --listen's is 0.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// The role a node's certificate must name to join this ring: channel-server (the channel
+    /// ring) or presence-server (the presence ring). Default: either.
+    #[arg(long, env = "CHANNELMESH_NODE_ROLE", value_parser = parse_node_role)]
+    pub node_role: Option<mesh_transport::Role>,
     #[command(flatten)]
     pub consul: ConsulArgs,
+}
+
+/// `--node-role`: a ring node's role.
+fn parse_node_role(s: &str) -> Result<mesh_transport::Role, String> {
+    use mesh_transport::Role;
+    match s.parse::<Role>() {
+        Ok(role @ (Role::ChannelServer | Role::PresenceServer)) => Ok(role),
+        _ => Err(format!(
+            "{s:?} is not a ring node's role: channel-server or presence-server"
+        )),
+    }
 }
 
 /// Everything one ring-manager process runs with.
@@ -122,7 +137,10 @@ impl ProcessConfig {
             },
         };
         Ok(ProcessConfig {
-            manager: Config::default(),
+            manager: Config {
+                node_role: args.node_role,
+                ..Config::default()
+            },
             listen: args.listen,
             console: mesh_telemetry::side_port::http_addr(args.http, args.listen),
             nearest: args.nearest.clone(),

@@ -267,10 +267,21 @@ impl Service {
         ring_to_pb(ring, &self.manager.members_detail().1)
     }
 
-    /// `caller` may call `rpc` as node `node` only if its certificate names that node.
+    /// `caller` may call `rpc` as node `node` only if its certificate names that node, in the
+    /// role this ring's nodes have.
     fn as_node(&self, caller: &Caller, rpc: &str, node: &str) -> Result<(), Status> {
-        if caller.is(NODE_ROLES, node) {
+        let node_role = self.manager.config().node_role;
+        let roles = match &node_role {
+            Some(role) => std::slice::from_ref(role),
+            None => NODE_ROLES,
+        };
+        if caller.is(roles, node) {
             return Ok(());
+        }
+        if caller.is(NODE_ROLES, node) {
+            let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            let why = format!("this ring's nodes are {}", roles.join(" or "));
+            return Err(self.authorizer.refuse(caller, rpc, &why));
         }
         let why = format!("a node acts only as itself, not as node {node:?}");
         Err(self.authorizer.refuse(caller, rpc, &why))

@@ -367,7 +367,14 @@ impl Mesh {
         let (ring_manager, console, manager) = start_ring_manager(
             &mut tasks,
             "ring manager",
-            ProcessConfig::embedded(config.ring, config.ring_manager, config.console),
+            ProcessConfig::embedded(
+                ring_manager::Config {
+                    node_role: Some(Role::ChannelServer),
+                    ..config.ring
+                },
+                config.ring_manager,
+                config.console,
+            ),
             &cancel,
         )
         .await?;
@@ -397,7 +404,10 @@ impl Mesh {
             &mut tasks,
             "presence ring manager",
             ProcessConfig::embedded(
-                config.ring,
+                ring_manager::Config {
+                    node_role: Some(Role::PresenceServer),
+                    ..config.ring
+                },
                 config.presence_ring_manager,
                 config.presence_console,
             ),

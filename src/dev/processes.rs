@@ -160,6 +160,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             addr.to_string(),
             s("--http"),
             http.to_string(),
+            s("--node-role"),
+            s(if presence {
+                "presence-server"
+            } else {
+                "channel-server"
+            }),
         ];
         if let Some(path) = &options.ring_state_file {
             let mut path = path.display().to_string();

@@ -422,6 +422,12 @@ async fn the_ring_manager_refuses_the_wrong_role_and_a_service_acting_as_another
         "a node acts only as itself, not as node \"cs-1\"",
     );
     permission_denied(
+        "Register on the channel ring with a presence server's certificate, as itself",
+        register(&mesh, Who::As(Role::PresenceServer, "ps-1"), "ps-1").await,
+        "ps-1.presence-server.channelmesh",
+        "this ring's nodes are channel-server",
+    );
+    permission_denied(
         "Register with a gateway's certificate",
         register(&mesh, gateway, "us-east-1").await,
         "us-east-1.gateway.channelmesh",
@@ -473,6 +479,7 @@ async fn the_ring_manager_refuses_the_wrong_role_and_a_service_acting_as_another
         ("channel-server", "RingManager/DrainRegion"),
         ("channel-server", "RingManager/Lease"),
         ("channel-server", "RingManager/Register"),
+        ("presence-server", "RingManager/Register"),
         ("gateway", "RingManager/Register"),
         ("gateway", "RingManager/ReportGateway"),
         ("channel-server", "RingManager/ReportGateway"),
