@@ -135,3 +135,40 @@ async fn an_admin_server_with_its_own_certificate_serves_tls_and_asks_no_client_
     .unwrap();
     assert!(post_with(wrong_ca, &mesh.admin_token).await.is_err());
 }
+
+#[tokio::test]
+async fn an_insecure_mesh_speaks_plaintext_inside_only_when_asked() {
+    let mesh = crate::support::mesh_with(channelmesh::MeshConfig {
+        security: channelmesh::mesh::Security::Insecure,
+        ..channelmesh::MeshConfig::ephemeral()
+    })
+    .await;
+    assert_eq!(
+        mesh_transport::transport().as_deref(),
+        Some(&Transport::Insecure)
+    );
+    // Plaintext, with no certificate, an SRE call is obeyed: what --insecure means.
+    let plaintext = Endpoint::from_shared(format!("http://{}", mesh.ring_manager))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let regions = mesh_proto::ring::ring_manager_client::RingManagerClient::new(plaintext)
+        .regions(mesh_proto::ring::RegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(regions.regions.iter().any(|r| r.region == "us-east"));
+    // And the mesh works end to end.
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let mut reader = Rtm::connect(&us, &mesh.token("U1", "T1", &["C1"]).unwrap())
+        .await
+        .unwrap();
+    let mut admin = admin(&mesh).await;
+    crate::support::post(&mut admin, "C1", "U2", "in plaintext").await;
+    reader
+        .expect("the message", |v| {
+            v["type"] == "message" && v["text"] == "in plaintext"
+        })
+        .await;
+}
