@@ -7,6 +7,8 @@ RUN cargo build --release --locked -p channelmesh --bin channelmesh
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 channelmesh
+# The certificates' volume in docker-compose.yml: a named volume takes this folder's owner.
+RUN mkdir /certs && chown channelmesh /certs
 COPY --from=build /src/target/release/channelmesh /usr/local/bin/channelmesh
 USER channelmesh
 ENTRYPOINT ["channelmesh"]

@@ -10,6 +10,7 @@
 #   bench/compare.sh                     # saturating: RATE=0, as fast as the window allows
 #   RATE=20000 DURATION=20 bench/compare.sh
 #   TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf, see below)
+#   INSECURE=1 bench/compare.sh          # channelmesh's services on plaintext gRPC, not mTLS
 set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
 
@@ -211,7 +212,7 @@ taskset -c "$SERVER_CPU" "$bin" dev \
   --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
   --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
   --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-  "${consoles[@]}" "${limits[@]}" >"$work/dev.log" 2>&1 &
+  "${consoles[@]}" "${limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
 dev_pid=$!
 started+=("$dev_pid")
 wait_port 127.0.0.1 "$GW_PORT"

@@ -40,7 +40,7 @@ fi
   --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
   --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
   --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-  "${consoles[@]}" >"$work/dev.log" 2>&1 &
+  "${consoles[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
 started+=("$!")
 wait_port 127.0.0.1 "$((BASE + 50))"
 

@@ -1,6 +1,6 @@
 # Shared by the benchmark scripts (sourced): the binaries (channelmesh, the server, as $bin;
-# channelmesh-loadgen, the load generator, as $loadgen_bin), a scratch folder, the processes
-# started (stopped on exit), and waiting for a port.
+# channelmesh-loadgen, the load generator, as $loadgen_bin), a scratch folder, how `dev` secures
+# its services ($dev_security), the processes started (stopped on exit), and waiting for a port.
 
 # BIN=path runs a channelmesh binary already built instead of building the release one; the
 # load generator is the channelmesh-loadgen beside it.
@@ -19,6 +19,16 @@ cp "$BIN" "$work/channelmesh"
 cp "$(dirname "$BIN")/channelmesh-loadgen" "$work/channelmesh-loadgen"
 bin="$work/channelmesh"
 loadgen_bin="$work/channelmesh-loadgen"
+# `dev`'s flags: its state directory (its throwaway CA) in the scratch folder, apart from a
+# developer's own dev; INSECURE=1 runs the services' gRPC plaintext (--insecure) instead of
+# mutual TLS, to measure what mutual TLS costs.
+dev_security=()
+if "$bin" dev --help | grep -q -- '--state-dir'; then
+  dev_security+=(--state-dir "$work/state")
+fi
+if [ "${INSECURE:-0}" = 1 ]; then
+  dev_security+=(--insecure)
+fi
 started=()
 cleanup() {
   for pid in "${started[@]}"; do

@@ -52,7 +52,7 @@ case "$TARGET" in
       --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
       --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
       --client-frames-per-sec 0 --handshakes-per-sec 0 --connects-per-addr-per-sec 0 \
-      >"$OUT/server.log" 2>&1 &
+      "${dev_security[@]}" >"$OUT/server.log" 2>&1 &
     server=$!
     wait_port 127.0.0.1 "$GW_PORT"
     wait_port 127.0.0.1 "$((GW_PORT + 1))"

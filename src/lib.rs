@@ -3,6 +3,7 @@
 //! on [`Mesh`]), `ctl`, `token`, `probe`; how every command stops ([`shutdown`]); and
 //! `bench`, which runs the load generator ([`loadgen`]).
 
+pub mod certs;
 pub mod ctl;
 pub mod dev;
 pub mod loadgen;
@@ -15,3 +16,13 @@ pub use dev::mesh;
 pub use dev::mesh::{Mesh, MeshConfig};
 /// The multi-process mesh under its old path.
 pub use dev::processes as multiprocess;
+
+/// Says loudly, at start, that this process runs `--insecure`.
+pub fn warn_insecure() {
+    tracing::warn!(
+        "--insecure: gRPC between the services is PLAINTEXT, with no authentication and no \
+         authorization: anyone who can reach this process's ports can drive the mesh (drain \
+         regions, register nodes, publish as any user, read any channel). For one machine only; \
+         use mutual TLS (--tls-ca, --tls-cert, --tls-key) anywhere else."
+    );
+}

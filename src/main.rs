@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use channelmesh::{ctl, dev, loadgen, probe, shutdown, token};
+use channelmesh::{certs, ctl, dev, loadgen, probe, shutdown, token};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +64,9 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Mint a client token (signed with CHANNELMESH_JWT_SECRET) for trying things out.
     Token(token::TokenArgs),
+    /// Issue the mesh's mutual-TLS certificates: a CA in --dir (made unless one is there),
+    /// and a certificate per ROLE/ID[=HOST,HOST] from it (ID.pem, ID.key).
+    Certs(certs::CertsArgs),
 }
 
 impl Command {
@@ -80,20 +83,39 @@ impl Command {
         }
     }
 
-    /// Runs the command until it ends; `cancel` asks it to stop. `child_args` are the global
-    /// flags `dev --multi-process` passes on.
-    async fn run(self, child_args: Vec<String>, cancel: CancellationToken) -> anyhow::Result<()> {
+    /// The addresses a service listens on for gRPC (or, for a gateway, its clients), which
+    /// `--insecure` keeps on loopback; `None` for a command that is not a service.
+    fn listen(&self) -> Option<(&'static str, Vec<std::net::SocketAddr>)> {
         match self {
-            Command::Dev(args) => dev::run(args, child_args, cancel, SHUTDOWN_GRACE).await,
+            Command::RingManager(a) => Some(("ring-manager", vec![a.listen])),
+            Command::ChannelServer(a) => Some(("channel-server", vec![a.listen])),
+            Command::PresenceServer(a) => Some(("presence-server", vec![a.listen])),
+            Command::AdminServer(a) => Some(("admin-server", vec![a.listen])),
+            Command::Gateway(a) => Some(("gateway", vec![a.listen])),
+            _ => None,
+        }
+    }
+
+    /// Runs the command until it ends; `cancel` asks it to stop. `log_args` are the logging
+    /// flags `dev --multi-process` passes on; `transport` the transport flags.
+    async fn run(
+        self,
+        log_args: Vec<String>,
+        transport: &mesh_transport::TlsArgs,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        match self {
+            Command::Dev(args) => dev::run(args, log_args, transport, cancel, SHUTDOWN_GRACE).await,
             Command::RingManager(args) => Ok(ring_manager::run::run(args, cancel).await?),
             Command::ChannelServer(args) => Ok(channel_server::run::run(args, cancel).await?),
             Command::PresenceServer(args) => Ok(presence_server::run::run(args, cancel).await?),
             Command::AdminServer(args) => Ok(admin_server::run::run(args, cancel).await?),
             Command::Gateway(args) => Ok(gateway::run::run(args, cancel).await?),
-            Command::Ctl(args) => ctl::run(args, cancel).await,
+            Command::Ctl(args) => ctl::run(args, transport.transport()?, cancel).await,
             Command::Bench { .. } => unreachable!("handled in main, before the runtime starts"),
             Command::Probe(args) => probe::run(args).await,
             Command::Token(args) => token::run(args),
+            Command::Certs(args) => certs::run(args),
         }
     }
 }
@@ -143,11 +165,24 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    cli.tls.configure()?;
     cli.http.configure()?;
+    // A service speaks mutual TLS as its flags say, or plaintext only when told so; `dev`
+    // and `ctl` set up their own.
+    if let Some((command, listen)) = cli.command.listen() {
+        let transport = cli
+            .tls
+            .transport()?
+            .ok_or_else(|| mesh_transport::Error::NoTransport {
+                command: command.to_string(),
+            })?;
+        cli.tls.check_listen(&listen)?;
+        if transport == mesh_transport::Transport::Insecure {
+            channelmesh::warn_insecure();
+        }
+        mesh_transport::configure(transport)?;
+    }
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signals(cancel.clone());
-    let child_args = [cli.log.to_args(), cli.tls.to_args()].concat();
-    let work = cli.command.run(child_args, cancel.clone());
+    let work = cli.command.run(cli.log.to_args(), &cli.tls, cancel.clone());
     shutdown::supervise(work, &cancel, SHUTDOWN_GRACE).await
 }

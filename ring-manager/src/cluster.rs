@@ -65,16 +65,19 @@ pub async fn run_leader_election(
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
     let (leadership, _) = watch::channel(None);
-    run_leader_election_with(ring, manager_config, config, leadership, cancel).await
+    let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
+    run_leader_election_with(ring, manager_config, config, leadership, authorizer, cancel).await
 }
 
 /// [`run_leader_election`], publishing on `leadership` the ring manager while this one leads
-/// and `None` while it follows (the console shows the one that serves).
+/// and `None` while it follows (the console shows the one that serves); every leadership's
+/// gRPC server checks calls with `authorizer`.
 pub async fn run_leader_election_with(
     ring: ConsulRing,
     manager_config: Config,
     config: LeaderConfig,
     leadership: watch::Sender<Option<RingManager>>,
+    authorizer: mesh_transport::Authorizer,
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
     // The last ring record this ring manager accepted as a reader: what it resumes from if,
@@ -122,7 +125,7 @@ pub async fn run_leader_election_with(
             &ring,
             manager_config,
             &config,
-            (&session, &leadership, &seen),
+            (&session, &leadership, &seen, &authorizer),
             &session_alive,
         )
         .await;
@@ -202,12 +205,21 @@ fn campaign_pause(held: bool, backoff: Duration, lock_delay: Duration) -> Durati
     }
 }
 
+/// What a campaign leads with: its Consul session, where it publishes its ring manager while
+/// it leads, the last good record it saw as a reader, and what checks the calls it serves.
+type Leading<'a> = (
+    &'a str,
+    &'a watch::Sender<Option<RingManager>>,
+    &'a LastGood,
+    &'a mesh_transport::Authorizer,
+);
+
 /// Campaigns with `session` until it is lost, leading whenever the lock is won.
 async fn campaign(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    (session, leadership, seen): (&str, &watch::Sender<Option<RingManager>>, &LastGood),
+    (session, leadership, seen, authorizer): Leading<'_>,
     alive: &CancellationToken,
 ) {
     let lock_key = ring.lock_key();
@@ -222,14 +234,8 @@ async fn campaign(
         match ring.consul.acquire(&lock_key, session, value.clone()).await {
             Ok(true) => {
                 backoff = BACKOFF_MIN;
-                let led = lead(
-                    ring,
-                    manager_config,
-                    config,
-                    (session, leadership, seen),
-                    alive,
-                );
-                match led.await {
+                let leading = (session, leadership, seen, authorizer);
+                match lead(ring, manager_config, config, leading, alive).await {
                     Ok(()) => {}
                     Err(e @ crate::Error::UntrustedRing(_)) => {
                         // Let another ring manager, which may have seen a good record, try;
@@ -303,7 +309,7 @@ async fn lead(
     ring: &ConsulRing,
     manager_config: Config,
     config: &LeaderConfig,
-    (session, leadership, seen): (&str, &watch::Sender<Option<RingManager>>, &LastGood),
+    (session, leadership, seen, authorizer): Leading<'_>,
     alive: &CancellationToken,
 ) -> Result<(), crate::Error> {
     let (lock, _) = ring.consul.get(&ring.lock_key(), None).await?;
@@ -367,7 +373,7 @@ async fn lead(
     ));
     let listener = bind_with_retry(config.listen, &leading).await?;
     leadership.send_replace(Some(manager.clone()));
-    let served = crate::grpc::serve(manager, listener, leading.clone()).await;
+    let served = crate::grpc::serve(manager, listener, authorizer.clone(), leading.clone()).await;
     leadership.send_replace(None);
     leading.cancel();
     tracker.close();

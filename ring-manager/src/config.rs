@@ -46,8 +46,23 @@ pub struct Args {
     /// Off loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// The role a node's certificate must name to join this ring: channel-server (the channel
+    /// ring) or presence-server (the presence ring). Default: either.
+    #[arg(long, env = "CHANNELMESH_NODE_ROLE", value_parser = parse_node_role)]
+    pub node_role: Option<mesh_transport::Role>,
     #[command(flatten)]
     pub consul: ConsulArgs,
+}
+
+/// `--node-role`: a ring node's role.
+fn parse_node_role(s: &str) -> Result<mesh_transport::Role, String> {
+    use mesh_transport::Role;
+    match s.parse::<Role>() {
+        Ok(role @ (Role::ChannelServer | Role::PresenceServer)) => Ok(role),
+        _ => Err(format!(
+            "{s:?} is not a ring node's role: channel-server or presence-server"
+        )),
+    }
 }
 
 /// Everything one ring-manager process runs with.
@@ -63,6 +78,9 @@ pub struct ProcessConfig {
     pub nearest: Vec<(String, Vec<String>)>,
     /// What keeps the ring.
     pub backend: Backend,
+    /// Its own metrics (the refusals of its gRPC calls), served on the console's `/metrics`
+    /// beside the ring's.
+    pub telemetry: mesh_telemetry::Telemetry,
 }
 
 /// What keeps the ring.
@@ -93,6 +111,7 @@ impl ProcessConfig {
             console,
             nearest: Vec::new(),
             backend: Backend::Embedded { state_file: None },
+            telemetry: mesh_telemetry::Telemetry::default(),
         }
     }
 
@@ -119,11 +138,15 @@ impl ProcessConfig {
             },
         };
         Ok(ProcessConfig {
-            manager: Config::default(),
+            manager: Config {
+                node_role: args.node_role,
+                ..Config::default()
+            },
             listen: args.listen,
             console: mesh_telemetry::side_port::http_addr(args.http, args.listen),
             nearest: args.nearest.clone(),
             backend,
+            telemetry: mesh_telemetry::Telemetry::default(),
         })
     }
 }

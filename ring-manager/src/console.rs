@@ -155,6 +155,8 @@ pub struct Console {
     /// Keeps `leader` open in embedded mode, where nothing else holds the sender.
     _fixed: Option<Arc<watch::Sender<Option<RingManager>>>>,
     viewers: Arc<Semaphore>,
+    /// The process's own metrics (its gRPC refusals), served after the ring's.
+    metrics: Option<mesh_telemetry::Telemetry>,
 }
 
 impl Console {
@@ -166,6 +168,7 @@ impl Console {
             leader: rx,
             _fixed: Some(Arc::new(tx)),
             viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
+            metrics: None,
         }
     }
 
@@ -177,7 +180,14 @@ impl Console {
             leader: leadership,
             _fixed: None,
             viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
+            metrics: None,
         }
+    }
+
+    /// Serves `telemetry`'s metrics on `/metrics` after the ring's.
+    pub fn with_metrics(mut self, telemetry: mesh_telemetry::Telemetry) -> Self {
+        self.metrics = Some(telemetry);
+        self
     }
 
     fn manager(&self) -> Option<RingManager> {
@@ -439,7 +449,11 @@ async fn metrics(axum::extract::State((console, _)): axum::extract::State<AppSta
             .with_label_values(&[&region.region])
             .set(i64::from(region.draining));
     }
-    let mut response = t.encode().into_response();
+    let mut text = t.encode();
+    if let Some(own) = &console.metrics {
+        text.push_str(&own.encode());
+    }
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -10,6 +10,8 @@ use futures::{Stream, StreamExt};
 use mesh_core::{IdError, NodeId, Ring};
 use mesh_proto::ring as pb;
 use mesh_proto::ring::ring_manager_server::{RingManager as RingManagerRpc, RingManagerServer};
+use mesh_transport::authz::{self, rpc};
+use mesh_transport::{Authorizer, Caller, Role};
 use ring_client::convert::ring_to_proto;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -26,15 +28,22 @@ use crate::server::RingManager;
 /// Lease replies queued for one node; a node that does not read them misses renewals.
 const LEASE_REPLY_QUEUE: usize = 16;
 
-/// Serves `manager` on `listener` until `cancel` fires.
+/// The roles a ring node registers and holds its lease under.
+const NODE_ROLES: &[Role] = &[Role::ChannelServer, Role::PresenceServer];
+
+/// Serves `manager` on `listener` until `cancel` fires, every call checked by `authorizer`.
 pub async fn serve(
     manager: RingManager,
     listener: TcpListener,
+    authorizer: Authorizer,
     cancel: CancellationToken,
 ) -> Result<(), crate::Error> {
     tracing::info!(addr = ?listener.local_addr().ok(), "ring manager listening");
-    mesh_transport::server()?
-        .add_service(RingManagerServer::new(Service { manager }))
+    mesh_transport::internal_server(&authorizer)?
+        .add_service(RingManagerServer::new(Service {
+            manager,
+            authorizer,
+        }))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.cancelled_owned(),
@@ -248,12 +257,34 @@ impl From<pb::RegionsView> for RegionsView {
 #[derive(Debug, Clone)]
 struct Service {
     manager: RingManager,
+    /// Refuses a node or gateway that acts as another (the table was checked before).
+    authorizer: Authorizer,
 }
 
 impl Service {
     /// `ring` in protobuf form, with the members as they are now.
     fn to_proto(&self, ring: &Ring) -> pb::Ring {
         ring_to_pb(ring, &self.manager.members_detail().1)
+    }
+
+    /// `caller` may call `rpc` as node `node` only if its certificate names that node, in the
+    /// role this ring's nodes have.
+    fn as_node(&self, caller: &Caller, rpc: &str, node: &str) -> Result<(), Status> {
+        let node_role = self.manager.config().node_role;
+        let roles = match &node_role {
+            Some(role) => std::slice::from_ref(role),
+            None => NODE_ROLES,
+        };
+        if caller.is(roles, node) {
+            return Ok(());
+        }
+        if caller.is(NODE_ROLES, node) {
+            let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            let why = format!("this ring's nodes are {}", roles.join(" or "));
+            return Err(self.authorizer.refuse(caller, rpc, &why));
+        }
+        let why = format!("a node acts only as itself, not as node {node:?}");
+        Err(self.authorizer.refuse(caller, rpc, &why))
     }
 }
 
@@ -265,7 +296,9 @@ impl RingManagerRpc for Service {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = authz::caller(&request);
         let req = request.into_inner();
+        self.as_node(&caller, rpc::REGISTER, &req.node_id)?;
         let id = node_id(&req.node_id)?;
         let (epoch, incarnation) = self
             .manager
@@ -286,9 +319,10 @@ impl RingManagerRpc for Service {
         &self,
         request: Request<Streaming<pb::Heartbeat>>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
+        let caller = authz::caller(&request);
         let mut heartbeats = request.into_inner();
         let (tx, rx) = mpsc::channel(LEASE_REPLY_QUEUE);
-        let manager = self.manager.clone();
+        let (manager, this) = (self.manager.clone(), self.clone());
         self.manager.tracker().spawn(async move {
             let mut holder: Option<(NodeId, u64)> = None;
             loop {
@@ -300,6 +334,12 @@ impl RingManagerRpc for Service {
                 let Ok(Some(hb)) = next else {
                     break;
                 };
+                // A heartbeat for another node ends the stream with the refusal (when the
+                // reply queue has room; the stream ends either way).
+                if let Err(refused) = this.as_node(&caller, rpc::LEASE, &hb.node_id) {
+                    let _ = tx.try_send(Err(refused));
+                    break;
+                }
                 let Ok(id) = NodeId::new(&hb.node_id) else {
                     break;
                 };
@@ -377,10 +417,16 @@ impl RingManagerRpc for Service {
         &self,
         request: Request<pb::GatewayReport>,
     ) -> Result<Response<pb::GatewayDirective>, Status> {
-        let directive = self
-            .manager
-            .report_gateway(request.into_inner().into())
-            .map_err(status)?;
+        let caller = authz::caller(&request);
+        let report = request.into_inner();
+        if !caller.is(&[Role::Gateway], &report.gateway) {
+            let why = format!(
+                "a gateway reports only as itself, not as gateway {:?}",
+                report.gateway
+            );
+            return Err(self.authorizer.refuse(&caller, rpc::REPORT_GATEWAY, &why));
+        }
+        let directive = self.manager.report_gateway(report.into()).map_err(status)?;
         Ok(Response::new(directive.into()))
     }
 

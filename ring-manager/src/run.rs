@@ -28,6 +28,10 @@ pub struct Bound {
     console_addr: SocketAddr,
     local_addr: SocketAddr,
     serving: Serving,
+    /// Checks every gRPC call against the authorization table; counts its refusals in
+    /// `telemetry`, which the console's `/metrics` serves.
+    authorizer: mesh_transport::Authorizer,
+    telemetry: mesh_telemetry::Telemetry,
 }
 
 /// What [`Bound::serve`] serves.
@@ -52,6 +56,8 @@ enum Serving {
 /// Binds the console and, embedded, the gRPC listener, and creates the ring manager, whose
 /// failure monitor runs from now until `cancel` or until [`Bound::serve`] ends.
 pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<Bound, Error> {
+    let telemetry = config.telemetry.clone();
+    let authorizer = mesh_transport::Authorizer::new(&telemetry);
     let console = side_port::bind_http(config.console).await?;
     let console_addr = console.local_addr()?;
     let (local_addr, serving) = match config.backend {
@@ -96,6 +102,8 @@ pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<B
         console_addr,
         local_addr,
         serving,
+        authorizer,
+        telemetry,
     })
 }
 
@@ -129,8 +137,8 @@ impl Bound {
                 tracker,
                 monitor,
             } => {
-                let console = Console::embedded(manager.clone());
-                let grpc = crate::serve(manager, grpc, stop.clone());
+                let console = Console::embedded(manager.clone()).with_metrics(self.telemetry);
+                let grpc = crate::serve(manager, grpc, self.authorizer, stop.clone());
                 let console = console::serve(console, self.console, stop.clone());
                 let results =
                     tokio::join!(spawn_until(grpc, stop.clone()), spawn_until(console, stop));
@@ -145,9 +153,15 @@ impl Bound {
                 leader,
             } => {
                 let (leadership, leading) = watch::channel(None);
-                let console = Console::consul(leading);
-                let campaign =
-                    run_leader_election_with(ring, manager, leader, leadership, stop.clone());
+                let console = Console::consul(leading).with_metrics(self.telemetry);
+                let campaign = run_leader_election_with(
+                    ring,
+                    manager,
+                    leader,
+                    leadership,
+                    self.authorizer,
+                    stop.clone(),
+                );
                 let console = console::serve(console, self.console, stop.clone());
                 tokio::join!(
                     spawn_until(campaign, stop.clone()),

@@ -42,13 +42,16 @@ const MONITOR_TICK: Duration = Duration::from_millis(25);
 /// How many recent epochs the ring manager remembers for the console (oldest dropped first).
 pub const EPOCH_HISTORY: usize = 50;
 
-/// Timing of the ring manager's failure detection.
+/// Timing of the ring manager's failure detection, and who may be a node of its ring.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     pub heartbeat_interval: Duration,
     pub lease: Duration,
     pub suspect_after: Duration,
     pub probe_timeout: Duration,
+    /// The role a node's certificate must name to register and hold a lease here: channel
+    /// servers on the channel ring, presence servers on the presence ring. `None`: either.
+    pub node_role: Option<mesh_transport::Role>,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             lease: DEFAULT_LEASE,
             suspect_after: DEFAULT_SUSPECT_AFTER,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            node_role: None,
         }
     }
 }

@@ -9,8 +9,11 @@ mod top;
 use std::time::Duration;
 
 use anyhow::Context;
+use mesh_transport::Transport;
 use ring_client::RingArgs;
 use tokio_util::sync::CancellationToken;
+
+use crate::dev::state::{self, StateDirArg};
 
 pub use ring::{NodeOp, NodeView, OwnerView, RingView, ring_view};
 pub use top::render_top;
@@ -32,6 +35,9 @@ pub struct CtlArgs {
     /// Print JSON for scripts instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Without --tls-*: the operator credential of the `dev` whose state directory this is.
+    #[command(flatten)]
+    state_dir: StateDirArg,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -91,10 +97,22 @@ enum CtlCommand {
 }
 
 /// Runs one `ctl` command; `ctl top` refreshes until `cancel`, the others are one call.
-pub async fn run(args: CtlArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+/// `transport`: what the `--tls-*`/`--insecure` flags ask for; without them, the operator
+/// credential in the state directory of `dev`.
+pub async fn run(
+    args: CtlArgs,
+    transport: Option<Transport>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let json = args.json;
-    // Found only by the commands that call the ring manager (`top` reads the console).
+    // Found only by the commands that call the ring manager (`top` reads the console), which
+    // call it as an operator.
     let ring_manager = || async {
+        let operator = match transport {
+            Some(t) => t,
+            None => state::operator(&args.state_dir.dir())?,
+        };
+        mesh_transport::configure(operator)?;
         let source = args.ring.source()?;
         source.endpoint().await.context("finding the ring manager")
     };

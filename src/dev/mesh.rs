@@ -10,13 +10,43 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_core::{Identity, IssuerAudience, NodeId, TeamId, TokenKey, UserId};
+use mesh_transport::{Role, Transport};
 use ring_client::RingSource;
 use ring_manager::{NodeState, ProcessConfig, RingManager};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::certs::Authority;
+
 /// How long start-up waits for every channel server to join the ring.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The identity of the ring manager, in certificates.
+pub const RING_MANAGER_ID: &str = "rm-1";
+/// The identity of the presence ring's ring manager, in certificates.
+pub const PRESENCE_RING_MANAGER_ID: &str = "prm-1";
+/// The identity of the admin server, in certificates (and its metrics' label).
+pub const ADMIN_ID: &str = "admin-1";
+
+/// How a mesh's services speak to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Plaintext, no identities, no authorization (`--insecure`).
+    Insecure,
+    /// Mutual TLS with this process's throwaway CA ([`Authority::for_this_process`]): the
+    /// process's certificate names every service of the mesh (one process hosts them all);
+    /// the internal servers enforce the authorization table.
+    Mtls,
+}
+
+impl Security {
+    /// How an operator (`ctl`, a test) calls this mesh's ring managers.
+    pub fn operator(&self) -> anyhow::Result<Transport> {
+        match self {
+            Security::Insecure => Ok(Transport::Insecure),
+            Security::Mtls => Ok(Transport::Mtls(Authority::for_this_process()?.operator()?)),
+        }
+    }
+}
 
 /// Where and how to run a mesh.
 #[derive(Debug, Clone)]
@@ -53,6 +83,8 @@ pub struct MeshConfig {
     pub presence_gateway_lease: Duration,
     /// Every gateway's limits on clients.
     pub limits: gateway::limits::Limits,
+    /// Mutual TLS with identities (the default), or plaintext.
+    pub security: Security,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -116,6 +148,7 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            security: Security::Mtls,
         }
     }
 
@@ -144,7 +177,61 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            security: Security::Mtls,
         }
+    }
+
+    /// Every identity of the mesh's services, as its process's certificate names them.
+    pub fn identities(&self) -> anyhow::Result<Vec<mesh_transport::Identity>> {
+        use mesh_transport::Identity;
+        let mut ids = vec![
+            Identity::new(Role::RingManager, RING_MANAGER_ID)?,
+            Identity::new(Role::RingManager, PRESENCE_RING_MANAGER_ID)?,
+            Identity::new(Role::Admin, ADMIN_ID)?,
+        ];
+        let channel_servers = self.channel_servers.len() + self.standbys.len();
+        for i in 1..=channel_servers {
+            ids.push(Identity::new(Role::ChannelServer, &format!("cs-{i}"))?);
+        }
+        let presence_servers = self.presence_servers.len() + self.presence_standbys.len();
+        for i in 1..=presence_servers {
+            ids.push(Identity::new(Role::PresenceServer, &format!("ps-{i}"))?);
+        }
+        for (region, _) in &self.gateways {
+            let id = gateway::config::default_id(region);
+            ids.push(Identity::new(Role::Gateway, &id)?);
+        }
+        Ok(ids)
+    }
+
+    /// The hosts the services dial each other at: loopback, and every other address of the
+    /// layout.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = ["127.0.0.1", "::1", "localhost"].map(String::from).into();
+        let addrs = [self.ring_manager, self.admin, self.presence_ring_manager]
+            .into_iter()
+            .chain(self.channel_servers.iter().copied())
+            .chain(self.standbys.iter().copied())
+            .chain(self.presence_servers.iter().copied())
+            .chain(self.presence_standbys.iter().copied());
+        for addr in addrs {
+            let ip = addr.ip().to_string();
+            if !hosts.contains(&ip) {
+                hosts.push(ip);
+            }
+        }
+        hosts
+    }
+
+    /// Sets this process's transport for the mesh: mutual TLS with a certificate naming
+    /// every service, or plaintext.
+    pub fn configure_transport(&self) -> anyhow::Result<()> {
+        match self.security {
+            Security::Insecure => mesh_transport::configure(Transport::Insecure)?,
+            Security::Mtls => Authority::for_this_process()?
+                .configure_process(&self.identities()?, &self.hosts())?,
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +268,8 @@ pub struct Mesh {
     ps_cancel: Vec<(NodeId, CancellationToken)>,
     gw_cancel: Vec<(String, CancellationToken)>,
     tasks: Tasks,
+    /// How its services speak to each other.
+    pub security: Security,
 }
 
 /// Every service's task, each ending with its name and how it ended.
@@ -249,11 +338,36 @@ async fn assembled(manager: &RingManager, actives: usize, standbys: usize) -> bo
     true
 }
 
+/// Waits until every HTTP side at `addrs` answers `/readyz` with 200, for at most
+/// [`READY_TIMEOUT`]; the first that did not, and why, if not by then.
+async fn all_ready(addrs: impl Iterator<Item = SocketAddr>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let client = reqwest::Client::new();
+    for addr in addrs {
+        loop {
+            let answer = client.get(format!("http://{addr}/readyz")).send().await;
+            let why = match answer {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("the service at {addr} was not ready ({why})"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(())
+}
+
 impl Mesh {
     /// Binds every socket, starts every service, and returns once every channel server owns
-    /// slots on the ring. `cancel` stops it all.
+    /// slots on the ring and every service is ready. `cancel` stops it all.
     pub async fn start(config: MeshConfig, cancel: CancellationToken) -> anyhow::Result<Mesh> {
         let started = Instant::now();
+        config
+            .configure_transport()
+            .context("setting up the mesh's transport")?;
         let mut tasks = Tasks::new();
         // The HTTP side (`/metrics`, `/healthz`, `/readyz`) of every gRPC service, admin first.
         let mut http = Vec::new();
@@ -261,7 +375,14 @@ impl Mesh {
         let (ring_manager, console, manager) = start_ring_manager(
             &mut tasks,
             "ring manager",
-            ProcessConfig::embedded(config.ring, config.ring_manager, config.console),
+            ProcessConfig::embedded(
+                ring_manager::Config {
+                    node_role: Some(Role::ChannelServer),
+                    ..config.ring
+                },
+                config.ring_manager,
+                config.console,
+            ),
             &cancel,
         )
         .await?;
@@ -291,7 +412,10 @@ impl Mesh {
             &mut tasks,
             "presence ring manager",
             ProcessConfig::embedded(
-                config.ring,
+                ring_manager::Config {
+                    node_role: Some(Role::PresenceServer),
+                    ..config.ring
+                },
                 config.presence_ring_manager,
                 config.presence_console,
             ),
@@ -327,7 +451,8 @@ impl Mesh {
             admin_token: config.admin_token.clone(),
             jwt_secret: config.jwt_secret.clone().into_bytes(),
             jwt_claims: config.jwt_claims.clone(),
-            telemetry: admin_server::config::telemetry("admin-1"),
+            telemetry: admin_server::config::telemetry(ADMIN_ID),
+            public_tls: None,
         };
         let bound = admin_server::run::bind(admin_config, config.admin, None)
             .await
@@ -393,6 +518,13 @@ impl Mesh {
             cancel.cancel();
             anyhow::bail!("presence servers did not all join their ring within {READY_TIMEOUT:?}");
         }
+        // The admin server and the gateways follow the ring over connections of their own, a
+        // moment after the ring manager has it.
+        let sides = http.iter().map(|(_, a)| *a);
+        if let Err(not_ready) = all_ready(sides.chain(gateways.iter().map(|(_, a)| *a))).await {
+            cancel.cancel();
+            anyhow::bail!("{not_ready} within {READY_TIMEOUT:?}");
+        }
         Ok(Mesh {
             ring_manager,
             console,
@@ -412,6 +544,7 @@ impl Mesh {
             ps_cancel,
             gw_cancel,
             tasks,
+            security: config.security,
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod mesh;
 pub mod processes;
+pub mod state;
 mod summary;
 
 use std::net::SocketAddr;
@@ -19,8 +20,12 @@ use mesh_telemetry::side_port::http_addr;
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
 
-use mesh::{Mesh, MeshConfig, consecutive, dev_ports, loopback};
+use mesh::{Mesh, MeshConfig, Security, consecutive, dev_ports, loopback};
+use mesh_transport::TlsArgs;
+use state::{StateDir, StateDirArg};
 use summary::Summary;
+
+use crate::certs::Authority;
 
 /// `dev --consul`: the second ring manager's port.
 const EXTRA_RING_MANAGER_PORT: u16 = 50060;
@@ -82,6 +87,8 @@ pub struct DevArgs {
     #[arg(long = "extra-ring-manager", requires = "consul")]
     extra_ring_managers: Vec<SocketAddr>,
     #[command(flatten)]
+    state_dir: StateDirArg,
+    #[command(flatten)]
     limits: Limits,
 }
 
@@ -109,20 +116,45 @@ impl DevArgs {
     }
 }
 
+impl DevArgs {
+    /// Every address the mesh listens on as these flags ask.
+    fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![
+            self.admin,
+            self.ring_manager,
+            self.us_east,
+            self.eu_west,
+            self.presence_ring_manager,
+        ];
+        addrs.extend(self.http);
+        addrs.extend(self.presence_http);
+        addrs.extend(&self.extra_ring_managers);
+        addrs
+    }
+}
+
 /// Runs `dev` until `cancel`, then stops every service within `grace` (a service that does not
-/// is an error). `child_args`: the global flags every child process gets (logging, tracing,
-/// TLS).
+/// is an error). `log_args`: the logging flags every child process gets; `transport`: the
+/// transport flags (only `--insecure` and `--insecure-allow-remote`: `dev` makes its own
+/// certificates).
 pub async fn run(
     args: DevArgs,
-    child_args: Vec<String>,
+    log_args: Vec<String>,
+    transport: &TlsArgs,
     cancel: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    if transport.has_files() {
+        anyhow::bail!(
+            "dev makes its own CA and certificates (in its --state-dir); --tls-ca, --tls-cert \
+             and --tls-key are for the services run on their own"
+        );
+    }
     let (jwt_secret, generated_jwt) = secret(ENV_JWT_SECRET);
     // A secret of the user's that no gateway would take: refused before anything starts.
     check_jwt_secret(&jwt_secret)?;
     let (admin_token, generated_admin) = secret(ENV_ADMIN_TOKEN);
-    let config = MeshConfig {
+    let mut config = MeshConfig {
         jwt_claims: IssuerAudience::new(env(ENV_JWT_ISSUER), env(ENV_JWT_AUDIENCE)),
         ..args.mesh_config(jwt_secret, admin_token)?
     };
@@ -130,6 +162,19 @@ pub async fn run(
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
         (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),
     ];
+    // Mutual TLS with a throwaway CA in the state directory, or --insecure.
+    let state = if transport.insecure {
+        transport.check_listen(&args.listen_addrs())?;
+        config.security = Security::Insecure;
+        crate::warn_insecure();
+        None
+    } else {
+        let state = StateDir::claim(&args.state_dir.dir())?;
+        state.write_authority(Authority::for_this_process()?)?;
+        config.security = Security::Mtls;
+        Some(state)
+    };
+    let security = summary::Security::new(state.as_ref().map(StateDir::path));
 
     if args.multi_process {
         let mut extra_ring_managers = args.extra_ring_managers;
@@ -142,14 +187,16 @@ pub async fn run(
             consul_prefix: args.consul_prefix,
             consul_token: args.consul_token,
             extra_ring_managers,
-            global_args: child_args,
+            global_args: [log_args, transport.to_args()].concat(),
+            state,
         };
         // A signal before the mesh is up stops it at once (the children are killed).
         let procs = tokio::select! {
             procs = processes::start_all(&config, &options) => procs?,
             () = cancel.cancelled() => return Ok(()),
         };
-        Summary::multi_process(&procs, &config, args.consul.is_some()).print(&secrets);
+        let summary = Summary::multi_process(&procs, &config, args.consul.is_some());
+        summary.print(&secrets, &security);
         return procs.run(cancel, grace).await;
     }
 
@@ -157,8 +204,10 @@ pub async fn run(
         mesh = Mesh::start(config.clone(), cancel.clone()) => mesh?,
         () = cancel.cancelled() => return Ok(()),
     };
-    Summary::in_process(&mesh, &config).print(&secrets);
-    mesh.run_until_stopped(grace).await
+    Summary::in_process(&mesh, &config).print(&secrets, &security);
+    let stopped = mesh.run_until_stopped(grace).await;
+    drop(state);
+    stopped
 }
 
 /// The environment variable `name`, unless unset or empty.

@@ -19,7 +19,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::mesh::MeshConfig;
+use mesh_transport::{Identity, Role};
+
+use super::mesh::{MeshConfig, PRESENCE_RING_MANAGER_ID, RING_MANAGER_ID};
+use super::state::StateDir;
+use crate::certs::{self, Authority};
 
 /// How long a child may take to print its `listening on` line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -36,7 +40,7 @@ pub struct Service {
 }
 
 /// What `start_all` runs besides the mesh layout.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// The embedded ring manager's state file.
     pub ring_state_file: Option<std::path::PathBuf>,
@@ -49,8 +53,11 @@ pub struct Options {
     pub consul_token: Option<String>,
     /// With Consul: more ring managers (followers), one per address.
     pub extra_ring_managers: Vec<SocketAddr>,
-    /// The global flags every child gets: logging, tracing, `--tls-*` (empty: plaintext).
+    /// The global flags every child gets: logging, tracing, `--insecure`.
     pub global_args: Vec<String>,
+    /// Where each child's certificate is written (issued by this process's CA): mutual TLS.
+    /// `None`: plaintext (`--insecure` in `global_args`).
+    pub state: Option<StateDir>,
 }
 
 /// The running children.
@@ -70,20 +77,36 @@ pub struct Processes {
     pub started_in: Duration,
 }
 
-/// Starts `exe args...` with the secrets in its environment and waits for its
-/// `listening on ADDR` line.
-pub async fn start(name: &str, args: &[String], config: &MeshConfig) -> anyhow::Result<Service> {
-    start_with(name, args, config, &Options::default()).await
+/// The `--tls-*` flags of the child that is `identity`: a certificate of this process's CA
+/// naming it, written to the state directory. None with plaintext.
+fn child_tls(
+    options: &Options,
+    config: &MeshConfig,
+    (role, id): (Role, &str),
+) -> anyhow::Result<Vec<String>> {
+    let Some(state) = &options.state else {
+        return Ok(Vec::new());
+    };
+    let identity = Identity::new(role, id)?;
+    let credentials = Authority::for_this_process()?.issue(
+        &[identity],
+        &config.hosts(),
+        certs::days(certs::DEFAULT_VALIDITY_DAYS),
+    )?;
+    state.child_flags(id, &credentials)
 }
 
-/// [`start`], passing on `options`' global flags.
+/// Starts `exe args...` as the service `identity`, with the secrets in its environment and
+/// `options`' global flags, and waits for its `listening on ADDR` line.
 async fn start_with(
     name: &str,
     args: &[String],
     config: &MeshConfig,
     options: &Options,
+    identity: (Role, &str),
 ) -> anyhow::Result<Service> {
     let exe = std::env::current_exe().context("locating the channelmesh binary")?;
+    let tls = child_tls(options, config, identity)?;
     let mut command = Command::new(exe);
     // The token claims as the mesh has them, not as this process's environment may.
     let claims = &config.jwt_claims;
@@ -99,6 +122,7 @@ async fn start_with(
     let mut child = command
         .args(args)
         .args(&options.global_args)
+        .args(tls)
         .env(ENV_JWT_SECRET, &config.jwt_secret)
         .env(ENV_ADMIN_TOKEN, &config.admin_token)
         // Consul's ACL token and the HTTP token by environment, not argv, however `dev` got them.
@@ -148,6 +172,8 @@ async fn start_with(
 /// Starts the whole mesh as child processes and waits until its ring is assembled.
 pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result<Processes> {
     let started = Instant::now();
+    // This process checks the rings as an operator.
+    mesh_transport::configure(config.security.operator()?)?;
     let s = |v: &str| v.to_string();
     let prefix = options
         .consul_prefix
@@ -161,6 +187,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
             addr.to_string(),
             s("--http"),
             http.to_string(),
+            s("--node-role"),
+            s(if presence {
+                "presence-server"
+            } else {
+                "channel-server"
+            }),
         ];
         if let Some(path) = &options.ring_state_file {
             let mut path = path.display().to_string();
@@ -184,6 +216,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         &rm_args(config.ring_manager, config.console, false),
         config,
         options,
+        (Role::RingManager, RING_MANAGER_ID),
     )
     .await?;
     let presence_ring_manager = start_with(
@@ -191,6 +224,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         &rm_args(config.presence_ring_manager, config.presence_console, true),
         config,
         options,
+        (Role::RingManager, PRESENCE_RING_MANAGER_ID),
     )
     .await?;
     // How every other service finds the ring: Consul, or the ring manager just started.
@@ -212,13 +246,15 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     let mut extra_ring_managers = Vec::new();
     for (i, addr) in options.extra_ring_managers.iter().enumerate() {
         let name = format!("ring-manager-{}", i + 2);
+        let id = format!("rm-{}", i + 2);
         // Their consoles on ports the OS picks: they only serve while leading.
         let http = SocketAddr::from(([127, 0, 0, 1], 0));
-        extra_ring_managers
-            .push(start_with(&name, &rm_args(*addr, http, false), config, options).await?);
+        let args = rm_args(*addr, http, false);
+        let identity = (Role::RingManager, id.as_str());
+        extra_ring_managers.push(start_with(&name, &args, config, options, identity).await?);
     }
     let presence_servers = start_nodes(
-        ("presence-server", "ps"),
+        ("presence-server", "ps", Role::PresenceServer),
         &config.presence_servers,
         &config.presence_standbys,
         &ring_args,
@@ -227,7 +263,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     )
     .await?;
     let channel_servers = start_nodes(
-        ("channel-server", "cs"),
+        ("channel-server", "cs", Role::ChannelServer),
         &config.channel_servers,
         &config.standbys,
         &ring_args,
@@ -237,7 +273,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     .await?;
     let mut admin_args = vec![s("admin-server"), s("--listen"), config.admin.to_string()];
     admin_args.extend(ring_args.iter().cloned());
-    let admin = start_with("admin-server", &admin_args, config, options).await?;
+    let admin_id = (Role::Admin, super::mesh::ADMIN_ID);
+    let admin = start_with("admin-server", &admin_args, config, options, admin_id).await?;
     // Each gateway may forward clients to the mesh's own gateways while its region drains.
     let redirect_allow: Vec<String> = config
         .gateways
@@ -246,12 +283,13 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         .collect();
     let mut gateways = Vec::new();
     for (region, addr) in &config.gateways {
+        let id = gateway::config::default_id(region);
         let mut args = vec![
             s("gateway"),
             s("--region"),
             region.clone(),
             s("--id"),
-            gateway::config::default_id(region),
+            id.clone(),
             s("--listen"),
             addr.to_string(),
             s("--redirect-allow"),
@@ -259,10 +297,9 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         ];
         args.extend(ring_args.iter().cloned());
         args.extend(gateway::config::limit_args(&config.limits));
-        gateways.push((
-            region.clone(),
-            start_with(&format!("gateway-{region}"), &args, config, options).await?,
-        ));
+        let name = format!("gateway-{region}");
+        let gateway = start_with(&name, &args, config, options, (Role::Gateway, &id)).await?;
+        gateways.push((region.clone(), gateway));
     }
 
     // Ready when, on both rings, every active server owns slots and every standby is
@@ -309,10 +346,10 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
     })
 }
 
-/// Starts the ring nodes of one kind (`subcommand`, ids `prefix-1`, `prefix-2`, ...): one
-/// per active address, then one standby per standby address.
+/// Starts the ring nodes of one kind (`subcommand`, ids `prefix-1`, `prefix-2`, ..., in
+/// `role`): one per active address, then one standby per standby address.
 async fn start_nodes(
-    (subcommand, prefix): (&str, &str),
+    (subcommand, prefix, role): (&str, &str, Role),
     actives: &[SocketAddr],
     standbys: &[SocketAddr],
     ring_args: &[String],
@@ -337,11 +374,8 @@ async fn start_nodes(
         if standby {
             args.push("--standby".to_string());
         }
-        nodes.push((
-            id.clone(),
-            standby,
-            start_with(&id, &args, config, options).await?,
-        ));
+        let service = start_with(&id, &args, config, options, (role, &id)).await?;
+        nodes.push((id.clone(), standby, service));
     }
     Ok(nodes)
 }
@@ -436,7 +470,7 @@ impl Processes {
     }
 }
 
-/// A ring manager client for `endpoint`, over TLS when this process has it.
+/// A ring manager client for `endpoint`, with this process's transport (as the operator).
 async fn connect_rm(
     endpoint: &str,
 ) -> Result<RingManagerClient<tonic::transport::Channel>, tonic::transport::Error> {

@@ -3,12 +3,29 @@
 //! start-up took.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mesh_telemetry::side_port::http_addr;
 
 use super::mesh::{Mesh, MeshConfig};
 use super::processes::Processes;
+
+/// How the mesh's services speak to each other, as `dev` prints it.
+#[derive(Debug)]
+pub struct Security {
+    /// The state directory with the CA and the operator credential; `None`: `--insecure`.
+    state_dir: Option<PathBuf>,
+}
+
+impl Security {
+    /// Mutual TLS with the CA in `state_dir`, or plaintext without one.
+    pub fn new(state_dir: Option<&Path>) -> Security {
+        Security {
+            state_dir: state_dir.map(Path::to_path_buf),
+        }
+    }
+}
 
 /// What `dev` prints once the mesh is up.
 #[derive(Debug)]
@@ -132,8 +149,9 @@ impl Summary {
         }
     }
 
-    /// Prints it, with the `secrets` (env var, value, generated) that were generated.
-    pub fn print(&self, secrets: &[(&str, String, bool)]) {
+    /// Prints it, with the `secrets` (env var, value, generated) that were generated and how
+    /// the services speak to each other.
+    pub fn print(&self, secrets: &[(&str, String, bool)], security: &Security) {
         let pid = |p: Option<u32>| p.map(|p| format!("  pid {p}")).unwrap_or_default();
         println!("channelmesh dev mesh ({})", self.mode);
         for (addr, p) in &self.ring_managers {
@@ -169,6 +187,15 @@ impl Summary {
         for (which, addr) in &self.consoles {
             let what = format!("{which}console");
             println!("  {what:<16} http://{addr}/  (SRE console; /healthz, /readyz)");
+        }
+        match &security.state_dir {
+            Some(dir) => {
+                println!("  internal gRPC    mutual TLS; CA and operator credential (for ctl) in:");
+                println!("  state dir        {}", dir.display());
+            }
+            None => println!(
+                "  internal gRPC    PLAINTEXT, unauthenticated (--insecure): this machine only"
+            ),
         }
         for (name, value, generated) in secrets {
             if *generated {

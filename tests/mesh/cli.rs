@@ -23,11 +23,19 @@ fn without_secrets(args: &[&str]) -> Command {
 fn services_refuse_to_start_without_their_secrets() {
     for (args, missing) in [
         (
-            vec!["gateway", "--region", "us-east", "--listen", "127.0.0.1:0"],
+            // --insecure: the transport is checked first (on loopback plaintext is allowed).
+            vec![
+                "gateway",
+                "--insecure",
+                "--region",
+                "us-east",
+                "--listen",
+                "127.0.0.1:0",
+            ],
             "CHANNELMESH_JWT_SECRET",
         ),
         (
-            vec!["admin-server", "--listen", "127.0.0.1:0"],
+            vec!["admin-server", "--insecure", "--listen", "127.0.0.1:0"],
             "CHANNELMESH_ADMIN_TOKEN",
         ),
         (
@@ -38,11 +46,51 @@ fn services_refuse_to_start_without_their_secrets() {
         let out = without_secrets(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} started without {missing}");
         let stderr = String::from_utf8_lossy(&out.stderr);
+        // The error line (after the --insecure warning, for the services).
         assert!(
-            stderr.starts_with("error: ") && stderr.contains(missing),
+            stderr
+                .lines()
+                .any(|l| l.starts_with("error: ") && l.contains(missing)),
             "{args:?}: {stderr}"
         );
     }
+}
+
+#[test]
+fn services_need_mutual_tls_or_an_explicit_insecure_kept_on_loopback() {
+    let refusal = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Neither certificates nor --insecure: refused, saying what to give.
+    let none = refusal(&["ring-manager", "--listen", "127.0.0.1:0"]);
+    assert!(
+        none.contains("error: ring-manager needs mutual TLS between the services")
+            && none.contains("--tls-ca, --tls-cert and --tls-key")
+            && none.contains("--insecure"),
+        "{none}"
+    );
+    // --insecure off loopback: refused without the second flag, after the warning.
+    let remote = refusal(&["ring-manager", "--insecure", "--listen", "0.0.0.0:0"]);
+    assert!(
+        remote.contains("0.0.0.0:0 is not a loopback address"),
+        "{remote}"
+    );
+    assert!(
+        remote.contains("add --insecure-allow-remote if that is really meant"),
+        "{remote}"
+    );
+    // Only some of the certificate files.
+    let partial = refusal(&["ring-manager", "--tls-ca", "/nonexistent/ca.pem"]);
+    assert!(
+        partial.contains("TLS needs all of --tls-ca, --tls-cert and --tls-key"),
+        "{partial}"
+    );
 }
 
 #[test]
@@ -80,6 +128,9 @@ fn token_mints_a_jwt_the_gateway_accepts() {
 fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
     // Its log, to show on failure.
     let log = std::env::temp_dir().join(format!("channelmesh-dev-{}.log", std::process::id()));
+    // Where a user's dev keeps its state by default, in a folder of the test's own.
+    let xdg = std::env::temp_dir().join(format!("channelmesh-xdg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&xdg);
     let mut child = without_secrets(&[
         "dev",
         "--admin",
@@ -97,6 +148,8 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         "--presence-server-port",
         "0",
     ])
+    .env_remove("CHANNELMESH_STATE_DIR")
+    .env("XDG_STATE_HOME", &xdg)
     .stdout(Stdio::piped())
     .stderr(std::fs::File::create(&log).unwrap())
     .spawn()
@@ -125,9 +178,46 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
         "presence server  ps-3",
         "CHANNELMESH_JWT_SECRET=",
         "CHANNELMESH_ADMIN_TOKEN=",
+        "internal gRPC    mutual TLS",
+        &format!("state dir        {}", xdg.join("channelmesh/dev").display()),
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    // `ctl` finds the operator credential there with no flag, and the ring manager takes it.
+    let rm = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("  ring manager     grpc://"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("dev printed its ring manager");
+    let ctl = |xdg: &std::path::Path| {
+        Command::new(BIN)
+            .args([
+                "ctl",
+                "--ring-manager",
+                &format!("http://{rm}"),
+                "--json",
+                "ring",
+            ])
+            .env_remove("CHANNELMESH_STATE_DIR")
+            .env("XDG_STATE_HOME", xdg)
+            .output()
+            .unwrap()
+    };
+    let ring = ctl(&xdg);
+    assert!(
+        ring.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ring.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ring.stdout).contains("cs-3"));
+    // Elsewhere, no credential: ctl says where it looked and what to give.
+    let elsewhere = ctl(&xdg.join("elsewhere"));
+    assert!(!elsewhere.status.success());
+    let why = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        why.contains("does not exist. `channelmesh dev` writes"),
+        "{why}"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -136,6 +226,7 @@ fn dev_prints_its_endpoints_and_secrets_then_stops_on_sigterm() {
     let exit = child.wait().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&xdg);
     assert!(
         exit.success(),
         "dev exited with {exit} after SIGTERM; its log:\n{stderr}"

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
 use crate::support::{
     Poster, Rtm, admin_at, eventually, eventually_within, moves, post, post_index, poster,
-    receive_all, ring_at,
+    receive_all, ring_with,
 };
 
 fn free_addr() -> SocketAddr {
@@ -84,7 +84,7 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
     let admin = admin_at(dev.admin, ADMIN_TOKEN).await;
     let (before, lock_index) = stored(&ring).await;
     assert_eq!(lock_index, 1, "the first leader's fence");
-    let (_, members) = ring_at(addr_of(&leader.endpoint)).await;
+    let (_, members) = ring_with(addr_of(&leader.endpoint), &dev.operator).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
@@ -151,11 +151,12 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
 
     // The new leader serves the same ring it found in KV: nothing reshuffled.
     let (served, _) = eventually("the new leader answers", || async {
-        let mut rm = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
-            second.endpoint.clone(),
-        )
-        .await
-        .ok()?;
+        let channel = mesh_transport::endpoint_with(&second.endpoint, &dev.operator)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut rm = mesh_proto::ring::ring_manager_client::RingManagerClient::new(channel);
         let proto = rm
             .get_ring(mesh_proto::ring::GetRingRequest {})
             .await
@@ -176,6 +177,9 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
             "--consul-prefix",
             "test-failover",
         ])
+        // The operator credential `dev` wrote, as an SRE's `ctl` finds it.
+        .arg("--state-dir")
+        .arg(&dev.state_dir)
         .args(["--json", "ring"])
         .stderr(Stdio::inherit())
         .output()
@@ -192,7 +196,7 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
         .find(|n| n.id.as_str() != "cs-4")
         .unwrap()
         .clone();
-    let (_, members) = ring_at(addr_of(&second.endpoint)).await;
+    let (_, members) = ring_with(addr_of(&second.endpoint), &dev.operator).await;
     let pid = members
         .iter()
         .find(|m| m.id == other.id.as_str())

@@ -4,7 +4,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::support::{eventually, mesh};
+use crate::support::{eventually, mesh, operator_state_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 
@@ -13,6 +13,9 @@ async fn ctl(ring_manager: std::net::SocketAddr, args: &[&str]) -> Output {
         .arg("ctl")
         .arg("--ring-manager")
         .arg(format!("http://{ring_manager}"))
+        // The operator credential, where `dev` would have written it.
+        .arg("--state-dir")
+        .arg(operator_state_dir())
         .args(args)
         .output()
         .await

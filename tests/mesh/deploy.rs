@@ -17,12 +17,14 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 const REGIONS: [&str; 2] = ["us-east", "eu-west"];
-const SUBCOMMANDS: [&str; 5] = [
+const SUBCOMMANDS: [&str; 6] = [
     "ring-manager",
     "channel-server",
     "presence-server",
     "admin-server",
     "gateway",
+    // Once, before the others: the certificates of the mesh's mutual TLS.
+    "certs",
 ];
 
 // Names and `@type`s of the Envoy extensions the configs use, as Envoy's v3 API spells them.
@@ -173,6 +175,11 @@ fn runs_channelmesh(service: &Yaml) -> bool {
     service["image"]
         .as_str()
         .is_some_and(|image| image.starts_with("channelmesh"))
+}
+
+/// Services of the mesh: built from ./Dockerfile, and not the one-shot `certs`.
+fn serves(service: &Yaml) -> bool {
+    runs_channelmesh(service) && command(service).first().map(String::as_str) != Some("certs")
 }
 
 /// The value of `--name VALUE` (or `--name=VALUE`) in a command.
@@ -814,7 +821,7 @@ fn compose_services_agree_with_each_other() {
                 );
             }
         }
-        if !runs_channelmesh(service) {
+        if !serves(service) {
             continue;
         }
         let command = command(service);
@@ -838,6 +845,55 @@ fn compose_services_agree_with_each_other() {
             );
         }
     }
+}
+
+#[test]
+fn every_compose_service_presents_the_certificate_the_certs_service_issued_for_it() {
+    let services = compose();
+    let issued = command(&services["certs"]);
+    let dir = flag(&issued, "dir").expect("certs --dir");
+    for (name, service) in &services {
+        if !serves(service) {
+            continue;
+        }
+        let command = command(service);
+        let id = match command[0].as_str() {
+            // Ring managers are named by the host they advertise.
+            "ring-manager" => name.as_str(),
+            _ => flag(&command, "id").unwrap_or_else(|| panic!("{name}: no --id")),
+        };
+        let role = match command[0].as_str() {
+            "admin-server" => "admin",
+            other => other,
+        };
+        let spec = issued
+            .iter()
+            .find(|s| s.starts_with(&format!("{role}/{id}")))
+            .unwrap_or_else(|| panic!("{name}: certs issues no {role}/{id}"));
+        // A service others dial is issued for its host name.
+        if flag(&command, "advertise").is_some() {
+            assert_eq!(spec, &format!("{role}/{id}={name}"), "{name}");
+        }
+        assert_eq!(
+            flag(&command, "tls-ca"),
+            Some(format!("{dir}/ca.pem").as_str())
+        );
+        assert_eq!(
+            flag(&command, "tls-cert"),
+            Some(format!("{dir}/{id}.pem").as_str())
+        );
+        assert_eq!(
+            flag(&command, "tls-key"),
+            Some(format!("{dir}/{id}.key").as_str())
+        );
+        assert!(
+            volumes(service).contains(&("certs".to_string(), dir.to_string())),
+            "{name} does not mount the certificates"
+        );
+        assert!(depends_on(service).contains(&"certs".to_string()), "{name}");
+    }
+    // ctl (docker compose exec ... channelmesh ctl) finds the operator's in the state directory.
+    assert!(issued.iter().any(|s| s == "operator/operator"));
 }
 
 #[test]
@@ -926,7 +982,7 @@ fn compose_runs_an_envoy_before_two_gateways_per_region() {
 fn every_compose_service_is_health_checked_on_its_http_port() {
     let services = compose();
     let mut checked = 0;
-    for (name, service) in services.iter().filter(|(_, s)| runs_channelmesh(s)) {
+    for (name, service) in services.iter().filter(|(_, s)| serves(s)) {
         let command = command(service);
         let listen = port_of(flag(&command, "listen").unwrap());
         // Gateways serve HTTP on their own port; gRPC services next to it (+40), unless --http.

@@ -10,6 +10,7 @@ mod attacks_consul;
 mod attacks_dos;
 mod attacks_redirect;
 mod attacks_tokens;
+mod attacks_grpc;
 mod bad_input;
 mod bench_smoke;
 mod charm;

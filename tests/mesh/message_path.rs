@@ -283,24 +283,20 @@ async fn history_pages_forward_and_leaves_out_typing() {
 async fn a_channel_server_refuses_slots_it_does_not_own() {
     let mesh = mesh().await;
     let channel = ChannelId::new("CFENCE").unwrap();
-    let rm = format!("http://{}", mesh.ring_manager);
-    let ring = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(rm)
-        .await
-        .unwrap()
-        .get_ring(mesh_proto::ring::GetRingRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let ring = ring_client::convert::ring_from_proto(ring).unwrap();
+    let (ring, _) = crate::support::ring_at(mesh.ring_manager).await;
     let owner = ring.owner_of(&channel).unwrap().id.clone();
     let (_, other) = mesh
         .channel_servers
         .iter()
         .find(|(id, _)| *id != owner)
         .unwrap();
-    let mut client = ChannelServerClient::connect(format!("http://{other}"))
+    // As the mesh's own publishers do: with the process's certificate (gateway, admin).
+    let connection = mesh_transport::endpoint(&other.to_string())
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut client = ChannelServerClient::new(connection);
     let event = ChannelEvent {
         channel,
         ts: None,

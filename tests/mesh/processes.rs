@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    Rtm, admin_at, eventually, moves, post, post_index, poster, presence_of, ring_at, state_of,
+    Rtm, admin_at, eventually, moves, post, post_index, poster, presence_of, ring_with, state_of,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
@@ -41,6 +41,10 @@ pub struct Dev {
     /// (id, pid) of each presence server.
     pub presence_servers: Vec<(String, u32)>,
     state_file: PathBuf,
+    /// `dev`'s state directory: its CA, its children's certificates, the operator's.
+    pub state_dir: PathBuf,
+    /// The operator credential `dev` wrote there.
+    pub operator: mesh_transport::Transport,
 }
 
 fn addr_after(line: &str, scheme: &str) -> SocketAddr {
@@ -54,10 +58,8 @@ fn addr_after(line: &str, scheme: &str) -> SocketAddr {
 impl Dev {
     /// The embedded ring manager, with a state file.
     fn start(name: &str) -> Dev {
-        let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Self::dir(name);
         let state_file = dir.join("ring.json");
-        let _ = std::fs::remove_file(&state_file);
         let args = [
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
@@ -66,7 +68,38 @@ impl Dev {
             "--ring-state-file".to_string(),
             state_file.display().to_string(),
         ];
-        Self::launch(&args, state_file)
+        Self::launch(&args, state_file, dir)
+    }
+
+    /// An empty directory of the test's own: `dev`'s state directory and its ring file.
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The `--tls-*` flags of the certificate `dev` issued to its child `id`.
+    pub fn tls_flags(&self, id: &str) -> Vec<String> {
+        let file = |name: &str| self.state_dir.join(name).display().to_string();
+        vec![
+            format!("--tls-ca={}", file("ca.pem")),
+            format!("--tls-cert={}", file(&format!("{id}.pem"))),
+            format!("--tls-key={}", file(&format!("{id}.key"))),
+        ]
+    }
+
+    /// Calling as `dev`'s child `id` (with the certificate `dev` issued to it).
+    pub fn as_child(&self, id: &str) -> mesh_transport::Transport {
+        let file = |name: &str| self.state_dir.join(name);
+        mesh_transport::Transport::Mtls(
+            mesh_transport::Credentials::read(
+                &file("ca.pem"),
+                &file(&format!("{id}.pem")),
+                &file(&format!("{id}.key")),
+            )
+            .unwrap(),
+        )
     }
 
     /// On the Consul agent at `consul`, with a ring manager on each of `ring_managers` (they
@@ -101,10 +134,10 @@ impl Dev {
             args.extend(["--extra-ring-manager".to_string(), rm.to_string()]);
         }
         args.extend(more.iter().map(|s| s.to_string()));
-        Self::launch(&args, PathBuf::new())
+        Self::launch(&args, PathBuf::new(), Self::dir(name))
     }
 
-    fn launch(extra: &[String], state_file: PathBuf) -> Dev {
+    fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
         // Its log, to say why when it stops before it is ready.
         static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -112,6 +145,8 @@ impl Dev {
             std::env::temp_dir().join(format!("channelmesh-dev-{}-{n}.log", std::process::id()));
         let mut child = Command::new(BIN)
             .args(["dev", "--multi-process", "--admin", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args([
                 "--us-east",
                 "127.0.0.1:0",
@@ -191,6 +226,15 @@ impl Dev {
             presence_ring_manager: presence_ring_manager.expect("dev printed the presence ring"),
             presence_servers,
             state_file,
+            operator: mesh_transport::Transport::Mtls(
+                mesh_transport::Credentials::read(
+                    &state_dir.join("ca.pem"),
+                    &state_dir.join("operator.pem"),
+                    &state_dir.join("operator.key"),
+                )
+                .unwrap(),
+            ),
+            state_dir,
         }
     }
 
@@ -223,11 +267,7 @@ impl Drop for Dev {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
-        if let Some(dir) = self.state_file.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -243,7 +283,7 @@ async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_r
         .await
         .unwrap();
     let admin = admin_at(dev.admin, ADMIN_TOKEN).await;
-    let (before, members) = ring_at(dev.ring_manager).await;
+    let (before, members) = ring_with(dev.ring_manager, &dev.operator).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
@@ -275,7 +315,7 @@ async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_r
         resumed_in.as_millis()
     );
 
-    let (after, members) = ring_at(dev.ring_manager).await;
+    let (after, members) = ring_with(dev.ring_manager, &dev.operator).await;
     assert!(after.epoch() > before.epoch());
     let moved = moves(&before, &after);
     let owned = before.slots_owned(&NodeId::new(&victim).unwrap());
@@ -299,7 +339,7 @@ async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_r
 async fn a_node_declared_dead_that_comes_back_is_refused() {
     let dev = Dev::start("fence");
     let channel = ChannelId::new("CFENCED").unwrap();
-    let (before, members) = ring_at(dev.ring_manager).await;
+    let (before, members) = ring_with(dev.ring_manager, &dev.operator).await;
     let victim = before.owner_of(&channel).unwrap().clone();
     let pid = members
         .iter()
@@ -311,7 +351,7 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
     signal(pid, Signal::SIGSTOP);
     let frozen = Instant::now();
     eventually("the frozen node is declared down", || async {
-        let (_, members) = ring_at(dev.ring_manager).await;
+        let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
         (state_of(&members, victim.id.as_str()) == "down").then_some(())
     })
     .await;
@@ -323,9 +363,13 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
     signal(pid, Signal::SIGCONT);
 
     // Back at once, with the old ring in memory: it must not serve the slot it lost.
-    let mut stale = ChannelServerClient::connect(format!("http://{}", victim.addr))
+    // As the admin server would publish, with its certificate.
+    let connection = mesh_transport::endpoint_with(&victim.addr, &dev.as_child("admin-1"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut stale = ChannelServerClient::new(connection);
     let event = ChannelEvent {
         channel: channel.clone(),
         ts: None,
@@ -361,7 +405,7 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
     )
     .await;
     eventually("the fenced node re-registers as a standby", || async {
-        let (_, members) = ring_at(dev.ring_manager).await;
+        let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
         (state_of(&members, victim.id.as_str()) == "standby").then_some(())
     })
     .await;
@@ -375,7 +419,7 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
         .await
         .unwrap();
     let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
-    let (before, _) = ring_at(dev.ring_manager).await;
+    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
 
     signal(dev.ring_manager_pid, Signal::SIGKILL);
     // A clock that must pass, not a wait for an event: well past the lease length (400 ms),
@@ -407,17 +451,19 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
             "--state-file",
         ])
         .arg(&dev.state_file)
+        .args(dev.tls_flags("rm-1"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let after = eventually("the restarted ring manager answers", || async {
-        let mut client = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
-            format!("http://{}", dev.ring_manager),
-        )
-        .await
-        .ok()?;
+        let channel = mesh_transport::endpoint_with(&dev.ring_manager.to_string(), &dev.operator)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = mesh_proto::ring::ring_manager_client::RingManagerClient::new(channel);
         let proto = client
             .get_ring(mesh_proto::ring::GetRingRequest {})
             .await
@@ -434,7 +480,7 @@ async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_r
     // deliberate "nothing happens" window, longer than the ring manager's suspicion delay and
     // probe (500 + 200 ms): no later event proves that a declaration did not happen.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (later, members) = ring_at(dev.ring_manager).await;
+    let (later, members) = ring_with(dev.ring_manager, &dev.operator).await;
     assert!(later.same_assignment(&before), "{later:?} vs {before:?}");
     assert!(
         members
@@ -493,7 +539,7 @@ async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state(
         .await;
     a.expect("B active", |v| presence_of(v, "UB", "active"))
         .await;
-    let (ring, _) = ring_at(dev.presence_ring_manager).await;
+    let (ring, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
     let owner = ring
         .owner_of(&ChannelId::new("UB").unwrap())
         .unwrap()
@@ -507,7 +553,7 @@ async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state(
         .1;
     signal(pid, Signal::SIGKILL);
     eventually("another presence server owns B", || async {
-        let (after, _) = ring_at(dev.presence_ring_manager).await;
+        let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
         (after.owner_of(&ChannelId::new("UB").unwrap())?.id.as_str() != owner).then_some(())
     })
     .await;

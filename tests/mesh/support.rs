@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -301,9 +301,49 @@ impl Rtm {
     }
 }
 
+/// The operator credential of this test process's meshes (issued by the process's throwaway
+/// CA, which every in-process mesh of the process shares).
+pub fn operator() -> &'static mesh_transport::Transport {
+    static OPERATOR: OnceLock<mesh_transport::Transport> = OnceLock::new();
+    OPERATOR.get_or_init(|| channelmesh::mesh::Security::Mtls.operator().unwrap())
+}
+
+/// A directory laid out as `dev`'s state directory (`ca.pem`, `operator.pem`,
+/// `operator.key`) with [`operator`]'s credential: `ctl --state-dir DIR` finds it there.
+pub fn operator_state_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("channelmesh-ops-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mesh_transport::Transport::Mtls(c) = operator() else {
+            unreachable!("the test meshes speak mutual TLS")
+        };
+        std::fs::write(dir.join("ca.pem"), &c.ca).unwrap();
+        channelmesh::certs::save_credentials(&dir, "operator", c).unwrap();
+        dir
+    })
+}
+
+/// Gives this test process's certificate `identities` too (a service a test starts beside
+/// the mesh, e.g. a gateway of its own, acts as itself).
+pub fn trust(identities: &[mesh_transport::Identity]) {
+    channelmesh::certs::Authority::for_this_process()
+        .unwrap()
+        .configure_process(identities, &["127.0.0.1".into()])
+        .unwrap();
+}
+
 /// The ring and its members, as `ctl ring` sees them.
 pub async fn ring_at(ring_manager: SocketAddr) -> (Ring, Vec<Member>) {
-    let mut client = rm_at(ring_manager).await;
+    ring_with(ring_manager, operator()).await
+}
+
+/// [`ring_at`], calling as `who`.
+pub async fn ring_with(
+    ring_manager: SocketAddr,
+    who: &mesh_transport::Transport,
+) -> (Ring, Vec<Member>) {
+    let mut client = rm_with(ring_manager, who).await;
     let proto = client
         .get_ring(GetRingRequest {})
         .await
@@ -316,11 +356,22 @@ pub async fn ring_at(ring_manager: SocketAddr) -> (Ring, Vec<Member>) {
     )
 }
 
-/// A ring manager client.
+/// A ring manager client, as the operator of this process's meshes.
 pub async fn rm_at(ring_manager: SocketAddr) -> RingManagerClient<Channel> {
-    RingManagerClient::connect(format!("http://{ring_manager}"))
-        .await
+    rm_with(ring_manager, operator()).await
+}
+
+/// A ring manager client calling as `who`.
+pub async fn rm_with(
+    ring_manager: SocketAddr,
+    who: &mesh_transport::Transport,
+) -> RingManagerClient<Channel> {
+    let channel = mesh_transport::endpoint_with(&ring_manager.to_string(), who)
         .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    RingManagerClient::new(channel)
 }
 
 /// A member's state, or "absent".
@@ -470,10 +521,10 @@ pub async fn admin(mesh: &Mesh) -> Admin {
     admin_at(mesh.admin, &mesh.admin_token).await
 }
 
-/// An admin API client for the admin server at `addr`.
+/// An admin API client for the admin server at `addr` (the public API: plaintext, as `dev`
+/// serves it).
 pub async fn admin_at(addr: SocketAddr, token: &str) -> Admin {
-    // TLS when the test configured it for the process.
-    let channel = mesh_transport::endpoint(&addr.to_string())
+    let channel = mesh_transport::public_endpoint(&addr.to_string(), None)
         .expect("valid uri")
         .connect()
         .await

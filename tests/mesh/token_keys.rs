@@ -60,8 +60,13 @@ pub async fn public_key_gateway(
 ) -> (String, tokio_util::sync::DropGuard) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // In this process, beside the mesh: the process's certificate names it too.
+    let id = format!("{region}-pk");
+    crate::support::trust(&[
+        mesh_transport::Identity::new(mesh_transport::Role::Gateway, &id).unwrap(),
+    ]);
     let config = gateway::Config {
-        id: format!("{region}-pk"),
+        id,
         region: region.into(),
         ring: ring_client::RingSource::Direct(format!("http://{ring_manager}")),
         presence_ring: None,

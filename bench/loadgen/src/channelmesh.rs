@@ -176,9 +176,14 @@ impl Dev {
     /// these secrets, and waits for its summary.
     pub async fn start_multi_process(jwt_secret: &str, admin_token: &str) -> anyhow::Result<Self> {
         let any = "127.0.0.1:0";
+        // A state directory of its own, apart from a `dev` the user may run.
+        let state_dir =
+            std::env::temp_dir().join(format!("channelmesh-bench-{}", std::process::id()));
         let mut command = Command::new(binary()?);
         command
             .args(["dev", "--multi-process", "--channel-server-port", "0"])
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(["--presence-server-port", "0", "--ring-manager", any])
             .args(["--presence-ring-manager", any, "--admin", any])
             .args(["--us-east", any, "--eu-west", any])

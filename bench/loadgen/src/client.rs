@@ -72,9 +72,14 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Connects to the admin server at `addr` ("host:port"; TLS when this process has it).
+    /// Connects to the public admin API at `addr` ("host:port", plaintext; or
+    /// "https://host:port", checked against this process's --tls-ca).
     pub async fn connect(addr: &str, admin_token: &str) -> anyhow::Result<Self> {
-        let channel = mesh_transport::endpoint(addr)?
+        let ca = match mesh_transport::transport().as_deref() {
+            Some(mesh_transport::Transport::Mtls(c)) => Some(c.ca.clone()),
+            _ => None,
+        };
+        let channel = mesh_transport::public_endpoint(addr, ca.as_deref())?
             .connect()
             .await
             .context("connecting to the admin server")?;

@@ -30,8 +30,8 @@ use plan::Scenario;
 struct Cli {
     #[command(flatten)]
     log: mesh_telemetry::LogArgs,
-    // The `--tls-*` flags `channelmesh` takes (`channelmesh bench` passes them on): with them,
-    // the load generator's gRPC calls (admin API, ring manager, presence server) dial TLS.
+    // The transport flags `channelmesh` takes (`channelmesh bench` passes them on): with
+    // `--tls-*`, an `https://` admin API is checked against --tls-ca.
     #[command(flatten)]
     tls: mesh_transport::TlsArgs,
     #[command(subcommand)]
@@ -111,7 +111,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    cli.tls.configure()?;
+    if let Some(transport) = cli.tls.transport()? {
+        mesh_transport::configure(transport)?;
+    }
     match cli.command {
         Command::Fanout(args) => cmd::load::main(Scenario::Fanout, args).await,
         Command::Chat(args) => cmd::load::main(Scenario::Chat, args).await,

@@ -2,6 +2,9 @@
 //! from the environment, and the typed [`Config`] that [`crate::serve`] runs with.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use mesh_transport::ServerTls;
 
 use mesh_core::IssuerAudience;
 use ring_client::{RingArgs, RingSource};
@@ -32,6 +35,15 @@ pub struct Args {
     /// (50051 -> 50091) on loopback. Off loopback it needs --http-token.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// The admin API's own server certificate (PEM, valid for the name the web app dials):
+    /// with --admin-tls-key, the public listener serves TLS (no client certificate asked;
+    /// callers present the bearer token). Without it, plaintext. Apart from the mesh's
+    /// --tls-* certificate, which this server presents on its calls to the other services.
+    #[arg(long, env = "CHANNELMESH_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The admin API certificate's private key (PEM).
+    #[arg(long, env = "CHANNELMESH_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub ring: RingArgs,
     #[command(flatten)]
@@ -74,6 +86,8 @@ pub struct Config {
     /// Its metrics and readiness (served over HTTP by the caller): ready once the ring has
     /// channel servers to route to.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// The public listener's own certificate: TLS when set, plaintext otherwise.
+    pub public_tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -87,6 +101,10 @@ impl Config {
             jwt_secret: jwt_secret_from_env()?,
             jwt_claims: args.claims.claims(),
             telemetry: mesh_telemetry::Telemetry::default(),
+            public_tls: match (&args.admin_tls_cert, &args.admin_tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTls::read(cert, key)?),
+                _ => None,
+            },
         })
     }
 }

@@ -45,6 +45,9 @@ pub enum Error {
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
+    /// The admin API's certificate could not be read.
+    #[error("the admin API's certificate: {0}")]
+    PublicTls(#[from] mesh_transport::Error),
 }
 
 /// Serves the admin API on `listener`, with gRPC server reflection of the admin API alone,
@@ -92,8 +95,13 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mesh_proto::ADMIN_FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tracing::info!(addr = ?listener.local_addr().ok(), "admin server listening");
-    let result = mesh_transport::server()?
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        tls = config.public_tls.is_some(),
+        "admin server listening"
+    );
+    // Public: its own certificate (or plaintext), the bearer token, no client certificate.
+    let result = mesh_transport::public_server(config.public_tls.as_ref())?
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
         .add_service(AdminServer::with_interceptor(service, auth))

@@ -15,6 +15,8 @@ use mesh_proto::channel as pb;
 use mesh_proto::channel::channel_server_server::ChannelServer as ChannelServerRpc;
 use mesh_proto::channel::subscribe_request::Command;
 use mesh_proto::channel::subscribe_response::Reply;
+use mesh_transport::authz::{self, rpc};
+use mesh_transport::{Authorizer, Caller, Role};
 use ring_client::{Lease, RingWatcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -66,6 +68,9 @@ pub struct ServiceConfig {
     pub gateway_queue: usize,
     /// Where its metrics are registered.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// Refuses a handoff from a node that is not its sender or not named by the ring (the
+    /// authorization table was checked before).
+    pub authorizer: Authorizer,
 }
 
 /// The channel server's gRPC service; cheap to clone.
@@ -80,6 +85,7 @@ struct Inner {
     shards: Shards<pb::SubscribeResponse>,
     gateway_queue: usize,
     metrics: Metrics,
+    authorizer: Authorizer,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -156,6 +162,7 @@ impl ChannelService {
                 shards: Shards::new(config.limits, metrics.clone(), now_micros),
                 gateway_queue: config.gateway_queue.max(1),
                 metrics,
+                authorizer: config.authorizer,
                 cancel,
                 tracker,
             }),
@@ -257,6 +264,30 @@ impl ChannelService {
         }
     }
 
+    /// A handoff from `from` for `epoch` is taken only from `from` itself, and only if the
+    /// ring names a handoff from it to this node in that epoch.
+    async fn check_handoff(
+        &self,
+        caller: &Caller,
+        from: &NodeId,
+        epoch: u64,
+    ) -> Result<(), Status> {
+        let refuse = |why: String| self.inner.authorizer.refuse(caller, rpc::HANDOFF, &why);
+        if !caller.is(&[Role::ChannelServer], from.as_str()) {
+            return Err(refuse(format!(
+                "a channel server hands off only as itself, not as {from}"
+            )));
+        }
+        let ownership = &self.inner.ownership;
+        if !ownership.expects_handoff(from, epoch).await {
+            return Err(refuse(format!(
+                "the ring names no handoff from {from} to {} in epoch {epoch}",
+                ownership.node()
+            )));
+        }
+        Ok(())
+    }
+
     /// Publish, inside its span: appends the event and queues it to every subscribed gateway,
     /// with the fan-out time and this span's trace context on it.
     async fn publish_event(
@@ -340,10 +371,18 @@ impl ChannelServerRpc for ChannelService {
         &self,
         request: Request<Streaming<pb::HandoffChunk>>,
     ) -> Result<Response<pb::HandoffAck>, Status> {
+        let caller = authz::caller(&request);
         let mut chunks = request.into_inner();
         let mut received = 0u32;
+        // The (sender, epoch) checked last: every chunk of one handoff names the same.
+        let mut checked: Option<(NodeId, u64)> = None;
         while let Some(chunk) = chunks.message().await? {
             let from = NodeId::new(&chunk.from_node).map_err(invalid)?;
+            let this = (from.clone(), chunk.epoch);
+            if checked.as_ref() != Some(&this) {
+                self.check_handoff(&caller, &from, chunk.epoch).await?;
+                checked = Some(this);
+            }
             for state in chunk.channels {
                 let snapshot = handoff_wire::snapshot_from_proto(state).map_err(invalid)?;
                 self.inner.shards.absorb(snapshot);

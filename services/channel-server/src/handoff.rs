@@ -3,7 +3,7 @@
 //! epoch carries. The edge (`grpc.rs`) sends and receives them over gRPC; the shards take and
 //! absorb the channels' snapshots.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot};
@@ -15,6 +15,9 @@ use crate::store::Snapshot;
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
 /// Channels per handoff message.
 pub const HANDOFF_CHUNK: usize = 64;
+/// How many handoffs to this node, named by the rings it followed, are remembered: a handoff
+/// is accepted only from a sender a ring named (`Warming::expected`).
+const EXPECTED_HANDOFFS: usize = 256;
 
 /// Slots this node gained in a handoff epoch and does not serve until the old owner's state
 /// arrives (or [`HANDOFF_TIMEOUT`] passes).
@@ -24,6 +27,9 @@ pub struct Warming {
     slots: HashMap<Slot, (NodeId, Instant)>,
     /// Handoffs already received, by (from, epoch): a handoff can beat the ring to this node.
     done: HashSet<(NodeId, u64)>,
+    /// The latest handoffs to this node the rings it followed named, by (from, epoch), at
+    /// most [`EXPECTED_HANDOFFS`].
+    expected: VecDeque<(NodeId, u64)>,
 }
 
 impl Warming {
@@ -49,6 +55,12 @@ impl Warming {
         node: &NodeId,
         deadline: Instant,
     ) -> Vec<Slot> {
+        for h in ring.handoffs().iter().filter(|h| &h.to == node) {
+            if self.expected.len() == EXPECTED_HANDOFFS {
+                self.expected.pop_front();
+            }
+            self.expected.push_back((h.from.clone(), ring.epoch()));
+        }
         let mut unknown = Vec::new();
         for slot in 0..SLOT_COUNT as Slot {
             if !ring.owns(node, slot) || previous.owns(node, slot) {
@@ -68,6 +80,11 @@ impl Warming {
             }
         }
         unknown
+    }
+
+    /// Whether a ring this node followed named a handoff from `from` to it in `epoch`.
+    pub fn expected(&self, from: &NodeId, epoch: u64) -> bool {
+        self.expected.iter().any(|(f, e)| f == from && *e == epoch)
     }
 
     /// The whole handoff `from` sent for `epoch` arrived: its slots serve.

@@ -70,12 +70,14 @@ pub async fn serve(
             }
         });
     }
+    let authorizer = mesh_transport::Authorizer::new(&config.telemetry);
     let service = ChannelService::new(
         ServiceConfig {
             node: config.node.clone(),
             limits: config.limits,
             gateway_queue: config.gateway_queue,
             telemetry: config.telemetry.clone(),
+            authorizer: authorizer.clone(),
         },
         ring.clone(),
         lease.clone(),
@@ -86,7 +88,7 @@ pub async fn serve(
     // The ring manager probes a silent node with a standard gRPC health check: only a process
     // that runs answers it (a frozen one still completes TCP handshakes).
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = mesh_transport::server()?
+    let server = mesh_transport::internal_server(&authorizer)?
         .add_service(health_service)
         .add_service(
             ChannelServerServer::new(service).max_decoding_message_size(grpc::MAX_HANDOFF_MESSAGE),

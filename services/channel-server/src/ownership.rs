@@ -105,6 +105,25 @@ impl Ownership {
         self.warming().gain(previous, ring, &self.node, deadline)
     }
 
+    /// Whether the ring names a handoff from `from` to this node in `epoch`: the ring of that
+    /// epoch (waited for a little, as a handoff can beat the ring here), or, once the ring has
+    /// moved on, the handoffs this node saw named in the rings it followed.
+    pub async fn expects_handoff(&self, from: &NodeId, epoch: u64) -> bool {
+        let mut ring = self.ring.current();
+        if epoch > ring.epoch() {
+            match self.ring.wait_for_epoch(epoch, RING_CATCH_UP).await {
+                Ok(newer) => ring = newer,
+                Err(_) => return false,
+            }
+        }
+        let named = |ring: &Ring| {
+            ring.handoffs()
+                .iter()
+                .any(|h| &h.from == from && h.to == self.node)
+        };
+        (ring.epoch() == epoch && named(&ring)) || self.warming().expected(from, epoch)
+    }
+
     /// The whole handoff `from` sent for `epoch` arrived.
     pub fn received(&self, from: &NodeId, epoch: u64) {
         self.warming().received(from, epoch);

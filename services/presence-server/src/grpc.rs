@@ -11,6 +11,8 @@ use futures::{Stream, StreamExt};
 use mesh_core::{NodeId, TeamId, UserId};
 use mesh_proto::presence as pb;
 use mesh_proto::presence::gateway_message::Kind;
+use mesh_transport::authz::{self, rpc};
+use mesh_transport::{Authorizer, Caller, Role};
 use ring_client::RingWatcher;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +40,8 @@ pub struct PresenceService {
 #[derive(Debug)]
 struct Inner {
     sessions: Arc<Sessions<pb::ServerMessage>>,
+    /// Refuses a session whose gateway is not the caller (the table was checked before).
+    authorizer: Authorizer,
     gateway_lease: Duration,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -141,12 +145,13 @@ fn report(kind: Kind) -> Option<Report> {
 
 impl PresenceService {
     /// A service for presence-ring node `node`; its ticker and ring follower run on `tracker`
-    /// until `cancel`.
+    /// until `cancel`. `authorizer` refuses a session opened as another gateway (the one its
+    /// server's layer uses, so that refusals are counted together).
     pub fn start(
         node: NodeId,
         ring: RingWatcher,
-        grace: Duration,
-        gateway_lease: Duration,
+        (grace, gateway_lease): (Duration, Duration),
+        authorizer: Authorizer,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -161,11 +166,22 @@ impl PresenceService {
         PresenceService {
             inner: Arc::new(Inner {
                 sessions,
+                authorizer,
                 gateway_lease,
                 tracker: tracker.clone(),
                 cancel,
             }),
         }
+    }
+
+    /// `caller` may send a snapshot as gateway `gateway` only if its certificate names it.
+    fn as_gateway(&self, caller: &Caller, gateway: &str) -> Result<(), Status> {
+        if caller.is(&[Role::Gateway], gateway) {
+            return Ok(());
+        }
+        let why =
+            format!("a gateway opens presence sessions only as itself, not as gateway {gateway:?}");
+        Err(self.inner.authorizer.refuse(caller, rpc::SESSION, &why))
     }
 
     /// (open gateway sessions, users tracked), for the metrics.
@@ -184,34 +200,78 @@ impl pb::presence_server::Presence for PresenceService {
         &self,
         request: Request<Streaming<pb::GatewayMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = authz::caller(&request);
         let mut incoming = request.into_inner();
+        let lease = self.inner.gateway_lease;
+        // A session is one gateway's: it opens with that gateway's snapshot, naming it, before
+        // anything is applied (the gateway sends it with the call).
+        let first = match tokio::time::timeout(lease, incoming.message()).await {
+            Ok(Ok(Some(pb::GatewayMessage {
+                kind: Some(Kind::Snapshot(snapshot)),
+            }))) => {
+                self.as_gateway(&caller, &snapshot.gateway)?;
+                Kind::Snapshot(snapshot)
+            }
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "a presence session opens with the gateway's snapshot",
+                ));
+            }
+            Ok(Ok(None)) => return Err(Status::cancelled("the gateway ended the session")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no snapshot within the gateway lease",
+                ));
+            }
+        };
         let (session, rx) = self.inner.sessions.open();
+        // A later snapshot naming another gateway ends the session with its refusal.
+        let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<Status>();
         let this = self.clone();
         self.inner.tracker.spawn(async move {
-            let lease = this.inner.gateway_lease;
+            let mut next_kind = Some(first);
             loop {
-                // Cancel-safe: message() loses nothing when another branch wins; we stop.
-                let next = tokio::select! {
-                    _ = this.inner.cancel.cancelled() => break,
-                    next = tokio::time::timeout(lease, incoming.message()) => next,
-                };
-                match next {
-                    Ok(Ok(Some(pb::GatewayMessage { kind: Some(kind) }))) => {
-                        if let Some(report) = report(kind) {
-                            this.inner.sessions.apply(session, report, Instant::now());
+                let kind = match next_kind.take() {
+                    Some(kind) => kind,
+                    None => {
+                        // Cancel-safe: message() loses nothing when another branch wins; we
+                        // stop.
+                        let next = tokio::select! {
+                            _ = this.inner.cancel.cancelled() => break,
+                            next = tokio::time::timeout(lease, incoming.message()) => next,
+                        };
+                        match next {
+                            Ok(Ok(Some(pb::GatewayMessage { kind: Some(kind) }))) => kind,
+                            Ok(Ok(Some(_))) => continue,
+                            Ok(Ok(None)) | Ok(Err(_)) => break,
+                            Err(_) => {
+                                tracing::warn!(
+                                    session,
+                                    ?lease,
+                                    "gateway session silent past its lease"
+                                );
+                                break;
+                            }
                         }
                     }
-                    Ok(Ok(Some(_))) => {}
-                    Ok(Ok(None)) | Ok(Err(_)) => break,
-                    Err(_) => {
-                        tracing::warn!(session, ?lease, "gateway session silent past its lease");
-                        break;
-                    }
+                };
+                if let Kind::Snapshot(snapshot) = &kind
+                    && let Err(refused) = this.as_gateway(&caller, &snapshot.gateway)
+                {
+                    let _ = refused_tx.send(refused);
+                    break;
+                }
+                if let Some(report) = report(kind) {
+                    this.inner.sessions.apply(session, report, Instant::now());
                 }
             }
             this.inner.sessions.end(session, Instant::now());
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let refused = futures::stream::once(refused_rx)
+            .filter_map(|r| futures::future::ready(r.ok().map(Err)));
+        let stream = ReceiverStream::new(rx).map(Ok).chain(refused);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn query(

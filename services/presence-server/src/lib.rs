@@ -71,11 +71,12 @@ pub async fn serve(
         .unwrap_or_else(|| local.to_string());
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
+    let authorizer = mesh_transport::Authorizer::new(&config.telemetry);
     let service = PresenceService::start(
         config.node.clone(),
         ring,
-        config.grace,
-        config.gateway_lease,
+        (config.grace, config.gateway_lease),
+        authorizer.clone(),
         &tracker,
         cancel.clone(),
     );
@@ -83,7 +84,7 @@ pub async fn serve(
     let lease = Lease::default();
     observe(&config.telemetry, &service, &lease);
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = mesh_transport::server()?
+    let server = mesh_transport::internal_server(&authorizer)?
         .add_service(health_service)
         .add_service(PresenceServer::new(service))
         .serve_with_incoming_shutdown(

@@ -70,12 +70,19 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
 /// pushes back, until every change reached every watcher.
 async fn presence(args: &Args) -> anyhow::Result<PresenceReport> {
     let duration = Duration::from_secs(args.seconds);
-    let rm = Service::start("ring-manager", &["ring-manager", "--listen", "127.0.0.1:0"]).await?;
+    // Plaintext on loopback: the bench's sessions pose as many gateways, which mutual TLS
+    // would refuse (a session is its gateway's own).
+    let rm = Service::start(
+        "ring-manager",
+        &["ring-manager", "--insecure", "--listen", "127.0.0.1:0"],
+    )
+    .await?;
     let rm_url = format!("http://{}", rm.addr);
     let ps = Service::start(
         "presence-server",
         &[
             "presence-server",
+            "--insecure",
             "--id",
             "ps-1",
             "--presence-ring-manager",

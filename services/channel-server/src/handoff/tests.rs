@@ -204,3 +204,25 @@ fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
         "the clock continues after the old owner's"
     );
 }
+
+#[test]
+fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
+    let (first, second) = rings(true);
+    let mut warming = Warming::default();
+    let (one, three) = (node("cs-1").id, node("cs-3").id);
+    warming.gain(&first, &second, &three, Instant::now());
+    let epoch = second.epoch();
+    assert!(warming.expected(&one, epoch));
+    assert!(warming.expected(&node("cs-2").id, epoch));
+    assert!(!warming.expected(&one, epoch + 1), "another epoch");
+    assert!(!warming.expected(&three, epoch), "itself");
+    // cs-1 gains nothing here: it expects no handoff at all.
+    let mut other = Warming::default();
+    other.gain(&first, &second, &one, Instant::now());
+    assert!(!other.expected(&node("cs-2").id, epoch));
+    // Unplanned moves (a takeover) name no handoff.
+    let (first, second) = rings(false);
+    let mut taken = Warming::default();
+    taken.gain(&first, &second, &three, Instant::now());
+    assert!(!taken.expected(&one, second.epoch()));
+}
