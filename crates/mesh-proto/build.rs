@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let fds = protox::compile(files, [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("channelmesh_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     // Reflection serves the public admin API alone: its own descriptor set.
     let admin = protox::compile([files[0]], [&root])?;
     std::fs::write(

@@ -10,10 +10,11 @@
 
 use std::process::Stdio;
 
+use mesh_transport::Role;
 use tokio::process::{Child, Command};
 
 use crate::processes::BIN;
-use crate::support::listening;
+use crate::support::{child_tls, listening};
 
 /// The processes' HTTP token (at least 16 bytes).
 const HTTP_TOKEN: &str = "attack-test-http-token-0123456789";
@@ -37,8 +38,20 @@ fn spawn(args: &[&str], http_token: Option<&str>) -> Child {
 }
 
 fn command(args: &[&str], http_token: Option<&str>) -> Command {
+    // A service gets a certificate from the test process's CA, naming it by its `--id`.
+    let id = args
+        .iter()
+        .position(|a| *a == "--id")
+        .map_or("console", |at| args[at + 1]);
+    let tls = match args[0] {
+        "ring-manager" => child_tls(Role::RingManager, id),
+        "channel-server" => child_tls(Role::ChannelServer, id),
+        "gateway" => child_tls(Role::Gateway, id),
+        _ => Vec::new(),
+    };
     let mut command = Command::new(BIN);
     command
+        .args(tls)
         .args(args)
         .env_remove("CHANNELMESH_HTTP_TOKEN")
         .env("CHANNELMESH_JWT_SECRET", JWT_SECRET)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fake_consul::FakeConsul;
 use mesh_core::{ChannelId, NodeId, Ring, RingNode};
+use mesh_transport::Role;
 use nix::sys::signal::Signal;
 use ring_client::consul_ring::{ConsulRing, Record};
 use ring_client::record::Saved;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
-use crate::support::{Rtm, admin_at, eventually, post, poster, receive_all, ring_at};
+use crate::support::{Rtm, admin_at, child_tls, eventually, post, poster, receive_all, ring_with};
 
 /// The Consul management token the mesh is given (`--consul-token`).
 const TOKEN: &str = "3c1d0e2f-5a4b-4c6d-8e7f-attacks0acl01";
@@ -137,7 +138,7 @@ async fn a_forged_consul_ring_record_moves_no_reader_and_does_not_freeze_the_rin
         .trim_start_matches("http://")
         .parse()
         .unwrap();
-    let (served, members) = ring_at(leader_at).await;
+    let (served, members) = ring_with(leader_at, &dev.operator).await;
     assert!(served.same_assignment(&good_ring));
     assert!(served.nodes().iter().all(|n| n.addr != EVIL));
 
@@ -224,6 +225,7 @@ async fn consul_calls_without_the_acl_token_are_refused_with_a_clear_message() {
         let listen = free_addr();
         let mut command = tokio::process::Command::new(BIN);
         command
+            .args(child_tls(Role::RingManager, "rm-acl"))
             .arg("ring-manager")
             .args(consul)
             .args(["--listen", &listen.to_string()])

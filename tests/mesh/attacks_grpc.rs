@@ -297,6 +297,7 @@ async fn session(mesh: &Mesh, who: Who, gateway: &str) -> Result<Outcome, String
             online: vec![UserOnline {
                 user: "U7".into(),
                 connections: 1,
+                team: "T1".into(),
             }],
             ..Snapshot::default()
         })),

@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::ring::{DrainRegionRequest, GatewayReport};
+use mesh_transport::Role;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::support::{Rtm, eventually, mesh, rm_at, web_api};
+use crate::support::{Rtm, acting_as, eventually, mesh, rm_at, rm_with, web_api};
 use crate::support::{gateway_metrics, metric_sum};
 
 /// Long enough for a goodbye to have arrived if one were coming (a negative check).
@@ -73,7 +74,8 @@ impl Attacker {
 }
 
 /// Reports a gateway `id` of `region` at `url` with no connection, every 300 ms until dropped
-/// (as a live gateway does; plaintext, as the ring manager accepts it today).
+/// (as a live gateway does), with a gateway certificate naming `id`: a compromised or
+/// misconfigured gateway, since the ring manager takes reports only from gateways as themselves.
 fn keep_reporting(ring_manager: SocketAddr, id: &str, region: &str, url: &str) -> DropGuard {
     let stop = CancellationToken::new();
     let report = GatewayReport {
@@ -84,8 +86,9 @@ fn keep_reporting(ring_manager: SocketAddr, id: &str, region: &str, url: &str) -
         ..GatewayReport::default()
     };
     let cancel = stop.clone();
+    let id = id.to_string();
     tokio::spawn(async move {
-        let mut rm = rm_at(ring_manager).await;
+        let mut rm = rm_with(ring_manager, &acting_as(Role::Gateway, &id)).await;
         loop {
             let _ = rm.report_gateway(report.clone()).await;
             tokio::select! {
@@ -105,7 +108,11 @@ async fn redirect_told(ring_manager: SocketAddr, region: &str) -> Vec<String> {
         url: "http://127.0.0.1:1".into(),
         ..GatewayReport::default()
     };
-    let directive = rm_at(ring_manager).await.report_gateway(report).await;
+    let probe = acting_as(Role::Gateway, &format!("{region}-probe"));
+    let directive = rm_with(ring_manager, &probe)
+        .await
+        .report_gateway(report)
+        .await;
     directive.unwrap().into_inner().redirect
 }
 
@@ -185,7 +192,8 @@ async fn a_draining_gateway_never_forwards_a_token_to_a_gateway_not_on_its_allow
 async fn a_gateway_without_an_allowlist_forwards_nobody() {
     let mesh = mesh().await;
     // A gateway of its own region, started as `channelmesh gateway` is without
-    // --redirect-allow.
+    // --redirect-allow. In this process, beside the mesh: the process's certificate names it too.
+    crate::support::trust(&[mesh_transport::Identity::new(Role::Gateway, "ap-south-1").unwrap()]);
     let config = gateway::Config {
         id: "ap-south-1".into(),
         region: "ap-south".into(),

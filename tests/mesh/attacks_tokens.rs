@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use channelmesh::MeshConfig;
 use mesh_core::{ChannelId, Identity, IssuerAudience, TeamId, TokenKey, UserId};
 use mesh_proto::admin::{MintTokenRequest, RevokeTokensRequest, RevokedToken};
+use mesh_transport::Role;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -21,7 +22,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use crate::reflection::reflect;
-use crate::support::{Rtm, WAIT, admin, admin_at, mesh, mesh_with, web_api};
+use crate::support::{Rtm, WAIT, admin, admin_at, child_tls, mesh, mesh_with, web_api};
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 
@@ -45,7 +46,14 @@ fn refused(args: &[&str], secret: &str) -> String {
         std::process::id(),
         args[0]
     ));
+    // The services get a certificate: what is refused is the secret, not the transport.
+    let tls = match args[0] {
+        "gateway" => child_tls(Role::Gateway, "us-east-1"),
+        "admin-server" => child_tls(Role::Admin, "admin-refused"),
+        _ => Vec::new(),
+    };
     let mut child = Command::new(BIN)
+        .args(&tls)
         .args(args)
         .env("CHANNELMESH_JWT_SECRET", secret)
         .env("CHANNELMESH_ADMIN_TOKEN", "attack-admin-token")
@@ -137,6 +145,7 @@ async fn every_entry_point_refuses_a_short_hs256_secret() {
         jwt_secret: b"devsecret".to_vec(),
         jwt_claims: IssuerAudience::default(),
         telemetry: Default::default(),
+        public_tls: None,
     };
     let error = admin_server::serve(admin, listener, CancellationToken::new())
         .await
@@ -352,8 +361,14 @@ impl ServiceProcess {
             std::process::id(),
             rand::random::<u32>()
         ));
+        // Its certificate from the mesh's CA, as the gateway `logged-1` or the admin server.
+        let tls = match args[0] {
+            "gateway" => child_tls(Role::Gateway, "logged-1"),
+            _ => child_tls(Role::Admin, "admin-logged"),
+        };
         let mut child = Command::new(BIN)
             .args(global)
+            .args(&tls)
             .args(args)
             .args(["--ring-manager", &format!("http://{}", mesh.ring_manager)])
             .args([

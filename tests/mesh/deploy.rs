@@ -1053,7 +1053,7 @@ fn compose_runs_consul_with_acls_on_loopback_and_every_service_has_its_token() {
     // Every channelmesh service gets the same token (required: compose refuses to start
     // without it), under the name the binary reads, and the optional HTTP token.
     let mut checked = 0;
-    for (name, service) in services.iter().filter(|(_, s)| runs_channelmesh(s)) {
+    for (name, service) in services.iter().filter(|(_, s)| serves(s)) {
         assert!(
             required(env(service, "CONSUL_HTTP_TOKEN")),
             "{name}: {}",

@@ -324,6 +324,47 @@ pub fn operator_state_dir() -> &'static std::path::Path {
     })
 }
 
+/// The `--tls-*` flags of a child process acting as `role`/`id` beside this test process's
+/// meshes: a certificate from their CA (valid for 127.0.0.1), written to a directory of this
+/// test process.
+pub fn child_tls(role: mesh_transport::Role, id: &str) -> Vec<String> {
+    let dir = std::env::temp_dir().join(format!("channelmesh-child-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (identity, credentials) = issue(role, id);
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &credentials.ca).unwrap();
+    let (cert, key) =
+        channelmesh::certs::save_credentials(&dir, &identity.san(), &credentials).unwrap();
+    vec![
+        format!("--tls-ca={}", ca.display()),
+        format!("--tls-cert={}", cert.display()),
+        format!("--tls-key={}", key.display()),
+    ]
+}
+
+/// Calling as `role`/`id` (a certificate from the CA of this test process's meshes), e.g. as
+/// a compromised gateway.
+pub fn acting_as(role: mesh_transport::Role, id: &str) -> mesh_transport::Transport {
+    mesh_transport::Transport::Mtls(issue(role, id).1)
+}
+
+/// A certificate naming `role`/`id` and 127.0.0.1, from the CA of this test process's meshes.
+fn issue(
+    role: mesh_transport::Role,
+    id: &str,
+) -> (mesh_transport::Identity, mesh_transport::Credentials) {
+    let authority = channelmesh::certs::Authority::for_this_process().unwrap();
+    let identity = mesh_transport::Identity::new(role, id).unwrap();
+    let credentials = authority
+        .issue(
+            std::slice::from_ref(&identity),
+            &["127.0.0.1".into()],
+            channelmesh::certs::days(1),
+        )
+        .unwrap();
+    (identity, credentials)
+}
+
 /// Gives this test process's certificate `identities` too (a service a test starts beside
 /// the mesh, e.g. a gateway of its own, acts as itself).
 pub fn trust(identities: &[mesh_transport::Identity]) {

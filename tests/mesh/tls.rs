@@ -91,6 +91,7 @@ async fn an_admin_server_with_its_own_certificate_serves_tls_and_asks_no_client_
         presence_ring: None,
         admin_token: mesh.admin_token.clone(),
         jwt_secret: mesh.jwt_secret.clone().into_bytes(),
+        jwt_claims: Default::default(),
         telemetry: mesh_telemetry::Telemetry::default(),
         public_tls: Some(ServerTls {
             cert: public.cert.clone(),

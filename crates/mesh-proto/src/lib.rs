@@ -20,6 +20,11 @@ pub mod ring {
     tonic::include_proto!("channelmesh.ring.v1");
 }
 
+/// The encoded `FileDescriptorSet` of every service: what checks that the authorization table
+/// names every internal RPC. Served by nothing.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("channelmesh_descriptor");
+
 /// The encoded `FileDescriptorSet` of the public admin API alone (`admin/v1/admin.proto`, which
 /// imports nothing), for the admin server's gRPC reflection: the internal services stay unlisted.
 pub const ADMIN_FILE_DESCRIPTOR_SET: &[u8] =
