@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # What mutual TLS between the services costs the fan-out: the same workload as bench/compare.sh
 # (bench/workload.sh) against `channelmesh dev` on mutual TLS (its default) and on `--insecure`,
-# alternating, ROUNDS times each in one run; prints delivered/s and latency of every run.
+# alternating, ROUNDS times each in one run; prints delivered/s, latency and the mesh's CPU
+# (user + system of the dev process, from the workload's start to its end) per delivered message
+# of every run. Saturating, the load generator's core fills before the mesh's does (bench/README.md),
+# so the CPU per delivery is the figure that shows what TLS costs the mesh.
 #
 # The server runs pinned to core SERVER_CPU, the load generator to LOADGEN_CPU. Ports are not the
 # dev defaults, and dev's state directory is a scratch one, so a developer's own dev can keep
@@ -24,6 +27,10 @@ GW_PORT="${GW_PORT:-9180}"
 export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
 export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
 
+cpu_ticks() { # user + system of process $1, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
 run() { # mode (mtls|insecure) round: one dev, one workload, its report in $work/MODE-ROUND.json
   local security=(--state-dir "$work/state")
   [ "$1" = insecure ] && security=(--insecure)
@@ -33,16 +40,20 @@ run() { # mode (mtls|insecure) round: one dev, one workload, its report in $work
     --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
     --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
     --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
-    --client-frames-per-sec 0 --handshakes-per-sec 0 "${security[@]}" >"$work/dev.log" 2>&1 &
+    --client-frames-per-sec 0 --handshakes-per-sec 0 --connects-per-addr-per-sec 0 \
+    "${security[@]}" >"$work/dev.log" 2>&1 &
   local dev=$!
   started+=("$dev")
   for _ in $(seq 300); do
     grep -q '^ready in' "$work/dev.log" && break
     sleep 0.1
   done
+  local before
+  before=$(cpu_ticks "$dev")
   taskset -c "$LOADGEN_CPU" "$loadgen_bin" fanout --target channelmesh \
     --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" \
     --server-pid "$dev" "${workload[@]}" >"$work/$1-$2.json"
+  echo "$(($(cpu_ticks "$dev") - before)) $(getconf CLK_TCK)" >"$work/$1-$2.cpu"
   kill "$dev"
   wait "$dev" 2>/dev/null || true
 }
@@ -57,13 +68,18 @@ done
 python3 - "$work" "$ROUNDS" <<'EOF'
 import json, sys
 work, rounds = sys.argv[1], int(sys.argv[2])
-print(f"{'round':<6} {'services':<9} {'delivered/s':>13} {'p50 us':>9} {'p99 us':>9} {'lost':>6}")
-totals = {"mtls": 0.0, "insecure": 0.0}
+print(f"{'round':<6} {'services':<9} {'delivered/s':>13} {'p50 us':>9} {'p99 us':>9} {'lost':>6} {'mesh CPU s':>10} {'delivered/CPU-s':>16}")
+totals = {m: [0.0, 0.0] for m in ("mtls", "insecure")}
 for r in range(1, rounds + 1):
     for mode in ("mtls", "insecure"):
         d = json.load(open(f"{work}/{mode}-{r}.json"))
-        totals[mode] += d["delivered_per_s"]
-        print(f"{r:<6} {mode:<9} {d['delivered_per_s']:>13,.0f} {d['p50_us']:>9,} {d['p99_us']:>9,} {d['lost']:>6,}")
-mtls, insecure = totals["mtls"] / rounds, totals["insecure"] / rounds
-print(f"mean: mtls {mtls:,.0f}/s, insecure {insecure:,.0f}/s, mtls / insecure {mtls / insecure:.3f}")
+        ticks, hz = map(int, open(f"{work}/{mode}-{r}.cpu").read().split())
+        cpu = ticks / hz
+        per_cpu = d["delivered"] / cpu if cpu else 0.0
+        totals[mode][0] += d["delivered_per_s"]
+        totals[mode][1] += per_cpu
+        print(f"{r:<6} {mode:<9} {d['delivered_per_s']:>13,.0f} {d['p50_us']:>9,} {d['p99_us']:>9,} {d['lost']:>6,} {cpu:>10.2f} {per_cpu:>16,.0f}")
+(m_rate, m_cpu), (i_rate, i_cpu) = ([v / rounds for v in totals[m]] for m in ("mtls", "insecure"))
+print(f"mean delivered/s: mtls {m_rate:,.0f}, insecure {i_rate:,.0f}, mtls / insecure {m_rate / i_rate:.3f}")
+print(f"mean delivered per mesh CPU-second: mtls {m_cpu:,.0f}, insecure {i_cpu:,.0f}, mtls / insecure {m_cpu / i_cpu:.3f}")
 EOF
