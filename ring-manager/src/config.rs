@@ -47,9 +47,14 @@ pub struct Args {
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// The role a node's certificate must name to join this ring: channel-server (the channel
-    /// ring) or presence-server (the presence ring). Default: either.
-    #[arg(long, env = "CHANNELMESH_NODE_ROLE", value_parser = parse_node_role)]
-    pub node_role: Option<mesh_transport::Role>,
+    /// ring) or presence-server (the presence ring's ring manager must say so).
+    #[arg(
+        long,
+        env = "CHANNELMESH_NODE_ROLE",
+        value_parser = parse_node_role,
+        default_value = "channel-server"
+    )]
+    pub node_role: mesh_transport::Role,
     #[command(flatten)]
     pub consul: ConsulArgs,
 }
@@ -139,7 +144,7 @@ impl ProcessConfig {
         };
         Ok(ProcessConfig {
             manager: Config {
-                node_role: args.node_role,
+                node_role: Some(args.node_role),
                 ..Config::default()
             },
             listen: args.listen,
@@ -181,6 +186,18 @@ mod tests {
     fn config(args: &[&str]) -> Result<ProcessConfig, Error> {
         let cli = Cli::parse_from(std::iter::once("ring-manager").chain(args.iter().copied()));
         ProcessConfig::from_args(&cli.args)
+    }
+
+    #[test]
+    fn a_ring_takes_channel_servers_unless_told_it_is_the_presence_ring() {
+        use mesh_transport::Role;
+        let c = config(&[]).unwrap();
+        assert_eq!(c.manager.node_role, Some(Role::ChannelServer));
+        let c = config(&["--node-role", "presence-server"]).unwrap();
+        assert_eq!(c.manager.node_role, Some(Role::PresenceServer));
+        for other in ["gateway", "operator", "either"] {
+            assert!(Cli::try_parse_from(["ring-manager", "--node-role", other]).is_err());
+        }
     }
 
     #[test]
