@@ -6,6 +6,11 @@
 //! is one silent for far longer (alive but cut off from the ring manager, and no longer serving
 //! since its lease lapsed), probe or not. The decisions are plain methods on [`Membership`];
 //! the loop here runs them, and the probe itself is gRPC ([`crate::grpc::probe`]).
+//!
+//! Silence is only evidence while the ring manager itself was running to hear it: when the
+//! monitor wakes late (its process stopped, frozen, or starved), the time it did not run is
+//! discounted from every node's silence ([`Stalls`], [`Membership::excuse_stall`]) before
+//! anyone is judged on it.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +33,29 @@ pub(crate) struct Timing {
     pub(crate) probe_timeout: Duration,
 }
 
+/// Notices the monitor's own stalls: a tick that comes late by at least `suspect_after` means
+/// the ring manager was not running (stopped, frozen, starved) and heard nobody meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stalls {
+    last: Instant,
+}
+
+impl Stalls {
+    pub(crate) fn new(now: Instant) -> Self {
+        Stalls { last: now }
+    }
+
+    /// A tick at `now`: how long the monitor stalled since the last one, when that is long
+    /// enough to make a healthy node look silent.
+    pub(crate) fn tick(&mut self, now: Instant, timing: &Timing) -> Option<Duration> {
+        let late = now
+            .saturating_duration_since(self.last)
+            .saturating_sub(timing.tick);
+        self.last = now;
+        (late >= timing.suspect_after).then_some(late)
+    }
+}
+
 /// A probe of a suspect node, of the incarnation that was suspect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Probe {
@@ -39,6 +67,15 @@ pub(crate) struct Probe {
 }
 
 impl Membership {
+    /// The ring manager did not run for `stalled` up to `now`: nobody's silence during it is
+    /// evidence, so every member's last heartbeat moves forward by that much (never past
+    /// `now`). A node silent before the stall stays as silent as it was.
+    pub(crate) fn excuse_stall(&mut self, stalled: Duration, now: Instant) {
+        for (_, m) in self.members_mut() {
+            m.last_heartbeat = (m.last_heartbeat + stalled).min(now);
+        }
+    }
+
     /// One look at the leases at `now`: declares down the nodes silent past the limit, and
     /// returns a probe for each other suspect (marked as probing until its answer).
     pub(crate) fn sweep(&mut self, now: Instant, timing: &Timing) -> Vec<Probe> {
@@ -97,13 +134,26 @@ impl Membership {
 pub(crate) async fn run(manager: RingManager, timing: Timing) {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalls = Stalls::new(Instant::now());
     loop {
         tokio::select! {
             _ = manager.cancel().cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = Instant::now();
-        let probes = manager.update(|m| m.sweep(now, &timing));
+        let stalled = stalls.tick(now, &timing);
+        if let Some(stalled) = stalled {
+            tracing::warn!(
+                ?stalled,
+                "the ring manager did not run for a while; no node is judged on the silence that caused"
+            );
+        }
+        let probes = manager.update(|m| {
+            if let Some(stalled) = stalled {
+                m.excuse_stall(stalled, now);
+            }
+            m.sweep(now, &timing)
+        });
         for suspect in probes {
             let prober = manager.clone();
             manager.tracker().spawn(async move {
@@ -222,6 +272,49 @@ mod tests {
         let epoch = m.ring().epoch();
         m.probed(&probes[1], false, at, SUSPECT);
         assert_eq!(m.ring().epoch(), epoch);
+    }
+
+    #[test]
+    fn a_tick_late_by_the_suspicion_period_is_a_stall_and_ordinary_jitter_is_not() {
+        let start = Instant::now();
+        let mut stalls = Stalls::new(start);
+        assert_eq!(stalls.tick(start + ms(25), &TIMING), None);
+        assert_eq!(
+            stalls.tick(start + ms(25 + 40), &TIMING),
+            None,
+            "15 ms late"
+        );
+        let woke = start + ms(65 + 6000);
+        assert_eq!(stalls.tick(woke, &TIMING), Some(ms(6000 - 25)));
+        assert_eq!(stalls.tick(woke + ms(25), &TIMING), None);
+    }
+
+    #[test]
+    fn after_its_own_stall_the_monitor_declares_nobody_down_for_the_silence_it_caused() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b", "c"], &["s"], start);
+        m.heartbeat(&id("a"), 1, 0, start + ms(100));
+        m.heartbeat(&id("b"), 2, 0, start + ms(100));
+        m.heartbeat(&id("s"), 4, 0, start + ms(100));
+        // The ring manager stops at 100 ms and wakes 6 s later. c had been silent since the
+        // start: 100 ms before the stall.
+        let (mut stalls, woke) = (Stalls::new(start + ms(100)), start + ms(6100));
+        let stalled = stalls.tick(woke, &TIMING).expect("a stall");
+        m.excuse_stall(stalled, woke);
+        let epoch = m.ring().epoch();
+        assert!(m.sweep(woke, &TIMING).is_empty(), "nobody is suspect yet");
+        assert_eq!(m.ring().epoch(), epoch);
+        for node in ["a", "b", "c"] {
+            assert_eq!(state(&m, node), NodeState::Active, "{node}");
+        }
+        // Silence after the wake counts again, from where it was: c, silent for 100 ms when
+        // the ring manager stopped, is suspect some 400 ms after the wake; a and b, heard
+        // 100 ms later than c, are not yet.
+        let probes = m.sweep(woke + ms(425), &TIMING);
+        assert_eq!(
+            probes.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
     }
 
     #[test]

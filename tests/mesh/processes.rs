@@ -412,6 +412,55 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
 }
 
 #[tokio::test]
+async fn a_ring_manager_frozen_past_the_silence_limit_wakes_and_declares_nobody_down() {
+    let dev = Dev::start("rm-frozen");
+    let channel = "CFROZEN";
+    let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
+        .await
+        .unwrap();
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    post(&mut admin, channel, "UPOSTER", "before the freeze").await;
+    client
+        .expect("the first post", |v| v["type"] == "message")
+        .await;
+    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
+
+    signal(dev.ring_manager_pid, Signal::SIGSTOP);
+    // A deliberate window: frozen for longer than the silence limit (2 s), past which the
+    // monitor declares a silent node down without a probe.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(dev.ring_manager_pid, Signal::SIGCONT);
+
+    // Awake, it renews the leases (posts succeed again)...
+    let ts = eventually("a post after the ring manager wakes", || async {
+        let request = mesh_proto::admin::PostMessageRequest {
+            channel: channel.into(),
+            user: "UPOSTER".into(),
+            text: "after the freeze".into(),
+            team: String::new(),
+        };
+        admin
+            .clone()
+            .post_message(request)
+            .await
+            .map(|r| r.into_inner().ts)
+    })
+    .await;
+    let got = client
+        .expect("the post after the freeze", |v| {
+            v["text"] == "after the freeze"
+        })
+        .await;
+    assert_eq!(got["ts"], ts.as_str());
+    // ...and its own freeze counted as nobody's silence: the ring is the one before, every
+    // node still in it.
+    let (after, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    assert_eq!(after.epoch(), before.epoch(), "{members:?}");
+    assert!(after.same_assignment(&before));
+    assert!(members.iter().all(|m| m.state != "down"), "{members:?}");
+}
+
+#[tokio::test]
 async fn the_data_plane_outlives_the_ring_manager_which_restarts_with_the_same_ring() {
     let dev = Dev::start("rm-restart");
     let channel = "CSTATIC";
