@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     Rtm, admin_at, eventually, moves, post, post_index, poster, presence_of, ring_with, state_of,
+    web_api,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
@@ -574,6 +575,52 @@ async fn a_frozen_gateway_loses_its_lease_and_its_users_go_away() {
         frozen.elapsed().as_millis()
     );
     signal(dev.eu_west.1, Signal::SIGCONT);
+}
+
+#[tokio::test]
+async fn get_presence_answers_unavailable_rather_than_away_while_the_users_presence_server_is_silent()
+ {
+    let dev = Dev::start("presence-silent");
+    let token = dev.token("UON", &[]);
+    let _online = Rtm::connect(&dev.base_url(), &token).await.unwrap();
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let ask = || mesh_proto::admin::GetPresenceRequest {
+        users: vec!["UON".into()],
+    };
+    eventually("UON active", || async {
+        let reply = admin.clone().get_presence(ask()).await.ok()?.into_inner();
+        (reply.users[0].presence == "active").then_some(())
+    })
+    .await;
+    let (ring, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+    let owner = ring
+        .owner_of(&ChannelId::new("UON").unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    let pid = dev
+        .presence_servers
+        .iter()
+        .find(|(id, _)| *id == owner)
+        .unwrap()
+        .1;
+    // Frozen: its socket accepts, nothing answers. The call is routed to it (the ring still
+    // names it) and waits out its deadline.
+    // The admin API and the gateway's users.getPresence, at once.
+    signal(pid, Signal::SIGSTOP);
+    let base = dev.base_url();
+    let (refused, web) = tokio::join!(
+        admin.get_presence(ask()),
+        web_api(&base, "users.getPresence", Some(&token))
+    );
+    signal(pid, Signal::SIGCONT);
+    let status = refused.expect_err("no guess while the owner is silent");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("UON"), "{status:?}");
+    assert_eq!(
+        web,
+        serde_json::json!({"ok": false, "error": "presence_unavailable"})
+    );
 }
 
 #[tokio::test]

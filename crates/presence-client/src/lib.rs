@@ -26,6 +26,10 @@ pub struct Presence {
     /// The user's team as last reported with their connections; `None` when the server does
     /// not know it (or could not be asked).
     pub team: Option<TeamId>,
+    /// Whether a presence server answered for the user. `false`: none could be asked in time
+    /// (none owns the user yet, or the owner did not answer), and `active: false` is a guess,
+    /// not an answer; a caller that must not guess reports the lookup as unavailable.
+    pub answered: bool,
 }
 
 impl Presence {
@@ -36,15 +40,17 @@ impl Presence {
             user: UserId::new(&p.user).ok()?,
             active: p.active,
             team: TeamId::new(&p.team).ok(),
+            answered: true,
         })
     }
 
-    /// Away, team unknown: what is said of a user nobody could answer for.
+    /// Away, team unknown, unanswered: what is said of a user nobody could answer for.
     fn unknown(user: UserId) -> Self {
         Presence {
             user,
             active: false,
             team: None,
+            answered: false,
         }
     }
 }
@@ -174,9 +180,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn users_nobody_can_answer_for_are_offline_in_the_order_asked() {
+    async fn users_nobody_can_answer_for_are_unanswered_in_the_order_asked() {
         let ids = users(5);
         let expected: Vec<Presence> = ids.iter().cloned().map(Presence::unknown).collect();
+        assert!(
+            expected
+                .iter()
+                .all(|p| !p.answered && !p.active && p.team.is_none())
+        );
         let pool = Pool::new();
         // No presence server at all.
         assert_eq!(lookup(&pool, &Ring::empty(), &ids).await, expected);

@@ -40,6 +40,10 @@ pub enum AdminError {
     NoPresenceServers,
     #[error("no presence server is on the ring yet")]
     NoPresenceServerYet,
+    /// The presence servers of these users did not answer in time (down and not yet
+    /// replaced, or overloaded): their presence is unknown, not away.
+    #[error("presence unknown for {}: their presence server did not answer in time", .0.join(", "))]
+    PresenceUnanswered(Vec<String>),
     /// Routing to the owning channel server failed; the message is the router's own.
     #[error("{}", route_message(.0))]
     Route(RouteError),

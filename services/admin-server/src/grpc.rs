@@ -37,6 +37,7 @@ pub fn status(error: AdminError) -> Status {
         | AdminError::Route(RouteError::Invalid(_)) => Status::invalid_argument(message),
         AdminError::NoPresenceServers
         | AdminError::NoPresenceServerYet
+        | AdminError::PresenceUnanswered(_)
         | AdminError::Route(RouteError::Unavailable(_))
         | AdminError::RingManager(_)
         | AdminError::RingManagerTimeout => Status::unavailable(message),
@@ -249,6 +250,14 @@ impl AdminService {
         }
         // The web app's own call: every user's presence, whatever their team.
         let answer = presence_client::lookup(&self.presence_channels, &ring, &users).await;
+        let unanswered: Vec<String> = answer
+            .iter()
+            .filter(|p| !p.answered)
+            .map(|p| p.user.to_string())
+            .collect();
+        if !unanswered.is_empty() {
+            return Err(AdminError::PresenceUnanswered(unanswered));
+        }
         Ok(pb::GetPresenceResponse {
             users: answer
                 .into_iter()
@@ -510,6 +519,11 @@ mod tests {
                 AdminError::NoPresenceServerYet,
                 Code::Unavailable,
                 "no presence server is on the ring yet".into(),
+            ),
+            (
+                AdminError::PresenceUnanswered(vec!["U1".into(), "U2".into()]),
+                Code::Unavailable,
+                "presence unknown for U1, U2: their presence server did not answer in time".into(),
             ),
             (
                 AdminError::Route(RouteError::Unavailable("no owner".into())),

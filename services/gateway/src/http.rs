@@ -452,6 +452,10 @@ async fn get_presence(
         return slack_error("presence_unavailable");
     };
     let answer = presence.lookup(std::slice::from_ref(&user)).await;
+    // Nobody could answer (the user's presence server is down and not yet replaced): no guess.
+    if answer.first().is_some_and(|p| !p.answered) {
+        return slack_error("presence_unavailable");
+    }
     let Some(found) = answer.first().filter(|p| {
         crate::presence::visible(&identity.user, &identity.team, &p.user, p.team.as_ref())
     }) else {

@@ -120,6 +120,7 @@ impl Watchers {
                     user,
                     active: k.active,
                     team: k.team.clone(),
+                    answered: true,
                 });
             }
         }
@@ -294,6 +295,7 @@ mod tests {
             user: user(name),
             active,
             team: team_name.map(team),
+            answered: true,
         }
     }
 
