@@ -296,12 +296,14 @@ impl ChannelService {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let event = req.event.ok_or_else(|| invalid("event is required"))?;
         let mut event = event_from_proto(event).map_err(invalid)?;
+        let (ownership, slot) = (&self.inner.ownership, slot_of(&event.channel));
+        ownership.check(slot, req.epoch).await.map_err(status)?;
         self.inner
-            .ownership
-            .check(slot_of(&event.channel), req.epoch)
-            .await
+            .shards
+            .publish(&mut event, || {
+                crate::ownership::owns(&ownership.ring().current(), ownership.node(), slot)
+            })
             .map_err(status)?;
-        self.inner.shards.publish(&mut event);
         self.inner.metrics.published(&event.body);
         Ok(Response::new(pb::PublishResponse {
             ts: ts_str(event.ts),

@@ -294,9 +294,18 @@ impl<R: StreamReply> Shards<R> {
     }
 
     /// Publishes `event`: unless it is transient, appends it (setting its ts), then queues it
-    /// to every subscribed gateway, under one shard lock. The caller checked ownership.
-    pub fn publish(&self, event: &mut ChannelEvent) {
+    /// to every subscribed gateway, under one shard lock. The caller checked ownership (which
+    /// may wait for a handoff); `still_owned` checks it again under the lock, so that a ring
+    /// change that moved the slot since is either seen here (the event is refused) or applied
+    /// by [`Shards::follow_ring`] after it (the event goes with the slot's state): never an
+    /// event stored and acknowledged on a slot this node no longer owns.
+    pub fn publish(
+        &self,
+        event: &mut ChannelEvent,
+        still_owned: impl FnOnce() -> Result<(), ServeError>,
+    ) -> Result<(), ServeError> {
         let mut shard = self.shard(&event.channel);
+        still_owned()?;
         if !event.body.is_transient() {
             event.ts = Some(
                 shard
@@ -306,6 +315,7 @@ impl<R: StreamReply> Shards<R> {
         }
         let reply = R::event(event);
         shard.fan_out(&event.channel, &reply, &self.metrics);
+        Ok(())
     }
 
     /// Up to `limit` events of `channel` strictly after `since`, counted as a hit or empty

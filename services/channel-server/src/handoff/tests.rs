@@ -173,7 +173,7 @@ fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
             },
             origin: None,
         };
-        shards.publish(&mut event);
+        shards.publish(&mut event, || Ok(())).unwrap();
         event.ts.unwrap()
     };
     let ts: Vec<Ts> = (0..5).map(|_| publish(&old)).collect();

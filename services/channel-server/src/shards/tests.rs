@@ -74,7 +74,7 @@ fn message(channel: &ChannelId, text: &str) -> ChannelEvent {
 
 fn publish(shards: &Shards<Test>, channel: &ChannelId, text: &str) -> Ts {
     let mut event = message(channel, text);
-    shards.publish(&mut event);
+    shards.publish(&mut event, || Ok(())).unwrap();
     event.ts.unwrap()
 }
 
@@ -151,7 +151,7 @@ fn a_transient_event_is_fanned_out_but_not_kept() {
         },
         ..message(&c("C1"), "")
     };
-    shards.publish(&mut typing);
+    shards.publish(&mut typing, || Ok(())).unwrap();
     assert_eq!(typing.ts, None);
     assert_eq!(drain(&mut rx)[1], Test::Event(typing));
     assert!(shards.history(&c("C1"), None, 10).events.is_empty());
@@ -292,4 +292,31 @@ fn slots_known_lost_have_no_history_before_now() {
         shards.history(&other, None, 10).complete_after,
         Ts::default()
     );
+}
+
+#[test]
+fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slot_moved() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"));
+    publish(&shards, &c("C1"), "before");
+    // The caller's ownership check passed; then the ring moved the channel's slot to cs-2.
+    let me = NodeId::new("cs-1").unwrap();
+    let moved = Ring::empty().rebalanced(&[node("cs-2")]);
+    let mut event = message(&c("C1"), "after the move");
+    let refused = shards
+        .publish(&mut event, || {
+            crate::ownership::owns(&moved, &me, slot_of(&c("C1")))
+        })
+        .expect_err("the slot is cs-2's now");
+    assert!(
+        matches!(refused, ServeError::WrongOwner { ref owner, .. } if owner == "cs-2"),
+        "{refused:?}"
+    );
+    // Neither stored nor acknowledged with a ts, nor fanned out.
+    assert_eq!(event.ts, None);
+    let history = shards.history(&c("C1"), None, 10);
+    assert_eq!(history.events.len(), 1, "only the event before the move");
+    assert_eq!(texts(&drain(&mut rx)), ["before"]);
 }
