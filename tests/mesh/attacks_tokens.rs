@@ -22,7 +22,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use crate::reflection::reflect;
-use crate::support::{Rtm, WAIT, admin, admin_at, child_tls, mesh, mesh_with, web_api};
+use crate::support::{Rtm, WAIT, admin, admin_at, child_tls, eventually, mesh, mesh_with, web_api};
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 
@@ -454,6 +454,13 @@ async fn a_token_in_the_query_appears_in_no_log_line_of_the_gateway() {
             }
         };
 
+        // A gateway just started may not know the presence ring yet (users.getPresence then
+        // answers presence_unavailable rather than guess): wait until it does.
+        eventually("the gateway answers presence", || async {
+            let reply = web_api(&base, "users.getPresence", Some(&token)).await;
+            (reply["ok"] == true).then_some(())
+        })
+        .await;
         // Every route that reads a token, with it in the query (and once by an encoded name).
         let reply = get(format!("{base}auth.test?token={token}")).await;
         assert_eq!(reply["ok"], true, "{reply}");
