@@ -44,16 +44,27 @@ fi
 started+=("$!")
 wait_port 127.0.0.1 "$((BASE + 50))"
 
+# A gateway's transport: a certificate from dev's CA (in its state directory), or --insecure.
+gateway_security() { # id
+  if [ "${INSECURE:-0}" = 1 ]; then
+    echo --insecure
+    return
+  fi
+  "$bin" certs --dir "$work/state" "gateway/$1" >/dev/null
+  echo --tls-ca "$work/state/ca.pem" --tls-cert "$work/state/$1.pem" --tls-key "$work/state/$1.key"
+}
+
 gateways=()
 pids=()
 for g in $(seq 1 "$GATEWAYS"); do
   port=$((GW_PORT + 10 + g))
+  read -r -a security <<<"$(gateway_security "us-east-idle-$g")"
   # GATEWAY_WRAPPER runs each gateway under a profiler, e.g.
   # GATEWAY_WRAPPER="valgrind --tool=massif --massif-out-file=/tmp/massif.%p".
   ${GATEWAY_WRAPPER:-} "$bin" gateway --region us-east --id "us-east-idle-$g" --listen "127.0.0.1:$port" \
     --ring-manager "http://127.0.0.1:$((BASE + 50))" \
     --presence-ring-manager "http://127.0.0.1:$((BASE + 52))" \
-    "${limits[@]}" >"$work/gateway-$g.log" 2>&1 &
+    "${security[@]}" "${limits[@]}" >"$work/gateway-$g.log" 2>&1 &
   started+=("$!")
   pids+=(--server-pid "$!")
   gateways+=(--gateway "http://127.0.0.1:$port/api/")

@@ -172,8 +172,8 @@ pub struct Dev {
 }
 
 impl Dev {
-    /// Runs `channelmesh dev --multi-process` with every service on a port the OS picks and
-    /// these secrets, and waits for its summary.
+    /// Runs `channelmesh dev --multi-process --insecure` with every service on a port the OS
+    /// picks and these secrets, and waits for its summary.
     pub async fn start_multi_process(jwt_secret: &str, admin_token: &str) -> anyhow::Result<Self> {
         let any = "127.0.0.1:0";
         // A state directory of its own, apart from a `dev` the user may run.
@@ -187,6 +187,9 @@ impl Dev {
             .args(["--presence-server-port", "0", "--ring-manager", any])
             .args(["--presence-ring-manager", any, "--admin", any])
             .args(["--us-east", any, "--eu-west", any])
+            // Plaintext inside: this process watches the ring of one fresh mesh after another,
+            // each with a throwaway CA of its own, and a process speaks with one transport.
+            .arg("--insecure")
             // Thousands of clients per source address (a worker process each): no
             // per-address connect limit.
             .args(["--connects-per-addr-per-sec", "0"])
