@@ -103,6 +103,23 @@ impl Dev {
         )
     }
 
+    /// The presence server that owns `user` now: its id and pid.
+    pub async fn presence_owner(&self, user: &str) -> (String, u32) {
+        let (ring, _) = ring_with(self.presence_ring_manager, &self.operator).await;
+        let owner = ring
+            .owner_of(&ChannelId::new(user).unwrap())
+            .unwrap()
+            .id
+            .to_string();
+        let pid = self
+            .presence_servers
+            .iter()
+            .find(|(id, _)| *id == owner)
+            .unwrap()
+            .1;
+        (owner, pid)
+    }
+
     /// On the Consul agent at `consul`, with a ring manager on each of `ring_managers` (they
     /// need fixed ports: a ring manager's address is published before it is bound).
     pub fn on_consul(name: &str, consul: &str, ring_managers: &[SocketAddr]) -> Dev {
@@ -592,21 +609,9 @@ async fn get_presence_answers_unavailable_rather_than_away_while_the_users_prese
         (reply.users[0].presence == "active").then_some(())
     })
     .await;
-    let (ring, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
-    let owner = ring
-        .owner_of(&ChannelId::new("UON").unwrap())
-        .unwrap()
-        .id
-        .to_string();
-    let pid = dev
-        .presence_servers
-        .iter()
-        .find(|(id, _)| *id == owner)
-        .unwrap()
-        .1;
-    // Frozen: its socket accepts, nothing answers. The call is routed to it (the ring still
-    // names it) and waits out its deadline.
-    // The admin API and the gateway's users.getPresence, at once.
+    let (_, pid) = dev.presence_owner("UON").await;
+    // Frozen: its socket accepts, nothing answers. The admin API's and the gateway's calls,
+    // made at once, are routed to it (the ring still names it) and wait out their deadline.
     signal(pid, Signal::SIGSTOP);
     let base = dev.base_url();
     let (refused, web) = tokio::join!(
@@ -635,18 +640,7 @@ async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state(
         .await;
     a.expect("B active", |v| presence_of(v, "UB", "active"))
         .await;
-    let (ring, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
-    let owner = ring
-        .owner_of(&ChannelId::new("UB").unwrap())
-        .unwrap()
-        .id
-        .to_string();
-    let pid = dev
-        .presence_servers
-        .iter()
-        .find(|(id, _)| *id == owner)
-        .unwrap()
-        .1;
+    let (owner, pid) = dev.presence_owner("UB").await;
     signal(pid, Signal::SIGKILL);
     eventually("another presence server owns B", || async {
         let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
