@@ -718,10 +718,8 @@ mod tests {
     fn saved(epoch: u64) -> Saved {
         Saved {
             epoch,
-            nodes: Vec::new(),
-            slot_owner: Vec::new(),
-            members: Vec::new(),
             next_incarnation: 1,
+            ..Saved::default()
         }
     }
 
@@ -776,11 +774,8 @@ mod tests {
     #[test]
     fn every_record_carries_the_leaders_fence() {
         let saved = Saved {
-            epoch: 0,
-            nodes: Vec::new(),
-            slot_owner: Vec::new(),
-            members: Vec::new(),
             next_incarnation: 1,
+            ..Saved::default()
         };
         let fence = Fence {
             lock_index: 7,

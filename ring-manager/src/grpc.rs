@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::membership::{MemberView, MembershipError};
 use crate::regions::{Directive, GatewayReport, GatewayView, RegionError, RegionView, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
-use crate::server::RingManager;
+use crate::server::{ChangeError, RingManager, Unsaved};
 
 /// Lease replies queued for one node; a node that does not read them misses renewals.
 const LEASE_REPLY_QUEUE: usize = 16;
@@ -81,6 +81,18 @@ enum Refused {
     Region(#[from] RegionError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    /// The change could not be saved, so it was not made.
+    #[error(transparent)]
+    Unsaved(#[from] Unsaved),
+}
+
+impl<E: Into<Refused>> From<ChangeError<E>> for Refused {
+    fn from(e: ChangeError<E>) -> Self {
+        match e {
+            ChangeError::Refused(e) => e.into(),
+            ChangeError::Unsaved(e) => Refused::Unsaved(e),
+        }
+    }
 }
 
 /// The one table from refusals to gRPC statuses; the message is the refusal's text.
@@ -98,6 +110,8 @@ fn status(refused: impl Into<Refused>) -> Status {
             Status::invalid_argument(message)
         }
         Refused::Revocation(R::Full(_)) => Status::resource_exhausted(message),
+        // Nothing changed, and the same call may succeed once the state file can be written.
+        Refused::Unsaved(_) => Status::unavailable(message),
         Refused::Membership(
             M::NoSuchNode(_)
             | M::NotActive(..)
@@ -300,7 +314,7 @@ impl RingManagerRpc for Service {
         let req = request.into_inner();
         self.as_node(&caller, rpc::REGISTER, &req.node_id)?;
         let id = node_id(&req.node_id)?;
-        let (epoch, incarnation) = self
+        let (epoch, incarnation, generation) = self
             .manager
             .register(id, req.addr, req.pid, req.standby)
             .map_err(status)?;
@@ -310,6 +324,7 @@ impl RingManagerRpc for Service {
             incarnation,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             lease_ms: config.lease.as_millis() as u32,
+            generation,
         }))
     }
 
@@ -454,9 +469,8 @@ impl RingManagerRpc for Service {
         request: Request<pb::DrainRegionRequest>,
     ) -> Result<Response<pb::RegionsView>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(
-            self.manager.undrain_region(&req.region).into(),
-        ))
+        let view = self.manager.undrain_region(&req.region).map_err(status)?;
+        Ok(Response::new(view.into()))
     }
 
     async fn revoke_tokens(

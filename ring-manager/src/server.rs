@@ -2,9 +2,13 @@
 //! publishes, the regions, and where every change is saved.
 //!
 //! The state machines ([`crate::membership`], [`crate::operations`], [`crate::regions`]) decide;
-//! this module runs them in short critical sections, publishes each new ring in order, saves
-//! the state after every change and starts the failure monitor ([`crate::monitor`]). The gRPC
-//! service on top of it is [`crate::grpc`].
+//! this module runs them in short critical sections, saves the state after every change and
+//! only then publishes each new ring in order, and starts the failure monitor
+//! ([`crate::monitor`]). The gRPC service on top of it is [`crate::grpc`].
+//!
+//! Architecture invariant: no ring is published, and no change answered, before the state
+//! that holds it is saved. A change whose state cannot be saved is undone whole (the state
+//! machines are cloned before it) and fails with [`Unsaved`]; nobody saw it.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +25,7 @@ use crate::membership::{Membership, MembershipError};
 use crate::monitor::{self, Timing};
 use crate::regions::{Directive, GatewayReport, RegionError, Regions, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
-use crate::state_file::Saved;
+use crate::state_file::{Saved, SavedDrain, SavedRevocation, StateFileError};
 
 /// Default: how often channel servers send a heartbeat.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -92,12 +96,26 @@ struct Inner {
     tracker: TaskTracker,
 }
 
+/// A change whose state could not be saved: it was undone, and nothing of it was published.
+#[derive(Debug, thiserror::Error)]
+#[error("the ring manager could not save its state, so nothing changed: {0}")]
+pub struct Unsaved(#[from] pub StateFileError);
+
+/// Why a change was not made: the state machine refused it, or its state could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError<E> {
+    #[error(transparent)]
+    Refused(E),
+    #[error(transparent)]
+    Unsaved(#[from] Unsaved),
+}
+
 /// Where the ring manager saves its ring and members after every change.
 #[derive(Debug)]
 pub enum Store {
-    /// Nowhere: a restart starts an empty ring.
+    /// Nowhere: a restart starts a new ring history (generation).
     Memory,
-    /// A state file, rewritten atomically (embedded mode).
+    /// A state file, rewritten atomically and durably (embedded mode).
     File(PathBuf),
     /// The latest state, for a writer that stores it elsewhere (Consul KV) in order.
     Latest(watch::Sender<Option<Arc<Saved>>>),
@@ -116,7 +134,14 @@ impl RingManager {
             Some(path) => (crate::state_file::load(&path)?, Store::File(path)),
             None => (None, Store::Memory),
         };
-        Self::resume(config, saved, store, tracker, cancel)
+        let manager = Self::resume(config, saved, store, tracker, cancel.clone())?;
+        // Saved at once: the generation is fixed on disk, and a state file that cannot be
+        // written stops the start rather than the first change.
+        if let Err(Unsaved(e)) = manager.save(&manager.membership(), &manager.regions_state()) {
+            cancel.cancel();
+            return Err(e.into());
+        }
+        Ok(manager)
     }
 
     /// A ring manager resumed from `saved` (else epoch 0, no members), saving every change to
@@ -128,16 +153,44 @@ impl RingManager {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, crate::Error> {
-        let membership = match saved {
+        let (membership, regions) = match saved {
             Some(saved) => {
                 let membership =
                     Membership::resume(&saved, Instant::now(), config.suspect_after, EPOCH_HISTORY)
                         .map_err(crate::Error::InvalidRing)?;
-                let epoch = membership.ring().epoch();
-                tracing::info!(epoch, "ring manager resumed its saved ring");
-                membership
+                let ring = membership.ring();
+                tracing::info!(
+                    generation = ring.generation(),
+                    epoch = ring.epoch(),
+                    draining_regions = saved.draining_regions.len(),
+                    revoked = saved.revoked.len(),
+                    "ring manager resumed its saved ring"
+                );
+                let regions = Regions::restore(
+                    saved
+                        .draining_regions
+                        .into_iter()
+                        .map(|d| (d.region, d.rate))
+                        .collect(),
+                    saved
+                        .revoked
+                        .into_iter()
+                        .map(|r| RevokedToken {
+                            jti: r.jti,
+                            expires_at: r.expires_at,
+                        })
+                        .collect(),
+                );
+                (membership, regions)
             }
-            None => Membership::new(config.suspect_after, EPOCH_HISTORY),
+            None => {
+                let membership = Membership::new(config.suspect_after, EPOCH_HISTORY);
+                tracing::info!(
+                    generation = membership.ring().generation(),
+                    "ring manager starts a new ring history"
+                );
+                (membership, Regions::default())
+            }
         };
         let (ring, _) = watch::channel(membership.ring().clone());
         let manager = RingManager {
@@ -146,7 +199,7 @@ impl RingManager {
                 store,
                 membership: Mutex::new(membership),
                 ring,
-                regions: Mutex::new(Regions::default()),
+                regions: Mutex::new(regions),
                 changes: watch::channel(0).0,
                 cancel,
                 tracker: tracker.clone(),
@@ -173,36 +226,80 @@ impl RingManager {
         self.inner.regions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `change` on the membership under its lock, then, still under it, publishes each
-    /// ring it made (in order) and saves the state if it changed.
-    pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Membership) -> T) -> T {
+    /// Runs `change` on the membership under its lock, then, still under it, saves the state
+    /// if it changed and only then publishes each ring it made (in order). A change whose state
+    /// cannot be saved is undone whole and nothing of it is published: [`Unsaved`].
+    ///
+    /// Lock order: the membership, then the regions.
+    pub(crate) fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Membership) -> T,
+    ) -> Result<T, Unsaved> {
         let mut membership = self.membership();
+        let before = membership.clone();
         let out = change(&mut membership);
         let effects = membership.take_effects();
+        if effects.changed {
+            let saved = self.save(&membership, &self.regions_state());
+            if let Err(e) = saved {
+                *membership = before;
+                return Err(e);
+            }
+        }
         for ring in effects.published {
             self.inner.ring.send_replace(ring);
         }
-        if effects.changed {
-            self.persist(&membership);
-        }
-        out
+        Ok(out)
     }
 
-    /// Saves the ring and members to the store; a failure is logged, not fatal.
-    fn persist(&self, membership: &Membership) {
-        // Every change of the ring or of a member goes through here: tell the console.
-        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    /// Runs `change` on the regions (drains, revocations) under the locks, and saves the state;
+    /// a change that cannot be saved is put back.
+    fn update_regions<T, E>(
+        &self,
+        change: impl FnOnce(&mut Regions) -> Result<T, E>,
+    ) -> Result<T, ChangeError<E>> {
+        let membership = self.membership();
+        let mut regions = self.regions_state();
+        let before = regions.durable();
+        let out = change(&mut regions).map_err(ChangeError::Refused)?;
+        if let Err(e) = self.save(&membership, &regions) {
+            regions.put_back(before);
+            return Err(e.into());
+        }
+        Ok(out)
+    }
+
+    /// Saves the ring, members, drains and revocations to the store (the state file durably,
+    /// before returning), and tells the console something changed.
+    fn save(&self, membership: &Membership, regions: &Regions) -> Result<(), Unsaved> {
+        let saved = || {
+            let (draining, revoked) = regions.durable().saved();
+            Saved {
+                draining_regions: draining
+                    .into_iter()
+                    .map(|(region, rate)| SavedDrain { region, rate })
+                    .collect(),
+                revoked: revoked
+                    .into_iter()
+                    .map(|r| SavedRevocation {
+                        jti: r.jti,
+                        expires_at: r.expires_at,
+                    })
+                    .collect(),
+                ..membership.saved()
+            }
+        };
         match &self.inner.store {
             Store::Memory => {}
-            Store::File(path) => {
-                if let Err(e) = crate::state_file::store(path, &membership.saved()) {
-                    tracing::error!(error = %e, "could not save the ring manager's state");
-                }
-            }
+            Store::File(path) => crate::state_file::store(path, &saved())?,
             Store::Latest(tx) => {
-                tx.send_replace(Some(Arc::new(membership.saved())));
+                tx.send_replace(Some(Arc::new(saved())));
             }
         }
+        // Every change of the ring, a member, a drain or the revocations goes through here:
+        // tell the console.
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
     /// Failure detection and lease timing.
@@ -257,41 +354,56 @@ impl RingManager {
         self.membership().members()
     }
 
-    /// Adds (or re-announces) a channel server; returns the epoch it joined in and its
-    /// incarnation (see [`Membership::register`]).
+    /// Adds (or re-announces) a channel server; returns the epoch it joined in, its
+    /// incarnation and the ring's generation (see [`Membership::register`]).
     pub fn register(
         &self,
         id: NodeId,
         addr: String,
         pid: u32,
         standby: bool,
-    ) -> Result<(u64, u64), MembershipError> {
-        self.update(|m| m.register(id, addr, pid, standby, Instant::now()))
+    ) -> Result<(u64, u64, u64), ChangeError<MembershipError>> {
+        let registered = self.update(|m| {
+            m.register(id, addr, pid, standby, Instant::now())
+                .map(|(epoch, incarnation)| (epoch, incarnation, m.ring().generation()))
+        });
+        flatten(registered)
     }
 
-    /// Renews `id`'s lease; false if that incarnation is no longer valid.
+    /// Renews `id`'s lease; false if that incarnation is no longer valid. A drain that ends
+    /// with it but cannot be saved is retried at the next heartbeat (the lease is renewed all
+    /// the same).
     pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
-        self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, Instant::now()))
+        match self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, Instant::now())) {
+            Ok(valid) => valid,
+            Err(e) => {
+                tracing::error!(node = %id, error = %e, "a drain's end could not be saved; retried at the next heartbeat");
+                // Renewing changes nothing saved, so it cannot fail to save.
+                self.update(|m| m.renew(id, incarnation, Instant::now()))
+                    .unwrap_or(false)
+            }
+        }
     }
 
     /// `id`'s lease stream ended.
     pub(crate) fn lease_ended(&self, id: &NodeId, incarnation: u64) {
-        self.update(|m| m.lease_ended(id, incarnation));
+        // Nothing saved changes: this cannot fail to save.
+        let _ = self.update(|m| m.lease_ended(id, incarnation));
     }
 
     /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff.
-    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.drain(id))
+    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.drain(id)))
     }
 
     /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
-    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.replace(id, Instant::now()))
+    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.replace(id, Instant::now())))
     }
 
     /// `ctl add-node`: makes standby `id` (or any live standby) active.
-    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.add(id, Instant::now()))
+    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.add(id, Instant::now())))
     }
 
     /// Takes a gateway's report; answers with its directive.
@@ -305,18 +417,35 @@ impl RingManager {
     }
 
     /// `ctl drain-region`: drains `region` at `rate` goodbyes per second per gateway (0: the
-    /// default).
-    pub fn drain_region(&self, region: &str, rate: u32) -> Result<RegionsView, RegionError> {
-        self.regions_state().drain(region, rate, Instant::now())
+    /// default), saved before it is answered.
+    pub fn drain_region(
+        &self,
+        region: &str,
+        rate: u32,
+    ) -> Result<RegionsView, ChangeError<RegionError>> {
+        self.update_regions(|r| r.drain(region, rate, Instant::now()))
     }
 
-    /// `ctl undrain-region`: ends `region`'s drain.
-    pub fn undrain_region(&self, region: &str) -> RegionsView {
-        self.regions_state().undrain(region, Instant::now())
+    /// `ctl undrain-region`: ends `region`'s drain, saved before it is answered.
+    pub fn undrain_region(&self, region: &str) -> Result<RegionsView, Unsaved> {
+        self.update_regions(|r| Ok::<_, std::convert::Infallible>(r.undrain(region, Instant::now())))
+            .map_err(|e| match e {
+                ChangeError::Refused(never) => match never {},
+                ChangeError::Unsaved(e) => e,
+            })
     }
 
-    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]).
-    pub fn revoke_tokens(&self, entries: Vec<RevokedToken>) -> Result<Revoked, RevocationError> {
-        self.regions_state().revoke(entries)
+    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]), saved before it
+    /// is answered.
+    pub fn revoke_tokens(
+        &self,
+        entries: Vec<RevokedToken>,
+    ) -> Result<Revoked, ChangeError<RevocationError>> {
+        self.update_regions(|r| r.revoke(entries))
     }
+}
+
+/// A state machine's answer to a change that may not have been saved, as one result.
+fn flatten<T, E>(result: Result<Result<T, E>, Unsaved>) -> Result<T, ChangeError<E>> {
+    result?.map_err(ChangeError::Refused)
 }

@@ -58,6 +58,7 @@ fn record(ring: &Ring, lock_index: u64, session: &str) -> Vec<u8> {
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     })
     .unwrap()
@@ -357,6 +358,7 @@ async fn a_forged_record_with_a_huge_lock_index_moves_no_reader_and_freezes_noth
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     })
     .unwrap();
@@ -631,6 +633,7 @@ async fn forge(fake: &FakeConsul, ring: &ConsulRing) -> u64 {
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     };
     let put = reqwest::Client::new()
