@@ -201,7 +201,10 @@ struct UnsavedLog {
 impl UnsavedLog {
     fn failed(&mut self, e: &crate::server::Unsaved, now: Instant) {
         self.since += 1;
-        if self.last.is_some_and(|t| now.duration_since(t) < UNSAVED_LOG_EVERY) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < UNSAVED_LOG_EVERY)
+        {
             return;
         }
         tracing::error!(

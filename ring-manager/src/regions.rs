@@ -367,7 +367,11 @@ mod tests {
         // A restarted ring manager: the drain holds before any gateway reports again.
         let mut back = Regions::restore(draining, revoked);
         let view = back.view(now);
-        assert!(view.regions.iter().any(|r| r.region == "us" && r.draining && r.rate == 7));
+        assert!(
+            view.regions
+                .iter()
+                .any(|r| r.region == "us" && r.draining && r.rate == 7)
+        );
         let directive = back.report(report("us-1", "us", 1), now).unwrap();
         assert!(directive.draining);
         assert_eq!(directive.revocations.revoked, [token]);

@@ -428,11 +428,13 @@ impl RingManager {
 
     /// `ctl undrain-region`: ends `region`'s drain, saved before it is answered.
     pub fn undrain_region(&self, region: &str) -> Result<RegionsView, Unsaved> {
-        self.update_regions(|r| Ok::<_, std::convert::Infallible>(r.undrain(region, Instant::now())))
-            .map_err(|e| match e {
-                ChangeError::Refused(never) => match never {},
-                ChangeError::Unsaved(e) => e,
-            })
+        self.update_regions(|r| {
+            Ok::<_, std::convert::Infallible>(r.undrain(region, Instant::now()))
+        })
+        .map_err(|e| match e {
+            ChangeError::Refused(never) => match never {},
+            ChangeError::Unsaved(e) => e,
+        })
     }
 
     /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]), saved before it

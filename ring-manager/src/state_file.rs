@@ -117,7 +117,10 @@ mod tests {
         assert_eq!(loaded.ring().unwrap(), ring);
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(load(&path), Err(StateFileError::Invalid { .. })));
-        assert!(!dir.join("ring.tmp").exists(), "the temporary file was renamed");
+        assert!(
+            !dir.join("ring.tmp").exists(),
+            "the temporary file was renamed"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -475,7 +475,9 @@ mod tests {
 
     #[test]
     fn derived_rings_keep_their_generation() {
-        let ring = Ring::empty().with_generation(7).rebalanced(&[node(0), node(1)]);
+        let ring = Ring::empty()
+            .with_generation(7)
+            .rebalanced(&[node(0), node(1)]);
         assert_eq!(ring.generation(), 7);
         let taken = ring.with_takeover(&node(1).id, node(2)).unwrap();
         assert_eq!(taken.generation(), 7);
@@ -516,7 +518,11 @@ mod tests {
         assert!(!a(3, 2).with_generation(gen_b).supersedes(&old));
         assert!(a(41, 2).with_generation(gen_b).supersedes(&old));
         assert!(a(1, 1).with_generation(gen_b).supersedes(&Ring::empty()));
-        assert!(!Ring::empty().with_generation(gen_b).supersedes(&Ring::empty()));
+        assert!(
+            !Ring::empty()
+                .with_generation(gen_b)
+                .supersedes(&Ring::empty())
+        );
     }
 
     /// Every N from 1 to 64: adding one node moves a fair share, and only onto the new node.

@@ -259,7 +259,11 @@ fn a_new_history_gets_its_own_generation_and_a_resumed_one_keeps_it() {
     let (a, b) = (with_nodes(&["a"], &[], now), with_nodes(&["a"], &[], now));
     let generation = a.ring().generation();
     assert_ne!(generation, 0);
-    assert_ne!(generation, b.ring().generation(), "two fresh starts, two histories");
+    assert_ne!(
+        generation,
+        b.ring().generation(),
+        "two fresh starts, two histories"
+    );
     let resumed = Membership::resume(&a.saved(), now, SUSPECT, 50).unwrap();
     assert_eq!(resumed.ring().generation(), generation);
     // State saved by an older ring manager (no generation) gets one, and the epochs go on.

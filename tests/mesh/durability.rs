@@ -1,0 +1,329 @@
+//! The ring manager's state survives it (`dev --multi-process`, real processes): a ring manager
+//! restarted without its state starts a new ring generation that every watcher follows; a
+//! change whose state cannot be saved fails with a clear status and changes nothing; drains
+//! and revocations come back with a restart from the state file.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mesh_core::Ring;
+use mesh_proto::admin::{RevokeTokensRequest, RevokedToken};
+use mesh_proto::ring::{DrainRegionRequest, GatewayReport, GetRingRequest, RegionsRequest};
+use nix::sys::signal::Signal;
+
+use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
+use crate::support::{Rtm, admin_at, eventually, post, ring_with, rm_with, state_of};
+
+/// A ring manager on `dev`'s ring manager address, as `dev` runs it, with `state_file` if any
+/// (killed on drop).
+struct RingManagerProcess(Child);
+
+impl RingManagerProcess {
+    fn start(dev: &Dev, state_file: Option<&Path>) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["ring-manager", "--listen", &dev.ring_manager.to_string()])
+            .args(["--node-role", "channel-server"])
+            .args(dev.tls_flags("rm-1"));
+        if let Some(path) = state_file {
+            command.arg("--state-file").arg(path);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        RingManagerProcess(child)
+    }
+}
+
+impl Drop for RingManagerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The ring the ring manager at `addr` serves, once it answers.
+async fn served_ring(addr: SocketAddr, who: &mesh_transport::Transport) -> Option<Ring> {
+    let channel = mesh_transport::endpoint_with(&addr.to_string(), who)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let proto = mesh_proto::ring::ring_manager_client::RingManagerClient::new(channel)
+        .get_ring(GetRingRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    ring_client::convert::ring_from_proto(proto).ok()
+}
+
+/// The ring epoch a gateway follows, from its `/metrics`.
+async fn gateway_epoch(gateway: SocketAddr) -> Option<u64> {
+    let body = reqwest::get(format!("http://{gateway}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = body.lines().find(|l| {
+        l.strip_prefix("channelmesh_gateway_ring_epoch")
+            .is_some_and(|rest| rest.starts_with([' ', '{']))
+    })?;
+    let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+    Some(value as u64)
+}
+
+/// `channelmesh ctl` as the operator of `dev`: (success, stdout + stderr).
+async fn ctl(dev: &Dev, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(BIN)
+        .arg("ctl")
+        .arg("--ring-manager")
+        .arg(format!("http://{}", dev.ring_manager))
+        .arg("--state-dir")
+        .arg(&dev.state_dir)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn a_ring_manager_restarted_without_its_state_starts_a_generation_every_watcher_follows() {
+    let dir = Dev::dir("rm-reset");
+    let args = [
+        "--ring-manager",
+        "127.0.0.1:0",
+        "--presence-ring-manager",
+        "127.0.0.1:0",
+    ]
+    .map(String::from);
+    let dev = Dev::launch(&args, Default::default(), dir);
+    // Past the epochs a new history reaches with the same nodes (one per active node): drain
+    // a node and add it back.
+    let (start, _) = ring_with(dev.ring_manager, &dev.operator).await;
+    let (ok, text) = ctl(&dev, &["drain-node", "cs-1"]).await;
+    assert!(ok, "{text}");
+    eventually("cs-1 drained to a standby", || async {
+        let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
+        (state_of(&members, "cs-1") == "standby").then_some(())
+    })
+    .await;
+    let (ok, text) = ctl(&dev, &["add-node", "cs-1"]).await;
+    assert!(ok, "{text}");
+    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
+    assert!(before.epoch() > start.epoch() && before.epoch() > 3);
+    assert_ne!(before.generation(), 0, "a ring carries its generation");
+    for gateway in [dev.us_east, dev.eu_west.0] {
+        eventually("the gateway follows the ring", || async {
+            (gateway_epoch(gateway).await? == before.epoch()).then_some(())
+        })
+        .await;
+    }
+
+    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    let _restarted = RingManagerProcess::start(&dev, None);
+    // The channel servers' leases are unknown to it: they register again, as they started
+    // (three active, one standby), in a new history whose epochs start over.
+    let after = eventually("the new history has the three active nodes", || async {
+        let ring = served_ring(dev.ring_manager, &dev.operator).await?;
+        (ring.nodes().len() == 3).then_some(ring)
+    })
+    .await;
+    assert_ne!(after.generation(), before.generation());
+    assert!(
+        after.epoch() < before.epoch(),
+        "{after:?} after {before:?}: a lower epoch"
+    );
+    // Every watcher takes it: both gateways...
+    for gateway in [dev.us_east, dev.eu_west.0] {
+        eventually("the gateway follows the new generation", || async {
+            let epoch = gateway_epoch(gateway).await?;
+            (epoch == after.epoch()).then_some(())
+        })
+        .await;
+    }
+    // ...the admin server and the channel servers: a post is routed and delivered.
+    let channel = "CRESET";
+    let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
+        .await
+        .unwrap();
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let ts = post(&mut admin, channel, "UPOSTER", "after the reset").await;
+    let got = client
+        .expect("the post after the reset", |v| {
+            v["text"] == "after the reset"
+        })
+        .await;
+    assert_eq!(got["ts"], ts.as_str());
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_saved_fails_clearly_and_changes_nothing() {
+    let dir = Dev::dir("rm-unsaved");
+    let state_dir = dir.join("ring-state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let state_file = state_dir.join("ring.json");
+    let args = [
+        "--ring-manager".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--presence-ring-manager".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--ring-state-file".to_string(),
+        state_file.display().to_string(),
+    ];
+    let dev = Dev::launch(&args, state_file, dir.clone());
+    eventually("both regions reported", || async {
+        let (ok, text) = ctl(&dev, &["regions", "--json"]).await;
+        (ok && text.contains("us-east") && text.contains("eu-west")).then_some(())
+    })
+    .await;
+    let (before, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    let cs2_pid = members.iter().find(|m| m.id == "cs-2").unwrap().pid;
+
+    // The state file's directory becomes a file: nothing can be written there, root or not.
+    let moved = dir.join("ring-state.moved");
+    std::fs::rename(&state_dir, &moved).unwrap();
+    std::fs::write(&state_dir, "").unwrap();
+    for args in [
+        &["drain-node", "cs-1"][..],
+        &["add-node", "cs-4"],
+        &["drain-region", "eu-west"],
+        &["revoke", "jti-unsaved", "--until", "4000000000"],
+    ] {
+        let (ok, text) = ctl(&dev, args).await;
+        assert!(!ok, "ctl {args:?} succeeded: {text}");
+        assert!(
+            text.contains("could not save its state")
+                && text.contains("ring-state/ring.tmp")
+                && text.contains("Not a directory"),
+            "ctl {args:?}: {text}"
+        );
+    }
+    let mut rm = rm_with(dev.ring_manager, &dev.operator).await;
+    let status = rm
+        .drain_node(mesh_proto::ring::NodeRequest {
+            node_id: "cs-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    assert!(ring.same_assignment(&before), "{ring:?} vs {before:?}");
+    assert_eq!(state_of(&members, "cs-1"), "active");
+    assert_eq!(state_of(&members, "cs-4"), "standby");
+    let regions = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    assert!(regions.regions.iter().all(|r| !r.draining), "{regions:?}");
+
+    // A node dies meanwhile: the monitor cannot save it down, so it publishes nothing.
+    signal(cs2_pid, Signal::SIGKILL);
+    // A deliberate "nothing happens" window, past the silence limit (2 s) after which the
+    // monitor declares a silent node down without a probe: no event marks a declaration that
+    // did not happen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    assert!(ring.same_assignment(&before), "{ring:?} vs {before:?}");
+    assert_eq!(state_of(&members, "cs-2"), "active", "{members:?}");
+
+    // Writable again: the monitor's retry saves and publishes the takeover, and operations
+    // succeed.
+    std::fs::remove_file(&state_dir).unwrap();
+    std::fs::rename(&moved, &state_dir).unwrap();
+    let taken = eventually("cs-2 down and its slots taken over", || async {
+        let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+        (state_of(&members, "cs-2") == "down" && state_of(&members, "cs-4") == "active")
+            .then_some(ring)
+    })
+    .await;
+    assert!(taken.epoch() > before.epoch());
+    let saved = ring_client::record::Saved::clone(
+        &serde_json::from_slice(&std::fs::read(state_dir.join("ring.json")).unwrap()).unwrap(),
+    );
+    assert_eq!(saved.epoch, taken.epoch(), "saved before it was published");
+    let (ok, text) = ctl(&dev, &["drain-node", "cs-1"]).await;
+    assert!(ok, "{text}");
+}
+
+#[tokio::test]
+async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
+    let dev = Dev::start("rm-durable-state");
+    let mut rm = rm_with(dev.ring_manager, &dev.operator).await;
+    eventually("both regions reported", || async {
+        let view = rm
+            .clone()
+            .regions(RegionsRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        (view
+            .regions
+            .iter()
+            .filter(|r| !r.gateways.is_empty())
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    rm.drain_region(DrainRegionRequest {
+        region: "eu-west".into(),
+        rate: 7,
+    })
+    .await
+    .unwrap();
+    let jti = "jti-durable";
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    admin
+        .revoke_tokens(RevokeTokensRequest {
+            jtis: vec![RevokedToken {
+                jti: jti.into(),
+                expires_at: channelmesh::mesh::unix_now() + 600,
+            }],
+        })
+        .await
+        .unwrap();
+    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
+
+    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    let _restarted = RingManagerProcess::start(&dev, Some(&dev.state_file));
+    let after = eventually("the restarted ring manager answers", || {
+        served_ring(dev.ring_manager, &dev.operator)
+    })
+    .await;
+    assert!(after.same_assignment(&before));
+    assert_eq!(after.generation(), before.generation(), "the same history");
+
+    // The drain holds, whether or not a gateway has reported since.
+    let mut rm = rm_with(dev.ring_manager, &dev.operator).await;
+    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    let eu = view.regions.iter().find(|r| r.region == "eu-west");
+    assert!(eu.is_some_and(|r| r.draining && r.rate == 7), "{view:?}");
+    // A gateway that knows no revocation (a new one) learns the revoked token.
+    let mut as_gateway = rm_with(dev.ring_manager, &dev.as_child("us-east-1")).await;
+    let directive = as_gateway
+        .report_gateway(GatewayReport {
+            gateway: "us-east-1".into(),
+            region: "us-east".into(),
+            url: format!("http://{}", dev.us_east),
+            connections: 0,
+            revocations_generation: 0,
+            revocations_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        directive.revoked.iter().any(|r| r.jti == jti),
+        "{directive:?}"
+    );
+    assert!(!directive.draining, "us-east does not drain");
+}
