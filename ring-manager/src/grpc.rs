@@ -402,6 +402,7 @@ impl RingManagerRpc for Service {
     ) -> Result<Response<pb::Ring>, Status> {
         let id = node_id(&request.into_inner().node_id)?;
         let ring = self.manager.drain(&id).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -411,6 +412,7 @@ impl RingManagerRpc for Service {
     ) -> Result<Response<pb::Ring>, Status> {
         let id = node_id(&request.into_inner().node_id)?;
         let ring = self.manager.replace(&id).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -425,6 +427,7 @@ impl RingManagerRpc for Service {
             Some(node_id(&req.node_id)?)
         };
         let ring = self.manager.add(id.as_ref()).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -461,6 +464,7 @@ impl RingManagerRpc for Service {
             .manager
             .drain_region(&req.region, req.rate)
             .map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(view.into()))
     }
 
@@ -470,6 +474,7 @@ impl RingManagerRpc for Service {
     ) -> Result<Response<pb::RegionsView>, Status> {
         let req = request.into_inner();
         let view = self.manager.undrain_region(&req.region).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(view.into()))
     }
 
@@ -484,6 +489,7 @@ impl RingManagerRpc for Service {
             .map(Into::into)
             .collect();
         let revoked = self.manager.revoke_tokens(entries).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(revoked.into()))
     }
 }

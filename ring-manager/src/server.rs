@@ -11,6 +11,7 @@
 //! machines are cloned before it) and fails with [`Unsaved`]; nobody saw it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -90,16 +91,32 @@ struct Inner {
     regions: Mutex<Regions>,
     /// Bumped on every change of the ring or of a member's state (the console follows it).
     changes: watch::Sender<u64>,
+    /// How many states were handed to a [`Store::Latest`] writer (each one's number).
+    saves: AtomicU64,
     /// Stops the monitor and the lease streams.
     cancel: CancellationToken,
     /// Runs the monitor, its probes and the lease streams.
     tracker: TaskTracker,
 }
 
-/// A change whose state could not be saved: it was undone, and nothing of it was published.
+/// How long a change answered by a Consul-backed leader waits for its state to be written to
+/// KV.
+pub const STORE_WAIT: Duration = Duration::from_secs(5);
+
+/// A change whose state was not saved.
 #[derive(Debug, thiserror::Error)]
-#[error("the ring manager could not save its state, so nothing changed: {0}")]
-pub struct Unsaved(#[from] pub StateFileError);
+pub enum Unsaved {
+    /// The state file could not be written: the change was undone, and nothing of it was
+    /// published.
+    #[error("the ring manager could not save its state, so nothing changed: {0}")]
+    File(#[from] StateFileError),
+    /// Consul KV: the change is made (and still being written, which fails only if this
+    /// leader stops leading first), but not written within [`STORE_WAIT`].
+    #[error(
+        "the change is made but not yet written to consul within {0:?}: the ring manager keeps          trying; a leader failover before it succeeds loses it (check with ctl ring / regions)"
+    )]
+    NotWritten(Duration),
+}
 
 /// Why a change was not made: the state machine refused it, or its state could not be saved.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +134,12 @@ pub enum Store {
     Memory,
     /// A state file, rewritten atomically and durably (embedded mode).
     File(PathBuf),
-    /// The latest state, for a writer that stores it elsewhere (Consul KV) in order.
-    Latest(watch::Sender<Option<Arc<Saved>>>),
+    /// The latest state, numbered, for a writer that stores it elsewhere (Consul KV) in order
+    /// and reports the number of the latest state it has written on `written`.
+    Latest {
+        latest: watch::Sender<Option<(u64, Arc<Saved>)>>,
+        written: watch::Receiver<u64>,
+    },
 }
 
 impl RingManager {
@@ -137,7 +158,8 @@ impl RingManager {
         let manager = Self::resume(config, saved, store, tracker, cancel.clone())?;
         // Saved at once: the generation is fixed on disk, and a state file that cannot be
         // written stops the start rather than the first change.
-        if let Err(Unsaved(e)) = manager.save(&manager.membership(), &manager.regions_state()) {
+        let saved = manager.save(&manager.membership(), &manager.regions_state());
+        if let Err(Unsaved::File(e)) = saved {
             cancel.cancel();
             return Err(e.into());
         }
@@ -201,6 +223,7 @@ impl RingManager {
                 ring,
                 regions: Mutex::new(regions),
                 changes: watch::channel(0).0,
+                saves: AtomicU64::new(0),
                 cancel,
                 tracker: tracker.clone(),
             }),
@@ -292,14 +315,31 @@ impl RingManager {
         match &self.inner.store {
             Store::Memory => {}
             Store::File(path) => crate::state_file::store(path, &saved())?,
-            Store::Latest(tx) => {
-                tx.send_replace(Some(Arc::new(saved())));
+            Store::Latest { latest, .. } => {
+                let number = self.inner.saves.fetch_add(1, Ordering::SeqCst) + 1;
+                latest.send_replace(Some((number, Arc::new(saved()))));
             }
         }
         // Every change of the ring, a member, a drain or the revocations goes through here:
         // tell the console.
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// Waits until the store holds every change made so far: at once with a state file (saved
+    /// before the change returned) or none; on Consul, until the leader's writer has written it
+    /// to KV, at most [`STORE_WAIT`]. The gRPC service answers an operation after this.
+    pub async fn stored(&self) -> Result<(), Unsaved> {
+        let Store::Latest { written, .. } = &self.inner.store else {
+            return Ok(());
+        };
+        let target = self.inner.saves.load(Ordering::SeqCst);
+        let mut written = written.clone();
+        match tokio::time::timeout(STORE_WAIT, written.wait_for(|&n| n >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            // Timed out, or the writer stopped (no longer leading).
+            _ => Err(Unsaved::NotWritten(STORE_WAIT)),
+        }
     }
 
     /// Failure detection and lease timing.

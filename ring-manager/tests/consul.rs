@@ -941,3 +941,166 @@ async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() 
     );
     with.destroy_session(&session).await.unwrap();
 }
+
+/// The leader at `endpoint`, once it answers.
+async fn leader_client(
+    endpoint: &str,
+) -> mesh_proto::ring::ring_manager_client::RingManagerClient<tonic::transport::Channel> {
+    eventually("the leader answers", || async {
+        let mut client =
+            mesh_proto::ring::ring_manager_client::RingManagerClient::connect(endpoint.to_string())
+                .await
+                .ok()?;
+        client
+            .get_ring(mesh_proto::ring::GetRingRequest {})
+            .await
+            .ok()?;
+        Some(client)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_generation() {
+    use mesh_proto::ring::{
+        DrainRegionRequest, GatewayReport, GetRingRequest, RegionsRequest, RevokeTokensRequest,
+        RevokedToken,
+    };
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "durable").unwrap();
+    let cancel = CancellationToken::new();
+    let mut managers: Vec<_> = (0..2).map(|_| start_ring_manager(&ring, &cancel)).collect();
+    let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let mut rm = leader_client(&first.endpoint).await;
+    let report = |gateway: &str, region: &str| GatewayReport {
+        gateway: gateway.into(),
+        region: region.into(),
+        url: format!("http://{gateway}.internal"),
+        connections: 1,
+        revocations_generation: 0,
+        revocations_version: 0,
+    };
+    for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
+        rm.report_gateway(report(gateway, region)).await.unwrap();
+    }
+    rm.drain_region(DrainRegionRequest {
+        region: "eu".into(),
+        rate: 9,
+    })
+    .await
+    .unwrap();
+    let expires_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    rm.revoke_tokens(RevokeTokensRequest {
+        jtis: vec![RevokedToken {
+            jti: "j-failover".into(),
+            expires_at,
+        }],
+    })
+    .await
+    .unwrap();
+    let generation = rm
+        .get_ring(GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .generation;
+    assert_ne!(generation, 0);
+    // Answered only once written to KV, fenced, with the ring.
+    let (stored, _) = ring.load().await.unwrap();
+    let stored = stored.unwrap();
+    assert_eq!(stored.saved.generation, generation);
+    assert_eq!(stored.saved.draining_regions.len(), 1);
+    assert_eq!(stored.saved.revoked.len(), 1);
+
+    // The leader dies without a word; the other takes over from KV.
+    let index = managers
+        .iter()
+        .position(|(c, _, _)| c.endpoint == first.endpoint)
+        .unwrap();
+    let (_, stop, task) = managers.remove(index);
+    task.abort();
+    stop.cancel();
+    let _ = task.await;
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    fake.expire_session(&lock.unwrap().session.unwrap());
+    let second = eventually("a new leader", || async {
+        ring.leader()
+            .await
+            .unwrap()
+            .filter(|l| l.endpoint != first.endpoint)
+    })
+    .await;
+    let mut rm = leader_client(&second.endpoint).await;
+    let served = rm.get_ring(GetRingRequest {}).await.unwrap().into_inner();
+    assert_eq!(served.generation, generation, "the same ring history");
+    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    let eu = view.regions.iter().find(|r| r.region == "eu");
+    assert!(eu.is_some_and(|r| r.draining && r.rate == 9), "{view:?}");
+    let directive = rm
+        .report_gateway(report("us-2", "us"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(directive.revoked.len(), 1, "{directive:?}");
+    assert_eq!(directive.revoked[0].jti, "j-failover");
+
+    cancel.cancel();
+    for (_, _, task) in managers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+}
+
+#[tokio::test]
+async fn a_change_the_leader_cannot_write_to_consul_is_not_acknowledged() {
+    use mesh_proto::ring::{DrainRegionRequest, GatewayReport, RegionsRequest};
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "unwritten").unwrap();
+    let cancel = CancellationToken::new();
+    let (_config, _stop, task) = start_ring_manager(&ring, &cancel);
+    let leader = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let mut rm = leader_client(&leader.endpoint).await;
+    for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
+        rm.report_gateway(GatewayReport {
+            gateway: gateway.into(),
+            region: region.into(),
+            url: format!("http://{gateway}.internal"),
+            connections: 1,
+            revocations_generation: 0,
+            revocations_version: 0,
+        })
+        .await
+        .unwrap();
+    }
+    let drain = DrainRegionRequest {
+        region: "eu".into(),
+        rate: 9,
+    };
+    // Consul stops answering (for less than the session TTL: this one still leads).
+    fake.set_unavailable(true);
+    let status = rm.drain_region(drain.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("not yet written to consul"),
+        "{status:?}"
+    );
+    // Back: the leader's writer, which kept trying, writes it.
+    fake.set_unavailable(false);
+    eventually("the drain written to KV", || async {
+        let (stored, _) = ring.load().await.ok()?;
+        (stored?.saved.draining_regions.len() == 1).then_some(())
+    })
+    .await;
+    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    assert!(view.regions.iter().any(|r| r.region == "eu" && r.draining));
+    // And the next change is answered once written.
+    rm.undrain_region(drain).await.unwrap();
+    let (stored, _) = ring.load().await.unwrap();
+    assert!(stored.unwrap().saved.draining_regions.is_empty());
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
