@@ -110,8 +110,10 @@ fn status(refused: impl Into<Refused>) -> Status {
             Status::invalid_argument(message)
         }
         Refused::Revocation(R::Full(_)) => Status::resource_exhausted(message),
-        // Nothing changed, and the same call may succeed once the state file can be written.
-        Refused::Unsaved(_) => Status::unavailable(message),
+        // Too large for Consul: nothing changed, and it will not fit until revocations expire.
+        Refused::Unsaved(Unsaved::TooLarge { .. }) => Status::resource_exhausted(message),
+        // Not saved (nothing changed), or not yet written: the call may succeed later.
+        Refused::Unsaved(Unsaved::File(_) | Unsaved::NotWritten(_)) => Status::unavailable(message),
         Refused::Membership(
             M::NoSuchNode(_)
             | M::NotActive(..)
@@ -582,6 +584,27 @@ mod tests {
                 status(RevocationError::Full(100_000)),
                 Code::ResourceExhausted,
                 "the revocation list holds 100000 of at most 100000",
+            ),
+            (
+                status(ChangeError::<MembershipError>::Unsaved(Unsaved::File(
+                    crate::state_file::StateFileError::Io {
+                        path: "/var/lib/cm/ring.tmp".into(),
+                        source: std::io::Error::from_raw_os_error(28),
+                    },
+                ))),
+                Code::Unavailable,
+                "the ring manager could not save its state, so nothing changed: \
+                 /var/lib/cm/ring.tmp: No space left on device (os error 28)",
+            ),
+            (
+                status(Unsaved::TooLarge {
+                    bytes: 600_000,
+                    limit: 523_264,
+                }),
+                Code::ResourceExhausted,
+                "the ring record would be 600000 bytes, past the 523264 a consul value may hold, \
+                 so nothing changed (revocations take the room; they are dropped as their tokens \
+                 expire)",
             ),
         ];
         for (status, code, message) in cases {

@@ -116,7 +116,17 @@ pub enum Unsaved {
         "the change is made but not yet written to consul within {0:?}: the ring manager keeps          trying; a leader failover before it succeeds loses it (check with ctl ring / regions)"
     )]
     NotWritten(Duration),
+    /// Consul KV: the record would be larger than a Consul value may be: the change was undone.
+    #[error(
+        "the ring record would be {bytes} bytes, past the {limit} a consul value may hold, so \
+         nothing changed (revocations take the room; they are dropped as their tokens expire)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
 }
+
+/// The largest ring record a Consul-backed ring manager writes: Consul's limit on a value
+/// (512 KiB by default), less room for the writer's fence.
+pub const CONSUL_RECORD_LIMIT: usize = 512 * 1024 - 1024;
 
 /// Why a change was not made: the state machine refused it, or its state could not be saved.
 #[derive(Debug, thiserror::Error)]
@@ -316,8 +326,16 @@ impl RingManager {
             Store::Memory => {}
             Store::File(path) => crate::state_file::store(path, &saved())?,
             Store::Latest { latest, .. } => {
+                let saved = saved();
+                let bytes = serde_json::to_vec(&saved).map_or(0, |v| v.len());
+                if bytes > CONSUL_RECORD_LIMIT {
+                    return Err(Unsaved::TooLarge {
+                        bytes,
+                        limit: CONSUL_RECORD_LIMIT,
+                    });
+                }
                 let number = self.inner.saves.fetch_add(1, Ordering::SeqCst) + 1;
-                latest.send_replace(Some((number, Arc::new(saved()))));
+                latest.send_replace(Some((number, Arc::new(saved))));
             }
         }
         // Every change of the ring, a member, a drain or the revocations goes through here:
@@ -490,4 +508,92 @@ impl RingManager {
 /// A state machine's answer to a change that may not have been saved, as one result.
 fn flatten<T, E>(result: Result<Result<T, E>, Unsaved>) -> Result<T, ChangeError<E>> {
     result?.map_err(ChangeError::Refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    /// Revocations per call in the Consul size test.
+    const BATCH: usize = 1_000;
+
+    fn manager(store: Store, tracker: &TaskTracker, cancel: &CancellationToken) -> RingManager {
+        RingManager::resume(Config::default(), None, store, tracker, cancel.clone()).unwrap()
+    }
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_change_that_cannot_be_saved_is_undone_and_not_published() {
+        let dir = std::env::temp_dir().join(format!("channelmesh-server-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let path = dir.join("ring.json");
+        let rm = manager(Store::File(path.clone()), &tracker, &cancel);
+        rm.register(id("cs-1"), "a:1".into(), 1, false).unwrap();
+        rm.register(id("cs-2"), "a:2".into(), 2, false).unwrap();
+        let before = rm.ring();
+        let mut watcher = rm.subscribe();
+        watcher.borrow_and_update();
+        // The state file's directory is replaced by a file.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, "").unwrap();
+        let refused = rm.drain(&id("cs-1")).unwrap_err();
+        assert!(
+            matches!(refused, ChangeError::Unsaved(Unsaved::File(_))),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("ring.tmp"), "{refused}");
+        assert!(rm.register(id("cs-3"), "a:3".into(), 3, false).is_err());
+        assert_eq!(rm.ring(), before);
+        assert!(!watcher.has_changed().unwrap(), "nothing was published");
+        assert!(rm.members().iter().all(|(_, s)| *s == NodeState::Active));
+        // Writable again: the same operation goes through, saved before it is published.
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let ring = rm.drain(&id("cs-1")).unwrap();
+        let saved = crate::state_file::load(&path).unwrap().unwrap();
+        assert_eq!(saved.epoch, ring.epoch());
+        assert_eq!(saved.generation, ring.generation());
+        cancel.cancel();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_consul_a_record_past_the_value_limit_is_refused_and_undone() {
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let (latest, _updates) = watch::channel(None);
+        let (_written, written_rx) = watch::channel(0);
+        let store = Store::Latest {
+            latest,
+            written: written_rx,
+        };
+        let rm = manager(store, &tracker, &cancel);
+        let far = u64::MAX / 2;
+        let mut refused = None;
+        for call in 0..100 {
+            let entries = (0..BATCH)
+                .map(|i| RevokedToken {
+                    jti: format!("jti-{call}-{i}"),
+                    expires_at: far,
+                })
+                .collect();
+            if let Err(e) = rm.revoke_tokens(entries) {
+                refused = Some((call, e));
+                break;
+            }
+        }
+        let (call, e) = refused.expect("refused before 100,000 revocations");
+        assert!(
+            matches!(e, ChangeError::Unsaved(Unsaved::TooLarge { .. })),
+            "{e}"
+        );
+        // The refused call was undone: only the earlier calls are held.
+        let held = rm.revoke_tokens(Vec::new());
+        let held = held.map(|r| r.held).unwrap_or_default();
+        assert!(call > 0);
+        assert_eq!(held as usize, call * BATCH);
+        cancel.cancel();
+    }
 }
