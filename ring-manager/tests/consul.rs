@@ -471,26 +471,7 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     );
 
     // The leader "dies" without a word: cancel it, then let its session lapse in Consul.
-    let (leader_idx, _) = managers
-        .iter()
-        .enumerate()
-        .find(|(_, (c, _, _))| c.endpoint == first.endpoint)
-        .unwrap();
-    let (_, stop, task) = managers.remove(leader_idx);
-    task.abort();
-    stop.cancel();
-    let _ = task.await;
-    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
-    let dead = lock.unwrap().session.unwrap();
-    fake.expire_session(&dead);
-
-    let second = eventually("a new leader", || async {
-        ring.leader()
-            .await
-            .unwrap()
-            .filter(|l| l.endpoint != first.endpoint)
-    })
-    .await;
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
     // The new leader serves the same ring it found in KV: nothing reshuffled.
     let served = eventually("the new leader answers", || async {
         let mut client = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
@@ -541,6 +522,40 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     tracker.wait().await;
 }
 
+/// A ring manager of a test: its config, what stops it, its task.
+type Manager = (
+    LeaderConfig,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
+);
+
+/// The leader `first` "dies" without a word: its task stops, its session lapses in Consul.
+/// Returns the next leader, once another of `managers` leads.
+async fn fail_over(
+    fake: &FakeConsul,
+    ring: &ConsulRing,
+    managers: &mut Vec<Manager>,
+    first: &cluster::LeaderInfo,
+) -> cluster::LeaderInfo {
+    let index = managers
+        .iter()
+        .position(|(c, _, _)| c.endpoint == first.endpoint)
+        .unwrap();
+    let (_, stop, task) = managers.remove(index);
+    task.abort();
+    stop.cancel();
+    let _ = task.await;
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    fake.expire_session(&lock.unwrap().session.unwrap());
+    eventually("a new leader", || async {
+        ring.leader()
+            .await
+            .unwrap()
+            .filter(|l| l.endpoint != first.endpoint)
+    })
+    .await
+}
+
 fn free_port() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -589,14 +604,7 @@ async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown()
 }
 
 /// Starts a ring manager of a Consul group on a free port; its config, cancel token and task.
-fn start_ring_manager(
-    ring: &ConsulRing,
-    cancel: &CancellationToken,
-) -> (
-    LeaderConfig,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
-) {
+fn start_ring_manager(ring: &ConsulRing, cancel: &CancellationToken) -> Manager {
     let listen = free_port();
     let config = LeaderConfig {
         endpoint: format!("http://{listen}"),
@@ -942,6 +950,18 @@ async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() 
     with.destroy_session(&session).await.unwrap();
 }
 
+/// A report of gateway `gateway` of `region` that holds no revocation yet.
+fn report(gateway: &str, region: &str) -> mesh_proto::ring::GatewayReport {
+    mesh_proto::ring::GatewayReport {
+        gateway: gateway.into(),
+        region: region.into(),
+        url: format!("http://{gateway}.internal"),
+        connections: 1,
+        revocations_generation: 0,
+        revocations_version: 0,
+    }
+}
+
 /// The leader at `endpoint`, once it answers.
 async fn leader_client(
     endpoint: &str,
@@ -963,8 +983,7 @@ async fn leader_client(
 #[tokio::test]
 async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_generation() {
     use mesh_proto::ring::{
-        DrainRegionRequest, GatewayReport, GetRingRequest, RegionsRequest, RevokeTokensRequest,
-        RevokedToken,
+        DrainRegionRequest, GetRingRequest, RegionsRequest, RevokeTokensRequest, RevokedToken,
     };
     let fake = FakeConsul::start().await.unwrap();
     let ring = ConsulRing::new(&fake.url(), None, "durable").unwrap();
@@ -972,14 +991,6 @@ async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_gener
     let mut managers: Vec<_> = (0..2).map(|_| start_ring_manager(&ring, &cancel)).collect();
     let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
     let mut rm = leader_client(&first.endpoint).await;
-    let report = |gateway: &str, region: &str| GatewayReport {
-        gateway: gateway.into(),
-        region: region.into(),
-        url: format!("http://{gateway}.internal"),
-        connections: 1,
-        revocations_generation: 0,
-        revocations_version: 0,
-    };
     for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
         rm.report_gateway(report(gateway, region)).await.unwrap();
     }
@@ -1017,23 +1028,7 @@ async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_gener
     assert_eq!(stored.saved.revoked.len(), 1);
 
     // The leader dies without a word; the other takes over from KV.
-    let index = managers
-        .iter()
-        .position(|(c, _, _)| c.endpoint == first.endpoint)
-        .unwrap();
-    let (_, stop, task) = managers.remove(index);
-    task.abort();
-    stop.cancel();
-    let _ = task.await;
-    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
-    fake.expire_session(&lock.unwrap().session.unwrap());
-    let second = eventually("a new leader", || async {
-        ring.leader()
-            .await
-            .unwrap()
-            .filter(|l| l.endpoint != first.endpoint)
-    })
-    .await;
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
     let mut rm = leader_client(&second.endpoint).await;
     let served = rm.get_ring(GetRingRequest {}).await.unwrap().into_inner();
     assert_eq!(served.generation, generation, "the same ring history");
@@ -1056,7 +1051,7 @@ async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_gener
 
 #[tokio::test]
 async fn a_change_the_leader_cannot_write_to_consul_is_not_acknowledged() {
-    use mesh_proto::ring::{DrainRegionRequest, GatewayReport, RegionsRequest};
+    use mesh_proto::ring::{DrainRegionRequest, RegionsRequest};
     let fake = FakeConsul::start().await.unwrap();
     let ring = ConsulRing::new(&fake.url(), None, "unwritten").unwrap();
     let cancel = CancellationToken::new();
@@ -1064,16 +1059,7 @@ async fn a_change_the_leader_cannot_write_to_consul_is_not_acknowledged() {
     let leader = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
     let mut rm = leader_client(&leader.endpoint).await;
     for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
-        rm.report_gateway(GatewayReport {
-            gateway: gateway.into(),
-            region: region.into(),
-            url: format!("http://{gateway}.internal"),
-            connections: 1,
-            revocations_generation: 0,
-            revocations_version: 0,
-        })
-        .await
-        .unwrap();
+        rm.report_gateway(report(gateway, region)).await.unwrap();
     }
     let drain = DrainRegionRequest {
         region: "eu".into(),

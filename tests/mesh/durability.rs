@@ -173,16 +173,7 @@ async fn a_change_that_cannot_be_saved_fails_clearly_and_changes_nothing() {
     let dir = Dev::dir("rm-unsaved");
     let state_dir = dir.join("ring-state");
     std::fs::create_dir_all(&state_dir).unwrap();
-    let state_file = state_dir.join("ring.json");
-    let args = [
-        "--ring-manager".to_string(),
-        "127.0.0.1:0".to_string(),
-        "--presence-ring-manager".to_string(),
-        "127.0.0.1:0".to_string(),
-        "--ring-state-file".to_string(),
-        state_file.display().to_string(),
-    ];
-    let dev = Dev::launch(&args, state_file, dir.clone());
+    let dev = Dev::start_with_state_file(state_dir.join("ring.json"), dir.clone());
     eventually("both regions reported", || async {
         let (ok, text) = ctl(&dev, &["regions", "--json"]).await;
         (ok && text.contains("us-east") && text.contains("eu-west")).then_some(())

@@ -62,6 +62,12 @@ impl Dev {
     pub fn start(name: &str) -> Dev {
         let dir = Self::dir(name);
         let state_file = dir.join("ring.json");
+        Self::start_with_state_file(state_file, dir)
+    }
+
+    /// The embedded ring manager, with the state file `state_file`, in the test's directory
+    /// `dir` (see [`Dev::dir`]).
+    pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
         let args = [
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
