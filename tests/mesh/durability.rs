@@ -1,7 +1,8 @@
 //! The ring manager's state survives it (`dev --multi-process`, real processes): a ring manager
 //! restarted without its state starts a new ring generation that every watcher follows; a
 //! change whose state cannot be saved fails with a clear status and changes nothing; drains
-//! and revocations come back with a restart from the state file.
+//! and revocations come back with a restart from the state file, and with a new leader on
+//! Consul (`fake-consul`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,8 +14,13 @@ use mesh_proto::admin::{RevokeTokensRequest, RevokedToken};
 use mesh_proto::ring::{DrainRegionRequest, GatewayReport, GetRingRequest, RegionsRequest};
 use nix::sys::signal::Signal;
 
+use fake_consul::FakeConsul;
+use ring_client::ConsulRing;
+
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
-use crate::support::{Rtm, admin_at, eventually, post, ring_with, rm_with, state_of};
+use crate::support::{
+    Rtm, admin_at, eventually, eventually_within, post, ring_with, rm_with, state_of,
+};
 
 /// A ring manager on `dev`'s ring manager address, as `dev` runs it, with `state_file` if any
 /// (killed on drop).
@@ -245,24 +251,17 @@ async fn a_change_that_cannot_be_saved_fails_clearly_and_changes_nothing() {
     assert!(ok, "{text}");
 }
 
-#[tokio::test]
-async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
-    let dev = Dev::start("rm-durable-state");
-    let mut rm = rm_with(dev.ring_manager, &dev.operator).await;
+/// The revoked token's `jti` in the drain-and-revoke tests.
+const JTI: &str = "jti-durable";
+
+/// Drains eu-west (rate 7) on the ring manager at `rm` once both regions have reported, and
+/// revokes [`JTI`] through the admin server.
+async fn drain_and_revoke(dev: &Dev, rm: SocketAddr) {
+    let mut rm = rm_with(rm, &dev.operator).await;
     eventually("both regions reported", || async {
-        let view = rm
-            .clone()
-            .regions(RegionsRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (view
-            .regions
-            .iter()
-            .filter(|r| !r.gateways.is_empty())
-            .count()
-            == 2)
-            .then_some(())
+        let view = rm.clone().regions(RegionsRequest {}).await.ok()?;
+        let reported = view.into_inner().regions.into_iter();
+        (reported.filter(|r| !r.gateways.is_empty()).count() == 2).then_some(())
     })
     .await;
     rm.drain_region(DrainRegionRequest {
@@ -271,36 +270,32 @@ async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
     })
     .await
     .unwrap();
-    let jti = "jti-durable";
     let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
     admin
         .revoke_tokens(RevokeTokensRequest {
             jtis: vec![RevokedToken {
-                jti: jti.into(),
+                jti: JTI.into(),
                 expires_at: channelmesh::mesh::unix_now() + 600,
             }],
         })
         .await
         .unwrap();
-    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
+}
 
-    signal(dev.ring_manager_pid, Signal::SIGKILL);
-    let _restarted = RingManagerProcess::start(&dev, Some(&dev.state_file));
-    let after = eventually("the restarted ring manager answers", || {
-        served_ring(dev.ring_manager, &dev.operator)
-    })
-    .await;
-    assert!(after.same_assignment(&before));
-    assert_eq!(after.generation(), before.generation(), "the same history");
-
+/// The ring manager at `rm` has eu-west draining at rate 7, and tells a gateway that knows no
+/// revocation (a new one) about [`JTI`].
+async fn drained_and_revoked(dev: &Dev, rm: SocketAddr) {
     // The drain holds, whether or not a gateway has reported since.
-    let mut rm = rm_with(dev.ring_manager, &dev.operator).await;
-    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    let view = rm_with(rm, &dev.operator)
+        .await
+        .regions(RegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let eu = view.regions.iter().find(|r| r.region == "eu-west");
     assert!(eu.is_some_and(|r| r.draining && r.rate == 7), "{view:?}");
-    // A gateway that knows no revocation (a new one) learns the revoked token.
-    let mut as_gateway = rm_with(dev.ring_manager, &dev.as_child("us-east-1")).await;
-    let directive = as_gateway
+    let directive = rm_with(rm, &dev.as_child("us-east-1"))
+        .await
         .report_gateway(GatewayReport {
             gateway: "us-east-1".into(),
             region: "us-east".into(),
@@ -313,8 +308,70 @@ async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
         .unwrap()
         .into_inner();
     assert!(
-        directive.revoked.iter().any(|r| r.jti == jti),
+        directive.revoked.iter().any(|r| r.jti == JTI),
         "{directive:?}"
     );
     assert!(!directive.draining, "us-east does not drain");
+}
+
+#[tokio::test]
+async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
+    let dev = Dev::start("rm-durable-state");
+    drain_and_revoke(&dev, dev.ring_manager).await;
+    let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
+
+    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    let _restarted = RingManagerProcess::start(&dev, Some(&dev.state_file));
+    let after = eventually("the restarted ring manager answers", || {
+        served_ring(dev.ring_manager, &dev.operator)
+    })
+    .await;
+    assert!(after.same_assignment(&before));
+    assert_eq!(after.generation(), before.generation(), "the same history");
+
+    drained_and_revoked(&dev, dev.ring_manager).await;
+}
+
+// Multi-threaded: `Dev::on_consul` reads the child's stdout blocking while the fake Consul, on
+// this runtime, must keep answering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_consul_revocations_and_region_drains_survive_a_leader_failover() {
+    let fake = FakeConsul::start().await.unwrap();
+    let rms = [free_addr(), free_addr()];
+    let dev = Dev::on_consul("durable-failover", &fake.url(), &rms);
+    let ring = ConsulRing::new(&fake.url(), None, "test-durable-failover").unwrap();
+    let leader = ring.leader().await.unwrap().expect("a leader");
+    let addr_of =
+        |endpoint: &str| -> SocketAddr { endpoint.trim_start_matches("http://").parse().unwrap() };
+    drain_and_revoke(&dev, addr_of(&leader.endpoint)).await;
+    let (before, _) = ring_with(addr_of(&leader.endpoint), &dev.operator).await;
+
+    let leader_pid = dev
+        .ring_managers
+        .iter()
+        .find(|(addr, _)| *addr == addr_of(&leader.endpoint))
+        .unwrap()
+        .1;
+    signal(leader_pid, Signal::SIGKILL);
+    // The dead leader's lock is held until Consul's session TTL lapses.
+    let second = eventually_within("a new leader", Duration::from_secs(40), || async {
+        ring.leader()
+            .await
+            .ok()
+            .flatten()
+            .filter(|l| l.endpoint != leader.endpoint)
+    })
+    .await;
+    let after = eventually("the new leader answers", || {
+        served_ring(addr_of(&second.endpoint), &dev.operator)
+    })
+    .await;
+    assert!(after.same_assignment(&before));
+    assert_eq!(after.generation(), before.generation(), "the same history");
+    drained_and_revoked(&dev, addr_of(&second.endpoint)).await;
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
