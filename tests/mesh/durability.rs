@@ -17,10 +17,9 @@ use nix::sys::signal::Signal;
 use fake_consul::FakeConsul;
 use ring_client::ConsulRing;
 
+use crate::consul::{addr_of, free_addr, kill_the_leader};
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
-use crate::support::{
-    Rtm, admin_at, eventually, eventually_within, post, ring_with, rm_with, state_of,
-};
+use crate::support::{Rtm, admin_at, eventually, post, ring_with, rm_with, state_of};
 
 /// A ring manager on `dev`'s ring manager address, as `dev` runs it, with `state_file` if any
 /// (killed on drop).
@@ -341,27 +340,10 @@ async fn on_consul_revocations_and_region_drains_survive_a_leader_failover() {
     let dev = Dev::on_consul("durable-failover", &fake.url(), &rms);
     let ring = ConsulRing::new(&fake.url(), None, "test-durable-failover").unwrap();
     let leader = ring.leader().await.unwrap().expect("a leader");
-    let addr_of =
-        |endpoint: &str| -> SocketAddr { endpoint.trim_start_matches("http://").parse().unwrap() };
     drain_and_revoke(&dev, addr_of(&leader.endpoint)).await;
     let (before, _) = ring_with(addr_of(&leader.endpoint), &dev.operator).await;
 
-    let leader_pid = dev
-        .ring_managers
-        .iter()
-        .find(|(addr, _)| *addr == addr_of(&leader.endpoint))
-        .unwrap()
-        .1;
-    signal(leader_pid, Signal::SIGKILL);
-    // The dead leader's lock is held until Consul's session TTL lapses.
-    let second = eventually_within("a new leader", Duration::from_secs(40), || async {
-        ring.leader()
-            .await
-            .ok()
-            .flatten()
-            .filter(|l| l.endpoint != leader.endpoint)
-    })
-    .await;
+    let second = kill_the_leader(&dev, &ring, &leader).await;
     let after = eventually("the new leader answers", || {
         served_ring(addr_of(&second.endpoint), &dev.operator)
     })
@@ -369,9 +351,4 @@ async fn on_consul_revocations_and_region_drains_survive_a_leader_failover() {
     assert!(after.same_assignment(&before));
     assert_eq!(after.generation(), before.generation(), "the same history");
     drained_and_revoked(&dev, addr_of(&second.endpoint)).await;
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
