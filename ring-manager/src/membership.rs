@@ -382,15 +382,22 @@ impl Membership {
         if !self.renew(id, incarnation, now) {
             return false;
         }
-        let Some(member) = self.members.get_mut(id) else {
-            return false;
-        };
-        if member.state == NodeState::Draining && handed_off_epoch >= member.drain_epoch {
+        if self.drain_done(id, handed_off_epoch)
+            && let Some(member) = self.members.get_mut(id)
+        {
             member.state = NodeState::Standby;
             tracing::info!(node = %id, "drain complete; node is a standby");
             self.changed();
         }
         true
+    }
+
+    /// Whether `id` drains and has handed off its drain's epoch (`handed_off_epoch`): its next
+    /// heartbeat makes it a standby.
+    pub fn drain_done(&self, id: &NodeId, handed_off_epoch: u64) -> bool {
+        self.members
+            .get(id)
+            .is_some_and(|m| m.state == NodeState::Draining && handed_off_epoch >= m.drain_epoch)
     }
 
     /// Renews `id`'s lease at `now`, and nothing else (no state to save); false if that

@@ -151,8 +151,7 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
         }
         if let Some(stalled) = stalled {
             // Apart from the sweep, so that a sweep undone for want of a save keeps the excuse.
-            // Nothing saved changes: this cannot fail to save.
-            let _ = manager.update(|m| m.excuse_stall(stalled, now));
+            manager.excuse_stall(stalled, now);
         }
         // A node declared down whose new ring cannot be saved is undone (and stays suspect):
         // the next tick declares it again.
@@ -180,7 +179,7 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
                         error = %e,
                         "a node found down could not be saved as down; probing it again"
                     );
-                    let _ = prober.update(|m| m.unprobe(&suspect.id, suspect.incarnation));
+                    prober.unprobe(&suspect.id, suspect.incarnation);
                 }
             });
         }

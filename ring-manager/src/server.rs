@@ -285,6 +285,20 @@ impl RingManager {
         Ok(out)
     }
 
+    /// Runs `change`, which changes nothing saved (lease bookkeeping: renewals, ended streams,
+    /// probes, stalls), under the membership's lock, without the copy [`RingManager::update`]
+    /// takes: the hot path of every heartbeat.
+    fn update_leases<T>(&self, change: impl FnOnce(&mut Membership) -> T) -> T {
+        let mut membership = self.membership();
+        let out = change(&mut membership);
+        let effects = membership.take_effects();
+        debug_assert!(
+            !effects.changed && effects.published.is_empty(),
+            "a lease change changed saved state"
+        );
+        out
+    }
+
     /// Runs `change` on the regions (drains, revocations) under the locks, and saves the state;
     /// a change that cannot be saved is put back.
     fn update_regions<T, E>(
@@ -432,21 +446,35 @@ impl RingManager {
     /// with it but cannot be saved is retried at the next heartbeat (the lease is renewed all
     /// the same).
     pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
-        match self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, Instant::now())) {
+        let now = Instant::now();
+        if !self.update_leases(|m| m.renew(id, incarnation, now)) {
+            return false;
+        }
+        if !self.membership().drain_done(id, handed_off_epoch) {
+            return true;
+        }
+        match self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, now)) {
             Ok(valid) => valid,
             Err(e) => {
                 tracing::error!(node = %id, error = %e, "a drain's end could not be saved; retried at the next heartbeat");
-                // Renewing changes nothing saved, so it cannot fail to save.
-                self.update(|m| m.renew(id, incarnation, Instant::now()))
-                    .unwrap_or(false)
+                true
             }
         }
     }
 
     /// `id`'s lease stream ended.
     pub(crate) fn lease_ended(&self, id: &NodeId, incarnation: u64) {
-        // Nothing saved changes: this cannot fail to save.
-        let _ = self.update(|m| m.lease_ended(id, incarnation));
+        self.update_leases(|m| m.lease_ended(id, incarnation));
+    }
+
+    /// The monitor did not run for `stalled` up to `now` (see [`crate::monitor`]).
+    pub(crate) fn excuse_stall(&self, stalled: Duration, now: Instant) {
+        self.update_leases(|m| m.excuse_stall(stalled, now));
+    }
+
+    /// A probe of `id`'s `incarnation` whose answer could not be acted on: probe it again.
+    pub(crate) fn unprobe(&self, id: &NodeId, incarnation: u64) {
+        self.update_leases(|m| m.unprobe(id, incarnation));
     }
 
     /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff.
