@@ -123,19 +123,6 @@ pub struct Durable {
     revocations: Revocations,
 }
 
-impl Durable {
-    /// The regions draining as saved, by name, and the revoked tokens.
-    pub fn saved(&self) -> (Vec<(String, u32)>, Vec<RevokedToken>) {
-        (
-            self.draining
-                .iter()
-                .map(|(region, &rate)| (region.clone(), rate))
-                .collect(),
-            self.revocations.saved(),
-        )
-    }
-}
-
 /// The regions a ring manager knows, and the revoked tokens every report's directive brings
 /// the gateway up to date with.
 #[derive(Debug, Default)]
@@ -161,7 +148,19 @@ impl Regions {
         }
     }
 
-    /// What is saved with the ring (a copy).
+    /// What is saved with the ring: the regions draining (region, rate) by name, and the
+    /// revoked tokens.
+    pub fn saved(&self) -> (Vec<(String, u32)>, Vec<RevokedToken>) {
+        (
+            self.draining
+                .iter()
+                .map(|(region, &rate)| (region.clone(), rate))
+                .collect(),
+            self.revocations.saved(),
+        )
+    }
+
+    /// A copy of what is saved with the ring, to put back if a change cannot be saved.
     pub fn durable(&self) -> Durable {
         Durable {
             draining: self.draining.clone(),
@@ -361,7 +360,7 @@ mod tests {
             expires_at: far,
         };
         regions.revoke(vec![token.clone()]).unwrap();
-        let (draining, revoked) = regions.durable().saved();
+        let (draining, revoked) = regions.saved();
         assert_eq!(draining, [("us".to_string(), 7)]);
         assert_eq!(revoked, std::slice::from_ref(&token));
         // A restarted ring manager: the drain holds before any gateway reports again.

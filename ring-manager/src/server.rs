@@ -320,7 +320,7 @@ impl RingManager {
     /// before returning), and tells the console something changed.
     fn save(&self, membership: &Membership, regions: &Regions) -> Result<(), Unsaved> {
         let saved = || {
-            let (draining, revoked) = regions.durable().saved();
+            let (draining, revoked) = regions.saved();
             Saved {
                 draining_regions: draining
                     .into_iter()
