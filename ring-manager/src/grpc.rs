@@ -597,6 +597,13 @@ mod tests {
                  /var/lib/cm/ring.tmp: No space left on device (os error 28)",
             ),
             (
+                status(Unsaved::NotWritten(std::time::Duration::from_secs(5))),
+                Code::Unavailable,
+                "the change is made but not yet written to consul within 5s: the ring manager \
+                 keeps trying; a leader failover before it succeeds loses it (check with ctl ring \
+                 / regions)",
+            ),
+            (
                 status(Unsaved::TooLarge {
                     bytes: 600_000,
                     limit: 523_264,

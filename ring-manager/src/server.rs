@@ -113,7 +113,8 @@ pub enum Unsaved {
     /// Consul KV: the change is made (and still being written, which fails only if this
     /// leader stops leading first), but not written within [`STORE_WAIT`].
     #[error(
-        "the change is made but not yet written to consul within {0:?}: the ring manager keeps          trying; a leader failover before it succeeds loses it (check with ctl ring / regions)"
+        "the change is made but not yet written to consul within {0:?}: the ring manager keeps \
+         trying; a leader failover before it succeeds loses it (check with ctl ring / regions)"
     )]
     NotWritten(Duration),
     /// Consul KV: the record would be larger than a Consul value may be: the change was undone.
