@@ -19,7 +19,13 @@ use ring_client::ConsulRing;
 
 use crate::consul::{addr_of, free_addr, kill_the_leader};
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
-use crate::support::{Rtm, admin_at, eventually, post, ring_with, rm_with, state_of};
+use crate::support::{
+    Rtm, admin_at, eventually, eventually_within, post, ring_with, rm_with, state_of,
+};
+
+/// How long a restarted ring manager process may take to answer (a debug build on a busy
+/// machine).
+const RESTART: Duration = Duration::from_secs(30);
 
 /// A ring manager on `dev`'s ring manager address, as `dev` runs it, with `state_file` if any
 /// (killed on drop).
@@ -43,6 +49,22 @@ impl RingManagerProcess {
             .unwrap();
         RingManagerProcess(child)
     }
+}
+
+/// SIGKILLs the process `pid` and waits until it is gone (exited, if not yet reaped by its
+/// parent): its listening socket is closed, and a successor can bind its address.
+async fn kill_and_wait(pid: u32) {
+    signal(pid, Signal::SIGKILL);
+    eventually("the killed process is gone", || async {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the parenthesized command name: Z is a zombie (exited).
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    })
+    .await;
 }
 
 impl Drop for RingManagerProcess {
@@ -136,14 +158,18 @@ async fn a_ring_manager_restarted_without_its_state_starts_a_generation_every_wa
         .await;
     }
 
-    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    kill_and_wait(dev.ring_manager_pid).await;
     let _restarted = RingManagerProcess::start(&dev, None);
     // The channel servers' leases are unknown to it: they register again, as they started
     // (three active, one standby), in a new history whose epochs start over.
-    let after = eventually("the new history has the three active nodes", || async {
-        let ring = served_ring(dev.ring_manager, &dev.operator).await?;
-        (ring.nodes().len() == 3).then_some(ring)
-    })
+    let after = eventually_within(
+        "the new history has the three active nodes",
+        RESTART,
+        || async {
+            let ring = served_ring(dev.ring_manager, &dev.operator).await?;
+            (ring.nodes().len() == 3).then_some(ring)
+        },
+    )
     .await;
     assert_ne!(after.generation(), before.generation());
     assert!(
@@ -319,9 +345,9 @@ async fn revocations_and_region_drains_survive_a_ring_manager_restart() {
     drain_and_revoke(&dev, dev.ring_manager).await;
     let (before, _) = ring_with(dev.ring_manager, &dev.operator).await;
 
-    signal(dev.ring_manager_pid, Signal::SIGKILL);
+    kill_and_wait(dev.ring_manager_pid).await;
     let _restarted = RingManagerProcess::start(&dev, Some(&dev.state_file));
-    let after = eventually("the restarted ring manager answers", || {
+    let after = eventually_within("the restarted ring manager answers", RESTART, || {
         served_ring(dev.ring_manager, &dev.operator)
     })
     .await;
