@@ -19,6 +19,7 @@ mod console;
 mod consul;
 mod ctl;
 mod deploy;
+mod durability;
 mod fuzz_connect;
 mod limits;
 mod message_path;

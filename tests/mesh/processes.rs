@@ -41,7 +41,8 @@ pub struct Dev {
     pub presence_ring_manager: SocketAddr,
     /// (id, pid) of each presence server.
     pub presence_servers: Vec<(String, u32)>,
-    state_file: PathBuf,
+    /// The embedded ring manager's state file (empty: none).
+    pub state_file: PathBuf,
     /// `dev`'s state directory: its CA, its children's certificates, the operator's.
     pub state_dir: PathBuf,
     /// The operator credential `dev` wrote there.
@@ -58,9 +59,15 @@ fn addr_after(line: &str, scheme: &str) -> SocketAddr {
 
 impl Dev {
     /// The embedded ring manager, with a state file.
-    fn start(name: &str) -> Dev {
+    pub fn start(name: &str) -> Dev {
         let dir = Self::dir(name);
         let state_file = dir.join("ring.json");
+        Self::start_with_state_file(state_file, dir)
+    }
+
+    /// The embedded ring manager, with the state file `state_file`, in the test's directory
+    /// `dir` (see [`Dev::dir`]).
+    pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
         let args = [
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
@@ -73,7 +80,7 @@ impl Dev {
     }
 
     /// An empty directory of the test's own: `dev`'s state directory and its ring file.
-    fn dir(name: &str) -> PathBuf {
+    pub fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -155,7 +162,9 @@ impl Dev {
         Self::launch(&args, PathBuf::new(), Self::dir(name))
     }
 
-    fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
+    /// `dev --multi-process` with `extra` flags, its ring manager's state file (if any) and
+    /// its state directory (see [`Dev::dir`]).
+    pub fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
         // Its log, to say why when it stops before it is ready.
         static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
