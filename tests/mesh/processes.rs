@@ -402,6 +402,7 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
         .publish(PublishRequest {
             epoch: before.epoch(),
             event: Some(event_to_proto(&event)),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -660,4 +661,119 @@ async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state(
         presence_of(v, "UB", "away")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_presence_failover_with_no_standby_left_flaps_nobody_online_in_the_other_region() {
+    let dev = Dev::start("presence-no-standby");
+    let users: Vec<String> = (0..8).map(|i| format!("UB{i}")).collect();
+    let eu = format!("http://{}/api/", dev.eu_west.0);
+    let mut online = Vec::new();
+    for user in &users {
+        online.push(Rtm::connect(&eu, &dev.token(user, &[])).await.unwrap());
+    }
+    let mut a = Rtm::connect(&dev.base_url(), &dev.token("UA", &[]))
+        .await
+        .unwrap();
+    a.send(serde_json::json!({"type": "presence_sub", "ids": users}))
+        .await;
+    let mut active = std::collections::HashSet::new();
+    while active.len() < users.len() {
+        let v = a
+            .expect("the eu-west users active", |v| {
+                users.iter().any(|u| presence_of(v, u, "active"))
+            })
+            .await;
+        active.extend(users.iter().filter(|u| presence_of(&v, u, "active")));
+    }
+    let flapped = |v: &serde_json::Value| users.iter().any(|u| presence_of(v, u, "away"));
+    let mut pids: std::collections::HashMap<String, u32> =
+        dev.presence_servers.iter().cloned().collect();
+    // First the standby goes, so that each failover spreads a server's users over the
+    // survivor, which learns of them from the ring and from the gateways in either order.
+    let (_, members) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+    let standby = members
+        .iter()
+        .find(|m| m.state == "standby")
+        .expect("dev runs a presence standby")
+        .id
+        .clone();
+    signal(pids[&standby], Signal::SIGKILL);
+    eventually("the presence standby declared down", || async {
+        let (_, members) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+        (state_of(&members, &standby) != "standby").then_some(())
+    })
+    .await;
+    // Which of the two learns first is a race: a few rounds of kill and rejoin.
+    let mut restarted = Reaped(Vec::new());
+    for round in 0..5 {
+        let (victim, _) = dev.presence_owner(&users[0]).await;
+        signal(pids[&victim], Signal::SIGKILL);
+        eventually("the survivor owns every slot", || async {
+            let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+            (after.slots_owned(&NodeId::new(&victim).unwrap()) == 0
+                && after
+                    .owner_of(&ChannelId::new(&users[0]).unwrap())
+                    .is_some())
+            .then_some(())
+        })
+        .await;
+        // Nobody in eu-west went offline: A must hear no away while the survivor warms up
+        // (1.5 s) or after; twice the warm-up covers both.
+        a.expect_none(
+            Duration::from_secs(3),
+            &format!("an away while every eu-west user stayed online (round {round})"),
+            flapped,
+        )
+        .await;
+        // The victim comes back and takes half the slots (and users) back: no flap either.
+        let child = Command::new(BIN)
+            .args([
+                "presence-server",
+                "--id",
+                &victim,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--ring-manager", &format!("http://{}", dev.ring_manager)])
+            .args([
+                "--presence-ring-manager",
+                &format!("http://{}", dev.presence_ring_manager),
+            ])
+            .args(dev.tls_flags(&victim))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        pids.insert(victim.clone(), child.id());
+        restarted.0.push(child);
+        eventually("the victim back with slots", || async {
+            let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+            (after.slots_owned(&NodeId::new(&victim).unwrap()) > 0).then_some(())
+        })
+        .await;
+        a.expect_none(
+            Duration::from_secs(3),
+            &format!("an away while the victim rejoined (round {round})"),
+            flapped,
+        )
+        .await;
+    }
+    // The owners track the users from here on.
+    online[0].ws.close(None).await.unwrap();
+    a.expect("UB0 away", |v| presence_of(v, &users[0], "away"))
+        .await;
+}
+
+/// Child processes a test started, killed when it ends (however it ends).
+struct Reaped(Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
