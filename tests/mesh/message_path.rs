@@ -311,6 +311,7 @@ async fn a_channel_server_refuses_slots_it_does_not_own() {
         .publish(PublishRequest {
             epoch: ring.epoch(),
             event: Some(event_to_proto(&event)),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();

@@ -777,3 +777,129 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// A TCP proxy in front of one address: from [`HeldReplies::hold`] on, whatever the server
+/// sends back over any connection in the next `for` is held until it passes, so that a call
+/// the server answered at once is answered late.
+#[derive(Clone, Default)]
+struct HeldReplies(std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+impl HeldReplies {
+    fn hold(&self, r#for: Duration) {
+        *self.0.lock().unwrap() = Some(tokio::time::Instant::now() + r#for);
+    }
+
+    /// Serves the proxy on `listener`, forwarding to `to`, for as long as the test runs.
+    fn serve(&self, listener: tokio::net::TcpListener, to: SocketAddr) {
+        let held = self.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                let held = held.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let until = *held.0.lock().unwrap();
+                        if let Some(until) = until {
+                            tokio::time::sleep_until(until).await;
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_publish_applied_but_answered_after_the_attempt_timeout_is_stored_once_with_one_ts() {
+    let dev = Dev::start("idempotent-retry");
+    // A channel server of our own (the standby's identity) behind a proxy: the ring names the
+    // proxy, so every call to it, the admin server's publishes included, goes through it.
+    let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    let standby = members.iter().find(|m| m.state == "standby").unwrap();
+    let id = standby.id.clone();
+    signal(standby.pid, Signal::SIGKILL);
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let held = HeldReplies::default();
+    held.serve(proxy, listen);
+    let child = Command::new(BIN)
+        .args(["channel-server", "--id", &id])
+        .args(["--listen", &listen.to_string()])
+        .args(["--advertise", &proxy_addr.to_string()])
+        .args(["--ring-manager", &format!("http://{}", dev.ring_manager)])
+        .args(dev.tls_flags(&id))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reaped = Reaped(vec![child]);
+    let node = NodeId::new(&id).unwrap();
+    let channel = eventually("our channel server active with slots", || async {
+        let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+        (state_of(&members, &id) == "active" && ring.slots_owned(&node) > 0).then_some(())?;
+        (0..10_000)
+            .map(|i| format!("CIDEM{i}"))
+            .find(|c| ring.owner_of(&ChannelId::new(c).unwrap()).unwrap().id == node)
+    })
+    .await;
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    // Once answered at once, so that the admin server's publish stream is open...
+    eventually("a first post through the proxy", || async {
+        let mut admin = admin.clone();
+        let reply = admin
+            .post_message(mesh_proto::admin::PostMessageRequest {
+                channel: channel.clone(),
+                user: "UPOSTER".into(),
+                text: "warm-up".into(),
+                team: String::new(),
+            })
+            .await;
+        reply.ok().map(drop)
+    })
+    .await;
+    // ...then applied at once but answered after the router's 2 s attempt timeout: the
+    // router retries on the same channel server, which has the event already.
+    held.hold(Duration::from_millis(2500));
+    let ts = post(&mut admin, &channel, "UPOSTER", "once only").await;
+    let history = admin
+        .history(mesh_proto::admin::HistoryRequest {
+            channel: channel.clone(),
+            since_ts: String::new(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let copies: Vec<&str> = history
+        .events
+        .iter()
+        .filter(|e| e.event_json.contains("once only"))
+        .map(|e| e.ts.as_str())
+        .collect();
+    assert_eq!(
+        copies,
+        [ts.as_str()],
+        "stored once, with the ts acknowledged"
+    );
+}

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use lru::LruCache;
 use mesh_core::{ChannelId, EventBody, SLOT_COUNT, Slot, Ts, TsClock, slot_of};
 
+use crate::idempotency::{self, Seen, Window};
 use packed::Packed;
 
 /// Default: events kept per channel.
@@ -78,6 +79,8 @@ struct Channel {
     bytes: usize,
     /// The newest ts dropped from `events` to stay within the bounds.
     trimmed: Ts,
+    /// Recent idempotency keys and their ts (`None` until a publish carries one).
+    recent: Option<Box<Window>>,
 }
 
 impl Channel {
@@ -87,6 +90,7 @@ impl Channel {
             events: VecDeque::new(),
             bytes: 0,
             trimmed,
+            recent: None,
         }
     }
 
@@ -140,6 +144,8 @@ pub struct Snapshot {
     pub events: Vec<Stored>,
     /// The newest ts dropped from its history.
     pub trimmed: Ts,
+    /// Its recent idempotency keys, oldest first.
+    pub recent: Vec<Seen>,
 }
 
 /// One page of a channel's history.
@@ -167,6 +173,8 @@ pub struct Store {
     /// back starts its clock after this, so ts never repeat or go back within a channel.
     slot_floor: Vec<Ts>,
     evictions: u64,
+    /// Each channel's window of idempotency keys.
+    window: idempotency::Bounds,
 }
 
 impl Store {
@@ -178,7 +186,46 @@ impl Store {
             total_bytes: 0,
             slot_floor: vec![Ts::default(); SLOT_COUNT],
             evictions: 0,
+            window: idempotency::Bounds::default(),
         }
+    }
+
+    /// Keeps each channel's idempotency keys within `bounds`.
+    pub fn set_window(&mut self, bounds: idempotency::Bounds) {
+        self.window = bounds;
+    }
+
+    /// [`Store::append`], once per idempotency `key`: a key in the channel's window is answered
+    /// with the ts its publish was given, and nothing is stored. Returns the ts and whether the
+    /// event was appended.
+    pub fn append_once(
+        &mut self,
+        channel: &ChannelId,
+        body: &EventBody,
+        now_micros: u64,
+        key: Option<&str>,
+    ) -> (Ts, bool) {
+        let window = self.window;
+        if let Some(key) = key
+            && let Some(recent) = self
+                .channels
+                .get_mut(channel)
+                .and_then(|c| c.recent.as_mut())
+            && let Some(ts) = recent.get(key, now_micros, &window)
+        {
+            return (ts, false);
+        }
+        let ts = self.append(channel, body, now_micros);
+        if let Some(key) = key
+            && window.keys > 0
+            && let Some(state) = self.channels.peek_mut(channel)
+        {
+            state
+                .recent
+                .get_or_insert_default()
+                .insert(key, ts, now_micros, &window);
+        }
+        (ts, true)
     }
 
     /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores a copy of it
@@ -297,6 +344,11 @@ impl Store {
                 taken.push(Snapshot {
                     last_ts: state.clock.last(),
                     trimmed: state.trimmed,
+                    recent: state
+                        .recent
+                        .as_ref()
+                        .map(|w| w.entries())
+                        .unwrap_or_default(),
                     events: state.unpacked().collect(),
                     channel: id,
                 });
@@ -313,12 +365,15 @@ impl Store {
             last_ts,
             events,
             trimmed,
+            recent,
         } = snapshot;
         let floor = self.slot_floor[usize::from(slot_of(&channel))];
         let mut merged: Vec<Packed> = events.iter().map(|e| Packed::pack(e.ts, &e.body)).collect();
         let mut clock = TsClock::starting_after(floor.max(last_ts));
         let mut trimmed = trimmed;
-        if let Some(existing) = self.channels.pop(&channel) {
+        let mut window = None;
+        if let Some(mut existing) = self.channels.pop(&channel) {
+            window = existing.recent.take();
             trimmed = trimmed.max(existing.trimmed);
             self.forget(&channel, &existing);
             clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
@@ -329,6 +384,11 @@ impl Store {
         let mut state = Channel::new(clock, trimmed);
         for event in merged {
             state.push(event, &self.limits);
+        }
+        if !recent.is_empty() || window.is_some() {
+            let mut window = window.unwrap_or_default();
+            window.merge(recent, &self.window);
+            state.recent = Some(window);
         }
         self.total_bytes += state.bytes + CHANNEL_OVERHEAD;
         self.channels.put(channel.clone(), state);
@@ -503,6 +563,47 @@ mod tests {
             assert_eq!(state.events.len(), bound);
             assert_eq!(state.events.capacity(), bound, "bound {bound}");
         }
+    }
+
+    #[test]
+    fn a_publish_seen_before_gets_its_first_ts_and_is_stored_once() {
+        let mut store = Store::new(Limits::default());
+        let (first, fresh) = store.append_once(&c("C1"), &msg("a"), 1_000, Some("k1"));
+        assert!(fresh);
+        let (again, fresh) = store.append_once(&c("C1"), &msg("a"), 2_000, Some("k1"));
+        assert_eq!((again, fresh), (first, false));
+        // Another channel's window is its own; no key, no window.
+        assert!(store.append_once(&c("C2"), &msg("a"), 2_000, Some("k1")).1);
+        assert!(store.append_once(&c("C1"), &msg("b"), 2_000, None).1);
+        assert!(store.append_once(&c("C1"), &msg("b"), 2_000, None).1);
+        assert_eq!(store.history(&c("C1"), None, 10).events.len(), 3);
+        // Past the window's age the key is new again.
+        store.set_window(idempotency::Bounds {
+            keys: 10,
+            age: std::time::Duration::from_secs(1),
+        });
+        assert!(
+            store
+                .append_once(&c("C1"), &msg("a"), 1_002_000, Some("k1"))
+                .1
+        );
+    }
+
+    #[test]
+    fn a_handed_over_channel_keeps_its_idempotency_keys() {
+        let mut old = Store::new(Limits::default());
+        let (ts, _) = old.append_once(&c("C1"), &msg("a"), 5_000, Some("k1"));
+        let slot = slot_of(&c("C1"));
+        let mut taken = old.take_slots(|s| s == slot);
+        assert_eq!(taken[0].recent.len(), 1);
+        let mut new = Store::new(Limits::default());
+        new.absorb(taken.remove(0));
+        assert_eq!(
+            new.append_once(&c("C1"), &msg("a"), 6_000, Some("k1")),
+            (ts, false),
+            "a retry that reaches the new owner"
+        );
+        assert_eq!(new.history(&c("C1"), None, 10).events.len(), 1);
     }
 
     proptest! {
