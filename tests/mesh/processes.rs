@@ -103,6 +103,18 @@ impl Dev {
         )
     }
 
+    /// Runs `channelmesh ARGS` as `dev`'s child `id` (with its certificate), output discarded.
+    pub fn spawn_as(&self, id: &str, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .args(self.tls_flags(id))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// The presence server that owns `user` now: its id and pid.
     pub async fn presence_owner(&self, user: &str) -> (String, u32) {
         let (ring, _) = ring_with(self.presence_ring_manager, &self.operator).await;
@@ -727,25 +739,20 @@ async fn a_presence_failover_with_no_standby_left_flaps_nobody_online_in_the_oth
         )
         .await;
         // The victim comes back and takes half the slots (and users) back: no flap either.
-        let child = Command::new(BIN)
-            .args([
+        let child = dev.spawn_as(
+            &victim,
+            &[
                 "presence-server",
                 "--id",
                 &victim,
                 "--listen",
                 "127.0.0.1:0",
-            ])
-            .args(["--ring-manager", &format!("http://{}", dev.ring_manager)])
-            .args([
+                "--ring-manager",
+                &format!("http://{}", dev.ring_manager),
                 "--presence-ring-manager",
                 &format!("http://{}", dev.presence_ring_manager),
-            ])
-            .args(dev.tls_flags(&victim))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            ],
+        );
         pids.insert(victim.clone(), child.id());
         restarted.0.push(child);
         eventually("the victim back with slots", || async {
@@ -842,17 +849,20 @@ async fn a_publish_applied_but_answered_after_the_attempt_timeout_is_stored_once
         .unwrap();
     let held = HeldReplies::default();
     held.serve(proxy, listen);
-    let child = Command::new(BIN)
-        .args(["channel-server", "--id", &id])
-        .args(["--listen", &listen.to_string()])
-        .args(["--advertise", &proxy_addr.to_string()])
-        .args(["--ring-manager", &format!("http://{}", dev.ring_manager)])
-        .args(dev.tls_flags(&id))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = dev.spawn_as(
+        &id,
+        &[
+            "channel-server",
+            "--id",
+            &id,
+            "--listen",
+            &listen.to_string(),
+            "--advertise",
+            &proxy_addr.to_string(),
+            "--ring-manager",
+            &format!("http://{}", dev.ring_manager),
+        ],
+    );
     let _reaped = Reaped(vec![child]);
     let node = NodeId::new(&id).unwrap();
     let channel = eventually("our channel server active with slots", || async {
