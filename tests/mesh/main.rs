@@ -20,6 +20,7 @@ mod consul;
 mod ctl;
 mod deploy;
 mod fuzz_connect;
+mod idempotency;
 mod limits;
 mod message_path;
 mod metrics;

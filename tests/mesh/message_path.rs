@@ -238,6 +238,7 @@ async fn history_pages_forward_and_leaves_out_typing() {
         .publish_event(PublishEventRequest {
             channel: "CHIST".into(),
             event_json: raw.to_string(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()

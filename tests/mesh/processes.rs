@@ -469,6 +469,7 @@ async fn a_ring_manager_frozen_past_the_silence_limit_wakes_and_declares_nobody_
             user: "UPOSTER".into(),
             text: "after the freeze".into(),
             team: String::new(),
+            idempotency_key: String::new(),
         };
         admin
             .clone()
@@ -883,6 +884,7 @@ async fn a_publish_applied_but_answered_after_the_attempt_timeout_is_stored_once
                 user: "UPOSTER".into(),
                 text: "warm-up".into(),
                 team: String::new(),
+                idempotency_key: String::new(),
             })
             .await;
         reply.ok().map(drop)
