@@ -20,6 +20,11 @@ pub const DEFAULT_AGE: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_KEYS: usize = 1000;
 /// The longest key taken, in bytes (a UUID is 36).
 pub const MAX_KEY_BYTES: usize = 256;
+/// Bytes counted per key on top of the key itself: its `Arc`'s header and the allocator's
+/// rounding, its hash-table entry and its place in the order.
+const KEY_OVERHEAD: usize = 96;
+/// Bytes counted per window: its box, table and queue headers.
+const WINDOW_OVERHEAD: usize = 96;
 
 /// A window's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +60,8 @@ pub struct Window {
     order: VecDeque<Seen>,
     /// The same keys, for lookup.
     ts: HashMap<Arc<str>, Ts>,
+    /// Bytes of the keys as counted ([`KEY_OVERHEAD`] plus the key each).
+    bytes: usize,
 }
 
 impl Window {
@@ -85,6 +92,7 @@ impl Window {
             return;
         }
         self.ts.insert(seen.key.clone(), seen.ts);
+        self.bytes += KEY_OVERHEAD + seen.key.len();
         self.order.push_back(seen);
         while self.order.len() > bounds.keys {
             self.pop_oldest();
@@ -102,6 +110,16 @@ impl Window {
     fn pop_oldest(&mut self) {
         if let Some(seen) = self.order.pop_front() {
             self.ts.remove(&seen.key);
+            self.bytes -= KEY_OVERHEAD + seen.key.len();
+        }
+    }
+
+    /// Bytes the window counts against its store's budget (0 when it holds no key: an empty
+    /// window is dropped).
+    pub fn counted(&self) -> usize {
+        match self.order.is_empty() {
+            true => 0,
+            false => WINDOW_OVERHEAD + self.bytes,
         }
     }
 
@@ -124,6 +142,7 @@ impl Window {
     pub fn merge(&mut self, other: Vec<Seen>, bounds: &Bounds) {
         let mut all: Vec<Seen> = self.order.drain(..).chain(other).collect();
         self.ts.clear();
+        self.bytes = 0;
         all.sort_by_key(|s| s.seen_micros);
         for seen in all {
             self.remember(seen, bounds);
@@ -170,6 +189,7 @@ mod tests {
             w.insert(&format!("k{i}"), ts(i + 1), SECOND, &b);
         }
         assert_eq!(w.len(), 3);
+        assert_eq!(w.counted(), WINDOW_OVERHEAD + 3 * (KEY_OVERHEAD + 2));
         assert_eq!(w.get("k0", SECOND, &b), None);
         assert_eq!(w.get("k1", SECOND, &b), None);
         assert_eq!(w.get("k4", SECOND, &b), Some(ts(5)));
@@ -191,6 +211,7 @@ mod tests {
         assert_eq!(w.len(), 1, "the expired key left");
         assert_eq!(w.get("new", 501 * SECOND, &b), None);
         assert!(w.is_empty());
+        assert_eq!(w.counted(), 0);
     }
 
     #[test]

@@ -134,6 +134,11 @@ impl Channel {
     }
 }
 
+/// Bytes `state`'s window of idempotency keys counts against the budget.
+fn recent_bytes(state: &Channel) -> usize {
+    state.recent.as_ref().map_or(0, |w| w.counted())
+}
+
 /// A channel's state on its way to a new owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -205,27 +210,46 @@ impl Store {
         now_micros: u64,
         key: Option<&str>,
     ) -> (Ts, bool) {
-        let window = self.window;
         if let Some(key) = key
-            && let Some(recent) = self
-                .channels
-                .get_mut(channel)
-                .and_then(|c| c.recent.as_mut())
-            && let Some(ts) = recent.get(key, now_micros, &window)
+            && let Some(Some(ts)) =
+                self.in_window(channel, false, |w, bounds| w.get(key, now_micros, bounds))
         {
             return (ts, false);
         }
         let ts = self.append(channel, body, now_micros);
         if let Some(key) = key
-            && window.keys > 0
-            && let Some(state) = self.channels.peek_mut(channel)
+            && self.window.keys > 0
         {
-            state
-                .recent
-                .get_or_insert_default()
-                .insert(key, ts, now_micros, &window);
+            self.in_window(channel, true, |w, bounds| {
+                w.insert(key, ts, now_micros, bounds)
+            });
+            self.evict_over_budget(channel);
         }
         (ts, true)
+    }
+
+    /// Runs `f` on `channel`'s window (made first when `create`; `None` when there is none, or
+    /// no such channel), counting what it adds or frees against the budget. A window left
+    /// empty is dropped.
+    fn in_window<T>(
+        &mut self,
+        channel: &ChannelId,
+        create: bool,
+        f: impl FnOnce(&mut Window, &idempotency::Bounds) -> T,
+    ) -> Option<T> {
+        let state = self.channels.peek_mut(channel)?;
+        if state.recent.is_none() && !create {
+            return None;
+        }
+        let window = state.recent.get_or_insert_default();
+        let before = window.counted();
+        let out = f(window, &self.window);
+        let after = window.counted();
+        if after == 0 {
+            state.recent = None;
+        }
+        self.total_bytes = self.total_bytes + after - before;
+        Some(out)
     }
 
     /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores a copy of it
@@ -268,7 +292,7 @@ impl Store {
     fn forget(&mut self, id: &ChannelId, state: &Channel) {
         let floor = &mut self.slot_floor[usize::from(slot_of(id))];
         *floor = (*floor).max(state.clock.last());
-        self.total_bytes -= state.bytes + CHANNEL_OVERHEAD;
+        self.total_bytes -= state.bytes + CHANNEL_OVERHEAD + recent_bytes(state);
     }
 
     /// The channel's newest ts, without touching its recency.
@@ -390,7 +414,7 @@ impl Store {
             window.merge(recent, &self.window);
             state.recent = Some(window);
         }
-        self.total_bytes += state.bytes + CHANNEL_OVERHEAD;
+        self.total_bytes += state.bytes + CHANNEL_OVERHEAD + recent_bytes(&state);
         self.channels.put(channel.clone(), state);
         self.evict_over_budget(&channel);
     }
@@ -604,6 +628,42 @@ mod tests {
             "a retry that reaches the new owner"
         );
         assert_eq!(new.history(&c("C1"), None, 10).events.len(), 1);
+    }
+
+    #[test]
+    fn idempotency_keys_count_against_the_budget_until_they_go() {
+        let mut store = Store::new(Limits::default());
+        store.set_window(idempotency::Bounds {
+            keys: 10,
+            age: std::time::Duration::from_secs(1),
+        });
+        // What the channels hold, counted from scratch.
+        let counted = |store: &Store| -> usize {
+            store
+                .channels
+                .iter()
+                .map(|(_, s)| s.bytes + CHANNEL_OVERHEAD + recent_bytes(s))
+                .sum()
+        };
+        store.append_once(&c("C1"), &msg("a"), 1_000, None);
+        let plain = store.total_bytes();
+        store.append_once(&c("C2"), &msg("a"), 1_000, Some("k1"));
+        store.append_once(&c("C2"), &msg("b"), 1_000, Some("k2"));
+        assert_eq!(store.total_bytes(), counted(&store));
+        let window = |store: &Store| recent_bytes(store.channels.peek(&c("C2")).unwrap());
+        let two_keys = window(&store);
+        assert!(two_keys > 0);
+        // Past the age: the two keys leave, the new one stays.
+        store.append_once(&c("C2"), &msg("c"), 2_000_000, Some("k3"));
+        assert!(window(&store) < two_keys);
+        assert_eq!(store.total_bytes(), counted(&store));
+        let slot = slot_of(&c("C2"));
+        store.drop_slots(|s| s == slot);
+        assert_eq!(
+            store.total_bytes(),
+            plain,
+            "the channel and its window gone"
+        );
     }
 
     proptest! {
