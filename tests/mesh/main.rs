@@ -21,6 +21,7 @@ mod ctl;
 mod deploy;
 mod durability;
 mod fuzz_connect;
+mod idempotency;
 mod limits;
 mod message_path;
 mod metrics;
