@@ -938,3 +938,71 @@ async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() 
     );
     with.destroy_session(&session).await.unwrap();
 }
+
+/// A leader whose session Consul invalidates (its TTL lapsed on Consul's side, an operator
+/// destroyed it) and whose lock another session then takes stops serving at once: it watches
+/// the lock and its session, rather than waiting for its next renewal to fail (a third of a TTL
+/// that here is far longer than the wait).
+#[tokio::test]
+async fn a_deposed_leader_steps_down_without_waiting_for_its_renewals() {
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "deposed").unwrap();
+    let cancel = CancellationToken::new();
+    let listen = free_port();
+    let config = LeaderConfig {
+        endpoint: format!("http://{listen}"),
+        listen,
+        // Renewals every 40 s: the test's 20 s wait is over long before the first one.
+        session_ttl: Duration::from_secs(120),
+        lock_delay: LOCK_DELAY,
+        nearest: vec![],
+    };
+    let (leadership, leading) = tokio::sync::watch::channel(None);
+    let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
+    let task = tokio::spawn(cluster::run_leader_election_with(
+        ring.clone(),
+        ring_manager::Config::default(),
+        config,
+        leadership,
+        authorizer,
+        cancel.clone(),
+    ));
+    eventually("it leads", || async {
+        leading.borrow().is_some().then_some(())
+    })
+    .await;
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    let session = lock.unwrap().session.unwrap();
+
+    // Consul invalidates its session; once the lock delay is over, another session takes the
+    // lock.
+    fake.expire_session(&session);
+    let usurper = ring
+        .consul
+        .create_session("usurper", TTL, LOCK_DELAY)
+        .await
+        .unwrap();
+    eventually("the usurper holds the lock", || async {
+        let info = serde_json::to_vec(&cluster::LeaderInfo {
+            endpoint: "http://127.0.0.1:1".into(),
+            pid: 1,
+        })
+        .unwrap();
+        ring.consul
+            .acquire(&ring.lock_key(), &usurper, info)
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+    eventually("the deposed leader stops serving", || async {
+        leading.borrow().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "its gRPC port is closed"
+    );
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
