@@ -60,7 +60,7 @@ pub const QUESTION_TIMEOUT: Duration = Duration::from_millis(100);
 pub const STABLE_GRANT: Duration = Duration::from_millis(150);
 /// How long a call waits for the node to be allowed to serve (a renewal, or a decision after
 /// its lease lapsed) before it is refused with `no_lease`.
-pub const SERVING_WAIT: Duration = Duration::from_secs(1);
+pub const SERVING_WAIT: Duration = Duration::from_millis(500);
 
 /// Why the node does not serve, as callers read it.
 const NEVER_RENEWED: &str = "lease lapsed: no word from the ring manager";
