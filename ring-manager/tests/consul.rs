@@ -1006,3 +1006,100 @@ async fn a_deposed_leader_steps_down_without_waiting_for_its_renewals() {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+/// A TCP proxy to `upstream` that, once `stalled` is set, blackholes every byte both ways on
+/// every connection, old and new, without closing any: Consul gone without a reset.
+async fn stalling_proxy(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, flag.clone()));
+            tokio::spawn(pump(sr, cw, flag.clone()));
+        }
+    });
+    (addr, stalled)
+}
+
+/// Copies `from` to `to` until either closes, dropping every byte while `stalled`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A leader cut off from Consul cannot watch its lock: it steps down on its own, before Consul
+/// may invalidate its session (a TTL after the last renewal) and let another ring manager take
+/// the lock — not after its renewals have failed for a whole TTL, when another may lead already.
+#[tokio::test]
+async fn a_leader_cut_off_from_consul_steps_down_before_its_session_can_lapse() {
+    let fake = FakeConsul::start().await.unwrap();
+    // The leader reaches Consul through a proxy that will blackhole it; the test directly.
+    let (proxy, stalled) = stalling_proxy(fake.addr()).await;
+    let ring = ConsulRing::new(&format!("http://{proxy}"), None, "cut-off").unwrap();
+    let direct = ConsulRing::new(&fake.url(), None, "cut-off").unwrap();
+    let cancel = CancellationToken::new();
+    let listen = free_port();
+    let config = LeaderConfig {
+        endpoint: format!("http://{listen}"),
+        listen,
+        session_ttl: TTL,
+        lock_delay: LOCK_DELAY,
+        nearest: vec![],
+    };
+    let (leadership, leading) = tokio::sync::watch::channel(None);
+    let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
+    let task = tokio::spawn(cluster::run_leader_election_with(
+        ring.clone(),
+        ring_manager::Config::default(),
+        config,
+        leadership,
+        authorizer,
+        cancel.clone(),
+    ));
+    eventually("it leads", || async {
+        leading.borrow().is_some().then_some(())
+    })
+    .await;
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    let session = lock.unwrap().session.unwrap();
+
+    stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually("the cut-off leader steps down", || async {
+        leading.borrow().is_none().then_some(())
+    })
+    .await;
+    // Consul has not invalidated its session yet: nobody else could have taken the lock.
+    let (lock, _) = direct.consul.get(&direct.lock_key(), None).await.unwrap();
+    assert_eq!(
+        lock.and_then(|l| l.session),
+        Some(session),
+        "it stepped down only after its session lapsed"
+    );
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
