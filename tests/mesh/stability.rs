@@ -200,15 +200,13 @@ async fn a_channel_server_cut_off_from_the_ring_manager_fences_before_its_slots_
     let mut servers = Vec::new();
     let paths = [("cs-1", &rm_url), ("cs-2", &rm_url), ("cs-3", &via_proxy)];
     for ((id, ring_manager), tls) in paths.into_iter().zip(&cs_tls) {
-        let listen = free_addr().to_string();
+        // On a port of its own choosing, advertised as bound.
         let args = [
             "channel-server",
             "--id",
             id,
             "--listen",
-            &listen,
-            "--advertise",
-            &listen,
+            "127.0.0.1:0",
             "--ring-manager",
             ring_manager,
         ];
