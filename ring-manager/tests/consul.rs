@@ -939,6 +939,58 @@ async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() 
     with.destroy_session(&session).await.unwrap();
 }
 
+/// One ring manager campaigning on `ring` with session TTL `ttl` until `cancel`, and once it
+/// leads: whether it still does, its gRPC address, its session, and its task.
+struct Alone {
+    leading: tokio::sync::watch::Receiver<Option<ring_manager::RingManager>>,
+    listen: std::net::SocketAddr,
+    session: String,
+    task: tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
+}
+
+impl Alone {
+    async fn lead(ring: &ConsulRing, ttl: Duration, cancel: &CancellationToken) -> Alone {
+        let listen = free_port();
+        let config = LeaderConfig {
+            endpoint: format!("http://{listen}"),
+            listen,
+            session_ttl: ttl,
+            lock_delay: LOCK_DELAY,
+            nearest: vec![],
+        };
+        let (leadership, leading) = tokio::sync::watch::channel(None);
+        let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
+        let task = tokio::spawn(cluster::run_leader_election_with(
+            ring.clone(),
+            ring_manager::Config::default(),
+            config,
+            leadership,
+            authorizer,
+            cancel.clone(),
+        ));
+        eventually("it leads", || async {
+            leading.borrow().is_some().then_some(())
+        })
+        .await;
+        let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+        let session = lock.unwrap().session.unwrap();
+        Alone {
+            leading,
+            listen,
+            session,
+            task,
+        }
+    }
+
+    /// Waits until it no longer leads.
+    async fn stepped_down(&self) {
+        eventually("it steps down", || async {
+            self.leading.borrow().is_none().then_some(())
+        })
+        .await;
+    }
+}
+
 /// A leader whose session Consul invalidates (its TTL lapsed on Consul's side, an operator
 /// destroyed it) and whose lock another session then takes stops serving at once: it watches
 /// the lock and its session, rather than waiting for its next renewal to fail (a third of a TTL
@@ -948,35 +1000,12 @@ async fn a_deposed_leader_steps_down_without_waiting_for_its_renewals() {
     let fake = FakeConsul::start().await.unwrap();
     let ring = ConsulRing::new(&fake.url(), None, "deposed").unwrap();
     let cancel = CancellationToken::new();
-    let listen = free_port();
-    let config = LeaderConfig {
-        endpoint: format!("http://{listen}"),
-        listen,
-        // Renewals every 40 s: the test's 20 s wait is over long before the first one.
-        session_ttl: Duration::from_secs(120),
-        lock_delay: LOCK_DELAY,
-        nearest: vec![],
-    };
-    let (leadership, leading) = tokio::sync::watch::channel(None);
-    let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
-    let task = tokio::spawn(cluster::run_leader_election_with(
-        ring.clone(),
-        ring_manager::Config::default(),
-        config,
-        leadership,
-        authorizer,
-        cancel.clone(),
-    ));
-    eventually("it leads", || async {
-        leading.borrow().is_some().then_some(())
-    })
-    .await;
-    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
-    let session = lock.unwrap().session.unwrap();
+    // Renewals every 40 s: the test's 20 s wait is over long before the first one.
+    let leader = Alone::lead(&ring, Duration::from_secs(120), &cancel).await;
 
     // Consul invalidates its session; once the lock delay is over, another session takes the
     // lock.
-    fake.expire_session(&session);
+    fake.expire_session(&leader.session);
     let usurper = ring
         .consul
         .create_session("usurper", TTL, LOCK_DELAY)
@@ -995,16 +1024,13 @@ async fn a_deposed_leader_steps_down_without_waiting_for_its_renewals() {
             .then_some(())
     })
     .await;
-    eventually("the deposed leader stops serving", || async {
-        leading.borrow().is_none().then_some(())
-    })
-    .await;
+    leader.stepped_down().await;
     assert!(
-        tokio::net::TcpStream::connect(listen).await.is_err(),
+        tokio::net::TcpStream::connect(leader.listen).await.is_err(),
         "its gRPC port is closed"
     );
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
 }
 
 /// A TCP proxy to `upstream` that, once `stalled` is set, blackholes every byte both ways on
@@ -1063,43 +1089,17 @@ async fn a_leader_cut_off_from_consul_steps_down_before_its_session_can_lapse() 
     let ring = ConsulRing::new(&format!("http://{proxy}"), None, "cut-off").unwrap();
     let direct = ConsulRing::new(&fake.url(), None, "cut-off").unwrap();
     let cancel = CancellationToken::new();
-    let listen = free_port();
-    let config = LeaderConfig {
-        endpoint: format!("http://{listen}"),
-        listen,
-        session_ttl: TTL,
-        lock_delay: LOCK_DELAY,
-        nearest: vec![],
-    };
-    let (leadership, leading) = tokio::sync::watch::channel(None);
-    let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
-    let task = tokio::spawn(cluster::run_leader_election_with(
-        ring.clone(),
-        ring_manager::Config::default(),
-        config,
-        leadership,
-        authorizer,
-        cancel.clone(),
-    ));
-    eventually("it leads", || async {
-        leading.borrow().is_some().then_some(())
-    })
-    .await;
-    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
-    let session = lock.unwrap().session.unwrap();
+    let leader = Alone::lead(&ring, TTL, &cancel).await;
 
     stalled.store(true, std::sync::atomic::Ordering::SeqCst);
-    eventually("the cut-off leader steps down", || async {
-        leading.borrow().is_none().then_some(())
-    })
-    .await;
+    leader.stepped_down().await;
     // Consul has not invalidated its session yet: nobody else could have taken the lock.
     let (lock, _) = direct.consul.get(&direct.lock_key(), None).await.unwrap();
     assert_eq!(
         lock.and_then(|l| l.session),
-        Some(session),
+        Some(leader.session),
         "it stepped down only after its session lapsed"
     );
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
 }
