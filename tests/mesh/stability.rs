@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use channel_client::wire::event_to_proto;
-use mesh_core::{ChannelEvent, ChannelId, EventBody, UserId};
-use mesh_proto::channel::PublishRequest;
+use mesh_core::{ChannelEvent, ChannelId, EventBody, NodeId, Ring, UserId};
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use mesh_proto::channel::{LeaseStatusRequest, PublishRequest};
 use mesh_transport::Role;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -132,6 +132,14 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, n: usize, dead: A
     }
 }
 
+/// A channel that `node` owns on `ring`.
+fn owned_by(ring: &Ring, node: &NodeId) -> ChannelId {
+    (0..)
+        .map(|i| ChannelId::new(&format!("CCUT{i}")).unwrap())
+        .find(|c| ring.owner_of(c).is_some_and(|o| &o.id == node))
+        .unwrap()
+}
+
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -184,7 +192,7 @@ async fn publish(
 async fn a_channel_server_cut_off_from_the_ring_manager_fences_before_its_slots_move() {
     // Every certificate first: issuing one rewrites the CA file a starting process reads.
     let rm_tls = child_tls(Role::RingManager, "rm");
-    let cs_tls: Vec<_> = ["cs-1", "cs-2", "cs-3"]
+    let cs_tls: Vec<_> = ["cs-1", "cs-2", "cs-3", "cs-4"]
         .iter()
         .map(|id| child_tls(Role::ChannelServer, id))
         .collect();
@@ -223,11 +231,9 @@ async fn a_channel_server_cut_off_from_the_ring_manager_fences_before_its_slots_
         .nodes()
         .iter()
         .find(|n| n.id.as_str() == "cs-3")
-        .unwrap();
-    let channel = (0..)
-        .map(|i| ChannelId::new(&format!("CCUT{i}")).unwrap())
-        .find(|c| ring.owner_of(c).unwrap().id == cut_off.id)
-        .unwrap();
+        .unwrap()
+        .clone();
+    let channel = owned_by(&ring, &cut_off.id);
     let connection =
         mesh_transport::endpoint_with(&cut_off.addr, &acting_as(Role::Admin, "admin-1"))
             .unwrap()
@@ -263,6 +269,42 @@ async fn a_channel_server_cut_off_from_the_ring_manager_fences_before_its_slots_
     .await;
     let (_, members) = ring_with(rm, &operator).await;
     assert_eq!(state_of(&members, "cs-3"), "active", "{members:?}");
+
+    // Its ring watch went quiet on the dead path too: keepalive breaks it, and cs-3 follows
+    // the next ring (cs-4 joining).
+    let args = [
+        "channel-server",
+        "--id",
+        "cs-4",
+        "--listen",
+        "127.0.0.1:0",
+        "--ring-manager",
+        &rm_url,
+    ];
+    servers.push(service(&cs_tls[3], &args));
+    let ring = eventually("four active channel servers", || async {
+        let (ring, _) = ring_with(rm, &operator).await;
+        (ring.nodes().len() == 4).then_some(ring)
+    })
+    .await;
+    let as_peer =
+        mesh_transport::endpoint_with(&cut_off.addr, &acting_as(Role::ChannelServer, "cs-9"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    eventually("cs-3 follows the new ring", || async {
+        let status = ChannelServerClient::new(as_peer.clone())
+            .lease_status(LeaseStatusRequest {
+                node_id: "cs-9".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (status.holds_lease && status.epoch >= ring.epoch()).then_some(())
+    })
+    .await;
+    let channel = owned_by(&ring, &cut_off.id);
 
     // A partition: cs-3 cannot reach the ring manager at all, while its peers still hear it.
     // cs-3 must refuse writes (no_lease) before the ring manager gives its slot away, and

@@ -30,7 +30,7 @@ use mesh_proto::ring::ring_manager_client::RingManagerClient;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::consul_ring::ConsulRing;
 use crate::source::{RingSource, RingWatcher};
@@ -43,10 +43,11 @@ const OPEN_TIMEOUT: Duration = Duration::from_millis(500);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Heartbeats remembered for matching replies to their sending time.
 const SENT_LOG: usize = 64;
-/// HTTP/2 pings on the lease connection, even while idle, and how long one may go unanswered.
+/// HTTP/2 pings on the lease and ring watch connections, even while idle, and how long one may
+/// go unanswered.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
-/// TCP keepalive on the lease connection (a host gone without a reset).
+/// TCP keepalive on those connections (a host gone without a reset).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// While the lease is lapsed, how often the node gathers evidence again.
@@ -61,6 +62,16 @@ pub const STABLE_GRANT: Duration = Duration::from_millis(150);
 /// How long a call waits for the node to be allowed to serve (a renewal, or a decision after
 /// its lease lapsed) before it is refused with `no_lease`.
 pub const SERVING_WAIT: Duration = Duration::from_millis(500);
+
+/// `endpoint` with HTTP/2 pings (even while idle) and TCP keepalive: a stream to a ring manager
+/// that froze, or whose host vanished without a reset, breaks instead of hanging.
+pub(crate) fn with_keepalive(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+}
 
 /// Why the node does not serve, as callers read it.
 const NEVER_RENEWED: &str = "lease lapsed: no word from the ring manager";
@@ -350,13 +361,9 @@ impl Lease {
             });
         let open = async {
             let endpoint = source.endpoint().await.map_err(|e| e.to_string())?;
-            let channel = mesh_transport::endpoint(&endpoint)
-                .map_err(|e| e.to_string())?
+            let channel = mesh_transport::endpoint(&endpoint).map_err(|e| e.to_string())?;
+            let channel = with_keepalive(channel)
                 .connect_timeout(OPEN_TIMEOUT)
-                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .tcp_keepalive(Some(TCP_KEEPALIVE))
                 .connect()
                 .await
                 .map_err(|e| e.to_string())?;
