@@ -5,7 +5,7 @@
 //! node: a node therefore stops serving before anyone can take its slots (fencing).
 //!
 //! The lease stream is watched both ways: HTTP/2 and TCP keepalive on its connection, and a
-//! reply deadline a little longer than the lease on the stream itself. A ring manager that
+//! reply deadline (twice the lease and a beat) on the stream itself. A ring manager that
 //! freezes, or a host gone without a reset, is a broken stream: dropped and dialled again.
 //!
 //! Static stability — serving on the last ring while no ring manager can act — is entered only
@@ -45,8 +45,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 const SENT_LOG: usize = 64;
 /// HTTP/2 pings on the lease and ring watch connections, even while idle, and how long one may
 /// go unanswered.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// TCP keepalive on those connections (a host gone without a reset).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -376,9 +376,11 @@ impl Lease {
             .await
             .map_err(|_| format!("no lease stream within {OPEN_TIMEOUT:?}"))??
             .into_inner();
-        // Silence past a heartbeat interval beyond the lease is a broken stream: the ring
-        // manager is frozen or gone, or the path to it is.
-        let deadline = lease + interval;
+        // Silence for twice the lease (and a beat) is a broken stream: the ring manager is
+        // frozen or gone, or the path to it is. Not sooner: the lease has lapsed at the first
+        // missing reply anyway, and a stream the ring manager sees end makes it probe the node
+        // at once — a busy host must not turn slow replies into that.
+        let deadline = 2 * lease + interval;
         loop {
             let reply = match tokio::time::timeout(deadline, replies.message()).await {
                 Err(_) => return Err(format!("no reply within {deadline:?}")),
