@@ -55,6 +55,10 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// How long one question (a peer's `LeaseStatus`, Consul's lock) may take; no answer in time
 /// is no evidence.
 pub const QUESTION_TIMEOUT: Duration = Duration::from_millis(100);
+/// While fenced, the pause before asking again doubles from [`CHECK_EVERY`] up to this: a node
+/// cut off for long asks its peers a few times a second, not twenty (a busy host whose leases
+/// lapse must not be loaded further by the questions).
+pub const FENCED_RECHECK_MAX: Duration = Duration::from_millis(400);
 /// How long evidence that no ring manager leads lets the node serve, from when it was asked
 /// for. It must end before a ring manager that comes back could give the node's slots away:
 /// see docs/decisions.md ("Static stability only on evidence").
@@ -416,6 +420,7 @@ impl Lease {
     /// `cancel`.
     pub async fn decide_while_lapsed(&self, witnesses: Witnesses, cancel: CancellationToken) {
         let mut peers = Peers::default();
+        let mut fenced_rounds = 0u32;
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -428,6 +433,7 @@ impl Lease {
                 s.renewed_at.is_some() && !s.revoked && !s.holds_lease(Instant::now())
             };
             if !lapsed {
+                fenced_rounds = 0;
                 continue;
             }
             let asked_at = Instant::now();
@@ -449,8 +455,26 @@ impl Lease {
                     ),
                 }
             }
+            if matches!(verdict, Verdict::Fence(_)) {
+                let pause = fenced_pause(fenced_rounds);
+                fenced_rounds = fenced_rounds.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            } else {
+                fenced_rounds = 0;
+            }
         }
     }
+}
+
+/// The extra pause before asking again after `rounds` fenced verdicts in a row.
+fn fenced_pause(rounds: u32) -> Duration {
+    CHECK_EVERY
+        .saturating_mul(1 << rounds.min(8))
+        .saturating_sub(CHECK_EVERY)
+        .min(FENCED_RECHECK_MAX)
 }
 
 /// Whom a node whose lease lapsed asks whether a ring manager leads.
@@ -553,6 +577,13 @@ mod tests {
             "a lapsed lease fences until a decision"
         );
         assert!(!lease.status().holds_lease);
+    }
+
+    #[test]
+    fn a_fenced_node_asks_less_and_less_often() {
+        // On top of the tick: at once, then 50, 150, 350, at most 400 ms more.
+        let pauses: Vec<u64> = (0..6).map(|r| fenced_pause(r).as_millis() as u64).collect();
+        assert_eq!(pauses, [0, 50, 150, 350, 400, 400]);
     }
 
     #[test]
