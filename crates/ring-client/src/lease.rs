@@ -4,9 +4,10 @@
 //! lease length, which is shorter than the silence after which the ring manager suspects the
 //! node: a node therefore stops serving before anyone can take its slots (fencing).
 //!
-//! The lease stream is watched both ways: HTTP/2 and TCP keepalive on its connection, and a
-//! reply deadline (twice the lease and a beat) on the stream itself. A ring manager that
-//! freezes, or a host gone without a reset, is a broken stream: dropped and dialled again.
+//! The lease stream is watched both ways: a reply deadline (twice the lease and a beat) on the
+//! stream itself, and HTTP/2 and TCP keepalive on its connection as a backstop. A dead path, or
+//! a ring manager gone without a reset, is a broken stream: dropped and dialled again — but not
+//! while the peers confirm the ring manager is sick, when the stream resumes with it.
 //!
 //! Static stability — serving on the last ring while no ring manager can act — is entered only
 //! on positive evidence that none leads ([`decide`]): when the lease lapses, the node asks its
@@ -43,10 +44,15 @@ const OPEN_TIMEOUT: Duration = Duration::from_millis(500);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Heartbeats remembered for matching replies to their sending time.
 const SENT_LOG: usize = 64;
-/// HTTP/2 pings on the lease and ring watch connections, even while idle, and how long one may
-/// go unanswered.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on the lease connection, even while idle, and how long one may go unanswered:
+/// a backstop for a ring manager whose host vanished, longer than a freeze the mesh rides out
+/// (a connection the node drops during a freeze is a stream the ring manager sees end when it
+/// wakes, and probes the node for at once).
+const LEASE_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(10));
+/// The same on a ring watch connection, which may break freely: it is quiet between rings, and
+/// keepalive is all that notices a dead path under it.
+pub(crate) const WATCH_KEEPALIVE: (Duration, Duration) =
+    (Duration::from_secs(2), Duration::from_secs(3));
 /// TCP keepalive on those connections (a host gone without a reset).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -69,10 +75,13 @@ pub const SERVING_WAIT: Duration = Duration::from_millis(500);
 
 /// `endpoint` with HTTP/2 pings (even while idle) and TCP keepalive: a stream to a ring manager
 /// that froze, or whose host vanished without a reset, breaks instead of hanging.
-pub(crate) fn with_keepalive(endpoint: Endpoint) -> Endpoint {
+pub(crate) fn with_keepalive(
+    endpoint: Endpoint,
+    (interval, timeout): (Duration, Duration),
+) -> Endpoint {
     endpoint
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_interval(interval)
+        .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true)
         .tcp_keepalive(Some(TCP_KEEPALIVE))
 }
@@ -256,6 +265,13 @@ impl Lease {
         self.handed_off_epoch.fetch_max(epoch, Ordering::Relaxed);
     }
 
+    /// Whether the node serves on evidence that the ring manager is sick (static stability).
+    fn manager_sick(&self) -> bool {
+        self.state()
+            .stable_until
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     /// A reply renewed the lease until `until`.
     fn renew(&self, until: Instant) {
         {
@@ -366,7 +382,7 @@ impl Lease {
         let open = async {
             let endpoint = source.endpoint().await.map_err(|e| e.to_string())?;
             let channel = mesh_transport::endpoint(&endpoint).map_err(|e| e.to_string())?;
-            let channel = with_keepalive(channel)
+            let channel = with_keepalive(channel, LEASE_KEEPALIVE)
                 .connect_timeout(OPEN_TIMEOUT)
                 .connect()
                 .await
@@ -380,13 +396,17 @@ impl Lease {
             .await
             .map_err(|_| format!("no lease stream within {OPEN_TIMEOUT:?}"))??
             .into_inner();
-        // Silence for twice the lease (and a beat) is a broken stream: the ring manager is
-        // frozen or gone, or the path to it is. Not sooner: the lease has lapsed at the first
-        // missing reply anyway, and a stream the ring manager sees end makes it probe the node
-        // at once — a busy host must not turn slow replies into that.
+        // Silence for twice the lease (and a beat) is a broken stream: the path to the ring
+        // manager is dead, or the ring manager is gone. Not sooner: the lease has lapsed at
+        // the first missing reply anyway, and a stream the ring manager sees end makes it probe
+        // the node at once. Nor while the peers confirm the ring manager is sick (static
+        // stability): then the stream is not what is broken, and it resumes when the ring
+        // manager does.
         let deadline = 2 * lease + interval;
         loop {
+            // Cancel-safe: a message() dropped at the deadline loses nothing.
             let reply = match tokio::time::timeout(deadline, replies.message()).await {
+                Err(_) if self.manager_sick() => continue,
                 Err(_) => return Err(format!("no reply within {deadline:?}")),
                 Ok(Err(status)) => return Err(status.to_string()),
                 Ok(Ok(None)) => return Err("the ring manager ended the stream".into()),
