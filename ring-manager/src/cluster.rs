@@ -96,6 +96,7 @@ pub async fn run_leader_election_with(
     let mut backoff = BACKOFF_MIN;
     while !cancel.is_cancelled() {
         let name = format!("channelmesh-ring-manager {}", config.endpoint);
+        let created = Instant::now();
         let session = match ring
             .consul
             .create_session(&name, config.session_ttl, config.lock_delay)
@@ -119,6 +120,7 @@ pub async fn run_leader_election_with(
             ring.consul.clone(),
             session.clone(),
             config.session_ttl,
+            created,
             session_alive.clone(),
         ));
         campaign(
@@ -148,40 +150,73 @@ pub async fn run_leader_election_with(
 /// The last good ring record a ring manager saw as a reader.
 type LastGood = watch::Receiver<Option<Arc<Record>>>;
 
-/// Renews `session` every third of its TTL; cancels `alive` when Consul says it is gone or
-/// when no renewal succeeded for a whole TTL.
-async fn renew(consul: Consul, session: String, ttl: Duration, alive: CancellationToken) {
-    let mut last_ok = Instant::now();
+/// How often a leader whose renewal failed tries again.
+const RENEW_RETRY: Duration = Duration::from_millis(500);
+
+/// Renews `session` every third of its TTL (every [`RENEW_RETRY`] after a failure); cancels
+/// `alive` when Consul says it is gone, or when it could not be renewed for so long that Consul
+/// may soon invalidate it ([`must_step_down_at`]) — before anyone else can take the lock.
+/// `created` is when the session's creation was sent: its TTL runs from no earlier.
+async fn renew(
+    consul: Consul,
+    session: String,
+    ttl: Duration,
+    created: Instant,
+    alive: CancellationToken,
+) {
+    let mut renewed = created;
+    let mut pause = ttl / 3;
     loop {
+        let deadline = tokio::time::Instant::from_std(must_step_down_at(renewed, ttl));
         tokio::select! {
             _ = alive.cancelled() => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
-        let lost = match consul.renew_session(&session).await {
-            Ok(true) => {
-                last_ok = Instant::now();
+        let sent = Instant::now();
+        // Cancel-safe: a dropped renewal changes nothing we rely on.
+        let outcome = tokio::select! {
+            _ = alive.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => None,
+            r = consul.renew_session(&session) => Some(r),
+        };
+        let invalidated = match outcome {
+            Some(Ok(true)) => {
+                renewed = sent;
+                pause = ttl / 3;
                 false
             }
-            Ok(false) => {
-                tracing::warn!(%session, "consul session was invalidated");
-                true
-            }
-            Err(e) => {
+            Some(Ok(false)) => true,
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "cannot renew the consul session");
-                lapsed(last_ok.elapsed(), ttl)
+                pause = RENEW_RETRY;
+                false
             }
+            None => false,
         };
-        if lost {
-            alive.cancel();
-            return;
+        if invalidated {
+            tracing::warn!(%session, "consul session was invalidated");
+        } else if Instant::now() >= must_step_down_at(renewed, ttl) {
+            tracing::warn!(
+                %session,
+                since_renewed = ?renewed.elapsed(),
+                "no session renewal for nearly a TTL: stepping down before consul may \
+                 invalidate the session and let another ring manager take the lock"
+            );
+        } else {
+            continue;
         }
+        alive.cancel();
+        return;
     }
 }
 
-/// Whether a session last renewed `since_renewed` ago is lost to renewals that keep failing:
-/// after a whole TTL, Consul may have invalidated it.
-fn lapsed(since_renewed: Duration, ttl: Duration) -> bool {
-    since_renewed >= ttl
+/// When a leader whose session was last renewed by a request sent at `renewed` must stop:
+/// a tenth of the TTL before Consul may invalidate the session (never earlier than a TTL after
+/// the renewal's arrival, so never before `renewed + ttl`), after which the lock can pass to
+/// another ring manager once its lock-delay is over.
+fn must_step_down_at(renewed: Instant, ttl: Duration) -> Instant {
+    renewed + ttl - ttl / 10
 }
 
 /// The next retry pause after `backoff`: twice as long, at most [`BACKOFF_MAX`].
@@ -717,9 +752,17 @@ mod tests {
     }
 
     #[test]
-    fn a_session_is_lost_after_a_whole_ttl_without_a_renewal() {
-        assert!(!lapsed(DEFAULT_SESSION_TTL / 3 * 2, DEFAULT_SESSION_TTL));
-        assert!(lapsed(DEFAULT_SESSION_TTL, DEFAULT_SESSION_TTL));
+    fn a_leader_that_cannot_renew_steps_down_before_its_session_may_be_invalidated() {
+        let renewed = Instant::now();
+        let at = must_step_down_at(renewed, DEFAULT_SESSION_TTL);
+        assert!(
+            at > renewed + DEFAULT_SESSION_TTL / 3 * 2,
+            "not at one failure"
+        );
+        assert!(
+            at < renewed + DEFAULT_SESSION_TTL,
+            "before consul may invalidate it"
+        );
     }
 
     fn saved(epoch: u64) -> Saved {

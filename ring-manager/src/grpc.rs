@@ -3,8 +3,9 @@
 //! answer back, and maps every refusal to a `tonic::Status` in one table (`status`); the
 //! failure monitor's health-check probe of a channel server is here too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use mesh_core::{IdError, NodeId, Ring};
@@ -43,6 +44,7 @@ pub async fn serve(
         .add_service(RingManagerServer::new(Service {
             manager,
             authorizer,
+            streams: Arc::default(),
         }))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -275,6 +277,48 @@ struct Service {
     manager: RingManager,
     /// Refuses a node or gateway that acts as another (the table was checked before).
     authorizer: Authorizer,
+    /// Each node's latest lease stream.
+    streams: Arc<LeaseStreams>,
+}
+
+/// Which lease stream of a node incarnation is its latest: only the end of that one says the
+/// node lost its stream. A node redials a silent stream (say while the ring manager was
+/// frozen); the end of the stream it gave up on may be read after its new stream's heartbeats,
+/// and must not make the node look cut off.
+#[derive(Debug, Default)]
+struct LeaseStreams {
+    next: std::sync::atomic::AtomicU64,
+    latest: std::sync::Mutex<HashMap<(NodeId, u64), u64>>,
+}
+
+impl LeaseStreams {
+    /// A new stream's number.
+    fn open(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn latest(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, u64), u64>> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stream `stream` carried a heartbeat of `holder`: it is the holder's latest.
+    fn heard(&self, holder: &(NodeId, u64), stream: u64) {
+        let mut latest = self.latest();
+        if latest.get(holder) != Some(&stream) {
+            latest.insert(holder.clone(), stream);
+        }
+    }
+
+    /// Stream `stream` of `holder` ended: whether it was the holder's latest.
+    fn ended(&self, holder: &(NodeId, u64), stream: u64) -> bool {
+        let mut latest = self.latest();
+        if latest.get(holder) == Some(&stream) {
+            latest.remove(holder);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Service {
@@ -340,6 +384,7 @@ impl RingManagerRpc for Service {
         let mut heartbeats = request.into_inner();
         let (tx, rx) = mpsc::channel(LEASE_REPLY_QUEUE);
         let (manager, this) = (self.manager.clone(), self.clone());
+        let stream = self.streams.open();
         self.manager.tracker().spawn(async move {
             let mut holder: Option<(NodeId, u64)> = None;
             loop {
@@ -361,7 +406,9 @@ impl RingManagerRpc for Service {
                     break;
                 };
                 let valid = manager.heartbeat(&id, hb.incarnation, hb.handed_off_epoch);
-                holder = Some((id, hb.incarnation));
+                let heard = (id, hb.incarnation);
+                this.streams.heard(&heard, stream);
+                holder = Some(heard);
                 let reply = pb::LeaseReply {
                     seq: hb.seq,
                     valid,
@@ -371,8 +418,10 @@ impl RingManagerRpc for Service {
                 let _ = tx.try_send(Ok(reply));
             }
             tracing::debug!(holder = ?holder, "lease stream ended");
-            if let Some((id, incarnation)) = holder {
-                manager.lease_ended(&id, incarnation);
+            if let Some(holder) = holder
+                && this.streams.ended(&holder, stream)
+            {
+                manager.lease_ended(&holder.0, holder.1);
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -503,6 +552,18 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    #[test]
+    fn only_the_end_of_a_nodes_latest_lease_stream_counts() {
+        let streams = LeaseStreams::default();
+        let node = (NodeId::new("cs-1").unwrap(), 1);
+        let (old, new) = (streams.open(), streams.open());
+        streams.heard(&node, old);
+        // The node redialled: its new stream is heard before the old one's end is read.
+        streams.heard(&node, new);
+        assert!(!streams.ended(&node, old), "a stream given up on");
+        assert!(streams.ended(&node, new), "its only stream");
+    }
     use crate::membership::NodeState;
 
     fn id(s: &str) -> NodeId {

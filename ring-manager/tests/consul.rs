@@ -1090,3 +1090,168 @@ async fn a_change_the_leader_cannot_write_to_consul_is_not_acknowledged() {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+/// One ring manager campaigning on `ring` with session TTL `ttl` until `cancel`, and once it
+/// leads: whether it still does, its gRPC address, its session, and its task.
+struct Alone {
+    leading: tokio::sync::watch::Receiver<Option<ring_manager::RingManager>>,
+    listen: std::net::SocketAddr,
+    session: String,
+    task: tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
+}
+
+impl Alone {
+    async fn lead(ring: &ConsulRing, ttl: Duration, cancel: &CancellationToken) -> Alone {
+        let listen = free_port();
+        let config = LeaderConfig {
+            endpoint: format!("http://{listen}"),
+            listen,
+            session_ttl: ttl,
+            lock_delay: LOCK_DELAY,
+            nearest: vec![],
+        };
+        let (leadership, leading) = tokio::sync::watch::channel(None);
+        let authorizer = mesh_transport::Authorizer::new(&mesh_telemetry::Telemetry::default());
+        let task = tokio::spawn(cluster::run_leader_election_with(
+            ring.clone(),
+            ring_manager::Config::default(),
+            config,
+            leadership,
+            authorizer,
+            cancel.clone(),
+        ));
+        eventually("it leads", || async {
+            leading.borrow().is_some().then_some(())
+        })
+        .await;
+        let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+        let session = lock.unwrap().session.unwrap();
+        Alone {
+            leading,
+            listen,
+            session,
+            task,
+        }
+    }
+
+    /// Waits until it no longer leads.
+    async fn stepped_down(&self) {
+        eventually("it steps down", || async {
+            self.leading.borrow().is_none().then_some(())
+        })
+        .await;
+    }
+}
+
+/// A leader whose session Consul invalidates (its TTL lapsed on Consul's side, an operator
+/// destroyed it) and whose lock another session then takes stops serving at once: it watches
+/// the lock and its session, rather than waiting for its next renewal to fail (a third of a TTL
+/// that here is far longer than the wait).
+#[tokio::test]
+async fn a_deposed_leader_steps_down_without_waiting_for_its_renewals() {
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "deposed").unwrap();
+    let cancel = CancellationToken::new();
+    // Renewals every 40 s: the test's 20 s wait is over long before the first one.
+    let leader = Alone::lead(&ring, Duration::from_secs(120), &cancel).await;
+
+    // Consul invalidates its session; once the lock delay is over, another session takes the
+    // lock.
+    fake.expire_session(&leader.session);
+    let usurper = ring
+        .consul
+        .create_session("usurper", TTL, LOCK_DELAY)
+        .await
+        .unwrap();
+    eventually("the usurper holds the lock", || async {
+        let info = serde_json::to_vec(&cluster::LeaderInfo {
+            endpoint: "http://127.0.0.1:1".into(),
+            pid: 1,
+        })
+        .unwrap();
+        ring.consul
+            .acquire(&ring.lock_key(), &usurper, info)
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+    leader.stepped_down().await;
+    assert!(
+        tokio::net::TcpStream::connect(leader.listen).await.is_err(),
+        "its gRPC port is closed"
+    );
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
+}
+
+/// A TCP proxy to `upstream` that, once `stalled` is set, blackholes every byte both ways on
+/// every connection, old and new, without closing any: Consul gone without a reset.
+async fn stalling_proxy(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, flag.clone()));
+            tokio::spawn(pump(sr, cw, flag.clone()));
+        }
+    });
+    (addr, stalled)
+}
+
+/// Copies `from` to `to` until either closes, dropping every byte while `stalled`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A leader cut off from Consul cannot watch its lock: it steps down on its own, before Consul
+/// may invalidate its session (a TTL after the last renewal) and let another ring manager take
+/// the lock — not after its renewals have failed for a whole TTL, when another may lead already.
+#[tokio::test]
+async fn a_leader_cut_off_from_consul_steps_down_before_its_session_can_lapse() {
+    let fake = FakeConsul::start().await.unwrap();
+    // The leader reaches Consul through a proxy that will blackhole it; the test directly.
+    let (proxy, stalled) = stalling_proxy(fake.addr()).await;
+    let ring = ConsulRing::new(&format!("http://{proxy}"), None, "cut-off").unwrap();
+    let direct = ConsulRing::new(&fake.url(), None, "cut-off").unwrap();
+    let cancel = CancellationToken::new();
+    let leader = Alone::lead(&ring, TTL, &cancel).await;
+
+    stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    leader.stepped_down().await;
+    // Consul has not invalidated its session yet: nobody else could have taken the lock.
+    let (lock, _) = direct.consul.get(&direct.lock_key(), None).await.unwrap();
+    assert_eq!(
+        lock.and_then(|l| l.session),
+        Some(leader.session),
+        "it stepped down only after its session lapsed"
+    );
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
+}

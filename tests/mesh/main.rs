@@ -32,6 +32,7 @@ mod reflection;
 mod regions;
 mod resume;
 mod revocation;
+mod stability;
 mod support;
 mod team_caps;
 mod tls;

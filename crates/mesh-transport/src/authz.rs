@@ -37,6 +37,7 @@ pub mod rpc {
     pub const HISTORY: &str = "/channelmesh.channel.v1.ChannelServer/History";
     pub const SUBSCRIBE: &str = "/channelmesh.channel.v1.ChannelServer/Subscribe";
     pub const HANDOFF: &str = "/channelmesh.channel.v1.ChannelServer/Handoff";
+    pub const LEASE_STATUS: &str = "/channelmesh.channel.v1.ChannelServer/LeaseStatus";
     pub const SESSION: &str = "/channelmesh.presence.v1.Presence/Session";
     pub const QUERY: &str = "/channelmesh.presence.v1.Presence/Query";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -77,6 +78,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     (rpc::SUBSCRIBE, &[Gateway]),
     // A channel server hands a moved slot's state to its new owner (as the ring names it).
     (rpc::HANDOFF, &[ChannelServer]),
+    // A channel server whose lease lapsed asks its peers whether they hear the ring manager.
+    (rpc::LEASE_STATUS, &[ChannelServer]),
     // A gateway's presence session (as itself); lookups by gateways and admin servers.
     (rpc::SESSION, &[Gateway]),
     (rpc::QUERY, &[Gateway, Admin]),

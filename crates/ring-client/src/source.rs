@@ -148,10 +148,14 @@ async fn follow_once(
     tx: &watch::Sender<Arc<Ring>>,
     backoff: &mut Duration,
 ) -> Result<(), Error> {
-    let channel = mesh_transport::endpoint(endpoint)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await?;
+    // The stream is quiet between rings: keepalive is what notices a dead path.
+    let channel = crate::lease::with_keepalive(
+        mesh_transport::endpoint(endpoint)?,
+        crate::lease::WATCH_KEEPALIVE,
+    )
+    .connect_timeout(CONNECT_TIMEOUT)
+    .connect()
+    .await?;
     let mut stream = RingManagerClient::new(channel)
         .watch_ring(WatchRingRequest {})
         .await?

@@ -386,6 +386,25 @@ impl ChannelServerRpc for ChannelService {
         }))
     }
 
+    async fn lease_status(
+        &self,
+        request: Request<pb::LeaseStatusRequest>,
+    ) -> Result<Response<pb::LeaseStatusResponse>, Status> {
+        let asking = request.into_inner().node_id;
+        let ownership = &self.inner.ownership;
+        let status = ownership.lease().status();
+        tracing::debug!(%asking, ?status, "a peer asked about this node's lease");
+        Ok(Response::new(pb::LeaseStatusResponse {
+            node_id: ownership.node().to_string(),
+            holds_lease: status.holds_lease,
+            revoked: status.revoked,
+            renewed_ms_ago: status.renewed_ago.map_or(0, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            }),
+            epoch: ownership.ring().current().epoch(),
+        }))
+    }
+
     async fn handoff(
         &self,
         request: Request<Streaming<pb::HandoffChunk>>,

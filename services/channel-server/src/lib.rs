@@ -107,6 +107,19 @@ pub async fn serve(
         pid: std::process::id(),
         standby: config.standby,
     };
+    // When its lease lapses, the node asks its peers (and Consul) whether a ring manager leads.
+    let witnesses = ring_client::lease::Witnesses {
+        node: config.node.to_string(),
+        ring: ring.clone(),
+        consul: match &config.ring {
+            ring_client::RingSource::Consul(consul) => Some(consul.clone()),
+            ring_client::RingSource::Direct(_) => None,
+        },
+    };
+    {
+        let (lease, cancel) = (lease.clone(), cancel.clone());
+        tracker.spawn(async move { lease.decide_while_lapsed(witnesses, cancel).await });
+    }
     let joined =
         ring_client::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
     if let Err(e) = joined {

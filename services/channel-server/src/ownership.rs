@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use mesh_core::{NodeId, Ring, Slot};
+use ring_client::lease::SERVING_WAIT;
 use ring_client::{Lease, RingWatcher};
 
 use crate::error::ServeError;
@@ -74,9 +75,12 @@ impl Ownership {
     /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
     /// little for a newer ring than it knows; returns the ring it checked against.
     pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
-        if !self.lease.is_serving() {
-            return Err(ServeError::NoLease(self.lease.why_not_serving()));
-        }
+        // A lapsed lease waits a little for the decision on static stability (or a renewal)
+        // rather than failing the call while it is being made.
+        self.lease
+            .wait_serving(SERVING_WAIT)
+            .await
+            .map_err(ServeError::NoLease)?;
         let waiting = self
             .warming()
             .waiting_for(slot, tokio::time::Instant::now());
