@@ -349,6 +349,20 @@ impl Membership {
             tracing::warn!(node = %id, "node re-registered; retiring its earlier incarnation");
             self.declare_down(&id, "re-registered", now);
         }
+        // A standby waits to take over a dead node's slots; once every active node is gone
+        // (declared down with no standby left) there is nobody to take over from, and a mesh of
+        // standbys would serve nothing until an operator noticed: the first to register
+        // serves. Not on a ring that never had an owner (a mesh still starting).
+        let standby = if standby && self.ring.epoch() > 0 && self.active_nodes().is_empty() {
+            tracing::warn!(
+                node = %id,
+                "no active node left: a standby registering takes every slot (add nodes back \
+                 with `ctl add-node`)"
+            );
+            false
+        } else {
+            standby
+        };
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let state = if standby {

@@ -180,6 +180,7 @@ async fn publish(
     let request = PublishRequest {
         epoch,
         event: Some(event_to_proto(&event)),
+        idempotency_key: String::new(),
     };
     let call = client.publish(request);
     match tokio::time::timeout(Duration::from_secs(5), call).await {

@@ -219,6 +219,30 @@ fn the_last_active_node_down_leaves_an_empty_ring() {
 }
 
 #[test]
+fn with_no_active_node_left_a_registering_standby_serves_every_slot() {
+    let now = Instant::now();
+    let mut m = with_nodes(&["a", "b"], &[], now);
+    m.declare_down(&id("a"), "test", now);
+    m.declare_down(&id("b"), "test", now);
+    assert!(m.ring().nodes().is_empty());
+    // Both come back as the lease client does after a revocation: as standbys.
+    m.register(id("a"), "a:1".into(), 0, true, now).unwrap();
+    m.register(id("b"), "b:1".into(), 0, true, now).unwrap();
+    assert_eq!(state(&m, "a"), NodeState::Active, "the first one serves");
+    assert_eq!(m.ring().slots_owned(&id("a")), mesh_core::SLOT_COUNT);
+    assert_eq!(state(&m, "b"), NodeState::Standby, "the next one waits");
+}
+
+#[test]
+fn a_standby_registering_on_a_ring_that_never_had_an_owner_waits() {
+    let now = Instant::now();
+    let mut m = with_nodes(&[], &[], now);
+    m.register(id("s"), "s:1".into(), 0, true, now).unwrap();
+    assert_eq!(state(&m, "s"), NodeState::Standby);
+    assert!(m.ring().nodes().is_empty());
+}
+
+#[test]
 fn the_history_keeps_the_newest_epochs() {
     let now = Instant::now();
     let mut m = Membership::new(SUSPECT, 2);
