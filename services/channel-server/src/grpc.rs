@@ -6,7 +6,7 @@
 mod handoff_wire;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -18,7 +18,7 @@ use mesh_proto::channel::subscribe_response::Reply;
 use mesh_transport::authz::{self, rpc};
 use mesh_transport::{Authorizer, Caller, Role};
 use ring_client::{Lease, RingWatcher};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,11 +26,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::ServeError;
-use crate::handoff::Outgoing;
+use crate::handoff::{
+    HANDOFF_CONCURRENCY, HANDOFF_GIVE_UP, HANDOFF_RETRY_PAUSE, Outgoing, Progress,
+};
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::shards::{GatewayStream, Shards, StreamReply, history_limit, now_micros};
 use crate::store::Limits;
+use crate::store::Snapshot;
 use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
 pub use channel_client::{GATEWAY_ID_HEADER, MAX_HANDOFF_MESSAGE};
@@ -86,6 +89,10 @@ struct Inner {
     gateway_queue: usize,
     metrics: Metrics,
     authorizer: Authorizer,
+    /// Which epochs' outgoing handoffs are all confirmed (drain progress).
+    progress: Mutex<Progress>,
+    /// Handoff attempts in flight at once.
+    handoff_slots: Semaphore,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -122,11 +129,21 @@ impl StreamReply for pb::SubscribeResponse {
         }
     }
 
-    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self {
+    fn subscribed(channel: &ChannelId, head: Option<Ts>, complete_after: Option<Ts>) -> Self {
         pb::SubscribeResponse {
             reply: Some(Reply::Subscribed(pb::Subscribed {
                 channel: channel.to_string(),
                 head_ts: ts_str(head),
+                complete_after_ts: ts_str(complete_after),
+            })),
+        }
+    }
+
+    fn gap(channel: &ChannelId, complete_after: Ts) -> Self {
+        pb::SubscribeResponse {
+            reply: Some(Reply::Gap(pb::HistoryGap {
+                channel: channel.to_string(),
+                complete_after_ts: complete_after.to_string(),
             })),
         }
     }
@@ -163,6 +180,8 @@ impl ChannelService {
                 gateway_queue: config.gateway_queue.max(1),
                 metrics,
                 authorizer: config.authorizer,
+                progress: Mutex::new(Progress::default()),
+                handoff_slots: Semaphore::new(HANDOFF_CONCURRENCY),
                 cancel,
                 tracker,
             }),
@@ -193,9 +212,10 @@ impl ChannelService {
         .await;
     }
 
-    /// Follows a new ring: slots gained through a handoff wait for it; slots lost through a
-    /// handoff have their state sent to the new owner; every other lost slot is dropped; the
-    /// gateways subscribed to moved channels are told so.
+    /// Follows a new ring: slots gained through a handoff wait for it (until their warm-up
+    /// runs out); slots lost through a handoff have their state sent to the new owner (each
+    /// on its own task, with its own deadline per attempt, retried until confirmed); every
+    /// other lost slot is dropped; the gateways subscribed to moved channels are told so.
     fn apply_ring(&self, previous: &Ring, ring: &Ring) {
         let ownership = &self.inner.ownership;
         let unknown = ownership.gain(previous, ring);
@@ -203,28 +223,150 @@ impl ChannelService {
             .inner
             .shards
             .follow_ring(previous, ring, ownership.node(), &unknown);
-        let (this, epoch) = (self.clone(), ring.epoch());
-        self.inner.tracker.spawn(async move {
-            for Outgoing {
-                to,
-                addr,
-                snapshots,
-            } in sends
-            {
-                let count = snapshots.len();
-                match handoff_wire::send(this.inner.ownership.node(), &addr, epoch, snapshots).await {
+        let epoch = ring.epoch();
+        self.progress(|p| p.followed(epoch, sends.len()));
+        if let Some(deadline) = ownership.next_warmup_deadline() {
+            let this = self.clone();
+            self.inner.tracker.spawn(async move {
+                tokio::select! {
+                    _ = this.inner.cancel.cancelled() => {}
+                    _ = tokio::time::sleep_until(deadline) => this.end_warmups(),
+                }
+            });
+        }
+        for outgoing in sends {
+            let this = self.clone();
+            self.inner
+                .tracker
+                .spawn(async move { this.hand_off(epoch, outgoing).await });
+        }
+    }
+
+    /// Updates the handoff progress and reports it with the lease's heartbeats.
+    fn progress(&self, update: impl FnOnce(&mut Progress)) {
+        let mut progress = self
+            .inner
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        update(&mut progress);
+        self.inner
+            .ownership
+            .lease()
+            .handed_off(progress.handed_off());
+    }
+
+    /// Slots whose warm-up ran out serve without their handoff, after their history floor
+    /// jumped to now (resumes from before it get `history_gap`, subscribed gateways are told).
+    fn end_warmups(&self) {
+        let ownership = &self.inner.ownership;
+        let due = ownership.warmup_due(tokio::time::Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            slots = due.len(),
+            "handoff did not arrive in time; serving without it, history marked incomplete"
+        );
+        self.inner.shards.mark_unknown(&due);
+        ownership.release(&due);
+    }
+
+    /// Sends one handoff of `epoch` until its new owner confirms it. The state stays here
+    /// meanwhile. Each attempt has its own deadline and at most [`HANDOFF_CONCURRENCY`] run at
+    /// once. After a failure, each channel goes to its slot's owner in the current ring (the
+    /// new owner may have died and its slots moved on), or back into this node's shards if
+    /// the slot came back. A handoff still failing after [`HANDOFF_GIVE_UP`] is abandoned,
+    /// loudly: its epoch is never reported handed off.
+    async fn hand_off(self, epoch: u64, outgoing: Outgoing) {
+        let started = Instant::now();
+        let node = self.inner.ownership.node().clone();
+        let Outgoing {
+            to,
+            addr,
+            snapshots,
+        } = outgoing;
+        // Snapshots not yet confirmed, by the node to send them to and its address.
+        let mut parcels: Vec<(NodeId, String, Vec<Snapshot>)> = vec![(to.clone(), addr, snapshots)];
+        loop {
+            let mut failed = Vec::new();
+            for (to, addr, snapshots) in parcels {
+                let permit = tokio::select! {
+                    _ = self.inner.cancel.cancelled() => return,
+                    permit = self.inner.handoff_slots.acquire() => permit,
+                };
+                let sent = handoff_wire::send(&node, &addr, epoch, &snapshots).await;
+                drop(permit);
+                let outcome = if sent.is_ok() { "ok" } else { "failed" };
+                self.inner
+                    .metrics
+                    .handoffs_sent
+                    .with_label_values(&[outcome])
+                    .inc();
+                match sent {
                     Ok(()) => {
-                        this.inner.metrics.handoffs_sent.with_label_values(&["ok"]).inc();
-                        tracing::info!(%to, channels = count, epoch, "handoff sent")
+                        tracing::info!(%to, channels = snapshots.len(), epoch, "handoff confirmed")
                     }
                     Err(e) => {
-                        this.inner.metrics.handoffs_sent.with_label_values(&["failed"]).inc();
-                        tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout")
+                        tracing::warn!(%to, error = %e, epoch, channels = snapshots.len(), "handoff failed; keeping the state and retrying");
+                        failed.push((to, addr, snapshots));
                     }
                 }
             }
-            this.inner.ownership.lease().handed_off(epoch);
-        });
+            if failed.is_empty() {
+                self.progress(|p| p.confirmed(epoch));
+                return;
+            }
+            if started.elapsed() > HANDOFF_GIVE_UP {
+                let channels: usize = failed.iter().map(|(_, _, s)| s.len()).sum();
+                self.inner
+                    .metrics
+                    .handoffs_sent
+                    .with_label_values(&["abandoned"])
+                    .inc();
+                tracing::error!(
+                    epoch,
+                    channels,
+                    "handoff abandoned: its channels' history is lost and the epoch is never reported handed off"
+                );
+                return;
+            }
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(HANDOFF_RETRY_PAUSE) => {}
+            }
+            parcels = self.retarget(&to, failed);
+        }
+    }
+
+    /// Where handoffs that failed go next: each channel to its slot's owner in the current
+    /// ring, back into this node's shards if that is this node, and the handoff's first new
+    /// owner `first` again (even with nothing, to end its warm-up) while it is on the ring.
+    fn retarget(
+        &self,
+        first: &NodeId,
+        failed: Vec<(NodeId, String, Vec<Snapshot>)>,
+    ) -> Vec<(NodeId, String, Vec<Snapshot>)> {
+        let ring = self.inner.ownership.ring().current();
+        let node = self.inner.ownership.node();
+        let mut parcels: Vec<(NodeId, String, Vec<Snapshot>)> = Vec::new();
+        if let Some(n) = ring.nodes().iter().find(|n| &n.id == first) {
+            parcels.push((n.id.clone(), n.addr.clone(), Vec::new()));
+        }
+        for snapshot in failed.into_iter().flat_map(|(_, _, s)| s) {
+            let Some(owner) = ring.owner(slot_of(&snapshot.channel)) else {
+                continue;
+            };
+            if &owner.id == node {
+                self.inner.shards.absorb(snapshot);
+                continue;
+            }
+            match parcels.iter_mut().find(|(id, ..)| id == &owner.id) {
+                Some((.., snapshots)) => snapshots.push(snapshot),
+                None => parcels.push((owner.id.clone(), owner.addr.clone(), vec![snapshot])),
+            }
+        }
+        parcels
     }
 
     /// Handles one command of a gateway's subscription stream.
@@ -249,7 +391,10 @@ impl ChannelService {
                             let reason = refusal.to_string();
                             stream.send(StreamReply::refused(&channel, epoch, &reason));
                         }
-                        Ok(_) => self.inner.shards.subscribe(stream, &channel),
+                        Ok(_) => {
+                            let delivered = s.last_ts.get(&name).and_then(|t| Ts::parse(t).ok());
+                            self.inner.shards.subscribe(stream, &channel, delivered)
+                        }
                     }
                 }
             }

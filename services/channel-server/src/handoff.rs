@@ -3,7 +3,7 @@
 //! epoch carries. The edge (`grpc.rs`) sends and receives them over gRPC; the shards take and
 //! absorb the channels' snapshots.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot};
@@ -11,8 +11,18 @@ use tokio::time::Instant;
 
 use crate::store::Snapshot;
 
-/// How long a new owner waits for a handoff before serving the moved slots without it.
-pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new owner waits for a handoff before serving the moved slots without it (their
+/// history floor then jumps to that moment: resumes across it hear `history_gap`).
+pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one attempt to send one handoff to one new owner may take.
+pub const HANDOFF_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Handoffs of one epoch sent at once.
+pub const HANDOFF_CONCURRENCY: usize = 8;
+/// Pause between attempts of a handoff that failed.
+pub const HANDOFF_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How long a handoff that keeps failing is retried before its state is given up (its epoch is
+/// then never reported handed off).
+pub const HANDOFF_GIVE_UP: Duration = Duration::from_secs(60);
 /// Channels per handoff message.
 pub const HANDOFF_CHUNK: usize = 64;
 /// How many handoffs to this node, named by the rings it followed, are remembered: a handoff
@@ -20,7 +30,8 @@ pub const HANDOFF_CHUNK: usize = 64;
 const EXPECTED_HANDOFFS: usize = 256;
 
 /// Slots this node gained in a handoff epoch and does not serve until the old owner's state
-/// arrives (or [`HANDOFF_TIMEOUT`] passes).
+/// arrives, or [`WARMUP_TIMEOUT`] passes and the slots are released ([`Warming::due`],
+/// [`Warming::release`]) after their history floor was set.
 #[derive(Debug, Default)]
 pub struct Warming {
     /// Per waiting slot: the node its state comes from, and until when to wait.
@@ -30,19 +41,43 @@ pub struct Warming {
     /// The latest handoffs to this node the rings it followed named, by (from, epoch), at
     /// most [`EXPECTED_HANDOFFS`].
     expected: VecDeque<(NodeId, u64)>,
+    /// The latest senders of handoffs to any node the rings it followed named, by (from,
+    /// epoch), at most [`EXPECTED_HANDOFFS`]: a sender whose new owner died forwards the
+    /// state to the slot's owner now.
+    senders: VecDeque<(NodeId, u64)>,
 }
 
 impl Warming {
-    /// The node `slot` waits for a handoff from at `now`, if it still waits. A wait past its
-    /// deadline ends for every slot of that node: they serve without its state.
-    pub fn waiting_for(&mut self, slot: Slot, now: Instant) -> Option<NodeId> {
-        let (from, deadline) = self.slots.get(&slot)?.clone();
-        if now < deadline {
-            return Some(from);
+    /// The node `slot` waits for a handoff from, if it still waits. A wait past its deadline
+    /// lasts until [`Warming::release`]: the slot's history floor is set first.
+    pub fn waiting_for(&self, slot: Slot) -> Option<NodeId> {
+        self.slots.get(&slot).map(|(from, _)| from.clone())
+    }
+
+    /// The slots still waiting at `now` past their deadline, sorted.
+    pub fn due(&self, now: Instant) -> Vec<Slot> {
+        let mut due: Vec<Slot> = self
+            .slots
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(&slot, _)| slot)
+            .collect();
+        due.sort_unstable();
+        due
+    }
+
+    /// The earliest deadline of a waiting slot.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.slots.values().map(|(_, deadline)| *deadline).min()
+    }
+
+    /// `slots` stop waiting: they serve without their handoff.
+    pub fn release(&mut self, slots: &[Slot]) {
+        for slot in slots {
+            if let Some((from, _)) = self.slots.remove(slot) {
+                tracing::warn!(slot, %from, "handoff did not arrive in time; serving without it");
+            }
         }
-        tracing::warn!(slot, %from, "handoff did not arrive in time; serving without it");
-        self.slots.retain(|_, (f, _)| f != &from);
-        None
     }
 
     /// Follows a new ring: each slot `node` gains through a handoff not yet received waits for
@@ -55,11 +90,14 @@ impl Warming {
         node: &NodeId,
         deadline: Instant,
     ) -> Vec<Slot> {
-        for h in ring.handoffs().iter().filter(|h| &h.to == node) {
-            if self.expected.len() == EXPECTED_HANDOFFS {
-                self.expected.pop_front();
+        for h in ring.handoffs() {
+            let named = (h.from.clone(), ring.epoch());
+            if &h.to == node {
+                remember(&mut self.expected, named.clone());
             }
-            self.expected.push_back((h.from.clone(), ring.epoch()));
+            if !self.senders.contains(&named) {
+                remember(&mut self.senders, named);
+            }
         }
         let mut unknown = Vec::new();
         for slot in 0..SLOT_COUNT as Slot {
@@ -87,10 +125,63 @@ impl Warming {
         self.expected.iter().any(|(f, e)| f == from && *e == epoch)
     }
 
+    /// Whether a ring this node followed named `from` as the sender of a handoff (to any
+    /// node) in `epoch`.
+    pub fn named_sender(&self, from: &NodeId, epoch: u64) -> bool {
+        self.senders.iter().any(|(f, e)| f == from && *e == epoch)
+    }
+
     /// The whole handoff `from` sent for `epoch` arrived: its slots serve.
     pub fn received(&mut self, from: &NodeId, epoch: u64) {
         self.slots.retain(|_, (f, _)| f != from);
         self.done.insert((from.clone(), epoch));
+    }
+}
+
+/// Keeps `entry` among the latest [`EXPECTED_HANDOFFS`].
+fn remember(list: &mut VecDeque<(NodeId, u64)>, entry: (NodeId, u64)) {
+    if list.len() == EXPECTED_HANDOFFS {
+        list.pop_front();
+    }
+    list.push_back(entry);
+}
+
+/// Which epochs' outgoing handoffs are all confirmed by their new owners (drain progress):
+/// an epoch is handed off once every handoff it named from this node was acknowledged, and
+/// the progress reported is the newest epoch with no unconfirmed one at or before it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Handoffs not yet confirmed, by epoch.
+    pending: BTreeMap<u64, usize>,
+    /// The newest epoch followed.
+    newest: u64,
+}
+
+impl Progress {
+    /// This node followed `epoch`'s ring, which named `handoffs` from it.
+    pub fn followed(&mut self, epoch: u64, handoffs: usize) {
+        self.newest = self.newest.max(epoch);
+        if handoffs > 0 {
+            *self.pending.entry(epoch).or_default() += handoffs;
+        }
+    }
+
+    /// One handoff of `epoch` was confirmed by its new owner.
+    pub fn confirmed(&mut self, epoch: u64) {
+        if let Some(left) = self.pending.get_mut(&epoch) {
+            *left -= 1;
+            if *left == 0 {
+                self.pending.remove(&epoch);
+            }
+        }
+    }
+
+    /// The newest epoch whose handoffs, and every earlier epoch's, are all confirmed.
+    pub fn handed_off(&self) -> u64 {
+        match self.pending.keys().next() {
+            Some(&first) => first.saturating_sub(1),
+            None => self.newest,
+        }
     }
 }
 

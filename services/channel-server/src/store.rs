@@ -76,7 +76,9 @@ struct Channel {
     /// Bytes of `events` as counted (the channel's own overhead is counted only in the store's
     /// total).
     bytes: usize,
-    /// The newest ts dropped from `events` to stay within the bounds.
+    /// The newest ts dropped from `events` to stay within the bounds, or below which this
+    /// store knows it lacks events (a floor raised by [`Store::raise_floor`]): the channel's
+    /// history is complete only after it.
     trimmed: Ts,
 }
 
@@ -121,7 +123,9 @@ impl Channel {
         };
         let size = event.counted();
         self.bytes -= size;
-        self.trimmed = event.ts;
+        // Never lowered: a raised floor (`Store::raise_floor`) can be above older events a
+        // late handoff merged in.
+        self.trimmed = self.trimmed.max(event.ts);
         size
     }
 
@@ -257,6 +261,40 @@ impl Store {
             complete_after: floor.max(state.trimmed),
             events,
         }
+    }
+
+    /// The ts after which `channel`'s history here is complete: events at or before it may be
+    /// gone (trimmed, evicted, lost with a node, or never handed over).
+    pub fn complete_after(&self, channel: &ChannelId) -> Ts {
+        let floor = self.slot_floor[usize::from(slot_of(channel))];
+        self.channels
+            .peek(channel)
+            .map_or(floor, |c| floor.max(c.trimmed))
+    }
+
+    /// A gateway delivered `channel`'s events up to `delivered` (from this node or an earlier
+    /// owner). If this store never handed out that ts, its clock and history floor jump past
+    /// it: the next ts is above every ts a gateway has delivered (a gateway drops those at or
+    /// below its last), and the history says it is complete only after it. Returns the new
+    /// floor when it jumped.
+    pub fn raise_floor(&mut self, channel: &ChannelId, delivered: Ts) -> Option<Ts> {
+        let floor = self.slot_floor[usize::from(slot_of(channel))];
+        if let Some(state) = self.channels.peek_mut(channel) {
+            if delivered <= state.clock.last() {
+                return None;
+            }
+            state.clock = TsClock::starting_after(delivered);
+            state.trimmed = state.trimmed.max(delivered);
+        } else {
+            if delivered <= floor {
+                return None;
+            }
+            let state = Channel::new(TsClock::starting_after(delivered), delivered);
+            self.channels.put(channel.clone(), state);
+            self.total_bytes += CHANNEL_OVERHEAD;
+            self.evict_over_budget(channel);
+        }
+        Some(self.complete_after(channel))
     }
 
     /// Nothing of `slot` before `ts` is known here: its channels' state was lost (their
@@ -476,6 +514,45 @@ mod tests {
             new.append(&c("C1"), &msg("c"), 1) > b,
             "the clock continues after the old owner's"
         );
+    }
+
+    #[test]
+    fn a_floor_raised_past_the_clock_keeps_ts_above_it_and_history_incomplete_before_it() {
+        let mut store = Store::new(Limits::default());
+        let first = store.append(&c("C1"), &msg("a"), 1_000);
+        assert_eq!(store.raise_floor(&c("C1"), first), None, "delivered here");
+        let delivered = Ts::from_micros(10_000);
+        assert_eq!(store.raise_floor(&c("C1"), delivered), Some(delivered));
+        assert_eq!(store.raise_floor(&c("C1"), delivered), None, "once");
+        assert!(store.append(&c("C1"), &msg("b"), 1) > delivered);
+        let page = store.history(&c("C1"), None, 10);
+        assert_eq!(page.complete_after, delivered);
+        assert_eq!(page.events.len(), 2, "what is held stays");
+        // A channel this store does not hold starts after the ts delivered.
+        let elsewhere = Ts::from_micros(7);
+        assert_eq!(store.raise_floor(&c("C2"), elsewhere), Some(elsewhere));
+        assert_eq!(store.complete_after(&c("C2")), elsewhere);
+        assert!(store.append(&c("C2"), &msg("x"), 1) > elsewhere);
+    }
+
+    #[test]
+    fn a_raised_floor_is_not_lowered_by_trimming_older_events() {
+        let limits = Limits {
+            history_events: 2,
+            ..Limits::default()
+        };
+        let mut old = Store::new(limits);
+        let a = old.append(&c("C1"), &msg("a"), 100);
+        let slot = slot_of(&c("C1"));
+        let mut new = Store::new(limits);
+        let floor = Ts::from_micros(1_000);
+        new.raise_floor(&c("C1"), floor);
+        // The old owner's state arrives late, below the floor; then newer events trim it.
+        new.absorb(old.take_slots(|s| s == slot).remove(0));
+        assert_eq!(new.history(&c("C1"), None, 10).events[0].ts, a);
+        new.append(&c("C1"), &msg("b"), 1);
+        new.append(&c("C1"), &msg("c"), 1);
+        assert_eq!(new.complete_after(&c("C1")), floor);
     }
 
     #[test]

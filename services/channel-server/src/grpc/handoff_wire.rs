@@ -1,7 +1,7 @@
 //! The wire side of handoffs: a moved slot's channels sent to their new owner over gRPC in
 //! chunks, and channel snapshots to and from their protobuf form. What to send and how to
-//! absorb it is decided in `crate::handoff` and the shards. A failed send is only logged by its
-//! sender, so its statuses are not part of the service's error table.
+//! absorb it is decided in `crate::handoff` and the shards. A failed send is logged and retried
+//! by its sender, so its statuses are not part of the service's error table.
 
 use std::time::Duration;
 
@@ -12,15 +12,27 @@ use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use tonic::Status;
 
 use super::MAX_HANDOFF_MESSAGE;
-use crate::handoff::{HANDOFF_CHUNK, HANDOFF_TIMEOUT};
+use crate::handoff::{HANDOFF_CHUNK, HANDOFF_SEND_TIMEOUT};
 use crate::store::{Snapshot, Stored};
 
-/// Streams `snapshots` to the channel server at `addr`, then `done`.
+/// Streams `snapshots` to the channel server at `addr`, then `done`, within
+/// [`HANDOFF_SEND_TIMEOUT`]; `Ok` once its ack confirms every channel.
 pub(super) async fn send(
     from: &NodeId,
     addr: &str,
     epoch: u64,
-    snapshots: Vec<Snapshot>,
+    snapshots: &[Snapshot],
+) -> Result<(), Status> {
+    tokio::time::timeout(HANDOFF_SEND_TIMEOUT, attempt(from, addr, epoch, snapshots))
+        .await
+        .map_err(|_| Status::deadline_exceeded("handoff took too long"))?
+}
+
+async fn attempt(
+    from: &NodeId,
+    addr: &str,
+    epoch: u64,
+    snapshots: &[Snapshot],
 ) -> Result<(), Status> {
     let channel = mesh_transport::endpoint(addr)
         .map_err(|e| Status::internal(e.to_string()))?
@@ -46,10 +58,17 @@ pub(super) async fn send(
     });
     let mut client =
         ChannelServerClient::new(channel).max_encoding_message_size(MAX_HANDOFF_MESSAGE);
-    let call = client.handoff(futures::stream::iter(chunks));
-    tokio::time::timeout(HANDOFF_TIMEOUT, call)
-        .await
-        .map_err(|_| Status::deadline_exceeded("handoff took too long"))??;
+    let ack = client
+        .handoff(futures::stream::iter(chunks))
+        .await?
+        .into_inner();
+    if ack.channels as usize != snapshots.len() {
+        return Err(Status::data_loss(format!(
+            "the new owner confirmed {} of {} channels",
+            ack.channels,
+            snapshots.len()
+        )));
+    }
     Ok(())
 }
 

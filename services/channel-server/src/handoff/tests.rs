@@ -17,7 +17,11 @@ impl StreamReply for Unread {
         Unread
     }
 
-    fn subscribed(_: &ChannelId, _: Option<Ts>) -> Self {
+    fn subscribed(_: &ChannelId, _: Option<Ts>, _: Option<Ts>) -> Self {
+        Unread
+    }
+
+    fn gap(_: &ChannelId, _: Ts) -> Self {
         Unread
     }
 
@@ -63,11 +67,11 @@ fn a_gained_slot_waits_for_its_handoff_until_it_arrives() {
     let slot = moved(&first, &second, "cs-1")[0];
     let mut warming = Warming::default();
     let now = Instant::now();
-    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     assert!(unknown.is_empty(), "every gained slot comes with a handoff");
-    assert_eq!(warming.waiting_for(slot, now), Some(node("cs-1").id));
+    assert_eq!(warming.waiting_for(slot), Some(node("cs-1").id));
     warming.received(&node("cs-1").id, 2);
-    assert_eq!(warming.waiting_for(slot, now), None);
+    assert_eq!(warming.waiting_for(slot), None);
 }
 
 #[test]
@@ -76,31 +80,64 @@ fn a_handoff_that_beats_the_ring_is_not_waited_for() {
     let mut warming = Warming::default();
     warming.received(&node("cs-1").id, 2);
     let now = Instant::now();
-    warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     for slot in moved(&first, &second, "cs-1") {
-        assert_eq!(warming.waiting_for(slot, now), None);
+        assert_eq!(warming.waiting_for(slot), None);
     }
     let from_two = moved(&first, &second, "cs-2")[0];
     assert_eq!(
-        warming.waiting_for(from_two, now),
+        warming.waiting_for(from_two),
         Some(node("cs-2").id),
         "a handoff of another epoch or node does not count"
     );
 }
 
 #[test]
-fn a_late_handoff_is_given_up_for_every_slot_of_its_sender() {
+fn a_late_handoff_keeps_its_slots_waiting_until_they_are_released() {
     let (first, second) = rings(true);
-    let slots = moved(&first, &second, "cs-1");
+    let mut slots = moved(&first, &second, "cs-1");
+    slots.extend(moved(&first, &second, "cs-2"));
+    slots.sort_unstable();
     let mut warming = Warming::default();
     let deadline = Instant::now();
     warming.gain(&first, &second, &node("cs-3").id, deadline);
-    assert_eq!(warming.waiting_for(slots[0], deadline), None);
+    assert_eq!(warming.next_deadline(), Some(deadline));
+    assert!(warming.due(deadline - Duration::from_millis(1)).is_empty());
+    let due = warming.due(deadline);
+    assert_eq!(due, slots, "every slot of every late sender");
     assert_eq!(
-        warming.waiting_for(slots[1], deadline - Duration::from_millis(1)),
-        None,
-        "given up for the sender's other slots too"
+        warming.waiting_for(slots[0]),
+        Some(node("cs-1").id),
+        "still waiting: its history floor is set before it serves"
     );
+    warming.release(&due);
+    assert_eq!(warming.waiting_for(slots[0]), None);
+    assert_eq!(warming.next_deadline(), None);
+}
+
+#[test]
+fn an_epoch_is_handed_off_only_once_every_handoff_up_to_it_is_confirmed() {
+    let mut progress = Progress::default();
+    progress.followed(4, 0);
+    assert_eq!(progress.handed_off(), 4);
+    progress.followed(5, 2);
+    assert_eq!(progress.handed_off(), 4);
+    progress.confirmed(5);
+    progress.followed(6, 0);
+    assert_eq!(
+        progress.handed_off(),
+        4,
+        "one of epoch 5's handoffs is unconfirmed"
+    );
+    progress.followed(7, 1);
+    progress.confirmed(7);
+    assert_eq!(
+        progress.handed_off(),
+        4,
+        "a later epoch does not cover an earlier one"
+    );
+    progress.confirmed(5);
+    assert_eq!(progress.handed_off(), 7);
 }
 
 #[test]
@@ -108,7 +145,7 @@ fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     let (first, second) = rings(false);
     let mut warming = Warming::default();
     let now = Instant::now();
-    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     let mut gained = [
         moved(&first, &second, "cs-1"),
         moved(&first, &second, "cs-2"),
@@ -117,11 +154,7 @@ fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     unknown.sort_unstable();
     gained.sort_unstable();
     assert_eq!(unknown, gained);
-    assert!(
-        gained
-            .iter()
-            .all(|&s| warming.waiting_for(s, now).is_none())
-    );
+    assert!(gained.iter().all(|&s| warming.waiting_for(s).is_none()));
 }
 
 #[test]
@@ -220,6 +253,11 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     let mut other = Warming::default();
     other.gain(&first, &second, &one, Instant::now());
     assert!(!other.expected(&node("cs-2").id, epoch));
+    assert!(
+        other.named_sender(&node("cs-2").id, epoch),
+        "but knows cs-2 was named to send: cs-2 may forward it if cs-3 dies"
+    );
+    assert!(!other.named_sender(&three, epoch));
     // Unplanned moves (a takeover) name no handoff.
     let (first, second) = rings(false);
     let mut taken = Warming::default();

@@ -280,6 +280,18 @@ impl Delivery {
                     }
                 }
             }
+            Control::Gap {
+                channel,
+                floor,
+                delivered,
+            } => {
+                let cursor = self.cursors.get(&channel).copied();
+                if cursor.is_none_or(|c| c < floor) {
+                    self.ctx.metrics.live_gaps.inc();
+                    let cursor = cursor.unwrap_or(delivered);
+                    out.text(&rtm::history_gap(&channel, cursor, None));
+                }
+            }
             Control::Left { channel, on } => {
                 if !self.directive_is_mine(&on, &channel) {
                     return;
