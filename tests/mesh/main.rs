@@ -23,6 +23,7 @@ mod fuzz_connect;
 mod limits;
 mod message_path;
 mod metrics;
+mod moves;
 mod presence;
 mod processes;
 mod real_clients;

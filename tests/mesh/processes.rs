@@ -58,7 +58,7 @@ fn addr_after(line: &str, scheme: &str) -> SocketAddr {
 
 impl Dev {
     /// The embedded ring manager, with a state file.
-    fn start(name: &str) -> Dev {
+    pub fn start(name: &str) -> Dev {
         let dir = Self::dir(name);
         let state_file = dir.join("ring.json");
         let args = [

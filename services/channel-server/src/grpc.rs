@@ -176,7 +176,7 @@ impl ChannelService {
         let service = ChannelService {
             inner: Arc::new(Inner {
                 ownership: Ownership::new(config.node, ring, lease),
-                shards: Shards::new(config.limits, metrics.clone(), now_micros),
+                shards: Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros),
                 gateway_queue: config.gateway_queue.max(1),
                 metrics,
                 authorizer: config.authorizer,

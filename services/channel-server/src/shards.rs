@@ -35,7 +35,7 @@ pub fn history_limit(asked: u32) -> usize {
     limit as usize
 }
 
-/// Microseconds since the Unix epoch by the wall clock (0 before it): the shards' clock.
+/// Microseconds since the Unix epoch by the wall clock (0 before it).
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

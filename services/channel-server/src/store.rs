@@ -273,23 +273,25 @@ impl Store {
     }
 
     /// A gateway delivered `channel`'s events up to `delivered` (from this node or an earlier
-    /// owner). If this store never handed out that ts, its clock and history floor jump past
-    /// it: the next ts is above every ts a gateway has delivered (a gateway drops those at or
-    /// below its last), and the history says it is complete only after it. Returns the new
-    /// floor when it jumped.
+    /// owner). If this store never handed out that ts, it does not know what came at or just
+    /// after it either: its clock and history floor jump to just past it, so the next ts is
+    /// above every ts a gateway delivered (a gateway drops those at or below its last), and
+    /// the history says it is complete only after the floor (every gateway, the reporting one
+    /// too, tells its connections `history_gap`). Returns the new floor when it jumped.
     pub fn raise_floor(&mut self, channel: &ChannelId, delivered: Ts) -> Option<Ts> {
-        let floor = self.slot_floor[usize::from(slot_of(channel))];
+        let floor = Ts::from_micros(delivered.as_micros().saturating_add(1));
+        let slot_floor = self.slot_floor[usize::from(slot_of(channel))];
         if let Some(state) = self.channels.peek_mut(channel) {
             if delivered <= state.clock.last() {
                 return None;
             }
-            state.clock = TsClock::starting_after(delivered);
-            state.trimmed = state.trimmed.max(delivered);
+            state.clock = TsClock::starting_after(floor);
+            state.trimmed = state.trimmed.max(floor);
         } else {
-            if delivered <= floor {
+            if delivered <= slot_floor {
                 return None;
             }
-            let state = Channel::new(TsClock::starting_after(delivered), delivered);
+            let state = Channel::new(TsClock::starting_after(floor), floor);
             self.channels.put(channel.clone(), state);
             self.total_bytes += CHANNEL_OVERHEAD;
             self.evict_over_budget(channel);
@@ -521,18 +523,22 @@ mod tests {
         let mut store = Store::new(Limits::default());
         let first = store.append(&c("C1"), &msg("a"), 1_000);
         assert_eq!(store.raise_floor(&c("C1"), first), None, "delivered here");
-        let delivered = Ts::from_micros(10_000);
-        assert_eq!(store.raise_floor(&c("C1"), delivered), Some(delivered));
+        let (delivered, floor) = (Ts::from_micros(10_000), Ts::from_micros(10_001));
+        assert_eq!(store.raise_floor(&c("C1"), delivered), Some(floor));
         assert_eq!(store.raise_floor(&c("C1"), delivered), None, "once");
-        assert!(store.append(&c("C1"), &msg("b"), 1) > delivered);
+        assert!(store.append(&c("C1"), &msg("b"), 1) > floor);
         let page = store.history(&c("C1"), None, 10);
-        assert_eq!(page.complete_after, delivered);
+        assert_eq!(
+            page.complete_after, floor,
+            "what followed it is not known here"
+        );
         assert_eq!(page.events.len(), 2, "what is held stays");
         // A channel this store does not hold starts after the ts delivered.
         let elsewhere = Ts::from_micros(7);
-        assert_eq!(store.raise_floor(&c("C2"), elsewhere), Some(elsewhere));
-        assert_eq!(store.complete_after(&c("C2")), elsewhere);
-        assert!(store.append(&c("C2"), &msg("x"), 1) > elsewhere);
+        let floor = Ts::from_micros(8);
+        assert_eq!(store.raise_floor(&c("C2"), elsewhere), Some(floor));
+        assert_eq!(store.complete_after(&c("C2")), floor);
+        assert!(store.append(&c("C2"), &msg("x"), 1) > floor);
     }
 
     #[test]
@@ -545,8 +551,7 @@ mod tests {
         let a = old.append(&c("C1"), &msg("a"), 100);
         let slot = slot_of(&c("C1"));
         let mut new = Store::new(limits);
-        let floor = Ts::from_micros(1_000);
-        new.raise_floor(&c("C1"), floor);
+        let floor = new.raise_floor(&c("C1"), Ts::from_micros(1_000)).unwrap();
         // The old owner's state arrives late, below the floor; then newer events trim it.
         new.absorb(old.take_slots(|s| s == slot).remove(0));
         assert_eq!(new.history(&c("C1"), None, 10).events[0].ts, a);
