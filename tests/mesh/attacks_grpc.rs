@@ -283,6 +283,7 @@ async fn handoff(
             trimmed_ts: String::new(),
         }],
         done: true,
+        slot_floors: Vec::new(),
     };
     Ok(cs.handoff(futures::stream::iter([chunk])).await.map(drop))
 }

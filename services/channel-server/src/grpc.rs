@@ -27,13 +27,12 @@ use tracing::Instrument;
 
 use crate::error::ServeError;
 use crate::handoff::{
-    HANDOFF_CONCURRENCY, HANDOFF_GIVE_UP, HANDOFF_RETRY_PAUSE, Outgoing, Progress,
+    HANDOFF_CONCURRENCY, HANDOFF_GIVE_UP, HANDOFF_RETRY_PAUSE, Outgoing, Progress, WARMUP_TIMEOUT,
 };
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::shards::{GatewayStream, Shards, StreamReply, history_limit, now_micros};
 use crate::store::Limits;
-use crate::store::Snapshot;
 use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
 pub use channel_client::{GATEWAY_ID_HEADER, MAX_HANDOFF_MESSAGE};
@@ -225,7 +224,10 @@ impl ChannelService {
             .follow_ring(previous, ring, ownership.node(), &unknown);
         let epoch = ring.epoch();
         self.progress(|p| p.followed(epoch, sends.len()));
-        if let Some(deadline) = ownership.next_warmup_deadline() {
+        // This ring's warm-ups end at their own deadline (set just before, by `gain`); an
+        // earlier ring's have a timer of their own.
+        if ownership.next_warmup_deadline().is_some() {
+            let deadline = tokio::time::Instant::now() + WARMUP_TIMEOUT;
             let this = self.clone();
             self.inner.tracker.spawn(async move {
                 tokio::select! {
@@ -274,28 +276,24 @@ impl ChannelService {
 
     /// Sends one handoff of `epoch` until its new owner confirms it. The state stays here
     /// meanwhile. Each attempt has its own deadline and at most [`HANDOFF_CONCURRENCY`] run at
-    /// once. After a failure, each channel goes to its slot's owner in the current ring (the
-    /// new owner may have died and its slots moved on), or back into this node's shards if
-    /// the slot came back. A handoff still failing after [`HANDOFF_GIVE_UP`] is abandoned,
-    /// loudly: its epoch is never reported handed off.
+    /// once. After a failure, each channel (and slot floor) goes to its slot's owner in the
+    /// current ring (the new owner may have died and its slots moved on), or back into this
+    /// node's shards if the slot came back. A handoff still failing after [`HANDOFF_GIVE_UP`]
+    /// is abandoned, loudly: its epoch is never reported handed off.
     async fn hand_off(self, epoch: u64, outgoing: Outgoing) {
         let started = Instant::now();
         let node = self.inner.ownership.node().clone();
-        let Outgoing {
-            to,
-            addr,
-            snapshots,
-        } = outgoing;
-        // Snapshots not yet confirmed, by the node to send them to and its address.
-        let mut parcels: Vec<(NodeId, String, Vec<Snapshot>)> = vec![(to.clone(), addr, snapshots)];
+        let first = outgoing.to.clone();
+        // What is not yet confirmed, by the node to send it to.
+        let mut parcels = vec![outgoing];
         loop {
             let mut failed = Vec::new();
-            for (to, addr, snapshots) in parcels {
+            for parcel in parcels {
                 let permit = tokio::select! {
                     _ = self.inner.cancel.cancelled() => return,
                     permit = self.inner.handoff_slots.acquire() => permit,
                 };
-                let sent = handoff_wire::send(&node, &addr, epoch, &snapshots).await;
+                let sent = handoff_wire::send(&node, epoch, &parcel).await;
                 drop(permit);
                 let outcome = if sent.is_ok() { "ok" } else { "failed" };
                 self.inner
@@ -303,13 +301,12 @@ impl ChannelService {
                     .handoffs_sent
                     .with_label_values(&[outcome])
                     .inc();
+                let (to, channels) = (&parcel.to, parcel.snapshots.len());
                 match sent {
-                    Ok(()) => {
-                        tracing::info!(%to, channels = snapshots.len(), epoch, "handoff confirmed")
-                    }
+                    Ok(()) => tracing::info!(%to, channels, epoch, "handoff confirmed"),
                     Err(e) => {
-                        tracing::warn!(%to, error = %e, epoch, channels = snapshots.len(), "handoff failed; keeping the state and retrying");
-                        failed.push((to, addr, snapshots));
+                        tracing::warn!(%to, error = %e, epoch, channels, "handoff failed; keeping the state and retrying");
+                        failed.push(parcel);
                     }
                 }
             }
@@ -318,7 +315,7 @@ impl ChannelService {
                 return;
             }
             if started.elapsed() > HANDOFF_GIVE_UP {
-                let channels: usize = failed.iter().map(|(_, _, s)| s.len()).sum();
+                let channels: usize = failed.iter().map(|p| p.snapshots.len()).sum();
                 self.inner
                     .metrics
                     .handoffs_sent
@@ -335,36 +332,65 @@ impl ChannelService {
                 _ = self.inner.cancel.cancelled() => return,
                 _ = tokio::time::sleep(HANDOFF_RETRY_PAUSE) => {}
             }
-            parcels = self.retarget(&to, failed);
+            parcels = self.retarget(&first, failed);
         }
     }
 
-    /// Where handoffs that failed go next: each channel to its slot's owner in the current
-    /// ring, back into this node's shards if that is this node, and the handoff's first new
-    /// owner `first` again (even with nothing, to end its warm-up) while it is on the ring.
-    fn retarget(
-        &self,
-        first: &NodeId,
-        failed: Vec<(NodeId, String, Vec<Snapshot>)>,
-    ) -> Vec<(NodeId, String, Vec<Snapshot>)> {
+    /// Where handoffs that failed go next: each channel and slot floor to its slot's owner in
+    /// the current ring, back into this node's shards if that is this node, and the
+    /// handoff's first new owner `first` again (even with nothing, to end its warm-up) while
+    /// it is on the ring. Without an owner (an empty ring) a channel waits for the next try.
+    fn retarget(&self, first: &NodeId, failed: Vec<Outgoing>) -> Vec<Outgoing> {
         let ring = self.inner.ownership.ring().current();
         let node = self.inner.ownership.node();
-        let mut parcels: Vec<(NodeId, String, Vec<Snapshot>)> = Vec::new();
+        let mut parcels: Vec<Outgoing> = Vec::new();
+        let parcel = |parcels: &mut Vec<Outgoing>, owner: &mesh_core::RingNode| -> usize {
+            match parcels.iter().position(|p| p.to == owner.id) {
+                Some(i) => i,
+                None => {
+                    parcels.push(Outgoing {
+                        to: owner.id.clone(),
+                        addr: owner.addr.clone(),
+                        snapshots: Vec::new(),
+                        floors: Vec::new(),
+                    });
+                    parcels.len() - 1
+                }
+            }
+        };
         if let Some(n) = ring.nodes().iter().find(|n| &n.id == first) {
-            parcels.push((n.id.clone(), n.addr.clone(), Vec::new()));
+            parcel(&mut parcels, n);
         }
-        for snapshot in failed.into_iter().flat_map(|(_, _, s)| s) {
-            let Some(owner) = ring.owner(slot_of(&snapshot.channel)) else {
-                continue;
-            };
-            if &owner.id == node {
-                self.inner.shards.absorb(snapshot);
-                continue;
+        let mut unowned = Vec::new();
+        for failed in failed {
+            for snapshot in failed.snapshots {
+                match ring.owner(slot_of(&snapshot.channel)) {
+                    Some(owner) if &owner.id == node => self.inner.shards.absorb(snapshot),
+                    Some(owner) => {
+                        let i = parcel(&mut parcels, owner);
+                        parcels[i].snapshots.push(snapshot);
+                    }
+                    None => unowned.push(snapshot),
+                }
             }
-            match parcels.iter_mut().find(|(id, ..)| id == &owner.id) {
-                Some((.., snapshots)) => snapshots.push(snapshot),
-                None => parcels.push((owner.id.clone(), owner.addr.clone(), vec![snapshot])),
+            for (slot, floor) in failed.floors {
+                match ring.owner(slot) {
+                    Some(owner) if &owner.id == node => self.inner.shards.absorb_floor(slot, floor),
+                    Some(owner) => {
+                        let i = parcel(&mut parcels, owner);
+                        parcels[i].floors.push((slot, floor));
+                    }
+                    None => {}
+                }
             }
+        }
+        if !unowned.is_empty() {
+            parcels.push(Outgoing {
+                to: first.clone(),
+                addr: String::new(),
+                snapshots: unowned,
+                floors: Vec::new(),
+            });
         }
         parcels
     }
@@ -535,6 +561,10 @@ impl ChannelServerRpc for ChannelService {
                 self.inner.shards.absorb(snapshot);
                 self.inner.metrics.handoff_channels_received.inc();
                 received += 1;
+            }
+            for floor in &chunk.slot_floors {
+                let (slot, ts) = handoff_wire::floor_from_proto(floor).map_err(invalid)?;
+                self.inner.shards.absorb_floor(slot, ts);
             }
             if chunk.done {
                 self.inner.ownership.received(&from, chunk.epoch);

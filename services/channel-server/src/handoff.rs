@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot};
+use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot, Ts};
 use tokio::time::Instant;
 
 use crate::store::Snapshot;
@@ -201,21 +201,25 @@ pub fn new_owner<'r>(
     (previous.owns(node, slot) && &to.id != node && handed).then_some(to)
 }
 
-/// One handoff to send: to whom, at which address, with which channels.
+/// One handoff to send: to whom, at which address, with which channels, and the floors of
+/// the moved slots (the newest ts of channels evicted from them: their history is gone, and
+/// a channel coming back continues after it).
 #[derive(Debug)]
 pub struct Outgoing {
     pub to: NodeId,
     pub addr: String,
     pub snapshots: Vec<Snapshot>,
+    pub floors: Vec<(Slot, Ts)>,
 }
 
-/// The handoffs `node` sends in `ring`'s epoch, given the snapshots `taken` for each new owner:
-/// one for every handoff the ring names from `node`, even with no channels (the new owner waits
-/// for its end).
+/// The handoffs `node` sends in `ring`'s epoch, given the snapshots `taken` and slot `floors`
+/// for each new owner: one for every handoff the ring names from `node`, even with no channels
+/// (the new owner waits for its end).
 pub fn outgoing(
     ring: &Ring,
     node: &NodeId,
     mut taken: HashMap<NodeId, Vec<Snapshot>>,
+    mut floors: HashMap<NodeId, Vec<(Slot, Ts)>>,
 ) -> Vec<Outgoing> {
     ring.handoffs()
         .iter()
@@ -226,6 +230,7 @@ pub fn outgoing(
                 to: h.to.clone(),
                 addr,
                 snapshots: taken.remove(&h.to).unwrap_or_default(),
+                floors: floors.remove(&h.to).unwrap_or_default(),
             })
         })
         .collect()

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, Slot, Ts, slot_of};
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, SLOT_COUNT, Slot, Ts, slot_of};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -358,6 +358,14 @@ impl<R: StreamReply> Shards<R> {
         self.shard(&snapshot.channel).store.absorb(snapshot);
     }
 
+    /// Takes in a moved slot's floor from its previous owner: its channels evicted there lost
+    /// their history up to `floor`.
+    pub fn absorb_floor(&self, slot: Slot, floor: Ts) {
+        let index = usize::from(slot) % SHARDS;
+        let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
+        shard.store.mark_unknown_before(slot, floor);
+    }
+
     /// Follows a new ring: nothing before now is known of the `unknown` slots; channels of
     /// slots `node` hands off are taken for their new owners, those of every other lost slot
     /// are dropped, and the gateways subscribed to moved channels are told so. Returns the
@@ -372,9 +380,20 @@ impl<R: StreamReply> Shards<R> {
         self.mark_unknown(unknown);
         let handoff_to = |slot: Slot| handoff::new_owner(previous, ring, node, slot);
         let mut taken: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
+        let mut floors: HashMap<NodeId, Vec<(Slot, Ts)>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
-        for mut shard in self.each_shard() {
+        for (index, mut shard) in self.each_shard().enumerate() {
+            // The slots' floors go too (read before taking raises them with the channels
+            // handed over), so the new owner's history does not claim what was evicted here.
+            for slot in (index..SLOT_COUNT).step_by(SHARDS).map(|s| s as Slot) {
+                let floor = shard.store.slot_floor(slot);
+                if floor != Ts::default()
+                    && let Some(to) = handoff_to(slot)
+                {
+                    floors.entry(to.id.clone()).or_default().push((slot, floor));
+                }
+            }
             for snapshot in shard.store.take_slots(|slot| handoff_to(slot).is_some()) {
                 if let Some(to) = handoff_to(slot_of(&snapshot.channel)) {
                     taken.entry(to.id.clone()).or_default().push(snapshot);
@@ -407,7 +426,7 @@ impl<R: StreamReply> Shards<R> {
             handing_off_channels = taken.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
-        handoff::outgoing(ring, node, taken)
+        handoff::outgoing(ring, node, taken, floors)
     }
 
     /// Nothing of `slots` before now is known here (taken over from a node that died, or a

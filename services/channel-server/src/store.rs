@@ -299,6 +299,11 @@ impl Store {
         Some(self.complete_after(channel))
     }
 
+    /// The newest ts of any channel evicted or dropped from `slot` here (see `slot_floor`).
+    pub fn slot_floor(&self, slot: Slot) -> Ts {
+        self.slot_floor[usize::from(slot)]
+    }
+
     /// Nothing of `slot` before `ts` is known here: its channels' state was lost (their
     /// previous owner died without handing them over).
     pub fn mark_unknown_before(&mut self, slot: Slot, ts: Ts) {

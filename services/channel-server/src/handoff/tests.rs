@@ -169,7 +169,7 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
     assert_eq!(new_owner(&first, &planned, &one, slot), Some(&node("cs-3")));
     assert_eq!(new_owner(&first, &planned, &one, kept), None);
     assert_eq!(new_owner(&first, &unplanned, &one, slot), None);
-    let sends = outgoing(&planned, &one, HashMap::new());
+    let sends = outgoing(&planned, &one, HashMap::new(), HashMap::new());
     assert_eq!(sends.len(), 1);
     assert_eq!(
         (&sends[0].to, sends[0].addr.as_str()),
@@ -179,7 +179,7 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
         sends[0].snapshots.is_empty(),
         "sent even empty: cs-3 waits for it"
     );
-    assert!(outgoing(&unplanned, &one, HashMap::new()).is_empty());
+    assert!(outgoing(&unplanned, &one, HashMap::new(), HashMap::new()).is_empty());
 }
 
 #[test]
@@ -224,6 +224,10 @@ fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
         &ts[2..]
     );
     assert_eq!(old.counts().channels, 0, "the old owner keeps nothing");
+    assert!(
+        sends[0].floors.is_empty(),
+        "a channel handed over whole leaves no floor: its history is complete"
+    );
 
     new.absorb(snapshot);
     let page = new.history(&channel, None, 10);
@@ -263,4 +267,31 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     let mut taken = Warming::default();
     taken.gain(&first, &second, &three, Instant::now());
     assert!(!taken.expected(&one, second.epoch()));
+}
+
+#[test]
+fn a_moved_slot_carries_its_floor_to_its_new_owner() {
+    let (first, second) = rings(true);
+    let slots = moved(&first, &second, "cs-1");
+    let channel = (0..100_000)
+        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
+        .find(|c| slots.contains(&slot_of(c)))
+        .unwrap();
+    let metrics = || Metrics::new(&mesh_telemetry::Telemetry::default());
+    let old: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
+    let new: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
+    // The old owner lost the slot's history before (an eviction, a takeover): its floor.
+    old.mark_unknown(&[slot_of(&channel)]);
+    let floor = old.history(&channel, None, 1).complete_after;
+    assert_ne!(floor, Ts::default());
+    let sends = old.follow_ring(&first, &second, &node("cs-1").id, &[]);
+    assert_eq!(sends[0].floors, [(slot_of(&channel), floor)]);
+    for &(slot, ts) in &sends[0].floors {
+        new.absorb_floor(slot, ts);
+    }
+    assert_eq!(
+        new.history(&channel, None, 1).complete_after,
+        floor,
+        "the new owner's history does not claim what the old one lost"
+    );
 }
