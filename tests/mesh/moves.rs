@@ -153,13 +153,7 @@ async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap(
 
     // Its owner freezes before it learns it is drained: its state never reaches the new owner,
     // which serves once its warm-up runs out.
-    let (before, members) = ring_with(dev.ring_manager, &dev.operator).await;
-    let victim = before
-        .owner_of(&ChannelId::new(channel).unwrap())
-        .unwrap()
-        .id
-        .to_string();
-    let pid = members.iter().find(|m| m.id == victim).unwrap().pid;
+    let (victim, pid) = dev.channel_owner(channel).await;
     signal(pid, Signal::SIGSTOP);
     let _thaw = Thaw(pid);
     rm_with(dev.ring_manager, &dev.operator)
@@ -191,7 +185,7 @@ async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap(
 #[tokio::test]
 async fn a_standby_whose_clock_is_behind_takes_over_above_the_last_ts_delivered_and_says_gap() {
     let dev = Dev::start("moves-skew");
-    let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
     // The standby restarts with its clock a minute behind.
     let standby = members.iter().find(|m| m.state == "standby").unwrap();
     let id = standby.id.clone();
@@ -223,12 +217,7 @@ async fn a_standby_whose_clock_is_behind_takes_over_above_the_last_ts_delivered_
 
     // A live client has a message from the channel's owner.
     let channel = "CSKEW";
-    let owner = ring.owner_of(&ChannelId::new(channel).unwrap()).unwrap();
-    let owner_pid = members
-        .iter()
-        .find(|m| m.id == owner.id.as_str())
-        .unwrap()
-        .pid;
+    let (_, owner_pid) = dev.channel_owner(channel).await;
     let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
         .await
         .unwrap();

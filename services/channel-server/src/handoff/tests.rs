@@ -61,6 +61,15 @@ fn moved(first: &Ring, second: &Ring, from: &str) -> Vec<Slot> {
         .collect()
 }
 
+/// A channel whose slot moves from cs-1 to cs-3.
+fn moved_channel(first: &Ring, second: &Ring) -> ChannelId {
+    let slots = moved(first, second, "cs-1");
+    (0..100_000)
+        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
+        .find(|c| slots.contains(&slot_of(c)))
+        .unwrap()
+}
+
 #[test]
 fn a_gained_slot_waits_for_its_handoff_until_it_arrives() {
     let (first, second) = rings(true);
@@ -185,11 +194,7 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
 #[test]
 fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
     let (first, second) = rings(true);
-    let slots = moved(&first, &second, "cs-1");
-    let channel = (0..100_000)
-        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
-        .find(|c| slots.contains(&slot_of(c)))
-        .unwrap();
+    let channel = moved_channel(&first, &second);
     let limits = Limits {
         history_events: 3,
         ..Limits::default()
@@ -272,11 +277,7 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
 #[test]
 fn a_moved_slot_carries_its_floor_to_its_new_owner() {
     let (first, second) = rings(true);
-    let slots = moved(&first, &second, "cs-1");
-    let channel = (0..100_000)
-        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
-        .find(|c| slots.contains(&slot_of(c)))
-        .unwrap();
+    let channel = moved_channel(&first, &second);
     let metrics = || Metrics::new(&mesh_telemetry::Telemetry::default());
     let old: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
     let new: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
