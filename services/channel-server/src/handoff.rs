@@ -12,8 +12,10 @@ use tokio::time::Instant;
 use crate::store::Snapshot;
 
 /// How long a new owner waits for a handoff before serving the moved slots without it (their
-/// history floor then jumps to that moment: resumes across it hear `history_gap`).
-pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// history floor then jumps to that moment: resumes across it hear `history_gap`). Shorter
+/// than a router's deadline for a call (5 s), so a publish that meets a stalled handoff is
+/// still served; long enough for a retry after a first attempt that stalled.
+pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one attempt to send one handoff to one new owner may take.
 pub const HANDOFF_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Handoffs of one epoch sent at once.
