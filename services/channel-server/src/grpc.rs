@@ -469,6 +469,7 @@ impl ChannelService {
         let mut event = event_from_proto(event).map_err(invalid)?;
         let (ownership, slot) = (&self.inner.ownership, slot_of(&event.channel));
         ownership.check(slot, req.epoch).await.map_err(status)?;
+        ownership.check_settled(slot).map_err(status)?;
         self.inner
             .shards
             .publish(&mut event, || {

@@ -16,6 +16,11 @@ use crate::store::Snapshot;
 /// than a router's deadline for a call (5 s), so a publish that meets a stalled handoff is
 /// still served; long enough for a retry after a first attempt that stalled.
 pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a slot taken over from a dead node takes no publish (subscriptions and history
+/// reads it serves): the gateways subscribed to its channels resubscribe here first, each
+/// reporting the newest ts it delivered, so the first ts given is above them whatever this
+/// node's clock says. Routers retry meanwhile.
+pub const TAKEOVER_SETTLE: Duration = Duration::from_millis(300);
 /// How long one attempt to send one handoff to one new owner may take.
 pub const HANDOFF_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Handoffs of one epoch sent at once.
@@ -47,6 +52,9 @@ pub struct Warming {
     /// epoch), at most [`EXPECTED_HANDOFFS`]: a sender whose new owner died forwards the
     /// state to the slot's owner now.
     senders: VecDeque<(NodeId, u64)>,
+    /// Slots taken over from a dead node that take no publish yet: the dead node, and until
+    /// when ([`TAKEOVER_SETTLE`]).
+    settling: HashMap<Slot, (NodeId, Instant)>,
 }
 
 impl Warming {
@@ -125,6 +133,26 @@ impl Warming {
     /// Whether a ring this node followed named a handoff from `from` to it in `epoch`.
     pub fn expected(&self, from: &NodeId, epoch: u64) -> bool {
         self.expected.iter().any(|(f, e)| f == from && *e == epoch)
+    }
+
+    /// Slots taken over from dead nodes (as [`Warming::gain`] returned them) take no publish
+    /// until `until`.
+    pub fn settle(&mut self, previous: &Ring, taken_over: &[Slot], until: Instant) {
+        for &slot in taken_over {
+            if let Some(old) = previous.owner(slot) {
+                self.settling.insert(slot, (old.id.clone(), until));
+            }
+        }
+    }
+
+    /// The dead node whose slot `slot` was taken from, while it settles at `now`.
+    pub fn settling(&mut self, slot: Slot, now: Instant) -> Option<NodeId> {
+        let (from, until) = self.settling.get(&slot)?;
+        if now < *until {
+            return Some(from.clone());
+        }
+        self.settling.retain(|_, (_, until)| now < *until);
+        None
     }
 
     /// Whether a ring this node followed named `from` as the sender of a handoff (to any

@@ -8,7 +8,7 @@ use mesh_core::{NodeId, Ring, Slot};
 use ring_client::{Lease, RingWatcher};
 
 use crate::error::ServeError;
-use crate::handoff::{WARMUP_TIMEOUT, Warming};
+use crate::handoff::{TAKEOVER_SETTLE, WARMUP_TIMEOUT, Warming};
 
 /// How long a call naming a newer epoch waits for this server's ring to catch up.
 const RING_CATCH_UP: Duration = Duration::from_secs(1);
@@ -97,10 +97,24 @@ impl Ownership {
     }
 
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
-    /// history died with their previous owner.
+    /// history died with their previous owner, which settle before taking publishes
+    /// ([`Warming::settle`]).
     pub fn gain(&self, previous: &Ring, ring: &Ring) -> Vec<Slot> {
-        let deadline = tokio::time::Instant::now() + WARMUP_TIMEOUT;
-        self.warming().gain(previous, ring, &self.node, deadline)
+        let now = tokio::time::Instant::now();
+        let mut warming = self.warming();
+        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT);
+        warming.settle(previous, &unknown, now + TAKEOVER_SETTLE);
+        unknown
+    }
+
+    /// Refuses a publish on `slot` while it settles after a takeover (a refusal routers
+    /// retry).
+    pub fn check_settled(&self, slot: Slot) -> Result<(), ServeError> {
+        let now = tokio::time::Instant::now();
+        match self.warming().settling(slot, now) {
+            Some(from) => Err(ServeError::Warming { slot, from }),
+            None => Ok(()),
+        }
     }
 
     /// The earliest warm-up deadline of a slot still waiting for its handoff.

@@ -296,3 +296,27 @@ fn a_moved_slot_carries_its_floor_to_its_new_owner() {
         "the new owner's history does not claim what the old one lost"
     );
 }
+
+#[test]
+fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
+    let (first, second) = rings(false);
+    let mut warming = Warming::default();
+    let now = Instant::now();
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let until = now + TAKEOVER_SETTLE;
+    warming.settle(&first, &unknown, until);
+    let from_one = moved(&first, &second, "cs-1")[0];
+    assert_eq!(warming.settling(from_one, now), Some(node("cs-1").id));
+    assert_eq!(
+        warming.waiting_for(from_one),
+        None,
+        "subscriptions are served"
+    );
+    assert_eq!(warming.settling(from_one, until), None);
+    // A planned move's slots wait for their handoff instead.
+    let (first, second) = rings(true);
+    let mut planned = Warming::default();
+    let unknown = planned.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    planned.settle(&first, &unknown, until);
+    assert_eq!(planned.settling(from_one, now), None);
+}
