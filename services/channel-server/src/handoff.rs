@@ -3,7 +3,7 @@
 //! epoch carries. The edge (`grpc.rs`) sends and receives them over gRPC; the shards take and
 //! absorb the channels' snapshots.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot, Ts};
@@ -178,11 +178,16 @@ fn remember(list: &mut VecDeque<(NodeId, u64)>, entry: (NodeId, u64)) {
 
 /// Which epochs' outgoing handoffs are all confirmed by their new owners (drain progress):
 /// an epoch is handed off once every handoff it named from this node was acknowledged, and
-/// the progress reported is the newest epoch with no unconfirmed one at or before it.
+/// the progress reported is the newest epoch with no unconfirmed one at or before it. An
+/// abandoned handoff holds the progress back until a later epoch's handoffs are all confirmed:
+/// a drain whose handoff was abandoned never completes, while one that failed long before a
+/// drain does not hold that drain back.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Handoffs not yet confirmed, by epoch.
+    /// Handoffs in flight, by epoch.
     pending: BTreeMap<u64, usize>,
+    /// Epochs with an abandoned handoff, not yet superseded.
+    abandoned: BTreeSet<u64>,
     /// The newest epoch followed.
     newest: u64,
 }
@@ -196,19 +201,36 @@ impl Progress {
         }
     }
 
+    /// One handoff of `epoch` ended, confirmed by its new owner or not.
+    fn ended(&mut self, epoch: u64) -> bool {
+        let Some(left) = self.pending.get_mut(&epoch) else {
+            return false;
+        };
+        *left -= 1;
+        if *left > 0 {
+            return false;
+        }
+        self.pending.remove(&epoch);
+        true
+    }
+
     /// One handoff of `epoch` was confirmed by its new owner.
     pub fn confirmed(&mut self, epoch: u64) {
-        if let Some(left) = self.pending.get_mut(&epoch) {
-            *left -= 1;
-            if *left == 0 {
-                self.pending.remove(&epoch);
-            }
+        if self.ended(epoch) && !self.abandoned.contains(&epoch) {
+            self.abandoned.retain(|&e| e > epoch);
         }
+    }
+
+    /// One handoff of `epoch` was given up.
+    pub fn abandoned(&mut self, epoch: u64) {
+        self.ended(epoch);
+        self.abandoned.insert(epoch);
     }
 
     /// The newest epoch whose handoffs, and every earlier epoch's, are all confirmed.
     pub fn handed_off(&self) -> u64 {
-        match self.pending.keys().next() {
+        let first = self.pending.keys().next().into_iter();
+        match first.chain(self.abandoned.iter()).min() {
             Some(&first) => first.saturating_sub(1),
             None => self.newest,
         }

@@ -45,8 +45,10 @@ impl ChannelService {
     /// meanwhile. Each attempt has its own deadline and at most [`HANDOFF_CONCURRENCY`] run at
     /// once. After a failure, each channel (and slot floor) goes to its slot's owner in the
     /// current ring (the new owner may have died and its slots moved on), or back into this
-    /// node's shards if the slot came back. A handoff still failing after [`HANDOFF_GIVE_UP`]
-    /// is abandoned, loudly: its epoch is never reported handed off.
+    /// node's shards if the slot came back. A handoff still failing after [`HANDOFF_GIVE_UP`],
+    /// or refused (`PERMISSION_DENIED`: the receiver did not follow the ring that named it and
+    /// serves those slots as taken over, their history marked incomplete), is abandoned,
+    /// loudly: its epoch is not reported handed off ([`Progress`]).
     pub(super) async fn hand_off(self, epoch: u64, outgoing: Outgoing) {
         let started = Instant::now();
         let node = self.inner.ownership.node().clone();
@@ -55,6 +57,7 @@ impl ChannelService {
         let mut parcels = vec![outgoing];
         loop {
             let mut failed = Vec::new();
+            let mut refused = false;
             for parcel in parcels {
                 let permit = tokio::select! {
                     _ = self.inner.cancel.cancelled() => return,
@@ -72,7 +75,8 @@ impl ChannelService {
                 match sent {
                     Ok(()) => tracing::info!(%to, channels, epoch, "handoff confirmed"),
                     Err(e) => {
-                        tracing::warn!(%to, error = %e, epoch, channels, "handoff failed; keeping the state and retrying");
+                        tracing::warn!(%to, error = %e, epoch, channels, "handoff failed; keeping the state");
+                        refused |= e.code() == tonic::Code::PermissionDenied;
                         failed.push(parcel);
                     }
                 }
@@ -81,7 +85,7 @@ impl ChannelService {
                 self.progress(|p| p.confirmed(epoch));
                 return;
             }
-            if started.elapsed() > HANDOFF_GIVE_UP {
+            if refused || started.elapsed() > HANDOFF_GIVE_UP {
                 let channels: usize = failed.iter().map(|p| p.snapshots.len()).sum();
                 self.inner
                     .metrics
@@ -91,8 +95,9 @@ impl ChannelService {
                 tracing::error!(
                     epoch,
                     channels,
-                    "handoff abandoned: its channels' history is lost and the epoch is never reported handed off"
+                    "handoff abandoned: its channels' history is lost and the epoch is not reported handed off"
                 );
+                self.progress(|p| p.abandoned(epoch));
                 return;
             }
             tokio::select! {

@@ -150,6 +150,25 @@ fn an_epoch_is_handed_off_only_once_every_handoff_up_to_it_is_confirmed() {
 }
 
 #[test]
+fn an_abandoned_handoff_holds_progress_back_until_a_later_epoch_is_confirmed_whole() {
+    let mut progress = Progress::default();
+    progress.followed(3, 2);
+    progress.confirmed(3);
+    progress.abandoned(3);
+    progress.followed(4, 0);
+    assert_eq!(
+        progress.handed_off(),
+        2,
+        "a drain in epoch 3 never completes"
+    );
+    // A later drain whose handoffs all arrive completes.
+    progress.followed(9, 1);
+    assert_eq!(progress.handed_off(), 2);
+    progress.confirmed(9);
+    assert_eq!(progress.handed_off(), 9);
+}
+
+#[test]
 fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     let (first, second) = rings(false);
     let mut warming = Warming::default();
