@@ -332,13 +332,18 @@ async fn lead(
     // the current leader's record.
     let (latest, updates) = watch::channel(None);
     if let Some(saved) = &saved {
-        latest.send_replace(Some(Arc::new(saved.clone())));
+        latest.send_replace(Some((0, Arc::new(saved.clone()))));
     }
+    // The number of the latest state written: a change is answered once it is in KV.
+    let (stored, stored_rx) = watch::channel(0);
     let epoch = saved.as_ref().map_or(0, |s| s.epoch);
     let manager = RingManager::resume(
         manager_config,
         saved,
-        Store::Latest(latest),
+        Store::Latest {
+            latest,
+            written: stored_rx,
+        },
         &tracker,
         leading.clone(),
     )?;
@@ -357,7 +362,7 @@ async fn lead(
         fence,
         modify_index,
         updates,
-        (written, rewrite.clone()),
+        (written, stored, rewrite.clone()),
         leading.clone(),
     ));
     tracker.spawn(guard_ring(
@@ -487,13 +492,14 @@ impl Fence {
 /// latest state again when `rewrite` is notified. A refused session check (or an ACL refusal)
 /// means leadership is lost: it stops leading at once. A refused check-and-set with the lock
 /// still ours means someone else wrote the ring key: it is logged, and this leader's state is
-/// written over it. Each modify index written goes to `written`.
+/// written over it. Each modify index written goes to `written`, and the number of each state
+/// written (as [`Store::Latest`] numbers them) to `stored`.
 async fn write_ring(
     ring: ConsulRing,
     fence: Fence,
     mut modify_index: u64,
-    mut updates: watch::Receiver<Option<Arc<Saved>>>,
-    (written, rewrite): (watch::Sender<u64>, Arc<Notify>),
+    mut updates: watch::Receiver<Option<(u64, Arc<Saved>)>>,
+    (written, stored, rewrite): (watch::Sender<u64>, watch::Sender<u64>, Arc<Notify>),
     leading: CancellationToken,
 ) {
     let lock_key = ring.lock_key();
@@ -509,7 +515,7 @@ async fn write_ring(
         if stopping && !updates.has_changed().unwrap_or(false) {
             return;
         }
-        let Some(saved) = updates.borrow_and_update().clone() else {
+        let Some((number, saved)) = updates.borrow_and_update().clone() else {
             continue;
         };
         let value = match serde_json::to_vec(&fence.record(&saved)) {
@@ -530,6 +536,7 @@ async fn write_ring(
                 Ok(Ok(index)) => {
                     modify_index = index;
                     written.send_replace(index);
+                    stored.send_replace(number);
                     tracing::debug!(epoch = saved.epoch, index, "ring written to consul");
                     break;
                 }
@@ -718,10 +725,8 @@ mod tests {
     fn saved(epoch: u64) -> Saved {
         Saved {
             epoch,
-            nodes: Vec::new(),
-            slot_owner: Vec::new(),
-            members: Vec::new(),
             next_incarnation: 1,
+            ..Saved::default()
         }
     }
 
@@ -776,11 +781,8 @@ mod tests {
     #[test]
     fn every_record_carries_the_leaders_fence() {
         let saved = Saved {
-            epoch: 0,
-            nodes: Vec::new(),
-            slot_owner: Vec::new(),
-            members: Vec::new(),
             next_incarnation: 1,
+            ..Saved::default()
         };
         let fence = Fence {
             lock_index: 7,

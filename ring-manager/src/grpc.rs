@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::membership::{MemberView, MembershipError};
 use crate::regions::{Directive, GatewayReport, GatewayView, RegionError, RegionView, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
-use crate::server::RingManager;
+use crate::server::{ChangeError, RingManager, Unsaved};
 
 /// Lease replies queued for one node; a node that does not read them misses renewals.
 const LEASE_REPLY_QUEUE: usize = 16;
@@ -81,6 +81,18 @@ enum Refused {
     Region(#[from] RegionError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    /// The change could not be saved, so it was not made.
+    #[error(transparent)]
+    Unsaved(#[from] Unsaved),
+}
+
+impl<E: Into<Refused>> From<ChangeError<E>> for Refused {
+    fn from(e: ChangeError<E>) -> Self {
+        match e {
+            ChangeError::Refused(e) => e.into(),
+            ChangeError::Unsaved(e) => Refused::Unsaved(e),
+        }
+    }
 }
 
 /// The one table from refusals to gRPC statuses; the message is the refusal's text.
@@ -98,6 +110,10 @@ fn status(refused: impl Into<Refused>) -> Status {
             Status::invalid_argument(message)
         }
         Refused::Revocation(R::Full(_)) => Status::resource_exhausted(message),
+        // Too large for Consul: nothing changed, and it will not fit until revocations expire.
+        Refused::Unsaved(Unsaved::TooLarge { .. }) => Status::resource_exhausted(message),
+        // Not saved (nothing changed), or not yet written: the call may succeed later.
+        Refused::Unsaved(Unsaved::File(_) | Unsaved::NotWritten(_)) => Status::unavailable(message),
         Refused::Membership(
             M::NoSuchNode(_)
             | M::NotActive(..)
@@ -300,7 +316,7 @@ impl RingManagerRpc for Service {
         let req = request.into_inner();
         self.as_node(&caller, rpc::REGISTER, &req.node_id)?;
         let id = node_id(&req.node_id)?;
-        let (epoch, incarnation) = self
+        let (epoch, incarnation, generation) = self
             .manager
             .register(id, req.addr, req.pid, req.standby)
             .map_err(status)?;
@@ -310,6 +326,7 @@ impl RingManagerRpc for Service {
             incarnation,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             lease_ms: config.lease.as_millis() as u32,
+            generation,
         }))
     }
 
@@ -387,6 +404,7 @@ impl RingManagerRpc for Service {
     ) -> Result<Response<pb::Ring>, Status> {
         let id = node_id(&request.into_inner().node_id)?;
         let ring = self.manager.drain(&id).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -396,6 +414,7 @@ impl RingManagerRpc for Service {
     ) -> Result<Response<pb::Ring>, Status> {
         let id = node_id(&request.into_inner().node_id)?;
         let ring = self.manager.replace(&id).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -410,6 +429,7 @@ impl RingManagerRpc for Service {
             Some(node_id(&req.node_id)?)
         };
         let ring = self.manager.add(id.as_ref()).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(self.to_proto(&ring)))
     }
 
@@ -446,6 +466,7 @@ impl RingManagerRpc for Service {
             .manager
             .drain_region(&req.region, req.rate)
             .map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(view.into()))
     }
 
@@ -454,9 +475,9 @@ impl RingManagerRpc for Service {
         request: Request<pb::DrainRegionRequest>,
     ) -> Result<Response<pb::RegionsView>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(
-            self.manager.undrain_region(&req.region).into(),
-        ))
+        let view = self.manager.undrain_region(&req.region).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
+        Ok(Response::new(view.into()))
     }
 
     async fn revoke_tokens(
@@ -470,6 +491,7 @@ impl RingManagerRpc for Service {
             .map(Into::into)
             .collect();
         let revoked = self.manager.revoke_tokens(entries).map_err(status)?;
+        self.manager.stored().await.map_err(status)?;
         Ok(Response::new(revoked.into()))
     }
 }
@@ -562,6 +584,34 @@ mod tests {
                 status(RevocationError::Full(100_000)),
                 Code::ResourceExhausted,
                 "the revocation list holds 100000 of at most 100000",
+            ),
+            (
+                status(ChangeError::<MembershipError>::Unsaved(Unsaved::File(
+                    crate::state_file::StateFileError::Io {
+                        path: "/var/lib/cm/ring.tmp".into(),
+                        source: std::io::Error::from_raw_os_error(28),
+                    },
+                ))),
+                Code::Unavailable,
+                "the ring manager could not save its state, so nothing changed: \
+                 /var/lib/cm/ring.tmp: No space left on device (os error 28)",
+            ),
+            (
+                status(Unsaved::NotWritten(std::time::Duration::from_secs(5))),
+                Code::Unavailable,
+                "the change is made but not yet written to consul within 5s: the ring manager \
+                 keeps trying; a leader failover before it succeeds loses it (check with ctl ring \
+                 / regions)",
+            ),
+            (
+                status(Unsaved::TooLarge {
+                    bytes: 600_000,
+                    limit: 523_264,
+                }),
+                Code::ResourceExhausted,
+                "the ring record would be 600000 bytes, past the 523264 a consul value may hold, \
+                 so nothing changed (revocations take the room; they are dropped as their tokens \
+                 expire)",
             ),
         ];
         for (status, code, message) in cases {

@@ -167,7 +167,7 @@ impl Member {
 }
 
 /// What the holder of the state must do after a change, in order.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Effects {
     /// Each new ring, oldest first: publish every one.
     pub published: Vec<Arc<Ring>>,
@@ -175,8 +175,9 @@ pub struct Effects {
     pub changed: bool,
 }
 
-/// The members, their leases and the ring.
-#[derive(Debug)]
+/// The members, their leases and the ring. Cloned before a change, so that a change whose
+/// state cannot be saved is undone whole.
+#[derive(Debug, Clone)]
 pub struct Membership {
     /// Every registered node, whatever its state, by id.
     members: BTreeMap<NodeId, Member>,
@@ -194,12 +195,13 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// No members, the empty ring at epoch 0; remembers the last `history_len` epochs.
+    /// No members, the empty ring at epoch 0 of a new ring generation; remembers the last
+    /// `history_len` epochs.
     pub fn new(suspect_after: Duration, history_len: usize) -> Self {
         Membership {
             members: BTreeMap::new(),
             next_incarnation: 1,
-            ring: Arc::new(Ring::empty()),
+            ring: Arc::new(Ring::empty().with_generation(new_generation())),
             suspect_after,
             history: VecDeque::with_capacity(history_len),
             history_len,
@@ -209,14 +211,22 @@ impl Membership {
 
     /// The state `saved` describes, at `now`: every member gets one suspicion period from
     /// `now` to resume its lease. A member with an invalid id is dropped; an invalid ring is
-    /// refused.
+    /// refused. State saved before rings had generations (0) gets one, kept from now on (its
+    /// followers, holding rings without one, go by epochs, which continue).
     pub fn resume(
         saved: &Saved,
         now: Instant,
         suspect_after: Duration,
         history_len: usize,
     ) -> Result<Self, String> {
-        let ring = saved.ring()?;
+        let mut ring = saved.ring()?;
+        if ring.generation() == 0 {
+            ring = ring.with_generation(new_generation());
+            tracing::info!(
+                generation = ring.generation(),
+                "the saved ring has no generation (saved by an older ring manager); it gets one"
+            );
+        }
         let members = saved
             .members
             .iter()
@@ -238,6 +248,7 @@ impl Membership {
     pub fn saved(&self) -> Saved {
         let (epoch, nodes, slot_owner) = Saved::ring_parts(&self.ring);
         Saved {
+            generation: self.ring.generation(),
             epoch,
             nodes,
             slot_owner,
@@ -253,6 +264,7 @@ impl Membership {
                 })
                 .collect(),
             next_incarnation: self.next_incarnation,
+            ..Saved::default()
         }
     }
 
@@ -367,6 +379,30 @@ impl Membership {
         handed_off_epoch: u64,
         now: Instant,
     ) -> bool {
+        if !self.renew(id, incarnation, now) {
+            return false;
+        }
+        if self.drain_done(id, handed_off_epoch)
+            && let Some(member) = self.members.get_mut(id)
+        {
+            member.state = NodeState::Standby;
+            tracing::info!(node = %id, "drain complete; node is a standby");
+            self.changed();
+        }
+        true
+    }
+
+    /// Whether `id` drains and has handed off its drain's epoch (`handed_off_epoch`): its next
+    /// heartbeat makes it a standby.
+    pub fn drain_done(&self, id: &NodeId, handed_off_epoch: u64) -> bool {
+        self.members
+            .get(id)
+            .is_some_and(|m| m.state == NodeState::Draining && handed_off_epoch >= m.drain_epoch)
+    }
+
+    /// Renews `id`'s lease at `now`, and nothing else (no state to save); false if that
+    /// incarnation is no longer valid.
+    pub fn renew(&mut self, id: &NodeId, incarnation: u64, now: Instant) -> bool {
         let Some(member) = self.members.get_mut(id) else {
             return false;
         };
@@ -375,12 +411,17 @@ impl Membership {
         }
         member.last_heartbeat = now;
         member.stream_closed = false;
-        if member.state == NodeState::Draining && handed_off_epoch >= member.drain_epoch {
-            member.state = NodeState::Standby;
-            tracing::info!(node = %id, "drain complete; node is a standby");
-            self.changed();
-        }
         true
+    }
+
+    /// Gives up on `probe`'s suspect being probed (its answer could not be acted on): the next
+    /// look at the leases probes it again.
+    pub(crate) fn unprobe(&mut self, id: &NodeId, incarnation: u64) {
+        if let Some(member) = self.members.get_mut(id)
+            && member.incarnation == incarnation
+        {
+            member.probing = false;
+        }
     }
 
     /// `id`'s lease stream (of `incarnation`) ended: the monitor probes it at once.
@@ -483,6 +524,16 @@ impl Membership {
         self.effects.changed = true;
         next
     }
+}
+
+/// A new ring generation id: random (from the OS's seed of the standard library's hasher keys),
+/// never 0, which means "unknown".
+fn new_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .max(1)
 }
 
 #[cfg(test)]

@@ -135,6 +135,7 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalls = Stalls::new(Instant::now());
+    let mut unsaved = UnsavedLog::default();
     loop {
         tokio::select! {
             _ = manager.cancel().cancelled() => return,
@@ -148,12 +149,19 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
                 "the ring manager did not run for a while; no node is judged on the silence that caused"
             );
         }
-        let probes = manager.update(|m| {
-            if let Some(stalled) = stalled {
-                m.excuse_stall(stalled, now);
+        if let Some(stalled) = stalled {
+            // Apart from the sweep, so that a sweep undone for want of a save keeps the excuse.
+            manager.excuse_stall(stalled, now);
+        }
+        // A node declared down whose new ring cannot be saved is undone (and stays suspect):
+        // the next tick declares it again.
+        let probes = match manager.update(|m| m.sweep(now, &timing)) {
+            Ok(probes) => probes,
+            Err(e) => {
+                unsaved.failed(&e, Instant::now());
+                continue;
             }
-            m.sweep(now, &timing)
-        });
+        };
         for suspect in probes {
             let prober = manager.clone();
             manager.tracker().spawn(async move {
@@ -161,11 +169,50 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
                     tokio::time::timeout(timing.probe_timeout, grpc::probe(&suspect.addr)).await,
                     Ok(true)
                 );
-                prober.update(|m| {
+                let judged = prober.update(|m| {
                     m.probed(&suspect, reachable, Instant::now(), timing.suspect_after)
                 });
+                if let Err(e) = judged {
+                    // Undone: probed again at the next tick, and declared down then.
+                    tracing::error!(
+                        node = %suspect.id,
+                        error = %e,
+                        "a node found down could not be saved as down; probing it again"
+                    );
+                    prober.unprobe(&suspect.id, suspect.incarnation);
+                }
             });
         }
+    }
+}
+
+/// How often the monitor repeats the same failed save in its log (it retries every tick).
+const UNSAVED_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The monitor's failed saves: each is logged at error, at most once per
+/// [`UNSAVED_LOG_EVERY`] (with how many failed since), and retried at the next tick.
+#[derive(Debug, Default)]
+struct UnsavedLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl UnsavedLog {
+    fn failed(&mut self, e: &crate::server::Unsaved, now: Instant) {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < UNSAVED_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::error!(
+            error = %e,
+            failed_saves = self.since,
+            "nodes found down could not be saved as down; nothing was published, retrying"
+        );
+        self.last = Some(now);
+        self.since = 0;
     }
 }
 

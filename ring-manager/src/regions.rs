@@ -1,9 +1,11 @@
 //! Regions: the gateways of each region as they report themselves, each region's drain state,
 //! and where a draining region's clients should go (its nearest healthy region).
 //!
-//! Soft state: gateways report about every half second, so a restarted (or newly elected) ring
-//! manager knows every live gateway within a second; a drain in progress must be issued again
-//! after a ring manager restart.
+//! The gateways are soft state: they report about every half second, so a restarted (or newly
+//! elected) ring manager knows every live gateway within a second. The drains and the token
+//! revocations are not: they are saved with the ring ([`Regions::durable`]) before a change is
+//! answered, and a restarted or newly elected ring manager restores them
+//! ([`Regions::restore`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -113,6 +115,14 @@ impl Gateway {
     }
 }
 
+/// What of the regions is saved with the ring: the regions draining (with their rate) and the
+/// token revocations. Taken before a change, put back if the change cannot be saved.
+#[derive(Debug, Clone)]
+pub struct Durable {
+    draining: BTreeMap<String, u32>,
+    revocations: Revocations,
+}
+
 /// The regions a ring manager knows, and the revoked tokens every report's directive brings
 /// the gateway up to date with.
 #[derive(Debug, Default)]
@@ -126,6 +136,44 @@ pub struct Regions {
 }
 
 impl Regions {
+    /// Regions knowing no gateway yet, with the saved drains (region, rate) and revocations.
+    pub fn restore(draining: Vec<(String, u32)>, revoked: Vec<RevokedToken>) -> Self {
+        for (region, rate) in &draining {
+            tracing::info!(region, rate, "region still draining (restored)");
+        }
+        Regions {
+            draining: draining.into_iter().collect(),
+            revocations: Revocations::restore(revoked),
+            ..Regions::default()
+        }
+    }
+
+    /// What is saved with the ring: the regions draining (region, rate) by name, and the
+    /// revoked tokens.
+    pub fn saved(&self) -> (Vec<(String, u32)>, Vec<RevokedToken>) {
+        (
+            self.draining
+                .iter()
+                .map(|(region, &rate)| (region.clone(), rate))
+                .collect(),
+            self.revocations.saved(),
+        )
+    }
+
+    /// A copy of what is saved with the ring, to put back if a change cannot be saved.
+    pub fn durable(&self) -> Durable {
+        Durable {
+            draining: self.draining.clone(),
+            revocations: self.revocations.clone(),
+        }
+    }
+
+    /// Puts back what [`Regions::durable`] took (a change that could not be saved).
+    pub fn put_back(&mut self, durable: Durable) {
+        self.draining = durable.draining;
+        self.revocations = durable.revocations;
+    }
+
     /// Replaces the configured nearest regions (region -> nearest regions first); a region
     /// without a configured order prefers the others by name.
     pub fn set_nearest(&mut self, nearest: Vec<(String, Vec<String>)>) {
@@ -297,6 +345,40 @@ mod tests {
             .iter()
             .map(|(r, n)| (r.to_string(), n.iter().map(|s| s.to_string()).collect()))
             .collect()
+    }
+
+    #[test]
+    fn drains_and_revocations_are_restored_and_put_back() {
+        let mut regions = Regions::default();
+        let now = Instant::now();
+        regions.report(report("us-1", "us", 1), now).unwrap();
+        regions.report(report("eu-1", "eu", 1), now).unwrap();
+        regions.drain("us", 7, now).unwrap();
+        let far = u64::MAX / 2;
+        let token = RevokedToken {
+            jti: "j".into(),
+            expires_at: far,
+        };
+        regions.revoke(vec![token.clone()]).unwrap();
+        let (draining, revoked) = regions.saved();
+        assert_eq!(draining, [("us".to_string(), 7)]);
+        assert_eq!(revoked, std::slice::from_ref(&token));
+        // A restarted ring manager: the drain holds before any gateway reports again.
+        let mut back = Regions::restore(draining, revoked);
+        let view = back.view(now);
+        assert!(
+            view.regions
+                .iter()
+                .any(|r| r.region == "us" && r.draining && r.rate == 7)
+        );
+        let directive = back.report(report("us-1", "us", 1), now).unwrap();
+        assert!(directive.draining);
+        assert_eq!(directive.revocations.revoked, [token]);
+        // A change put back leaves what was before it.
+        let before = back.durable();
+        back.undrain("us", now);
+        back.put_back(before);
+        assert!(back.report(report("us-1", "us", 1), now).unwrap().draining);
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! Each `RevokeTokens` call bumps the version and stamps its entries with it; a gateway reports
 //! the (generation, version) it holds and the directive carries the entries newer than that,
 //! oldest first and a page at a time. The generation is random per ring manager start, so a
-//! gateway reporting another generation gets the whole set again. Soft state like the regions:
-//! a restarted (or newly elected) ring manager starts empty; gateways keep what they learned
-//! until it expires, but a gateway started after the restart does not know older revocations.
+//! gateway reporting another generation gets the whole set again.
+//!
+//! Durable: the set is saved with the ring (state file, Consul KV) before a call is answered,
+//! and a restarted (or newly elected) ring manager restores it ([`Revocations::restore`]) under
+//! a new generation, so every gateway — old or started since — gets the whole set again.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
@@ -60,7 +62,7 @@ pub enum RevocationError {
 }
 
 /// The revocation set.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Revocations {
     generation: u64,
     version: u64,
@@ -91,6 +93,30 @@ fn unix_now() -> u64 {
 }
 
 impl Revocations {
+    /// A set holding `entries` (as saved), under a new generation: every gateway catches up
+    /// from scratch. Expired entries are dropped; the rest share version 1.
+    pub fn restore(entries: Vec<RevokedToken>) -> Self {
+        let mut set = Revocations::default();
+        if let Err(e) = set.insert_unchecked(entries, unix_now()) {
+            tracing::error!(error = %e, "restoring the saved token revocations");
+        }
+        set
+    }
+
+    /// The entries held, as saved (not yet expired, by jti).
+    pub fn saved(&self) -> Vec<RevokedToken> {
+        let mut entries: Vec<RevokedToken> = self
+            .by_jti
+            .iter()
+            .map(|(jti, &(expires_at, _))| RevokedToken {
+                jti: jti.clone(),
+                expires_at,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.jti.cmp(&b.jti));
+        entries
+    }
+
     /// Adds `entries` (already-expired ones are skipped: their tokens are refused anyway).
     /// All or nothing: a bad entry or a full set refuses the whole call.
     pub fn revoke(&mut self, entries: Vec<RevokedToken>) -> Result<Revoked, RevocationError> {
@@ -112,6 +138,16 @@ impl Revocations {
         {
             return Err(RevocationError::BadJti);
         }
+        self.insert_unchecked(entries, now)
+    }
+
+    /// Adds `entries`, checked by the caller for their count and jtis, at `now`: all or
+    /// nothing, refused when the set would be full.
+    fn insert_unchecked(
+        &mut self,
+        entries: Vec<RevokedToken>,
+        now: u64,
+    ) -> Result<Revoked, RevocationError> {
         self.expire(now);
         let live: Vec<RevokedToken> = entries.into_iter().filter(|e| e.expires_at > now).collect();
         let new = live
@@ -222,6 +258,25 @@ mod tests {
 
     fn jtis(c: &CatchUp) -> Vec<&str> {
         c.revoked.iter().map(|e| e.jti.as_str()).collect()
+    }
+
+    #[test]
+    fn a_restored_set_holds_the_saved_entries_under_a_new_generation() {
+        let mut r = Revocations::default();
+        let far = unix_now() + 3600;
+        r.revoke(vec![entry("b", far), entry("a", far)]).unwrap();
+        r.revoke(vec![entry("c", far)]).unwrap();
+        let saved = r.saved();
+        assert_eq!(saved, [entry("a", far), entry("b", far), entry("c", far)]);
+        let mut expired = saved.clone();
+        expired.push(entry("gone", 1));
+        let back = Revocations::restore(expired);
+        assert_eq!(back.saved(), saved);
+        assert_ne!(back.generation, r.generation);
+        // A gateway of the old generation gets the whole set again.
+        let c = back.catch_up(r.generation, r.version);
+        assert_eq!(jtis(&c), ["a", "b", "c"]);
+        assert!(Revocations::restore(Vec::new()).saved().is_empty());
     }
 
     #[test]

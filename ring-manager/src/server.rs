@@ -2,11 +2,16 @@
 //! publishes, the regions, and where every change is saved.
 //!
 //! The state machines ([`crate::membership`], [`crate::operations`], [`crate::regions`]) decide;
-//! this module runs them in short critical sections, publishes each new ring in order, saves
-//! the state after every change and starts the failure monitor ([`crate::monitor`]). The gRPC
-//! service on top of it is [`crate::grpc`].
+//! this module runs them in short critical sections, saves the state after every change and
+//! only then publishes each new ring in order, and starts the failure monitor
+//! ([`crate::monitor`]). The gRPC service on top of it is [`crate::grpc`].
+//!
+//! Architecture invariant: no ring is published, and no change answered, before the state
+//! that holds it is saved. A change whose state cannot be saved is undone whole (the state
+//! machines are cloned before it) and fails with [`Unsaved`]; nobody saw it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,7 +26,7 @@ use crate::membership::{Membership, MembershipError};
 use crate::monitor::{self, Timing};
 use crate::regions::{Directive, GatewayReport, RegionError, Regions, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
-use crate::state_file::Saved;
+use crate::state_file::{Saved, SavedDrain, SavedRevocation, StateFileError};
 
 /// Default: how often channel servers send a heartbeat.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -86,21 +91,66 @@ struct Inner {
     regions: Mutex<Regions>,
     /// Bumped on every change of the ring or of a member's state (the console follows it).
     changes: watch::Sender<u64>,
+    /// How many states were handed to a [`Store::Latest`] writer (each one's number).
+    saves: AtomicU64,
     /// Stops the monitor and the lease streams.
     cancel: CancellationToken,
     /// Runs the monitor, its probes and the lease streams.
     tracker: TaskTracker,
 }
 
+/// How long a change answered by a Consul-backed leader waits for its state to be written to
+/// KV.
+pub const STORE_WAIT: Duration = Duration::from_secs(5);
+
+/// A change whose state was not saved.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsaved {
+    /// The state file could not be written: the change was undone, and nothing of it was
+    /// published.
+    #[error("the ring manager could not save its state, so nothing changed: {0}")]
+    File(#[from] StateFileError),
+    /// Consul KV: the change is made (and still being written, which fails only if this
+    /// leader stops leading first), but not written within [`STORE_WAIT`].
+    #[error(
+        "the change is made but not yet written to consul within {0:?}: the ring manager keeps \
+         trying; a leader failover before it succeeds loses it (check with ctl ring / regions)"
+    )]
+    NotWritten(Duration),
+    /// Consul KV: the record would be larger than a Consul value may be: the change was undone.
+    #[error(
+        "the ring record would be {bytes} bytes, past the {limit} a consul value may hold, so \
+         nothing changed (revocations take the room; they are dropped as their tokens expire)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+}
+
+/// The largest ring record a Consul-backed ring manager writes: Consul's limit on a value
+/// (512 KiB by default), less room for the writer's fence.
+pub const CONSUL_RECORD_LIMIT: usize = 512 * 1024 - 1024;
+
+/// Why a change was not made: the state machine refused it, or its state could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError<E> {
+    #[error(transparent)]
+    Refused(E),
+    #[error(transparent)]
+    Unsaved(#[from] Unsaved),
+}
+
 /// Where the ring manager saves its ring and members after every change.
 #[derive(Debug)]
 pub enum Store {
-    /// Nowhere: a restart starts an empty ring.
+    /// Nowhere: a restart starts a new ring history (generation).
     Memory,
-    /// A state file, rewritten atomically (embedded mode).
+    /// A state file, rewritten atomically and durably (embedded mode).
     File(PathBuf),
-    /// The latest state, for a writer that stores it elsewhere (Consul KV) in order.
-    Latest(watch::Sender<Option<Arc<Saved>>>),
+    /// The latest state, numbered, for a writer that stores it elsewhere (Consul KV) in order
+    /// and reports the number of the latest state it has written on `written`.
+    Latest {
+        latest: watch::Sender<Option<(u64, Arc<Saved>)>>,
+        written: watch::Receiver<u64>,
+    },
 }
 
 impl RingManager {
@@ -116,7 +166,15 @@ impl RingManager {
             Some(path) => (crate::state_file::load(&path)?, Store::File(path)),
             None => (None, Store::Memory),
         };
-        Self::resume(config, saved, store, tracker, cancel)
+        let manager = Self::resume(config, saved, store, tracker, cancel.clone())?;
+        // Saved at once: the generation is fixed on disk, and a state file that cannot be
+        // written stops the start rather than the first change.
+        let saved = manager.save(&manager.membership(), &manager.regions_state());
+        if let Err(Unsaved::File(e)) = saved {
+            cancel.cancel();
+            return Err(e.into());
+        }
+        Ok(manager)
     }
 
     /// A ring manager resumed from `saved` (else epoch 0, no members), saving every change to
@@ -128,16 +186,44 @@ impl RingManager {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, crate::Error> {
-        let membership = match saved {
+        let (membership, regions) = match saved {
             Some(saved) => {
                 let membership =
                     Membership::resume(&saved, Instant::now(), config.suspect_after, EPOCH_HISTORY)
                         .map_err(crate::Error::InvalidRing)?;
-                let epoch = membership.ring().epoch();
-                tracing::info!(epoch, "ring manager resumed its saved ring");
-                membership
+                let ring = membership.ring();
+                tracing::info!(
+                    generation = ring.generation(),
+                    epoch = ring.epoch(),
+                    draining_regions = saved.draining_regions.len(),
+                    revoked = saved.revoked.len(),
+                    "ring manager resumed its saved ring"
+                );
+                let regions = Regions::restore(
+                    saved
+                        .draining_regions
+                        .into_iter()
+                        .map(|d| (d.region, d.rate))
+                        .collect(),
+                    saved
+                        .revoked
+                        .into_iter()
+                        .map(|r| RevokedToken {
+                            jti: r.jti,
+                            expires_at: r.expires_at,
+                        })
+                        .collect(),
+                );
+                (membership, regions)
             }
-            None => Membership::new(config.suspect_after, EPOCH_HISTORY),
+            None => {
+                let membership = Membership::new(config.suspect_after, EPOCH_HISTORY);
+                tracing::info!(
+                    generation = membership.ring().generation(),
+                    "ring manager starts a new ring history"
+                );
+                (membership, Regions::default())
+            }
         };
         let (ring, _) = watch::channel(membership.ring().clone());
         let manager = RingManager {
@@ -146,8 +232,9 @@ impl RingManager {
                 store,
                 membership: Mutex::new(membership),
                 ring,
-                regions: Mutex::new(Regions::default()),
+                regions: Mutex::new(regions),
                 changes: watch::channel(0).0,
+                saves: AtomicU64::new(0),
                 cancel,
                 tracker: tracker.clone(),
             }),
@@ -173,35 +260,118 @@ impl RingManager {
         self.inner.regions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `change` on the membership under its lock, then, still under it, publishes each
-    /// ring it made (in order) and saves the state if it changed.
-    pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Membership) -> T) -> T {
+    /// Runs `change` on the membership under its lock, then, still under it, saves the state
+    /// if it changed and only then publishes each ring it made (in order). A change whose state
+    /// cannot be saved is undone whole and nothing of it is published: [`Unsaved`].
+    ///
+    /// Lock order: the membership, then the regions.
+    pub(crate) fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Membership) -> T,
+    ) -> Result<T, Unsaved> {
         let mut membership = self.membership();
+        let before = membership.clone();
         let out = change(&mut membership);
         let effects = membership.take_effects();
+        if effects.changed {
+            let saved = self.save(&membership, &self.regions_state());
+            if let Err(e) = saved {
+                *membership = before;
+                return Err(e);
+            }
+        }
         for ring in effects.published {
             self.inner.ring.send_replace(ring);
         }
-        if effects.changed {
-            self.persist(&membership);
-        }
+        Ok(out)
+    }
+
+    /// Runs `change`, which changes nothing saved (lease bookkeeping: renewals, ended streams,
+    /// probes, stalls), under the membership's lock, without the copy [`RingManager::update`]
+    /// takes: the hot path of every heartbeat.
+    fn update_leases<T>(&self, change: impl FnOnce(&mut Membership) -> T) -> T {
+        let mut membership = self.membership();
+        let out = change(&mut membership);
+        let effects = membership.take_effects();
+        debug_assert!(
+            !effects.changed && effects.published.is_empty(),
+            "a lease change changed saved state"
+        );
         out
     }
 
-    /// Saves the ring and members to the store; a failure is logged, not fatal.
-    fn persist(&self, membership: &Membership) {
-        // Every change of the ring or of a member goes through here: tell the console.
-        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    /// Runs `change` on the regions (drains, revocations) under the locks, and saves the state;
+    /// a change that cannot be saved is put back.
+    fn update_regions<T, E>(
+        &self,
+        change: impl FnOnce(&mut Regions) -> Result<T, E>,
+    ) -> Result<T, ChangeError<E>> {
+        let membership = self.membership();
+        let mut regions = self.regions_state();
+        let before = regions.durable();
+        let out = change(&mut regions).map_err(ChangeError::Refused)?;
+        if let Err(e) = self.save(&membership, &regions) {
+            regions.put_back(before);
+            return Err(e.into());
+        }
+        Ok(out)
+    }
+
+    /// Saves the ring, members, drains and revocations to the store (the state file durably,
+    /// before returning), and tells the console something changed.
+    fn save(&self, membership: &Membership, regions: &Regions) -> Result<(), Unsaved> {
+        let saved = || {
+            let (draining, revoked) = regions.saved();
+            Saved {
+                draining_regions: draining
+                    .into_iter()
+                    .map(|(region, rate)| SavedDrain { region, rate })
+                    .collect(),
+                revoked: revoked
+                    .into_iter()
+                    .map(|r| SavedRevocation {
+                        jti: r.jti,
+                        expires_at: r.expires_at,
+                    })
+                    .collect(),
+                ..membership.saved()
+            }
+        };
         match &self.inner.store {
             Store::Memory => {}
-            Store::File(path) => {
-                if let Err(e) = crate::state_file::store(path, &membership.saved()) {
-                    tracing::error!(error = %e, "could not save the ring manager's state");
+            Store::File(path) => crate::state_file::store(path, &saved())?,
+            Store::Latest { latest, .. } => {
+                let saved = saved();
+                let bytes = serde_json::to_vec(&saved).map_or(0, |v| v.len());
+                if bytes > CONSUL_RECORD_LIMIT {
+                    return Err(Unsaved::TooLarge {
+                        bytes,
+                        limit: CONSUL_RECORD_LIMIT,
+                    });
                 }
+                let number = self.inner.saves.fetch_add(1, Ordering::SeqCst) + 1;
+                latest.send_replace(Some((number, Arc::new(saved))));
             }
-            Store::Latest(tx) => {
-                tx.send_replace(Some(Arc::new(membership.saved())));
-            }
+        }
+        // Every change of the ring, a member, a drain or the revocations goes through here:
+        // tell the console.
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Waits until the store holds every change made so far: at once with a state file (saved
+    /// before the change returned) or none; on Consul, until the leader's writer has written it
+    /// to KV, at most [`STORE_WAIT`]. The gRPC service answers an operation after this.
+    pub async fn stored(&self) -> Result<(), Unsaved> {
+        let Store::Latest { written, .. } = &self.inner.store else {
+            return Ok(());
+        };
+        let target = self.inner.saves.load(Ordering::SeqCst);
+        let mut written = written.clone();
+        match tokio::time::timeout(STORE_WAIT, written.wait_for(|&n| n >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            // Timed out, or the writer stopped (no longer leading).
+            _ => Err(Unsaved::NotWritten(STORE_WAIT)),
         }
     }
 
@@ -257,41 +427,70 @@ impl RingManager {
         self.membership().members()
     }
 
-    /// Adds (or re-announces) a channel server; returns the epoch it joined in and its
-    /// incarnation (see [`Membership::register`]).
+    /// Adds (or re-announces) a channel server; returns the epoch it joined in, its
+    /// incarnation and the ring's generation (see [`Membership::register`]).
     pub fn register(
         &self,
         id: NodeId,
         addr: String,
         pid: u32,
         standby: bool,
-    ) -> Result<(u64, u64), MembershipError> {
-        self.update(|m| m.register(id, addr, pid, standby, Instant::now()))
+    ) -> Result<(u64, u64, u64), ChangeError<MembershipError>> {
+        let registered = self.update(|m| {
+            m.register(id, addr, pid, standby, Instant::now())
+                .map(|(epoch, incarnation)| (epoch, incarnation, m.ring().generation()))
+        });
+        flatten(registered)
     }
 
-    /// Renews `id`'s lease; false if that incarnation is no longer valid.
+    /// Renews `id`'s lease; false if that incarnation is no longer valid. A drain that ends
+    /// with it but cannot be saved is retried at the next heartbeat (the lease is renewed all
+    /// the same).
     pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
-        self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, Instant::now()))
+        let now = Instant::now();
+        if !self.update_leases(|m| m.renew(id, incarnation, now)) {
+            return false;
+        }
+        if !self.membership().drain_done(id, handed_off_epoch) {
+            return true;
+        }
+        match self.update(|m| m.heartbeat(id, incarnation, handed_off_epoch, now)) {
+            Ok(valid) => valid,
+            Err(e) => {
+                tracing::error!(node = %id, error = %e, "a drain's end could not be saved; retried at the next heartbeat");
+                true
+            }
+        }
     }
 
     /// `id`'s lease stream ended.
     pub(crate) fn lease_ended(&self, id: &NodeId, incarnation: u64) {
-        self.update(|m| m.lease_ended(id, incarnation));
+        self.update_leases(|m| m.lease_ended(id, incarnation));
+    }
+
+    /// The monitor did not run for `stalled` up to `now` (see [`crate::monitor`]).
+    pub(crate) fn excuse_stall(&self, stalled: Duration, now: Instant) {
+        self.update_leases(|m| m.excuse_stall(stalled, now));
+    }
+
+    /// A probe of `id`'s `incarnation` whose answer could not be acted on: probe it again.
+    pub(crate) fn unprobe(&self, id: &NodeId, incarnation: u64) {
+        self.update_leases(|m| m.unprobe(id, incarnation));
     }
 
     /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff.
-    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.drain(id))
+    pub fn drain(&self, id: &NodeId) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.drain(id)))
     }
 
     /// `ctl replace-node`: hands `id`'s slots to a standby (with handoff if `id` is alive).
-    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.replace(id, Instant::now()))
+    pub fn replace(&self, id: &NodeId) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.replace(id, Instant::now())))
     }
 
     /// `ctl add-node`: makes standby `id` (or any live standby) active.
-    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, MembershipError> {
-        self.update(|m| m.add(id, Instant::now()))
+    pub fn add(&self, id: Option<&NodeId>) -> Result<Arc<Ring>, ChangeError<MembershipError>> {
+        flatten(self.update(|m| m.add(id, Instant::now())))
     }
 
     /// Takes a gateway's report; answers with its directive.
@@ -305,18 +504,125 @@ impl RingManager {
     }
 
     /// `ctl drain-region`: drains `region` at `rate` goodbyes per second per gateway (0: the
-    /// default).
-    pub fn drain_region(&self, region: &str, rate: u32) -> Result<RegionsView, RegionError> {
-        self.regions_state().drain(region, rate, Instant::now())
+    /// default), saved before it is answered.
+    pub fn drain_region(
+        &self,
+        region: &str,
+        rate: u32,
+    ) -> Result<RegionsView, ChangeError<RegionError>> {
+        self.update_regions(|r| r.drain(region, rate, Instant::now()))
     }
 
-    /// `ctl undrain-region`: ends `region`'s drain.
-    pub fn undrain_region(&self, region: &str) -> RegionsView {
-        self.regions_state().undrain(region, Instant::now())
+    /// `ctl undrain-region`: ends `region`'s drain, saved before it is answered.
+    pub fn undrain_region(&self, region: &str) -> Result<RegionsView, Unsaved> {
+        self.update_regions(|r| {
+            Ok::<_, std::convert::Infallible>(r.undrain(region, Instant::now()))
+        })
+        .map_err(|e| match e {
+            ChangeError::Refused(never) => match never {},
+            ChangeError::Unsaved(e) => e,
+        })
     }
 
-    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]).
-    pub fn revoke_tokens(&self, entries: Vec<RevokedToken>) -> Result<Revoked, RevocationError> {
-        self.regions_state().revoke(entries)
+    /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]), saved before it
+    /// is answered.
+    pub fn revoke_tokens(
+        &self,
+        entries: Vec<RevokedToken>,
+    ) -> Result<Revoked, ChangeError<RevocationError>> {
+        self.update_regions(|r| r.revoke(entries))
+    }
+}
+
+/// A state machine's answer to a change that may not have been saved, as one result.
+fn flatten<T, E>(result: Result<Result<T, E>, Unsaved>) -> Result<T, ChangeError<E>> {
+    result?.map_err(ChangeError::Refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    /// Revocations per call in the Consul size test.
+    const BATCH: usize = 1_000;
+
+    fn manager(store: Store, tracker: &TaskTracker, cancel: &CancellationToken) -> RingManager {
+        RingManager::resume(Config::default(), None, store, tracker, cancel.clone()).unwrap()
+    }
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_change_that_cannot_be_saved_is_undone_and_not_published() {
+        let dir = std::env::temp_dir().join(format!("channelmesh-server-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let path = dir.join("ring.json");
+        let rm = manager(Store::File(path.clone()), &tracker, &cancel);
+        rm.register(id("cs-1"), "a:1".into(), 1, false).unwrap();
+        rm.register(id("cs-2"), "a:2".into(), 2, false).unwrap();
+        let before = rm.ring();
+        let mut watcher = rm.subscribe();
+        watcher.borrow_and_update();
+        // The state file's directory is replaced by a file.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, "").unwrap();
+        let refused = rm.drain(&id("cs-1")).unwrap_err();
+        assert!(
+            matches!(refused, ChangeError::Unsaved(Unsaved::File(_))),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("ring.tmp"), "{refused}");
+        assert!(rm.register(id("cs-3"), "a:3".into(), 3, false).is_err());
+        assert_eq!(rm.ring(), before);
+        assert!(!watcher.has_changed().unwrap(), "nothing was published");
+        assert!(rm.members().iter().all(|(_, s)| *s == NodeState::Active));
+        // Writable again: the same operation goes through, saved before it is published.
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let ring = rm.drain(&id("cs-1")).unwrap();
+        let saved = crate::state_file::load(&path).unwrap().unwrap();
+        assert_eq!(saved.epoch, ring.epoch());
+        assert_eq!(saved.generation, ring.generation());
+        cancel.cancel();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_consul_a_record_past_the_value_limit_is_refused_and_undone() {
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let (latest, _updates) = watch::channel(None);
+        let (_written, written_rx) = watch::channel(0);
+        let store = Store::Latest {
+            latest,
+            written: written_rx,
+        };
+        let rm = manager(store, &tracker, &cancel);
+        let far = u64::MAX / 2;
+        let mut refused = None;
+        for call in 0..100 {
+            let entries = (0..BATCH)
+                .map(|i| RevokedToken {
+                    jti: format!("jti-{call}-{i}"),
+                    expires_at: far,
+                })
+                .collect();
+            if let Err(e) = rm.revoke_tokens(entries) {
+                refused = Some((call, e));
+                break;
+            }
+        }
+        let (call, e) = refused.expect("refused before 100,000 revocations");
+        assert!(
+            matches!(e, ChangeError::Unsaved(Unsaved::TooLarge { .. })),
+            "{e}"
+        );
+        // The refused call was undone: only the earlier calls are held.
+        let held = rm.revoke_tokens(Vec::new());
+        let held = held.map(|r| r.held).unwrap_or_default();
+        assert!(call > 0);
+        assert_eq!(held as usize, call * BATCH);
+        cancel.cancel();
     }
 }

@@ -1,10 +1,15 @@
-//! The embedded ring manager's durable state: the ring and its members, rewritten atomically
-//! (write a temporary file, then rename) on every change, so that a restarted ring manager
+//! The embedded ring manager's durable state: the ring (with its generation) and its members,
+//! the regions draining and the revoked tokens, rewritten atomically and durably on every
+//! change — before the change is published or answered — so that a restarted ring manager
 //! recovers the same ring without reshuffling anything.
+//!
+//! A save writes a temporary file beside the state file, fsyncs it, renames it over the state
+//! file and fsyncs the directory: after it returns, a crash or power loss leaves the new state,
+//! and before it, the old one, never a torn file.
 
 use std::path::{Path, PathBuf};
 
-pub use ring_client::record::{Saved, SavedMember};
+pub use ring_client::record::{Saved, SavedDrain, SavedMember, SavedRevocation};
 
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -41,19 +46,35 @@ pub fn load(path: &Path) -> Result<Option<Saved>, StateFileError> {
     Ok(Some(saved))
 }
 
-/// Writes `saved` to `path` atomically.
+/// Writes `saved` to `path` atomically and durably: a temporary file, fsynced, renamed over
+/// `path`, then the directory fsynced. An error names the file it failed on.
 pub fn store(path: &Path, saved: &Saved) -> Result<(), StateFileError> {
-    let io = |source| StateFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
     let text = serde_json::to_vec(saved).map_err(|e| StateFileError::Invalid {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let tmp = path.with_extension("tmp");
+    let io = |at: &Path| {
+        let at = at.to_path_buf();
+        move |source| StateFileError::Io { path: at, source }
+    };
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, &text)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 #[cfg(test)]
@@ -73,9 +94,10 @@ mod tests {
                 addr: format!("127.0.0.1:{i}"),
             })
             .collect();
-        let ring = Ring::empty().rebalanced(&members);
+        let ring = Ring::empty().with_generation(0x5eed).rebalanced(&members);
         let (epoch, nodes, slot_owner) = Saved::ring_parts(&ring);
         let saved = Saved {
+            generation: 0x5eed,
             epoch,
             nodes,
             slot_owner,
@@ -87,6 +109,7 @@ mod tests {
                 incarnation: 3,
             }],
             next_incarnation: 4,
+            ..Saved::default()
         };
         store(&path, &saved).unwrap();
         let loaded = load(&path).unwrap().unwrap();
@@ -94,6 +117,25 @@ mod tests {
         assert_eq!(loaded.ring().unwrap(), ring);
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(load(&path), Err(StateFileError::Invalid { .. })));
+        assert!(
+            !dir.join("ring.tmp").exists(),
+            "the temporary file was renamed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_save_that_cannot_be_written_names_the_file_and_leaves_the_old_state() {
+        let dir = std::env::temp_dir().join(format!("channelmesh-unsaved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A parent that is a file: no process, root included, can create anything under it.
+        let blocker = dir.join("not-a-dir");
+        std::fs::write(&blocker, "").unwrap();
+        let path = blocker.join("ring.json");
+        let err = store(&path, &Saved::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("not-a-dir/ring.tmp"), "{text}");
+        assert!(matches!(err, StateFileError::Io { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -58,6 +58,7 @@ fn record(ring: &Ring, lock_index: u64, session: &str) -> Vec<u8> {
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     })
     .unwrap()
@@ -357,6 +358,7 @@ async fn a_forged_record_with_a_huge_lock_index_moves_no_reader_and_freezes_noth
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     })
     .unwrap();
@@ -469,26 +471,7 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     );
 
     // The leader "dies" without a word: cancel it, then let its session lapse in Consul.
-    let (leader_idx, _) = managers
-        .iter()
-        .enumerate()
-        .find(|(_, (c, _, _))| c.endpoint == first.endpoint)
-        .unwrap();
-    let (_, stop, task) = managers.remove(leader_idx);
-    task.abort();
-    stop.cancel();
-    let _ = task.await;
-    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
-    let dead = lock.unwrap().session.unwrap();
-    fake.expire_session(&dead);
-
-    let second = eventually("a new leader", || async {
-        ring.leader()
-            .await
-            .unwrap()
-            .filter(|l| l.endpoint != first.endpoint)
-    })
-    .await;
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
     // The new leader serves the same ring it found in KV: nothing reshuffled.
     let served = eventually("the new leader answers", || async {
         let mut client = mesh_proto::ring::ring_manager_client::RingManagerClient::connect(
@@ -539,6 +522,40 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     tracker.wait().await;
 }
 
+/// A ring manager of a test: its config, what stops it, its task.
+type Manager = (
+    LeaderConfig,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
+);
+
+/// The leader `first` "dies" without a word: its task stops, its session lapses in Consul.
+/// Returns the next leader, once another of `managers` leads.
+async fn fail_over(
+    fake: &FakeConsul,
+    ring: &ConsulRing,
+    managers: &mut Vec<Manager>,
+    first: &cluster::LeaderInfo,
+) -> cluster::LeaderInfo {
+    let index = managers
+        .iter()
+        .position(|(c, _, _)| c.endpoint == first.endpoint)
+        .unwrap();
+    let (_, stop, task) = managers.remove(index);
+    task.abort();
+    stop.cancel();
+    let _ = task.await;
+    let (lock, _) = ring.consul.get(&ring.lock_key(), None).await.unwrap();
+    fake.expire_session(&lock.unwrap().session.unwrap());
+    eventually("a new leader", || async {
+        ring.leader()
+            .await
+            .unwrap()
+            .filter(|l| l.endpoint != first.endpoint)
+    })
+    .await
+}
+
 fn free_port() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -587,14 +604,7 @@ async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown()
 }
 
 /// Starts a ring manager of a Consul group on a free port; its config, cancel token and task.
-fn start_ring_manager(
-    ring: &ConsulRing,
-    cancel: &CancellationToken,
-) -> (
-    LeaderConfig,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), ring_manager::Error>>,
-) {
+fn start_ring_manager(ring: &ConsulRing, cancel: &CancellationToken) -> Manager {
     let listen = free_port();
     let config = LeaderConfig {
         endpoint: format!("http://{listen}"),
@@ -631,6 +641,7 @@ async fn forge(fake: &FakeConsul, ring: &ConsulRing) -> u64 {
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     };
     let put = reqwest::Client::new()
@@ -937,4 +948,145 @@ async fn every_consul_call_carries_the_acl_token_and_fails_clearly_without_it() 
             .unwrap()
     );
     with.destroy_session(&session).await.unwrap();
+}
+
+/// A report of gateway `gateway` of `region` that holds no revocation yet.
+fn report(gateway: &str, region: &str) -> mesh_proto::ring::GatewayReport {
+    mesh_proto::ring::GatewayReport {
+        gateway: gateway.into(),
+        region: region.into(),
+        url: format!("http://{gateway}.internal"),
+        connections: 1,
+        revocations_generation: 0,
+        revocations_version: 0,
+    }
+}
+
+/// The leader at `endpoint`, once it answers.
+async fn leader_client(
+    endpoint: &str,
+) -> mesh_proto::ring::ring_manager_client::RingManagerClient<tonic::transport::Channel> {
+    eventually("the leader answers", || async {
+        let mut client =
+            mesh_proto::ring::ring_manager_client::RingManagerClient::connect(endpoint.to_string())
+                .await
+                .ok()?;
+        client
+            .get_ring(mesh_proto::ring::GetRingRequest {})
+            .await
+            .ok()?;
+        Some(client)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn drains_and_revocations_survive_a_leader_failover_in_the_same_ring_generation() {
+    use mesh_proto::ring::{
+        DrainRegionRequest, GetRingRequest, RegionsRequest, RevokeTokensRequest, RevokedToken,
+    };
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "durable").unwrap();
+    let cancel = CancellationToken::new();
+    let mut managers: Vec<_> = (0..2).map(|_| start_ring_manager(&ring, &cancel)).collect();
+    let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let mut rm = leader_client(&first.endpoint).await;
+    for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
+        rm.report_gateway(report(gateway, region)).await.unwrap();
+    }
+    rm.drain_region(DrainRegionRequest {
+        region: "eu".into(),
+        rate: 9,
+    })
+    .await
+    .unwrap();
+    let expires_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    rm.revoke_tokens(RevokeTokensRequest {
+        jtis: vec![RevokedToken {
+            jti: "j-failover".into(),
+            expires_at,
+        }],
+    })
+    .await
+    .unwrap();
+    let generation = rm
+        .get_ring(GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .generation;
+    assert_ne!(generation, 0);
+    // Answered only once written to KV, fenced, with the ring.
+    let (stored, _) = ring.load().await.unwrap();
+    let stored = stored.unwrap();
+    assert_eq!(stored.saved.generation, generation);
+    assert_eq!(stored.saved.draining_regions.len(), 1);
+    assert_eq!(stored.saved.revoked.len(), 1);
+
+    // The leader dies without a word; the other takes over from KV.
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
+    let mut rm = leader_client(&second.endpoint).await;
+    let served = rm.get_ring(GetRingRequest {}).await.unwrap().into_inner();
+    assert_eq!(served.generation, generation, "the same ring history");
+    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    let eu = view.regions.iter().find(|r| r.region == "eu");
+    assert!(eu.is_some_and(|r| r.draining && r.rate == 9), "{view:?}");
+    let directive = rm
+        .report_gateway(report("us-2", "us"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(directive.revoked.len(), 1, "{directive:?}");
+    assert_eq!(directive.revoked[0].jti, "j-failover");
+
+    cancel.cancel();
+    for (_, _, task) in managers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+}
+
+#[tokio::test]
+async fn a_change_the_leader_cannot_write_to_consul_is_not_acknowledged() {
+    use mesh_proto::ring::{DrainRegionRequest, RegionsRequest};
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "unwritten").unwrap();
+    let cancel = CancellationToken::new();
+    let (_config, _stop, task) = start_ring_manager(&ring, &cancel);
+    let leader = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let mut rm = leader_client(&leader.endpoint).await;
+    for (gateway, region) in [("us-1", "us"), ("eu-1", "eu")] {
+        rm.report_gateway(report(gateway, region)).await.unwrap();
+    }
+    let drain = DrainRegionRequest {
+        region: "eu".into(),
+        rate: 9,
+    };
+    // Consul stops answering (for less than the session TTL: this one still leads).
+    fake.set_unavailable(true);
+    let status = rm.drain_region(drain.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("not yet written to consul"),
+        "{status:?}"
+    );
+    // Back: the leader's writer, which kept trying, writes it.
+    fake.set_unavailable(false);
+    eventually("the drain written to KV", || async {
+        let (stored, _) = ring.load().await.ok()?;
+        (stored?.saved.draining_regions.len() == 1).then_some(())
+    })
+    .await;
+    let view = rm.regions(RegionsRequest {}).await.unwrap().into_inner();
+    assert!(view.regions.iter().any(|r| r.region == "eu" && r.draining));
+    // And the next change is answered once written.
+    rm.undrain_region(drain).await.unwrap();
+    let (stored, _) = ring.load().await.unwrap();
+    assert!(stored.unwrap().saved.draining_regions.is_empty());
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

@@ -53,6 +53,7 @@ async fn forge(fake: &FakeConsul, ring: &ConsulRing, lock_index: u64, session: &
             slot_owner,
             members: vec![],
             next_incarnation: 1,
+            ..Saved::default()
         },
     })
     .unwrap();

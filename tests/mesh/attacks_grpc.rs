@@ -216,6 +216,7 @@ async fn publish(mesh: &Mesh, who: Who, channel: &str) -> Result<Outcome, String
     let request = PublishRequest {
         epoch,
         event: Some(event_to_proto(&event)),
+        idempotency_key: String::new(),
     };
     Ok(cs.publish(request).await.map(drop))
 }
@@ -281,6 +282,7 @@ async fn handoff(
             last_ts: "1.000001".into(),
             events: Vec::new(),
             trimmed_ts: String::new(),
+            recent_keys: Vec::new(),
         }],
         done: true,
         slot_floors: Vec::new(),

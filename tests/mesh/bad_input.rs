@@ -202,6 +202,7 @@ async fn the_admin_api_needs_its_token_and_checks_arguments() {
         user: "U1".into(),
         text: "x".into(),
         team: String::new(),
+        idempotency_key: String::new(),
     };
     let status = anonymous.post_message(post_req()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
@@ -232,6 +233,10 @@ async fn the_admin_api_needs_its_token_and_checks_arguments() {
             text: "x".repeat(16 * 1024 + 1),
             ..post_req()
         },
+        PostMessageRequest {
+            idempotency_key: "k".repeat(129),
+            ..post_req()
+        },
     ];
     for req in bad {
         assert_eq!(
@@ -243,6 +248,7 @@ async fn the_admin_api_needs_its_token_and_checks_arguments() {
         let req = PublishEventRequest {
             channel: "C1".into(),
             event_json: json.into(),
+            idempotency_key: String::new(),
         };
         assert_eq!(
             admin.publish_event(req).await.unwrap_err().code(),

@@ -10,6 +10,7 @@ use fake_consul::FakeConsul;
 use mesh_core::{ChannelId, NodeId, Ring};
 use nix::sys::signal::Signal;
 use ring_client::ConsulRing;
+use ring_client::consul_ring::LeaderInfo;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -19,13 +20,33 @@ use crate::support::{
     receive_all, ring_with,
 };
 
-fn free_addr() -> SocketAddr {
+pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
 
-fn addr_of(endpoint: &str) -> SocketAddr {
+pub fn addr_of(endpoint: &str) -> SocketAddr {
     endpoint.trim_start_matches("http://").parse().unwrap()
+}
+
+/// SIGKILLs `dev`'s ring manager that leads (`leader`); returns the next leader, once another
+/// ring manager leads (the dead one's lock is held until Consul's session TTL lapses).
+pub async fn kill_the_leader(dev: &Dev, ring: &ConsulRing, leader: &LeaderInfo) -> LeaderInfo {
+    let leader_pid = dev
+        .ring_managers
+        .iter()
+        .find(|(addr, _)| *addr == addr_of(&leader.endpoint))
+        .unwrap()
+        .1;
+    signal(leader_pid, Signal::SIGKILL);
+    eventually_within("a new leader", Duration::from_secs(40), || async {
+        ring.leader()
+            .await
+            .ok()
+            .flatten()
+            .filter(|l| l.endpoint != leader.endpoint)
+    })
+    .await
 }
 
 /// The ring as Consul KV holds it, with the writer's lock index.
@@ -121,24 +142,10 @@ async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fai
 
     // 2. SIGKILL the leading ring manager. Its lock stays held until Consul's session TTL
     // lapses; meanwhile the data plane keeps delivering on the ring it knows.
-    let leader_pid = dev
-        .ring_managers
-        .iter()
-        .find(|(addr, _)| *addr == addr_of(&leader.endpoint))
-        .unwrap()
-        .1;
     let stop = CancellationToken::new();
     let posts = poster(&admin, channel, stop.clone());
-    signal(leader_pid, Signal::SIGKILL);
     let killed = Instant::now();
-    let second = eventually_within("a new leader", Duration::from_secs(40), || async {
-        ring.leader()
-            .await
-            .ok()
-            .flatten()
-            .filter(|l| l.endpoint != leader.endpoint)
-    })
-    .await;
+    let second = kill_the_leader(&dev, &ring, &leader).await;
     println!(
         "ring manager failover on consul: new leader after {} ms",
         killed.elapsed().as_millis()

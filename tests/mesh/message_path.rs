@@ -238,6 +238,7 @@ async fn history_pages_forward_and_leaves_out_typing() {
         .publish_event(PublishEventRequest {
             channel: "CHIST".into(),
             event_json: raw.to_string(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -311,6 +312,7 @@ async fn a_channel_server_refuses_slots_it_does_not_own() {
         .publish(PublishRequest {
             epoch: ring.epoch(),
             event: Some(event_to_proto(&event)),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();

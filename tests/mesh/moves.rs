@@ -45,6 +45,7 @@ async fn try_post(admin: &Admin, channel: &str, text: &str) -> Option<String> {
         user: "UPOSTER".into(),
         text: text.into(),
         team: String::new(),
+        idempotency_key: String::new(),
     };
     let reply = admin.clone().post_message(request).await.ok()?;
     Some(reply.into_inner().ts)

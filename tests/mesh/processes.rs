@@ -41,7 +41,8 @@ pub struct Dev {
     pub presence_ring_manager: SocketAddr,
     /// (id, pid) of each presence server.
     pub presence_servers: Vec<(String, u32)>,
-    state_file: PathBuf,
+    /// The embedded ring manager's state file (empty: none).
+    pub state_file: PathBuf,
     /// `dev`'s state directory: its CA, its children's certificates, the operator's.
     pub state_dir: PathBuf,
     /// The operator credential `dev` wrote there.
@@ -61,6 +62,12 @@ impl Dev {
     pub fn start(name: &str) -> Dev {
         let dir = Self::dir(name);
         let state_file = dir.join("ring.json");
+        Self::start_with_state_file(state_file, dir)
+    }
+
+    /// The embedded ring manager, with the state file `state_file`, in the test's directory
+    /// `dir` (see [`Dev::dir`]).
+    pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
         let args = [
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
@@ -73,7 +80,7 @@ impl Dev {
     }
 
     /// An empty directory of the test's own: `dev`'s state directory and its ring file.
-    fn dir(name: &str) -> PathBuf {
+    pub fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("channelmesh-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -101,6 +108,18 @@ impl Dev {
             )
             .unwrap(),
         )
+    }
+
+    /// Runs `channelmesh ARGS` as `dev`'s child `id` (with its certificate), output discarded.
+    pub fn spawn_as(&self, id: &str, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .args(self.tls_flags(id))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// The presence server that owns `user` now: its id and pid.
@@ -163,7 +182,9 @@ impl Dev {
         Self::launch(&args, PathBuf::new(), Self::dir(name))
     }
 
-    fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
+    /// `dev --multi-process` with `extra` flags, its ring manager's state file (if any) and
+    /// its state directory (see [`Dev::dir`]).
+    pub fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
         // Its log, to say why when it stops before it is ready.
         static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -410,6 +431,7 @@ async fn a_node_declared_dead_that_comes_back_is_refused() {
         .publish(PublishRequest {
             epoch: before.epoch(),
             event: Some(event_to_proto(&event)),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -464,6 +486,7 @@ async fn a_ring_manager_frozen_past_the_silence_limit_wakes_and_declares_nobody_
             user: "UPOSTER".into(),
             text: "after the freeze".into(),
             team: String::new(),
+            idempotency_key: String::new(),
         };
         admin
             .clone()
@@ -668,4 +691,244 @@ async fn a_killed_presence_server_is_replaced_and_watchers_keep_the_right_state(
         presence_of(v, "UB", "away")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_presence_failover_with_no_standby_left_flaps_nobody_online_in_the_other_region() {
+    let dev = Dev::start("presence-no-standby");
+    let users: Vec<String> = (0..8).map(|i| format!("UB{i}")).collect();
+    let eu = format!("http://{}/api/", dev.eu_west.0);
+    let mut online = Vec::new();
+    for user in &users {
+        online.push(Rtm::connect(&eu, &dev.token(user, &[])).await.unwrap());
+    }
+    let mut a = Rtm::connect(&dev.base_url(), &dev.token("UA", &[]))
+        .await
+        .unwrap();
+    a.send(serde_json::json!({"type": "presence_sub", "ids": users}))
+        .await;
+    let mut active = std::collections::HashSet::new();
+    while active.len() < users.len() {
+        let v = a
+            .expect("the eu-west users active", |v| {
+                users.iter().any(|u| presence_of(v, u, "active"))
+            })
+            .await;
+        active.extend(users.iter().filter(|u| presence_of(&v, u, "active")));
+    }
+    let flapped = |v: &serde_json::Value| users.iter().any(|u| presence_of(v, u, "away"));
+    let mut pids: std::collections::HashMap<String, u32> =
+        dev.presence_servers.iter().cloned().collect();
+    // First the standby goes, so that each failover spreads a server's users over the
+    // survivor, which learns of them from the ring and from the gateways in either order.
+    let (_, members) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+    let standby = members
+        .iter()
+        .find(|m| m.state == "standby")
+        .expect("dev runs a presence standby")
+        .id
+        .clone();
+    signal(pids[&standby], Signal::SIGKILL);
+    eventually("the presence standby declared down", || async {
+        let (_, members) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+        (state_of(&members, &standby) != "standby").then_some(())
+    })
+    .await;
+    // Which of the two learns first is a race: a few rounds of kill and rejoin.
+    let mut restarted = Reaped(Vec::new());
+    for round in 0..5 {
+        let (victim, _) = dev.presence_owner(&users[0]).await;
+        signal(pids[&victim], Signal::SIGKILL);
+        eventually("the survivor owns every slot", || async {
+            let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+            (after.slots_owned(&NodeId::new(&victim).unwrap()) == 0
+                && after
+                    .owner_of(&ChannelId::new(&users[0]).unwrap())
+                    .is_some())
+            .then_some(())
+        })
+        .await;
+        // Nobody in eu-west went offline: A must hear no away while the survivor warms up
+        // (1.5 s) or after; twice the warm-up covers both.
+        a.expect_none(
+            Duration::from_secs(3),
+            &format!("an away while every eu-west user stayed online (round {round})"),
+            flapped,
+        )
+        .await;
+        // The victim comes back and takes half the slots (and users) back: no flap either.
+        let child = dev.spawn_as(
+            &victim,
+            &[
+                "presence-server",
+                "--id",
+                &victim,
+                "--listen",
+                "127.0.0.1:0",
+                "--ring-manager",
+                &format!("http://{}", dev.ring_manager),
+                "--presence-ring-manager",
+                &format!("http://{}", dev.presence_ring_manager),
+            ],
+        );
+        pids.insert(victim.clone(), child.id());
+        restarted.0.push(child);
+        eventually("the victim back with slots", || async {
+            let (after, _) = ring_with(dev.presence_ring_manager, &dev.operator).await;
+            (after.slots_owned(&NodeId::new(&victim).unwrap()) > 0).then_some(())
+        })
+        .await;
+        a.expect_none(
+            Duration::from_secs(3),
+            &format!("an away while the victim rejoined (round {round})"),
+            flapped,
+        )
+        .await;
+    }
+    // The owners track the users from here on.
+    online[0].ws.close(None).await.unwrap();
+    a.expect("UB0 away", |v| presence_of(v, &users[0], "away"))
+        .await;
+}
+
+/// Child processes a test started, killed when it ends (however it ends).
+struct Reaped(Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP proxy in front of one address: from [`HeldReplies::hold`] on, whatever the server
+/// sends back over any connection in the next `for` is held until it passes, so that a call
+/// the server answered at once is answered late.
+#[derive(Clone, Default)]
+struct HeldReplies(std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+impl HeldReplies {
+    fn hold(&self, r#for: Duration) {
+        *self.0.lock().unwrap() = Some(tokio::time::Instant::now() + r#for);
+    }
+
+    /// Serves the proxy on `listener`, forwarding to `to`, for as long as the test runs.
+    fn serve(&self, listener: tokio::net::TcpListener, to: SocketAddr) {
+        let held = self.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                let held = held.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let until = *held.0.lock().unwrap();
+                        if let Some(until) = until {
+                            tokio::time::sleep_until(until).await;
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_publish_applied_but_answered_after_the_attempt_timeout_is_stored_once_with_one_ts() {
+    let dev = Dev::start("idempotent-retry");
+    // A channel server of our own (the standby's identity) behind a proxy: the ring names the
+    // proxy, so every call to it, the admin server's publishes included, goes through it.
+    let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
+    let standby = members.iter().find(|m| m.state == "standby").unwrap();
+    let id = standby.id.clone();
+    signal(standby.pid, Signal::SIGKILL);
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let held = HeldReplies::default();
+    held.serve(proxy, listen);
+    let child = dev.spawn_as(
+        &id,
+        &[
+            "channel-server",
+            "--id",
+            &id,
+            "--listen",
+            &listen.to_string(),
+            "--advertise",
+            &proxy_addr.to_string(),
+            "--ring-manager",
+            &format!("http://{}", dev.ring_manager),
+        ],
+    );
+    let _reaped = Reaped(vec![child]);
+    let node = NodeId::new(&id).unwrap();
+    let channel = eventually("our channel server active with slots", || async {
+        let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
+        (state_of(&members, &id) == "active" && ring.slots_owned(&node) > 0).then_some(())?;
+        (0..10_000)
+            .map(|i| format!("CIDEM{i}"))
+            .find(|c| ring.owner_of(&ChannelId::new(c).unwrap()).unwrap().id == node)
+    })
+    .await;
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    // Once answered at once, so that the admin server's publish stream is open...
+    eventually("a first post through the proxy", || async {
+        let mut admin = admin.clone();
+        let reply = admin
+            .post_message(mesh_proto::admin::PostMessageRequest {
+                channel: channel.clone(),
+                user: "UPOSTER".into(),
+                text: "warm-up".into(),
+                team: String::new(),
+                idempotency_key: String::new(),
+            })
+            .await;
+        reply.ok().map(drop)
+    })
+    .await;
+    // ...then applied at once but answered after the router's 2 s attempt timeout: the
+    // router retries on the same channel server, which has the event already.
+    held.hold(Duration::from_millis(2500));
+    let ts = post(&mut admin, &channel, "UPOSTER", "once only").await;
+    let history = admin
+        .history(mesh_proto::admin::HistoryRequest {
+            channel: channel.clone(),
+            since_ts: String::new(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let copies: Vec<&str> = history
+        .events
+        .iter()
+        .filter(|e| e.event_json.contains("once only"))
+        .map(|e| e.ts.as_str())
+        .collect();
+    assert_eq!(
+        copies,
+        [ts.as_str()],
+        "stored once, with the ts acknowledged"
+    );
 }

@@ -468,6 +468,7 @@ pub fn poster(admin: &Admin, channel: &str, stop: CancellationToken) -> Poster {
                     user: "UPOSTER".into(),
                     text: text.clone(),
                     team: String::new(),
+                    idempotency_key: String::new(),
                 };
                 match admin.post_message(request).await {
                     Ok(reply) => {
@@ -581,6 +582,7 @@ pub async fn post(admin: &mut Admin, channel: &str, user: &str, text: &str) -> S
             user: user.into(),
             text: text.into(),
             team: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .expect("PostMessage succeeds")

@@ -20,6 +20,7 @@ async fn post_with(endpoint: Endpoint, token: &str) -> Result<String, String> {
         user: "U2".into(),
         text: "through the admin api's own tls".into(),
         team: String::new(),
+        idempotency_key: String::new(),
     });
     let bearer = format!("Bearer {token}").parse().unwrap();
     request.metadata_mut().insert("authorization", bearer);

@@ -101,6 +101,7 @@ impl Admin {
             user: user.to_string(),
             text,
             team: String::new(),
+            idempotency_key: String::new(),
         });
         request
             .metadata_mut()

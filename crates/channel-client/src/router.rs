@@ -189,6 +189,7 @@ impl ChannelRouter {
             id,
             publish: Some(publish),
             trace_context: HashMap::new(),
+            idempotency_key: String::new(),
         };
         // The channel server's span joins this one's trace.
         mesh_telemetry::propagation::inject_map(&mut request.trace_context);
@@ -217,7 +218,24 @@ impl ChannelRouter {
     }
 
     /// Publishes `event` on its channel's owner; returns the assigned ts (none if transient).
+    /// Every attempt carries one idempotency key, fresh for this publish: an attempt the
+    /// channel server applied but answered too late (or over a broken stream) is answered with
+    /// the same ts when retried, not stored twice.
     pub async fn publish(&self, event: &ChannelEvent) -> Result<Option<Ts>, RouteError> {
+        let key = match event.body.is_transient() {
+            true => String::new(), // Never stored: nothing to repeat.
+            false => new_idempotency_key(),
+        };
+        self.publish_keyed(event, &key).await
+    }
+
+    /// [`ChannelRouter::publish`] under the caller's idempotency `key` (a client's own, for
+    /// retries the caller makes; at most 256 bytes).
+    pub async fn publish_keyed(
+        &self,
+        event: &ChannelEvent,
+        key: &str,
+    ) -> Result<Option<Ts>, RouteError> {
         let proto = event_to_proto(event);
         let span = tracing::debug_span!("route.publish", channel = %event.channel);
         let reply = self
@@ -225,6 +243,7 @@ impl ChannelRouter {
                 let publish = pb::PublishRequest {
                     epoch,
                     event: Some(proto.clone()),
+                    idempotency_key: key.to_string(),
                 };
                 async move { self.publish_piped(&addr, publish).await }
             })
@@ -318,6 +337,11 @@ impl ChannelRouter {
             }
         }
     }
+}
+
+/// A fresh idempotency key: 128 random bits in hex, so that no two publishes share one.
+fn new_idempotency_key() -> String {
+    format!("r-{:032x}", rand::random::<u128>())
 }
 
 /// What a routed call does after an attempt failed with a status.

@@ -6,6 +6,11 @@
 //! every process and every release agrees on a channel's slot. Moving channels between servers
 //! means moving whole slots, never rehashing: [`Ring::rebalanced`] moves the fewest slots that
 //! leave every server with a fair share.
+//!
+//! A ring history (every epoch one ring manager, or its successors resuming its state, ever
+//! published) is named by a random generation id. Followers accept a newer epoch of their
+//! generation, or the first assignment of another generation: a deliberate reset, such as a
+//! ring manager restarted without its state ([`Ring::supersedes`]).
 
 use std::collections::HashMap;
 
@@ -60,6 +65,8 @@ pub enum RingError {
 /// one of `nodes`. A channel therefore has exactly one owning channel server per epoch.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ring {
+    /// The ring history this ring belongs to; 0: unknown (rings of older ring managers).
+    generation: u64,
     epoch: u64,
     /// Sorted by id.
     nodes: Vec<RingNode>,
@@ -78,6 +85,7 @@ impl std::fmt::Debug for Ring {
             .map(|n| format!("{}@{}:{}", n.id, n.addr, self.slots_owned(&n.id)))
             .collect();
         f.debug_struct("Ring")
+            .field("generation", &self.generation)
             .field("epoch", &self.epoch)
             .field("nodes", &nodes)
             .field("handoffs", &self.handoffs)
@@ -89,6 +97,7 @@ impl Ring {
     /// The ring before any channel server registered: epoch 0, nothing owned.
     pub fn empty() -> Self {
         Ring {
+            generation: 0,
             epoch: 0,
             nodes: Vec::new(),
             owners: Vec::new(),
@@ -104,6 +113,7 @@ impl Ring {
     ) -> Result<Self, RingError> {
         if nodes.is_empty() && owners.is_empty() {
             return Ok(Ring {
+                generation: 0,
                 epoch,
                 nodes,
                 owners: Vec::new(),
@@ -142,6 +152,7 @@ impl Ring {
             mapped.push(new);
         }
         Ok(Ring {
+            generation: 0,
             epoch,
             nodes,
             owners: mapped,
@@ -152,6 +163,35 @@ impl Ring {
     /// The epoch: every change of ownership makes a new, larger one.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The ring history this ring belongs to (0: unknown, as in rings of older ring managers).
+    /// The rings derived from it ([`Ring::rebalanced`], [`Ring::with_takeover`]) keep it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This ring, as a ring of history `generation`.
+    pub fn with_generation(mut self, generation: u64) -> Ring {
+        self.generation = generation;
+        self
+    }
+
+    /// Whether a follower holding `current` takes this ring instead — the acceptance rule
+    /// every follower of the ring applies:
+    /// - another generation (both known): a deliberate reset, taken whatever its epoch, once
+    ///   it assigns slots (a new history's empty first ring would only take away the slots
+    ///   everyone still serves by; its first assignment follows within a registration);
+    /// - the same generation, or either unknown (0, older ring managers): only a higher epoch.
+    pub fn supersedes(&self, current: &Ring) -> bool {
+        let reset = self.generation != 0
+            && current.generation != 0
+            && self.generation != current.generation;
+        if reset {
+            !self.nodes.is_empty()
+        } else {
+            self.epoch > current.epoch
+        }
     }
 
     /// The channel servers, sorted by id.
@@ -204,7 +244,9 @@ impl Ring {
         nodes[old_index] = new;
         let owners = self.owners.iter().map(|&i| u32::from(i)).collect();
         // Re-sorting by id (from_parts) keeps equal rings equal; the parts are valid.
-        Ring::from_parts(self.epoch + 1, nodes, owners).ok()
+        Ring::from_parts(self.epoch + 1, nodes, owners)
+            .ok()
+            .map(|ring| ring.with_generation(self.generation))
     }
 
     /// The next epoch's ring over exactly `members`, moving as few slots as possible.
@@ -221,6 +263,7 @@ impl Ring {
         let epoch = self.epoch + 1;
         if nodes.is_empty() {
             return Ring {
+                generation: self.generation,
                 epoch,
                 nodes,
                 owners: Vec::new(),
@@ -275,6 +318,7 @@ impl Ring {
             }
         }
         Ring {
+            generation: self.generation,
             epoch,
             nodes,
             owners,
@@ -427,6 +471,58 @@ mod tests {
             Ring::from_parts(1, vec![node(0), node(0)], vec![0; SLOT_COUNT]),
             Err(RingError::DuplicateNode(_))
         ));
+    }
+
+    #[test]
+    fn derived_rings_keep_their_generation() {
+        let ring = Ring::empty()
+            .with_generation(7)
+            .rebalanced(&[node(0), node(1)]);
+        assert_eq!(ring.generation(), 7);
+        let taken = ring.with_takeover(&node(1).id, node(2)).unwrap();
+        assert_eq!(taken.generation(), 7);
+        assert_eq!(taken.rebalanced(&[]).generation(), 7);
+        assert_eq!(Ring::empty().generation(), 0);
+    }
+
+    #[test]
+    fn a_follower_takes_a_higher_epoch_or_another_generations_assignment() {
+        let a = |epoch: u64, nodes: usize| {
+            let members: Vec<RingNode> = (0..nodes).map(node).collect();
+            let ring = Ring::from_parts(epoch, Vec::new(), Vec::new()).unwrap();
+            let ring = if nodes == 0 {
+                ring
+            } else {
+                Ring::from_parts(epoch - 1, Vec::new(), Vec::new())
+                    .unwrap()
+                    .rebalanced(&members)
+            };
+            assert_eq!(ring.epoch(), epoch);
+            ring
+        };
+        let (gen_a, gen_b) = (11, 22);
+        let current = a(40, 3).with_generation(gen_a);
+        // Within a generation: only a higher epoch.
+        assert!(a(41, 3).with_generation(gen_a).supersedes(&current));
+        assert!(!a(40, 2).with_generation(gen_a).supersedes(&current));
+        assert!(!a(3, 2).with_generation(gen_a).supersedes(&current));
+        // Another generation: a reset, taken at any epoch once it assigns slots.
+        assert!(a(1, 1).with_generation(gen_b).supersedes(&current));
+        assert!(a(90, 1).with_generation(gen_b).supersedes(&current));
+        assert!(!a(0, 0).with_generation(gen_b).supersedes(&current));
+        // Generation 0 (an older ring manager's ring, or a follower that has seen none):
+        // today's rule, epoch only.
+        assert!(!a(3, 2).supersedes(&current));
+        assert!(a(41, 2).supersedes(&current));
+        let old = a(40, 3);
+        assert!(!a(3, 2).with_generation(gen_b).supersedes(&old));
+        assert!(a(41, 2).with_generation(gen_b).supersedes(&old));
+        assert!(a(1, 1).with_generation(gen_b).supersedes(&Ring::empty()));
+        assert!(
+            !Ring::empty()
+                .with_generation(gen_b)
+                .supersedes(&Ring::empty())
+        );
     }
 
     /// Every N from 1 to 64: adding one node moves a fair share, and only onto the new node.

@@ -72,16 +72,21 @@ impl RtmError {
     }
 }
 
+/// The longest `client_msg_id` a message frame may carry (Slack's are 36-byte UUIDs).
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
+
 /// A frame a client sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
     /// `{"type":"ping","id":N,..}`: answered with a pong echoing `id` and other scalar fields.
     Ping { fields: Map<String, Value> },
-    /// `{"id":N,"type":"message","channel":C,"text":T}`.
+    /// `{"id":N,"type":"message","channel":C,"text":T}`, with the client's optional
+    /// `client_msg_id`: a re-sent frame with the same one is the same message.
     Message {
         id: i64,
         channel: ChannelId,
         text: String,
+        client_msg_id: Option<String>,
     },
     /// `{"id":N,"type":"typing","channel":C}`.
     Typing { id: Option<i64>, channel: ChannelId },
@@ -167,10 +172,30 @@ pub fn parse(text: &str) -> Result<ClientFrame, RtmError> {
             if text.len() > MAX_TEXT_BYTES {
                 return Err(RtmError::new(ErrorCode::TooLong, "msg_too_long", Some(id)));
             }
+            let client_msg_id = match fields.get("client_msg_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(m)) if m.is_empty() => None,
+                Some(Value::String(m)) if m.len() <= MAX_CLIENT_MSG_ID_BYTES => Some(m.clone()),
+                Some(Value::String(_)) => {
+                    return Err(RtmError::new(
+                        ErrorCode::BadField,
+                        format!("client_msg_id must be at most {MAX_CLIENT_MSG_ID_BYTES} bytes"),
+                        Some(id),
+                    ));
+                }
+                Some(_) => {
+                    return Err(RtmError::new(
+                        ErrorCode::BadField,
+                        "client_msg_id must be a string",
+                        Some(id),
+                    ));
+                }
+            };
             Ok(ClientFrame::Message {
                 id,
                 channel,
                 text: text.clone(),
+                client_msg_id,
             })
         }
         "typing" => Ok(ClientFrame::Typing {
@@ -412,8 +437,23 @@ mod tests {
             ClientFrame::Message {
                 id: 1,
                 channel: ChannelId::new("C1").unwrap(),
-                text: "hi".into()
+                text: "hi".into(),
+                client_msg_id: None,
             }
+        );
+        assert!(matches!(
+            parse(r#"{"id":2,"type":"message","channel":"C1","text":"hi","client_msg_id":"m-1"}"#)
+                .unwrap(),
+            ClientFrame::Message { client_msg_id: Some(m), .. } if m == "m-1"
+        ));
+        let long = format!(
+            r#"{{"id":3,"type":"message","channel":"C1","text":"hi","client_msg_id":"{}"}}"#,
+            "m".repeat(MAX_CLIENT_MSG_ID_BYTES + 1)
+        );
+        assert_eq!(code(&long), (ErrorCode::BadField, Some(3)));
+        assert_eq!(
+            code(r#"{"id":4,"type":"message","channel":"C1","text":"hi","client_msg_id":7}"#),
+            (ErrorCode::BadField, Some(4))
         );
         assert!(matches!(
             parse(r#"{"type":"ping","id":7}"#).unwrap(),

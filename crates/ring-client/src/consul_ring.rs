@@ -232,7 +232,8 @@ pub fn decode_record(value: &[u8]) -> Result<Record, crate::Error> {
     Ok(record)
 }
 
-/// Follows the ring record by blocking queries, publishing each newer epoch on `tx`. Keeps the
+/// Follows the ring record by blocking queries, publishing each ring that supersedes the last
+/// ([`mesh_core::Ring::supersedes`]: a newer epoch, or a reset's new generation). Keeps the
 /// last ring while Consul is unreachable, and while the stored record is one it refuses
 /// ([`follow_records`]).
 pub(crate) async fn follow(
@@ -245,10 +246,7 @@ pub(crate) async fn follow(
         else {
             return;
         };
-        let current = tx.borrow().epoch();
-        if next.epoch() > current {
-            tx.send_replace(Arc::new(next));
-        }
+        crate::source::offer(&tx, next);
     })
     .await;
 }
@@ -504,6 +502,7 @@ mod tests {
                 incarnation: 1,
             }],
             next_incarnation: 2,
+            ..Saved::default()
         }
     }
 

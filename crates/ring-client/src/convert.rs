@@ -9,6 +9,7 @@ use crate::Error;
 /// The protobuf form of `ring`, with each node's state and pid from `info`.
 pub fn ring_to_proto(ring: &Ring, info: impl Fn(&NodeId) -> (String, u32)) -> pb::Ring {
     pb::Ring {
+        generation: ring.generation(),
         epoch: ring.epoch(),
         nodes: ring
             .nodes()
@@ -61,6 +62,7 @@ pub fn ring_from_proto(ring: pb::Ring) -> Result<Ring, Error> {
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Ring::from_parts(ring.epoch, nodes, ring.slot_owner)
         .map_err(|e| Error::InvalidRing(e.to_string()))?
+        .with_generation(ring.generation)
         .with_handoffs(handoffs))
 }
 
@@ -79,15 +81,18 @@ mod tests {
         let before = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
         let after = before.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
         let moves = after.moves_from(&before);
-        after.with_handoffs(moves)
+        after.with_handoffs(moves).with_generation(0x5eed)
     }
 
     #[test]
     fn a_ring_round_trips_through_its_protobuf_form() {
         let ring = ring();
         assert!(!ring.handoffs().is_empty(), "the test ring has handoffs");
-        let back = ring_from_proto(ring_to_proto(&ring, |_| (String::new(), 0))).unwrap();
+        let proto = ring_to_proto(&ring, |_| (String::new(), 0));
+        assert_eq!(proto.generation, 0x5eed);
+        let back = ring_from_proto(proto).unwrap();
         assert_eq!(back, ring);
+        assert_eq!(back.generation(), 0x5eed);
     }
 
     #[test]

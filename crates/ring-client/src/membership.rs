@@ -1,6 +1,8 @@
 //! A node's membership in a ring, as channel servers and presence servers hold it: register,
 //! hold the lease, and — when the ring manager revokes it (the node was declared down) —
-//! register again as a standby, as a new incarnation.
+//! register again as a standby, as a new incarnation; or, when the ring manager's ring was
+//! reset meanwhile (another generation: e.g. it restarted without its state), as it first did,
+//! since the old ring's roles mean nothing in the new history.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::lease::{Lease, LeaseEnd};
-use crate::source::{RingSource, register};
+use crate::source::{RingSource, generation, register};
 
 /// How long a node keeps trying to register before giving up.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,7 +39,8 @@ pub async fn join(
     Ok(Some(()))
 }
 
-/// Holds the lease; when it is revoked, registers again as a standby and holds that one.
+/// Holds the lease; when it is revoked, registers again as a standby (or as first registered,
+/// after a reset: [`role_after_revocation`]) and holds that one.
 async fn hold(
     source: RingSource,
     mut request: RegisterRequest,
@@ -45,6 +48,7 @@ async fn hold(
     lease: Lease,
     cancel: CancellationToken,
 ) {
+    let first_standby = request.standby;
     loop {
         let interval = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1)));
         let length = Duration::from_millis(u64::from(reply.lease_ms.max(1)));
@@ -61,7 +65,18 @@ async fn hold(
         if end == LeaseEnd::Cancelled {
             return;
         }
-        request.standby = true;
+        let now = tokio::select! {
+            _ = cancel.cancelled() => return,
+            g = generation(&source) => g.ok(),
+        };
+        request.standby = role_after_revocation(first_standby, reply.generation, now);
+        if !request.standby {
+            tracing::warn!(
+                joined = reply.generation,
+                now = ?now,
+                "the ring manager's ring was reset (a new generation); registering as at start"
+            );
+        }
         loop {
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -71,7 +86,8 @@ async fn hold(
                 Ok(next) => {
                     tracing::info!(
                         incarnation = next.incarnation,
-                        "registered again as a standby"
+                        standby = request.standby,
+                        "registered again"
                     );
                     lease.reset();
                     reply = next;
@@ -80,5 +96,36 @@ async fn hold(
                 Err(e) => tracing::warn!(error = %e, "registering again failed; retrying"),
             }
         }
+    }
+}
+
+/// Whether a node whose lease was revoked registers again as a standby: yes (it was declared
+/// down, and its slots went to others), unless the ring manager's generation `now` is another
+/// than the one it joined (`joined`): a reset ring, in which it takes the role it started
+/// with (`first_standby`). An unknown generation (0, or the ring manager unreachable) is no
+/// evidence of a reset.
+fn role_after_revocation(first_standby: bool, joined: u64, now: Option<u64>) -> bool {
+    match now {
+        Some(now) if now != 0 && joined != 0 && now != joined => first_standby,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_node_comes_back_as_a_standby_unless_the_ring_was_reset() {
+        // Declared down in the same history: a standby, whatever it started as.
+        assert!(role_after_revocation(false, 7, Some(7)));
+        // Another generation: as it started.
+        assert!(!role_after_revocation(false, 7, Some(9)));
+        assert!(role_after_revocation(true, 7, Some(9)));
+        // No evidence of a reset.
+        for now in [None, Some(0)] {
+            assert!(role_after_revocation(false, 7, now));
+        }
+        assert!(role_after_revocation(false, 0, Some(9)));
     }
 }

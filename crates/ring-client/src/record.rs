@@ -1,5 +1,10 @@
 //! The ring record: the ring and its members as the ring manager saves them — in its state file
-//! (embedded backend) and in Consul KV (Consul backend), where every service reads it.
+//! (embedded backend) and in Consul KV (Consul backend), where every service reads it — with
+//! the ring's generation, the regions draining and the revoked tokens.
+//!
+//! Fields added since the first format have defaults, so older state files and records still
+//! load: no generation (0; the ring manager resuming one starts a generation and saves it), no
+//! drains, no revocations.
 
 use mesh_core::{NodeId, Ring, RingNode};
 use serde::{Deserialize, Serialize};
@@ -14,9 +19,27 @@ pub struct SavedMember {
     pub incarnation: u64,
 }
 
-/// Everything the ring manager needs to resume.
+/// A region draining, as saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDrain {
+    pub region: String,
+    /// Goodbyes per second per gateway.
+    pub rate: u32,
+}
+
+/// A revoked token, as saved: its `jti` and when the token expires (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRevocation {
+    pub jti: String,
+    pub expires_at: u64,
+}
+
+/// Everything the ring manager needs to resume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
+    /// The ring history ([`Ring::generation`]); 0 in records of older ring managers.
+    #[serde(default)]
+    pub generation: u64,
     pub epoch: u64,
     /// (id, addr) of each slot owner, in the ring's order.
     pub nodes: Vec<(String, String)>,
@@ -24,6 +47,12 @@ pub struct Saved {
     pub slot_owner: Vec<u32>,
     pub members: Vec<SavedMember>,
     pub next_incarnation: u64,
+    /// Regions draining, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining_regions: Vec<SavedDrain>,
+    /// Revoked tokens not yet expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<SavedRevocation>,
 }
 
 impl Saved {
@@ -39,10 +68,12 @@ impl Saved {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ring::from_parts(self.epoch, nodes, self.slot_owner.clone()).map_err(|e| e.to_string())
+        Ring::from_parts(self.epoch, nodes, self.slot_owner.clone())
+            .map(|ring| ring.with_generation(self.generation))
+            .map_err(|e| e.to_string())
     }
 
-    /// The parts of `ring` to save.
+    /// The parts of `ring` to save (its generation is saved on its own).
     pub fn ring_parts(ring: &Ring) -> (u64, Vec<(String, String)>, Vec<u32>) {
         (
             ring.epoch(),
@@ -71,16 +102,19 @@ mod tests {
                 node("cs-2", "10.0.0.2:7001"),
                 node("cs-3", "10.0.0.3:7001"),
             ])
+            .with_generation(0xfeed)
     }
 
     fn saved(ring: &Ring) -> Saved {
         let (epoch, nodes, slot_owner) = Saved::ring_parts(ring);
         Saved {
+            generation: ring.generation(),
             epoch,
             nodes,
             slot_owner,
             members: Vec::new(),
             next_incarnation: 1,
+            ..Saved::default()
         }
     }
 
@@ -89,6 +123,7 @@ mod tests {
         let ring = ring();
         let back = saved(&ring).ring().unwrap();
         assert_eq!(back.epoch(), 2);
+        assert_eq!(back.generation(), 0xfeed);
         assert!(back.same_assignment(&ring));
         assert_eq!(back.nodes(), ring.nodes());
     }
@@ -103,8 +138,30 @@ mod tests {
             state: "active".into(),
             incarnation: 3,
         });
+        record.draining_regions.push(SavedDrain {
+            region: "us-east".into(),
+            rate: 50,
+        });
+        record.revoked.push(SavedRevocation {
+            jti: "j-1".into(),
+            expires_at: 2_000_000_000,
+        });
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(serde_json::from_str::<Saved>(&json).unwrap(), record);
+    }
+
+    #[test]
+    fn a_record_of_the_first_format_loads_with_no_generation_drains_or_revocations() {
+        let mut json = serde_json::to_value(saved(&ring())).unwrap();
+        let object = json.as_object_mut().unwrap();
+        for added in ["generation", "draining_regions", "revoked"] {
+            object.remove(added);
+        }
+        let old: Saved = serde_json::from_value(json).unwrap();
+        assert_eq!(old.generation, 0);
+        assert!(old.draining_regions.is_empty() && old.revoked.is_empty());
+        let ring = old.ring().unwrap();
+        assert_eq!((ring.generation(), ring.epoch()), (0, 2));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_core::Ring;
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
-use mesh_proto::ring::{RegisterRequest, RegisterResponse, WatchRingRequest};
+use mesh_proto::ring::{GetRingRequest, RegisterRequest, RegisterResponse, WatchRingRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -158,19 +158,56 @@ async fn follow_once(
         .into_inner();
     while let Some(ring) = stream.message().await? {
         *backoff = BACKOFF_MIN;
-        let ring = ring_from_proto(ring)?;
-        let current = tx.borrow().epoch();
-        if ring.epoch() > current {
-            tx.send_replace(Arc::new(ring));
-        } else if ring.epoch() < current {
+        offer(tx, ring_from_proto(ring)?);
+    }
+    Ok(())
+}
+
+/// Puts `next` on `tx` if it supersedes the ring there ([`Ring::supersedes`]: a higher epoch
+/// of the same generation, or another generation's assignment, which replaces the ring
+/// wholesale); returns whether it did. Every follower of the ring (the ring manager's stream,
+/// Consul KV) decides by this.
+pub(crate) fn offer(tx: &watch::Sender<Arc<Ring>>, next: Ring) -> bool {
+    let current = tx.borrow().clone();
+    if !next.supersedes(&current) {
+        let same_history = next.generation() == current.generation()
+            || next.generation() == 0
+            || current.generation() == 0;
+        if next.epoch() < current.epoch() && same_history {
             tracing::warn!(
-                seen = current,
-                got = ring.epoch(),
+                seen = current.epoch(),
+                got = next.epoch(),
                 "ring manager sent an older epoch; keeping the newer ring"
             );
         }
+        return false;
     }
-    Ok(())
+    if current.generation() != 0 && next.generation() != current.generation() {
+        tracing::warn!(
+            from_generation = current.generation(),
+            from_epoch = current.epoch(),
+            generation = next.generation(),
+            epoch = next.epoch(),
+            "the ring manager's ring was reset (a new generation); following the new ring"
+        );
+    }
+    tx.send_replace(Arc::new(next));
+    true
+}
+
+/// The generation of the ring the ring manager `source` leads to serves now (one attempt).
+pub async fn generation(source: &RingSource) -> Result<u64, Error> {
+    let endpoint = source.endpoint().await?;
+    let channel = mesh_transport::endpoint(&endpoint)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await?;
+    let ring = RingManagerClient::new(channel)
+        .get_ring(GetRingRequest {})
+        .await?
+        .into_inner();
+    Ok(ring.generation)
 }
 
 /// Registers a channel server with the ring manager `source` leads to, retrying until it
@@ -209,6 +246,42 @@ pub async fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ring(generation: u64, epoch: u64, nodes: usize) -> Ring {
+        let members: Vec<mesh_core::RingNode> = (0..nodes)
+            .map(|i| mesh_core::RingNode {
+                id: mesh_core::NodeId::new(&format!("cs-{i}")).unwrap(),
+                addr: format!("127.0.0.1:{}", 7000 + i),
+            })
+            .collect();
+        let start = epoch.saturating_sub(1);
+        Ring::from_parts(start, Vec::new(), Vec::new())
+            .unwrap()
+            .rebalanced(&members)
+            .with_generation(generation)
+    }
+
+    #[test]
+    fn a_follower_takes_newer_epochs_and_a_reset_to_another_generation() {
+        let (tx, rx) = watch::channel(Arc::new(Ring::empty()));
+        let take = |r: Ring| offer(&tx, r);
+        assert!(take(ring(7, 5, 3)));
+        assert!(!take(ring(7, 4, 3)), "an older epoch of the same history");
+        assert!(!take(ring(7, 5, 2)), "the same epoch");
+        assert!(take(ring(7, 6, 2)));
+        // The ring manager restarted without its state: a new history from epoch 1.
+        assert!(!take(ring(9, 0, 0)), "the new history's empty first ring");
+        assert!(take(ring(9, 1, 1)));
+        assert_eq!(
+            (rx.borrow().generation(), rx.borrow().epoch()),
+            (9, 1),
+            "replaced wholesale"
+        );
+        assert!(take(ring(9, 2, 2)));
+        // An older ring manager's ring (no generation): epochs decide, as before.
+        assert!(!take(ring(0, 1, 1)));
+        assert!(take(ring(0, 3, 1)));
+    }
 
     #[tokio::test]
     async fn a_direct_source_is_its_endpoint() {

@@ -252,3 +252,25 @@ fn the_saved_state_resumes_the_same_ring_and_members() {
     broken.slot_owner.pop();
     assert!(Membership::resume(&broken, later, SUSPECT, 50).is_err());
 }
+
+#[test]
+fn a_new_history_gets_its_own_generation_and_a_resumed_one_keeps_it() {
+    let now = Instant::now();
+    let (a, b) = (with_nodes(&["a"], &[], now), with_nodes(&["a"], &[], now));
+    let generation = a.ring().generation();
+    assert_ne!(generation, 0);
+    assert_ne!(
+        generation,
+        b.ring().generation(),
+        "two fresh starts, two histories"
+    );
+    let resumed = Membership::resume(&a.saved(), now, SUSPECT, 50).unwrap();
+    assert_eq!(resumed.ring().generation(), generation);
+    // State saved by an older ring manager (no generation) gets one, and the epochs go on.
+    let mut old = a.saved();
+    old.generation = 0;
+    let resumed = Membership::resume(&old, now, SUSPECT, 50).unwrap();
+    assert_ne!(resumed.ring().generation(), 0);
+    assert_eq!(resumed.ring().epoch(), a.ring().epoch());
+    assert_eq!(resumed.saved().generation, resumed.ring().generation());
+}

@@ -5,7 +5,7 @@ use channel_client::RouteError;
 use mesh_core::event::{MAX_RAW_EVENT_BYTES, MAX_TEXT_BYTES};
 use mesh_core::{IdError, TokenError, TsError};
 
-use crate::requests::MAX_PRESENCE_USERS;
+use crate::requests::{MAX_IDEMPOTENCY_KEY_BYTES, MAX_PRESENCE_USERS};
 
 /// Why an admin call fails.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum AdminError {
     /// The event's type is one of the protocol's own frames.
     #[error("event_json: type {0:?} is reserved for the protocol")]
     ReservedType(String),
+    #[error("idempotency_key: over {MAX_IDEMPOTENCY_KEY_BYTES} bytes")]
+    IdempotencyKeyTooLong,
     #[error("at most {MAX_PRESENCE_USERS} users per call")]
     TooManyUsers,
     #[error("jtis: at least one")]

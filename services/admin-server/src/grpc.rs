@@ -26,6 +26,7 @@ pub fn status(error: AdminError) -> Status {
         AdminError::BadId { .. }
         | AdminError::BadSince(_)
         | AdminError::MissingText
+        | AdminError::IdempotencyKeyTooLong
         | AdminError::TextTooLong
         | AdminError::EventTooLarge
         | AdminError::InvalidJson(_)
@@ -128,6 +129,16 @@ impl AdminService {
     }
 
     async fn publish(&self, channel: ChannelId, body: EventBody) -> Result<Ts, AdminError> {
+        self.publish_once(channel, body, None).await
+    }
+
+    /// [`AdminService::publish`], once per idempotency `key` (the channel server's form).
+    async fn publish_once(
+        &self,
+        channel: ChannelId,
+        body: EventBody,
+        key: Option<String>,
+    ) -> Result<Ts, AdminError> {
         let event = ChannelEvent {
             channel,
             ts: None,
@@ -135,7 +146,10 @@ impl AdminService {
             origin: None,
         };
         let started = std::time::Instant::now();
-        let published = self.router.publish(&event).await;
+        let published = match &key {
+            Some(key) => self.router.publish_keyed(&event, key).await,
+            None => self.router.publish(&event).await,
+        };
         if published.is_ok() {
             let elapsed = started.elapsed().as_secs_f64();
             self.metrics.publish_seconds.observe(elapsed);
@@ -170,7 +184,8 @@ impl AdminService {
     ) -> Result<pb::PostMessageResponse, AdminError> {
         let channel = channel("channel", &req.channel)?;
         let body = requests::message(&req.user, req.text, &req.team)?;
-        let ts = self.publish(channel, body).await?;
+        let key = requests::idempotency_key(&req.idempotency_key)?;
+        let ts = self.publish_once(channel, body, key).await?;
         Ok(pb::PostMessageResponse { ts: ts.to_string() })
     }
 
@@ -181,7 +196,8 @@ impl AdminService {
     ) -> Result<pb::PublishEventResponse, AdminError> {
         let channel = channel("channel", &req.channel)?;
         let body = requests::raw_event(req.event_json)?;
-        let ts = self.publish(channel, body).await?;
+        let key = requests::idempotency_key(&req.idempotency_key)?;
+        let ts = self.publish_once(channel, body, key).await?;
         Ok(pb::PublishEventResponse { ts: ts.to_string() })
     }
 
@@ -464,6 +480,11 @@ mod tests {
                 AdminError::MissingText,
                 Code::InvalidArgument,
                 "text: message text is missing".into(),
+            ),
+            (
+                AdminError::IdempotencyKeyTooLong,
+                Code::InvalidArgument,
+                "idempotency_key: over 128 bytes".into(),
             ),
             (
                 AdminError::TextTooLong,

@@ -55,6 +55,19 @@ pub fn since(value: &str) -> Result<Option<Ts>, AdminError> {
     Ts::parse(value).map(Some).map_err(AdminError::BadSince)
 }
 
+/// The longest idempotency key a caller may give.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// The channel server's key for a caller's `idempotency_key` (`None` when empty): in the
+/// admin API's own key space, apart from the routers' and RTM clients' keys.
+pub fn idempotency_key(value: &str) -> Result<Option<String>, AdminError> {
+    match value.len() {
+        0 => Ok(None),
+        n if n > MAX_IDEMPOTENCY_KEY_BYTES => Err(AdminError::IdempotencyKeyTooLong),
+        _ => Ok(Some(format!("admin:{value}"))),
+    }
+}
+
 /// A message posted by `user` (of `team`, if any).
 pub fn message(user_id: &str, text: String, team_id: &str) -> Result<EventBody, AdminError> {
     if text.is_empty() {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use mesh_core::NodeId;
 use ring_client::{RingArgs, RingSource};
 
+use crate::idempotency::{self, Bounds};
 use crate::{Error, Limits};
 
 /// Default: the address to serve gRPC on (a port the OS picks).
@@ -28,6 +29,13 @@ pub struct Args {
     /// Join as a standby: no slots until it replaces a failed node or is added.
     #[arg(long)]
     pub standby: bool,
+    /// How long a publish's idempotency key is remembered (ms): a publish with the same key
+    /// within it gets the first one's ts and is not stored or delivered again.
+    #[arg(long, env = "CHANNELMESH_IDEMPOTENCY_WINDOW_MS", default_value_t = idempotency::DEFAULT_AGE.as_millis() as u64)]
+    pub idempotency_window_ms: u64,
+    /// Idempotency keys remembered per channel, the oldest forgotten first (0: none).
+    #[arg(long, env = "CHANNELMESH_IDEMPOTENCY_KEYS", default_value_t = idempotency::DEFAULT_KEYS)]
+    pub idempotency_keys: usize,
     /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
     /// (50061 -> 50101) on loopback, or a port the OS picks when --listen's is 0. Off
     /// loopback it needs --http-token.
@@ -60,6 +68,8 @@ pub struct Config {
     pub limits: Limits,
     /// Responses queued per gateway stream.
     pub gateway_queue: usize,
+    /// Each channel's window of idempotency keys.
+    pub window: Bounds,
     /// Join as a standby: no slots until it replaces a node or an operator adds it.
     pub standby: bool,
     /// Test hook: milliseconds added to the clock ts are stamped with (0 in production).
@@ -80,6 +90,7 @@ impl Config {
             advertise: None,
             limits: Limits::default(),
             gateway_queue: DEFAULT_GATEWAY_QUEUE,
+            window: Bounds::default(),
             standby: false,
             clock_offset_ms: 0,
         }
@@ -93,6 +104,10 @@ impl Config {
             advertise: args.advertise.clone(),
             standby: args.standby,
             clock_offset_ms: args.clock_offset_ms,
+            window: Bounds {
+                keys: args.idempotency_keys,
+                age: std::time::Duration::from_millis(args.idempotency_window_ms),
+            },
             ..Config::new(node, ring)
         })
     }

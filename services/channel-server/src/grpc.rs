@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::error::ServeError;
 use crate::handoff::{HANDOFF_CONCURRENCY, Progress, WARMUP_TIMEOUT};
+use crate::idempotency::MAX_KEY_BYTES;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::shards::{GatewayStream, Shards, StreamReply, history_limit, now_micros};
@@ -67,6 +68,8 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Responses queued per gateway stream before the gateway counts as fallen behind.
     pub gateway_queue: usize,
+    /// Each channel's window of idempotency keys.
+    pub window: crate::idempotency::Bounds,
     /// Where its metrics are registered.
     pub telemetry: mesh_telemetry::Telemetry,
     /// Refuses a handoff from a node that is not its sender or not named by the ring (the
@@ -171,10 +174,12 @@ impl ChannelService {
         cancel: CancellationToken,
     ) -> Self {
         let metrics = Metrics::new(&config.telemetry);
+        let shards = Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros);
+        shards.set_window(config.window);
         let service = ChannelService {
             inner: Arc::new(Inner {
                 ownership: Ownership::new(config.node, ring, lease),
-                shards: Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros),
+                shards,
                 gateway_queue: config.gateway_queue.max(1),
                 metrics,
                 authorizer: config.authorizer,
@@ -313,18 +318,30 @@ impl ChannelService {
         &self,
         req: pb::PublishRequest,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let key = match req.idempotency_key.as_str() {
+            "" => None,
+            key if key.len() > MAX_KEY_BYTES => {
+                return Err(invalid(format!(
+                    "idempotency_key is longer than {MAX_KEY_BYTES} bytes"
+                )));
+            }
+            key => Some(key),
+        };
         let event = req.event.ok_or_else(|| invalid("event is required"))?;
         let mut event = event_from_proto(event).map_err(invalid)?;
         let (ownership, slot) = (&self.inner.ownership, slot_of(&event.channel));
         ownership.check(slot, req.epoch).await.map_err(status)?;
         ownership.check_settled(slot).map_err(status)?;
-        self.inner
+        let fresh = self
+            .inner
             .shards
-            .publish(&mut event, || {
+            .publish_once(&mut event, key, || {
                 crate::ownership::owns(&ownership.ring().current(), ownership.node(), slot)
             })
             .map_err(status)?;
-        self.inner.metrics.published(&event.body);
+        if fresh {
+            self.inner.metrics.published(&event.body);
+        }
         Ok(Response::new(pb::PublishResponse {
             ts: ts_str(event.ts),
         }))
@@ -448,7 +465,12 @@ impl ChannelServerRpc for ChannelService {
                     tracing::debug_span!("channel.Publish", node = %this.inner.ownership.node());
                 mesh_telemetry::propagation::set_parent_from_map(&span, &request.trace_context);
                 let result = match request.publish {
-                    Some(publish) => this.publish_event(publish).instrument(span).await,
+                    Some(mut publish) => {
+                        if publish.idempotency_key.is_empty() {
+                            publish.idempotency_key = request.idempotency_key;
+                        }
+                        this.publish_event(publish).instrument(span).await
+                    }
                     None => Err(invalid("publish is required")),
                 };
                 let reply = match result {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod handoff;
+pub mod idempotency;
 pub mod metrics;
 pub mod ownership;
 pub mod run;
@@ -83,6 +84,7 @@ pub async fn serve(
             node: config.node.clone(),
             limits: config.limits,
             gateway_queue: config.gateway_queue,
+            window: config.window,
             telemetry: config.telemetry.clone(),
             authorizer: authorizer.clone(),
         },

@@ -12,6 +12,9 @@ pub struct Metrics {
     pub published: IntCounterVec,
     /// Publish handling time, from the request to the event queued to every gateway.
     pub publish_seconds: Histogram,
+    /// Publishes answered with the ts of an earlier publish with the same idempotency key
+    /// (a retry), neither stored nor delivered again.
+    pub publishes_deduplicated: IntCounter,
     /// Event copies queued to gateway streams (one per subscribed gateway per event).
     pub fanned_out: IntCounter,
     /// Gateway streams ended because their queue was full (the gateway fell behind).
@@ -49,6 +52,10 @@ impl Metrics {
             publish_seconds: t.latency(
                 "channelmesh_channel_publish_seconds",
                 "Publish handling time: owner check, append, and queueing to every subscribed gateway.",
+            ),
+            publishes_deduplicated: t.counter(
+                "channelmesh_channel_publishes_deduplicated_total",
+                "Publishes whose idempotency key the channel had seen: answered with the first publish's ts, not stored or delivered again.",
             ),
             fanned_out: t.counter(
                 "channelmesh_channel_events_fanned_out_total",

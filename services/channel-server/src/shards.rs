@@ -323,18 +323,41 @@ impl<R: StreamReply> Shards<R> {
         event: &mut ChannelEvent,
         still_owned: impl FnOnce() -> Result<(), ServeError>,
     ) -> Result<(), ServeError> {
+        self.publish_once(event, None, still_owned).map(|_| ())
+    }
+
+    /// [`Shards::publish`], once per idempotency `key`: a persisted event whose key is in its
+    /// channel's window gets the ts its first publish was given and is neither stored nor
+    /// queued again (counted as deduplicated). Returns whether the event was new.
+    pub fn publish_once(
+        &self,
+        event: &mut ChannelEvent,
+        key: Option<&str>,
+        still_owned: impl FnOnce() -> Result<(), ServeError>,
+    ) -> Result<bool, ServeError> {
         let mut shard = self.shard(&event.channel);
         still_owned()?;
         if !event.body.is_transient() {
-            event.ts = Some(
+            let (ts, fresh) =
                 shard
                     .store
-                    .append(&event.channel, &event.body, (self.clock)()),
-            );
+                    .append_once(&event.channel, &event.body, (self.clock)(), key);
+            event.ts = Some(ts);
+            if !fresh {
+                self.metrics.publishes_deduplicated.inc();
+                return Ok(false);
+            }
         }
         let reply = R::event(event);
         shard.fan_out(&event.channel, &reply, &self.metrics);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Keeps every channel's idempotency keys within `bounds`.
+    pub fn set_window(&self, bounds: crate::idempotency::Bounds) {
+        for mut shard in self.each_shard() {
+            shard.store.set_window(bounds);
+        }
     }
 
     /// Up to `limit` events of `channel` strictly after `since`, counted as a hit or empty

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use lru::LruCache;
 use mesh_core::{ChannelId, EventBody, SLOT_COUNT, Slot, Ts, TsClock, slot_of};
 
+use crate::idempotency::{self, Seen, Window};
 use packed::Packed;
 
 /// Default: events kept per channel.
@@ -80,6 +81,8 @@ struct Channel {
     /// store knows it lacks events (a floor raised by [`Store::raise_floor`]): the channel's
     /// history is complete only after it.
     trimmed: Ts,
+    /// Recent idempotency keys and their ts (`None` until a publish carries one).
+    recent: Option<Box<Window>>,
 }
 
 impl Channel {
@@ -89,6 +92,7 @@ impl Channel {
             events: VecDeque::new(),
             bytes: 0,
             trimmed,
+            recent: None,
         }
     }
 
@@ -134,6 +138,11 @@ impl Channel {
     }
 }
 
+/// Bytes `state`'s window of idempotency keys counts against the budget.
+fn recent_bytes(state: &Channel) -> usize {
+    state.recent.as_ref().map_or(0, |w| w.counted())
+}
+
 /// A channel's state on its way to a new owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -144,6 +153,8 @@ pub struct Snapshot {
     pub events: Vec<Stored>,
     /// The newest ts dropped from its history.
     pub trimmed: Ts,
+    /// Its recent idempotency keys, oldest first.
+    pub recent: Vec<Seen>,
 }
 
 /// One page of a channel's history.
@@ -171,6 +182,8 @@ pub struct Store {
     /// back starts its clock after this, so ts never repeat or go back within a channel.
     slot_floor: Vec<Ts>,
     evictions: u64,
+    /// Each channel's window of idempotency keys.
+    window: idempotency::Bounds,
 }
 
 impl Store {
@@ -182,7 +195,65 @@ impl Store {
             total_bytes: 0,
             slot_floor: vec![Ts::default(); SLOT_COUNT],
             evictions: 0,
+            window: idempotency::Bounds::default(),
         }
+    }
+
+    /// Keeps each channel's idempotency keys within `bounds`.
+    pub fn set_window(&mut self, bounds: idempotency::Bounds) {
+        self.window = bounds;
+    }
+
+    /// [`Store::append`], once per idempotency `key`: a key in the channel's window is answered
+    /// with the ts its publish was given, and nothing is stored. Returns the ts and whether the
+    /// event was appended.
+    pub fn append_once(
+        &mut self,
+        channel: &ChannelId,
+        body: &EventBody,
+        now_micros: u64,
+        key: Option<&str>,
+    ) -> (Ts, bool) {
+        if let Some(key) = key
+            && let Some(Some(ts)) =
+                self.in_window(channel, false, |w, bounds| w.get(key, now_micros, bounds))
+        {
+            return (ts, false);
+        }
+        let ts = self.append(channel, body, now_micros);
+        if let Some(key) = key
+            && self.window.keys > 0
+        {
+            self.in_window(channel, true, |w, bounds| {
+                w.insert(key, ts, now_micros, bounds)
+            });
+            self.evict_over_budget(channel);
+        }
+        (ts, true)
+    }
+
+    /// Runs `f` on `channel`'s window (made first when `create`; `None` when there is none, or
+    /// no such channel), counting what it adds or frees against the budget. A window left
+    /// empty is dropped.
+    fn in_window<T>(
+        &mut self,
+        channel: &ChannelId,
+        create: bool,
+        f: impl FnOnce(&mut Window, &idempotency::Bounds) -> T,
+    ) -> Option<T> {
+        let state = self.channels.peek_mut(channel)?;
+        if state.recent.is_none() && !create {
+            return None;
+        }
+        let window = state.recent.get_or_insert_default();
+        let before = window.counted();
+        let out = f(window, &self.window);
+        let after = window.counted();
+        if after == 0 {
+            state.recent = None;
+        }
+        self.total_bytes = self.total_bytes + after - before;
+        Some(out)
     }
 
     /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores a copy of it
@@ -225,7 +296,7 @@ impl Store {
     fn forget(&mut self, id: &ChannelId, state: &Channel) {
         let floor = &mut self.slot_floor[usize::from(slot_of(id))];
         *floor = (*floor).max(state.clock.last());
-        self.total_bytes -= state.bytes + CHANNEL_OVERHEAD;
+        self.total_bytes -= state.bytes + CHANNEL_OVERHEAD + recent_bytes(state);
     }
 
     /// The channel's newest ts, without touching its recency.
@@ -342,6 +413,11 @@ impl Store {
                 taken.push(Snapshot {
                     last_ts: state.clock.last(),
                     trimmed: state.trimmed,
+                    recent: state
+                        .recent
+                        .as_ref()
+                        .map(|w| w.entries())
+                        .unwrap_or_default(),
                     events: state.unpacked().collect(),
                     channel: id,
                 });
@@ -358,12 +434,15 @@ impl Store {
             last_ts,
             events,
             trimmed,
+            recent,
         } = snapshot;
         let floor = self.slot_floor[usize::from(slot_of(&channel))];
         let mut merged: Vec<Packed> = events.iter().map(|e| Packed::pack(e.ts, &e.body)).collect();
         let mut clock = TsClock::starting_after(floor.max(last_ts));
         let mut trimmed = trimmed;
-        if let Some(existing) = self.channels.pop(&channel) {
+        let mut window = None;
+        if let Some(mut existing) = self.channels.pop(&channel) {
+            window = existing.recent.take();
             trimmed = trimmed.max(existing.trimmed);
             self.forget(&channel, &existing);
             clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
@@ -375,7 +454,12 @@ impl Store {
         for event in merged {
             state.push(event, &self.limits);
         }
-        self.total_bytes += state.bytes + CHANNEL_OVERHEAD;
+        if !recent.is_empty() || window.is_some() {
+            let mut window = window.unwrap_or_default();
+            window.merge(recent, &self.window);
+            state.recent = Some(window);
+        }
+        self.total_bytes += state.bytes + CHANNEL_OVERHEAD + recent_bytes(&state);
         self.channels.put(channel.clone(), state);
         self.evict_over_budget(&channel);
     }
@@ -593,6 +677,83 @@ mod tests {
             assert_eq!(state.events.len(), bound);
             assert_eq!(state.events.capacity(), bound, "bound {bound}");
         }
+    }
+
+    #[test]
+    fn a_publish_seen_before_gets_its_first_ts_and_is_stored_once() {
+        let mut store = Store::new(Limits::default());
+        let (first, fresh) = store.append_once(&c("C1"), &msg("a"), 1_000, Some("k1"));
+        assert!(fresh);
+        let (again, fresh) = store.append_once(&c("C1"), &msg("a"), 2_000, Some("k1"));
+        assert_eq!((again, fresh), (first, false));
+        // Another channel's window is its own; no key, no window.
+        assert!(store.append_once(&c("C2"), &msg("a"), 2_000, Some("k1")).1);
+        assert!(store.append_once(&c("C1"), &msg("b"), 2_000, None).1);
+        assert!(store.append_once(&c("C1"), &msg("b"), 2_000, None).1);
+        assert_eq!(store.history(&c("C1"), None, 10).events.len(), 3);
+        // Past the window's age the key is new again.
+        store.set_window(idempotency::Bounds {
+            keys: 10,
+            age: std::time::Duration::from_secs(1),
+        });
+        assert!(
+            store
+                .append_once(&c("C1"), &msg("a"), 1_002_000, Some("k1"))
+                .1
+        );
+    }
+
+    #[test]
+    fn a_handed_over_channel_keeps_its_idempotency_keys() {
+        let mut old = Store::new(Limits::default());
+        let (ts, _) = old.append_once(&c("C1"), &msg("a"), 5_000, Some("k1"));
+        let slot = slot_of(&c("C1"));
+        let mut taken = old.take_slots(|s| s == slot);
+        assert_eq!(taken[0].recent.len(), 1);
+        let mut new = Store::new(Limits::default());
+        new.absorb(taken.remove(0));
+        assert_eq!(
+            new.append_once(&c("C1"), &msg("a"), 6_000, Some("k1")),
+            (ts, false),
+            "a retry that reaches the new owner"
+        );
+        assert_eq!(new.history(&c("C1"), None, 10).events.len(), 1);
+    }
+
+    #[test]
+    fn idempotency_keys_count_against_the_budget_until_they_go() {
+        let mut store = Store::new(Limits::default());
+        store.set_window(idempotency::Bounds {
+            keys: 10,
+            age: std::time::Duration::from_secs(1),
+        });
+        // What the channels hold, counted from scratch.
+        let counted = |store: &Store| -> usize {
+            store
+                .channels
+                .iter()
+                .map(|(_, s)| s.bytes + CHANNEL_OVERHEAD + recent_bytes(s))
+                .sum()
+        };
+        store.append_once(&c("C1"), &msg("a"), 1_000, None);
+        let plain = store.total_bytes();
+        store.append_once(&c("C2"), &msg("a"), 1_000, Some("k1"));
+        store.append_once(&c("C2"), &msg("b"), 1_000, Some("k2"));
+        assert_eq!(store.total_bytes(), counted(&store));
+        let window = |store: &Store| recent_bytes(store.channels.peek(&c("C2")).unwrap());
+        let two_keys = window(&store);
+        assert!(two_keys > 0);
+        // Past the age: the two keys leave, the new one stays.
+        store.append_once(&c("C2"), &msg("c"), 2_000_000, Some("k3"));
+        assert!(window(&store) < two_keys);
+        assert_eq!(store.total_bytes(), counted(&store));
+        let slot = slot_of(&c("C2"));
+        store.drop_slots(|s| s == slot);
+        assert_eq!(
+            store.total_bytes(),
+            plain,
+            "the channel and its window gone"
+        );
     }
 
     proptest! {

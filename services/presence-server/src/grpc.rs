@@ -156,6 +156,9 @@ impl PresenceService {
         cancel: CancellationToken,
     ) -> Self {
         let sessions = Arc::new(Sessions::new(grace, SESSION_QUEUE));
+        // It owns the users of the ring it has now (none, before the first): a gateway that
+        // hears of a newer ring first is not answered from half the reports.
+        sessions.follow_ring(&node, None, &ring.current(), Instant::now());
         tracker.spawn(ticker::tick(sessions.clone(), cancel.clone()));
         tracker.spawn(ticker::follow_ring(
             sessions.clone(),

@@ -261,11 +261,8 @@ impl<M: Outbound> Sessions<M> {
         let mine = |r: &Ring, s: Slot| r.owner(s).is_some_and(|n| &n.id == node);
         let gained =
             (0..SLOT_COUNT as Slot).any(|s| mine(ring, s) && !before.is_some_and(|b| mine(b, s)));
-        let owned = |u: &UserId| {
-            ring.owner_of(&ChannelId::from(u))
-                .is_some_and(|n| &n.id == node)
-        };
-        self.state().rebalance(owned, gained, now, crate::WARM_UP);
+        self.state()
+            .rebalance(|s| mine(ring, s), gained, now, crate::WARM_UP);
         self.quotas().retain(|team| {
             ring.owner_of(&ChannelId::from(team))
                 .is_some_and(|n| &n.id == node)

@@ -6,6 +6,12 @@
 //! only after the grace period, so a reconnect within it produces no away/active pair — except
 //! a manual away, which is published at once.
 //!
+//! A server answers and publishes only about users it owns in the newest ring it has seen.
+//! After a ring change the gateways and this server learn the new ring in either order: a
+//! gateway's report about a user this server does not own yet is taken in, but what it would
+//! say about that user is held (as while warming up) until a ring gives it the user (then it
+//! warms up and says it once) or it is forgotten with the ring that says it is not ours.
+//!
 //! Each user's team comes with the reports of their connections (the gateway read it from the
 //! user's token) and goes out with every answer and change, so that a gateway shows a user's
 //! presence only to clients of the same team. It is kept while the user is tracked, then
@@ -17,7 +23,7 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use mesh_core::{TeamId, UserId};
+use mesh_core::{ChannelId, SLOT_COUNT, Slot, TeamId, UserId, slot_of};
 
 /// One gateway stream, numbered by the server.
 pub type SessionId = u64;
@@ -98,8 +104,12 @@ pub struct Presence {
     remembered: LruCache<UserId, TeamId>,
     /// While set, changes are held (after gaining users, until their gateways re-reported).
     warm_until: Option<Instant>,
-    /// Users whose watchers must hear their state when warming ends.
+    /// Users whose watchers must hear their state when warming ends (or, for users not
+    /// owned yet, once a ring gives them to this server and its warming ends).
     dirty: HashSet<UserId>,
+    /// Per slot, whether this server owns it in the newest ring it has seen (`None`: told of
+    /// no ring, every user counts as owned).
+    owned: Option<Box<[bool]>>,
 }
 
 impl Presence {
@@ -111,7 +121,19 @@ impl Presence {
             remembered: LruCache::new(REMEMBERED_TEAMS),
             warm_until: None,
             dirty: HashSet::new(),
+            owned: None,
         }
+    }
+
+    /// Whether `user` is this server's in the newest ring it has seen.
+    fn owns(&self, user: &UserId) -> bool {
+        owns(self.owned.as_deref(), user)
+    }
+
+    /// Whether what watchers would hear about `user` is held for now: while warming up, or
+    /// while `user` is not ours (a gateway that saw a ring giving them to us before we did).
+    fn holds(&self, user: &UserId) -> bool {
+        self.warm_until.is_some() || !self.owns(user)
     }
 
     /// The current presence of `user` as watchers know it (or would, on watching), with
@@ -254,6 +276,7 @@ impl Presence {
         now: Instant,
         notices: &mut Notices,
     ) {
+        let held = self.holds(user);
         let u = track(&mut self.users, &mut self.remembered, user);
         if u.manual.is_some_and(|(_, t)| t > at) {
             return;
@@ -263,7 +286,7 @@ impl Presence {
         if away && u.published == Some(true) {
             u.published = Some(false);
             u.away_at = None;
-            if self.warm_until.is_some() {
+            if held {
                 self.dirty.insert(user.clone());
             } else {
                 notify(notices, u, user, false);
@@ -274,7 +297,7 @@ impl Presence {
 
     /// Re-decides `user` after a change: publish active at once, away after the grace.
     fn settle(&mut self, user: &UserId, now: Instant, notices: &mut Notices) {
-        let warming = self.warm_until.is_some();
+        let held = self.holds(user);
         let grace = self.grace;
         let Some(u) = self.users.get_mut(user) else {
             return;
@@ -285,7 +308,7 @@ impl Presence {
         } else if computed {
             u.away_at = None;
             u.published = Some(true);
-            if warming {
+            if held {
                 self.dirty.insert(user.clone());
             } else {
                 notify(notices, u, user, true);
@@ -306,11 +329,12 @@ impl Presence {
         let mut answer = Vec::new();
         for user in users {
             s.watched.insert(user.clone());
+            let held = self.warm_until.is_some() || !owns(self.owned.as_deref(), user);
             let u = track(&mut self.users, &mut self.remembered, user);
             u.watchers.insert(session);
             let computed = u.computed();
             let active = *u.published.get_or_insert(computed);
-            if self.warm_until.is_some() {
+            if held {
                 self.dirty.insert(user.clone());
             } else {
                 answer.push(Notice {
@@ -360,7 +384,11 @@ impl Presence {
         let mut notices = Notices::new();
         if self.warm_until.is_some_and(|t| now >= t) {
             self.warm_until = None;
-            for user in std::mem::take(&mut self.dirty) {
+            let (due, held): (Vec<UserId>, Vec<UserId>) = std::mem::take(&mut self.dirty)
+                .into_iter()
+                .partition(|user| self.owns(user));
+            self.dirty.extend(held);
+            for user in due {
                 if let Some(u) = self.users.get(&user) {
                     let active = u.published.unwrap_or(false);
                     notify(&mut notices, u, &user, active);
@@ -370,10 +398,11 @@ impl Presence {
         if self.warm_until.is_some() {
             return notices;
         }
+        // A user not ours yet waits for the ring that gives them to us (or forgets them).
         let due: Vec<UserId> = self
             .users
             .iter()
-            .filter(|(_, u)| u.away_at.is_some_and(|t| now >= t))
+            .filter(|(user, u)| u.away_at.is_some_and(|t| now >= t) && self.owns(user))
             .map(|(id, _)| id.clone())
             .collect();
         for user in due {
@@ -390,16 +419,18 @@ impl Presence {
         notices
     }
 
-    /// After a ring change: forgets users `owned` says are no longer ours, and holds changes
-    /// for `warm_up` so that gateways can re-report the users we gained before anyone hears a
-    /// state rebuilt from half the reports.
+    /// After a ring change: keeps the slots `owns_slot` says are ours, forgets the users of the
+    /// others, and holds changes for `warm_up` so that gateways can re-report the users we
+    /// gained before anyone hears a state rebuilt from half the reports.
     pub fn rebalance(
         &mut self,
-        owned: impl Fn(&UserId) -> bool,
+        owns_slot: impl Fn(Slot) -> bool,
         gained: bool,
         now: Instant,
         warm_up: Duration,
     ) {
+        let slots: Box<[bool]> = (0..SLOT_COUNT as Slot).map(owns_slot).collect();
+        let owned = |user: &UserId| owns(Some(&slots), user);
         self.users.retain(|user, _| owned(user));
         let gone: Vec<UserId> = self
             .remembered
@@ -415,6 +446,7 @@ impl Presence {
             s.watched.retain(|user| owned(user));
         }
         self.dirty.retain(|user| owned(user));
+        self.owned = Some(slots);
         if gained {
             self.warm_until = Some(now + warm_up);
         }
@@ -432,6 +464,11 @@ fn track<'a>(
         team: remembered.pop(user),
         ..User::default()
     })
+}
+
+/// Whether `user` is in one of the `owned` slots (`None`: no ring yet, every user is).
+fn owns(owned: Option<&[bool]>, user: &UserId) -> bool {
+    owned.is_none_or(|slots| slots[usize::from(slot_of(&ChannelId::from(user)))])
 }
 
 /// Tells `u`'s watchers that `user` is now `active`.
@@ -556,6 +593,40 @@ mod tests {
         // Users no longer owned are forgotten.
         p.rebalance(|_| false, false, t0, Duration::ZERO);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_user_not_owned_yet_is_held_until_the_ring_gives_them_and_warming_ends() {
+        let t0 = Instant::now();
+        let warm = Duration::from_millis(500);
+        let theirs = slot_of(&ChannelId::from(&u("UB")));
+        let mut p = Presence::new(GRACE);
+        p.rebalance(|s| s != theirs, false, t0, warm);
+        // The gateways saw the ring that gives us UB before we did: the watcher's snapshot
+        // comes first, and UB, not reported online yet, would read away.
+        assert!(p.snapshot(1, vec![], vec![], vec![u("UB")], t0).is_empty());
+        assert!(p.tick(t0 + GRACE).is_empty());
+        // Our ring comes, then UB's gateway re-reports: the watcher hears UB once, active.
+        p.rebalance(|_| true, true, t0, warm);
+        assert!(
+            p.snapshot(2, vec![on("UB", 1)], vec![], vec![], t0)
+                .is_empty()
+        );
+        assert_eq!(said(&p.tick(t0 + warm)[&1]), vec![(u("UB"), true)]);
+        assert!(p.tick(t0 + GRACE * 2).is_empty());
+        // A gateway ahead of us about a user the next ring does not give us: nothing is said,
+        // and the user is forgotten with that ring.
+        let t1 = t0 + GRACE * 2;
+        let other = (0..SLOT_COUNT as Slot)
+            .map(|i| u(&format!("UX{i}")))
+            .find(|x| slot_of(&ChannelId::from(x)) != theirs)
+            .unwrap();
+        let other_slot = slot_of(&ChannelId::from(&other));
+        p.rebalance(|s| s != other_slot, false, t1, warm);
+        assert!(p.watch(1, std::slice::from_ref(&other)).is_empty());
+        assert!(p.tick(t1 + GRACE).is_empty());
+        p.rebalance(|s| s != other_slot, false, t1, warm);
+        assert!(!p.users.contains_key(&other) && !p.dirty.contains(&other));
     }
 
     /// `user`'s team as the state answers it.

@@ -3,6 +3,7 @@
 //! absorb it is decided in `crate::handoff` and the shards. A failed send is logged and retried
 //! by its sender, so its statuses are not part of the service's error table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
@@ -13,6 +14,7 @@ use tonic::Status;
 
 use super::MAX_HANDOFF_MESSAGE;
 use crate::handoff::{HANDOFF_CHUNK, HANDOFF_SEND_TIMEOUT, Outgoing};
+use crate::idempotency::{MAX_KEY_BYTES, Seen};
 use crate::store::{Snapshot, Stored};
 
 /// Streams `handoff`'s snapshots to its new owner, then `done` with the slots' floors, within
@@ -104,6 +106,15 @@ pub(super) fn snapshot_to_proto(snapshot: &Snapshot) -> pb::ChannelState {
                 })
             })
             .collect(),
+        recent_keys: snapshot
+            .recent
+            .iter()
+            .map(|seen| pb::RecentKey {
+                key: seen.key.to_string(),
+                ts: seen.ts.to_string(),
+                seen_micros: seen.seen_micros,
+            })
+            .collect(),
     }
 }
 
@@ -124,11 +135,24 @@ pub(super) fn snapshot_from_proto(
             Err(e) => Some(Err(e)),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let recent = state
+        .recent_keys
+        .into_iter()
+        .filter(|k| !k.key.is_empty() && k.key.len() <= MAX_KEY_BYTES)
+        .map(|k| {
+            Ok(Seen {
+                key: Arc::from(k.key),
+                ts: Ts::parse(&k.ts)?,
+                seen_micros: k.seen_micros,
+            })
+        })
+        .collect::<Result<Vec<_>, channel_client::wire::WireError>>()?;
     Ok(Snapshot {
         channel,
         last_ts,
         trimmed: opt_ts(&state.trimmed_ts)?.unwrap_or_default(),
         events,
+        recent,
     })
 }
 
@@ -148,6 +172,11 @@ mod tests {
                 body: mesh_core::EventBody::MemberLeft {
                     user: mesh_core::UserId::new("U1").unwrap(),
                 },
+            }],
+            recent: vec![Seen {
+                key: Arc::from("k1"),
+                ts: Ts::from_micros(20),
+                seen_micros: 1_000,
             }],
         };
         let back = snapshot_from_proto(snapshot_to_proto(&snapshot)).unwrap();

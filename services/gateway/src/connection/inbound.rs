@@ -118,10 +118,20 @@ impl Inbound {
                 let reply = match rtm::parse(text.as_str()) {
                     Err(error) => Some(error.render().into()),
                     Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
-                    Ok(ClientFrame::Message { id, channel, text }) => {
+                    Ok(ClientFrame::Message {
+                        id,
+                        channel,
+                        text,
+                        client_msg_id,
+                    }) => {
                         let allowed = may_post(identity, members, &channel, &ctx.limits);
-                        let publishing =
-                            publish(ctx, conn, identity, allowed, Some(id), channel, Some(text));
+                        let post = Post {
+                            id: Some(id),
+                            channel,
+                            text: Some(text),
+                            client_msg_id,
+                        };
+                        let publishing = publish(ctx, conn, identity, allowed, post);
                         self.in_flight.push(Box::pin(publishing));
                         None
                     }
@@ -130,8 +140,13 @@ impl Inbound {
                         // show the user typing.
                         if ctx.typing.first_in_interval(&identity.user, &channel, now) {
                             let allowed = may_post(identity, members, &channel, &ctx.limits);
-                            let publishing =
-                                publish(ctx, conn, identity, allowed, id, channel, None);
+                            let post = Post {
+                                id,
+                                channel,
+                                text: None,
+                                client_msg_id: None,
+                            };
+                            let publishing = publish(ctx, conn, identity, allowed, post);
                             self.in_flight.push(Box::pin(publishing));
                         } else {
                             ctx.metrics.typing_coalesced.inc();
@@ -238,16 +253,34 @@ fn may_post(
 }
 
 /// Publishes a client's message (`text`) or typing indicator (no text) on `channel`, if
+/// A message or typing frame to publish, as the client sent it.
+struct Post {
+    /// The frame's id (a message's is required; it gets the ack).
+    id: Option<i64>,
+    channel: ChannelId,
+    /// A message's text; `None` for typing.
+    text: Option<String>,
+    /// A message's `client_msg_id`: a re-sent message with the same one is answered with the
+    /// first one's ts and not delivered again.
+    client_msg_id: Option<String>,
+}
+
 /// `allowed` there; resolves to the reply frame, if any.
 fn publish(
     ctx: &Arc<ConnectionContext>,
     conn: ConnId,
     identity: &Identity,
     allowed: Result<(), PostRefused>,
-    id: Option<i64>,
-    channel: ChannelId,
-    text: Option<String>,
+    post: Post,
 ) -> impl std::future::Future<Output = Option<Utf8Bytes>> + use<> {
+    let Post {
+        id,
+        channel,
+        text,
+        client_msg_id,
+    } = post;
+    // The channel server's key: per user, apart from the admin API's and the routers' keys.
+    let key = client_msg_id.map(|m| format!("rtm:{}:{m}", identity.user));
     let user = identity.user.clone();
     let body = match text {
         Some(text) => EventBody::Message {
@@ -275,7 +308,11 @@ fn publish(
                 conn,
             }),
         };
-        match ctx.router.publish(&event).await {
+        let published = match &key {
+            Some(key) => ctx.router.publish_keyed(&event, key).await,
+            None => ctx.router.publish(&event).await,
+        };
+        match published {
             Ok(Some(ts)) => match (&event.body, id) {
                 (EventBody::Message { text, .. }, Some(id)) => {
                     Some(Utf8Bytes::from(rtm::message_ack(id, ts, text)))
