@@ -230,6 +230,7 @@ async fn subscribe(mesh: &Mesh, who: Who, channel: &str) -> Result<Outcome, Stri
         command: Some(Command::Subscribe(Subscribe {
             epoch,
             channels: vec![channel.into()],
+            last_ts: Default::default(),
         })),
     };
     // Kept open: the server answers a subscription with its head, and the stream stays.
@@ -284,6 +285,7 @@ async fn handoff(
             recent_keys: Vec::new(),
         }],
         done: true,
+        slot_floors: Vec::new(),
     };
     Ok(cs.handoff(futures::stream::iter([chunk])).await.map(drop))
 }

@@ -25,6 +25,7 @@ mod idempotency;
 mod limits;
 mod message_path;
 mod metrics;
+mod moves;
 mod presence;
 mod processes;
 mod real_clients;

@@ -139,6 +139,14 @@ impl Dev {
         (owner, pid)
     }
 
+    /// The channel server that owns `channel` now: its id and pid.
+    pub async fn channel_owner(&self, channel: &str) -> (String, u32) {
+        let (ring, members) = ring_with(self.ring_manager, &self.operator).await;
+        let owner = ring.owner_of(&ChannelId::new(channel).unwrap()).unwrap();
+        let member = members.iter().find(|m| m.id == owner.id.as_str()).unwrap();
+        (member.id.clone(), member.pid)
+    }
+
     /// On the Consul agent at `consul`, with a ring manager on each of `ring_managers` (they
     /// need fixed ports: a ring manager's address is published before it is bound).
     pub fn on_consul(name: &str, consul: &str, ring_managers: &[SocketAddr]) -> Dev {

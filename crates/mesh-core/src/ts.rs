@@ -1,6 +1,27 @@
 //! Slack-style timestamps: "SECONDS.MICROS", unique and increasing per channel.
 
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Microseconds added to the wall clock that ts are stamped from: 0 but under the clock-skew
+/// test hook ([`set_clock_offset_micros`]).
+static CLOCK_OFFSET_MICROS: AtomicI64 = AtomicI64::new(0);
+
+/// Test hook (clock skew): offsets the wall clock [`stamp_micros`] reads, for this whole
+/// process, by `offset` microseconds (negative: behind).
+pub fn set_clock_offset_micros(offset: i64) {
+    CLOCK_OFFSET_MICROS.store(offset, Ordering::Relaxed);
+}
+
+/// Microseconds since the Unix epoch by the wall clock (0 before it), plus the test hook's
+/// offset: the clock a channel's ts are stamped from.
+pub fn stamp_micros() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    now.saturating_add_signed(CLOCK_OFFSET_MICROS.load(Ordering::Relaxed))
+}
 
 /// A position in a channel: microseconds since the Unix epoch, rendered "SECONDS.MICROS".
 ///

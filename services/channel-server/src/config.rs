@@ -43,6 +43,16 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    /// Test hook (clock skew), hidden: offsets the clock this process stamps ts with by this
+    /// many milliseconds (negative: behind). Process-wide; logged loudly.
+    #[arg(
+        long,
+        hide = true,
+        env = "CHANNELMESH_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
+    pub clock_offset_ms: i64,
 }
 
 /// Configuration of one channel server.
@@ -62,6 +72,8 @@ pub struct Config {
     pub window: Bounds,
     /// Join as a standby: no slots until it replaces a node or an operator adds it.
     pub standby: bool,
+    /// Test hook: milliseconds added to the clock ts are stamped with (0 in production).
+    pub clock_offset_ms: i64,
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease.
     pub telemetry: mesh_telemetry::Telemetry,
@@ -80,6 +92,7 @@ impl Config {
             gateway_queue: DEFAULT_GATEWAY_QUEUE,
             window: Bounds::default(),
             standby: false,
+            clock_offset_ms: 0,
         }
     }
 
@@ -90,6 +103,7 @@ impl Config {
         Ok(Config {
             advertise: args.advertise.clone(),
             standby: args.standby,
+            clock_offset_ms: args.clock_offset_ms,
             window: Bounds {
                 keys: args.idempotency_keys,
                 age: std::time::Duration::from_millis(args.idempotency_window_ms),

@@ -3,10 +3,11 @@
 //! [`ServeError`] to a `Status` in one table ([`status`]), runs each gateway stream's task and
 //! sends handoffs; the state it serves is the [`Shards`] behind an [`Ownership`] check.
 
+mod handoff_send;
 mod handoff_wire;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -18,7 +19,7 @@ use mesh_proto::channel::subscribe_response::Reply;
 use mesh_transport::authz::{self, rpc};
 use mesh_transport::{Authorizer, Caller, Role};
 use ring_client::{Lease, RingWatcher};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::ServeError;
-use crate::handoff::Outgoing;
+use crate::handoff::{HANDOFF_CONCURRENCY, Progress, WARMUP_TIMEOUT};
 use crate::idempotency::MAX_KEY_BYTES;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
@@ -89,6 +90,10 @@ struct Inner {
     gateway_queue: usize,
     metrics: Metrics,
     authorizer: Authorizer,
+    /// Which epochs' outgoing handoffs are all confirmed (drain progress).
+    progress: Mutex<Progress>,
+    /// Handoff attempts in flight at once.
+    handoff_slots: Semaphore,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -125,11 +130,21 @@ impl StreamReply for pb::SubscribeResponse {
         }
     }
 
-    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self {
+    fn subscribed(channel: &ChannelId, head: Option<Ts>, complete_after: Option<Ts>) -> Self {
         pb::SubscribeResponse {
             reply: Some(Reply::Subscribed(pb::Subscribed {
                 channel: channel.to_string(),
                 head_ts: ts_str(head),
+                complete_after_ts: ts_str(complete_after),
+            })),
+        }
+    }
+
+    fn gap(channel: &ChannelId, complete_after: Ts) -> Self {
+        pb::SubscribeResponse {
+            reply: Some(Reply::Gap(pb::HistoryGap {
+                channel: channel.to_string(),
+                complete_after_ts: complete_after.to_string(),
             })),
         }
     }
@@ -159,7 +174,7 @@ impl ChannelService {
         cancel: CancellationToken,
     ) -> Self {
         let metrics = Metrics::new(&config.telemetry);
-        let shards = Shards::new(config.limits, metrics.clone(), now_micros);
+        let shards = Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros);
         shards.set_window(config.window);
         let service = ChannelService {
             inner: Arc::new(Inner {
@@ -168,6 +183,8 @@ impl ChannelService {
                 gateway_queue: config.gateway_queue.max(1),
                 metrics,
                 authorizer: config.authorizer,
+                progress: Mutex::new(Progress::default()),
+                handoff_slots: Semaphore::new(HANDOFF_CONCURRENCY),
                 cancel,
                 tracker,
             }),
@@ -198,9 +215,10 @@ impl ChannelService {
         .await;
     }
 
-    /// Follows a new ring: slots gained through a handoff wait for it; slots lost through a
-    /// handoff have their state sent to the new owner; every other lost slot is dropped; the
-    /// gateways subscribed to moved channels are told so.
+    /// Follows a new ring: slots gained through a handoff wait for it (until their warm-up
+    /// runs out); slots lost through a handoff have their state sent to the new owner (each
+    /// on its own task, with its own deadline per attempt, retried until confirmed); every
+    /// other lost slot is dropped; the gateways subscribed to moved channels are told so.
     fn apply_ring(&self, previous: &Ring, ring: &Ring) {
         let ownership = &self.inner.ownership;
         let unknown = ownership.gain(previous, ring);
@@ -208,28 +226,26 @@ impl ChannelService {
             .inner
             .shards
             .follow_ring(previous, ring, ownership.node(), &unknown);
-        let (this, epoch) = (self.clone(), ring.epoch());
-        self.inner.tracker.spawn(async move {
-            for Outgoing {
-                to,
-                addr,
-                snapshots,
-            } in sends
-            {
-                let count = snapshots.len();
-                match handoff_wire::send(this.inner.ownership.node(), &addr, epoch, snapshots).await {
-                    Ok(()) => {
-                        this.inner.metrics.handoffs_sent.with_label_values(&["ok"]).inc();
-                        tracing::info!(%to, channels = count, epoch, "handoff sent")
-                    }
-                    Err(e) => {
-                        this.inner.metrics.handoffs_sent.with_label_values(&["failed"]).inc();
-                        tracing::warn!(%to, error = %e, epoch, "handoff failed; the new owner serves after its timeout")
-                    }
+        let epoch = ring.epoch();
+        self.progress(|p| p.followed(epoch, sends.len()));
+        // This ring's warm-ups end at their own deadline (set just before, by `gain`); an
+        // earlier ring's have a timer of their own.
+        if ownership.next_warmup_deadline().is_some() {
+            let deadline = tokio::time::Instant::now() + WARMUP_TIMEOUT;
+            let this = self.clone();
+            self.inner.tracker.spawn(async move {
+                tokio::select! {
+                    _ = this.inner.cancel.cancelled() => {}
+                    _ = tokio::time::sleep_until(deadline) => this.end_warmups(),
                 }
-            }
-            this.inner.ownership.lease().handed_off(epoch);
-        });
+            });
+        }
+        for outgoing in sends {
+            let this = self.clone();
+            self.inner
+                .tracker
+                .spawn(async move { this.hand_off(epoch, outgoing).await });
+        }
     }
 
     /// Handles one command of a gateway's subscription stream.
@@ -254,7 +270,10 @@ impl ChannelService {
                             let reason = refusal.to_string();
                             stream.send(StreamReply::refused(&channel, epoch, &reason));
                         }
-                        Ok(_) => self.inner.shards.subscribe(stream, &channel),
+                        Ok(_) => {
+                            let delivered = s.last_ts.get(&name).and_then(|t| Ts::parse(t).ok());
+                            self.inner.shards.subscribe(stream, &channel, delivered)
+                        }
                     }
                 }
             }
@@ -312,6 +331,7 @@ impl ChannelService {
         let mut event = event_from_proto(event).map_err(invalid)?;
         let (ownership, slot) = (&self.inner.ownership, slot_of(&event.channel));
         ownership.check(slot, req.epoch).await.map_err(status)?;
+        ownership.check_settled(slot).map_err(status)?;
         let fresh = self
             .inner
             .shards
@@ -426,6 +446,10 @@ impl ChannelServerRpc for ChannelService {
                 self.inner.shards.absorb(snapshot);
                 self.inner.metrics.handoff_channels_received.inc();
                 received += 1;
+            }
+            for floor in &chunk.slot_floors {
+                let (slot, ts) = handoff_wire::floor_from_proto(floor).map_err(invalid)?;
+                self.inner.shards.absorb_floor(slot, ts);
             }
             if chunk.done {
                 self.inner.ownership.received(&from, chunk.epoch);

@@ -58,6 +58,13 @@ pub async fn serve(
         .advertise
         .clone()
         .unwrap_or_else(|| local.to_string());
+    if config.clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = config.clock_offset_ms,
+            "TEST HOOK: this channel server stamps ts with a clock offset from the wall clock"
+        );
+        mesh_core::ts::set_clock_offset_micros(config.clock_offset_ms.saturating_mul(1000));
+    }
     let tracker = TaskTracker::new();
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let lease = Lease::default();

@@ -21,8 +21,11 @@ pub struct Metrics {
     pub streams_fallen_behind: IntCounter,
     /// History reads, by outcome: `hit` (events returned) or `empty`.
     pub history_reads: IntCounterVec,
-    /// Handoffs this node sent, by outcome (`ok`, `failed`).
+    /// Handoff attempts this node made, by outcome (`ok`, `failed`, `abandoned`).
     pub handoffs_sent: IntCounterVec,
+    /// Channel history floors that jumped: a gateway had delivered past the channel's clock
+    /// here, or a slot's state was lost (a takeover, a handoff that did not arrive in time).
+    pub floor_jumps: IntCounter,
     /// Channels received in handoffs.
     pub handoff_channels_received: IntCounter,
     /// Set at scrape: open gateway streams, channel subscriptions, queued replies, channels
@@ -69,8 +72,12 @@ impl Metrics {
             ),
             handoffs_sent: t.counter_vec(
                 "channelmesh_channel_handoffs_sent_total",
-                "Handoffs of moved channels' state sent to a new owner, by outcome.",
+                "Handoff attempts of moved channels' state to a new owner, by outcome: ok, failed (retried), abandoned.",
                 &["outcome"],
+            ),
+            floor_jumps: t.counter(
+                "channelmesh_channel_floor_jumps_total",
+                "Channel history floors that jumped (gateways are told history_gap): a gateway had delivered past the channel's clock here.",
             ),
             handoff_channels_received: t.counter(
                 "channelmesh_channel_handoff_channels_received_total",

@@ -9,7 +9,7 @@ use ring_client::lease::SERVING_WAIT;
 use ring_client::{Lease, RingWatcher};
 
 use crate::error::ServeError;
-use crate::handoff::{HANDOFF_TIMEOUT, Warming};
+use crate::handoff::{TAKEOVER_SETTLE, WARMUP_TIMEOUT, Warming};
 
 /// How long a call naming a newer epoch waits for this server's ring to catch up.
 const RING_CATCH_UP: Duration = Duration::from_secs(1);
@@ -81,9 +81,7 @@ impl Ownership {
             .wait_serving(SERVING_WAIT)
             .await
             .map_err(ServeError::NoLease)?;
-        let waiting = self
-            .warming()
-            .waiting_for(slot, tokio::time::Instant::now());
+        let waiting = self.warming().waiting_for(slot);
         if let Some(from) = waiting {
             return Err(ServeError::Warming { slot, from });
         }
@@ -103,15 +101,46 @@ impl Ownership {
     }
 
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
-    /// history died with their previous owner.
+    /// history died with their previous owner, which settle before taking publishes
+    /// ([`Warming::settle`]).
     pub fn gain(&self, previous: &Ring, ring: &Ring) -> Vec<Slot> {
-        let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
-        self.warming().gain(previous, ring, &self.node, deadline)
+        let now = tokio::time::Instant::now();
+        let mut warming = self.warming();
+        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT);
+        warming.settle(previous, &unknown, now + TAKEOVER_SETTLE);
+        unknown
+    }
+
+    /// Refuses a publish on `slot` while it settles after a takeover (a refusal routers
+    /// retry).
+    pub fn check_settled(&self, slot: Slot) -> Result<(), ServeError> {
+        let now = tokio::time::Instant::now();
+        match self.warming().settling(slot, now) {
+            Some(from) => Err(ServeError::Warming { slot, from }),
+            None => Ok(()),
+        }
+    }
+
+    /// The earliest warm-up deadline of a slot still waiting for its handoff.
+    pub fn next_warmup_deadline(&self) -> Option<tokio::time::Instant> {
+        self.warming().next_deadline()
+    }
+
+    /// The slots whose warm-up ran out by `now` (see [`Warming::due`]).
+    pub fn warmup_due(&self, now: tokio::time::Instant) -> Vec<Slot> {
+        self.warming().due(now)
+    }
+
+    /// `slots` serve without their handoff: call after their history floor was set.
+    pub fn release(&self, slots: &[Slot]) {
+        self.warming().release(slots);
     }
 
     /// Whether the ring names a handoff from `from` to this node in `epoch`: the ring of that
     /// epoch (waited for a little, as a handoff can beat the ring here), or, once the ring has
-    /// moved on, the handoffs this node saw named in the rings it followed.
+    /// moved on, the handoffs this node saw named in the rings it followed. A handoff `from`
+    /// was named to send in `epoch` to another node is taken too: its new owner died before
+    /// confirming it, and `from` forwards the state to the slots' owner now.
     pub async fn expects_handoff(&self, from: &NodeId, epoch: u64) -> bool {
         let mut ring = self.ring.current();
         if epoch > ring.epoch() {
@@ -125,7 +154,10 @@ impl Ownership {
                 .iter()
                 .any(|h| &h.from == from && h.to == self.node)
         };
-        (ring.epoch() == epoch && named(&ring)) || self.warming().expected(from, epoch)
+        let warming = self.warming();
+        (ring.epoch() == epoch && named(&ring))
+            || warming.expected(from, epoch)
+            || warming.named_sender(from, epoch)
     }
 
     /// The whole handoff `from` sent for `epoch` arrived.

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, Slot, Ts, slot_of};
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, SLOT_COUNT, Slot, Ts, slot_of};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,7 @@ pub fn history_limit(asked: u32) -> usize {
     limit as usize
 }
 
-/// Microseconds since the Unix epoch by the wall clock (0 before it): the shards' clock.
+/// Microseconds since the Unix epoch by the wall clock (0 before it).
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -47,8 +47,12 @@ pub fn now_micros() -> u64 {
 pub trait StreamReply: Clone + Send + 'static {
     /// One event, just published (its ts assigned unless it is transient).
     fn event(event: &ChannelEvent) -> Self;
-    /// `channel` is subscribed; `head` is its newest ts.
-    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self;
+    /// `channel` is subscribed; `head` is its newest ts, its history complete only after
+    /// `complete_after` (`None`: complete from its start).
+    fn subscribed(channel: &ChannelId, head: Option<Ts>, complete_after: Option<Ts>) -> Self;
+    /// `channel`'s history floor jumped to `complete_after`: events at or before it may be
+    /// missing here, so a gateway that delivered less must tell its clients of a gap.
+    fn gap(channel: &ChannelId, complete_after: Ts) -> Self;
     /// `channel` is not (or no longer) served here, as of `epoch`.
     fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> Self;
 }
@@ -259,10 +263,23 @@ impl<R: StreamReply> Shards<R> {
     }
 
     /// Subscribes `stream` to `channel` (once, however often asked) and queues its
-    /// `Subscribed` reply with the channel's head, both under the shard lock: every event
-    /// published after it follows it on the stream. The caller checked ownership.
-    pub fn subscribe(&self, stream: &mut GatewayStream<R>, channel: &ChannelId) {
+    /// `Subscribed` reply with the channel's head and history floor, both under the shard
+    /// lock: every event published after it follows it on the stream. `delivered`: the newest
+    /// ts the gateway delivered on the channel, which the channel's clock and history floor
+    /// are raised past ([`Store::raise_floor`]); when they jump, the gateways already
+    /// subscribed are told (a gap). The caller checked ownership.
+    pub fn subscribe(
+        &self,
+        stream: &mut GatewayStream<R>,
+        channel: &ChannelId,
+        delivered: Option<Ts>,
+    ) {
         let mut shard = self.shard(channel);
+        if let Some(floor) = delivered.and_then(|ts| shard.store.raise_floor(channel, ts)) {
+            tracing::info!(%channel, %floor, "a gateway delivered past this channel's clock; its floor jumps");
+            self.metrics.floor_jumps.inc();
+            shard.fan_out(channel, &R::gap(channel, floor), &self.metrics);
+        }
         if stream.subscribed.insert(channel.clone()) {
             shard
                 .subs
@@ -270,7 +287,9 @@ impl<R: StreamReply> Shards<R> {
                 .or_default()
                 .push(stream.sub.clone());
         }
-        let reply = R::subscribed(channel, shard.store.head(channel));
+        let complete_after =
+            Some(shard.store.complete_after(channel)).filter(|t| *t != Ts::default());
+        let reply = R::subscribed(channel, shard.store.head(channel), complete_after);
         // Queued under the shard lock: every event published after it follows it on the
         // stream.
         stream.sub.send_control(reply);
@@ -362,6 +381,14 @@ impl<R: StreamReply> Shards<R> {
         self.shard(&snapshot.channel).store.absorb(snapshot);
     }
 
+    /// Takes in a moved slot's floor from its previous owner: its channels evicted there lost
+    /// their history up to `floor`.
+    pub fn absorb_floor(&self, slot: Slot, floor: Ts) {
+        let index = usize::from(slot) % SHARDS;
+        let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
+        shard.store.mark_unknown_before(slot, floor);
+    }
+
     /// Follows a new ring: nothing before now is known of the `unknown` slots; channels of
     /// slots `node` hands off are taken for their new owners, those of every other lost slot
     /// are dropped, and the gateways subscribed to moved channels are told so. Returns the
@@ -373,19 +400,23 @@ impl<R: StreamReply> Shards<R> {
         node: &NodeId,
         unknown: &[Slot],
     ) -> Vec<Outgoing> {
-        if !unknown.is_empty() {
-            let now = Ts::from_micros((self.clock)());
-            for mut shard in self.each_shard() {
-                for &slot in unknown {
-                    shard.store.mark_unknown_before(slot, now);
-                }
-            }
-        }
+        self.mark_unknown(unknown);
         let handoff_to = |slot: Slot| handoff::new_owner(previous, ring, node, slot);
         let mut taken: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
+        let mut floors: HashMap<NodeId, Vec<(Slot, Ts)>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
-        for mut shard in self.each_shard() {
+        for (index, mut shard) in self.each_shard().enumerate() {
+            // The slots' floors go too (read before taking raises them with the channels
+            // handed over), so the new owner's history does not claim what was evicted here.
+            for slot in (index..SLOT_COUNT).step_by(SHARDS).map(|s| s as Slot) {
+                let floor = shard.store.slot_floor(slot);
+                if floor != Ts::default()
+                    && let Some(to) = handoff_to(slot)
+                {
+                    floors.entry(to.id.clone()).or_default().push((slot, floor));
+                }
+            }
             for snapshot in shard.store.take_slots(|slot| handoff_to(slot).is_some()) {
                 if let Some(to) = handoff_to(slot_of(&snapshot.channel)) {
                     taken.entry(to.id.clone()).or_default().push(snapshot);
@@ -418,7 +449,33 @@ impl<R: StreamReply> Shards<R> {
             handing_off_channels = taken.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
-        handoff::outgoing(ring, node, taken)
+        handoff::outgoing(ring, node, taken, floors)
+    }
+
+    /// Nothing of `slots` before now is known here (taken over from a node that died, or a
+    /// handoff that did not arrive in time): their history floor jumps to now, and every
+    /// gateway subscribed to one of their channels is told (a gap).
+    pub fn mark_unknown(&self, slots: &[Slot]) {
+        if slots.is_empty() {
+            return;
+        }
+        let now = Ts::from_micros((self.clock)());
+        let marked: HashSet<Slot> = slots.iter().copied().collect();
+        for mut shard in self.each_shard() {
+            for &slot in slots {
+                shard.store.mark_unknown_before(slot, now);
+            }
+            let told: Vec<ChannelId> = shard
+                .subs
+                .keys()
+                .filter(|c| marked.contains(&slot_of(c)))
+                .cloned()
+                .collect();
+            for channel in told {
+                let floor = shard.store.complete_after(&channel);
+                shard.fan_out(&channel, &R::gap(&channel, floor), &self.metrics);
+            }
+        }
     }
 
     /// What the shards hold now.

@@ -77,7 +77,9 @@ struct Channel {
     /// Bytes of `events` as counted (the channel's own overhead is counted only in the store's
     /// total).
     bytes: usize,
-    /// The newest ts dropped from `events` to stay within the bounds.
+    /// The newest ts dropped from `events` to stay within the bounds, or below which this
+    /// store knows it lacks events (a floor raised by [`Store::raise_floor`]): the channel's
+    /// history is complete only after it.
     trimmed: Ts,
     /// Recent idempotency keys and their ts (`None` until a publish carries one).
     recent: Option<Box<Window>>,
@@ -125,7 +127,9 @@ impl Channel {
         };
         let size = event.counted();
         self.bytes -= size;
-        self.trimmed = event.ts;
+        // Never lowered: a raised floor (`Store::raise_floor`) can be above older events a
+        // late handoff merged in.
+        self.trimmed = self.trimmed.max(event.ts);
         size
     }
 
@@ -328,6 +332,47 @@ impl Store {
             complete_after: floor.max(state.trimmed),
             events,
         }
+    }
+
+    /// The ts after which `channel`'s history here is complete: events at or before it may be
+    /// gone (trimmed, evicted, lost with a node, or never handed over).
+    pub fn complete_after(&self, channel: &ChannelId) -> Ts {
+        let floor = self.slot_floor[usize::from(slot_of(channel))];
+        self.channels
+            .peek(channel)
+            .map_or(floor, |c| floor.max(c.trimmed))
+    }
+
+    /// A gateway delivered `channel`'s events up to `delivered` (from this node or an earlier
+    /// owner). If this store never handed out that ts, it does not know what came at or just
+    /// after it either: its clock and history floor jump to just past it, so the next ts is
+    /// above every ts a gateway delivered (a gateway drops those at or below its last), and
+    /// the history says it is complete only after the floor (every gateway, the reporting one
+    /// too, tells its connections `history_gap`). Returns the new floor when it jumped.
+    pub fn raise_floor(&mut self, channel: &ChannelId, delivered: Ts) -> Option<Ts> {
+        let floor = Ts::from_micros(delivered.as_micros().saturating_add(1));
+        let slot_floor = self.slot_floor[usize::from(slot_of(channel))];
+        if let Some(state) = self.channels.peek_mut(channel) {
+            if delivered <= state.clock.last() {
+                return None;
+            }
+            state.clock = TsClock::starting_after(floor);
+            state.trimmed = state.trimmed.max(floor);
+        } else {
+            if delivered <= slot_floor {
+                return None;
+            }
+            let state = Channel::new(TsClock::starting_after(floor), floor);
+            self.channels.put(channel.clone(), state);
+            self.total_bytes += CHANNEL_OVERHEAD;
+            self.evict_over_budget(channel);
+        }
+        Some(self.complete_after(channel))
+    }
+
+    /// The newest ts of any channel evicted or dropped from `slot` here (see `slot_floor`).
+    pub fn slot_floor(&self, slot: Slot) -> Ts {
+        self.slot_floor[usize::from(slot)]
     }
 
     /// Nothing of `slot` before `ts` is known here: its channels' state was lost (their
@@ -560,6 +605,51 @@ mod tests {
             new.append(&c("C1"), &msg("c"), 1) > b,
             "the clock continues after the old owner's"
         );
+    }
+
+    #[test]
+    fn a_floor_raised_past_the_clock_keeps_ts_above_it_and_history_incomplete_before_it() {
+        let mut store = Store::new(Limits::default());
+        let first = store.append(&c("C1"), &msg("a"), 1_000);
+        assert_eq!(store.raise_floor(&c("C1"), first), None, "delivered here");
+        let (delivered, floor) = (Ts::from_micros(10_000), Ts::from_micros(10_001));
+        assert_eq!(store.raise_floor(&c("C1"), delivered), Some(floor));
+        assert_eq!(store.raise_floor(&c("C1"), delivered), None, "once");
+        assert!(store.append(&c("C1"), &msg("b"), 1) > floor);
+        let page = store.history(&c("C1"), None, 10);
+        assert_eq!(
+            page.complete_after, floor,
+            "what followed it is not known here"
+        );
+        assert_eq!(page.events.len(), 2, "what is held stays");
+        // A channel this store does not hold starts after the ts delivered.
+        let elsewhere = Ts::from_micros(7);
+        let floor = Ts::from_micros(8);
+        assert_eq!(store.raise_floor(&c("C2"), elsewhere), Some(floor));
+        assert_eq!(store.complete_after(&c("C2")), floor);
+        assert!(store.append(&c("C2"), &msg("x"), 1) > floor);
+    }
+
+    #[test]
+    fn a_raised_floor_is_not_lowered_by_trimming_older_events() {
+        let limits = Limits {
+            history_events: 2,
+            ..Limits::default()
+        };
+        let mut store = Store::new(limits);
+        let a = store.append(&c("C1"), &msg("a"), 100);
+        store.append(&c("C1"), &msg("b"), 200);
+        let floor = store.raise_floor(&c("C1"), Ts::from_micros(1_000)).unwrap();
+        // The events held from before the floor are trimmed one by one by newer ones.
+        store.append(&c("C1"), &msg("c"), 1);
+        assert!(
+            store
+                .history(&c("C1"), None, 10)
+                .events
+                .iter()
+                .all(|e| e.ts != a)
+        );
+        assert_eq!(store.complete_after(&c("C1")), floor);
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct GatewayMetrics {
     /// Resumes from client cursors, and those that had to say `history_gap`.
     pub resumes: IntCounter,
     pub history_gaps: IntCounter,
+    /// `history_gap` frames written to live connections when a channel's history floor
+    /// jumped (or a catch-up could not be read whole).
+    pub live_gaps: IntCounter,
     /// Set at scrape time.
     pub connections: IntGauge,
     pub channels: IntGauge,
@@ -186,6 +189,10 @@ impl GatewayMetrics {
             history_gaps: t.counter(
                 "channelmesh_gateway_history_gaps_total",
                 "Resumes that told the client history_gap (history no longer reached its cursor).",
+            ),
+            live_gaps: t.counter(
+                "channelmesh_gateway_live_history_gaps_total",
+                "history_gap frames written to live connections: a channel's history floor jumped past what they had, or a catch-up could not be read whole.",
             ),
             connections: t.gauge(
                 "channelmesh_gateway_connections",

@@ -30,8 +30,17 @@ pub trait Downstream: Send + Sync + 'static {
     fn metrics(&self) -> &GatewayMetrics;
     /// Events from `from`, in order, received at `received`.
     fn deliver_batch(&self, from: &NodeId, batch: Vec<ChannelEvent>, received: Instant);
-    /// `node` confirmed `channel`, whose newest ts there is `head`.
-    fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>);
+    /// `node` confirmed `channel`, whose newest ts there is `head`, its history complete only
+    /// after `complete_after`.
+    fn subscribed(
+        &self,
+        node: &NodeId,
+        channel: &ChannelId,
+        head: Option<Ts>,
+        complete_after: Option<Ts>,
+    );
+    /// `node` says `channel`'s history floor jumped to `floor`.
+    fn gap(&self, node: &NodeId, channel: &ChannelId, floor: Ts);
     /// `node` refused `channel`.
     fn refused(&self, node: &NodeId, channel: &str, reason: &str);
     /// The stream to `node` ended on its own.
@@ -153,9 +162,21 @@ async fn stream<H: Downstream>(
             Some(Reply::Subscribed(s)) => match mesh_core::ChannelId::new(&s.channel) {
                 Ok(channel) => {
                     let head = channel_client::wire::opt_ts(&s.head_ts).ok().flatten();
-                    hub.subscribed(node, &channel, head)
+                    // A floor that does not parse is taken as a gap, never as none.
+                    let complete_after = channel_client::wire::opt_ts(&s.complete_after_ts)
+                        .unwrap_or(Some(Ts::from_micros(u64::MAX)));
+                    hub.subscribed(node, &channel, head, complete_after)
                 }
                 Err(e) => tracing::warn!(%node, error = %e, "bad channel in subscribe reply"),
+            },
+            Some(Reply::Gap(g)) => match (
+                mesh_core::ChannelId::new(&g.channel),
+                Ts::parse(&g.complete_after_ts),
+            ) {
+                (Ok(channel), Ok(floor)) => hub.gap(node, &channel, floor),
+                _ => {
+                    tracing::warn!(%node, channel = g.channel, "bad history gap from a channel server")
+                }
             },
             Some(Reply::Refused(r)) => hub.refused(node, &r.channel, &r.reason),
             None => {}

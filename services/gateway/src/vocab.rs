@@ -49,6 +49,15 @@ pub enum Control {
     /// What the connection missed on one channel, ready to write before the live events that
     /// waited for it (see `history`).
     Backlog(Backlog),
+    /// `channel`'s history is complete only after `floor` (its floor jumped on its channel
+    /// server, or a catch-up could not be read whole): a connection whose cursor is below it
+    /// is written `history_gap`. `delivered`: the newest ts this gateway delivered on it, the
+    /// frame's cursor for a connection that has none.
+    Gap {
+        channel: ChannelId,
+        floor: Ts,
+        delivered: Ts,
+    },
 }
 
 /// History one connection was missing on one channel: after a join (since the join), or on a

@@ -1,7 +1,7 @@
 //! The wire side of handoffs: a moved slot's channels sent to their new owner over gRPC in
 //! chunks, and channel snapshots to and from their protobuf form. What to send and how to
-//! absorb it is decided in `crate::handoff` and the shards. A failed send is only logged by its
-//! sender, so its statuses are not part of the service's error table.
+//! absorb it is decided in `crate::handoff` and the shards. A failed send is logged and retried
+//! by its sender, so its statuses are not part of the service's error table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +13,25 @@ use mesh_proto::channel::channel_server_client::ChannelServerClient;
 use tonic::Status;
 
 use super::MAX_HANDOFF_MESSAGE;
-use crate::handoff::{HANDOFF_CHUNK, HANDOFF_TIMEOUT};
+use crate::handoff::{HANDOFF_CHUNK, HANDOFF_SEND_TIMEOUT, Outgoing};
 use crate::idempotency::{MAX_KEY_BYTES, Seen};
 use crate::store::{Snapshot, Stored};
 
-/// Streams `snapshots` to the channel server at `addr`, then `done`.
-pub(super) async fn send(
-    from: &NodeId,
-    addr: &str,
-    epoch: u64,
-    snapshots: Vec<Snapshot>,
-) -> Result<(), Status> {
+/// Streams `handoff`'s snapshots to its new owner, then `done` with the slots' floors, within
+/// [`HANDOFF_SEND_TIMEOUT`]; `Ok` once its ack confirms every channel.
+pub(super) async fn send(from: &NodeId, epoch: u64, handoff: &Outgoing) -> Result<(), Status> {
+    tokio::time::timeout(HANDOFF_SEND_TIMEOUT, attempt(from, epoch, handoff))
+        .await
+        .map_err(|_| Status::deadline_exceeded("handoff took too long"))?
+}
+
+async fn attempt(from: &NodeId, epoch: u64, handoff: &Outgoing) -> Result<(), Status> {
+    let Outgoing {
+        addr,
+        snapshots,
+        floors,
+        ..
+    } = handoff;
     let channel = mesh_transport::endpoint(addr)
         .map_err(|e| Status::internal(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
@@ -38,6 +46,7 @@ pub(super) async fn send(
             epoch,
             channels: chunk.iter().map(snapshot_to_proto).collect(),
             done: false,
+            slot_floors: Vec::new(),
         })
         .collect();
     chunks.push(pb::HandoffChunk {
@@ -45,14 +54,38 @@ pub(super) async fn send(
         epoch,
         channels: Vec::new(),
         done: true,
+        slot_floors: floors
+            .iter()
+            .map(|(slot, ts)| pb::SlotFloor {
+                slot: u32::from(*slot),
+                ts: ts.to_string(),
+            })
+            .collect(),
     });
     let mut client =
         ChannelServerClient::new(channel).max_encoding_message_size(MAX_HANDOFF_MESSAGE);
-    let call = client.handoff(futures::stream::iter(chunks));
-    tokio::time::timeout(HANDOFF_TIMEOUT, call)
-        .await
-        .map_err(|_| Status::deadline_exceeded("handoff took too long"))??;
+    let ack = client
+        .handoff(futures::stream::iter(chunks))
+        .await?
+        .into_inner();
+    if ack.channels as usize != snapshots.len() {
+        return Err(Status::data_loss(format!(
+            "the new owner confirmed {} of {} channels",
+            ack.channels,
+            snapshots.len()
+        )));
+    }
     Ok(())
+}
+
+/// A moved slot's floor from its protobuf form.
+pub(super) fn floor_from_proto(floor: &pb::SlotFloor) -> Result<(mesh_core::Slot, Ts), String> {
+    let ts = Ts::parse(&floor.ts).map_err(|e| e.to_string())?;
+    let slot = mesh_core::Slot::try_from(floor.slot)
+        .ok()
+        .filter(|s| usize::from(*s) < mesh_core::SLOT_COUNT)
+        .ok_or_else(|| format!("no slot {}", floor.slot))?;
+    Ok((slot, ts))
 }
 
 /// A channel's snapshot in its protobuf form.

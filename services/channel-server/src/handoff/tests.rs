@@ -17,7 +17,11 @@ impl StreamReply for Unread {
         Unread
     }
 
-    fn subscribed(_: &ChannelId, _: Option<Ts>) -> Self {
+    fn subscribed(_: &ChannelId, _: Option<Ts>, _: Option<Ts>) -> Self {
+        Unread
+    }
+
+    fn gap(_: &ChannelId, _: Ts) -> Self {
         Unread
     }
 
@@ -57,17 +61,26 @@ fn moved(first: &Ring, second: &Ring, from: &str) -> Vec<Slot> {
         .collect()
 }
 
+/// A channel whose slot moves from cs-1 to cs-3.
+fn moved_channel(first: &Ring, second: &Ring) -> ChannelId {
+    let slots = moved(first, second, "cs-1");
+    (0..100_000)
+        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
+        .find(|c| slots.contains(&slot_of(c)))
+        .unwrap()
+}
+
 #[test]
 fn a_gained_slot_waits_for_its_handoff_until_it_arrives() {
     let (first, second) = rings(true);
     let slot = moved(&first, &second, "cs-1")[0];
     let mut warming = Warming::default();
     let now = Instant::now();
-    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     assert!(unknown.is_empty(), "every gained slot comes with a handoff");
-    assert_eq!(warming.waiting_for(slot, now), Some(node("cs-1").id));
+    assert_eq!(warming.waiting_for(slot), Some(node("cs-1").id));
     warming.received(&node("cs-1").id, 2);
-    assert_eq!(warming.waiting_for(slot, now), None);
+    assert_eq!(warming.waiting_for(slot), None);
 }
 
 #[test]
@@ -76,31 +89,83 @@ fn a_handoff_that_beats_the_ring_is_not_waited_for() {
     let mut warming = Warming::default();
     warming.received(&node("cs-1").id, 2);
     let now = Instant::now();
-    warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     for slot in moved(&first, &second, "cs-1") {
-        assert_eq!(warming.waiting_for(slot, now), None);
+        assert_eq!(warming.waiting_for(slot), None);
     }
     let from_two = moved(&first, &second, "cs-2")[0];
     assert_eq!(
-        warming.waiting_for(from_two, now),
+        warming.waiting_for(from_two),
         Some(node("cs-2").id),
         "a handoff of another epoch or node does not count"
     );
 }
 
 #[test]
-fn a_late_handoff_is_given_up_for_every_slot_of_its_sender() {
+fn a_late_handoff_keeps_its_slots_waiting_until_they_are_released() {
     let (first, second) = rings(true);
-    let slots = moved(&first, &second, "cs-1");
+    let mut slots = moved(&first, &second, "cs-1");
+    slots.extend(moved(&first, &second, "cs-2"));
+    slots.sort_unstable();
     let mut warming = Warming::default();
     let deadline = Instant::now();
     warming.gain(&first, &second, &node("cs-3").id, deadline);
-    assert_eq!(warming.waiting_for(slots[0], deadline), None);
+    assert_eq!(warming.next_deadline(), Some(deadline));
+    assert!(warming.due(deadline - Duration::from_millis(1)).is_empty());
+    let due = warming.due(deadline);
+    assert_eq!(due, slots, "every slot of every late sender");
     assert_eq!(
-        warming.waiting_for(slots[1], deadline - Duration::from_millis(1)),
-        None,
-        "given up for the sender's other slots too"
+        warming.waiting_for(slots[0]),
+        Some(node("cs-1").id),
+        "still waiting: its history floor is set before it serves"
     );
+    warming.release(&due);
+    assert_eq!(warming.waiting_for(slots[0]), None);
+    assert_eq!(warming.next_deadline(), None);
+}
+
+#[test]
+fn an_epoch_is_handed_off_only_once_every_handoff_up_to_it_is_confirmed() {
+    let mut progress = Progress::default();
+    progress.followed(4, 0);
+    assert_eq!(progress.handed_off(), 4);
+    progress.followed(5, 2);
+    assert_eq!(progress.handed_off(), 4);
+    progress.confirmed(5);
+    progress.followed(6, 0);
+    assert_eq!(
+        progress.handed_off(),
+        4,
+        "one of epoch 5's handoffs is unconfirmed"
+    );
+    progress.followed(7, 1);
+    progress.confirmed(7);
+    assert_eq!(
+        progress.handed_off(),
+        4,
+        "a later epoch does not cover an earlier one"
+    );
+    progress.confirmed(5);
+    assert_eq!(progress.handed_off(), 7);
+}
+
+#[test]
+fn an_abandoned_handoff_holds_progress_back_until_a_later_epoch_is_confirmed_whole() {
+    let mut progress = Progress::default();
+    progress.followed(3, 2);
+    progress.confirmed(3);
+    progress.abandoned(3);
+    progress.followed(4, 0);
+    assert_eq!(
+        progress.handed_off(),
+        2,
+        "a drain in epoch 3 never completes"
+    );
+    // A later drain whose handoffs all arrive completes.
+    progress.followed(9, 1);
+    assert_eq!(progress.handed_off(), 2);
+    progress.confirmed(9);
+    assert_eq!(progress.handed_off(), 9);
 }
 
 #[test]
@@ -108,7 +173,7 @@ fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     let (first, second) = rings(false);
     let mut warming = Warming::default();
     let now = Instant::now();
-    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + HANDOFF_TIMEOUT);
+    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     let mut gained = [
         moved(&first, &second, "cs-1"),
         moved(&first, &second, "cs-2"),
@@ -117,11 +182,7 @@ fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     unknown.sort_unstable();
     gained.sort_unstable();
     assert_eq!(unknown, gained);
-    assert!(
-        gained
-            .iter()
-            .all(|&s| warming.waiting_for(s, now).is_none())
-    );
+    assert!(gained.iter().all(|&s| warming.waiting_for(s).is_none()));
 }
 
 #[test]
@@ -136,7 +197,7 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
     assert_eq!(new_owner(&first, &planned, &one, slot), Some(&node("cs-3")));
     assert_eq!(new_owner(&first, &planned, &one, kept), None);
     assert_eq!(new_owner(&first, &unplanned, &one, slot), None);
-    let sends = outgoing(&planned, &one, HashMap::new());
+    let sends = outgoing(&planned, &one, HashMap::new(), HashMap::new());
     assert_eq!(sends.len(), 1);
     assert_eq!(
         (&sends[0].to, sends[0].addr.as_str()),
@@ -146,17 +207,13 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
         sends[0].snapshots.is_empty(),
         "sent even empty: cs-3 waits for it"
     );
-    assert!(outgoing(&unplanned, &one, HashMap::new()).is_empty());
+    assert!(outgoing(&unplanned, &one, HashMap::new(), HashMap::new()).is_empty());
 }
 
 #[test]
 fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
     let (first, second) = rings(true);
-    let slots = moved(&first, &second, "cs-1");
-    let channel = (0..100_000)
-        .map(|i| ChannelId::new(&format!("C{i}")).unwrap())
-        .find(|c| slots.contains(&slot_of(c)))
-        .unwrap();
+    let channel = moved_channel(&first, &second);
     let limits = Limits {
         history_events: 3,
         ..Limits::default()
@@ -191,6 +248,10 @@ fn a_moved_channel_carries_its_history_trim_point_and_clock_to_its_new_owner() {
         &ts[2..]
     );
     assert_eq!(old.counts().channels, 0, "the old owner keeps nothing");
+    assert!(
+        sends[0].floors.is_empty(),
+        "a channel handed over whole leaves no floor: its history is complete"
+    );
 
     new.absorb(snapshot);
     let page = new.history(&channel, None, 10);
@@ -220,9 +281,61 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     let mut other = Warming::default();
     other.gain(&first, &second, &one, Instant::now());
     assert!(!other.expected(&node("cs-2").id, epoch));
+    assert!(
+        other.named_sender(&node("cs-2").id, epoch),
+        "but knows cs-2 was named to send: cs-2 may forward it if cs-3 dies"
+    );
+    assert!(!other.named_sender(&three, epoch));
     // Unplanned moves (a takeover) name no handoff.
     let (first, second) = rings(false);
     let mut taken = Warming::default();
     taken.gain(&first, &second, &three, Instant::now());
     assert!(!taken.expected(&one, second.epoch()));
+}
+
+#[test]
+fn a_moved_slot_carries_its_floor_to_its_new_owner() {
+    let (first, second) = rings(true);
+    let channel = moved_channel(&first, &second);
+    let metrics = || Metrics::new(&mesh_telemetry::Telemetry::default());
+    let old: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
+    let new: Shards<Unread> = Shards::new(Limits::default(), metrics(), still);
+    // The old owner lost the slot's history before (an eviction, a takeover): its floor.
+    old.mark_unknown(&[slot_of(&channel)]);
+    let floor = old.history(&channel, None, 1).complete_after;
+    assert_ne!(floor, Ts::default());
+    let sends = old.follow_ring(&first, &second, &node("cs-1").id, &[]);
+    assert_eq!(sends[0].floors, [(slot_of(&channel), floor)]);
+    for &(slot, ts) in &sends[0].floors {
+        new.absorb_floor(slot, ts);
+    }
+    assert_eq!(
+        new.history(&channel, None, 1).complete_after,
+        floor,
+        "the new owner's history does not claim what the old one lost"
+    );
+}
+
+#[test]
+fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
+    let (first, second) = rings(false);
+    let mut warming = Warming::default();
+    let now = Instant::now();
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let until = now + TAKEOVER_SETTLE;
+    warming.settle(&first, &unknown, until);
+    let from_one = moved(&first, &second, "cs-1")[0];
+    assert_eq!(warming.settling(from_one, now), Some(node("cs-1").id));
+    assert_eq!(
+        warming.waiting_for(from_one),
+        None,
+        "subscriptions are served"
+    );
+    assert_eq!(warming.settling(from_one, until), None);
+    // A planned move's slots wait for their handoff instead.
+    let (first, second) = rings(true);
+    let mut planned = Warming::default();
+    let unknown = planned.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    planned.settle(&first, &unknown, until);
+    assert_eq!(planned.settling(from_one, now), None);
 }

@@ -14,6 +14,7 @@ enum Test {
     Event(ChannelEvent),
     Subscribed(ChannelId, Option<Ts>),
     Refused(ChannelId, u64, String),
+    Gap(ChannelId, Ts),
 }
 
 impl StreamReply for Test {
@@ -21,8 +22,12 @@ impl StreamReply for Test {
         Test::Event(event.clone())
     }
 
-    fn subscribed(channel: &ChannelId, head: Option<Ts>) -> Self {
+    fn subscribed(channel: &ChannelId, head: Option<Ts>, _: Option<Ts>) -> Self {
         Test::Subscribed(channel.clone(), head)
+    }
+
+    fn gap(channel: &ChannelId, complete_after: Ts) -> Self {
+        Test::Gap(channel.clone(), complete_after)
     }
 
     fn refused(channel: &ChannelId, epoch: u64, reason: &str) -> Self {
@@ -101,7 +106,7 @@ fn subscribed_comes_first_then_every_event_in_ts_order() {
     let cancel = CancellationToken::new();
     let before = publish(&shards, &c("C1"), "before");
     let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C1"), None);
     let ts: Vec<Ts> = (0..5)
         .map(|i| publish(&shards, &c("C1"), &format!("m{i}")))
         .collect();
@@ -125,8 +130,8 @@ fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"));
-    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C1"), None);
+    shards.subscribe(&mut stream, &c("C1"), None);
     assert_eq!(shards.counts().subscriptions, 1);
     publish(&shards, &c("C1"), "once");
     let replies = drain(&mut rx);
@@ -144,7 +149,7 @@ fn a_transient_event_is_fanned_out_but_not_kept() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C1"), None);
     let mut typing = ChannelEvent {
         body: EventBody::Typing {
             user: UserId::new("U1").unwrap(),
@@ -163,8 +168,8 @@ async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
     let cancel = CancellationToken::new();
     let (mut slow, _slow_rx) = shards.open_stream(2, &cancel);
     let (mut fast, mut fast_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut slow, &c("C1"));
-    shards.subscribe(&mut fast, &c("C1"));
+    shards.subscribe(&mut slow, &c("C1"), None);
+    shards.subscribe(&mut fast, &c("C1"), None);
     for i in 0..3 {
         publish(&shards, &c("C1"), &format!("m{i}"));
     }
@@ -183,8 +188,8 @@ async fn a_reply_that_does_not_fit_ends_the_stream() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let (mut stream, _rx) = shards.open_stream(1, &cancel);
-    shards.subscribe(&mut stream, &c("C1"));
-    shards.subscribe(&mut stream, &c("C2"));
+    shards.subscribe(&mut stream, &c("C1"), None);
+    shards.subscribe(&mut stream, &c("C2"), None);
     assert_eq!(
         stream.end().clone().ended().await,
         ServeError::FellBehindOnReply
@@ -197,8 +202,8 @@ async fn closing_a_stream_drops_its_subscriptions_and_shutdown_ends_the_others()
     let cancel = CancellationToken::new();
     let (mut closed, _closed_rx) = shards.open_stream(16, &cancel);
     let (open, _open_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut closed, &c("C1"));
-    shards.subscribe(&mut closed, &c("C2"));
+    shards.subscribe(&mut closed, &c("C1"), None);
+    shards.subscribe(&mut closed, &c("C2"), None);
     let end = closed.end().clone();
     assert_eq!(shards.counts().streams, 2);
     shards.close_stream(closed);
@@ -259,7 +264,7 @@ fn a_lost_slot_is_dropped_and_its_gateways_told_it_moved() {
     let (mut stream, mut rx) = shards.open_stream(16, &cancel);
     for channel in [&lost, &kept] {
         publish(&shards, channel, "x");
-        shards.subscribe(&mut stream, channel);
+        shards.subscribe(&mut stream, channel, None);
     }
     drain(&mut rx);
     let sends = shards.follow_ring(&first, &second, &one.id, &[]);
@@ -299,7 +304,7 @@ fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slo
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"));
+    shards.subscribe(&mut stream, &c("C1"), None);
     publish(&shards, &c("C1"), "before");
     // The caller's ownership check passed; then the ring moved the channel's slot to cs-2.
     let me = NodeId::new("cs-1").unwrap();
@@ -319,4 +324,55 @@ fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slo
     let history = shards.history(&c("C1"), None, 10);
     assert_eq!(history.events.len(), 1, "only the event before the move");
     assert_eq!(texts(&drain(&mut rx)), ["before"]);
+}
+
+#[test]
+fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap() {
+    let (shards, _) = shards(Limits::default());
+    let cancel = CancellationToken::new();
+    let (mut first, mut first_rx) = shards.open_stream(16, &cancel);
+    let (mut second, mut second_rx) = shards.open_stream(16, &cancel);
+    let channel = c("C1");
+    let before = publish(&shards, &channel, "before");
+    shards.subscribe(&mut first, &channel, Some(before));
+    assert_eq!(
+        drain(&mut first_rx),
+        [Test::Subscribed(channel.clone(), Some(before))],
+        "a gateway at this node's head moves no floor"
+    );
+    // Another gateway delivered up to here from an earlier owner whose clock was ahead.
+    let delivered = Ts::from_micros(5_000_000);
+    let floor = Ts::from_micros(5_000_001);
+    shards.subscribe(&mut second, &channel, Some(delivered));
+    assert_eq!(drain(&mut first_rx), [Test::Gap(channel.clone(), floor)]);
+    assert_eq!(
+        drain(&mut second_rx),
+        [Test::Subscribed(channel.clone(), Some(before))]
+    );
+    assert_eq!(
+        shards.history(&channel, None, 10).complete_after,
+        floor,
+        "a resume from before it hears history_gap"
+    );
+    let next = publish(&shards, &channel, "after");
+    assert!(next > floor, "no ts a gateway would drop: {next:?}");
+    shards.subscribe(&mut second, &channel, Some(delivered));
+    drain(&mut second_rx);
+    assert_eq!(texts(&drain(&mut first_rx)), ["after"], "no second gap");
+}
+
+#[test]
+fn slots_marked_unknown_tell_their_subscribers_of_a_gap() {
+    let metrics = Metrics::new(&mesh_telemetry::Telemetry::default());
+    let shards = Shards::<Test>::new(Limits::default(), metrics, ticking);
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    let channel = c("C1");
+    shards.subscribe(&mut stream, &channel, None);
+    drain(&mut rx);
+    shards.mark_unknown(&[slot_of(&channel)]);
+    let replies = drain(&mut rx);
+    let floor = shards.history(&channel, None, 10).complete_after;
+    assert!(floor >= Ts::from_micros(1_000));
+    assert_eq!(replies, [Test::Gap(channel, floor)]);
 }

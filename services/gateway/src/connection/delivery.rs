@@ -280,6 +280,23 @@ impl Delivery {
                     }
                 }
             }
+            Control::Gap {
+                channel,
+                floor,
+                delivered,
+            } => {
+                // A cursor at 0: nothing written on the channel yet.
+                let cursor = self
+                    .cursors
+                    .get(&channel)
+                    .copied()
+                    .filter(|c| *c != Ts::default());
+                if cursor.is_none_or(|c| c < floor) {
+                    self.ctx.metrics.live_gaps.inc();
+                    let cursor = cursor.unwrap_or(delivered);
+                    out.text(&rtm::history_gap(&channel, cursor, None));
+                }
+            }
             Control::Left { channel, on } => {
                 if !self.directive_is_mine(&on, &channel) {
                     return;
@@ -353,6 +370,31 @@ mod tests {
             assert!(delivery.on_outbound(item, &mut frames));
         }
         frames.texts()
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_written_to_a_connection_whose_cursor_is_below_the_floor() {
+        let ctx = ConnectionContext::for_tests();
+        let mut d = delivery(&ctx);
+        d.start(Vec::new());
+        let gap = |floor: u64| {
+            Outbound::control(Control::Gap {
+                channel: channel("C1"),
+                floor: ts(floor),
+                delivered: ts(1),
+            })
+        };
+        // Nothing written yet: the gateway's delivered ts is the cursor it names.
+        let frames = written(&mut d, vec![gap(3)]);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("\"history_gap\""), "{frames:?}");
+        assert!(frames[0].contains(&ts(1).to_string()), "{frames:?}");
+        let frames = written(
+            &mut d,
+            vec![Outbound::Event(event("C1", Some(5))), gap(5), gap(6)],
+        );
+        assert_eq!(frames.len(), 2, "none at its cursor: {frames:?}");
+        assert!(frames[1].contains(&ts(5).to_string()), "{frames:?}");
     }
 
     #[tokio::test]

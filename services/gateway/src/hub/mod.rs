@@ -135,9 +135,19 @@ impl Hub {
                 );
                 state.upstreams.insert(node.clone(), upstream);
             }
+            // What this gateway delivered on each: the owner's clock goes past it.
+            let last_ts = channels
+                .iter()
+                .filter_map(|name| {
+                    let channel = ChannelId::new(name).ok()?;
+                    let last = state.channels.get(&channel)?.last_ts?;
+                    Some((name.clone(), last.to_string()))
+                })
+                .collect();
             let command = Command::Subscribe(pb::Subscribe {
                 epoch: ring.epoch(),
                 channels,
+                last_ts,
             });
             self.send_locked(state, &node, command);
         }
@@ -292,10 +302,17 @@ impl Hub {
         self.inner.metrics.delivered.inc_by(delivered);
     }
 
-    /// `node` confirmed `channel`, whose newest ts there is `head`. If that is past what this
-    /// gateway delivered (events went to the new owner while the channel moved), catch up
-    /// from its history first.
-    pub fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>) {
+    /// `node` confirmed `channel`, whose newest ts there is `head`, its history complete
+    /// only after `complete_after`. If that floor is past what this gateway delivered, its
+    /// connections are told `history_gap`. If the head is past it (events went to the new
+    /// owner while the channel moved), catch up from its history first.
+    pub fn subscribed(
+        &self,
+        node: &NodeId,
+        channel: &ChannelId,
+        head: Option<Ts>,
+        complete_after: Option<Ts>,
+    ) {
         let mut state = self.state();
         let Some(local) = state.channels.get_mut(channel) else {
             return;
@@ -303,12 +320,48 @@ impl Hub {
         if local.upstream.as_ref() != Some(node) {
             return;
         }
+        if let Some(floor) = complete_after {
+            self.tell_gap(local, channel, floor);
+        }
         if let Some(last) = local.confirmed(head) {
             let (hub, node, channel) = (self.clone(), node.clone(), channel.clone());
             self.inner.tracker.spawn(async move {
                 let history = history::read(&hub.inner.router, &channel, Some(last)).await;
                 hub.caught_up(&node, &channel, history);
             });
+        }
+    }
+
+    /// `node` says `channel`'s history floor jumped to `floor`: connections that had less
+    /// are told `history_gap`.
+    pub fn gap(&self, node: &NodeId, channel: &ChannelId, floor: Ts) {
+        let mut state = self.state();
+        let Some(local) = state.channels.get_mut(channel) else {
+            return;
+        };
+        if local.upstream.as_ref() == Some(node) {
+            self.tell_gap(local, channel, floor);
+        }
+    }
+
+    /// If this gateway delivered `channel` only up to before `floor` (events at or before it
+    /// may be gone where they were kept), tells every connection of the channel whose cursor
+    /// is below it `history_gap`.
+    fn tell_gap(&self, local: &LocalChannel, channel: &ChannelId, floor: Ts) {
+        let Some(delivered) = local.last_ts.filter(|last| *last < floor) else {
+            return;
+        };
+        tracing::warn!(%channel, %delivered, %floor, "history floor jumped past what this gateway delivered; telling its connections history_gap");
+        let gap = Outbound::control(Control::Gap {
+            channel: channel.clone(),
+            floor,
+            delivered,
+        });
+        for sink in local.conns.values() {
+            if sink.outbox.push_all(std::iter::once(&gap)).1 == Err(outbox::Refused::Full) {
+                sink.slow_consumer();
+                self.inner.metrics.queue_drops.inc();
+            }
         }
     }
 
@@ -327,10 +380,13 @@ impl Hub {
             return; // Moved again meanwhile: the next subscription catches up.
         }
         let waiting = local.catching_up.take().unwrap_or_default();
+        // Not read whole: the connections hear they may have missed something.
+        let unread = Ts::from_micros(u64::MAX);
         let missed = match history {
             Ok(history) => {
                 if history.has_more {
                     tracing::warn!(%channel, "more missed events than one catch-up reads");
+                    self.tell_gap(local, channel, unread);
                 }
                 tracing::info!(%channel, events = history.events.len(), "caught up after resubscribing");
                 self.inner
@@ -347,6 +403,7 @@ impl Hub {
                     .with_label_values(&["failed"])
                     .inc();
                 tracing::warn!(%channel, error = %e, "catching up failed; delivering live events only");
+                self.tell_gap(local, channel, unread);
                 Vec::new()
             }
         };
@@ -452,8 +509,18 @@ impl Downstream for Hub {
         Hub::deliver_batch(self, from, batch, received);
     }
 
-    fn subscribed(&self, node: &NodeId, channel: &ChannelId, head: Option<Ts>) {
-        Hub::subscribed(self, node, channel, head);
+    fn subscribed(
+        &self,
+        node: &NodeId,
+        channel: &ChannelId,
+        head: Option<Ts>,
+        complete_after: Option<Ts>,
+    ) {
+        Hub::subscribed(self, node, channel, head, complete_after);
+    }
+
+    fn gap(&self, node: &NodeId, channel: &ChannelId, floor: Ts) {
+        Hub::gap(self, node, channel, floor);
     }
 
     fn refused(&self, node: &NodeId, channel: &str, reason: &str) {

@@ -200,7 +200,53 @@ async fn a_failed_catch_up_delivers_the_live_events_that_waited() {
     hub.deliver_batch(&cs1, vec![message("C1", 4, None)], Instant::now());
     let failed = Err(RouteError::Unavailable("down".into()));
     hub.caught_up(&cs1, &c1, failed);
-    assert_eq!(queued(&a), [4]);
+    let mut items = a.take_all();
+    assert!(
+        matches!(items.remove(0), Outbound::Control(c) if matches!(*c, Control::Gap { delivered, .. } if delivered == ts(1))),
+        "what it could not read is a gap, not silence"
+    );
+    let live: Vec<_> = items
+        .iter()
+        .map(|i| matches!(i, Outbound::Event(e) if e.ts == Some(ts(4))))
+        .collect();
+    assert_eq!(live, [true]);
     assert!(hub.state().channels[&c1].active);
     assert_eq!(catch_ups(&hub), (0, 1));
+}
+
+/// The gaps queued to `outbox`: (floor, delivered) in micros past the test's second.
+fn gaps(outbox: &Outbox) -> Vec<(Ts, Ts)> {
+    outbox
+        .take_all()
+        .into_iter()
+        .filter_map(|item| match item {
+            Outbound::Control(control) => match *control {
+                Control::Gap {
+                    floor, delivered, ..
+                } => Some((floor, delivered)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_floor_past_what_was_delivered_tells_the_connections_history_gap() {
+    let hub = hub();
+    let (c1, cs1) = (channel("C1"), node("cs1"));
+    let a = join(&hub, 1, std::slice::from_ref(&c1));
+    subscribed_on(&hub, &c1, &cs1);
+    hub.deliver_batch(&cs1, vec![message("C1", 3, None)], Instant::now());
+    assert_eq!(queued(&a), [3]);
+    hub.gap(&cs1, &c1, ts(3));
+    hub.gap(&node("cs2"), &c1, ts(9));
+    assert!(gaps(&a).is_empty(), "nothing missed; a stale stream");
+    hub.gap(&cs1, &c1, ts(9));
+    assert_eq!(gaps(&a), [(ts(9), ts(3))]);
+    // The same on a (re)subscription whose history starts after what was delivered.
+    hub.subscribed(&cs1, &c1, Some(ts(3)), Some(ts(2)));
+    assert!(gaps(&a).is_empty());
+    hub.subscribed(&cs1, &c1, None, Some(ts(7)));
+    assert_eq!(gaps(&a), [(ts(7), ts(3))]);
 }
