@@ -1,6 +1,7 @@
 //! Slack-style timestamps: "SECONDS.MICROS", unique and increasing per channel.
 
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// A position in a channel: microseconds since the Unix epoch, rendered "SECONDS.MICROS".
 ///
@@ -79,6 +80,21 @@ impl TsClock {
     }
 }
 
+/// The test hook's offset of the clock ts are stamped with, in microseconds (0: none).
+static CLOCK_SKEW_MICROS: AtomicI64 = AtomicI64::new(0);
+
+/// Test hook (the chaos harness's clock-skew fault): from now on [`skewed`] moves every wall
+/// clock reading by `micros`, as if this host's clock were that far off. Never for production.
+pub fn set_clock_skew(micros: i64) {
+    CLOCK_SKEW_MICROS.store(micros, Ordering::Relaxed);
+}
+
+/// The wall-clock reading `now_micros` as this process stamps ts with it: moved by the offset
+/// [`set_clock_skew`] set (none unless a test asked for one).
+pub fn skewed(now_micros: u64) -> u64 {
+    now_micros.saturating_add_signed(CLOCK_SKEW_MICROS.load(Ordering::Relaxed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +125,17 @@ mod tests {
         let b = clock.next(1_000);
         let c = clock.next(500);
         assert!(a < b && b < c);
+    }
+
+    #[test]
+    fn skew_moves_the_clock_both_ways_without_wrapping() {
+        assert_eq!(skewed(1_000), 1_000);
+        set_clock_skew(-2_000);
+        assert_eq!(skewed(5_000), 3_000);
+        assert_eq!(skewed(1_000), 0);
+        set_clock_skew(500);
+        assert_eq!(skewed(1_000), 1_500);
+        set_clock_skew(0);
     }
 
     proptest! {

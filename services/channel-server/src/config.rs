@@ -35,7 +35,14 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    /// Test hook, hidden: stamp ts with a clock this many milliseconds off (negative: behind),
+    /// as a host with a skewed clock would. The chaos harness's clock-skew fault.
+    #[arg(long, hide = true, env = ENV_TEST_CLOCK_SKEW_MS, default_value_t = 0, allow_negative_numbers = true)]
+    pub test_clock_skew_ms: i64,
 }
+
+/// The environment variable of `--test-clock-skew-ms`.
+pub const ENV_TEST_CLOCK_SKEW_MS: &str = "CHANNELMESH_TEST_CLOCK_SKEW_MS";
 
 /// Configuration of one channel server.
 #[derive(Debug, Clone)]

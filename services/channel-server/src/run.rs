@@ -44,6 +44,15 @@ pub async fn bind(
 /// registers in Consul when given, and serves until `cancel`.
 pub async fn run(args: Args, cancel: CancellationToken) -> Result<(), Error> {
     let config = Config::from_args(&args)?;
+    if args.test_clock_skew_ms != 0 {
+        tracing::warn!(
+            skew_ms = args.test_clock_skew_ms,
+            "--test-clock-skew-ms: this channel server stamps ts with a clock {} ms off; a test \
+             hook for fault injection, never for production",
+            args.test_clock_skew_ms
+        );
+        mesh_core::ts::set_clock_skew(args.test_clock_skew_ms.saturating_mul(1_000));
+    }
     let bound = bind(config, args.listen, args.http).await?;
     println!("listening on {}", bound.local_addr());
     let service = ring_client::consul_ring::service_def(

@@ -35,12 +35,14 @@ pub fn history_limit(asked: u32) -> usize {
     limit as usize
 }
 
-/// Microseconds since the Unix epoch by the wall clock (0 before it): the shards' clock.
+/// Microseconds since the Unix epoch by the wall clock (0 before it): the shards' clock, moved
+/// by the clock-skew test hook when one is set ([`mesh_core::ts::skewed`]).
 pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
+    let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    mesh_core::ts::skewed(wall)
 }
 
 /// A reply queued on a gateway's subscription stream, in the edge's own form.
