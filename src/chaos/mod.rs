@@ -73,6 +73,11 @@ pub struct ChaosArgs {
     /// the ring state file. Default: a new directory under the system's temp directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run the mesh on Consul: a fake Consul (the project's test double of its HTTP API) in
+    /// this process, and two ring managers electing a leader there; `kill ring-manager` and
+    /// `stop ring-manager` then hit either, leader or follower.
+    #[arg(long)]
+    consul: bool,
     /// Print the result as JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -99,17 +104,31 @@ pub async fn run(
         security: Security::Mtls,
         ..MeshConfig::ephemeral()
     };
-    let config = MeshConfig {
+    let mut config = MeshConfig {
         jwt_secret: random_hex(),
         admin_token: random_hex(),
         ..config
     };
+    // On Consul a ring manager publishes its address before it binds it: fixed ports.
+    let consul = match args.consul {
+        true => Some(fake_consul::FakeConsul::start().await?),
+        false => None,
+    };
+    let mut extra_ring_managers = Vec::new();
+    if consul.is_some() {
+        config.ring_manager = free_port()?;
+        config.presence_ring_manager = free_port()?;
+        extra_ring_managers.push(free_port()?);
+    }
     let mesh_bin = match &args.mesh_bin {
         Some(bin) => bin.clone(),
         None => std::env::current_exe().context("locating the channelmesh binary")?,
     };
     let options = processes::Options {
-        ring_state_file: Some(dir.join("ring.state")),
+        // A production ring manager keeps its ring: in a state file, or in Consul.
+        ring_state_file: consul.is_none().then(|| dir.join("ring.state")),
+        consul: consul.as_ref().map(|c| c.url()),
+        extra_ring_managers,
         global_args: log_args,
         state: Some(state),
         exe: Some(mesh_bin.clone()),
@@ -124,10 +143,11 @@ pub async fn run(
         }
     };
     say(format!(
-        "chaos: seed {}, {} min, mesh from {}, logs in {}",
+        "chaos: seed {}, {} min, mesh from {}{}, logs in {}",
         args.seed,
         args.minutes,
         mesh_bin.display(),
+        if args.consul { " on Consul" } else { "" },
         log_dir.display()
     ));
     let procs = tokio::select! {
@@ -150,6 +170,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     stop.cancel();
     let stopped = chaos.procs.run(stop, STOP_GRACE).await;
+    drop(consul);
     let (logs, records) = result?;
     if let Err(e) = stopped {
         say(format!("stopping the mesh: {e:#}"));
@@ -186,6 +207,12 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A loopback address with a port free now (the OS picked it).
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
 /// How many processes of `role` the mesh has.
 fn targets(procs: &Processes, role: Role) -> usize {
     match role {
@@ -193,7 +220,7 @@ fn targets(procs: &Processes, role: Role) -> usize {
         Role::Gateway => procs.gateways.len(),
         Role::PresenceServer => procs.presence_servers.len(),
         Role::Admin => 1,
-        Role::RingManager => 2,
+        Role::RingManager => 2 + procs.extra_ring_managers.len(),
     }
 }
 
@@ -207,7 +234,7 @@ fn target(procs: &mut Processes, role: Role, index: usize) -> Option<&mut Servic
         Role::RingManager => match index {
             0 => Some(&mut procs.ring_manager),
             1 => Some(&mut procs.presence_ring_manager),
-            _ => None,
+            n => procs.extra_ring_managers.get_mut(n - 2),
         },
     }
 }
