@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod log;
+pub mod partition;
 pub mod report;
 pub mod schedule;
 pub mod workload;
@@ -28,6 +29,7 @@ use crate::dev::mesh::{MeshConfig, Security};
 use crate::dev::processes::{self, Processes, Service};
 use crate::dev::state::StateDir;
 use log::FaultRecord;
+use partition::{Partitions, Side};
 use report::Report;
 use schedule::{Action, Fault, Kind, Role};
 use workload::Recorder;
@@ -51,9 +53,9 @@ pub struct ChaosArgs {
     minutes: f64,
     /// The fault kinds to inject, comma-separated: `kill`, `stop`, `skew`, `partition` (every
     /// role each applies to) or `ACTION:ROLE` with ROLE one of channel-server, gateway,
-    /// presence-server, admin, ring-manager (e.g. `kill:gateway,stop`); `all`. Partitions are
-    /// not implemented yet: asked for, they are reported as skipped.
-    #[arg(long, default_value = "kill,stop,skew", value_parser = Kind::parse_list)]
+    /// presence-server, admin, ring-manager (e.g. `kill:gateway,stop`); `all`. Partitions need
+    /// cgroup v2 and nftables (`nft`); without them they are reported as skipped.
+    #[arg(long, default_value = "all", value_parser = Kind::parse_list)]
     faults: std::vec::Vec<Kind>,
     /// Run the mesh's processes from this `channelmesh` binary (e.g. an older build); faults
     /// it cannot take are reported as skipped.
@@ -124,7 +126,15 @@ pub async fn run(
         Some(bin) => bin.clone(),
         None => std::env::current_exe().context("locating the channelmesh binary")?,
     };
+    // Partitions need cgroup v2 and nftables; without them the fault is skipped, saying why.
+    let partitions = match args.faults.iter().any(|k| k.action == Action::Partition) {
+        false => Err("not asked for".to_string()),
+        true => Partitions::new(&format!("channelmesh-chaos-{}", std::process::id()))
+            .await
+            .map_err(|e| format!("{e:#}")),
+    };
     let options = processes::Options {
+        cgroups: partitions.as_ref().ok().map(|p| p.cgroups().to_path_buf()),
         // A production ring manager keeps its ring: in a state file, or in Consul.
         ring_state_file: consul.is_none().then(|| dir.join("ring.state")),
         consul: consul.as_ref().map(|c| c.url()),
@@ -163,6 +173,7 @@ pub async fn run(
     let mut chaos = Chaos {
         procs,
         skew_supported,
+        partitions,
         say: &say,
     };
     let result = chaos.drive(&args, &config, run, &faults, &cancel).await;
@@ -170,6 +181,9 @@ pub async fn run(
     let stop = CancellationToken::new();
     stop.cancel();
     let stopped = chaos.procs.run(stop, STOP_GRACE).await;
+    if let Ok(partitions) = &chaos.partitions {
+        partitions.remove().await;
+    }
     drop(consul);
     let (logs, records) = result?;
     if let Err(e) = stopped {
@@ -254,6 +268,8 @@ async fn takes_skew_flag(bin: &Path) -> bool {
 struct Chaos<'a> {
     procs: Processes,
     skew_supported: bool,
+    /// Partitions, or why there are none.
+    partitions: Result<Partitions, String>,
     say: &'a dyn Fn(String),
 }
 
@@ -464,16 +480,42 @@ impl Chaos<'_> {
     ) -> FaultRecord {
         let start = rec.now();
         let skew_supported = self.skew_supported;
+        // A partition cuts a ring manager off from everyone, anything else from the ring
+        // managers.
+        let procs = &self.procs;
+        let ring_managers: Vec<Side> = [&procs.ring_manager, &procs.presence_ring_manager]
+            .into_iter()
+            .chain(procs.extra_ring_managers.iter())
+            .map(|s| Side {
+                name: s.name.clone(),
+                port: s.addr.port(),
+            })
+            .collect();
+        let peers = match fault.kind.role {
+            Role::RingManager => Vec::new(),
+            _ => ring_managers,
+        };
+        let partitions = &self.partitions;
         let (target_name, skipped) = match target(&mut self.procs, fault.kind.role, fault.target) {
             None => (String::from("?"), Some("no such target".to_string())),
             Some(service) => {
                 let name = service.name.clone();
-                let skipped = match fault.kind.action {
-                    Action::Partition => Some("network partitions are not implemented".into()),
-                    Action::Skew if !skew_supported => {
+                let skipped = match (fault.kind.action, partitions) {
+                    (Action::Partition, Err(why)) => Some(why.clone()),
+                    (Action::Partition, Ok(partitions)) => {
+                        let side = Side {
+                            name: name.clone(),
+                            port: service.addr.port(),
+                        };
+                        partition(partitions, &side, &peers, fault, cancel)
+                            .await
+                            .err()
+                            .map(|e| format!("{e:#}"))
+                    }
+                    (Action::Skew, _) if !skew_supported => {
                         Some("the mesh binary has no --test-clock-skew-ms".into())
                     }
-                    action => apply(service, action, fault, cancel)
+                    (action, _) => apply(service, action, fault, cancel)
                         .await
                         .err()
                         .map(|e| format!("{e:#}")),
@@ -529,6 +571,23 @@ async fn apply(
         }
         Action::Partition => bail!("network partitions are not implemented"),
     }
+}
+
+/// Cuts `side` off from `peers` (everyone when none) for `fault.length`, then heals.
+async fn partition(
+    partitions: &Partitions,
+    side: &Side,
+    peers: &[Side],
+    fault: &Fault,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    partitions.cut(side, peers).await?;
+    // The fault's length is what is being injected, not a wait for anything.
+    tokio::select! {
+        () = tokio::time::sleep(fault.length) => {}
+        () = cancel.cancelled() => {}
+    }
+    partitions.heal().await
 }
 
 /// Restarts `service` with `extra` flags, trying a few times (its port may take a moment to be

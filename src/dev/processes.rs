@@ -51,6 +51,8 @@ struct Launch {
     env: Vec<(&'static str, Option<String>)>,
     /// Its output goes to `DIR/NAME.log` rather than this process's.
     log_dir: Option<PathBuf>,
+    /// It runs in the cgroup v2 `DIR/NAME`, joined before it starts.
+    cgroup: Option<PathBuf>,
 }
 
 /// What `start_all` runs besides the mesh layout.
@@ -76,6 +78,9 @@ pub struct Options {
     pub exe: Option<PathBuf>,
     /// Each child's stdout and stderr go to `DIR/NAME.log` rather than this process's.
     pub log_dir: Option<PathBuf>,
+    /// Each child runs in a cgroup v2 of its own, `DIR/NAME` (made if absent), which it joins
+    /// before it opens a socket: its sockets then carry the cgroup, for firewall rules.
+    pub cgroups: Option<PathBuf>,
 }
 
 /// The running children.
@@ -149,6 +154,7 @@ async fn start_with(
         args: [args, &options.global_args, &tls].concat(),
         env,
         log_dir: options.log_dir.clone(),
+        cgroup: options.cgroups.as_ref().map(|dir| dir.join(name)),
     };
     let (child, pid, addr) = launch.spawn(name).await?;
     Ok(Service {
@@ -163,7 +169,20 @@ async fn start_with(
 impl Launch {
     /// Starts the child `name` and waits for its `listening on ADDR` line: (child, pid, ADDR).
     async fn spawn(&self, name: &str) -> anyhow::Result<(Child, u32, SocketAddr)> {
-        let mut command = Command::new(&self.exe);
+        let mut command = match &self.cgroup {
+            None => Command::new(&self.exe),
+            Some(cgroup) => {
+                std::fs::create_dir_all(cgroup)
+                    .with_context(|| format!("creating the cgroup {}", cgroup.display()))?;
+                // The shell joins the cgroup, then becomes the service (same pid).
+                let mut command = Command::new("sh");
+                command
+                    .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(cgroup)
+                    .arg(&self.exe);
+                command
+            }
+        };
         for (var, value) in &self.env {
             match value {
                 Some(value) => command.env(var, value),
