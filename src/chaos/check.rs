@@ -11,8 +11,6 @@ use serde::Serialize;
 use super::log::{ClientLog, FaultRecord, Logs, Publish};
 use super::schedule::{Action, Role};
 
-/// After a fault ends, failures for this long are still the fault's.
-pub const RECOVERY_SECS: f64 = 10.0;
 /// How long after a (re)connect, or a gateway freeze, presence may still lag: the presence
 /// grace (2 s), the gateway lease (3 s) and a margin.
 pub const PRESENCE_SETTLE_SECS: f64 = 6.0;
@@ -24,7 +22,8 @@ const EXAMPLES: usize = 10;
 pub struct KindStats {
     pub injected: usize,
     pub skipped: usize,
-    /// Publishes that failed (or got no answer) during its faults or their recovery.
+    /// Publishes that failed (or got no answer) during its faults or after them, until the
+    /// next fault.
     pub failed_publishes: usize,
     /// Distinct seconds in which at least one such publish failed.
     pub unavailable_seconds: usize,
@@ -70,6 +69,8 @@ pub struct Findings {
     pub presence_flaps: usize,
     /// Clients whose deliveries were checked (connected at the end).
     pub clients_checked: usize,
+    /// Clients not connected at the end: the mesh did not take them back within the settling
+    /// time after the last fault (a violation), or they never connected.
     pub clients_excluded: usize,
     /// Per fault kind (`kill channel-server`, ...; `none` for failures outside any fault).
     pub per_kind: BTreeMap<String, KindStats>,
@@ -317,14 +318,13 @@ fn presence(logs: &Logs, f: &mut Findings) {
     }
 }
 
-/// The fault a failure at `at` belongs to: the latest one started by then, if `at` is within
-/// it or its recovery.
+/// The fault a failure at `at` belongs to: the latest one injected by then (a mesh that did
+/// not recover from a fault keeps failing on its account).
 fn fault_at(faults: &[FaultRecord], at: f64) -> Option<&FaultRecord> {
     faults
         .iter()
         .filter(|fault| fault.skipped.is_none() && fault.start <= at)
         .max_by(|a, b| a.start.total_cmp(&b.start))
-        .filter(|fault| at <= fault.end + RECOVERY_SECS)
 }
 
 /// Failed publishes and unavailable seconds per fault kind.
@@ -381,6 +381,10 @@ fn violations(f: &Findings) -> Vec<String> {
     broken(
         f.presence_flaps,
         "presence changes to away for a connected user",
+    );
+    broken(
+        f.clients_excluded,
+        "clients not connected at the end (the mesh did not take them back)",
     );
     v
 }
@@ -505,6 +509,15 @@ mod tests {
     }
 
     #[test]
+    fn a_client_the_mesh_did_not_take_back_is_a_violation() {
+        let mut l = logs();
+        l.clients[0].sessions = vec![(0.0, Some(3.5))];
+        let f = check(&l);
+        assert_eq!((f.clients_checked, f.clients_excluded), (0, 1));
+        assert_eq!(f.violations.len(), 1, "{:?}", f.violations);
+    }
+
+    #[test]
     fn presence_away_counts_only_for_a_user_connected_throughout() {
         let mut l = logs();
         l.clients[0].sessions = vec![(0.0, Some(10.0)), (12.0, None)];
@@ -543,10 +556,11 @@ mod tests {
             publish("g", 50.0, None),
         ]);
         let f = check(&l);
+        // Failures until the next fault are this one's: the mesh had not recovered.
         let stats = &f.per_kind["kill admin"];
-        assert_eq!((stats.injected, stats.failed_publishes), (1, 3));
-        assert_eq!(stats.unavailable_seconds, 2);
-        assert_eq!(f.per_kind["none"].failed_publishes, 1);
+        assert_eq!((stats.injected, stats.failed_publishes), (1, 4));
+        assert_eq!(stats.unavailable_seconds, 3);
+        assert!(!f.per_kind.contains_key("none"));
         assert!(f.violations.is_empty());
     }
 }

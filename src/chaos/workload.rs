@@ -300,17 +300,28 @@ pub async fn rtm_publisher(
             _ = tick.tick() => {}
             () = cancel.cancelled() => break,
         }
-        let socket = match ws.as_mut() {
-            Some(ws) => ws,
-            None => match rtm_connect(&http, &base, &token, &BTreeMap::new()).await {
-                Ok(socket) => ws.insert(socket),
-                Err(_) => continue,
-            },
-        };
         n += 1;
         let id = format!("{prefix}-{n}");
         let channel = channels[n as usize % channels.len()].clone();
         let sent = rec.now();
+        let socket = match ws.as_mut() {
+            Some(ws) => ws,
+            None => match rtm_connect(&http, &base, &token, &BTreeMap::new()).await {
+                Ok(socket) => ws.insert(socket),
+                // A publish that could not be sent: the mesh was unavailable to this publisher.
+                Err(e) => {
+                    rec.publish(Publish {
+                        id,
+                        channel,
+                        via: Via::Rtm,
+                        sent,
+                        answered: rec.now(),
+                        outcome: Outcome::Failed(format!("connect: {e:#}")),
+                    });
+                    continue;
+                }
+            },
+        };
         let frame =
             json!({"id": n, "type": "message", "channel": channel, "text": format!("chaos {id}")});
         let outcome = match socket.send(Message::Text(frame.to_string().into())).await {
