@@ -279,6 +279,38 @@ pub async fn client(
     }
 }
 
+/// A publisher's pace: one publish every `every`, numbered, round-robin over the channels.
+struct Pace {
+    tick: tokio::time::Interval,
+    n: u64,
+    prefix: String,
+    channels: Vec<String>,
+}
+
+impl Pace {
+    fn new(prefix: String, channels: Vec<String>, every: Duration) -> Self {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Pace {
+            tick,
+            n: 0,
+            prefix,
+            channels,
+        }
+    }
+
+    /// Waits for the next publish's turn: its number, id and channel; None once `cancel` fires.
+    async fn next(&mut self, cancel: &CancellationToken) -> Option<(u64, String, String)> {
+        tokio::select! {
+            _ = self.tick.tick() => {}
+            () = cancel.cancelled() => return None,
+        }
+        self.n += 1;
+        let channel = self.channels[self.n as usize % self.channels.len()].clone();
+        Some((self.n, format!("{}-{}", self.prefix, self.n), channel))
+    }
+}
+
 /// Publishes through RTM `message` frames on the gateway at `base` as `token`'s user, one
 /// every `every`, round-robin over `channels`, until `cancel`. Ids are `PREFIX-N`.
 pub async fn rtm_publisher(
@@ -291,18 +323,9 @@ pub async fn rtm_publisher(
     cancel: CancellationToken,
 ) {
     let http = reqwest::Client::new();
-    let mut n: u64 = 0;
     let mut ws: Option<Ws> = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = cancel.cancelled() => break,
-        }
-        n += 1;
-        let id = format!("{prefix}-{n}");
-        let channel = channels[n as usize % channels.len()].clone();
+    let mut pace = Pace::new(prefix, channels, every);
+    while let Some((n, id, channel)) = pace.next(&cancel).await {
         let sent = rec.now();
         let socket = match ws.as_mut() {
             Some(ws) => ws,
@@ -397,17 +420,8 @@ pub async fn admin_publisher(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut n: u64 = 0;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = cancel.cancelled() => break,
-        }
-        n += 1;
-        let id = format!("{prefix}-{n}");
-        let channel = channels[n as usize % channels.len()].clone();
+    let mut pace = Pace::new(prefix, channels, every);
+    while let Some((_, id, channel)) = pace.next(&cancel).await {
         let request = PostMessageRequest {
             channel: channel.clone(),
             user: user.clone(),
