@@ -1,9 +1,10 @@
 //! channelmesh as one program: the commands `src/main.rs` dispatches to that are not a single
-//! service — `dev` (the whole mesh, in one process or as child processes; the test kit builds
+//! service — `chaos` (fault injection with an invariant checker), `dev` (the whole mesh, in one process or as child processes; the test kit builds
 //! on [`Mesh`]), `ctl`, `token`, `probe`; how every command stops ([`shutdown`]); and
 //! `bench`, which runs the load generator ([`loadgen`]).
 
 pub mod certs;
+pub mod chaos;
 pub mod ctl;
 pub mod dev;
 pub mod loadgen;

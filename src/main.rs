@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use channelmesh::{certs, ctl, dev, loadgen, probe, shutdown, token};
+use channelmesh::{certs, chaos, ctl, dev, loadgen, probe, shutdown, token};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +45,10 @@ enum Command {
     AdminServer(admin_server::Args),
     /// Run a gateway for one region (needs CHANNELMESH_JWT_SECRET, or --jwt-public-key/--jwks).
     Gateway(gateway::Args),
+    /// Fault injection: run a multi-process mesh of its own under a workload, kill, freeze and
+    /// skew its processes on a seeded schedule, and check its invariants at the end (exit 1
+    /// when one broke).
+    Chaos(chaos::ChaosArgs),
     /// SRE operations on the ring manager (by default the one `dev` starts).
     Ctl(ctl::CtlArgs),
     /// Measure the mesh from outside, through its real interfaces.
@@ -112,6 +116,7 @@ impl Command {
             Command::AdminServer(args) => Ok(admin_server::run::run(args, cancel).await?),
             Command::Gateway(args) => Ok(gateway::run::run(args, cancel).await?),
             Command::Ctl(args) => ctl::run(args, transport.transport()?, cancel).await,
+            Command::Chaos(args) => chaos::run(args, log_args, cancel).await,
             Command::Bench { .. } => unreachable!("handled in main, before the runtime starts"),
             Command::Probe(args) => probe::run(args).await,
             Command::Token(args) => token::run(args),

@@ -189,6 +189,7 @@ pub async fn run(
             extra_ring_managers,
             global_args: [log_args, transport.to_args()].concat(),
             state,
+            ..Default::default()
         };
         // A signal before the mesh is up stops it at once (the children are killed).
         let procs = tokio::select! {

@@ -4,6 +4,7 @@
 //! the ring in Consul and several ring managers elect a leader there.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,21 @@ pub struct Service {
     pub addr: SocketAddr,
     pub pid: u32,
     child: Child,
+    /// How it was started: [`Service::restart`] starts it so again.
+    launch: Launch,
+}
+
+/// A child's command line and environment, kept so that it can be started again.
+#[derive(Debug, Clone)]
+struct Launch {
+    exe: PathBuf,
+    args: Vec<String>,
+    /// Variables to set (`Some`) or remove (`None`).
+    env: Vec<(&'static str, Option<String>)>,
+    /// Its output goes to `DIR/NAME.log` rather than this process's.
+    log_dir: Option<PathBuf>,
+    /// It runs in the cgroup v2 `DIR/NAME`, joined before it starts.
+    cgroup: Option<PathBuf>,
 }
 
 /// What `start_all` runs besides the mesh layout.
@@ -58,6 +74,13 @@ pub struct Options {
     /// Where each child's certificate is written (issued by this process's CA): mutual TLS.
     /// `None`: plaintext (`--insecure` in `global_args`).
     pub state: Option<StateDir>,
+    /// The `channelmesh` binary the children run (default: this one).
+    pub exe: Option<PathBuf>,
+    /// Each child's stdout and stderr go to `DIR/NAME.log` rather than this process's.
+    pub log_dir: Option<PathBuf>,
+    /// Each child runs in a cgroup v2 of its own, `DIR/NAME` (made if absent), which it joins
+    /// before it opens a socket: its sockets then carry the cgroup, for firewall rules.
+    pub cgroups: Option<PathBuf>,
 }
 
 /// The running children.
@@ -105,68 +128,136 @@ async fn start_with(
     options: &Options,
     identity: (Role, &str),
 ) -> anyhow::Result<Service> {
-    let exe = std::env::current_exe().context("locating the channelmesh binary")?;
+    let exe = match &options.exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().context("locating the channelmesh binary")?,
+    };
     let tls = child_tls(options, config, identity)?;
-    let mut command = Command::new(exe);
     // The token claims as the mesh has them, not as this process's environment may.
     let claims = &config.jwt_claims;
-    for (name, value) in [
-        (ENV_JWT_ISSUER, &claims.issuer),
-        (ENV_JWT_AUDIENCE, &claims.audience),
-    ] {
-        match value {
-            Some(value) => command.env(name, value),
-            None => command.env_remove(name),
-        };
+    let mut env = vec![
+        (ENV_JWT_ISSUER, claims.issuer.clone()),
+        (ENV_JWT_AUDIENCE, claims.audience.clone()),
+        (ENV_JWT_SECRET, Some(config.jwt_secret.clone())),
+        (ENV_ADMIN_TOKEN, Some(config.admin_token.clone())),
+    ];
+    // Consul's ACL token and the HTTP token by environment, not argv, however `dev` got them.
+    if let Some(token) = &options.consul_token {
+        env.push((ring_client::args::ENV_CONSUL_TOKEN, Some(token.clone())));
     }
-    let mut child = command
-        .args(args)
-        .args(&options.global_args)
-        .args(tls)
-        .env(ENV_JWT_SECRET, &config.jwt_secret)
-        .env(ENV_ADMIN_TOKEN, &config.admin_token)
-        // Consul's ACL token and the HTTP token by environment, not argv, however `dev` got them.
-        .envs(
-            options
-                .consul_token
-                .as_ref()
-                .map(|t| (ring_client::args::ENV_CONSUL_TOKEN, t.clone())),
-        )
-        .envs(mesh_telemetry::access::token().map(|t| {
-            (
-                mesh_telemetry::access::ENV_HTTP_TOKEN,
-                t.expose().to_string(),
-            )
-        }))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let pid = child.id().context("the child has a pid")?;
-    let stdout = child.stdout.take().context("the child's stdout is piped")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-        .await
-        .with_context(|| format!("{name} did not start within {START_TIMEOUT:?}"))??
-        .with_context(|| format!("{name} exited before listening"))?;
-    let addr: SocketAddr = first
-        .strip_prefix("listening on ")
-        .with_context(|| format!("{name} printed {first:?}"))?
-        .parse()?;
-    // Keep draining its stdout so that it never blocks or fails on a full pipe.
-    let prefix = name.to_string();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            println!("[{prefix}] {line}");
-        }
-    });
+    if let Some(token) = mesh_telemetry::access::token() {
+        let token = token.expose().to_string();
+        env.push((mesh_telemetry::access::ENV_HTTP_TOKEN, Some(token)));
+    }
+    let launch = Launch {
+        exe,
+        args: [args, &options.global_args, &tls].concat(),
+        env,
+        log_dir: options.log_dir.clone(),
+        cgroup: options.cgroups.as_ref().map(|dir| dir.join(name)),
+    };
+    let (child, pid, addr) = launch.spawn(name).await?;
     Ok(Service {
         name: name.to_string(),
         addr,
         pid,
         child,
+        launch,
     })
+}
+
+impl Launch {
+    /// Starts the child `name` and waits for its `listening on ADDR` line: (child, pid, ADDR).
+    async fn spawn(&self, name: &str) -> anyhow::Result<(Child, u32, SocketAddr)> {
+        let mut command = match &self.cgroup {
+            None => Command::new(&self.exe),
+            Some(cgroup) => {
+                std::fs::create_dir_all(cgroup)
+                    .with_context(|| format!("creating the cgroup {}", cgroup.display()))?;
+                // The shell joins the cgroup, then becomes the service (same pid).
+                let mut command = Command::new("sh");
+                command
+                    .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(cgroup)
+                    .arg(&self.exe);
+                command
+            }
+        };
+        for (var, value) in &self.env {
+            match value {
+                Some(value) => command.env(var, value),
+                None => command.env_remove(var),
+            };
+        }
+        let log = match &self.log_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{name}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                Some(file)
+            }
+            None => None,
+        };
+        if let Some(file) = &log {
+            command.stderr(file.try_clone()?);
+        }
+        let mut child = command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let pid = child.id().context("the child has a pid")?;
+        let stdout = child.stdout.take().context("the child's stdout is piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .with_context(|| format!("{name} did not start within {START_TIMEOUT:?}"))??
+            .with_context(|| format!("{name} exited before listening"))?;
+        let addr: SocketAddr = first
+            .strip_prefix("listening on ")
+            .with_context(|| format!("{name} printed {first:?}"))?
+            .parse()?;
+        // Keep draining its stdout so that it never blocks or fails on a full pipe.
+        let prefix = name.to_string();
+        tokio::spawn(async move {
+            let mut log = log;
+            while let Ok(Some(line)) = lines.next_line().await {
+                match &mut log {
+                    Some(file) => {
+                        use std::io::Write;
+                        let _ = writeln!(file, "{line}");
+                    }
+                    None => println!("[{prefix}] {line}"),
+                }
+            }
+        });
+        Ok((child, pid, addr))
+    }
+}
+
+impl Service {
+    /// Starts this service again as it was started, plus `extra` flags, on the address it
+    /// listened on (which a `--listen` on port 0 lets the OS pick only the first time): kills
+    /// the process first if it still runs.
+    pub async fn restart(&mut self, extra: &[String]) -> anyhow::Result<()> {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(START_TIMEOUT, self.child.wait()).await;
+        let mut launch = self.launch.clone();
+        if let Some(i) = launch.args.iter().position(|a| a == "--listen")
+            && let Some(value) = launch.args.get_mut(i + 1)
+        {
+            *value = self.addr.to_string();
+        }
+        launch.args.extend(extra.iter().cloned());
+        let (child, pid, addr) = launch.spawn(&self.name).await?;
+        (self.child, self.pid, self.addr) = (child, pid, addr);
+        Ok(())
+    }
 }
 
 /// Starts the whole mesh as child processes and waits until its ring is assembled.
@@ -410,7 +501,8 @@ async fn assembled(
 }
 
 impl Processes {
-    fn all_mut(&mut self) -> Vec<&mut Service> {
+    /// Every child: gateways, admin, presence, channel servers, ring managers.
+    pub fn all_mut(&mut self) -> Vec<&mut Service> {
         let mut all: Vec<&mut Service> = Vec::new();
         all.extend(self.gateways.iter_mut().map(|(_, s)| s));
         all.push(&mut self.admin);
