@@ -192,6 +192,9 @@ pub struct Membership {
     history_len: usize,
     /// What the holder must do about the changes since it last looked.
     effects: Effects,
+    /// Since when the ring manager hears fewer than half of its live members (not saved): it
+    /// is the one cut off, and judges nobody until it hears them again (`monitor`).
+    pub(crate) deaf_since: Option<Instant>,
 }
 
 impl Membership {
@@ -206,6 +209,7 @@ impl Membership {
             history: VecDeque::with_capacity(history_len),
             history_len,
             effects: Effects::default(),
+            deaf_since: None,
         }
     }
 
@@ -314,6 +318,11 @@ impl Membership {
     /// The member `id`, to change (the operations and the monitor do).
     pub(crate) fn member_mut(&mut self, id: &NodeId) -> Option<&mut Member> {
         self.members.get_mut(id)
+    }
+
+    /// Every member, sorted by id.
+    pub(crate) fn members_iter(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
+        self.members.iter()
     }
 
     /// Every member, to change, sorted by id.

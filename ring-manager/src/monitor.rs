@@ -11,6 +11,13 @@
 //! monitor wakes late (its process stopped, frozen, or starved), the time it did not run is
 //! discounted from every node's silence ([`Stalls`], [`Membership::excuse_stall`]) before
 //! anyone is judged on it.
+//!
+//! Nor is silence evidence while the ring manager hears fewer than half of its live members (a
+//! partition that cuts *it* off looks, from inside, like most of the mesh dying at once): it
+//! then judges nobody, and when it hears them again every member gets a suspicion period from
+//! then to be heard, as after a restart. The nodes meanwhile keep serving on their peers' evidence that no manager leads
+//! (`ring_client::lease`). The cost: when more than half of the members really die at once,
+//! nobody is declared down until some come back or an operator acts (`ctl replace-node`).
 
 use std::time::{Duration, Instant};
 
@@ -76,9 +83,57 @@ impl Membership {
         }
     }
 
+    /// Whether the ring manager hears at least half of its members that are not down at `now`
+    /// (a heartbeat within `suspect_after` on a stream still open).
+    pub(crate) fn hears_most(&self, now: Instant, suspect_after: Duration) -> bool {
+        let (mut live, mut heard) = (0usize, 0usize);
+        for (_, m) in self.members_iter() {
+            if m.state == NodeState::Down {
+                continue;
+            }
+            live += 1;
+            if !m.stream_closed && now.duration_since(m.last_heartbeat) <= suspect_after {
+                heard += 1;
+            }
+        }
+        2 * heard >= live
+    }
+
+    /// Whether the ring manager may judge anyone at `now`: not while it hears fewer than half
+    /// of its members (see the module's doc); when it hears them again, every member's silence
+    /// starts again from `now`.
+    fn may_judge(&mut self, now: Instant, suspect_after: Duration) -> bool {
+        let hears = self.hears_most(now, suspect_after);
+        match (hears, self.deaf_since) {
+            (false, None) => {
+                tracing::warn!(
+                    "the ring manager hears fewer than half of its nodes: it is likely the one cut \
+                     off, and declares nobody down until it hears them again"
+                );
+                self.deaf_since = Some(now);
+                false
+            }
+            (false, Some(_)) => false,
+            (true, Some(since)) => {
+                let deaf = now.saturating_duration_since(since);
+                tracing::warn!(?deaf, "the ring manager hears most of its nodes again");
+                self.deaf_since = None;
+                for (_, m) in self.members_mut() {
+                    m.last_heartbeat = m.last_heartbeat.max(now);
+                }
+                true
+            }
+            (true, None) => true,
+        }
+    }
+
     /// One look at the leases at `now`: declares down the nodes silent past the limit, and
-    /// returns a probe for each other suspect (marked as probing until its answer).
+    /// returns a probe for each other suspect (marked as probing until its answer). Judges
+    /// nobody while the ring manager hears fewer than half of its members.
     pub(crate) fn sweep(&mut self, now: Instant, timing: &Timing) -> Vec<Probe> {
+        if !self.may_judge(now, timing.suspect_after) {
+            return Vec::new();
+        }
         let mut overdue = Vec::new();
         let mut probes = Vec::new();
         for (id, m) in self.members_mut() {
@@ -123,7 +178,7 @@ impl Membership {
         m.probing = false;
         let fresh = now.duration_since(m.last_heartbeat) <= suspect_after;
         let healthy = fresh && !m.stream_closed;
-        if !reachable && !healthy {
+        if !reachable && !healthy && self.deaf_since.is_none() {
             self.declare_down(&probe.id, "lease lost and probe failed", now);
         }
     }
@@ -263,7 +318,7 @@ mod tests {
     #[test]
     fn an_ended_stream_is_probed_at_once() {
         let start = Instant::now();
-        let mut m = with_nodes(&["a"], &[], start);
+        let mut m = with_nodes(&["a", "b"], &[], start);
         m.lease_ended(&id("a"), 1);
         assert_eq!(m.sweep(start, &TIMING).len(), 1);
     }
@@ -271,8 +326,9 @@ mod tests {
     #[test]
     fn a_failed_probe_of_a_silent_node_declares_it_down() {
         let start = Instant::now();
-        let mut m = with_nodes(&["a", "b"], &["s"], start);
-        m.heartbeat(&id("s"), 3, 0, start + ms(500));
+        let mut m = with_nodes(&["a", "b", "c"], &["s"], start);
+        m.heartbeat(&id("c"), 3, 0, start + ms(500));
+        m.heartbeat(&id("s"), 4, 0, start + ms(500));
         let probes = m.sweep(start + ms(600), &TIMING);
         assert_eq!(probes.len(), 2, "a and b are silent");
         m.probed(&probes[0], false, start + ms(700), SUSPECT);
@@ -291,7 +347,8 @@ mod tests {
     #[test]
     fn a_node_heartbeating_again_survives_a_failed_probe() {
         let start = Instant::now();
-        let mut m = with_nodes(&["a"], &[], start);
+        let mut m = with_nodes(&["a", "b"], &[], start);
+        m.heartbeat(&id("b"), 2, 0, start + ms(550));
         let probes = m.sweep(start + ms(600), &TIMING);
         m.heartbeat(&id("a"), 1, 0, start + ms(650));
         m.probed(&probes[0], false, start + ms(700), SUSPECT);
@@ -304,9 +361,58 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_manager_that_hears_fewer_than_half_judges_nobody_and_then_gives_everyone_time() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b", "c"], &["s"], start);
+        // Cut off: only c is heard, for far longer than the silence limit.
+        for t in [300, 600, 3000, 6000] {
+            m.heartbeat(&id("c"), 3, 0, start + ms(t));
+            assert!(m.sweep(start + ms(t + 50), &TIMING).is_empty(), "at {t} ms");
+        }
+        assert!(
+            m.take_effects().published.is_empty(),
+            "nobody declared down"
+        );
+        for node in ["a", "b", "c"] {
+            assert_eq!(state(&m, node), NodeState::Active, "{node}");
+        }
+        // Healed: a is heard again, so most are; b and s get a suspicion period from now.
+        let healed = start + ms(6100);
+        m.heartbeat(&id("a"), 1, 0, healed);
+        assert!(m.sweep(healed, &TIMING).is_empty(), "nobody suspect yet");
+        assert!(m.take_effects().published.is_empty());
+        // Silence after that counts again: b, still not heard, is probed, and a failed probe
+        // now declares it down.
+        m.heartbeat(&id("a"), 1, 0, healed + ms(500));
+        m.heartbeat(&id("c"), 3, 0, healed + ms(500));
+        m.heartbeat(&id("s"), 4, 0, healed + ms(500));
+        let probes = m.sweep(healed + ms(550), &TIMING);
+        assert_eq!(probes.len(), 1);
+        assert_eq!(probes[0].id, id("b"));
+        m.probed(&probes[0], false, healed + ms(600), SUSPECT);
+        assert_eq!(state(&m, "b"), NodeState::Down);
+    }
+
+    #[test]
+    fn a_probe_answered_while_the_ring_manager_is_cut_off_declares_nobody_down() {
+        let start = Instant::now();
+        let mut m = with_nodes(&["a", "b", "c"], &[], start);
+        m.heartbeat(&id("b"), 2, 0, start + ms(500));
+        m.heartbeat(&id("c"), 3, 0, start + ms(500));
+        let probes = m.sweep(start + ms(600), &TIMING);
+        assert_eq!(probes.len(), 1, "a is suspect");
+        // Before the probe's answer the ring manager stops hearing b and c too.
+        assert!(m.sweep(start + ms(1200), &TIMING).is_empty());
+        m.probed(&probes[0], false, start + ms(1250), SUSPECT);
+        assert_eq!(state(&m, "a"), NodeState::Active);
+    }
+
+    #[test]
     fn a_probe_of_an_earlier_incarnation_changes_nothing() {
         let start = Instant::now();
-        let mut m = with_nodes(&["a", "b"], &[], start);
+        let mut m = with_nodes(&["a", "b", "c", "d"], &[], start);
+        m.heartbeat(&id("c"), 3, 0, start + ms(500));
+        m.heartbeat(&id("d"), 4, 0, start + ms(500));
         let probes = m.sweep(start + ms(600), &TIMING);
         let at = start + ms(600);
         m.register(id("a"), "a:2".into(), 0, false, at).unwrap();
