@@ -1,6 +1,6 @@
 //! `channelmesh chaos` as CI runs it: a short seeded schedule of the faults the mesh survives
-//! today (kill -9 and restart, SIGSTOP and SIGCONT, of every kind of process), its JSON
-//! result read back, and every invariant checked.
+//! (kill -9 and restart, SIGSTOP and SIGCONT, network partitions, of every kind of process), its
+//! JSON result read back, and every invariant checked.
 
 use std::process::{Command, Stdio};
 
@@ -8,10 +8,11 @@ use serde_json::Value;
 
 use crate::processes::BIN;
 
-/// The faults CI injects. Not `skew`: a channel server restarted with its clock behind loses
-/// acknowledged messages until the ts floor of a new owner follows the gateways (issue 16's
-/// floors part); add it here once that is merged.
-const CI_FAULTS: &str = "kill,stop";
+/// The faults CI injects (partitions need nftables, which tests/setup installs, and cgroup v2).
+/// Not `skew` yet: a channel server taking over with its clock behind can still stamp a publish
+/// that reaches it before any gateway resubscribed below what the gateways delivered (a loss
+/// the settling time narrows but does not close; `chaos --faults skew` shows it).
+const CI_FAULTS: &str = "kill,stop,partition";
 
 /// Runs `channelmesh chaos ARGS --json` in a directory of its own; (exit success, result).
 fn chaos(name: &str, args: &[&str]) -> (bool, Value) {
@@ -34,7 +35,7 @@ fn chaos(name: &str, args: &[&str]) -> (bool, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_short_seeded_schedule_of_kills_and_freezes_breaks_no_invariant() {
+async fn a_short_seeded_schedule_of_kills_freezes_and_partitions_breaks_no_invariant() {
     let (success, result) = tokio::task::spawn_blocking(|| {
         chaos(
             "chaos-ci",
@@ -54,7 +55,7 @@ async fn a_short_seeded_schedule_of_kills_and_freezes_breaks_no_invariant() {
         "a minute holds several faults: {faults:?}"
     );
     for fault in faults {
-        assert!(["kill", "stop"].contains(&fault["kind"]["action"].as_str().unwrap()));
+        assert!(["kill", "stop", "partition"].contains(&fault["kind"]["action"].as_str().unwrap()));
         assert!(fault["target"].is_string() && fault["start"].is_f64());
         assert!(fault["skipped"].is_null(), "not injected: {fault}");
     }
