@@ -9,10 +9,11 @@ use serde_json::Value;
 use crate::processes::BIN;
 
 /// The faults CI injects (partitions need nftables, which tests/setup installs, and cgroup v2).
-/// Not `skew` yet: a channel server taking over with its clock behind can still stamp a publish
-/// that reaches it before any gateway resubscribed below what the gateways delivered (a loss
-/// the settling time narrows but does not close; `chaos --faults skew` shows it).
-const CI_FAULTS: &str = "kill,stop,partition";
+/// With seed 17 a minute holds one of each and more: an admin server killed, then cut off from
+/// the ring managers, a channel server restarted with its clock 4.7 s behind, a gateway frozen,
+/// and a channel server cut off from the ring managers for 9.4 s.
+const CI_FAULTS: &str = "kill,stop,partition,skew";
+const CI_SEED: &str = "17";
 
 /// Runs `channelmesh chaos ARGS --json` in a directory of its own; (exit success, result).
 fn chaos(name: &str, args: &[&str]) -> (bool, Value) {
@@ -35,11 +36,11 @@ fn chaos(name: &str, args: &[&str]) -> (bool, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_short_seeded_schedule_of_kills_freezes_and_partitions_breaks_no_invariant() {
+async fn a_short_seeded_schedule_of_every_fault_kind_breaks_no_invariant() {
     let (success, result) = tokio::task::spawn_blocking(|| {
         chaos(
             "chaos-ci",
-            &["--seed", "16", "--minutes", "1", "--faults", CI_FAULTS],
+            &["--seed", CI_SEED, "--minutes", "1", "--faults", CI_FAULTS],
         )
     })
     .await
@@ -48,14 +49,17 @@ async fn a_short_seeded_schedule_of_kills_freezes_and_partitions_breaks_no_invar
     eprintln!("{}", serde_json::to_string_pretty(findings).unwrap());
 
     // The result's shape: the seed, every fault with its kind and target, the counts.
-    assert_eq!(result["seed"], 16);
+    assert_eq!(result["seed"], 17);
     let faults = result["faults"].as_array().expect("a list of faults");
     assert!(
         faults.len() >= 3,
         "a minute holds several faults: {faults:?}"
     );
     for fault in faults {
-        assert!(["kill", "stop", "partition"].contains(&fault["kind"]["action"].as_str().unwrap()));
+        assert!(
+            ["kill", "stop", "partition", "skew"]
+                .contains(&fault["kind"]["action"].as_str().unwrap())
+        );
         assert!(fault["target"].is_string() && fault["start"].is_f64());
         assert!(fault["skipped"].is_null(), "not injected: {fault}");
     }

@@ -272,7 +272,12 @@ impl ChannelService {
                         }
                         Ok(_) => {
                             let delivered = s.last_ts.get(&name).and_then(|t| Ts::parse(t).ok());
-                            self.inner.shards.subscribe(stream, &channel, delivered)
+                            self.inner.shards.subscribe(stream, &channel, delivered);
+                            // Its clock is past what this gateway delivered: publishes may
+                            // come, even while a takeover settles.
+                            self.inner
+                                .ownership
+                                .resubscribed(channel.as_str(), slot_of(&channel));
                         }
                     }
                 }
@@ -331,7 +336,9 @@ impl ChannelService {
         let mut event = event_from_proto(event).map_err(invalid)?;
         let (ownership, slot) = (&self.inner.ownership, slot_of(&event.channel));
         ownership.check(slot, req.epoch).await.map_err(status)?;
-        ownership.check_settled(slot).map_err(status)?;
+        ownership
+            .check_settled(slot, event.channel.as_str())
+            .map_err(status)?;
         let fresh = self
             .inner
             .shards

@@ -16,11 +16,13 @@ use crate::store::Snapshot;
 /// than a router's deadline for a call (5 s), so a publish that meets a stalled handoff is
 /// still served; long enough for a retry after a first attempt that stalled.
 pub const WARMUP_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a slot taken over from a dead node takes no publish (subscriptions and history
-/// reads it serves): the gateways subscribed to its channels resubscribe here first, each
-/// reporting the newest ts it delivered, so the first ts given is above them whatever this
-/// node's clock says. Routers retry meanwhile.
-pub const TAKEOVER_SETTLE: Duration = Duration::from_millis(300);
+/// How long, at most, a slot taken over from a dead node takes no publish (subscriptions and
+/// history reads it serves): the gateways subscribed to its channels resubscribe here first,
+/// each reporting the newest ts it delivered, so the first ts given is above them whatever this
+/// node's clock says. A channel takes publishes as soon as a gateway has resubscribed to it
+/// ([`Warming::resubscribed`]); the whole settle only holds channels no gateway comes back for.
+/// Routers retry meanwhile.
+pub const TAKEOVER_SETTLE: Duration = Duration::from_secs(1);
 /// How long one attempt to send one handoff to one new owner may take.
 pub const HANDOFF_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Handoffs of one epoch sent at once.
@@ -55,6 +57,9 @@ pub struct Warming {
     /// Slots taken over from a dead node that take no publish yet: the dead node, and until
     /// when ([`TAKEOVER_SETTLE`]).
     settling: HashMap<Slot, (NodeId, Instant)>,
+    /// Channels of settling slots a gateway has resubscribed to (reporting what it delivered):
+    /// they take publishes before their slot's settle ends.
+    resubscribed: HashMap<String, Slot>,
 }
 
 impl Warming {
@@ -145,14 +150,26 @@ impl Warming {
         }
     }
 
-    /// The dead node whose slot `slot` was taken from, while it settles at `now`.
-    pub fn settling(&mut self, slot: Slot, now: Instant) -> Option<NodeId> {
+    /// The dead node whose slot `slot` was taken from, while it settles at `now` for
+    /// `channel` (no gateway has resubscribed to it yet).
+    pub fn settling(&mut self, slot: Slot, channel: &str, now: Instant) -> Option<NodeId> {
         let (from, until) = self.settling.get(&slot)?;
         if now < *until {
-            return Some(from.clone());
+            return (!self.resubscribed.contains_key(channel)).then(|| from.clone());
         }
         self.settling.retain(|_, (_, until)| now < *until);
+        let settling = &self.settling;
+        self.resubscribed
+            .retain(|_, slot| settling.contains_key(slot));
         None
+    }
+
+    /// A gateway resubscribed to `channel` of `slot` (its delivered ts already raised the
+    /// channel's clock): while the slot settles, the channel takes publishes anyway.
+    pub fn resubscribed(&mut self, channel: &str, slot: Slot) {
+        if self.settling.contains_key(&slot) {
+            self.resubscribed.insert(channel.to_string(), slot);
+        }
     }
 
     /// Whether a ring this node followed named `from` as the sender of a handoff (to any

@@ -111,14 +111,19 @@ impl Ownership {
         unknown
     }
 
-    /// Refuses a publish on `slot` while it settles after a takeover (a refusal routers
-    /// retry).
-    pub fn check_settled(&self, slot: Slot) -> Result<(), ServeError> {
+    /// Refuses a publish to `channel` of `slot` while it settles after a takeover and no
+    /// gateway has resubscribed to it yet (a refusal routers retry).
+    pub fn check_settled(&self, slot: Slot, channel: &str) -> Result<(), ServeError> {
         let now = tokio::time::Instant::now();
-        match self.warming().settling(slot, now) {
+        match self.warming().settling(slot, channel, now) {
             Some(from) => Err(ServeError::Warming { slot, from }),
             None => Ok(()),
         }
+    }
+
+    /// A gateway resubscribed to `channel` of `slot`, having reported what it delivered.
+    pub fn resubscribed(&self, channel: &str, slot: Slot) {
+        self.warming().resubscribed(channel, slot);
     }
 
     /// The earliest warm-up deadline of a slot still waiting for its handoff.

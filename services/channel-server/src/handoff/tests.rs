@@ -325,17 +325,25 @@ fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
     let until = now + TAKEOVER_SETTLE;
     warming.settle(&first, &unknown, until);
     let from_one = moved(&first, &second, "cs-1")[0];
-    assert_eq!(warming.settling(from_one, now), Some(node("cs-1").id));
+    assert_eq!(warming.settling(from_one, "C1", now), Some(node("cs-1").id));
     assert_eq!(
         warming.waiting_for(from_one),
         None,
         "subscriptions are served"
     );
-    assert_eq!(warming.settling(from_one, until), None);
+    // A channel a gateway resubscribed to takes publishes at once; the others wait.
+    warming.resubscribed("C1", from_one);
+    assert_eq!(warming.settling(from_one, "C1", now), None);
+    assert_eq!(warming.settling(from_one, "C2", now), Some(node("cs-1").id));
+    assert_eq!(warming.settling(from_one, "C2", until), None);
+    assert!(warming.resubscribed.is_empty(), "forgotten with the settle");
+    // A subscription to a slot that does not settle changes nothing.
+    warming.resubscribed("C1", from_one);
+    assert!(warming.resubscribed.is_empty());
     // A planned move's slots wait for their handoff instead.
     let (first, second) = rings(true);
     let mut planned = Warming::default();
     let unknown = planned.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
     planned.settle(&first, &unknown, until);
-    assert_eq!(planned.settling(from_one, now), None);
+    assert_eq!(planned.settling(from_one, "C1", now), None);
 }
