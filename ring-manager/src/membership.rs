@@ -250,12 +250,13 @@ impl Membership {
 
     /// The state as saved (state file or Consul KV).
     pub fn saved(&self) -> Saved {
-        let (epoch, nodes, slot_owner) = Saved::ring_parts(&self.ring);
+        let (epoch, nodes, slot_owner, slot_followers) = Saved::ring_parts(&self.ring);
         Saved {
             generation: self.ring.generation(),
             epoch,
             nodes,
             slot_owner,
+            slot_followers,
             members: self
                 .members
                 .iter()

@@ -95,12 +95,13 @@ mod tests {
             })
             .collect();
         let ring = Ring::empty().with_generation(0x5eed).rebalanced(&members);
-        let (epoch, nodes, slot_owner) = Saved::ring_parts(&ring);
+        let (epoch, nodes, slot_owner, slot_followers) = Saved::ring_parts(&ring);
         let saved = Saved {
             generation: 0x5eed,
             epoch,
             nodes,
             slot_owner,
+            slot_followers,
             members: vec![SavedMember {
                 id: "cs-1".into(),
                 addr: "127.0.0.1:1".into(),

@@ -47,7 +47,7 @@ fn nodes(n: usize) -> Vec<RingNode> {
 
 /// A ring record stamped with `lock_index` and `session`.
 fn record(ring: &Ring, lock_index: u64, session: &str) -> Vec<u8> {
-    let (epoch, nodes, slot_owner) = Saved::ring_parts(ring);
+    let (epoch, nodes, slot_owner, slot_followers) = Saved::ring_parts(ring);
     serde_json::to_vec(&Record {
         lock_index,
         session: Some(session.into()),
@@ -56,6 +56,7 @@ fn record(ring: &Ring, lock_index: u64, session: &str) -> Vec<u8> {
             epoch,
             nodes,
             slot_owner,
+            slot_followers,
             members: vec![],
             next_incarnation: 1,
             ..Saved::default()
@@ -347,7 +348,7 @@ async fn a_forged_record_with_a_huge_lock_index_moves_no_reader_and_freezes_noth
         id: NodeId::new("evil").unwrap(),
         addr: "203.0.113.66:7001".into(),
     }]);
-    let (_, nodes_, slot_owner) = Saved::ring_parts(&evil);
+    let (_, nodes_, slot_owner, _) = Saved::ring_parts(&evil);
     let forged = serde_json::to_vec(&Record {
         lock_index: u64::MAX / 2,
         session: Some(leader.session.clone()),
@@ -630,7 +631,7 @@ async fn forge(fake: &FakeConsul, ring: &ConsulRing) -> u64 {
         id: NodeId::new("evil").unwrap(),
         addr: "203.0.113.66:7001".into(),
     }]);
-    let (_, nodes, slot_owner) = Saved::ring_parts(&evil);
+    let (_, nodes, slot_owner, _) = Saved::ring_parts(&evil);
     let forged = Record {
         lock_index: u64::MAX / 2,
         session: None,

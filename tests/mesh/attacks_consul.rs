@@ -42,7 +42,7 @@ async fn forge(fake: &FakeConsul, ring: &ConsulRing, lock_index: u64, session: &
         id: NodeId::new("evil").unwrap(),
         addr: EVIL.into(),
     }]);
-    let (_, nodes, slot_owner) = Saved::ring_parts(&evil);
+    let (_, nodes, slot_owner, _) = Saved::ring_parts(&evil);
     let forged = serde_json::to_vec(&Record {
         lock_index,
         session: Some(session.into()),

@@ -57,12 +57,27 @@ pub enum RingError {
     },
     #[error("node {0} appears twice")]
     DuplicateNode(NodeId),
+    #[error("the ring has followers for {got} slots, expected {SLOT_COUNT} or none")]
+    FollowerCount { got: usize },
+    #[error(
+        "slot {slot} names follower {index}, which is its owner, repeated, or past the {nodes} nodes"
+    )]
+    BadFollower {
+        slot: usize,
+        index: u32,
+        nodes: usize,
+    },
 }
 
 /// One epoch's assignment of every slot to a channel server.
 ///
 /// Invariant: either there are no nodes and no slot is owned, or every slot is owned by exactly
 /// one of `nodes`. A channel therefore has exactly one owning channel server per epoch.
+///
+/// Each slot may also have *followers* (replication): other nodes of the ring, distinct and
+/// never the slot's owner, that hold a copy of its channels. The owner (the *primary*) sends
+/// each event to them before acknowledging it; when the owner is declared down, a follower is
+/// promoted ([`Ring::with_promotion`]) and serves the slot with its history intact.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ring {
     /// The ring history this ring belongs to; 0: unknown (rings of older ring managers).
@@ -72,6 +87,9 @@ pub struct Ring {
     nodes: Vec<RingNode>,
     /// `owners[slot]` indexes `nodes`; empty when `nodes` is.
     owners: Vec<u16>,
+    /// `followers[slot]` indexes `nodes`: the slot's followers, in promotion order; empty (no
+    /// follower anywhere) or one entry per slot.
+    followers: Vec<Vec<u16>>,
     /// State moves that come with this epoch (drains and replacements of live nodes).
     handoffs: Vec<Handoff>,
 }
@@ -82,7 +100,10 @@ impl std::fmt::Debug for Ring {
         let nodes: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("{}@{}:{}", n.id, n.addr, self.slots_owned(&n.id)))
+            .map(|n| {
+                let followed = self.slots_followed(&n.id);
+                format!("{}@{}:{}+{followed}", n.id, n.addr, self.slots_owned(&n.id))
+            })
             .collect();
         f.debug_struct("Ring")
             .field("generation", &self.generation)
@@ -101,15 +122,27 @@ impl Ring {
             epoch: 0,
             nodes: Vec::new(),
             owners: Vec::new(),
+            followers: Vec::new(),
             handoffs: Vec::new(),
         }
     }
 
-    /// Rebuilds a ring from its published parts, checking the invariant.
+    /// Rebuilds a ring from its published parts, checking the invariant (no followers).
     pub fn from_parts(
+        epoch: u64,
+        nodes: Vec<RingNode>,
+        owners: Vec<u32>,
+    ) -> Result<Self, RingError> {
+        Ring::from_replicated_parts(epoch, nodes, owners, Vec::new())
+    }
+
+    /// Rebuilds a ring from its published parts with each slot's followers (`followers[slot]`
+    /// indexes `nodes`, like `owners`; empty: no followers), checking the invariant.
+    pub fn from_replicated_parts(
         epoch: u64,
         mut nodes: Vec<RingNode>,
         owners: Vec<u32>,
+        followers: Vec<Vec<u32>>,
     ) -> Result<Self, RingError> {
         if nodes.is_empty() && owners.is_empty() {
             return Ok(Ring {
@@ -117,11 +150,17 @@ impl Ring {
                 epoch,
                 nodes,
                 owners: Vec::new(),
+                followers: Vec::new(),
                 handoffs: Vec::new(),
             });
         }
         if owners.len() != SLOT_COUNT {
             return Err(RingError::SlotCount { got: owners.len() });
+        }
+        if !followers.is_empty() && followers.len() != SLOT_COUNT {
+            return Err(RingError::FollowerCount {
+                got: followers.len(),
+            });
         }
         // Re-sort the nodes by id, remapping indexes, so that equal rings compare equal.
         let mut order: Vec<usize> = (0..nodes.len()).collect();
@@ -151,11 +190,31 @@ impl Ring {
             };
             mapped.push(new);
         }
+        let mut mapped_followers = Vec::with_capacity(followers.len());
+        for (slot, list) in followers.into_iter().enumerate() {
+            let mut out: Vec<u16> = Vec::with_capacity(list.len());
+            for index in list {
+                let bad = RingError::BadFollower {
+                    slot,
+                    index,
+                    nodes: nodes.len(),
+                };
+                let Some(&new) = remap.get(index as usize) else {
+                    return Err(bad);
+                };
+                if new == mapped[slot] || out.contains(&new) {
+                    return Err(bad);
+                }
+                out.push(new);
+            }
+            mapped_followers.push(out);
+        }
         Ok(Ring {
             generation: 0,
             epoch,
             nodes,
             owners: mapped,
+            followers: mapped_followers,
             handoffs: Vec::new(),
         })
     }
@@ -232,9 +291,174 @@ impl Ring {
         }
     }
 
+    /// `slot`'s followers, in promotion order (none without replication).
+    pub fn followers(&self, slot: Slot) -> impl Iterator<Item = &RingNode> + '_ {
+        self.followers
+            .get(usize::from(slot))
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.nodes.get(usize::from(i)))
+    }
+
+    /// Whether `node` follows `slot` (holds a copy of its channels) in this epoch.
+    pub fn follows(&self, node: &NodeId, slot: Slot) -> bool {
+        self.followers(slot).any(|n| &n.id == node)
+    }
+
+    /// How many slots `node` follows.
+    pub fn slots_followed(&self, node: &NodeId) -> usize {
+        (0..SLOT_COUNT as Slot)
+            .filter(|&s| self.follows(node, s))
+            .count()
+    }
+
+    /// Whether any slot has a follower.
+    pub fn is_replicated(&self) -> bool {
+        self.followers.iter().any(|f| !f.is_empty())
+    }
+
+    /// Per slot, the indexes in [`Ring::nodes`] of its followers (empty when no slot has any):
+    /// the published form.
+    pub fn follower_parts(&self) -> Vec<Vec<u32>> {
+        self.followers
+            .iter()
+            .map(|f| f.iter().map(|&i| u32::from(i)).collect())
+            .collect()
+    }
+
+    /// This ring with every slot given `factor - 1` followers (as many as the other nodes
+    /// allow; `factor` 1 or less: none). A follower `previous` gave a slot stays while it is
+    /// on this ring, is not the slot's owner, and follows no more than its share of that
+    /// owner's slots; the rest go to the nodes following fewest of that owner's slots (then
+    /// fewest slots overall, then lowest id). So each owner's slots are followed evenly by every
+    /// other node — one node's death spreads its slots evenly over the survivors — and a ring
+    /// change moves few followers (each move is a copy to fill).
+    pub fn with_followers(mut self, previous: &Ring, factor: usize) -> Ring {
+        let n = self.nodes.len();
+        let want = factor.saturating_sub(1).min(n.saturating_sub(1));
+        if want == 0 || self.owners.is_empty() {
+            self.followers = Vec::new();
+            return self;
+        }
+        let index_of: HashMap<&NodeId, u16> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| (&node.id, i as u16))
+            .collect();
+        // pair[owner][follower]: how many of owner's slots follower follows.
+        let mut pair = vec![vec![0usize; n]; n];
+        let mut total = vec![0usize; n];
+        let mut owned = vec![0usize; n];
+        for &o in &self.owners {
+            owned[usize::from(o)] += 1;
+        }
+        // Each other node's share of an owner's follower places, rounded up.
+        let share = |o: usize| (owned[o] * want).div_ceil(n - 1);
+        let mut followers: Vec<Vec<u16>> = vec![Vec::with_capacity(want); SLOT_COUNT];
+        for slot in 0..SLOT_COUNT {
+            let o = usize::from(self.owners[slot]);
+            for kept in previous.followers(slot as Slot) {
+                let Some(&f) = index_of.get(&kept.id) else {
+                    continue;
+                };
+                let fi = usize::from(f);
+                if fi == o || followers[slot].contains(&f) || followers[slot].len() == want {
+                    continue;
+                }
+                if pair[o][fi] < share(o) {
+                    pair[o][fi] += 1;
+                    total[fi] += 1;
+                    followers[slot].push(f);
+                }
+            }
+        }
+        for slot in 0..SLOT_COUNT {
+            let o = usize::from(self.owners[slot]);
+            while followers[slot].len() < want {
+                let pick = (0..n)
+                    .filter(|&c| c != o && !followers[slot].contains(&(c as u16)))
+                    .min_by_key(|&c| (pair[o][c], total[c], c));
+                let Some(c) = pick else { break };
+                pair[o][c] += 1;
+                total[c] += 1;
+                followers[slot].push(c as u16);
+            }
+        }
+        self.followers = followers;
+        self
+    }
+
+    /// The next epoch's ring without `dead`: each of its slots goes to the slot's first
+    /// follower (which holds the slot's history), a slot without one to `standby` if given,
+    /// else to the node owning fewest. `standby`, if given, joins the ring (owning only those
+    /// slots). Followers are not assigned: give them with [`Ring::with_followers`]. `None` if
+    /// `dead` is not on the ring or `standby` already is.
+    pub fn with_promotion(&self, dead: &NodeId, standby: Option<RingNode>) -> Option<Ring> {
+        let dead_index = self.nodes.iter().position(|n| &n.id == dead)?;
+        if let Some(s) = &standby
+            && self.nodes.iter().any(|n| n.id == s.id)
+        {
+            return None;
+        }
+        let mut nodes: Vec<RingNode> = self
+            .nodes
+            .iter()
+            .filter(|n| &n.id != dead)
+            .cloned()
+            .collect();
+        nodes.extend(standby.clone());
+        if nodes.is_empty() {
+            return Some(Ring {
+                generation: self.generation,
+                epoch: self.epoch + 1,
+                nodes,
+                owners: Vec::new(),
+                followers: Vec::new(),
+                handoffs: Vec::new(),
+            });
+        }
+        let index_of: HashMap<&NodeId, u32> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&n.id, i as u32))
+            .collect();
+        let mut owners: Vec<u32> = vec![u32::MAX; SLOT_COUNT];
+        let mut owned = vec![0usize; nodes.len()];
+        let mut orphans = Vec::new();
+        for slot in 0..SLOT_COUNT as Slot {
+            let owner = usize::from(self.owners[usize::from(slot)]);
+            let heir = if owner == dead_index {
+                self.followers(slot).find(|f| &f.id != dead).map(|f| &f.id)
+            } else {
+                Some(&self.nodes[owner].id)
+            };
+            match heir.and_then(|id| index_of.get(id)) {
+                Some(&i) => {
+                    owners[usize::from(slot)] = i;
+                    owned[i as usize] += 1;
+                }
+                None => orphans.push(slot),
+            }
+        }
+        let standby_index = standby.as_ref().and_then(|s| index_of.get(&s.id)).copied();
+        for slot in orphans {
+            let i = match standby_index {
+                Some(i) => i as usize,
+                None => (0..owned.len()).min_by_key(|&i| (owned[i], i)).unwrap_or(0),
+            };
+            owners[usize::from(slot)] = i as u32;
+            owned[i] += 1;
+        }
+        Ring::from_parts(self.epoch + 1, nodes, owners)
+            .ok()
+            .map(|ring| ring.with_generation(self.generation))
+    }
+
     /// The next epoch's ring in which `new` takes over exactly the slots of `old` (a standby
     /// replacing a failed or retired node): no other slot moves. `None` if `old` owns no slots
-    /// or `new` already owns some.
+    /// or `new` already owns some. The ring has no followers: give them with
+    /// [`Ring::with_followers`].
     pub fn with_takeover(&self, old: &NodeId, new: RingNode) -> Option<Ring> {
         let old_index = self.nodes.iter().position(|n| &n.id == old)?;
         if self.nodes.iter().any(|n| n.id == new.id) {
@@ -255,7 +479,8 @@ impl Ring {
     /// members that hold the most already). Slots of nodes that are no longer members go first
     /// to members below their share; then members above their share give up their
     /// highest-numbered slots. So adding one node to N moves only onto the new node, about
-    /// `SLOT_COUNT / (N + 1)` slots, and removing a node moves only that node's slots.
+    /// `SLOT_COUNT / (N + 1)` slots, and removing a node moves only that node's slots. The ring
+    /// has no followers: give them with [`Ring::with_followers`].
     pub fn rebalanced(&self, members: &[RingNode]) -> Ring {
         let mut nodes: Vec<RingNode> = members.to_vec();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -267,6 +492,7 @@ impl Ring {
                 epoch,
                 nodes,
                 owners: Vec::new(),
+                followers: Vec::new(),
                 handoffs: Vec::new(),
             };
         }
@@ -322,15 +548,18 @@ impl Ring {
             epoch,
             nodes,
             owners,
+            followers: Vec::new(),
             handoffs: Vec::new(),
         }
     }
 
-    /// Whether both rings have the same epoch and the same owner for every slot (handoffs,
-    /// which only describe how the epoch was reached, are not compared).
+    /// Whether both rings have the same epoch and the same owner and followers for every slot
+    /// (handoffs, which only describe how the epoch was reached, are not compared).
     pub fn same_assignment(&self, other: &Ring) -> bool {
         self.epoch == other.epoch
-            && (0..SLOT_COUNT as Slot).all(|s| self.owner(s) == other.owner(s))
+            && (0..SLOT_COUNT as Slot).all(|s| {
+                self.owner(s) == other.owner(s) && self.followers(s).eq(other.followers(s))
+            })
     }
 
     /// This ring with `handoffs` attached.
@@ -522,6 +751,157 @@ mod tests {
             !Ring::empty()
                 .with_generation(gen_b)
                 .supersedes(&Ring::empty())
+        );
+    }
+
+    /// For each owner, how many of its slots each other node follows.
+    fn follow_counts(ring: &Ring) -> HashMap<(NodeId, NodeId), usize> {
+        let mut counts = HashMap::new();
+        for slot in 0..SLOT_COUNT as Slot {
+            let owner = ring.owner(slot).unwrap().id.clone();
+            for f in ring.followers(slot) {
+                *counts.entry((owner.clone(), f.id.clone())).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn followers_are_other_nodes_spread_evenly_over_each_owners_slots() {
+        for (n, factor) in [(2, 2), (3, 2), (5, 2), (4, 3), (7, 3)] {
+            let ring = ring_of(n).with_followers(&Ring::empty(), factor);
+            assert!(ring.is_replicated());
+            for slot in 0..SLOT_COUNT as Slot {
+                let owner = &ring.owner(slot).unwrap().id;
+                let followers: Vec<&NodeId> = ring.followers(slot).map(|f| &f.id).collect();
+                assert_eq!(followers.len(), factor - 1, "slot {slot}");
+                assert!(!followers.contains(&owner), "slot {slot}: owner follows");
+                assert!(ring.follows(followers[0], slot));
+            }
+            for owner in ring.nodes() {
+                let owned = ring.slots_owned(&owner.id);
+                let share = (owned * (factor - 1)).div_ceil(n - 1);
+                for other in ring.nodes().iter().filter(|o| o.id != owner.id) {
+                    let c = follow_counts(&ring)
+                        .get(&(owner.id.clone(), other.id.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    assert!(
+                        c + 1 >= share && c <= share,
+                        "n={n}: {} follows {c} of {}'s {owned}",
+                        other.id,
+                        owner.id
+                    );
+                }
+            }
+        }
+        let single = ring_of(1).with_followers(&Ring::empty(), 2);
+        assert!(!single.is_replicated(), "one node has nobody to follow it");
+        assert!(!ring_of(3).with_followers(&Ring::empty(), 1).is_replicated());
+    }
+
+    #[test]
+    fn a_ring_change_keeps_the_followers_it_can() {
+        let members: Vec<RingNode> = (0..4).map(node).collect();
+        let three = ring_of(3).with_followers(&Ring::empty(), 2);
+        let four = three.rebalanced(&members).with_followers(&three, 2);
+        let kept = (0..SLOT_COUNT as Slot)
+            .filter(|&s| {
+                three.owner(s) == four.owner(s) && three.followers(s).eq(four.followers(s))
+            })
+            .count();
+        let unmoved = (0..SLOT_COUNT as Slot)
+            .filter(|&s| three.owner(s) == four.owner(s))
+            .count();
+        // A new node takes a share of the follower places too: about a quarter move.
+        assert!(kept * 2 > unmoved, "kept {kept} of {unmoved}");
+        assert_eq!(
+            four.clone().with_followers(&four, 2),
+            four,
+            "stable when nothing changes"
+        );
+    }
+
+    #[test]
+    fn a_dead_nodes_slots_go_to_their_followers_evenly() {
+        let ring = ring_of(4).with_followers(&Ring::empty(), 2);
+        let dead = node(2).id;
+        let next = ring.with_promotion(&dead, None).unwrap();
+        assert_eq!(next.epoch(), ring.epoch() + 1);
+        assert!(next.nodes().iter().all(|n| n.id != dead));
+        let mut gained: HashMap<NodeId, usize> = HashMap::new();
+        for slot in 0..SLOT_COUNT as Slot {
+            let was = ring.owner(slot).unwrap();
+            let now = next.owner(slot).unwrap();
+            if was.id == dead {
+                assert_eq!(Some(now), ring.followers(slot).next(), "slot {slot}");
+                *gained.entry(now.id.clone()).or_default() += 1;
+            } else {
+                assert_eq!(now, was);
+            }
+        }
+        let dead_slots = ring.slots_owned(&dead);
+        for (id, n) in &gained {
+            assert!(
+                n.abs_diff(dead_slots / 3) <= 1,
+                "{id} gained {n} of {dead_slots}"
+            );
+        }
+        // With a standby: it joins, owning nothing the followers could take.
+        let standby = node(9);
+        let with = ring.with_promotion(&dead, Some(standby.clone())).unwrap();
+        assert_eq!(with.slots_owned(&standby.id), 0);
+        assert!(with.nodes().contains(&standby));
+        let refilled = with.with_followers(&ring, 2);
+        assert!(
+            refilled.slots_followed(&standby.id) > 0,
+            "the standby follows"
+        );
+        // Without followers, the standby takes the dead node's slots.
+        let bare = ring_of(3);
+        let taken = bare
+            .with_promotion(&node(1).id, Some(standby.clone()))
+            .unwrap();
+        assert_eq!(
+            taken.slots_owned(&standby.id),
+            bare.slots_owned(&node(1).id)
+        );
+        assert!(
+            ring.with_promotion(&node(7).id, None).is_none(),
+            "not a member"
+        );
+        assert!(
+            ring.with_promotion(&dead, Some(node(1))).is_none(),
+            "already a member"
+        );
+    }
+
+    #[test]
+    fn followers_round_trip_through_parts_and_are_checked() {
+        let ring = ring_of(3).with_followers(&Ring::empty(), 3);
+        let rebuilt = Ring::from_replicated_parts(
+            ring.epoch(),
+            ring.nodes().iter().rev().cloned().collect(),
+            ring.owners().map(|i| 2 - i).collect(),
+            ring.follower_parts()
+                .into_iter()
+                .map(|f| f.into_iter().map(|i| 2 - i).collect())
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(rebuilt, ring);
+        assert!(rebuilt.same_assignment(&ring));
+        assert!(!ring_of(3).same_assignment(&ring), "followers are compared");
+        let owners: Vec<u32> = ring.owners().collect();
+        let mut bad = ring.follower_parts();
+        bad[5] = vec![owners[5]];
+        assert!(matches!(
+            Ring::from_replicated_parts(1, ring.nodes().to_vec(), owners.clone(), bad),
+            Err(RingError::BadFollower { slot: 5, .. })
+        ));
+        assert_eq!(
+            Ring::from_replicated_parts(1, ring.nodes().to_vec(), owners, vec![vec![]; 3]),
+            Err(RingError::FollowerCount { got: 3 })
         );
     }
 

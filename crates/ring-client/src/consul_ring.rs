@@ -489,11 +489,12 @@ mod tests {
         };
         let ring = Ring::empty()
             .rebalanced(&[node("cs-1", "10.0.0.1:7001"), node("cs-2", "10.0.0.2:7001")]);
-        let (epoch, nodes, slot_owner) = Saved::ring_parts(&ring);
+        let (epoch, nodes, slot_owner, slot_followers) = Saved::ring_parts(&ring);
         Saved {
             epoch,
             nodes,
             slot_owner,
+            slot_followers,
             members: vec![SavedMember {
                 id: "cs-1".into(),
                 addr: "10.0.0.1:7001".into(),

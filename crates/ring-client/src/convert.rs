@@ -25,6 +25,11 @@ pub fn ring_to_proto(ring: &Ring, info: impl Fn(&NodeId) -> (String, u32)) -> pb
             })
             .collect(),
         slot_owner: ring.owners().collect(),
+        slot_followers: ring
+            .follower_parts()
+            .into_iter()
+            .map(|nodes| pb::SlotFollowers { nodes })
+            .collect(),
         members: Vec::new(),
         handoffs: ring
             .handoffs()
@@ -60,7 +65,8 @@ pub fn ring_from_proto(ring: pb::Ring) -> Result<Ring, Error> {
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    Ok(Ring::from_parts(ring.epoch, nodes, ring.slot_owner)
+    let followers = ring.slot_followers.into_iter().map(|f| f.nodes).collect();
+    Ok(Ring::from_replicated_parts(ring.epoch, nodes, ring.slot_owner, followers)
         .map_err(|e| Error::InvalidRing(e.to_string()))?
         .with_generation(ring.generation)
         .with_handoffs(handoffs))
@@ -79,7 +85,9 @@ mod tests {
 
     fn ring() -> Ring {
         let before = Ring::empty().rebalanced(&[node("cs-1"), node("cs-2")]);
-        let after = before.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
+        let after = before
+            .rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")])
+            .with_followers(&before, 2);
         let moves = after.moves_from(&before);
         after.with_handoffs(moves).with_generation(0x5eed)
     }
@@ -88,6 +96,7 @@ mod tests {
     fn a_ring_round_trips_through_its_protobuf_form() {
         let ring = ring();
         assert!(!ring.handoffs().is_empty(), "the test ring has handoffs");
+        assert!(ring.is_replicated(), "the test ring has followers");
         let proto = ring_to_proto(&ring, |_| (String::new(), 0));
         assert_eq!(proto.generation, 0x5eed);
         let back = ring_from_proto(proto).unwrap();
@@ -128,9 +137,15 @@ mod tests {
         let mut short = good.clone();
         short.slot_owner.pop();
         assert!(invalid(short), "a slot short");
-        let mut past = good;
+        let mut past = good.clone();
         past.slot_owner[0] = 9;
         assert!(invalid(past), "an owner past the nodes");
+        let mut own_follower = good.clone();
+        own_follower.slot_followers[0].nodes = vec![good.slot_owner[0]];
+        assert!(invalid(own_follower), "an owner following its own slot");
+        let mut few = good;
+        few.slot_followers.pop();
+        assert!(invalid(few), "followers for a slot short");
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct SavedRevocation {
     pub expires_at: u64,
 }
 
+/// A ring as saved: epoch, (id, addr) per node, owner index per slot, follower indexes per slot.
+pub type RingParts = (u64, Vec<(String, String)>, Vec<u32>, Vec<Vec<u32>>);
+
 /// Everything the ring manager needs to resume.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
@@ -45,6 +48,10 @@ pub struct Saved {
     pub nodes: Vec<(String, String)>,
     /// Index into `nodes` per slot.
     pub slot_owner: Vec<u32>,
+    /// Indexes into `nodes` of each slot's followers (empty: none; records of older ring
+    /// managers have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slot_followers: Vec<Vec<u32>>,
     pub members: Vec<SavedMember>,
     pub next_incarnation: u64,
     /// Regions draining, by name.
@@ -68,13 +75,19 @@ impl Saved {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ring::from_parts(self.epoch, nodes, self.slot_owner.clone())
-            .map(|ring| ring.with_generation(self.generation))
+        Ring::from_replicated_parts(
+            self.epoch,
+            nodes,
+            self.slot_owner.clone(),
+            self.slot_followers.clone(),
+        )
+        .map(|ring| ring.with_generation(self.generation))
             .map_err(|e| e.to_string())
     }
 
-    /// The parts of `ring` to save (its generation is saved on its own).
-    pub fn ring_parts(ring: &Ring) -> (u64, Vec<(String, String)>, Vec<u32>) {
+    /// The parts of `ring` to save (its generation is saved on its own): epoch, nodes, owner
+    /// and followers per slot.
+    pub fn ring_parts(ring: &Ring) -> RingParts {
         (
             ring.epoch(),
             ring.nodes()
@@ -82,6 +95,7 @@ impl Saved {
                 .map(|n| (n.id.to_string(), n.addr.clone()))
                 .collect(),
             ring.owners().collect(),
+            ring.follower_parts(),
         )
     }
 }
@@ -106,12 +120,13 @@ mod tests {
     }
 
     fn saved(ring: &Ring) -> Saved {
-        let (epoch, nodes, slot_owner) = Saved::ring_parts(ring);
+        let (epoch, nodes, slot_owner, slot_followers) = Saved::ring_parts(ring);
         Saved {
             generation: ring.generation(),
             epoch,
             nodes,
             slot_owner,
+            slot_followers,
             members: Vec::new(),
             next_incarnation: 1,
             ..Saved::default()
