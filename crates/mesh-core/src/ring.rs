@@ -355,34 +355,34 @@ impl Ring {
         }
         // Each other node's share of an owner's follower places, rounded up.
         let share = |o: usize| (owned[o] * want).div_ceil(n - 1);
-        let mut followers: Vec<Vec<u16>> = vec![Vec::with_capacity(want); SLOT_COUNT];
-        for slot in 0..SLOT_COUNT {
+        let mut followers: Vec<Vec<u16>> = vec![Vec::new(); SLOT_COUNT];
+        for (slot, list) in followers.iter_mut().enumerate() {
             let o = usize::from(self.owners[slot]);
             for kept in previous.followers(slot as Slot) {
                 let Some(&f) = index_of.get(&kept.id) else {
                     continue;
                 };
                 let fi = usize::from(f);
-                if fi == o || followers[slot].contains(&f) || followers[slot].len() == want {
+                if fi == o || list.contains(&f) || list.len() == want {
                     continue;
                 }
                 if pair[o][fi] < share(o) {
                     pair[o][fi] += 1;
                     total[fi] += 1;
-                    followers[slot].push(f);
+                    list.push(f);
                 }
             }
         }
-        for slot in 0..SLOT_COUNT {
+        for (slot, list) in followers.iter_mut().enumerate() {
             let o = usize::from(self.owners[slot]);
-            while followers[slot].len() < want {
+            while list.len() < want {
                 let pick = (0..n)
-                    .filter(|&c| c != o && !followers[slot].contains(&(c as u16)))
+                    .filter(|&c| c != o && !list.contains(&(c as u16)))
                     .min_by_key(|&c| (pair[o][c], total[c], c));
                 let Some(c) = pick else { break };
                 pair[o][c] += 1;
                 total[c] += 1;
-                followers[slot].push(c as u16);
+                list.push(c as u16);
             }
         }
         self.followers = followers;
