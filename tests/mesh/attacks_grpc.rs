@@ -172,6 +172,7 @@ async fn heartbeat(mesh: &Mesh, who: Who, node: &str) -> Result<Outcome, String>
         incarnation: 1,
         seq: 1,
         handed_off_epoch: 0,
+        ..Default::default()
     };
     let mut replies = match rm.lease(futures::stream::iter([beat])).await {
         Ok(replies) => replies.into_inner(),

@@ -66,10 +66,12 @@ pub fn ring_from_proto(ring: pb::Ring) -> Result<Ring, Error> {
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let followers = ring.slot_followers.into_iter().map(|f| f.nodes).collect();
-    Ok(Ring::from_replicated_parts(ring.epoch, nodes, ring.slot_owner, followers)
-        .map_err(|e| Error::InvalidRing(e.to_string()))?
-        .with_generation(ring.generation)
-        .with_handoffs(handoffs))
+    Ok(
+        Ring::from_replicated_parts(ring.epoch, nodes, ring.slot_owner, followers)
+            .map_err(|e| Error::InvalidRing(e.to_string()))?
+            .with_generation(ring.generation)
+            .with_handoffs(handoffs),
+    )
 }
 
 #[cfg(test)]

@@ -124,6 +124,9 @@ pub struct Lease {
     /// Woken whenever the node may have become allowed to serve.
     changed: Arc<Notify>,
     handed_off_epoch: Arc<AtomicU64>,
+    /// Replication progress: (epoch, slots followed still being filled), packed as
+    /// `epoch << 16 | slots` (slots fit in 16 bits: at most `SLOT_COUNT`).
+    catching_up: Arc<AtomicU64>,
 }
 
 /// How a lease ended.
@@ -265,6 +268,14 @@ impl Lease {
         self.handed_off_epoch.fetch_max(epoch, Ordering::Relaxed);
     }
 
+    /// Reports that in `epoch`'s ring, `slots` of the slots this node follows are still being
+    /// filled from their owners (replication progress, sent with every heartbeat).
+    pub fn catching_up(&self, epoch: u64, slots: usize) {
+        let slots = slots.min(usize::from(u16::MAX)) as u64;
+        self.catching_up
+            .store(epoch << 16 | slots, Ordering::Relaxed);
+    }
+
     /// Whether the node serves on evidence that the ring manager is sick (static stability).
     fn manager_sick(&self) -> bool {
         self.state()
@@ -359,6 +370,7 @@ impl Lease {
         let sent: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
         let log = sent.clone();
         let handed_off = self.handed_off_epoch.clone();
+        let catching_up = self.catching_up.clone();
         let node = node.to_string();
         let mut seq = 0u64;
         let mut ticker = tokio::time::interval(interval);
@@ -372,11 +384,14 @@ impl Lease {
                     log.pop_front();
                 }
                 log.push_back((seq, Instant::now()));
+                let replication = catching_up.load(Ordering::Relaxed);
                 Heartbeat {
                     node_id: node.clone(),
                     incarnation,
                     seq,
                     handed_off_epoch: handed_off.load(Ordering::Relaxed),
+                    catching_up: (replication & 0xffff) as u32,
+                    catching_up_epoch: replication >> 16,
                 }
             });
         let open = async {

@@ -82,7 +82,7 @@ impl Saved {
             self.slot_followers.clone(),
         )
         .map(|ring| ring.with_generation(self.generation))
-            .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
     }
 
     /// The parts of `ring` to save (its generation is saved on its own): epoch, nodes, owner
