@@ -10,6 +10,7 @@ use ring_client::{Lease, RingWatcher};
 
 use crate::error::ServeError;
 use crate::handoff::{TAKEOVER_SETTLE, WARMUP_TIMEOUT, Warming};
+use crate::replication::Replicas;
 
 /// How long a call naming a newer epoch waits for this server's ring to catch up.
 const RING_CATCH_UP: Duration = Duration::from_secs(1);
@@ -40,6 +41,8 @@ pub struct Ownership {
     /// Serving is allowed only under a valid lease (fencing).
     lease: Lease,
     warming: Mutex<Warming>,
+    /// The followed slots still being filled.
+    replicas: Mutex<Replicas>,
 }
 
 impl Ownership {
@@ -50,6 +53,7 @@ impl Ownership {
             ring,
             lease,
             warming: Mutex::new(Warming::default()),
+            replicas: Mutex::new(Replicas::default()),
         }
     }
 
@@ -70,6 +74,78 @@ impl Ownership {
 
     fn warming(&self) -> MutexGuard<'_, Warming> {
         self.warming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn replicas(&self) -> MutexGuard<'_, Replicas> {
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that this node takes replication (or a catch-up) of `slot` from `from`, which
+    /// sends under `epoch`: it holds its lease (or serves on evidence, as [`Ownership::check`]
+    /// waits for), and in its ring — waited for a little when `epoch` is newer — `from` owns
+    /// the slot and this node follows it. A deposed primary is refused here once this node has
+    /// seen the ring that deposed it (fencing).
+    pub async fn check_follower(
+        &self,
+        from: &NodeId,
+        slot: Slot,
+        epoch: u64,
+    ) -> Result<(), ServeError> {
+        self.lease
+            .wait_serving(SERVING_WAIT)
+            .await
+            .map_err(ServeError::NoLease)?;
+        let mut ring = self.ring.current();
+        if epoch > ring.epoch() {
+            ring = self
+                .ring
+                .wait_for_epoch(epoch, RING_CATCH_UP)
+                .await
+                .map_err(|_| ServeError::RingBehind {
+                    known: ring.epoch(),
+                    asked: epoch,
+                })?;
+        }
+        if ring.owns(from, slot) && ring.follows(&self.node, slot) {
+            return Ok(());
+        }
+        Err(ServeError::NotFollower {
+            slot,
+            from: from.clone(),
+            node: self.node.clone(),
+            epoch: ring.epoch(),
+        })
+    }
+
+    /// Follows a new ring's followed slots (see [`Replicas::follow`]); returns how many are
+    /// still being filled, as reported with the lease's heartbeats.
+    pub fn follow_replicas(&self, previous: &Ring, ring: &Ring) -> usize {
+        let mut replicas = self.replicas();
+        replicas.follow(previous, ring, &self.node);
+        let behind = replicas.catching_up();
+        self.lease.catching_up(ring.epoch(), behind);
+        behind
+    }
+
+    /// The owner filled `slot` in `epoch`'s catch-up; returns how many followed slots are
+    /// still being filled.
+    pub fn filled(&self, slot: Slot, epoch: u64) -> usize {
+        let mut replicas = self.replicas();
+        replicas.filled(slot, epoch);
+        let behind = replicas.catching_up();
+        self.lease
+            .catching_up(self.ring.current().epoch().max(epoch), behind);
+        behind
+    }
+
+    /// Followed slots still being filled.
+    pub fn catching_up(&self) -> usize {
+        self.replicas().catching_up()
+    }
+
+    /// Whether `slot` waits for a handoff here.
+    pub fn is_warming(&self, slot: Slot) -> bool {
+        self.warming().waiting_for(slot).is_some()
     }
 
     /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
@@ -102,11 +178,16 @@ impl Ownership {
 
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
     /// history died with their previous owner, which settle before taking publishes
-    /// ([`Warming::settle`]).
+    /// ([`Warming::settle`]). A slot this node followed in sync is promoted: it serves at once,
+    /// with its history. Call before [`Ownership::follow_replicas`].
     pub fn gain(&self, previous: &Ring, ring: &Ring) -> Vec<Slot> {
         let now = tokio::time::Instant::now();
+        let promoted = {
+            let replicas = self.replicas();
+            move |slot: Slot| previous.follows(&self.node, slot) && replicas.in_sync(slot)
+        };
         let mut warming = self.warming();
-        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT);
+        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT, promoted);
         warming.settle(previous, &unknown, now + TAKEOVER_SETTLE);
         unknown
     }
