@@ -394,13 +394,9 @@ impl ChannelService {
                 }
             };
             let slot = slot_of(&event.channel);
-            if !checked.contains_key(&slot) {
-                let check = self
-                    .inner
-                    .ownership
-                    .check_follower(&from, slot, batch.epoch)
-                    .await;
-                checked.insert(slot, check);
+            if let std::collections::hash_map::Entry::Vacant(unchecked) = checked.entry(slot) {
+                let ownership = &self.inner.ownership;
+                unchecked.insert(ownership.check_follower(&from, slot, batch.epoch).await);
             }
             if let Some(Err(refusal)) = checked.get(&slot) {
                 ack.refused_seqs.push(entry.seq);
