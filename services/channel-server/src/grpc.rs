@@ -228,6 +228,7 @@ impl ChannelService {
             self.inner.cancel.clone(),
         );
         let mut previous = ring.current();
+        self.inner.ownership.start_from(&previous);
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);
             previous = ring;

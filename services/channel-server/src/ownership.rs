@@ -43,6 +43,10 @@ pub struct Ownership {
     warming: Mutex<Warming>,
     /// The followed slots still being filled.
     replicas: Mutex<Replicas>,
+    /// The newest epoch whose ring this node has followed ([`Ownership::gain`]): nothing is
+    /// served by a ring before what it gains is known (its handoffs awaited, its takeovers
+    /// settling), however early the ring itself arrived.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Ownership {
@@ -54,6 +58,7 @@ impl Ownership {
             lease,
             warming: Mutex::new(Warming::default()),
             replicas: Mutex::new(Replicas::default()),
+            applied: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -157,10 +162,6 @@ impl Ownership {
             .wait_serving(SERVING_WAIT)
             .await
             .map_err(ServeError::NoLease)?;
-        let waiting = self.warming().waiting_for(slot);
-        if let Some(from) = waiting {
-            return Err(ServeError::Warming { slot, from });
-        }
         let mut ring = self.ring.current();
         if epoch > ring.epoch() {
             ring = self
@@ -172,8 +173,33 @@ impl Ownership {
                     asked: epoch,
                 })?;
         }
+        self.wait_applied(ring.epoch()).await?;
+        let waiting = self.warming().waiting_for(slot);
+        if let Some(from) = waiting {
+            return Err(ServeError::Warming { slot, from });
+        }
         owns(&ring, &self.node, slot)?;
         Ok(ring)
+    }
+
+    /// Waits (a little) until this node has followed `epoch`'s ring: what it gains is known.
+    async fn wait_applied(&self, epoch: u64) -> Result<(), ServeError> {
+        if *self.applied.borrow() >= epoch {
+            return Ok(());
+        }
+        let mut applied = self.applied.subscribe();
+        match tokio::time::timeout(RING_CATCH_UP, applied.wait_for(|&e| e >= epoch)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ServeError::RingBehind {
+                known: *self.applied.borrow(),
+                asked: epoch,
+            }),
+        }
+    }
+
+    /// This node follows `ring` from the start (the ring it found before following changes).
+    pub fn start_from(&self, ring: &Ring) {
+        self.applied.send_replace(ring.epoch());
     }
 
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
@@ -189,6 +215,8 @@ impl Ownership {
         let mut warming = self.warming();
         let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT, promoted);
         warming.settle(previous, &unknown, now + TAKEOVER_SETTLE);
+        drop(warming);
+        self.applied.send_replace(ring.epoch());
         unknown
     }
 
