@@ -139,13 +139,16 @@ struct Shard<R> {
     /// Events given a ts and sent to their slot's followers, not yet acknowledged by all of
     /// them, in ts order per channel: each is stored, fanned out and answered once it and
     /// every event before it here are acknowledged (or dropped when refused).
-    pending: VecDeque<Pending>,
+    pending: VecDeque<Pending<R>>,
 }
 
 /// An event waiting for its followers.
 #[derive(Debug)]
-struct Pending {
+struct Pending<R> {
     entry: Replicated,
+    /// Its reply to subscribed gateways, made when it was published (in the publish's span,
+    /// so the delivery joins the publisher's trace).
+    reply: R,
     /// Links to the followers it was queued on, by follower.
     sent: Vec<(NodeId, LinkId)>,
     /// Those of them that have not acknowledged it yet.
@@ -154,7 +157,7 @@ struct Pending {
     waiters: Vec<oneshot::Sender<Result<Ts, ServeError>>>,
 }
 
-impl Pending {
+impl<R> Pending<R> {
     /// Tells every waiter `outcome`.
     fn answer(self, outcome: Result<Ts, ServeError>) {
         for waiter in self.waiters {
@@ -477,6 +480,7 @@ impl<R: StreamReply> Shards<R> {
         };
         let (tx, rx) = oneshot::channel();
         shard.pending.push_back(Pending {
+            reply: R::event(event),
             entry,
             awaiting: sent.iter().map(|(_, link)| *link).collect(),
             sent,
@@ -511,8 +515,7 @@ impl<R: StreamReply> Shards<R> {
                 *seen_micros,
             );
             self.metrics.published(&event.body);
-            let reply = R::event(event);
-            shard.fan_out(&event.channel, &reply, &self.metrics);
+            shard.fan_out(&event.channel, &done.reply, &self.metrics);
             done.answer(Ok(ts));
         }
     }
