@@ -69,8 +69,8 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// Follows a new ring: a slot `node` follows now that it neither followed nor owned in
-    /// `previous` is being filled (unless its catch-up for this epoch already came); a slot it
+    /// Follows a new ring: a slot `node` follows now that it did not hold in `previous` (see
+    /// [`holds`]) is being filled (unless its catch-up for this epoch already came); a slot it
     /// stopped following is forgotten.
     pub fn follow(&mut self, previous: &Ring, ring: &Ring, node: &NodeId) {
         for slot in 0..SLOT_COUNT as Slot {
@@ -78,7 +78,7 @@ impl Replicas {
                 self.catching_up.remove(&slot);
                 continue;
             }
-            let held = previous.follows(node, slot) || previous.owns(node, slot);
+            let held = holds(previous, ring, node, slot);
             let filled = self.filled.get(&slot).is_some_and(|&e| e >= ring.epoch());
             if !held && !filled {
                 self.catching_up.insert(slot);
@@ -105,8 +105,17 @@ impl Replicas {
     }
 }
 
+/// Whether `follower`, a follower of `slot` in `ring`, holds the slot's channels already from
+/// `previous`: it owned the slot, or it followed it under the same owner. A follower whose owner
+/// changed is filled again by the new owner (it may have been catching up from the old one,
+/// which can no longer finish), so each side counts the same slots to fill.
+pub fn holds(previous: &Ring, ring: &Ring, follower: &NodeId, slot: Slot) -> bool {
+    let same_owner = previous.owner(slot).map(|n| &n.id) == ring.owner(slot).map(|n| &n.id);
+    previous.owns(follower, slot) || (same_owner && previous.follows(follower, slot))
+}
+
 /// The followers `node` must fill as the owner in `ring`: for each, the slots it follows now
-/// but neither followed nor owned in `previous`.
+/// but did not hold in `previous` (see [`holds`]).
 pub fn catch_ups(previous: &Ring, ring: &Ring, node: &NodeId) -> Vec<(RingNode, Vec<Slot>)> {
     let mut by_follower: BTreeMap<&NodeId, (&RingNode, Vec<Slot>)> = BTreeMap::new();
     for slot in 0..SLOT_COUNT as Slot {
@@ -114,8 +123,7 @@ pub fn catch_ups(previous: &Ring, ring: &Ring, node: &NodeId) -> Vec<(RingNode, 
             continue;
         }
         for follower in ring.followers(slot) {
-            let held = previous.follows(&follower.id, slot) || previous.owns(&follower.id, slot);
-            if !held {
+            if !holds(previous, ring, &follower.id, slot) {
                 by_follower
                     .entry(&follower.id)
                     .or_insert_with(|| (follower, Vec::new()))
@@ -214,10 +222,45 @@ mod tests {
             for (follower, slots) in catch_ups(&three, &promoted, &owner.id) {
                 for slot in slots {
                     assert!(promoted.follows(&follower.id, slot));
-                    assert!(!three.follows(&follower.id, slot) && !three.owns(&follower.id, slot));
+                    assert!(!holds(&three, &promoted, &follower.id, slot));
+                    assert!(!three.owns(&follower.id, slot));
                 }
             }
         }
         assert!(followers_of(&promoted, &node(0).id).contains(&node(1).id));
+    }
+
+    #[test]
+    fn a_follower_whose_owner_changed_is_filled_again_by_the_new_owner() {
+        let four = ring(4, &ring(3, &ring(2, &ring(1, &Ring::empty()))));
+        let three_way = four.clone().with_followers(&four, 3);
+        let dead = node(0).id;
+        let next = three_way
+            .with_promotion(&dead, None)
+            .unwrap()
+            .with_followers(&three_way, 3);
+        // A slot of the dead node: its first follower owns it now; the second still follows.
+        let slot = (0..SLOT_COUNT as Slot)
+            .find(|&s| {
+                three_way.owns(&dead, s) && next.followers(s).any(|f| three_way.follows(&f.id, s))
+            })
+            .unwrap();
+        let owner = next.owner(slot).unwrap().id.clone();
+        let kept = next
+            .followers(slot)
+            .find(|f| three_way.follows(&f.id, slot))
+            .unwrap()
+            .id
+            .clone();
+        assert!(!holds(&three_way, &next, &kept, slot));
+        let fills = catch_ups(&three_way, &next, &owner);
+        assert!(
+            fills
+                .iter()
+                .any(|(f, slots)| f.id == kept && slots.contains(&slot))
+        );
+        let mut replicas = Replicas::default();
+        replicas.follow(&three_way, &next, &kept);
+        assert!(!replicas.in_sync(slot));
     }
 }
