@@ -229,6 +229,7 @@ impl ChannelService {
         );
         let mut previous = ring.current();
         self.inner.ownership.start_from(&previous);
+        self.ask_fills();
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);
             previous = ring;
@@ -256,12 +257,7 @@ impl ChannelService {
             .shards
             .reroute(ring, ownership.node(), &replicate::LinkSender(self));
         self.prune_links(ring);
-        for (follower, slots) in crate::replication::catch_ups(previous, ring, ownership.node()) {
-            let this = self.clone();
-            self.inner
-                .tracker
-                .spawn(async move { this.fill(follower.id, slots).await });
-        }
+        self.ask_fills();
         let epoch = ring.epoch();
         self.progress(|p| p.followed(epoch, sends.len()));
         // This ring's warm-ups end at their own deadline (set just before, by `gain`); an
@@ -634,12 +630,14 @@ impl ChannelServerRpc for ChannelService {
         ))
     }
 
+    type CatchUpStream = replicate::ChunkStream;
+
     async fn catch_up(
         &self,
-        request: Request<Streaming<pb::CatchUpChunk>>,
-    ) -> Result<Response<pb::CatchUpAck>, Status> {
+        request: Request<pb::CatchUpRequest>,
+    ) -> Result<Response<Self::CatchUpStream>, Status> {
         let caller = authz::caller(&request);
-        self.take_catch_up(caller, request.into_inner())
+        self.serve_catch_up(caller, request.into_inner())
             .await
             .map(Response::new)
     }

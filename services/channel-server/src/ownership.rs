@@ -197,9 +197,30 @@ impl Ownership {
         }
     }
 
-    /// This node follows `ring` from the start (the ring it found before following changes).
+    /// This node follows `ring` from the start (the ring it found before following changes):
+    /// every slot it follows there is to be filled.
     pub fn start_from(&self, ring: &Ring) {
+        let mut replicas = self.replicas();
+        replicas.start(ring, &self.node);
+        self.lease.catching_up(ring.epoch(), replicas.catching_up());
+        drop(replicas);
         self.applied.send_replace(ring.epoch());
+    }
+
+    /// The followed slots to ask their owners in `ring` to fill now, by owner (each counts as
+    /// asked until [`Ownership::answered`]).
+    pub fn to_ask(&self, ring: &Ring) -> Vec<(mesh_core::RingNode, Vec<Slot>)> {
+        self.replicas().to_ask(ring)
+    }
+
+    /// A catch-up asked for `slots` ended.
+    pub fn answered(&self, slots: &[Slot]) {
+        self.replicas().answered(slots);
+    }
+
+    /// Whether `slot` is followed and still being filled.
+    pub fn is_catching_up(&self, slot: Slot) -> bool {
+        self.replicas().is_catching_up(slot)
     }
 
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose

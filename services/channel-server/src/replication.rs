@@ -58,7 +58,8 @@ pub struct Replicated {
 /// A follower's view of the slots it follows: which copies are still being filled by their
 /// owner (a copy in sync holds every event its owner acknowledged). Only a slot followed in
 /// sync is promoted with its history; one still being filled is taken over as from a node that
-/// died (its history marked incomplete).
+/// died (its history marked incomplete). The follower, which alone knows what this process
+/// holds, asks the owners to fill what it lacks.
 #[derive(Debug, Default)]
 pub struct Replicas {
     /// Followed slots whose copy is still being filled.
@@ -66,9 +67,59 @@ pub struct Replicas {
     /// Slots whose catch-up ended, with the epoch it was sent in (a catch-up can beat the
     /// ring that names it here).
     filled: HashMap<Slot, u64>,
+    /// Slots a catch-up is asked for right now.
+    asked: BTreeSet<Slot>,
 }
 
 impl Replicas {
+    /// This process starts following `ring`: it holds nothing yet, so every slot `node` follows
+    /// there is to be filled.
+    pub fn start(&mut self, ring: &Ring, node: &NodeId) {
+        for slot in 0..SLOT_COUNT as Slot {
+            if ring.follows(node, slot) {
+                self.catching_up.insert(slot);
+            }
+        }
+    }
+
+    /// The slots to ask a catch-up for now, by their owner in `ring`: those still being filled
+    /// and not asked for already (they count as asked from here on).
+    pub fn to_ask(&mut self, ring: &Ring) -> Vec<(RingNode, Vec<Slot>)> {
+        let mut by_owner: BTreeMap<&NodeId, (&RingNode, Vec<Slot>)> = BTreeMap::new();
+        for &slot in &self.catching_up {
+            if self.asked.contains(&slot) {
+                continue;
+            }
+            if let Some(owner) = ring.owner(slot) {
+                by_owner
+                    .entry(&owner.id)
+                    .or_insert_with(|| (owner, Vec::new()))
+                    .1
+                    .push(slot);
+            }
+        }
+        let asks: Vec<(RingNode, Vec<Slot>)> = by_owner
+            .into_values()
+            .map(|(owner, slots)| (owner.clone(), slots))
+            .collect();
+        for (_, slots) in &asks {
+            self.asked.extend(slots.iter().copied());
+        }
+        asks
+    }
+
+    /// A catch-up asked for `slots` ended (filled or not): they may be asked for again.
+    pub fn answered(&mut self, slots: &[Slot]) {
+        for slot in slots {
+            self.asked.remove(slot);
+        }
+    }
+
+    /// Whether `slot` is still being filled (a catch-up asking for it goes on).
+    pub fn is_catching_up(&self, slot: Slot) -> bool {
+        self.catching_up.contains(&slot)
+    }
+
     /// Follows a new ring: a slot `node` follows now that it did not hold in `previous` (see
     /// [`holds`]) is being filled (unless its catch-up for this epoch already came); a slot it
     /// stopped following is forgotten.
@@ -106,36 +157,14 @@ impl Replicas {
 }
 
 /// Whether `follower`, a follower of `slot` in `ring`, holds the slot's channels already from
-/// `previous`: it owned the slot, or it followed it under the same owner. A follower whose owner
-/// changed is filled again by the new owner (it may have been catching up from the old one,
-/// which can no longer finish), so each side counts the same slots to fill.
+/// `previous`, the ring it followed just before: `ring` is the very next epoch (no ring it did
+/// not see came between, in which it might have been dropped and missed events), and it owned
+/// the slot there, or followed it under the same owner. A follower whose owner changed is
+/// filled again by the new owner: it may have been catching up from the old one.
 pub fn holds(previous: &Ring, ring: &Ring, follower: &NodeId, slot: Slot) -> bool {
+    let next = previous.epoch() + 1 == ring.epoch() && previous.generation() == ring.generation();
     let same_owner = previous.owner(slot).map(|n| &n.id) == ring.owner(slot).map(|n| &n.id);
-    previous.owns(follower, slot) || (same_owner && previous.follows(follower, slot))
-}
-
-/// The followers `node` must fill as the owner in `ring`: for each, the slots it follows now
-/// but did not hold in `previous` (see [`holds`]).
-pub fn catch_ups(previous: &Ring, ring: &Ring, node: &NodeId) -> Vec<(RingNode, Vec<Slot>)> {
-    let mut by_follower: BTreeMap<&NodeId, (&RingNode, Vec<Slot>)> = BTreeMap::new();
-    for slot in 0..SLOT_COUNT as Slot {
-        if !ring.owns(node, slot) {
-            continue;
-        }
-        for follower in ring.followers(slot) {
-            if !holds(previous, ring, &follower.id, slot) {
-                by_follower
-                    .entry(&follower.id)
-                    .or_insert_with(|| (follower, Vec::new()))
-                    .1
-                    .push(slot);
-            }
-        }
-    }
-    by_follower
-        .into_values()
-        .map(|(follower, slots)| (follower.clone(), slots))
-        .collect()
+    next && (previous.owns(follower, slot) || (same_owner && previous.follows(follower, slot)))
 }
 
 /// The nodes `node` replicates to in `ring`: every follower of a slot it owns.
@@ -163,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_follower_is_filled_and_an_old_one_is_in_sync() {
+    fn a_new_follower_asks_its_owners_and_an_old_one_is_in_sync() {
         let one = ring(1, &Ring::empty());
         let two = ring(2, &one);
         let (a, b) = (node(0).id, node(1).id);
@@ -176,22 +205,45 @@ mod tests {
             followed,
             "everything b follows is new to it"
         );
-        // The owner fills exactly those.
-        let fills = catch_ups(&one, &two, &a);
-        assert_eq!(fills.len(), 1);
-        assert_eq!(fills[0].0.id, b);
-        assert_eq!(fills[0].1.len(), followed);
-        for &slot in &fills[0].1 {
+        let asks = replicas.to_ask(&two);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].0.id, a);
+        assert_eq!(asks[0].1.len(), followed);
+        assert!(replicas.to_ask(&two).is_empty(), "asked once at a time");
+        for &slot in &asks[0].1 {
             assert!(!replicas.in_sync(slot));
             replicas.filled(slot, two.epoch());
             assert!(replicas.in_sync(slot));
         }
+        replicas.answered(&asks[0].1);
         assert_eq!(replicas.catching_up(), 0);
-        // The next ring keeps b following the same slots: in sync, nothing to fill.
+        // The next epoch keeps b following the same slots: in sync, nothing to ask.
         let again = two.rebalanced(&[node(0), node(1)]).with_followers(&two, 2);
         replicas.follow(&two, &again, &b);
         assert_eq!(replicas.catching_up(), 0);
-        assert!(catch_ups(&two, &again, &a).is_empty());
+        assert!(replicas.to_ask(&again).is_empty());
+    }
+
+    #[test]
+    fn a_ring_seen_after_a_gap_or_at_start_is_filled_again() {
+        let one = ring(1, &Ring::empty());
+        let two = ring(2, &one);
+        let b = node(1).id;
+        let three = two.rebalanced(&[node(0), node(1)]).with_followers(&two, 2);
+        let four = three
+            .rebalanced(&[node(0), node(1)])
+            .with_followers(&three, 2);
+        let slot = (0..SLOT_COUNT as Slot)
+            .find(|&s| four.follows(&b, s))
+            .unwrap();
+        assert!(holds(&three, &four, &b, slot));
+        assert!(
+            !holds(&two, &four, &b, slot),
+            "epoch 3 came between, unseen"
+        );
+        let mut started = Replicas::default();
+        started.start(&four, &b);
+        assert_eq!(started.catching_up(), four.slots_followed(&b));
     }
 
     #[test]
@@ -210,28 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_that_owned_a_slot_and_now_follows_it_holds_it_already() {
-        let three = ring(3, &ring(2, &ring(1, &Ring::empty())));
-        let dead = node(2).id;
-        let promoted = three
-            .with_promotion(&dead, None)
-            .unwrap()
-            .with_followers(&three, 2);
-        // The promoted owners fill the new followers of the dead node's slots.
-        for owner in promoted.nodes() {
-            for (follower, slots) in catch_ups(&three, &promoted, &owner.id) {
-                for slot in slots {
-                    assert!(promoted.follows(&follower.id, slot));
-                    assert!(!holds(&three, &promoted, &follower.id, slot));
-                    assert!(!three.owns(&follower.id, slot));
-                }
-            }
-        }
-        assert!(followers_of(&promoted, &node(0).id).contains(&node(1).id));
-    }
-
-    #[test]
-    fn a_follower_whose_owner_changed_is_filled_again_by_the_new_owner() {
+    fn a_follower_whose_owner_changed_asks_the_new_owner() {
         let four = ring(4, &ring(3, &ring(2, &ring(1, &Ring::empty()))));
         let three_way = four.clone().with_followers(&four, 3);
         let dead = node(0).id;
@@ -253,14 +284,14 @@ mod tests {
             .id
             .clone();
         assert!(!holds(&three_way, &next, &kept, slot));
-        let fills = catch_ups(&three_way, &next, &owner);
-        assert!(
-            fills
-                .iter()
-                .any(|(f, slots)| f.id == kept && slots.contains(&slot))
-        );
         let mut replicas = Replicas::default();
         replicas.follow(&three_way, &next, &kept);
         assert!(!replicas.in_sync(slot));
+        let asks = replicas.to_ask(&next);
+        assert!(
+            asks.iter()
+                .any(|(o, slots)| o.id == owner && slots.contains(&slot))
+        );
+        assert!(followers_of(&next, &owner).contains(&kept));
     }
 }

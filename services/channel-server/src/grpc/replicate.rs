@@ -38,6 +38,8 @@ const BATCH_QUEUE: usize = 64;
 
 /// The replies of a follower's side of one `Replicate` stream.
 pub(super) type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateAck, Status>> + Send>>;
+/// The chunks of an owner's side of one catch-up.
+pub(super) type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::CatchUpChunk, Status>> + Send>>;
 
 /// An event on its way to one or more followers, in its protobuf form (made once).
 #[derive(Debug)]
@@ -423,25 +425,110 @@ impl ChannelService {
         Ok(from)
     }
 
-    /// A follower's side of a catch-up: each chunk's channels are merged into this node's copy
-    /// (fenced per slot like replication), and each slot done is counted in sync.
-    pub(super) async fn take_catch_up(
-        &self,
-        caller: Caller,
-        mut chunks: Streaming<pb::CatchUpChunk>,
-    ) -> Result<pb::CatchUpAck, Status> {
-        let mut filled = 0u32;
-        let mut checked: HashSet<Slot> = HashSet::new();
+    /// Asks the owners of the followed slots still being filled (and not asked for yet) to
+    /// fill them, one task per owner.
+    pub(super) fn ask_fills(&self) {
+        let ring = self.inner.ownership.ring().current();
+        for (owner, slots) in self.inner.ownership.to_ask(&ring) {
+            let this = self.clone();
+            self.inner.tracker.spawn(async move {
+                this.ask_fill(owner.id, &slots).await;
+                this.inner.ownership.answered(&slots);
+            });
+        }
+    }
+
+    /// A follower asks `owner` to fill `slots` and merges what comes, retried until every slot
+    /// is filled, or the ring no longer names `owner` and this node for it, or
+    /// [`CATCH_UP_GIVE_UP`] passed.
+    async fn ask_fill(&self, owner: NodeId, slots: &[Slot]) {
+        let started = Instant::now();
         let ownership = &self.inner.ownership;
-        while let Some(chunk) = chunks.message().await? {
-            let from = self.sender(&caller, rpc::CATCH_UP, &chunk.from_node)?;
-            let mut check = async |slot: Slot| -> Result<(), Status> {
-                if checked.insert(slot) {
-                    let fenced = ownership.check_follower(&from, slot, chunk.epoch).await;
-                    if let Err(refusal) = fenced {
-                        checked.remove(&slot);
-                        return Err(status(refusal));
+        let me = ownership.node().clone();
+        loop {
+            let ring = ownership.ring().current();
+            let left: Vec<Slot> = slots
+                .iter()
+                .copied()
+                .filter(|&s| {
+                    ownership.is_catching_up(s) && ring.owns(&owner, s) && ring.follows(&me, s)
+                })
+                .collect();
+            let Some(addr) = ring.nodes().iter().find(|n| n.id == owner) else {
+                return;
+            };
+            if left.is_empty() {
+                return;
+            }
+            match self
+                .fill_from(&owner, &addr.addr, ring.epoch(), &left)
+                .await
+            {
+                Ok(n) => {
+                    self.inner
+                        .metrics
+                        .catch_up_slots
+                        .with_label_values(&["filled"])
+                        .inc_by(u64::from(n));
+                    tracing::info!(%owner, slots = n, "copy filled by the slots' owner");
+                    if n as usize == left.len() {
+                        return;
                     }
+                }
+                Err(e) => tracing::warn!(%owner, error = %e, "catch-up failed; asking again"),
+            }
+            if started.elapsed() > CATCH_UP_GIVE_UP {
+                tracing::error!(%owner, slots = left.len(), "catch-up given up: this copy stays behind until the ring changes");
+                return;
+            }
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
+        }
+    }
+
+    /// One catch-up from `owner`: each chunk's channels are merged into this node's copy (only
+    /// while `owner` owns their slots in this node's ring, and it follows them), and each slot
+    /// done counts as filled. The number of slots filled.
+    async fn fill_from(
+        &self,
+        owner: &NodeId,
+        addr: &str,
+        epoch: u64,
+        slots: &[Slot],
+    ) -> Result<u32, Status> {
+        let channel = mesh_transport::endpoint(addr)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client =
+            ChannelServerClient::new(channel).max_decoding_message_size(MAX_HANDOFF_MESSAGE);
+        let request = pb::CatchUpRequest {
+            follower: self.inner.ownership.node().to_string(),
+            epoch,
+            slots: slots.iter().map(|&s| u32::from(s)).collect(),
+        };
+        let mut chunks = tokio::time::timeout(CONNECT_TIMEOUT, client.catch_up(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("catch-up did not start"))??
+            .into_inner();
+        let ownership = &self.inner.ownership;
+        let mut checked: HashSet<Slot> = HashSet::new();
+        let mut filled = 0u32;
+        loop {
+            let chunk = tokio::select! {
+                _ = self.inner.cancel.cancelled() => return Err(Status::cancelled("shutting down")),
+                chunk = chunks.message() => chunk?,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut check = async |slot: Slot| -> Result<(), Status> {
+                if !checked.contains(&slot) {
+                    let fenced = ownership.check_follower(owner, slot, chunk.epoch).await;
+                    fenced.map_err(status)?;
+                    checked.insert(slot);
                 }
                 Ok(())
             };
@@ -458,88 +545,58 @@ impl ChannelService {
             for &slot in &chunk.done_slots {
                 let slot = Slot::try_from(slot)
                     .ok()
-                    .filter(|s| usize::from(*s) < mesh_core::SLOT_COUNT)
-                    .ok_or_else(|| invalid(format!("no slot {slot}")))?;
+                    .filter(|s| slots.contains(s))
+                    .ok_or_else(|| invalid(format!("slot {slot} was not asked for")))?;
                 check(slot).await?;
                 ownership.filled(slot, chunk.epoch);
                 filled += 1;
             }
         }
-        self.inner
-            .metrics
-            .catch_up_slots
-            .with_label_values(&["filled"])
-            .inc_by(u64::from(filled));
-        Ok(pb::CatchUpAck { slots: filled })
+        Ok(filled)
     }
 
-    /// Fills `follower`'s copy of `slots` (this node owns them, the ring made it their new
-    /// follower): once none waits for a handoff here, their channels are sent slot by slot,
-    /// at most at the catch-up rate, retried until confirmed, while the ring still names the
-    /// follower and this node for them.
-    pub(super) async fn fill(self, follower: NodeId, mut slots: Vec<Slot>) {
-        let started = Instant::now();
+    /// An owner's side of a catch-up: checks that the asking follower (as itself) follows the
+    /// slots it asks for and that this node owns them, in this node's ring; waits for their
+    /// handoffs here, if any; then streams their channels, at most at the catch-up rate.
+    pub(super) async fn serve_catch_up(
+        &self,
+        caller: Caller,
+        request: pb::CatchUpRequest,
+    ) -> Result<ChunkStream, Status> {
+        let follower = self.sender(&caller, rpc::CATCH_UP, &request.follower)?;
         let ownership = &self.inner.ownership;
-        let me = ownership.node().clone();
-        let warm_limit = crate::handoff::WARMUP_TIMEOUT + Duration::from_secs(1);
-        while slots.iter().any(|&s| ownership.is_warming(s)) && started.elapsed() < warm_limit {
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        let mut slots = Vec::with_capacity(request.slots.len());
+        for &slot in &request.slots {
+            let slot = Slot::try_from(slot)
+                .ok()
+                .filter(|s| usize::from(*s) < mesh_core::SLOT_COUNT)
+                .ok_or_else(|| invalid(format!("no slot {slot}")))?;
+            // The owner's side of fencing: only a follower this node's ring names, of a slot
+            // this node serves now.
+            ownership.check(slot, request.epoch).await.map_err(status)?;
+            let ring = ownership.ring().current();
+            if !ring.follows(&follower, slot) {
+                return Err(status(ServeError::NotFollower {
+                    slot,
+                    from: ownership.node().clone(),
+                    node: follower,
+                    epoch: ring.epoch(),
+                }));
             }
+            slots.push(slot);
         }
         // Slots of one shard together: each copy walks one shard.
         slots.sort_by_key(|&s| (usize::from(s) % 16, s));
-        loop {
-            let ring = ownership.ring().current();
-            slots.retain(|&s| ring.owns(&me, s) && ring.follows(&follower, s));
-            let Some(addr) = ring.nodes().iter().find(|n| n.id == follower) else {
-                return;
-            };
-            if slots.is_empty() {
-                return;
-            }
-            let sent = self.send_fill(&addr.addr, ring.epoch(), &slots).await;
-            match sent {
-                Ok(n) => {
-                    self.inner
-                        .metrics
-                        .catch_up_slots
-                        .with_label_values(&["sent"])
-                        .inc_by(u64::from(n));
-                    tracing::info!(%follower, slots = n, "follower filled");
-                    return;
-                }
-                Err(e) => tracing::warn!(%follower, error = %e, "catch-up failed; retrying"),
-            }
-            if started.elapsed() > CATCH_UP_GIVE_UP {
-                tracing::error!(%follower, slots = slots.len(), "catch-up given up: the follower stays behind");
-                return;
-            }
-            tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
-            }
-        }
-    }
-
-    /// One catch-up attempt: copies and streams `slots` in groups, throttled; the number of
-    /// slots the follower confirmed.
-    async fn send_fill(&self, addr: &str, epoch: u64, slots: &[Slot]) -> Result<u32, Status> {
-        let channel = mesh_transport::endpoint(addr)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let (tx, rx) = mpsc::channel::<pb::CatchUpChunk>(2);
-        let from = self.inner.ownership.node().to_string();
-        let rate = self.inner.catch_up_rate.max(1) as f64;
-        let producer = async move {
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let from = this.inner.ownership.node().to_string();
+            let epoch = this.inner.ownership.ring().current().epoch();
+            let rate = this.inner.catch_up_rate.max(1) as f64;
             let started = Instant::now();
             let mut bytes = 0u64;
             for group in slots.chunks(CATCH_UP_SLOTS) {
-                let (snapshots, floors) = self.inner.shards.copy_slots(group);
+                let (snapshots, floors) = this.inner.shards.copy_slots(group);
                 let mut chunks: Vec<pb::CatchUpChunk> = snapshots
                     .chunks(HANDOFF_CHUNK)
                     .map(|chunk| pb::CatchUpChunk {
@@ -565,26 +622,31 @@ impl ChannelService {
                 for chunk in chunks {
                     let size = chunk.encoded_len() as u64;
                     bytes += size;
-                    self.inner.metrics.catch_up_bytes.inc_by(size);
-                    if tx.send(chunk).await.is_err() {
+                    this.inner.metrics.catch_up_bytes.inc_by(size);
+                    let sent = tokio::select! {
+                        _ = this.inner.cancel.cancelled() => return,
+                        sent = tx.send(Ok(chunk)) => sent,
+                    };
+                    if sent.is_err() {
                         return;
                     }
                     // At most `rate` bytes per second since the start.
                     let due = Duration::from_secs_f64(bytes as f64 / rate);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            _ = this.inner.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                     }
                 }
+                this.inner
+                    .metrics
+                    .catch_up_slots
+                    .with_label_values(&["sent"])
+                    .inc_by(group.len() as u64);
             }
-        };
-        let mut client =
-            ChannelServerClient::new(channel).max_encoding_message_size(MAX_HANDOFF_MESSAGE);
-        let call = client.catch_up(ReceiverStream::new(rx));
-        let (_, answer) = tokio::select! {
-            _ = self.inner.cancel.cancelled() => return Err(Status::cancelled("shutting down")),
-            both = async { tokio::join!(producer, call) } => both,
-        };
-        Ok(answer?.into_inner().slots)
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
