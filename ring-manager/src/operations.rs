@@ -1,6 +1,11 @@
 //! The SRE operations on the membership (`ctl drain-node`, `ctl replace-node`, `ctl add-node`):
 //! each checks that it applies, changes the ring in a new epoch (with the handoffs of channel
 //! state it needs) and returns that ring, or says why it was refused ([`MembershipError`]).
+//!
+//! On a replicated ring, drain and replace move primaries by promotion: each of the node's
+//! slots goes to its first follower, which already holds the slot's history, with a handoff
+//! named from the (live) old owner to each new owner, so that whatever the follower may lack
+//! arrives too (the new owner merges the two).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,8 +38,9 @@ impl Membership {
         }
     }
 
-    /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff; `id`
-    /// drains, and becomes a standby once it has handed them off.
+    /// `ctl drain-node`: moves `id`'s slots to the other active nodes, with handoff (on a
+    /// replicated ring each to its first follower, else rebalanced); `id` drains, and becomes
+    /// a standby once it has handed them off.
     pub fn drain(&mut self, id: &NodeId) -> Result<Arc<Ring>, MembershipError> {
         self.check_active(id)?;
         let survivors: Vec<RingNode> = self
@@ -45,20 +51,51 @@ impl Membership {
         if survivors.is_empty() {
             return Err(MembershipError::LastActiveNode(id.clone()));
         }
-        let next = self.ring().rebalanced(&survivors);
+        let (next, cause) = match self.promoted(id, None) {
+            Some(next) => (
+                next,
+                format!("{id} drained (its slots promoted to their followers)"),
+            ),
+            None => (self.ring().rebalanced(&survivors), format!("{id} drained")),
+        };
         let handoffs = next.moves_from(self.ring());
         self.start_draining(id, next.epoch());
-        let cause = format!("{id} drained");
         Ok(self.publish(next.with_handoffs(handoffs), &cause))
     }
 
+    /// On a replicated ring, the next epoch without `id`, each of its slots promoted to its
+    /// first follower, `standby` joining (see [`Ring::with_promotion`]); `None` on a ring
+    /// without followers, or if `id` is not on it.
+    fn promoted(&self, id: &NodeId, standby: Option<RingNode>) -> Option<Ring> {
+        if !self.ring().is_replicated() {
+            return None;
+        }
+        self.ring().with_promotion(id, standby)
+    }
+
     /// `ctl replace-node`: hands `id`'s slots to a standby live at `now` (with handoff, since
-    /// `id` is alive).
+    /// `id` is alive). On a replicated ring, each slot goes to its first follower instead
+    /// (with a handoff from `id`), and the standby joins to receive follower places.
     pub fn replace(&mut self, id: &NodeId, now: Instant) -> Result<Arc<Ring>, MembershipError> {
         self.check_active(id)?;
         let (standby, addr) = self
             .pick_standby(now)
             .ok_or(MembershipError::NoStandbyToReplace)?;
+        let joining = RingNode {
+            id: standby.clone(),
+            addr: addr.clone(),
+        };
+        if let Some(next) = self.promoted(id, Some(joining)) {
+            if let Some(m) = self.member_mut(&standby) {
+                m.state = NodeState::Active;
+            }
+            self.start_draining(id, next.epoch());
+            let cause = format!(
+                "{id} replaced: its slots promoted to their followers; standby {standby} joins as a follower"
+            );
+            let handoffs = next.moves_from(self.ring());
+            return Ok(self.publish(next.with_handoffs(handoffs), &cause));
+        }
         let next = self
             .ring()
             .with_takeover(
