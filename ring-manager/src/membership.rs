@@ -26,7 +26,9 @@ use crate::state_file::{Saved, SavedMember};
 /// A channel server's state, as `ctl ring` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
-    /// Registered as active capacity, not yet given slots.
+    /// Registered as active capacity, not yet given slots; or, on a replicated ring, on the
+    /// ring as a follower only (an added or replacing standby) until its copies are filled,
+    /// when it takes its share of primaries.
     Joining,
     /// Owns slots.
     Active,
@@ -163,6 +165,10 @@ pub(crate) struct Member {
     /// being filled, and the ring epoch it counted them in.
     pub(crate) catching_up: u32,
     pub(crate) catching_up_epoch: u64,
+    /// For a node joining a replicated ring as a follower: the epoch that gave it follower
+    /// places. Once it reports no followed slot catching up, counted in this epoch or a later
+    /// one, it takes its share of primaries ([`Membership::lead_followed`]).
+    pub(crate) follow_epoch: u64,
 }
 
 impl Member {
@@ -178,6 +184,7 @@ impl Member {
             drain_epoch: 0,
             catching_up: 0,
             catching_up_epoch: 0,
+            follow_epoch: 0,
         }
     }
 }
@@ -268,7 +275,10 @@ impl Membership {
             .iter()
             .filter_map(|m| {
                 let state = NodeState::from_saved(&m.state);
-                let member = Member::new(m.addr.clone(), m.pid, state, m.incarnation, now);
+                let mut member = Member::new(m.addr.clone(), m.pid, state, m.incarnation, now);
+                // A follower still joining must report its copies filled in the resumed
+                // ring (the epoch that gave it its places is not saved).
+                member.follow_epoch = ring.epoch();
                 Some((NodeId::new(&m.id).ok()?, member))
             })
             .collect();
@@ -504,11 +514,16 @@ impl Membership {
         }
     }
 
-    /// The active nodes, sorted by id.
+    /// The active nodes, and the nodes joining the ring as followers, sorted by id: the
+    /// nodes a rebalanced ring is over.
     pub(crate) fn active_nodes(&self) -> Vec<RingNode> {
         self.members
             .iter()
-            .filter(|(_, m)| m.state == NodeState::Active)
+            .filter(|(id, m)| {
+                m.state == NodeState::Active
+                    || (m.state == NodeState::Joining
+                        && self.ring.nodes().iter().any(|n| &n.id == *id))
+            })
             .map(|(id, m)| RingNode {
                 id: id.clone(),
                 addr: m.addr.clone(),
@@ -547,7 +562,10 @@ impl Membership {
         let Some(member) = self.members.get_mut(id) else {
             return;
         };
-        let owned = matches!(member.state, NodeState::Active | NodeState::Draining);
+        let owned = matches!(
+            member.state,
+            NodeState::Active | NodeState::Draining | NodeState::Joining
+        );
         member.state = NodeState::Down;
         member.probing = false;
         tracing::warn!(node = %id, why, "node declared down");
@@ -596,20 +614,69 @@ impl Membership {
         };
         let mut cause = format!("{id} down ({why}); its slots promoted to their followers");
         if let Some(standby) = &standby {
-            if let Some(m) = self.members.get_mut(&standby.id) {
-                m.state = NodeState::Active;
-            }
+            self.join_as_follower(&standby.id, next.epoch());
             cause.push_str(&format!("; standby {} joins as a follower", standby.id));
         }
         tracing::info!(dead = %id, standby = ?standby.as_ref().map(|s| &s.id), "followers take over the dead node's slots");
         self.publish(next, &cause);
     }
 
+    /// Marks `id` joining the ring as a follower in `epoch`: it takes its share of primaries
+    /// once its copies are filled (a node the same ring gives slots is active at once).
+    pub(crate) fn join_as_follower(&mut self, id: &NodeId, epoch: u64) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.state = NodeState::Joining;
+            m.follow_epoch = epoch;
+        }
+    }
+
+    /// Whether `id` joins the ring as a follower and has reported every slot it follows filled,
+    /// counted in the epoch that gave it its places or a later one (a count for an older epoch
+    /// says nothing about them).
+    pub fn ready_to_lead(&self, id: &NodeId) -> bool {
+        self.members.get(id).is_some_and(|m| {
+            m.state == NodeState::Joining
+                && m.follow_epoch > 0
+                && m.catching_up == 0
+                && m.catching_up_epoch >= m.follow_epoch
+                && self.ring.nodes().iter().any(|n| &n.id == id)
+        })
+    }
+
+    /// If `id` is [ready to lead](Membership::ready_to_lead): a new epoch in which it owns its
+    /// fair share of slots, taken first among those it follows (it holds their history), with
+    /// handoffs from their live old owners; it is active from then on.
+    pub fn lead_followed(&mut self, id: &NodeId) -> Option<Arc<Ring>> {
+        if !self.ready_to_lead(id) {
+            return None;
+        }
+        let Some(next) = crate::placement::lead_followed(&self.ring, id) else {
+            // Nothing to gain (a ring of many nodes): it is active as it is.
+            if let Some(m) = self.members.get_mut(id) {
+                m.state = NodeState::Active;
+            }
+            self.changed();
+            return None;
+        };
+        if let Some(m) = self.members.get_mut(id) {
+            m.state = NodeState::Active;
+        }
+        let handoffs = next.moves_from(&self.ring);
+        let led = next.slots_owned(id);
+        let cause = format!("{id} caught up: it leads {led} slots, promoted where it followed");
+        Some(self.publish(next.with_handoffs(handoffs), &cause))
+    }
+
     /// Makes `next` the ring — with `factor - 1` followers per slot, kept from the current
     /// ring where they can be — remembers and logs what changed, and has the caller publish
-    /// it.
+    /// it. A joining node that owns slots in it is active.
     pub(crate) fn publish(&mut self, next: Ring, why: &str) -> Arc<Ring> {
         let next = next.with_followers(&self.ring, self.replication_factor);
+        for (id, m) in self.members.iter_mut() {
+            if m.state == NodeState::Joining && next.slots_owned(id) > 0 {
+                m.state = NodeState::Active;
+            }
+        }
         let change = EpochChange::between(&self.ring, &next, why, SystemTime::now());
         tracing::info!(
             epoch = next.epoch(),

@@ -86,9 +86,7 @@ impl Membership {
             addr: addr.clone(),
         };
         if let Some(next) = self.promoted(id, Some(joining)) {
-            if let Some(m) = self.member_mut(&standby) {
-                m.state = NodeState::Active;
-            }
+            self.join_as_follower(&standby, next.epoch());
             self.start_draining(id, next.epoch());
             let cause = format!(
                 "{id} replaced: its slots promoted to their followers; standby {standby} joins as a follower"
@@ -119,7 +117,10 @@ impl Membership {
     }
 
     /// `ctl add-node`: makes standby `id` (or, with `None`, any standby live at `now`) active,
-    /// taking a fair share of slots from the others.
+    /// taking a fair share of slots from the others. With a replication factor above 1 (and a
+    /// ring with an owner) it first joins the ring owning nothing, to receive follower places;
+    /// it takes its share of primaries, on slots it follows, once it reports its copies filled
+    /// ([`Membership::lead_followed`]).
     pub fn add(&mut self, id: Option<&NodeId>, now: Instant) -> Result<Arc<Ring>, MembershipError> {
         let id = match id {
             Some(id) => match self.state_of(id)? {
@@ -132,6 +133,20 @@ impl Membership {
                     .0
             }
         };
+        if self.replication_factor() > 1 {
+            let addr = self.member(&id).map(|m| m.addr.clone()).unwrap_or_default();
+            let node = RingNode {
+                id: id.clone(),
+                addr,
+            };
+            if let Some(next) = crate::placement::joined(self.ring(), node) {
+                self.join_as_follower(&id, next.epoch());
+                let cause = format!(
+                    "{id} joins as a follower; it takes its share of primaries once its copies are filled"
+                );
+                return Ok(self.publish(next, &cause));
+            }
+        }
         Ok(self.activate(&id))
     }
 }
@@ -141,7 +156,113 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::membership::tests::{SUSPECT, id, state, with_nodes};
+    use crate::membership::tests::{SUSPECT, assert_followers, id, replicated, state, with_nodes};
+
+    /// The handoffs `ring` names, as (from, to) pairs sorted.
+    fn handoff_pairs(ring: &Ring) -> Vec<(NodeId, NodeId)> {
+        let mut pairs: Vec<(NodeId, NodeId)> = ring
+            .handoffs()
+            .iter()
+            .map(|h| (h.from.clone(), h.to.clone()))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// Checks that `after` gave each of `node`'s slots in `before` to the slot's first
+    /// follower and moved no other slot.
+    fn promoted(before: &Ring, after: &Ring, node: &str) {
+        for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+            let expected = if before.owns(&id(node), s) {
+                before.followers(s).next()
+            } else {
+                before.owner(s)
+            };
+            assert_eq!(after.owner(s), expected, "slot {s}");
+        }
+    }
+
+    #[test]
+    fn on_a_replicated_ring_drain_moves_each_slot_to_its_follower_with_handoffs() {
+        let now = Instant::now();
+        let mut m = replicated(&["a", "b", "c"], &[], 2, now);
+        let before = m.ring().clone();
+        let ring = m.drain(&id("b")).unwrap();
+        promoted(&before, &ring, "b");
+        assert!(ring.nodes().iter().all(|n| n.id != id("b")));
+        assert_eq!(
+            handoff_pairs(&ring),
+            [(id("b"), id("a")), (id("b"), id("c"))],
+            "from the live old owner to each new owner"
+        );
+        assert_followers(&ring, 2);
+        assert_eq!(state(&m, "b"), NodeState::Draining);
+        assert_eq!(
+            m.history()[0].cause,
+            "b drained (its slots promoted to their followers)"
+        );
+        assert!(m.heartbeat(&id("b"), 2, ring.epoch(), now));
+        assert_eq!(state(&m, "b"), NodeState::Standby);
+    }
+
+    #[test]
+    fn on_a_replicated_ring_replace_promotes_followers_and_the_standby_joins_as_one() {
+        let now = Instant::now();
+        let mut m = replicated(&["a", "b", "c"], &["s"], 2, now);
+        let before = m.ring().clone();
+        let ring = m.replace(&id("a"), now).unwrap();
+        promoted(&before, &ring, "a");
+        assert_eq!(
+            handoff_pairs(&ring),
+            [(id("a"), id("b")), (id("a"), id("c"))]
+        );
+        assert_eq!(ring.slots_owned(&id("s")), 0);
+        assert!(
+            ring.slots_followed(&id("s")) > 0,
+            "the standby receives follower places"
+        );
+        assert_followers(&ring, 2);
+        assert_eq!(state(&m, "a"), NodeState::Draining);
+        assert_eq!(state(&m, "s"), NodeState::Joining);
+        assert_eq!(
+            m.history()[0].cause,
+            "a replaced: its slots promoted to their followers; standby s joins as a follower"
+        );
+    }
+
+    #[test]
+    fn on_a_replicated_ring_an_added_node_follows_first_and_leads_once_caught_up() {
+        let now = Instant::now();
+        let mut m = replicated(&["a", "b", "c"], &["s"], 2, now);
+        let before = m.ring().clone();
+        let joined = m.add(Some(&id("s")), now).unwrap();
+        assert_eq!(joined.epoch(), before.epoch() + 1);
+        assert!(
+            (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
+                .all(|s| joined.owner(s) == before.owner(s))
+        );
+        assert!(joined.handoffs().is_empty());
+        assert!(joined.slots_followed(&id("s")) >= mesh_core::SLOT_COUNT / 4);
+        assert_followers(&joined, 2);
+        assert_eq!(state(&m, "s"), NodeState::Joining);
+        m.report_progress(&id("s"), 4, 0, joined.epoch());
+        let led = m.lead_followed(&id("s")).unwrap();
+        assert_eq!(led.slots_owned(&id("s")), mesh_core::SLOT_COUNT / 4);
+        for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+            if led.owns(&id("s"), s) {
+                assert!(
+                    joined.follows(&id("s"), s),
+                    "slot {s}: led where it followed"
+                );
+            }
+        }
+        assert_eq!(
+            handoff_pairs(&led),
+            [(id("a"), id("s")), (id("b"), id("s")), (id("c"), id("s"))]
+        );
+        assert_followers(&led, 2);
+        assert_eq!(state(&m, "s"), NodeState::Active);
+    }
 
     #[test]
     fn drain_moves_the_slots_to_the_others_with_handoffs() {

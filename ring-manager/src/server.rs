@@ -479,6 +479,11 @@ impl RingManager {
         if !renewed {
             return false;
         }
+        if self.membership().ready_to_lead(id)
+            && let Err(e) = self.update(|m| m.lead_followed(id))
+        {
+            tracing::error!(node = %id, error = %e, "a caught-up follower's primaries could not be saved; retried at the next heartbeat");
+        }
         let handed_off_epoch = beat.handed_off_epoch;
         if !self.membership().drain_done(id, handed_off_epoch) {
             return true;
