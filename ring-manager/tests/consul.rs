@@ -1256,3 +1256,72 @@ async fn a_leader_cut_off_from_consul_steps_down_before_its_session_can_lapse() 
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
 }
+
+/// With replication, the ring record in KV carries every slot's followers, and the next
+/// leader serves them as they were.
+#[tokio::test]
+async fn the_followers_are_kept_in_consul_and_served_by_the_next_leader() {
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "replicas").unwrap();
+    let cancel = CancellationToken::new();
+    // Registered nodes here never heartbeat: nobody is suspected within the test.
+    let manager = ring_manager::Config {
+        replication_factor: 2,
+        suspect_after: Duration::from_secs(60),
+        ..ring_manager::Config::default()
+    };
+    let mut managers = Vec::new();
+    for _ in 0..2 {
+        let listen = free_port();
+        let config = LeaderConfig {
+            endpoint: format!("http://{listen}"),
+            listen,
+            session_ttl: TTL,
+            lock_delay: LOCK_DELAY,
+            nearest: vec![],
+        };
+        let (ring, cancel) = (ring.clone(), cancel.child_token());
+        let task = tokio::spawn(cluster::run_leader_election(
+            ring,
+            manager,
+            config.clone(),
+            cancel.clone(),
+        ));
+        managers.push((config, cancel, task));
+    }
+    let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let source = RingSource::Consul(ring.clone());
+    for (i, node) in ["cs-1", "cs-2", "cs-3"].iter().enumerate() {
+        register(&source, node, 20 + i as u16).await;
+    }
+    let stored = eventually("three nodes in kv", || async {
+        let (record, _) = ring.load().await.unwrap();
+        let stored = record?.saved.ring().ok()?;
+        (stored.nodes().len() == 3).then_some(stored)
+    })
+    .await;
+    assert!(stored.is_replicated());
+    for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+        let owner = &stored.owner(s).unwrap().id;
+        let followers: Vec<&NodeId> = stored.followers(s).map(|f| &f.id).collect();
+        assert_eq!(followers.len(), 1, "slot {s}");
+        assert_ne!(followers[0], owner);
+    }
+
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
+    let mut client = leader_client(&second.endpoint).await;
+    let served = client
+        .get_ring(mesh_proto::ring::GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let served = ring_client::convert::ring_from_proto(served).unwrap();
+    assert!(
+        served.same_assignment(&stored),
+        "{served:?} vs {stored:?}: owners and followers as stored"
+    );
+    cancel.cancel();
+    for (_, _, task) in managers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+}
