@@ -6,9 +6,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_core::{NodeId, Ring, SLOT_COUNT, Slot};
 use mesh_proto::ring::ring_manager_client::RingManagerClient;
@@ -18,25 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use support::eventually;
 use tonic::transport::Channel;
 
 /// How often a stand-in node sends a heartbeat.
 const HEARTBEAT: Duration = Duration::from_millis(50);
-
-/// Polls `f` until it returns `Some`, for at most 20 s.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn id(s: &str) -> NodeId {
     NodeId::new(s).unwrap()

@@ -38,15 +38,29 @@ fn to_first_followers(
     })
 }
 
-#[tokio::test]
-async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes() {
-    let mesh = unreplicated().await;
+/// A failover under load: the rings before and after, the stopped owner, and a reader of the
+/// channel with the posts acknowledged once the failover was over.
+struct Failover {
+    before: mesh_core::Ring,
+    after: mesh_core::Ring,
+    victim: String,
+    client: Rtm,
+    acked_after: Vec<Acked>,
+}
+
+/// Posts to `channel` with a reader connected, stops its owner while posts flow, and waits
+/// until `over(ring, members, victim)` says the failover is over (the ring then is `after`);
+/// then for 10 more acknowledged posts. No post may fail: they are retried across it.
+async fn stop_the_owner_while_posting(
+    mesh: &Mesh,
+    channel: &str,
+    over: impl Fn(&mesh_core::Ring, &[mesh_proto::ring::Member], &str) -> bool,
+) -> Failover {
     let us = mesh.rtm_base_url("us-east").unwrap();
-    let channel = "CFAILOVER";
-    let mut client = Rtm::connect(&us, &mesh.token("UREADER", "T1", &[channel]).unwrap())
+    let client = Rtm::connect(&us, &mesh.token("UREADER", "T1", &[channel]).unwrap())
         .await
         .unwrap();
-    let admin = admin(&mesh).await;
+    let admin = admin(mesh).await;
     let (before, _) = ring_at(mesh.ring_manager).await;
     let victim = before
         .owner_of(&ChannelId::new(channel).unwrap())
@@ -60,20 +74,47 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
     // Posts are flowing when the owner dies.
     posting.acked_since(started, 3).await;
     assert!(mesh.stop_channel_server(&victim));
-    let after = eventually("the standby takes over", || async {
+    let after = eventually("the failover", || async {
         let (after, members) = ring_at(mesh.ring_manager).await;
-        (after.epoch() > before.epoch() && state_of(&members, "cs-4") == "active").then_some(after)
+        (after.epoch() > before.epoch() && over(&after, &members, &victim)).then_some(after)
     })
     .await;
-    let replaced_at = Instant::now();
-    // Posts keep being acknowledged after the replacement.
-    posting.acked_since(replaced_at, 10).await;
+    let over_at = Instant::now();
+    // Posts keep being acknowledged after the failover.
+    posting.acked_since(over_at, 10).await;
     stop.cancel();
     let (acked, failed) = posting.finish().await;
     assert_eq!(
         failed, 0,
         "posts must be retried across the failover, not failed"
     );
+    let acked_after: Vec<Acked> = acked
+        .into_iter()
+        .filter(|(_, _, at)| *at > over_at)
+        .collect();
+    assert!(!acked_after.is_empty());
+    Failover {
+        before,
+        after,
+        victim,
+        client,
+        acked_after,
+    }
+}
+
+#[tokio::test]
+async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes() {
+    let mesh = unreplicated().await;
+    let Failover {
+        before,
+        after,
+        victim,
+        mut client,
+        acked_after,
+    } = stop_the_owner_while_posting(&mesh, "CFAILOVER", |_, members, _| {
+        state_of(members, "cs-4") == "active"
+    })
+    .await;
 
     // Exactly the dead node's slots moved, all onto the standby.
     let moved = moves(&before, &after);
@@ -93,12 +134,7 @@ async fn a_dead_channel_server_is_replaced_by_the_standby_and_delivery_resumes()
 
     // Every post acked after the replacement reaches the client, once, in order. (Posts the
     // dead node acked but had not yet sent on died with its memory.)
-    let after_replacement: Vec<Acked> = acked
-        .into_iter()
-        .filter(|(_, _, at)| *at > replaced_at)
-        .collect();
-    assert!(!after_replacement.is_empty());
-    receive_all(&mut client, &after_replacement).await;
+    receive_all(&mut client, &acked_after).await;
 }
 
 #[tokio::test]
@@ -191,8 +227,28 @@ async fn a_drained_node_hands_over_its_channels_and_loses_nothing() {
 #[tokio::test]
 async fn replace_node_hands_its_slots_and_history_to_the_standby() {
     let mesh = unreplicated().await;
-    let channel = "CREPLACE";
-    let mut admin = admin(&mesh).await;
+    let replaced = replace_the_owner_of(&mesh, "CREPLACE").await;
+    let moved = moves(&replaced.before, &replaced.after);
+    assert!(!moved.is_empty());
+    assert!(
+        moved
+            .iter()
+            .all(|(_, from, to)| *from == replaced.victim && to == "cs-4")
+    );
+}
+
+/// A replacement of a channel's owner: the ring before and after, and who was replaced.
+struct Replaced {
+    before: mesh_core::Ring,
+    after: mesh_core::Ring,
+    victim: String,
+}
+
+/// Posts to `channel`, replaces its owner (`ctl replace-node`), then checks the channel's
+/// history holds the post from before and one from after, in order (the history moved with the
+/// slot).
+async fn replace_the_owner_of(mesh: &Mesh, channel: &str) -> Replaced {
+    let mut admin = admin(mesh).await;
     let first = post(&mut admin, channel, "UPOSTER", "kept").await;
     let (before, _) = ring_at(mesh.ring_manager).await;
     let victim = before
@@ -209,13 +265,6 @@ async fn replace_node_hands_its_slots_and_history_to_the_standby() {
         .unwrap()
         .into_inner();
     let after = ring_client::convert::ring_from_proto(replaced).unwrap();
-    let moved = moves(&before, &after);
-    assert!(!moved.is_empty());
-    assert!(
-        moved
-            .iter()
-            .all(|(_, from, to)| *from == victim && to == "cs-4")
-    );
     let second = post(&mut admin, channel, "UPOSTER", "after").await;
     assert!(second > first);
     let history = admin
@@ -229,21 +278,35 @@ async fn replace_node_hands_its_slots_and_history_to_the_standby() {
         .into_inner();
     let ts: Vec<&str> = history.events.iter().map(|e| e.ts.as_str()).collect();
     assert_eq!(ts, [first.as_str(), second.as_str()]);
+    Replaced {
+        before,
+        after,
+        victim,
+    }
+}
+
+/// `ctl add-node cs-4` (the standby): the rings before and after; adding it again is refused.
+async fn add_the_standby(mesh: &Mesh) -> (mesh_core::Ring, mesh_core::Ring) {
+    let (before, _) = ring_at(mesh.ring_manager).await;
+    let add = || async {
+        rm_at(mesh.ring_manager)
+            .await
+            .add_node(NodeRequest {
+                node_id: "cs-4".into(),
+            })
+            .await
+    };
+    let added = add().await.unwrap().into_inner();
+    let after = ring_client::convert::ring_from_proto(added).unwrap();
+    let refused = add().await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    (before, after)
 }
 
 #[tokio::test]
 async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
     let mesh = unreplicated().await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    let added = rm_at(mesh.ring_manager)
-        .await
-        .add_node(NodeRequest {
-            node_id: "cs-4".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let after = ring_client::convert::ring_from_proto(added).unwrap();
+    let (before, after) = add_the_standby(&mesh).await;
     let moved = moves(&before, &after);
     assert!(moved.iter().all(|(_, _, to)| to == "cs-4"));
     assert!(
@@ -251,14 +314,6 @@ async fn adding_a_standby_moves_a_fair_share_onto_it_only() {
         "{}",
         moved.len()
     );
-    let refused = rm_at(mesh.ring_manager)
-        .await
-        .add_node(NodeRequest {
-            node_id: "cs-4".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
 }
 
 #[tokio::test]
@@ -316,35 +371,17 @@ async fn epoch_after(mesh: &Mesh, epoch: u64) -> (String, Vec<(String, String, u
 #[tokio::test]
 async fn a_dead_channel_servers_slots_go_to_their_followers_and_delivery_resumes() {
     let mesh = mesh().await;
-    let us = mesh.rtm_base_url("us-east").unwrap();
-    let channel = "CPROMOTE";
-    let mut client = Rtm::connect(&us, &mesh.token("UREADER", "T1", &[channel]).unwrap())
-        .await
-        .unwrap();
-    let admin = admin(&mesh).await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    assert!(before.is_replicated());
-    let victim = before
-        .owner_of(&ChannelId::new(channel).unwrap())
-        .unwrap()
-        .id
-        .to_string();
-
-    let stop = CancellationToken::new();
-    let started = Instant::now();
-    let posting = poster(&admin, channel, stop.clone());
-    posting.acked_since(started, 3).await;
-    assert!(mesh.stop_channel_server(&victim));
-    eventually("the victim declared down", || async {
-        let (after, members) = ring_at(mesh.ring_manager).await;
-        (after.epoch() > before.epoch() && state_of(&members, &victim) == "down").then_some(())
+    let Failover {
+        before,
+        victim,
+        mut client,
+        acked_after,
+        ..
+    } = stop_the_owner_while_posting(&mesh, "CPROMOTE", |_, members, victim| {
+        state_of(members, victim) == "down"
     })
     .await;
-    let promoted_at = Instant::now();
-    posting.acked_since(promoted_at, 10).await;
-    stop.cancel();
-    let (acked, failed) = posting.finish().await;
-    assert_eq!(failed, 0, "posts are retried across the failover");
+    assert!(before.is_replicated());
 
     // The failure's epoch (later ones may follow, once the standby's copies are filled): each
     // of the victim's slots went to its first follower, none to the standby, which joined.
@@ -375,35 +412,18 @@ async fn a_dead_channel_servers_slots_go_to_their_followers_and_delivery_resumes
     assert!(ring.slots_followed(&mesh_core::NodeId::new("cs-4").unwrap()) > 0);
     assert!(matches!(state_of(&members, "cs-4"), "joining" | "active"));
 
-    let after_promotion: Vec<Acked> = acked
-        .into_iter()
-        .filter(|(_, _, at)| *at > promoted_at)
-        .collect();
-    assert!(!after_promotion.is_empty());
-    receive_all(&mut client, &after_promotion).await;
+    receive_all(&mut client, &acked_after).await;
 }
 
 #[tokio::test]
 async fn replace_node_on_a_replicated_ring_promotes_followers_and_hands_over_the_history() {
     let mesh = mesh().await;
-    let channel = "CREPLACE";
-    let mut admin = admin(&mesh).await;
-    let first = post(&mut admin, channel, "UPOSTER", "kept").await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    let victim = before
-        .owner_of(&ChannelId::new(channel).unwrap())
-        .unwrap()
-        .id
-        .to_string();
-    let replaced = rm_at(mesh.ring_manager)
-        .await
-        .replace_node(NodeRequest {
-            node_id: victim.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let after = ring_client::convert::ring_from_proto(replaced).unwrap();
+    // The history arrives with the handoff: checked by the helper.
+    let Replaced {
+        before,
+        after,
+        victim,
+    } = replace_the_owner_of(&mesh, "CREPLACE").await;
     let moved = moves(&before, &after);
     let victim_id = mesh_core::NodeId::new(&victim).unwrap();
     assert_eq!(moved.len(), before.slots_owned(&victim_id));
@@ -429,36 +449,12 @@ async fn replace_node_on_a_replicated_ring_promotes_followers_and_hands_over_the
         after.slots_followed(&standby) > 0,
         "the standby joins as a follower"
     );
-
-    // The history arrives with the handoff.
-    let second = post(&mut admin, channel, "UPOSTER", "after").await;
-    assert!(second > first);
-    let history = admin
-        .history(HistoryRequest {
-            channel: channel.into(),
-            since_ts: String::new(),
-            limit: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ts: Vec<&str> = history.events.iter().map(|e| e.ts.as_str()).collect();
-    assert_eq!(ts, [first.as_str(), second.as_str()]);
 }
 
 #[tokio::test]
 async fn adding_a_standby_to_a_replicated_ring_makes_it_a_follower_first() {
     let mesh = mesh().await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    let added = rm_at(mesh.ring_manager)
-        .await
-        .add_node(NodeRequest {
-            node_id: "cs-4".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let after = ring_client::convert::ring_from_proto(added).unwrap();
+    let (before, after) = add_the_standby(&mesh).await;
     assert_eq!(after.epoch(), before.epoch() + 1);
     assert!(moves(&before, &after).is_empty(), "no primary moves yet");
     assert!(after.handoffs().is_empty());
@@ -469,14 +465,6 @@ async fn adding_a_standby_to_a_replicated_ring_makes_it_a_follower_first() {
         "{}",
         after.slots_followed(&standby)
     );
-    let refused = rm_at(mesh.ring_manager)
-        .await
-        .add_node(NodeRequest {
-            node_id: "cs-4".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     // The mesh still serves with a node that owns nothing on its ring.
     let mut admin = admin(&mesh).await;
     post(&mut admin, "CANY", "U1", "still working").await;

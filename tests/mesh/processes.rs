@@ -90,14 +90,7 @@ impl Dev {
     /// The embedded ring manager, with the state file `state_file`, in the test's directory
     /// `dir` (see [`Dev::dir`]).
     pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
-        let args = [
-            "--ring-manager".to_string(),
-            "127.0.0.1:0".to_string(),
-            "--presence-ring-manager".to_string(),
-            "127.0.0.1:0".to_string(),
-            "--ring-state-file".to_string(),
-            state_file.display().to_string(),
-        ];
+        let args = Self::embedded_args(&state_file);
         Self::launch(&args, state_file, dir)
     }
 

@@ -10,18 +10,9 @@ pub(crate) fn id(s: &str) -> NodeId {
 }
 
 /// A membership with `active` active nodes and `standby` standbys, registered at `now`,
-/// its effects taken.
+/// its effects taken; without replication (factor 1: a standby takes over a dead node's slots).
 pub(crate) fn with_nodes(active: &[&str], standby: &[&str], now: Instant) -> Membership {
-    let mut m = Membership::new(SUSPECT, 50);
-    for (i, n) in active.iter().enumerate() {
-        m.register(id(n), format!("{n}:1"), i as u32, false, now)
-            .unwrap();
-    }
-    for n in standby {
-        m.register(id(n), format!("{n}:1"), 0, true, now).unwrap();
-    }
-    m.take_effects();
-    m
+    replicated(active, standby, 1, now)
 }
 
 pub(crate) fn state(m: &Membership, node: &str) -> NodeState {
@@ -299,7 +290,8 @@ fn a_new_history_gets_its_own_generation_and_a_resumed_one_keeps_it() {
     assert_eq!(resumed.saved().generation, resumed.ring().generation());
 }
 
-/// [`with_nodes`] with replication factor `factor`: every ring it publishes has followers.
+/// [`with_nodes`] with replication factor `factor`: every ring it publishes has `factor - 1`
+/// followers per slot.
 pub(crate) fn replicated(
     active: &[&str],
     standby: &[&str],
