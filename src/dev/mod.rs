@@ -253,4 +253,26 @@ mod tests {
         assert!(check_jwt_secret(&secret).is_ok());
         assert_ne!(secret, random_secret());
     }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dev: DevArgs,
+    }
+
+    #[test]
+    fn the_replication_factor_reaches_the_mesh_and_zero_is_refused() {
+        use clap::Parser;
+        let config = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("dev").chain(args.iter().copied()))?;
+            Ok::<_, clap::Error>(cli.dev.mesh_config("s".repeat(32), "t".into()).unwrap())
+        };
+        assert_eq!(config(&[]).unwrap().replication_factor, 2);
+        let one = config(&["--replication-factor", "1"]).unwrap();
+        assert_eq!(one.replication_factor, 1);
+        let zero = config(&["--replication-factor", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("0 would keep no copy of a slot"), "{zero}");
+    }
 }
