@@ -656,6 +656,28 @@ mod tests {
     }
 
     #[test]
+    fn slots_short_of_followers_are_counted() {
+        assert_eq!(under_replicated(&Ring::empty(), 2), 0, "nothing is held");
+        let one = Ring::empty().rebalanced(&[node("a")]);
+        let one = one.clone().with_followers(&one, 2);
+        assert_eq!(under_replicated(&one, 2), mesh_core::SLOT_COUNT);
+        assert_eq!(under_replicated(&one, 1), 0);
+        let two = one.rebalanced(&[node("a"), node("b")]);
+        assert_eq!(
+            under_replicated(&two, 2),
+            mesh_core::SLOT_COUNT,
+            "none placed yet"
+        );
+        let two = two.with_followers(&one, 2);
+        assert_eq!(under_replicated(&two, 2), 0);
+        assert_eq!(
+            under_replicated(&two, 3),
+            mesh_core::SLOT_COUNT,
+            "one other node only"
+        );
+    }
+
+    #[test]
     fn the_fingerprint_ignores_ages_only() {
         let snapshot = Snapshot {
             role: "embedded".into(),

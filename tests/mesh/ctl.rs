@@ -133,6 +133,11 @@ async fn ctl_ring_shows_each_members_replicas() {
         mesh_core::SLOT_COUNT as u64,
         "replication factor 2: one follower per slot"
     );
+    // The presence ring places none: presence is soft state.
+    let presence = json(&ctl(mesh.presence_ring_manager, &["ring", "--json"]).await);
+    for node in presence["nodes"].as_array().unwrap() {
+        assert_eq!(node["replicas"]["followed"], 0, "{node}");
+    }
 
     // A node's heartbeats say how many followed slots are still being filled.
     let node = crate::support::acting_as(Role::ChannelServer, "cs-9");
