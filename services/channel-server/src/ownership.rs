@@ -198,12 +198,15 @@ impl Ownership {
     }
 
     /// This node follows `ring` from the start (the ring it found before following changes):
-    /// every slot it follows there is to be filled.
-    pub fn start_from(&self, ring: &Ring) {
+    /// every slot it follows there is to be filled, and the `stale` slots it owns there (an
+    /// earlier incarnation's) settle as taken over from a node that died.
+    pub fn start_from(&self, ring: &Ring, stale: &[Slot]) {
         let mut replicas = self.replicas();
         replicas.start(ring, &self.node);
         self.lease.catching_up(ring.epoch(), replicas.catching_up());
         drop(replicas);
+        let until = tokio::time::Instant::now() + TAKEOVER_SETTLE;
+        self.warming().settle(ring, stale, until);
         self.applied.send_replace(ring.epoch());
     }
 
