@@ -227,7 +227,7 @@ impl ChannelService {
     /// On every new ring after `first` (the one found at start): drop subscriptions and
     /// history of slots this node no longer owns, telling the subscribed gateways the channel
     /// moved. A process starts holding nothing: slots `first` already gives this node (an
-    /// earlier incarnation's, not yet retired) count as lost, and followed ones as to fill.
+    /// earlier incarnation's, not yet retired) are not held, and followed ones are to fill.
     async fn follow_ring(self, first: Arc<Ring>) {
         let (ring, cancel) = (
             self.inner.ownership.ring().clone(),
@@ -239,7 +239,6 @@ impl ChannelService {
             .filter(|&slot| previous.owns(ownership.node(), slot))
             .collect();
         ownership.start_from(&previous, &stale);
-        self.inner.shards.mark_unknown(&stale);
         self.ask_fills();
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);
