@@ -496,3 +496,65 @@ async fn with_replication_factor_1_a_kill_loses_history_and_says_so() {
         .expect("the post", |v| v["ts"] == after.as_str())
         .await;
 }
+
+/// The memory bench measures a follower copy: `channelmesh bench channel-memory --mesh` fills
+/// real channel servers at factor 1 and 2 (no RSS figure is asserted: only that each run filled
+/// every channel, that the second ring had followers, and that the cost was computed).
+#[tokio::test]
+async fn the_channel_memory_bench_measures_factor_1_and_2_on_real_channel_servers() {
+    let loadgen = std::path::Path::new(crate::processes::BIN).with_file_name("channelmesh-loadgen");
+    assert!(
+        loadgen.is_file(),
+        "{} is missing: build it with `cargo build -p channelmesh-loadgen`",
+        loadgen.display()
+    );
+    let run = tokio::process::Command::new(crate::processes::BIN)
+        .args([
+            "bench",
+            "channel-memory",
+            "--mesh",
+            "--replication-factor",
+            "2",
+        ])
+        .args(["--channels", "300", "--events", "2", "--json"])
+        .env_remove("CHANNELMESH_LOADGEN")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the bench finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let factors: Vec<u64> = runs
+        .iter()
+        .map(|r| r["replication_factor"].as_u64().unwrap())
+        .collect();
+    assert_eq!(factors, [1, 2], "{report}");
+    for run in runs {
+        assert_eq!(
+            (run["posted"].as_u64(), run["post_errors"].as_u64()),
+            (Some(600), Some(0))
+        );
+    }
+    let followed = |run: &Value| -> u64 {
+        run["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["slots_followed"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(followed(&runs[0]), 0);
+    assert_eq!(followed(&runs[1]), mesh_core::SLOT_COUNT as u64);
+    assert!(
+        report["follower_copy_bytes_per_channel"].is_number(),
+        "{report}"
+    );
+}
