@@ -369,7 +369,12 @@ async fn every_acked_post_is_in_history_once(admin: &mut Admin, acked: &[Acked],
             posts.len(),
             &lost[..lost.len().min(3)]
         );
-        assert_eq!(complete_after, "", "{channel}'s history is complete");
+        assert_eq!(
+            complete_after,
+            "",
+            "{channel}'s history, every post in it from {:?}, says it is complete only after",
+            events.first().map(|(ts, _, _)| ts)
+        );
         extra += held.len() - posts.len();
     }
     assert!(
