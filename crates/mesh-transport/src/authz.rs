@@ -38,6 +38,8 @@ pub mod rpc {
     pub const SUBSCRIBE: &str = "/channelmesh.channel.v1.ChannelServer/Subscribe";
     pub const HANDOFF: &str = "/channelmesh.channel.v1.ChannelServer/Handoff";
     pub const LEASE_STATUS: &str = "/channelmesh.channel.v1.ChannelServer/LeaseStatus";
+    pub const REPLICATE: &str = "/channelmesh.channel.v1.ChannelServer/Replicate";
+    pub const CATCH_UP: &str = "/channelmesh.channel.v1.ChannelServer/CatchUp";
     pub const SESSION: &str = "/channelmesh.presence.v1.Presence/Session";
     pub const QUERY: &str = "/channelmesh.presence.v1.Presence/Query";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -80,6 +82,9 @@ pub const TABLE: &[(&str, &[Role])] = &[
     (rpc::HANDOFF, &[ChannelServer]),
     // A channel server whose lease lapsed asks its peers whether they hear the ring manager.
     (rpc::LEASE_STATUS, &[ChannelServer]),
+    // A slot's owner replicates its events to, and fills, the slot's followers (as itself).
+    (rpc::REPLICATE, &[ChannelServer]),
+    (rpc::CATCH_UP, &[ChannelServer]),
     // A gateway's presence session (as itself); lookups by gateways and admin servers.
     (rpc::SESSION, &[Gateway]),
     (rpc::QUERY, &[Gateway, Admin]),

@@ -7,6 +7,7 @@ use mesh_core::NodeId;
 use ring_client::{RingArgs, RingSource};
 
 use crate::idempotency::{self, Bounds};
+use crate::replication;
 use crate::{Error, Limits};
 
 /// Default: the address to serve gRPC on (a port the OS picks).
@@ -36,6 +37,10 @@ pub struct Args {
     /// Idempotency keys remembered per channel, the oldest forgotten first (0: none).
     #[arg(long, env = "CHANNELMESH_IDEMPOTENCY_KEYS", default_value_t = idempotency::DEFAULT_KEYS)]
     pub idempotency_keys: usize,
+    /// Replication: bytes per second at most that filling one new follower's copy of this
+    /// node's slots sends (in the background, while publishes go on).
+    #[arg(long, env = "CHANNELMESH_CATCH_UP_RATE", default_value_t = replication::DEFAULT_CATCH_UP_RATE)]
+    pub catch_up_rate: u64,
     /// Address to serve /metrics, /healthz and /readyz on. Default: --listen's port + 40
     /// (50061 -> 50101) on loopback, or a port the OS picks when --listen's is 0. Off
     /// loopback it needs --http-token.
@@ -74,6 +79,8 @@ pub struct Config {
     pub standby: bool,
     /// Test hook: milliseconds added to the clock ts are stamped with (0 in production).
     pub clock_offset_ms: i64,
+    /// Bytes per second one catch-up of a new follower sends at most.
+    pub catch_up_rate: u64,
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease.
     pub telemetry: mesh_telemetry::Telemetry,
@@ -93,6 +100,7 @@ impl Config {
             window: Bounds::default(),
             standby: false,
             clock_offset_ms: 0,
+            catch_up_rate: replication::DEFAULT_CATCH_UP_RATE,
         }
     }
 
@@ -104,6 +112,7 @@ impl Config {
             advertise: args.advertise.clone(),
             standby: args.standby,
             clock_offset_ms: args.clock_offset_ms,
+            catch_up_rate: args.catch_up_rate,
             window: Bounds {
                 keys: args.idempotency_keys,
                 age: std::time::Duration::from_millis(args.idempotency_window_ms),

@@ -39,4 +39,24 @@ pub enum ServeError {
     /// The stream ended with the server.
     #[error("channel server shutting down")]
     ShuttingDown,
+    /// Too many events wait for the slot's followers: the publish is refused (routers retry).
+    #[error("replication_behind: the slot's followers have not kept up; retry")]
+    ReplicationBehind,
+    /// The slot's followers did not acknowledge the event in time; it may still be stored
+    /// (a retry with the same idempotency key gets its ts).
+    #[error("replication_timeout: the slot's followers did not acknowledge in time; retry")]
+    ReplicationTimeout,
+    /// A follower refused the event: in its ring this node does not own the slot, or it does
+    /// not follow it.
+    #[error("replication_refused: {0}")]
+    ReplicationRefused(String),
+    /// Replication or a catch-up from a node that is not the slot's owner in this node's ring,
+    /// or for a slot this node does not follow (fencing).
+    #[error("not_follower: slot {slot} is not replicated from {from} to {node} in epoch {epoch}")]
+    NotFollower {
+        slot: Slot,
+        from: NodeId,
+        node: NodeId,
+        epoch: u64,
+    },
 }

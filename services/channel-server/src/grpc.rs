@@ -5,11 +5,13 @@
 
 mod handoff_send;
 mod handoff_wire;
+mod replicate;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, Ts, slot_of};
 use mesh_proto::channel as pb;
@@ -31,7 +33,8 @@ use crate::handoff::{HANDOFF_CONCURRENCY, Progress, WARMUP_TIMEOUT};
 use crate::idempotency::MAX_KEY_BYTES;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
-use crate::shards::{GatewayStream, Shards, StreamReply, history_limit, now_micros};
+use crate::replication::PUBLISH_WAIT;
+use crate::shards::{GatewayStream, Published, Shards, StreamReply, history_limit, now_micros};
 use crate::store::Limits;
 use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
@@ -45,8 +48,13 @@ pub fn status(error: ServeError) -> Status {
         ServeError::NoLease(_)
         | ServeError::Warming { .. }
         | ServeError::RingBehind { .. }
-        | ServeError::ShuttingDown => Status::unavailable(message),
-        ServeError::WrongOwner { .. } => Status::failed_precondition(message),
+        | ServeError::ShuttingDown
+        | ServeError::ReplicationBehind
+        | ServeError::ReplicationTimeout
+        | ServeError::ReplicationRefused(_) => Status::unavailable(message),
+        ServeError::WrongOwner { .. } | ServeError::NotFollower { .. } => {
+            Status::failed_precondition(message)
+        }
         ServeError::FellBehind | ServeError::FellBehindOnReply | ServeError::FellBehindOnMove => {
             Status::resource_exhausted(message)
         }
@@ -75,6 +83,8 @@ pub struct ServiceConfig {
     /// Refuses a handoff from a node that is not its sender or not named by the ring (the
     /// authorization table was checked before).
     pub authorizer: Authorizer,
+    /// Bytes per second one catch-up of a new follower sends at most.
+    pub catch_up_rate: u64,
 }
 
 /// The channel server's gRPC service; cheap to clone.
@@ -94,6 +104,10 @@ struct Inner {
     progress: Mutex<Progress>,
     /// Handoff attempts in flight at once.
     handoff_slots: Semaphore,
+    /// Replication links to the followers of this node's slots.
+    links: replicate::Links,
+    /// Bytes per second one catch-up sends at most.
+    catch_up_rate: u64,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -113,6 +127,10 @@ impl Inner {
             .set(ring.slots_owned(self.ownership.node()) as i64);
         m.lease_serving
             .set(i64::from(self.ownership.lease().is_serving()));
+        m.replication_pending.set(self.shards.pending() as i64);
+        m.slots_followed
+            .set(ring.slots_followed(self.ownership.node()) as i64);
+        m.slots_catching_up.set(self.ownership.catching_up() as i64);
     }
 }
 
@@ -185,6 +203,8 @@ impl ChannelService {
                 authorizer: config.authorizer,
                 progress: Mutex::new(Progress::default()),
                 handoff_slots: Semaphore::new(HANDOFF_CONCURRENCY),
+                links: replicate::Links::default(),
+                catch_up_rate: config.catch_up_rate,
                 cancel,
                 tracker,
             }),
@@ -208,6 +228,8 @@ impl ChannelService {
             self.inner.cancel.clone(),
         );
         let mut previous = ring.current();
+        self.inner.ownership.start_from(&previous);
+        self.ask_fills();
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);
             previous = ring;
@@ -219,13 +241,23 @@ impl ChannelService {
     /// runs out); slots lost through a handoff have their state sent to the new owner (each
     /// on its own task, with its own deadline per attempt, retried until confirmed); every
     /// other lost slot is dropped; the gateways subscribed to moved channels are told so.
+    ///
+    /// Replication: a slot this node followed in sync is promoted with its history; events
+    /// waiting for followers go to the followers the ring names now (or fail, for slots gone
+    /// elsewhere); new followers of this node's slots are filled in the background.
     fn apply_ring(&self, previous: &Ring, ring: &Ring) {
         let ownership = &self.inner.ownership;
         let unknown = ownership.gain(previous, ring);
+        ownership.follow_replicas(previous, ring);
         let sends = self
             .inner
             .shards
             .follow_ring(previous, ring, ownership.node(), &unknown);
+        self.inner
+            .shards
+            .reroute(ring, ownership.node(), &replicate::LinkSender(self));
+        self.prune_links(ring);
+        self.ask_fills();
         let epoch = ring.epoch();
         self.progress(|p| p.followed(epoch, sends.len()));
         // This ring's warm-ups end at their own deadline (set just before, by `gain`); an
@@ -317,12 +349,10 @@ impl ChannelService {
         Ok(())
     }
 
-    /// Publish, inside its span: appends the event and queues it to every subscribed gateway,
-    /// with the fan-out time and this span's trace context on it.
-    async fn publish_event(
-        &self,
-        req: pb::PublishRequest,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
+    /// Publish, inside its span, up to its followers' acknowledgement: the event gets its ts
+    /// and is stored and fanned out (no follower), or sent to the slot's followers (see
+    /// [`Shards::publish_once`]); [`finish`] waits for them.
+    async fn begin_publish(&self, req: pb::PublishRequest) -> Result<Begun, Status> {
         let key = match req.idempotency_key.as_str() {
             "" => None,
             key if key.len() > MAX_KEY_BYTES => {
@@ -339,20 +369,50 @@ impl ChannelService {
         ownership
             .check_settled(slot, event.channel.as_str())
             .map_err(status)?;
-        let fresh = self
+        let route = || {
+            let ring = ownership.ring().current();
+            crate::ownership::owns(&ring, ownership.node(), slot).map(|()| ring)
+        };
+        let published = self
             .inner
             .shards
-            .publish_once(&mut event, key, || {
-                crate::ownership::owns(&ownership.ring().current(), ownership.node(), slot)
-            })
+            .publish_once(&mut event, key, route, &replicate::LinkSender(self))
             .map_err(status)?;
-        if fresh {
-            self.inner.metrics.published(&event.body);
-        }
-        Ok(Response::new(pb::PublishResponse {
-            ts: ts_str(event.ts),
-        }))
+        Ok(match published {
+            Published::Done { .. } => Begun::Done(event.ts),
+            Published::Waiting { reply, .. } => Begun::Waiting(reply),
+        })
     }
+
+    /// Publish: [`ChannelService::begin_publish`], then [`finish`].
+    async fn publish_event(
+        &self,
+        req: pb::PublishRequest,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let begun = self.begin_publish(req).await?;
+        finish(begun).await.map(Response::new)
+    }
+}
+
+/// A publish begun: answered, or waiting for its followers.
+enum Begun {
+    Done(Option<Ts>),
+    Waiting(tokio::sync::oneshot::Receiver<Result<Ts, ServeError>>),
+}
+
+/// A begun publish's answer: its ts once its followers acknowledged it, or
+/// `replication_timeout` after [`PUBLISH_WAIT`] (the event may still be stored: a retry with
+/// the same idempotency key gets its ts).
+async fn finish(begun: Begun) -> Result<pb::PublishResponse, Status> {
+    let ts = match begun {
+        Begun::Done(ts) => ts,
+        Begun::Waiting(reply) => match tokio::time::timeout(PUBLISH_WAIT, reply).await {
+            Err(_) => return Err(status(ServeError::ReplicationTimeout)),
+            Ok(Err(_)) => return Err(status(ServeError::ShuttingDown)),
+            Ok(Ok(answer)) => Some(answer.map_err(status)?),
+        },
+    };
+    Ok(pb::PublishResponse { ts: ts_str(ts) })
 }
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
@@ -477,59 +537,109 @@ impl ChannelServerRpc for ChannelService {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(PUBLISH_STREAM_QUEUE);
         let (this, cancel) = (self.clone(), self.inner.cancel.clone());
-        // One request at a time, in order: a caller's events to one channel keep their order.
+        // Requests are begun one at a time, in order (a caller's events to one channel keep
+        // their order), and answered in order as their followers acknowledge them: up to
+        // PUBLISH_STREAM_QUEUE wait at once, so replication's round trip does not cap a stream.
         self.inner.tracker.spawn(async move {
+            let mut waiting = FuturesOrdered::new();
+            let mut open = true;
             loop {
-                // Cancel-safe: message() loses nothing when the other branch wins; we stop.
-                let next = tokio::select! {
+                tokio::select! {
                     _ = cancel.cancelled() => break,
-                    next = incoming.message() => next,
-                };
-                let Ok(Some(request)) = next else { break };
-                let started = Instant::now();
-                let span =
-                    tracing::debug_span!("channel.Publish", node = %this.inner.ownership.node());
-                mesh_telemetry::propagation::set_parent_from_map(&span, &request.trace_context);
-                let result = match request.publish {
-                    Some(mut publish) => {
-                        if publish.idempotency_key.is_empty() {
-                            publish.idempotency_key = request.idempotency_key;
-                        }
-                        this.publish_event(publish).instrument(span).await
+                    // Cancel-safe: message() loses nothing when another branch wins.
+                    next = incoming.message(), if open && waiting.len() < PUBLISH_STREAM_QUEUE => {
+                        let Ok(Some(request)) = next else {
+                            open = false;
+                            if waiting.is_empty() {
+                                break;
+                            }
+                            continue;
+                        };
+                        let started = Instant::now();
+                        let span = tracing::debug_span!(
+                            "channel.Publish",
+                            node = %this.inner.ownership.node()
+                        );
+                        mesh_telemetry::propagation::set_parent_from_map(
+                            &span,
+                            &request.trace_context,
+                        );
+                        let begun = match request.publish {
+                            Some(mut publish) => {
+                                if publish.idempotency_key.is_empty() {
+                                    publish.idempotency_key = request.idempotency_key;
+                                }
+                                this.begin_publish(publish).instrument(span).await
+                            }
+                            None => Err(invalid("publish is required")),
+                        };
+                        let id = request.id;
+                        waiting.push_back(async move {
+                            let result = match begun {
+                                Ok(begun) => finish(begun).await,
+                                Err(refusal) => Err(refusal),
+                            };
+                            (id, started, result)
+                        });
                     }
-                    None => Err(invalid("publish is required")),
-                };
-                let reply = match result {
-                    Ok(reply) => {
-                        this.inner
-                            .metrics
-                            .publish_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        pb::PublishStreamReply {
-                            id: request.id,
-                            ts: reply.into_inner().ts,
-                            code: 0,
-                            message: String::new(),
+                    Some((id, started, result)) = waiting.next(), if !waiting.is_empty() => {
+                        let reply = match result {
+                            Ok(reply) => {
+                                this.inner
+                                    .metrics
+                                    .publish_seconds
+                                    .observe(started.elapsed().as_secs_f64());
+                                pb::PublishStreamReply {
+                                    id,
+                                    ts: reply.ts,
+                                    code: 0,
+                                    message: String::new(),
+                                }
+                            }
+                            Err(status) => pb::PublishStreamReply {
+                                id,
+                                ts: String::new(),
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                            },
+                        };
+                        // The caller reads its replies as they come; a full queue waits for it.
+                        let sent = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            sent = tx.send(Ok(reply)) => sent,
+                        };
+                        if sent.is_err() || (!open && waiting.is_empty()) {
+                            break;
                         }
                     }
-                    Err(status) => pb::PublishStreamReply {
-                        id: request.id,
-                        ts: String::new(),
-                        code: status.code() as i32,
-                        message: status.message().to_string(),
-                    },
-                };
-                // The caller reads its replies as they come; a full queue waits for it.
-                let sent = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    sent = tx.send(Ok(reply)) => sent,
-                };
-                if sent.is_err() {
-                    break;
                 }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReplicateStream = replicate::AckStream;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::ReplicateBatch>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let caller = authz::caller(&request);
+        Ok(Response::new(
+            self.serve_replicate(caller, request.into_inner()),
+        ))
+    }
+
+    type CatchUpStream = replicate::ChunkStream;
+
+    async fn catch_up(
+        &self,
+        request: Request<pb::CatchUpRequest>,
+    ) -> Result<Response<Self::CatchUpStream>, Status> {
+        let caller = authz::caller(&request);
+        self.serve_catch_up(caller, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn subscribe(

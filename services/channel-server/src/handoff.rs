@@ -97,13 +97,15 @@ impl Warming {
 
     /// Follows a new ring: each slot `node` gains through a handoff not yet received waits for
     /// it until `deadline`. Returns the slots gained without a handoff: taken over from a node
-    /// that died, their channels' history died with it.
+    /// that died, their channels' history died with it. A slot `promoted` says this node held
+    /// in sync as a follower does neither: its history is here already.
     pub fn gain(
         &mut self,
         previous: &Ring,
         ring: &Ring,
         node: &NodeId,
         deadline: Instant,
+        promoted: impl Fn(Slot) -> bool,
     ) -> Vec<Slot> {
         for h in ring.handoffs() {
             let named = (h.from.clone(), ring.epoch());
@@ -116,7 +118,7 @@ impl Warming {
         }
         let mut unknown = Vec::new();
         for slot in 0..SLOT_COUNT as Slot {
-            if !ring.owns(node, slot) || previous.owns(node, slot) {
+            if !ring.owns(node, slot) || previous.owns(node, slot) || promoted(slot) {
                 continue;
             }
             let Some(old) = previous.owner(slot) else {

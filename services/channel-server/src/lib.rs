@@ -8,6 +8,7 @@ pub mod handoff;
 pub mod idempotency;
 pub mod metrics;
 pub mod ownership;
+pub mod replication;
 pub mod run;
 pub mod shards;
 pub mod store;
@@ -87,6 +88,7 @@ pub async fn serve(
             window: config.window,
             telemetry: config.telemetry.clone(),
             authorizer: authorizer.clone(),
+            catch_up_rate: config.catch_up_rate,
         },
         ring.clone(),
         lease.clone(),

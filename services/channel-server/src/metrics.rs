@@ -37,6 +37,13 @@ pub struct Metrics {
     pub ring_epoch: IntGauge,
     pub slots_owned: IntGauge,
     pub lease_serving: IntGauge,
+    pub replicated_out: IntCounterVec,
+    pub replicated_in: IntCounter,
+    pub replication_pending: IntGauge,
+    pub slots_followed: IntGauge,
+    pub slots_catching_up: IntGauge,
+    pub catch_up_slots: IntCounterVec,
+    pub catch_up_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -110,6 +117,36 @@ impl Metrics {
             lease_serving: t.gauge(
                 "channelmesh_channel_lease_serving",
                 "1 while this channel server holds its lease and may serve, else 0.",
+            ),
+            replicated_out: t.counter_vec(
+                "channelmesh_channel_replicated_events_total",
+                "Events this node sent its slots' followers, by outcome: acked (stored there) or refused (fenced: the follower's ring disagrees).",
+                &["outcome"],
+            ),
+            replicated_in: t.counter(
+                "channelmesh_channel_replica_events_stored_total",
+                "Events stored here as a follower, replicated by their slot's owner.",
+            ),
+            replication_pending: t.gauge(
+                "channelmesh_channel_replication_pending",
+                "Events given a ts and waiting for their followers' acknowledgement before they are stored, delivered and answered.",
+            ),
+            slots_followed: t.gauge(
+                "channelmesh_channel_slots_followed",
+                "Slots this channel server follows (holds a copy of) in its ring.",
+            ),
+            slots_catching_up: t.gauge(
+                "channelmesh_channel_slots_catching_up",
+                "Followed slots whose copy is still being filled by their owner (not promotable with their history yet).",
+            ),
+            catch_up_slots: t.counter_vec(
+                "channelmesh_channel_catch_up_slots_total",
+                "Slots of catch-ups, by direction: sent (as owner, confirmed by the follower) or filled (as follower).",
+                &["direction"],
+            ),
+            catch_up_bytes: t.counter(
+                "channelmesh_channel_catch_up_bytes_total",
+                "Bytes of channel state sent to followers in catch-ups.",
             ),
         }
     }

@@ -10,6 +10,7 @@ use ring_client::{Lease, RingWatcher};
 
 use crate::error::ServeError;
 use crate::handoff::{TAKEOVER_SETTLE, WARMUP_TIMEOUT, Warming};
+use crate::replication::Replicas;
 
 /// How long a call naming a newer epoch waits for this server's ring to catch up.
 const RING_CATCH_UP: Duration = Duration::from_secs(1);
@@ -40,6 +41,12 @@ pub struct Ownership {
     /// Serving is allowed only under a valid lease (fencing).
     lease: Lease,
     warming: Mutex<Warming>,
+    /// The followed slots still being filled.
+    replicas: Mutex<Replicas>,
+    /// The newest epoch whose ring this node has followed ([`Ownership::gain`]): nothing is
+    /// served by a ring before what it gains is known (its handoffs awaited, its takeovers
+    /// settling), however early the ring itself arrived.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Ownership {
@@ -50,6 +57,8 @@ impl Ownership {
             ring,
             lease,
             warming: Mutex::new(Warming::default()),
+            replicas: Mutex::new(Replicas::default()),
+            applied: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -72,19 +81,25 @@ impl Ownership {
         self.warming.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
-    /// little for a newer ring than it knows; returns the ring it checked against.
-    pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
-        // A lapsed lease waits a little for the decision on static stability (or a renewal)
-        // rather than failing the call while it is being made.
+    fn replicas(&self) -> MutexGuard<'_, Replicas> {
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that this node takes replication (or a catch-up) of `slot` from `from`, which
+    /// sends under `epoch`: it holds its lease (or serves on evidence, as [`Ownership::check`]
+    /// waits for), and in its ring — waited for a little when `epoch` is newer — `from` owns
+    /// the slot and this node follows it. A deposed primary is refused here once this node has
+    /// seen the ring that deposed it (fencing).
+    pub async fn check_follower(
+        &self,
+        from: &NodeId,
+        slot: Slot,
+        epoch: u64,
+    ) -> Result<(), ServeError> {
         self.lease
             .wait_serving(SERVING_WAIT)
             .await
             .map_err(ServeError::NoLease)?;
-        let waiting = self.warming().waiting_for(slot);
-        if let Some(from) = waiting {
-            return Err(ServeError::Warming { slot, from });
-        }
         let mut ring = self.ring.current();
         if epoch > ring.epoch() {
             ring = self
@@ -96,18 +111,133 @@ impl Ownership {
                     asked: epoch,
                 })?;
         }
+        if ring.owns(from, slot) && ring.follows(&self.node, slot) {
+            return Ok(());
+        }
+        Err(ServeError::NotFollower {
+            slot,
+            from: from.clone(),
+            node: self.node.clone(),
+            epoch: ring.epoch(),
+        })
+    }
+
+    /// Follows a new ring's followed slots (see [`Replicas::follow`]); returns how many are
+    /// still being filled, as reported with the lease's heartbeats.
+    pub fn follow_replicas(&self, previous: &Ring, ring: &Ring) -> usize {
+        let mut replicas = self.replicas();
+        replicas.follow(previous, ring, &self.node);
+        let behind = replicas.catching_up();
+        self.lease.catching_up(ring.epoch(), behind);
+        behind
+    }
+
+    /// The owner filled `slot` in `epoch`'s catch-up; returns how many followed slots are
+    /// still being filled.
+    pub fn filled(&self, slot: Slot, epoch: u64) -> usize {
+        let mut replicas = self.replicas();
+        replicas.filled(slot, epoch);
+        let behind = replicas.catching_up();
+        self.lease
+            .catching_up(self.ring.current().epoch().max(epoch), behind);
+        behind
+    }
+
+    /// Followed slots still being filled.
+    pub fn catching_up(&self) -> usize {
+        self.replicas().catching_up()
+    }
+
+    /// Whether `slot` waits for a handoff here.
+    pub fn is_warming(&self, slot: Slot) -> bool {
+        self.warming().waiting_for(slot).is_some()
+    }
+
+    /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
+    /// little for a newer ring than it knows; returns the ring it checked against.
+    pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
+        // A lapsed lease waits a little for the decision on static stability (or a renewal)
+        // rather than failing the call while it is being made.
+        self.lease
+            .wait_serving(SERVING_WAIT)
+            .await
+            .map_err(ServeError::NoLease)?;
+        let mut ring = self.ring.current();
+        if epoch > ring.epoch() {
+            ring = self
+                .ring
+                .wait_for_epoch(epoch, RING_CATCH_UP)
+                .await
+                .map_err(|_| ServeError::RingBehind {
+                    known: ring.epoch(),
+                    asked: epoch,
+                })?;
+        }
+        self.wait_applied(ring.epoch()).await?;
+        let waiting = self.warming().waiting_for(slot);
+        if let Some(from) = waiting {
+            return Err(ServeError::Warming { slot, from });
+        }
         owns(&ring, &self.node, slot)?;
         Ok(ring)
     }
 
+    /// Waits (a little) until this node has followed `epoch`'s ring: what it gains is known.
+    async fn wait_applied(&self, epoch: u64) -> Result<(), ServeError> {
+        if *self.applied.borrow() >= epoch {
+            return Ok(());
+        }
+        let mut applied = self.applied.subscribe();
+        match tokio::time::timeout(RING_CATCH_UP, applied.wait_for(|&e| e >= epoch)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ServeError::RingBehind {
+                known: *self.applied.borrow(),
+                asked: epoch,
+            }),
+        }
+    }
+
+    /// This node follows `ring` from the start (the ring it found before following changes):
+    /// every slot it follows there is to be filled.
+    pub fn start_from(&self, ring: &Ring) {
+        let mut replicas = self.replicas();
+        replicas.start(ring, &self.node);
+        self.lease.catching_up(ring.epoch(), replicas.catching_up());
+        drop(replicas);
+        self.applied.send_replace(ring.epoch());
+    }
+
+    /// The followed slots to ask their owners in `ring` to fill now, by owner (each counts as
+    /// asked until [`Ownership::answered`]).
+    pub fn to_ask(&self, ring: &Ring) -> Vec<(mesh_core::RingNode, Vec<Slot>)> {
+        self.replicas().to_ask(ring)
+    }
+
+    /// A catch-up asked for `slots` ended.
+    pub fn answered(&self, slots: &[Slot]) {
+        self.replicas().answered(slots);
+    }
+
+    /// Whether `slot` is followed and still being filled.
+    pub fn is_catching_up(&self, slot: Slot) -> bool {
+        self.replicas().is_catching_up(slot)
+    }
+
     /// Follows a new ring's gained slots (see [`Warming::gain`]); returns the slots whose
     /// history died with their previous owner, which settle before taking publishes
-    /// ([`Warming::settle`]).
+    /// ([`Warming::settle`]). A slot this node followed in sync is promoted: it serves at once,
+    /// with its history. Call before [`Ownership::follow_replicas`].
     pub fn gain(&self, previous: &Ring, ring: &Ring) -> Vec<Slot> {
         let now = tokio::time::Instant::now();
+        let promoted = {
+            let replicas = self.replicas();
+            move |slot: Slot| previous.follows(&self.node, slot) && replicas.in_sync(slot)
+        };
         let mut warming = self.warming();
-        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT);
+        let unknown = warming.gain(previous, ring, &self.node, now + WARMUP_TIMEOUT, promoted);
         warming.settle(previous, &unknown, now + TAKEOVER_SETTLE);
+        drop(warming);
+        self.applied.send_replace(ring.epoch());
         unknown
     }
 

@@ -6,17 +6,18 @@
 //! order and after its `Subscribed`. The lock is never held across an await. Replies are of a
 //! type the edge chooses ([`StreamReply`]), built once under the lock and cloned per gateway.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, SLOT_COUNT, Slot, Ts, slot_of};
-use tokio::sync::mpsc;
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, RingNode, SLOT_COUNT, Slot, Ts, slot_of};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ServeError;
 use crate::handoff::{self, Outgoing};
 use crate::metrics::Metrics;
+use crate::replication::{LinkId, MAX_PENDING_PER_SHARD, Replicated};
 use crate::store::{HistoryPage, Limits, Snapshot, Store};
 
 /// Shards of channel state; a power of two that divides the slot count.
@@ -135,6 +136,59 @@ struct Shard<R> {
     store: Store,
     /// Gateways subscribed to each channel.
     subs: HashMap<ChannelId, Vec<Subscriber<R>>>,
+    /// Events given a ts and sent to their slot's followers, not yet acknowledged by all of
+    /// them, in ts order per channel: each is stored, fanned out and answered once it and
+    /// every event before it here are acknowledged (or dropped when refused).
+    pending: VecDeque<Pending<R>>,
+}
+
+/// An event waiting for its followers.
+#[derive(Debug)]
+struct Pending<R> {
+    entry: Replicated,
+    /// Its reply to subscribed gateways, made when it was published (in the publish's span,
+    /// so the delivery joins the publisher's trace).
+    reply: R,
+    /// Links to the followers it was queued on, by follower.
+    sent: Vec<(NodeId, LinkId)>,
+    /// Those of them that have not acknowledged it yet.
+    awaiting: Vec<LinkId>,
+    /// Publishers waiting for its ts (a retry with the same key waits too).
+    waiters: Vec<oneshot::Sender<Result<Ts, ServeError>>>,
+}
+
+impl<R> Pending<R> {
+    /// Tells every waiter `outcome`.
+    fn answer(self, outcome: Result<Ts, ServeError>) {
+        for waiter in self.waiters {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+}
+
+/// Where a publish stands once [`Shards::publish_once`] returned.
+#[derive(Debug)]
+pub enum Published {
+    /// Stored and fanned out (or, when not `fresh`, answered from the idempotency window).
+    Done { fresh: bool },
+    /// Sent to the slot's followers: the ts (or why it failed) comes once they acknowledged
+    /// it. `fresh` is false for a retry of a publish still waiting.
+    Waiting {
+        fresh: bool,
+        reply: oneshot::Receiver<Result<Ts, ServeError>>,
+    },
+}
+
+/// Queues events to a slot's followers (the edge's replication links).
+pub trait Replicator {
+    /// Queues `entry` on the link to each of `followers`, to all or none (a link whose queue
+    /// is full refuses it: [`ServeError::ReplicationBehind`]); returns each follower's link.
+    /// Called under the shard lock, so a channel's events are queued in ts order.
+    fn replicate(
+        &self,
+        followers: &[&RingNode],
+        entry: &Replicated,
+    ) -> Result<Vec<(NodeId, LinkId)>, ServeError>;
 }
 
 impl<R: Clone> Shard<R> {
@@ -163,6 +217,19 @@ impl<R: Clone> Shard<R> {
     }
 }
 
+/// The replicator of rings without followers: never asked.
+struct NoFollowers;
+
+impl Replicator for NoFollowers {
+    fn replicate(
+        &self,
+        _: &[&RingNode],
+        _: &Replicated,
+    ) -> Result<Vec<(NodeId, LinkId)>, ServeError> {
+        Err(ServeError::ReplicationBehind)
+    }
+}
+
 /// What the shards hold, for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
@@ -181,6 +248,8 @@ pub struct Counts {
 pub struct Shards<R> {
     shards: Vec<Mutex<Shard<R>>>,
     next_stream: AtomicU64,
+    /// Numbers the events sent to followers.
+    next_pending: AtomicU64,
     /// Every open gateway stream's queue, for the queue-depth gauge.
     streams: Mutex<HashMap<u64, mpsc::Sender<R>>>,
     metrics: Metrics,
@@ -202,10 +271,12 @@ impl<R: StreamReply> Shards<R> {
                     Mutex::new(Shard {
                         store: Store::new(per_shard),
                         subs: HashMap::new(),
+                        pending: VecDeque::new(),
                     })
                 })
                 .collect(),
             next_stream: AtomicU64::new(1),
+            next_pending: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             metrics,
             clock,
@@ -312,45 +383,275 @@ impl<R: StreamReply> Shards<R> {
         }
     }
 
-    /// Publishes `event`: unless it is transient, appends it (setting its ts), then queues it
-    /// to every subscribed gateway, under one shard lock. The caller checked ownership (which
-    /// may wait for a handoff); `still_owned` checks it again under the lock, so that a ring
-    /// change that moved the slot since is either seen here (the event is refused) or applied
-    /// by [`Shards::follow_ring`] after it (the event goes with the slot's state): never an
-    /// event stored and acknowledged on a slot this node no longer owns.
+    /// Publishes `event` on a slot with no followers: unless it is transient, appends it
+    /// (setting its ts), then queues it to every subscribed gateway, under one shard lock. The
+    /// caller checked ownership (which may wait for a handoff); `still_owned` checks it again
+    /// under the lock, so that a ring change that moved the slot since is either seen here (the
+    /// event is refused) or applied by [`Shards::follow_ring`] after it (the event goes with
+    /// the slot's state): never an event stored and acknowledged on a slot this node no longer
+    /// owns.
     pub fn publish(
         &self,
         event: &mut ChannelEvent,
         still_owned: impl FnOnce() -> Result<(), ServeError>,
     ) -> Result<(), ServeError> {
-        self.publish_once(event, None, still_owned).map(|_| ())
+        let route = || still_owned().map(|()| Arc::new(Ring::empty()));
+        self.publish_once(event, None, route, &NoFollowers)
+            .map(|_| ())
     }
 
-    /// [`Shards::publish`], once per idempotency `key`: a persisted event whose key is in its
+    /// Publishes `event` once per idempotency `key`: a persisted event whose key is in its
     /// channel's window gets the ts its first publish was given and is neither stored nor
-    /// queued again (counted as deduplicated). Returns whether the event was new.
+    /// queued again (counted as deduplicated); one whose first publish still waits for its
+    /// followers waits with it. `route` checks ownership under the shard lock (see
+    /// [`Shards::publish`]) and gives the ring whose followers of the slot get the event.
+    ///
+    /// With no follower (and nothing of the shard waiting for one) the event is stored and
+    /// fanned out here. Otherwise it gets its ts now, goes to every follower through
+    /// `replicator`, and is stored, fanned out and answered only once all of them
+    /// acknowledged it ([`Shards::acked`]): an event a gateway delivered or a publisher was
+    /// told about survives its primary's crash on the follower promoted in its place.
     pub fn publish_once(
         &self,
         event: &mut ChannelEvent,
         key: Option<&str>,
-        still_owned: impl FnOnce() -> Result<(), ServeError>,
-    ) -> Result<bool, ServeError> {
-        let mut shard = self.shard(&event.channel);
-        still_owned()?;
-        if !event.body.is_transient() {
-            let (ts, fresh) =
-                shard
-                    .store
-                    .append_once(&event.channel, &event.body, (self.clock)(), key);
-            event.ts = Some(ts);
-            if !fresh {
+        route: impl FnOnce() -> Result<Arc<Ring>, ServeError>,
+        replicator: &impl Replicator,
+    ) -> Result<Published, ServeError> {
+        let slot = slot_of(&event.channel);
+        let index = usize::from(slot) % SHARDS;
+        let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
+        let ring = route()?;
+        if event.body.is_transient() {
+            self.metrics.published(&event.body);
+            let reply = R::event(event);
+            shard.fan_out(&event.channel, &reply, &self.metrics);
+            return Ok(Published::Done { fresh: true });
+        }
+        let now = (self.clock)();
+        if let Some(key) = key {
+            if let Some(ts) = shard.store.seen(&event.channel, key, now) {
+                event.ts = Some(ts);
                 self.metrics.publishes_deduplicated.inc();
-                return Ok(false);
+                return Ok(Published::Done { fresh: false });
+            }
+            let waiting = shard.pending.iter_mut().find(|p| {
+                p.entry.event.channel == event.channel && p.entry.key.as_deref() == Some(key)
+            });
+            if let Some(first) = waiting {
+                event.ts = first.entry.event.ts;
+                let (tx, rx) = oneshot::channel();
+                first.waiters.push(tx);
+                self.metrics.publishes_deduplicated.inc();
+                return Ok(Published::Waiting {
+                    fresh: false,
+                    reply: rx,
+                });
             }
         }
-        let reply = R::event(event);
-        shard.fan_out(&event.channel, &reply, &self.metrics);
-        Ok(true)
+        let followers: Vec<&RingNode> = ring.followers(slot).collect();
+        if followers.is_empty() && shard.pending.is_empty() {
+            let ts = shard.store.next_ts(&event.channel, now);
+            shard
+                .store
+                .store_event(&event.channel, ts, &event.body, key, now);
+            event.ts = Some(ts);
+            self.metrics.published(&event.body);
+            let reply = R::event(event);
+            shard.fan_out(&event.channel, &reply, &self.metrics);
+            return Ok(Published::Done { fresh: true });
+        }
+        if shard.pending.len() >= MAX_PENDING_PER_SHARD {
+            return Err(ServeError::ReplicationBehind);
+        }
+        let ts = shard.store.next_ts(&event.channel, now);
+        event.ts = Some(ts);
+        let entry = Replicated {
+            id: self.next_pending.fetch_add(1, Ordering::Relaxed),
+            shard: index,
+            event: event.clone(),
+            key: key.map(Arc::from),
+            seen_micros: now,
+        };
+        let sent = if followers.is_empty() {
+            Vec::new()
+        } else {
+            replicator.replicate(&followers, &entry)?
+        };
+        let (tx, rx) = oneshot::channel();
+        shard.pending.push_back(Pending {
+            reply: R::event(event),
+            entry,
+            awaiting: sent.iter().map(|(_, link)| *link).collect(),
+            sent,
+            waiters: vec![tx],
+        });
+        self.commit_ready(&mut shard);
+        Ok(Published::Waiting {
+            fresh: true,
+            reply: rx,
+        })
+    }
+
+    /// Stores, fans out and answers the shard's waiting events from the oldest on, as long as
+    /// each has been acknowledged by all its followers.
+    fn commit_ready(&self, shard: &mut Shard<R>) {
+        while shard.pending.front().is_some_and(|p| p.awaiting.is_empty()) {
+            let Some(done) = shard.pending.pop_front() else {
+                break;
+            };
+            let Replicated {
+                event,
+                key,
+                seen_micros,
+                ..
+            } = &done.entry;
+            let Some(ts) = event.ts else { continue };
+            shard.store.store_event(
+                &event.channel,
+                ts,
+                &event.body,
+                key.as_deref(),
+                *seen_micros,
+            );
+            self.metrics.published(&event.body);
+            shard.fan_out(&event.channel, &done.reply, &self.metrics);
+            done.answer(Ok(ts));
+        }
+    }
+
+    /// `link`'s follower acknowledged the events `ids` (by shard): those every follower has
+    /// acknowledged are stored, fanned out and answered, in order.
+    pub fn acked(&self, link: LinkId, ids: &[(usize, u64)]) {
+        self.each_pending(ids, |shard, ids| {
+            for p in shard
+                .pending
+                .iter_mut()
+                .filter(|p| ids.contains(&p.entry.id))
+            {
+                p.awaiting.retain(|l| *l != link);
+            }
+        });
+    }
+
+    /// `link`'s follower refused the events `ids` (its ring says this node may not replicate
+    /// them to it): they fail with `why`, and are neither stored here nor delivered.
+    pub fn refused(&self, ids: &[(usize, u64)], why: &str) {
+        self.each_pending(ids, |shard, ids| {
+            let mut kept = VecDeque::with_capacity(shard.pending.len());
+            for p in shard.pending.drain(..) {
+                if ids.contains(&p.entry.id) {
+                    p.answer(Err(ServeError::ReplicationRefused(why.to_string())));
+                } else {
+                    kept.push_back(p);
+                }
+            }
+            shard.pending = kept;
+        });
+    }
+
+    /// Runs `f` on each shard named in `ids` with that shard's ids, then commits what is ready.
+    fn each_pending(&self, ids: &[(usize, u64)], mut f: impl FnMut(&mut Shard<R>, &[u64])) {
+        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); SHARDS];
+        for &(shard, id) in ids {
+            if let Some(list) = by_shard.get_mut(shard) {
+                list.push(id);
+            }
+        }
+        for (index, ids) in by_shard.iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut shard, ids);
+            self.commit_ready(&mut shard);
+        }
+    }
+
+    /// Follows a new ring for the waiting events: those of slots this node no longer owns
+    /// fail (their publishers retry on the new owner, under the same idempotency key); the
+    /// others stop waiting for followers the ring dropped and go to the followers it added.
+    pub fn reroute(&self, ring: &Ring, node: &NodeId, replicator: &impl Replicator) {
+        for mut shard in self.each_shard() {
+            if shard.pending.is_empty() {
+                continue;
+            }
+            let mut kept = VecDeque::with_capacity(shard.pending.len());
+            for mut p in shard.pending.drain(..) {
+                let slot = slot_of(&p.entry.event.channel);
+                if let Err(refusal) = crate::ownership::owns(ring, node, slot) {
+                    p.answer(Err(refusal));
+                    continue;
+                }
+                let followers: Vec<&RingNode> = ring.followers(slot).collect();
+                let dropped: Vec<LinkId> = p
+                    .sent
+                    .iter()
+                    .filter(|(id, _)| !followers.iter().any(|f| &f.id == id))
+                    .map(|(_, link)| *link)
+                    .collect();
+                p.sent.retain(|(_, link)| !dropped.contains(link));
+                p.awaiting.retain(|link| !dropped.contains(link));
+                let added: Vec<&RingNode> = followers
+                    .into_iter()
+                    .filter(|f| !p.sent.iter().any(|(id, _)| id == &f.id))
+                    .collect();
+                if !added.is_empty() {
+                    match replicator.replicate(&added, &p.entry) {
+                        Ok(links) => {
+                            p.awaiting.extend(links.iter().map(|(_, link)| *link));
+                            p.sent.extend(links);
+                        }
+                        Err(refusal) => {
+                            p.answer(Err(refusal));
+                            continue;
+                        }
+                    }
+                }
+                kept.push_back(p);
+            }
+            shard.pending = kept;
+            self.commit_ready(&mut shard);
+        }
+    }
+
+    /// Stores an event the slot's primary replicated here (a follower's copy), with its
+    /// idempotency key as the primary saw it. The caller checked that it follows the slot.
+    pub fn apply(&self, event: &ChannelEvent, key: Option<&str>, seen_micros: u64) {
+        let Some(ts) = event.ts else { return };
+        self.shard(&event.channel).store.store_event(
+            &event.channel,
+            ts,
+            &event.body,
+            key,
+            seen_micros,
+        );
+        self.metrics.replicated_in.inc();
+    }
+
+    /// Copies of the channels of `slots` and the slots' floors, for a follower's catch-up.
+    pub fn copy_slots(&self, slots: &[Slot]) -> (Vec<Snapshot>, Vec<(Slot, Ts)>) {
+        let wanted: HashSet<Slot> = slots.iter().copied().collect();
+        let mut snapshots = Vec::new();
+        let mut floors = Vec::new();
+        for (index, shard) in self.each_shard().enumerate() {
+            if !wanted.iter().any(|s| usize::from(*s) % SHARDS == index) {
+                continue;
+            }
+            snapshots.extend(shard.store.copy_slots(|slot| wanted.contains(&slot)));
+            for &slot in slots.iter().filter(|s| usize::from(**s) % SHARDS == index) {
+                let floor = shard.store.slot_floor(slot);
+                if floor != Ts::default() {
+                    floors.push((slot, floor));
+                }
+            }
+        }
+        (snapshots, floors)
+    }
+
+    /// Events waiting for their followers, over all shards.
+    pub fn pending(&self) -> usize {
+        self.each_shard().map(|s| s.pending.len()).sum()
     }
 
     /// Keeps every channel's idempotency keys within `bounds`.
@@ -417,12 +718,25 @@ impl<R: StreamReply> Shards<R> {
                     floors.entry(to.id.clone()).or_default().push((slot, floor));
                 }
             }
-            for snapshot in shard.store.take_slots(|slot| handoff_to(slot).is_some()) {
+            // A slot handed off that this node goes on following keeps its copy here.
+            let follows = |slot: Slot| ring.follows(node, slot);
+            let handed = shard
+                .store
+                .take_slots(|slot| handoff_to(slot).is_some() && !follows(slot))
+                .into_iter()
+                .chain(
+                    shard
+                        .store
+                        .copy_slots(|slot| handoff_to(slot).is_some() && follows(slot)),
+                );
+            for snapshot in handed {
                 if let Some(to) = handoff_to(slot_of(&snapshot.channel)) {
                     taken.entry(to.id.clone()).or_default().push(snapshot);
                 }
             }
-            dropped += shard.store.drop_slots(|slot| !ring.owns(node, slot));
+            dropped += shard
+                .store
+                .drop_slots(|slot| !ring.owns(node, slot) && !follows(slot));
             let lost: Vec<ChannelId> = shard
                 .subs
                 .keys()

@@ -121,6 +121,28 @@ impl Channel {
         freed
     }
 
+    /// Inserts `event` in ts order among the events held (a replica's late arrival), unless
+    /// one with its ts is there or it is older than what was trimmed; then drops the oldest
+    /// until within `limits`. Returns the bytes freed, or `None` when it was not stored.
+    fn insert(&mut self, event: Packed, limits: &Limits) -> Option<usize> {
+        if event.ts <= self.trimmed {
+            return None;
+        }
+        let at = self.events.partition_point(|e| e.ts < event.ts);
+        if self.events.get(at).is_some_and(|e| e.ts == event.ts) {
+            return None;
+        }
+        self.bytes += event.counted();
+        self.events.insert(at, event);
+        let mut freed = 0;
+        while self.events.len() > limits.history_events.max(1)
+            || (self.bytes > limits.history_bytes && self.events.len() > 1)
+        {
+            freed += self.pop_oldest();
+        }
+        Some(freed)
+    }
+
     fn pop_oldest(&mut self) -> usize {
         let Some(event) = self.events.pop_front() else {
             return 0;
@@ -214,21 +236,11 @@ impl Store {
         now_micros: u64,
         key: Option<&str>,
     ) -> (Ts, bool) {
-        if let Some(key) = key
-            && let Some(Some(ts)) =
-                self.in_window(channel, false, |w, bounds| w.get(key, now_micros, bounds))
-        {
+        if let Some(ts) = key.and_then(|key| self.seen(channel, key, now_micros)) {
             return (ts, false);
         }
-        let ts = self.append(channel, body, now_micros);
-        if let Some(key) = key
-            && self.window.keys > 0
-        {
-            self.in_window(channel, true, |w, bounds| {
-                w.insert(key, ts, now_micros, bounds)
-            });
-            self.evict_over_budget(channel);
-        }
+        let ts = self.next_ts(channel, now_micros);
+        self.store_event(channel, ts, body, key, now_micros);
         (ts, true)
     }
 
@@ -259,22 +271,80 @@ impl Store {
     /// Assigns `body` the channel's next ts at wall-clock `now_micros`, stores a copy of it
     /// (packed in one allocation), and returns the ts.
     pub fn append(&mut self, channel: &ChannelId, body: &EventBody, now_micros: u64) -> Ts {
+        let ts = self.next_ts(channel, now_micros);
+        self.store_event(channel, ts, body, None, now_micros);
+        ts
+    }
+
+    /// The ts `key` was given in `channel`'s window at `now_micros`, if it is there.
+    pub fn seen(&mut self, channel: &ChannelId, key: &str, now_micros: u64) -> Option<Ts> {
+        self.in_window(channel, false, |w, bounds| w.get(key, now_micros, bounds))
+            .flatten()
+    }
+
+    /// Gives `channel` its next ts at wall-clock `now_micros` without storing an event: the
+    /// event is stored by [`Store::store_event`] once its followers have it.
+    pub fn next_ts(&mut self, channel: &ChannelId, now_micros: u64) -> Ts {
+        let (state, created) = self.channel_mut(channel);
+        let ts = state.clock.next(now_micros);
+        if created {
+            self.total_bytes += CHANNEL_OVERHEAD;
+            self.evict_over_budget(channel);
+        }
+        ts
+    }
+
+    /// `channel`'s state, made (its clock after its slot's floor) if it was not held; whether
+    /// it was made.
+    fn channel_mut(&mut self, channel: &ChannelId) -> (&mut Channel, bool) {
         let floor = self.slot_floor[usize::from(slot_of(channel))];
         let mut created = false;
         let state = self.channels.get_or_insert_mut(channel.clone(), || {
             created = true;
             Channel::new(TsClock::starting_after(floor), Ts::default())
         });
-        let ts = state.clock.next(now_micros);
+        (state, created)
+    }
+
+    /// Stores `body` at `ts` in `channel`'s history, in ts order (an event already there at
+    /// `ts`, or older than what was trimmed, is not stored twice), with its idempotency `key`
+    /// seen at `seen_micros`; the channel's clock is raised to at least `ts`. The primary
+    /// stores an event its [`Store::next_ts`] gave once replicated; a follower stores what its
+    /// primary replicated.
+    pub fn store_event(
+        &mut self,
+        channel: &ChannelId,
+        ts: Ts,
+        body: &EventBody,
+        key: Option<&str>,
+        seen_micros: u64,
+    ) {
+        let limits = self.limits;
+        let (state, created) = self.channel_mut(channel);
+        if state.clock.last() < ts {
+            state.clock = TsClock::starting_after(ts);
+        }
         let event = Packed::pack(ts, body);
         let size = event.counted();
-        let freed = state.push(event, &self.limits);
+        let freed = match state.events.back() {
+            None => Some(state.push(event, &limits)),
+            Some(last) if last.ts < ts => Some(state.push(event, &limits)),
+            Some(_) => state.insert(event, &limits),
+        };
         if created {
             self.total_bytes += CHANNEL_OVERHEAD;
         }
-        self.total_bytes = self.total_bytes + size - freed;
+        if let Some(freed) = freed {
+            self.total_bytes = self.total_bytes + size - freed;
+        }
+        if let Some(key) = key
+            && self.window.keys > 0
+        {
+            self.in_window(channel, true, |w, bounds| {
+                w.insert(key, ts, seen_micros, bounds)
+            });
+        }
         self.evict_over_budget(channel);
-        ts
     }
 
     /// Evicts least-recently-used channels (never `keep`) until under the total budget.
@@ -424,6 +494,26 @@ impl Store {
             }
         }
         taken
+    }
+
+    /// Copies of the channels of the slots for which `copied` is true, held on (a follower's
+    /// catch-up, or a handoff of a slot this node goes on following).
+    pub fn copy_slots(&self, copied: impl Fn(Slot) -> bool) -> Vec<Snapshot> {
+        self.channels
+            .iter()
+            .filter(|(id, _)| copied(slot_of(id)))
+            .map(|(id, state)| Snapshot {
+                channel: id.clone(),
+                last_ts: state.clock.last(),
+                trimmed: state.trimmed,
+                recent: state
+                    .recent
+                    .as_ref()
+                    .map(|w| w.entries())
+                    .unwrap_or_default(),
+                events: state.unpacked().collect(),
+            })
+            .collect()
     }
 
     /// Takes in a channel handed over by its previous owner: its clock continues after both

@@ -76,7 +76,13 @@ fn a_gained_slot_waits_for_its_handoff_until_it_arrives() {
     let slot = moved(&first, &second, "cs-1")[0];
     let mut warming = Warming::default();
     let now = Instant::now();
-    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let unknown = warming.gain(
+        &first,
+        &second,
+        &node("cs-3").id,
+        now + WARMUP_TIMEOUT,
+        |_| false,
+    );
     assert!(unknown.is_empty(), "every gained slot comes with a handoff");
     assert_eq!(warming.waiting_for(slot), Some(node("cs-1").id));
     warming.received(&node("cs-1").id, 2);
@@ -89,7 +95,13 @@ fn a_handoff_that_beats_the_ring_is_not_waited_for() {
     let mut warming = Warming::default();
     warming.received(&node("cs-1").id, 2);
     let now = Instant::now();
-    warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    warming.gain(
+        &first,
+        &second,
+        &node("cs-3").id,
+        now + WARMUP_TIMEOUT,
+        |_| false,
+    );
     for slot in moved(&first, &second, "cs-1") {
         assert_eq!(warming.waiting_for(slot), None);
     }
@@ -109,7 +121,7 @@ fn a_late_handoff_keeps_its_slots_waiting_until_they_are_released() {
     slots.sort_unstable();
     let mut warming = Warming::default();
     let deadline = Instant::now();
-    warming.gain(&first, &second, &node("cs-3").id, deadline);
+    warming.gain(&first, &second, &node("cs-3").id, deadline, |_| false);
     assert_eq!(warming.next_deadline(), Some(deadline));
     assert!(warming.due(deadline - Duration::from_millis(1)).is_empty());
     let due = warming.due(deadline);
@@ -173,7 +185,13 @@ fn slots_taken_over_from_a_dead_node_are_unknown_not_waited_for() {
     let (first, second) = rings(false);
     let mut warming = Warming::default();
     let now = Instant::now();
-    let mut unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let mut unknown = warming.gain(
+        &first,
+        &second,
+        &node("cs-3").id,
+        now + WARMUP_TIMEOUT,
+        |_| false,
+    );
     let mut gained = [
         moved(&first, &second, "cs-1"),
         moved(&first, &second, "cs-2"),
@@ -271,7 +289,7 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     let (first, second) = rings(true);
     let mut warming = Warming::default();
     let (one, three) = (node("cs-1").id, node("cs-3").id);
-    warming.gain(&first, &second, &three, Instant::now());
+    warming.gain(&first, &second, &three, Instant::now(), |_| false);
     let epoch = second.epoch();
     assert!(warming.expected(&one, epoch));
     assert!(warming.expected(&node("cs-2").id, epoch));
@@ -279,7 +297,7 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     assert!(!warming.expected(&three, epoch), "itself");
     // cs-1 gains nothing here: it expects no handoff at all.
     let mut other = Warming::default();
-    other.gain(&first, &second, &one, Instant::now());
+    other.gain(&first, &second, &one, Instant::now(), |_| false);
     assert!(!other.expected(&node("cs-2").id, epoch));
     assert!(
         other.named_sender(&node("cs-2").id, epoch),
@@ -289,7 +307,7 @@ fn a_node_expects_handoffs_only_from_the_senders_its_rings_named() {
     // Unplanned moves (a takeover) name no handoff.
     let (first, second) = rings(false);
     let mut taken = Warming::default();
-    taken.gain(&first, &second, &three, Instant::now());
+    taken.gain(&first, &second, &three, Instant::now(), |_| false);
     assert!(!taken.expected(&one, second.epoch()));
 }
 
@@ -321,7 +339,13 @@ fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
     let (first, second) = rings(false);
     let mut warming = Warming::default();
     let now = Instant::now();
-    let unknown = warming.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let unknown = warming.gain(
+        &first,
+        &second,
+        &node("cs-3").id,
+        now + WARMUP_TIMEOUT,
+        |_| false,
+    );
     let until = now + TAKEOVER_SETTLE;
     warming.settle(&first, &unknown, until);
     let from_one = moved(&first, &second, "cs-1")[0];
@@ -343,7 +367,13 @@ fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
     // A planned move's slots wait for their handoff instead.
     let (first, second) = rings(true);
     let mut planned = Warming::default();
-    let unknown = planned.gain(&first, &second, &node("cs-3").id, now + WARMUP_TIMEOUT);
+    let unknown = planned.gain(
+        &first,
+        &second,
+        &node("cs-3").id,
+        now + WARMUP_TIMEOUT,
+        |_| false,
+    );
     planned.settle(&first, &unknown, until);
     assert_eq!(planned.settling(from_one, "C1", now), None);
 }

@@ -1,6 +1,7 @@
 //! Unit tests of the shards: subscriptions, publish order and fan-out, falling behind, history
 //! bounds, and following a ring that moves channels away.
 
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use mesh_core::{EventBody, RingNode, SLOT_COUNT, UserId};
@@ -375,4 +376,278 @@ fn slots_marked_unknown_tell_their_subscribers_of_a_gap() {
     let floor = shards.history(&channel, None, 10).complete_after;
     assert!(floor >= Ts::from_micros(1_000));
     assert_eq!(replies, [Test::Gap(channel, floor)]);
+}
+
+/// A replicator that records what it was asked to send, each follower on a link numbered by
+/// its position in the ring, and refuses everything once `full`.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<(NodeId, u64)>>,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl Replicator for Recorder {
+    fn replicate(
+        &self,
+        followers: &[&RingNode],
+        entry: &Replicated,
+    ) -> Result<Vec<(NodeId, LinkId)>, ServeError> {
+        if self.full.load(Ordering::Relaxed) {
+            return Err(ServeError::ReplicationBehind);
+        }
+        let links: Vec<(NodeId, LinkId)> = followers
+            .iter()
+            .map(|f| (f.id.clone(), link_of(&f.id)))
+            .collect();
+        let mut sent = self.sent.lock().unwrap();
+        sent.extend(links.iter().map(|(id, _)| (id.clone(), entry.id)));
+        Ok(links)
+    }
+}
+
+/// The link number the [`Recorder`] gives a follower.
+fn link_of(id: &NodeId) -> LinkId {
+    id.as_str().trim_start_matches("cs-").parse().unwrap()
+}
+
+/// cs-1 owning every slot, each followed by cs-2 (and cs-3 when `three`).
+fn replicated_ring(three: bool) -> Arc<Ring> {
+    let mut members = vec![node("cs-1")];
+    let one = Ring::empty().rebalanced(&members);
+    members.push(node("cs-2"));
+    if three {
+        members.push(node("cs-3"));
+    }
+    // Followers for every slot of a ring where cs-1 owns all of them.
+    let owners: Vec<u32> = vec![0; SLOT_COUNT];
+    let followers = (0..SLOT_COUNT)
+        .map(|_| (1..members.len() as u32).collect())
+        .collect();
+    let ring = Ring::from_replicated_parts(one.epoch() + 1, members, owners, followers).unwrap();
+    Arc::new(ring)
+}
+
+fn begin(
+    shards: &Shards<Test>,
+    ring: &Arc<Ring>,
+    recorder: &Recorder,
+    channel: &ChannelId,
+    text: &str,
+    key: Option<&str>,
+) -> (Published, ChannelEvent) {
+    let mut event = message(channel, text);
+    let published = shards
+        .publish_once(&mut event, key, || Ok(ring.clone()), recorder)
+        .unwrap();
+    (published, event)
+}
+
+fn answer(published: Published) -> Option<Result<Ts, ServeError>> {
+    match published {
+        Published::Waiting { mut reply, .. } => reply.try_recv().ok(),
+        Published::Done { .. } => panic!("stored without its followers"),
+    }
+}
+
+#[test]
+fn a_replicated_event_is_stored_delivered_and_answered_only_once_every_follower_has_it() {
+    let (shards, _) = shards(Limits::default());
+    let ring = replicated_ring(true);
+    let recorder = Recorder::default();
+    let cancel = CancellationToken::new();
+    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None);
+    drain(&mut rx);
+    let (first, e1) = begin(&shards, &ring, &recorder, &c("C1"), "one", None);
+    let (second, e2) = begin(&shards, &ring, &recorder, &c("C1"), "two", None);
+    let (id1, id2) = {
+        let sent = recorder.sent.lock().unwrap();
+        assert_eq!(sent.len(), 4, "each event to cs-2 and cs-3: {sent:?}");
+        (sent[0].1, sent[2].1)
+    };
+    let shard = usize::from(slot_of(&c("C1"))) % SHARDS;
+    // Nothing visible yet: no delivery, no history, no answer.
+    assert!(drain(&mut rx).is_empty());
+    assert!(shards.history(&c("C1"), None, 10).events.is_empty());
+    assert_eq!(shards.pending(), 2);
+    // cs-2 acknowledges both, cs-3 only the second: still nothing, as the first waits.
+    shards.acked(2, &[(shard, id1), (shard, id2)]);
+    shards.acked(3, &[(shard, id2)]);
+    assert!(
+        drain(&mut rx).is_empty(),
+        "the second waits behind the first"
+    );
+    // cs-3 acknowledges the first: both go, in order.
+    shards.acked(3, &[(shard, id1)]);
+    assert_eq!(texts(&drain(&mut rx)), ["one", "two"]);
+    assert_eq!(answer(first), Some(Ok(e1.ts.unwrap())));
+    assert_eq!(answer(second), Some(Ok(e2.ts.unwrap())));
+    assert_eq!(shards.history(&c("C1"), None, 10).events.len(), 2);
+    assert_eq!(shards.pending(), 0);
+}
+
+#[test]
+fn a_refused_event_fails_and_the_ones_after_it_go_on() {
+    let (shards, _) = shards(Limits::default());
+    let ring = replicated_ring(false);
+    let recorder = Recorder::default();
+    let (first, _) = begin(&shards, &ring, &recorder, &c("C1"), "one", None);
+    let (second, e2) = begin(&shards, &ring, &recorder, &c("C1"), "two", None);
+    let ids: Vec<u64> = recorder.sent.lock().unwrap().iter().map(|s| s.1).collect();
+    let shard = usize::from(slot_of(&c("C1"))) % SHARDS;
+    shards.refused(&[(shard, ids[0])], "not_follower: fenced");
+    assert_eq!(
+        answer(first),
+        Some(Err(ServeError::ReplicationRefused(
+            "not_follower: fenced".into()
+        )))
+    );
+    shards.acked(2, &[(shard, ids[1])]);
+    assert_eq!(answer(second), Some(Ok(e2.ts.unwrap())));
+    let history = shards.history(&c("C1"), None, 10);
+    assert_eq!(
+        texts(
+            &history
+                .events
+                .into_iter()
+                .map(|s| Test::Event(ChannelEvent {
+                    channel: c("C1"),
+                    ts: Some(s.ts),
+                    body: s.body,
+                    origin: None,
+                }))
+                .collect::<Vec<_>>()
+        ),
+        ["two"]
+    );
+}
+
+#[test]
+fn a_retry_while_the_first_waits_waits_for_it_and_gets_its_ts() {
+    let (shards, _) = shards(Limits::default());
+    let ring = replicated_ring(false);
+    let recorder = Recorder::default();
+    let (first, e1) = begin(&shards, &ring, &recorder, &c("C1"), "once", Some("k1"));
+    let (retry, again) = begin(&shards, &ring, &recorder, &c("C1"), "once", Some("k1"));
+    assert!(matches!(retry, Published::Waiting { fresh: false, .. }));
+    assert_eq!(again.ts, e1.ts);
+    assert_eq!(
+        recorder.sent.lock().unwrap().len(),
+        1,
+        "sent to the follower once"
+    );
+    let id = recorder.sent.lock().unwrap()[0].1;
+    shards.acked(2, &[(usize::from(slot_of(&c("C1"))) % SHARDS, id)]);
+    assert_eq!(answer(first), Some(Ok(e1.ts.unwrap())));
+    assert_eq!(answer(retry), Some(Ok(e1.ts.unwrap())));
+    // Once stored, a retry is answered from the window.
+    let (late, _) = begin(&shards, &ring, &recorder, &c("C1"), "once", Some("k1"));
+    assert!(matches!(late, Published::Done { fresh: false }));
+    assert_eq!(shards.history(&c("C1"), None, 10).events.len(), 1);
+}
+
+#[test]
+fn a_ring_change_sends_waiting_events_to_new_followers_and_fails_those_of_lost_slots() {
+    let (shards, _) = shards(Limits::default());
+    let me = NodeId::new("cs-1").unwrap();
+    let ring = replicated_ring(false);
+    let recorder = Recorder::default();
+    let (waiting, e1) = begin(&shards, &ring, &recorder, &c("C1"), "one", None);
+    // cs-2 died: cs-3 follows every slot now.
+    let members = vec![node("cs-1"), node("cs-3")];
+    let next = Ring::from_replicated_parts(
+        ring.epoch() + 1,
+        members.clone(),
+        vec![0; SLOT_COUNT],
+        vec![vec![1]; SLOT_COUNT],
+    )
+    .unwrap();
+    shards.reroute(&next, &me, &recorder);
+    let sent = recorder.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].0.as_str(), "cs-3");
+    // An acknowledgement from the dropped follower counts for nothing; cs-3's does.
+    let shard = usize::from(slot_of(&c("C1"))) % SHARDS;
+    let mut waiting = match waiting {
+        Published::Waiting { reply, .. } => reply,
+        Published::Done { .. } => unreachable!(),
+    };
+    shards.acked(3, &[(shard, sent[0].1)]);
+    assert_eq!(waiting.try_recv().ok(), Some(Ok(e1.ts.unwrap())));
+    // A ring where the slot went to cs-3: the waiting event fails as moved.
+    let (lost, _) = begin(
+        &shards,
+        &Arc::new(next.clone()),
+        &recorder,
+        &c("C1"),
+        "two",
+        None,
+    );
+    let moved = Ring::from_replicated_parts(
+        next.epoch() + 1,
+        members,
+        vec![1; SLOT_COUNT],
+        vec![vec![0]; SLOT_COUNT],
+    )
+    .unwrap();
+    shards.reroute(&moved, &me, &recorder);
+    assert!(matches!(
+        answer(lost),
+        Some(Err(ServeError::WrongOwner { .. }))
+    ));
+    assert_eq!(shards.pending(), 0);
+}
+
+#[test]
+fn a_full_replication_queue_refuses_the_publish_before_giving_it_a_ts() {
+    let (shards, _) = shards(Limits::default());
+    let ring = replicated_ring(false);
+    let recorder = Recorder::default();
+    recorder.full.store(true, Ordering::Relaxed);
+    let mut event = message(&c("C1"), "no room");
+    let refused = shards
+        .publish_once(&mut event, None, || Ok(ring.clone()), &recorder)
+        .unwrap_err();
+    assert_eq!(refused, ServeError::ReplicationBehind);
+    assert_eq!(shards.pending(), 0);
+    assert!(shards.history(&c("C1"), None, 10).events.is_empty());
+}
+
+#[test]
+fn a_follower_stores_replicated_events_in_ts_order_once() {
+    let (shards, _) = shards(Limits::default());
+    let at = |micros: u64, text: &str| ChannelEvent {
+        ts: Some(Ts::from_micros(micros)),
+        ..message(&c("C1"), text)
+    };
+    shards.apply(&at(20, "b"), Some("kb"), 5);
+    shards.apply(&at(10, "a"), None, 5);
+    shards.apply(&at(20, "b"), Some("kb"), 5);
+    shards.apply(&at(30, "c"), None, 5);
+    let page = shards.history(&c("C1"), None, 10);
+    let ts: Vec<u64> = page.events.iter().map(|e| e.ts.as_micros()).collect();
+    assert_eq!(ts, [10, 20, 30]);
+    // Promoted, its clock continues after what it holds, and it knows the key.
+    let mut next = message(&c("C1"), "d");
+    shards.publish(&mut next, || Ok(())).unwrap();
+    assert!(next.ts.unwrap() > Ts::from_micros(30));
+    let ring = Arc::new(Ring::empty());
+    let (again, _) = begin_plain(&shards, &ring, "b", "kb");
+    assert!(matches!(again, Published::Done { fresh: false }));
+}
+
+fn begin_plain(
+    shards: &Shards<Test>,
+    ring: &Arc<Ring>,
+    text: &str,
+    key: &str,
+) -> (Published, ChannelEvent) {
+    begin(
+        shards,
+        ring,
+        &Recorder::default(),
+        &c("C1"),
+        text,
+        Some(key),
+    )
 }
