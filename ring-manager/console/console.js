@@ -90,8 +90,18 @@ function renderRing(state) {
   label.textContent = "epoch " + state.epoch;
   const sub = svg("text", { x: CENTER, y: CENTER + 18, "text-anchor": "middle", class: "ring-sub" });
   const owners = new Set(state.arcs.filter((a) => a.node !== null).map((a) => a.node));
-  sub.textContent = `${count} slots · ${owners.size} owner${owners.size === 1 ? "" : "s"}`;
+  const copies = state.replication_factor > 1 ? ` · ${state.replication_factor} copies` : "";
+  sub.textContent = `${count} slots · ${owners.size} owner${owners.size === 1 ? "" : "s"}${copies}`;
   ring.append(label, sub);
+}
+
+// Slots a node follows, and how many of those it last reported as still being filled (marked
+// stale when it counted them in an older epoch than the ring's).
+function followed(state, node) {
+  const count = node.followed ?? 0;
+  if (!node.catching_up) return String(count);
+  const stale = (node.catching_up_epoch ?? 0) < state.epoch ? ", stale" : "";
+  return `${count} (${node.catching_up} catching up${stale})`;
 }
 
 function renderNodes(state) {
@@ -108,6 +118,7 @@ function renderNodes(state) {
       el("td", { class: "mono" }, node.addr),
       el("td", { class: "num slots" }, node.slots),
       el("td", { class: "num" }, share),
+      el("td", { class: "num followed" }, followed(state, node)),
       el("td", { class: "num" }, heartbeat),
       el("td", { class: "num" }, node.pid || ""));
     body.append(row);

@@ -11,6 +11,7 @@ use ring_client::{ConsulArgs, ConsulRing};
 use crate::Config;
 use crate::Error;
 use crate::cluster::{DEFAULT_LOCK_DELAY, DEFAULT_SESSION_TTL};
+use crate::server::DEFAULT_REPLICATION_FACTOR;
 
 /// Default: the address to serve gRPC on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50050";
@@ -55,8 +56,37 @@ pub struct Args {
         default_value = "channel-server"
     )]
     pub node_role: mesh_transport::Role,
+    /// How many channel servers hold each slot: its owner and N-1 followers, which receive
+    /// every event before it is acknowledged and take the slot with its history when the owner
+    /// dies. 1: no followers (a dead node's history is lost). The presence ring has no
+    /// followers whatever this says (presence is soft state).
+    #[arg(
+        long,
+        env = ENV_REPLICATION_FACTOR,
+        value_parser = parse_replication_factor,
+        default_value_t = DEFAULT_REPLICATION_FACTOR
+    )]
+    pub replication_factor: usize,
     #[command(flatten)]
     pub consul: ConsulArgs,
+}
+
+/// The environment variable of `--replication-factor`.
+pub const ENV_REPLICATION_FACTOR: &str = "CHANNELMESH_REPLICATION_FACTOR";
+
+/// `--replication-factor`: 1 or more.
+pub fn parse_replication_factor(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 would keep no copy of a slot: the replication factor counts the owner, so 1 (no \
+             followers) is the least"
+                .to_string(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "{s:?} is not a replication factor: a whole number, 1 (no followers) or more"
+        )),
+    }
 }
 
 /// `--node-role`: a ring node's role.
@@ -142,9 +172,15 @@ impl ProcessConfig {
                 state_file: args.state_file.clone(),
             },
         };
+        // Presence is soft state, rebuilt from the gateways: its ring places no followers.
+        let replication_factor = match args.node_role {
+            mesh_transport::Role::PresenceServer => 1,
+            _ => args.replication_factor,
+        };
         Ok(ProcessConfig {
             manager: Config {
                 node_role: Some(args.node_role),
+                replication_factor,
                 ..Config::default()
             },
             listen: args.listen,
@@ -198,6 +234,31 @@ mod tests {
         for other in ["gateway", "operator", "either"] {
             assert!(Cli::try_parse_from(["ring-manager", "--node-role", other]).is_err());
         }
+    }
+
+    #[test]
+    fn the_replication_factor_defaults_to_two_refuses_zero_and_the_presence_ring_has_none() {
+        assert_eq!(config(&[]).unwrap().manager.replication_factor, 2);
+        let c = config(&["--replication-factor", "3"]).unwrap();
+        assert_eq!(c.manager.replication_factor, 3);
+        let c = config(&["--replication-factor", "1"]).unwrap();
+        assert_eq!(c.manager.replication_factor, 1);
+        let zero = Cli::try_parse_from(["ring-manager", "--replication-factor", "0"]).unwrap_err();
+        assert!(
+            zero.to_string().contains(
+                "0 would keep no copy of a slot: the replication factor counts the owner"
+            ),
+            "{zero}"
+        );
+        assert!(Cli::try_parse_from(["ring-manager", "--replication-factor", "two"]).is_err());
+        let c = config(&[
+            "--node-role",
+            "presence-server",
+            "--replication-factor",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(c.manager.replication_factor, 1, "presence is soft state");
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub struct Snapshot {
     pub regions: Vec<RegionView>,
     /// Recent epochs, newest first.
     pub epochs: Vec<EpochJson>,
+    /// How many nodes should hold each slot (owner and followers); 1: no followers.
+    #[serde(default)]
+    pub replication_factor: usize,
+    /// Slots with fewer followers than `replication_factor - 1` (too few other nodes).
+    #[serde(default)]
+    pub under_replicated: usize,
 }
 
 /// A node of the ring manager.
@@ -92,6 +98,15 @@ pub struct NodeJson {
     pub incarnation: u64,
     /// Milliseconds since its last heartbeat.
     pub heartbeat_ms: u64,
+    /// Slots it follows in this epoch (holds a copy of, for their owners).
+    #[serde(default)]
+    pub followed: usize,
+    /// Followed slots still being filled from their owner, as its last heartbeat reported
+    /// them (in `catching_up_epoch`'s ring: older than `epoch` is stale).
+    #[serde(default)]
+    pub catching_up: u32,
+    #[serde(default)]
+    pub catching_up_epoch: u64,
 }
 
 /// `len` consecutive slots from `start`, owned by `node` (`None`: nobody, before the first
@@ -208,8 +223,11 @@ impl Console {
                 arcs: Vec::new(),
                 regions: Vec::new(),
                 epochs: Vec::new(),
+                replication_factor: 0,
+                under_replicated: 0,
             };
         };
+        let replication_factor = manager.config().replication_factor;
         let (ring, members) = manager.members_detail();
         let nodes = members
             .into_iter()
@@ -222,6 +240,9 @@ impl Console {
                 pid: m.pid,
                 incarnation: m.incarnation,
                 heartbeat_ms: m.since_heartbeat.as_millis() as u64,
+                followed: ring.slots_followed(&m.id),
+                catching_up: m.catching_up,
+                catching_up_epoch: m.catching_up_epoch,
             })
             .collect();
         Snapshot {
@@ -256,8 +277,22 @@ impl Console {
                         .collect(),
                 })
                 .collect(),
+            under_replicated: under_replicated(&ring, replication_factor),
+            replication_factor,
         }
     }
+}
+
+/// How many of `ring`'s slots have fewer than `factor - 1` followers (none on a ring without
+/// nodes: nothing is held at all).
+fn under_replicated(ring: &mesh_core::Ring, factor: usize) -> usize {
+    if ring.nodes().is_empty() {
+        return 0;
+    }
+    let want = factor.saturating_sub(1);
+    (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
+        .filter(|&s| ring.followers(s).count() < want)
+        .count()
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -422,10 +457,38 @@ async fn metrics(axum::extract::State((console, _)): axum::extract::State<AppSta
     for state in ["joining", "active", "standby", "draining", "down"] {
         members.with_label_values(&[state]).set(0);
     }
+    let followed = t.gauge_vec(
+        "channelmesh_ring_slots_followed",
+        "Slots each node follows (holds a copy of) in the current epoch.",
+        &["node"],
+    );
+    let catching_up = t.gauge_vec(
+        "channelmesh_ring_slots_catching_up",
+        "Followed slots each node last reported as still being filled from their owner.",
+        &["node"],
+    );
     for node in &snapshot.nodes {
         slots.with_label_values(&[&node.id]).set(node.slots as i64);
         members.with_label_values(&[&node.state]).inc();
+        if node.state != "down" {
+            followed
+                .with_label_values(&[&node.id])
+                .set(node.followed as i64);
+            catching_up
+                .with_label_values(&[&node.id])
+                .set(i64::from(node.catching_up));
+        }
     }
+    t.gauge(
+        "channelmesh_ring_replication_factor",
+        "How many nodes should hold each slot (owner and followers); 1: no followers.",
+    )
+    .set(snapshot.replication_factor as i64);
+    t.gauge(
+        "channelmesh_ring_slots_under_replicated",
+        "Slots with fewer followers than the replication factor asks (too few other nodes).",
+    )
+    .set(snapshot.under_replicated as i64);
     t.gauge(
         "channelmesh_ring_standbys",
         "Standby nodes ready to take over a failed node's slots.",
@@ -593,6 +656,28 @@ mod tests {
     }
 
     #[test]
+    fn slots_short_of_followers_are_counted() {
+        assert_eq!(under_replicated(&Ring::empty(), 2), 0, "nothing is held");
+        let one = Ring::empty().rebalanced(&[node("a")]);
+        let one = one.clone().with_followers(&one, 2);
+        assert_eq!(under_replicated(&one, 2), mesh_core::SLOT_COUNT);
+        assert_eq!(under_replicated(&one, 1), 0);
+        let two = one.rebalanced(&[node("a"), node("b")]);
+        assert_eq!(
+            under_replicated(&two, 2),
+            mesh_core::SLOT_COUNT,
+            "none placed yet"
+        );
+        let two = two.with_followers(&one, 2);
+        assert_eq!(under_replicated(&two, 2), 0);
+        assert_eq!(
+            under_replicated(&two, 3),
+            mesh_core::SLOT_COUNT,
+            "one other node only"
+        );
+    }
+
+    #[test]
     fn the_fingerprint_ignores_ages_only() {
         let snapshot = Snapshot {
             role: "embedded".into(),
@@ -609,10 +694,15 @@ mod tests {
                 pid: 1,
                 incarnation: 1,
                 heartbeat_ms: 40,
+                followed: 0,
+                catching_up: 0,
+                catching_up_epoch: 0,
             }],
             arcs: Vec::new(),
             regions: Vec::new(),
             epochs: Vec::new(),
+            replication_factor: 1,
+            under_replicated: 0,
         };
         let mut later = snapshot.clone();
         later.at_ms = 2;

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::membership::{MemberView, MembershipError};
 use crate::regions::{Directive, GatewayReport, GatewayView, RegionError, RegionView, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
-use crate::server::{ChangeError, RingManager, Unsaved};
+use crate::server::{Beat, ChangeError, RingManager, Unsaved};
 
 /// Lease replies queued for one node; a node that does not read them misses renewals.
 const LEASE_REPLY_QUEUE: usize = 16;
@@ -155,6 +155,8 @@ fn ring_to_pb(ring: &Ring, members: &[MemberView]) -> pb::Ring {
             state: m.state.as_str().to_string(),
             pid: m.pid,
             slots: ring.slots_owned(&m.id) as u32,
+            slots_followed: ring.slots_followed(&m.id) as u32,
+            catching_up: m.catching_up,
         })
         .collect();
     proto
@@ -405,7 +407,12 @@ impl RingManagerRpc for Service {
                 let Ok(id) = NodeId::new(&hb.node_id) else {
                     break;
                 };
-                let valid = manager.heartbeat(&id, hb.incarnation, hb.handed_off_epoch);
+                let beat = Beat {
+                    handed_off_epoch: hb.handed_off_epoch,
+                    catching_up: hb.catching_up,
+                    catching_up_epoch: hb.catching_up_epoch,
+                };
+                let valid = manager.heartbeat(&id, hb.incarnation, beat);
                 let heard = (id, hb.incarnation);
                 this.streams.heard(&heard, stream);
                 holder = Some(heard);
@@ -687,6 +694,7 @@ mod tests {
             addr: format!("{n}:1"),
         };
         let ring = Ring::empty().rebalanced(&[node("a"), node("b")]);
+        let ring = ring.clone().with_followers(&ring, 2);
         let member = |n: &str, state, pid| MemberView {
             id: id(n),
             addr: format!("{n}:1"),
@@ -694,6 +702,8 @@ mod tests {
             state,
             incarnation: 1,
             since_heartbeat: Duration::ZERO,
+            catching_up: if n == "a" { 7 } else { 0 },
+            catching_up_epoch: ring.epoch(),
         };
         let members = [
             member("a", NodeState::Draining, 7),
@@ -706,17 +716,18 @@ mod tests {
             .map(|n| (n.id.as_str(), n.state.as_str(), n.pid))
             .collect();
         assert_eq!(nodes, [("a", "draining", 7), ("b", "active", 0)]);
-        let members: Vec<(&str, &str, u32)> = proto
+        let members: Vec<(&str, &str, u32, u32, u32)> = proto
             .members
             .iter()
-            .map(|m| (m.id.as_str(), m.state.as_str(), m.slots))
+            .map(|m| {
+                let (id, state) = (m.id.as_str(), m.state.as_str());
+                (id, state, m.slots, m.slots_followed, m.catching_up)
+            })
             .collect();
+        let half = mesh_core::SLOT_COUNT as u32 / 2;
         assert_eq!(
             members,
-            [
-                ("a", "draining", mesh_core::SLOT_COUNT as u32 / 2),
-                ("s", "standby", 0)
-            ]
+            [("a", "draining", half, half, 7), ("s", "standby", 0, 0, 0)]
         );
     }
 

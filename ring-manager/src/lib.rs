@@ -23,6 +23,7 @@ pub mod grpc;
 pub mod membership;
 pub mod monitor;
 pub mod operations;
+pub mod placement;
 pub mod regions;
 pub mod revocations;
 pub mod run;

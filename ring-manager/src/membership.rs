@@ -3,9 +3,13 @@
 //!
 //! Channel servers register (as active capacity or as standbys) and renew a lease by
 //! heartbeat. A node declared down (by the failure monitor, [`crate::monitor`], or by its own
-//! re-registration) loses its slots: a live standby takes over exactly those, or, with no
-//! standby, they spread over the survivors. Every change of the ring is a new epoch; the SRE
-//! operations that change it on purpose are in [`crate::operations`].
+//! re-registration) loses its slots. With replication (a replication factor above 1, so every
+//! slot has followers), each of its slots goes to the slot's first follower, which already
+//! holds its history, and a live standby joins the ring to receive follower places. Without,
+//! a live standby takes over exactly its slots, or, with no standby, they spread over the
+//! survivors. Every ring published carries `factor - 1` followers per slot (as many as the
+//! other nodes allow). Every change of the ring is a new epoch; the SRE operations that change
+//! it on purpose are in [`crate::operations`].
 //!
 //! Methods change the state and record what the caller must do about it (publish each new ring
 //! in order, save the state): the caller takes those with [`Membership::take_effects`] while
@@ -22,7 +26,9 @@ use crate::state_file::{Saved, SavedMember};
 /// A channel server's state, as `ctl ring` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
-    /// Registered as active capacity, not yet given slots.
+    /// Registered as active capacity, not yet given slots; or, on a replicated ring, on the
+    /// ring as a follower only (an added or replacing standby) until its copies are filled,
+    /// when it takes its share of primaries.
     Joining,
     /// Owns slots.
     Active,
@@ -70,6 +76,12 @@ pub struct MemberView {
     /// Since its last heartbeat: the only liveness signal a node sends (heartbeats carry no
     /// load figures).
     pub since_heartbeat: Duration,
+    /// Replication progress as its last heartbeat reported it: slots it follows whose copy
+    /// was still being filled, counted in ring epoch `catching_up_epoch` (0, 0: nothing
+    /// reported). A count for an epoch older than the current ring's is stale: shown, never
+    /// acted on.
+    pub catching_up: u32,
+    pub catching_up_epoch: u64,
 }
 
 /// One published epoch and what it changed, for the console's history.
@@ -149,6 +161,14 @@ pub(crate) struct Member {
     pub(crate) probing: bool,
     /// For a draining node: the epoch whose handoffs it must finish.
     pub(crate) drain_epoch: u64,
+    /// Replication progress its last heartbeat reported (not saved): followed slots still
+    /// being filled, and the ring epoch it counted them in.
+    pub(crate) catching_up: u32,
+    pub(crate) catching_up_epoch: u64,
+    /// For a node joining a replicated ring as a follower: the epoch that gave it follower
+    /// places. Once it reports no followed slot catching up, counted in this epoch or a later
+    /// one, it takes its share of primaries ([`Membership::lead_followed`]).
+    pub(crate) follow_epoch: u64,
 }
 
 impl Member {
@@ -162,6 +182,9 @@ impl Member {
             stream_closed: false,
             probing: false,
             drain_epoch: 0,
+            catching_up: 0,
+            catching_up_epoch: 0,
+            follow_epoch: 0,
         }
     }
 }
@@ -195,6 +218,8 @@ pub struct Membership {
     /// Since when the ring manager hears fewer than half of its live members (not saved): it
     /// is the one cut off, and judges nobody until it hears them again (`monitor`).
     pub(crate) deaf_since: Option<Instant>,
+    /// How many nodes hold each slot (owner and followers); 1: no followers.
+    replication_factor: usize,
 }
 
 impl Membership {
@@ -210,7 +235,21 @@ impl Membership {
             history_len,
             effects: Effects::default(),
             deaf_since: None,
+            replication_factor: 1,
         }
+    }
+
+    /// This membership, placing `factor - 1` followers per slot on every ring it publishes
+    /// from now on (at least 1: no followers, which is what [`Membership::new`] starts with).
+    /// A resumed ring keeps the followers it was saved with until its next change.
+    pub fn with_replication_factor(mut self, factor: usize) -> Self {
+        self.replication_factor = factor.max(1);
+        self
+    }
+
+    /// How many nodes hold each slot (owner and followers); 1: no followers.
+    pub fn replication_factor(&self) -> usize {
+        self.replication_factor
     }
 
     /// The state `saved` describes, at `now`: every member gets one suspicion period from
@@ -236,7 +275,10 @@ impl Membership {
             .iter()
             .filter_map(|m| {
                 let state = NodeState::from_saved(&m.state);
-                let member = Member::new(m.addr.clone(), m.pid, state, m.incarnation, now);
+                let mut member = Member::new(m.addr.clone(), m.pid, state, m.incarnation, now);
+                // A follower still joining must report its copies filled in the resumed
+                // ring (the epoch that gave it its places is not saved).
+                member.follow_epoch = ring.epoch();
                 Some((NodeId::new(&m.id).ok()?, member))
             })
             .collect();
@@ -302,6 +344,8 @@ impl Membership {
                 state: m.state,
                 incarnation: m.incarnation,
                 since_heartbeat: now.saturating_duration_since(m.last_heartbeat),
+                catching_up: m.catching_up,
+                catching_up_epoch: m.catching_up_epoch,
             })
             .collect()
     }
@@ -438,6 +482,18 @@ impl Membership {
         true
     }
 
+    /// Notes the replication progress `id` (of `incarnation`) reported: `catching_up` followed
+    /// slots still being filled, counted in ring epoch `epoch`. Not saved: the next heartbeat
+    /// says it again.
+    pub fn report_progress(&mut self, id: &NodeId, incarnation: u64, catching_up: u32, epoch: u64) {
+        if let Some(member) = self.members.get_mut(id)
+            && member.incarnation == incarnation
+        {
+            member.catching_up = catching_up;
+            member.catching_up_epoch = epoch;
+        }
+    }
+
     /// Gives up on `probe`'s suspect being probed (its answer could not be acted on): the next
     /// look at the leases probes it again.
     pub(crate) fn unprobe(&mut self, id: &NodeId, incarnation: u64) {
@@ -458,11 +514,16 @@ impl Membership {
         }
     }
 
-    /// The active nodes, sorted by id.
+    /// The active nodes, and the nodes joining the ring as followers, sorted by id: the
+    /// nodes a rebalanced ring is over.
     pub(crate) fn active_nodes(&self) -> Vec<RingNode> {
         self.members
             .iter()
-            .filter(|(_, m)| m.state == NodeState::Active)
+            .filter(|(id, m)| {
+                m.state == NodeState::Active
+                    || (m.state == NodeState::Joining
+                        && self.ring.nodes().iter().any(|n| &n.id == *id))
+            })
             .map(|(id, m)| RingNode {
                 id: id.clone(),
                 addr: m.addr.clone(),
@@ -493,18 +554,28 @@ impl Membership {
         self.publish(next.with_handoffs(handoffs), &cause)
     }
 
-    /// Declares `id` down at `now` and moves its slots: to a standby if one is live, else
-    /// spread over the survivors.
+    /// Declares `id` down at `now` and moves its slots. On a replicated ring: each to the
+    /// slot's first follower, a live standby joining to receive follower places (and any slot
+    /// no follower could take). Without followers: to a live standby, else spread over the
+    /// survivors. No handoff is named: the node is dead.
     pub fn declare_down(&mut self, id: &NodeId, why: &str, now: Instant) {
         let Some(member) = self.members.get_mut(id) else {
             return;
         };
-        let owned = matches!(member.state, NodeState::Active | NodeState::Draining);
+        let owned = matches!(
+            member.state,
+            NodeState::Active | NodeState::Draining | NodeState::Joining
+        );
         member.state = NodeState::Down;
         member.probing = false;
         tracing::warn!(node = %id, why, "node declared down");
-        if !owned || self.ring.slots_owned(id) == 0 {
+        let on_ring = self.ring.nodes().iter().any(|n| &n.id == id);
+        if !owned || !on_ring || (!self.ring.is_replicated() && self.ring.slots_owned(id) == 0) {
             self.changed();
+            return;
+        }
+        if self.ring.is_replicated() {
+            self.promote_followers(id, why, now);
             return;
         }
         if let Some((standby, addr)) = self.pick_standby(now)
@@ -529,8 +600,83 @@ impl Membership {
         self.publish(next, &cause);
     }
 
-    /// Makes `next` the ring, remembers and logs what changed, and has the caller publish it.
+    /// Declares dead `id`'s slots promoted to their first followers in a new epoch, a live
+    /// standby at `now` joining the ring as active capacity (owning only the slots no follower
+    /// could take, usually none) to receive follower places.
+    fn promote_followers(&mut self, id: &NodeId, why: &str, now: Instant) {
+        let standby = self
+            .pick_standby(now)
+            .map(|(id, addr)| RingNode { id, addr });
+        let Some(next) = self.ring.with_promotion(id, standby.clone()) else {
+            // Not on the ring after all (checked by the caller): nothing to move.
+            self.changed();
+            return;
+        };
+        let mut cause = format!("{id} down ({why}); its slots promoted to their followers");
+        if let Some(standby) = &standby {
+            self.join_as_follower(&standby.id, next.epoch());
+            cause.push_str(&format!("; standby {} joins as a follower", standby.id));
+        }
+        tracing::info!(dead = %id, standby = ?standby.as_ref().map(|s| &s.id), "followers take over the dead node's slots");
+        self.publish(next, &cause);
+    }
+
+    /// Marks `id` joining the ring as a follower in `epoch`: it takes its share of primaries
+    /// once its copies are filled (a node the same ring gives slots is active at once).
+    pub(crate) fn join_as_follower(&mut self, id: &NodeId, epoch: u64) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.state = NodeState::Joining;
+            m.follow_epoch = epoch;
+        }
+    }
+
+    /// Whether `id` joins the ring as a follower and has reported every slot it follows filled,
+    /// counted in the epoch that gave it its places or a later one (a count for an older epoch
+    /// says nothing about them).
+    pub fn ready_to_lead(&self, id: &NodeId) -> bool {
+        self.members.get(id).is_some_and(|m| {
+            m.state == NodeState::Joining
+                && m.follow_epoch > 0
+                && m.catching_up == 0
+                && m.catching_up_epoch >= m.follow_epoch
+                && self.ring.nodes().iter().any(|n| &n.id == id)
+        })
+    }
+
+    /// If `id` is [ready to lead](Membership::ready_to_lead): a new epoch in which it owns its
+    /// fair share of slots, taken first among those it follows (it holds their history), with
+    /// handoffs from their live old owners; it is active from then on.
+    pub fn lead_followed(&mut self, id: &NodeId) -> Option<Arc<Ring>> {
+        if !self.ready_to_lead(id) {
+            return None;
+        }
+        let Some(next) = crate::placement::lead_followed(&self.ring, id) else {
+            // Nothing to gain (a ring of many nodes): it is active as it is.
+            if let Some(m) = self.members.get_mut(id) {
+                m.state = NodeState::Active;
+            }
+            self.changed();
+            return None;
+        };
+        if let Some(m) = self.members.get_mut(id) {
+            m.state = NodeState::Active;
+        }
+        let handoffs = next.moves_from(&self.ring);
+        let led = next.slots_owned(id);
+        let cause = format!("{id} caught up: it leads {led} slots, promoted where it followed");
+        Some(self.publish(next.with_handoffs(handoffs), &cause))
+    }
+
+    /// Makes `next` the ring — with `factor - 1` followers per slot, kept from the current
+    /// ring where they can be — remembers and logs what changed, and has the caller publish
+    /// it. A joining node that owns slots in it is active.
     pub(crate) fn publish(&mut self, next: Ring, why: &str) -> Arc<Ring> {
+        let next = next.with_followers(&self.ring, self.replication_factor);
+        for (id, m) in self.members.iter_mut() {
+            if m.state == NodeState::Joining && next.slots_owned(id) > 0 {
+                m.state = NodeState::Active;
+            }
+        }
         let change = EpochChange::between(&self.ring, &next, why, SystemTime::now());
         tracing::info!(
             epoch = next.epoch(),

@@ -45,11 +45,11 @@ enum Serving {
         tracker: TaskTracker,
         monitor: CancellationToken,
     },
-    /// A candidate for the lead in Consul.
+    /// A candidate for the lead in Consul (boxed: the variants' sizes differ widely).
     Consul {
         ring: ConsulRing,
         manager: Config,
-        leader: LeaderConfig,
+        leader: Box<LeaderConfig>,
     },
 }
 
@@ -92,7 +92,7 @@ pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<B
             let serving = Serving::Consul {
                 ring,
                 manager: config.manager,
-                leader,
+                leader: Box::new(leader),
             };
             (config.listen, serving)
         }
@@ -157,7 +157,7 @@ impl Bound {
                 let campaign = run_leader_election_with(
                     ring,
                     manager,
-                    leader,
+                    *leader,
                     leadership,
                     self.authorizer,
                     stop.clone(),

@@ -46,8 +46,11 @@ const SILENCE_LIMIT_FACTOR: u32 = 4;
 const MONITOR_TICK: Duration = Duration::from_millis(25);
 /// How many recent epochs the ring manager remembers for the console (oldest dropped first).
 pub const EPOCH_HISTORY: usize = 50;
+/// Default: how many nodes hold each slot (its owner and `factor - 1` followers).
+pub const DEFAULT_REPLICATION_FACTOR: usize = 2;
 
-/// Timing of the ring manager's failure detection, and who may be a node of its ring.
+/// Timing of the ring manager's failure detection, who may be a node of its ring, and how
+/// many copies of each slot the ring places.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     pub heartbeat_interval: Duration,
@@ -57,6 +60,10 @@ pub struct Config {
     /// The role a node's certificate must name to register and hold a lease here: channel
     /// servers on the channel ring, presence servers on the presence ring. `None`: either.
     pub node_role: Option<mesh_transport::Role>,
+    /// How many nodes hold each slot: its owner and `replication_factor - 1` followers (as
+    /// many as the ring's other nodes allow). 1: no followers, a dead node's slots go to a
+    /// standby (today's takeover) or spread over the survivors. At least 1.
+    pub replication_factor: usize,
 }
 
 impl Default for Config {
@@ -67,6 +74,7 @@ impl Default for Config {
             suspect_after: DEFAULT_SUSPECT_AFTER,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             node_role: None,
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
         }
     }
 }
@@ -102,6 +110,17 @@ struct Inner {
 /// How long a change answered by a Consul-backed leader waits for its state to be written to
 /// KV.
 pub const STORE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a heartbeat reports besides the lease it renews.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Beat {
+    /// The newest epoch whose outgoing handoffs the node has finished (drain progress).
+    pub handed_off_epoch: u64,
+    /// Followed slots still being filled from their owner, counted in ring epoch
+    /// `catching_up_epoch`.
+    pub catching_up: u32,
+    pub catching_up_epoch: u64,
+}
 
 /// A change whose state was not saved.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +209,8 @@ impl RingManager {
             Some(saved) => {
                 let membership =
                     Membership::resume(&saved, Instant::now(), config.suspect_after, EPOCH_HISTORY)
-                        .map_err(crate::Error::InvalidRing)?;
+                        .map_err(crate::Error::InvalidRing)?
+                        .with_replication_factor(config.replication_factor);
                 let ring = membership.ring();
                 tracing::info!(
                     generation = ring.generation(),
@@ -217,7 +237,8 @@ impl RingManager {
                 (membership, regions)
             }
             None => {
-                let membership = Membership::new(config.suspect_after, EPOCH_HISTORY);
+                let membership = Membership::new(config.suspect_after, EPOCH_HISTORY)
+                    .with_replication_factor(config.replication_factor);
                 tracing::info!(
                     generation = membership.ring().generation(),
                     "ring manager starts a new ring history"
@@ -443,14 +464,27 @@ impl RingManager {
         flatten(registered)
     }
 
-    /// Renews `id`'s lease; false if that incarnation is no longer valid. A drain that ends
-    /// with it but cannot be saved is retried at the next heartbeat (the lease is renewed all
+    /// Renews `id`'s lease and notes its replication progress; false if that incarnation is no
+    /// longer valid. A drain that ends with it but cannot be saved is retried at the next heartbeat (the lease is renewed all
     /// the same).
-    pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, handed_off_epoch: u64) -> bool {
+    pub(crate) fn heartbeat(&self, id: &NodeId, incarnation: u64, beat: Beat) -> bool {
         let now = Instant::now();
-        if !self.update_leases(|m| m.renew(id, incarnation, now)) {
+        let renewed = self.update_leases(|m| {
+            let renewed = m.renew(id, incarnation, now);
+            if renewed {
+                m.report_progress(id, incarnation, beat.catching_up, beat.catching_up_epoch);
+            }
+            renewed
+        });
+        if !renewed {
             return false;
         }
+        if self.membership().ready_to_lead(id)
+            && let Err(e) = self.update(|m| m.lead_followed(id))
+        {
+            tracing::error!(node = %id, error = %e, "a caught-up follower's primaries could not be saved; retried at the next heartbeat");
+        }
+        let handed_off_epoch = beat.handed_off_epoch;
         if !self.membership().drain_done(id, handed_off_epoch) {
             return true;
         }

@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fake_consul::FakeConsul;
 use mesh_core::{NodeId, Ring, RingNode};
@@ -14,27 +16,14 @@ use ring_client::record::Saved;
 use ring_client::{RingSource, RingWatcher};
 use ring_manager::cluster::{self, ConsulRing, LeaderConfig, Record};
 use tokio_util::sync::CancellationToken;
+
+use support::eventually;
 use tokio_util::task::TaskTracker;
 
 const TTL: Duration = Duration::from_secs(10);
 const LOCK_DELAY: Duration = Duration::from_millis(300);
 /// The management token of the tests that run Consul with ACLs on.
 const TOKEN: &str = "0b9f7c1e-4d2a-4e11-9a35-consul0acl001";
-
-/// Polls `f` until it returns `Some`, for at most 20 s.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn nodes(n: usize) -> Vec<RingNode> {
     (1..=n)
@@ -419,25 +408,7 @@ async fn ring_managers_elect_one_leader_and_fail_over_with_the_same_ring() {
     fake.require_token(Some(TOKEN));
     let ring = ConsulRing::new(&fake.url(), Some(TOKEN.into()), "elect").unwrap();
     let cancel = CancellationToken::new();
-    let mut managers = Vec::new();
-    for _ in 0..2 {
-        let listen = free_port();
-        let config = LeaderConfig {
-            endpoint: format!("http://{listen}"),
-            listen,
-            session_ttl: TTL,
-            lock_delay: LOCK_DELAY,
-            nearest: vec![],
-        };
-        let (ring, cancel) = (ring.clone(), cancel.child_token());
-        let task = tokio::spawn(cluster::run_leader_election(
-            ring,
-            ring_manager::Config::default(),
-            config.clone(),
-            cancel.clone(),
-        ));
-        managers.push((config, cancel, task));
-    }
+    let mut managers = campaigners(&ring, ring_manager::Config::default(), &cancel);
     let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
 
     // A channel server registers through whichever leads; the ring lands in KV.
@@ -557,6 +528,17 @@ async fn fail_over(
     .await
 }
 
+/// Two ring managers with `manager`, each campaigning on `ring` until `cancel`.
+fn campaigners(
+    ring: &ConsulRing,
+    manager: ring_manager::Config,
+    cancel: &CancellationToken,
+) -> Vec<Manager> {
+    (0..2)
+        .map(|_| start_ring_manager_with(ring, manager, cancel))
+        .collect()
+}
+
 fn free_port() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -606,6 +588,15 @@ async fn services_register_with_a_passing_ttl_check_and_deregister_on_shutdown()
 
 /// Starts a ring manager of a Consul group on a free port; its config, cancel token and task.
 fn start_ring_manager(ring: &ConsulRing, cancel: &CancellationToken) -> Manager {
+    start_ring_manager_with(ring, ring_manager::Config::default(), cancel)
+}
+
+/// [`start_ring_manager`] with `manager`.
+fn start_ring_manager_with(
+    ring: &ConsulRing,
+    manager: ring_manager::Config,
+    cancel: &CancellationToken,
+) -> Manager {
     let listen = free_port();
     let config = LeaderConfig {
         endpoint: format!("http://{listen}"),
@@ -617,7 +608,7 @@ fn start_ring_manager(ring: &ConsulRing, cancel: &CancellationToken) -> Manager 
     let stop = cancel.child_token();
     let task = tokio::spawn(cluster::run_leader_election(
         ring.clone(),
-        ring_manager::Config::default(),
+        manager,
         config.clone(),
         stop.clone(),
     ));
@@ -1255,4 +1246,55 @@ async fn a_leader_cut_off_from_consul_steps_down_before_its_session_can_lapse() 
     );
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), leader.task).await;
+}
+
+/// With replication, the ring record in KV carries every slot's followers, and the next
+/// leader serves them as they were.
+#[tokio::test]
+async fn the_followers_are_kept_in_consul_and_served_by_the_next_leader() {
+    let fake = FakeConsul::start().await.unwrap();
+    let ring = ConsulRing::new(&fake.url(), None, "replicas").unwrap();
+    let cancel = CancellationToken::new();
+    // Registered nodes here never heartbeat: nobody is suspected within the test.
+    let manager = ring_manager::Config {
+        replication_factor: 2,
+        suspect_after: Duration::from_secs(60),
+        ..ring_manager::Config::default()
+    };
+    let mut managers = campaigners(&ring, manager, &cancel);
+    let first = eventually("a leader", || async { ring.leader().await.unwrap() }).await;
+    let source = RingSource::Consul(ring.clone());
+    for (i, node) in ["cs-1", "cs-2", "cs-3"].iter().enumerate() {
+        register(&source, node, 20 + i as u16).await;
+    }
+    let stored = eventually("three nodes in kv", || async {
+        let (record, _) = ring.load().await.unwrap();
+        let stored = record?.saved.ring().ok()?;
+        (stored.nodes().len() == 3).then_some(stored)
+    })
+    .await;
+    assert!(stored.is_replicated());
+    for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+        let owner = &stored.owner(s).unwrap().id;
+        let followers: Vec<&NodeId> = stored.followers(s).map(|f| &f.id).collect();
+        assert_eq!(followers.len(), 1, "slot {s}");
+        assert_ne!(followers[0], owner);
+    }
+
+    let second = fail_over(&fake, &ring, &mut managers, &first).await;
+    let mut client = leader_client(&second.endpoint).await;
+    let served = client
+        .get_ring(mesh_proto::ring::GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let served = ring_client::convert::ring_from_proto(served).unwrap();
+    assert!(
+        served.same_assignment(&stored),
+        "{served:?} vs {stored:?}: owners and followers as stored"
+    );
+    cancel.cancel();
+    for (_, _, task) in managers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
 }

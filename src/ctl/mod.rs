@@ -44,7 +44,8 @@ pub struct CtlArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum CtlCommand {
-    /// The ring: epoch, and every node with its state, slots, pid and address.
+    /// The ring: epoch, and every node with its state, slots, pid, address and replicas (slots
+    /// it leads, follows, and follows still being filled).
     Ring,
     /// The slot and node that own a channel.
     Owner { channel: String },

@@ -16,6 +16,19 @@ pub struct NodeView {
     pub state: String,
     pub slots: u32,
     pub pid: u32,
+    /// Its share of replication.
+    pub replicas: Replicas,
+}
+
+/// A node's share of replication, as `ctl ring --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Replicas {
+    /// Slots it owns (leads).
+    pub led: u32,
+    /// Slots it follows (holds a copy of, for their owners).
+    pub followed: u32,
+    /// Followed slots its last heartbeat reported as still being filled.
+    pub catching_up: u32,
 }
 
 /// The ring as `ctl ring --json` prints it.
@@ -57,6 +70,11 @@ pub fn ring_view(ring: &Ring) -> RingView {
                 state: m.state.clone(),
                 slots: m.slots,
                 pid: m.pid,
+                replicas: Replicas {
+                    led: m.slots,
+                    followed: m.slots_followed,
+                    catching_up: m.catching_up,
+                },
             })
             .collect(),
     }
@@ -65,13 +83,13 @@ pub fn ring_view(ring: &Ring) -> RingView {
 fn print_ring(view: &RingView) {
     println!("ring epoch {}", view.epoch);
     println!(
-        "{:<12} {:<9} {:>6} {:>8}  ADDR",
-        "NODE", "STATE", "SLOTS", "PID"
+        "{:<12} {:<9} {:>6} {:>8} {:>9} {:>8}  ADDR",
+        "NODE", "STATE", "SLOTS", "PID", "FOLLOWED", "CATCHUP"
     );
     for n in &view.nodes {
         println!(
-            "{:<12} {:<9} {:>6} {:>8}  {}",
-            n.id, n.state, n.slots, n.pid, n.addr
+            "{:<12} {:<9} {:>6} {:>8} {:>9} {:>8}  {}",
+            n.id, n.state, n.slots, n.pid, n.replicas.followed, n.replicas.catching_up, n.addr
         );
     }
 }

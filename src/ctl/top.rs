@@ -93,15 +93,15 @@ pub fn render_top(s: &ring_manager::console::Snapshot) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<12} {:<9} {:>6} {:>7} {:>10} {:>8}  ADDR",
-        "NODE", "STATE", "SLOTS", "SHARE", "HEARTBEAT", "PID"
+        "{:<12} {:<9} {:>6} {:>7} {:>8} {:>10} {:>8}  ADDR",
+        "NODE", "STATE", "SLOTS", "SHARE", "FOLLOWS", "HEARTBEAT", "PID"
     );
     for n in &s.nodes {
         let share = 100.0 * n.slots as f64 / s.slot_count.max(1) as f64;
         let _ = writeln!(
             out,
-            "{:<12} {:<9} {:>6} {:>6.1}% {:>7} ms {:>8}  {}",
-            n.id, n.state, n.slots, share, n.heartbeat_ms, n.pid, n.addr
+            "{:<12} {:<9} {:>6} {:>6.1}% {:>8} {:>7} ms {:>8}  {}",
+            n.id, n.state, n.slots, share, n.followed, n.heartbeat_ms, n.pid, n.addr
         );
     }
     let _ = writeln!(out);

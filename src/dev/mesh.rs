@@ -54,8 +54,12 @@ pub struct MeshConfig {
     pub ring_manager: SocketAddr,
     /// The ring manager's HTTP listener: the SRE console, `/healthz`, `/readyz`.
     pub console: SocketAddr,
-    /// Failure detection of the ring manager.
+    /// Failure detection of the ring manager (its `replication_factor` is replaced by the one
+    /// below).
     pub ring: ring_manager::Config,
+    /// How many channel servers hold each slot (the channel ring manager's
+    /// `--replication-factor`): the owner and `replication_factor - 1` followers. 1: none.
+    pub replication_factor: usize,
     /// One address per active channel server (cs-1, cs-2, ...).
     pub channel_servers: Vec<SocketAddr>,
     /// One address per standby channel server (numbered after the active ones).
@@ -130,6 +134,7 @@ impl MeshConfig {
             ring_manager: loopback(RING_MANAGER),
             console: console(RING_MANAGER),
             ring: ring_manager::Config::default(),
+            replication_factor: ring_manager::server::DEFAULT_REPLICATION_FACTOR,
             channel_servers: consecutive(CHANNEL_SERVERS, 0, 3),
             standbys: consecutive(CHANNEL_SERVERS, 3, 1),
             admin: loopback(ADMIN),
@@ -158,6 +163,7 @@ impl MeshConfig {
             ring_manager: loopback(0),
             console: loopback(0),
             ring: ring_manager::Config::default(),
+            replication_factor: ring_manager::server::DEFAULT_REPLICATION_FACTOR,
             channel_servers: vec![loopback(0); 3],
             standbys: vec![loopback(0)],
             admin: loopback(0),
@@ -378,6 +384,7 @@ impl Mesh {
             ProcessConfig::embedded(
                 ring_manager::Config {
                     node_role: Some(Role::ChannelServer),
+                    replication_factor: config.replication_factor,
                     ..config.ring
                 },
                 config.ring_manager,
@@ -414,6 +421,8 @@ impl Mesh {
             ProcessConfig::embedded(
                 ring_manager::Config {
                     node_role: Some(Role::PresenceServer),
+                    // Presence is soft state: its ring places no followers.
+                    replication_factor: 1,
                     ..config.ring
                 },
                 config.presence_ring_manager,

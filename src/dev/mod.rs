@@ -86,6 +86,15 @@ pub struct DevArgs {
     /// Default: one on 127.0.0.1:50060.
     #[arg(long = "extra-ring-manager", requires = "consul")]
     extra_ring_managers: Vec<SocketAddr>,
+    /// How many channel servers hold each slot: the owner and N-1 followers (1: none), passed
+    /// on to the ring manager (see `ring-manager --replication-factor`).
+    #[arg(
+        long,
+        env = ring_manager::config::ENV_REPLICATION_FACTOR,
+        value_parser = ring_manager::config::parse_replication_factor,
+        default_value_t = ring_manager::server::DEFAULT_REPLICATION_FACTOR
+    )]
+    replication_factor: usize,
     #[command(flatten)]
     state_dir: StateDirArg,
     #[command(flatten)]
@@ -111,6 +120,7 @@ impl DevArgs {
             presence_servers: consecutive(presence, 0, 2),
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
+            replication_factor: self.replication_factor,
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }
@@ -242,5 +252,27 @@ mod tests {
         assert_eq!(secret.len(), 64);
         assert!(check_jwt_secret(&secret).is_ok());
         assert_ne!(secret, random_secret());
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dev: DevArgs,
+    }
+
+    #[test]
+    fn the_replication_factor_reaches_the_mesh_and_zero_is_refused() {
+        use clap::Parser;
+        let config = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("dev").chain(args.iter().copied()))?;
+            Ok::<_, clap::Error>(cli.dev.mesh_config("s".repeat(32), "t".into()).unwrap())
+        };
+        assert_eq!(config(&[]).unwrap().replication_factor, 2);
+        let one = config(&["--replication-factor", "1"]).unwrap();
+        assert_eq!(one.replication_factor, 1);
+        let zero = config(&["--replication-factor", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("0 would keep no copy of a slot"), "{zero}");
     }
 }

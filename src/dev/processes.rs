@@ -285,6 +285,12 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
                 "channel-server"
             }),
         ];
+        if !presence {
+            args.extend([
+                s("--replication-factor"),
+                config.replication_factor.to_string(),
+            ]);
+        }
         if let Some(path) = &options.ring_state_file {
             let mut path = path.display().to_string();
             if presence {

@@ -8,7 +8,25 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Rtm, WAIT, eventually, mesh};
+use crate::support::{Rtm, WAIT, eventually, mesh, mesh_with};
+
+/// A mesh without replication (factor 1), for the tests of a standby's takeover.
+async fn unreplicated() -> channelmesh::Mesh {
+    mesh_with(channelmesh::MeshConfig {
+        replication_factor: 1,
+        ..channelmesh::MeshConfig::ephemeral()
+    })
+    .await
+}
+
+/// The number in `node`'s `follows` cell of the page's `dom`.
+fn followed_in(dom: &str, node: &str) -> u64 {
+    let row = &dom[dom.find(&format!("<tr data-node=\"{node}\"")).unwrap()..];
+    let marker = "class=\"num followed\">";
+    let cell = &row[row.find(marker).unwrap() + marker.len()..];
+    let digits: String = cell.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap()
+}
 
 const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 /// How long one Chromium run may take (it starts cold on a busy 2-core machine).
@@ -155,7 +173,7 @@ async fn until_event(
 
 #[tokio::test]
 async fn console_events_push_a_snapshot_when_a_channel_server_dies() {
-    let mesh = mesh().await;
+    let mesh = unreplicated().await;
     let mut events = reqwest::Client::new()
         .get(format!("http://{}/api/events", mesh.console))
         .send()
@@ -261,6 +279,9 @@ async fn console_page_in_headless_chromium_shows_the_nodes_and_a_dead_one() {
     assert!(dom.contains("<tr data-node=\"cs-2\" data-state=\"active\""));
     assert!(dom.contains("<tr data-node=\"cs-4\" data-state=\"standby\""));
     assert!(dom.contains("class=\"arc\""), "the ring is drawn");
+    // Replicated (factor 2): each active node follows slots, the standby none.
+    assert!(followed_in(&dom, "cs-2") > 0, "{dom}");
+    assert_eq!(followed_in(&dom, "cs-4"), 0);
 
     assert!(mesh.stop_channel_server("cs-2"));
     let dom = eventually("the page shows cs-2 down", || async {
@@ -269,7 +290,14 @@ async fn console_page_in_headless_chromium_shows_the_nodes_and_a_dead_one() {
             .then_some(dom)
     })
     .await;
-    assert!(dom.contains("<tr data-node=\"cs-4\" data-state=\"active\""));
+    // Its slots went to their followers; the standby joined as a follower (and may lead
+    // already, once its copies are filled).
+    assert!(
+        dom.contains("<tr data-node=\"cs-4\" data-state=\"joining\"")
+            || dom.contains("<tr data-node=\"cs-4\" data-state=\"active\""),
+        "{dom}"
+    );
+    assert!(followed_in(&dom, "cs-4") > 0, "{dom}");
     assert!(dom.contains("cs-2 down"), "the epoch list says why");
 }
 
@@ -351,7 +379,7 @@ async fn evaluate(
 
 #[tokio::test]
 async fn console_page_updates_live_when_a_channel_server_dies() {
-    let mesh = mesh().await;
+    let mesh = unreplicated().await;
     let profile = std::env::temp_dir().join(format!(
         "channelmesh-console-live-{}-{}",
         std::process::id(),

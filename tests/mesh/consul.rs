@@ -74,7 +74,13 @@ async fn delivered_after(client: &mut Rtm, posting: &Poster) -> Duration {
 async fn on_consul_a_dead_channel_server_is_replaced_and_a_dead_ring_manager_fails_over() {
     let fake = FakeConsul::start().await.unwrap();
     let rms = [free_addr(), free_addr()];
-    let dev = Dev::on_consul("failover", &fake.url(), &rms);
+    // About a standby's takeover: without replication (with it, followers take the slots).
+    let dev = Dev::on_consul_with(
+        "failover",
+        &fake.url(),
+        &rms,
+        &["--replication-factor", "1"],
+    );
     let ring = ConsulRing::new(&fake.url(), None, "test-failover").unwrap();
     let leader = ring.leader().await.unwrap().expect("a leader");
 

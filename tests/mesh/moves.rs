@@ -140,7 +140,9 @@ async fn a_drain_whose_new_owner_freezes_keeps_the_history_and_completes_only_on
 
 #[tokio::test]
 async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap() {
-    let dev = Dev::start("moves-warmup");
+    // About a move to a node that holds nothing of the slot: without replication (with it, a
+    // drain moves each slot to its follower, which holds the history: the next test).
+    let dev = Dev::start_unreplicated("moves-warmup");
     let channel = "CWARM";
     let token = dev.token("UREADER", &[channel]);
     let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
@@ -184,8 +186,53 @@ async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap(
 }
 
 #[tokio::test]
+async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_follower() {
+    let dev = Dev::start("moves-follower");
+    let channel = "CWARM";
+    let token = dev.token("UREADER", &[channel]);
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let mut client = Rtm::connect(&dev.base_url(), &token).await.unwrap();
+    let seen = post(&mut admin, channel, "UPOSTER", "seen").await;
+    client
+        .expect("the first message", |v| v["ts"] == seen)
+        .await;
+    drop(client);
+    let missed = post(&mut admin, channel, "UPOSTER", "missed while away").await;
+
+    // Its owner freezes before it learns it is drained: its handoff never comes, but the slot
+    // goes to its follower, which has every acknowledged message already.
+    let (victim, pid) = dev.channel_owner(channel).await;
+    signal(pid, Signal::SIGSTOP);
+    let _thaw = Thaw(pid);
+    rm_with(dev.ring_manager, &dev.operator)
+        .await
+        .drain_node(NodeRequest { node_id: victim })
+        .await
+        .unwrap();
+    let after = eventually_within("the new owner takes posts", MOVE_WAIT, || {
+        try_post(&admin, channel, "after the move")
+    })
+    .await;
+
+    // A client resuming from the message it saw gets what it missed, then the new one: no gap.
+    let query = format!("?cursors={channel}:{seen}");
+    let mut resumed = Rtm::connect_with(&dev.base_url(), &token, &query)
+        .await
+        .unwrap();
+    let first = resumed
+        .expect("the channel's first frame", |v| v["channel"] == channel)
+        .await;
+    assert_eq!(first["type"], "message", "{first}");
+    assert_eq!(first["ts"], missed.as_str());
+    resumed
+        .expect("the message after the move", |v| v["ts"] == after)
+        .await;
+}
+
+#[tokio::test]
 async fn a_standby_whose_clock_is_behind_takes_over_above_the_last_ts_delivered_and_says_gap() {
-    let dev = Dev::start("moves-skew");
+    // About a standby's takeover: without replication (with it, followers take the slots).
+    let dev = Dev::start_unreplicated("moves-skew");
     let (_, members) = ring_with(dev.ring_manager, &dev.operator).await;
     // The standby restarts with its clock a minute behind.
     let standby = members.iter().find(|m| m.state == "standby").unwrap();

@@ -65,17 +65,32 @@ impl Dev {
         Self::start_with_state_file(state_file, dir)
     }
 
-    /// The embedded ring manager, with the state file `state_file`, in the test's directory
-    /// `dir` (see [`Dev::dir`]).
-    pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
-        let args = [
+    /// [`Dev::start`] without replication (`--replication-factor 1`): a standby takes over a
+    /// dead node's slots, for the tests about that case.
+    pub fn start_unreplicated(name: &str) -> Dev {
+        let dir = Self::dir(name);
+        let state_file = dir.join("ring.json");
+        let mut args = Self::embedded_args(&state_file);
+        args.extend(["--replication-factor".to_string(), "1".to_string()]);
+        Self::launch(&args, state_file, dir)
+    }
+
+    /// The flags of an embedded ring manager on port 0 with the state file `state_file`.
+    fn embedded_args(state_file: &std::path::Path) -> Vec<String> {
+        vec![
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
             "--presence-ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
             "--ring-state-file".to_string(),
             state_file.display().to_string(),
-        ];
+        ]
+    }
+
+    /// The embedded ring manager, with the state file `state_file`, in the test's directory
+    /// `dir` (see [`Dev::dir`]).
+    pub fn start_with_state_file(state_file: PathBuf, dir: PathBuf) -> Dev {
+        let args = Self::embedded_args(&state_file);
         Self::launch(&args, state_file, dir)
     }
 
@@ -324,7 +339,7 @@ pub fn signal(pid: u32, signal: Signal) {
 
 #[tokio::test]
 async fn sigkill_of_the_owner_moves_only_its_slots_to_the_standby_and_delivery_resumes() {
-    let dev = Dev::start("sigkill");
+    let dev = Dev::start_unreplicated("sigkill");
     let channel = "CKILL";
     let mut client = Rtm::connect(&dev.base_url(), &dev.token("UREADER", &[channel]))
         .await

@@ -121,7 +121,13 @@ async fn cursors_work_on_the_websocket_url_and_bad_ones_are_refused() {
 
 #[tokio::test]
 async fn history_lost_with_a_dead_channel_server_is_reported_as_a_gap() {
-    let mesh = mesh().await;
+    // Without replication: a dead owner's history dies with it (with replication its follower
+    // holds it: tests/mesh/replication.rs).
+    let mesh = crate::support::mesh_with(channelmesh::MeshConfig {
+        replication_factor: 1,
+        ..channelmesh::MeshConfig::ephemeral()
+    })
+    .await;
     let channel = "CLOST";
     let token = mesh.token("UREADER", "T1", &[channel]).unwrap();
     let us = mesh.rtm_base_url("us-east").unwrap();

@@ -10,18 +10,9 @@ pub(crate) fn id(s: &str) -> NodeId {
 }
 
 /// A membership with `active` active nodes and `standby` standbys, registered at `now`,
-/// its effects taken.
+/// its effects taken; without replication (factor 1: a standby takes over a dead node's slots).
 pub(crate) fn with_nodes(active: &[&str], standby: &[&str], now: Instant) -> Membership {
-    let mut m = Membership::new(SUSPECT, 50);
-    for (i, n) in active.iter().enumerate() {
-        m.register(id(n), format!("{n}:1"), i as u32, false, now)
-            .unwrap();
-    }
-    for n in standby {
-        m.register(id(n), format!("{n}:1"), 0, true, now).unwrap();
-    }
-    m.take_effects();
-    m
+    replicated(active, standby, 1, now)
 }
 
 pub(crate) fn state(m: &Membership, node: &str) -> NodeState {
@@ -297,4 +288,224 @@ fn a_new_history_gets_its_own_generation_and_a_resumed_one_keeps_it() {
     assert_ne!(resumed.ring().generation(), 0);
     assert_eq!(resumed.ring().epoch(), a.ring().epoch());
     assert_eq!(resumed.saved().generation, resumed.ring().generation());
+}
+
+/// [`with_nodes`] with replication factor `factor`: every ring it publishes has `factor - 1`
+/// followers per slot.
+pub(crate) fn replicated(
+    active: &[&str],
+    standby: &[&str],
+    factor: usize,
+    now: Instant,
+) -> Membership {
+    let mut m = Membership::new(SUSPECT, 50).with_replication_factor(factor);
+    for (i, n) in active.iter().enumerate() {
+        m.register(id(n), format!("{n}:1"), i as u32, false, now)
+            .unwrap();
+    }
+    for n in standby {
+        m.register(id(n), format!("{n}:1"), 0, true, now).unwrap();
+    }
+    m.take_effects();
+    m
+}
+
+/// Checks that every slot of `ring` has `min(factor - 1, nodes - 1)` distinct followers, none
+/// its owner, and, with one follower per slot, each owner's slots spread evenly over the other
+/// nodes. (With more, `Ring::with_followers` keeps a slot's old followers before a new node
+/// gets a place, so a node that joins follows less than its share: not checked.)
+pub(crate) fn assert_followers(ring: &Ring, factor: usize) {
+    let n = ring.nodes().len();
+    let want = factor.saturating_sub(1).min(n.saturating_sub(1));
+    let mut pairs: BTreeMap<(NodeId, NodeId), usize> = BTreeMap::new();
+    for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+        let owner = &ring.owner(s).unwrap().id;
+        let followers: Vec<&NodeId> = ring.followers(s).map(|f| &f.id).collect();
+        assert_eq!(followers.len(), want, "slot {s} of {ring:?}");
+        assert!(
+            !followers.contains(&owner),
+            "slot {s}: its owner follows it"
+        );
+        let mut distinct = followers.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            followers.len(),
+            "slot {s}: a follower twice"
+        );
+        for f in followers {
+            *pairs.entry((owner.clone(), f.clone())).or_default() += 1;
+        }
+    }
+    if want == 0 {
+        assert!(!ring.is_replicated());
+        return;
+    }
+    if want > 1 {
+        return;
+    }
+    for owner in ring.nodes() {
+        let owned = ring.slots_owned(&owner.id);
+        let per: Vec<usize> = ring
+            .nodes()
+            .iter()
+            .filter(|o| o.id != owner.id)
+            .map(|o| {
+                pairs
+                    .get(&(owner.id.clone(), o.id.clone()))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let share = (owned * want).div_ceil(n - 1);
+        assert!(
+            per.iter().all(|&p| p <= share),
+            "{}'s {owned} slots followed unevenly: {per:?}",
+            owner.id
+        );
+    }
+}
+
+#[test]
+fn every_published_ring_has_factor_minus_one_followers_per_slot_and_none_with_factor_one() {
+    let now = Instant::now();
+    for factor in [1, 2, 3] {
+        let mut m = Membership::new(SUSPECT, 50).with_replication_factor(factor);
+        let mut published = Vec::new();
+        for n in ["a", "b", "c", "d"] {
+            m.register(id(n), format!("{n}:1"), 0, false, now).unwrap();
+            published.extend(m.take_effects().published);
+        }
+        m.register(id("s"), "s:1".into(), 0, true, now).unwrap();
+        m.declare_down(&id("b"), "test", now);
+        published.extend(m.take_effects().published);
+        m.drain(&id("c")).unwrap();
+        published.extend(m.take_effects().published);
+        assert_eq!(published.len(), 6, "factor {factor}");
+        for ring in &published {
+            assert_followers(ring, factor);
+            assert_eq!(ring.is_replicated(), factor > 1 && ring.nodes().len() > 1);
+        }
+    }
+}
+
+#[test]
+fn declare_down_promotes_each_slot_to_its_first_follower_evenly_and_the_standby_follows() {
+    let now = Instant::now();
+    let mut m = replicated(&["a", "b", "c"], &["s"], 2, now);
+    let before = m.ring().clone();
+    assert!(before.is_replicated());
+    m.declare_down(&id("a"), "lease lost and probe failed", now);
+    let after = m.ring().clone();
+    assert_eq!(after.epoch(), before.epoch() + 1);
+    assert!(after.handoffs().is_empty(), "a dead node hands nothing off");
+    let mut gained: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+        if before.owns(&id("a"), s) {
+            let heir = before.followers(s).next().unwrap();
+            assert_eq!(
+                after.owner(s),
+                Some(heir),
+                "slot {s} goes to its first follower"
+            );
+            *gained.entry(heir.id.clone()).or_default() += 1;
+        } else {
+            assert_eq!(after.owner(s), before.owner(s), "slot {s} stays");
+        }
+    }
+    let (b, c) = (gained[&id("b")], gained[&id("c")]);
+    assert_eq!(b + c, before.slots_owned(&id("a")));
+    assert!(b.abs_diff(c) <= 1, "spread evenly: b {b}, c {c}");
+    // The standby joins the ring owning nothing, to receive follower places.
+    assert!(after.nodes().iter().any(|n| n.id == id("s")));
+    assert_eq!(after.slots_owned(&id("s")), 0);
+    assert!(after.slots_followed(&id("s")) > 0);
+    assert_followers(&after, 2);
+    assert_eq!(state(&m, "s"), NodeState::Joining);
+    assert_eq!(state(&m, "a"), NodeState::Down);
+    assert_eq!(
+        m.history()[0].cause,
+        "a down (lease lost and probe failed); its slots promoted to their followers; standby s \
+         joins as a follower"
+    );
+}
+
+#[test]
+fn without_a_standby_declare_down_still_promotes_and_a_follower_only_node_leaves_the_ring() {
+    let now = Instant::now();
+    let mut m = replicated(&["a", "b", "c"], &[], 2, now);
+    let before = m.ring().clone();
+    m.declare_down(&id("b"), "test", now);
+    let after = m.ring().clone();
+    for s in 0..mesh_core::SLOT_COUNT as mesh_core::Slot {
+        if before.owns(&id("b"), s) {
+            assert_eq!(after.owner(s), before.followers(s).next());
+        }
+    }
+    assert_followers(&after, 2);
+    // A node on the ring that owns nothing (a follower still joining) that dies leaves it.
+    let mut m = replicated(&["a", "b"], &["s"], 2, now);
+    m.add(Some(&id("s")), now).unwrap();
+    let with_s = m.ring().clone();
+    assert_eq!(with_s.slots_owned(&id("s")), 0);
+    m.take_effects();
+    m.declare_down(&id("s"), "test", now);
+    assert_eq!(m.take_effects().published.len(), 1);
+    assert!(m.ring().nodes().iter().all(|n| n.id != id("s")));
+    assert_followers(m.ring(), 2);
+}
+
+#[test]
+fn replication_progress_is_kept_per_member_and_a_stale_epoch_does_not_count() {
+    let now = Instant::now();
+    let mut m = replicated(&["a"], &["s"], 2, now);
+    let ring = m.add(Some(&id("s")), now).unwrap();
+    let join_epoch = ring.epoch();
+    assert_eq!(state(&m, "s"), NodeState::Joining);
+    assert_eq!(ring.slots_followed(&id("s")), mesh_core::SLOT_COUNT);
+    assert!(!m.ready_to_lead(&id("s")), "nothing reported yet");
+    // Caught up, but counted in an older ring: unknown.
+    m.report_progress(&id("s"), 2, 0, join_epoch - 1);
+    assert!(!m.ready_to_lead(&id("s")));
+    assert!(m.lead_followed(&id("s")).is_none());
+    m.report_progress(&id("s"), 2, 17, join_epoch);
+    let view = m.views(now).into_iter().find(|v| v.id == id("s")).unwrap();
+    assert_eq!((view.catching_up, view.catching_up_epoch), (17, join_epoch));
+    assert!(!m.ready_to_lead(&id("s")), "still filling");
+    m.report_progress(&id("s"), 99, 0, join_epoch);
+    assert!(!m.ready_to_lead(&id("s")), "another incarnation's report");
+    m.report_progress(&id("s"), 2, 0, join_epoch);
+    assert!(m.ready_to_lead(&id("s")));
+    m.take_effects();
+    let led = m.lead_followed(&id("s")).unwrap();
+    assert_eq!(led.epoch(), join_epoch + 1);
+    assert_eq!(led.slots_owned(&id("s")), mesh_core::SLOT_COUNT / 2);
+    assert_eq!(
+        led.handoffs(),
+        [mesh_core::Handoff {
+            from: id("a"),
+            to: id("s")
+        }]
+    );
+    assert_eq!(state(&m, "s"), NodeState::Active);
+    assert_followers(&led, 2);
+    assert!(m.take_effects().changed);
+    assert!(!m.ready_to_lead(&id("s")), "once");
+}
+
+#[test]
+fn a_resumed_ring_keeps_its_followers() {
+    let now = Instant::now();
+    let mut m = replicated(&["a", "b", "c"], &["s"], 2, now);
+    m.declare_down(&id("b"), "test", now);
+    let saved = m.saved();
+    assert!(saved.slot_followers.iter().any(|f| !f.is_empty()));
+    let resumed = Membership::resume(&saved, now, SUSPECT, 50)
+        .unwrap()
+        .with_replication_factor(2);
+    assert!(resumed.ring().same_assignment(m.ring()));
+    assert!(resumed.ring().is_replicated());
+    assert_eq!(resumed.saved(), saved);
+    assert_eq!(state(&resumed, "s"), NodeState::Joining);
 }

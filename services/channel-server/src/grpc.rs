@@ -210,7 +210,11 @@ impl ChannelService {
             }),
         };
         let follower = service.clone();
-        service.inner.tracker.spawn(follower.follow_ring());
+        // The ring before this node registers (registration comes after the service): the
+        // first ring naming this registration is then followed as a change, whenever the task
+        // gets to run.
+        let first = service.inner.ownership.ring().current();
+        service.inner.tracker.spawn(follower.follow_ring(first));
         let weak = Arc::downgrade(&service.inner);
         config.telemetry.on_scrape(move || {
             if let Some(inner) = weak.upgrade() {
@@ -220,15 +224,21 @@ impl ChannelService {
         service
     }
 
-    /// On every new ring: drop subscriptions and history of slots this node no longer owns,
-    /// telling the subscribed gateways the channel moved.
-    async fn follow_ring(self) {
+    /// On every new ring after `first` (the one found at start): drop subscriptions and
+    /// history of slots this node no longer owns, telling the subscribed gateways the channel
+    /// moved. A process starts holding nothing: slots `first` already gives this node (an
+    /// earlier incarnation's, not yet retired) are not held, and followed ones are to fill.
+    async fn follow_ring(self, first: Arc<Ring>) {
         let (ring, cancel) = (
             self.inner.ownership.ring().clone(),
             self.inner.cancel.clone(),
         );
-        let mut previous = ring.current();
-        self.inner.ownership.start_from(&previous);
+        let mut previous = first;
+        let ownership = &self.inner.ownership;
+        let stale: Vec<mesh_core::Slot> = (0..mesh_core::SLOT_COUNT as mesh_core::Slot)
+            .filter(|&slot| previous.owns(ownership.node(), slot))
+            .collect();
+        ownership.start_from(&previous, &stale);
         self.ask_fills();
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);

@@ -60,6 +60,9 @@ pub struct Warming {
     /// Channels of settling slots a gateway has resubscribed to (reporting what it delivered):
     /// they take publishes before their slot's settle ends.
     resubscribed: HashMap<String, Slot>,
+    /// Slots the ring this process started from gave it (an earlier incarnation's): gained, not
+    /// kept, by the next ring that gives them ([`Warming::not_held`]).
+    stale: HashSet<Slot>,
 }
 
 impl Warming {
@@ -118,7 +121,8 @@ impl Warming {
         }
         let mut unknown = Vec::new();
         for slot in 0..SLOT_COUNT as Slot {
-            if !ring.owns(node, slot) || previous.owns(node, slot) || promoted(slot) {
+            let held = previous.owns(node, slot) && !self.stale.contains(&slot);
+            if !ring.owns(node, slot) || held || promoted(slot) {
                 continue;
             }
             let Some(old) = previous.owner(slot) else {
@@ -134,7 +138,14 @@ impl Warming {
                 unknown.push(slot);
             }
         }
+        self.stale.clear();
         unknown
+    }
+
+    /// This process holds nothing of `slots`, though the ring it started from gives them to it
+    /// (an earlier incarnation's): the next ring counts them as gained.
+    pub fn not_held(&mut self, slots: &[Slot]) {
+        self.stale.extend(slots.iter().copied());
     }
 
     /// Whether a ring this node followed named a handoff from `from` to it in `epoch`.

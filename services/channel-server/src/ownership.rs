@@ -198,12 +198,15 @@ impl Ownership {
     }
 
     /// This node follows `ring` from the start (the ring it found before following changes):
-    /// every slot it follows there is to be filled.
-    pub fn start_from(&self, ring: &Ring) {
+    /// every slot it follows there is to be filled, and the `stale` slots it owns there (an
+    /// earlier incarnation's) are not held: a later ring that still gives them to it gains them
+    /// as from a node that died, unless a handoff brings their state.
+    pub fn start_from(&self, ring: &Ring, stale: &[Slot]) {
         let mut replicas = self.replicas();
         replicas.start(ring, &self.node);
         self.lease.catching_up(ring.epoch(), replicas.catching_up());
         drop(replicas);
+        self.warming().not_held(stale);
         self.applied.send_replace(ring.epoch());
     }
 

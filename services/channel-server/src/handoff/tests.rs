@@ -377,3 +377,35 @@ fn a_slot_taken_over_from_a_dead_node_settles_before_it_takes_publishes() {
     planned.settle(&first, &unknown, until);
     assert_eq!(planned.settling(from_one, "C1", now), None);
 }
+
+#[test]
+fn slots_an_earlier_incarnation_owned_are_gained_again_and_promoted_ones_serve_at_once() {
+    // A restarted cs-1 starts from a ring that still gives its earlier incarnation slots; the
+    // next ring keeps some of them with it, with no handoff: nothing of them is held here.
+    let (first, second) = rings(false);
+    let me = node("cs-1").id;
+    let kept: Vec<Slot> = (0..SLOT_COUNT as Slot)
+        .filter(|&s| first.owns(&me, s) && second.owns(&me, s))
+        .collect();
+    assert!(!kept.is_empty());
+    let mut fresh = Warming::default();
+    fresh.not_held(&kept);
+    let unknown = fresh.gain(&first, &second, &me, Instant::now(), |_| false);
+    assert_eq!(unknown, kept, "gained as from a node that died");
+    // Only the first ring after the start: a later one keeps what it holds.
+    let third = second.rebalanced(&[node("cs-1"), node("cs-2"), node("cs-3")]);
+    assert!(
+        fresh
+            .gain(&second, &third, &me, Instant::now(), |_| false)
+            .is_empty()
+    );
+    // A slot gained as a follower in sync is promoted: neither waited for nor unknown.
+    let (first, second) = rings(false);
+    let mut warming = Warming::default();
+    let gained = moved(&first, &second, "cs-1");
+    let unknown = warming.gain(&first, &second, &node("cs-3").id, Instant::now(), |s| {
+        gained.contains(&s)
+    });
+    assert!(unknown.iter().all(|s| !gained.contains(s)));
+    assert!(gained.iter().all(|&s| warming.waiting_for(s).is_none()));
+}
