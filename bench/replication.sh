@@ -11,7 +11,7 @@
 #
 # The server runs pinned to core SERVER_CPU, the load generator to LOADGEN_CPU. Ports are not the
 # dev defaults, and dev's state directory is a scratch one, so a developer's own dev can keep
-# running.
+# running. INSECURE=1 runs the services' gRPC (the replication stream too) on plaintext.
 #
 #   bench/replication.sh                        # saturating (RATE=0) and 2,000/s, 3 rounds
 #   ROUNDS=1 DURATION=5 bench/replication.sh    # a quick look
@@ -45,7 +45,7 @@ export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N24 /dev/urandom | tr -d ' 
 run() { # factor round rate label: one dev, one workload; its report in $work/LABEL-F-ROUND.json
   local replication=()
   [ "$replicates" = 1 ] && replication=(--replication-factor "$1")
-  dev_up "$work/dev.log" --state-dir "$work/state" "${replication[@]}"
+  dev_up "$work/dev.log" "${dev_security[@]}" "${replication[@]}"
   local dev=$dev_pid before
   before=$(cpu_ticks "$dev")
   taskset -c "$LOADGEN_CPU" "$loadgen_bin" fanout --target channelmesh \
