@@ -332,7 +332,7 @@ impl ChatPoster {
 
 /// Reads `client`'s frames until every ts in `want` (per channel) arrived: each once, in ts
 /// order per channel, and no `history_gap`.
-async fn receive_every(client: &mut Rtm, want: &HashMap<String, Vec<String>>) {
+async fn receive_every(who: &str, client: &mut Rtm, want: &HashMap<String, Vec<String>>) {
     let mut missing: HashSet<(String, String)> = want
         .iter()
         .flat_map(|(c, tss)| tss.iter().map(move |ts| (c.clone(), ts.clone())))
@@ -344,16 +344,16 @@ async fn receive_every(client: &mut Rtm, want: &HashMap<String, Vec<String>>) {
                 v["type"] == "history_gap" || (v["type"] == "message" && v["user"] == "UPOSTER")
             })
             .await;
-        assert_ne!(frame["type"], "history_gap", "{frame}");
+        assert_ne!(frame["type"], "history_gap", "{who} got {frame}");
         let key = (
             frame["channel"].as_str().unwrap().to_string(),
             frame["ts"].as_str().unwrap().to_string(),
         );
         let last = last.entry(key.0.clone()).or_default();
-        assert!(key.1 > *last, "{}: {} after {last}", key.0, key.1);
+        assert!(key.1 > *last, "{who}, {}: {} after {last}", key.0, key.1);
         *last = key.1.clone();
         missing.remove(&key);
-        assert!(seen.insert(key), "duplicate {frame}");
+        assert!(seen.insert(key), "{who} got a duplicate {frame}");
     }
 }
 
@@ -496,14 +496,15 @@ async fn kill_under_load(name: &str, channels: &[&str], per_channel: usize) {
             .or_default()
             .push(a.ts.clone());
     }
-    receive_every(&mut live, &want).await;
-    receive_every(&mut live_eu, &want).await;
+    receive_every("the us-east client", &mut live, &want).await;
+    receive_every("the eu-west client", &mut live_eu, &want).await;
     let after_cursor: Vec<String> = want[channels[0]]
         .iter()
         .filter(|ts| ts.as_str() > cursor.as_str())
         .cloned()
         .collect();
     receive_every(
+        "the client resumed with its cursor",
         &mut resumed,
         &HashMap::from([(channels[0].to_string(), after_cursor)]),
     )
