@@ -191,34 +191,20 @@ if [ "$NODE_PEER" = 1 ]; then
   wait "$node_pid" 2>/dev/null || true
 fi
 
-# 2. channelmesh dev. nats-server has no per-connection frame or handshake rate limits, so
-# the gateway's are turned off for the comparison (where this build has them).
-limits=()
-if "$bin" dev --help | grep -q -- '--client-frames-per-sec'; then
-  limits+=(--client-frames-per-sec 0)
-fi
-if "$bin" dev --help | grep -q -- '--handshakes-per-sec'; then
-  limits+=(--handshakes-per-sec 0)
-fi
-if "$bin" dev --help | grep -q -- '--connects-per-addr-per-sec'; then
-  limits+=(--connects-per-addr-per-sec 0)
-fi
-consoles=()
-if "$bin" dev --help | grep -q -- '--presence-http'; then
-  consoles+=(--http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))")
-fi
+# 2. channelmesh dev, with the gateway's client limits off (lib.sh: $dev_limits) and, where this
+# build has them, its consoles on ports of their own ($dev_consoles).
 taskset -c "$SERVER_CPU" "$bin" dev \
   --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
   --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
   --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
   --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-  "${consoles[@]}" "${limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
+  "${dev_consoles[@]}" "${dev_limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
 dev_pid=$!
 started+=("$dev_pid")
 wait_port 127.0.0.1 "$GW_PORT"
 wait_port 127.0.0.1 "$((GW_PORT + 1))"
 sleep 1
-echo "channelmesh dev ${limits[*]} ..." >&2
+echo "channelmesh dev ${dev_limits[*]} ..." >&2
 run_workload "$work/channelmesh.json" "$dev_pid" "$GW_PORT $((GW_PORT + 1))" \
   taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target channelmesh \
   --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" \

@@ -29,6 +29,19 @@ fi
 if [ "${INSECURE:-0}" = 1 ]; then
   dev_security+=(--insecure)
 fi
+# `dev`'s flags for a load run: nats-server has no per-connection frame or handshake rate
+# limits, so the gateway's are turned off (where this build has them) ($dev_limits); its consoles
+# on BASE+90 and BASE+92 rather than the dev defaults ($dev_consoles, with BASE set first).
+dev_limits=()
+for flag in --client-frames-per-sec --handshakes-per-sec --connects-per-addr-per-sec; do
+  if "$bin" dev --help | grep -q -- "$flag"; then
+    dev_limits+=("$flag" 0)
+  fi
+done
+dev_consoles=()
+if [ -n "${BASE:-}" ] && "$bin" dev --help | grep -q -- '--presence-http'; then
+  dev_consoles+=(--http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))")
+fi
 started=()
 cleanup() {
   for pid in "${started[@]}"; do
@@ -47,5 +60,32 @@ wait_port() { # host port: wait up to 20 s for a listener
     sleep 0.1
   done
   echo "nothing listens on $1:$2" >&2
+  return 1
+}
+
+cpu_ticks() { # user + system of process $1, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+# dev_up LOG FLAGS...: `channelmesh dev` pinned to SERVER_CPU on the BASE ports and gateways on
+# GW_PORT and GW_PORT+1, its client limits off and its consoles on BASE+90/+92, with FLAGS; its
+# output in LOG. Waits until it is ready (30 s at most); its pid in $dev_pid (stopped on exit).
+dev_up() {
+  local log=$1
+  shift
+  taskset -c "$SERVER_CPU" "$bin" dev \
+    --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
+    --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
+    --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
+    --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
+    --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
+    "${dev_limits[@]}" "$@" >"$log" 2>&1 &
+  dev_pid=$!
+  started+=("$dev_pid")
+  for _ in $(seq 300); do
+    grep -q '^ready in' "$log" && return 0
+    sleep 0.1
+  done
+  echo "channelmesh dev was not ready in 30 s; see $log" >&2
   return 1
 }

@@ -27,27 +27,11 @@ GW_PORT="${GW_PORT:-9180}"
 export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
 export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
 
-cpu_ticks() { # user + system of process $1, in clock ticks
-  awk '{print $14 + $15}' "/proc/$1/stat"
-}
-
 run() { # mode (mtls|insecure) round: one dev, one workload, its report in $work/MODE-ROUND.json
   local security=(--state-dir "$work/state")
   [ "$1" = insecure ] && security=(--insecure)
-  taskset -c "$SERVER_CPU" "$bin" dev \
-    --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
-    --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
-    --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
-    --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-    --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
-    --client-frames-per-sec 0 --handshakes-per-sec 0 --connects-per-addr-per-sec 0 \
-    "${security[@]}" >"$work/dev.log" 2>&1 &
-  local dev=$!
-  started+=("$dev")
-  for _ in $(seq 300); do
-    grep -q '^ready in' "$work/dev.log" && break
-    sleep 0.1
-  done
+  dev_up "$work/dev.log" "${security[@]}"
+  local dev=$dev_pid
   local before
   before=$(cpu_ticks "$dev")
   taskset -c "$LOADGEN_CPU" "$loadgen_bin" fanout --target channelmesh \

@@ -45,17 +45,8 @@ case "$TARGET" in
   channelmesh)
     export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
     export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-    taskset -c "$SERVER_CPU" "$bin" dev \
-      --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
-      --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
-      --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
-      --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-      --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
-      --client-frames-per-sec 0 --handshakes-per-sec 0 --connects-per-addr-per-sec 0 \
-      "${dev_security[@]}" >"$OUT/server.log" 2>&1 &
-    server=$!
-    wait_port 127.0.0.1 "$GW_PORT"
-    wait_port 127.0.0.1 "$((GW_PORT + 1))"
+    dev_up "$OUT/server.log" "${dev_security[@]}"
+    server=$dev_pid
     target=(--target channelmesh --gateway "http://127.0.0.1:${GW_PORT}/api/"
       --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" --admin "127.0.0.1:$((BASE + 51))")
     ;;

@@ -32,6 +32,7 @@ mod processes;
 mod real_clients;
 mod reflection;
 mod regions;
+mod replication;
 mod resume;
 mod revocation;
 mod stability;

@@ -7,12 +7,12 @@ use serde_json::json;
 
 use crate::support::mesh;
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The Python of the test venv; run `tests/setup` to create it.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let python = repo().join("tests/.venv/bin/python");
     assert!(
         python.exists(),
@@ -22,8 +22,14 @@ fn python() -> PathBuf {
     python
 }
 
-async fn run(program: &Path, script: &Path, config: serde_json::Value) {
-    let output = tokio::process::Command::new(program)
+/// `program script` with `config` as JSON in `CHANNELMESH_TEST`, no proxy, killed when dropped.
+pub(crate) fn client_command(
+    program: &Path,
+    script: &Path,
+    config: &serde_json::Value,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
         .arg(script)
         .env("CHANNELMESH_TEST", config.to_string())
         .env_remove("HTTP_PROXY")
@@ -31,8 +37,13 @@ async fn run(program: &Path, script: &Path, config: serde_json::Value) {
         .env_remove("http_proxy")
         .env_remove("https_proxy")
         .env_remove("ALL_PROXY")
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(program: &Path, script: &Path, config: serde_json::Value) {
+    let output = client_command(program, script, &config)
         .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(std::time::Duration::from_secs(120), output)
         .await

@@ -163,6 +163,31 @@ impl Summary {
     }
 }
 
+/// `dev`'s flag for the replication factor.
+const REPLICATION_FLAG: &str = "--replication-factor";
+
+/// `dev`'s flags for replication factor `factor`: `--replication-factor N`, or none for factor
+/// 1 from a build without replication (which is factor 1); a higher factor from such a build is
+/// an error.
+pub async fn replication_flags(factor: u32) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(factor >= 1, "a replication factor is at least 1");
+    let help = Command::new(binary()?)
+        .args(["dev", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running channelmesh dev --help")?;
+    let supported = String::from_utf8_lossy(&help.stdout).contains(REPLICATION_FLAG);
+    match (supported, factor) {
+        (true, _) => Ok(vec![REPLICATION_FLAG.to_string(), factor.to_string()]),
+        (false, 1) => Ok(Vec::new()),
+        (false, _) => bail!(
+            "this channelmesh has no `dev {REPLICATION_FLAG}` (no replication): it runs \
+             replication factor 1 only"
+        ),
+    }
+}
+
 /// A `channelmesh dev --multi-process` mesh; stopped (SIGTERM) when dropped.
 #[derive(Debug)]
 pub struct Dev {
@@ -173,9 +198,19 @@ pub struct Dev {
 
 impl Dev {
     /// Runs `channelmesh dev --multi-process --insecure` with every service on a port the OS
-    /// picks and these secrets, and waits for its summary.
-    pub async fn start_multi_process(jwt_secret: &str, admin_token: &str) -> anyhow::Result<Self> {
+    /// picks and these secrets, its ring giving every slot `replication_factor - 1` followers
+    /// (`dev --replication-factor`; `None`: `dev`'s default; a build without replication runs
+    /// factor 1 only), and waits for its summary.
+    pub async fn start_multi_process(
+        jwt_secret: &str,
+        admin_token: &str,
+        replication_factor: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let any = "127.0.0.1:0";
+        let replication = match replication_factor {
+            Some(factor) => replication_flags(factor).await?,
+            None => Vec::new(),
+        };
         // A state directory of its own, apart from a `dev` the user may run.
         let state_dir =
             std::env::temp_dir().join(format!("channelmesh-bench-{}", std::process::id()));
@@ -193,6 +228,7 @@ impl Dev {
             // Thousands of clients per source address (a worker process each): no
             // per-address connect limit.
             .args(["--connects-per-addr-per-sec", "0"])
+            .args(&replication)
             .env("CHANNELMESH_JWT_SECRET", jwt_secret)
             .env("CHANNELMESH_ADMIN_TOKEN", admin_token)
             .stdin(Stdio::null())

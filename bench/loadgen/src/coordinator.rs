@@ -199,11 +199,13 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
     bar.finish_and_clear();
 
     let mut latency = protocol::histogram()?;
+    let mut acks = protocol::histogram()?;
     let mut connects = protocol::histogram()?;
     let mut totals = Counters::default();
     let (mut first, mut last_delivery) = (u64::MAX, 0);
     for r in &reports {
         latency.add(protocol::decode(&r.latency)?)?;
+        acks.add(protocol::decode(&r.acks)?)?;
         connects.add(protocol::decode(&r.connect)?)?;
         add(&mut totals, &r.counters);
         if r.first_publish_us > 0 {
@@ -258,6 +260,8 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
         p99_us: latency.value_at_quantile(0.99),
         p999_us: latency.value_at_quantile(0.999),
         max_us: latency.max(),
+        ack_p50_us: acks.value_at_quantile(0.50),
+        ack_p99_us: acks.value_at_quantile(0.99),
         reconnects: totals.reconnects,
         reconnect_failures: totals.reconnect_failures,
         reconnects_per_s: per_s(totals.reconnects, run_secs),

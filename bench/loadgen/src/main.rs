@@ -62,7 +62,9 @@ enum Command {
     /// WATCHERS gateway sessions watch them all; reports updates taken and pushed per second.
     Presence(cmd::presence::Args),
     /// Channel-server memory: fills a channel server's store with CHANNELS active channels of
-    /// EVENTS messages each (in this process) and reports the RSS it took.
+    /// EVENTS messages each (in this process) and reports the RSS it took; with --mesh, fills
+    /// real channel servers at replication factor 1 and --replication-factor and reports what
+    /// a follower copy of a channel costs.
     ChannelMemory(cmd::channel_memory::Args),
     /// Channel server failover: in a fresh `dev --multi-process` mesh per run (ports the OS
     /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
@@ -121,7 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Idle(args) => cmd::load::main(Scenario::Idle, args).await,
         Command::Worker => worker::main().await,
         Command::Presence(args) => cmd::presence::main(args).await,
-        Command::ChannelMemory(args) => cmd::channel_memory::main(args),
+        Command::ChannelMemory(args) => cmd::channel_memory::main(args).await,
         Command::Failover(args) => cmd::failover::main(args).await,
         Command::Latency(args) => cmd::latency::main(args).await,
     }

@@ -73,6 +73,8 @@ pub struct WorkerReport {
     pub counters: Counters,
     /// Publish -> receive latency, microseconds.
     pub latency: String,
+    /// Publish -> acknowledgement latency, microseconds.
+    pub acks: String,
     /// Connect (rtm.connect + WebSocket + hello, or WebSocket + INFO + SUB + PONG), microseconds.
     pub connect: String,
     /// Unix microseconds of the first publish and the last delivery (0: none).

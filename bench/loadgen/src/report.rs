@@ -44,6 +44,9 @@ pub struct Report {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// Publish -> acknowledgement (RTM `reply_to`, NATS PONG, the admin API's answer).
+    pub ack_p50_us: u64,
+    pub ack_p99_us: u64,
     pub reconnects: u64,
     pub reconnect_failures: u64,
     pub reconnects_per_s: f64,
@@ -115,6 +118,10 @@ impl Report {
                         "p50 {} us, p99 {} us, p99.9 {} us, max {} us",
                         r.p50_us, r.p99_us, r.p999_us, r.max_us
                     ),
+                );
+                row(
+                    "ack latency",
+                    format!("p50 {} us, p99 {} us", r.ack_p50_us, r.ack_p99_us),
                 );
             }
             Scenario::ConnectStorm => {

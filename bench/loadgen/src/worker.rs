@@ -68,6 +68,8 @@ struct Shared {
     /// Publish -> receive latency. One thread runs all the clients, so the lock is never
     /// contended; it is taken once per batch of frames read.
     latency: Mutex<Histogram<u64>>,
+    /// Publish -> acknowledgement (RTM `reply_to`, NATS PONG, the admin API's answer).
+    acks: Mutex<Histogram<u64>>,
     connects: Mutex<Histogram<u64>>,
     /// Per client of this worker, whether it connected.
     connected: Vec<AtomicBool>,
@@ -124,7 +126,11 @@ impl Shared {
         self.last_delivery_us.fetch_max(now, Ordering::Relaxed);
     }
 
-    fn acked(&self, channel: u32) {
+    /// Counts a message acknowledged now that was sent at `sent_us` (unix micros).
+    fn acked(&self, channel: u32, sent_us: u64) {
+        if let Ok(mut h) = self.acks.lock() {
+            h.saturating_record(micros_now().saturating_sub(sent_us).max(1));
+        }
         self.counters.published.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = self.published.get(channel as usize) {
             n.fetch_add(1, Ordering::Relaxed);
@@ -241,6 +247,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         cancel: CancellationToken::new(),
         counters: Atomics::default(),
         latency: Mutex::new(protocol::histogram()?),
+        acks: Mutex::new(protocol::histogram()?),
         connects: Mutex::new(protocol::histogram()?),
         active_publishers: AtomicUsize::new(0),
         first_publish_us: AtomicU64::new(u64::MAX),
@@ -359,6 +366,12 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
                 .lock()
                 .map_err(|_| anyhow::anyhow!("a poisoned histogram"))?,
         )?;
+        let acks = protocol::encode(
+            &*shared
+                .acks
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a poisoned histogram"))?,
+        )?;
         let connects = protocol::encode(
             &*shared
                 .connects
@@ -369,6 +382,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         let report = WorkerReport {
             counters: shared.counters.snapshot(),
             latency,
+            acks,
             connect: connects,
             first_publish_us: if first == u64::MAX { 0 } else { first },
             last_delivery_us: shared.last_delivery_us.load(Ordering::Relaxed),

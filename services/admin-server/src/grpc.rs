@@ -309,6 +309,10 @@ impl AdminService {
                 .collect(),
             oldest_ts: page.oldest.map(|t| t.to_string()).unwrap_or_default(),
             has_more: page.has_more,
+            complete_after_ts: page
+                .complete_after
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
         })
     }
 

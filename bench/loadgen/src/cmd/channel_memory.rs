@@ -9,6 +9,11 @@
 //!
 //! Every event is built the way the service decodes one from a Publish request: its own user
 //! id, team id and text allocations, none shared with another event.
+//!
+//! With `--mesh`, it measures real channel servers instead, at replication factor 1 and
+//! `--replication-factor`, to give what a follower copy of a channel costs ([`mesh`]).
+
+mod mesh;
 
 use std::time::Instant;
 
@@ -25,9 +30,9 @@ const SHARDS: usize = 16;
 /// `channel-memory`'s flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    // Active channels to fill.
-    #[arg(long, default_value_t = 1_000_000)]
-    channels: usize,
+    /// Active channels to fill [default: 1000000; with --mesh, 20000].
+    #[arg(long)]
+    channels: Option<usize>,
     // Messages in each channel's history.
     #[arg(long, default_value_t = 10)]
     events: usize,
@@ -38,20 +43,38 @@ pub struct Args {
     /// instead of all the same length.
     #[arg(long)]
     mixed: bool,
+    /// Measure real channel servers (`channelmesh dev --multi-process`, posting through the
+    /// admin API) at replication factor 1 and --replication-factor: the RSS of each node and
+    /// what a follower copy of a channel costs.
+    #[arg(long)]
+    mesh: bool,
+    /// With --mesh: the replication factor compared with 1 (each slot's copies: its primary
+    /// and factor - 1 followers).
+    #[arg(long, default_value_t = 2, requires = "mesh")]
+    replication_factor: u32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
+/// Channels filled in this process unless --channels says otherwise.
+const DEFAULT_CHANNELS: usize = 1_000_000;
+/// Channels filled with --mesh (through gRPC: about a minute per factor on 2 vCPUs) unless
+/// --channels says otherwise.
+const DEFAULT_MESH_CHANNELS: usize = 20_000;
+
 /// Measures and prints the report.
-pub fn main(args: Args) -> anyhow::Result<()> {
+pub async fn main(args: Args) -> anyhow::Result<()> {
+    if args.mesh {
+        return main_mesh(args).await;
+    }
     let sizes = if args.mixed {
         TextSizes::Mixed
     } else {
         TextSizes::Fixed
     };
     let config = ChannelMemoryConfig {
-        channels: args.channels,
+        channels: args.channels.unwrap_or(DEFAULT_CHANNELS),
         events_per_channel: args.events,
         text_bytes: args.text_bytes,
     };
@@ -74,6 +97,55 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         "per channel {:.0} B; per message {:.0} B beyond its text; filled in {:.1} s",
         r.bytes_per_channel, r.overhead_per_event, r.fill_secs
     );
+    Ok(())
+}
+
+/// `--mesh`: measures and prints the report.
+async fn main_mesh(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.mixed, "--mixed is for the in-process store only");
+    let config = mesh::MeshMemoryConfig {
+        channels: args.channels.unwrap_or(DEFAULT_MESH_CHANNELS),
+        events_per_channel: args.events,
+        text_bytes: args.text_bytes,
+        replication_factor: args.replication_factor,
+    };
+    let r = mesh::measure(&config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{} channels x {} messages of {} B text, posted through the admin API",
+        r.channels, r.events_per_channel, r.text_bytes
+    );
+    for run in &r.runs {
+        println!(
+            "replication factor {}: channel servers +{:.0} MiB RSS, {:.0} B per channel \
+             (all copies); {} posted ({:.0}/s), {} failed",
+            run.replication_factor,
+            mib(run.grown_bytes),
+            run.bytes_per_channel,
+            run.posted,
+            run.posts_per_s,
+            run.post_errors
+        );
+        for n in &run.nodes {
+            println!(
+                "  {:<6}{:<9} leads {:>4} slots, follows {:>4}: RSS {:.0} MiB -> {:.0} MiB (+{:.0} MiB)",
+                n.id,
+                if n.standby { " standby" } else { "" },
+                n.slots_led,
+                n.slots_followed,
+                mib(n.rss_before_bytes),
+                mib(n.rss_after_bytes),
+                mib(n.rss_after_bytes.saturating_sub(n.rss_before_bytes))
+            );
+        }
+    }
+    if let Some(follower) = r.follower_copy_bytes_per_channel {
+        println!("a follower copy: {follower:.0} B per channel");
+    }
     Ok(())
 }
 

@@ -29,6 +29,10 @@ pub struct Args {
     /// Runs (each on its own mesh); the report gives each and the median.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// The mesh's replication factor (`dev --replication-factor`; default: `dev`'s): with
+    /// followers, each of the killed node's slots goes to its first follower.
+    #[arg(long)]
+    replication_factor: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -48,6 +52,9 @@ pub struct FailoverRun {
     pub slots_total: usize,
     /// Whether every moved slot went from the killed node to one standby.
     pub only_dead_nodes_slots_to_one_standby: bool,
+    /// Whether every moved slot went from the killed node to the slot's first follower (a
+    /// replicated ring's promotion; false in a ring without followers).
+    pub only_dead_nodes_slots_to_their_followers: bool,
 }
 
 /// `failover`: each run and the median.
@@ -61,26 +68,27 @@ pub struct FailoverReport {
 /// Measures and prints the report.
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let runs = args.runs;
-    let report = failover(runs).await?;
+    let report = failover(runs, args.replication_factor).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
     println!("channel server SIGKILL -> delivery resumed, {runs} runs");
     println!(
-        "{:>4} {:<6} {:>12} {:>12} {:>14}  ONLY-DEAD->ONE-STANDBY",
+        "{:>4} {:<6} {:>12} {:>12} {:>14}  ONLY-DEAD->ONE-STANDBY  ONLY-DEAD->FOLLOWERS",
         "RUN", "KILLED", "RESUMED ms", "EPOCH ms", "SLOTS MOVED"
     );
     for (i, r) in report.runs.iter().enumerate() {
         println!(
-            "{:>4} {:<6} {:>12.1} {:>12.1} {:>8} ({:.1}%)  {}",
+            "{:>4} {:<6} {:>12.1} {:>12.1} {:>8} ({:.1}%)  {:<21}  {}",
             i + 1,
             r.killed,
             r.delivery_resumed_ms,
             r.new_epoch_ms,
             r.slots_moved,
             100.0 * r.slots_moved as f64 / r.slots_total as f64,
-            r.only_dead_nodes_slots_to_one_standby
+            r.only_dead_nodes_slots_to_one_standby,
+            r.only_dead_nodes_slots_to_their_followers
         );
     }
     println!(
@@ -101,10 +109,10 @@ fn secret() -> String {
 }
 
 /// Runs the measurement `runs` times, each on its own mesh.
-async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
+async fn failover(runs: usize, factor: Option<u32>) -> anyhow::Result<FailoverReport> {
     let mut results = Vec::new();
     for run in 0..runs {
-        results.push(once(run).await?);
+        results.push(once(run, factor).await?);
     }
     let median = |f: fn(&FailoverRun) -> f64| {
         let mut v: Vec<f64> = results.iter().map(f).collect();
@@ -120,9 +128,9 @@ async fn failover(runs: usize) -> anyhow::Result<FailoverReport> {
 
 /// One run: starts a mesh, kills the owner of channel `CFAILOVER{run}` while posts to it keep
 /// coming, measures, stops the mesh.
-async fn once(run: usize) -> anyhow::Result<FailoverRun> {
+async fn once(run: usize, factor: Option<u32>) -> anyhow::Result<FailoverRun> {
     let (jwt_secret, admin_token) = (secret(), secret());
-    let dev = Dev::start_multi_process(&jwt_secret, &admin_token).await?;
+    let dev = Dev::start_multi_process(&jwt_secret, &admin_token, factor).await?;
     let mesh = &dev.summary;
     let rm = format!(
         "http://{}",
@@ -205,10 +213,11 @@ async fn once(run: usize) -> anyhow::Result<FailoverRun> {
     let moved: Vec<_> = (0..SLOT_COUNT as Slot)
         .filter_map(|s| {
             let (a, b) = (before.owner(s)?, after.owner(s)?);
-            (a.id != b.id).then(|| (a.id.clone(), b.id.clone()))
+            (a.id != b.id).then(|| (s, a.id.clone(), b.id.clone()))
         })
         .collect();
-    let targets: HashSet<_> = moved.iter().map(|(_, to)| to).collect();
+    let first_follower = |s: Slot| before.followers(s).next().map(|n| n.id.clone());
+    let targets: HashSet<_> = moved.iter().map(|(_, _, to)| to).collect();
     let result = FailoverRun {
         killed: victim.to_string(),
         delivery_resumed_ms: resumed.as_secs_f64() * 1e3,
@@ -216,7 +225,11 @@ async fn once(run: usize) -> anyhow::Result<FailoverRun> {
         slots_moved: moved.len(),
         slots_total: SLOT_COUNT,
         only_dead_nodes_slots_to_one_standby: targets.len() == 1
-            && moved.iter().all(|(from, _)| *from == victim),
+            && moved.iter().all(|(_, from, _)| *from == victim),
+        only_dead_nodes_slots_to_their_followers: before.is_replicated()
+            && moved
+                .iter()
+                .all(|(s, from, to)| *from == victim && first_follower(*s).as_ref() == Some(to)),
     };
     stop.cancel();
     let _ = posting.await;

@@ -9,6 +9,7 @@ use rand::Rng;
 
 use super::{Active, Phase, Shared};
 use crate::client::Admin;
+use crate::clock::micros_now;
 
 /// One admin-API publisher: `PostMessage` calls one at a time, its share of the rate, to the
 /// channels in turn.
@@ -53,11 +54,12 @@ async fn publish(shared: &Shared, task: usize) -> anyhow::Result<()> {
             }
         }
         sent += 1;
+        let sent_us = micros_now();
         let posted = admin
             .post(shared.names[c].clone(), "UBENCHPUB", shared.text(sent))
             .await;
         match posted {
-            Ok(_) => shared.acked(c as u32),
+            Ok(_) => shared.acked(c as u32, sent_us),
             Err(_) => {
                 shared
                     .counters

@@ -135,10 +135,10 @@ async fn connect(shared: &Shared, slot: usize, index: usize) -> anyhow::Result<C
     Ok(client)
 }
 
-/// Messages sent and not yet acknowledged, oldest first: (RTM id, channel).
+/// Messages sent and not yet acknowledged, oldest first: (RTM id, channel, unix micros sent).
 #[derive(Default)]
 struct Pending {
-    messages: VecDeque<(u64, u32)>,
+    messages: VecDeque<(u64, u32, u64)>,
     /// NATS: messages per outstanding PING, oldest first.
     bursts: VecDeque<usize>,
 }
@@ -258,7 +258,7 @@ async fn publish(
                 let frame =
                     rtm::message_frame(*sent, &shared.names[c as usize], &shared.text(*sent));
                 client.ws.feed(Message::Text(frame.into())).await?;
-                pending.messages.push_back((*sent, c));
+                pending.messages.push_back((*sent, c, micros_now()));
             }
             client.ws.flush().await?;
         }
@@ -268,7 +268,7 @@ async fn publish(
                 *sent += 1;
                 let text = shared.text(*sent);
                 nats::publish_frame(out, &shared.names[c as usize], text.as_bytes());
-                pending.messages.push_back((*sent, c));
+                pending.messages.push_back((*sent, c, micros_now()));
             }
             out.extend_from_slice(nats::PING);
             pending.bursts.push_back(channels.len());
@@ -291,10 +291,10 @@ async fn on_frame(
             Message::Text(text) => match rtm::classify(text.as_str()) {
                 rtm::Incoming::Delivery { sent_us } => client.received.push(sent_us),
                 rtm::Incoming::Ack { id, ok } => {
-                    let at = pending.messages.iter().position(|(i, _)| *i == id);
-                    if let Some((_, c)) = at.and_then(|at| pending.messages.remove(at)) {
+                    let at = pending.messages.iter().position(|(i, _, _)| *i == id);
+                    if let Some((_, c, sent_us)) = at.and_then(|at| pending.messages.remove(at)) {
                         if ok {
-                            shared.acked(c);
+                            shared.acked(c, sent_us);
                         } else {
                             shared
                                 .counters
@@ -327,8 +327,8 @@ async fn on_frame(
         nats::Op::Pong => {
             let burst = pending.bursts.pop_front().unwrap_or(0);
             for _ in 0..burst {
-                if let Some((_, c)) = pending.messages.pop_front() {
-                    shared.acked(c);
+                if let Some((_, c, sent_us)) = pending.messages.pop_front() {
+                    shared.acked(c, sent_us);
                 }
             }
         }
