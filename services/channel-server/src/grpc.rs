@@ -240,6 +240,8 @@ impl ChannelService {
             .collect();
         ownership.start_from(&previous, &stale);
         self.ask_fills();
+        let asking = self.clone();
+        self.inner.tracker.spawn(asking.keep_asking());
         ring.on_each_change(cancel, |ring| {
             self.apply_ring(&previous, &ring);
             previous = ring;

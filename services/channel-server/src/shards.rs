@@ -524,12 +524,16 @@ impl<R: StreamReply> Shards<R> {
     /// acknowledged are stored, fanned out and answered, in order.
     pub fn acked(&self, link: LinkId, ids: &[(usize, u64)]) {
         self.each_pending(ids, |shard, ids| {
-            for p in shard
-                .pending
-                .iter_mut()
-                .filter(|p| ids.contains(&p.entry.id))
-            {
-                p.awaiting.retain(|l| *l != link);
+            // Both in id order (a shard's events are numbered as they are queued): one walk.
+            let mut ids = ids.iter().peekable();
+            for p in shard.pending.iter_mut() {
+                while ids.next_if(|&&id| id < p.entry.id).is_some() {}
+                if ids.next_if(|&&id| id == p.entry.id).is_some() {
+                    p.awaiting.retain(|l| *l != link);
+                }
+                if ids.peek().is_none() {
+                    break;
+                }
             }
         });
     }
@@ -538,6 +542,7 @@ impl<R: StreamReply> Shards<R> {
     /// them to it): they fail with `why`, and are neither stored here nor delivered.
     pub fn refused(&self, ids: &[(usize, u64)], why: &str) {
         self.each_pending(ids, |shard, ids| {
+            let ids: HashSet<u64> = ids.iter().copied().collect();
             let mut kept = VecDeque::with_capacity(shard.pending.len());
             for p in shard.pending.drain(..) {
                 if ids.contains(&p.entry.id) {
@@ -557,6 +562,9 @@ impl<R: StreamReply> Shards<R> {
             if let Some(list) = by_shard.get_mut(shard) {
                 list.push(id);
             }
+        }
+        for list in &mut by_shard {
+            list.sort_unstable();
         }
         for (index, ids) in by_shard.iter().enumerate() {
             if ids.is_empty() {

@@ -425,6 +425,20 @@ impl ChannelService {
         Ok(from)
     }
 
+    /// Asks again, every [`CATCH_UP_RETRY`], for the followed slots still being filled that no
+    /// catch-up is asking for (one that ended early, or whose owner changed), until shutdown.
+    pub(super) async fn keep_asking(self) {
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
+            if self.inner.ownership.catching_up() > 0 {
+                self.ask_fills();
+            }
+        }
+    }
+
     /// Asks the owners of the followed slots still being filled (and not asked for yet) to
     /// fill them, one task per owner.
     pub(super) fn ask_fills(&self) {
@@ -470,7 +484,7 @@ impl ChannelService {
                         .catch_up_slots
                         .with_label_values(&["filled"])
                         .inc_by(u64::from(n));
-                    tracing::info!(%owner, slots = n, "copy filled by the slots' owner");
+                    tracing::info!(%owner, slots = n, asked = left.len(), "copy filled by the slots' owner");
                     if n as usize == left.len() {
                         return;
                     }
@@ -565,25 +579,37 @@ impl ChannelService {
     ) -> Result<ChunkStream, Status> {
         let follower = self.sender(&caller, rpc::CATCH_UP, &request.follower)?;
         let ownership = &self.inner.ownership;
+        // The owner's side of fencing: only a follower this node's ring names, of a slot this
+        // node serves now. A slot that fails (moved, still waiting for its handoff here, not
+        // followed by the asker in this ring) is left out, not filled: the follower asks again.
         let mut slots = Vec::with_capacity(request.slots.len());
+        let mut refusal = None;
         for &slot in &request.slots {
             let slot = Slot::try_from(slot)
                 .ok()
                 .filter(|s| usize::from(*s) < mesh_core::SLOT_COUNT)
                 .ok_or_else(|| invalid(format!("no slot {slot}")))?;
-            // The owner's side of fencing: only a follower this node's ring names, of a slot
-            // this node serves now.
-            ownership.check(slot, request.epoch).await.map_err(status)?;
-            let ring = ownership.ring().current();
+            let ring = match ownership.check(slot, request.epoch).await {
+                Ok(ring) => ring,
+                Err(e @ (ServeError::Warming { .. } | ServeError::WrongOwner { .. })) => {
+                    refusal = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(status(e)),
+            };
             if !ring.follows(&follower, slot) {
-                return Err(status(ServeError::NotFollower {
+                refusal = Some(ServeError::NotFollower {
                     slot,
                     from: ownership.node().clone(),
-                    node: follower,
+                    node: follower.clone(),
                     epoch: ring.epoch(),
-                }));
+                });
+                continue;
             }
             slots.push(slot);
+        }
+        if let Some(refusal) = refusal.filter(|_| slots.is_empty()) {
+            return Err(status(refusal));
         }
         // Slots of one shard together: each copy walks one shard.
         slots.sort_by_key(|&s| (usize::from(s) % 16, s));
