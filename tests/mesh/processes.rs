@@ -328,7 +328,10 @@ impl Drop for Dev {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        // KEEP_DEV_LOG=1 keeps the mesh's log (its path: /tmp/channelmesh-dev-PID-N.log).
+        if std::env::var_os("KEEP_DEV_LOG").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

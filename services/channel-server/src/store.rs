@@ -363,9 +363,17 @@ impl Store {
         }
     }
 
+    /// A channel leaves the store (evicted, dropped, handed off): its slot's floor keeps its
+    /// last ts, so a channel that comes back continues after it and says its history is
+    /// incomplete before it.
     fn forget(&mut self, id: &ChannelId, state: &Channel) {
         let floor = &mut self.slot_floor[usize::from(slot_of(id))];
         *floor = (*floor).max(state.clock.last());
+        self.uncount(state);
+    }
+
+    /// A channel's bytes no longer count against the budget.
+    fn uncount(&mut self, state: &Channel) {
         self.total_bytes -= state.bytes + CHANNEL_OVERHEAD + recent_bytes(state);
     }
 
@@ -534,7 +542,8 @@ impl Store {
         if let Some(mut existing) = self.channels.pop(&channel) {
             window = existing.recent.take();
             trimmed = trimmed.max(existing.trimmed);
-            self.forget(&channel, &existing);
+            // Merged, not lost: the slot's floor stays where it was.
+            self.uncount(&existing);
             clock = TsClock::starting_after(clock.last().max(existing.clock.last()));
             merged.extend(existing.events);
             merged.sort_by_key(|e| e.ts);
@@ -695,6 +704,29 @@ mod tests {
             new.append(&c("C1"), &msg("c"), 1) > b,
             "the clock continues after the old owner's"
         );
+    }
+
+    #[test]
+    fn a_copy_merged_into_a_channel_held_keeps_its_history_complete() {
+        // A follower holds what was replicated live; the owner's catch-up (or handoff) of the
+        // same channel merges in: nothing was lost, so nothing says so.
+        let mut owner = Store::new(Limits::default());
+        let a = owner.append(&c("C1"), &msg("a"), 5_000);
+        let b = owner.append(&c("C1"), &msg("b"), 5_001);
+        let slot = slot_of(&c("C1"));
+        let copy = owner.copy_slots(|s| s == slot).remove(0);
+        let mut follower = Store::new(Limits::default());
+        follower.store_event(&c("C1"), b, &msg("b"), None, 5_001);
+        follower.absorb(copy);
+        let page = follower.history(&c("C1"), None, 10);
+        let ts: Vec<Ts> = page.events.iter().map(|e| e.ts).collect();
+        assert_eq!(ts, vec![a, b]);
+        assert_eq!(
+            page.complete_after,
+            Ts::default(),
+            "complete from the start"
+        );
+        assert_eq!(follower.complete_after(&c("C1")), Ts::default());
     }
 
     #[test]
