@@ -96,21 +96,7 @@ impl Ownership {
         slot: Slot,
         epoch: u64,
     ) -> Result<(), ServeError> {
-        self.lease
-            .wait_serving(SERVING_WAIT)
-            .await
-            .map_err(ServeError::NoLease)?;
-        let mut ring = self.ring.current();
-        if epoch > ring.epoch() {
-            ring = self
-                .ring
-                .wait_for_epoch(epoch, RING_CATCH_UP)
-                .await
-                .map_err(|_| ServeError::RingBehind {
-                    known: ring.epoch(),
-                    asked: epoch,
-                })?;
-        }
+        let ring = self.leased_ring(epoch).await?;
         if ring.owns(from, slot) && ring.follows(&self.node, slot) {
             return Ok(());
         }
@@ -153,26 +139,32 @@ impl Ownership {
         self.warming().waiting_for(slot).is_some()
     }
 
-    /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
-    /// little for a newer ring than it knows; returns the ring it checked against.
-    pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
-        // A lapsed lease waits a little for the decision on static stability (or a renewal)
-        // rather than failing the call while it is being made.
+    /// The ring to check a call against, once this node may serve at all: its lease holds (a
+    /// lapsed lease waits a little for the decision on static stability, or a renewal, rather
+    /// than failing the call while it is being made), and the ring is at least `epoch` (waited
+    /// for a little).
+    async fn leased_ring(&self, epoch: u64) -> Result<Arc<Ring>, ServeError> {
         self.lease
             .wait_serving(SERVING_WAIT)
             .await
             .map_err(ServeError::NoLease)?;
-        let mut ring = self.ring.current();
-        if epoch > ring.epoch() {
-            ring = self
-                .ring
-                .wait_for_epoch(epoch, RING_CATCH_UP)
-                .await
-                .map_err(|_| ServeError::RingBehind {
-                    known: ring.epoch(),
-                    asked: epoch,
-                })?;
+        let ring = self.ring.current();
+        if epoch <= ring.epoch() {
+            return Ok(ring);
         }
+        self.ring
+            .wait_for_epoch(epoch, RING_CATCH_UP)
+            .await
+            .map_err(|_| ServeError::RingBehind {
+                known: ring.epoch(),
+                asked: epoch,
+            })
+    }
+
+    /// Checks that this node may serve `slot` for a caller that routed by `epoch`, waiting a
+    /// little for a newer ring than it knows; returns the ring it checked against.
+    pub async fn check(&self, slot: Slot, epoch: u64) -> Result<Arc<Ring>, ServeError> {
+        let ring = self.leased_ring(epoch).await?;
         self.wait_applied(ring.epoch()).await?;
         let waiting = self.warming().waiting_for(slot);
         if let Some(from) = waiting {

@@ -165,6 +165,21 @@ fn recent_bytes(state: &Channel) -> usize {
     state.recent.as_ref().map_or(0, |w| w.counted())
 }
 
+/// `state` of `channel` as it leaves for (or is copied to) another node.
+fn snapshot(channel: &ChannelId, state: &Channel) -> Snapshot {
+    Snapshot {
+        channel: channel.clone(),
+        last_ts: state.clock.last(),
+        trimmed: state.trimmed,
+        recent: state
+            .recent
+            .as_ref()
+            .map(|w| w.entries())
+            .unwrap_or_default(),
+        events: state.unpacked().collect(),
+    }
+}
+
 /// A channel's state on its way to a new owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -488,17 +503,7 @@ impl Store {
         for id in ids {
             if let Some(state) = self.channels.pop(&id) {
                 self.forget(&id, &state);
-                taken.push(Snapshot {
-                    last_ts: state.clock.last(),
-                    trimmed: state.trimmed,
-                    recent: state
-                        .recent
-                        .as_ref()
-                        .map(|w| w.entries())
-                        .unwrap_or_default(),
-                    events: state.unpacked().collect(),
-                    channel: id,
-                });
+                taken.push(snapshot(&id, &state));
             }
         }
         taken
@@ -510,17 +515,7 @@ impl Store {
         self.channels
             .iter()
             .filter(|(id, _)| copied(slot_of(id)))
-            .map(|(id, state)| Snapshot {
-                channel: id.clone(),
-                last_ts: state.clock.last(),
-                trimmed: state.trimmed,
-                recent: state
-                    .recent
-                    .as_ref()
-                    .map(|w| w.entries())
-                    .unwrap_or_default(),
-                events: state.unpacked().collect(),
-            })
+            .map(|(id, state)| snapshot(id, state))
             .collect()
     }
 

@@ -225,12 +225,7 @@ impl ChannelService {
         ),
         Status,
     > {
-        let channel = mesh_transport::endpoint(addr)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = dial(addr).await?;
         let (btx, brx) = mpsc::channel(BATCH_QUEUE);
         let mut client = ChannelServerClient::new(channel);
         let call = client.replicate(ReceiverStream::new(brx));
@@ -512,12 +507,7 @@ impl ChannelService {
         epoch: u64,
         slots: &[Slot],
     ) -> Result<u32, Status> {
-        let channel = mesh_transport::endpoint(addr)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = dial(addr).await?;
         let mut client =
             ChannelServerClient::new(channel).max_decoding_message_size(MAX_HANDOFF_MESSAGE);
         let request = pb::CatchUpRequest {
@@ -674,6 +664,16 @@ impl ChannelService {
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
+}
+
+/// A connection to the channel server at `addr`, within [`CONNECT_TIMEOUT`].
+async fn dial(addr: &str) -> Result<tonic::transport::Channel, Status> {
+    mesh_transport::endpoint(addr)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))
 }
 
 /// One open stream of a link.
