@@ -264,10 +264,11 @@ async fn a_change_that_cannot_be_saved_fails_clearly_and_changes_nothing() {
     let taken = eventually("cs-2 down and its slots taken over", || async {
         let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
         let standby_joined = matches!(state_of(&members, "cs-4"), "joining" | "active");
-        (state_of(&members, "cs-2") == "down" && standby_joined).then_some(ring)
+        // The members' states and the published ring are read apart: wait for both.
+        let published = ring.epoch() > before.epoch();
+        (state_of(&members, "cs-2") == "down" && standby_joined && published).then_some(ring)
     })
     .await;
-    assert!(taken.epoch() > before.epoch());
     let saved = ring_client::record::Saved::clone(
         &serde_json::from_slice(&std::fs::read(state_dir.join("ring.json")).unwrap()).unwrap(),
     );
