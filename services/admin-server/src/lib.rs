@@ -91,10 +91,20 @@ pub async fn serve(
             .on_scrape(move || epoch.set(ring.current().epoch() as i64));
     }
     let auth = AdminAuth::new(&config.admin_token);
-    // The public API only: the internal services' schemas are nobody else's business.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::ADMIN_FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // The public API only: the internal services' schemas are nobody else's business. Both
+    // versions of the reflection protocol, each listing both (as every service the port
+    // serves): v1, and v1alpha, the only one Python's grpcio-reflection client and many GUI
+    // tools speak.
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::ADMIN_FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection = described().build_v1()?;
+    let reflection_v1alpha = described().build_v1alpha()?;
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         tls = config.public_tls.is_some(),
@@ -104,6 +114,7 @@ pub async fn serve(
     let result = mesh_transport::public_server(config.public_tls.as_ref())?
         .timeout(Duration::from_secs(30))
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(AdminServer::with_interceptor(service, auth))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
