@@ -6,14 +6,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mesh_core::{ChannelId, Ts};
-use mesh_proto::admin::{HistoryRequest, PostMessageRequest};
+use mesh_proto::admin::HistoryRequest;
 use mesh_proto::ring::NodeRequest;
 use nix::sys::signal::Signal;
 
 use crate::processes::{ADMIN_TOKEN, BIN, Dev, signal};
 use crate::support::{
     Admin, Rtm, admin_at, eventually, eventually_within, metric_sum, post, ring_with, rm_with,
-    state_of,
+    state_of, try_post,
 };
 
 /// Waits for moves that take a warm-up or a node declared down, and a few retries.
@@ -36,19 +36,6 @@ impl Drop for Started {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Posts `text`, or `None` while the channel's owner does not take it (a move in progress).
-async fn try_post(admin: &Admin, channel: &str, text: &str) -> Option<String> {
-    let request = PostMessageRequest {
-        channel: channel.into(),
-        user: "UPOSTER".into(),
-        text: text.into(),
-        team: String::new(),
-        idempotency_key: String::new(),
-    };
-    let reply = admin.clone().post_message(request).await.ok()?;
-    Some(reply.into_inner().ts)
 }
 
 /// The ts of `channel`'s history, once a read succeeds.
@@ -138,56 +125,11 @@ async fn a_drain_whose_new_owner_freezes_keeps_the_history_and_completes_only_on
     );
 }
 
-#[tokio::test]
-async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap() {
-    // About a move to a node that holds nothing of the slot: without replication (with it, a
-    // drain moves each slot to its follower, which holds the history: the next test).
-    let dev = Dev::start_unreplicated("moves-warmup");
-    let channel = "CWARM";
-    let token = dev.token("UREADER", &[channel]);
-    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
-    let mut client = Rtm::connect(&dev.base_url(), &token).await.unwrap();
-    let seen = post(&mut admin, channel, "UPOSTER", "seen").await;
-    client
-        .expect("the first message", |v| v["ts"] == seen)
-        .await;
-    drop(client);
-    post(&mut admin, channel, "UPOSTER", "missed while away").await;
-
-    // Its owner freezes before it learns it is drained: its state never reaches the new owner,
-    // which serves once its warm-up runs out.
-    let (victim, pid) = dev.channel_owner(channel).await;
-    signal(pid, Signal::SIGSTOP);
-    let _thaw = Thaw(pid);
-    rm_with(dev.ring_manager, &dev.operator)
-        .await
-        .drain_node(NodeRequest { node_id: victim })
-        .await
-        .unwrap();
-    let after = eventually_within("the new owner takes posts", MOVE_WAIT, || {
-        try_post(&admin, channel, "after the move")
-    })
-    .await;
-
-    // A client resuming from the message it saw hears that history has a gap, rather than
-    // silently missing the message the frozen node kept.
-    let query = format!("?cursors={channel}:{seen}");
-    let mut resumed = Rtm::connect_with(&dev.base_url(), &token, &query)
-        .await
-        .unwrap();
-    let first = resumed
-        .expect("the channel's first frame", |v| v["channel"] == channel)
-        .await;
-    assert_eq!(first["type"], "history_gap", "{first}");
-    assert_eq!(first["cursor"], seen.as_str());
-    resumed
-        .expect("the message after the move", |v| v["ts"] == after)
-        .await;
-}
-
-#[tokio::test]
-async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_follower() {
-    let dev = Dev::start("moves-follower");
+/// A client sees one post and misses the next; then the channel's owner freezes before it
+/// learns it is drained, so its handoff never comes. Returns the first frame of the channel a
+/// client resuming from the post it saw receives, the missed post's ts, and the ts of a post
+/// the new owner took, after checking that the resumed client gets that post.
+async fn drain_a_frozen_owner_and_resume(dev: &Dev) -> (serde_json::Value, String, String) {
     let channel = "CWARM";
     let token = dev.token("UREADER", &[channel]);
     let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
@@ -199,8 +141,6 @@ async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_fol
     drop(client);
     let missed = post(&mut admin, channel, "UPOSTER", "missed while away").await;
 
-    // Its owner freezes before it learns it is drained: its handoff never comes, but the slot
-    // goes to its follower, which has every acknowledged message already.
     let (victim, pid) = dev.channel_owner(channel).await;
     signal(pid, Signal::SIGSTOP);
     let _thaw = Thaw(pid);
@@ -214,7 +154,6 @@ async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_fol
     })
     .await;
 
-    // A client resuming from the message it saw gets what it missed, then the new one: no gap.
     let query = format!("?cursors={channel}:{seen}");
     let mut resumed = Rtm::connect_with(&dev.base_url(), &token, &query)
         .await
@@ -222,11 +161,33 @@ async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_fol
     let first = resumed
         .expect("the channel's first frame", |v| v["channel"] == channel)
         .await;
-    assert_eq!(first["type"], "message", "{first}");
-    assert_eq!(first["ts"], missed.as_str());
+    assert_eq!(first["cursor"].as_str().unwrap_or(&seen), seen.as_str());
     resumed
         .expect("the message after the move", |v| v["ts"] == after)
         .await;
+    (first, missed, after)
+}
+
+#[tokio::test]
+async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap() {
+    // About a move to a node that holds nothing of the slot: without replication (with it, a
+    // drain moves each slot to its follower, which holds the history: the next test).
+    let dev = Dev::start_unreplicated("moves-warmup");
+    // The new owner serves once its warm-up runs out. A client resuming from the message it
+    // saw hears that history has a gap, rather than silently missing the message the frozen
+    // node kept.
+    let (first, _, _) = drain_a_frozen_owner_and_resume(&dev).await;
+    assert_eq!(first["type"], "history_gap", "{first}");
+}
+
+#[tokio::test]
+async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_follower() {
+    let dev = Dev::start("moves-follower");
+    // The slot goes to its follower, which has every acknowledged message already: a client
+    // resuming from the message it saw gets what it missed, then the new one, with no gap.
+    let (first, missed, _) = drain_a_frozen_owner_and_resume(&dev).await;
+    assert_eq!(first["type"], "message", "{first}");
+    assert_eq!(first["ts"], missed.as_str());
 }
 
 #[tokio::test]

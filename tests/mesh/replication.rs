@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::processes::{ADMIN_TOKEN, Dev, signal};
 use crate::real_clients::{client_command, python, repo};
 use crate::support::{
-    Admin, Rtm, admin_at, eventually, eventually_within, mesh, post, ring_with, state_of,
+    Admin, Rtm, admin_at, eventually, eventually_within, mesh, post, ring_with, state_of, try_post,
 };
 
 /// How long a fresh mesh may take to settle: every follower filled.
@@ -547,19 +547,8 @@ async fn with_replication_factor_1_a_kill_loses_history_and_says_so() {
     }
 
     kill_and_wait_down(&dev, &owner).await;
-    let after = eventually("a post after the kill", || async {
-        let request = PostMessageRequest {
-            channel: channel.into(),
-            user: "UPOSTER".into(),
-            text: "after".into(),
-            team: String::new(),
-            idempotency_key: String::new(),
-        };
-        admin
-            .clone()
-            .post_message(request)
-            .await
-            .map(|r| r.into_inner().ts)
+    let after = eventually("a post after the kill", || {
+        try_post(&admin, channel, "after")
     })
     .await;
     // The history before the kill died with its only copy, and the answer says so.

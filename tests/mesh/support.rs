@@ -590,6 +590,20 @@ pub async fn post(admin: &mut Admin, channel: &str, user: &str, text: &str) -> S
         .ts
 }
 
+/// Posts `text` as UPOSTER; `None` while the channel's owner does not take it (a move or a
+/// failover in progress), for [`eventually`].
+pub async fn try_post(admin: &Admin, channel: &str, text: &str) -> Option<String> {
+    let request = mesh_proto::admin::PostMessageRequest {
+        channel: channel.into(),
+        user: "UPOSTER".into(),
+        text: text.into(),
+        team: String::new(),
+        idempotency_key: String::new(),
+    };
+    let reply = admin.clone().post_message(request).await.ok()?;
+    Some(reply.into_inner().ts)
+}
+
 /// A `presence_change` about `user` saying `presence`, in either the single or the batch form.
 pub fn presence_of(v: &Value, user: &str, presence: &str) -> bool {
     v["type"] == "presence_change"
