@@ -40,6 +40,8 @@ pub mod rpc {
     pub const LEASE_STATUS: &str = "/channelmesh.channel.v1.ChannelServer/LeaseStatus";
     pub const REPLICATE: &str = "/channelmesh.channel.v1.ChannelServer/Replicate";
     pub const CATCH_UP: &str = "/channelmesh.channel.v1.ChannelServer/CatchUp";
+    pub const CHANNEL_INFO: &str = "/channelmesh.channel.v1.ChannelServer/ChannelInfo";
+    pub const LIST_CHANNELS: &str = "/channelmesh.channel.v1.ChannelServer/ListChannels";
     pub const SESSION: &str = "/channelmesh.presence.v1.Presence/Session";
     pub const QUERY: &str = "/channelmesh.presence.v1.Presence/Query";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -85,6 +87,9 @@ pub const TABLE: &[(&str, &[Role])] = &[
     // A slot's owner replicates its events to, and fills, the slot's followers (as itself).
     (rpc::REPLICATE, &[ChannelServer]),
     (rpc::CATCH_UP, &[ChannelServer]),
+    // The admin API's channel queries.
+    (rpc::CHANNEL_INFO, &[Admin]),
+    (rpc::LIST_CHANNELS, &[Admin]),
     // A gateway's presence session (as itself); lookups by gateways and admin servers.
     (rpc::SESSION, &[Gateway]),
     (rpc::QUERY, &[Gateway, Admin]),

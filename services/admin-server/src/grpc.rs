@@ -411,6 +411,49 @@ impl Admin for AdminService {
         minted.map(Response::new).map_err(status)
     }
 
+    async fn disconnect_user(
+        &self,
+        _request: Request<pb::DisconnectUserRequest>,
+    ) -> Result<Response<pb::DisconnectUserResponse>, Status> {
+        Err(Status::unimplemented(
+            "DisconnectUser is being built (issue 18)",
+        ))
+    }
+
+    async fn list_connections(
+        &self,
+        _request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListConnections is being built (issue 18)",
+        ))
+    }
+
+    async fn list_channels(
+        &self,
+        _request: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListChannels is being built (issue 18)",
+        ))
+    }
+
+    async fn channel_info(
+        &self,
+        _request: Request<pb::ChannelInfoRequest>,
+    ) -> Result<Response<pb::ChannelInfoResponse>, Status> {
+        Err(Status::unimplemented(
+            "ChannelInfo is being built (issue 18)",
+        ))
+    }
+
+    async fn broadcast(
+        &self,
+        _request: Request<pb::BroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastResponse>, Status> {
+        Err(Status::unimplemented("Broadcast is being built (issue 18)"))
+    }
+
     async fn revoke_tokens(
         &self,
         request: Request<pb::RevokeTokensRequest>,

@@ -654,6 +654,24 @@ impl ChannelServerRpc for ChannelService {
             .map(Response::new)
     }
 
+    async fn channel_info(
+        &self,
+        _request: Request<pb::ChannelInfoRequest>,
+    ) -> Result<Response<pb::ChannelInfoResponse>, Status> {
+        Err(Status::unimplemented(
+            "ChannelInfo is being built (issue 18)",
+        ))
+    }
+
+    async fn list_channels(
+        &self,
+        _request: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListChannels is being built (issue 18)",
+        ))
+    }
+
     async fn subscribe(
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
