@@ -11,4 +11,4 @@ pub mod sign;
 pub mod webhooks;
 
 pub use sign::{SIGNATURE_HEADER, Secret};
-pub use webhooks::{Event, Webhooks};
+pub use webhooks::{Event, HooksError, SECRET_ENV, WebhookArgs, Webhooks, secret_from_env};

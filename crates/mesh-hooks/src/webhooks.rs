@@ -8,6 +8,61 @@
 // SKELETON: the sender is being written (issue 18, webhooks). `emit` drops events until then.
 
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::sign::Secret;
+
+/// The environment variable holding the secret every request to the web app is signed with.
+pub const SECRET_ENV: &str = "CHANNELMESH_WEBHOOK_SECRET";
+
+/// The webhook flags, flattened into the `Args` of each service that emits events.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct WebhookArgs {
+    /// POST webhook events to this URL (repeatable). Requests are signed with the secret in
+    /// CHANNELMESH_WEBHOOK_SECRET, which must then be set.
+    #[arg(long = "webhook-url", value_name = "URL")]
+    pub webhook_url: Vec<String>,
+}
+
+/// Why the webhook sender cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum HooksError {
+    #[error("--webhook-url needs the secret in {SECRET_ENV} (requests to the web app are signed)")]
+    NoSecret,
+    #[error("invalid webhook URL {0:?}: expected http:// or https://")]
+    Url(String),
+}
+
+impl WebhookArgs {
+    /// Starts the sender for `service` (a metrics label), its metrics in `telemetry`, ending on
+    /// `cancel`; [`Webhooks::disabled`] when no URL is given.
+    pub fn start(
+        &self,
+        service: &'static str,
+        telemetry: &mesh_telemetry::metrics::Telemetry,
+        cancel: CancellationToken,
+    ) -> Result<Webhooks, HooksError> {
+        let _ = (service, telemetry, cancel);
+        if self.webhook_url.is_empty() {
+            return Ok(Webhooks::disabled());
+        }
+        for url in &self.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(HooksError::Url(url.clone()));
+            }
+        }
+        let _secret = secret_from_env()?;
+        Ok(Webhooks { enabled: true })
+    }
+}
+
+/// The secret from [`SECRET_ENV`] (set and non-empty), for the webhooks and the boot request.
+pub fn secret_from_env() -> Result<Secret, HooksError> {
+    match std::env::var(SECRET_ENV) {
+        Ok(value) if !value.is_empty() => Ok(Secret::new(value)),
+        _ => Err(HooksError::NoSecret),
+    }
+}
 
 /// One event for the web app.
 #[derive(Debug, Clone, PartialEq)]
