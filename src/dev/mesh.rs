@@ -87,6 +87,8 @@ pub struct MeshConfig {
     pub presence_gateway_lease: Duration,
     /// Every gateway's limits on clients.
     pub limits: gateway::limits::Limits,
+    /// Every gateway's boot from the web app (`--boot-url`), when set.
+    pub boot: Option<gateway::boot::BootConfig>,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
 }
@@ -153,6 +155,7 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            boot: None,
             security: Security::Mtls,
         }
     }
@@ -183,6 +186,7 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            boot: None,
             security: Security::Mtls,
         }
     }
@@ -492,6 +496,7 @@ impl Mesh {
                     ..Default::default()
                 },
                 redirect_allow: Default::default(),
+                boot: config.boot.clone(),
             };
             let bound = gateway::run::bind(gw, *addr)
                 .await

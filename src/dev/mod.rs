@@ -99,6 +99,8 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    #[command(flatten)]
+    boot: gateway::config::BootArgs,
 }
 
 impl DevArgs {
@@ -120,6 +122,7 @@ impl DevArgs {
             presence_servers: consecutive(presence, 0, 2),
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
+            boot: self.boot.config()?,
             replication_factor: self.replication_factor,
             ..MeshConfig::dev(jwt_secret, admin_token)
         })

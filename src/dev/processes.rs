@@ -394,6 +394,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         ];
         args.extend(ring_args.iter().cloned());
         args.extend(gateway::config::limit_args(&config.limits));
+        // The secret the boot requests are signed with comes by inherited environment.
+        args.extend(config.boot.iter().flat_map(|b| b.args()));
         let name = format!("gateway-{region}");
         let gateway = start_with(&name, &args, config, options, (Role::Gateway, &id)).await?;
         gateways.push((region.clone(), gateway));

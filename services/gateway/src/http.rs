@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::admission::{Gate, Method, Peer, Refusal};
+use crate::boot::{self, Boot};
 use crate::connection::{self, ConnectionContext};
 use crate::cursors::{cursors_param, parse_cursors};
 use crate::limits::TokenBucket;
@@ -38,6 +39,8 @@ const WS_READ_BUFFER: usize = 512;
 pub struct Edge {
     /// What every connection shares; each WebSocket accepted runs on it.
     pub ctx: Arc<ConnectionContext>,
+    /// Asks the web app for each user's channels on `rtm.connect` (`--boot-url`), when set.
+    pub boot: Option<Arc<Boot>>,
     /// Checks client tokens.
     pub key: Verifier,
     /// Connect URLs handed out by `rtm.connect`, not yet used.
@@ -308,9 +311,7 @@ async fn rtm_connect(
         Some(Ok(c)) => c,
         Some(Err(_)) => return slack_error("invalid_cursors"),
     };
-    let user = identity.user.to_string();
-    let name = identity.name.clone().unwrap_or_else(|| user.clone());
-    let team = identity.team.to_string();
+    let mut identity = identity;
     if edge.ctx.region.draining() {
         let token = bearer_or_param(&headers, &params).unwrap_or_default();
         let user = identity.user.clone();
@@ -319,6 +320,14 @@ async fn rtm_connect(
             None => ratelimited(),
         };
     }
+    if let Some(boot) = &edge.boot
+        && let Err(refusal) = booted(boot, &mut identity).await
+    {
+        return refusal;
+    }
+    let user = identity.user.to_string();
+    let name = identity.name.clone().unwrap_or_else(|| user.clone());
+    let team = identity.team.to_string();
     let slot = match team_slot(&edge, &identity).await {
         Ok(slot) => slot,
         Err(Refused::Team | Refused::User) => return slack_error("too_many_connections"),
@@ -334,6 +343,32 @@ async fn rtm_connect(
         "team": {"id": team, "name": team, "domain": team.to_lowercase()},
     }))
     .into_response()
+}
+
+/// Gives `identity` the channels (and name) the web app has for its user, united with the
+/// token's or in their place; otherwise the `rtm.connect` answer to give: `boot_timeout`,
+/// `boot_unavailable`, `boot_invalid_answer` (HTTP 200, as Slack answers its errors), or
+/// `ratelimited` with `Retry-After` when too many users are being asked about at once.
+async fn booted(boot: &Arc<Boot>, identity: &mut Identity) -> Result<(), Response> {
+    match boot.channels(&identity.user, &identity.team).await {
+        Ok(answer) => {
+            let token = std::mem::take(&mut identity.channels);
+            identity.channels = boot::unite(token, &answer, boot.mode());
+            if let Some(name) = &answer.name {
+                identity.name = Some(name.clone());
+            }
+            Ok(())
+        }
+        Err(boot::BootError::Busy) => Err(ratelimited()),
+        Err(error) => {
+            tracing::debug!(user = %identity.user, %error, "refused a connect: no boot answer");
+            let mut response = slack_error(error.code());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            Err(response)
+        }
+    }
 }
 
 /// `ratelimited` with `Retry-After: 1`: Slack's answer to a caller that should come back.
