@@ -89,6 +89,9 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
     /// Every gateway's boot from the web app (`--boot-url`), when set.
     pub boot: Option<gateway::boot::BootConfig>,
+    /// Who may act from the channel ring manager's console (`--operator-token`, `NAME:TOKEN`
+    /// or `TOKEN`); none: its actions are refused.
+    pub operator_tokens: Vec<String>,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
 }
@@ -156,6 +159,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             boot: None,
+            operator_tokens: Vec::new(),
             security: Security::Mtls,
         }
     }
@@ -187,6 +191,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             boot: None,
+            operator_tokens: Vec::new(),
             security: Security::Mtls,
         }
     }
@@ -385,15 +390,21 @@ impl Mesh {
         let (ring_manager, console, manager) = start_ring_manager(
             &mut tasks,
             "ring manager",
-            ProcessConfig::embedded(
-                ring_manager::Config {
-                    node_role: Some(Role::ChannelServer),
-                    replication_factor: config.replication_factor,
-                    ..config.ring
-                },
-                config.ring_manager,
-                config.console,
-            ),
+            ProcessConfig {
+                operators: ring_manager::console::actions::Operators::parse(
+                    &config.operator_tokens,
+                )
+                .map_err(ring_manager::Error::OperatorToken)?,
+                ..ProcessConfig::embedded(
+                    ring_manager::Config {
+                        node_role: Some(Role::ChannelServer),
+                        replication_factor: config.replication_factor,
+                        ..config.ring
+                    },
+                    config.ring_manager,
+                    config.console,
+                )
+            },
             &cancel,
         )
         .await?;

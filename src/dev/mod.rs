@@ -101,6 +101,15 @@ pub struct DevArgs {
     limits: Limits,
     #[command(flatten)]
     boot: gateway::config::BootArgs,
+    /// Who may act from the ring manager's console (drain and undrain nodes and regions):
+    /// NAME:TOKEN or TOKEN, repeatable or a comma list (see `ring-manager --operator-token`).
+    #[arg(
+        long = "operator-token",
+        env = ring_manager::console::actions::ENV_OPERATOR_TOKEN,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    operator_tokens: Vec<String>,
 }
 
 impl DevArgs {
@@ -123,6 +132,7 @@ impl DevArgs {
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
             boot: self.boot.config()?,
+            operator_tokens: self.operator_tokens.clone(),
             replication_factor: self.replication_factor,
             ..MeshConfig::dev(jwt_secret, admin_token)
         })

@@ -145,6 +145,11 @@ async fn start_with(
     if let Some(token) = &options.consul_token {
         env.push((ring_client::args::ENV_CONSUL_TOKEN, Some(token.clone())));
     }
+    // The console's operator tokens (only ring managers read them), by environment too.
+    if !config.operator_tokens.is_empty() {
+        let var = ring_manager::console::actions::ENV_OPERATOR_TOKEN;
+        env.push((var, Some(config.operator_tokens.join(","))));
+    }
     if let Some(token) = mesh_telemetry::access::token() {
         let token = token.expose().to_string();
         env.push((mesh_telemetry::access::ENV_HTTP_TOKEN, Some(token)));

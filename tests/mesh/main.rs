@@ -18,6 +18,7 @@ mod chaos;
 mod charm;
 mod cli;
 mod console;
+mod console_actions;
 mod consul;
 mod ctl;
 mod deploy;

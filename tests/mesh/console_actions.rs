@@ -1,0 +1,243 @@
+//! The SRE console's actions (`POST /api/actions`) over real HTTP against a real mesh: refused
+//! without the operator token (configured or presented), refused unconfirmed, and with them a
+//! node or a region drains and undrains, and the console's log records who did what.
+
+use std::net::SocketAddr;
+
+use channelmesh::MeshConfig;
+use serde_json::{Value, json};
+
+use crate::support::{eventually, mesh, mesh_with};
+
+const ALICE: &str = "alice-operator-token-0123";
+
+/// A mesh whose console takes alice's operator token.
+async fn operated() -> channelmesh::Mesh {
+    mesh_with(MeshConfig {
+        operator_tokens: vec![format!("alice:{ALICE}")],
+        ..MeshConfig::ephemeral()
+    })
+    .await
+}
+
+/// Posts an action with `token` (`None`: no header); the status and the JSON answer.
+async fn act(console: SocketAddr, token: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("http://{console}/api/actions"))
+        .json(&body);
+    if let Some(token) = token {
+        request = request.header("X-Channelmesh-Operator-Token", token);
+    }
+    let reply = request.send().await.unwrap();
+    let status = reply.status().as_u16();
+    (status, reply.json().await.unwrap_or(Value::Null))
+}
+
+fn drain(target: &str) -> Value {
+    json!({"action": "drain_node", "target": target, "confirm": target})
+}
+
+async fn state(console: SocketAddr) -> Value {
+    reqwest::get(format!("http://{console}/api/state"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn node_state(state: &Value, id: &str) -> String {
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn region_draining(state: &Value, region: &str) -> Option<bool> {
+    state["regions"]
+        .as_array()?
+        .iter()
+        .find(|r| r["region"] == region)?["draining"]
+        .as_bool()
+}
+
+#[tokio::test]
+async fn without_an_operator_token_configured_every_action_is_refused_naming_the_flag() {
+    let mesh = mesh().await;
+    let before = state(mesh.console).await;
+    let (status, answer) = act(mesh.console, Some(ALICE), drain("cs-1")).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("--operator-token"),
+        "{answer}"
+    );
+    let after = state(mesh.console).await;
+    assert_eq!(after["epoch"], before["epoch"]);
+    assert_eq!(node_state(&after, "cs-1"), "active");
+}
+
+#[tokio::test]
+async fn a_missing_wrong_or_unconfirmed_action_is_refused_and_changes_nothing() {
+    let mesh = operated().await;
+    let console = mesh.console;
+    let before = state(console).await;
+    let (status, _) = act(console, None, drain("cs-1")).await;
+    assert_eq!(status, 401, "no token");
+    let (status, _) = act(console, Some("alice-operator-token-0124"), drain("cs-1")).await;
+    assert_eq!(status, 401, "a wrong token");
+    // The token as a bearer or a cookie is not the operator's header.
+    let reply = reqwest::Client::new()
+        .post(format!("http://{console}/api/actions"))
+        .bearer_auth(ALICE)
+        .header("cookie", format!("operator={ALICE}"))
+        .json(&drain("cs-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 401, "bearer or cookie");
+    // A cross-site form post carries no custom header.
+    let reply = reqwest::Client::new()
+        .post(format!("http://{console}/api/actions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("action=drain_node&target=cs-1&confirm=cs-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 401, "a form post");
+    let unconfirmed = json!({"action": "drain_node", "target": "cs-1", "confirm": "cs-2"});
+    let (status, answer) = act(console, Some(ALICE), unconfirmed).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = act(
+        console,
+        Some(ALICE),
+        json!({"action": "drain_node", "target": "cs-1"}),
+    )
+    .await;
+    assert_eq!(status, 400, "no confirmation at all");
+
+    let after = state(console).await;
+    assert_eq!(after["epoch"], before["epoch"]);
+    assert_eq!(node_state(&after, "cs-1"), "active");
+    assert_eq!(after["actions"], json!([]), "nothing logged");
+}
+
+#[tokio::test]
+async fn an_operator_drains_and_undrains_a_node_and_the_log_records_who_did_what() {
+    let mesh = operated().await;
+    let console = mesh.console;
+    let before = state(console).await["epoch"].as_u64().unwrap();
+
+    let (status, answer) = act(console, Some(ALICE), drain("cs-1")).await;
+    assert_eq!(status, 200, "{answer}");
+    let epoch = answer["epoch"].as_u64().unwrap();
+    assert!(epoch > before);
+    let s = state(console).await;
+    assert!(["draining", "standby"].contains(&node_state(&s, "cs-1").as_str()));
+    let logged = &s["actions"][0];
+    assert_eq!(logged["operator"], "alice");
+    assert_eq!(logged["action"], "drain_node");
+    assert_eq!(logged["target"], "cs-1");
+    assert_eq!(logged["ok"], true);
+    assert_eq!(logged["epoch"].as_u64(), Some(epoch));
+    let cause = s["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["epoch"].as_u64() == Some(epoch))
+        .map(|e| e["cause"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(cause.contains("cs-1 drained"), "{cause}");
+
+    // Draining it again is refused by the ring manager (it is not active), and logged.
+    let (status, answer) = act(console, Some(ALICE), drain("cs-1")).await;
+    assert_eq!(status, 409, "{answer}");
+
+    // Once it has handed its slots off it is a standby, and undraining makes it active.
+    eventually("cs-1 is a standby with no slots", || async {
+        let s = state(console).await;
+        (node_state(&s, "cs-1") == "standby").then_some(())
+    })
+    .await;
+    let undrain = json!({"action": "undrain_node", "target": "cs-1", "confirm": "cs-1"});
+    let (status, answer) = act(console, Some(ALICE), undrain).await;
+    assert_eq!(status, 200, "{answer}");
+    eventually("cs-1 leads slots again", || async {
+        let s = state(console).await;
+        let cs1 = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == "cs-1")?
+            .clone();
+        (cs1["state"] == "active" && cs1["slots"].as_u64()? > 0).then_some(())
+    })
+    .await;
+    let s = state(console).await;
+    let actions: Vec<(String, bool)> = s["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["action"].as_str().unwrap().to_string(), a["ok"] == true))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("undrain_node".to_string(), true),
+            ("drain_node".to_string(), false),
+            ("drain_node".to_string(), true)
+        ]
+    );
+
+    // The page offers the actions and sends the token in its own header.
+    let page = reqwest::get(format!("http://{console}/")).await.unwrap();
+    assert!(page.text().await.unwrap().contains("id=\"operator-token\""));
+    let js = reqwest::get(format!("http://{console}/console.js"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(js.contains("\"X-Channelmesh-Operator-Token\": operatorToken"));
+}
+
+#[tokio::test]
+async fn an_operator_drains_and_undrains_a_region() {
+    let mesh = operated().await;
+    let console = mesh.console;
+    eventually("both regions have reported", || async {
+        let s = state(console).await;
+        (!region_draining(&s, "us-east")? && !region_draining(&s, "eu-west")?).then_some(())
+    })
+    .await;
+    let region =
+        |action: &str| json!({"action": action, "target": "us-east", "confirm": "us-east"});
+    let (status, answer) = act(
+        console,
+        Some("wrong-token-wrong-token"),
+        region("drain_region"),
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(
+        region_draining(&state(console).await, "us-east"),
+        Some(false)
+    );
+
+    let (status, answer) = act(console, Some(ALICE), region("drain_region")).await;
+    assert_eq!(status, 200, "{answer}");
+    let s = state(console).await;
+    assert_eq!(region_draining(&s, "us-east"), Some(true));
+    assert_eq!(s["actions"][0]["action"], "drain_region");
+    assert_eq!(s["actions"][0]["operator"], "alice");
+
+    let (status, answer) = act(console, Some(ALICE), region("undrain_region")).await;
+    assert_eq!(status, 200, "{answer}");
+    let s = state(console).await;
+    assert_eq!(region_draining(&s, "us-east"), Some(false));
+    assert_eq!(s["actions"][0]["action"], "undrain_region");
+}
