@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::admission::{Gate, Method, Peer, Refusal};
-use crate::boot::{self, Boot};
+use crate::boot::{self, Boot, Booted};
 use crate::connection::{self, ConnectionContext};
 use crate::cursors::{cursors_param, parse_cursors};
 use crate::limits::TokenBucket;
@@ -320,11 +320,13 @@ async fn rtm_connect(
             None => ratelimited(),
         };
     }
-    if let Some(boot) = &edge.boot
-        && let Err(refusal) = booted(boot, &mut identity).await
-    {
-        return refusal;
-    }
+    let booted = match &edge.boot {
+        Some(boot) => match booted(boot, &mut identity).await {
+            Ok(answer) => Some((answer, boot.mode())),
+            Err(refusal) => return refusal,
+        },
+        None => None,
+    };
     let user = identity.user.to_string();
     let name = identity.name.clone().unwrap_or_else(|| user.clone());
     let team = identity.team.to_string();
@@ -333,7 +335,7 @@ async fn rtm_connect(
         Err(Refused::Team | Refused::User) => return slack_error("too_many_connections"),
         Err(Refused::Retry) => return ratelimited(),
     };
-    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot) else {
+    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot, booted) else {
         return ratelimited();
     };
     axum::Json(json!({
@@ -345,19 +347,18 @@ async fn rtm_connect(
     .into_response()
 }
 
-/// Gives `identity` the channels (and name) the web app has for its user, united with the
-/// token's or in their place; otherwise the `rtm.connect` answer to give: `boot_timeout`,
-/// `boot_unavailable`, `boot_invalid_answer` (HTTP 200, as Slack answers its errors), or
-/// `ratelimited` with `Retry-After` when too many users are being asked about at once.
-async fn booted(boot: &Arc<Boot>, identity: &mut Identity) -> Result<(), Response> {
+/// The web app's answer for `identity`'s user (its name taken at once; its channels joined
+/// to the token's when the connect URL is opened: [`Ticket::booted`](crate::tickets::Ticket));
+/// otherwise the `rtm.connect` answer to give: `boot_timeout`, `boot_unavailable`,
+/// `boot_invalid_answer` (HTTP 200 with `Retry-After: 1`, as Slack answers its errors), or
+/// `ratelimited` when too many users are being asked about at once.
+async fn booted(boot: &Arc<Boot>, identity: &mut Identity) -> Result<Arc<Booted>, Response> {
     match boot.channels(&identity.user, &identity.team).await {
         Ok(answer) => {
-            let token = std::mem::take(&mut identity.channels);
-            identity.channels = boot::unite(token, &answer, boot.mode());
             if let Some(name) = &answer.name {
                 identity.name = Some(name.clone());
             }
-            Ok(())
+            Ok(answer)
         }
         Err(boot::BootError::Busy) => Err(ratelimited()),
         Err(error) => {
@@ -638,6 +639,11 @@ async fn websocket(
                 return response;
             }
         };
+    }
+    // The web app's channels join the token's only now, for a connection about to open.
+    if let Some((answer, mode)) = ticket.booted.take() {
+        let token = std::mem::take(&mut ticket.identity.channels);
+        ticket.identity.channels = boot::unite(token, &answer, mode);
     }
     let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = edge.clone();
