@@ -338,3 +338,74 @@ fn a_gateway_given_a_boot_url_refuses_to_start_without_the_secret() {
         "{stderr}"
     );
 }
+
+/// Runs boot_client.py (slack_sdk) with `config`; when `on_hello` is given, waits for its
+/// `HELLO` line and runs it before the client's end. Asserts it prints OK.
+async fn slack_sdk_client(
+    config: Value,
+    on_hello: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>>,
+) {
+    let script = repo().join("tests/clients/python/boot_client.py");
+    let mut child = client_command(&python(), &script, &config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the slack_sdk client starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut seen = Vec::new();
+    let mut on_hello = on_hello;
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("the client's output") {
+            seen.push(line.clone());
+            if line == "HELLO"
+                && let Some(step) = on_hello.take()
+            {
+                step.await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the slack_sdk client finishes within a minute");
+    let output = child.wait_with_output().await.expect("the client ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && seen.iter().any(|l| l == "OK"),
+        "boot_client.py failed ({}):\n{}\n{stderr}",
+        output.status,
+        seen.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn slack_sdk_clients_boot_into_5000_channels_and_read_the_boot_errors() {
+    let webapp = WebApp::start(json!({
+        "users": {"U5K": {"count": 5000, "prefix": "CB", "name": "five-k"}},
+    }))
+    .await;
+    let mesh = mesh_with(booting(webapp.url(), Duration::from_millis(800))).await;
+    let base = mesh.rtm_base_url("us-east").unwrap();
+    let text = "to the 5000th channel";
+    let config = json!({
+        "base": base,
+        "token": mesh.token("U5K", "T1", &[]).unwrap(),
+        "name": "five-k",
+        "channel": "CB04999",
+        "text": text,
+    });
+    let mut admin = admin(&mesh).await;
+    let post_it = Box::pin(async move {
+        post(&mut admin, "CB04999", "UPOSTER", text).await;
+    });
+    slack_sdk_client(config, Some(post_it)).await;
+
+    webapp.behave("slow", 10.0).await;
+    let slow = json!({"base": base, "token": mesh.token("USLOW", "T1", &[]).unwrap(), "expect_error": "boot_timeout"});
+    slack_sdk_client(slow, None).await;
+
+    let mut webapp = webapp;
+    webapp.child.kill().await.unwrap();
+    let down = json!({"base": base, "token": mesh.token("UDOWN", "T1", &[]).unwrap(), "expect_error": "boot_unavailable"});
+    slack_sdk_client(down, None).await;
+}
