@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use channelmesh::MeshConfig;
 use serde_json::{Value, json};
 
+use crate::console::Page;
 use crate::support::{eventually, mesh, mesh_with};
 
 const ALICE: &str = "alice-operator-token-0123";
@@ -240,4 +241,80 @@ async fn an_operator_drains_and_undrains_a_region() {
     let s = state(console).await;
     assert_eq!(region_draining(&s, "us-east"), Some(false));
     assert_eq!(s["actions"][0]["action"], "undrain_region");
+}
+
+#[tokio::test]
+async fn an_operator_drains_a_node_from_the_page_in_headless_chromium_after_typing_its_name() {
+    let mesh = operated().await;
+    let console = mesh.console;
+    let page = Page::open(console, &format!("http://{console}/")).await;
+    eventually("the page to go live with cs-1's drain button", || async {
+        let ready = page
+            .eval(
+                "document.getElementById('live').textContent === 'live' && \
+                 !!document.querySelector('button.action[data-action=drain_node][data-target=\"cs-1\"]')",
+            )
+            .await;
+        (ready == json!(true)).then_some(())
+    })
+    .await;
+    // The operator's token, typed into its field.
+    page.eval(&format!(
+        "(() => {{ const t = document.getElementById('operator-token'); t.value = '{ALICE}'; \
+         t.dispatchEvent(new Event('input')); return true; }})()"
+    ))
+    .await;
+    // Drain cs-2, typing the wrong name: the dialog does not let it through.
+    let wrong = page
+        .eval(
+            "(() => { document.querySelector('button.action[data-action=drain_node][data-target=\"cs-2\"]').click(); \
+             const i = document.getElementById('confirm-input'); i.value = 'cs-3'; \
+             i.dispatchEvent(new Event('input')); \
+             const blocked = document.getElementById('confirm-ok').disabled; \
+             document.getElementById('confirm-cancel').click(); \
+             return blocked && !document.getElementById('confirm').open; })()",
+        )
+        .await;
+    assert_eq!(wrong, json!(true), "a wrong name keeps Confirm disabled");
+    // Drain cs-1, typing its name.
+    let sent = page
+        .eval(
+            "(() => { document.querySelector('button.action[data-action=drain_node][data-target=\"cs-1\"]').click(); \
+             const i = document.getElementById('confirm-input'); i.value = 'cs-1'; \
+             i.dispatchEvent(new Event('input')); \
+             const ok = document.getElementById('confirm-ok'); if (ok.disabled) return false; \
+             ok.click(); return true; })()",
+        )
+        .await;
+    assert_eq!(sent, json!(true));
+    eventually("the page to log alice's drain of cs-1", || async {
+        let first = page
+            .eval("document.querySelector('#actions li[data-action]')?.textContent ?? ''")
+            .await;
+        let text = first.as_str().unwrap_or_default().to_string();
+        if text.contains("drain_node cs-1") && text.contains("by alice") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    let s = state(console).await;
+    assert!(["draining", "standby"].contains(&node_state(&s, "cs-1").as_str()));
+    assert_eq!(
+        node_state(&s, "cs-2"),
+        "active",
+        "the unconfirmed drain was not sent"
+    );
+    assert_eq!(s["actions"].as_array().unwrap().len(), 1);
+    let status = page
+        .eval("document.getElementById('action-status').textContent")
+        .await;
+    assert!(
+        status
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("done: cs-1 drains"),
+        "{status}"
+    );
 }
