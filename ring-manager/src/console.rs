@@ -552,6 +552,15 @@ async fn metrics(axum::extract::State((console, _)): axum::extract::State<AppSta
             .with_label_values(&[&region.region])
             .set(i64::from(region.draining));
     }
+    // A fresh registry per scrape: each counter starts at the console's own count.
+    let actions = t.counter_vec(
+        "channelmesh_ring_console_actions_total",
+        "Console action requests since start, by outcome (done; refused: by the ring manager or malformed; bad_token; off: no --operator-token).",
+        &["outcome"],
+    );
+    for (outcome, n) in console.log.counts() {
+        actions.with_label_values(&[outcome]).inc_by(n);
+    }
     let mut text = t.encode();
     if let Some(own) = &console.metrics {
         text.push_str(&own.encode());

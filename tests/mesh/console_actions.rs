@@ -8,7 +8,7 @@ use channelmesh::MeshConfig;
 use serde_json::{Value, json};
 
 use crate::console::Page;
-use crate::support::{eventually, mesh, mesh_with};
+use crate::support::{eventually, mesh, mesh_with, metric_sum};
 
 const ALICE: &str = "alice-operator-token-0123";
 
@@ -126,6 +126,23 @@ async fn a_missing_wrong_or_unconfirmed_action_is_refused_and_changes_nothing() 
     assert_eq!(after["epoch"], before["epoch"]);
     assert_eq!(node_state(&after, "cs-1"), "active");
     assert_eq!(after["actions"], json!([]), "nothing logged");
+    let metrics = reqwest::get(format!("http://{console}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |outcome: &str| {
+        let label = format!("outcome=\"{outcome}\"");
+        metric_sum(
+            &metrics,
+            "channelmesh_ring_console_actions_total",
+            &[&label],
+        )
+    };
+    assert_eq!(count("bad_token"), 4.0, "{metrics}");
+    assert_eq!(count("refused"), 2.0);
+    assert_eq!(count("done"), 0.0);
 }
 
 #[tokio::test]

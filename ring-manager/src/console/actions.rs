@@ -10,6 +10,7 @@
 //! request must also repeat its target in `confirm` (the page asks the operator to type it).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -125,21 +126,54 @@ pub struct ActionJson {
     pub epoch: u64,
 }
 
-/// The actions done or refused (with a valid operator token), newest first, bounded.
+/// The actions done or refused (with a valid operator token), newest first, bounded; and
+/// every action request counted by outcome, for `/metrics`.
 #[derive(Debug, Clone, Default)]
-pub struct ActionLog(Arc<Mutex<VecDeque<ActionJson>>>);
+pub struct ActionLog {
+    entries: Arc<Mutex<VecDeque<ActionJson>>>,
+    counts: Arc<Counts>,
+}
+
+/// Action requests by outcome, all-time.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Done.
+    done: AtomicU64,
+    /// Refused by the ring manager (409, 503) or malformed (400), with a valid token.
+    refused: AtomicU64,
+    /// Refused for a missing or wrong operator token (401).
+    bad_token: AtomicU64,
+    /// Refused because no operator token is configured (403).
+    off: AtomicU64,
+}
 
 impl ActionLog {
     fn record(&self, entry: ActionJson) {
-        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         log.push_front(entry);
         log.truncate(MAX_LOGGED);
     }
 
     /// Every logged action, newest first.
     pub fn entries(&self) -> Vec<ActionJson> {
-        let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let log = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         log.iter().cloned().collect()
+    }
+
+    fn count(&self, counter: impl Fn(&Counts) -> &AtomicU64) {
+        counter(&self.counts).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Action requests by outcome: `done`, `refused` (by the ring manager, or malformed),
+    /// `bad_token`, `off` (no operator token configured).
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        let c = &self.counts;
+        [
+            ("done", c.done.load(Ordering::Relaxed)),
+            ("refused", c.refused.load(Ordering::Relaxed)),
+            ("bad_token", c.bad_token.load(Ordering::Relaxed)),
+            ("off", c.off.load(Ordering::Relaxed)),
+        ]
     }
 }
 
@@ -173,7 +207,25 @@ pub async fn act(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
+    let response = checked(operators, log, manager, headers, body).await;
+    let status = response.status();
+    if status == StatusCode::OK {
+        log.count(|c| &c.done);
+    } else if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+        log.count(|c| &c.refused);
+    }
+    response
+}
+
+async fn checked(
+    operators: &Operators,
+    log: &ActionLog,
+    manager: Option<RingManager>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     if !operators.is_enabled() {
+        log.count(|c| &c.off);
         return refused(
             StatusCode::FORBIDDEN,
             &format!(
@@ -187,6 +239,7 @@ pub async fn act(
         .unwrap_or_default();
     let Some(operator) = operators.who(presented) else {
         tracing::warn!("a console action with a missing or wrong operator token was refused");
+        log.count(|c| &c.bad_token);
         return refused(
             StatusCode::UNAUTHORIZED,
             "a missing or wrong operator token (header X-Channelmesh-Operator-Token)",
