@@ -49,6 +49,10 @@ pub struct WebhookArgs {
         default_value_t = DEFAULT_QUEUE
     )]
     pub webhook_queue: usize,
+    /// The secret, when given by the caller (the in-process dev mesh, tests); otherwise
+    /// [`SECRET_ENV`] is read at start.
+    #[arg(skip)]
+    pub secret: Option<Secret>,
 }
 
 impl Default for WebhookArgs {
@@ -57,6 +61,7 @@ impl Default for WebhookArgs {
             webhook_url: Vec::new(),
             webhook_retry_for: DEFAULT_RETRY_FOR_SECS,
             webhook_queue: DEFAULT_QUEUE,
+            secret: None,
         }
     }
 }
@@ -88,12 +93,36 @@ impl WebhookArgs {
         }
         let delivery = Delivery {
             urls: self.webhook_url.clone(),
-            secret: secret_from_env()?,
+            secret: match &self.secret {
+                Some(secret) => secret.clone(),
+                None => secret_from_env()?,
+            },
             queue: self.webhook_queue,
             retry_for: Duration::from_secs(self.webhook_retry_for),
             ..Delivery::default()
         };
         Webhooks::start(service, delivery, telemetry, cancel)
+    }
+}
+
+impl WebhookArgs {
+    /// These flags as a child process takes them (none without a URL); the secret goes by
+    /// environment ([`SECRET_ENV`]), never argv.
+    pub fn to_args(&self) -> Vec<String> {
+        if self.webhook_url.is_empty() {
+            return Vec::new();
+        }
+        let mut args = Vec::new();
+        for url in &self.webhook_url {
+            args.extend(["--webhook-url".to_string(), url.clone()]);
+        }
+        args.extend([
+            "--webhook-retry-for".to_string(),
+            self.webhook_retry_for.to_string(),
+            "--webhook-queue".to_string(),
+            self.webhook_queue.to_string(),
+        ]);
+        args
     }
 }
 
