@@ -94,6 +94,10 @@ pub struct MeshConfig {
     pub operator_tokens: Vec<String>,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
+    /// Where the presence servers (and channel servers) send webhook events, and the secret
+    /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
+    /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
+    pub webhooks: mesh_hooks::WebhookArgs,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -161,6 +165,7 @@ impl MeshConfig {
             boot: None,
             operator_tokens: Vec::new(),
             security: Security::Mtls,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -193,6 +198,7 @@ impl MeshConfig {
             boot: None,
             operator_tokens: Vec::new(),
             security: Security::Mtls,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -457,6 +463,7 @@ impl Mesh {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
+                webhooks: config.webhooks.clone(),
                 ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
             let bound = presence_server::run::bind(ps, addr, None)

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "region::allow",
         "boot",
     ],
-    &["limits", "metrics"],
+    &["limits", "metrics", "region::disconnects"],
     &["outbox", "socket"],
     &["history"],
     &["upstream"],
