@@ -1,5 +1,5 @@
 // The ring manager's console: renders /api/state, then follows /api/events; actions (drain,
-// undrain) go to /api/actions with the operator token in its own header (kept in this page's
+// undrain, disconnect a user) go to /api/actions with the operator token in its own header (kept in this page's
 // memory only), after the operator types the target to confirm. Every string from the server
 // goes into the page as text, never as markup.
 "use strict";
@@ -166,6 +166,7 @@ function actionButton(action, target, label) {
 const ACTION_TEXT = {
   drain_node: "Drain node", undrain_node: "Undrain node (make it active again)",
   drain_region: "Drain region", undrain_region: "Undrain region",
+  disconnect_user: "Close every connection of user",
 };
 
 function renderActions(state) {
@@ -190,10 +191,8 @@ let operatorToken = "";
 document.getElementById("operator-token").addEventListener("input", (e) => { operatorToken = e.target.value; });
 document.getElementById("operator").addEventListener("submit", (e) => e.preventDefault());
 
-document.addEventListener("click", (e) => {
-  const button = e.target.closest("button.action");
-  if (!button) return;
-  pending = { action: button.dataset.action, target: button.dataset.target };
+function ask(request) {
+  pending = request;
   document.getElementById("confirm-what").textContent = `${ACTION_TEXT[pending.action] || pending.action} ${pending.target}?`;
   document.getElementById("confirm-target").textContent = pending.target;
   const input = document.getElementById("confirm-input");
@@ -201,6 +200,27 @@ document.addEventListener("click", (e) => {
   document.getElementById("confirm-ok").disabled = true;
   document.getElementById("confirm").showModal();
   input.focus();
+}
+
+document.addEventListener("click", (e) => {
+  const button = e.target.closest("button.action[data-action]");
+  if (!button) return;
+  ask({ action: button.dataset.action, target: button.dataset.target });
+});
+
+document.getElementById("disconnect").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = document.getElementById("disconnect-user").value.trim();
+  if (!user) return;
+  const team = document.getElementById("disconnect-team").value.trim();
+  ask({
+    action: "disconnect_user",
+    target: user,
+    team,
+    reason: document.getElementById("disconnect-reason").value,
+    reconnect: !document.getElementById("disconnect-no-reconnect").checked,
+  });
+  if (team) document.getElementById("confirm-what").textContent += ` (team ${team} only)`;
 });
 document.getElementById("confirm-input").addEventListener("input", (e) => {
   document.getElementById("confirm-ok").disabled = !pending || e.target.value !== pending.target;

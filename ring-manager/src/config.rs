@@ -68,9 +68,10 @@ pub struct Args {
         default_value_t = DEFAULT_REPLICATION_FACTOR
     )]
     pub replication_factor: usize,
-    /// Who may act from the console (drain and undrain a node or a region): NAME:TOKEN (the
-    /// log records NAME) or TOKEN (named `operator`), repeatable or a comma list; the page
-    /// sends it in the X-Channelmesh-Operator-Token header. None: every action is refused.
+    /// Who may act from the console (drain and undrain a node or a region, disconnect a user):
+    /// NAME:TOKEN (the log records NAME) or TOKEN (named `operator`), repeatable or a comma
+    /// list; the page sends it in the X-Channelmesh-Operator-Token header. None: every action
+    /// is refused.
     #[arg(
         long = "operator-token",
         env = crate::console::actions::ENV_OPERATOR_TOKEN,

@@ -6,7 +6,7 @@
 //! snapshot whenever the ring, a member or a region changes (at most [`MAX_EVENTS_PER_SEC`] a
 //! second per viewer); `GET /healthz` answers while the process runs, `GET /readyz` while this
 //! ring manager serves the ring (embedded, or the Consul leader). `POST /api/actions` drains
-//! and undrains a node or a region, behind an operator token and a typed confirmation, each
+//! and undrains a node or a region and disconnects a user, behind an operator token and a typed confirmation, each
 //! recorded in the action log shown beside the epochs ([`actions`]); every other operation
 //! stays in `channelmesh ctl`, which is authenticated by where it runs.
 //!

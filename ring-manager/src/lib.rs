@@ -15,7 +15,7 @@
 //!
 //! Each ring manager also serves HTTP ([`console`]): a read-only SRE console of the ring, its
 //! members, the regions and recent epochs, with `/healthz` and `/readyz`; its actions (drain
-//! and undrain a node or a region) need an operator token.
+//! and undrain a node or a region, disconnect a user) need an operator token.
 
 pub mod cluster;
 pub mod config;

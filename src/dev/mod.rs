@@ -101,8 +101,9 @@ pub struct DevArgs {
     limits: Limits,
     #[command(flatten)]
     boot: gateway::config::BootArgs,
-    /// Who may act from the ring manager's console (drain and undrain nodes and regions):
-    /// NAME:TOKEN or TOKEN, repeatable or a comma list (see `ring-manager --operator-token`).
+    /// Who may act from the ring manager's console (drain and undrain nodes and regions,
+    /// disconnect users): NAME:TOKEN or TOKEN, repeatable or a comma list (see `ring-manager
+    /// --operator-token`).
     #[arg(
         long = "operator-token",
         env = ring_manager::console::actions::ENV_OPERATOR_TOKEN,

@@ -8,7 +8,7 @@ use channelmesh::MeshConfig;
 use serde_json::{Value, json};
 
 use crate::console::Page;
-use crate::support::{eventually, mesh, mesh_with, metric_sum};
+use crate::support::{Rtm, eventually, mesh, mesh_with, metric_sum};
 
 const ALICE: &str = "alice-operator-token-0123";
 
@@ -261,7 +261,7 @@ async fn an_operator_drains_and_undrains_a_region() {
 }
 
 #[tokio::test]
-async fn an_operator_drains_a_node_from_the_page_in_headless_chromium_after_typing_its_name() {
+async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headless_chromium_typing_their_names() {
     let mesh = operated().await;
     let console = mesh.console;
     let page = Page::open(console, &format!("http://{console}/")).await;
@@ -334,4 +334,84 @@ async fn an_operator_drains_a_node_from_the_page_in_headless_chromium_after_typi
             .starts_with("done: cs-1 drains"),
         "{status}"
     );
+
+    // Disconnect a user from the form: the dialog asks for the user id.
+    let base = mesh.rtm_base_url("eu-west").unwrap();
+    let token = mesh.token("UPAGE", "T1", &[]).unwrap();
+    let mut client = Rtm::connect(&base, &token).await.unwrap();
+    let sent = page
+        .eval(
+            "(() => { document.getElementById('disconnect-user').value = 'UPAGE'; \
+             document.getElementById('disconnect-reason').value = 'maintenance'; \
+             document.getElementById('disconnect-button').click(); \
+             const i = document.getElementById('confirm-input'); i.value = 'UPAGE'; \
+             i.dispatchEvent(new Event('input')); \
+             const ok = document.getElementById('confirm-ok'); if (ok.disabled) return false; \
+             ok.click(); return true; })()",
+        )
+        .await;
+    assert_eq!(sent, json!(true));
+    assert_eq!(client.closed().await, Some(4010), "closed: reconnect");
+    eventually("the page to log the disconnect", || async {
+        let first = page
+            .eval("document.querySelector('#actions li[data-action]')?.textContent ?? ''")
+            .await;
+        let text = first.as_str().unwrap_or_default().to_string();
+        if text.contains("disconnect_user UPAGE") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_operator_disconnects_a_user_and_nobody_else() {
+    let mesh = operated().await;
+    let console = mesh.console;
+    let base = mesh.rtm_base_url("us-east").unwrap();
+    let mut kicked = Rtm::connect(&base, &mesh.token("UKICK", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    let mut other = Rtm::connect(&base, &mesh.token("UOTHER", "T1", &[]).unwrap())
+        .await
+        .unwrap();
+    let order = |token: Option<&'static str>| {
+        act(
+            console,
+            token,
+            json!({"action": "disconnect_user", "target": "UKICK", "confirm": "UKICK",
+                   "reason": "abuse", "reconnect": false}),
+        )
+    };
+    let (status, _) = order(Some("wrong-token-wrong-token")).await;
+    assert_eq!(status, 401);
+    let (status, _) = order(None).await;
+    assert_eq!(status, 401);
+    kicked
+        .stays_open(
+            std::time::Duration::from_millis(1500),
+            "an unauthorised disconnect",
+        )
+        .await;
+
+    let (status, answer) = order(Some(ALICE)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        kicked.closed().await,
+        Some(4011),
+        "closed: do not reconnect"
+    );
+    other
+        .stays_open(
+            std::time::Duration::from_secs(1),
+            "another user's connection",
+        )
+        .await;
+    let s = state(console).await;
+    assert_eq!(s["actions"][0]["action"], "disconnect_user");
+    assert_eq!(s["actions"][0]["target"], "UKICK");
+    assert_eq!(s["actions"][0]["operator"], "alice");
+    assert_eq!(s["actions"][0]["ok"], true);
 }

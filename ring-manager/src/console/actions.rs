@@ -1,6 +1,6 @@
-//! The console's actions: drain and undrain a node, drain and undrain a region, from the page
-//! (`POST /api/actions`), each behind an operator token and recorded in the action log the
-//! console shows beside the epochs.
+//! The console's actions: drain and undrain a node, drain and undrain a region, disconnect a
+//! user, from the page (`POST /api/actions`), each behind an operator token and recorded in the
+//! action log the console shows beside the epochs.
 //!
 //! Secure by default: with no `--operator-token` every action is refused with 403 naming the
 //! flag, on loopback too. The token travels in its own header, [`OPERATOR_HEADER`], set by the
@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use mesh_core::NodeId;
+use mesh_core::{NodeId, TeamId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -114,9 +114,9 @@ pub struct ActionJson {
     pub at_ms: u64,
     /// The operator's name (`--operator-token NAME:TOKEN`).
     pub operator: String,
-    /// `drain_node`, `undrain_node`, `drain_region`, `undrain_region`.
+    /// `drain_node`, `undrain_node`, `drain_region`, `undrain_region`, `disconnect_user`.
     pub action: String,
-    /// The node or region.
+    /// The node, region or user.
     pub target: String,
     /// Whether it was done.
     pub ok: bool,
@@ -188,6 +188,20 @@ struct ActionRequest {
     /// `drain_region`: goodbyes per second per gateway (0: the default).
     #[serde(default)]
     rate: u32,
+    /// `disconnect_user`: only the connections whose token names this team ("" or absent: all).
+    #[serde(default)]
+    team: String,
+    /// `disconnect_user`: the close frame's reason (cut to 100 bytes).
+    #[serde(default)]
+    reason: String,
+    /// `disconnect_user`: whether the client should reconnect (close code 4010, the default)
+    /// or not (4011).
+    #[serde(default = "reconnect_by_default")]
+    reconnect: bool,
+}
+
+fn reconnect_by_default() -> bool {
+    true
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -328,10 +342,11 @@ async fn run(manager: &RingManager, request: &ActionRequest) -> (StatusCode, Str
             .undrain_region(target)
             .map(|_| format!("region {target} no longer drains"))
             .map_err(|e| change_error::<std::convert::Infallible>(e.into())),
+        "disconnect_user" => disconnect_user(manager, request),
         other => Err((
             StatusCode::BAD_REQUEST,
             format!(
-                "no action {other:.40}: drain_node, undrain_node, drain_region or undrain_region"
+                "no action {other:.40}: drain_node, undrain_node, drain_region, undrain_region or disconnect_user"
             ),
         )),
     };
@@ -348,6 +363,33 @@ async fn run(manager: &RingManager, request: &ActionRequest) -> (StatusCode, Str
         Ok(outcome) => (StatusCode::OK, outcome, epoch),
         Err((status, why)) => (status, why, epoch),
     }
+}
+
+/// Orders every gateway to close the user's connections (soft state: not saved, see
+/// `crate::disconnects`).
+fn disconnect_user(
+    manager: &RingManager,
+    request: &ActionRequest,
+) -> Result<String, (StatusCode, String)> {
+    let bad = |e: mesh_core::IdError| (StatusCode::BAD_REQUEST, e.to_string());
+    let user = UserId::new(&request.target).map_err(bad)?;
+    let team = match request.team.as_str() {
+        "" => None,
+        team => Some(TeamId::new(team).map_err(bad)?),
+    };
+    let scope = team
+        .as_ref()
+        .map(|t| format!(" (team {t})"))
+        .unwrap_or_default();
+    let close = if request.reconnect {
+        "4010, reconnect"
+    } else {
+        "4011, do not reconnect"
+    };
+    manager
+        .disconnect_user(user.clone(), team, &request.reason, request.reconnect)
+        .map(|_| format!("{user}'s connections{scope} are closed ({close})"))
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
 /// A refusal by the state machine is a conflict with the mesh's state (409); a change that
