@@ -8,9 +8,11 @@ use channelmesh::MeshConfig;
 use serde_json::{Value, json};
 
 use crate::console::Page;
-use crate::support::{Rtm, eventually, mesh, mesh_with, metric_sum};
+use crate::support::{Rtm, eventually, eventually_within, mesh, mesh_with, metric_sum};
 
 const ALICE: &str = "alice-operator-token-0123";
+/// How long a cold headless Chromium may take to render the page live.
+const CHROMIUM_START: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A mesh whose console takes alice's operator token.
 async fn operated() -> channelmesh::Mesh {
@@ -57,6 +59,17 @@ fn node_state(state: &Value, id: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Whether an epoch the console shows drained `node` (the mesh may publish epochs of its own
+/// while it settles: followers filled, primaries led).
+fn drained(state: &Value, node: &str) -> bool {
+    let cause = format!("{node} drained");
+    state["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["cause"].as_str().unwrap_or_default().contains(&cause))
+}
+
 fn region_draining(state: &Value, region: &str) -> Option<bool> {
     state["regions"]
         .as_array()?
@@ -68,7 +81,6 @@ fn region_draining(state: &Value, region: &str) -> Option<bool> {
 #[tokio::test]
 async fn without_an_operator_token_configured_every_action_is_refused_naming_the_flag() {
     let mesh = mesh().await;
-    let before = state(mesh.console).await;
     let (status, answer) = act(mesh.console, Some(ALICE), drain("cs-1")).await;
     assert_eq!(status, 403, "{answer}");
     assert!(
@@ -79,15 +91,16 @@ async fn without_an_operator_token_configured_every_action_is_refused_naming_the
         "{answer}"
     );
     let after = state(mesh.console).await;
-    assert_eq!(after["epoch"], before["epoch"]);
-    assert_eq!(node_state(&after, "cs-1"), "active");
+    // Not drained. (Not "still active": on a starved machine a node may lose its lease and
+    // come back as a standby, which is no action's doing.)
+    assert_ne!(node_state(&after, "cs-1"), "draining");
+    assert!(!drained(&after, "cs-1"), "{after}");
 }
 
 #[tokio::test]
 async fn a_missing_wrong_or_unconfirmed_action_is_refused_and_changes_nothing() {
     let mesh = operated().await;
     let console = mesh.console;
-    let before = state(console).await;
     let (status, _) = act(console, None, drain("cs-1")).await;
     assert_eq!(status, 401, "no token");
     let (status, _) = act(console, Some("alice-operator-token-0124"), drain("cs-1")).await;
@@ -123,8 +136,10 @@ async fn a_missing_wrong_or_unconfirmed_action_is_refused_and_changes_nothing() 
     assert_eq!(status, 400, "no confirmation at all");
 
     let after = state(console).await;
-    assert_eq!(after["epoch"], before["epoch"]);
-    assert_eq!(node_state(&after, "cs-1"), "active");
+    // Not drained. (Not "still active": on a starved machine a node may lose its lease and
+    // come back as a standby, which is no action's doing.)
+    assert_ne!(node_state(&after, "cs-1"), "draining");
+    assert!(!drained(&after, "cs-1"), "{after}");
     assert_eq!(after["actions"], json!([]), "nothing logged");
     let metrics = reqwest::get(format!("http://{console}/metrics"))
         .await
@@ -261,19 +276,29 @@ async fn an_operator_drains_and_undrains_a_region() {
 }
 
 #[tokio::test]
-async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headless_chromium_typing_their_names() {
+async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headless_chromium_typing_their_names()
+ {
     let mesh = operated().await;
     let console = mesh.console;
     let page = Page::open(console, &format!("http://{console}/")).await;
-    eventually("the page to go live with cs-1's drain button", || async {
-        let ready = page
-            .eval(
-                "document.getElementById('live').textContent === 'live' && \
-                 !!document.querySelector('button.action[data-action=drain_node][data-target=\"cs-1\"]')",
-            )
-            .await;
-        (ready == json!(true)).then_some(())
-    })
+    // Chromium starts cold on a busy machine: its first render may take a while. The node to
+    // drain is the first one the page offers to drain (any active node).
+    let look = "JSON.stringify({live: document.getElementById('live').textContent, \
+                drainable: [...document.querySelectorAll('button.action[data-action=drain_node]')] \
+                .map(b => b.dataset.target)})";
+    let target: String = eventually_within(
+        "the page to go live with a drain button",
+        CHROMIUM_START,
+        || async {
+            let seen = page.eval(look).await;
+            let seen: Value =
+                serde_json::from_str(seen.as_str().unwrap_or("null")).unwrap_or(Value::Null);
+            match seen["drainable"][0].as_str() {
+                Some(node) if seen["live"] == "live" => Ok(node.to_string()),
+                _ => Err(seen.to_string()),
+            }
+        },
+    )
     .await;
     // The operator's token, typed into its field.
     page.eval(&format!(
@@ -281,35 +306,43 @@ async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headl
          t.dispatchEvent(new Event('input')); return true; }})()"
     ))
     .await;
-    // Drain cs-2, typing the wrong name: the dialog does not let it through.
+    let button = format!(
+        "document.querySelector('button.action[data-action=drain_node][data-target=\"{target}\"]')"
+    );
+    // Typing the wrong name: the dialog does not let it through.
     let wrong = page
-        .eval(
-            "(() => { document.querySelector('button.action[data-action=drain_node][data-target=\"cs-2\"]').click(); \
-             const i = document.getElementById('confirm-input'); i.value = 'cs-3'; \
+        .eval(&format!(
+            "(() => {{ {button}.click(); \
+             const i = document.getElementById('confirm-input'); i.value = 'nope'; \
              i.dispatchEvent(new Event('input')); \
              const blocked = document.getElementById('confirm-ok').disabled; \
              document.getElementById('confirm-cancel').click(); \
-             return blocked && !document.getElementById('confirm').open; })()",
-        )
+             return blocked && !document.getElementById('confirm').open; }})()"
+        ))
         .await;
     assert_eq!(wrong, json!(true), "a wrong name keeps Confirm disabled");
-    // Drain cs-1, typing its name.
+    assert_eq!(
+        state(console).await["actions"],
+        json!([]),
+        "nothing was sent"
+    );
+    // Typing its name.
     let sent = page
-        .eval(
-            "(() => { document.querySelector('button.action[data-action=drain_node][data-target=\"cs-1\"]').click(); \
-             const i = document.getElementById('confirm-input'); i.value = 'cs-1'; \
+        .eval(&format!(
+            "(() => {{ {button}.click(); \
+             const i = document.getElementById('confirm-input'); i.value = '{target}'; \
              i.dispatchEvent(new Event('input')); \
              const ok = document.getElementById('confirm-ok'); if (ok.disabled) return false; \
-             ok.click(); return true; })()",
-        )
+             ok.click(); return true; }})()"
+        ))
         .await;
     assert_eq!(sent, json!(true));
-    eventually("the page to log alice's drain of cs-1", || async {
+    eventually("the page to log alice's drain", || async {
         let first = page
             .eval("document.querySelector('#actions li[data-action]')?.textContent ?? ''")
             .await;
         let text = first.as_str().unwrap_or_default().to_string();
-        if text.contains("drain_node cs-1") && text.contains("by alice") {
+        if text.contains(&format!("drain_node {target}")) && text.contains("by alice") {
             Ok(())
         } else {
             Err(text)
@@ -317,12 +350,7 @@ async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headl
     })
     .await;
     let s = state(console).await;
-    assert!(["draining", "standby"].contains(&node_state(&s, "cs-1").as_str()));
-    assert_eq!(
-        node_state(&s, "cs-2"),
-        "active",
-        "the unconfirmed drain was not sent"
-    );
+    assert!(drained(&s, &target), "{s}");
     assert_eq!(s["actions"].as_array().unwrap().len(), 1);
     let status = page
         .eval("document.getElementById('action-status').textContent")
@@ -331,7 +359,7 @@ async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headl
         status
             .as_str()
             .unwrap_or_default()
-            .starts_with("done: cs-1 drains"),
+            .starts_with(&format!("done: {target} drains")),
         "{status}"
     );
 
