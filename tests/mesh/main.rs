@@ -43,3 +43,4 @@ mod token_keys;
 // Not `mod tracing`: that name would shadow the `tracing` crate in this test crate.
 #[path = "tracing.rs"]
 mod traces;
+mod webhooks;
