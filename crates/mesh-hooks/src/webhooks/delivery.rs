@@ -234,7 +234,13 @@ impl Worker {
             if batch.is_empty() && !self.fill(&mut batch).await {
                 break;
             }
-            match self.attempt(&batch).await {
+            // Cancel-safe: a request abandoned on cancellation keeps its events in `batch`,
+            // which the last flush sends again (same ids: at least once).
+            let outcome = tokio::select! {
+                outcome = self.attempt(&batch) => outcome,
+                _ = self.cancel.cancelled() => break,
+            };
+            match outcome {
                 Ok(()) => {
                     self.delivered(&mut batch);
                     failures = 0;
