@@ -158,6 +158,12 @@ async fn presence_metric(mesh: &channelmesh::Mesh, name: &str, labels: &[&str]) 
     sum
 }
 
+/// Webhook requests the presence servers saw answered other than 2xx.
+async fn refused_requests(mesh: &channelmesh::Mesh) -> f64 {
+    let requests = "channelmesh_webhook_requests_total";
+    presence_metric(mesh, requests, &["outcome=\"status\""]).await
+}
+
 #[tokio::test]
 async fn a_receiver_failing_for_a_while_then_recovering_loses_nothing_and_keeps_each_users_order() {
     let receiver = WebhookReceiver::start(SECRET).await;
@@ -203,12 +209,7 @@ async fn a_receiver_failing_for_a_while_then_recovering_loses_nothing_and_keeps_
     for user in &users[3..] {
         wait_within(&receiver, user, &["active"], limit).await;
     }
-    let status = presence_metric(
-        &mesh,
-        "channelmesh_webhook_requests_total",
-        &["outcome=\"status\""],
-    )
-    .await;
+    let status = refused_requests(&mesh).await;
     assert!(status >= 3.0, "refused requests counted: {status}");
     let dropped = presence_metric(&mesh, "channelmesh_webhook_events_dropped_total", &[]).await;
     assert_eq!(dropped, 0.0, "nothing dropped");
@@ -231,12 +232,7 @@ async fn a_receiver_with_the_wrong_secret_refuses_401_and_the_events_are_retried
         (received.bad_signatures >= 3 && received.events.is_empty()).then_some(())
     })
     .await;
-    let refused = presence_metric(
-        &mesh,
-        "channelmesh_webhook_requests_total",
-        &["outcome=\"status\""],
-    )
-    .await;
+    let refused = refused_requests(&mesh).await;
     assert!(refused >= 3.0, "401s counted as failed requests: {refused}");
     // The web app fixes its secret: the held event arrives.
     receiver.set_secret(SECRET).await;
