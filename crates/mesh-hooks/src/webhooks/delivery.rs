@@ -247,7 +247,6 @@ impl Worker {
                 }
                 Err(failure) => {
                     failures += 1;
-                    self.metrics.retries.inc();
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(
                             service = self.service,
@@ -259,6 +258,9 @@ impl Worker {
                         );
                     }
                     self.expire(&mut batch);
+                    if !batch.is_empty() {
+                        self.metrics.retries.inc();
+                    }
                     let delay = backoff(&self.delivery, failures);
                     // Cancel-safe: sleeping loses nothing.
                     tokio::select! {
