@@ -106,8 +106,8 @@ fn subscribed_comes_first_then_every_event_in_ts_order() {
     let (shards, metrics) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let before = publish(&shards, &c("C1"), "before");
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     let ts: Vec<Ts> = (0..5)
         .map(|i| publish(&shards, &c("C1"), &format!("m{i}")))
         .collect();
@@ -130,9 +130,9 @@ fn subscribed_comes_first_then_every_event_in_ts_order() {
 fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     assert_eq!(shards.counts().subscriptions, 1);
     publish(&shards, &c("C1"), "once");
     let replies = drain(&mut rx);
@@ -149,8 +149,8 @@ fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
 fn a_transient_event_is_fanned_out_but_not_kept() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     let mut typing = ChannelEvent {
         body: EventBody::Typing {
             user: UserId::new("U1").unwrap(),
@@ -167,10 +167,10 @@ fn a_transient_event_is_fanned_out_but_not_kept() {
 async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
     let (shards, metrics) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut slow, _slow_rx) = shards.open_stream(2, &cancel);
-    let (mut fast, mut fast_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut slow, &c("C1"), None);
-    shards.subscribe(&mut fast, &c("C1"), None);
+    let (mut slow, _slow_rx) = shards.open_stream("gw", 2, &cancel);
+    let (mut fast, mut fast_rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut slow, &c("C1"), None, &[]);
+    shards.subscribe(&mut fast, &c("C1"), None, &[]);
     for i in 0..3 {
         publish(&shards, &c("C1"), &format!("m{i}"));
     }
@@ -188,9 +188,9 @@ async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
 async fn a_reply_that_does_not_fit_ends_the_stream() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, _rx) = shards.open_stream(1, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
-    shards.subscribe(&mut stream, &c("C2"), None);
+    let (mut stream, _rx) = shards.open_stream("gw", 1, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
+    shards.subscribe(&mut stream, &c("C2"), None, &[]);
     assert_eq!(
         stream.end().clone().ended().await,
         ServeError::FellBehindOnReply
@@ -201,10 +201,10 @@ async fn a_reply_that_does_not_fit_ends_the_stream() {
 async fn closing_a_stream_drops_its_subscriptions_and_shutdown_ends_the_others() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut closed, _closed_rx) = shards.open_stream(16, &cancel);
-    let (open, _open_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut closed, &c("C1"), None);
-    shards.subscribe(&mut closed, &c("C2"), None);
+    let (mut closed, _closed_rx) = shards.open_stream("gw", 16, &cancel);
+    let (open, _open_rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut closed, &c("C1"), None, &[]);
+    shards.subscribe(&mut closed, &c("C2"), None, &[]);
     let end = closed.end().clone();
     assert_eq!(shards.counts().streams, 2);
     shards.close_stream(closed);
@@ -262,10 +262,10 @@ fn a_lost_slot_is_dropped_and_its_gateways_told_it_moved() {
         .unwrap();
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
     for channel in [&lost, &kept] {
         publish(&shards, channel, "x");
-        shards.subscribe(&mut stream, channel, None);
+        shards.subscribe(&mut stream, channel, None, &[]);
     }
     drain(&mut rx);
     let sends = shards.follow_ring(&first, &second, &one.id, &[]);
@@ -304,8 +304,8 @@ fn slots_known_lost_have_no_history_before_now() {
 fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slot_moved() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     publish(&shards, &c("C1"), "before");
     // The caller's ownership check passed; then the ring moved the channel's slot to cs-2.
     let me = NodeId::new("cs-1").unwrap();
@@ -331,11 +331,11 @@ fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slo
 fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut first, mut first_rx) = shards.open_stream(16, &cancel);
-    let (mut second, mut second_rx) = shards.open_stream(16, &cancel);
+    let (mut first, mut first_rx) = shards.open_stream("gw", 16, &cancel);
+    let (mut second, mut second_rx) = shards.open_stream("gw", 16, &cancel);
     let channel = c("C1");
     let before = publish(&shards, &channel, "before");
-    shards.subscribe(&mut first, &channel, Some(before));
+    shards.subscribe(&mut first, &channel, Some(before), &[]);
     assert_eq!(
         drain(&mut first_rx),
         [Test::Subscribed(channel.clone(), Some(before))],
@@ -344,7 +344,7 @@ fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap()
     // Another gateway delivered up to here from an earlier owner whose clock was ahead.
     let delivered = Ts::from_micros(5_000_000);
     let floor = Ts::from_micros(5_000_001);
-    shards.subscribe(&mut second, &channel, Some(delivered));
+    shards.subscribe(&mut second, &channel, Some(delivered), &[]);
     assert_eq!(drain(&mut first_rx), [Test::Gap(channel.clone(), floor)]);
     assert_eq!(
         drain(&mut second_rx),
@@ -357,7 +357,7 @@ fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap()
     );
     let next = publish(&shards, &channel, "after");
     assert!(next > floor, "no ts a gateway would drop: {next:?}");
-    shards.subscribe(&mut second, &channel, Some(delivered));
+    shards.subscribe(&mut second, &channel, Some(delivered), &[]);
     drain(&mut second_rx);
     assert_eq!(texts(&drain(&mut first_rx)), ["after"], "no second gap");
 }
@@ -367,9 +367,9 @@ fn slots_marked_unknown_tell_their_subscribers_of_a_gap() {
     let metrics = Metrics::new(&mesh_telemetry::Telemetry::default());
     let shards = Shards::<Test>::new(Limits::default(), metrics, ticking);
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
     let channel = c("C1");
-    shards.subscribe(&mut stream, &channel, None);
+    shards.subscribe(&mut stream, &channel, None, &[]);
     drain(&mut rx);
     shards.mark_unknown(&[slot_of(&channel)]);
     let replies = drain(&mut rx);
@@ -455,8 +455,8 @@ fn a_replicated_event_is_stored_delivered_and_answered_only_once_every_follower_
     let ring = replicated_ring(true);
     let recorder = Recorder::default();
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     drain(&mut rx);
     let (first, e1) = begin(&shards, &ring, &recorder, &c("C1"), "one", None);
     let (second, e2) = begin(&shards, &ring, &recorder, &c("C1"), "two", None);

@@ -1,0 +1,309 @@
+//! The member accounting against hand-made reports, with a hand-moved clock.
+
+use std::sync::Arc;
+
+use mesh_core::{ChannelEvent, ChannelId, EventBody, TeamId, Ts, UserId};
+
+use super::*;
+
+fn c(name: &str) -> ChannelId {
+    ChannelId::new(name).unwrap()
+}
+
+fn u(name: &str) -> UserId {
+    UserId::new(name).unwrap()
+}
+
+fn source(stream: u64, gateway: &str, region: &str) -> Source {
+    Source {
+        stream,
+        gateway: Arc::from(gateway),
+        region: Arc::from(region),
+    }
+}
+
+fn report(user: &str, conns: u32, since_ms: u64) -> Report {
+    Report {
+        user: u(user),
+        team: Some(TeamId::new("T1").unwrap()),
+        conns,
+        since_ms,
+        announced: false,
+    }
+}
+
+fn names(facts: &[Fact]) -> Vec<(&'static str, Option<String>)> {
+    facts
+        .iter()
+        .map(|f| (f.kind.name(), f.user.as_ref().map(|u| u.to_string())))
+        .collect()
+}
+
+fn members() -> Members {
+    Members::new(Bounds {
+        grace_ms: 1_000,
+        ..Bounds::default()
+    })
+}
+
+fn message(channel: &str, from: &str, micros: u64) -> ChannelEvent {
+    ChannelEvent {
+        channel: c(channel),
+        ts: Some(Ts::from_micros(micros)),
+        body: EventBody::Message {
+            user: u(from),
+            text: "hello".into(),
+            team: None,
+        },
+        origin: None,
+    }
+}
+
+#[test]
+fn the_first_subscriber_anywhere_occupies_and_each_users_first_connection_adds_it() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let (east, west) = (
+        source(1, "us-east-1", "us-east"),
+        source(2, "us-west-1", "us-west"),
+    );
+    m.subscribe(&east, &c("C1"), &[report("U1", 2, 100)], 100, &mut out);
+    assert_eq!(
+        names(&out),
+        [
+            ("channel_occupied", None),
+            ("member_added", Some("U1".into()))
+        ]
+    );
+    assert_eq!(out[1].id, "member_added:C1:U1:100");
+    assert_eq!(out[1].team.as_ref().map(|t| t.as_str()), Some("T1"));
+    out.clear();
+    // The same user in another region, and a second user: only the second is news.
+    m.subscribe(
+        &west,
+        &c("C1"),
+        &[report("U1", 1, 150), report("U2", 1, 150)],
+        150,
+        &mut out,
+    );
+    assert_eq!(names(&out), [("member_added", Some("U2".into()))]);
+    let summary = m.summary(&c("C1"));
+    assert_eq!((summary.subscribers, summary.members), (4, 2));
+    assert_eq!(
+        summary.gateways,
+        [
+            ("us-east-1".to_string(), "us-east".to_string(), 2),
+            ("us-west-1".to_string(), "us-west".to_string(), 2)
+        ]
+    );
+    assert!(m.has_team(&c("C1"), "T1") && !m.has_team(&c("C1"), "T2"));
+}
+
+#[test]
+fn a_user_moving_regions_within_the_grace_is_neither_removed_nor_added_again() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let (east, west) = (source(1, "e", "us-east"), source(2, "w", "us-west"));
+    m.subscribe(&east, &c("C1"), &[report("U1", 1, 100)], 100, &mut out);
+    out.clear();
+    // Gone from the east (its last connection there), back in the west 500 ms later.
+    m.update(1, &c("C1"), &[report("U1", 0, 0)], 200, &mut out);
+    m.expire(700, &mut out);
+    m.subscribe(&west, &c("C1"), &[report("U1", 1, 700)], 700, &mut out);
+    m.expire(5_000, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(m.summary(&c("C1")).gateways.len(), 1);
+    // Gone for good: removed, then vacated, only once the grace ran out.
+    m.unsubscribe(2, &c("C1"), 6_000);
+    m.expire(6_999, &mut out);
+    assert!(out.is_empty());
+    m.expire(7_000, &mut out);
+    assert_eq!(
+        names(&out),
+        [
+            ("member_removed", Some("U1".into())),
+            ("channel_vacated", None)
+        ]
+    );
+    // Ids name the membership and occupancy they end: the first connection's time.
+    assert_eq!(out[0].id, "member_removed:C1:U1:100");
+    assert_eq!(out[1].id, "channel_vacated:C1:100");
+    assert_eq!(out[0].time_ms, 6_000);
+    // A new occupancy later is a new fact with a new id.
+    out.clear();
+    m.subscribe(&east, &c("C1"), &[report("U1", 1, 9_000)], 9_000, &mut out);
+    assert_eq!(out[0].id, "channel_occupied:C1:9000");
+}
+
+#[test]
+fn a_resumption_takes_announced_members_in_without_news() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let mut announced = report("U1", 1, 100);
+    announced.announced = true;
+    let fresh = report("U2", 1, 300);
+    m.subscribe(
+        &source(7, "g", "r"),
+        &c("C1"),
+        &[announced, fresh],
+        400,
+        &mut out,
+    );
+    assert_eq!(names(&out), [("member_added", Some("U2".into()))]);
+    assert_eq!(m.summary(&c("C1")).members, 2);
+    // Leaving still counts, with the ids the first owner would have given.
+    out.clear();
+    m.unsubscribe(7, &c("C1"), 500);
+    m.expire(2_000, &mut out);
+    let ids: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "member_removed:C1:U1:100",
+            "member_removed:C1:U2:300",
+            "channel_vacated:C1:100"
+        ]
+    );
+}
+
+#[test]
+fn updates_are_absolute_and_only_for_subscribed_channels() {
+    let mut m = members();
+    let mut out = Vec::new();
+    m.update(1, &c("C1"), &[report("U1", 1, 1)], 1, &mut out);
+    assert!(out.is_empty() && m.live().next().is_none());
+    m.subscribe(&source(1, "g", "r"), &c("C1"), &[], 1, &mut out);
+    m.update(1, &c("C1"), &[report("U1", 3, 1)], 1, &mut out);
+    m.update(1, &c("C1"), &[report("U1", 3, 1)], 2, &mut out);
+    assert_eq!(out.len(), 2);
+    assert_eq!(m.summary(&c("C1")).subscribers, 3);
+    // A full set that no longer names a user counts it gone.
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("C1"),
+        &[report("U2", 1, 5)],
+        5,
+        &mut out,
+    );
+    let summary = m.summary(&c("C1"));
+    assert_eq!((summary.subscribers, summary.members), (1, 1));
+    assert_eq!(m.entries(), 1);
+}
+
+#[test]
+fn a_message_is_told_to_known_members_who_are_offline_but_not_to_online_ones_or_the_sender() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let joined = |user: &str| ChannelEvent {
+        channel: c("C1"),
+        ts: Some(Ts::from_micros(1)),
+        body: EventBody::MemberJoined {
+            user: u(user),
+            team: Some(TeamId::new("T9").unwrap()),
+        },
+        origin: None,
+    };
+    // U3 joined by the admin API; U1 seen subscribed; U2 subscribed now; U4 joined then left.
+    m.committed(&joined("U3"), true, &mut out);
+    m.committed(&joined("U4"), true, &mut out);
+    let left = ChannelEvent {
+        body: EventBody::MemberLeft { user: u("U4") },
+        ..joined("U4")
+    };
+    m.committed(&left, true, &mut out);
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("C1"),
+        &[report("U1", 1, 1), report("U2", 1, 1)],
+        1,
+        &mut out,
+    );
+    m.update(1, &c("C1"), &[report("U1", 0, 0)], 2, &mut out);
+    out.clear();
+    m.committed(&message("C1", "U2", 1_700_000_000_000_042), true, &mut out);
+    let told: Vec<&str> = out
+        .iter()
+        .map(|f| f.user.as_ref().unwrap().as_str())
+        .collect();
+    assert_eq!(told, ["U1", "U3"]);
+    assert_eq!(out[0].id, "user_offline_message:C1:U1:1700000000.000042");
+    assert_eq!(out[1].team.as_ref().map(|t| t.as_str()), Some("T9"));
+    assert_eq!(out[0].time_ms, 1_700_000_000_000);
+    // Webhooks off: nothing is built.
+    out.clear();
+    m.committed(&message("C1", "U2", 50), false, &mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_message_to_a_users_own_channel_is_told_only_while_they_are_offline() {
+    let mut m = members();
+    let mut out = Vec::new();
+    m.committed(&message("U1", "U2", 10), true, &mut out);
+    assert_eq!(names(&out), [("user_offline_message", Some("U1".into()))]);
+    out.clear();
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("U1"),
+        &[report("U1", 1, 1)],
+        1,
+        &mut out,
+    );
+    out.clear();
+    m.committed(&message("U1", "U2", 20), true, &mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn bounds_drop_and_count_what_does_not_fit() {
+    let mut m = Members::new(Bounds {
+        grace_ms: 0,
+        users_per_channel: 2,
+        total_entries: 3,
+        known_per_channel: 2,
+    });
+    let mut out = Vec::new();
+    let set: Vec<Report> = (1..=3).map(|i| report(&format!("U{i}"), 1, 1)).collect();
+    m.subscribe(&source(1, "g", "r"), &c("C1"), &set, 1, &mut out);
+    assert_eq!((m.summary(&c("C1")).members, m.dropped), (2, 1));
+    m.subscribe(&source(1, "g", "r"), &c("C2"), &set, 1, &mut out);
+    assert_eq!((m.entries(), m.dropped), (3, 3));
+    // Known members: the oldest known is forgotten past the bound.
+    let joined = |user: &str| ChannelEvent {
+        channel: c("C3"),
+        ts: Some(Ts::from_micros(1)),
+        body: EventBody::MemberJoined {
+            user: u(user),
+            team: None,
+        },
+        origin: None,
+    };
+    for user in ["U7", "U8", "U9"] {
+        m.committed(&joined(user), true, &mut out);
+    }
+    out.clear();
+    m.committed(&message("C3", "U1", 5), true, &mut out);
+    let told: Vec<&str> = out
+        .iter()
+        .map(|f| f.user.as_ref().unwrap().as_str())
+        .collect();
+    assert_eq!(told, ["U8", "U9"]);
+}
+
+#[test]
+fn channels_that_moved_are_forgotten_without_news() {
+    let mut m = members();
+    let mut out = Vec::new();
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("C1"),
+        &[report("U1", 1, 1)],
+        1,
+        &mut out,
+    );
+    m.update(1, &c("C1"), &[report("U1", 0, 0)], 2, &mut out);
+    out.clear();
+    m.drop_channels(|channel| channel.as_str() == "C1");
+    m.expire(10_000, &mut out);
+    assert!(out.is_empty() && m.entries() == 0 && m.live().next().is_none());
+}
