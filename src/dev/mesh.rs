@@ -89,6 +89,11 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
+    /// Where the channel servers send the channel webhooks (`--webhook-url`; the secret comes
+    /// from `CHANNELMESH_WEBHOOK_SECRET`); none: no webhooks.
+    pub channel_webhooks: Vec<String>,
+    /// The channel servers' `--vacate-grace`.
+    pub vacate_grace: Duration,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -154,6 +159,8 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            channel_webhooks: Vec::new(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -184,6 +191,8 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            channel_webhooks: Vec::new(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -402,6 +411,13 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
+                webhooks: mesh_hooks::WebhookArgs {
+                    webhook_url: config.channel_webhooks.clone(),
+                },
+                members: channel_server::members::Bounds {
+                    grace_ms: config.vacate_grace.as_millis() as u64,
+                    ..channel_server::members::Bounds::default()
+                },
                 ..channel_server::Config::new(node.clone(), ring.clone())
             };
             let bound = channel_server::run::bind(cs, addr, None)

@@ -99,6 +99,13 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    /// Where the channel servers POST the channel webhooks (repeatable; requests signed with
+    /// CHANNELMESH_WEBHOOK_SECRET).
+    #[arg(long = "channel-webhook-url", value_name = "URL")]
+    channel_webhooks: Vec<String>,
+    /// The channel servers' --vacate-grace (ms).
+    #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = channel_server::members::DEFAULT_GRACE_MS)]
+    vacate_grace: u64,
 }
 
 impl DevArgs {
@@ -121,6 +128,8 @@ impl DevArgs {
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
             replication_factor: self.replication_factor,
+            channel_webhooks: self.channel_webhooks.clone(),
+            vacate_grace: Duration::from_millis(self.vacate_grace),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }

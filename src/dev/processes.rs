@@ -471,6 +471,15 @@ async fn start_nodes(
         if standby {
             args.push("--standby".to_string());
         }
+        if role == Role::ChannelServer {
+            args.extend([
+                "--vacate-grace".to_string(),
+                config.vacate_grace.as_millis().to_string(),
+            ]);
+            for url in &config.channel_webhooks {
+                args.extend(["--webhook-url".to_string(), url.clone()]);
+            }
+        }
         let service = start_with(&id, &args, config, options, (role, &id)).await?;
         nodes.push((id.clone(), standby, service));
     }
