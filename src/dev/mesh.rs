@@ -92,7 +92,7 @@ pub struct MeshConfig {
     /// Where the channel servers send the channel webhooks (`--webhook-url`; the secret comes
     /// from `CHANNELMESH_WEBHOOK_SECRET`); none: no webhooks.
     pub channel_webhooks: Vec<String>,
-    /// The channel servers' `--vacate-grace`.
+    /// The channel servers' `--vacate-grace-ms`.
     pub vacate_grace: Duration,
 }
 

@@ -103,9 +103,9 @@ pub struct DevArgs {
     /// CHANNELMESH_WEBHOOK_SECRET).
     #[arg(long = "channel-webhook-url", value_name = "URL")]
     channel_webhooks: Vec<String>,
-    /// The channel servers' --vacate-grace (ms).
+    /// The channel servers' --vacate-grace-ms.
     #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = channel_server::members::DEFAULT_GRACE_MS)]
-    vacate_grace: u64,
+    vacate_grace_ms: u64,
 }
 
 impl DevArgs {
@@ -129,7 +129,7 @@ impl DevArgs {
             limits: gateway::config::checked(self.limits.clone())?,
             replication_factor: self.replication_factor,
             channel_webhooks: self.channel_webhooks.clone(),
-            vacate_grace: Duration::from_millis(self.vacate_grace),
+            vacate_grace: Duration::from_millis(self.vacate_grace_ms),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }

@@ -473,7 +473,7 @@ async fn start_nodes(
         }
         if role == Role::ChannelServer {
             args.extend([
-                "--vacate-grace".to_string(),
+                "--vacate-grace-ms".to_string(),
                 config.vacate_grace.as_millis().to_string(),
             ]);
             for url in &config.channel_webhooks {

@@ -57,7 +57,7 @@ pub struct Args {
     /// must stay gone before member_removed / channel_vacated are told: a client reconnecting
     /// to another gateway or region within it is not seen to leave.
     #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = members::DEFAULT_GRACE_MS)]
-    pub vacate_grace: u64,
+    pub vacate_grace_ms: u64,
     /// Test hook (clock skew), hidden: offsets the clock this process stamps ts with by this
     /// many milliseconds (negative: behind). Process-wide; logged loudly.
     #[arg(
@@ -131,7 +131,7 @@ impl Config {
             catch_up_rate: args.catch_up_rate,
             webhooks: args.webhooks.clone(),
             members: members::Bounds {
-                grace_ms: args.vacate_grace,
+                grace_ms: args.vacate_grace_ms,
                 ..members::Bounds::default()
             },
             window: Bounds {

@@ -501,20 +501,27 @@ impl Members {
         }
     }
 
-    /// Forgets the channels `lost` says went elsewhere (the new owner rebuilds them from the
-    /// gateways' re-subscriptions); no fact is told for them.
-    pub fn drop_channels(&mut self, lost: impl Fn(&ChannelId) -> bool) {
-        let mut freed = 0;
-        self.channels.retain(|channel, ch| {
-            let keep = !lost(channel);
-            if !keep {
-                freed += ch.gateways.values().map(|g| g.users.len()).sum::<usize>();
+    /// Forgets the channels `lost` says went elsewhere: the new owner rebuilds their live
+    /// members from the gateways' re-subscriptions (which it takes in without news). Departures
+    /// still in their grace are told now (`member_removed`, then `channel_vacated` if nobody
+    /// is left), as no gateway will tell the new owner of them.
+    pub fn drop_channels(&mut self, lost: impl Fn(&ChannelId) -> bool, out: &mut Vec<Fact>) {
+        let dropped: Vec<ChannelId> = self.channels.keys().filter(|c| lost(c)).cloned().collect();
+        for channel in dropped {
+            let Some(ch) = self.channels.remove(&channel) else {
+                continue;
+            };
+            self.entries = self
+                .entries
+                .saturating_sub(ch.gateways.values().map(|g| g.users.len()).sum::<usize>());
+            if self.grace.remove(&channel) {
+                // Their grace runs out at once: the same facts, in the same order.
+                let mut alone = Members::new(self.bounds);
+                alone.channels.insert(channel.clone(), ch);
+                alone.grace.insert(channel);
+                alone.expire(u64::MAX, out);
             }
-            keep
-        });
-        self.entries = self.entries.saturating_sub(freed);
-        let channels = &self.channels;
-        self.grace.retain(|c| channels.contains_key(c));
+        }
     }
 
     /// `channel`'s live subscribers now.

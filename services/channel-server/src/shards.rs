@@ -925,9 +925,11 @@ impl<R: StreamReply> Shards<R> {
             dropped += shard
                 .store
                 .drop_slots(|slot| !ring.owns(node, slot) && !follows(slot));
+            let mut facts = Vec::new();
             shard
                 .members
-                .drop_channels(|c| !ring.owns(node, slot_of(c)));
+                .drop_channels(|c| !ring.owns(node, slot_of(c)), &mut facts);
+            self.tell(facts);
             let lost: Vec<ChannelId> = shard
                 .subs
                 .keys()

@@ -291,19 +291,37 @@ fn bounds_drop_and_count_what_does_not_fit() {
 }
 
 #[test]
-fn channels_that_moved_are_forgotten_without_news() {
+fn channels_that_moved_are_forgotten_and_only_departures_in_their_grace_are_told() {
     let mut m = members();
     let mut out = Vec::new();
+    let g = source(1, "g", "r");
     m.subscribe(
-        &source(1, "g", "r"),
+        &g,
         &c("C1"),
-        &[report("U1", 1, 1)],
+        &[report("U1", 1, 1), report("U2", 1, 1)],
         1,
         &mut out,
     );
+    m.subscribe(&g, &c("C2"), &[report("U1", 1, 1)], 1, &mut out);
     m.update(1, &c("C1"), &[report("U1", 0, 0)], 2, &mut out);
+    m.subscribe(&g, &c("C3"), &[report("U1", 1, 1)], 1, &mut out);
+    m.unsubscribe(1, &c("C3"), 3);
     out.clear();
-    m.drop_channels(|channel| channel.as_str() == "C1");
+    m.drop_channels(|channel| channel.as_str() != "C2", &mut out);
+    // C1: U1 had left (told now), U2 is live (the new owner takes it in); C3: nobody is left.
+    let mut told: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            "channel_vacated:C3:1",
+            "member_removed:C1:U1:1",
+            "member_removed:C3:U1:1"
+        ]
+    );
+    out.clear();
     m.expire(10_000, &mut out);
-    assert!(out.is_empty() && m.entries() == 0 && m.live().next().is_none());
+    assert!(out.is_empty());
+    assert_eq!(m.entries(), 1);
+    assert_eq!(m.live().collect::<Vec<_>>(), [&c("C2")]);
 }
