@@ -21,6 +21,8 @@ pub const DEFAULT_USERS_PER_CHANNEL: usize = 100_000;
 pub const DEFAULT_TOTAL_ENTRIES: usize = 2_000_000;
 /// Users known to belong to a channel (seen subscribed, or joined), by default.
 pub const DEFAULT_KNOWN_PER_CHANNEL: usize = 10_000;
+/// Users known to belong to channels, over all channels of a node, by default.
+pub const DEFAULT_KNOWN_TOTAL: usize = 2_000_000;
 
 /// The accounting's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,9 @@ pub struct Bounds {
     pub total_entries: usize,
     /// Users known to belong to a channel; past it the longest known is forgotten.
     pub known_per_channel: usize,
+    /// Users known to belong to channels, over all of them (split evenly over the shards);
+    /// past it no new one is learnt (a counted drop).
+    pub known_total: usize,
 }
 
 impl Default for Bounds {
@@ -42,6 +47,7 @@ impl Default for Bounds {
             users_per_channel: DEFAULT_USERS_PER_CHANNEL,
             total_entries: DEFAULT_TOTAL_ENTRIES,
             known_per_channel: DEFAULT_KNOWN_PER_CHANNEL,
+            known_total: DEFAULT_KNOWN_TOTAL,
         }
     }
 }
@@ -136,19 +142,37 @@ struct Known {
 }
 
 impl Known {
-    fn insert(&mut self, user: &UserId, team: Option<&TeamId>, bound: usize) {
+    /// Learns `user` (within `bound`, the longest known forgotten first), if `total` (the
+    /// users known over all channels, within `bounds.known_total`) has room for a new one.
+    fn learn(
+        &mut self,
+        user: &UserId,
+        team: Option<&TeamId>,
+        bounds: &Bounds,
+        total: &mut usize,
+        dropped: &mut u64,
+    ) {
         if let Some(known) = self.users.get_mut(user) {
             if known.is_none() {
                 *known = team.cloned();
             }
             return;
         }
+        // A channel at its own bound forgets one for it: no room needed.
+        if *total >= bounds.known_total && self.users.len() < bounds.known_per_channel.max(1) {
+            *dropped += 1;
+            return;
+        }
+        let bound = bounds.known_per_channel;
         self.users.insert(user.clone(), team.cloned());
         self.order.push_back(user.clone());
+        *total += 1;
         while self.users.len() > bound.max(1) {
             match self.order.pop_front() {
                 Some(oldest) => {
-                    self.users.remove(&oldest);
+                    if self.users.remove(&oldest).is_some() {
+                        *total = total.saturating_sub(1);
+                    }
                 }
                 None => break,
             }
@@ -160,8 +184,10 @@ impl Known {
         }
     }
 
-    fn remove(&mut self, user: &UserId) {
-        self.users.remove(user);
+    fn remove(&mut self, user: &UserId, total: &mut usize) {
+        if self.users.remove(user).is_some() {
+            *total = total.saturating_sub(1);
+        }
     }
 }
 
@@ -199,6 +225,8 @@ pub struct Members {
     bounds: Bounds,
     /// Gateway × channel × user entries held.
     entries: usize,
+    /// Users known to belong to channels, over all channels here.
+    known: usize,
     /// Channels with a departure waiting out its grace.
     grace: HashSet<ChannelId>,
     /// Reports not counted for a bound.
@@ -211,6 +239,7 @@ impl Members {
             channels: HashMap::new(),
             bounds,
             entries: 0,
+            known: 0,
             grace: HashSet::new(),
             dropped: 0,
         }
@@ -366,8 +395,13 @@ impl Members {
                             gone_at: None,
                         },
                     );
-                    ch.known
-                        .insert(&report.user, report.team.as_ref(), bounds.known_per_channel);
+                    ch.known.learn(
+                        &report.user,
+                        report.team.as_ref(),
+                        &bounds,
+                        &mut self.known,
+                        &mut self.dropped,
+                    );
                     if was_empty && ch.occupied_since.is_none() {
                         ch.occupied_since = Some(since);
                         if !report.announced {
@@ -447,7 +481,6 @@ impl Members {
     /// chat message is told (`user_offline_message`) for each member with no live connection
     /// subscribed — the user of a user channel, or a known member of another — but its sender.
     pub fn committed(&mut self, event: &ChannelEvent, hooks: bool, out: &mut Vec<Fact>) {
-        let bound = self.bounds.known_per_channel;
         let channel = &event.channel;
         match &event.body {
             EventBody::MemberJoined { user, team } => {
@@ -455,11 +488,17 @@ impl Members {
                     .entry(channel.clone())
                     .or_default()
                     .known
-                    .insert(user, team.as_ref(), bound);
+                    .learn(
+                        user,
+                        team.as_ref(),
+                        &self.bounds,
+                        &mut self.known,
+                        &mut self.dropped,
+                    );
             }
             EventBody::MemberLeft { user } => {
                 if let Some(ch) = self.channels.get_mut(channel) {
-                    ch.known.remove(user);
+                    ch.known.remove(user, &mut self.known);
                     if ch.is_idle() {
                         self.channels.remove(channel);
                     }
@@ -514,6 +553,7 @@ impl Members {
             self.entries = self
                 .entries
                 .saturating_sub(ch.gateways.values().map(|g| g.users.len()).sum::<usize>());
+            self.known = self.known.saturating_sub(ch.known.users.len());
             if self.grace.remove(&channel) {
                 // Their grace runs out at once: the same facts, in the same order.
                 let mut alone = Members::new(self.bounds);
@@ -567,6 +607,11 @@ impl Members {
     /// Gateway × channel × user entries held.
     pub fn entries(&self) -> usize {
         self.entries
+    }
+
+    /// Users known to belong to channels here.
+    pub fn known(&self) -> usize {
+        self.known
     }
 }
 

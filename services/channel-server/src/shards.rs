@@ -329,6 +329,7 @@ impl<R: StreamReply> Shards<R> {
     pub fn set_member_bounds(&self, bounds: members::Bounds) {
         let per_shard = members::Bounds {
             total_entries: (bounds.total_entries / SHARDS).max(1),
+            known_total: (bounds.known_total / SHARDS).max(1),
             ..bounds
         };
         for mut shard in self.each_shard() {

@@ -261,6 +261,7 @@ fn bounds_drop_and_count_what_does_not_fit() {
         users_per_channel: 2,
         total_entries: 3,
         known_per_channel: 2,
+        known_total: 5,
     });
     let mut out = Vec::new();
     let set: Vec<Report> = (1..=3).map(|i| report(&format!("U{i}"), 1, 1)).collect();
@@ -288,6 +289,19 @@ fn bounds_drop_and_count_what_does_not_fit() {
         .map(|f| f.user.as_ref().unwrap().as_str())
         .collect();
     assert_eq!(told, ["U8", "U9"]);
+    // Five known over all channels (U1, U2 of C1, U1 of C2, U8, U9 of C3): a new one elsewhere
+    // is refused and counted.
+    assert_eq!(m.known(), 5);
+    let dropped = m.dropped;
+    m.committed(
+        &ChannelEvent {
+            channel: c("C4"),
+            ..joined("U5")
+        },
+        true,
+        &mut out,
+    );
+    assert_eq!((m.known(), m.dropped), (5, dropped + 1));
 }
 
 #[test]
