@@ -145,8 +145,9 @@ impl Inner {
         m.slots_followed
             .set(ring.slots_followed(self.ownership.node()) as i64);
         m.slots_catching_up.set(self.ownership.catching_up() as i64);
-        let (entries, dropped) = self.shards.member_counts();
+        let (entries, known, dropped) = self.shards.member_counts();
         m.member_entries.set(entries as i64);
+        m.members_known.set(known as i64);
         m.member_reports_dropped.set(dropped as i64);
     }
 }

@@ -50,6 +50,7 @@ pub struct Metrics {
     /// Set at scrape: gateway × channel × user entries accounted, and member reports not
     /// counted because a bound was reached.
     pub member_entries: IntGauge,
+    pub members_known: IntGauge,
     pub member_reports_dropped: IntGauge,
 }
 
@@ -65,6 +66,10 @@ impl Metrics {
             member_entries: t.gauge(
                 "channelmesh_channel_member_entries",
                 "Gateway x channel x user entries of the member accounting.",
+            ),
+            members_known: t.gauge(
+                "channelmesh_channel_members_known",
+                "Users known to belong to channels here (seen subscribed, or joined), for user_offline_message.",
             ),
             member_reports_dropped: t.gauge(
                 "channelmesh_channel_member_reports_dropped",

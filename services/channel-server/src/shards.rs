@@ -525,14 +525,17 @@ impl<R: StreamReply> Shards<R> {
         (found, more)
     }
 
-    /// Gateway × channel × user entries accounted, and reports not counted for a bound.
-    pub fn member_counts(&self) -> (usize, u64) {
-        self.each_shard().fold((0, 0), |(entries, dropped), shard| {
-            (
-                entries + shard.members.entries(),
-                dropped + shard.members.dropped,
-            )
-        })
+    /// Gateway × channel × user entries accounted, users known to belong to channels, and
+    /// reports not counted for a bound.
+    pub fn member_counts(&self) -> (usize, usize, u64) {
+        self.each_shard()
+            .fold((0, 0, 0), |(entries, known, dropped), shard| {
+                (
+                    entries + shard.members.entries(),
+                    known + shard.members.known(),
+                    dropped + shard.members.dropped,
+                )
+            })
     }
 
     /// Unsubscribes `stream` from `channel`, if it was subscribed.
