@@ -39,6 +39,14 @@ fn names(facts: &[Fact]) -> Vec<(&'static str, Option<String>)> {
         .collect()
 }
 
+/// The user of each fact.
+fn users(facts: &[Fact]) -> Vec<&str> {
+    facts
+        .iter()
+        .map(|f| f.user.as_ref().map_or("", |u| u.as_str()))
+        .collect()
+}
+
 fn members() -> Members {
     Members::new(Bounds {
         grace_ms: 1_000,
@@ -221,10 +229,7 @@ fn a_message_is_told_to_known_members_who_are_offline_but_not_to_online_ones_or_
     m.update(1, &c("C1"), &[report("U1", 0, 0)], 2, &mut out);
     out.clear();
     m.committed(&message("C1", "U2", 1_700_000_000_000_042), true, &mut out);
-    let told: Vec<&str> = out
-        .iter()
-        .map(|f| f.user.as_ref().unwrap().as_str())
-        .collect();
+    let told = users(&out);
     assert_eq!(told, ["U1", "U3"]);
     assert_eq!(out[0].id, "user_offline_message:C1:U1:1700000000.000042");
     assert_eq!(out[1].team.as_ref().map(|t| t.as_str()), Some("T9"));
@@ -284,10 +289,7 @@ fn bounds_drop_and_count_what_does_not_fit() {
     }
     out.clear();
     m.committed(&message("C3", "U1", 5), true, &mut out);
-    let told: Vec<&str> = out
-        .iter()
-        .map(|f| f.user.as_ref().unwrap().as_str())
-        .collect();
+    let told = users(&out);
     assert_eq!(told, ["U8", "U9"]);
     // Five known over all channels (U1, U2 of C1, U1 of C2, U8, U9 of C3): a new one elsewhere
     // is refused and counted.
