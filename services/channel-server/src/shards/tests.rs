@@ -2,6 +2,8 @@
 //! bounds, and following a ring that moves channels away.
 
 use std::sync::Mutex;
+
+use crate::members::{Report, Summary};
 use std::sync::atomic::AtomicU64;
 
 use mesh_core::{EventBody, RingNode, SLOT_COUNT, UserId};
@@ -650,4 +652,87 @@ fn begin_plain(
         text,
         Some(key),
     )
+}
+
+/// A member report of `user` with `conns` connections, in team T1.
+fn member(user: &str, conns: u32) -> Report {
+    Report {
+        user: UserId::new(user).unwrap(),
+        team: Some(mesh_core::TeamId::new("T1").unwrap()),
+        conns,
+        since_ms: 7,
+        announced: false,
+    }
+}
+
+#[test]
+fn members_are_listed_in_id_order_by_page_and_their_facts_reach_the_sink_in_order() {
+    let (shards, _) = shards(Limits::default());
+    shards.set_member_bounds(members::Bounds {
+        grace_ms: 0,
+        ..members::Bounds::default()
+    });
+    let told: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = told.clone();
+    shards.set_fact_sink(FactSink(Box::new(move |fact| {
+        sink.lock().unwrap().push(fact.id)
+    })));
+    let cancel = CancellationToken::new();
+    let (mut stream, _rx) = shards.open_stream("gw-a", 64, &cancel);
+    stream.set_region("east");
+    for (channel, users) in [("C3", 1), ("C1", 2), ("C2", 3)] {
+        let reports: Vec<Report> = (0..users).map(|i| member(&format!("U{i}"), 1)).collect();
+        shards.subscribe(&mut stream, &c(channel), None, &reports);
+    }
+    let ids = |page: &[(ChannelId, Summary)]| -> Vec<String> {
+        page.iter().map(|(c, _)| c.to_string()).collect()
+    };
+    let (page, more) = shards.list_channels(|_| true, |_| true, None, "", 2);
+    assert_eq!((ids(&page), more), (vec!["C1".into(), "C2".into()], true));
+    assert_eq!((page[1].1.subscribers, page[1].1.members), (3, 3));
+    assert_eq!(page[1].1.gateways, [("gw-a".into(), "east".into(), 3)]);
+    let (page, more) = shards.list_channels(|_| true, |_| true, None, "C2", 2);
+    assert_eq!((ids(&page), more), (vec!["C3".into()], false));
+    let not_c1 = slot_of(&c("C1"));
+    let (page, _) = shards.list_channels(|s| s != not_c1, |c| c.as_str() < "C3", None, "", 9);
+    assert_eq!(ids(&page), ["C2"]);
+    let (page, _) = shards.list_channels(|_| true, |_| true, Some("T2"), "", 9);
+    assert!(page.is_empty());
+
+    // A message to C1 (from U1) while U0 has no connection there: told once it is stored.
+    shards.update_members(&stream, &c("C1"), &[member("U0", 0)]);
+    let ts = publish(&shards, &c("C1"), "hello");
+    let info = shards.channel_info(&c("C1"));
+    assert_eq!(
+        (info.head, info.history_length, info.oldest),
+        (Some(ts), 1, Some(ts))
+    );
+    assert_eq!((info.live.subscribers, info.live.members), (1, 1));
+    // The stream ends: its members leave (the grace here is 0).
+    shards.close_stream(stream);
+    shards.expire_members();
+    let told = told.lock().unwrap().clone();
+    let c1: Vec<&str> = told
+        .iter()
+        .map(String::as_str)
+        .filter(|id| id.contains(":C1:"))
+        .collect();
+    assert_eq!(
+        c1,
+        [
+            "channel_occupied:C1:7",
+            "member_added:C1:U0:7",
+            "member_added:C1:U1:7",
+            &format!("user_offline_message:C1:U0:{ts}"),
+            "member_removed:C1:U0:7",
+            "member_removed:C1:U1:7",
+            "channel_vacated:C1:7",
+        ]
+    );
+    assert!(
+        shards
+            .list_channels(|_| true, |_| true, None, "", 9)
+            .0
+            .is_empty()
+    );
 }
