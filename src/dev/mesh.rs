@@ -89,9 +89,10 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
-    /// Where the channel servers send the channel webhooks (`--webhook-url`; the secret comes
-    /// from `CHANNELMESH_WEBHOOK_SECRET`); none: no webhooks.
-    pub channel_webhooks: Vec<String>,
+    /// Where the presence servers (and channel servers) send webhook events, and the secret
+    /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
+    /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
+    pub webhooks: mesh_hooks::WebhookArgs,
     /// The channel servers' `--vacate-grace-ms`.
     pub vacate_grace: Duration,
 }
@@ -159,7 +160,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
-            channel_webhooks: Vec::new(),
+            webhooks: mesh_hooks::WebhookArgs::default(),
             vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
@@ -191,7 +192,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
-            channel_webhooks: Vec::new(),
+            webhooks: mesh_hooks::WebhookArgs::default(),
             vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
@@ -411,9 +412,7 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
-                webhooks: mesh_hooks::WebhookArgs {
-                    webhook_url: config.channel_webhooks.clone(),
-                },
+                webhooks: config.webhooks.clone(),
                 members: channel_server::members::Bounds {
                     grace_ms: config.vacate_grace.as_millis() as u64,
                     ..channel_server::members::Bounds::default()
@@ -458,6 +457,7 @@ impl Mesh {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
+                webhooks: config.webhooks.clone(),
                 ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
             let bound = presence_server::run::bind(ps, addr, None)
