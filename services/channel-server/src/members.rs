@@ -17,12 +17,13 @@ use mesh_core::{ChannelEvent, ChannelId, EventBody, TeamId, Ts, UserId};
 pub const DEFAULT_GRACE_MS: u64 = 5_000;
 /// Distinct users accounted per channel, by default.
 pub const DEFAULT_USERS_PER_CHANNEL: usize = 100_000;
-/// Gateway × channel × user entries per node, by default (about 200 bytes each).
-pub const DEFAULT_TOTAL_ENTRIES: usize = 2_000_000;
+/// Gateway × channel × user entries per node, by default (270 bytes each with the user's
+/// state, measured: `members::tests::memory_per_entry`).
+pub const DEFAULT_TOTAL_ENTRIES: usize = 1_000_000;
 /// Users known to belong to a channel (seen subscribed, or joined), by default.
 pub const DEFAULT_KNOWN_PER_CHANNEL: usize = 10_000;
 /// Users known to belong to channels, over all channels of a node, by default.
-pub const DEFAULT_KNOWN_TOTAL: usize = 2_000_000;
+pub const DEFAULT_KNOWN_TOTAL: usize = 1_000_000;
 
 /// The accounting's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -341,3 +341,46 @@ fn channels_that_moved_are_forgotten_and_only_departures_in_their_grace_are_told
     assert_eq!(m.entries(), 1);
     assert_eq!(m.live().collect::<Vec<_>>(), [&c("C2")]);
 }
+
+/// A measurement, not a check (`cargo nextest run -p channel-server memory_per_entry
+/// --run-ignored only --no-capture`): the resident memory one gateway × channel × user entry
+/// costs, with its user's state and known-member entry (10,000 channels × 100 users).
+#[test]
+#[ignore = "a measurement"]
+fn memory_per_entry() {
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 4096
+    }
+    let mut m = Members::new(Bounds::default());
+    let mut out = Vec::new();
+    let before = rss();
+    let channels = 10_000;
+    let users = 100;
+    for ch in 0..channels {
+        let reports: Vec<Report> = (0..users)
+            .map(|u| report(&format!("U{:08}", ch * 7 + u), 1, 1))
+            .collect();
+        m.subscribe(
+            &source(1, "us-east-1", "us-east"),
+            &c(&format!("C{ch:08}")),
+            &reports,
+            1,
+            &mut out,
+        );
+        out.clear();
+    }
+    let after = rss();
+    let entries = m.entries() as u64;
+    println!(
+        "entries {entries}, known {}, bytes per entry (gateway set + user state + known): {}",
+        m.known(),
+        (after - before) / entries
+    );
+}
