@@ -228,6 +228,8 @@ pub struct Members {
     entries: usize,
     /// Users known to belong to channels, over all channels here.
     known: usize,
+    /// Whether to learn who belongs to channels (only `user_offline_message` needs it).
+    learns: bool,
     /// Channels with a departure waiting out its grace.
     grace: HashSet<ChannelId>,
     /// Reports not counted for a bound.
@@ -241,6 +243,7 @@ impl Members {
             bounds,
             entries: 0,
             known: 0,
+            learns: true,
             grace: HashSet::new(),
             dropped: 0,
         }
@@ -248,6 +251,12 @@ impl Members {
 
     pub fn set_bounds(&mut self, bounds: Bounds) {
         self.bounds = bounds;
+    }
+
+    /// Whether to learn who belongs to channels (on by default; off spares the memory when no
+    /// one is told of offline messages).
+    pub fn set_learning(&mut self, learns: bool) {
+        self.learns = learns;
     }
 
     /// `source` subscribed `channel` with these members (its whole set there, replacing what
@@ -334,7 +343,7 @@ impl Members {
         now_ms: u64,
         out: &mut Vec<Fact>,
     ) {
-        let bounds = self.bounds;
+        let (bounds, learns) = (self.bounds, self.learns);
         let Some(ch) = self.channels.get_mut(channel) else {
             return;
         };
@@ -396,13 +405,15 @@ impl Members {
                             gone_at: None,
                         },
                     );
-                    ch.known.learn(
-                        &report.user,
-                        report.team.as_ref(),
-                        &bounds,
-                        &mut self.known,
-                        &mut self.dropped,
-                    );
+                    if learns {
+                        ch.known.learn(
+                            &report.user,
+                            report.team.as_ref(),
+                            &bounds,
+                            &mut self.known,
+                            &mut self.dropped,
+                        );
+                    }
                     if was_empty && ch.occupied_since.is_none() {
                         ch.occupied_since = Some(since);
                         if !report.announced {
@@ -484,7 +495,7 @@ impl Members {
     pub fn committed(&mut self, event: &ChannelEvent, hooks: bool, out: &mut Vec<Fact>) {
         let channel = &event.channel;
         match &event.body {
-            EventBody::MemberJoined { user, team } => {
+            EventBody::MemberJoined { user, team } if self.learns => {
                 self.channels
                     .entry(channel.clone())
                     .or_default()

@@ -307,7 +307,12 @@ impl<R: StreamReply> Shards<R> {
                         store: Store::new(per_shard),
                         subs: HashMap::new(),
                         pending: VecDeque::new(),
-                        members: Members::new(members::Bounds::default()),
+                        members: {
+                            // Learning who belongs is for offline messages: with a sink only.
+                            let mut members = Members::new(members::Bounds::default());
+                            members.set_learning(false);
+                            members
+                        },
                     })
                 })
                 .collect(),
@@ -323,6 +328,9 @@ impl<R: StreamReply> Shards<R> {
     /// Sends the members' facts to `sink` from now on (once; later calls are ignored).
     pub fn set_fact_sink(&self, sink: FactSink) {
         let _ = self.facts.set(sink);
+        for mut shard in self.each_shard() {
+            shard.members.set_learning(true);
+        }
     }
 
     /// Keeps the member accounting within `bounds` (the total split over the shards).

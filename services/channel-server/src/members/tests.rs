@@ -384,3 +384,28 @@ fn memory_per_entry() {
         (after - before) / entries
     );
 }
+
+#[test]
+fn without_learning_nobody_is_known_but_members_are_still_counted() {
+    let mut m = members();
+    m.set_learning(false);
+    let mut out = Vec::new();
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("C1"),
+        &[report("U1", 1, 1)],
+        1,
+        &mut out,
+    );
+    let joined = ChannelEvent {
+        channel: c("C1"),
+        ts: Some(Ts::from_micros(1)),
+        body: EventBody::MemberJoined {
+            user: u("U2"),
+            team: None,
+        },
+        origin: None,
+    };
+    m.committed(&joined, false, &mut out);
+    assert_eq!((m.known(), m.entries(), out.len()), (0, 1, 2));
+}
