@@ -491,7 +491,8 @@ impl Members {
 
     /// An event committed on its channel: a join or leave updates who is known to belong; a
     /// chat message is told (`user_offline_message`) for each member with no live connection
-    /// subscribed — the user of a user channel, or a known member of another — but its sender.
+    /// subscribed — the user of a user channel, or a known member of another (not a team's
+    /// channel) — but its sender.
     pub fn committed(&mut self, event: &ChannelEvent, hooks: bool, out: &mut Vec<Fact>) {
         let channel = &event.channel;
         match &event.body {
@@ -531,6 +532,9 @@ impl Members {
                         let team = ch.and_then(|c| c.known.users.get(&user).cloned()).flatten();
                         offline.push((user, team));
                     }
+                } else if channel.as_str().starts_with('T') {
+                    // A team's channel: everyone of the team belongs; a message there is an
+                    // announcement, not one to tell each member of.
                 } else if let Some(ch) = ch {
                     offline.extend(ch.known.users.iter().map(|(u, t)| (u.clone(), t.clone())));
                 }

@@ -241,6 +241,23 @@ fn a_message_is_told_to_known_members_who_are_offline_but_not_to_online_ones_or_
 }
 
 #[test]
+fn a_message_to_a_teams_channel_is_told_to_nobody() {
+    let mut m = members();
+    let mut out = Vec::new();
+    m.subscribe(
+        &source(1, "g", "r"),
+        &c("T1"),
+        &[report("U1", 1, 1)],
+        1,
+        &mut out,
+    );
+    m.update(1, &c("T1"), &[report("U1", 0, 0)], 2, &mut out);
+    out.clear();
+    m.committed(&message("T1", "U2", 10), true, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
 fn a_message_to_a_users_own_channel_is_told_only_while_they_are_offline() {
     let mut m = members();
     let mut out = Vec::new();
