@@ -287,6 +287,7 @@ async fn handoff(
         }],
         done: true,
         slot_floors: Vec::new(),
+        members: Vec::new(),
     };
     Ok(cs.handoff(futures::stream::iter([chunk])).await.map(drop))
 }

@@ -528,3 +528,69 @@ async fn a_channel_that_moves_to_a_new_owner_is_not_announced_again() {
     assert_eq!(all.len(), events.len(), "{all:?}");
     check_deliveries(&receiver).await;
 }
+
+#[tokio::test]
+async fn an_owner_crash_announces_nothing_again_and_a_dead_gateways_members_leave_after_the_grace()
+{
+    let receiver = WebhookReceiver::start(SECRET).await;
+    let mesh = hooked_mesh(&receiver, Duration::from_secs(1)).await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let eu = mesh.rtm_base_url("eu-west").unwrap();
+    let token = |user: &str| mesh.token(user, "T1", &["CGONE"]).unwrap();
+    let _ann = Rtm::connect(&us, &token("UANN")).await.unwrap();
+    let _bob = Rtm::connect(&eu, &token("UBOB")).await.unwrap();
+    wait_for(&receiver, "CGONE", "Bob added", is("member_added", "UBOB")).await;
+    let (before, _) = ring_at(mesh.ring_manager).await;
+    let owner = before
+        .owner_of(&ChannelId::new("CGONE").unwrap())
+        .unwrap()
+        .id
+        .to_string();
+    // The owner crashes: its follower takes the slot, and the gateways re-subscribe there.
+    assert!(mesh.stop_channel_server(&owner));
+    eventually("the new owner counts Ann and Bob", || async {
+        let (ring, _) = ring_at(mesh.ring_manager).await;
+        let now = ring.owner_of(&ChannelId::new("CGONE").unwrap()).unwrap();
+        if now.id.as_str() == owner {
+            return Err("not moved yet".to_string());
+        }
+        let info = info(&mesh, "CGONE").await.map_err(|s| s.to_string())?;
+        match (info.subscribers, info.members) {
+            (2, 2) => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+    // us-east goes away with Ann's connection: she leaves, once the grace ran out.
+    assert!(mesh.stop_gateway("us-east"));
+    eventually("us-east's subscription gone", || async {
+        let info = info(&mesh, "CGONE").await.map_err(|s| s.to_string())?;
+        match by_gateway(&info).len() {
+            1 => Ok(()),
+            _ => Err(format!("{info:?}")),
+        }
+    })
+    .await;
+    let events = wait_for(
+        &receiver,
+        "CGONE",
+        "Ann removed",
+        is("member_removed", "UANN"),
+    )
+    .await;
+    assert_eq!(
+        names(&events),
+        [
+            pair("channel_occupied", ""),
+            pair("member_added", "UANN"),
+            pair("member_added", "UBOB"),
+            pair("member_removed", "UANN"),
+        ]
+    );
+    let info = info(&mesh, "CGONE").await.unwrap();
+    assert_eq!(
+        by_gateway(&info),
+        [("eu-west-1".to_string(), "eu-west".to_string(), 1)]
+    );
+    check_deliveries(&receiver).await;
+}

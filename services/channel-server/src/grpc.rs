@@ -600,6 +600,12 @@ impl ChannelServerRpc for ChannelService {
                 self.inner.metrics.handoff_channels_received.inc();
                 received += 1;
             }
+            for moved in chunk.members {
+                let channel = ChannelId::new(&moved.channel).map_err(invalid)?;
+                self.inner
+                    .shards
+                    .adopt_members(&channel, &reports(moved.members));
+            }
             for floor in &chunk.slot_floors {
                 let (slot, ts) = handoff_wire::floor_from_proto(floor).map_err(invalid)?;
                 self.inner.shards.absorb_floor(slot, ts);

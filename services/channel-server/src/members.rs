@@ -559,13 +559,34 @@ impl Members {
     /// Forgets the channels `lost` says went elsewhere: the new owner rebuilds their live
     /// members from the gateways' re-subscriptions (which it takes in without news). Departures
     /// still in their grace are told now (`member_removed`, then `channel_vacated` if nobody
-    /// is left), as no gateway will tell the new owner of them.
-    pub fn drop_channels(&mut self, lost: impl Fn(&ChannelId) -> bool, out: &mut Vec<Fact>) {
+    /// is left), as no gateway will tell the new owner of them. Returns the live members of
+    /// each channel dropped (for a handoff: see [`Members::adopt`]).
+    pub fn drop_channels(
+        &mut self,
+        lost: impl Fn(&ChannelId) -> bool,
+        out: &mut Vec<Fact>,
+    ) -> Vec<(ChannelId, Vec<Report>)> {
         let dropped: Vec<ChannelId> = self.channels.keys().filter(|c| lost(c)).cloned().collect();
+        let mut live = Vec::new();
         for channel in dropped {
             let Some(ch) = self.channels.remove(&channel) else {
                 continue;
             };
+            let reports: Vec<Report> = ch
+                .users
+                .iter()
+                .filter(|(_, u)| u.conns > 0)
+                .map(|(user, u)| Report {
+                    user: user.clone(),
+                    team: u.team.clone(),
+                    conns: u32::try_from(u.conns).unwrap_or(u32::MAX),
+                    since_ms: u.since_ms,
+                    announced: true,
+                })
+                .collect();
+            if !reports.is_empty() {
+                live.push((channel.clone(), reports));
+            }
             self.entries = self
                 .entries
                 .saturating_sub(ch.gateways.values().map(|g| g.users.len()).sum::<usize>());
@@ -577,6 +598,48 @@ impl Members {
                 alone.grace.insert(channel);
                 alone.expire(u64::MAX, out);
             }
+        }
+        live
+    }
+
+    /// `channel`'s live members as its previous owner handed them over: each one no gateway
+    /// has reported here yet is taken in without news, as if its last connection had just
+    /// left — a gateway's re-subscription within the grace keeps it, and its removal is told
+    /// when none comes (its gateway went away during the move).
+    pub fn adopt(&mut self, channel: &ChannelId, reports: &[Report], now_ms: u64) {
+        let learns = self.learns;
+        let ch = self.channels.entry(channel.clone()).or_default();
+        let mut waiting = false;
+        for report in reports {
+            if ch.users.contains_key(&report.user)
+                || ch.users.len() >= self.bounds.users_per_channel
+            {
+                continue;
+            }
+            let since = report.since_ms;
+            ch.occupied_since = Some(ch.occupied_since.map_or(since, |s| s.min(since)));
+            ch.users.insert(
+                report.user.clone(),
+                UserState {
+                    team: report.team.clone(),
+                    conns: 0,
+                    since_ms: since,
+                    gone_at: Some(now_ms),
+                },
+            );
+            if learns {
+                ch.known.learn(
+                    &report.user,
+                    report.team.as_ref(),
+                    &self.bounds,
+                    &mut self.known,
+                    &mut self.dropped,
+                );
+            }
+            waiting = true;
+        }
+        if waiting {
+            self.grace.insert(channel.clone());
         }
     }
 

@@ -882,6 +882,12 @@ impl<R: StreamReply> Shards<R> {
         self.shard(&snapshot.channel).store.absorb(snapshot);
     }
 
+    /// Takes in a moved channel's live members from its previous owner ([`Members::adopt`]).
+    pub fn adopt_members(&self, channel: &ChannelId, reports: &[Report]) {
+        let now = self.now_ms();
+        self.shard(channel).members.adopt(channel, reports, now);
+    }
+
     /// Takes in a moved slot's floor from its previous owner: its channels evicted there lost
     /// their history up to `floor`.
     pub fn absorb_floor(&self, slot: Slot, floor: Ts) {
@@ -905,6 +911,7 @@ impl<R: StreamReply> Shards<R> {
         let handoff_to = |slot: Slot| handoff::new_owner(previous, ring, node, slot);
         let mut taken: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
         let mut floors: HashMap<NodeId, Vec<(Slot, Ts)>> = HashMap::new();
+        let mut handed_members: HashMap<NodeId, Vec<(ChannelId, Vec<Report>)>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
         for (index, mut shard) in self.each_shard().enumerate() {
@@ -938,10 +945,18 @@ impl<R: StreamReply> Shards<R> {
                 .store
                 .drop_slots(|slot| !ring.owns(node, slot) && !follows(slot));
             let mut facts = Vec::new();
-            shard
+            let live = shard
                 .members
                 .drop_channels(|c| !ring.owns(node, slot_of(c)), &mut facts);
             self.tell(facts);
+            for (channel, reports) in live {
+                if let Some(to) = handoff_to(slot_of(&channel)) {
+                    handed_members
+                        .entry(to.id.clone())
+                        .or_default()
+                        .push((channel, reports));
+                }
+            }
             let lost: Vec<ChannelId> = shard
                 .subs
                 .keys()
@@ -968,7 +983,7 @@ impl<R: StreamReply> Shards<R> {
             handing_off_channels = taken.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
-        handoff::outgoing(ring, node, taken, floors)
+        handoff::outgoing(ring, node, taken, floors, handed_members)
     }
 
     /// Nothing of `slots` before now is known here (taken over from a node that died, or a

@@ -426,3 +426,37 @@ fn without_learning_nobody_is_known_but_members_are_still_counted() {
     m.committed(&joined, false, &mut out);
     assert_eq!((m.known(), m.entries(), out.len()), (0, 1, 2));
 }
+
+#[test]
+fn handed_over_members_wait_for_their_gateways_and_leave_when_none_reports_them() {
+    let mut old = members();
+    let mut out = Vec::new();
+    old.subscribe(
+        &source(1, "g", "r"),
+        &c("C1"),
+        &[report("U1", 1, 10), report("U2", 2, 20)],
+        20,
+        &mut out,
+    );
+    out.clear();
+    let handed = old.drop_channels(|_| true, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(handed.len(), 1);
+    // The new owner: U1's gateway re-subscribes within the grace, U2's never does.
+    let mut new = members();
+    new.adopt(&c("C1"), &handed[0].1, 100);
+    let mut again = report("U1", 1, 10);
+    again.announced = true;
+    new.subscribe(&source(9, "g", "r"), &c("C1"), &[again], 150, &mut out);
+    new.expire(1_099, &mut out);
+    assert!(out.is_empty());
+    new.expire(1_100, &mut out);
+    assert_eq!(names(&out), [("member_removed", Some("U2".into()))]);
+    assert_eq!(out[0].id, "member_removed:C1:U2:20");
+    // U1 leaves for good: the occupancy the first owner announced ends with its id.
+    out.clear();
+    new.unsubscribe(9, &c("C1"), 2_000);
+    new.expire(3_000, &mut out);
+    let ids: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, ["member_removed:C1:U1:10", "channel_vacated:C1:10"]);
+}
