@@ -162,6 +162,26 @@ pub(super) fn snapshot_from_proto(
     })
 }
 
+/// A moved channel's live members as the handoff carries them.
+pub fn members_to_proto(
+    channel: &ChannelId,
+    reports: &[crate::members::Report],
+) -> pb::ChannelMembers {
+    pb::ChannelMembers {
+        channel: channel.to_string(),
+        members: reports
+            .iter()
+            .map(|r| pb::MemberCount {
+                user: r.user.to_string(),
+                team: r.team.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                connections: r.conns,
+                announced: true,
+                since_ms: r.since_ms,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,25 +207,5 @@ mod tests {
         };
         let back = snapshot_from_proto(snapshot_to_proto(&snapshot)).unwrap();
         assert_eq!(back, snapshot);
-    }
-}
-
-/// A moved channel's live members as the handoff carries them.
-pub fn members_to_proto(
-    channel: &ChannelId,
-    reports: &[crate::members::Report],
-) -> pb::ChannelMembers {
-    pb::ChannelMembers {
-        channel: channel.to_string(),
-        members: reports
-            .iter()
-            .map(|r| pb::MemberCount {
-                user: r.user.to_string(),
-                team: r.team.as_ref().map(|t| t.to_string()).unwrap_or_default(),
-                connections: r.conns,
-                announced: true,
-                since_ms: r.since_ms,
-            })
-            .collect(),
     }
 }
