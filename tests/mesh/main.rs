@@ -13,6 +13,7 @@ mod attacks_redirect;
 mod attacks_tokens;
 mod bad_input;
 mod bench_smoke;
+mod channel_hooks;
 mod chaos;
 mod charm;
 mod cli;

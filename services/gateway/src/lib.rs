@@ -135,6 +135,7 @@ pub async fn serve(
     let ctx = Arc::new(ConnectionContext {
         hub: Hub::new(
             config.id.clone(),
+            config.region.clone(),
             ring.clone(),
             router.clone(),
             metrics.clone(),
