@@ -359,23 +359,43 @@ impl ChannelRouter {
             let Some(status) = failed else {
                 return Ok(replies);
             };
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match after_failure(&status, remaining) {
-                Next::AwaitNewerRing => {
-                    self.ring
-                        .wait_for_epoch(ring.epoch() + 1, remaining)
-                        .await
-                        .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
-                }
-                Next::Retry => {
-                    let _ = self
-                        .ring
-                        .wait_for_epoch(ring.epoch() + 1, RETRY_PAUSE.min(remaining))
-                        .await;
-                }
-                Next::Fail(error) => return Err(error),
-            }
+            self.before_retry(&status, ring.epoch(), deadline, "every owner")
+                .await?;
         }
+    }
+
+    /// What follows an attempt under ring epoch `epoch` that failed with `status` (see
+    /// [`after_failure`]): waits for a newer ring, or pauses, before the caller tries again;
+    /// `Err` when it must not (the deadline passed, or the failure is final). `what` names the
+    /// call's target in the logs.
+    async fn before_retry(
+        &self,
+        status: &Status,
+        epoch: u64,
+        deadline: tokio::time::Instant,
+        what: &str,
+    ) -> Result<(), RouteError> {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match after_failure(status, remaining) {
+            Next::AwaitNewerRing => {
+                tracing::debug!(what, "routed mid-move; waiting for a newer ring");
+                self.ring
+                    .wait_for_epoch(epoch + 1, remaining)
+                    .await
+                    .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
+            }
+            Next::Retry => {
+                tracing::debug!(what, error = %status.message(), "channel server unavailable; retrying");
+                // Retry after the pause, or at once when a new ring comes (the node was
+                // declared down and its slots moved).
+                let _ = self
+                    .ring
+                    .wait_for_epoch(epoch + 1, RETRY_PAUSE.min(remaining))
+                    .await;
+            }
+            Next::Fail(error) => return Err(error),
+        }
+        Ok(())
     }
 
     /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline.
@@ -408,26 +428,9 @@ impl ChannelRouter {
                 Ok(Err(status)) => status,
                 Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
             };
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match after_failure(&status, remaining) {
-                Next::AwaitNewerRing => {
-                    tracing::debug!(%channel, node = %owner.id, "routed mid-move; waiting for a newer ring");
-                    self.ring
-                        .wait_for_epoch(ring.epoch() + 1, remaining)
-                        .await
-                        .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
-                }
-                Next::Retry => {
-                    tracing::debug!(%channel, node = %owner.id, error = %status.message(), "channel server unavailable; retrying");
-                    // Retry after the pause, or at once when a new ring comes (the node was
-                    // declared down and its slots moved).
-                    let _ = self
-                        .ring
-                        .wait_for_epoch(ring.epoch() + 1, RETRY_PAUSE.min(remaining))
-                        .await;
-                }
-                Next::Fail(error) => return Err(error),
-            }
+            let what = format!("{channel} on {}", owner.id);
+            self.before_retry(&status, ring.epoch(), deadline, &what)
+                .await?;
         }
     }
 }

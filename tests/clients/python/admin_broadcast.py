@@ -9,57 +9,23 @@ exits 1 on the first failure. Every wait has a timeout.
 
 import json
 import os
-import queue
-import sys
 import time
 
-from slack_sdk.rtm_v2 import RTMClient
-
 import channelmesh_admin
-
-TIMEOUT = 15.0
-
-
-def fail(msg):
-    print(f"FAIL: {msg}", flush=True)
-    sys.exit(1)
+import rtm_v2_exchange
+from rtm_v2_exchange import fail
 
 
-class Client:
-    """An unmodified rtm_v2 client that records every event it gets."""
-
-    def __init__(self, name, base_url, token):
-        self.name = name
-        self.events = queue.Queue()
-        self.rtm = RTMClient(token=token, base_url=base_url, auto_reconnect_enabled=False)
-
-        @self.rtm.on("*")
-        def record(client, event):
-            self.events.put(event)
+class Client(rtm_v2_exchange.Client):
+    """The exchange test's recording rtm_v2 client."""
 
     def connect(self):
-        self.rtm.connect()
-        self.collect(lambda e: e.get("type") == "hello", 1, "hello")
+        super().connect()
         return self
 
     def collect(self, pred, n, what):
-        """The first `n` events matching `pred`."""
-        got = []
-        deadline = time.monotonic() + TIMEOUT
-        while len(got) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                fail(f"{self.name} received {len(got)} of {n} {what} within {TIMEOUT}s")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if pred(event):
-                got.append(event)
-        return got
-
-    def close(self):
-        self.rtm.close()
+        """The first `n` events matching `pred` (each within the timeout)."""
+        return [self.expect(pred, f"{what} ({i + 1} of {n})") for i in range(n)]
 
 
 def main():

@@ -9,68 +9,47 @@ exits 1 on the first failure. Every wait has a timeout.
 import json
 import os
 import queue
-import sys
 import time
 
-from slack_sdk.rtm_v2 import RTMClient
-
 import channelmesh_admin
-
-TIMEOUT = 15.0
-
-
-def fail(msg):
-    print(f"FAIL: {msg}", flush=True)
-    sys.exit(1)
+import rtm_v2_exchange
+from rtm_v2_exchange import TIMEOUT, fail
 
 
-class Client:
-    """An unmodified rtm_v2 client that records every event and the close frame it gets."""
+class Client(rtm_v2_exchange.Client):
+    """The exchange test's recording rtm_v2 client, also recording the close frame it gets."""
 
     def __init__(self, name, base_url, token):
-        self.name = name
-        self.events = queue.Queue()
+        super().__init__(name, base_url, token)
         self.closes = queue.Queue()
-        self.rtm = RTMClient(token=token, base_url=base_url, auto_reconnect_enabled=False)
-
-        @self.rtm.on("*")
-        def record(client, event):
-            self.events.put(event)
-
+        self.was_closed = False
         # The library's own close listener: the close frame's code and reason.
         self.rtm.on_close_listeners.append(lambda code, reason: self.closes.put((code, reason)))
 
     def connect(self):
-        self.rtm.connect()
-        self.expect(lambda e: e.get("type") == "hello", "hello")
+        super().connect()
         return self
-
-    def expect(self, pred, what):
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                fail(f"{self.name} did not receive {what} within {TIMEOUT}s")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if pred(event):
-                return event
 
     def closed(self):
         """The (code, reason) of the server's close frame, waited for."""
         try:
-            return self.closes.get(timeout=TIMEOUT)
+            got = self.closes.get(timeout=TIMEOUT)
+            self.was_closed = True
+            return got
         except queue.Empty:
             fail(f"{self.name} was not closed within {TIMEOUT}s")
+
+    def close(self):
+        """Closes the client; one the server closed already has no socket left to close (the
+        library's own close would fail on it), only its threads to stop."""
+        if not self.was_closed:
+            super().close()
+        else:
+            self.rtm.closed = True
 
     def still_open(self):
         if not self.closes.empty():
             fail(f"{self.name} was closed: {self.closes.get()}")
-
-    def close(self):
-        self.rtm.close()
 
 
 def main():
