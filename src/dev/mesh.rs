@@ -89,6 +89,10 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
+    /// Where the presence servers (and channel servers) send webhook events, and the secret
+    /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
+    /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
+    pub webhooks: mesh_hooks::WebhookArgs,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -154,6 +158,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -184,6 +189,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -442,6 +448,7 @@ impl Mesh {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
+                webhooks: config.webhooks.clone(),
                 ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
             let bound = presence_server::run::bind(ps, addr, None)

@@ -99,6 +99,10 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    /// Webhooks (`--webhook-url`, …), sent by the presence servers (`presence_changed`) and
+    /// the channel servers; signed with CHANNELMESH_WEBHOOK_SECRET.
+    #[command(flatten)]
+    webhooks: mesh_hooks::WebhookArgs,
 }
 
 impl DevArgs {
@@ -121,6 +125,7 @@ impl DevArgs {
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
             replication_factor: self.replication_factor,
+            webhooks: self.webhooks.clone(),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }
@@ -168,6 +173,10 @@ pub async fn run(
         jwt_claims: IssuerAudience::new(env(ENV_JWT_ISSUER), env(ENV_JWT_AUDIENCE)),
         ..args.mesh_config(jwt_secret, admin_token)?
     };
+    // The webhooks' secret is the user's: without it, webhook URLs are refused up front.
+    if !config.webhooks.webhook_url.is_empty() && config.webhooks.secret.is_none() {
+        config.webhooks.secret = Some(mesh_hooks::secret_from_env()?);
+    }
     let secrets = [
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
         (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),

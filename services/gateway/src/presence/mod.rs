@@ -133,6 +133,7 @@ fn user_online(user: &UserId, here: Option<&reports::Here>) -> pb::UserOnline {
         user: user.to_string(),
         connections: here.map_or(0, |h| h.connections),
         team: here.map(|h| h.team.to_string()).unwrap_or_default(),
+        online_since_ms: here.map_or(0, |h| h.since_ms),
         details: here
             .iter()
             .flat_map(|h| h.conns.iter().take(reports::MAX_DETAILED))

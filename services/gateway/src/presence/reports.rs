@@ -18,6 +18,9 @@ pub(super) struct Here {
     pub(super) connections: u32,
     /// The team of the user's newest connection.
     pub(super) team: TeamId,
+    /// When the first of these connections began (Unix ms): presence servers derive their
+    /// webhook event ids from it.
+    pub(super) since_ms: u64,
     /// Each connection, oldest first.
     pub(super) conns: Vec<Conn>,
 }
@@ -51,9 +54,10 @@ impl Reports {
         team: &TeamId,
         at_ms: u64,
     ) -> bool {
-        let here = self.online.entry(user.clone()).or_insert(Here {
+        let here = self.online.entry(user.clone()).or_insert_with(|| Here {
             connections: 0,
             team: team.clone(),
+            since_ms: at_ms,
             conns: Vec::new(),
         });
         here.connections += 1;
@@ -105,6 +109,7 @@ mod tests {
         let here = Here {
             connections: 1,
             team: t2.clone(),
+            since_ms: 10,
             conns: vec![Conn {
                 id: 2,
                 team: t2,

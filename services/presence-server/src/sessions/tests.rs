@@ -53,6 +53,7 @@ fn online(user: &str, connections: u32) -> Report {
         connections,
         team: Some(t("T1")),
         details: vec![],
+        since_ms: 0,
     })
 }
 
