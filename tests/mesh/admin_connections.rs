@@ -116,6 +116,7 @@ async fn an_rtm_api_client_of_the_disconnected_team_gets_4010_and_the_reason_and
         (seen == [pair("us-east", "T1"), pair("us-east", "T2")]).then_some(())
     })
     .await;
+    let asked = Instant::now();
     let reply = admin
         .clone()
         .disconnect_user(DisconnectUserRequest {
@@ -129,6 +130,10 @@ async fn an_rtm_api_client_of_the_disconnected_team_gets_4010_and_the_reason_and
         .into_inner();
     assert_eq!(reply.connections, 1, "the T1 connection only");
     assert_eq!(next_line().await, format!("CLOSED 4010 {reason}"));
+    println!(
+        "DisconnectUser -> the client's close frame: {:?}",
+        asked.elapsed()
+    );
     post(
         &mut admin.clone(),
         "UNODE",
