@@ -146,7 +146,7 @@ pub fn broadcast_channels(
     Ok(channels.iter().map(|c| channel("channels", c)).collect())
 }
 
-/// What a Broadcast publishes: the event when `event_json` is given (then no user or text),
+/// What a Broadcast publishes: the event when `event_json` is given (then no user, text or team),
 /// else a message of `user_id` (as [`message`]).
 pub fn broadcast_body(
     user_id: &str,
@@ -156,7 +156,9 @@ pub fn broadcast_body(
 ) -> Result<EventBody, AdminError> {
     match event_json.is_empty() {
         true => message(user_id, text, team_id),
-        false if !user_id.is_empty() || !text.is_empty() => Err(AdminError::MessageAndEvent),
+        false if !user_id.is_empty() || !text.is_empty() || !team_id.is_empty() => {
+            Err(AdminError::MessageAndEvent)
+        }
         false => raw_event(event_json),
     }
 }
@@ -304,6 +306,10 @@ mod tests {
         let event = r#"{"type":"announcement"}"#.to_string();
         assert!(matches!(
             broadcast_body("U1", "hi".into(), "", event.clone()),
+            Err(AdminError::MessageAndEvent)
+        ));
+        assert!(matches!(
+            broadcast_body("", String::new(), "T1", event.clone()),
             Err(AdminError::MessageAndEvent)
         ));
         assert!(matches!(
