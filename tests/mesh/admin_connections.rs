@@ -397,3 +397,68 @@ async fn list_channels_and_channel_info_see_subscribers_across_gateways_and_team
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
 }
+
+#[tokio::test]
+async fn the_internal_disconnect_and_connections_calls_take_only_admins_and_operators() {
+    use mesh_proto::presence::ConnectionsRequest;
+    use mesh_proto::presence::presence_client::PresenceClient;
+    use mesh_proto::ring::{DisconnectOrder, DisconnectUsersRequest};
+    use mesh_transport::Role;
+
+    use crate::support::{acting_as, operator, rm_with};
+
+    let mesh = mesh().await;
+    let order = || DisconnectUsersRequest {
+        orders: vec![DisconnectOrder {
+            user: "UINT".into(),
+            reason: "bye".into(),
+            ..DisconnectOrder::default()
+        }],
+    };
+    // A gateway may not order disconnects; the operator (the SRE console's) and an admin
+    // server may.
+    let gateway = acting_as(Role::Gateway, "us-east-1");
+    let refused = rm_with(mesh.ring_manager, &gateway)
+        .await
+        .disconnect_users(order())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    for who in [operator(), &acting_as(Role::Admin, "admin-1")] {
+        let done = rm_with(mesh.ring_manager, who)
+            .await
+            .disconnect_users(order())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(done.version >= 1 && done.held >= 1, "{done:?}");
+    }
+    // A bad order is refused whole.
+    let bad = DisconnectUsersRequest {
+        orders: vec![DisconnectOrder::default()],
+    };
+    let refused = rm_with(mesh.ring_manager, operator())
+        .await
+        .disconnect_users(bad)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+
+    // Only admin servers list a user's connections.
+    let (_, presence) = mesh.presence_servers[0].clone();
+    let ask = |who: mesh_transport::Transport| async move {
+        let channel = mesh_transport::endpoint_with(&presence.to_string(), &who)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        PresenceClient::new(channel)
+            .connections(ConnectionsRequest {
+                user: "UINT".into(),
+            })
+            .await
+    };
+    let refused = ask(gateway).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    assert!(ask(acting_as(Role::Admin, "admin-1")).await.is_ok());
+}
