@@ -4,6 +4,7 @@
 // A failed unwrap in a test is a test failure with a backtrace: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod admin_connections;
 mod attacks_clients;
 mod attacks_console;
 mod attacks_consul;

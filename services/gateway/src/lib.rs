@@ -99,7 +99,7 @@ pub async fn serve(
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
         let withheld = metrics.presence_withheld.clone();
         presence::PresenceHub::new(
-            config.id.clone(),
+            (config.id.clone(), config.region.clone()),
             ring,
             withheld,
             tracker.clone(),
