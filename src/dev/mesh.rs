@@ -98,6 +98,8 @@ pub struct MeshConfig {
     /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
     /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
     pub webhooks: mesh_hooks::WebhookArgs,
+    /// The channel servers' `--vacate-grace-ms`.
+    pub vacate_grace: Duration,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -166,6 +168,7 @@ impl MeshConfig {
             operator_tokens: Vec::new(),
             security: Security::Mtls,
             webhooks: mesh_hooks::WebhookArgs::default(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -199,6 +202,7 @@ impl MeshConfig {
             operator_tokens: Vec::new(),
             security: Security::Mtls,
             webhooks: mesh_hooks::WebhookArgs::default(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -423,6 +427,11 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
+                webhooks: config.webhooks.clone(),
+                members: channel_server::members::Bounds {
+                    grace_ms: config.vacate_grace.as_millis() as u64,
+                    ..channel_server::members::Bounds::default()
+                },
                 ..channel_server::Config::new(node.clone(), ring.clone())
             };
             let bound = channel_server::run::bind(cs, addr, None)

@@ -115,6 +115,9 @@ pub struct DevArgs {
     /// the channel servers; signed with CHANNELMESH_WEBHOOK_SECRET.
     #[command(flatten)]
     webhooks: mesh_hooks::WebhookArgs,
+    /// The channel servers' --vacate-grace-ms.
+    #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = channel_server::members::DEFAULT_GRACE_MS)]
+    vacate_grace_ms: u64,
 }
 
 impl DevArgs {
@@ -140,6 +143,7 @@ impl DevArgs {
             operator_tokens: self.operator_tokens.clone(),
             replication_factor: self.replication_factor,
             webhooks: self.webhooks.clone(),
+            vacate_grace: Duration::from_millis(self.vacate_grace_ms),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }

@@ -485,6 +485,13 @@ async fn start_nodes(
         if standby {
             args.push("--standby".to_string());
         }
+        if role == Role::ChannelServer {
+            args.extend([
+                "--vacate-grace-ms".to_string(),
+                config.vacate_grace.as_millis().to_string(),
+            ]);
+            args.extend(config.webhooks.to_args());
+        }
         let service = start_with(&id, &args, config, options, (role, &id)).await?;
         nodes.push((id.clone(), standby, service));
     }

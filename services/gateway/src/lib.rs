@@ -100,7 +100,7 @@ pub async fn serve(
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
         let withheld = metrics.presence_withheld.clone();
         presence::PresenceHub::new(
-            config.id.clone(),
+            (config.id.clone(), config.region.clone()),
             ring,
             withheld,
             tracker.clone(),
@@ -136,6 +136,7 @@ pub async fn serve(
     let ctx = Arc::new(ConnectionContext {
         hub: Hub::new(
             config.id.clone(),
+            config.region.clone(),
             ring.clone(),
             router.clone(),
             metrics.clone(),
