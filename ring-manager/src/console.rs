@@ -85,8 +85,8 @@ pub struct Snapshot {
     /// Slots with fewer followers than `replication_factor - 1` (too few other nodes).
     #[serde(default)]
     pub under_replicated: usize,
-    /// The console's actions (drains and undrains), newest first: who, what, when, and the
-    /// epoch after.
+    /// The console's actions (drains, undrains, disconnects), newest first: who, what, when,
+    /// and the epoch each published.
     #[serde(default)]
     pub actions: Vec<actions::ActionJson>,
 }

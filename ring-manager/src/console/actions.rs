@@ -122,7 +122,7 @@ pub struct ActionJson {
     pub ok: bool,
     /// What happened: the epoch it published, or why it was refused.
     pub outcome: String,
-    /// The ring's epoch after it (0 when it changed no ring).
+    /// The epoch it published (0 when it published none: a region, a user, a refusal).
     pub epoch: u64,
 }
 
@@ -313,36 +313,44 @@ async fn checked(
     }
 }
 
-/// Runs `request` on `manager`: (status, what happened, the ring's epoch after).
+/// Runs `request` on `manager`: (status, what happened, the epoch it published; 0 when it
+/// published none).
 async fn run(manager: &RingManager, request: &ActionRequest) -> (StatusCode, String, u64) {
     let target = request.target.as_str();
-    let node = || NodeId::new(target).map_err(|e| e.to_string());
-    let done: Result<String, (StatusCode, String)> = match request.action.as_str() {
-        "drain_node" => match node() {
-            Ok(id) => manager
+    let node = || NodeId::new(target).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()));
+    let no_ring = |outcome: String| (outcome, 0);
+    let done: Result<(String, u64), (StatusCode, String)> = match request.action.as_str() {
+        "drain_node" => node().and_then(|id| {
+            manager
                 .drain(&id)
-                .map(|ring| format!("{id} drains (epoch {})", ring.epoch()))
-                .map_err(change_error),
-            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
-        },
+                .map(|ring| {
+                    (
+                        format!("{id} drains (epoch {})", ring.epoch()),
+                        ring.epoch(),
+                    )
+                })
+                .map_err(change_error)
+        }),
         // A drained node is a standby once it has handed its slots off; undraining it makes
         // it active again with a fair share (`ctl add-node NODE`).
-        "undrain_node" => match node() {
-            Ok(id) => manager
+        "undrain_node" => node().and_then(|id| {
+            manager
                 .add(Some(&id))
-                .map(|ring| format!("{id} is active again (epoch {})", ring.epoch()))
-                .map_err(change_error),
-            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
-        },
+                .map(|ring| {
+                    let epoch = ring.epoch();
+                    (format!("{id} is active again (epoch {epoch})"), epoch)
+                })
+                .map_err(change_error)
+        }),
         "drain_region" => manager
             .drain_region(target, request.rate)
-            .map(|_| format!("region {target} drains"))
+            .map(|_| no_ring(format!("region {target} drains")))
             .map_err(change_error),
         "undrain_region" => manager
             .undrain_region(target)
-            .map(|_| format!("region {target} no longer drains"))
+            .map(|_| no_ring(format!("region {target} no longer drains")))
             .map_err(|e| change_error::<std::convert::Infallible>(e.into())),
-        "disconnect_user" => disconnect_user(manager, request),
+        "disconnect_user" => disconnect_user(manager, request).map(no_ring),
         other => Err((
             StatusCode::BAD_REQUEST,
             format!(
@@ -351,17 +359,16 @@ async fn run(manager: &RingManager, request: &ActionRequest) -> (StatusCode, Str
         )),
     };
     let done = match done {
-        Ok(outcome) => manager
+        Ok(done) => manager
             .stored()
             .await
-            .map(|()| outcome)
+            .map(|()| done)
             .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
         Err(e) => Err(e),
     };
-    let epoch = manager.ring().epoch();
     match done {
-        Ok(outcome) => (StatusCode::OK, outcome, epoch),
-        Err((status, why)) => (status, why, epoch),
+        Ok((outcome, epoch)) => (StatusCode::OK, outcome, epoch),
+        Err((status, why)) => (status, why, 0),
     }
 }
 
