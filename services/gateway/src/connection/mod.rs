@@ -100,6 +100,12 @@ impl Connection {
         let sink = ConnSink::new(conn, identity.user.clone(), outbox.clone(), closer.clone())
             .with_team(identity.team.clone());
         let initial = identity.all_channels();
+        // The membership below holds them from now on: no second copy for the connection's
+        // life (a user may be in 10,000 channels, more with a boot answer).
+        let identity = Identity {
+            channels: Vec::new(),
+            ..identity
+        };
         let mut delivery = Delivery::new(
             ctx.clone(),
             sink.clone(),
