@@ -261,7 +261,8 @@ async fn an_operator_drains_and_undrains_a_region() {
 }
 
 #[tokio::test]
-async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headless_chromium_typing_their_names() {
+async fn an_operator_drains_a_node_and_disconnects_a_user_from_the_page_in_headless_chromium_typing_their_names()
+ {
     let mesh = operated().await;
     let console = mesh.console;
     let page = Page::open(console, &format!("http://{console}/")).await;

@@ -232,8 +232,7 @@ async fn a_receiver_with_the_wrong_secret_refuses_401_and_the_events_are_retried
     eventually("refused as unsigned, several times", || async {
         let received = receiver.received().await;
         let refused = refused_requests(&mesh).await;
-        (received.bad_signatures >= 3 && refused >= 3.0 && received.events.is_empty())
-            .then_some(())
+        (received.bad_signatures >= 3 && refused >= 3.0 && received.events.is_empty()).then_some(())
     })
     .await;
     // The web app fixes its secret: the held event arrives.
