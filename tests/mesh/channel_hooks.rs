@@ -571,8 +571,7 @@ async fn a_channel_that_moves_to_a_new_owner_is_not_announced_again() {
 }
 
 #[tokio::test]
-async fn an_owner_crash_announces_nothing_again_and_a_dead_gateways_members_leave_after_the_grace()
-{
+async fn a_crashed_owner_says_nothing_again_and_a_dead_gateways_members_leave() {
     let AnnAndBob {
         receiver,
         mesh,
