@@ -458,8 +458,8 @@ async fn a_message_is_told_for_members_who_are_offline_and_never_for_online_ones
     check_deliveries(&receiver).await;
 }
 
-/// A mesh sending webhooks (grace 1 s) with Ann in us-east and Bob in eu-west on `channel`,
-/// both told; the channel's owner.
+/// A mesh sending webhooks with Ann in us-east and Bob in eu-west on `channel`, both told; the
+/// channel's owner. The grace (2 s) leaves the gateways time to re-subscribe on a new owner.
 struct AnnAndBob {
     receiver: WebhookReceiver,
     mesh: Mesh,
@@ -470,7 +470,7 @@ struct AnnAndBob {
 
 async fn ann_and_bob(channel: &'static str) -> AnnAndBob {
     let receiver = WebhookReceiver::start(SECRET).await;
-    let mesh = hooked_mesh(&receiver, Duration::from_secs(1)).await;
+    let mesh = hooked_mesh(&receiver, Duration::from_secs(2)).await;
     let token = |user: &str| mesh.token(user, "T1", &[channel]).unwrap();
     let us = mesh.rtm_base_url("us-east").unwrap();
     let eu = mesh.rtm_base_url("eu-west").unwrap();
