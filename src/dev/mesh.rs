@@ -89,6 +89,8 @@ pub struct MeshConfig {
     pub limits: gateway::limits::Limits,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
+    /// The channel servers' and gateways' policy file (`--policy-file`); none: defaults.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -154,6 +156,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            policy_file: None,
         }
     }
 
@@ -184,6 +187,7 @@ impl MeshConfig {
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
+            policy_file: None,
         }
     }
 
@@ -402,6 +406,7 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
+                policy_file: config.policy_file.clone(),
                 ..channel_server::Config::new(node.clone(), ring.clone())
             };
             let bound = channel_server::run::bind(cs, addr, None)
@@ -492,6 +497,7 @@ impl Mesh {
                     ..Default::default()
                 },
                 redirect_allow: Default::default(),
+                policy_file: config.policy_file.clone(),
             };
             let bound = gateway::run::bind(gw, *addr)
                 .await

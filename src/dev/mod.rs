@@ -99,6 +99,10 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    /// The channel servers' and gateways' policy file; `dev` reloads it on SIGHUP (forwarded
+    /// to the children with --multi-process).
+    #[command(flatten)]
+    policy: mesh_policy::PolicyArgs,
 }
 
 impl DevArgs {
@@ -121,6 +125,7 @@ impl DevArgs {
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
             replication_factor: self.replication_factor,
+            policy_file: self.policy.policy_file.clone(),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }

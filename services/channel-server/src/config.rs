@@ -48,6 +48,8 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    #[command(flatten)]
+    pub policy: mesh_policy::PolicyArgs,
     /// Test hook (clock skew), hidden: offsets the clock this process stamps ts with by this
     /// many milliseconds (negative: behind). Process-wide; logged loudly.
     #[arg(
@@ -84,6 +86,9 @@ pub struct Config {
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// Channel policies (`--policy-file`: history bounds, publish rates), reloaded on SIGHUP;
+    /// none: defaults.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -101,6 +106,7 @@ impl Config {
             standby: false,
             clock_offset_ms: 0,
             catch_up_rate: replication::DEFAULT_CATCH_UP_RATE,
+            policy_file: None,
         }
     }
 
@@ -113,6 +119,7 @@ impl Config {
             standby: args.standby,
             clock_offset_ms: args.clock_offset_ms,
             catch_up_rate: args.catch_up_rate,
+            policy_file: args.policy.policy_file.clone(),
             window: Bounds {
                 keys: args.idempotency_keys,
                 age: std::time::Duration::from_millis(args.idempotency_window_ms),

@@ -8,6 +8,7 @@ pub mod handoff;
 pub mod idempotency;
 pub mod metrics;
 pub mod ownership;
+pub mod rates;
 pub mod replication;
 pub mod run;
 pub mod shards;
@@ -45,6 +46,9 @@ pub enum Error {
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(ring_client::Error),
+    /// The policy file could not be loaded at start.
+    #[error(transparent)]
+    Policy(#[from] mesh_policy::PolicyFileError),
 }
 
 /// Serves a channel server on `listener`, registered with the ring manager and holding its
@@ -67,6 +71,12 @@ pub async fn serve(
         mesh_core::ts::set_clock_offset_micros(config.clock_offset_ms.saturating_mul(1000));
     }
     let tracker = TaskTracker::new();
+    let policies = mesh_policy::start(
+        config.policy_file.as_deref(),
+        &config.telemetry,
+        &tracker,
+        cancel.clone(),
+    )?;
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let lease = Lease::default();
     {
@@ -89,6 +99,7 @@ pub async fn serve(
             telemetry: config.telemetry.clone(),
             authorizer: authorizer.clone(),
             catch_up_rate: config.catch_up_rate,
+            policies,
         },
         ring.clone(),
         lease.clone(),

@@ -122,6 +122,18 @@ impl Limits {
             .unwrap_or(self.team_connections)
     }
 
+    /// The connection cap of `team` (0: none) given the policy file's cap for it (`file`, which
+    /// replaces the flags' as `--team-limit` does) and the token's `team_max_connections`
+    /// claim (`claimed`), which can only lower it: the smallest cap that applies wins.
+    pub fn team_cap_with(&self, team: &TeamId, file: Option<u32>, claimed: Option<u32>) -> u32 {
+        let configured = file.unwrap_or_else(|| self.team_cap(team));
+        match (configured, claimed.filter(|&c| c > 0)) {
+            (0, claimed) => claimed.unwrap_or(0),
+            (configured, Some(claimed)) => configured.min(claimed),
+            (configured, None) => configured,
+        }
+    }
+
     /// These limits with the socket caps lowered, if need be, to fit under `fd_limit` open
     /// files (the process's RLIMIT_NOFILE), leaving `reserve` for upstreams, logs and the like.
     pub fn fit_to_fd_limit(mut self, fd_limit: u64, reserve: u64) -> Self {
@@ -312,6 +324,26 @@ pub fn open_files_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_smallest_team_cap_wins_and_the_file_replaces_the_flags() {
+        let team = TeamId::new("T1").unwrap();
+        let limits = Limits {
+            team_connections: 100,
+            ..Limits::default()
+        };
+        assert_eq!(limits.team_cap_with(&team, None, None), 100);
+        assert_eq!(limits.team_cap_with(&team, None, Some(5)), 5);
+        assert_eq!(limits.team_cap_with(&team, None, Some(500)), 100);
+        // The file's cap replaces the flags' (raising it too), the claim still lowers it.
+        assert_eq!(limits.team_cap_with(&team, Some(300), None), 300);
+        assert_eq!(limits.team_cap_with(&team, Some(300), Some(7)), 7);
+        // 0 in the file uncaps the team; a claim then caps it alone. A claim of 0 is none.
+        assert_eq!(limits.team_cap_with(&team, Some(0), None), 0);
+        assert_eq!(limits.team_cap_with(&team, Some(0), Some(9)), 9);
+        assert_eq!(limits.team_cap_with(&team, None, Some(0)), 100);
+        assert_eq!(Limits::default().team_cap_with(&team, None, Some(3)), 3);
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
