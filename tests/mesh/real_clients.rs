@@ -41,7 +41,7 @@ pub(crate) fn client_command(
     command
 }
 
-async fn run(program: &Path, script: &Path, config: serde_json::Value) {
+pub(crate) async fn run(program: &Path, script: &Path, config: serde_json::Value) {
     let output = client_command(program, script, &config)
         .stdin(Stdio::null())
         .output();
