@@ -80,39 +80,83 @@ async fn slack_sdk_clients_see_read_only_typing_and_rate_policies_and_grpcio_pos
     assert_eq!(metric_sum(&us, refused, &["channel_rate_limited"]), 1.0);
 }
 
+/// The texts of `channel`'s history through the admin API, and its `complete_after_ts`.
+async fn history(admin: &crate::support::Admin, channel: &str) -> (Vec<String>, String) {
+    let request = mesh_proto::admin::HistoryRequest {
+        channel: channel.into(),
+        limit: 100,
+        ..Default::default()
+    };
+    let page = admin.clone().history(request).await.unwrap().into_inner();
+    let texts = page
+        .events
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(&e.event_json).unwrap()["text"].to_string())
+        .map(|t| t.trim_matches('"').to_string())
+        .collect();
+    (texts, page.complete_after_ts)
+}
+
 #[tokio::test]
-async fn history_max_events_trims_the_channels_history_and_not_the_others() {
+async fn history_bounds_per_channel_trim_history_and_resume_and_follow_a_reload() {
     let path = policy_file(
         "history",
-        "[[channel]]\nmatch = \"CSHORT\"\nhistory_max_events = 3\n",
+        "[[channel]]\nmatch = \"CSHORT\"\nhistory_max_events = 3\n\
+         [[channel]]\nmatch = \"CAGED\"\nhistory_max_age = 1\n",
     );
     let mesh = mesh_with_policy(&path).await;
     let mut admin = admin(&mesh).await;
-    for channel in ["CSHORT", "CLONG"] {
+    let mut tss = Vec::new();
+    for channel in ["CSHORT", "CLONG", "CAGED"] {
         for i in 0..5 {
-            post(&mut admin, channel, "UWEBAPP", &format!("{channel} {i}")).await;
+            tss.push(post(&mut admin, channel, "UPOSTER", &format!("{channel} {i}")).await);
         }
     }
-    let texts = |channel: &'static str| {
-        let mut admin = admin.clone();
-        async move {
-            let request = mesh_proto::admin::HistoryRequest {
-                channel: channel.into(),
-                limit: 100,
-                ..Default::default()
-            };
-            let page = admin.history(request).await.unwrap().into_inner();
-            page.events
-                .iter()
-                .map(|e| serde_json::from_str::<Value>(&e.event_json).unwrap()["text"].clone())
-                .collect::<Vec<_>>()
-        }
-    };
+    let (short, complete_after) = history(&admin, "CSHORT").await;
+    assert_eq!(short, ["CSHORT 2", "CSHORT 3", "CSHORT 4"]);
     assert_eq!(
-        texts("CSHORT").await,
-        ["CSHORT 2", "CSHORT 3", "CSHORT 4"].map(Value::from)
+        complete_after, tss[1],
+        "complete only after the last event trimmed"
     );
-    assert_eq!(texts("CLONG").await.len(), 5);
+    assert_eq!(history(&admin, "CLONG").await.0.len(), 5);
+
+    // A client resuming from the first post hears of the gap, then gets what is kept.
+    let token = mesh.token("UREADER", "T1", &["CSHORT"]).unwrap();
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let query = format!("?cursors=CSHORT:{}", tss[0]);
+    let mut client = Rtm::connect_with(&us, &token, &query).await.unwrap();
+    let is_post = |v: &Value| v["type"] == "message" && v["user"] == "UPOSTER";
+    let gap = client
+        .expect("the gap", |v| v["type"] == "history_gap" || is_post(v))
+        .await;
+    assert_eq!(gap["type"], "history_gap", "{gap}");
+    assert_eq!(gap["oldest_ts"], tss[2].as_str());
+    for ts in &tss[2..5] {
+        assert_eq!(
+            client.expect("a kept post", is_post).await["ts"],
+            ts.as_str()
+        );
+    }
+
+    // An age: CAGED's posts go once older than a second, on a read.
+    eventually("CAGED's history aged out", || async {
+        let (texts, complete_after) = history(&admin, "CAGED").await;
+        (texts.is_empty() && complete_after == tss[14]).then_some(())
+    })
+    .await;
+
+    // A reload (what SIGHUP asks for; every service of this in-process mesh follows it) bounds
+    // CLONG too, on its next trim.
+    std::fs::write(
+        &path,
+        "[[channel]]\nmatch = \"CLONG\"\nhistory_max_events = 2\n",
+    )
+    .unwrap();
+    mesh_policy::request_reload();
+    eventually("CLONG trimmed to 2 after the reload", || async {
+        (history(&admin, "CLONG").await.0 == ["CLONG 3", "CLONG 4"]).then_some(())
+    })
+    .await;
 }
 
 /// A token of `user` in `team` carrying the `team_max_connections` claim `cap`, signed with the
