@@ -271,63 +271,37 @@ async fn sighup_to_dev_multi_process_makes_a_channel_read_only_and_back_and_a_ba
         send(&mut *client.lock().await, n, "CFLIP").await
     };
     assert_eq!(post().await["ok"], json!(true));
-    let metrics = || async { gateway_metrics(&base).await };
-    assert_eq!(
-        metric_sum(
-            &metrics().await,
-            "channelmesh_policy_info",
-            &["version=\"open\""]
-        ),
-        1.0
+    // The gateway's value of the series of `name` with `label`.
+    let metric = |name: &'static str, label: &'static str| {
+        let base = base.clone();
+        async move { metric_sum(&gateway_metrics(&base).await, name, &[label]) }
+    };
+    let (info, reloads) = (
+        "channelmesh_policy_info",
+        "channelmesh_policy_reloads_total",
     );
+    assert_eq!(metric(info, "version=\"open\"").await, 1.0);
 
     // Read-only after a rewrite and SIGHUP to `dev`, which forwards it to its children.
-    std::fs::write(
-        &path,
-        "version = \"closed\"\n[[channel]]\nmatch = \"CF*\"\nread_only = true\n",
-    )
-    .unwrap();
+    let closed = "version = \"closed\"\n[[channel]]\nmatch = \"CF*\"\nread_only = true\n";
+    std::fs::write(&path, closed).unwrap();
     signal(dev.pid(), Signal::SIGHUP);
     eventually("the post refused as read-only", || async {
         read_only(&post().await).then_some(())
     })
     .await;
-    let text = metrics().await;
-    assert_eq!(
-        metric_sum(&text, "channelmesh_policy_info", &["version=\"closed\""]),
-        1.0
-    );
-    assert_eq!(
-        metric_sum(
-            &text,
-            "channelmesh_policy_reloads_total",
-            &["outcome=\"ok\""]
-        ),
-        1.0
-    );
+    assert_eq!(metric(info, "version=\"closed\"").await, 1.0);
+    assert_eq!(metric(reloads, "outcome=\"ok\"").await, 1.0);
 
     // A bad file: the reload fails, is counted, and the channel stays read-only.
     std::fs::write(&path, "[[channel]]\nmatch = \"CF*\"\nread_only = nope\n").unwrap();
     signal(dev.pid(), Signal::SIGHUP);
     eventually("the failed reload counted", || async {
-        let text = metrics().await;
-        (metric_sum(
-            &text,
-            "channelmesh_policy_reloads_total",
-            &["outcome=\"error\""],
-        ) == 1.0)
-            .then_some(())
+        (metric(reloads, "outcome=\"error\"").await == 1.0).then_some(())
     })
     .await;
     assert!(read_only(&post().await));
-    assert_eq!(
-        metric_sum(
-            &metrics().await,
-            "channelmesh_policy_info",
-            &["version=\"closed\""]
-        ),
-        1.0
-    );
+    assert_eq!(metric(info, "version=\"closed\"").await, 1.0);
 
     // Writable again.
     std::fs::write(&path, "version = \"open again\"\n").unwrap();

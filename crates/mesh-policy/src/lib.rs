@@ -92,14 +92,7 @@ pub fn start(
     };
     let metrics = Metrics::new(telemetry);
     let policies = load(path)?;
-    tracing::info!(
-        path = %path.display(),
-        rules = policies.rules().len(),
-        teams = policies.teams(),
-        hash = %policies.hash(),
-        "channel policies loaded"
-    );
-    metrics.loaded(&policies);
+    metrics.in_force(path, &policies);
     let shared = SharedPolicies::new(policies);
     let mut reloads = reloads();
     reloads.mark_unchanged();
@@ -121,14 +114,7 @@ pub fn start(
 fn reload(path: &Path, shared: &SharedPolicies, metrics: &Metrics) {
     match load(path) {
         Ok(policies) => {
-            tracing::info!(
-                path = %path.display(),
-                rules = policies.rules().len(),
-                teams = policies.teams(),
-                hash = %policies.hash(),
-                "channel policies reloaded"
-            );
-            metrics.loaded(&policies);
+            metrics.in_force(path, &policies);
             metrics.reloads.with_label_values(&["ok"]).inc();
             shared.replace(policies);
         }
@@ -170,7 +156,16 @@ impl Metrics {
         }
     }
 
-    fn loaded(&self, policies: &Policies) {
+    /// `policies`, from `path`, are in force from now on: logged and shown.
+    fn in_force(&self, path: &Path, policies: &Policies) {
+        tracing::info!(
+            path = %path.display(),
+            rules = policies.rules().len(),
+            teams = policies.teams(),
+            hash = %policies.hash(),
+            version = policies.version(),
+            "channel policies in force"
+        );
         self.info.reset();
         self.info
             .with_label_values(&[&policies.hash(), policies.version()])

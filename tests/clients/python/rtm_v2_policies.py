@@ -9,57 +9,20 @@ failure; prints OK at the end.
 
 import json
 import os
-import queue
-import sys
-import time
-
-from slack_sdk.rtm_v2 import RTMClient
 
 import channelmesh_admin
-
-TIMEOUT = 15.0
-
-
-def fail(msg):
-    print(f"FAIL: {msg}", flush=True)
-    sys.exit(1)
+from rtm_v2_exchange import Client, fail
 
 
-class Client:
-    """An unmodified rtm_v2 client that records every event it gets."""
+def expect(client, pred, what, refuse):
+    """`client`'s first event matching `pred`; fails on one matching `refuse` before it."""
 
-    def __init__(self, name, base_url, token):
-        self.name = name
-        self.events = queue.Queue()
-        self.rtm = RTMClient(token=token, base_url=base_url, auto_reconnect_enabled=False)
+    def check(event):
+        if refuse(event):
+            fail(f"{client.name} got {event} before {what}")
+        return pred(event)
 
-        @self.rtm.on("*")
-        def record(client, event):
-            self.events.put(event)
-
-    def connect(self):
-        self.rtm.connect()
-        self.expect(lambda e: e.get("type") == "hello", "hello")
-
-    def expect(self, pred, what, refuse=None):
-        """The first event matching `pred`; fails on one matching `refuse` before it."""
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                fail(f"{self.name} did not receive {what} within {TIMEOUT}s")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if refuse is not None and refuse(event):
-                fail(f"{self.name} got {event} before {what}")
-            if pred(event):
-                return event
-
-    def close(self):
-        self.rtm.auto_reconnect_enabled = False
-        self.rtm.close()
+    return client.expect(check, what)
 
 
 def main():
@@ -84,7 +47,7 @@ def main():
     )
     from_client = lambda e: e.get("text") == "from a client"
     for client in (ann, bob):
-        got = client.expect(lambda e: e.get("text") == "an announcement", "the announcement", refuse=from_client)
+        got = expect(client, lambda e: e.get("text") == "an announcement", "the announcement", from_client)
         if got.get("ts") != posted.ts or got.get("channel") != readonly:
             fail(f"{client.name} got {got}, want ts {posted.ts} in {readonly}")
     history = stub.History(pb.HistoryRequest(channel=readonly, limit=10), metadata=auth)
@@ -98,7 +61,7 @@ def main():
     bob.rtm.send({"id": 2, "type": "typing", "channel": quiet})
     bob.rtm.send({"id": 3, "type": "message", "channel": quiet, "text": "typed quietly"})
     typing_in_quiet = lambda e: e.get("type") == "user_typing" and e.get("channel") == quiet
-    ann.expect(lambda e: e.get("text") == "typed quietly", "bob's message in the quiet channel", refuse=typing_in_quiet)
+    expect(ann, lambda e: e.get("text") == "typed quietly", "bob's message in the quiet channel", typing_in_quiet)
     bob.rtm.send({"id": 4, "type": "typing", "channel": rated})
     ann.expect(
         lambda e: e.get("type") == "user_typing" and e.get("channel") == rated and e.get("user") == config["bob"],
@@ -118,10 +81,11 @@ def main():
     if reply != want:
         fail(f"message 13 past the burst got {reply}, want {want}")
     stub.PostMessage(pb.PostMessageRequest(channel=rated, user="UWEBAPP", text="admin past the rate"), metadata=auth)
-    bob.expect(
+    expect(
+        bob,
         lambda e: e.get("text") == "admin past the rate",
         "the admin's post past the rate",
-        refuse=lambda e: e.get("text") == "rated 13",
+        lambda e: e.get("text") == "rated 13",
     )
     print("publish_rate: error 13 past the burst; the admin API is not limited", flush=True)
 
