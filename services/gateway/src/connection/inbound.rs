@@ -137,7 +137,7 @@ impl Inbound {
                         self.in_flight.push(Box::pin(publishing));
                         None
                     }
-                    Ok(ClientFrame::Typing { id, channel })
+                    Ok(ClientFrame::Typing { channel, .. })
                         if !ctx.policies.for_channel(channel.as_str()).relay_typing =>
                     {
                         // The channel's policy relays no typing: dropped, as a repeat is.
@@ -146,7 +146,6 @@ impl Inbound {
                             .posts_refused
                             .with_label_values(&["typing_not_relayed"])
                             .inc();
-                        let _ = id;
                         None
                     }
                     Ok(ClientFrame::Typing { id, channel }) => {
@@ -525,6 +524,35 @@ mod tests {
         let refused = &client.inbound.ctx.metrics.posts_refused;
         let read_only = refused.with_label_values(&["restricted_action_read_only_channel"]);
         assert_eq!(read_only.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_policy_makes_a_channel_read_only_and_drops_its_typing() {
+        let mut client = Client::new();
+        client.members.insert(ChannelId::new("C1").unwrap());
+        client.members.insert(ChannelId::new("C2").unwrap());
+        let file = "[[channel]]\nmatch = \"C1\"\nread_only = true\n\
+                    [[channel]]\nmatch = \"C2\"\nrelay_typing = false\n";
+        let policies = mesh_core::policy::Policies::parse(file).unwrap();
+        client.inbound.ctx.policies.replace(policies);
+        let message = r#"{"id":5,"type":"message","channel":"C1","text":"hi"}"#;
+        assert_eq!(client.send(message), GO_ON);
+        let reply = client.inbound.next_reply().await.flatten().unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+        assert_eq!(
+            reply,
+            serde_json::json!({"ok": false, "reply_to": 5,
+                "error": {"code": 12, "msg": "restricted_action_read_only_channel"}})
+        );
+        // Typing in C2 is dropped: no publish, no reply.
+        assert_eq!(
+            client.send(r#"{"id":6,"type":"typing","channel":"C2"}"#),
+            GO_ON
+        );
+        assert!(!client.inbound.publishing() && client.frames.is_empty());
+        let refused = &client.inbound.ctx.metrics.posts_refused;
+        assert_eq!(refused.with_label_values(&["policy_read_only"]).get(), 1);
+        assert_eq!(refused.with_label_values(&["typing_not_relayed"]).get(), 1);
     }
 
     #[tokio::test]
