@@ -302,6 +302,12 @@ pub struct PolicyError {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Policies {
     rules: Vec<Rule>,
+    /// The rules of exact ids, by id (an index into `rules`): an exact id beats every glob
+    /// that matches it (a glob has fewer literals than any id it matches, or as many and
+    /// loses the tie), so a channel with one is found without scanning the globs.
+    exact: HashMap<String, usize>,
+    /// The indexes of the glob rules, most specific first.
+    globs: Vec<usize>,
     teams: HashMap<TeamId, u32>,
     version: String,
     hash: u64,
@@ -335,8 +341,21 @@ impl Policies {
             .collect();
         // Stable: between equals, the file's order.
         rules.sort_by_key(|r| r.pattern.precedence());
+        let mut exact = HashMap::new();
+        let mut globs = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            match rule.pattern.exact {
+                // The first of two rules for one id wins, as the order says.
+                true => {
+                    exact.entry(rule.pattern.text.clone()).or_insert(i);
+                }
+                false => globs.push(i),
+            }
+        }
         Ok(Policies {
             rules,
+            exact,
+            globs,
             teams: raw.teams.into_iter().map(|(k, v)| (k.0, v)).collect(),
             version: raw.version.unwrap_or_default(),
             hash: xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
@@ -345,7 +364,13 @@ impl Policies {
 
     /// The rule `channel` falls under, if any.
     pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.pattern.matches(channel))
+        let found = self.exact.get(channel).copied().or_else(|| {
+            self.globs
+                .iter()
+                .copied()
+                .find(|&i| self.rules[i].pattern.matches(channel))
+        });
+        found.map(|i| &self.rules[i])
     }
 
     /// `channel`'s policy.
@@ -489,6 +514,10 @@ mod tests {
         let events = |c: &str| p.for_channel(c).history_max_events;
         // "CAB" exact beats the globs with as many literals ("CA?", "C?B"... have 2).
         assert_eq!(events("CAB"), Some(5));
+        // Rules whose patterns tie (the same exact id) keep the file's order.
+        let twice =
+            parse("[[channel]]\nmatch = \"C1\"\nread_only = true\n[[channel]]\nmatch = \"C1\"\n");
+        assert!(twice.for_channel("C1").read_only);
         // "CA*" and "CA?" both have 2 literals: the first in the file.
         assert_eq!(events("CAC"), Some(2));
         assert_eq!(events("CXB"), Some(4));
