@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use mesh_core::{IdError, NodeId, Ring};
+use mesh_core::{IdError, NodeId, Ring, TeamId, UserId};
 use mesh_proto::ring as pb;
 use mesh_proto::ring::ring_manager_server::{RingManager as RingManagerRpc, RingManagerServer};
 use mesh_transport::authz::{self, rpc};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::disconnects::{DisconnectError, DisconnectOrder, Disconnected};
 use crate::membership::{MemberView, MembershipError};
 use crate::regions::{Directive, GatewayReport, GatewayView, RegionError, RegionView, RegionsView};
 use crate::revocations::{RevocationError, Revoked, RevokedToken};
@@ -83,6 +84,8 @@ enum Refused {
     Region(#[from] RegionError),
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    #[error(transparent)]
+    Disconnect(#[from] DisconnectError),
     /// The change could not be saved, so it was not made.
     #[error(transparent)]
     Unsaved(#[from] Unsaved),
@@ -99,6 +102,7 @@ impl<E: Into<Refused>> From<ChangeError<E>> for Refused {
 
 /// The one table from refusals to gRPC statuses; the message is the refusal's text.
 fn status(refused: impl Into<Refused>) -> Status {
+    use DisconnectError as D;
     use MembershipError as M;
     use RegionError as G;
     use RevocationError as R;
@@ -108,10 +112,13 @@ fn status(refused: impl Into<Refused>) -> Status {
         Refused::NodeId(_)
         | Refused::Membership(M::NoAddr)
         | Refused::Region(G::Unnamed)
-        | Refused::Revocation(R::TooManyInOneCall(_) | R::BadJti) => {
+        | Refused::Revocation(R::TooManyInOneCall(_) | R::BadJti)
+        | Refused::Disconnect(D::NoOrders | D::TooManyInOneCall(_)) => {
             Status::invalid_argument(message)
         }
-        Refused::Revocation(R::Full(_)) => Status::resource_exhausted(message),
+        Refused::Revocation(R::Full(_)) | Refused::Disconnect(D::Full(_)) => {
+            Status::resource_exhausted(message)
+        }
         // Too large for Consul: nothing changed, and it will not fit until revocations expire.
         Refused::Unsaved(Unsaved::TooLarge { .. }) => Status::resource_exhausted(message),
         // Not saved (nothing changed), or not yet written: the call may succeed later.
@@ -170,6 +177,7 @@ impl From<pb::GatewayReport> for GatewayReport {
             url: r.url,
             connections: r.connections,
             revocations: (r.revocations_generation, r.revocations_version),
+            disconnects: (r.disconnects_generation, r.disconnects_version),
         }
     }
 }
@@ -201,6 +209,47 @@ impl From<Directive> for pb::GatewayDirective {
             revoked: d.revocations.revoked.into_iter().map(Into::into).collect(),
             revocations_generation: d.revocations.generation,
             revocations_version: d.revocations.version,
+            disconnects: d.disconnects.orders.into_iter().map(order_to_pb).collect(),
+            disconnects_generation: d.disconnects.generation,
+            disconnects_version: d.disconnects.version,
+        }
+    }
+}
+
+/// The protobuf form of a disconnect order.
+fn order_to_pb(o: DisconnectOrder) -> pb::DisconnectOrder {
+    pb::DisconnectOrder {
+        user: o.user.to_string(),
+        team: o.team.map(|t| t.to_string()).unwrap_or_default(),
+        reason: o.reason,
+        reconnect: o.reconnect,
+        issued_at_ms: o.issued_at_ms,
+    }
+}
+
+/// A disconnect order from a request (its issue time is the ring manager's to set): a user id
+/// or team that does not parse is refused as an invalid argument.
+fn order_from_pb(o: pb::DisconnectOrder) -> Result<DisconnectOrder, Status> {
+    let team = match o.team.as_str() {
+        "" => None,
+        team => {
+            Some(TeamId::new(team).map_err(|e| Status::invalid_argument(format!("team: {e}")))?)
+        }
+    };
+    Ok(DisconnectOrder {
+        user: UserId::new(&o.user).map_err(|e| Status::invalid_argument(format!("user: {e}")))?,
+        team,
+        reason: o.reason,
+        reconnect: o.reconnect,
+        issued_at_ms: 0,
+    })
+}
+
+impl From<Disconnected> for pb::DisconnectUsersResponse {
+    fn from(d: Disconnected) -> Self {
+        pb::DisconnectUsersResponse {
+            version: d.version,
+            held: d.held,
         }
     }
 }
@@ -550,6 +599,21 @@ impl RingManagerRpc for Service {
         self.manager.stored().await.map_err(status)?;
         Ok(Response::new(revoked.into()))
     }
+
+    async fn disconnect_users(
+        &self,
+        request: Request<pb::DisconnectUsersRequest>,
+    ) -> Result<Response<pb::DisconnectUsersResponse>, Status> {
+        let orders = request
+            .into_inner()
+            .orders
+            .into_iter()
+            .map(order_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Not saved: orders are soft state, and answered at once.
+        let disconnected = self.manager.disconnect_users(orders).map_err(status)?;
+        Ok(Response::new(disconnected.into()))
+    }
 }
 
 #[cfg(test)]
@@ -652,6 +716,22 @@ mod tests {
                 status(RevocationError::Full(100_000)),
                 Code::ResourceExhausted,
                 "the revocation list holds 100000 of at most 100000",
+            ),
+            (
+                status(DisconnectError::NoOrders),
+                Code::InvalidArgument,
+                "no disconnect order given",
+            ),
+            (
+                status(DisconnectError::TooManyInOneCall(1_001)),
+                Code::InvalidArgument,
+                "1001 disconnect orders in one call; at most 1000",
+            ),
+            (
+                status(DisconnectError::Full(10_000)),
+                Code::ResourceExhausted,
+                "the disconnect list holds 10000 orders of at most 10000; each is forgotten a \
+                 minute after it was given",
             ),
             (
                 status(ChangeError::<MembershipError>::Unsaved(Unsaved::File(

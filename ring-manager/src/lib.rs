@@ -4,8 +4,8 @@
 //!
 //! Channel servers hold leases by heartbeat (`ring_client::lease`); the ring manager replaces
 //! those that lose them. The decisions are state machines without I/O: [`membership`] (leases,
-//! takeover, standbys, epochs), [`operations`] (drain, replace and add a node), [`regions`] and
-//! [`revocations`]. [`monitor`] watches the leases, [`server`] holds the state and publishes
+//! takeover, standbys, epochs), [`operations`] (drain, replace and add a node), [`regions`],
+//! [`revocations`] and [`disconnects`]. [`monitor`] watches the leases, [`server`] holds the state and publishes
 //! the ring, and [`grpc`] is the only module that speaks protobuf (the service and the
 //! monitor's health-check probe).
 //!
@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod disconnects;
 pub mod grpc;
 pub mod membership;
 pub mod monitor;

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::disconnects::{
+    DisconnectError, DisconnectOrder, Disconnected, Disconnects, OrdersCatchUp,
+};
 use crate::revocations::{CatchUp, RevocationError, Revocations, Revoked, RevokedToken};
 
 /// Default: goodbyes per second per gateway during a drain.
@@ -29,6 +32,8 @@ pub struct GatewayReport {
     pub connections: u64,
     /// The revocation list the gateway holds: (generation, version), (0, 0) at first.
     pub revocations: (u64, u64),
+    /// The disconnect orders the gateway has taken: (generation, version), (0, 0) at first.
+    pub disconnects: (u64, u64),
 }
 
 /// The answer to a report: whether the gateway's region drains, where its clients go, and the
@@ -42,6 +47,7 @@ pub struct Directive {
     /// loaded first).
     pub redirect: Vec<String>,
     pub revocations: CatchUp,
+    pub disconnects: OrdersCatchUp,
 }
 
 /// Every region, as `ctl regions` and the console show them. Serialized as the bare list.
@@ -133,6 +139,8 @@ pub struct Regions {
     /// Configured nearest regions per region, nearest first.
     nearest: BTreeMap<String, Vec<String>>,
     revocations: Revocations,
+    /// Disconnect orders: soft state, never saved.
+    disconnects: Disconnects,
 }
 
 impl Regions {
@@ -192,6 +200,7 @@ impl Regions {
         }
         let region = report.region.clone();
         let (generation, version) = report.revocations;
+        let (orders_generation, orders_version) = report.disconnects;
         self.gateways.insert(
             report.gateway,
             Gateway {
@@ -211,7 +220,19 @@ impl Regions {
             None => Directive::default(),
         };
         directive.revocations = self.revocations.catch_up(generation, version);
+        directive.disconnects = self
+            .disconnects
+            .catch_up(orders_generation, orders_version, now);
         Ok(directive)
+    }
+
+    /// Orders gateways to close users' connections (see [`crate::disconnects`]).
+    pub fn disconnect(
+        &mut self,
+        orders: Vec<DisconnectOrder>,
+        now: Instant,
+    ) -> Result<Disconnected, DisconnectError> {
+        self.disconnects.order(orders, now)
     }
 
     /// Revokes tokens by `jti` until they expire (see [`crate::revocations`]).
@@ -337,6 +358,7 @@ mod tests {
             url: format!("http://{gateway}"),
             connections,
             revocations: (0, 0),
+            disconnects: (0, 0),
         }
     }
 
@@ -556,5 +578,36 @@ mod tests {
         let next = regions.report(r, now).unwrap();
         assert_eq!(next.revocations.revoked.len(), 1);
         assert_eq!(next.revocations.version, first.revocations.version + 1);
+    }
+
+    #[test]
+    fn reports_carry_the_disconnect_orders_the_gateway_lacks() {
+        let mut regions = Regions::default();
+        let now = Instant::now();
+        let first = regions.report(report("gw", "us", 0), now).unwrap();
+        assert!(first.disconnects.orders.is_empty());
+        let order = DisconnectOrder {
+            user: mesh_core::UserId::new("U1").unwrap(),
+            team: None,
+            reason: "bye".into(),
+            reconnect: true,
+            issued_at_ms: 0,
+        };
+        let done = regions.disconnect(vec![order], now).unwrap();
+        assert_eq!((done.version, done.held), (1, 1));
+        let mut r = report("gw", "us", 0);
+        r.disconnects = (first.disconnects.generation, first.disconnects.version);
+        let next = regions.report(r.clone(), now).unwrap();
+        let users: Vec<&str> = next
+            .disconnects
+            .orders
+            .iter()
+            .map(|o| o.user.as_str())
+            .collect();
+        assert_eq!(users, ["U1"]);
+        assert_eq!(next.disconnects.version, 1);
+        // Not durable: a restored state has none, and putting back a failed change keeps them.
+        regions.put_back(regions.durable());
+        assert_eq!(regions.report(r, now).unwrap().disconnects.orders.len(), 1);
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::disconnects::{DisconnectError, DisconnectOrder, Disconnected};
 pub use crate::grpc::serve;
 pub use crate::membership::{EpochChange, MemberView, NodeState};
 use crate::membership::{Membership, MembershipError};
@@ -565,6 +566,36 @@ impl RingManager {
         entries: Vec<RevokedToken>,
     ) -> Result<Revoked, ChangeError<RevocationError>> {
         self.update_regions(|r| r.revoke(entries))
+    }
+
+    /// Orders every gateway to close the connections `orders` name (see
+    /// [`crate::disconnects`]): each gateway takes them with the directive answering its next
+    /// report (within about a second). Soft state: not saved, answered at once.
+    pub fn disconnect_users(
+        &self,
+        orders: Vec<DisconnectOrder>,
+    ) -> Result<Disconnected, DisconnectError> {
+        self.regions_state().disconnect(orders, Instant::now())
+    }
+
+    /// Orders every gateway to close `user`'s connections (only those of `team` when given),
+    /// with `reason` as the close frame's reason (cut to 100 bytes) and close code 4010 when
+    /// the client should `reconnect`, else 4011. The SRE console's action, and the admin API's
+    /// `DisconnectUser` (through `DisconnectUsers`).
+    pub fn disconnect_user(
+        &self,
+        user: mesh_core::UserId,
+        team: Option<mesh_core::TeamId>,
+        reason: &str,
+        reconnect: bool,
+    ) -> Result<Disconnected, DisconnectError> {
+        self.disconnect_users(vec![DisconnectOrder {
+            user,
+            team,
+            reason: reason.to_string(),
+            reconnect,
+            issued_at_ms: 0,
+        }])
     }
 }
 

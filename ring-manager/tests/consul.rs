@@ -951,6 +951,7 @@ fn report(gateway: &str, region: &str) -> mesh_proto::ring::GatewayReport {
         connections: 1,
         revocations_generation: 0,
         revocations_version: 0,
+        ..Default::default()
     }
 }
 

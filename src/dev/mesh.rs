@@ -91,6 +91,10 @@ pub struct MeshConfig {
     pub security: Security,
     /// The channel servers' and gateways' policy file (`--policy-file`); none: defaults.
     pub policy_file: Option<std::path::PathBuf>,
+    /// Where the presence servers (and channel servers) send webhook events, and the secret
+    /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
+    /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
+    pub webhooks: mesh_hooks::WebhookArgs,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -157,6 +161,7 @@ impl MeshConfig {
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
             policy_file: None,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -188,6 +193,7 @@ impl MeshConfig {
             limits: gateway::limits::Limits::default(),
             security: Security::Mtls,
             policy_file: None,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -447,6 +453,7 @@ impl Mesh {
                 standby,
                 grace: config.presence_grace,
                 gateway_lease: config.presence_gateway_lease,
+                webhooks: config.webhooks.clone(),
                 ..presence_server::Config::new(node.clone(), presence_ring.clone())
             };
             let bound = presence_server::run::bind(ps, addr, None)

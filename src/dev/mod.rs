@@ -103,6 +103,10 @@ pub struct DevArgs {
     /// to the children with --multi-process).
     #[command(flatten)]
     policy: mesh_policy::PolicyArgs,
+    /// Webhooks (`--webhook-url`, …), sent by the presence servers (`presence_changed`) and
+    /// the channel servers; signed with CHANNELMESH_WEBHOOK_SECRET.
+    #[command(flatten)]
+    webhooks: mesh_hooks::WebhookArgs,
 }
 
 impl DevArgs {
@@ -126,6 +130,7 @@ impl DevArgs {
             limits: gateway::config::checked(self.limits.clone())?,
             replication_factor: self.replication_factor,
             policy_file: self.policy.policy_file.clone(),
+            webhooks: self.webhooks.clone(),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }
@@ -173,6 +178,10 @@ pub async fn run(
         jwt_claims: IssuerAudience::new(env(ENV_JWT_ISSUER), env(ENV_JWT_AUDIENCE)),
         ..args.mesh_config(jwt_secret, admin_token)?
     };
+    // The webhooks' secret is the user's: without it, webhook URLs are refused up front.
+    if !config.webhooks.webhook_url.is_empty() && config.webhooks.secret.is_none() {
+        config.webhooks.secret = Some(mesh_hooks::secret_from_env()?);
+    }
     let secrets = [
         (ENV_JWT_SECRET, config.jwt_secret.clone(), generated_jwt),
         (ENV_ADMIN_TOKEN, config.admin_token.clone(), generated_admin),

@@ -145,6 +145,11 @@ async fn start_with(
     if let Some(token) = &options.consul_token {
         env.push((ring_client::args::ENV_CONSUL_TOKEN, Some(token.clone())));
     }
+    // The webhooks' secret by environment too, as the services read it.
+    if let Some(secret) = &config.webhooks.secret {
+        let secret = String::from_utf8_lossy(secret.expose()).into_owned();
+        env.push((mesh_hooks::SECRET_ENV, Some(secret)));
+    }
     if let Some(token) = mesh_telemetry::access::token() {
         let token = token.expose().to_string();
         env.push((mesh_telemetry::access::ENV_HTTP_TOKEN, Some(token)));
@@ -350,11 +355,13 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         let identity = (Role::RingManager, id.as_str());
         extra_ring_managers.push(start_with(&name, &args, config, options, identity).await?);
     }
+    // The presence servers send `presence_changed` webhooks.
+    let presence_args = [ring_args.clone(), config.webhooks.to_args()].concat();
     let presence_servers = start_nodes(
         ("presence-server", "ps", Role::PresenceServer),
         &config.presence_servers,
         &config.presence_standbys,
-        &ring_args,
+        &presence_args,
         config,
         options,
     )

@@ -303,6 +303,7 @@ async fn session(mesh: &Mesh, who: Who, gateway: &str) -> Result<Outcome, String
                 user: "U7".into(),
                 connections: 1,
                 team: "T1".into(),
+                ..UserOnline::default()
             }],
             ..Snapshot::default()
         })),

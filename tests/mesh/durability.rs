@@ -329,6 +329,7 @@ async fn drained_and_revoked(dev: &Dev, rm: SocketAddr) {
             connections: 0,
             revocations_generation: 0,
             revocations_version: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -613,3 +613,117 @@ pub fn presence_of(v: &Value, user: &str, presence: &str) -> bool {
                 .as_array()
                 .is_some_and(|users| users.iter().any(|u| u == user)))
 }
+
+/// The web app's webhook endpoint, as a test runs it: `tests/clients/python/webhook_receiver.py`
+/// (aiohttp) on a port of its own, checking every request's signature against its secret;
+/// killed when dropped.
+pub struct WebhookReceiver {
+    /// `http://127.0.0.1:PORT`: its control endpoints are under it.
+    base: String,
+    _child: tokio::process::Child,
+}
+
+/// What a [`WebhookReceiver`] saw.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Received {
+    /// Every event accepted, in arrival order, each with `arrival_ms`, `body_time_ms` (the
+    /// body's `time_ms`) and `request` (the delivery's number) added.
+    pub events: Vec<Value>,
+    /// Deliveries, whatever their outcome.
+    pub requests: u64,
+    /// Deliveries refused 401 for a signature that did not match.
+    pub bad_signatures: u64,
+    /// Deliveries refused 400 (not the documented body).
+    pub bad_bodies: u64,
+    /// Deliveries answered with the failure of [`WebhookReceiver::fail`].
+    pub failed: u64,
+}
+
+impl WebhookReceiver {
+    /// Starts a receiver that checks signatures with `secret`.
+    pub async fn start(secret: &str) -> WebhookReceiver {
+        use tokio::io::AsyncBufReadExt;
+        let script = crate::real_clients::repo().join("tests/clients/python/webhook_receiver.py");
+        let mut child = crate::real_clients::client_command(
+            &crate::real_clients::python(),
+            &script,
+            &json!({}),
+        )
+        .env("CHANNELMESH_WEBHOOK_SECRET", secret)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the webhook receiver runs");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the webhook receiver says its port")
+            .expect("its stdout reads")
+            .expect("a first line");
+        let port: u16 = port.trim().parse().expect("a port");
+        // Keep reading its stdout so that it never blocks.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        WebhookReceiver {
+            base: format!("http://127.0.0.1:{port}"),
+            _child: child,
+        }
+    }
+
+    /// The URL to give as `--webhook-url`.
+    pub fn url(&self) -> String {
+        format!("{}/webhook", self.base)
+    }
+
+    /// Everything it saw so far.
+    pub async fn received(&self) -> Received {
+        reqwest::get(format!("{}/events", self.base))
+            .await
+            .expect("the receiver answers")
+            .json()
+            .await
+            .expect("its /events is JSON")
+    }
+
+    /// The events accepted so far, in arrival order.
+    pub async fn events(&self) -> Vec<Value> {
+        self.received().await.events
+    }
+
+    /// Answers every delivery with `status` from now on.
+    pub async fn fail(&self, status: u16) {
+        let url = format!("{}/fail?status={status}", self.base);
+        let sent = reqwest::Client::new().post(url).send().await;
+        assert!(sent.expect("the receiver answers").status().is_success());
+    }
+
+    /// Checks signatures with `secret` from now on.
+    pub async fn set_secret(&self, secret: &str) {
+        let url = format!("{}/secret", self.base);
+        let sent = reqwest::Client::new()
+            .post(url)
+            .body(secret.to_string())
+            .send()
+            .await;
+        assert!(sent.expect("the receiver answers").status().is_success());
+    }
+
+    /// Accepts deliveries again.
+    pub async fn recover(&self) {
+        let url = format!("{}/recover", self.base);
+        let sent = reqwest::Client::new().post(url).send().await;
+        assert!(sent.expect("the receiver answers").status().is_success());
+    }
+}
+
+/// `MeshConfig::ephemeral()` sending webhooks to `urls`, signed with `secret`.
+pub fn with_webhooks(config: MeshConfig, urls: &[String], secret: &str) -> MeshConfig {
+    MeshConfig {
+        webhooks: mesh_hooks::WebhookArgs {
+            webhook_url: urls.to_vec(),
+            secret: Some(mesh_hooks::Secret::new(secret)),
+            ..mesh_hooks::WebhookArgs::default()
+        },
+        ..config
+    }
+}

@@ -27,6 +27,11 @@ impl Secret {
         Self(bytes.into())
     }
 
+    /// The secret's bytes, to hand it to a child process by environment. Never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The header's value for `body`: `sha256=` and 64 lowercase hex digits.
     pub fn sign(&self, body: &[u8]) -> String {
         let mac = self.mac(body).finalize().into_bytes();

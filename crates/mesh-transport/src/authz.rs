@@ -32,6 +32,7 @@ pub mod rpc {
     pub const DRAIN_REGION: &str = "/channelmesh.ring.v1.RingManager/DrainRegion";
     pub const UNDRAIN_REGION: &str = "/channelmesh.ring.v1.RingManager/UndrainRegion";
     pub const REVOKE_TOKENS: &str = "/channelmesh.ring.v1.RingManager/RevokeTokens";
+    pub const DISCONNECT_USERS: &str = "/channelmesh.ring.v1.RingManager/DisconnectUsers";
     pub const PUBLISH: &str = "/channelmesh.channel.v1.ChannelServer/Publish";
     pub const PUBLISH_STREAM: &str = "/channelmesh.channel.v1.ChannelServer/PublishStream";
     pub const HISTORY: &str = "/channelmesh.channel.v1.ChannelServer/History";
@@ -72,6 +73,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     (rpc::REGIONS, &[Operator]),
     // The admin API's RevokeTokens forwards to the ring manager.
     (rpc::REVOKE_TOKENS, &[Operator, Admin]),
+    // The admin API's DisconnectUser forwards to the ring manager (the console's too).
+    (rpc::DISCONNECT_USERS, &[Operator, Admin]),
     // A gateway reports itself (as itself).
     (rpc::REPORT_GATEWAY, &[Gateway]),
     // Publishers: gateways (client posts) and admin servers (the web app's).

@@ -14,6 +14,11 @@
 //! | [`Close::BacklogOverflow`] | 4008 | slow consumer: catch-up buffer overflowed | yes |
 //! | [`Close::WriteStalled`] | 4008 | slow consumer: a write stalled | yes |
 //! | [`Close::RateLimited`] | 4029 | rate limited: too many frames | yes, after slowing down |
+//! | [`Close::Disconnected`] `{ reconnect: true }` | 4010 | the web app's reason (else "disconnected") | yes |
+//! | [`Close::Disconnected`] `{ reconnect: false }` | 4011 | the web app's reason (else "disconnected") | no |
+//!
+//! A disconnect's reason text is the web app's (`DisconnectUser.reason`): the [`Closer`]
+//! carries it beside the reason, cut to fit a close frame ([`close_text`]).
 //!
 //! docs/rtm.md ("Close codes") gives clients the same table by code.
 
@@ -38,7 +43,18 @@ pub mod codes {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The client kept sending past its frame rate limit after `ratelimited` errors.
     pub const RATE_LIMITED: u16 = 4029;
+    /// The web app disconnected the user (admin API `DisconnectUser`, reconnect true):
+    /// reconnect.
+    pub const DISCONNECTED_RECONNECT: u16 = 4010;
+    /// The web app disconnected the user and the client should not reconnect.
+    pub const DISCONNECTED: u16 = 4011;
 }
+
+/// The longest reason text a close frame carries, in bytes: its payload is at most 125 bytes,
+/// two of them the code.
+pub const MAX_CLOSE_TEXT: usize = 123;
+/// A disconnect's reason text cut to at most this many bytes (the admin API's promise).
+pub const MAX_DISCONNECT_TEXT: usize = 100;
 
 /// Why the gateway closes a connection (with a close frame; a client that goes away on its
 /// own gets none).
@@ -64,6 +80,8 @@ pub enum Close {
     WriteStalled,
     /// It kept sending past its frame rate limit.
     RateLimited,
+    /// The web app disconnected its user (`DisconnectUser`), saying whether to reconnect.
+    Disconnected { reconnect: bool },
 }
 
 impl Close {
@@ -89,6 +107,10 @@ impl Close {
             ),
             Close::WriteStalled => (SLOW_CONSUMER, "slow consumer: a write stalled", true),
             Close::RateLimited => (RATE_LIMITED, "rate limited: too many frames", true),
+            Close::Disconnected { reconnect: true } => {
+                (DISCONNECTED_RECONNECT, "disconnected", true)
+            }
+            Close::Disconnected { reconnect: false } => (DISCONNECTED, "disconnected", false),
         }
     }
 
@@ -108,25 +130,50 @@ impl Close {
     }
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn close_text(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Closes a connection from outside its task, with a reason.
 #[derive(Debug, Default)]
 pub struct Closer {
     token: CancellationToken,
-    reason: OnceLock<Close>,
+    /// Why, and the close frame's text when it is not the reason's own.
+    reason: OnceLock<(Close, Option<String>)>,
 }
 
 impl Closer {
     /// Closes the connection for `reason`, unless it is already closing; true if this call
     /// set the reason.
     pub fn close(&self, reason: Close) -> bool {
-        let first = self.reason.set(reason).is_ok();
+        self.close_saying(reason, None)
+    }
+
+    /// [`Closer::close`] with `text` as the close frame's reason text instead of the reason's
+    /// own (a disconnect's, from the web app; cut to [`MAX_DISCONNECT_TEXT`] bytes; empty:
+    /// the reason's own).
+    pub fn close_saying(&self, reason: Close, text: Option<&str>) -> bool {
+        let text = text
+            .filter(|t| !t.is_empty())
+            .map(|t| close_text(t, MAX_DISCONNECT_TEXT).to_string());
+        let first = self.reason.set((reason, text)).is_ok();
         self.token.cancel();
         first
     }
 
     /// Why the connection was closed, once it was.
     pub fn reason(&self) -> Option<Close> {
-        self.reason.get().copied()
+        self.reason.get().map(|(close, _)| *close)
+    }
+
+    /// The close frame's reason text, when it is not the reason's own.
+    pub fn text(&self) -> Option<&str> {
+        self.reason.get().and_then(|(_, text)| text.as_deref())
     }
 
     /// Fires when the connection is closed.
@@ -139,7 +186,7 @@ impl Closer {
 mod tests {
     use super::*;
 
-    const ALL: [Close; 10] = [
+    const ALL: [Close; 12] = [
         Close::ShuttingDown,
         Close::Draining,
         Close::FrameTooBig,
@@ -150,6 +197,8 @@ mod tests {
         Close::BacklogOverflow,
         Close::WriteStalled,
         Close::RateLimited,
+        Close::Disconnected { reconnect: true },
+        Close::Disconnected { reconnect: false },
     ];
 
     #[test]
@@ -168,20 +217,42 @@ mod tests {
                 (4008, "slow consumer: catch-up buffer overflowed"),
                 (4008, "slow consumer: a write stalled"),
                 (4029, "rate limited: too many frames"),
+                (4010, "disconnected"),
+                (4011, "disconnected"),
             ]
         );
     }
 
     #[test]
-    fn only_a_revoked_token_must_not_reconnect() {
+    fn only_a_revoked_token_and_a_disconnect_without_reconnect_must_not_reconnect() {
         let stay_away: Vec<Close> = ALL.into_iter().filter(|c| !c.reconnect()).collect();
-        assert_eq!(stay_away, [Close::Revoked]);
+        assert_eq!(
+            stay_away,
+            [Close::Revoked, Close::Disconnected { reconnect: false }]
+        );
+    }
+
+    #[test]
+    fn a_disconnects_text_is_the_web_apps_cut_on_a_character_boundary() {
+        let closer = Closer::default();
+        let long = format!("a{}", "é".repeat(100));
+        assert!(closer.close_saying(Close::Disconnected { reconnect: false }, Some(&long)));
+        let text = closer.text().unwrap();
+        assert_eq!(text.len(), MAX_DISCONNECT_TEXT - 1);
+        assert!(long.starts_with(text));
+        assert_eq!(closer.reason().map(Close::code), Some(4011));
+        // An empty text is the reason's own.
+        let plain = Closer::default();
+        plain.close_saying(Close::Disconnected { reconnect: true }, Some(""));
+        assert_eq!(plain.text(), None);
+        assert_eq!(close_text("héllo", 2), "h");
     }
 
     #[test]
     fn reasons_fit_a_close_frame() {
         // A close frame's payload is at most 125 bytes, two of them the code.
-        assert!(ALL.iter().all(|c| c.reason().len() <= 123));
+        assert!(ALL.iter().all(|c| c.reason().len() <= MAX_CLOSE_TEXT));
+        const { assert!(MAX_DISCONNECT_TEXT <= MAX_CLOSE_TEXT) };
     }
 
     #[test]

@@ -633,6 +633,8 @@ async fn websocket(
             if let Some(jti) = &ticket.identity.jti {
                 edge.ctx.region.track_jti(conn, jti.clone());
             }
+            let (user, team) = (&ticket.identity.user, &ticket.identity.team);
+            edge.ctx.region.track_user(conn, user.clone(), team.clone());
             // The connection holds its place under the team's cap until it ends.
             let slot = ticket.slot;
             connection::run(

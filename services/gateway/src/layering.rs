@@ -9,7 +9,7 @@ use std::path::Path;
 /// The crate's modules by layer, leaf first: a module may use only modules of lower layers.
 const LAYERS: &[&[&str]] = &[
     &["vocab", "close", "cursors", "tokens", "region::allow"],
-    &["limits", "metrics"],
+    &["limits", "metrics", "region::disconnects"],
     &["outbox", "socket"],
     &["history"],
     &["upstream"],

@@ -40,6 +40,9 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    /// Where `presence_changed` events go.
+    #[command(flatten)]
+    pub webhooks: mesh_hooks::WebhookArgs,
 }
 
 /// Configuration of one presence server.
@@ -58,6 +61,8 @@ pub struct Config {
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease on the presence ring.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// Where `presence_changed` events go (no URL: nowhere).
+    pub webhooks: mesh_hooks::WebhookArgs,
 }
 
 impl Config {
@@ -72,6 +77,7 @@ impl Config {
             standby: false,
             grace: DEFAULT_GRACE,
             gateway_lease: DEFAULT_GATEWAY_LEASE,
+            webhooks: mesh_hooks::WebhookArgs::default(),
         }
     }
 
@@ -84,6 +90,7 @@ impl Config {
             standby: args.standby,
             grace: Duration::from_millis(args.grace_ms),
             gateway_lease: Duration::from_millis(args.gateway_lease_ms),
+            webhooks: args.webhooks.clone(),
             ..Config::new(node, ring)
         })
     }

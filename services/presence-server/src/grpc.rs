@@ -87,6 +87,7 @@ fn online(o: &pb::UserOnline) -> Option<Online> {
         user: UserId::new(&o.user).ok()?,
         connections: o.connections,
         team: TeamId::new(&o.team).ok(),
+        since_ms: o.online_since_ms,
     })
 }
 
@@ -145,17 +146,18 @@ fn report(kind: Kind) -> Option<Report> {
 
 impl PresenceService {
     /// A service for presence-ring node `node`; its ticker and ring follower run on `tracker`
-    /// until `cancel`. `authorizer` refuses a session opened as another gateway (the one its
+    /// until `cancel`; presence changes also go to `hooks` (`presence_changed`). `authorizer` refuses a session opened as another gateway (the one its
     /// server's layer uses, so that refusals are counted together).
     pub fn start(
         node: NodeId,
         ring: RingWatcher,
         (grace, gateway_lease): (Duration, Duration),
         authorizer: Authorizer,
+        hooks: mesh_hooks::Webhooks,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        let sessions = Arc::new(Sessions::new(grace, SESSION_QUEUE));
+        let sessions = Arc::new(Sessions::new(grace, SESSION_QUEUE).with_webhooks(hooks));
         // It owns the users of the ring it has now (none, before the first): a gateway that
         // hears of a newer ring first is not answered from half the reports.
         sessions.follow_ring(&node, None, &ring.current(), Instant::now());
@@ -311,6 +313,7 @@ mod tests {
             user: "not valid".into(),
             connections: 1,
             team: "T1".into(),
+            ..Default::default()
         });
         assert_eq!(report(online), None);
         // A team that does not parse, or none, is no team; the report still counts.
@@ -319,11 +322,13 @@ mod tests {
                 user: "U1".into(),
                 connections: 1,
                 team: team.into(),
+                ..Default::default()
             });
             let want = Online {
                 user: UserId::new("U1").unwrap(),
                 connections: 1,
                 team: None,
+                since_ms: 0,
             };
             assert_eq!(report(online), Some(Report::Online(want)));
         }

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod hooks;
 pub mod quota;
 pub mod run;
 pub mod sessions;
@@ -56,6 +57,9 @@ pub enum Error {
     /// The `--presence-ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(ring_client::Error),
+    /// The webhook flags cannot be used (`--webhook-url` without the secret, a bad URL).
+    #[error(transparent)]
+    Webhooks(#[from] mesh_hooks::HooksError),
 }
 
 /// Serves a presence server on `listener`, registered on the presence ring, until `cancel`.
@@ -65,6 +69,10 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let local: SocketAddr = listener.local_addr()?;
+    let hooks = config
+        .webhooks
+        .start("presence-server", &config.telemetry, cancel.clone())?;
+
     let addr = config
         .advertise
         .clone()
@@ -77,6 +85,7 @@ pub async fn serve(
         ring,
         (config.grace, config.gateway_lease),
         authorizer.clone(),
+        hooks.clone(),
         &tracker,
         cancel.clone(),
     );
@@ -109,6 +118,8 @@ pub async fn serve(
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
+    // Its last flush (bounded by the sender's own deadline).
+    hooks.finished().await;
     match result {
         Ok(r) => r.map_err(Error::from),
         Err(join) => Err(Error::Io(std::io::Error::other(join.to_string()))),

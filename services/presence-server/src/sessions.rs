@@ -3,6 +3,10 @@
 //! presence changes of the users it watches and answers to its connection requests. A session
 //! whose queue is full is cut off: it reconnects and sends a fresh snapshot.
 //!
+//! Every change of a user's published presence goes to the `presence_changed` webhook, emitted
+//! under the state's lock so that each user's events are queued in the order they happened
+//! (emitting never waits).
+//!
 //! Locks (state, quotas, queues) are taken one at a time and never across an await.
 
 use std::collections::HashMap;
@@ -11,7 +15,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mesh_core::{ChannelId, IdError, NodeId, Ring, SLOT_COUNT, Slot, TeamId, UserId};
+use mesh_hooks::Webhooks;
 use tokio::sync::mpsc;
+
+use crate::hooks::presence_changed;
 
 use crate::quota::{Quotas, Refusal};
 use crate::state::{Notice, Notices, Online, Presence, SessionId};
@@ -97,6 +104,8 @@ pub struct Sessions<M> {
     next_session: AtomicU64,
     /// Messages queued per session before it is cut off.
     queue: usize,
+    /// Where `presence_changed` events go (disabled: nowhere).
+    hooks: Webhooks,
 }
 
 impl<M: Outbound> Sessions<M> {
@@ -109,7 +118,28 @@ impl<M: Outbound> Sessions<M> {
             queues: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             queue,
+            hooks: Webhooks::disabled(),
         }
+    }
+
+    /// These sessions, telling every change of a user's presence to `hooks`.
+    pub fn with_webhooks(self, hooks: Webhooks) -> Self {
+        Sessions { hooks, ..self }
+    }
+
+    /// Runs `f` on the state, then emits the presence changes it made, still under the lock
+    /// (so that each user's are queued in order).
+    fn with_state<T>(&self, f: impl FnOnce(&mut Presence) -> T) -> T {
+        let mut state = self.state();
+        let out = f(&mut state);
+        let changes = state.take_changes();
+        if self.hooks.is_enabled() && !changes.is_empty() {
+            let now = mesh_hooks::webhooks::delivery::now_ms();
+            for change in &changes {
+                self.hooks.emit(presence_changed(change, now));
+            }
+        }
+        out
     }
 
     fn state(&self) -> MutexGuard<'_, Presence> {
@@ -144,7 +174,7 @@ impl<M: Outbound> Sessions<M> {
         let removed = self.queues().remove(&session);
         if removed.is_some() {
             self.quotas().drop_session(session);
-            let notices = self.state().drop_session(session, now);
+            let notices = self.with_state(|s| s.drop_session(session, now));
             self.deliver(notices, now);
         }
     }
@@ -173,7 +203,7 @@ impl<M: Outbound> Sessions<M> {
 
     /// Publishes what is due at `now`: aways past their grace, the end of warming.
     pub fn tick(&self, now: Instant) {
-        let notices = self.state().tick(now);
+        let notices = self.with_state(|s| s.tick(now));
         self.deliver(notices, now);
     }
 
@@ -190,9 +220,9 @@ impl<M: Outbound> Sessions<M> {
             } => {
                 self.quotas().replace(session, teams, &pending_acquires);
                 tracing::debug!(session, %gateway, "gateway snapshot");
-                self.state().snapshot(session, online, manual, watched, now)
+                self.with_state(|s| s.snapshot(session, online, manual, watched, now))
             }
-            Report::Online(online) => self.state().online(session, &online, now),
+            Report::Online(online) => self.with_state(|s| s.online(session, &online, now)),
             Report::Watch(users) => {
                 let answer = self.state().watch(session, &users);
                 let mut notices = Notices::new();
@@ -209,7 +239,7 @@ impl<M: Outbound> Sessions<M> {
                 user,
                 away,
                 set_at_ms,
-            } => self.state().manual(&user, away, set_at_ms, now),
+            } => self.with_state(|s| s.manual(&user, away, set_at_ms, now)),
             Report::Acquire(acquire) => {
                 self.acquire(session, &acquire, now);
                 Notices::new()
@@ -261,8 +291,7 @@ impl<M: Outbound> Sessions<M> {
         let mine = |r: &Ring, s: Slot| r.owner(s).is_some_and(|n| &n.id == node);
         let gained =
             (0..SLOT_COUNT as Slot).any(|s| mine(ring, s) && !before.is_some_and(|b| mine(b, s)));
-        self.state()
-            .rebalance(|s| mine(ring, s), gained, now, crate::WARM_UP);
+        self.with_state(|state| state.rebalance(|s| mine(ring, s), gained, now, crate::WARM_UP));
         self.quotas().retain(|team| {
             ring.owner_of(&ChannelId::from(team))
                 .is_some_and(|n| &n.id == node)

@@ -12,6 +12,14 @@
 //! say about that user is held (as while warming up) until a ring gives it the user (then it
 //! warms up and says it once) or it is forgotten with the ring that says it is not ours.
 //!
+//! Every change of what watchers hear (a user's published presence) is also kept as a
+//! [`Change`] for the `presence_changed` webhook, taken with [`Presence::take_changes`]: when
+//! it is published (active at once, away after the grace), and, when warming up ends, once
+//! more for each connected user whose state was held (a takeover re-announces the users who
+//! stayed connected). Each change carries the time its state began as the gateways know it
+//! (the user's oldest live connection, or the manual setting's time), so that two servers
+//! announcing the same fact give it the same id.
+//!
 //! Each user's team comes with the reports of their connections (the gateway read it from the
 //! user's token) and goes out with every answer and change, so that a gateway shows a user's
 //! presence only to clients of the same team. It is kept while the user is tracked, then
@@ -44,6 +52,19 @@ pub struct Notice {
 /// Presence changes to send, per session.
 pub type Notices = HashMap<SessionId, Vec<Notice>>;
 
+/// A change of a user's published presence, for the `presence_changed` webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub user: UserId,
+    pub active: bool,
+    pub team: Option<TeamId>,
+    /// When the user's new state began, as the gateways report it (Unix ms): the start of
+    /// their oldest live connection (or of their manual "back") for active, the manual
+    /// setting's time for away by hand. `None` for away after the grace (and when no gateway
+    /// says): a fact only this server knows.
+    pub since_ms: Option<u64>,
+}
+
 /// A user's connections on one gateway, as its session reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Online {
@@ -52,12 +73,16 @@ pub struct Online {
     pub connections: u32,
     /// The user's team, from their token (`None`: a gateway that does not say).
     pub team: Option<TeamId>,
+    /// When their oldest live connection there began (Unix ms; 0: the gateway does not say).
+    pub since_ms: u64,
 }
 
 #[derive(Debug, Default)]
 struct Session {
     /// Live connections per user on that gateway.
     online: HashMap<UserId, u32>,
+    /// When each of those users' oldest live connection there began (Unix ms), when said.
+    since_ms: HashMap<UserId, u64>,
     watched: HashSet<UserId>,
 }
 
@@ -110,6 +135,8 @@ pub struct Presence {
     /// Per slot, whether this server owns it in the newest ring it has seen (`None`: told of
     /// no ring, every user counts as owned).
     owned: Option<Box<[bool]>>,
+    /// Published changes not taken yet (see [`Presence::take_changes`]).
+    changes: Vec<Change>,
 }
 
 impl Presence {
@@ -122,6 +149,47 @@ impl Presence {
             warm_until: None,
             dirty: HashSet::new(),
             owned: None,
+            changes: Vec::new(),
+        }
+    }
+
+    /// The changes published since the last call, in order.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// When `user`'s being active began, as the gateways report it: their oldest live
+    /// connection's start, or their manual "back" if later.
+    fn active_since(&self, user: &UserId) -> Option<u64> {
+        let connected = self
+            .sessions
+            .values()
+            .filter_map(|s| s.since_ms.get(user).copied())
+            .filter(|&t| t > 0)
+            .min()?;
+        let back = match self.users.get(user).and_then(|u| u.manual) {
+            Some((false, at)) => at,
+            _ => 0,
+        };
+        Some(connected.max(back))
+    }
+
+    /// The change that says `user` is `active` now.
+    fn change(&self, user: &UserId, active: bool) -> Change {
+        let u = self.users.get(user);
+        let since_ms = if active {
+            self.active_since(user)
+        } else {
+            match u.and_then(|u| u.manual) {
+                Some((true, at)) => Some(at),
+                _ => None,
+            }
+        };
+        Change {
+            user: user.clone(),
+            active,
+            team: u.and_then(|u| u.team.clone()),
+            since_ms,
         }
     }
 
@@ -245,8 +313,12 @@ impl Presence {
         let was = s.online.get(user).copied().unwrap_or(0) > 0;
         if n > 0 {
             s.online.insert(user.clone(), n);
+            if report.since_ms > 0 {
+                s.since_ms.insert(user.clone(), report.since_ms);
+            }
         } else {
             s.online.remove(user);
+            s.since_ms.remove(user);
         }
         match (was, n > 0) {
             (false, true) => self.adjust(user, 1, now, notices),
@@ -290,6 +362,8 @@ impl Presence {
                 self.dirty.insert(user.clone());
             } else {
                 notify(notices, u, user, false);
+                let change = self.change(user, false);
+                self.changes.push(change);
             }
         }
         self.settle(user, now, notices);
@@ -312,6 +386,8 @@ impl Presence {
                 self.dirty.insert(user.clone());
             } else {
                 notify(notices, u, user, true);
+                let change = self.change(user, true);
+                self.changes.push(change);
             }
         } else if u.published.is_none() {
             u.published = Some(false);
@@ -392,6 +468,12 @@ impl Presence {
                 if let Some(u) = self.users.get(&user) {
                     let active = u.published.unwrap_or(false);
                     notify(&mut notices, u, &user, active);
+                    // A connected user's state is (re-)announced: what another server said
+                    // before a takeover may have been lost with it (same fact, same id).
+                    if u.online_in > 0 {
+                        let change = self.change(&user, active);
+                        self.changes.push(change);
+                    }
                 }
             }
         }
@@ -413,6 +495,12 @@ impl Presence {
             if !u.computed() {
                 u.published = Some(false);
                 notify(&mut notices, u, &user, false);
+                self.changes.push(Change {
+                    user: user.clone(),
+                    active: false,
+                    team: u.team.clone(),
+                    since_ms: None,
+                });
                 self.forget_if_unneeded(&user);
             }
         }
@@ -443,6 +531,7 @@ impl Presence {
         }
         for s in self.sessions.values_mut() {
             s.online.retain(|user, _| owned(user));
+            s.since_ms.retain(|user, _| owned(user));
             s.watched.retain(|user| owned(user));
         }
         self.dirty.retain(|user| owned(user));
@@ -510,6 +599,7 @@ mod tests {
             user: u(user),
             connections: n,
             team: Some(TeamId::new("T1").unwrap()),
+            since_ms: 0,
         }
     }
 
@@ -670,6 +760,93 @@ mod tests {
         p.unwatch(1, &[u("UB")]);
         p.rebalance(|_| false, false, t0, Duration::ZERO);
         assert_eq!(team_of(&p, "UB"), None);
+    }
+
+    /// `user` of team T1 has `n` connections on a gateway, the oldest since `since_ms`.
+    fn on_since(user: &str, n: u32, since_ms: u64) -> Online {
+        Online {
+            since_ms,
+            ..on(user, n)
+        }
+    }
+
+    /// What the changes say: (user, active, since).
+    fn changed(p: &mut Presence) -> Vec<(String, bool, Option<u64>)> {
+        p.take_changes()
+            .into_iter()
+            .map(|c| (c.user.to_string(), c.active, c.since_ms))
+            .collect()
+    }
+
+    #[test]
+    fn every_published_change_is_kept_for_the_webhook_with_when_its_state_began() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(GRACE);
+        p.snapshot(1, vec![], vec![], vec![], t0);
+        p.snapshot(2, vec![], vec![], vec![], t0);
+        // Watched or not, a connect is a change: active since the connection began.
+        p.online(1, &on_since("UB", 1, 1000), t0);
+        assert_eq!(changed(&mut p), vec![("UB".into(), true, Some(1000))]);
+        assert_eq!(p.take_changes(), vec![], "taken once");
+        // Another gateway, a second device, a reconnect within the grace: nothing.
+        p.online(2, &on_since("UB", 1, 1500), t0);
+        p.online(1, &on_since("UB", 0, 0), t0);
+        p.online(1, &on_since("UB", 1, 1600), t0);
+        assert!(p.tick(t0 + GRACE * 2).is_empty());
+        assert_eq!(changed(&mut p), vec![]);
+        // Away and back by hand: at once, at the settings' times.
+        p.manual(&u("UB"), true, 2000, t0);
+        p.manual(&u("UB"), false, 3000, t0);
+        assert_eq!(
+            changed(&mut p),
+            vec![
+                ("UB".into(), false, Some(2000)),
+                ("UB".into(), true, Some(3000))
+            ]
+        );
+        // Gone: away after the grace, a fact only this server knows.
+        p.drop_session(1, t0);
+        p.drop_session(2, t0);
+        assert_eq!(changed(&mut p), vec![]);
+        p.tick(t0 + GRACE);
+        assert_eq!(changed(&mut p), vec![("UB".into(), false, None)]);
+    }
+
+    #[test]
+    fn a_takeover_retells_each_connected_user_as_first_told_and_no_one_else() {
+        let t0 = Instant::now();
+        let warm = Duration::from_millis(500);
+        // The first owner: UB connects (since 1000), UC by hand away (at 2000).
+        let mut first = Presence::new(GRACE);
+        first.snapshot(1, vec![on_since("UB", 1, 1000)], vec![], vec![], t0);
+        first.snapshot(2, vec![on_since("UC", 1, 900)], vec![], vec![], t0);
+        first.manual(&u("UC"), true, 2000, t0);
+        let told = changed(&mut first);
+        // Its successor hears the gateways' snapshots while warming: nothing until it ends,
+        // then each connected user once, with the ids' facts the first owner used; a watched
+        // user who is offline is not announced.
+        let mut next = Presence::new(GRACE);
+        next.rebalance(|_| true, true, t0, warm);
+        next.snapshot(1, vec![on_since("UB", 1, 1000)], vec![], vec![u("UD")], t0);
+        next.snapshot(
+            2,
+            vec![on_since("UC", 1, 900)],
+            vec![(u("UC"), true, 2000)],
+            vec![],
+            t0,
+        );
+        assert_eq!(changed(&mut next), vec![]);
+        next.tick(t0 + warm);
+        let mut retold = changed(&mut next);
+        retold.sort();
+        let mut expected: Vec<_> = told
+            .into_iter()
+            .filter(|(user, ..)| user == "UB" || user == "UC")
+            .collect();
+        // UC's last word was away by hand.
+        expected.retain(|c| c != &("UC".to_string(), true, Some(900)));
+        expected.sort();
+        assert_eq!(retold, expected);
     }
 
     #[test]

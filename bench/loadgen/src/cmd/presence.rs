@@ -173,6 +173,7 @@ async fn presence(args: &Args) -> anyhow::Result<PresenceReport> {
                 connections: 1,
                 // As a gateway reports it: the server keeps each user's team.
                 team: "TBENCH".into(),
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

@@ -120,7 +120,7 @@ impl Connection {
                 None,
             );
             frames.text(&error.render());
-            let close = close_frame(Close::SubscribeTimeout);
+            let close = close_frame(Close::SubscribeTimeout, None);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(&mut frames, close)).await;
             ctx.hub.leave(conn, &initial);
             return None;
@@ -303,7 +303,10 @@ impl Connection {
     /// connection out of the hub, the region and presence.
     async fn teardown(mut self, close: Option<Close>) {
         if let Some(close) = close {
-            writer::close(&mut self.socket, &mut self.frames, close).await;
+            // The closer's text (a disconnect's) goes with the closer's own reason only.
+            let closer = self.closer.clone();
+            let text = closer.text().filter(|_| closer.reason() == Some(close));
+            writer::close(&mut self.socket, &mut self.frames, close, text).await;
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close()).await;
         let (ctx, conn) = (&self.ctx, self.conn);

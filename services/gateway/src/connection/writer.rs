@@ -55,11 +55,17 @@ pub(super) async fn write(
     }
 }
 
-/// The close frame for `close`: its code and reason text.
-pub(super) fn close_frame(close: Close) -> Message {
+/// The close frame for `close`: its code and reason text (`text` when given: a disconnect's,
+/// already cut to fit).
+pub(super) fn close_frame(close: Close, text: Option<&str>) -> Message {
+    use tokio_tungstenite::tungstenite::Utf8Bytes;
+    let reason = match text {
+        Some(text) => Utf8Bytes::from(crate::close::close_text(text, crate::close::MAX_CLOSE_TEXT)),
+        None => Utf8Bytes::from_static(close.reason()),
+    };
     Message::Close(Some(CloseFrame {
         code: close.code().into(),
-        reason: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(close.reason()),
+        reason,
     }))
 }
 
@@ -68,9 +74,15 @@ pub(super) fn close_frame(close: Close) -> Message {
 /// unread input would reset it, and the client would lose our close frame, and its code, with
 /// the reset. What was being written when the close came is finished first, so the close
 /// frame does not land inside a text frame.
-pub(super) async fn close(socket: &mut ClientSocket, frames: &mut Outgoing, close: Close) {
+pub(super) async fn close(
+    socket: &mut ClientSocket,
+    frames: &mut Outgoing,
+    close: Close,
+    text: Option<&str>,
+) {
     use futures::StreamExt;
-    let sent = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frames, close_frame(close))).await;
+    let frame = close_frame(close, text);
+    let sent = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frames, frame)).await;
     if matches!(sent, Ok(Ok(()))) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Some(Ok(msg)) = socket.next().await {

@@ -64,6 +64,7 @@ impl State {
                     user: u.to_string(),
                     connections: here.connections,
                     team: here.team.to_string(),
+                    online_since_ms: here.since_ms,
                 })
                 .collect(),
             manual: self
@@ -275,6 +276,11 @@ impl PresenceHub {
                 user: sink.user.to_string(),
                 connections: 1,
                 team: team.to_string(),
+                online_since_ms: state
+                    .reports
+                    .online
+                    .get(&sink.user)
+                    .map_or(0, |here| here.since_ms),
             };
             self.send(&mut state, &sink.user, Kind::Online(online));
         }
@@ -290,6 +296,7 @@ impl PresenceHub {
                 user: user.to_string(),
                 connections: 0,
                 team: String::new(),
+                online_since_ms: 0,
             };
             self.send(&mut state, user, Kind::Online(online));
         }

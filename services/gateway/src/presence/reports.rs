@@ -12,6 +12,9 @@ pub(super) struct Here {
     pub(super) connections: u32,
     /// The team of the user's newest connection.
     pub(super) team: TeamId,
+    /// When the first of these connections began (Unix ms): presence servers derive their
+    /// webhook event ids from it.
+    pub(super) since_ms: u64,
 }
 
 /// The users connected here, as presence servers are told.
@@ -27,9 +30,10 @@ impl Reports {
     /// One more connection of `user`, of `team`; true when it is the first: the user is online
     /// here now.
     pub(super) fn connected(&mut self, user: &UserId, team: &TeamId) -> bool {
-        let here = self.online.entry(user.clone()).or_insert(Here {
+        let here = self.online.entry(user.clone()).or_insert_with(|| Here {
             connections: 0,
             team: team.clone(),
+            since_ms: unix_ms(),
         });
         here.connections += 1;
         here.team = team.clone();
@@ -58,6 +62,13 @@ impl Reports {
     }
 }
 
+/// Milliseconds since the Unix epoch now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,8 +84,10 @@ mod tests {
         let here = Here {
             connections: 1,
             team: t1,
+            since_ms: reports.online[&u1].since_ms,
         };
         assert_eq!(reports.online[&u1], here);
+        assert!(here.since_ms > 0);
         assert!(reports.disconnected(&u1));
         assert!(reports.online.is_empty() && reports.manual.is_empty());
         // A user never seen (or already gone) changes nothing.

@@ -49,9 +49,12 @@ impl Reporter {
                 _ = self.cancel.cancelled() => return,
                 _ = report.tick() => {
                     let (revocations_generation, revocations_version) = region.revocations_held();
+                    let (disconnects_generation, disconnects_version) = region.disconnects_held();
                     let request = GatewayReport {
                         revocations_generation,
                         revocations_version,
+                        disconnects_generation,
+                        disconnects_version,
                         gateway: self.gateway.clone(),
                         region: self.region.clone(),
                         url: self.url.clone(),

@@ -1,5 +1,6 @@
 //! What this gateway knows of its region, as the ring manager's directives say it: whether the
-//! region drains (and where to send clients meanwhile), the revoked tokens; and what it can do
+//! region drains (and where to send clients meanwhile), the revoked tokens, the web app's
+//! disconnect orders; and what it can do
 //! about it: the open connections it can close, the cursors of goodbye'd connections kept for
 //! their reconnect. State only: the report task talks to the ring manager.
 
@@ -8,12 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mesh_core::{ChannelId, Ts, UserId};
+use mesh_core::{ChannelId, TeamId, Ts, UserId};
 use mesh_proto::ring::GatewayDirective;
 use mesh_telemetry::prometheus::IntCounter;
 use reqwest::Url;
 
 use super::allow::RedirectAllow;
+use super::disconnects::{Disconnects, Order};
 
 use crate::close::{Close, Closer};
 use crate::vocab::ConnId;
@@ -55,6 +57,8 @@ pub struct RegionState {
     revoked: Mutex<Revoked>,
     /// The `jti` of each open connection's token, for closing revoked ones.
     conn_jtis: Mutex<HashMap<ConnId, String>>,
+    /// The web app's disconnect orders, and each connection's user and team to match them.
+    disconnects: Mutex<Disconnects>,
 }
 
 /// The revocation list a gateway holds.
@@ -76,6 +80,13 @@ fn unix_now() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes connection `conn` for disconnect `order`, with its reason text.
+fn disconnect(conn: ConnId, closer: &Closer, order: &Order) {
+    if closer.close_saying(order.close(), Some(&order.reason)) {
+        tracing::info!(conn, user = %order.user, reconnect = order.reconnect, "closing a connection the web app disconnected");
+    }
 }
 
 impl RegionState {
@@ -155,12 +166,52 @@ impl RegionState {
         if jti.is_some_and(|j| self.is_revoked(&j)) && closer.close(Close::Revoked) {
             tracing::info!(conn, "closing a connection whose token was revoked");
         }
+        // A disconnect that arrived while it was opening found no closer either.
+        let pending = lock(&self.disconnects).pending_for(conn).cloned();
+        if let Some(order) = pending {
+            disconnect(conn, &closer, &order);
+        }
     }
 
     /// Connection `conn` ended.
     pub fn unregister(&self, conn: ConnId) {
         lock(&self.conns).remove(&conn);
         lock(&self.conn_jtis).remove(&conn);
+        lock(&self.disconnects).closed(conn);
+    }
+
+    /// Notes the user and team of connection `conn` as its WebSocket opens (before it
+    /// registers), so that a disconnect order arriving from now on closes it.
+    pub fn track_user(&self, conn: ConnId, user: UserId, team: TeamId) {
+        lock(&self.disconnects).opened(conn, user, team, Instant::now());
+    }
+
+    /// The (generation, version) of the disconnect orders taken, for the report.
+    pub(super) fn disconnects_held(&self) -> (u64, u64) {
+        lock(&self.disconnects).held()
+    }
+
+    /// Takes a directive's disconnect orders and closes the open connections they match.
+    fn apply_disconnects(&self, directive: &GatewayDirective) {
+        let orders = directive
+            .disconnects
+            .iter()
+            .filter_map(Order::from_proto)
+            .collect();
+        let held = (
+            directive.disconnects_generation,
+            directive.disconnects_version,
+        );
+        let doomed = lock(&self.disconnects).take(held, orders, Instant::now());
+        if doomed.is_empty() {
+            return;
+        }
+        let conns = lock(&self.conns);
+        for (conn, order) in doomed {
+            if let Some(closer) = conns.get(&conn) {
+                disconnect(conn, closer, &order);
+            }
+        }
     }
 
     /// Notes the `jti` of connection `conn`'s token (before it registers), so that revoking it
@@ -192,6 +243,7 @@ impl RegionState {
     /// clients, and the revocations.
     pub(super) fn apply(&self, directive: &GatewayDirective) {
         self.apply_revocations(directive);
+        self.apply_disconnects(directive);
         let was = self.draining.swap(directive.draining, Ordering::Relaxed);
         if was != directive.draining {
             tracing::info!(draining = directive.draining, rate = directive.rate, redirect = ?directive.redirect, "region drain state changed");
@@ -350,6 +402,48 @@ mod tests {
         region.apply(&revoke(&["j2"], unix_now().saturating_sub(1)));
         assert_eq!(b.reason(), None);
         assert_eq!(region.revoked_count(), 1);
+    }
+
+    #[test]
+    fn a_disconnect_order_closes_the_users_open_and_opening_connections_with_its_reason() {
+        use mesh_proto::ring::DisconnectOrder;
+        let region = RegionState::default();
+        let (u1, u2) = (UserId::new("U1").unwrap(), UserId::new("U2").unwrap());
+        let (t1, t2) = (TeamId::new("T1").unwrap(), TeamId::new("T2").unwrap());
+        let closers: Vec<Arc<Closer>> = (0..4).map(|_| Arc::new(Closer::default())).collect();
+        region.track_user(0, u1.clone(), t1.clone());
+        region.track_user(1, u1.clone(), t2.clone());
+        region.track_user(2, u2.clone(), t1.clone());
+        // Connection 3 is still opening (tracked, not registered) when the order comes.
+        region.track_user(3, u1.clone(), t1.clone());
+        for (conn, closer) in closers.iter().take(3).enumerate() {
+            region.register(conn as ConnId, closer.clone());
+        }
+        region.apply(&GatewayDirective {
+            disconnects: vec![DisconnectOrder {
+                user: "U1".into(),
+                team: "T1".into(),
+                reason: "account suspended".into(),
+                reconnect: false,
+                issued_at_ms: 1,
+            }],
+            disconnects_generation: 9,
+            disconnects_version: 4,
+            ..GatewayDirective::default()
+        });
+        assert_eq!(region.disconnects_held(), (9, 4));
+        let closed = Some(Close::Disconnected { reconnect: false });
+        assert_eq!(closers[0].reason(), closed);
+        assert_eq!(closers[0].text(), Some("account suspended"));
+        assert_eq!(closers[1].reason(), None, "another team's connection stays");
+        assert_eq!(closers[2].reason(), None, "another user's connection stays");
+        region.register(3, closers[3].clone());
+        assert_eq!(closers[3].reason(), closed, "closed as it registers");
+        // A connection opened after the order is not touched.
+        let later = Arc::new(Closer::default());
+        region.track_user(4, u1, t1);
+        region.register(4, later.clone());
+        assert_eq!(later.reason(), None);
     }
 
     #[test]

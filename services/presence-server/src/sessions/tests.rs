@@ -51,6 +51,7 @@ fn online(user: &str, connections: u32) -> Report {
         user: u(user),
         connections,
         team: Some(t("T1")),
+        since_ms: 0,
     })
 }
 
