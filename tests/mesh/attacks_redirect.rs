@@ -205,6 +205,7 @@ async fn a_gateway_without_an_allowlist_forwards_nobody() {
         limits: Default::default(),
         redirect_allow: Default::default(),
         policy_file: None,
+        boot: None,
         tokens: Default::default(),
     };
     let bound = gateway::run::bind(config, "127.0.0.1:0".parse().unwrap())

@@ -76,7 +76,7 @@ impl Dev {
     }
 
     /// The flags of an embedded ring manager on port 0 with the state file `state_file`.
-    fn embedded_args(state_file: &std::path::Path) -> Vec<String> {
+    pub(crate) fn embedded_args(state_file: &std::path::Path) -> Vec<String> {
         vec![
             "--ring-manager".to_string(),
             "127.0.0.1:0".to_string(),
@@ -200,6 +200,16 @@ impl Dev {
     /// `dev --multi-process` with `extra` flags, its ring manager's state file (if any) and
     /// its state directory (see [`Dev::dir`]).
     pub fn launch(extra: &[String], state_file: PathBuf, state_dir: PathBuf) -> Dev {
+        Self::launch_with_env(extra, &[], state_file, state_dir)
+    }
+
+    /// [`Dev::launch`] with `env` set in `dev`'s environment (e.g. the webhooks' secret).
+    pub fn launch_with_env(
+        extra: &[String],
+        env: &[(&str, &str)],
+        state_file: PathBuf,
+        state_dir: PathBuf,
+    ) -> Dev {
         // Its log, to say why when it stops before it is ready.
         static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -222,6 +232,7 @@ impl Dev {
             .args(extra)
             .env("CHANNELMESH_JWT_SECRET", JWT_SECRET)
             .env("CHANNELMESH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -76,6 +76,7 @@ pub async fn public_key_gateway(
         limits: Default::default(),
         redirect_allow: Default::default(),
         policy_file: None,
+        boot: None,
         tokens: gateway::tokens::TokenConfig {
             public_keys: vec![key_path("rsa-public.pem"), key_path("ed25519-public.pem")],
             jwks: Some(key_path("jwks.json")),
@@ -210,6 +211,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         limits: Default::default(),
         redirect_allow: Default::default(),
         policy_file: None,
+        boot: None,
         tokens: gateway::tokens::TokenConfig {
             // A private key: the gateway must never be handed one.
             public_keys: vec![key_path("rsa-private.pem")],
@@ -232,6 +234,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         limits: Default::default(),
         redirect_allow: Default::default(),
         policy_file: None,
+        boot: None,
         tokens: Default::default(),
     };
     let result = gateway::serve(config, listener, CancellationToken::new()).await;

@@ -5,7 +5,9 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod handoff;
+pub mod hooks;
 pub mod idempotency;
+pub mod members;
 pub mod metrics;
 pub mod ownership;
 pub mod rates;
@@ -49,6 +51,9 @@ pub enum Error {
     /// The policy file could not be loaded at start.
     #[error(transparent)]
     Policy(#[from] mesh_policy::PolicyFileError),
+    /// The webhook flags are unusable (no secret, a bad URL).
+    #[error("webhooks: {0}")]
+    Hooks(#[from] mesh_hooks::HooksError),
 }
 
 /// Serves a channel server on `listener`, registered with the ring manager and holding its
@@ -90,6 +95,9 @@ pub async fn serve(
         });
     }
     let authorizer = mesh_transport::Authorizer::new(&config.telemetry);
+    let webhooks = config
+        .webhooks
+        .start("channel-server", &config.telemetry, cancel.clone())?;
     let service = ChannelService::new(
         ServiceConfig {
             node: config.node.clone(),
@@ -100,6 +108,8 @@ pub async fn serve(
             authorizer: authorizer.clone(),
             catch_up_rate: config.catch_up_rate,
             policies,
+            webhooks,
+            members: config.members,
         },
         ring.clone(),
         lease.clone(),

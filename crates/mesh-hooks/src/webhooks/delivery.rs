@@ -234,14 +234,19 @@ impl Worker {
             if batch.is_empty() && !self.fill(&mut batch).await {
                 break;
             }
-            match self.attempt(&batch).await {
+            // Cancel-safe: a request abandoned on cancellation keeps its events in `batch`,
+            // which the last flush sends again (same ids: at least once).
+            let outcome = tokio::select! {
+                outcome = self.attempt(&batch) => outcome,
+                _ = self.cancel.cancelled() => break,
+            };
+            match outcome {
                 Ok(()) => {
                     self.delivered(&mut batch);
                     failures = 0;
                 }
                 Err(failure) => {
                     failures += 1;
-                    self.metrics.retries.inc();
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(
                             service = self.service,
@@ -253,6 +258,9 @@ impl Worker {
                         );
                     }
                     self.expire(&mut batch);
+                    if !batch.is_empty() {
+                        self.metrics.retries.inc();
+                    }
                     let delay = backoff(&self.delivery, failures);
                     // Cancel-safe: sleeping loses nothing.
                     tokio::select! {

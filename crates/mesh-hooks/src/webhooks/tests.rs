@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::SIGNATURE_HEADER;
+use delivery::FLUSH_DEADLINE;
 
 const SECRET: &str = "test-secret";
 
@@ -26,11 +27,23 @@ struct Seen {
     /// Requests whose signature, content type or body was wrong.
     bad: usize,
     fail: bool,
+    /// Requests that arrived (whatever their answer).
+    arrived: usize,
+    /// Never answer.
+    hang: bool,
 }
 
 type Shared = Arc<Mutex<Seen>>;
 
 async fn receive(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let hang = {
+        let mut seen = seen.lock().unwrap();
+        seen.arrived += 1;
+        seen.hang
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
     let mut seen = seen.lock().unwrap();
     let signed = headers
         .get(SIGNATURE_HEADER)
@@ -244,6 +257,26 @@ async fn cancellation_flushes_what_is_held() {
         .await
         .expect("the tasks end");
     assert_eq!(received(&seen), vec![0, 1, 2]);
+}
+
+#[tokio::test]
+async fn cancellation_does_not_wait_for_a_request_that_hangs() {
+    let (url, seen) = server().await;
+    seen.lock().unwrap().hang = true;
+    let telemetry = Telemetry::default();
+    let cancel = CancellationToken::new();
+    let hooks =
+        Webhooks::start("test", delivery(&url), &telemetry, cancel.clone()).expect("starts");
+    hooks.emit(event(0));
+    until("the request", || seen.lock().unwrap().arrived == 1).await;
+    cancel.cancel();
+    // Within the last flush's deadline, not the request's 10 s timeout.
+    tokio::time::timeout(FLUSH_DEADLINE * 2, hooks.finished())
+        .await
+        .expect("the task ends");
+    let shutdown = "channelmesh_webhook_events_dropped_total{reason=\"shutdown\"}";
+    assert_eq!(metric(&telemetry, shutdown), 1.0);
+    assert_eq!(metric(&telemetry, "channelmesh_webhook_queue_depth"), 0.0);
 }
 
 #[test]

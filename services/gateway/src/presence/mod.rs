@@ -48,8 +48,13 @@ struct State {
 }
 
 impl State {
-    /// Everything gateway `gateway` reports to `node` under `ring`.
-    fn snapshot(&self, gateway: &str, ring: &Ring, node: &NodeId) -> pb::Snapshot {
+    /// Everything gateway `gateway` of `region` reports to `node` under `ring`.
+    fn snapshot(
+        &self,
+        (gateway, region): (&str, &str),
+        ring: &Ring,
+        node: &NodeId,
+    ) -> pb::Snapshot {
         let mine = |u: &UserId| owner(ring, u).is_some_and(|(n, _)| &n == node);
         let team_is_mine =
             |team: &TeamId| owner_of(ring, &ChannelId::from(team)).is_some_and(|(n, _)| &n == node);
@@ -60,12 +65,7 @@ impl State {
                 .online
                 .iter()
                 .filter(|(u, _)| mine(u))
-                .map(|(u, here)| pb::UserOnline {
-                    user: u.to_string(),
-                    connections: here.connections,
-                    team: here.team.to_string(),
-                    online_since_ms: here.since_ms,
-                })
+                .map(|(u, here)| user_online(u, Some(here)))
                 .collect(),
             manual: self
                 .reports
@@ -100,6 +100,7 @@ impl State {
                 .filter(|(_, team)| team_is_mine(team))
                 .map(|(request, _)| request)
                 .collect(),
+            region: region.to_string(),
         }
     }
 
@@ -125,6 +126,34 @@ impl State {
     }
 }
 
+/// What is reported of `user`'s connections here (`None`: none left): the count, the team,
+/// and each connection (the oldest [`reports::MAX_DETAILED`]).
+fn user_online(user: &UserId, here: Option<&reports::Here>) -> pb::UserOnline {
+    pb::UserOnline {
+        user: user.to_string(),
+        connections: here.map_or(0, |h| h.connections),
+        team: here.map(|h| h.team.to_string()).unwrap_or_default(),
+        online_since_ms: here.map_or(0, |h| h.since_ms),
+        details: here
+            .iter()
+            .flat_map(|h| h.conns.iter().take(reports::MAX_DETAILED))
+            .map(|c| pb::ConnectionDetail {
+                conn: c.id,
+                team: c.team.to_string(),
+                connected_at_ms: c.at_ms,
+            })
+            .collect(),
+    }
+}
+
+/// Now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A connection counted against its team's cap; dropping it releases the count.
 #[derive(Debug)]
 pub struct TeamSlot {
@@ -148,6 +177,8 @@ pub struct PresenceHub {
 #[derive(Debug)]
 struct Inner {
     gateway: String,
+    /// The gateway's region, reported with its connections.
+    region: String,
     ring: RingWatcher,
     state: Mutex<State>,
     /// Channels to presence servers for queries (`lookup`), reused across calls.
@@ -159,10 +190,10 @@ struct Inner {
 }
 
 impl PresenceHub {
-    /// Presence for gateway `gateway`, following the presence ring `ring`; what is withheld
-    /// from clients is counted in `withheld`.
+    /// Presence for gateway `gateway` of `region`, following the presence ring `ring`; what is
+    /// withheld from clients is counted in `withheld`.
     pub fn new(
-        gateway: String,
+        (gateway, region): (String, String),
         ring: RingWatcher,
         withheld: IntCounter,
         tracker: TaskTracker,
@@ -171,6 +202,7 @@ impl PresenceHub {
         let hub = PresenceHub {
             inner: Arc::new(Inner {
                 gateway,
+                region,
                 ring,
                 state: Mutex::new(State::default()),
                 channels: presence_client::Pool::new(),
@@ -245,7 +277,7 @@ impl PresenceHub {
         let owners = state.owners(ring);
         state.sessions.retain(|node, _| owners.contains_key(node));
         for (node, addr) in owners {
-            let snapshot = state.snapshot(&self.inner.gateway, ring, &node);
+            let snapshot = state.snapshot(self.me(), ring, &node);
             match state.sessions.get(&node) {
                 Some(tx) if tx.try_send(Kind::Snapshot(snapshot)).is_ok() => {}
                 _ => {
@@ -267,23 +299,21 @@ impl PresenceHub {
         )
     }
 
-    /// A connection of `sink.user`, of `team`, opened (after `hello`).
+    /// This gateway's id and region.
+    fn me(&self) -> (&str, &str) {
+        (&self.inner.gateway, &self.inner.region)
+    }
+
+    /// A connection of `sink.user`, of `team`, opened (after `hello`). Every connection is
+    /// reported (not only the user's first), with its team and opening time.
     pub fn connected(&self, sink: &ConnSink, team: &TeamId, batch: bool) {
         let mut state = self.state();
         state.watchers.connected(sink, team, batch);
-        if state.reports.connected(&sink.user, team) {
-            let online = pb::UserOnline {
-                user: sink.user.to_string(),
-                connections: 1,
-                team: team.to_string(),
-                online_since_ms: state
-                    .reports
-                    .online
-                    .get(&sink.user)
-                    .map_or(0, |here| here.since_ms),
-            };
-            self.send(&mut state, &sink.user, Kind::Online(online));
-        }
+        state
+            .reports
+            .connected(sink.id, &sink.user, team, unix_ms());
+        let online = user_online(&sink.user, state.reports.online.get(&sink.user));
+        self.send(&mut state, &sink.user, Kind::Online(online));
     }
 
     /// Connection `conn` of `user` closed.
@@ -291,13 +321,10 @@ impl PresenceHub {
         let mut state = self.state();
         let unwatched = state.watchers.disconnected(conn);
         self.unwatch(&mut state, unwatched);
-        if state.reports.disconnected(user) {
-            let online = pb::UserOnline {
-                user: user.to_string(),
-                connections: 0,
-                team: String::new(),
-                online_since_ms: 0,
-            };
+        let was_here = state.reports.online.contains_key(user);
+        state.reports.disconnected(conn, user);
+        if was_here {
+            let online = user_online(user, state.reports.online.get(user));
             self.send(&mut state, user, Kind::Online(online));
         }
     }
@@ -431,7 +458,7 @@ impl session::Peer for PresenceHub {
             }
         }
         let ring = self.inner.ring.current();
-        let snapshot = state.snapshot(&self.inner.gateway, &ring, node);
+        let snapshot = state.snapshot(self.me(), &ring, node);
         std::iter::once(Kind::Snapshot(snapshot))
             .chain(acquires)
             .collect()
@@ -480,7 +507,9 @@ mod tests {
             .collect();
         let team = TeamId::new("T1").unwrap();
         for (i, user) in users.iter().enumerate() {
-            state.reports.connected(user, &team);
+            state
+                .reports
+                .connected(i as ConnId, user, &team, 100 + i as u64);
             state.reports.set_manual(user, i % 2 == 0, i as u64);
             let (tx, _) = oneshot::channel();
             let request = state.caps.ask(&team, user, tx, Instant::now());
@@ -495,8 +524,11 @@ mod tests {
 
         let mut online = 0;
         for node in ["ps1", "ps2"].map(|n| NodeId::new(n).unwrap()) {
-            let snapshot = state.snapshot("gw1", &ring, &node);
-            assert_eq!(snapshot.gateway, "gw1");
+            let snapshot = state.snapshot(("gw1", "us-east"), &ring, &node);
+            assert_eq!(
+                (snapshot.gateway.as_str(), snapshot.region.as_str()),
+                ("gw1", "us-east")
+            );
             let owned = |user: &str| {
                 owner(&ring, &UserId::new(user).unwrap()).is_some_and(|(n, _)| n == node)
             };
@@ -506,6 +538,16 @@ mod tests {
                     .iter()
                     .all(|o| owned(&o.user) && o.connections == 1 && o.team == "T1")
             );
+            // Each connection in detail: its team and when it opened.
+            assert!(snapshot.online.iter().all(|o| {
+                let i: u64 = o.user[1..].parse().unwrap();
+                let detail = pb::ConnectionDetail {
+                    conn: i,
+                    team: "T1".into(),
+                    connected_at_ms: 100 + i,
+                };
+                o.details == [detail]
+            }));
             assert!(snapshot.manual.iter().all(|m| owned(&m.user)));
             assert!(snapshot.watched.iter().all(|u| owned(u)));
             assert_eq!(snapshot.online.len(), snapshot.manual.len());
