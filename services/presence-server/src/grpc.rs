@@ -88,6 +88,7 @@ fn online(o: &pb::UserOnline) -> Option<Online> {
         connections: o.connections,
         team: TeamId::new(&o.team).ok(),
         since_ms: o.online_since_ms,
+        left_ms: o.left_ms,
     })
 }
 
@@ -120,6 +121,11 @@ fn report(kind: Kind) -> Option<Report> {
                 .collect(),
             watched: users(&s.watched),
             pending_acquires: s.pending_acquires,
+            left: s
+                .left
+                .iter()
+                .filter_map(|l| Some((UserId::new(&l.user).ok()?, l.left_ms)))
+                .collect(),
             gateway: s.gateway,
         },
         Kind::Online(o) => Report::Online(online(&o)?),
@@ -329,6 +335,7 @@ mod tests {
                 connections: 1,
                 team: None,
                 since_ms: 0,
+                left_ms: 0,
             };
             assert_eq!(report(online), Some(Report::Online(want)));
         }

@@ -65,6 +65,7 @@ impl State {
                     connections: here.connections,
                     team: here.team.to_string(),
                     online_since_ms: here.since_ms,
+                    left_ms: 0,
                 })
                 .collect(),
             manual: self
@@ -92,6 +93,15 @@ impl State {
                     team: team.to_string(),
                     user: user.to_string(),
                     connections: n,
+                })
+                .collect(),
+            left: self
+                .reports
+                .recently_left()
+                .filter(|(u, _)| mine(u))
+                .map(|(u, left_ms)| pb::UserLeft {
+                    user: u.to_string(),
+                    left_ms,
                 })
                 .collect(),
             pending_acquires: self
@@ -281,6 +291,7 @@ impl PresenceHub {
                     .online
                     .get(&sink.user)
                     .map_or(0, |here| here.since_ms),
+                left_ms: 0,
             };
             self.send(&mut state, &sink.user, Kind::Online(online));
         }
@@ -297,6 +308,7 @@ impl PresenceHub {
                 connections: 0,
                 team: String::new(),
                 online_since_ms: 0,
+                left_ms: state.reports.left_ms(user).unwrap_or_default(),
             };
             self.send(&mut state, user, Kind::Online(online));
         }

@@ -3,6 +3,7 @@
 //! (`users.setPresence`) of each.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use mesh_core::{TeamId, UserId};
 
@@ -17,11 +18,19 @@ pub(super) struct Here {
     pub(super) since_ms: u64,
 }
 
+/// How long a user whose last connection here closed is still reported as having left (in
+/// snapshots): longer than a presence server's grace plus a failover.
+pub(super) const LEFT_KEPT: Duration = Duration::from_secs(30);
+/// Users remembered as having left, at most (about 60 bytes each); past it the oldest go.
+pub(super) const LEFT_MAX: usize = 100_000;
+
 /// The users connected here, as presence servers are told.
 #[derive(Debug, Default)]
 pub(super) struct Reports {
     /// Live local connections per user.
     pub(super) online: HashMap<UserId, Here>,
+    /// Users whose last connection here closed within [`LEFT_KEPT`]: (when, Unix ms; when).
+    left: HashMap<UserId, (u64, Instant)>,
     /// The last manual setting relayed per user: (away, set at ms).
     pub(super) manual: HashMap<UserId, (bool, u64)>,
 }
@@ -37,6 +46,7 @@ impl Reports {
         });
         here.connections += 1;
         here.team = team.clone();
+        self.left.remove(user);
         here.connections == 1
     }
 
@@ -50,9 +60,46 @@ impl Reports {
         if here.connections == 0 {
             self.online.remove(user);
             self.manual.remove(user);
+            self.remember_left(user);
             return true;
         }
         false
+    }
+
+    /// Remembers that `user`'s last connection here closed now, forgetting the oldest when
+    /// [`LEFT_MAX`] are remembered.
+    fn remember_left(&mut self, user: &UserId) {
+        let now = Instant::now();
+        if self.left.len() >= LEFT_MAX {
+            self.left
+                .retain(|_, (_, at)| now.duration_since(*at) < LEFT_KEPT);
+        }
+        if self.left.len() >= LEFT_MAX
+            && let Some(oldest) = self
+                .left
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(u, _)| u.clone())
+        {
+            self.left.remove(&oldest);
+        }
+        self.left.insert(user.clone(), (unix_ms(), now));
+    }
+
+    /// When `user`'s last connection here closed (Unix ms), if within [`LEFT_KEPT`].
+    pub(super) fn left_ms(&self, user: &UserId) -> Option<u64> {
+        self.left
+            .get(user)
+            .filter(|(_, at)| at.elapsed() < LEFT_KEPT)
+            .map(|(ms, _)| *ms)
+    }
+
+    /// Users whose last connection here closed within [`LEFT_KEPT`], with when (Unix ms).
+    pub(super) fn recently_left(&self) -> impl Iterator<Item = (&UserId, u64)> {
+        self.left
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < LEFT_KEPT)
+            .map(|(user, (ms, _))| (user, *ms))
     }
 
     /// `user` set `away` (or back to automatic) at `at` ms. Kept while the user is connected
@@ -90,8 +137,13 @@ mod tests {
         assert!(here.since_ms > 0);
         assert!(reports.disconnected(&u1));
         assert!(reports.online.is_empty() && reports.manual.is_empty());
+        // Remembered as having left, until back.
+        assert!(reports.left_ms(&u1).is_some_and(|t| t >= here.since_ms));
+        assert_eq!(reports.recently_left().count(), 1);
         // A user never seen (or already gone) changes nothing.
         assert!(!reports.disconnected(&u1));
+        reports.connected(&u1, &TeamId::new("T1").unwrap());
+        assert_eq!(reports.left_ms(&u1), None);
     }
 
     #[test]

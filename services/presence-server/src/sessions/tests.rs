@@ -41,6 +41,7 @@ fn watching(watched: &[&str]) -> Report {
         manual: vec![],
         teams: vec![],
         pending_acquires: vec![],
+        left: vec![],
         watched: watched.iter().map(|w| u(w)).collect(),
     }
 }
@@ -52,6 +53,7 @@ fn online(user: &str, connections: u32) -> Report {
         connections,
         team: Some(t("T1")),
         since_ms: 0,
+        left_ms: 0,
     })
 }
 
