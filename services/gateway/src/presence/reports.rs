@@ -2,7 +2,7 @@
 //! connections each has (and the user's team, from their token), and the last manual setting
 //! (`users.setPresence`) of each.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use mesh_core::{TeamId, UserId};
@@ -21,7 +21,7 @@ pub(super) struct Here {
 /// How long a user whose last connection here closed is still reported as having left (in
 /// snapshots): longer than a presence server's grace plus a failover.
 pub(super) const LEFT_KEPT: Duration = Duration::from_secs(30);
-/// Users remembered as having left, at most (about 60 bytes each); past it the oldest go.
+/// Users remembered as having left, at most (about 100 bytes each); past it the oldest go.
 pub(super) const LEFT_MAX: usize = 100_000;
 
 /// The users connected here, as presence servers are told.
@@ -31,6 +31,9 @@ pub(super) struct Reports {
     pub(super) online: HashMap<UserId, Here>,
     /// Users whose last connection here closed within [`LEFT_KEPT`]: (when, Unix ms; when).
     left: HashMap<UserId, (u64, Instant)>,
+    /// The same leaves, oldest first (some stale: the user came back or left again), so that
+    /// the oldest are forgotten in O(1); at most [`LEFT_MAX`].
+    left_order: VecDeque<(UserId, Instant)>,
     /// The last manual setting relayed per user: (away, set at ms).
     pub(super) manual: HashMap<UserId, (bool, u64)>,
 }
@@ -70,20 +73,18 @@ impl Reports {
     /// [`LEFT_MAX`] are remembered.
     fn remember_left(&mut self, user: &UserId) {
         let now = Instant::now();
-        if self.left.len() >= LEFT_MAX {
-            self.left
-                .retain(|_, (_, at)| now.duration_since(*at) < LEFT_KEPT);
-        }
-        if self.left.len() >= LEFT_MAX
-            && let Some(oldest) = self
-                .left
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(u, _)| u.clone())
-        {
-            self.left.remove(&oldest);
+        while let Some((oldest, at)) = self.left_order.front() {
+            if self.left_order.len() < LEFT_MAX && now.duration_since(*at) < LEFT_KEPT {
+                break;
+            }
+            // Forgotten unless that user left again since (a newer entry).
+            if self.left.get(oldest).is_some_and(|(_, t)| t == at) {
+                self.left.remove(oldest);
+            }
+            self.left_order.pop_front();
         }
         self.left.insert(user.clone(), (unix_ms(), now));
+        self.left_order.push_back((user.clone(), now));
     }
 
     /// When `user`'s last connection here closed (Unix ms), if within [`LEFT_KEPT`].
@@ -144,6 +145,21 @@ mod tests {
         assert!(!reports.disconnected(&u1));
         reports.connected(&u1, &TeamId::new("T1").unwrap());
         assert_eq!(reports.left_ms(&u1), None);
+    }
+
+    #[test]
+    fn at_most_left_max_leaves_are_remembered_the_oldest_forgotten_first() {
+        let mut reports = Reports::default();
+        let team = TeamId::new("T1").unwrap();
+        for i in 0..LEFT_MAX + 10 {
+            let user = UserId::new(&format!("U{i}")).unwrap();
+            reports.connected(&user, &team);
+            reports.disconnected(&user);
+        }
+        assert!(reports.left.len() <= LEFT_MAX && reports.left_order.len() <= LEFT_MAX);
+        assert_eq!(reports.left_ms(&UserId::new("U0").unwrap()), None);
+        let newest = UserId::new(&format!("U{}", LEFT_MAX + 9)).unwrap();
+        assert!(reports.left_ms(&newest).is_some());
     }
 
     #[test]
