@@ -245,6 +245,17 @@ async fn a_receiver_with_the_wrong_secret_refuses_401_and_the_events_are_retried
     assert_eq!(received.bad_bodies, 0);
 }
 
+/// The first user `PREFIX0`, `PREFIX1`, … whom presence server `owner` owns.
+async fn user_of(dev: &Dev, prefix: &str, owner: &str) -> String {
+    for i in 0.. {
+        let user = format!("{prefix}{i}");
+        if dev.presence_owner(&user).await.0 == owner {
+            return user;
+        }
+    }
+    unreachable!("some user hashes onto every presence server")
+}
+
 #[tokio::test]
 async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_changes_arrive() {
     let receiver = WebhookReceiver::start(SECRET).await;
@@ -262,13 +273,7 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
     let users: Vec<String> = (0..8).map(|i| format!("UK{i}")).collect();
     // The victim: UK0's presence server; the leaver, another of its users.
     let (victim, pid) = dev.presence_owner("UK0").await;
-    let mut leaver = String::new();
-    for i in 0.. {
-        leaver = format!("UL{i}");
-        if dev.presence_owner(&leaver).await.0 == victim {
-            break;
-        }
-    }
+    let leaver = user_of(&dev, "UL", &victim).await;
     let mut clients = HashMap::new();
     for user in users.iter().chain([&leaver]) {
         let client = Rtm::connect(&base, &dev.token(user, &[])).await.unwrap();
@@ -346,13 +351,7 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
         held.len() - 1
     );
     let (new_owner, _) = dev.presence_owner("UK0").await;
-    let mut newcomer = String::new();
-    for i in 0.. {
-        newcomer = format!("UN{i}");
-        if dev.presence_owner(&newcomer).await.0 == new_owner {
-            break;
-        }
-    }
+    let newcomer = user_of(&dev, "UN", &new_owner).await;
     let _n = Rtm::connect(&base, &dev.token(&newcomer, &[]))
         .await
         .unwrap();
