@@ -1,5 +1,7 @@
-// The ring manager's console: renders /api/state, then follows /api/events. Read-only; every
-// string from the server goes into the page as text, never as markup.
+// The ring manager's console: renders /api/state, then follows /api/events; actions (drain,
+// undrain, disconnect a user) go to /api/actions with the operator token in its own header (kept in this page's
+// memory only), after the operator types the target to confirm. Every string from the server
+// goes into the page as text, never as markup.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -120,7 +122,8 @@ function renderNodes(state) {
       el("td", { class: "num" }, share),
       el("td", { class: "num followed" }, followed(state, node)),
       el("td", { class: "num" }, heartbeat),
-      el("td", { class: "num" }, node.pid || ""));
+      el("td", { class: "num" }, node.pid || ""),
+      el("td", {}, ...nodeActions(node)));
     body.append(row);
   }
 }
@@ -141,9 +144,113 @@ function renderRegions(state) {
       el("td", {}, el("span", { class: "badge " + (region.draining ? "draining" : "active") }, drain)),
       el("td", { class: "num" }, region.connections),
       el("td", {}, gateways),
-      el("td", {}, region.nearest.join(", "))));
+      el("td", {}, region.nearest.join(", ")),
+      el("td", {}, region.draining
+        ? actionButton("undrain_region", region.region, "undrain")
+        : actionButton("drain_region", region.region, "drain"))));
   }
 }
+
+// The buttons of a node's row: drain an active node; undrain one drained (a standby again, or
+// still draining: the ring manager then says it is not a standby yet).
+function nodeActions(node) {
+  if (node.state === "active") return [actionButton("drain_node", node.id, "drain")];
+  if (node.state === "standby" || node.state === "draining") return [actionButton("undrain_node", node.id, "undrain")];
+  return [];
+}
+
+function actionButton(action, target, label) {
+  return el("button", { type: "button", class: "action", "data-action": action, "data-target": target }, label);
+}
+
+const ACTION_TEXT = {
+  drain_node: "Drain node", undrain_node: "Undrain node (make it active again)",
+  drain_region: "Drain region", undrain_region: "Undrain region",
+  disconnect_user: "Close every connection of user",
+};
+
+function renderActions(state) {
+  const list = document.getElementById("actions");
+  list.replaceChildren();
+  const actions = state.actions || [];
+  if (actions.length === 0) {
+    list.append(el("li", { class: "muted" }, "No action taken from this console yet."));
+    return;
+  }
+  for (const a of actions) {
+    list.append(el("li", { "data-action": a.action, "data-ok": String(a.ok) },
+      el("div", {}, el("b", {}, `${a.action} ${a.target}`),
+        el("span", { class: "muted" }, ` ${fmtTime(a.at_ms)} · by ${a.operator}${a.epoch ? " · epoch " + a.epoch : ""}`)),
+      el("div", { class: a.ok ? "cause" : "cause refused" }, a.outcome)));
+  }
+}
+
+// One action at a time: the dialog asks the operator to type the target, then it is posted.
+let pending = null;
+let operatorToken = "";
+document.getElementById("operator-token").addEventListener("input", (e) => { operatorToken = e.target.value; });
+document.getElementById("operator").addEventListener("submit", (e) => e.preventDefault());
+
+function ask(request) {
+  pending = request;
+  document.getElementById("confirm-what").textContent = `${ACTION_TEXT[pending.action] || pending.action} ${pending.target}?`;
+  document.getElementById("confirm-target").textContent = pending.target;
+  const input = document.getElementById("confirm-input");
+  input.value = "";
+  document.getElementById("confirm-ok").disabled = true;
+  document.getElementById("confirm").showModal();
+  input.focus();
+}
+
+document.addEventListener("click", (e) => {
+  const button = e.target.closest("button.action[data-action]");
+  if (!button) return;
+  ask({ action: button.dataset.action, target: button.dataset.target });
+});
+
+document.getElementById("disconnect").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const user = document.getElementById("disconnect-user").value.trim();
+  if (!user) return;
+  const team = document.getElementById("disconnect-team").value.trim();
+  ask({
+    action: "disconnect_user",
+    target: user,
+    team,
+    reason: document.getElementById("disconnect-reason").value,
+    reconnect: !document.getElementById("disconnect-no-reconnect").checked,
+  });
+  if (team) document.getElementById("confirm-what").textContent += ` (team ${team} only)`;
+});
+document.getElementById("confirm-input").addEventListener("input", (e) => {
+  document.getElementById("confirm-ok").disabled = !pending || e.target.value !== pending.target;
+});
+document.getElementById("confirm-cancel").addEventListener("click", () => {
+  pending = null;
+  document.getElementById("confirm").close();
+});
+document.getElementById("confirm-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const confirmed = document.getElementById("confirm-input").value;
+  document.getElementById("confirm").close();
+  if (!pending) return;
+  const request = { ...pending, confirm: confirmed };
+  pending = null;
+  const status = document.getElementById("action-status");
+  status.textContent = `${request.action} ${request.target}…`;
+  fetch("api/actions", {
+    method: "POST",
+    cache: "no-store",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-Channelmesh-Operator-Token": operatorToken },
+    body: JSON.stringify(request),
+  })
+    .then((r) => r.json().catch(() => ({ ok: false, error: "HTTP " + r.status })))
+    .then((answer) => {
+      status.textContent = answer.ok ? `done: ${answer.outcome}` : `refused: ${answer.error}`;
+    })
+    .catch((err) => { status.textContent = "failed: " + err.message; });
+});
 
 function renderEpochs(state) {
   const list = document.getElementById("epochs");
@@ -175,6 +282,7 @@ function render(state) {
   renderNodes(state);
   renderRegions(state);
   renderEpochs(state);
+  renderActions(state);
   document.body.dataset.epoch = state.epoch;
 }
 

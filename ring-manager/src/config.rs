@@ -11,6 +11,7 @@ use ring_client::{ConsulArgs, ConsulRing};
 use crate::Config;
 use crate::Error;
 use crate::cluster::{DEFAULT_LOCK_DELAY, DEFAULT_SESSION_TTL};
+use crate::console::actions::Operators;
 use crate::server::DEFAULT_REPLICATION_FACTOR;
 
 /// Default: the address to serve gRPC on.
@@ -67,6 +68,17 @@ pub struct Args {
         default_value_t = DEFAULT_REPLICATION_FACTOR
     )]
     pub replication_factor: usize,
+    /// Who may act from the console (drain and undrain a node or a region, disconnect a user):
+    /// NAME:TOKEN (the log records NAME) or TOKEN (named `operator`), repeatable or a comma
+    /// list; the page sends it in the X-Channelmesh-Operator-Token header. None: every action
+    /// is refused.
+    #[arg(
+        long = "operator-token",
+        env = crate::console::actions::ENV_OPERATOR_TOKEN,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub operator_tokens: Vec<String>,
     #[command(flatten)]
     pub consul: ConsulArgs,
 }
@@ -116,6 +128,8 @@ pub struct ProcessConfig {
     /// Its own metrics (the refusals of its gRPC calls), served on the console's `/metrics`
     /// beside the ring's.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// Who may act from the console (none: actions are refused).
+    pub operators: Operators,
 }
 
 /// What keeps the ring.
@@ -147,6 +161,7 @@ impl ProcessConfig {
             nearest: Vec::new(),
             backend: Backend::Embedded { state_file: None },
             telemetry: mesh_telemetry::Telemetry::default(),
+            operators: Operators::default(),
         }
     }
 
@@ -188,6 +203,7 @@ impl ProcessConfig {
             nearest: args.nearest.clone(),
             backend,
             telemetry: mesh_telemetry::Telemetry::default(),
+            operators: Operators::parse(&args.operator_tokens).map_err(Error::OperatorToken)?,
         })
     }
 }

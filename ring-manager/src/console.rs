@@ -5,8 +5,10 @@
 //! elsewhere); `GET /api/state` a [`Snapshot`]; `GET /api/events` server-sent events, a new
 //! snapshot whenever the ring, a member or a region changes (at most [`MAX_EVENTS_PER_SEC`] a
 //! second per viewer); `GET /healthz` answers while the process runs, `GET /readyz` while this
-//! ring manager serves the ring (embedded, or the Consul leader). Nothing here changes the
-//! ring: operations stay in `channelmesh ctl`, which is authenticated by where it runs.
+//! ring manager serves the ring (embedded, or the Consul leader). `POST /api/actions` drains
+//! and undrains a node or a region and disconnects a user, behind an operator token and a typed confirmation, each
+//! recorded in the action log shown beside the epochs ([`actions`]); every other operation
+//! stays in `channelmesh ctl`, which is authenticated by where it runs.
 //!
 //! Off loopback, everything but `/healthz` and `/readyz` needs the HTTP token
 //! (`mesh_telemetry::access`): a browser asks for it (HTTP Basic, the token as password),
@@ -28,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+
+pub mod actions;
 
 use crate::membership::NodeState;
 use crate::regions::RegionView;
@@ -81,6 +85,10 @@ pub struct Snapshot {
     /// Slots with fewer followers than `replication_factor - 1` (too few other nodes).
     #[serde(default)]
     pub under_replicated: usize,
+    /// The console's actions (drains and undrains), newest first: who, what, when, and the
+    /// epoch after.
+    #[serde(default)]
+    pub actions: Vec<actions::ActionJson>,
 }
 
 /// A node of the ring manager.
@@ -172,6 +180,10 @@ pub struct Console {
     viewers: Arc<Semaphore>,
     /// The process's own metrics (its gRPC refusals), served after the ring's.
     metrics: Option<mesh_telemetry::Telemetry>,
+    /// Who may act (none: actions are refused).
+    operators: actions::Operators,
+    /// The actions taken through this console.
+    log: actions::ActionLog,
 }
 
 impl Console {
@@ -184,6 +196,8 @@ impl Console {
             _fixed: Some(Arc::new(tx)),
             viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
             metrics: None,
+            operators: actions::Operators::default(),
+            log: actions::ActionLog::default(),
         }
     }
 
@@ -196,12 +210,20 @@ impl Console {
             _fixed: None,
             viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
             metrics: None,
+            operators: actions::Operators::default(),
+            log: actions::ActionLog::default(),
         }
     }
 
     /// Serves `telemetry`'s metrics on `/metrics` after the ring's.
     pub fn with_metrics(mut self, telemetry: mesh_telemetry::Telemetry) -> Self {
         self.metrics = Some(telemetry);
+        self
+    }
+
+    /// Takes actions from `operators` (none: every action is refused).
+    pub fn with_operators(mut self, operators: actions::Operators) -> Self {
+        self.operators = operators;
         self
     }
 
@@ -225,6 +247,7 @@ impl Console {
                 epochs: Vec::new(),
                 replication_factor: 0,
                 under_replicated: 0,
+                actions: self.log.entries(),
             };
         };
         let replication_factor = manager.config().replication_factor;
@@ -279,6 +302,7 @@ impl Console {
                 .collect(),
             under_replicated: under_replicated(&ring, replication_factor),
             replication_factor,
+            actions: self.log.entries(),
         }
     }
 }
@@ -369,6 +393,12 @@ pub fn router(console: Console, cancel: CancellationToken) -> Router {
         )
         .route("/api/state", get(state_json))
         .route("/api/events", get(events))
+        .route(
+            "/api/actions",
+            axum::routing::post(act).layer(axum::extract::DefaultBodyLimit::max(
+                actions::MAX_REQUEST_BYTES,
+            )),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -415,6 +445,16 @@ async fn state_json(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// `POST /api/actions` (see [`actions`]).
+async fn act(
+    axum::extract::State((console, _)): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let manager = console.manager();
+    actions::act(&console.operators, &console.log, manager, &headers, &body).await
 }
 
 async fn readyz(axum::extract::State((console, _)): axum::extract::State<AppState>) -> Response {
@@ -511,6 +551,15 @@ async fn metrics(axum::extract::State((console, _)): axum::extract::State<AppSta
         draining
             .with_label_values(&[&region.region])
             .set(i64::from(region.draining));
+    }
+    // A fresh registry per scrape: each counter starts at the console's own count.
+    let actions = t.counter_vec(
+        "channelmesh_ring_console_actions_total",
+        "Console action requests since start, by outcome (done; refused: by the ring manager or malformed; bad_token; off: no --operator-token).",
+        &["outcome"],
+    );
+    for (outcome, n) in console.log.counts() {
+        actions.with_label_values(&[outcome]).inc_by(n);
     }
     let mut text = t.encode();
     if let Some(own) = &console.metrics {
@@ -703,6 +752,7 @@ mod tests {
             epochs: Vec::new(),
             replication_factor: 1,
             under_replicated: 0,
+            actions: Vec::new(),
         };
         let mut later = snapshot.clone();
         later.at_ms = 2;

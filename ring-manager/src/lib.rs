@@ -14,7 +14,8 @@
 //! leader with a session lock and keep the ring in KV.
 //!
 //! Each ring manager also serves HTTP ([`console`]): a read-only SRE console of the ring, its
-//! members, the regions and recent epochs, with `/healthz` and `/readyz`.
+//! members, the regions and recent epochs, with `/healthz` and `/readyz`; its actions (drain
+//! and undrain a node or a region, disconnect a user) need an operator token.
 
 pub mod cluster;
 pub mod config;
@@ -56,6 +57,9 @@ pub enum Error {
     /// saw no good one to resume from instead (`cluster`).
     #[error("refusing to lead from the ring record in consul: {0}")]
     UntrustedRing(String),
+    /// An `--operator-token` that cannot be used.
+    #[error("--operator-token: {0}")]
+    OperatorToken(String),
 }
 
 impl From<ring_client::consul::ConsulError> for Error {

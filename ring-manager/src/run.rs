@@ -32,6 +32,8 @@ pub struct Bound {
     /// `telemetry`, which the console's `/metrics` serves.
     authorizer: mesh_transport::Authorizer,
     telemetry: mesh_telemetry::Telemetry,
+    /// Who may act from the console.
+    operators: console::actions::Operators,
 }
 
 /// What [`Bound::serve`] serves.
@@ -57,6 +59,7 @@ enum Serving {
 /// failure monitor runs from now until `cancel` or until [`Bound::serve`] ends.
 pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<Bound, Error> {
     let telemetry = config.telemetry.clone();
+    let operators = config.operators.clone();
     let authorizer = mesh_transport::Authorizer::new(&telemetry);
     let console = side_port::bind_http(config.console).await?;
     let console_addr = console.local_addr()?;
@@ -104,6 +107,7 @@ pub async fn bind(config: ProcessConfig, cancel: &CancellationToken) -> Result<B
         serving,
         authorizer,
         telemetry,
+        operators,
     })
 }
 
@@ -137,7 +141,9 @@ impl Bound {
                 tracker,
                 monitor,
             } => {
-                let console = Console::embedded(manager.clone()).with_metrics(self.telemetry);
+                let console = Console::embedded(manager.clone())
+                    .with_metrics(self.telemetry)
+                    .with_operators(self.operators);
                 let grpc = crate::serve(manager, grpc, self.authorizer, stop.clone());
                 let console = console::serve(console, self.console, stop.clone());
                 let results =
@@ -153,7 +159,9 @@ impl Bound {
                 leader,
             } => {
                 let (leadership, leading) = watch::channel(None);
-                let console = Console::consul(leading).with_metrics(self.telemetry);
+                let console = Console::consul(leading)
+                    .with_metrics(self.telemetry)
+                    .with_operators(self.operators);
                 let campaign = run_leader_election_with(
                     ring,
                     manager,

@@ -87,12 +87,19 @@ pub struct MeshConfig {
     pub presence_gateway_lease: Duration,
     /// Every gateway's limits on clients.
     pub limits: gateway::limits::Limits,
+    /// Every gateway's boot from the web app (`--boot-url`), when set.
+    pub boot: Option<gateway::boot::BootConfig>,
+    /// Who may act from the channel ring manager's console (`--operator-token`, `NAME:TOKEN`
+    /// or `TOKEN`); none: its actions are refused.
+    pub operator_tokens: Vec<String>,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
     /// Where the presence servers (and channel servers) send webhook events, and the secret
     /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
     /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
     pub webhooks: mesh_hooks::WebhookArgs,
+    /// The channel servers' `--vacate-grace-ms`.
+    pub vacate_grace: Duration,
 }
 
 /// The ports of the `dev` layout ([`MeshConfig::dev`]); each gRPC service's HTTP side is on
@@ -157,8 +164,11 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            boot: None,
+            operator_tokens: Vec::new(),
             security: Security::Mtls,
             webhooks: mesh_hooks::WebhookArgs::default(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -188,8 +198,11 @@ impl MeshConfig {
             presence_grace: presence_server::DEFAULT_GRACE,
             presence_gateway_lease: presence_server::DEFAULT_GATEWAY_LEASE,
             limits: gateway::limits::Limits::default(),
+            boot: None,
+            operator_tokens: Vec::new(),
             security: Security::Mtls,
             webhooks: mesh_hooks::WebhookArgs::default(),
+            vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
     }
 
@@ -387,15 +400,21 @@ impl Mesh {
         let (ring_manager, console, manager) = start_ring_manager(
             &mut tasks,
             "ring manager",
-            ProcessConfig::embedded(
-                ring_manager::Config {
-                    node_role: Some(Role::ChannelServer),
-                    replication_factor: config.replication_factor,
-                    ..config.ring
-                },
-                config.ring_manager,
-                config.console,
-            ),
+            ProcessConfig {
+                operators: ring_manager::console::actions::Operators::parse(
+                    &config.operator_tokens,
+                )
+                .map_err(ring_manager::Error::OperatorToken)?,
+                ..ProcessConfig::embedded(
+                    ring_manager::Config {
+                        node_role: Some(Role::ChannelServer),
+                        replication_factor: config.replication_factor,
+                        ..config.ring
+                    },
+                    config.ring_manager,
+                    config.console,
+                )
+            },
             &cancel,
         )
         .await?;
@@ -408,6 +427,11 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
+                webhooks: config.webhooks.clone(),
+                members: channel_server::members::Bounds {
+                    grace_ms: config.vacate_grace.as_millis() as u64,
+                    ..channel_server::members::Bounds::default()
+                },
                 ..channel_server::Config::new(node.clone(), ring.clone())
             };
             let bound = channel_server::run::bind(cs, addr, None)
@@ -499,6 +523,7 @@ impl Mesh {
                     ..Default::default()
                 },
                 redirect_allow: Default::default(),
+                boot: config.boot.clone(),
             };
             let bound = gateway::run::bind(gw, *addr)
                 .await

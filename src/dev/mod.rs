@@ -99,10 +99,25 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    #[command(flatten)]
+    boot: gateway::config::BootArgs,
+    /// Who may act from the ring manager's console (drain and undrain nodes and regions,
+    /// disconnect users): NAME:TOKEN or TOKEN, repeatable or a comma list (see `ring-manager
+    /// --operator-token`).
+    #[arg(
+        long = "operator-token",
+        env = ring_manager::console::actions::ENV_OPERATOR_TOKEN,
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    operator_tokens: Vec<String>,
     /// Webhooks (`--webhook-url`, …), sent by the presence servers (`presence_changed`) and
     /// the channel servers; signed with CHANNELMESH_WEBHOOK_SECRET.
     #[command(flatten)]
     webhooks: mesh_hooks::WebhookArgs,
+    /// The channel servers' --vacate-grace-ms.
+    #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = channel_server::members::DEFAULT_GRACE_MS)]
+    vacate_grace_ms: u64,
 }
 
 impl DevArgs {
@@ -124,8 +139,11 @@ impl DevArgs {
             presence_servers: consecutive(presence, 0, 2),
             presence_standbys: consecutive(presence, 2, 1),
             limits: gateway::config::checked(self.limits.clone())?,
+            boot: self.boot.config()?,
+            operator_tokens: self.operator_tokens.clone(),
             replication_factor: self.replication_factor,
             webhooks: self.webhooks.clone(),
+            vacate_grace: Duration::from_millis(self.vacate_grace_ms),
             ..MeshConfig::dev(jwt_secret, admin_token)
         })
     }

@@ -145,6 +145,11 @@ async fn start_with(
     if let Some(token) = &options.consul_token {
         env.push((ring_client::args::ENV_CONSUL_TOKEN, Some(token.clone())));
     }
+    // The console's operator tokens (only ring managers read them), by environment too.
+    if !config.operator_tokens.is_empty() {
+        let var = ring_manager::console::actions::ENV_OPERATOR_TOKEN;
+        env.push((var, Some(config.operator_tokens.join(","))));
+    }
     // The webhooks' secret by environment too, as the services read it.
     if let Some(secret) = &config.webhooks.secret {
         let secret = String::from_utf8_lossy(secret.expose()).into_owned();
@@ -401,6 +406,8 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         ];
         args.extend(ring_args.iter().cloned());
         args.extend(gateway::config::limit_args(&config.limits));
+        // The secret the boot requests are signed with comes by inherited environment.
+        args.extend(config.boot.iter().flat_map(|b| b.args()));
         let name = format!("gateway-{region}");
         let gateway = start_with(&name, &args, config, options, (Role::Gateway, &id)).await?;
         gateways.push((region.clone(), gateway));
@@ -477,6 +484,13 @@ async fn start_nodes(
         args.extend(ring_args.iter().cloned());
         if standby {
             args.push("--standby".to_string());
+        }
+        if role == Role::ChannelServer {
+            args.extend([
+                "--vacate-grace-ms".to_string(),
+                config.vacate_grace.as_millis().to_string(),
+            ]);
+            args.extend(config.webhooks.to_args());
         }
         let service = start_with(&id, &args, config, options, (role, &id)).await?;
         nodes.push((id.clone(), standby, service));

@@ -231,7 +231,7 @@ async fn subscribe(mesh: &Mesh, who: Who, channel: &str) -> Result<Outcome, Stri
         command: Some(Command::Subscribe(Subscribe {
             epoch,
             channels: vec![channel.into()],
-            last_ts: Default::default(),
+            ..Default::default()
         })),
     };
     // Kept open: the server answers a subscription with its head, and the stream stays.
@@ -287,6 +287,7 @@ async fn handoff(
         }],
         done: true,
         slot_floors: Vec::new(),
+        members: Vec::new(),
     };
     Ok(cs.handoff(futures::stream::iter([chunk])).await.map(drop))
 }

@@ -204,6 +204,7 @@ async fn a_gateway_without_an_allowlist_forwards_nobody() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        boot: None,
         tokens: Default::default(),
     };
     let bound = gateway::run::bind(config, "127.0.0.1:0".parse().unwrap())

@@ -377,74 +377,112 @@ async fn evaluate(
     }
 }
 
+/// A page open in a headless Chromium, driven over the DevTools protocol; the browser and its
+/// profile go when it is dropped.
+pub(crate) struct Page {
+    /// The page's DevTools socket and the id of its last call.
+    devtools: tokio::sync::Mutex<(
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        u64,
+    )>,
+    group: nix::unistd::Pid,
+    _browser: tokio::process::Child,
+    profile: PathBuf,
+}
+
+impl Page {
+    /// Opens `url` (the console at `console`) in a headless Chromium.
+    pub(crate) async fn open(console: SocketAddr, url: &str) -> Page {
+        let profile = std::env::temp_dir().join(format!(
+            "channelmesh-console-live-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let browser = tokio::process::Command::new(chromium())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: Debian's `chromium` is a wrapper script, and the browser
+            // and its helpers must all go when the test ends.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let group = nix::unistd::Pid::from_raw(browser.id().unwrap() as i32);
+        // Chromium writes the port it picked to DevToolsActivePort.
+        let port: u16 = eventually("chromium's DevTools port", || async {
+            let text = std::fs::read_to_string(profile.join("DevToolsActivePort")).ok()?;
+            text.lines().next()?.trim().parse().ok()
+        })
+        .await;
+        let page_ws: String = eventually("the console page in chromium", || async {
+            let pages: Value = reqwest::get(format!("http://127.0.0.1:{port}/json"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            pages
+                .as_array()?
+                .iter()
+                .find(|p| {
+                    p["type"] == "page"
+                        && p["url"]
+                            .as_str()
+                            .is_some_and(|u| u.contains(&console.to_string()))
+                })
+                .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
+        })
+        .await;
+        let (ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
+            .await
+            .unwrap();
+        Page {
+            devtools: tokio::sync::Mutex::new((ws, 0)),
+            group,
+            _browser: browser,
+            profile,
+        }
+    }
+
+    /// The value of `expression` evaluated in the page.
+    pub(crate) async fn eval(&self, expression: &str) -> Value {
+        let mut devtools = self.devtools.lock().await;
+        let (ws, id) = &mut *devtools;
+        *id += 1;
+        evaluate(ws, *id, expression).await
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(self.group, nix::sys::signal::Signal::SIGKILL);
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
 #[tokio::test]
 async fn console_page_updates_live_when_a_channel_server_dies() {
     let mesh = unreplicated().await;
-    let profile = std::env::temp_dir().join(format!(
-        "channelmesh-console-live-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    // A page left open in a headless Chromium, driven over the DevTools protocol: it must
-    // change by the event stream alone, with no reload.
-    let mut browser = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{}/", mesh.console))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own process group: Debian's `chromium` is a wrapper script, and the browser
-        // and its helpers must all go when the test ends.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let group = nix::unistd::Pid::from_raw(browser.id().unwrap() as i32);
-    // Chromium writes the port it picked to DevToolsActivePort.
-    let port: u16 = eventually("chromium's DevTools port", || async {
-        let text = std::fs::read_to_string(profile.join("DevToolsActivePort")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    })
-    .await;
-    let page_ws: String = eventually("the console page in chromium", || async {
-        let pages: Value = reqwest::get(format!("http://127.0.0.1:{port}/json"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        pages
-            .as_array()?
-            .iter()
-            .find(|p| {
-                p["type"] == "page"
-                    && p["url"]
-                        .as_str()
-                        .is_some_and(|u| u.contains(&mesh.console.to_string()))
-            })
-            .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
-    })
-    .await;
-    let (ws, _) = tokio_tungstenite::connect_async(page_ws.as_str())
-        .await
-        .unwrap();
+    // A page left open in a headless Chromium: it must change by the event stream alone, with
+    // no reload.
+    let page = Page::open(mesh.console, &format!("http://{}/", mesh.console)).await;
     let rows = "JSON.stringify({live: document.getElementById('live').textContent, \
                 nodes: Object.fromEntries([...document.querySelectorAll('#nodes tr[data-node]')] \
                 .map(r => [r.dataset.node, r.dataset.state]))})";
-    // The DevTools socket and the id of its last call, shared by the looks of the waits below.
-    let devtools = tokio::sync::Mutex::new((ws, 0));
     let look = || async {
-        let mut devtools = devtools.lock().await;
-        let (ws, id) = &mut *devtools;
-        *id += 1;
-        let text = evaluate(ws, *id, rows).await;
+        let text = page.eval(rows).await;
         serde_json::from_str::<Value>(text.as_str().unwrap_or("null")).unwrap_or(Value::Null)
     };
     // Wait until the page has loaded and follows the event stream, then kill a node.
@@ -468,7 +506,4 @@ async fn console_page_updates_live_when_a_channel_server_dies() {
         }
     })
     .await;
-    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-    let _ = browser.wait().await;
-    let _ = std::fs::remove_dir_all(&profile);
 }

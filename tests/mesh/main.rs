@@ -4,6 +4,7 @@
 // A failed unwrap in a test is a test failure with a backtrace: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod admin_connections;
 mod attacks_clients;
 mod attacks_console;
 mod attacks_consul;
@@ -13,10 +14,13 @@ mod attacks_redirect;
 mod attacks_tokens;
 mod bad_input;
 mod bench_smoke;
+mod boot;
+mod channel_hooks;
 mod chaos;
 mod charm;
 mod cli;
 mod console;
+mod console_actions;
 mod consul;
 mod ctl;
 mod deploy;

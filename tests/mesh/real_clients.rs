@@ -41,7 +41,7 @@ pub(crate) fn client_command(
     command
 }
 
-async fn run(program: &Path, script: &Path, config: serde_json::Value) {
+pub(crate) async fn run(program: &Path, script: &Path, config: serde_json::Value) {
     let output = client_command(program, script, &config)
         .stdin(Stdio::null())
         .output();
@@ -89,7 +89,7 @@ async fn slack_sdk_rtm_v2_clients_exchange_messages_across_regions_with_grpcio_a
 }
 
 /// The `node` on `PATH`, with `@slack/rtm-api` installed by `tests/setup`.
-fn node() -> PathBuf {
+pub(crate) fn node() -> PathBuf {
     let rtm_api = repo().join("tests/clients/node/node_modules/@slack/rtm-api");
     assert!(
         rtm_api.exists(),

@@ -75,6 +75,7 @@ pub async fn public_key_gateway(
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        boot: None,
         tokens: gateway::tokens::TokenConfig {
             public_keys: vec![key_path("rsa-public.pem"), key_path("ed25519-public.pem")],
             jwks: Some(key_path("jwks.json")),
@@ -208,6 +209,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        boot: None,
         tokens: gateway::tokens::TokenConfig {
             // A private key: the gateway must never be handed one.
             public_keys: vec![key_path("rsa-private.pem")],
@@ -229,6 +231,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        boot: None,
         tokens: Default::default(),
     };
     let result = gateway::serve(config, listener, CancellationToken::new()).await;

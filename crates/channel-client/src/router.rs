@@ -285,6 +285,119 @@ impl ChannelRouter {
         })
     }
 
+    /// The state of `channel` on its owner (the admin API's ChannelInfo): last ts, history,
+    /// live subscribers per gateway.
+    pub async fn channel_info(
+        &self,
+        channel: &ChannelId,
+    ) -> Result<pb::ChannelInfoResponse, RouteError> {
+        self.route(channel, |mut client, _, epoch| {
+            let request = pb::ChannelInfoRequest {
+                epoch,
+                channel: channel.to_string(),
+            };
+            async move { client.channel_info(request).await }
+        })
+        .await
+    }
+
+    /// Calls `call` on every channel server that owns slots in one ring (its client, its
+    /// address, the ring's epoch), all in the same epoch: when one of them fails, the whole
+    /// round is tried again on a newer ring (or after a pause) until the deadline. The answers
+    /// in the ring's node order. For questions about every channel (the admin API's
+    /// ListChannels), each server answering for the slots it owns.
+    pub async fn on_every_owner<T, F, Fut>(&self, call: F) -> Result<Vec<T>, RouteError>
+    where
+        F: Fn(ChannelServerClient<Channel>, String, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            let ring = self.ring.current();
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let owners: Vec<_> = ring
+                .nodes()
+                .iter()
+                .filter(|n| ring.slots_owned(&n.id) > 0)
+                .collect();
+            if owners.is_empty() {
+                self.ring
+                    .wait_for(remaining, "a ring with channel servers", |r| {
+                        !r.nodes().is_empty()
+                    })
+                    .await
+                    .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+                continue;
+            }
+            let mut calls = Vec::with_capacity(owners.len());
+            for owner in &owners {
+                let client = self.client(&owner.addr)?;
+                let attempt = call(client, owner.addr.clone(), ring.epoch());
+                calls.push(async move {
+                    match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                        Ok(Ok(reply)) => Ok(reply.into_inner()),
+                        Ok(Err(status)) => Err(status),
+                        Err(_) => Err(Status::unavailable(format!(
+                            "{} did not answer in time",
+                            owner.id
+                        ))),
+                    }
+                });
+            }
+            let answers = futures::future::join_all(calls).await;
+            let mut replies = Vec::with_capacity(answers.len());
+            let mut failed = None;
+            for answer in answers {
+                match answer {
+                    Ok(reply) => replies.push(reply),
+                    Err(status) => {
+                        failed = Some(status);
+                        break;
+                    }
+                }
+            }
+            let Some(status) = failed else {
+                return Ok(replies);
+            };
+            self.before_retry(&status, ring.epoch(), deadline, "every owner")
+                .await?;
+        }
+    }
+
+    /// What follows an attempt under ring epoch `epoch` that failed with `status` (see
+    /// [`after_failure`]): waits for a newer ring, or pauses, before the caller tries again;
+    /// `Err` when it must not (the deadline passed, or the failure is final). `what` names the
+    /// call's target in the logs.
+    async fn before_retry(
+        &self,
+        status: &Status,
+        epoch: u64,
+        deadline: tokio::time::Instant,
+        what: &str,
+    ) -> Result<(), RouteError> {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match after_failure(status, remaining) {
+            Next::AwaitNewerRing => {
+                tracing::debug!(what, "routed mid-move; waiting for a newer ring");
+                self.ring
+                    .wait_for_epoch(epoch + 1, remaining)
+                    .await
+                    .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
+            }
+            Next::Retry => {
+                tracing::debug!(what, error = %status.message(), "channel server unavailable; retrying");
+                // Retry after the pause, or at once when a new ring comes (the node was
+                // declared down and its slots moved).
+                let _ = self
+                    .ring
+                    .wait_for_epoch(epoch + 1, RETRY_PAUSE.min(remaining))
+                    .await;
+            }
+            Next::Fail(error) => return Err(error),
+        }
+        Ok(())
+    }
+
     /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline.
     async fn route<T, F, Fut>(&self, channel: &ChannelId, call: F) -> Result<T, RouteError>
     where
@@ -315,26 +428,9 @@ impl ChannelRouter {
                 Ok(Err(status)) => status,
                 Err(_) => Status::unavailable(format!("{} did not answer in time", owner.id)),
             };
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match after_failure(&status, remaining) {
-                Next::AwaitNewerRing => {
-                    tracing::debug!(%channel, node = %owner.id, "routed mid-move; waiting for a newer ring");
-                    self.ring
-                        .wait_for_epoch(ring.epoch() + 1, remaining)
-                        .await
-                        .map_err(|_| RouteError::Unavailable(status.message().to_string()))?;
-                }
-                Next::Retry => {
-                    tracing::debug!(%channel, node = %owner.id, error = %status.message(), "channel server unavailable; retrying");
-                    // Retry after the pause, or at once when a new ring comes (the node was
-                    // declared down and its slots moved).
-                    let _ = self
-                        .ring
-                        .wait_for_epoch(ring.epoch() + 1, RETRY_PAUSE.min(remaining))
-                        .await;
-                }
-                Next::Fail(error) => return Err(error),
-            }
+            let what = format!("{channel} on {}", owner.id);
+            self.before_retry(&status, ring.epoch(), deadline, &what)
+                .await?;
         }
     }
 }

@@ -139,9 +139,12 @@ impl Identity {
     /// Every channel a connection of this identity receives: its user's own channel, its team's
     /// channel, then the token's channels, without repeats.
     pub fn all_channels(&self) -> Vec<ChannelId> {
-        let mut all = vec![ChannelId::from(&self.user), ChannelId::from(&self.team)];
-        for c in &self.channels {
-            if !all.contains(c) {
+        let mut all = Vec::with_capacity(self.channels.len() + 2);
+        // A set, not `Vec::contains`: a token (or a boot answer) may name 10,000 channels.
+        let mut seen = std::collections::HashSet::with_capacity(all.capacity());
+        let own = [ChannelId::from(&self.user), ChannelId::from(&self.team)];
+        for c in own.iter().chain(&self.channels) {
+            if seen.insert(c) {
                 all.push(c.clone());
             }
         }

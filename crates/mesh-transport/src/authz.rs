@@ -45,6 +45,7 @@ pub mod rpc {
     pub const LIST_CHANNELS: &str = "/channelmesh.channel.v1.ChannelServer/ListChannels";
     pub const SESSION: &str = "/channelmesh.presence.v1.Presence/Session";
     pub const QUERY: &str = "/channelmesh.presence.v1.Presence/Query";
+    pub const CONNECTIONS: &str = "/channelmesh.presence.v1.Presence/Connections";
     pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
     pub const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 }
@@ -96,6 +97,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     // A gateway's presence session (as itself); lookups by gateways and admin servers.
     (rpc::SESSION, &[Gateway]),
     (rpc::QUERY, &[Gateway, Admin]),
+    // The admin API's ListConnections and DisconnectUser.
+    (rpc::CONNECTIONS, &[Admin]),
     // The ring manager's failure probe, and anyone's health check.
     (rpc::HEALTH_CHECK, EVERYONE),
     (rpc::HEALTH_WATCH, EVERYONE),

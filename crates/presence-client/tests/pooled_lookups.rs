@@ -48,6 +48,13 @@ impl Presence for AllActive {
             .collect();
         Ok(Response::new(pb::QueryResponse { users }))
     }
+
+    async fn connections(
+        &self,
+        _: Request<pb::ConnectionsRequest>,
+    ) -> Result<Response<pb::ConnectionsResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves [`AllActive`] on `listener` until `stop`, counting the TCP connections it accepts.

@@ -5,7 +5,7 @@ use channel_client::RouteError;
 use mesh_core::event::{MAX_RAW_EVENT_BYTES, MAX_TEXT_BYTES};
 use mesh_core::{IdError, TokenError, TsError};
 
-use crate::requests::{MAX_IDEMPOTENCY_KEY_BYTES, MAX_PRESENCE_USERS};
+use crate::requests::{MAX_BROADCAST_CHANNELS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_PRESENCE_USERS};
 
 /// Why an admin call fails.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,6 +37,21 @@ pub enum AdminError {
     TooManyUsers,
     #[error("jtis: at least one")]
     NoJtis,
+    #[error("channels: at least one")]
+    NoChannels,
+    #[error("channels: at most {MAX_BROADCAST_CHANNELS} per call")]
+    TooManyChannels,
+    /// A Broadcast names a channel twice.
+    #[error("channels: {0} is listed twice")]
+    DuplicateChannel(String),
+    /// A Broadcast with both a message (user, text) and an event.
+    #[error("event_json: give a message (user and text) or an event, not both")]
+    MessageAndEvent,
+    #[error("page_token: not a token this API gave")]
+    BadPageToken,
+    /// The user's presence server did not answer a ListConnections in time.
+    #[error("connections of {0} unknown: their presence server did not answer in time")]
+    ConnectionsUnanswered(String),
     /// The mesh was started without presence servers.
     #[error("this mesh has no presence servers")]
     NoPresenceServers,

@@ -1,7 +1,10 @@
 //! The `channelmesh.admin.v1.Admin` service: the protobuf edge of the admin API. It checks each
 //! request with `requests`, routes it, converts the answer, and maps every [`AdminError`] to a
 //! `Status` in one table ([`status`]); a status the ring manager answers a forwarded
-//! RevokeTokens with is relayed as it is.
+//! RevokeTokens or DisconnectUser with is relayed as it is. Connection and channel management
+//! (DisconnectUser, ListConnections, ChannelInfo, ListChannels, Broadcast) is in [`manage`].
+
+mod manage;
 
 use std::sync::Arc;
 
@@ -16,8 +19,7 @@ use crate::error::AdminError;
 use crate::mint::Minter;
 use crate::requests::{self, channel, user};
 
-/// How long a RevokeTokens call may wait for the ring manager.
-const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+use manage::RING_MANAGER_TIMEOUT;
 
 /// The one table from the admin server's errors to gRPC statuses; the message is the error's.
 pub fn status(error: AdminError) -> Status {
@@ -35,10 +37,16 @@ pub fn status(error: AdminError) -> Status {
         | AdminError::ReservedType(_)
         | AdminError::TooManyUsers
         | AdminError::NoJtis
+        | AdminError::NoChannels
+        | AdminError::TooManyChannels
+        | AdminError::DuplicateChannel(_)
+        | AdminError::MessageAndEvent
+        | AdminError::BadPageToken
         | AdminError::Route(RouteError::Invalid(_)) => Status::invalid_argument(message),
         AdminError::NoPresenceServers
         | AdminError::NoPresenceServerYet
         | AdminError::PresenceUnanswered(_)
+        | AdminError::ConnectionsUnanswered(_)
         | AdminError::Route(RouteError::Unavailable(_))
         | AdminError::RingManager(_)
         | AdminError::RingManagerTimeout => Status::unavailable(message),
@@ -58,8 +66,8 @@ pub struct AdminService {
     presence: Option<ring_client::RingWatcher>,
     /// Channels to presence servers, reused across `GetPresence` calls.
     presence_channels: Arc<presence_client::Pool>,
-    /// Where RevokeTokens is forwarded (the ring manager keeps the revocation list); without
-    /// one, RevokeTokens answers UNIMPLEMENTED.
+    /// Where RevokeTokens and DisconnectUser are forwarded (the ring manager keeps the
+    /// revocation and disconnect lists); without one, they answer UNIMPLEMENTED.
     ring_manager: Option<ring_client::RingSource>,
     metrics: Metrics,
 }
@@ -413,55 +421,65 @@ impl Admin for AdminService {
 
     async fn disconnect_user(
         &self,
-        _request: Request<pb::DisconnectUserRequest>,
+        request: Request<pb::DisconnectUserRequest>,
     ) -> Result<Response<pb::DisconnectUserResponse>, Status> {
-        Err(Status::unimplemented(
-            "DisconnectUser is being built (issue 18)",
-        ))
+        let span = tracing::debug_span!("admin.DisconnectUser", user = %request.get_ref().user);
+        let result = self
+            .disconnect(request.into_inner())
+            .instrument(span)
+            .await
+            .map(Response::new);
+        self.metrics.outcome("DisconnectUser", &result);
+        result
     }
 
     async fn list_connections(
         &self,
-        _request: Request<pb::ListConnectionsRequest>,
+        request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListConnections is being built (issue 18)",
-        ))
+        let span = tracing::debug_span!("admin.ListConnections", user = %request.get_ref().user);
+        let call = self.list_connections_of(request.into_inner());
+        self.traced("ListConnections", span, call).await
     }
 
     async fn list_channels(
         &self,
-        _request: Request<pb::ListChannelsRequest>,
+        request: Request<pb::ListChannelsRequest>,
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListChannels is being built (issue 18)",
-        ))
+        let span = tracing::debug_span!("admin.ListChannels");
+        self.traced("ListChannels", span, self.list(request.into_inner()))
+            .await
     }
 
     async fn channel_info(
         &self,
-        _request: Request<pb::ChannelInfoRequest>,
+        request: Request<pb::ChannelInfoRequest>,
     ) -> Result<Response<pb::ChannelInfoResponse>, Status> {
-        Err(Status::unimplemented(
-            "ChannelInfo is being built (issue 18)",
-        ))
+        let span = tracing::debug_span!("admin.ChannelInfo", channel = %request.get_ref().channel);
+        self.traced("ChannelInfo", span, self.info(request.into_inner()))
+            .await
     }
 
     async fn broadcast(
         &self,
-        _request: Request<pb::BroadcastRequest>,
+        request: Request<pb::BroadcastRequest>,
     ) -> Result<Response<pb::BroadcastResponse>, Status> {
-        Err(Status::unimplemented("Broadcast is being built (issue 18)"))
+        let span = tracing::debug_span!(
+            "admin.Broadcast",
+            channels = request.get_ref().channels.len()
+        );
+        mesh_telemetry::propagation::set_parent_from_metadata(&span, request.metadata());
+        self.traced("Broadcast", span, self.broadcast_to(request.into_inner()))
+            .await
     }
 
     async fn revoke_tokens(
         &self,
         request: Request<pb::RevokeTokensRequest>,
     ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
-        use mesh_proto::ring::ring_manager_client::RingManagerClient;
-        let Some(source) = &self.ring_manager else {
+        if self.ring_manager.is_none() {
             return Err(status(AdminError::NoRingManager));
-        };
+        }
         let req = request.into_inner();
         if req.jtis.is_empty() {
             return Err(status(AdminError::NoJtis));
@@ -476,20 +494,12 @@ impl Admin for AdminService {
                 })
                 .collect(),
         };
-        let unreachable =
-            |e: &dyn std::fmt::Display| status(AdminError::RingManager(e.to_string()));
         let call = async {
-            let endpoint = source.endpoint().await.map_err(|e| unreachable(&e))?;
-            let channel = mesh_transport::endpoint(&endpoint)
-                .map_err(|e| unreachable(&e))?
-                .connect()
-                .await
-                .map_err(|e| unreachable(&e))?;
-            let mut client = RingManagerClient::new(channel);
+            let mut client = self.ring_manager().await?;
             // The ring manager's own answer, refusals included, is relayed as it is.
             client.revoke_tokens(forwarded).await
         };
-        let reply = tokio::time::timeout(REVOKE_TIMEOUT, call)
+        let reply = tokio::time::timeout(RING_MANAGER_TIMEOUT, call)
             .await
             .map_err(|_| status(AdminError::RingManagerTimeout))??
             .into_inner();
@@ -572,6 +582,36 @@ mod tests {
                 AdminError::NoJtis,
                 Code::InvalidArgument,
                 "jtis: at least one".into(),
+            ),
+            (
+                AdminError::NoChannels,
+                Code::InvalidArgument,
+                "channels: at least one".into(),
+            ),
+            (
+                AdminError::TooManyChannels,
+                Code::InvalidArgument,
+                "channels: at most 1000 per call".into(),
+            ),
+            (
+                AdminError::DuplicateChannel("C1".into()),
+                Code::InvalidArgument,
+                "channels: C1 is listed twice".into(),
+            ),
+            (
+                AdminError::MessageAndEvent,
+                Code::InvalidArgument,
+                "event_json: give a message (user and text) or an event, not both".into(),
+            ),
+            (
+                AdminError::BadPageToken,
+                Code::InvalidArgument,
+                "page_token: not a token this API gave".into(),
+            ),
+            (
+                AdminError::ConnectionsUnanswered("U1".into()),
+                Code::Unavailable,
+                "connections of U1 unknown: their presence server did not answer in time".into(),
             ),
             (
                 AdminError::Route(RouteError::Invalid("bad event".into())),

@@ -5,6 +5,7 @@ mod auth;
 pub mod config;
 mod error;
 mod grpc;
+mod listing;
 pub mod mint;
 mod requests;
 pub mod run;

@@ -17,6 +17,11 @@ const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 /// The most users one `GetPresence` may ask about.
 pub const MAX_PRESENCE_USERS: usize = 500;
+/// The most channels one `Broadcast` may name.
+pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
+/// ListChannels' page size when the call asks for 0, and the largest.
+const DEFAULT_LIST_LIMIT: u32 = 100;
+const MAX_LIST_LIMIT: u32 = 1_000;
 
 /// The channel id in `field`.
 pub fn channel(field: &'static str, value: &str) -> Result<ChannelId, AdminError> {
@@ -121,6 +126,60 @@ pub fn presence_users(users: &[String]) -> Result<Vec<UserId>, AdminError> {
         .collect()
 }
 
+/// A Broadcast's channels, each parsed on its own (a bad id fails that channel only): at
+/// least one, at most [`MAX_BROADCAST_CHANNELS`], none twice.
+pub fn broadcast_channels(
+    channels: &[String],
+) -> Result<Vec<Result<ChannelId, AdminError>>, AdminError> {
+    if channels.is_empty() {
+        return Err(AdminError::NoChannels);
+    }
+    if channels.len() > MAX_BROADCAST_CHANNELS {
+        return Err(AdminError::TooManyChannels);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(channels.len());
+    for c in channels {
+        if !seen.insert(c.as_str()) {
+            return Err(AdminError::DuplicateChannel(c.clone()));
+        }
+    }
+    Ok(channels.iter().map(|c| channel("channels", c)).collect())
+}
+
+/// What a Broadcast publishes: the event when `event_json` is given (then no user, text or team),
+/// else a message of `user_id` (as [`message`]).
+pub fn broadcast_body(
+    user_id: &str,
+    text: String,
+    team_id: &str,
+    event_json: String,
+) -> Result<EventBody, AdminError> {
+    match event_json.is_empty() {
+        true => message(user_id, text, team_id),
+        false if !user_id.is_empty() || !text.is_empty() || !team_id.is_empty() => {
+            Err(AdminError::MessageAndEvent)
+        }
+        false => raw_event(event_json),
+    }
+}
+
+/// ListChannels' `prefix` ("" for every channel): it must begin an id (its characters are
+/// an id's).
+pub fn channel_prefix(prefix: &str) -> Result<(), AdminError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    channel("prefix", prefix).map(|_| ())
+}
+
+/// ListChannels' page size when the call asks for `asked` (0: the default; at most 1,000).
+pub fn list_limit(asked: u32) -> u32 {
+    match asked {
+        0 => DEFAULT_LIST_LIMIT,
+        n => n.min(MAX_LIST_LIMIT),
+    }
+}
+
 /// A minted token's lifetime in seconds when the call asks for `asked` (0: the default).
 pub fn token_ttl(asked: u64) -> u64 {
     match asked {
@@ -210,5 +269,76 @@ mod tests {
         assert_eq!(token_ttl(u64::MAX), MAX_TOKEN_TTL_SECS);
         assert_eq!(since("").unwrap(), None);
         assert!(matches!(since("yesterday"), Err(AdminError::BadSince(_))));
+    }
+
+    #[test]
+    fn a_broadcast_names_distinct_channels_within_its_bound_and_one_body() {
+        let ids = |n: usize| (0..n).map(|i| format!("C{i}")).collect::<Vec<_>>();
+        assert!(matches!(
+            broadcast_channels(&[]),
+            Err(AdminError::NoChannels)
+        ));
+        assert!(matches!(
+            broadcast_channels(&ids(MAX_BROADCAST_CHANNELS + 1)),
+            Err(AdminError::TooManyChannels)
+        ));
+        assert_eq!(
+            broadcast_channels(&ids(MAX_BROADCAST_CHANNELS))
+                .unwrap()
+                .len(),
+            MAX_BROADCAST_CHANNELS
+        );
+        let twice = ["C1".to_string(), "C2".into(), "C1".into()];
+        assert_eq!(
+            broadcast_channels(&twice).unwrap_err().to_string(),
+            "channels: C1 is listed twice"
+        );
+        // A bad id fails its own channel only.
+        let parsed = broadcast_channels(&["C1".into(), "no good".into()]).unwrap();
+        assert!(parsed[0].is_ok());
+        assert!(matches!(
+            parsed[1],
+            Err(AdminError::BadId {
+                field: "channels",
+                ..
+            })
+        ));
+        let event = r#"{"type":"announcement"}"#.to_string();
+        assert!(matches!(
+            broadcast_body("U1", "hi".into(), "", event.clone()),
+            Err(AdminError::MessageAndEvent)
+        ));
+        assert!(matches!(
+            broadcast_body("", String::new(), "T1", event.clone()),
+            Err(AdminError::MessageAndEvent)
+        ));
+        assert!(matches!(
+            broadcast_body("", String::new(), "", event),
+            Ok(EventBody::Raw { .. })
+        ));
+        assert!(matches!(
+            broadcast_body("", String::new(), "", String::new()),
+            Err(AdminError::MissingText)
+        ));
+        assert!(matches!(
+            broadcast_body("U1", "hi".into(), "T1", String::new()),
+            Ok(EventBody::Message { .. })
+        ));
+    }
+
+    #[test]
+    fn listing_limits_and_prefixes() {
+        assert_eq!(list_limit(0), 100);
+        assert_eq!(list_limit(7), 7);
+        assert_eq!(list_limit(5_000), 1_000);
+        assert!(channel_prefix("").is_ok());
+        assert!(channel_prefix("C-team.").is_ok());
+        assert!(matches!(
+            channel_prefix("C team"),
+            Err(AdminError::BadId {
+                field: "prefix",
+                ..
+            })
+        ));
     }
 }

@@ -7,6 +7,7 @@ use mesh_core::NodeId;
 use ring_client::{RingArgs, RingSource};
 
 use crate::idempotency::{self, Bounds};
+use crate::members;
 use crate::replication;
 use crate::{Error, Limits};
 
@@ -48,6 +49,15 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    /// Channel webhooks (channel_occupied/vacated, member_added/removed,
+    /// user_offline_message), sent by the owner of each channel.
+    #[command(flatten)]
+    pub webhooks: mesh_hooks::WebhookArgs,
+    /// How long (ms) a user's last connection to a channel, or a channel's last subscriber,
+    /// must stay gone before member_removed / channel_vacated are told: a client reconnecting
+    /// to another gateway or region within it is not seen to leave.
+    #[arg(long, env = "CHANNELMESH_VACATE_GRACE_MS", default_value_t = members::DEFAULT_GRACE_MS)]
+    pub vacate_grace_ms: u64,
     /// Test hook (clock skew), hidden: offsets the clock this process stamps ts with by this
     /// many milliseconds (negative: behind). Process-wide; logged loudly.
     #[arg(
@@ -81,6 +91,10 @@ pub struct Config {
     pub clock_offset_ms: i64,
     /// Bytes per second one catch-up of a new follower sends at most.
     pub catch_up_rate: u64,
+    /// Where the channel webhooks go (none: no webhooks).
+    pub webhooks: mesh_hooks::WebhookArgs,
+    /// Bounds of the member accounting, and the grace before a departure counts.
+    pub members: members::Bounds,
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease.
     pub telemetry: mesh_telemetry::Telemetry,
@@ -101,6 +115,8 @@ impl Config {
             standby: false,
             clock_offset_ms: 0,
             catch_up_rate: replication::DEFAULT_CATCH_UP_RATE,
+            webhooks: mesh_hooks::WebhookArgs::default(),
+            members: members::Bounds::default(),
         }
     }
 
@@ -113,6 +129,11 @@ impl Config {
             standby: args.standby,
             clock_offset_ms: args.clock_offset_ms,
             catch_up_rate: args.catch_up_rate,
+            webhooks: args.webhooks.clone(),
+            members: members::Bounds {
+                grace_ms: args.vacate_grace_ms,
+                ..members::Bounds::default()
+            },
             window: Bounds {
                 keys: args.idempotency_keys,
                 age: std::time::Duration::from_millis(args.idempotency_window_ms),

@@ -31,10 +31,13 @@ use tracing::Instrument;
 use crate::error::ServeError;
 use crate::handoff::{HANDOFF_CONCURRENCY, Progress, WARMUP_TIMEOUT};
 use crate::idempotency::MAX_KEY_BYTES;
+use crate::members::{self, Report};
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::replication::PUBLISH_WAIT;
-use crate::shards::{GatewayStream, Published, Shards, StreamReply, history_limit, now_micros};
+use crate::shards::{
+    FactSink, GatewayStream, Published, Shards, StreamReply, history_limit, now_micros,
+};
 use crate::store::Limits;
 use channel_client::wire::{event_from_proto, event_to_proto, opt_ts, ts_str};
 
@@ -85,7 +88,18 @@ pub struct ServiceConfig {
     pub authorizer: Authorizer,
     /// Bytes per second one catch-up of a new follower sends at most.
     pub catch_up_rate: u64,
+    /// Where the channel webhooks go ([`mesh_hooks::Webhooks::disabled`]: nowhere).
+    pub webhooks: mesh_hooks::Webhooks,
+    /// Bounds of the member accounting, and the grace before a departure counts.
+    pub members: members::Bounds,
 }
+
+/// The most channels one `ListChannels` page holds.
+const MAX_LIST_LIMIT: u32 = 1000;
+/// The page size when `ListChannels` asks for 0.
+const DEFAULT_LIST_LIMIT: u32 = 100;
+/// How often departures are checked against the grace, at most.
+const EXPIRE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The channel server's gRPC service; cheap to clone.
 #[derive(Debug, Clone)]
@@ -131,6 +145,10 @@ impl Inner {
         m.slots_followed
             .set(ring.slots_followed(self.ownership.node()) as i64);
         m.slots_catching_up.set(self.ownership.catching_up() as i64);
+        let (entries, known, dropped) = self.shards.member_counts();
+        m.member_entries.set(entries as i64);
+        m.members_known.set(known as i64);
+        m.member_reports_dropped.set(dropped as i64);
     }
 }
 
@@ -172,6 +190,25 @@ impl StreamReply for pb::SubscribeResponse {
     }
 }
 
+/// A gateway's member counts as the accounting reads them; entries with a bad id are skipped.
+fn reports(members: Vec<pb::MemberCount>) -> Vec<Report> {
+    members
+        .into_iter()
+        .filter_map(|m| {
+            Some(Report {
+                user: mesh_core::UserId::new(&m.user).ok()?,
+                team: match m.team.as_str() {
+                    "" => None,
+                    team => Some(mesh_core::TeamId::new(team).ok()?),
+                },
+                conns: m.connections,
+                since_ms: m.since_ms,
+                announced: m.announced,
+            })
+        })
+        .collect()
+}
+
 fn refused_name(channel: String, epoch: u64, reason: &str) -> pb::SubscribeResponse {
     pb::SubscribeResponse {
         reply: Some(Reply::Refused(pb::Refused {
@@ -194,6 +231,13 @@ impl ChannelService {
         let metrics = Metrics::new(&config.telemetry);
         let shards = Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros);
         shards.set_window(config.window);
+        shards.set_member_bounds(config.members);
+        if config.webhooks.is_enabled() {
+            let webhooks = config.webhooks.clone();
+            shards.set_fact_sink(FactSink(Box::new(move |fact| {
+                webhooks.emit(crate::hooks::event(fact))
+            })));
+        }
         let service = ChannelService {
             inner: Arc::new(Inner {
                 ownership: Ownership::new(config.node, ring, lease),
@@ -215,6 +259,18 @@ impl ChannelService {
         // gets to run.
         let first = service.inner.ownership.ring().current();
         service.inner.tracker.spawn(follower.follow_ring(first));
+        let expiring = service.clone();
+        let every = std::time::Duration::from_millis(config.members.grace_ms / 4).min(EXPIRE_EVERY);
+        service.inner.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = expiring.inner.cancel.cancelled() => break,
+                    _ = tick.tick() => expiring.inner.shards.expire_members(),
+                }
+            }
+        });
         let weak = Arc::downgrade(&service.inner);
         config.telemetry.on_scrape(move || {
             if let Some(inner) = weak.upgrade() {
@@ -300,6 +356,12 @@ impl ChannelService {
     ) {
         match command {
             Command::Subscribe(s) => {
+                stream.set_region(&s.region);
+                let mut members: std::collections::HashMap<String, Vec<Report>> = s
+                    .members
+                    .into_iter()
+                    .map(|m| (m.channel, reports(m.members)))
+                    .collect();
                 for name in s.channels {
                     let channel = match ChannelId::new(&name) {
                         Ok(c) => c,
@@ -316,7 +378,10 @@ impl ChannelService {
                         }
                         Ok(_) => {
                             let delivered = s.last_ts.get(&name).and_then(|t| Ts::parse(t).ok());
-                            self.inner.shards.subscribe(stream, &channel, delivered);
+                            let reports = members.remove(&name).unwrap_or_default();
+                            self.inner
+                                .shards
+                                .subscribe(stream, &channel, delivered, &reports);
                             // Its clock is past what this gateway delivered: publishes may
                             // come, even while a takeover settles.
                             self.inner
@@ -324,6 +389,15 @@ impl ChannelService {
                                 .resubscribed(channel.as_str(), slot_of(&channel));
                         }
                     }
+                }
+            }
+            Command::Members(m) => {
+                for changed in m.channels {
+                    let Ok(channel) = ChannelId::new(&changed.channel) else {
+                        continue;
+                    };
+                    let reports = reports(changed.members);
+                    self.inner.shards.update_members(stream, &channel, &reports);
                 }
             }
             Command::Unsubscribe(u) => {
@@ -526,6 +600,12 @@ impl ChannelServerRpc for ChannelService {
                 self.inner.metrics.handoff_channels_received.inc();
                 received += 1;
             }
+            for moved in chunk.members {
+                let channel = ChannelId::new(&moved.channel).map_err(invalid)?;
+                self.inner
+                    .shards
+                    .adopt_members(&channel, &reports(moved.members));
+            }
             for floor in &chunk.slot_floors {
                 let (slot, ts) = handoff_wire::floor_from_proto(floor).map_err(invalid)?;
                 self.inner.shards.absorb_floor(slot, ts);
@@ -656,20 +736,73 @@ impl ChannelServerRpc for ChannelService {
 
     async fn channel_info(
         &self,
-        _request: Request<pb::ChannelInfoRequest>,
+        request: Request<pb::ChannelInfoRequest>,
     ) -> Result<Response<pb::ChannelInfoResponse>, Status> {
-        Err(Status::unimplemented(
-            "ChannelInfo is being built (issue 18)",
-        ))
+        let req = request.into_inner();
+        let channel = ChannelId::new(&req.channel).map_err(invalid)?;
+        self.inner
+            .ownership
+            .check(slot_of(&channel), req.epoch)
+            .await
+            .map_err(status)?;
+        let info = self.inner.shards.channel_info(&channel);
+        Ok(Response::new(pb::ChannelInfoResponse {
+            last_ts: ts_str(info.head),
+            history_length: info.history_length as u64,
+            oldest_ts: ts_str(info.oldest),
+            complete_after_ts: ts_str(info.complete_after),
+            subscribers: info.live.subscribers,
+            members: info.live.members,
+            gateways: info
+                .live
+                .gateways
+                .into_iter()
+                .map(|(gateway, region, subscribers)| pb::GatewaySubscribers {
+                    gateway,
+                    region,
+                    subscribers,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_channels(
         &self,
-        _request: Request<pb::ListChannelsRequest>,
+        request: Request<pb::ListChannelsRequest>,
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListChannels is being built (issue 18)",
-        ))
+        let req = request.into_inner();
+        let ownership = &self.inner.ownership;
+        let ring = ownership.ring().current();
+        if req.epoch > ring.epoch() {
+            return Err(status(ServeError::RingBehind {
+                known: ring.epoch(),
+                asked: req.epoch,
+            }));
+        }
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n => n.min(MAX_LIST_LIMIT),
+        } as usize;
+        let node = ownership.node();
+        let team = Some(req.team.as_str()).filter(|t| !t.is_empty());
+        let (channels, has_more) = self.inner.shards.list_channels(
+            |slot| ring.owns(node, slot),
+            |channel| channel.as_str().starts_with(&req.prefix),
+            team,
+            &req.after,
+            limit,
+        );
+        Ok(Response::new(pb::ListChannelsResponse {
+            channels: channels
+                .into_iter()
+                .map(|(channel, live)| pb::ChannelSummary {
+                    channel: channel.to_string(),
+                    subscribers: live.subscribers,
+                    members: live.members,
+                })
+                .collect(),
+            has_more,
+        }))
     }
 
     async fn subscribe(
@@ -683,10 +816,10 @@ impl ChannelServerRpc for ChannelService {
             .unwrap_or("unknown")
             .to_string();
         let mut inbound = request.into_inner();
-        let (mut stream, rx) = self
-            .inner
-            .shards
-            .open_stream(self.inner.gateway_queue, &self.inner.cancel);
+        let (mut stream, rx) =
+            self.inner
+                .shards
+                .open_stream(&gateway, self.inner.gateway_queue, &self.inner.cancel);
         let end = stream.end().clone();
         tracing::info!(%gateway, stream = stream.id(), "gateway subscription stream opened");
         let this = self.clone();

@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use mesh_core::{NodeId, Ring, RingNode, SLOT_COUNT, Slot, Ts};
+use mesh_core::{ChannelId, NodeId, Ring, RingNode, SLOT_COUNT, Slot, Ts};
 use tokio::time::Instant;
 
+use crate::members::Report;
 use crate::store::Snapshot;
 
 /// How long a new owner waits for a handoff before serving the moved slots without it (their
@@ -292,6 +293,8 @@ pub struct Outgoing {
     pub addr: String,
     pub snapshots: Vec<Snapshot>,
     pub floors: Vec<(Slot, Ts)>,
+    /// Moved channels' live members, for the new owner to expect again.
+    pub members: Vec<(ChannelId, Vec<Report>)>,
 }
 
 /// The handoffs `node` sends in `ring`'s epoch, given the snapshots `taken` and slot `floors`
@@ -302,6 +305,7 @@ pub fn outgoing(
     node: &NodeId,
     mut taken: HashMap<NodeId, Vec<Snapshot>>,
     mut floors: HashMap<NodeId, Vec<(Slot, Ts)>>,
+    mut members: HashMap<NodeId, Vec<(ChannelId, Vec<Report>)>>,
 ) -> Vec<Outgoing> {
     ring.handoffs()
         .iter()
@@ -313,6 +317,7 @@ pub fn outgoing(
                 addr,
                 snapshots: taken.remove(&h.to).unwrap_or_default(),
                 floors: floors.remove(&h.to).unwrap_or_default(),
+                members: members.remove(&h.to).unwrap_or_default(),
             })
         })
         .collect()

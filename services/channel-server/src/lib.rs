@@ -5,7 +5,9 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod handoff;
+pub mod hooks;
 pub mod idempotency;
+pub mod members;
 pub mod metrics;
 pub mod ownership;
 pub mod replication;
@@ -45,6 +47,9 @@ pub enum Error {
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(ring_client::Error),
+    /// The webhook flags are unusable (no secret, a bad URL).
+    #[error("webhooks: {0}")]
+    Hooks(#[from] mesh_hooks::HooksError),
 }
 
 /// Serves a channel server on `listener`, registered with the ring manager and holding its
@@ -80,6 +85,9 @@ pub async fn serve(
         });
     }
     let authorizer = mesh_transport::Authorizer::new(&config.telemetry);
+    let webhooks = config
+        .webhooks
+        .start("channel-server", &config.telemetry, cancel.clone())?;
     let service = ChannelService::new(
         ServiceConfig {
             node: config.node.clone(),
@@ -89,6 +97,8 @@ pub async fn serve(
             telemetry: config.telemetry.clone(),
             authorizer: authorizer.clone(),
             catch_up_rate: config.catch_up_rate,
+            webhooks,
+            members: config.members,
         },
         ring.clone(),
         lease.clone(),

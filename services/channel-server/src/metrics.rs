@@ -44,6 +44,14 @@ pub struct Metrics {
     pub slots_catching_up: IntGauge,
     pub catch_up_slots: IntCounterVec,
     pub catch_up_bytes: IntCounter,
+    /// Channel facts for the web app (occupied, vacated, member added/removed, offline
+    /// message) produced by the member accounting.
+    pub member_facts: IntCounter,
+    /// Set at scrape: gateway × channel × user entries accounted, and member reports not
+    /// counted because a bound was reached.
+    pub member_entries: IntGauge,
+    pub members_known: IntGauge,
+    pub member_reports_dropped: IntGauge,
 }
 
 impl Metrics {
@@ -51,6 +59,22 @@ impl Metrics {
     pub fn new(telemetry: &Telemetry) -> Self {
         let t = telemetry;
         Metrics {
+            member_facts: t.counter(
+                "channelmesh_channel_member_facts_total",
+                "Channel facts for the web app (channel_occupied/vacated, member_added/removed, user_offline_message) produced here.",
+            ),
+            member_entries: t.gauge(
+                "channelmesh_channel_member_entries",
+                "Gateway x channel x user entries of the member accounting.",
+            ),
+            members_known: t.gauge(
+                "channelmesh_channel_members_known",
+                "Users known to belong to channels here (seen subscribed, or joined), for user_offline_message.",
+            ),
+            member_reports_dropped: t.gauge(
+                "channelmesh_channel_member_reports_dropped",
+                "Member reports not counted because a bound of the accounting was reached (since start).",
+            ),
             published: t.counter_vec(
                 "channelmesh_channel_events_published_total",
                 "Events taken by Publish, by kind.",

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ServeError;
 use crate::handoff::{self, Outgoing};
+use crate::members::{self, Fact, Members, Report, Source, Summary};
 use crate::metrics::Metrics;
 use crate::replication::{LinkId, MAX_PENDING_PER_SHARD, Replicated};
 use crate::store::{HistoryPage, Limits, Snapshot, Store};
@@ -112,6 +113,8 @@ pub struct GatewayStream<R> {
     sub: Subscriber<R>,
     /// The channels it subscribed.
     subscribed: HashSet<ChannelId>,
+    /// The gateway and its region, as its members are accounted.
+    source: Source,
 }
 
 impl<R> GatewayStream<R> {
@@ -129,6 +132,13 @@ impl<R> GatewayStream<R> {
     pub fn send(&self, reply: R) {
         self.sub.send_control(reply);
     }
+
+    /// The gateway's region, as it said in its subscriptions.
+    pub fn set_region(&mut self, region: &str) {
+        if !region.is_empty() && *self.source.region != *region {
+            self.source.region = Arc::from(region);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -140,6 +150,8 @@ struct Shard<R> {
     /// them, in ts order per channel: each is stored, fanned out and answered once it and
     /// every event before it here are acknowledged (or dropped when refused).
     pending: VecDeque<Pending<R>>,
+    /// Who is subscribed to its channels across gateways (slots this node owns only).
+    members: Members,
 }
 
 /// An event waiting for its followers.
@@ -230,6 +242,17 @@ impl Replicator for NoFollowers {
     }
 }
 
+/// One channel's head, history and live subscribers (`ChannelInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub head: Option<Ts>,
+    pub history_length: usize,
+    pub oldest: Option<Ts>,
+    /// Complete only after this ts (`None`: from its start).
+    pub complete_after: Option<Ts>,
+    pub live: Summary,
+}
+
 /// What the shards hold, for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
@@ -255,6 +278,18 @@ pub struct Shards<R> {
     metrics: Metrics,
     /// The wall clock in microseconds ([`now_micros`] but in tests).
     clock: fn() -> u64,
+    /// Where the members' facts go (the webhooks), told under the shard lock so that a
+    /// channel's facts keep their order; none until set.
+    facts: OnceLock<FactSink>,
+}
+
+/// Takes the facts of channel accounting (queues them, never waits).
+pub struct FactSink(pub Box<dyn Fn(Fact) + Send + Sync>);
+
+impl std::fmt::Debug for FactSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FactSink")
+    }
 }
 
 impl<R: StreamReply> Shards<R> {
@@ -272,6 +307,12 @@ impl<R: StreamReply> Shards<R> {
                         store: Store::new(per_shard),
                         subs: HashMap::new(),
                         pending: VecDeque::new(),
+                        members: {
+                            // Learning who belongs is for offline messages: with a sink only.
+                            let mut members = Members::new(members::Bounds::default());
+                            members.set_learning(false);
+                            members
+                        },
                     })
                 })
                 .collect(),
@@ -280,7 +321,46 @@ impl<R: StreamReply> Shards<R> {
             streams: Mutex::new(HashMap::new()),
             metrics,
             clock,
+            facts: OnceLock::new(),
         }
+    }
+
+    /// Sends the members' facts to `sink` from now on (once; later calls are ignored).
+    pub fn set_fact_sink(&self, sink: FactSink) {
+        let _ = self.facts.set(sink);
+        for mut shard in self.each_shard() {
+            shard.members.set_learning(true);
+        }
+    }
+
+    /// Keeps the member accounting within `bounds` (the total split over the shards).
+    pub fn set_member_bounds(&self, bounds: members::Bounds) {
+        let per_shard = members::Bounds {
+            total_entries: (bounds.total_entries / SHARDS).max(1),
+            known_total: (bounds.known_total / SHARDS).max(1),
+            ..bounds
+        };
+        for mut shard in self.each_shard() {
+            shard.members.set_bounds(per_shard);
+        }
+    }
+
+    /// Tells the fact sink `facts`, in order (called under the lock of their shard).
+    fn tell(&self, facts: Vec<Fact>) {
+        if facts.is_empty() {
+            return;
+        }
+        self.metrics.member_facts.inc_by(facts.len() as u64);
+        if let Some(sink) = self.facts.get() {
+            for fact in facts {
+                (sink.0)(fact);
+            }
+        }
+    }
+
+    /// The wall clock in milliseconds.
+    fn now_ms(&self) -> u64 {
+        (self.clock)() / 1000
     }
 
     fn shard(&self, channel: &ChannelId) -> MutexGuard<'_, Shard<R>> {
@@ -304,6 +384,7 @@ impl<R: StreamReply> Shards<R> {
     /// The receiver is what the gateway reads.
     pub fn open_stream(
         &self,
+        gateway: &str,
         queue: usize,
         cancel: &CancellationToken,
     ) -> (GatewayStream<R>, mpsc::Receiver<R>) {
@@ -318,6 +399,11 @@ impl<R: StreamReply> Shards<R> {
         };
         self.streams().insert(sub.stream, sub.tx.clone());
         let stream = GatewayStream {
+            source: Source {
+                stream: sub.stream,
+                gateway: Arc::from(gateway),
+                region: Arc::from(""),
+            },
             sub,
             subscribed: HashSet::new(),
         };
@@ -329,6 +415,7 @@ impl<R: StreamReply> Shards<R> {
         for channel in &stream.subscribed {
             self.remove_subscriber(channel, stream.sub.stream);
         }
+        // Its members leave after the grace (a reconnecting gateway resubscribes before).
         self.streams().remove(&stream.sub.stream);
         stream.sub.end.end(ServeError::StreamClosed);
     }
@@ -344,8 +431,15 @@ impl<R: StreamReply> Shards<R> {
         stream: &mut GatewayStream<R>,
         channel: &ChannelId,
         delivered: Option<Ts>,
+        reports: &[Report],
     ) {
         let mut shard = self.shard(channel);
+        let mut facts = Vec::new();
+        let now = self.now_ms();
+        shard
+            .members
+            .subscribe(&stream.source, channel, reports, now, &mut facts);
+        self.tell(facts);
         if let Some(floor) = delivered.and_then(|ts| shard.store.raise_floor(channel, ts)) {
             tracing::info!(%channel, %floor, "a gateway delivered past this channel's clock; its floor jumps");
             self.metrics.floor_jumps.inc();
@@ -366,6 +460,92 @@ impl<R: StreamReply> Shards<R> {
         stream.sub.send_control(reply);
     }
 
+    /// `stream`'s members of `channel` changed (absolute counts); only for a channel it
+    /// subscribed here.
+    pub fn update_members(
+        &self,
+        stream: &GatewayStream<R>,
+        channel: &ChannelId,
+        reports: &[Report],
+    ) {
+        if !stream.subscribed.contains(channel) {
+            return;
+        }
+        let mut shard = self.shard(channel);
+        let mut facts = Vec::new();
+        let now = self.now_ms();
+        shard
+            .members
+            .update(stream.sub.stream, channel, reports, now, &mut facts);
+        self.tell(facts);
+    }
+
+    /// Departures whose grace ran out count now (`member_removed`, `channel_vacated`).
+    pub fn expire_members(&self) {
+        let now = self.now_ms();
+        for mut shard in self.each_shard() {
+            let mut facts = Vec::new();
+            shard.members.expire(now, &mut facts);
+            self.tell(facts);
+        }
+    }
+
+    /// `channel`'s head, history and live subscribers. The caller checked ownership.
+    pub fn channel_info(&self, channel: &ChannelId) -> ChannelInfo {
+        let shard = self.shard(channel);
+        let (history_length, oldest) = shard.store.extent(channel);
+        ChannelInfo {
+            head: shard.store.head(channel),
+            history_length,
+            oldest,
+            complete_after: Some(shard.store.complete_after(channel))
+                .filter(|t| *t != Ts::default()),
+            live: shard.members.summary(channel),
+        }
+    }
+
+    /// Channels with live subscribers, of slots `owned` says this node owns, matching
+    /// `wanted`, in id order after `after`: at most `limit`, and whether more match.
+    pub fn list_channels(
+        &self,
+        owned: impl Fn(Slot) -> bool,
+        wanted: impl Fn(&ChannelId) -> bool,
+        team: Option<&str>,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<(ChannelId, Summary)>, bool) {
+        let mut found: Vec<(ChannelId, Summary)> = Vec::new();
+        for shard in self.each_shard() {
+            for channel in shard.members.live() {
+                if channel.as_str() <= after
+                    || !owned(slot_of(channel))
+                    || !wanted(channel)
+                    || team.is_some_and(|t| !shard.members.has_team(channel, t))
+                {
+                    continue;
+                }
+                found.push((channel.clone(), shard.members.summary(channel)));
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
+    }
+
+    /// Gateway × channel × user entries accounted, users known to belong to channels, and
+    /// reports not counted for a bound.
+    pub fn member_counts(&self) -> (usize, usize, u64) {
+        self.each_shard()
+            .fold((0, 0, 0), |(entries, known, dropped), shard| {
+                (
+                    entries + shard.members.entries(),
+                    known + shard.members.known(),
+                    dropped + shard.members.dropped,
+                )
+            })
+    }
+
     /// Unsubscribes `stream` from `channel`, if it was subscribed.
     pub fn unsubscribe(&self, stream: &mut GatewayStream<R>, channel: &ChannelId) {
         if stream.subscribed.remove(channel) {
@@ -375,6 +555,8 @@ impl<R: StreamReply> Shards<R> {
 
     fn remove_subscriber(&self, channel: &ChannelId, stream: u64) {
         let mut shard = self.shard(channel);
+        let now = self.now_ms();
+        shard.members.unsubscribe(stream, channel, now);
         if let Some(subs) = shard.subs.get_mut(channel) {
             subs.retain(|s| s.stream != stream);
             if subs.is_empty() {
@@ -459,6 +641,7 @@ impl<R: StreamReply> Shards<R> {
             self.metrics.published(&event.body);
             let reply = R::event(event);
             shard.fan_out(&event.channel, &reply, &self.metrics);
+            self.committed(&mut shard, event);
             return Ok(Published::Done { fresh: true });
         }
         if shard.pending.len() >= MAX_PENDING_PER_SHARD {
@@ -493,6 +676,14 @@ impl<R: StreamReply> Shards<R> {
         })
     }
 
+    /// An event is stored (acknowledged): the members hear of it.
+    fn committed(&self, shard: &mut Shard<R>, event: &ChannelEvent) {
+        let mut facts = Vec::new();
+        let hooks = self.facts.get().is_some();
+        shard.members.committed(event, hooks, &mut facts);
+        self.tell(facts);
+    }
+
     /// Stores, fans out and answers the shard's waiting events from the oldest on, as long as
     /// each has been acknowledged by all its followers.
     fn commit_ready(&self, shard: &mut Shard<R>) {
@@ -516,6 +707,7 @@ impl<R: StreamReply> Shards<R> {
             );
             self.metrics.published(&event.body);
             shard.fan_out(&event.channel, &done.reply, &self.metrics);
+            self.committed(shard, &done.entry.event);
             done.answer(Ok(ts));
         }
     }
@@ -690,6 +882,12 @@ impl<R: StreamReply> Shards<R> {
         self.shard(&snapshot.channel).store.absorb(snapshot);
     }
 
+    /// Takes in a moved channel's live members from its previous owner ([`Members::adopt`]).
+    pub fn adopt_members(&self, channel: &ChannelId, reports: &[Report]) {
+        let now = self.now_ms();
+        self.shard(channel).members.adopt(channel, reports, now);
+    }
+
     /// Takes in a moved slot's floor from its previous owner: its channels evicted there lost
     /// their history up to `floor`.
     pub fn absorb_floor(&self, slot: Slot, floor: Ts) {
@@ -713,6 +911,7 @@ impl<R: StreamReply> Shards<R> {
         let handoff_to = |slot: Slot| handoff::new_owner(previous, ring, node, slot);
         let mut taken: HashMap<NodeId, Vec<Snapshot>> = HashMap::new();
         let mut floors: HashMap<NodeId, Vec<(Slot, Ts)>> = HashMap::new();
+        let mut handed_members: HashMap<NodeId, Vec<(ChannelId, Vec<Report>)>> = HashMap::new();
         let mut moved = 0usize;
         let mut dropped = 0usize;
         for (index, mut shard) in self.each_shard().enumerate() {
@@ -745,6 +944,19 @@ impl<R: StreamReply> Shards<R> {
             dropped += shard
                 .store
                 .drop_slots(|slot| !ring.owns(node, slot) && !follows(slot));
+            let mut facts = Vec::new();
+            let live = shard
+                .members
+                .drop_channels(|c| !ring.owns(node, slot_of(c)), &mut facts);
+            self.tell(facts);
+            for (channel, reports) in live {
+                if let Some(to) = handoff_to(slot_of(&channel)) {
+                    handed_members
+                        .entry(to.id.clone())
+                        .or_default()
+                        .push((channel, reports));
+                }
+            }
             let lost: Vec<ChannelId> = shard
                 .subs
                 .keys()
@@ -771,7 +983,7 @@ impl<R: StreamReply> Shards<R> {
             handing_off_channels = taken.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
-        handoff::outgoing(ring, node, taken, floors)
+        handoff::outgoing(ring, node, taken, floors, handed_members)
     }
 
     /// Nothing of `slots` before now is known here (taken over from a node that died, or a

@@ -400,6 +400,13 @@ impl Store {
             .map(|e| e.ts)
     }
 
+    /// How many events `channel` holds and its oldest one's ts, without touching its recency.
+    pub fn extent(&self, channel: &ChannelId) -> (usize, Option<Ts>) {
+        self.channels.peek(channel).map_or((0, None), |c| {
+            (c.events.len(), c.events.front().map(|e| e.ts))
+        })
+    }
+
     /// Up to `limit` events strictly after `since` (all retained events when `None`).
     pub fn history(&mut self, channel: &ChannelId, since: Option<Ts>, limit: usize) -> HistoryPage {
         let floor = self.slot_floor[usize::from(slot_of(channel))];

@@ -14,6 +14,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
 use mesh_core::TeamId;
 use ring_client::{RingArgs, RingSource};
 
+use crate::boot::{self, BootConfig, BootMode};
 use crate::limits::{Cidr, Limits};
 use crate::region::{AllowEntry, RedirectAllow};
 use crate::{tickets, tokens};
@@ -44,6 +45,12 @@ pub enum ConfigError {
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
+    /// `--boot-url` without the secret its requests are signed with.
+    #[error(
+        "--boot-url needs the secret in {} (requests to the web app are signed)",
+        mesh_hooks::SECRET_ENV
+    )]
+    BootSecret,
 }
 
 /// The `gateway` command's flags (its HS256 secret comes from [`ENV_JWT_SECRET`]).
@@ -77,6 +84,52 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub redirect_allow: Vec<AllowEntry>,
+    #[command(flatten)]
+    pub boot: BootArgs,
+}
+
+/// Boot from the web app: on `rtm.connect`, ask `--boot-url` for the user's channels.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BootArgs {
+    /// The web app's boot endpoint: on `rtm.connect` the gateway POSTs `{"user","team"}` there
+    /// (signed with CHANNELMESH_WEBHOOK_SECRET, required) and takes the answer's `channels`.
+    #[arg(long, env = "CHANNELMESH_BOOT_URL")]
+    pub boot_url: Option<String>,
+    /// The web app's channels join the token's (`union`) or stand in for them (`replace`).
+    #[arg(long, env = "CHANNELMESH_BOOT_MODE", value_enum, default_value_t = BootMode::Union)]
+    pub boot_mode: BootMode,
+    /// Milliseconds the web app has to answer; past it `rtm.connect` answers `boot_timeout`.
+    #[arg(long, env = "CHANNELMESH_BOOT_DEADLINE_MS", default_value_t = boot::DEFAULT_DEADLINE.as_millis() as u64)]
+    pub boot_deadline_ms: u64,
+    /// Seconds an answer is reused for the same user's later connects (0: not cached).
+    #[arg(long, env = "CHANNELMESH_BOOT_CACHE_SECS", default_value_t = boot::DEFAULT_CACHE_TTL.as_secs())]
+    pub boot_cache_secs: u64,
+    /// The most users whose answers are cached (least recently used go first).
+    #[arg(long, env = "CHANNELMESH_BOOT_CACHE_USERS", default_value_t = boot::DEFAULT_CACHE_USERS)]
+    pub boot_cache_users: usize,
+    /// The most users asked about at once; past it `rtm.connect` answers `ratelimited`.
+    #[arg(long, env = "CHANNELMESH_BOOT_MAX_IN_FLIGHT", default_value_t = boot::DEFAULT_MAX_IN_FLIGHT)]
+    pub boot_max_in_flight: usize,
+}
+
+impl BootArgs {
+    /// The boot configuration, `None` without `--boot-url`; the secret comes from the
+    /// environment and is required with it.
+    pub fn config(&self) -> Result<Option<BootConfig>, ConfigError> {
+        let Some(url) = self.boot_url.clone().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let secret = mesh_hooks::secret_from_env().map_err(|_| ConfigError::BootSecret)?;
+        Ok(Some(BootConfig {
+            url,
+            secret,
+            deadline: Duration::from_millis(self.boot_deadline_ms.max(1)),
+            cache_ttl: Duration::from_secs(self.boot_cache_secs),
+            cache_users: self.boot_cache_users,
+            max_in_flight: self.boot_max_in_flight,
+            mode: self.boot_mode,
+        }))
+    }
 }
 
 /// Configuration of one gateway.
@@ -104,6 +157,8 @@ pub struct Config {
     pub limits: Limits,
     /// Where a draining gateway may forward `rtm.connect` (empty: nowhere).
     pub redirect_allow: RedirectAllow,
+    /// Boot from the web app (`--boot-url`), when configured.
+    pub boot: Option<BootConfig>,
 }
 
 impl Config {
@@ -130,6 +185,7 @@ impl Config {
             limits: checked(args.limits.clone())?,
             tokens: args.tokens.config(),
             redirect_allow: RedirectAllow::new(args.redirect_allow.clone()),
+            boot: args.boot.config()?,
         })
     }
 }

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::admission::{Gate, Method, Peer, Refusal};
+use crate::boot::{self, Boot, Booted};
 use crate::connection::{self, ConnectionContext};
 use crate::cursors::{cursors_param, parse_cursors};
 use crate::limits::TokenBucket;
@@ -38,6 +39,8 @@ const WS_READ_BUFFER: usize = 512;
 pub struct Edge {
     /// What every connection shares; each WebSocket accepted runs on it.
     pub ctx: Arc<ConnectionContext>,
+    /// Asks the web app for each user's channels on `rtm.connect` (`--boot-url`), when set.
+    pub boot: Option<Arc<Boot>>,
     /// Checks client tokens.
     pub key: Verifier,
     /// Connect URLs handed out by `rtm.connect`, not yet used.
@@ -308,9 +311,7 @@ async fn rtm_connect(
         Some(Ok(c)) => c,
         Some(Err(_)) => return slack_error("invalid_cursors"),
     };
-    let user = identity.user.to_string();
-    let name = identity.name.clone().unwrap_or_else(|| user.clone());
-    let team = identity.team.to_string();
+    let mut identity = identity;
     if edge.ctx.region.draining() {
         let token = bearer_or_param(&headers, &params).unwrap_or_default();
         let user = identity.user.clone();
@@ -319,12 +320,22 @@ async fn rtm_connect(
             None => ratelimited(),
         };
     }
+    let booted = match &edge.boot {
+        Some(boot) => match booted(boot, &mut identity).await {
+            Ok(answer) => Some((answer, boot.mode())),
+            Err(refusal) => return refusal,
+        },
+        None => None,
+    };
+    let user = identity.user.to_string();
+    let name = identity.name.clone().unwrap_or_else(|| user.clone());
+    let team = identity.team.to_string();
     let slot = match team_slot(&edge, &identity).await {
         Ok(slot) => slot,
         Err(Refused::Team | Refused::User) => return slack_error("too_many_connections"),
         Err(Refused::Retry) => return ratelimited(),
     };
-    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot) else {
+    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot, booted) else {
         return ratelimited();
     };
     axum::Json(json!({
@@ -334,6 +345,31 @@ async fn rtm_connect(
         "team": {"id": team, "name": team, "domain": team.to_lowercase()},
     }))
     .into_response()
+}
+
+/// The web app's answer for `identity`'s user (its name taken at once; its channels joined
+/// to the token's when the connect URL is opened: [`Ticket::booted`](crate::tickets::Ticket));
+/// otherwise the `rtm.connect` answer to give: `boot_timeout`, `boot_unavailable`,
+/// `boot_invalid_answer` (HTTP 200 with `Retry-After: 1`, as Slack answers its errors), or
+/// `ratelimited` when too many users are being asked about at once.
+async fn booted(boot: &Arc<Boot>, identity: &mut Identity) -> Result<Arc<Booted>, Response> {
+    match boot.channels(&identity.user, &identity.team).await {
+        Ok(answer) => {
+            if let Some(name) = &answer.name {
+                identity.name = Some(name.clone());
+            }
+            Ok(answer)
+        }
+        Err(boot::BootError::Busy) => Err(ratelimited()),
+        Err(error) => {
+            tracing::debug!(user = %identity.user, %error, "refused a connect: no boot answer");
+            let mut response = slack_error(error.code());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            Err(response)
+        }
+    }
 }
 
 /// `ratelimited` with `Retry-After: 1`: Slack's answer to a caller that should come back.
@@ -603,6 +639,11 @@ async fn websocket(
                 return response;
             }
         };
+    }
+    // The web app's channels join the token's only now, for a connection about to open.
+    if let Some((answer, mode)) = ticket.booted.take() {
+        let token = std::mem::take(&mut ticket.identity.channels);
+        ticket.identity.channels = boot::unite(token, &answer, mode);
     }
     let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
     let tracked = edge.clone();

@@ -8,7 +8,14 @@ use std::path::Path;
 
 /// The crate's modules by layer, leaf first: a module may use only modules of lower layers.
 const LAYERS: &[&[&str]] = &[
-    &["vocab", "close", "cursors", "tokens", "region::allow"],
+    &[
+        "vocab",
+        "close",
+        "cursors",
+        "tokens",
+        "region::allow",
+        "boot",
+    ],
     &["limits", "metrics", "region::disconnects"],
     &["outbox", "socket"],
     &["history"],

@@ -9,6 +9,7 @@
 //! ([`http`]); and here, [`serve`], which assembles them.
 
 pub mod admission;
+pub mod boot;
 pub mod close;
 pub mod config;
 pub mod connection;
@@ -99,7 +100,7 @@ pub async fn serve(
         let ring = RingWatcher::spawn(source, &tracker, cancel.clone());
         let withheld = metrics.presence_withheld.clone();
         presence::PresenceHub::new(
-            config.id.clone(),
+            (config.id.clone(), config.region.clone()),
             ring,
             withheld,
             tracker.clone(),
@@ -135,6 +136,7 @@ pub async fn serve(
     let ctx = Arc::new(ConnectionContext {
         hub: Hub::new(
             config.id.clone(),
+            config.region.clone(),
             ring.clone(),
             router.clone(),
             metrics.clone(),
@@ -150,8 +152,13 @@ pub async fn serve(
         tracker: tracker.clone(),
         cancel: cancel.clone(),
     });
+    let boot = config.boot.clone().map(|boot| {
+        tracing::info!(url = %boot.url, mode = ?boot.mode, "rtm.connect asks the web app for each user's channels");
+        boot::Boot::new(boot, &telemetry, tracker.clone(), cancel.clone())
+    });
     let edge = Arc::new(http::Edge {
         ctx: ctx.clone(),
+        boot,
         key,
         tickets: Arc::new(tickets::Tickets::new(config.connect_url_ttl)),
         region: config.region.clone(),

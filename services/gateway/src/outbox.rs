@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
 use futures::task::AtomicWaker;
-use mesh_core::UserId;
+use mesh_core::{TeamId, UserId};
 
 use crate::close::{Close, Closer};
 use crate::vocab::{ConnId, Outbound};
@@ -212,6 +212,8 @@ impl Outbox {
 pub struct ConnSink {
     pub id: ConnId,
     pub user: UserId,
+    /// The user's team, reported with its channel memberships upstream (`None` in tests).
+    pub team: Option<TeamId>,
     pub(crate) outbox: Arc<Outbox>,
     closer: Arc<Closer>,
 }
@@ -222,9 +224,16 @@ impl ConnSink {
         ConnSink {
             id,
             user,
+            team: None,
             outbox,
             closer,
         }
+    }
+
+    /// The same sink, naming the user's team.
+    pub fn with_team(mut self, team: TeamId) -> Self {
+        self.team = Some(team);
+        self
     }
 
     /// Queues without waiting; a full queue (in items or bytes) closes the connection as a

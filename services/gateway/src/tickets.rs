@@ -6,12 +6,13 @@
 //! life. A URL opened after the hold asks for a place again at the upgrade.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_core::{ChannelId, Identity, Ts};
 use rand::RngCore;
 
+use crate::boot::{BootMode, Booted};
 use crate::presence::TeamSlot;
 
 /// How long a connect URL stays valid, by default.
@@ -34,6 +35,10 @@ pub struct Ticket<S = TeamSlot> {
     /// The connection's place under its team's and user's caps, when they apply and the
     /// ticket is younger than [`SLOT_HOLD`]: held by the ticket, then by the connection.
     pub slot: Option<S>,
+    /// The channels the web app gave (`--boot-url`) and how they join the token's: shared
+    /// with the boot cache, united with the identity's only when the URL is opened, so an
+    /// outstanding ticket holds no copy of them.
+    pub booted: Option<(Arc<Booted>, BootMode)>,
     issued: Instant,
     expires: Instant,
 }
@@ -61,6 +66,7 @@ impl<S> Tickets<S> {
         batch_presence: bool,
         cursors: Vec<(ChannelId, Ts)>,
         slot: Option<S>,
+        booted: Option<(Arc<Booted>, BootMode)>,
     ) -> Option<String> {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
@@ -80,6 +86,7 @@ impl<S> Tickets<S> {
                 batch_presence,
                 cursors,
                 slot,
+                booted,
                 issued: now,
                 expires: now + self.ttl,
             },
@@ -132,7 +139,9 @@ mod tests {
     #[test]
     fn tickets_are_single_use() {
         let tickets: Tickets<()> = Tickets::new(DEFAULT_TICKET_TTL);
-        let id = tickets.issue(identity(), false, vec![], None).unwrap();
+        let id = tickets
+            .issue(identity(), false, vec![], None, None)
+            .unwrap();
         assert!(tickets.redeem(&id).is_some());
         assert!(tickets.redeem(&id).is_none());
         assert!(tickets.redeem("nope").is_none());
@@ -142,7 +151,7 @@ mod tests {
     fn an_unused_ticket_gives_its_place_back_after_the_hold_and_stays_valid() {
         let tickets: Tickets<&str> = Tickets::new(Duration::from_secs(300));
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"))
+            .issue(identity(), false, vec![], Some("place"), None)
             .unwrap();
         let issued = Instant::now();
         assert!(tickets.sweep(issued).is_empty(), "held during the hold");
@@ -158,7 +167,7 @@ mod tests {
     fn a_ticket_used_within_the_hold_keeps_its_place() {
         let tickets: Tickets<&str> = Tickets::new(DEFAULT_TICKET_TTL);
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"))
+            .issue(identity(), false, vec![], Some("place"), None)
             .unwrap();
         assert_eq!(tickets.redeem(&id).unwrap().slot, Some("place"));
     }
@@ -167,7 +176,7 @@ mod tests {
     fn an_expired_ticket_is_dropped_with_its_place() {
         let tickets: Tickets<&str> = Tickets::new(Duration::from_millis(10));
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"))
+            .issue(identity(), false, vec![], Some("place"), None)
             .unwrap();
         let later = Instant::now() + Duration::from_millis(20);
         assert_eq!(tickets.sweep(later), ["place"]);

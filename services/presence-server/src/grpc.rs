@@ -21,7 +21,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::quota::Refusal;
 use crate::sessions::{Acquire, Outbound, QueryError, Report, SESSION_QUEUE, Sessions};
-use crate::state::{Notice, Online};
+use crate::state::{ConnDetail, Connection, Notice, Online};
+
+/// The most connections of one user taken from one report (gateways send at most 1,000).
+const MAX_DETAILS: usize = 1_000;
 use crate::ticker;
 
 /// The one table from the presence server's errors to gRPC statuses.
@@ -87,9 +90,28 @@ fn online(o: &pb::UserOnline) -> Option<Online> {
         user: UserId::new(&o.user).ok()?,
         connections: o.connections,
         team: TeamId::new(&o.team).ok(),
+        details: o
+            .details
+            .iter()
+            .take(MAX_DETAILS)
+            .map(|d| ConnDetail {
+                team: TeamId::new(&d.team).ok(),
+                connected_at_ms: d.connected_at_ms,
+            })
+            .collect(),
         since_ms: o.online_since_ms,
         left_ms: o.left_ms,
     })
+}
+
+/// The protobuf form of a connection, as `Connections` lists it.
+fn connection_info(c: Connection) -> pb::ConnectionInfo {
+    pb::ConnectionInfo {
+        gateway: c.gateway,
+        region: c.region,
+        team: c.team.map(|t| t.to_string()).unwrap_or_default(),
+        connected_at_ms: c.connected_at_ms,
+    }
 }
 
 /// Valid user ids of `raw`; the others are skipped (gateways only send ids they validated).
@@ -127,6 +149,7 @@ fn report(kind: Kind) -> Option<Report> {
                 .filter_map(|l| Some((UserId::new(&l.user).ok()?, l.left_ms)))
                 .collect(),
             gateway: s.gateway,
+            region: s.region,
         },
         Kind::Online(o) => Report::Online(online(&o)?),
         Kind::Watch(w) => Report::Watch(users(&w.users)),
@@ -295,6 +318,17 @@ impl pb::presence_server::Presence for PresenceService {
             users: answer.into_iter().map(user_presence).collect(),
         }))
     }
+
+    async fn connections(
+        &self,
+        request: Request<pb::ConnectionsRequest>,
+    ) -> Result<Response<pb::ConnectionsResponse>, Status> {
+        let req = request.into_inner();
+        let answer = self.inner.sessions.connections(&req.user).map_err(status)?;
+        Ok(Response::new(pb::ConnectionsResponse {
+            connections: answer.into_iter().map(connection_info).collect(),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -328,12 +362,21 @@ mod tests {
                 user: "U1".into(),
                 connections: 1,
                 team: team.into(),
+                details: vec![pb::ConnectionDetail {
+                    conn: 4,
+                    team: team.into(),
+                    connected_at_ms: 9,
+                }],
                 ..Default::default()
             });
             let want = Online {
                 user: UserId::new("U1").unwrap(),
                 connections: 1,
                 team: None,
+                details: vec![ConnDetail {
+                    team: None,
+                    connected_at_ms: 9,
+                }],
                 since_ms: 0,
                 left_ms: 0,
             };

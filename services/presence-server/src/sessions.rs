@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::hooks::presence_changed;
 
 use crate::quota::{Quotas, Refusal};
-use crate::state::{Notice, Notices, Online, Presence, SessionId};
+use crate::state::{Connection, Notice, Notices, Online, Presence, SessionId};
 
 /// Messages queued to one gateway session; a gateway that falls this far behind is cut off
 /// (it reconnects and sends a fresh snapshot).
@@ -41,8 +41,9 @@ pub enum QueryError {
 pub enum Report {
     /// Everything the gateway holds, replacing what the session reported before.
     Snapshot {
-        /// The gateway's name, for logs.
+        /// The gateway's name (for logs and `ListConnections`) and its region.
         gateway: String,
+        region: String,
         /// Live connections per user, with the user's team.
         online: Vec<Online>,
         /// Manual settings: (user, away, set at ms).
@@ -214,6 +215,7 @@ impl<M: Outbound> Sessions<M> {
         let notices = match report {
             Report::Snapshot {
                 gateway,
+                region,
                 online,
                 manual,
                 teams,
@@ -225,6 +227,7 @@ impl<M: Outbound> Sessions<M> {
                 tracing::debug!(session, %gateway, "gateway snapshot");
                 self.with_state(|s| {
                     let mut notices = s.snapshot(session, online, manual, watched, now);
+                    s.name_session(session, gateway, region);
                     for (session, items) in s.recently_left(&left, now) {
                         notices.entry(session).or_default().extend(items);
                     }
@@ -308,6 +311,15 @@ impl<M: Outbound> Sessions<M> {
         if gained {
             tracing::info!(epoch = ring.epoch(), "presence slots gained; warming up");
         }
+    }
+
+    /// `user`'s (a raw id) live connections as the gateways report them, oldest first.
+    pub fn connections(&self, user: &str) -> Result<Vec<Connection>, QueryError> {
+        let user = UserId::new(user).map_err(|error| QueryError::BadUser {
+            raw: user.to_string(),
+            error,
+        })?;
+        Ok(self.state().connections(&user))
     }
 
     /// The presence of each of `users` (as raw ids), as watchers know it, with their teams.

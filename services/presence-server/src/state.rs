@@ -78,12 +78,37 @@ pub struct Online {
     pub since_ms: u64,
     /// With no connection left there: when the last one closed (Unix ms; 0: not said).
     pub left_ms: u64,
+    /// Each of those connections (empty from a gateway that does not say).
+    pub details: Vec<ConnDetail>,
+}
+
+/// One live connection as its gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnDetail {
+    /// The team its token names (`None`: not said, or not an id).
+    pub team: Option<TeamId>,
+    /// When it opened, Unix milliseconds.
+    pub connected_at_ms: u64,
+}
+
+/// One of a user's live connections, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub gateway: String,
+    pub region: String,
+    pub team: Option<TeamId>,
+    pub connected_at_ms: u64,
 }
 
 #[derive(Debug, Default)]
 struct Session {
+    /// The gateway's id and region, as its snapshot named them.
+    gateway: String,
+    region: String,
     /// Live connections per user on that gateway.
     online: HashMap<UserId, u32>,
+    /// Each live connection per user on that gateway, as reported.
+    details: HashMap<UserId, Vec<ConnDetail>>,
     /// When each of those users' oldest live connection there began (Unix ms), when said.
     since_ms: HashMap<UserId, u64>,
     watched: HashSet<UserId>,
@@ -288,6 +313,38 @@ impl Presence {
         notices
     }
 
+    /// Names `session`'s gateway and its region (from its snapshot), for
+    /// [`Presence::connections`].
+    pub fn name_session(&mut self, session: SessionId, gateway: String, region: String) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.gateway = gateway;
+            s.region = region;
+        }
+    }
+
+    /// `user`'s live connections as every session reports them, oldest first (whether or not
+    /// this server owns the user: the caller routed by the ring).
+    pub fn connections(&self, user: &UserId) -> Vec<Connection> {
+        let mut all: Vec<Connection> = self
+            .sessions
+            .values()
+            .flat_map(|s| {
+                s.details
+                    .get(user)
+                    .into_iter()
+                    .flatten()
+                    .map(|d| Connection {
+                        gateway: s.gateway.clone(),
+                        region: s.region.clone(),
+                        team: d.team.clone(),
+                        connected_at_ms: d.connected_at_ms,
+                    })
+            })
+            .collect();
+        all.sort_by(|a, b| (a.connected_at_ms, &a.gateway).cmp(&(b.connected_at_ms, &b.gateway)));
+        all
+    }
+
     /// A user's live connections on `session`'s gateway now.
     pub fn online(&mut self, session: SessionId, report: &Online, now: Instant) -> Notices {
         let mut notices = Notices::new();
@@ -318,11 +375,13 @@ impl Presence {
         let was = s.online.get(user).copied().unwrap_or(0) > 0;
         if n > 0 {
             s.online.insert(user.clone(), n);
+            s.details.insert(user.clone(), report.details.clone());
             if report.since_ms > 0 {
                 s.since_ms.insert(user.clone(), report.since_ms);
             }
         } else {
             s.online.remove(user);
+            s.details.remove(user);
             s.since_ms.remove(user);
         }
         if was && n == 0 && report.left_ms > 0 {
@@ -570,6 +629,7 @@ impl Presence {
         }
         for s in self.sessions.values_mut() {
             s.online.retain(|user, _| owned(user));
+            s.details.retain(|user, _| owned(user));
             s.since_ms.retain(|user, _| owned(user));
             s.watched.retain(|user| owned(user));
         }
@@ -638,6 +698,12 @@ mod tests {
             user: u(user),
             connections: n,
             team: Some(TeamId::new("T1").unwrap()),
+            details: (0..n)
+                .map(|i| ConnDetail {
+                    team: Some(TeamId::new("T1").unwrap()),
+                    connected_at_ms: 1_000 + u64::from(i),
+                })
+                .collect(),
             since_ms: 0,
             left_ms: 0,
         }
@@ -932,5 +998,46 @@ mod tests {
         };
         p.snapshot(2, vec![elsewhere], vec![], vec![], t0);
         assert_eq!(team_of(&p, "UB").as_deref(), Some("T2"));
+    }
+
+    #[test]
+    fn connections_are_listed_from_every_session_oldest_first_and_go_with_it() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(GRACE);
+        p.snapshot(1, vec![on("UA", 2)], vec![], vec![], t0);
+        p.name_session(1, "gw-a".into(), "us".into());
+        p.snapshot(2, vec![], vec![], vec![], t0);
+        p.name_session(2, "gw-b".into(), "eu".into());
+        let mut later = on("UA", 1);
+        later.details[0].connected_at_ms = 1_500;
+        later.details[0].team = Some(TeamId::new("T2").unwrap());
+        p.online(2, &later, t0);
+        let listed: Vec<(String, String, Option<String>, u64)> = p
+            .connections(&u("UA"))
+            .into_iter()
+            .map(|c| {
+                (
+                    c.gateway,
+                    c.region,
+                    c.team.map(|t| t.to_string()),
+                    c.connected_at_ms,
+                )
+            })
+            .collect();
+        let t = |s: &str| Some(s.to_string());
+        assert_eq!(
+            listed,
+            [
+                ("gw-a".into(), "us".into(), t("T1"), 1_000),
+                ("gw-a".into(), "us".into(), t("T1"), 1_001),
+                ("gw-b".into(), "eu".into(), t("T2"), 1_500),
+            ]
+        );
+        // Gone on one gateway, and a session that ends takes its connections with it.
+        p.online(2, &on("UA", 0), t0);
+        assert_eq!(p.connections(&u("UA")).len(), 2);
+        p.drop_session(1, t0);
+        assert!(p.connections(&u("UA")).is_empty());
+        assert!(p.connections(&u("UB")).is_empty());
     }
 }

@@ -125,6 +125,7 @@ impl ChannelService {
                         addr: owner.addr.clone(),
                         snapshots: Vec::new(),
                         floors: Vec::new(),
+                        members: Vec::new(),
                     });
                     parcels.len() - 1
                 }
@@ -145,6 +146,18 @@ impl ChannelService {
                     None => unowned.push(snapshot),
                 }
             }
+            for (channel, reports) in failed.members {
+                match ring.owner(slot_of(&channel)) {
+                    Some(owner) if &owner.id == node => {
+                        self.inner.shards.adopt_members(&channel, &reports)
+                    }
+                    Some(owner) => {
+                        let i = parcel(&mut parcels, owner);
+                        parcels[i].members.push((channel, reports));
+                    }
+                    None => {}
+                }
+            }
             for (slot, floor) in failed.floors {
                 match ring.owner(slot) {
                     Some(owner) if &owner.id == node => self.inner.shards.absorb_floor(slot, floor),
@@ -162,6 +175,7 @@ impl ChannelService {
                 addr: String::new(),
                 snapshots: unowned,
                 floors: Vec::new(),
+                members: Vec::new(),
             });
         }
         parcels

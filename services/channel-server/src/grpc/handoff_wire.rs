@@ -30,6 +30,7 @@ async fn attempt(from: &NodeId, epoch: u64, handoff: &Outgoing) -> Result<(), St
         addr,
         snapshots,
         floors,
+        members,
         ..
     } = handoff;
     let channel = mesh_transport::endpoint(addr)
@@ -47,6 +48,7 @@ async fn attempt(from: &NodeId, epoch: u64, handoff: &Outgoing) -> Result<(), St
             channels: chunk.iter().map(snapshot_to_proto).collect(),
             done: false,
             slot_floors: Vec::new(),
+            members: Vec::new(),
         })
         .collect();
     chunks.push(pb::HandoffChunk {
@@ -54,6 +56,10 @@ async fn attempt(from: &NodeId, epoch: u64, handoff: &Outgoing) -> Result<(), St
         epoch,
         channels: Vec::new(),
         done: true,
+        members: members
+            .iter()
+            .map(|(channel, reports)| members_to_proto(channel, reports))
+            .collect(),
         slot_floors: floors
             .iter()
             .map(|(slot, ts)| pb::SlotFloor {
@@ -154,6 +160,26 @@ pub(super) fn snapshot_from_proto(
         events,
         recent,
     })
+}
+
+/// A moved channel's live members as the handoff carries them.
+pub fn members_to_proto(
+    channel: &ChannelId,
+    reports: &[crate::members::Report],
+) -> pb::ChannelMembers {
+    pb::ChannelMembers {
+        channel: channel.to_string(),
+        members: reports
+            .iter()
+            .map(|r| pb::MemberCount {
+                user: r.user.to_string(),
+                team: r.team.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                connections: r.conns,
+                announced: true,
+                since_ms: r.since_ms,
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

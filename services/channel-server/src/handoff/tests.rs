@@ -215,7 +215,13 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
     assert_eq!(new_owner(&first, &planned, &one, slot), Some(&node("cs-3")));
     assert_eq!(new_owner(&first, &planned, &one, kept), None);
     assert_eq!(new_owner(&first, &unplanned, &one, slot), None);
-    let sends = outgoing(&planned, &one, HashMap::new(), HashMap::new());
+    let sends = outgoing(
+        &planned,
+        &one,
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+    );
     assert_eq!(sends.len(), 1);
     assert_eq!(
         (&sends[0].to, sends[0].addr.as_str()),
@@ -225,7 +231,16 @@ fn only_a_named_handoff_sends_and_each_names_its_new_owner() {
         sends[0].snapshots.is_empty(),
         "sent even empty: cs-3 waits for it"
     );
-    assert!(outgoing(&unplanned, &one, HashMap::new(), HashMap::new()).is_empty());
+    assert!(
+        outgoing(
+            &unplanned,
+            &one,
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new()
+        )
+        .is_empty()
+    );
 }
 
 #[test]

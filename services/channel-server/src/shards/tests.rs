@@ -2,6 +2,8 @@
 //! bounds, and following a ring that moves channels away.
 
 use std::sync::Mutex;
+
+use crate::members::{Report, Summary};
 use std::sync::atomic::AtomicU64;
 
 use mesh_core::{EventBody, RingNode, SLOT_COUNT, UserId};
@@ -106,8 +108,8 @@ fn subscribed_comes_first_then_every_event_in_ts_order() {
     let (shards, metrics) = shards(Limits::default());
     let cancel = CancellationToken::new();
     let before = publish(&shards, &c("C1"), "before");
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     let ts: Vec<Ts> = (0..5)
         .map(|i| publish(&shards, &c("C1"), &format!("m{i}")))
         .collect();
@@ -130,9 +132,9 @@ fn subscribed_comes_first_then_every_event_in_ts_order() {
 fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     assert_eq!(shards.counts().subscriptions, 1);
     publish(&shards, &c("C1"), "once");
     let replies = drain(&mut rx);
@@ -149,8 +151,8 @@ fn subscribing_twice_delivers_once_and_unsubscribing_stops_delivery() {
 fn a_transient_event_is_fanned_out_but_not_kept() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     let mut typing = ChannelEvent {
         body: EventBody::Typing {
             user: UserId::new("U1").unwrap(),
@@ -167,10 +169,10 @@ fn a_transient_event_is_fanned_out_but_not_kept() {
 async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
     let (shards, metrics) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut slow, _slow_rx) = shards.open_stream(2, &cancel);
-    let (mut fast, mut fast_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut slow, &c("C1"), None);
-    shards.subscribe(&mut fast, &c("C1"), None);
+    let (mut slow, _slow_rx) = shards.open_stream("gw", 2, &cancel);
+    let (mut fast, mut fast_rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut slow, &c("C1"), None, &[]);
+    shards.subscribe(&mut fast, &c("C1"), None, &[]);
     for i in 0..3 {
         publish(&shards, &c("C1"), &format!("m{i}"));
     }
@@ -188,9 +190,9 @@ async fn a_gateway_that_falls_behind_loses_its_stream_not_the_others() {
 async fn a_reply_that_does_not_fit_ends_the_stream() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, _rx) = shards.open_stream(1, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
-    shards.subscribe(&mut stream, &c("C2"), None);
+    let (mut stream, _rx) = shards.open_stream("gw", 1, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
+    shards.subscribe(&mut stream, &c("C2"), None, &[]);
     assert_eq!(
         stream.end().clone().ended().await,
         ServeError::FellBehindOnReply
@@ -201,10 +203,10 @@ async fn a_reply_that_does_not_fit_ends_the_stream() {
 async fn closing_a_stream_drops_its_subscriptions_and_shutdown_ends_the_others() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut closed, _closed_rx) = shards.open_stream(16, &cancel);
-    let (open, _open_rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut closed, &c("C1"), None);
-    shards.subscribe(&mut closed, &c("C2"), None);
+    let (mut closed, _closed_rx) = shards.open_stream("gw", 16, &cancel);
+    let (open, _open_rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut closed, &c("C1"), None, &[]);
+    shards.subscribe(&mut closed, &c("C2"), None, &[]);
     let end = closed.end().clone();
     assert_eq!(shards.counts().streams, 2);
     shards.close_stream(closed);
@@ -262,10 +264,10 @@ fn a_lost_slot_is_dropped_and_its_gateways_told_it_moved() {
         .unwrap();
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
     for channel in [&lost, &kept] {
         publish(&shards, channel, "x");
-        shards.subscribe(&mut stream, channel, None);
+        shards.subscribe(&mut stream, channel, None, &[]);
     }
     drain(&mut rx);
     let sends = shards.follow_ring(&first, &second, &one.id, &[]);
@@ -304,8 +306,8 @@ fn slots_known_lost_have_no_history_before_now() {
 fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slot_moved() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     publish(&shards, &c("C1"), "before");
     // The caller's ownership check passed; then the ring moved the channel's slot to cs-2.
     let me = NodeId::new("cs-1").unwrap();
@@ -331,11 +333,11 @@ fn a_publish_checked_before_a_ring_change_is_refused_under_the_lock_once_the_slo
 fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap() {
     let (shards, _) = shards(Limits::default());
     let cancel = CancellationToken::new();
-    let (mut first, mut first_rx) = shards.open_stream(16, &cancel);
-    let (mut second, mut second_rx) = shards.open_stream(16, &cancel);
+    let (mut first, mut first_rx) = shards.open_stream("gw", 16, &cancel);
+    let (mut second, mut second_rx) = shards.open_stream("gw", 16, &cancel);
     let channel = c("C1");
     let before = publish(&shards, &channel, "before");
-    shards.subscribe(&mut first, &channel, Some(before));
+    shards.subscribe(&mut first, &channel, Some(before), &[]);
     assert_eq!(
         drain(&mut first_rx),
         [Test::Subscribed(channel.clone(), Some(before))],
@@ -344,7 +346,7 @@ fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap()
     // Another gateway delivered up to here from an earlier owner whose clock was ahead.
     let delivered = Ts::from_micros(5_000_000);
     let floor = Ts::from_micros(5_000_001);
-    shards.subscribe(&mut second, &channel, Some(delivered));
+    shards.subscribe(&mut second, &channel, Some(delivered), &[]);
     assert_eq!(drain(&mut first_rx), [Test::Gap(channel.clone(), floor)]);
     assert_eq!(
         drain(&mut second_rx),
@@ -357,7 +359,7 @@ fn a_gateway_that_delivered_past_the_clock_raises_it_and_the_others_hear_a_gap()
     );
     let next = publish(&shards, &channel, "after");
     assert!(next > floor, "no ts a gateway would drop: {next:?}");
-    shards.subscribe(&mut second, &channel, Some(delivered));
+    shards.subscribe(&mut second, &channel, Some(delivered), &[]);
     drain(&mut second_rx);
     assert_eq!(texts(&drain(&mut first_rx)), ["after"], "no second gap");
 }
@@ -367,9 +369,9 @@ fn slots_marked_unknown_tell_their_subscribers_of_a_gap() {
     let metrics = Metrics::new(&mesh_telemetry::Telemetry::default());
     let shards = Shards::<Test>::new(Limits::default(), metrics, ticking);
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
     let channel = c("C1");
-    shards.subscribe(&mut stream, &channel, None);
+    shards.subscribe(&mut stream, &channel, None, &[]);
     drain(&mut rx);
     shards.mark_unknown(&[slot_of(&channel)]);
     let replies = drain(&mut rx);
@@ -455,8 +457,8 @@ fn a_replicated_event_is_stored_delivered_and_answered_only_once_every_follower_
     let ring = replicated_ring(true);
     let recorder = Recorder::default();
     let cancel = CancellationToken::new();
-    let (mut stream, mut rx) = shards.open_stream(16, &cancel);
-    shards.subscribe(&mut stream, &c("C1"), None);
+    let (mut stream, mut rx) = shards.open_stream("gw", 16, &cancel);
+    shards.subscribe(&mut stream, &c("C1"), None, &[]);
     drain(&mut rx);
     let (first, e1) = begin(&shards, &ring, &recorder, &c("C1"), "one", None);
     let (second, e2) = begin(&shards, &ring, &recorder, &c("C1"), "two", None);
@@ -650,4 +652,87 @@ fn begin_plain(
         text,
         Some(key),
     )
+}
+
+/// A member report of `user` with `conns` connections, in team T1.
+fn member(user: &str, conns: u32) -> Report {
+    Report {
+        user: UserId::new(user).unwrap(),
+        team: Some(mesh_core::TeamId::new("T1").unwrap()),
+        conns,
+        since_ms: 7,
+        announced: false,
+    }
+}
+
+#[test]
+fn members_are_listed_in_id_order_by_page_and_their_facts_reach_the_sink_in_order() {
+    let (shards, _) = shards(Limits::default());
+    shards.set_member_bounds(members::Bounds {
+        grace_ms: 0,
+        ..members::Bounds::default()
+    });
+    let told: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = told.clone();
+    shards.set_fact_sink(FactSink(Box::new(move |fact| {
+        sink.lock().unwrap().push(fact.id)
+    })));
+    let cancel = CancellationToken::new();
+    let (mut stream, _rx) = shards.open_stream("gw-a", 64, &cancel);
+    stream.set_region("east");
+    for (channel, users) in [("C3", 1), ("C1", 2), ("C2", 3)] {
+        let reports: Vec<Report> = (0..users).map(|i| member(&format!("U{i}"), 1)).collect();
+        shards.subscribe(&mut stream, &c(channel), None, &reports);
+    }
+    let ids = |page: &[(ChannelId, Summary)]| -> Vec<String> {
+        page.iter().map(|(c, _)| c.to_string()).collect()
+    };
+    let (page, more) = shards.list_channels(|_| true, |_| true, None, "", 2);
+    assert_eq!((ids(&page), more), (vec!["C1".into(), "C2".into()], true));
+    assert_eq!((page[1].1.subscribers, page[1].1.members), (3, 3));
+    assert_eq!(page[1].1.gateways, [("gw-a".into(), "east".into(), 3)]);
+    let (page, more) = shards.list_channels(|_| true, |_| true, None, "C2", 2);
+    assert_eq!((ids(&page), more), (vec!["C3".into()], false));
+    let not_c1 = slot_of(&c("C1"));
+    let (page, _) = shards.list_channels(|s| s != not_c1, |c| c.as_str() < "C3", None, "", 9);
+    assert_eq!(ids(&page), ["C2"]);
+    let (page, _) = shards.list_channels(|_| true, |_| true, Some("T2"), "", 9);
+    assert!(page.is_empty());
+
+    // A message to C1 (from U1) while U0 has no connection there: told once it is stored.
+    shards.update_members(&stream, &c("C1"), &[member("U0", 0)]);
+    let ts = publish(&shards, &c("C1"), "hello");
+    let info = shards.channel_info(&c("C1"));
+    assert_eq!(
+        (info.head, info.history_length, info.oldest),
+        (Some(ts), 1, Some(ts))
+    );
+    assert_eq!((info.live.subscribers, info.live.members), (1, 1));
+    // The stream ends: its members leave (the grace here is 0).
+    shards.close_stream(stream);
+    shards.expire_members();
+    let told = told.lock().unwrap().clone();
+    let c1: Vec<&str> = told
+        .iter()
+        .map(String::as_str)
+        .filter(|id| id.contains(":C1:"))
+        .collect();
+    assert_eq!(
+        c1,
+        [
+            "channel_occupied:C1:7",
+            "member_added:C1:U0:7",
+            "member_added:C1:U1:7",
+            &format!("user_offline_message:C1:U0:{ts}"),
+            "member_removed:C1:U0:7",
+            "member_removed:C1:U1:7",
+            "channel_vacated:C1:7",
+        ]
+    );
+    assert!(
+        shards
+            .list_channels(|_| true, |_| true, None, "", 9)
+            .0
+            .is_empty()
+    );
 }

@@ -52,6 +52,7 @@ impl ConnectionContext {
         let metrics = GatewayMetrics::new(&mesh_telemetry::Telemetry::new(&[]));
         let hub = Hub::new(
             "gw-test".into(),
+            "test".into(),
             ring,
             router.clone(),
             metrics.clone(),

@@ -97,8 +97,15 @@ impl Connection {
     ) -> Option<Self> {
         let outbox = Arc::new(Outbox::new(OUTBOUND_QUEUE, ctx.limits.outbound_bytes));
         let closer = Arc::new(Closer::default());
-        let sink = ConnSink::new(conn, identity.user.clone(), outbox.clone(), closer.clone());
+        let sink = ConnSink::new(conn, identity.user.clone(), outbox.clone(), closer.clone())
+            .with_team(identity.team.clone());
         let initial = identity.all_channels();
+        // The membership below holds them from now on: no second copy for the connection's
+        // life (a user may be in 10,000 channels, more with a boot answer).
+        let identity = Identity {
+            channels: Vec::new(),
+            ..identity
+        };
         let mut delivery = Delivery::new(
             ctx.clone(),
             sink.clone(),

@@ -31,10 +31,13 @@ use crate::metrics::GatewayMetrics;
 use crate::outbox::{self, ConnSink};
 use crate::upstream::{self, Downstream};
 use crate::vocab::{ConnId, Control, Outbound, Rendered};
-use state::{LocalChannel, State, Unsubscribes};
+use state::{LocalChannel, Reported, State, Unsubscribes};
 
 /// Pause before resubscribing after a refusal or a lost upstream.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
+/// How long member changes gather before they go upstream: a burst of connects and
+/// disconnects is one report per channel and user.
+const MEMBERS_FLUSH: Duration = Duration::from_millis(50);
 /// Commands queued per upstream stream; a full queue restarts that stream.
 const UPSTREAM_COMMAND_QUEUE: usize = 65_536;
 
@@ -54,20 +57,25 @@ pub struct Hub {
 #[derive(Debug)]
 struct Inner {
     gateway: String,
+    /// This gateway's region, told to channel servers with its subscriptions.
+    region: String,
     ring: RingWatcher,
     /// Reads history to catch up a resubscribed channel.
     router: ChannelRouter,
     state: Mutex<State>,
     reconcile_scheduled: AtomicBool,
+    /// A report of member changes is due.
+    flush_scheduled: AtomicBool,
     metrics: Arc<GatewayMetrics>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl Hub {
-    /// A hub for gateway `gateway` following `ring`, counting into `metrics`.
+    /// A hub for gateway `gateway` of `region` following `ring`, counting into `metrics`.
     pub fn new(
         gateway: String,
+        region: String,
         ring: RingWatcher,
         router: ChannelRouter,
         metrics: Arc<GatewayMetrics>,
@@ -77,10 +85,12 @@ impl Hub {
         let hub = Hub {
             inner: Arc::new(Inner {
                 gateway,
+                region,
                 ring,
                 router,
                 state: Mutex::new(State::default()),
                 reconcile_scheduled: AtomicBool::new(false),
+                flush_scheduled: AtomicBool::new(false),
                 metrics,
                 tracker,
                 cancel,
@@ -111,6 +121,11 @@ impl Hub {
         let mut state = self.state();
         let (waiting, to_subscribe) = state.join(sink, channels);
         self.subscribe_locked(&mut state, &ring, to_subscribe);
+        let changed = !state.dirty.is_empty();
+        drop(state);
+        if changed {
+            self.schedule_flush();
+        }
         waiting
     }
 
@@ -119,6 +134,44 @@ impl Hub {
         let mut state = self.state();
         let unsubscribe = state.leave(conn, channels);
         self.unsubscribe_locked(&mut state, unsubscribe);
+        let changed = !state.dirty.is_empty();
+        drop(state);
+        if changed {
+            self.schedule_flush();
+        }
+    }
+
+    /// Reports member changes upstream a little later, all of them at once.
+    fn schedule_flush(&self) {
+        if self.inner.flush_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hub = self.clone();
+        self.inner.tracker.spawn(async move {
+            tokio::select! {
+                _ = hub.inner.cancel.cancelled() => {}
+                _ = tokio::time::sleep(MEMBERS_FLUSH) => {
+                    hub.inner.flush_scheduled.store(false, Ordering::Release);
+                    hub.flush_members();
+                }
+            }
+        });
+    }
+
+    /// Sends every channel's member changes to the channel server it is subscribed on.
+    fn flush_members(&self) {
+        let mut state = self.state();
+        for (node, changes) in state.take_changes() {
+            let channels = changes
+                .into_iter()
+                .map(|(channel, reported)| channel_members(&channel, reported))
+                .collect();
+            self.send_locked(
+                &mut state,
+                &node,
+                Command::Members(pb::Members { channels }),
+            );
+        }
     }
 
     /// Sends subscribes for `channels` (not yet sent anywhere) to their owners in `ring`.
@@ -144,10 +197,26 @@ impl Hub {
                     Some((name.clone(), last.to_string()))
                 })
                 .collect();
+            // Who is subscribed here, channel by channel: the owner accounts for it.
+            let mut resumption = false;
+            let mut members = Vec::new();
+            for name in &channels {
+                let Ok(channel) = ChannelId::new(name) else {
+                    continue;
+                };
+                let set = state.full_set(&channel);
+                resumption |= set.iter().any(|m| m.announced);
+                if !set.is_empty() {
+                    members.push(channel_members(&channel, set));
+                }
+            }
             let command = Command::Subscribe(pb::Subscribe {
                 epoch: ring.epoch(),
                 channels,
                 last_ts,
+                region: self.inner.region.clone(),
+                members,
+                resumption,
             });
             self.send_locked(state, &node, command);
         }
@@ -492,6 +561,23 @@ impl Hub {
     /// Upstream streams open.
     pub fn upstream_count(&self) -> usize {
         self.state().upstreams.len()
+    }
+}
+
+/// `channel`'s members as the channel server reads them.
+fn channel_members(channel: &ChannelId, reported: Vec<Reported>) -> pb::ChannelMembers {
+    pb::ChannelMembers {
+        channel: channel.to_string(),
+        members: reported
+            .into_iter()
+            .map(|m| pb::MemberCount {
+                user: m.user.to_string(),
+                team: m.team.map(|t| t.to_string()).unwrap_or_default(),
+                connections: m.conns,
+                announced: m.announced,
+                since_ms: m.since_ms,
+            })
+            .collect(),
     }
 }
 

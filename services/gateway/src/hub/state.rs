@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, Ts};
+use mesh_core::{ChannelEvent, ChannelId, NodeId, Ring, TeamId, Ts, UserId};
 use tokio::sync::oneshot;
 
 use crate::outbox::ConnSink;
@@ -19,10 +19,45 @@ pub(super) type Buffered = (ChannelEvent, Option<Utf8Bytes>, Option<Instant>);
 /// Unsubscribes to send, per channel server.
 pub(super) type Unsubscribes = HashMap<NodeId, Vec<String>>;
 
+/// One user's live connections here subscribed to a channel, as reported upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Member {
+    pub(super) team: Option<TeamId>,
+    /// Its live connections here subscribed to the channel.
+    pub(super) conns: u32,
+    /// When its first connection here joined the channel (ms since the Unix epoch).
+    pub(super) since_ms: u64,
+    /// Reported upstream already (on this stream or an earlier one).
+    pub(super) announced: bool,
+}
+
+/// A user's count on a channel as sent upstream (0: no connection left here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reported {
+    pub(super) user: UserId,
+    pub(super) team: Option<TeamId>,
+    pub(super) conns: u32,
+    pub(super) since_ms: u64,
+    /// Reported upstream before this report.
+    pub(super) announced: bool,
+}
+
+/// Member changes to send, per channel server: each channel with its changed users.
+pub(super) type MemberChanges = HashMap<NodeId, Vec<(ChannelId, Vec<Reported>)>>;
+
+/// Milliseconds since the Unix epoch by the wall clock (0 before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Local state of one channel.
 #[derive(Debug, Default)]
 pub(super) struct LocalChannel {
     pub(super) conns: HashMap<ConnId, ConnSink>,
+    /// The users of `conns`, with their connection counts: what the channel's owner is told.
+    pub(super) members: HashMap<UserId, Member>,
     /// The channel server the subscription was sent to.
     pub(super) upstream: Option<NodeId>,
     /// That channel server confirmed it: every later event of the channel reaches us.
@@ -77,6 +112,8 @@ impl LocalChannel {
 pub(super) struct State {
     pub(super) channels: HashMap<ChannelId, LocalChannel>,
     pub(super) upstreams: HashMap<NodeId, Upstream>,
+    /// Users whose connection count on a channel changed since it was last reported.
+    pub(super) dirty: HashMap<ChannelId, HashSet<UserId>>,
 }
 
 impl State {
@@ -91,7 +128,22 @@ impl State {
         let mut to_subscribe: Vec<ChannelId> = Vec::new();
         for channel in channels {
             let local = self.channels.entry(channel.clone()).or_default();
-            local.conns.insert(sink.id, sink.clone());
+            if local.conns.insert(sink.id, sink.clone()).is_none() {
+                let member = local
+                    .members
+                    .entry(sink.user.clone())
+                    .or_insert_with(|| Member {
+                        team: sink.team.clone(),
+                        conns: 0,
+                        since_ms: now_ms(),
+                        announced: false,
+                    });
+                member.conns += 1;
+                self.dirty
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(sink.user.clone());
+            }
             if local.active {
                 continue;
             }
@@ -113,8 +165,21 @@ impl State {
             let Some(local) = self.channels.get_mut(channel) else {
                 continue;
             };
-            local.conns.remove(&conn);
+            if let Some(sink) = local.conns.remove(&conn) {
+                if let Some(member) = local.members.get_mut(&sink.user) {
+                    member.conns = member.conns.saturating_sub(1);
+                    if member.conns == 0 {
+                        local.members.remove(&sink.user);
+                    }
+                }
+                self.dirty
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(sink.user);
+            }
             if local.conns.is_empty() {
+                // The unsubscribe tells the owner: no member change to send.
+                self.dirty.remove(channel);
                 if let Some(node) = local.upstream.take() {
                     unsubscribe
                         .entry(node)
@@ -125,6 +190,49 @@ impl State {
             }
         }
         unsubscribe
+    }
+
+    /// `channel`'s whole member set, for its subscription (its pending changes with it): each
+    /// says whether it was reported before, and counts as reported from now on.
+    pub(super) fn full_set(&mut self, channel: &ChannelId) -> Vec<Reported> {
+        self.dirty.remove(channel);
+        let Some(local) = self.channels.get_mut(channel) else {
+            return Vec::new();
+        };
+        local
+            .members
+            .iter_mut()
+            .map(|(user, member)| report(user, member))
+            .collect()
+    }
+
+    /// The member changes not reported yet, per channel server the channel is subscribed on
+    /// (a channel not subscribed anywhere reports its whole set when it is).
+    pub(super) fn take_changes(&mut self) -> MemberChanges {
+        let mut changes: MemberChanges = HashMap::new();
+        for (channel, users) in std::mem::take(&mut self.dirty) {
+            let Some(local) = self.channels.get_mut(&channel) else {
+                continue;
+            };
+            let Some(node) = local.upstream.clone() else {
+                continue;
+            };
+            let reported = users
+                .into_iter()
+                .map(|user| match local.members.get_mut(&user) {
+                    Some(member) => report(&user, member),
+                    None => Reported {
+                        user,
+                        team: None,
+                        conns: 0,
+                        since_ms: 0,
+                        announced: true,
+                    },
+                })
+                .collect();
+            changes.entry(node).or_default().push((channel, reported));
+        }
+        changes
     }
 
     /// Points `channels` at their owners in `ring`, unconfirmed; returns them by owner, with
@@ -203,11 +311,24 @@ impl State {
     }
 }
 
+/// `member` as reported now; it counts as announced from now on.
+fn report(user: &UserId, member: &mut Member) -> Reported {
+    let reported = Reported {
+        user: user.clone(),
+        team: member.team.clone(),
+        conns: member.conns,
+        since_ms: member.since_ms,
+        announced: member.announced,
+    };
+    member.announced = true;
+    reported
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use mesh_core::{RingNode, UserId};
+    use mesh_core::{RingNode, TeamId, UserId};
     use tokio_util::sync::CancellationToken;
 
     use super::*;
@@ -348,6 +469,70 @@ mod tests {
         // A refusal from a server the channel is not on is stale.
         assert!(!state.channels.get_mut(&c2).unwrap().detach(&cs1));
         assert!(state.channels.get_mut(&c2).unwrap().detach(&cs2));
+    }
+
+    fn sink_of(id: ConnId, user: &str) -> ConnSink {
+        let outbox = Arc::new(Outbox::new(16, 1 << 20));
+        let user = UserId::new(user).unwrap();
+        ConnSink::new(id, user, outbox, Arc::new(Closer::default()))
+            .with_team(TeamId::new("T1").unwrap())
+    }
+
+    fn counts(reported: &[Reported]) -> Vec<(String, u32, bool)> {
+        let mut counts: Vec<(String, u32, bool)> = reported
+            .iter()
+            .map(|r| (r.user.to_string(), r.conns, r.announced))
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    #[test]
+    fn members_go_upstream_whole_with_a_subscription_then_as_coalesced_changes() {
+        let mut state = State::default();
+        let c1 = channel("C1");
+        let one = std::slice::from_ref(&c1);
+        state.join(&sink_of(1, "U1"), one);
+        state.join(&sink_of(2, "U1"), one);
+        state.join(&sink_of(3, "U2"), one);
+        // Not subscribed anywhere yet: nothing to send but the whole set with the subscription.
+        assert!(state.take_changes().is_empty());
+        state.assign(&ring(&[node("cs1")]), vec![c1.clone()]);
+        let set = state.full_set(&c1);
+        assert_eq!(
+            counts(&set),
+            [("U1".into(), 2, false), ("U2".into(), 1, false)]
+        );
+        assert!(
+            set.iter()
+                .all(|r| r.team.as_ref().is_some_and(|t| t.as_str() == "T1"))
+        );
+        assert!(
+            state.take_changes().is_empty(),
+            "the subscription carried them"
+        );
+        // Three changes to U1 and one to U2 since: one report each, absolute (U1's
+        // connections all left and one came back: a new member entry here, not yet reported).
+        state.leave(1, one);
+        state.leave(2, one);
+        state.join(&sink_of(4, "U1"), one);
+        state.leave(3, one);
+        let changes = state.take_changes();
+        let cs1 = NodeId::new("cs1").unwrap();
+        assert_eq!(changes.len(), 1);
+        let (ch, reported) = &changes[&cs1][0];
+        assert_eq!(ch, &c1);
+        assert_eq!(
+            counts(reported),
+            [("U1".into(), 1, false), ("U2".into(), 0, true)]
+        );
+        assert!(state.take_changes().is_empty());
+        // A resubscription (after a ring change) says they were announced.
+        let set = state.full_set(&c1);
+        assert_eq!(counts(&set), [("U1".into(), 1, true)]);
+        // The last one gone: the unsubscribe says it, no member change.
+        state.leave(4, one);
+        assert!(state.take_changes().is_empty());
     }
 
     #[test]

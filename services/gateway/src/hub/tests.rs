@@ -24,7 +24,15 @@ fn hub() -> Hub {
     let ring = RingWatcher::spawn(nowhere, &tracker, cancel.clone());
     let router = ChannelRouter::new(ring.clone(), &tracker, cancel.clone());
     let metrics = GatewayMetrics::new(&mesh_telemetry::Telemetry::new(&[]));
-    Hub::new("gw1".into(), ring, router, metrics, tracker, cancel)
+    Hub::new(
+        "gw1".into(),
+        "test".into(),
+        ring,
+        router,
+        metrics,
+        tracker,
+        cancel,
+    )
 }
 
 fn channel(name: &str) -> ChannelId {

@@ -33,7 +33,7 @@ use crate::outbox::ConnSink;
 use crate::vocab::ConnId;
 use caps::Caps;
 pub use caps::Refused;
-use reports::Reports;
+use reports::{Reports, unix_ms};
 use session::{CALL_TIMEOUT, SESSION_QUEUE};
 use watchers::Watchers;
 pub(crate) use watchers::visible;
@@ -48,8 +48,13 @@ struct State {
 }
 
 impl State {
-    /// Everything gateway `gateway` reports to `node` under `ring`.
-    fn snapshot(&self, gateway: &str, ring: &Ring, node: &NodeId) -> pb::Snapshot {
+    /// Everything gateway `gateway` of `region` reports to `node` under `ring`.
+    fn snapshot(
+        &self,
+        (gateway, region): (&str, &str),
+        ring: &Ring,
+        node: &NodeId,
+    ) -> pb::Snapshot {
         let mine = |u: &UserId| owner(ring, u).is_some_and(|(n, _)| &n == node);
         let team_is_mine =
             |team: &TeamId| owner_of(ring, &ChannelId::from(team)).is_some_and(|(n, _)| &n == node);
@@ -60,13 +65,7 @@ impl State {
                 .online
                 .iter()
                 .filter(|(u, _)| mine(u))
-                .map(|(u, here)| pb::UserOnline {
-                    user: u.to_string(),
-                    connections: here.connections,
-                    team: here.team.to_string(),
-                    online_since_ms: here.since_ms,
-                    left_ms: 0,
-                })
+                .map(|(u, here)| user_online(u, Some(here)))
                 .collect(),
             manual: self
                 .reports
@@ -110,6 +109,7 @@ impl State {
                 .filter(|(_, team)| team_is_mine(team))
                 .map(|(request, _)| request)
                 .collect(),
+            region: region.to_string(),
         }
     }
 
@@ -132,6 +132,27 @@ impl State {
                     .filter_map(|(team, ..)| owner_of(ring, &ChannelId::from(team))),
             )
             .collect()
+    }
+}
+
+/// What is reported of `user`'s connections here (`None`: none left): the count, the team,
+/// and each connection (the oldest [`reports::MAX_DETAILED`]).
+fn user_online(user: &UserId, here: Option<&reports::Here>) -> pb::UserOnline {
+    pb::UserOnline {
+        user: user.to_string(),
+        connections: here.map_or(0, |h| h.connections),
+        team: here.map(|h| h.team.to_string()).unwrap_or_default(),
+        online_since_ms: here.map_or(0, |h| h.since_ms),
+        left_ms: 0,
+        details: here
+            .iter()
+            .flat_map(|h| h.conns.iter().take(reports::MAX_DETAILED))
+            .map(|c| pb::ConnectionDetail {
+                conn: c.id,
+                team: c.team.to_string(),
+                connected_at_ms: c.at_ms,
+            })
+            .collect(),
     }
 }
 
@@ -158,6 +179,8 @@ pub struct PresenceHub {
 #[derive(Debug)]
 struct Inner {
     gateway: String,
+    /// The gateway's region, reported with its connections.
+    region: String,
     ring: RingWatcher,
     state: Mutex<State>,
     /// Channels to presence servers for queries (`lookup`), reused across calls.
@@ -169,10 +192,10 @@ struct Inner {
 }
 
 impl PresenceHub {
-    /// Presence for gateway `gateway`, following the presence ring `ring`; what is withheld
-    /// from clients is counted in `withheld`.
+    /// Presence for gateway `gateway` of `region`, following the presence ring `ring`; what is
+    /// withheld from clients is counted in `withheld`.
     pub fn new(
-        gateway: String,
+        (gateway, region): (String, String),
         ring: RingWatcher,
         withheld: IntCounter,
         tracker: TaskTracker,
@@ -181,6 +204,7 @@ impl PresenceHub {
         let hub = PresenceHub {
             inner: Arc::new(Inner {
                 gateway,
+                region,
                 ring,
                 state: Mutex::new(State::default()),
                 channels: presence_client::Pool::new(),
@@ -255,7 +279,7 @@ impl PresenceHub {
         let owners = state.owners(ring);
         state.sessions.retain(|node, _| owners.contains_key(node));
         for (node, addr) in owners {
-            let snapshot = state.snapshot(&self.inner.gateway, ring, &node);
+            let snapshot = state.snapshot(self.me(), ring, &node);
             match state.sessions.get(&node) {
                 Some(tx) if tx.try_send(Kind::Snapshot(snapshot)).is_ok() => {}
                 _ => {
@@ -277,24 +301,21 @@ impl PresenceHub {
         )
     }
 
-    /// A connection of `sink.user`, of `team`, opened (after `hello`).
+    /// This gateway's id and region.
+    fn me(&self) -> (&str, &str) {
+        (&self.inner.gateway, &self.inner.region)
+    }
+
+    /// A connection of `sink.user`, of `team`, opened (after `hello`). Every connection is
+    /// reported (not only the user's first), with its team and opening time.
     pub fn connected(&self, sink: &ConnSink, team: &TeamId, batch: bool) {
         let mut state = self.state();
         state.watchers.connected(sink, team, batch);
-        if state.reports.connected(&sink.user, team) {
-            let online = pb::UserOnline {
-                user: sink.user.to_string(),
-                connections: 1,
-                team: team.to_string(),
-                online_since_ms: state
-                    .reports
-                    .online
-                    .get(&sink.user)
-                    .map_or(0, |here| here.since_ms),
-                left_ms: 0,
-            };
-            self.send(&mut state, &sink.user, Kind::Online(online));
-        }
+        state
+            .reports
+            .connected(sink.id, &sink.user, team, unix_ms());
+        let online = user_online(&sink.user, state.reports.online.get(&sink.user));
+        self.send(&mut state, &sink.user, Kind::Online(online));
     }
 
     /// Connection `conn` of `user` closed.
@@ -302,14 +323,13 @@ impl PresenceHub {
         let mut state = self.state();
         let unwatched = state.watchers.disconnected(conn);
         self.unwatch(&mut state, unwatched);
-        if state.reports.disconnected(user) {
-            let online = pb::UserOnline {
-                user: user.to_string(),
-                connections: 0,
-                team: String::new(),
-                online_since_ms: 0,
-                left_ms: state.reports.left_ms(user).unwrap_or_default(),
-            };
+        let was_here = state.reports.online.contains_key(user);
+        state.reports.disconnected(conn, user);
+        if was_here {
+            let mut online = user_online(user, state.reports.online.get(user));
+            if online.connections == 0 {
+                online.left_ms = state.reports.left_ms(user).unwrap_or_default();
+            }
             self.send(&mut state, user, Kind::Online(online));
         }
     }
@@ -443,7 +463,7 @@ impl session::Peer for PresenceHub {
             }
         }
         let ring = self.inner.ring.current();
-        let snapshot = state.snapshot(&self.inner.gateway, &ring, node);
+        let snapshot = state.snapshot(self.me(), &ring, node);
         std::iter::once(Kind::Snapshot(snapshot))
             .chain(acquires)
             .collect()
@@ -492,7 +512,9 @@ mod tests {
             .collect();
         let team = TeamId::new("T1").unwrap();
         for (i, user) in users.iter().enumerate() {
-            state.reports.connected(user, &team);
+            state
+                .reports
+                .connected(i as ConnId, user, &team, 100 + i as u64);
             state.reports.set_manual(user, i % 2 == 0, i as u64);
             let (tx, _) = oneshot::channel();
             let request = state.caps.ask(&team, user, tx, Instant::now());
@@ -507,8 +529,11 @@ mod tests {
 
         let mut online = 0;
         for node in ["ps1", "ps2"].map(|n| NodeId::new(n).unwrap()) {
-            let snapshot = state.snapshot("gw1", &ring, &node);
-            assert_eq!(snapshot.gateway, "gw1");
+            let snapshot = state.snapshot(("gw1", "us-east"), &ring, &node);
+            assert_eq!(
+                (snapshot.gateway.as_str(), snapshot.region.as_str()),
+                ("gw1", "us-east")
+            );
             let owned = |user: &str| {
                 owner(&ring, &UserId::new(user).unwrap()).is_some_and(|(n, _)| n == node)
             };
@@ -518,6 +543,16 @@ mod tests {
                     .iter()
                     .all(|o| owned(&o.user) && o.connections == 1 && o.team == "T1")
             );
+            // Each connection in detail: its team and when it opened.
+            assert!(snapshot.online.iter().all(|o| {
+                let i: u64 = o.user[1..].parse().unwrap();
+                let detail = pb::ConnectionDetail {
+                    conn: i,
+                    team: "T1".into(),
+                    connected_at_ms: 100 + i,
+                };
+                o.details == [detail]
+            }));
             assert!(snapshot.manual.iter().all(|m| owned(&m.user)));
             assert!(snapshot.watched.iter().all(|u| owned(u)));
             assert_eq!(snapshot.online.len(), snapshot.manual.len());

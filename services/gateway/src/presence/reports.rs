@@ -1,11 +1,17 @@
 //! What this gateway reports to presence servers about its own users: how many live local
-//! connections each has (and the user's team, from their token), and the last manual setting
+//! connections each has (and the user's team, from their token), each connection's team and
+//! when it opened (for the admin API's `ListConnections`), and the last manual setting
 //! (`users.setPresence`) of each.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use mesh_core::{TeamId, UserId};
+
+use crate::vocab::ConnId;
+
+/// The most connections of one user a report details (the oldest); the count is whole.
+pub(super) const MAX_DETAILED: usize = 1_000;
 
 /// A user's live connections here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +22,25 @@ pub(super) struct Here {
     /// When the first of these connections began (Unix ms): presence servers derive their
     /// webhook event ids from it.
     pub(super) since_ms: u64,
+    /// Each connection, oldest first.
+    pub(super) conns: Vec<Conn>,
+}
+
+/// One live connection, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Conn {
+    pub(super) id: ConnId,
+    /// The team its token names.
+    pub(super) team: TeamId,
+    /// When it opened, Unix milliseconds.
+    pub(super) at_ms: u64,
+}
+
+/// Now, in Unix milliseconds.
+pub(super) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How long a user whose last connection here closed is still reported as having left (in
@@ -39,26 +64,39 @@ pub(super) struct Reports {
 }
 
 impl Reports {
-    /// One more connection of `user`, of `team`; true when it is the first: the user is online
-    /// here now.
-    pub(super) fn connected(&mut self, user: &UserId, team: &TeamId) -> bool {
+    /// Connection `conn` of `user`, of `team`, opened at `at_ms`; true when it is the user's
+    /// first: the user is online here now.
+    pub(super) fn connected(
+        &mut self,
+        conn: ConnId,
+        user: &UserId,
+        team: &TeamId,
+        at_ms: u64,
+    ) -> bool {
         let here = self.online.entry(user.clone()).or_insert_with(|| Here {
             connections: 0,
             team: team.clone(),
-            since_ms: unix_ms(),
+            since_ms: at_ms,
+            conns: Vec::new(),
         });
         here.connections += 1;
         here.team = team.clone();
         self.left.remove(user);
+        here.conns.push(Conn {
+            id: conn,
+            team: team.clone(),
+            at_ms,
+        });
         here.connections == 1
     }
 
-    /// One connection of `user` fewer; true when it was the last: the user is offline here
+    /// Connection `conn` of `user` ended; true when it was the last: the user is offline here
     /// now, and its manual setting is forgotten.
-    pub(super) fn disconnected(&mut self, user: &UserId) -> bool {
+    pub(super) fn disconnected(&mut self, conn: ConnId, user: &UserId) -> bool {
         let Some(here) = self.online.get_mut(user) else {
             return false;
         };
+        here.conns.retain(|c| c.id != conn);
         here.connections = here.connections.saturating_sub(1);
         if here.connections == 0 {
             self.online.remove(user);
@@ -110,13 +148,6 @@ impl Reports {
     }
 }
 
-/// Milliseconds since the Unix epoch now.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,25 +156,30 @@ mod tests {
     fn only_the_first_and_the_last_connection_change_what_is_reported() {
         let mut reports = Reports::default();
         let (u1, t1) = (UserId::new("U1").unwrap(), TeamId::new("T1").unwrap());
-        assert!(reports.connected(&u1, &t1));
-        assert!(!reports.connected(&u1, &t1));
+        let t2 = TeamId::new("T2").unwrap();
+        assert!(reports.connected(1, &u1, &t1, 10));
+        assert!(!reports.connected(2, &u1, &t2, 20));
         reports.set_manual(&u1, true, 5);
-        assert!(!reports.disconnected(&u1));
+        assert!(!reports.disconnected(1, &u1));
         let here = Here {
             connections: 1,
-            team: t1,
-            since_ms: reports.online[&u1].since_ms,
+            team: t2.clone(),
+            since_ms: 10,
+            conns: vec![Conn {
+                id: 2,
+                team: t2,
+                at_ms: 20,
+            }],
         };
         assert_eq!(reports.online[&u1], here);
-        assert!(here.since_ms > 0);
-        assert!(reports.disconnected(&u1));
+        assert!(reports.disconnected(2, &u1));
         assert!(reports.online.is_empty() && reports.manual.is_empty());
         // Remembered as having left, until back.
         assert!(reports.left_ms(&u1).is_some_and(|t| t >= here.since_ms));
         assert_eq!(reports.recently_left().count(), 1);
         // A user never seen (or already gone) changes nothing.
-        assert!(!reports.disconnected(&u1));
-        reports.connected(&u1, &TeamId::new("T1").unwrap());
+        assert!(!reports.disconnected(2, &u1));
+        reports.connected(3, &u1, &TeamId::new("T1").unwrap(), 30);
         assert_eq!(reports.left_ms(&u1), None);
     }
 
@@ -153,8 +189,8 @@ mod tests {
         let team = TeamId::new("T1").unwrap();
         for i in 0..LEFT_MAX + 10 {
             let user = UserId::new(&format!("U{i}")).unwrap();
-            reports.connected(&user, &team);
-            reports.disconnected(&user);
+            reports.connected(i as u64, &user, &team, 1);
+            reports.disconnected(i as u64, &user);
         }
         assert!(reports.left.len() <= LEFT_MAX && reports.left_order.len() <= LEFT_MAX);
         assert_eq!(reports.left_ms(&UserId::new("U0").unwrap()), None);
@@ -169,7 +205,7 @@ mod tests {
         reports.set_manual(&u1, true, 5);
         reports.set_manual(&u1, false, 6);
         assert_eq!(reports.manual[&u1], (false, 6));
-        assert!(reports.connected(&u1, &TeamId::new("T1").unwrap()));
+        assert!(reports.connected(1, &u1, &TeamId::new("T1").unwrap(), 1));
         assert_eq!(reports.manual[&u1], (false, 6));
     }
 }

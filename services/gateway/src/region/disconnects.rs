@@ -76,6 +76,8 @@ pub struct Disconnects {
     recent: VecDeque<(Instant, Order)>,
     /// Open (and opening) connections.
     conns: HashMap<ConnId, Opened>,
+    /// The same, by user: an order looks at its user's connections only.
+    by_user: HashMap<UserId, Vec<ConnId>>,
 }
 
 impl Disconnects {
@@ -86,12 +88,21 @@ impl Disconnects {
 
     /// Connection `conn` of `user`, `team`, opened at `at`.
     pub fn opened(&mut self, conn: ConnId, user: UserId, team: TeamId, at: Instant) {
+        self.by_user.entry(user.clone()).or_default().push(conn);
         self.conns.insert(conn, Opened { user, team, at });
     }
 
     /// Connection `conn` ended.
     pub fn closed(&mut self, conn: ConnId) {
-        self.conns.remove(&conn);
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(conns) = self.by_user.get_mut(&c.user) {
+            conns.retain(|&other| other != conn);
+            if conns.is_empty() {
+                self.by_user.remove(&c.user);
+            }
+        }
     }
 
     /// Takes a directive's `orders` (now at `generation`, `version`) at `now`; returns the
@@ -113,8 +124,11 @@ impl Disconnects {
         }
         let mut doomed = Vec::new();
         for order in orders {
-            for (conn, c) in &self.conns {
-                if order.matches(&c.user, &c.team) {
+            let theirs = self.by_user.get(&order.user).into_iter().flatten();
+            for conn in theirs {
+                if let Some(c) = self.conns.get(conn)
+                    && order.matches(&c.user, &c.team)
+                {
                     doomed.push((*conn, order.clone()));
                 }
             }
@@ -208,9 +222,13 @@ mod tests {
         assert_eq!(d.pending_for(2), None);
         d.closed(1);
         assert_eq!(d.pending_for(1), None);
+        assert_eq!(d.by_user[&u1], [2]);
         // Orders are forgotten after a while.
         d.opened(3, u1, t1, start);
         d.take((7, 1), vec![], later + RECENT_TTL);
         assert_eq!(d.pending_for(3), None);
+        d.closed(2);
+        d.closed(3);
+        assert!(d.by_user.is_empty() && d.conns.is_empty());
     }
 }

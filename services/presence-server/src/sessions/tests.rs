@@ -37,6 +37,7 @@ fn t(id: &str) -> TeamId {
 fn watching(watched: &[&str]) -> Report {
     Report::Snapshot {
         gateway: "gw-1".into(),
+        region: "us".into(),
         online: vec![],
         manual: vec![],
         teams: vec![],
@@ -52,6 +53,7 @@ fn online(user: &str, connections: u32) -> Report {
         user: u(user),
         connections,
         team: Some(t("T1")),
+        details: vec![],
         since_ms: 0,
         left_ms: 0,
     })
