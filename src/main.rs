@@ -100,6 +100,14 @@ impl Command {
         }
     }
 
+    /// Whether it takes `--policy-file` and reloads it on SIGHUP.
+    fn reloads_policies(&self) -> bool {
+        matches!(
+            self,
+            Command::Dev(_) | Command::Gateway(_) | Command::ChannelServer(_)
+        )
+    }
+
     /// Runs the command until it ends; `cancel` asks it to stop. `log_args` are the logging
     /// flags `dev --multi-process` passes on; `transport` the transport flags.
     async fn run(
@@ -188,6 +196,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signals(cancel.clone());
+    if cli.command.reloads_policies() {
+        shutdown::reload_on_sighup(cancel.clone());
+    }
     let work = cli.command.run(cli.log.to_args(), &cli.tls, cancel.clone());
     shutdown::supervise(work, &cancel, SHUTDOWN_GRACE).await
 }

@@ -1,6 +1,7 @@
 //! How every command stops: ctrl-c or SIGTERM cancels one token ([`cancel_on_signals`]), and
 //! the command then has one grace period to finish ([`supervise`]); what has not stopped by
-//! then is abandoned, loudly.
+//! then is abandoned, loudly. SIGHUP reloads the policy file of the commands that take one
+//! ([`reload_on_sighup`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -32,6 +33,30 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
         }
         tracing::info!("shutting down");
         cancel.cancel();
+    });
+}
+
+/// Asks this process's policy files to be read again on every SIGHUP, until `cancel`: the
+/// services that take `--policy-file`, and `dev` (every service in-process; forwarded to the
+/// children with `--multi-process`). Other commands keep SIGHUP's default (they end).
+pub fn reload_on_sighup(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: no policy reloads");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            tracing::info!("SIGHUP: reloading the policy file");
+            mesh_policy::request_reload();
+        }
     });
 }
 

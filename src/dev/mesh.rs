@@ -94,6 +94,8 @@ pub struct MeshConfig {
     pub operator_tokens: Vec<String>,
     /// Mutual TLS with identities (the default), or plaintext.
     pub security: Security,
+    /// The channel servers' and gateways' policy file (`--policy-file`); none: defaults.
+    pub policy_file: Option<std::path::PathBuf>,
     /// Where the presence servers (and channel servers) send webhook events, and the secret
     /// they sign them with (`webhooks.secret`; with `--multi-process` it reaches the children
     /// as `CHANNELMESH_WEBHOOK_SECRET`). No URL: no webhooks.
@@ -167,6 +169,7 @@ impl MeshConfig {
             boot: None,
             operator_tokens: Vec::new(),
             security: Security::Mtls,
+            policy_file: None,
             webhooks: mesh_hooks::WebhookArgs::default(),
             vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
@@ -201,6 +204,7 @@ impl MeshConfig {
             boot: None,
             operator_tokens: Vec::new(),
             security: Security::Mtls,
+            policy_file: None,
             webhooks: mesh_hooks::WebhookArgs::default(),
             vacate_grace: Duration::from_millis(channel_server::members::DEFAULT_GRACE_MS),
         }
@@ -427,6 +431,7 @@ impl Mesh {
             let name = format!("channel server {node}");
             let cs = channel_server::Config {
                 standby,
+                policy_file: config.policy_file.clone(),
                 webhooks: config.webhooks.clone(),
                 members: channel_server::members::Bounds {
                     grace_ms: config.vacate_grace.as_millis() as u64,
@@ -523,6 +528,7 @@ impl Mesh {
                     ..Default::default()
                 },
                 redirect_allow: Default::default(),
+                policy_file: config.policy_file.clone(),
                 boot: config.boot.clone(),
             };
             let bound = gateway::run::bind(gw, *addr)

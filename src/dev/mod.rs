@@ -99,6 +99,10 @@ pub struct DevArgs {
     state_dir: StateDirArg,
     #[command(flatten)]
     limits: Limits,
+    /// The channel servers' and gateways' policy file; `dev` reloads it on SIGHUP (forwarded
+    /// to the children with --multi-process).
+    #[command(flatten)]
+    policy: mesh_policy::PolicyArgs,
     #[command(flatten)]
     boot: gateway::config::BootArgs,
     /// Who may act from the ring manager's console (drain and undrain nodes and regions,
@@ -142,6 +146,7 @@ impl DevArgs {
             boot: self.boot.config()?,
             operator_tokens: self.operator_tokens.clone(),
             replication_factor: self.replication_factor,
+            policy_file: self.policy.policy_file.clone(),
             webhooks: self.webhooks.clone(),
             vacate_grace: Duration::from_millis(self.vacate_grace_ms),
             ..MeshConfig::dev(jwt_secret, admin_token)

@@ -371,11 +371,17 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         options,
     )
     .await?;
+    // Channel servers and gateways take the policy file (and reload it on SIGHUP).
+    let policy_args: Vec<String> = config
+        .policy_file
+        .iter()
+        .map(|p| format!("--policy-file={}", p.display()))
+        .collect();
     let channel_servers = start_nodes(
         ("channel-server", "cs", Role::ChannelServer),
         &config.channel_servers,
         &config.standbys,
-        &ring_args,
+        &[ring_args.clone(), policy_args.clone()].concat(),
         config,
         options,
     )
@@ -406,6 +412,7 @@ pub async fn start_all(config: &MeshConfig, options: &Options) -> anyhow::Result
         ];
         args.extend(ring_args.iter().cloned());
         args.extend(gateway::config::limit_args(&config.limits));
+        args.extend(policy_args.iter().cloned());
         // The secret the boot requests are signed with comes by inherited environment.
         args.extend(config.boot.iter().flat_map(|b| b.args()));
         let name = format!("gateway-{region}");
@@ -541,6 +548,20 @@ impl Processes {
         all
     }
 
+    /// Sends SIGHUP to every child that reloads the policy file on it: the channel servers and
+    /// the gateways.
+    fn forward_reload(&self) {
+        let children = self
+            .channel_servers
+            .iter()
+            .map(|(_, _, s)| s)
+            .chain(self.gateways.iter().map(|(_, s)| s));
+        for service in children {
+            tracing::info!(service = %service.name, pid = service.pid, "forwarding SIGHUP");
+            let _ = kill(Pid::from_raw(service.pid as i32), Signal::SIGHUP);
+        }
+    }
+
     /// Runs until `cancel`, reporting children that exit on their own, then stops them all:
     /// SIGTERM, and SIGKILL after `grace`.
     pub async fn run_until_stopped(self, cancel: CancellationToken, grace: Duration) {
@@ -551,10 +572,13 @@ impl Processes {
     pub async fn run(mut self, cancel: CancellationToken, grace: Duration) -> anyhow::Result<()> {
         let mut reported = std::collections::HashSet::new();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut reloads = mesh_policy::reloads();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                // `dev` got SIGHUP: so does every child that takes the policy file.
+                Ok(()) = reloads.changed() => self.forward_reload(),
             }
             for service in self.all_mut() {
                 if let Ok(Some(status)) = service.child.try_wait()

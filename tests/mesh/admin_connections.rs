@@ -294,7 +294,6 @@ async fn a_broadcast_to_a_thousand_channels_is_answered_per_channel_and_bad_call
 }
 
 #[tokio::test]
-#[ignore = "needs ch"]
 async fn list_channels_and_channel_info_see_subscribers_across_gateways_and_teams() {
     let mesh = mesh().await;
     let admin = admin(&mesh).await;

@@ -204,6 +204,7 @@ async fn a_gateway_without_an_allowlist_forwards_nobody() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        policy_file: None,
         boot: None,
         tokens: Default::default(),
     };

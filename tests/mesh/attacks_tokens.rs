@@ -131,6 +131,7 @@ async fn every_entry_point_refuses_a_short_hs256_secret() {
         limits: Default::default(),
         tokens: Default::default(),
         redirect_allow: Default::default(),
+        policy_file: None,
         boot: None,
     };
     let error = gateway::serve(gateway, listener, CancellationToken::new())

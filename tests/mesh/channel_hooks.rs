@@ -458,38 +458,79 @@ async fn a_message_is_told_for_members_who_are_offline_and_never_for_online_ones
     check_deliveries(&receiver).await;
 }
 
-#[tokio::test]
-async fn a_channel_that_moves_to_a_new_owner_is_not_announced_again() {
+/// A mesh sending webhooks with Ann in us-east and Bob in eu-west on `channel`, both told; the
+/// channel's owner. The grace (2 s) leaves the gateways time to re-subscribe on a new owner.
+struct AnnAndBob {
+    receiver: WebhookReceiver,
+    mesh: Mesh,
+    ann: Rtm,
+    bob: Rtm,
+    owner: String,
+}
+
+async fn ann_and_bob(channel: &'static str) -> AnnAndBob {
     let receiver = WebhookReceiver::start(SECRET).await;
-    let mesh = hooked_mesh(&receiver, Duration::from_secs(1)).await;
+    let mesh = hooked_mesh(&receiver, Duration::from_secs(2)).await;
+    let token = |user: &str| mesh.token(user, "T1", &[channel]).unwrap();
     let us = mesh.rtm_base_url("us-east").unwrap();
     let eu = mesh.rtm_base_url("eu-west").unwrap();
-    let token = |user: &str| mesh.token(user, "T1", &["CMOVE"]).unwrap();
-    let _ann = Rtm::connect(&us, &token("UANN")).await.unwrap();
+    let ann = Rtm::connect(&us, &token("UANN")).await.unwrap();
     let bob = Rtm::connect(&eu, &token("UBOB")).await.unwrap();
-    wait_for(&receiver, "CMOVE", "Bob added", is("member_added", "UBOB")).await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    let victim = before
-        .owner_of(&ChannelId::new("CMOVE").unwrap())
+    wait_for(&receiver, channel, "Bob added", is("member_added", "UBOB")).await;
+    let (ring, _) = ring_at(mesh.ring_manager).await;
+    let owner = ring
+        .owner_of(&ChannelId::new(channel).unwrap())
         .unwrap()
         .id
         .to_string();
-    rm_at(mesh.ring_manager)
-        .await
-        .drain_node(NodeRequest { node_id: victim })
-        .await
-        .unwrap();
-    // The gateways re-subscribed on the new owner, which counts both users again.
-    eventually("the new owner counts Ann and Bob", || async {
-        let info = info(&mesh, "CMOVE").await.map_err(|s| s.to_string())?;
+    AnnAndBob {
+        receiver,
+        mesh,
+        ann,
+        bob,
+        owner,
+    }
+}
+
+/// Waits until `channel` is owned by another node than `old`, which counts Ann and Bob (the
+/// gateways re-subscribed there).
+async fn counted_elsewhere(mesh: &Mesh, channel: &str, old: &str) {
+    eventually("a new owner counts Ann and Bob", || async {
+        let (ring, _) = ring_at(mesh.ring_manager).await;
+        let now = ring.owner_of(&ChannelId::new(channel).unwrap()).unwrap();
+        if now.id.as_str() == old {
+            return Err("not moved yet".to_string());
+        }
+        let info = info(mesh, channel).await.map_err(|s| s.to_string())?;
         match (info.subscribers, info.members) {
             (2, 2) => Ok(()),
             seen => Err(format!("{seen:?}")),
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_channel_that_moves_to_a_new_owner_is_not_announced_again() {
+    let AnnAndBob {
+        receiver,
+        mesh,
+        ann: _ann,
+        bob,
+        owner,
+    } = ann_and_bob("CMOVE").await;
+    rm_at(mesh.ring_manager)
+        .await
+        .drain_node(NodeRequest {
+            node_id: owner.clone(),
+        })
+        .await
+        .unwrap();
+    counted_elsewhere(&mesh, "CMOVE", &owner).await;
     // News after the move comes from the new owner: Carol joins, Bob leaves.
-    let _carol = Rtm::connect(&us, &token("UCAROL")).await.unwrap();
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let carol = mesh.token("UCAROL", "T1", &["CMOVE"]).unwrap();
+    let _carol = Rtm::connect(&us, &carol).await.unwrap();
     wait_for(
         &receiver,
         "CMOVE",
@@ -530,37 +571,17 @@ async fn a_channel_that_moves_to_a_new_owner_is_not_announced_again() {
 }
 
 #[tokio::test]
-async fn an_owner_crash_announces_nothing_again_and_a_dead_gateways_members_leave_after_the_grace()
-{
-    let receiver = WebhookReceiver::start(SECRET).await;
-    let mesh = hooked_mesh(&receiver, Duration::from_secs(1)).await;
-    let us = mesh.rtm_base_url("us-east").unwrap();
-    let eu = mesh.rtm_base_url("eu-west").unwrap();
-    let token = |user: &str| mesh.token(user, "T1", &["CGONE"]).unwrap();
-    let _ann = Rtm::connect(&us, &token("UANN")).await.unwrap();
-    let _bob = Rtm::connect(&eu, &token("UBOB")).await.unwrap();
-    wait_for(&receiver, "CGONE", "Bob added", is("member_added", "UBOB")).await;
-    let (before, _) = ring_at(mesh.ring_manager).await;
-    let owner = before
-        .owner_of(&ChannelId::new("CGONE").unwrap())
-        .unwrap()
-        .id
-        .to_string();
+async fn a_crashed_owner_says_nothing_again_and_a_dead_gateways_members_leave() {
+    let AnnAndBob {
+        receiver,
+        mesh,
+        ann: _ann,
+        bob: _bob,
+        owner,
+    } = ann_and_bob("CGONE").await;
     // The owner crashes: its follower takes the slot, and the gateways re-subscribe there.
     assert!(mesh.stop_channel_server(&owner));
-    eventually("the new owner counts Ann and Bob", || async {
-        let (ring, _) = ring_at(mesh.ring_manager).await;
-        let now = ring.owner_of(&ChannelId::new("CGONE").unwrap()).unwrap();
-        if now.id.as_str() == owner {
-            return Err("not moved yet".to_string());
-        }
-        let info = info(&mesh, "CGONE").await.map_err(|s| s.to_string())?;
-        match (info.subscribers, info.members) {
-            (2, 2) => Ok(()),
-            seen => Err(format!("{seen:?}")),
-        }
-    })
-    .await;
+    counted_elsewhere(&mesh, "CGONE", &owner).await;
     // us-east goes away with Ann's connection: she leaves, once the grace ran out.
     assert!(mesh.stop_gateway("us-east"));
     eventually("us-east's subscription gone", || async {

@@ -31,6 +31,7 @@ mod limits;
 mod message_path;
 mod metrics;
 mod moves;
+mod policies;
 mod presence;
 mod processes;
 mod real_clients;

@@ -333,6 +333,11 @@ impl Dev {
     pub fn base_url(&self) -> String {
         format!("http://{}/api/", self.us_east)
     }
+
+    /// The `dev` process's pid (SIGHUP it to reload the policy file everywhere).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Dev {

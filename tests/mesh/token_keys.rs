@@ -75,6 +75,7 @@ pub async fn public_key_gateway(
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        policy_file: None,
         boot: None,
         tokens: gateway::tokens::TokenConfig {
             public_keys: vec![key_path("rsa-public.pem"), key_path("ed25519-public.pem")],
@@ -209,6 +210,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        policy_file: None,
         boot: None,
         tokens: gateway::tokens::TokenConfig {
             // A private key: the gateway must never be handed one.
@@ -231,6 +233,7 @@ async fn a_gateway_with_a_bad_key_file_does_not_start() {
         connect_url_ttl: gateway::tickets::DEFAULT_TICKET_TTL,
         limits: Default::default(),
         redirect_allow: Default::default(),
+        policy_file: None,
         boot: None,
         tokens: Default::default(),
     };

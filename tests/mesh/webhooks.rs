@@ -227,7 +227,8 @@ async fn a_receiver_with_the_wrong_secret_refuses_401_and_the_events_are_retried
     let _a = Rtm::connect(&us, &mesh.token("UW", "T1", &[]).unwrap())
         .await
         .unwrap();
-    // The presence servers' requests refused, several times (the channel servers' too).
+    // The channel servers' events (UW's channels occupied) are refused too: wait for the
+    // presence servers' own refusals.
     eventually("refused as unsigned, several times", || async {
         let received = receiver.received().await;
         let refused = refused_requests(&mesh).await;

@@ -42,6 +42,9 @@ pub enum RouteError {
     /// The channel server answered with an unexpected error.
     #[error("channel server error: {0}")]
     Internal(String),
+    /// The channel's publish rate (its policy) is spent: not published; not retried.
+    #[error("over the channel's publish rate: {0}")]
+    RateLimited(String),
 }
 
 /// One page of history, as routed callers see it.
@@ -471,6 +474,9 @@ fn after_failure(status: &Status, remaining: Duration) -> Next {
         Code::InvalidArgument | Code::OutOfRange => {
             Next::Fail(RouteError::Invalid(status.message().to_string()))
         }
+        Code::ResourceExhausted => {
+            Next::Fail(RouteError::RateLimited(status.message().to_string()))
+        }
         _ => Next::Fail(RouteError::Internal(status.to_string())),
     }
 }
@@ -551,6 +557,14 @@ mod tests {
                 other => panic!("{code:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_spent_publish_rate_fails_at_once_and_says_so() {
+        assert!(matches!(
+            next(Code::ResourceExhausted, LEFT),
+            Next::Fail(RouteError::RateLimited(m)) if m == "the reason"
+        ));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Client tokens: JWTs the web application signs and every gateway checks locally.
 //!
 //! Claims: `sub` (user id), `team`, `channels` (channel ids the holder may read and post to),
-//! `exp` (Unix seconds), optional `name`, `iat`, `nbf` and `jti` (the id a revocation names).
+//! `exp` (Unix seconds), optional `name`, `iat`, `nbf`, `jti` (the id a revocation names) and
+//! `team_max_connections` (the team's connection cap, as the web app sets it: [`Verified`]).
 //!
 //! A [`Verifier`] holds every key a gateway accepts: the HS256 secret, RS256/EdDSA public keys
 //! (PEM) and keys from a JWKS document. Each key verifies only the algorithm it is for, so an
@@ -135,6 +136,15 @@ pub struct Identity {
     pub jti: Option<String>,
 }
 
+/// A verified token: its holder, and the claims that are not about who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: Identity,
+    /// `team_max_connections`: the holder's team's connection cap as the web app states it
+    /// (0 or absent: none). The gateway applies the smallest of it and its own.
+    pub team_max_connections: Option<u32>,
+}
+
 impl Identity {
     /// Every channel a connection of this identity receives: its user's own channel, its team's
     /// channel, then the token's channels, without repeats.
@@ -165,6 +175,8 @@ struct Claims {
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    team_max_connections: Option<u32>,
     /// Only written: `jsonwebtoken` checks `iss` and `aud` on the raw claims.
     #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
     iss: Option<String>,
@@ -173,6 +185,14 @@ struct Claims {
 }
 
 impl Claims {
+    fn into_verified(self) -> Result<Verified, TokenError> {
+        let team_max_connections = self.team_max_connections.filter(|&n| n > 0);
+        Ok(Verified {
+            identity: self.into_identity()?,
+            team_max_connections,
+        })
+    }
+
     fn into_identity(self) -> Result<Identity, TokenError> {
         let bad = |e: crate::IdError| TokenError::InvalidClaims(e.to_string());
         if self.channels.len() > MAX_TOKEN_CHANNELS {
@@ -429,6 +449,11 @@ impl Verifier {
 
     /// Checks the signature, expiry and claims of `token`.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        self.verify_claims(token).map(|v| v.identity)
+    }
+
+    /// [`Verifier::verify`], with the claims beyond the identity.
+    pub fn verify_claims(&self, token: &str) -> Result<Verified, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!(
                 "longer than {MAX_TOKEN_BYTES} bytes"
@@ -446,7 +471,7 @@ impl Verifier {
         let mut last = None;
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation) {
-                Ok(data) => return data.claims.into_identity(),
+                Ok(data) => return data.claims.into_verified(),
                 Err(e) => match e.kind() {
                     // Another key may verify it.
                     ErrorKind::InvalidSignature
@@ -564,6 +589,18 @@ pub fn mint_for(
     claims: &IssuerAudience,
     now_secs: u64,
 ) -> Result<String, TokenError> {
+    mint_capped(header, key, identity, claims, None, now_secs)
+}
+
+/// [`mint_for`], with the `team_max_connections` claim when `team_max_connections` is set.
+pub fn mint_capped(
+    header: &Header,
+    key: &EncodingKey,
+    identity: &Identity,
+    claims: &IssuerAudience,
+    team_max_connections: Option<u32>,
+    now_secs: u64,
+) -> Result<String, TokenError> {
     let (iss, aud) = (claims.issuer.clone(), claims.audience.clone());
     let claims = Claims {
         sub: identity.user.to_string(),
@@ -573,6 +610,7 @@ pub fn mint_for(
         name: identity.name.clone(),
         iat: Some(now_secs),
         jti: identity.jti.clone(),
+        team_max_connections,
         iss,
         aud,
     };
@@ -606,6 +644,20 @@ mod tests {
             channels: vec![ChannelId::new("C1").unwrap()],
             expires_at: exp,
             jti: Some("j-1".into()),
+        }
+    }
+
+    #[test]
+    fn the_team_cap_claim_round_trips_and_zero_is_none() {
+        let encoding = EncodingKey::from_secret(SECRET);
+        let header = Header::new(Algorithm::HS256);
+        let none = IssuerAudience::default();
+        let id = identity(now() + 60);
+        for (cap, read) in [(Some(7), Some(7)), (Some(0), None), (None, None)] {
+            let token = mint_capped(&header, &encoding, &id, &none, cap, now()).unwrap();
+            let verified = key().verifier.verify_claims(&token).unwrap();
+            assert_eq!(verified.identity, id);
+            assert_eq!(verified.team_max_connections, read, "{cap:?}");
         }
     }
 

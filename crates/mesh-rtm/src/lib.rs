@@ -37,6 +37,9 @@ pub enum ErrorCode {
     /// team's unless the gateway allows posts there: msg `restricted_action_read_only_channel`
     /// (Slack's error for a post to a read-only channel).
     ReadOnlyChannel = 12,
+    /// The channel's publish rate (its policy) is spent: msg `rate_limited`. The message was
+    /// not posted; the connection stays open.
+    ChannelRateLimited = 13,
 }
 
 /// The most user ids one `presence_sub` or `presence_query` may name (Slack's clients keep it

@@ -82,6 +82,9 @@ pub enum AdminError {
 /// The message a routing error carries, without the router's prefix.
 fn route_message(error: &RouteError) -> &str {
     match error {
-        RouteError::Invalid(m) | RouteError::Unavailable(m) | RouteError::Internal(m) => m,
+        RouteError::Invalid(m)
+        | RouteError::Unavailable(m)
+        | RouteError::Internal(m)
+        | RouteError::RateLimited(m) => m,
     }
 }

@@ -54,6 +54,7 @@ pub fn status(error: AdminError) -> Status {
             Status::internal(message)
         }
         AdminError::NoRingManager => Status::unimplemented(message),
+        AdminError::Route(RouteError::RateLimited(_)) => Status::resource_exhausted(message),
     }
 }
 

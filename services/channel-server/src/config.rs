@@ -49,6 +49,8 @@ pub struct Args {
     pub http: Option<SocketAddr>,
     #[command(flatten)]
     pub ring: RingArgs,
+    #[command(flatten)]
+    pub policy: mesh_policy::PolicyArgs,
     /// Channel webhooks (channel_occupied/vacated, member_added/removed,
     /// user_offline_message), sent by the owner of each channel.
     #[command(flatten)]
@@ -98,6 +100,9 @@ pub struct Config {
     /// Its metrics and readiness (served over HTTP by the caller): ready while it holds its
     /// lease.
     pub telemetry: mesh_telemetry::Telemetry,
+    /// Channel policies (`--policy-file`: history bounds, publish rates), reloaded on SIGHUP;
+    /// none: defaults.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -115,6 +120,7 @@ impl Config {
             standby: false,
             clock_offset_ms: 0,
             catch_up_rate: replication::DEFAULT_CATCH_UP_RATE,
+            policy_file: None,
             webhooks: mesh_hooks::WebhookArgs::default(),
             members: members::Bounds::default(),
         }
@@ -129,6 +135,7 @@ impl Config {
             standby: args.standby,
             clock_offset_ms: args.clock_offset_ms,
             catch_up_rate: args.catch_up_rate,
+            policy_file: args.policy.policy_file.clone(),
             webhooks: args.webhooks.clone(),
             members: members::Bounds {
                 grace_ms: args.vacate_grace_ms,

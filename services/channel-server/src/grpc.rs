@@ -88,6 +88,8 @@ pub struct ServiceConfig {
     pub authorizer: Authorizer,
     /// Bytes per second one catch-up of a new follower sends at most.
     pub catch_up_rate: u64,
+    /// The channel policies in force: history bounds and publish rates.
+    pub policies: mesh_core::policy::SharedPolicies,
     /// Where the channel webhooks go ([`mesh_hooks::Webhooks::disabled`]: nowhere).
     pub webhooks: mesh_hooks::Webhooks,
     /// Bounds of the member accounting, and the grace before a departure counts.
@@ -122,6 +124,12 @@ struct Inner {
     links: replicate::Links,
     /// Bytes per second one catch-up sends at most.
     catch_up_rate: u64,
+    /// The channel policies in force (publish rates here; history bounds in the stores).
+    policies: mesh_core::policy::SharedPolicies,
+    /// Each channel's publish-rate bucket, on its owner.
+    rates: crate::rates::ChannelRates,
+    /// Client messages refused over their channel's rate.
+    rate_limited: mesh_telemetry::prometheus::IntCounter,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -231,6 +239,11 @@ impl ChannelService {
         let metrics = Metrics::new(&config.telemetry);
         let shards = Shards::new(config.limits, metrics.clone(), mesh_core::ts::stamp_micros);
         shards.set_window(config.window);
+        shards.set_policies(&config.policies);
+        let rate_limited = config.telemetry.counter(
+            "channelmesh_channel_publishes_rate_limited_total",
+            "Client messages refused (RESOURCE_EXHAUSTED) over their channel's publish rate (its policy).",
+        );
         shards.set_member_bounds(config.members);
         if config.webhooks.is_enabled() {
             let webhooks = config.webhooks.clone();
@@ -249,6 +262,9 @@ impl ChannelService {
                 handoff_slots: Semaphore::new(HANDOFF_CONCURRENCY),
                 links: replicate::Links::default(),
                 catch_up_rate: config.catch_up_rate,
+                policies: config.policies,
+                rates: crate::rates::ChannelRates::default(),
+                rate_limited,
                 cancel,
                 tracker,
             }),
@@ -455,6 +471,7 @@ impl ChannelService {
         ownership
             .check_settled(slot, event.channel.as_str())
             .map_err(status)?;
+        self.check_rate(&event)?;
         let route = || {
             let ring = ownership.ring().current();
             crate::ownership::owns(&ring, ownership.node(), slot).map(|()| ring)
@@ -468,6 +485,33 @@ impl ChannelService {
             Published::Done { .. } => Begun::Done(event.ts),
             Published::Waiting { reply, .. } => Begun::Waiting(reply),
         })
+    }
+
+    /// Refuses a client's message over its channel's publish rate (the channel's policy) with
+    /// `RESOURCE_EXHAUSTED`. The admin API's publishes (no origin connection) and typing
+    /// indicators are not counted. A retry of a publish counts again.
+    fn check_rate(&self, event: &mesh_core::ChannelEvent) -> Result<(), Status> {
+        let client_message =
+            event.origin.is_some() && matches!(event.body, mesh_core::EventBody::Message { .. });
+        if !client_message {
+            return Ok(());
+        }
+        let Some(rate) = self
+            .inner
+            .policies
+            .for_channel(event.channel.as_str())
+            .publish_rate
+        else {
+            return Ok(());
+        };
+        if self.inner.rates.admit(&event.channel, rate, Instant::now()) {
+            return Ok(());
+        }
+        self.inner.rate_limited.inc();
+        Err(Status::resource_exhausted(format!(
+            "rate_limited: channel {} takes {} messages a second (burst {})",
+            event.channel, rate.per_second, rate.burst
+        )))
     }
 
     /// Publish: [`ChannelService::begin_publish`], then [`finish`].

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod members;
 pub mod metrics;
 pub mod ownership;
+pub mod rates;
 pub mod replication;
 pub mod run;
 pub mod shards;
@@ -47,6 +48,9 @@ pub enum Error {
     /// The `--ring-manager`/`--consul*` flags name no usable ring.
     #[error(transparent)]
     RingArgs(ring_client::Error),
+    /// The policy file could not be loaded at start.
+    #[error(transparent)]
+    Policy(#[from] mesh_policy::PolicyFileError),
     /// The webhook flags are unusable (no secret, a bad URL).
     #[error("webhooks: {0}")]
     Hooks(#[from] mesh_hooks::HooksError),
@@ -72,6 +76,12 @@ pub async fn serve(
         mesh_core::ts::set_clock_offset_micros(config.clock_offset_ms.saturating_mul(1000));
     }
     let tracker = TaskTracker::new();
+    let policies = mesh_policy::start(
+        config.policy_file.as_deref(),
+        &config.telemetry,
+        &tracker,
+        cancel.clone(),
+    )?;
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let lease = Lease::default();
     {
@@ -97,6 +107,7 @@ pub async fn serve(
             telemetry: config.telemetry.clone(),
             authorizer: authorizer.clone(),
             catch_up_rate: config.catch_up_rate,
+            policies,
             webhooks,
             members: config.members,
         },

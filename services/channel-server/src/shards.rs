@@ -861,6 +861,14 @@ impl<R: StreamReply> Shards<R> {
         }
     }
 
+    /// Bounds each channel's history by its policy too (`history_max_events`,
+    /// `history_max_age`), as `policies` say at each trim.
+    pub fn set_policies(&self, policies: &mesh_core::policy::SharedPolicies) {
+        for mut shard in self.each_shard() {
+            shard.store.set_policies(policies.clone(), self.clock);
+        }
+    }
+
     /// Up to `limit` events of `channel` strictly after `since`, counted as a hit or empty
     /// read. The caller checked ownership.
     pub fn history(&self, channel: &ChannelId, since: Option<Ts>, limit: usize) -> HistoryPage {

@@ -8,6 +8,7 @@ mod packed;
 use std::collections::VecDeque;
 
 use lru::LruCache;
+use mesh_core::policy::SharedPolicies;
 use mesh_core::{ChannelId, EventBody, SLOT_COUNT, Slot, Ts, TsClock, slot_of};
 
 use crate::idempotency::{self, Seen, Window};
@@ -221,6 +222,10 @@ pub struct Store {
     evictions: u64,
     /// Each channel's window of idempotency keys.
     window: idempotency::Bounds,
+    /// Channel policies: each channel's own history bounds, within `limits`.
+    policies: SharedPolicies,
+    /// The wall clock in microseconds, for `history_max_age`.
+    clock: fn() -> u64,
 }
 
 impl Store {
@@ -233,7 +238,42 @@ impl Store {
             slot_floor: vec![Ts::default(); SLOT_COUNT],
             evictions: 0,
             window: idempotency::Bounds::default(),
+            policies: SharedPolicies::default(),
+            clock: mesh_core::ts::stamp_micros,
         }
+    }
+
+    /// Bounds each channel's history by its policy too, as `policies` say at each trim (a
+    /// store or a read of the channel), with ages by `clock` (microseconds).
+    pub fn set_policies(&mut self, policies: SharedPolicies, clock: fn() -> u64) {
+        self.policies = policies;
+        self.clock = clock;
+    }
+
+    /// Drops `channel`'s oldest events past its policy's `history_max_events`, and those older
+    /// than its `history_max_age`; the history is then complete only after them.
+    fn trim_by_policy(&mut self, channel: &ChannelId) {
+        let policy = self.policies.for_channel(channel.as_str());
+        if policy.history_max_events.is_none() && policy.history_max_age.is_none() {
+            return;
+        }
+        let Some(state) = self.channels.peek_mut(channel) else {
+            return;
+        };
+        let max = policy.history_max_events.unwrap_or(usize::MAX);
+        let cutoff = policy.history_max_age.map(|age| {
+            let age = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
+            (self.clock)().saturating_sub(age)
+        });
+        let mut freed = 0;
+        while let Some(oldest) = state.events.front() {
+            let too_old = cutoff.is_some_and(|cutoff| oldest.ts.as_micros() < cutoff);
+            if state.events.len() <= max && !too_old {
+                break;
+            }
+            freed += state.pop_oldest();
+        }
+        self.total_bytes -= freed;
     }
 
     /// Keeps each channel's idempotency keys within `bounds`.
@@ -352,6 +392,7 @@ impl Store {
         if let Some(freed) = freed {
             self.total_bytes = self.total_bytes + size - freed;
         }
+        self.trim_by_policy(channel);
         if let Some(key) = key
             && self.window.keys > 0
         {
@@ -409,6 +450,7 @@ impl Store {
 
     /// Up to `limit` events strictly after `since` (all retained events when `None`).
     pub fn history(&mut self, channel: &ChannelId, since: Option<Ts>, limit: usize) -> HistoryPage {
+        self.trim_by_policy(channel);
         let floor = self.slot_floor[usize::from(slot_of(channel))];
         let Some(state) = self.channels.get(channel) else {
             return HistoryPage {
@@ -638,6 +680,54 @@ mod tests {
         assert_eq!(texts, ["m2", "m3", "m4"]);
         store.append(&c("C1"), &msg(&"x".repeat(300)), 2_000);
         assert_eq!(store.history(&c("C1"), None, 100).events.len(), 1);
+    }
+
+    /// The clock of [`history_is_bounded_by_each_channels_policy`], in microseconds.
+    static POLICY_CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    fn policy_clock() -> u64 {
+        POLICY_CLOCK.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn history_is_bounded_by_each_channels_policy() {
+        use mesh_core::policy::Policies;
+        let policies = SharedPolicies::new(
+            Policies::parse(
+                "[[channel]]\nmatch = \"CFEW*\"\nhistory_max_events = 2\n\
+                 [[channel]]\nmatch = \"COLD*\"\nhistory_max_age = 10\n",
+            )
+            .unwrap(),
+        );
+        let mut store = Store::new(Limits::default());
+        store.set_policies(policies.clone(), policy_clock);
+        let sec = 1_000_000;
+        POLICY_CLOCK.store(100 * sec, std::sync::atomic::Ordering::Relaxed);
+        for (i, channel) in ["CFEW1", "COLD1", "COTHER"].iter().enumerate() {
+            for n in 0..5 {
+                let at = (80 + 5 * n) * sec + i as u64;
+                store.append(&c(channel), &msg(&format!("m{n}")), at);
+            }
+        }
+        let held =
+            |store: &mut Store, channel: &str| store.history(&c(channel), None, 100).events.len();
+        // Two kept of CFEW1; COLD1's events of 80 s and 85 s are over 10 s old at 100 s.
+        assert_eq!(held(&mut store, "CFEW1"), 2);
+        assert_eq!(held(&mut store, "COLD1"), 3);
+        assert_eq!(held(&mut store, "COTHER"), 5);
+        let page = store.history(&c("CFEW1"), None, 100);
+        // Complete only after the newest event trimmed (m2, at 90 s).
+        assert_eq!(page.complete_after, Ts::from_micros(90 * sec));
+        // Time passes: a read trims too.
+        POLICY_CLOCK.store(106 * sec, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(held(&mut store, "COLD1"), 1);
+        // A reload lowers a bound: the next read honours it; the bytes freed are uncounted.
+        let before = store.total_bytes();
+        policies.replace(
+            Policies::parse("[[channel]]\nmatch = \"COTHER\"\nhistory_max_events = 1\n").unwrap(),
+        );
+        assert_eq!(held(&mut store, "COTHER"), 1);
+        assert!(store.total_bytes() < before);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct Args {
     pub limits: Limits,
     #[command(flatten)]
     pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub policy: mesh_policy::PolicyArgs,
     /// While its region drains, forward clients' `rtm.connect` (with their token) only to the
     /// gateways at these origins (`http://10.0.0.7:8080`) or host patterns
     /// (`https://*.gw.example.com`): repeatable, or a comma list. None: no forwarding.
@@ -157,6 +159,8 @@ pub struct Config {
     pub limits: Limits,
     /// Where a draining gateway may forward `rtm.connect` (empty: nowhere).
     pub redirect_allow: RedirectAllow,
+    /// Channel policies and team caps (`--policy-file`), reloaded on SIGHUP; none: defaults.
+    pub policy_file: Option<std::path::PathBuf>,
     /// Boot from the web app (`--boot-url`), when configured.
     pub boot: Option<BootConfig>,
 }
@@ -185,6 +189,7 @@ impl Config {
             limits: checked(args.limits.clone())?,
             tokens: args.tokens.config(),
             redirect_allow: RedirectAllow::new(args.redirect_allow.clone()),
+            policy_file: args.policy.policy_file.clone(),
             boot: args.boot.config()?,
         })
     }

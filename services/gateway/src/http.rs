@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use mesh_core::token::Verifier;
-use mesh_core::{Identity, TokenError};
+use mesh_core::{Identity, TokenError, Verified};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -169,6 +169,8 @@ fn slack_error(error: &str) -> Response {
 struct Call {
     params: Params,
     identity: Identity,
+    /// The token's `team_max_connections` claim.
+    team_max_connections: Option<u32>,
     client: IpAddr,
 }
 
@@ -186,11 +188,13 @@ async fn admit(
     edge.gate.by_address(method, client).map_err(refused)?;
     let body = edge.gate.body(body).await.map_err(refused)?;
     let params = Params::read(headers, query, &body);
-    let identity = authenticate(edge, headers, &params).map_err(slack_error)?;
+    let verified = authenticate(edge, headers, &params).map_err(slack_error)?;
+    let identity = verified.identity;
     edge.gate.by_user(method, &identity.user).map_err(refused)?;
     Ok(Call {
         params,
         identity,
+        team_max_connections: verified.team_max_connections,
         client,
     })
 }
@@ -214,17 +218,17 @@ fn refused(refusal: Refusal) -> Response {
     response
 }
 
-/// The caller's identity, from `Authorization: Bearer`, or a `token` parameter.
+/// The caller's identity (and claims), from `Authorization: Bearer`, or a `token` parameter.
 fn authenticate(
     edge: &Edge,
     headers: &HeaderMap,
     params: &Params,
-) -> Result<Identity, &'static str> {
+) -> Result<Verified, &'static str> {
     let Some(token) = bearer_or_param(headers, params) else {
         return Err("not_authed");
     };
     let token = token.as_str();
-    let identity = edge.key.verify(token).map_err(|e| {
+    let verified = edge.key.verify_claims(token).map_err(|e| {
         let reason = match e {
             TokenError::Expired => "expired",
             TokenError::NotYetValid => "not yet valid",
@@ -236,13 +240,13 @@ fn authenticate(
         tracing::debug!(reason, "refused a token");
         "invalid_auth"
     })?;
-    if let Some(jti) = &identity.jti
+    if let Some(jti) = &verified.identity.jti
         && edge.ctx.region.is_revoked(jti)
     {
         tracing::debug!(%jti, "refused a revoked token");
         return Err("token_revoked");
     }
-    Ok(identity)
+    Ok(verified)
 }
 
 /// The caller's token: `Authorization: Bearer`, else a `token` parameter.
@@ -297,6 +301,7 @@ async fn rtm_connect(
     let Call {
         params,
         identity,
+        team_max_connections,
         client,
     } = match admit(&edge, Method::Connect, peer, &headers, query, body).await {
         Ok(call) => call,
@@ -330,12 +335,15 @@ async fn rtm_connect(
     let user = identity.user.to_string();
     let name = identity.name.clone().unwrap_or_else(|| user.clone());
     let team = identity.team.to_string();
-    let slot = match team_slot(&edge, &identity).await {
+    let slot = match team_slot(&edge, &identity, team_max_connections).await {
         Ok(slot) => slot,
         Err(Refused::Team | Refused::User) => return slack_error("too_many_connections"),
         Err(Refused::Retry) => return ratelimited(),
     };
-    let Some(ticket) = edge.tickets.issue(identity, batch, cursors, slot, booted) else {
+    let Some(ticket) =
+        edge.tickets
+            .issue(identity, team_max_connections, batch, cursors, slot, booted)
+    else {
         return ratelimited();
     };
     axum::Json(json!({
@@ -404,10 +412,16 @@ fn admission(edge: &Edge) -> Option<Response> {
 
 /// A place under the caller's team and user connection caps, counted across every gateway
 /// by the team's presence server; `None` when neither cap applies (or the mesh has no
-/// presence servers to count: the caps are then not enforced, as logged at start). A refusal
-/// is counted here.
-async fn team_slot(edge: &Edge, identity: &Identity) -> Result<Option<TeamSlot>, Refused> {
-    let team_cap = edge.ctx.limits.team_cap(&identity.team);
+/// presence servers to count: the caps are then not enforced, as logged at start). The team's
+/// cap: the policy file's or the flags', lowered to the token's `team_max_connections` claim
+/// ([`crate::limits::Limits::team_cap_with`]). A refusal is counted here.
+async fn team_slot(
+    edge: &Edge,
+    identity: &Identity,
+    claimed: Option<u32>,
+) -> Result<Option<TeamSlot>, Refused> {
+    let file = edge.ctx.policies.current().team_cap(&identity.team);
+    let team_cap = edge.ctx.limits.team_cap_with(&identity.team, file, claimed);
     let user_cap = edge.ctx.limits.user_connections;
     let Some(presence) = edge
         .ctx
@@ -621,7 +635,7 @@ async fn websocket(
     // A ticket older than its hold gave its place under the caps back: ask again
     // (a refusal here is answered like the gateway's own cap: 503).
     if ticket.slot.is_none() {
-        ticket.slot = match team_slot(&edge, &ticket.identity).await {
+        ticket.slot = match team_slot(&edge, &ticket.identity, ticket.team_max_connections).await {
             Ok(slot) => slot,
             Err(refused) => {
                 let error = match refused {

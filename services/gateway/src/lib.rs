@@ -61,6 +61,9 @@ pub enum Error {
     /// The `--consul*` flags name no usable Consul agent.
     #[error(transparent)]
     RingArgs(#[from] ring_client::Error),
+    /// The policy file could not be loaded at start.
+    #[error(transparent)]
+    Policy(#[from] mesh_policy::PolicyFileError),
 }
 
 /// Serves a gateway on `listener` until `cancel`; clients get `goodbye` on the way out.
@@ -94,6 +97,12 @@ pub async fn serve(
         ("region", config.region.as_str()),
     ]);
     let metrics = metrics::GatewayMetrics::new(&telemetry);
+    let policies = mesh_policy::start(
+        config.policy_file.as_deref(),
+        &telemetry,
+        &tracker,
+        cancel.clone(),
+    )?;
     let ring = RingWatcher::spawn(config.ring.clone(), &tracker, cancel.clone());
     let router = ChannelRouter::new(ring.clone(), &tracker, cancel.clone());
     let presence = config.presence_ring.clone().map(|source| {
@@ -145,6 +154,7 @@ pub async fn serve(
         ),
         router,
         presence,
+        policies,
         region: region_state.clone(),
         typing: limits::TypingCoalescer::new(limits.typing_interval, TYPING_PAIRS),
         metrics,

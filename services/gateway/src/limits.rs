@@ -122,6 +122,18 @@ impl Limits {
             .unwrap_or(self.team_connections)
     }
 
+    /// The connection cap of `team` (0: none) given the policy file's cap for it (`file`, which
+    /// replaces the flags' as `--team-limit` does) and the token's `team_max_connections`
+    /// claim (`claimed`), which can only lower it: the smallest cap that applies wins.
+    pub fn team_cap_with(&self, team: &TeamId, file: Option<u32>, claimed: Option<u32>) -> u32 {
+        let configured = file.unwrap_or_else(|| self.team_cap(team));
+        match (configured, claimed.filter(|&c| c > 0)) {
+            (0, claimed) => claimed.unwrap_or(0),
+            (configured, Some(claimed)) => configured.min(claimed),
+            (configured, None) => configured,
+        }
+    }
+
     /// These limits with the socket caps lowered, if need be, to fit under `fd_limit` open
     /// files (the process's RLIMIT_NOFILE), leaving `reserve` for upstreams, logs and the like.
     pub fn fit_to_fd_limit(mut self, fd_limit: u64, reserve: u64) -> Self {
@@ -132,43 +144,8 @@ impl Limits {
     }
 }
 
-/// A token bucket: `rate` tokens a second, holding at most `burst`.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket; a `rate` of 0 never refuses.
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
-        TokenBucket {
-            rate: f64::from(rate),
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// The token bucket every limit here uses.
+pub use mesh_core::rate::TokenBucket;
 
 /// A keyed limit's burst, in seconds of its rate: a user or an address that was quiet may do
 /// this many seconds' worth at once (every device of a user reconnecting after a drain, an
@@ -347,6 +324,26 @@ pub fn open_files_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_smallest_team_cap_wins_and_the_file_replaces_the_flags() {
+        let team = TeamId::new("T1").unwrap();
+        let limits = Limits {
+            team_connections: 100,
+            ..Limits::default()
+        };
+        assert_eq!(limits.team_cap_with(&team, None, None), 100);
+        assert_eq!(limits.team_cap_with(&team, None, Some(5)), 5);
+        assert_eq!(limits.team_cap_with(&team, None, Some(500)), 100);
+        // The file's cap replaces the flags' (raising it too), the claim still lowers it.
+        assert_eq!(limits.team_cap_with(&team, Some(300), None), 300);
+        assert_eq!(limits.team_cap_with(&team, Some(300), Some(7)), 7);
+        // 0 in the file uncaps the team; a claim then caps it alone. A claim of 0 is none.
+        assert_eq!(limits.team_cap_with(&team, Some(0), None), 0);
+        assert_eq!(limits.team_cap_with(&team, Some(0), Some(9)), 9);
+        assert_eq!(limits.team_cap_with(&team, None, Some(0)), 100);
+        assert_eq!(Limits::default().team_cap_with(&team, None, Some(3)), 3);
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {

@@ -138,7 +138,7 @@ impl GatewayMetrics {
             ),
             posts_refused: t.counter_vec(
                 "channelmesh_gateway_posts_refused_total",
-                "Client messages and typing refused, by reason (not_in_channel, read_only_channel).",
+                "Client messages and typing refused, by reason (not_in_channel, restricted_action_read_only_channel, policy_read_only, channel_rate_limited, typing_not_relayed).",
                 &["reason"],
             ),
             directives_ignored: t.counter(

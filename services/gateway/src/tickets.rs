@@ -28,6 +28,9 @@ pub const SLOT_HOLD: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Ticket<S = TeamSlot> {
     pub identity: Identity,
+    /// The token's `team_max_connections` claim: a place asked for again at the upgrade is
+    /// under it too.
+    pub team_max_connections: Option<u32>,
     /// The client asked for `batch_presence_aware=1`.
     pub batch_presence: bool,
     /// Resume cursors: per channel, the last ts the client has.
@@ -63,6 +66,7 @@ impl<S> Tickets<S> {
     pub fn issue(
         &self,
         identity: Identity,
+        team_max_connections: Option<u32>,
         batch_presence: bool,
         cursors: Vec<(ChannelId, Ts)>,
         slot: Option<S>,
@@ -83,6 +87,7 @@ impl<S> Tickets<S> {
             id.clone(),
             Ticket {
                 identity,
+                team_max_connections,
                 batch_presence,
                 cursors,
                 slot,
@@ -140,7 +145,7 @@ mod tests {
     fn tickets_are_single_use() {
         let tickets: Tickets<()> = Tickets::new(DEFAULT_TICKET_TTL);
         let id = tickets
-            .issue(identity(), false, vec![], None, None)
+            .issue(identity(), None, false, vec![], None, None)
             .unwrap();
         assert!(tickets.redeem(&id).is_some());
         assert!(tickets.redeem(&id).is_none());
@@ -151,7 +156,7 @@ mod tests {
     fn an_unused_ticket_gives_its_place_back_after_the_hold_and_stays_valid() {
         let tickets: Tickets<&str> = Tickets::new(Duration::from_secs(300));
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"), None)
+            .issue(identity(), None, false, vec![], Some("place"), None)
             .unwrap();
         let issued = Instant::now();
         assert!(tickets.sweep(issued).is_empty(), "held during the hold");
@@ -167,7 +172,7 @@ mod tests {
     fn a_ticket_used_within_the_hold_keeps_its_place() {
         let tickets: Tickets<&str> = Tickets::new(DEFAULT_TICKET_TTL);
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"), None)
+            .issue(identity(), None, false, vec![], Some("place"), None)
             .unwrap();
         assert_eq!(tickets.redeem(&id).unwrap().slot, Some("place"));
     }
@@ -176,7 +181,7 @@ mod tests {
     fn an_expired_ticket_is_dropped_with_its_place() {
         let tickets: Tickets<&str> = Tickets::new(Duration::from_millis(10));
         let id = tickets
-            .issue(identity(), false, vec![], Some("place"), None)
+            .issue(identity(), None, false, vec![], Some("place"), None)
             .unwrap();
         let later = Instant::now() + Duration::from_millis(20);
         assert_eq!(tickets.sweep(later), ["place"]);

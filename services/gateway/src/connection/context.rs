@@ -28,6 +28,8 @@ pub struct ConnectionContext {
     pub region: Arc<RegionState>,
     /// What one client may do.
     pub limits: Limits,
+    /// The channel policies in force (read-only channels, typing) and the file's team caps.
+    pub policies: mesh_core::policy::SharedPolicies,
     /// Coalesces typing indicators across the gateway's connections.
     pub typing: TypingCoalescer,
     /// The gateway's metrics.
@@ -66,6 +68,7 @@ impl ConnectionContext {
             router,
             presence: None,
             region: Arc::default(),
+            policies: Default::default(),
             limits,
             typing,
             metrics,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
+use channel_client::RouteError;
 use futures::StreamExt;
 use futures::stream::{FuturesUnordered, Next};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
@@ -124,7 +125,8 @@ impl Inbound {
                         text,
                         client_msg_id,
                     }) => {
-                        let allowed = may_post(identity, members, &channel, &ctx.limits);
+                        let allowed = may_post(identity, members, &channel, &ctx.limits)
+                            .and_then(|()| by_policy(ctx, &channel));
                         let post = Post {
                             id: Some(id),
                             channel,
@@ -135,11 +137,23 @@ impl Inbound {
                         self.in_flight.push(Box::pin(publishing));
                         None
                     }
+                    Ok(ClientFrame::Typing { channel, .. })
+                        if !ctx.policies.for_channel(channel.as_str()).relay_typing =>
+                    {
+                        // The channel's policy relays no typing: dropped, as a repeat is.
+                        tracing::trace!(conn, %channel, "typing not relayed by policy");
+                        ctx.metrics
+                            .posts_refused
+                            .with_label_values(&["typing_not_relayed"])
+                            .inc();
+                        None
+                    }
                     Ok(ClientFrame::Typing { id, channel }) => {
                         // Repeats within the typing interval are dropped: receivers already
                         // show the user typing.
                         if ctx.typing.first_in_interval(&identity.user, &channel, now) {
-                            let allowed = may_post(identity, members, &channel, &ctx.limits);
+                            let allowed = may_post(identity, members, &channel, &ctx.limits)
+                                .and_then(|()| by_policy(ctx, &channel));
                             let post = Post {
                                 id,
                                 channel,
@@ -210,6 +224,10 @@ enum PostRefused {
     NotInChannel,
     /// The channel carries the server's events only: error 12.
     ReadOnly,
+    /// The channel's policy makes it read-only (announcements): error 12, as above.
+    PolicyReadOnly,
+    /// The channel's publish rate (its policy, counted on its owner) is spent: error 13.
+    ChannelRate,
 }
 
 impl PostRefused {
@@ -217,16 +235,34 @@ impl PostRefused {
     fn error(self, id: Option<i64>) -> RtmError {
         match self {
             PostRefused::NotInChannel => RtmError::new(ErrorCode::NotInChannel, self.as_str(), id),
-            PostRefused::ReadOnly => RtmError::new(ErrorCode::ReadOnlyChannel, self.as_str(), id),
+            PostRefused::ReadOnly | PostRefused::PolicyReadOnly => {
+                RtmError::new(ErrorCode::ReadOnlyChannel, READ_ONLY_MSG, id)
+            }
+            PostRefused::ChannelRate => {
+                RtmError::new(ErrorCode::ChannelRateLimited, "rate_limited", id)
+            }
         }
     }
 
-    /// The error's message, also the metrics' label.
+    /// The metrics' label (and, but for the policy's refusals, the error's message).
     fn as_str(self) -> &'static str {
         match self {
             PostRefused::NotInChannel => "not_in_channel",
-            PostRefused::ReadOnly => "restricted_action_read_only_channel",
+            PostRefused::ReadOnly => READ_ONLY_MSG,
+            PostRefused::PolicyReadOnly => "policy_read_only",
+            PostRefused::ChannelRate => "channel_rate_limited",
         }
+    }
+}
+
+/// Slack's message for a post to a read-only channel.
+const READ_ONLY_MSG: &str = "restricted_action_read_only_channel";
+
+/// Whether the channel's policy lets clients post to `channel` (the admin API is not asked).
+fn by_policy(ctx: &ConnectionContext, channel: &ChannelId) -> Result<(), PostRefused> {
+    match ctx.policies.for_channel(channel.as_str()).read_only {
+        true => Err(PostRefused::PolicyReadOnly),
+        false => Ok(()),
     }
 }
 
@@ -292,12 +328,15 @@ fn publish(
     };
     let ctx = ctx.clone();
     async move {
-        if let Err(refused) = allowed {
+        let refuse = |refused: PostRefused| {
             ctx.metrics
                 .posts_refused
                 .with_label_values(&[refused.as_str()])
                 .inc();
-            return Some(refused.error(id).render().into());
+            Some(refused.error(id).render().into())
+        };
+        if let Err(refused) = allowed {
+            return refuse(refused);
         }
         let event = ChannelEvent {
             channel,
@@ -320,6 +359,10 @@ fn publish(
                 _ => None,
             },
             Ok(None) => None,
+            Err(RouteError::RateLimited(why)) => {
+                tracing::debug!(conn, %why, "a client post over its channel's publish rate");
+                refuse(PostRefused::ChannelRate)
+            }
             Err(e) => {
                 tracing::warn!(conn, error = %e, "publishing a client event failed");
                 Some(
@@ -481,6 +524,35 @@ mod tests {
         let refused = &client.inbound.ctx.metrics.posts_refused;
         let read_only = refused.with_label_values(&["restricted_action_read_only_channel"]);
         assert_eq!(read_only.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_policy_makes_a_channel_read_only_and_drops_its_typing() {
+        let mut client = Client::new();
+        client.members.insert(ChannelId::new("C1").unwrap());
+        client.members.insert(ChannelId::new("C2").unwrap());
+        let file = "[[channel]]\nmatch = \"C1\"\nread_only = true\n\
+                    [[channel]]\nmatch = \"C2\"\nrelay_typing = false\n";
+        let policies = mesh_core::policy::Policies::parse(file).unwrap();
+        client.inbound.ctx.policies.replace(policies);
+        let message = r#"{"id":5,"type":"message","channel":"C1","text":"hi"}"#;
+        assert_eq!(client.send(message), GO_ON);
+        let reply = client.inbound.next_reply().await.flatten().unwrap();
+        let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+        assert_eq!(
+            reply,
+            serde_json::json!({"ok": false, "reply_to": 5,
+                "error": {"code": 12, "msg": "restricted_action_read_only_channel"}})
+        );
+        // Typing in C2 is dropped: no publish, no reply.
+        assert_eq!(
+            client.send(r#"{"id":6,"type":"typing","channel":"C2"}"#),
+            GO_ON
+        );
+        assert!(!client.inbound.publishing() && client.frames.is_empty());
+        let refused = &client.inbound.ctx.metrics.posts_refused;
+        assert_eq!(refused.with_label_values(&["policy_read_only"]).get(), 1);
+        assert_eq!(refused.with_label_values(&["typing_not_relayed"]).get(), 1);
     }
 
     #[tokio::test]

@@ -389,6 +389,7 @@ impl Hub {
         if local.upstream.as_ref() != Some(node) {
             return;
         }
+        local.announced();
         if let Some(floor) = complete_after {
             self.tell_gap(local, channel, floor);
         }

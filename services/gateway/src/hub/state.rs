@@ -27,7 +27,8 @@ pub(super) struct Member {
     pub(super) conns: u32,
     /// When its first connection here joined the channel (ms since the Unix epoch).
     pub(super) since_ms: u64,
-    /// Reported upstream already (on this stream or an earlier one).
+    /// A channel server confirmed a subscription that counted it (on this stream or an
+    /// earlier one): it was told as news there.
     pub(super) announced: bool,
 }
 
@@ -72,6 +73,14 @@ pub(super) struct LocalChannel {
 }
 
 impl LocalChannel {
+    /// A channel server confirmed the subscription: the members it was sent with (and those
+    /// sent after it on the same stream) count as announced there.
+    pub(super) fn announced(&mut self) {
+        for member in self.members.values_mut() {
+            member.announced = true;
+        }
+    }
+
     /// The subscription is confirmed: every waiting connection hears it.
     pub(super) fn activate(&mut self) {
         self.active = true;
@@ -193,7 +202,7 @@ impl State {
     }
 
     /// `channel`'s whole member set, for its subscription (its pending changes with it): each
-    /// says whether it was reported before, and counts as reported from now on.
+    /// says whether a channel server confirmed it before.
     pub(super) fn full_set(&mut self, channel: &ChannelId) -> Vec<Reported> {
         self.dirty.remove(channel);
         let Some(local) = self.channels.get_mut(channel) else {
@@ -201,7 +210,7 @@ impl State {
         };
         local
             .members
-            .iter_mut()
+            .iter()
             .map(|(user, member)| report(user, member))
             .collect()
     }
@@ -217,10 +226,16 @@ impl State {
             let Some(node) = local.upstream.clone() else {
                 continue;
             };
+            let active = local.active;
             let reported = users
                 .into_iter()
                 .map(|user| match local.members.get_mut(&user) {
-                    Some(member) => report(&user, member),
+                    Some(member) => {
+                        let reported = report(&user, member);
+                        // On a confirmed subscription the owner takes it as it comes.
+                        member.announced |= active;
+                        reported
+                    }
                     None => Reported {
                         user,
                         team: None,
@@ -311,17 +326,15 @@ impl State {
     }
 }
 
-/// `member` as reported now; it counts as announced from now on.
-fn report(user: &UserId, member: &mut Member) -> Reported {
-    let reported = Reported {
+/// `member` as reported now.
+fn report(user: &UserId, member: &Member) -> Reported {
+    Reported {
         user: user.clone(),
         team: member.team.clone(),
         conns: member.conns,
         since_ms: member.since_ms,
         announced: member.announced,
-    };
-    member.announced = true;
-    reported
+    }
 }
 
 #[cfg(test)]
@@ -511,6 +524,11 @@ mod tests {
             state.take_changes().is_empty(),
             "the subscription carried them"
         );
+        // Refused (the channel server did not count them): still news for the next one.
+        assert!(state.full_set(&c1).iter().all(|m| !m.announced));
+        let local = state.channels.get_mut(&c1).unwrap();
+        local.announced();
+        local.activate();
         // Three changes to U1 and one to U2 since: one report each, absolute (U1's
         // connections all left and one came back: a new member entry here, not yet reported).
         state.leave(1, one);
