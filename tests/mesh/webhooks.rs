@@ -246,6 +246,17 @@ async fn a_receiver_with_the_wrong_secret_refuses_401_and_the_events_are_retried
     assert_eq!(received.bad_bodies, 0);
 }
 
+/// The first user `PREFIX0`, `PREFIX1`, … whom presence server `owner` owns.
+async fn user_of(dev: &Dev, prefix: &str, owner: &str) -> String {
+    for i in 0.. {
+        let user = format!("{prefix}{i}");
+        if dev.presence_owner(&user).await.0 == owner {
+            return user;
+        }
+    }
+    unreachable!("some user hashes onto every presence server")
+}
+
 #[tokio::test]
 async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_changes_arrive() {
     let receiver = WebhookReceiver::start(SECRET).await;
@@ -261,23 +272,33 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
     );
     let base = format!("http://{}/api/", dev.us_east);
     let users: Vec<String> = (0..8).map(|i| format!("UK{i}")).collect();
+    // The victim: UK0's presence server; the leaver, another of its users.
+    let (victim, pid) = dev.presence_owner("UK0").await;
+    let leaver = user_of(&dev, "UL", &victim).await;
     let mut clients = HashMap::new();
-    for user in &users {
+    for user in users.iter().chain([&leaver]) {
         let client = Rtm::connect(&base, &dev.token(user, &[])).await.unwrap();
         clients.insert(user.clone(), client);
     }
-    for user in &users {
+    for user in users.iter().chain([&leaver]) {
         wait_for(&receiver, user, &["active"]).await;
     }
-
-    // Kill the presence server of UK0, and of the users it held.
-    let (victim, pid) = dev.presence_owner("UK0").await;
     let mut held = Vec::new();
     for user in &users {
         if dev.presence_owner(user).await.0 == victim {
             held.push(user.clone());
         }
     }
+
+    // The leaver goes, and its presence server dies within the grace (2 s): its away was
+    // never said. Its new server learns from the gateway that it left, and says it.
+    clients
+        .remove(&leaver)
+        .unwrap()
+        .ws
+        .close(None)
+        .await
+        .unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -289,8 +310,7 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
     .await;
 
     // The new server announces UK0 again (with the first announcement's id) once the gateway
-    // re-reported it: from then on it hears of UK0. (A user who leaves while the gateways
-    // still route to the dead server is not heard of: docs/decisions.md.)
+    // re-reported it.
     eventually_within("UK0 re-announced", Duration::from_secs(20), || async {
         let received = receiver.received().await;
         (presence_events(&received, "UK0").len() >= 2).then_some(())
@@ -302,6 +322,13 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
     let received = wait_within(
         &receiver,
         "UK0",
+        &["active", "away"],
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_within(
+        &receiver,
+        &leaver,
         &["active", "away"],
         Duration::from_secs(20),
     )
@@ -325,13 +352,7 @@ async fn after_a_presence_server_is_killed_nobody_connected_flaps_and_later_chan
         held.len() - 1
     );
     let (new_owner, _) = dev.presence_owner("UK0").await;
-    let mut newcomer = String::new();
-    for i in 0.. {
-        newcomer = format!("UN{i}");
-        if dev.presence_owner(&newcomer).await.0 == new_owner {
-            break;
-        }
-    }
+    let newcomer = user_of(&dev, "UN", &new_owner).await;
     let _n = Rtm::connect(&base, &dev.token(&newcomer, &[]))
         .await
         .unwrap();
@@ -345,9 +366,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Webhook delivery latency, measured (not a test of it): `USERS` users connect one after
-/// another and leave; for each `presence_changed`, the receiver's arrival time minus the
-/// event's `time_ms` (active: when the connection began at the gateway; away: when the
-/// presence server published it, after the grace). Run:
+/// another and leave; for each `presence_changed`, the receiver's arrival time minus when the
+/// event was due (active: its `time_ms`, when the connection began at the gateway; away: its
+/// `time_ms`, when the last connection closed at the gateway, plus the grace). Run:
 ///
 /// ```text
 /// cargo nextest run --test mesh --run-ignored only webhook_delivery_latency --no-capture
@@ -356,8 +377,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[ignore = "a measurement: run by hand (see its comment)"]
 async fn webhook_delivery_latency() {
     const USERS: usize = 300;
+    const GRACE_MS: f64 = 300.0;
+    // The measured users' presence_changed (the channel servers send events of theirs too).
+    let is_measured = |e: &Value| {
+        e["name"] == "presence_changed" && e["user"].as_str().is_some_and(|u| u.starts_with("UL"))
+    };
     let receiver = WebhookReceiver::start(SECRET).await;
-    let mesh = webhook_mesh(&receiver, Duration::from_millis(300)).await;
+    let mesh = webhook_mesh(&receiver, Duration::from_millis(GRACE_MS as u64)).await;
     let us = mesh.rtm_base_url("us-east").unwrap();
     // Past the presence servers' warm-up at start (changes held until it ends): one user
     // on each server heard of first.
@@ -380,10 +406,7 @@ async fn webhook_delivery_latency() {
     }
     let received = eventually_within("every event", Duration::from_secs(60), || async {
         let received = receiver.received().await;
-        let measured = received
-            .events
-            .iter()
-            .filter(|e| e["user"].as_str().is_some_and(|u| u.starts_with("UL")));
+        let measured = received.events.iter().filter(|e| is_measured(e));
         (measured.count() >= 2 * USERS).then_some(received)
     })
     .await;
@@ -392,9 +415,13 @@ async fn webhook_delivery_latency() {
         let mut latencies: Vec<f64> = received
             .events
             .iter()
-            .filter(|e| e["presence"] == presence)
-            .filter(|e| e["user"].as_str().is_some_and(|u| u.starts_with("UL")))
-            .map(|e| e["arrival_ms"].as_f64().unwrap() - e["time_ms"].as_f64().unwrap())
+            .filter(|e| is_measured(e) && e["presence"] == presence)
+            .map(|e| {
+                // An away's time is when the user left: it is due a grace later.
+                let due = e["time_ms"].as_f64().unwrap()
+                    + if presence == "away" { GRACE_MS } else { 0.0 };
+                e["arrival_ms"].as_f64().unwrap() - due
+            })
             .collect();
         latencies.sort_by(f64::total_cmp);
         assert!(!latencies.is_empty());

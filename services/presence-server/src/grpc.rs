@@ -100,6 +100,7 @@ fn online(o: &pb::UserOnline) -> Option<Online> {
             })
             .collect(),
         since_ms: o.online_since_ms,
+        left_ms: o.left_ms,
     })
 }
 
@@ -142,6 +143,11 @@ fn report(kind: Kind) -> Option<Report> {
                 .collect(),
             watched: users(&s.watched),
             pending_acquires: s.pending_acquires,
+            left: s
+                .left
+                .iter()
+                .filter_map(|l| Some((UserId::new(&l.user).ok()?, l.left_ms)))
+                .collect(),
             gateway: s.gateway,
             region: s.region,
         },
@@ -372,6 +378,7 @@ mod tests {
                     connected_at_ms: 9,
                 }],
                 since_ms: 0,
+                left_ms: 0,
             };
             assert_eq!(report(online), Some(Report::Online(want)));
         }

@@ -4,8 +4,8 @@
 //!
 //! The id is derived from the fact: the user, the presence, and when that state began as the
 //! gateways report it (`since_ms`). A server that takes a user over re-announces a user who
-//! stayed connected with the same id, so the receiver's dedup by id collapses the two; a
-//! change only this server knows (away after the grace) is stamped with the time it is
+//! stayed connected (or goes away one who left) with the same id, so the receiver's dedup by id
+//! collapses the two; a change whose time no gateway gave is stamped with the time it is
 //! published, unique per emission.
 
 use mesh_hooks::Event;

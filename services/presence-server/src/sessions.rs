@@ -54,6 +54,8 @@ pub enum Report {
         pending_acquires: Vec<u64>,
         /// Users it watches.
         watched: Vec<UserId>,
+        /// Users whose last connection there closed recently, with when (Unix ms).
+        left: Vec<(UserId, u64)>,
     },
     /// A user's live connections on the gateway now.
     Online(Online),
@@ -219,12 +221,16 @@ impl<M: Outbound> Sessions<M> {
                 teams,
                 pending_acquires,
                 watched,
+                left,
             } => {
                 self.quotas().replace(session, teams, &pending_acquires);
                 tracing::debug!(session, %gateway, "gateway snapshot");
                 self.with_state(|s| {
-                    let notices = s.snapshot(session, online, manual, watched, now);
+                    let mut notices = s.snapshot(session, online, manual, watched, now);
                     s.name_session(session, gateway, region);
+                    for (session, items) in s.recently_left(&left, now) {
+                        notices.entry(session).or_default().extend(items);
+                    }
                     notices
                 })
             }

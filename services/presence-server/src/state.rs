@@ -16,9 +16,10 @@
 //! [`Change`] for the `presence_changed` webhook, taken with [`Presence::take_changes`]: when
 //! it is published (active at once, away after the grace), and, when warming up ends, once
 //! more for each connected user whose state was held (a takeover re-announces the users who
-//! stayed connected). Each change carries the time its state began as the gateways know it
-//! (the user's oldest live connection, or the manual setting's time), so that two servers
-//! announcing the same fact give it the same id.
+//! stayed connected; those a gateway says left recently go away after the grace, see
+//! [`Presence::recently_left`]). Each change carries the time its state began as the gateways
+//! know it (the user's oldest live connection, when their last one closed, or the manual
+//! setting's time), so that two servers announcing the same fact give it the same id.
 //!
 //! Each user's team comes with the reports of their connections (the gateway read it from the
 //! user's token) and goes out with every answer and change, so that a gateway shows a user's
@@ -60,8 +61,8 @@ pub struct Change {
     pub team: Option<TeamId>,
     /// When the user's new state began, as the gateways report it (Unix ms): the start of
     /// their oldest live connection (or of their manual "back") for active, the manual
-    /// setting's time for away by hand. `None` for away after the grace (and when no gateway
-    /// says): a fact only this server knows.
+    /// setting's time for away by hand, when their last connection closed for away after the
+    /// grace. `None` when no gateway said: a fact only this server knows.
     pub since_ms: Option<u64>,
 }
 
@@ -75,6 +76,8 @@ pub struct Online {
     pub team: Option<TeamId>,
     /// When their oldest live connection there began (Unix ms; 0: the gateway does not say).
     pub since_ms: u64,
+    /// With no connection left there: when the last one closed (Unix ms; 0: not said).
+    pub left_ms: u64,
     /// Each of those connections (empty from a gateway that does not say).
     pub details: Vec<ConnDetail>,
 }
@@ -123,6 +126,8 @@ struct User {
     published: Option<bool>,
     /// Becomes away at this time unless it comes back first.
     away_at: Option<Instant>,
+    /// While offline: when their last connection closed, as the gateways say (Unix ms).
+    left_ms: Option<u64>,
     watchers: HashSet<SessionId>,
 }
 
@@ -379,6 +384,10 @@ impl Presence {
             s.details.remove(user);
             s.since_ms.remove(user);
         }
+        if was && n == 0 && report.left_ms > 0 {
+            let u = self.track(user);
+            u.left_ms = Some(u.left_ms.map_or(report.left_ms, |t| t.max(report.left_ms)));
+        }
         match (was, n > 0) {
             (false, true) => self.adjust(user, 1, now, notices),
             (true, false) => self.adjust(user, -1, now, notices),
@@ -388,6 +397,9 @@ impl Presence {
 
     fn adjust(&mut self, user: &UserId, delta: i32, now: Instant, notices: &mut Notices) {
         let u = self.track(user);
+        if delta > 0 && u.online_in == 0 {
+            u.left_ms = None;
+        }
         u.online_in = u.online_in.saturating_add_signed(delta);
         self.settle(user, now, notices);
     }
@@ -454,6 +466,33 @@ impl Presence {
             u.away_at = Some(now + grace);
         }
         self.forget_if_unneeded(user);
+    }
+
+    /// Users a gateway's snapshot says left it recently (with when, Unix ms). One this server
+    /// does not know yet while it holds them (it just gained them) was online under their
+    /// previous owner, whose `away` may never have been said: it goes away here after the
+    /// grace (the `presence_changed` id derived from when they left, as the previous owner's).
+    pub fn recently_left(&mut self, left: &[(UserId, u64)], now: Instant) -> Notices {
+        let mut notices = Notices::new();
+        for (user, left_ms) in left {
+            if !self.holds(user) {
+                continue;
+            }
+            if let Some(u) = self.users.get_mut(user)
+                && (u.online_in > 0 || u.published.is_some())
+            {
+                // Known here; one leaving now takes the latest time any gateway gives.
+                if u.online_in == 0 && u.published == Some(true) {
+                    u.left_ms = Some(u.left_ms.map_or(*left_ms, |t| t.max(*left_ms)));
+                }
+                continue;
+            }
+            let u = self.track(user);
+            u.published = Some(true);
+            u.left_ms = Some(*left_ms);
+            self.settle(user, now, &mut notices);
+        }
+        notices
     }
 
     /// `session` watches `users`; returns their presence for it.
@@ -558,7 +597,7 @@ impl Presence {
                     user: user.clone(),
                     active: false,
                     team: u.team.clone(),
-                    since_ms: None,
+                    since_ms: u.left_ms,
                 });
                 self.forget_if_unneeded(&user);
             }
@@ -666,6 +705,7 @@ mod tests {
                 })
                 .collect(),
             since_ms: 0,
+            left_ms: 0,
         }
     }
 
@@ -913,6 +953,38 @@ mod tests {
         expected.retain(|c| c != &("UC".to_string(), true, Some(900)));
         expected.sort();
         assert_eq!(retold, expected);
+    }
+
+    #[test]
+    fn a_user_who_left_within_the_grace_of_a_dead_owner_still_goes_away_with_the_same_id() {
+        let t0 = Instant::now();
+        let warm = Duration::from_millis(500);
+        let left = |user: &str, left_ms: u64| Online {
+            left_ms,
+            ..on_since(user, 0, 0)
+        };
+        // The first owner hears UL leave at 1500; it dies before the grace ends.
+        let mut first = Presence::new(GRACE);
+        first.snapshot(1, vec![on_since("UL", 1, 1000)], vec![], vec![], t0);
+        first.online(1, &left("UL", 1500), t0);
+        first.tick(t0 + GRACE);
+        let would_have = changed(&mut first);
+        assert_eq!(would_have.last(), Some(&("UL".into(), false, Some(1500))));
+        // Its successor learns from the gateway's snapshot that UL left at 1500: UL goes away
+        // after the grace, with the same fact (the same id).
+        let mut next = Presence::new(GRACE);
+        next.rebalance(|_| true, true, t0, warm);
+        next.snapshot(1, vec![], vec![], vec![], t0);
+        next.recently_left(&[(u("UL"), 1500)], t0);
+        next.tick(t0 + warm);
+        assert_eq!(changed(&mut next), vec![]);
+        next.tick(t0 + GRACE);
+        assert_eq!(changed(&mut next), vec![("UL".into(), false, Some(1500))]);
+        // Once settled, a gateway's report of a user who left says nothing more.
+        next.snapshot(1, vec![], vec![], vec![], t0 + GRACE);
+        next.recently_left(&[(u("UL"), 1500), (u("UX"), 1600)], t0 + GRACE);
+        next.tick(t0 + GRACE * 3);
+        assert_eq!(changed(&mut next), vec![]);
     }
 
     #[test]

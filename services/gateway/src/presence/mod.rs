@@ -33,7 +33,7 @@ use crate::outbox::ConnSink;
 use crate::vocab::ConnId;
 use caps::Caps;
 pub use caps::Refused;
-use reports::Reports;
+use reports::{Reports, unix_ms};
 use session::{CALL_TIMEOUT, SESSION_QUEUE};
 use watchers::Watchers;
 pub(crate) use watchers::visible;
@@ -94,6 +94,15 @@ impl State {
                     connections: n,
                 })
                 .collect(),
+            left: self
+                .reports
+                .recently_left()
+                .filter(|(u, _)| mine(u))
+                .map(|(u, left_ms)| pb::UserLeft {
+                    user: u.to_string(),
+                    left_ms,
+                })
+                .collect(),
             pending_acquires: self
                 .caps
                 .pending()
@@ -134,6 +143,7 @@ fn user_online(user: &UserId, here: Option<&reports::Here>) -> pb::UserOnline {
         connections: here.map_or(0, |h| h.connections),
         team: here.map(|h| h.team.to_string()).unwrap_or_default(),
         online_since_ms: here.map_or(0, |h| h.since_ms),
+        left_ms: 0,
         details: here
             .iter()
             .flat_map(|h| h.conns.iter().take(reports::MAX_DETAILED))
@@ -144,14 +154,6 @@ fn user_online(user: &UserId, here: Option<&reports::Here>) -> pb::UserOnline {
             })
             .collect(),
     }
-}
-
-/// Now, in Unix milliseconds.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A connection counted against its team's cap; dropping it releases the count.
@@ -324,7 +326,10 @@ impl PresenceHub {
         let was_here = state.reports.online.contains_key(user);
         state.reports.disconnected(conn, user);
         if was_here {
-            let online = user_online(user, state.reports.online.get(user));
+            let mut online = user_online(user, state.reports.online.get(user));
+            if online.connections == 0 {
+                online.left_ms = state.reports.left_ms(user).unwrap_or_default();
+            }
             self.send(&mut state, user, Kind::Online(online));
         }
     }

@@ -42,6 +42,7 @@ fn watching(watched: &[&str]) -> Report {
         manual: vec![],
         teams: vec![],
         pending_acquires: vec![],
+        left: vec![],
         watched: watched.iter().map(|w| u(w)).collect(),
     }
 }
@@ -54,6 +55,7 @@ fn online(user: &str, connections: u32) -> Report {
         team: Some(t("T1")),
         details: vec![],
         since_ms: 0,
+        left_ms: 0,
     })
 }
 
