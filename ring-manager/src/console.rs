@@ -1,14 +1,14 @@
-//! The SRE console: a read-only web page and JSON API on the ring manager's HTTP listener, with
-//! the liveness and readiness probes.
+//! The SRE console: a web page and JSON API on the ring manager's HTTP listener, with the
+//! liveness and readiness probes.
 //!
 //! `GET /` is the page (plain HTML, JS and SVG, embedded in the binary, nothing fetched from
 //! elsewhere); `GET /api/state` a [`Snapshot`]; `GET /api/events` server-sent events, a new
 //! snapshot whenever the ring, a member or a region changes (at most [`MAX_EVENTS_PER_SEC`] a
 //! second per viewer); `GET /healthz` answers while the process runs, `GET /readyz` while this
 //! ring manager serves the ring (embedded, or the Consul leader). `POST /api/actions` drains
-//! and undrains a node or a region and disconnects a user, behind an operator token and a typed confirmation, each
-//! recorded in the action log shown beside the epochs ([`actions`]); every other operation
-//! stays in `channelmesh ctl`, which is authenticated by where it runs.
+//! and undrains a node or a region and disconnects a user, behind an operator token and a typed
+//! confirmation, each recorded in the action log shown beside the epochs ([`actions`]); every
+//! other operation stays in `channelmesh ctl`, which is authenticated by where it runs.
 //!
 //! Off loopback, everything but `/healthz` and `/readyz` needs the HTTP token
 //! (`mesh_telemetry::access`): a browser asks for it (HTTP Basic, the token as password),
