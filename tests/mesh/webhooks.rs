@@ -434,6 +434,27 @@ async fn webhook_delivery_latency() {
             latencies.last().copied().unwrap_or_default(),
         );
     }
+    // The channel servers' side: each measured user's first connection subscribed to their
+    // own channel (`time_ms`: when it subscribed there).
+    let mut latencies: Vec<f64> = received
+        .events
+        .iter()
+        .filter(|e| {
+            e["name"] == "member_added"
+                && e["channel"].as_str().is_some_and(|c| c.starts_with("UL"))
+        })
+        .map(|e| e["arrival_ms"].as_f64().unwrap() - e["time_ms"].as_f64().unwrap())
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    if !latencies.is_empty() {
+        println!(
+            "member_added: {} events, event -> receiver p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            latencies.last().copied().unwrap_or_default(),
+        );
+    }
     println!(
         "{} requests for {} events",
         received.requests,
