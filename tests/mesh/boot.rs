@@ -10,9 +10,11 @@ use gateway::boot::{BootConfig, BootMode, Secret};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::processes::{ADMIN_TOKEN, Dev};
 use crate::real_clients::{client_command, python, repo};
 use crate::support::{
-    Rtm, admin, eventually, gateway_metrics, mesh_with, metric_sum, post, web_api,
+    Rtm, WebhookReceiver, admin, admin_at, eventually, gateway_metrics, mesh_with, metric_sum,
+    post, web_api,
 };
 
 /// The secret the gateways sign with and the web app checks.
@@ -408,4 +410,57 @@ async fn slack_sdk_clients_boot_into_5000_channels_and_read_the_boot_errors() {
     webapp.child.kill().await.unwrap();
     let down = json!({"base": base, "token": mesh.token("UDOWN", "T1", &[]).unwrap(), "expect_error": "boot_unavailable"});
     slack_sdk_client(down, None).await;
+}
+
+/// `dev --multi-process` hands the boot URL to its gateway children and the webhook URL to its
+/// channel-server children, each with the secret from its environment: a user the web app boots
+/// into a channel gets a message posted there, and the channel's owner (another process) tells
+/// the receiver the user was added, signed.
+#[tokio::test]
+async fn dev_multi_process_boots_its_gateways_and_its_channel_servers_send_webhooks() {
+    let webapp = WebApp::start(json!({"users": {"UMP": {"channels": ["CBOOTMP"]}}})).await;
+    let receiver = WebhookReceiver::start(SECRET).await;
+    let dir = Dev::dir("boot-multi-process");
+    let state_file = dir.join("ring.json");
+    let mut args = Dev::embedded_args(&state_file);
+    args.extend([
+        "--boot-url".to_string(),
+        webapp.url(),
+        "--webhook-url".to_string(),
+        receiver.url(),
+    ]);
+    let dev = Dev::launch_with_env(
+        &args,
+        &[("CHANNELMESH_WEBHOOK_SECRET", SECRET)],
+        state_file,
+        dir,
+    );
+    let base = format!("http://{}/api/", dev.us_east);
+    let mut client = Rtm::connect(&base, &dev.token("UMP", &[])).await.unwrap();
+    assert_eq!(
+        webapp.requests_for("UMP").await,
+        1,
+        "the gateway child booted"
+    );
+
+    let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
+    let ts = post(&mut admin, "CBOOTMP", "UPOSTER", "to a booted channel").await;
+    let got = client
+        .expect("the message in the booted channel", |v| {
+            v["type"] == "message" && v["channel"] == "CBOOTMP"
+        })
+        .await;
+    assert_eq!(got["ts"], json!(ts));
+
+    let added = eventually("the owner tells member_added", || async {
+        receiver.events().await.into_iter().find(|e| {
+            e["name"] == "member_added" && e["channel"] == "CBOOTMP" && e["user"] == "UMP"
+        })
+    })
+    .await;
+    assert_eq!(
+        added["id"].as_str().unwrap().split(':').next(),
+        Some("member_added")
+    );
+    assert_eq!(receiver.received().await.bad_signatures, 0);
 }
