@@ -342,4 +342,7 @@ fn a_bad_policy_file_at_start_refuses_to_start_naming_the_line() {
         )),
         "{stderr}"
     );
+    // Refused before it binds: it never said where it listens.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("listening on"), "{stdout}");
 }

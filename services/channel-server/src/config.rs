@@ -130,6 +130,11 @@ impl Config {
     pub fn from_args(args: &Args) -> Result<Config, Error> {
         let node = NodeId::new(&args.id)?;
         let ring = args.ring.source().map_err(Error::RingArgs)?;
+        // Read once here so that a bad file stops the start before anything binds; `serve`
+        // loads it again and follows reloads.
+        if let Some(path) = &args.policy.policy_file {
+            mesh_policy::load(path)?;
+        }
         Ok(Config {
             advertise: args.advertise.clone(),
             standby: args.standby,

@@ -51,6 +51,9 @@ pub enum ConfigError {
         mesh_hooks::SECRET_ENV
     )]
     BootSecret,
+    /// The policy file does not load: refused before anything binds.
+    #[error(transparent)]
+    Policy(#[from] mesh_policy::PolicyFileError),
 }
 
 /// The `gateway` command's flags (its HS256 secret comes from [`ENV_JWT_SECRET`]).
@@ -177,6 +180,11 @@ impl Config {
         if !jwt_secret.is_empty() {
             mesh_core::token::check_hs256_secret(jwt_secret.as_bytes())
                 .map_err(ConfigError::JwtSecret)?;
+        }
+        // Read once here so that a bad file stops the start before anything binds; `serve`
+        // loads it again and follows reloads.
+        if let Some(path) = &args.policy.policy_file {
+            mesh_policy::load(path)?;
         }
         Ok(Config {
             id: args.id.clone().unwrap_or_else(|| default_id(&args.region)),
