@@ -29,6 +29,9 @@ const FIELDS: &[&str] = &[
     "p99_us",
     "p999_us",
     "max_us",
+    "loadgen_cpu_cores",
+    "loadgen_cores",
+    "loadgen_bound",
 ];
 
 /// `channelmesh bench` runs `channelmesh-loadgen` from beside `channelmesh`: fails clearly
@@ -88,6 +91,13 @@ async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
     assert_eq!(report["delivered"], report["expected"], "{report}");
     assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["disconnects"], 0, "{report}");
+    // The load generator's own CPU, against the cores it may use.
+    assert!(report["loadgen_cores"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        report["loadgen_cpu_cores"].as_f64().unwrap() >= 0.0,
+        "{report}"
+    );
+    assert!(report["loadgen_bound"].is_boolean(), "{report}");
     report
 }
 

@@ -203,7 +203,10 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
     let mut connects = protocol::histogram()?;
     let mut totals = Counters::default();
     let (mut first, mut last_delivery) = (u64::MAX, 0);
+    let (mut cpu_seconds, mut publish_seconds) = (0.0_f64, 0.0_f64);
     for r in &reports {
+        cpu_seconds += r.cpu_seconds;
+        publish_seconds = publish_seconds.max(r.publish_seconds);
         latency.add(protocol::decode(&r.latency)?)?;
         acks.add(protocol::decode(&r.acks)?)?;
         connects.add(protocol::decode(&r.connect)?)?;
@@ -229,7 +232,17 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
         }
         _ => None,
     };
+    // The workers inherit this process's affinity (e.g. `taskset -c 1`).
+    let loadgen_cores = crate::cpu::allowed_cpus().unwrap_or(1);
+    let loadgen_share = crate::cpu::share(cpu_seconds, publish_seconds, loadgen_cores);
     Ok(Report {
+        loadgen_cpu_cores: if publish_seconds > 0.0 {
+            cpu_seconds / publish_seconds
+        } else {
+            0.0
+        },
+        loadgen_cores,
+        loadgen_bound: loadgen_share > crate::cpu::BOUND_SHARE,
         scenario,
         target: plan.target,
         publish: plan.publish,

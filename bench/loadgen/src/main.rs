@@ -8,6 +8,7 @@ mod client;
 mod clock;
 mod cmd;
 mod coordinator;
+mod cpu;
 mod nats;
 mod pace;
 mod plan;

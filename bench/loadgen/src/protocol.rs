@@ -80,6 +80,12 @@ pub struct WorkerReport {
     /// Unix microseconds of the first publish and the last delivery (0: none).
     pub first_publish_us: u64,
     pub last_delivery_us: u64,
+    /// The CPU this worker's process used from `Go` to `Stop`, and that span's wall time,
+    /// seconds (0 when it was not measured).
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    #[serde(default)]
+    pub publish_seconds: f64,
 }
 
 /// A histogram as base64 V2.

@@ -54,6 +54,12 @@ pub struct Report {
     pub server_rss_before_bytes: Option<u64>,
     pub server_rss_after_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
+    /// The load generator's own CPU while publishing, in cores (all workers), the cores it may
+    /// run on, and whether it used more than 85% of them: then the run may have measured the
+    /// load generator rather than the server, and its figures do not count.
+    pub loadgen_cpu_cores: f64,
+    pub loadgen_cores: usize,
+    pub loadgen_bound: bool,
 }
 
 impl Report {
@@ -122,6 +128,19 @@ impl Report {
                 row(
                     "ack latency",
                     format!("p50 {} us, p99 {} us", r.ack_p50_us, r.ack_p99_us),
+                );
+                row(
+                    "load generator",
+                    format!(
+                        "{:.2} of {} cores while publishing{}",
+                        r.loadgen_cpu_cores,
+                        r.loadgen_cores,
+                        if r.loadgen_bound {
+                            ": LOAD-GENERATOR BOUND (over 85%), this run does not count"
+                        } else {
+                            ""
+                        }
+                    ),
                 );
             }
             Scenario::ConnectStorm => {

@@ -303,6 +303,9 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
 
     let stop_pacing = CancellationToken::new();
     let mut pacer = None;
+    // This process's CPU at `Go`, and what it used until `Stop` (with the span's wall time).
+    let mut cpu_at_go = None;
+    let mut used = (0.0, 0.0);
     let finished = loop {
         tokio::select! {
             line = lines.next_line() => {
@@ -310,6 +313,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
                 match serde_json::from_str::<ToWorker>(&line).context("an order")? {
                     ToWorker::Go => {
                         let go = *shared.go.get_or_init(Instant::now);
+                        cpu_at_go = crate::cpu::process_cpu();
                         let publishers: Vec<_> = shared
                             .schedules
                             .iter()
@@ -333,6 +337,14 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
                             && waiting.elapsed() < SETTLE_TIMEOUT
                         {
                             tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if let (Some(before), Some(after), Some(go)) =
+                            (cpu_at_go, crate::cpu::process_cpu(), shared.go.get())
+                        {
+                            used = (
+                                after.saturating_sub(before).as_secs_f64(),
+                                go.elapsed().as_secs_f64(),
+                            );
                         }
                         let published = shared
                             .published
@@ -386,6 +398,8 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
             connect: connects,
             first_publish_us: if first == u64::MAX { 0 } else { first },
             last_delivery_us: shared.last_delivery_us.load(Ordering::Relaxed),
+            cpu_seconds: used.0,
+            publish_seconds: used.1,
         };
         send(out, &FromWorker::Report(Box::new(report))).await?;
     }
