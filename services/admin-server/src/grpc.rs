@@ -474,6 +474,17 @@ impl Admin for AdminService {
             .await
     }
 
+    type PublishStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::PublishStreamReply, Status>> + Send>,
+    >;
+
+    async fn publish_stream(
+        &self,
+        _request: Request<tonic::Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        Err(Status::unimplemented("PublishStream is not built yet"))
+    }
+
     async fn revoke_tokens(
         &self,
         request: Request<pb::RevokeTokensRequest>,
