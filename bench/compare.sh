@@ -109,7 +109,8 @@ EOF
   wait_port 127.0.0.1 "$NATS_WS_PORT"
 }
 
-cm_up() { # channelmesh dev, pinned, client limits off ($dev_limits); pid in $dev_pid
+cm_up() { # channelmesh dev, pinned, client limits off ($dev_limits), its consoles on ports of
+  # their own where this build has them ($dev_consoles); pid in $dev_pid
   taskset -c "$SERVER_CPU" "$bin" dev \
     --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
     --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
@@ -126,9 +127,10 @@ cm_up() { # channelmesh dev, pinned, client limits off ($dev_limits); pid in $de
 
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
+export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+
 if [ "$MODE" = open ]; then
-  export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-  export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
   # open_run SERVER SHAPE: one connected run of SHAPE through its rate steps against SERVER
   # (nats or channelmesh); its JSON in $work/SERVER-SHAPE.json (none when it failed).
   open_run() {
@@ -264,26 +266,12 @@ workload=(--clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --sec
 echo "closed loop: ${CLIENTS} clients, ${CHANNELS} channels, ${PAYLOAD} B, rate ${RATE} (0 = max), window ${WINDOW}, ${DURATION} s, ${PROCESSES} loadgen processes; server on core ${SERVER_CPU}, loadgen on core ${LOADGEN_CPU}" >&2
 
 # 1. nats-server.
-cat >"$work/nats.conf" <<EOF
-listen: "127.0.0.1:${NATS_PORT}"
-websocket {
-  listen: "127.0.0.1:${NATS_WS_PORT}"
-  no_tls: true
-}
-EOF
-taskset -c "$SERVER_CPU" nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
-nats_pid=$!
-started+=("$nats_pid")
-wait_port 127.0.0.1 "$NATS_WS_PORT"
+nats_up
 echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
 run_workload "$work/nats.json" "$nats_pid" "$NATS_WS_PORT" \
   taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" \
   --server-pid "$nats_pid" "${workload[@]}"
-kill "$nats_pid"
-wait "$nats_pid" 2>/dev/null || true
-
-export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+stop_pid "$nats_pid"
 
 # 1b. The Node peer (NODE_PEER=1).
 if [ "$NODE_PEER" = 1 ]; then
@@ -305,17 +293,7 @@ fi
 
 # 2. channelmesh dev, with the gateway's client limits off (lib.sh: $dev_limits) and, where this
 # build has them, its consoles on ports of their own ($dev_consoles).
-taskset -c "$SERVER_CPU" "$bin" dev \
-  --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
-  --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
-  --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
-  --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-  "${dev_consoles[@]}" "${dev_limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
-dev_pid=$!
-started+=("$dev_pid")
-wait_port 127.0.0.1 "$GW_PORT"
-wait_port 127.0.0.1 "$((GW_PORT + 1))"
-sleep 1
+cm_up
 echo "channelmesh dev ${dev_limits[*]} ..." >&2
 run_workload "$work/channelmesh.json" "$dev_pid" "$GW_PORT $((GW_PORT + 1))" \
   taskset -c "$LOADGEN_CPU" "${loadgen[@]}" fanout --target channelmesh \

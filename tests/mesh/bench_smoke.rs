@@ -65,8 +65,13 @@ async fn run(scenario: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"));
     command
         .args(["bench", scenario, "--json", "--processes", "2"])
-        .args(["--clients", "20", "--channels", "2"])
-        .args(args)
+        .args(args);
+    for (flag, default) in [("--clients", "20"), ("--channels", "2")] {
+        if !args.contains(&flag) {
+            command.args([flag, default]);
+        }
+    }
+    command
         .env_remove("CHANNELMESH_JWT_SECRET")
         .env_remove("CHANNELMESH_ADMIN_TOKEN")
         .env_remove("CHANNELMESH_LOADGEN")

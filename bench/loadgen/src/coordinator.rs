@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::plan::{self, Plan, Scenario};
 use crate::protocol::{self, Counters, FromWorker, ToWorker, WorkerReport};
-use crate::report::{Report, StepReport};
+use crate::report::{Latencies, Report, StepReport};
 use crate::rss;
 
 /// Lines from the workers waiting for the coordinator.
@@ -134,7 +134,8 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
     workers.broadcast(&ToWorker::Finish).await?;
     let mut reports: Vec<WorkerReport> = Vec::new();
     while reports.len() < processes {
-        match workers.next(ANSWER_TIMEOUT).await? {
+        let next = workers.next(ANSWER_TIMEOUT).await;
+        match next.context("waiting for the workers' reports")? {
             (_, FromWorker::Report(r)) => reports.push(*r),
             (_, FromWorker::Progress(_)) => {}
             (k, other) => bail!("worker {k} said {other:?} while finishing"),
@@ -252,12 +253,7 @@ pub async fn run(plan: Plan, processes: usize, options: &RunOptions) -> anyhow::
         expected,
         lost: expected.saturating_sub(totals.delivered),
         disconnects: totals.disconnects,
-        p50_us: latency.value_at_quantile(0.50),
-        p99_us: latency.value_at_quantile(0.99),
-        p999_us: latency.value_at_quantile(0.999),
-        max_us: latency.max(),
-        ack_p50_us: acks.value_at_quantile(0.50),
-        ack_p99_us: acks.value_at_quantile(0.99),
+        latency: Latencies::of(&latency, &acks),
         reconnects: totals.reconnects,
         reconnect_failures: totals.reconnect_failures,
         reconnects_per_s: per_s(totals.reconnects, run_secs),
@@ -372,7 +368,6 @@ async fn steps(
     receivers: &[u64],
     bar: &ProgressBar,
 ) -> anyhow::Result<Stepped> {
-    let processes = workers.children.len();
     let loadgen_cores = crate::cpu::allowed_cpus().unwrap_or(1);
     let mut out = Stepped {
         steps: Vec::new(),
@@ -405,29 +400,22 @@ async fn steps(
         workers.broadcast(&ToWorker::Stop).await?;
         let mut published = vec![0u64; plan.channels];
         let (mut delivered_at_stop, mut cpu_seconds, mut publish_seconds) = (0, 0.0, 0.0_f64);
-        let mut stopped = 0;
-        while stopped < processes {
-            match workers.next(ANSWER_TIMEOUT).await? {
-                (
-                    _,
-                    FromWorker::Stopped {
-                        published: p,
-                        delivered,
-                        cpu_seconds: cpu,
-                        publish_seconds: secs,
-                    },
-                ) => {
-                    for (total, n) in published.iter_mut().zip(p) {
-                        *total += n;
-                    }
-                    delivered_at_stop += delivered;
-                    cpu_seconds += cpu;
-                    publish_seconds = publish_seconds.max(secs);
-                    stopped += 1;
-                }
-                (_, FromWorker::Progress(_)) => {}
-                (k, other) => bail!("worker {k} said {other:?} while stopping"),
+        for answer in answers(workers, &format!("stopping the {rate}/s step")).await? {
+            let FromWorker::Stopped {
+                published: p,
+                delivered,
+                cpu_seconds: cpu,
+                publish_seconds: secs,
+            } = answer
+            else {
+                bail!("a worker said {answer:?} while stopping");
+            };
+            for (total, n) in published.iter_mut().zip(p) {
+                *total += n;
             }
+            delivered_at_stop += delivered;
+            cpu_seconds += cpu;
+            publish_seconds = publish_seconds.max(secs);
         }
         // Everything sent since the run began (the workers count from the start).
         let expected: u64 = published.iter().zip(receivers).map(|(p, r)| p * r).sum();
@@ -442,25 +430,18 @@ async fn steps(
         let mut latency = protocol::histogram()?;
         let mut acks = protocol::histogram()?;
         let mut now = Counters::default();
-        let mut collected = 0;
-        while collected < processes {
-            match workers.next(ANSWER_TIMEOUT).await? {
-                (
-                    _,
-                    FromWorker::Collected {
-                        latency: l,
-                        acks: a,
-                        counters,
-                    },
-                ) => {
-                    latency.add(protocol::decode(&l)?)?;
-                    acks.add(protocol::decode(&a)?)?;
-                    add(&mut now, &counters);
-                    collected += 1;
-                }
-                (_, FromWorker::Progress(_)) => {}
-                (k, other) => bail!("worker {k} said {other:?} while collecting"),
-            }
+        for answer in answers(workers, &format!("collecting the {rate}/s step")).await? {
+            let FromWorker::Collected {
+                latency: l,
+                acks: a,
+                counters,
+            } = answer
+            else {
+                bail!("a worker said {answer:?} while collecting");
+            };
+            latency.add(protocol::decode(&l)?)?;
+            acks.add(protocol::decode(&a)?)?;
+            add(&mut now, &counters);
         }
         let per_s = |n: u64| if window > 0.0 { n as f64 / window } else { 0.0 };
         let sent = now.sent - before.sent;
@@ -482,12 +463,7 @@ async fn steps(
             delivered,
             delivered_per_s: per_s(delivered_at_stop.saturating_sub(before.delivered)),
             lost: expected_here.saturating_sub(delivered),
-            p50_us: latency.value_at_quantile(0.50),
-            p99_us: latency.value_at_quantile(0.99),
-            p999_us: latency.value_at_quantile(0.999),
-            max_us: latency.max(),
-            ack_p50_us: acks.value_at_quantile(0.50),
-            ack_p99_us: acks.value_at_quantile(0.99),
+            latency: Latencies::of(&latency, &acks),
             server_cpu_cores: match (server_before, server_after) {
                 (Some(b), Some(a)) if window > 0.0 => {
                     Some(a.saturating_sub(b).as_secs_f64() / window)
@@ -515,6 +491,22 @@ async fn steps(
         before = now;
         if bad_in_a_row >= 2 {
             break;
+        }
+    }
+    Ok(out)
+}
+
+/// One answer from every worker (progress recorded on the way), or an error naming `what`.
+async fn answers(workers: &mut Workers, what: &str) -> anyhow::Result<Vec<FromWorker>> {
+    let mut out = Vec::new();
+    while out.len() < workers.children.len() {
+        match workers
+            .next(ANSWER_TIMEOUT)
+            .await
+            .context(what.to_string())?
+        {
+            (_, FromWorker::Progress(_)) => {}
+            (_, answer) => out.push(answer),
         }
     }
     Ok(out)

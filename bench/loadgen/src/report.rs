@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::plan::{PublishMode, Scenario, Target};
@@ -40,13 +41,8 @@ pub struct Report {
     pub lost: u64,
     /// Connections that closed or failed while the run went on.
     pub disconnects: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-    /// Publish -> acknowledgement (RTM `reply_to`, NATS PONG, the admin API's answer).
-    pub ack_p50_us: u64,
-    pub ack_p99_us: u64,
+    #[serde(flatten)]
+    pub latency: Latencies,
     pub reconnects: u64,
     pub reconnect_failures: u64,
     pub reconnects_per_s: f64,
@@ -74,6 +70,33 @@ pub struct Report {
     pub max_sustainable_delivered_per_s: Option<f64>,
 }
 
+/// Publish -> receive and publish -> acknowledgement percentiles, microseconds (flat in the
+/// JSON: `p50_us`, ..., `ack_p99_us`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Latencies {
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// Publish -> acknowledgement (RTM `reply_to`, NATS PONG, the admin API's answer).
+    pub ack_p50_us: u64,
+    pub ack_p99_us: u64,
+}
+
+impl Latencies {
+    /// From the publish -> receive and publish -> acknowledgement histograms.
+    pub fn of(latency: &Histogram<u64>, acks: &Histogram<u64>) -> Self {
+        Self {
+            p50_us: latency.value_at_quantile(0.50),
+            p99_us: latency.value_at_quantile(0.99),
+            p999_us: latency.value_at_quantile(0.999),
+            max_us: latency.max(),
+            ack_p50_us: acks.value_at_quantile(0.50),
+            ack_p99_us: acks.value_at_quantile(0.99),
+        }
+    }
+}
+
 /// A step is sustainable only with a p99 publish -> receive latency up to this.
 pub const SUSTAINABLE_P99_US: u64 = 100_000;
 /// A step failed badly (two in a row end the stepping) with a p99 over this, or anything lost.
@@ -99,12 +122,8 @@ pub struct StepReport {
     pub delivered_per_s: f64,
     /// Expected deliveries that had not arrived once the step settled.
     pub lost: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-    pub ack_p50_us: u64,
-    pub ack_p99_us: u64,
+    #[serde(flatten)]
+    pub latency: Latencies,
     /// The `--server-pid` processes' CPU while the step published, in cores.
     pub server_cpu_cores: Option<f64>,
     /// The load generator's CPU while the step published, in cores, and whether it was over
@@ -124,7 +143,7 @@ impl StepReport {
         self.kept_pace = self.sent as f64 >= self.rate as f64 * self.seconds * PACE_SHARE;
         self.sustainable = self.lost == 0
             && self.publish_errors == 0
-            && self.p99_us <= SUSTAINABLE_P99_US
+            && self.latency.p99_us <= SUSTAINABLE_P99_US
             && self.kept_pace
             && !self.loadgen_bound;
     }
@@ -133,7 +152,7 @@ impl StepReport {
     /// publishers held to under half the rate. Two such steps in a row end the stepping.
     pub fn failed_badly(&self) -> bool {
         self.lost > 0
-            || self.p99_us > BAD_P99_US
+            || self.latency.p99_us > BAD_P99_US
             || (self.sent as f64) < self.rate as f64 * self.seconds * 0.5
     }
 }
@@ -168,7 +187,7 @@ impl Report {
                 if s.publish_errors > 0 {
                     why.push("errors");
                 }
-                if s.p99_us > SUSTAINABLE_P99_US {
+                if s.latency.p99_us > SUSTAINABLE_P99_US {
                     why.push("p99 > 100 ms");
                 }
                 if !s.kept_pace {
@@ -187,10 +206,10 @@ impl Report {
                 s.delivered_per_s,
                 s.lost,
                 s.publish_errors,
-                ms(s.p50_us),
-                ms(s.p99_us),
-                ms(s.p999_us),
-                ms(s.max_us),
+                ms(s.latency.p50_us),
+                ms(s.latency.p99_us),
+                ms(s.latency.p999_us),
+                ms(s.latency.max_us),
                 s.server_cpu_cores
                     .map_or("-".to_string(), |c| format!("{c:.2}")),
                 s.loadgen_cpu_cores,
@@ -275,12 +294,15 @@ impl Report {
                     "latency",
                     format!(
                         "p50 {} us, p99 {} us, p99.9 {} us, max {} us",
-                        r.p50_us, r.p99_us, r.p999_us, r.max_us
+                        r.latency.p50_us, r.latency.p99_us, r.latency.p999_us, r.latency.max_us
                     ),
                 );
                 row(
                     "ack latency",
-                    format!("p50 {} us, p99 {} us", r.ack_p50_us, r.ack_p99_us),
+                    format!(
+                        "p50 {} us, p99 {} us",
+                        r.latency.ack_p50_us, r.latency.ack_p99_us
+                    ),
                 );
                 row(
                     "load generator",
