@@ -18,6 +18,8 @@ mod rss;
 mod rtm;
 mod worker;
 mod ws;
+#[allow(dead_code)] // Until the clients use it (next commit).
+mod wsraw;
 
 use clap::{Parser, Subcommand};
 
