@@ -477,9 +477,11 @@ impl WsStream {
         self.stream.shutdown().await
     }
 
-    /// The TCP stream, for socket options.
-    pub fn tcp(&self) -> &TcpStream {
-        &self.stream
+    /// The TCP stream and the bytes read from it and not yet consumed (a server splitting the
+    /// connection into a reader and a writer of its own).
+    pub fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
+        self.rbuf.drain(..self.start);
+        (self.stream, self.rbuf)
     }
 }
 
@@ -600,7 +602,7 @@ async fn upgrade(
 }
 
 /// Reads an HTTP head (up to the blank line): the head, and the bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+pub async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if let Some(at) = memchr::memmem::find(&buf, b"\r\n\r\n") {
@@ -616,7 +618,7 @@ async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(Vec<u8>, Vec<u8>)>
 }
 
 /// The value of header `name` (lower case) if `line` is that header.
-fn http_header<'a>(line: &'a [u8], name: &str) -> Option<&'a [u8]> {
+pub fn http_header<'a>(line: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let colon = line.iter().position(|&b| b == b':')?;
     line[..colon]
         .eq_ignore_ascii_case(name.as_bytes())
@@ -627,6 +629,15 @@ fn http_header<'a>(line: &'a [u8], name: &str) -> Option<&'a [u8]> {
 /// WebSocket, answers 101. The request's path comes back with the stream.
 pub async fn accept(mut stream: TcpStream) -> anyhow::Result<(WsStream, String)> {
     let (head, leftover) = read_head(&mut stream).await?;
+    accept_head(stream, &head, leftover).await
+}
+
+/// [`accept`] once the request's `head` was read (and `leftover`, the bytes read past it).
+pub async fn accept_head(
+    mut stream: TcpStream,
+    head: &[u8],
+    leftover: Vec<u8>,
+) -> anyhow::Result<(WsStream, String)> {
     let mut lines = head.split(|&b| b == b'\n').map(|l| l.trim_ascii_end());
     let request = lines.next().unwrap_or_default();
     let path = request
