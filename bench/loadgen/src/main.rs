@@ -18,7 +18,6 @@ mod rss;
 mod rtm;
 mod worker;
 mod ws;
-#[allow(dead_code)] // The clients move to it next.
 mod wsraw;
 
 use clap::{Parser, Subcommand};

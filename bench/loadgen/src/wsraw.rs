@@ -261,11 +261,16 @@ impl WsStream {
     }
 
     /// Accepts frames up to `max` bytes.
+    #[allow(dead_code, reason = "for callers with other limits; the tests use it")]
     pub fn set_max_frame(&mut self, max: usize) {
         self.max_frame = max;
     }
 
     /// The bytes this connection's buffers hold now (capacity, not contents).
+    #[allow(
+        dead_code,
+        reason = "for memory reports (the scale bench); the tests use it"
+    )]
     pub fn buffered_capacity(&self) -> usize {
         self.rbuf.capacity() + self.wbuf.capacity()
     }
@@ -418,6 +423,7 @@ impl WsStream {
     }
 
     /// Appends the frame whose payload `fill` writes straight into the write buffer.
+    #[allow(dead_code, reason = "for publishers that build payloads in place")]
     pub fn push_with(&mut self, opcode: u8, fill: impl FnOnce(&mut Vec<u8>)) {
         encode_with(&mut self.wbuf, self.role, opcode, fill);
     }
@@ -627,6 +633,10 @@ pub fn http_header<'a>(line: &'a [u8], name: &str) -> Option<&'a [u8]> {
 
 /// The server's side of the upgrade on an accepted stream: reads the GET, checks it asks for a
 /// WebSocket, answers 101. The request's path comes back with the stream.
+#[allow(
+    dead_code,
+    reason = "the blaster peeks at the head first (accept_head); the tests use it"
+)]
 pub async fn accept(mut stream: TcpStream) -> anyhow::Result<(WsStream, String)> {
     let (head, leftover) = read_head(&mut stream).await?;
     accept_head(stream, &head, leftover).await

@@ -489,7 +489,7 @@ mod tests {
         let p = wsraw::parse(&mut buf, 1 << 20).unwrap().unwrap();
         let text = std::str::from_utf8(&buf[p.payload]).unwrap();
         assert_eq!(
-            crate::rtm::classify(text),
+            crate::rtm::classify(text.as_bytes()),
             crate::rtm::Incoming::Delivery {
                 sent_us: 1_765_000_000_123_456
             }
