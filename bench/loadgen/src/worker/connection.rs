@@ -323,19 +323,31 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
                 // per delivery (NATS packs several messages in a frame). What they deliver
                 // is recorded once for all of them, at one clock reading taken after the
                 // last (a latency errs long by the time it takes to read the rest, not short).
-                client.received.clear();
-                let read = match open {
-                    Ok(true) => read_frames(shared, client, &mut pending).await,
-                    Ok(false) => Ok(false),
-                    Err(e) => Err(e),
-                };
-                shared.delivered(micros_now(), &client.received);
-                if !read? {
+                if !take_frames(shared, client, &mut pending, open).await? {
                     return Ok(End::Closed);
                 }
             }
         }
     }
+}
+
+/// After [`wsraw::WsStream::ready`] answered `open`: handles the frames read and records what
+/// they delivered at one clock reading (also when the connection failed on the way). False
+/// when the server closed the connection.
+async fn take_frames(
+    shared: &Shared,
+    client: &mut Client,
+    pending: &mut Pending,
+    open: anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
+    client.received.clear();
+    let read = match open {
+        Ok(true) => read_frames(shared, client, pending).await,
+        Ok(false) => Ok(false),
+        Err(e) => Err(e),
+    };
+    shared.delivered(micros_now(), &client.received);
+    read
 }
 
 /// Handles up to [`DRAIN_FRAMES`] frames already read (at least one is), then writes the
@@ -499,14 +511,7 @@ async fn storm(shared: &Shared, client: &mut Client, index: usize) -> anyhow::Re
                 }
                 _ = &mut deadline, if running => break true,
                 open = client.ws.ready() => {
-                    client.received.clear();
-                    let read = match open {
-                        Ok(true) => read_frames(shared, client, &mut pending).await,
-                        Ok(false) => Ok(false),
-                        Err(e) => Err(e),
-                    };
-                    shared.delivered(micros_now(), &client.received);
-                    if !read? {
+                    if !take_frames(shared, client, &mut pending, open).await? {
                         return Ok(End::Closed);
                     }
                 }
