@@ -8,16 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::{Active, Phase, Shared};
 use crate::clock::micros_now;
 use crate::pace;
 use crate::plan::{PublishMode, Scenario, Target};
 use crate::ws::Socket;
+use crate::wsraw::{self, Frame};
 use crate::{nats, rtm};
 
 /// Frames a client handles in a row when they are already read, before it looks at its
@@ -138,6 +137,9 @@ async fn connect(shared: &Shared, slot: usize, index: usize) -> anyhow::Result<C
     if let Ok(mut h) = shared.connects.lock() {
         h.saturating_record(started.elapsed().as_micros() as u64);
     }
+    let mut client = client;
+    // An idle client holds only its socket between the rare frames it reads.
+    client.ws.set_lean(plan.scenario == Scenario::Idle);
     Ok(client)
 }
 
@@ -288,10 +290,8 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
                     if pending.unpinged > 0 && client.nats.is_some() {
                         pending.bursts.push_back(pending.unpinged);
                         pending.unpinged = 0;
-                        client
-                            .ws
-                            .send(Message::Binary(nats::PING.to_vec().into()))
-                            .await?;
+                        client.ws.push(wsraw::OP_BINARY, nats::PING);
+                        client.ws.flush().await?;
                     }
                     if !pending.waiting()
                         && let Some(a) = active.as_mut()
@@ -317,39 +317,61 @@ async fn session(shared: &Shared, client: &mut Client, publishes: &[u32]) -> any
             },
             // The pacing thread says a message is due; the loop's top decides how many.
             _ = wake.notified(), if pacing => {}
-            msg = client.ws.next() => {
+            open = client.ws.ready() => {
                 // Frames already read from the socket are taken without going round the
                 // select for each: an RTM delivery is a frame of its own, so this loop runs
                 // per delivery (NATS packs several messages in a frame). What they deliver
                 // is recorded once for all of them, at one clock reading taken after the
                 // last (a latency errs long by the time it takes to read the rest, not short).
-                let mut msg = msg;
-                client.received.clear();
-                for taken in 1.. {
-                    let open = match msg {
-                        Some(Ok(msg)) => on_frame(shared, client, &mut pending, msg).await?,
-                        Some(Err(e)) => {
-                            shared.delivered(micros_now(), &client.received);
-                            return Err(e.into());
-                        }
-                        None => false,
-                    };
-                    if !open {
-                        shared.delivered(micros_now(), &client.received);
-                        return Ok(End::Closed);
-                    }
-                    if taken == DRAIN_FRAMES {
-                        break;
-                    }
-                    match client.ws.next().now_or_never() {
-                        Some(next) => msg = next,
-                        None => break,
-                    }
+                if !take_frames(shared, client, &mut pending, open).await? {
+                    return Ok(End::Closed);
                 }
-                shared.delivered(micros_now(), &client.received);
             }
         }
     }
+}
+
+/// After [`wsraw::WsStream::ready`] answered `open`: handles the frames read and records what
+/// they delivered at one clock reading (also when the connection failed on the way). False
+/// when the server closed the connection.
+async fn take_frames(
+    shared: &Shared,
+    client: &mut Client,
+    pending: &mut Pending,
+    open: anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
+    client.received.clear();
+    let read = match open {
+        Ok(true) => read_frames(shared, client, pending).await,
+        Ok(false) => Ok(false),
+        Err(e) => Err(e),
+    };
+    shared.delivered(micros_now(), &client.received);
+    read
+}
+
+/// Handles up to [`DRAIN_FRAMES`] frames already read (at least one is), then writes the
+/// answers they called for (pongs). False when the server closed the connection.
+async fn read_frames(
+    shared: &Shared,
+    client: &mut Client,
+    pending: &mut Pending,
+) -> anyhow::Result<bool> {
+    let mut pong = false;
+    for _ in 0..DRAIN_FRAMES {
+        let Some(frame) = client.ws.try_next()? else {
+            break;
+        };
+        let received = &mut client.received;
+        pong |= on_frame(shared, received, client.nats.as_mut(), pending, frame)?;
+    }
+    if pong {
+        client.ws.push(wsraw::OP_BINARY, nats::PONG);
+    }
+    if client.ws.wants_flush() {
+        client.ws.flush().await?;
+    }
+    Ok(true)
 }
 
 /// Resolves when the run's phase changes, handing the receiver back for the next change; None
@@ -375,7 +397,7 @@ async fn publish(
                 *sent += 1;
                 let text = shared.text_at(*sent, stamp);
                 let frame = rtm::message_frame(*sent, &shared.names[c as usize], &text);
-                client.ws.feed(Message::Text(frame.into())).await?;
+                client.ws.push(wsraw::OP_TEXT, frame.as_bytes());
                 pending.push(*sent, c, micros_now());
                 shared.sent(c);
             }
@@ -398,24 +420,27 @@ async fn publish(
                 out.extend_from_slice(nats::PING);
                 pending.bursts.push_back(messages.len());
             }
-            client.ws.send(Message::Binary(out.clone().into())).await?;
+            client.ws.push(wsraw::OP_BINARY, out);
+            client.ws.flush().await?;
         }
     }
     Ok(())
 }
 
-/// Handles one frame from the server, adding the publish times of the messages it delivers
-/// to `client.received`. False when the server is closing the connection.
-async fn on_frame(
+/// Handles one data frame from the server, adding the publish times of the messages it
+/// delivers to `received`. True when the server asked for a PONG (NATS).
+fn on_frame(
     shared: &Shared,
-    client: &mut Client,
+    received: &mut Vec<u64>,
+    nats: Option<&mut nats::Parser>,
     pending: &mut Pending,
-    msg: Message,
+    frame: Frame<'_>,
 ) -> anyhow::Result<bool> {
-    let Some(parser) = client.nats.as_mut() else {
-        match msg {
-            Message::Text(text) => match rtm::classify(text.as_str()) {
-                rtm::Incoming::Delivery { sent_us } => client.received.push(sent_us),
+    let Some(parser) = nats else {
+        // The gateway sends only text; wsraw answers pings itself.
+        if frame.opcode == wsraw::OP_TEXT {
+            match rtm::classify(frame.payload) {
+                rtm::Incoming::Delivery { sent_us } => received.push(sent_us),
                 rtm::Incoming::Ack { id, ok } => {
                     if let Some((c, sent_us)) = pending.take(id) {
                         if ok {
@@ -426,25 +451,15 @@ async fn on_frame(
                     }
                 }
                 rtm::Incoming::Other => {}
-            },
-            Message::Close(_) => return Ok(false),
-            // The gateway sends only text; tungstenite answers pings itself.
-            _ => {}
+            }
         }
-        return Ok(true);
-    };
-    let bytes = match &msg {
-        Message::Binary(bytes) => bytes.as_ref(),
-        Message::Text(text) => text.as_bytes(),
-        Message::Close(_) => return Ok(false),
-        _ => return Ok(true),
+        return Ok(false);
     };
     let mut pong = false;
-    let sent = &mut client.received;
-    parser.each(bytes, |op| match op {
+    parser.each(frame.payload, |op| match op {
         nats::Op::Msg {
             sent_us: Some(sent_us),
-        } => sent.push(sent_us),
+        } => received.push(sent_us),
         nats::Op::Ping => pong = true,
         nats::Op::Pong => {
             let burst = pending.bursts.pop_front().unwrap_or(0);
@@ -471,10 +486,7 @@ async fn on_frame(
         }
         nats::Op::Msg { sent_us: None } | nats::Op::Info | nats::Op::Ok => {}
     })?;
-    if pong {
-        client.ws.send(nats::pong()).await?;
-    }
-    Ok(true)
+    Ok(pong)
 }
 
 /// connect-storm: while the run is on, each client holds its connection for a random time
@@ -498,18 +510,11 @@ async fn storm(shared: &Shared, client: &mut Client, index: usize) -> anyhow::Re
                     break false;
                 }
                 _ = &mut deadline, if running => break true,
-                msg = client.ws.next() => match msg {
-                    Some(Ok(msg)) => {
-                        client.received.clear();
-                        let open = on_frame(shared, client, &mut pending, msg).await?;
-                        shared.delivered(micros_now(), &client.received);
-                        if !open {
-                            return Ok(End::Closed);
-                        }
+                open = client.ws.ready() => {
+                    if !take_frames(shared, client, &mut pending, open).await? {
+                        return Ok(End::Closed);
                     }
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Ok(End::Closed),
-                },
+                }
             }
         };
         if !reconnect {
