@@ -18,6 +18,7 @@ mod rss;
 mod rtm;
 mod worker;
 mod ws;
+mod wsraw;
 
 use clap::{Parser, Subcommand};
 
@@ -75,6 +76,11 @@ enum Command {
     /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
     /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
     Latency(cmd::latency::Args),
+    /// The load generator's headroom: a trivial server that takes a `fanout` run's connect
+    /// flow (RTM or NATS) and writes pre-built, freshly stamped deliveries to its clients at
+    /// RATE per second, evenly paced, from the run's first publish on; the run's report then
+    /// shows what the load generator alone takes (bench/README.md).
+    Blast(cmd::blast::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -127,5 +133,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ChannelMemory(args) => cmd::channel_memory::main(args).await,
         Command::Failover(args) => cmd::failover::main(args).await,
         Command::Latency(args) => cmd::latency::main(args).await,
+        Command::Blast(args) => cmd::blast::main(args).await,
     }
 }
