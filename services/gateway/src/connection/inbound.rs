@@ -9,10 +9,11 @@
 //!
 //! Order: a client's publishes start in the order it sent them, and each starts by queueing
 //! its request on the router's publish stream to the channel's owner before the next one is
-//! polled (`FuturesUnordered` polls newly pushed futures first in push order, and the stream's
-//! queue is a fair, first-come bounded channel), and the channel server begins a stream's
-//! requests one at a time in order: a client's messages to one channel get their ts in the
-//! order sent. Their answers may come back in any order (each names its `reply_to`). A
+//! polled (`FuturesUnordered` polls newly pushed futures first in push order; the publishes
+//! are unconstrained by tokio's cooperative budget, which would otherwise make one stop short
+//! and be polled again after later ones; the stream's queue is a fair, first-come bounded
+//! channel), and the channel server begins a stream's requests one at a time in order: a
+//! client's messages to one channel get their ts in the order sent. Their answers may come back in any order (each names its `reply_to`). A
 //! publish retried after a failure (a channel server gone mid-move) may land after later ones.
 
 use std::collections::HashSet;
@@ -71,8 +72,13 @@ impl InFlight {
         publishing: impl std::future::Future<Output = Option<Utf8Bytes>> + Send + 'static,
     ) {
         self.bytes += bytes;
-        self.publishing
-            .push(Box::pin(async move { (bytes, publishing.await) }));
+        // Unconstrained by tokio's cooperative budget: a publish spent of it would stop short
+        // of its queue and wake itself, and `FuturesUnordered` would then poll the later ones
+        // first (it puts a future that woke itself behind the rest): their requests would
+        // overtake its own, and their ts come before its ts. Each publish does little before
+        // it queues its request or waits its turn in the queue's order.
+        let publishing = tokio::task::unconstrained(async move { (bytes, publishing.await) });
+        self.publishing.push(Box::pin(publishing));
     }
 }
 
