@@ -26,6 +26,7 @@ mod consul;
 mod ctl;
 mod deploy;
 mod durability;
+mod flow_control;
 mod fuzz_connect;
 mod idempotency;
 mod limits;

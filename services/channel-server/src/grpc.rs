@@ -710,6 +710,9 @@ impl ChannelServerRpc for ChannelService {
                             None => Err(invalid("publish is required")),
                         };
                         let id = request.id;
+                        // Requests already received are begun without waiting on anything:
+                        // the budget makes a long run of them yield to the node's other tasks.
+                        tokio::task::consume_budget().await;
                         waiting.push_back(async move {
                             let result = match begun {
                                 Ok(begun) => finish(begun).await,

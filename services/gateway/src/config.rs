@@ -300,6 +300,11 @@ const LIMIT_FLAGS: &[LimitFlag] = &[
         field: Field::U32(|l| &mut l.refusals_before_close),
     },
     LimitFlag {
+        name: "client-publish-bytes",
+        help: "Bytes of client messages and typing one connection may have being published and not yet answered; at it the connection's socket is not read until answers come (at most 4096 publishes in flight)",
+        field: Field::Usize(|l| &mut l.publish_bytes),
+    },
+    LimitFlag {
         name: "outbound-queue-bytes",
         help: "Bytes queued to one connection before it is closed as a slow consumer (4008)",
         field: Field::Usize(|l| &mut l.outbound_bytes),
@@ -610,6 +615,7 @@ mod tests {
             "--client-frame-burst=2",
             "--refusals-before-close=3",
             "--outbound-queue-bytes=4",
+            "--client-publish-bytes=22",
             "--write-timeout-secs=0.5",
             "--typing-interval-ms=6",
             "--max-connections=7",
@@ -640,6 +646,7 @@ mod tests {
             frame_burst: 2,
             refusals_before_close: 3,
             outbound_bytes: 4,
+            publish_bytes: 22,
             write_timeout: Duration::from_millis(500),
             typing_interval: Duration::from_millis(6),
             max_connections: 7,

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use mesh_core::{ChannelId, TeamId, UserId};
 
+/// Publishes one connection may have in flight at once, however small: bounds the
+/// bookkeeping (a future each) a client of tiny frames can make the gateway hold.
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
+
 /// The gateway's limits on clients.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -25,6 +29,11 @@ pub struct Limits {
     /// Refused frames in a row (no frame accepted between them) after which the connection is
     /// closed with [`crate::close::codes::RATE_LIMITED`].
     pub refusals_before_close: u32,
+    /// Bytes of client frames (messages, typing) one connection may have being published and
+    /// not yet answered; once they reach it the gateway stops reading the connection's socket
+    /// until answers come (TCP then holds the client back). At most
+    /// [`MAX_PUBLISHES_IN_FLIGHT`] publishes are in flight whatever their size.
+    pub publish_bytes: usize,
     /// Bytes of events queued to one connection and not yet written; past it the client is a
     /// slow consumer and is closed with [`crate::close::codes::SLOW_CONSUMER`].
     pub outbound_bytes: usize,
@@ -89,6 +98,7 @@ impl Default for Limits {
             frames_per_sec: 50,
             frame_burst: 100,
             refusals_before_close: 200,
+            publish_bytes: 1 << 20,
             outbound_bytes: 1 << 20,
             write_timeout: Duration::from_secs(10),
             typing_interval: Duration::from_secs(2),

@@ -1,6 +1,20 @@
 //! The client's side of a connection: each frame it sends, the rate limit on them, the
-//! replies, and the publishes its messages and typing indicators start (at most
-//! [`MAX_IN_FLIGHT`] at once; past it the socket is not read).
+//! replies, and the publishes its messages and typing indicators start.
+//!
+//! Flow control is a credit: the bytes of the client's frames being published and not yet
+//! answered ([`Limits::publish_bytes`], 1 MiB by default) and at most
+//! [`MAX_PUBLISHES_IN_FLIGHT`] publishes. Out of credit, the socket is not read until answers
+//! come back; TCP then holds the client. A connection is never capped at a fixed handful of
+//! publishes: with a 1 MiB credit, thousands of chat-sized messages can be on their way.
+//!
+//! Order: a client's publishes start in the order it sent them, and each starts by queueing
+//! its request on the router's publish stream to the channel's owner before the next one is
+//! polled (`FuturesUnordered` polls newly pushed futures first in push order; the publishes
+//! are unconstrained by tokio's cooperative budget, which would otherwise make one stop short
+//! and be polled again after later ones; the stream's queue is a fair, first-come bounded
+//! channel), and the channel server begins a stream's requests one at a time in order: a
+//! client's messages to one channel get their ts in the order sent. Their answers may come back in any order (each names its `reply_to`). A
+//! publish retried after a failure (a channel server gone mid-move) may land after later ones.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
@@ -10,23 +24,21 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use channel_client::RouteError;
 use futures::StreamExt;
-use futures::stream::{FuturesUnordered, Next};
+use futures::stream::FuturesUnordered;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Origin};
 use mesh_rtm::{self as rtm, ClientFrame, ErrorCode, RtmError};
 
 use super::context::ConnectionContext;
 use crate::close::Close;
-use crate::limits::{Limits, TokenBucket};
+use crate::limits::{Limits, MAX_PUBLISHES_IN_FLIGHT, TokenBucket};
 use crate::presence::PresenceHub;
 use crate::socket::{Error as WsError, Message, Outgoing};
 use crate::vocab::ConnId;
 
-/// Client frames being published at once per connection; past it the socket is not read.
-const MAX_IN_FLIGHT: usize = 16;
-
-/// A client frame being published; resolves to the reply to write, if any.
+/// A client frame being published; resolves to its size in bytes (what it took of the
+/// connection's credit) and the reply to write, if any.
 pub(super) type Publishing =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Utf8Bytes>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Option<Utf8Bytes>)> + Send>>;
 
 /// What a connection knows of its client's frames.
 pub(super) struct Inbound {
@@ -38,10 +50,36 @@ pub(super) struct Inbound {
     refusals: u32,
     /// When the client last sent anything (a pong included).
     last_heard: Instant,
-    /// Publishes not yet answered. Boxed: `FuturesUnordered::new` allocates a stub task
-    /// holding one future inline, which for the publish future would cost every idle
-    /// connection kilobytes.
-    in_flight: FuturesUnordered<Publishing>,
+    /// Publishes not yet answered, and the credit they take.
+    in_flight: InFlight,
+}
+
+/// A connection's publishes not yet answered.
+#[derive(Default)]
+struct InFlight {
+    /// Boxed: `FuturesUnordered::new` allocates a stub task holding one future inline, which
+    /// for the publish future would cost every idle connection kilobytes.
+    publishing: FuturesUnordered<Publishing>,
+    /// Bytes of the client frames being published: the credit taken.
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Starts publishing a client frame of `bytes` bytes: it takes them from the credit.
+    fn start(
+        &mut self,
+        bytes: usize,
+        publishing: impl std::future::Future<Output = Option<Utf8Bytes>> + Send + 'static,
+    ) {
+        self.bytes += bytes;
+        // Unconstrained by tokio's cooperative budget: a publish spent of it would stop short
+        // of its queue and wake itself, and `FuturesUnordered` would then poll the later ones
+        // first (it puts a future that woke itself behind the rest): their requests would
+        // overtake its own, and their ts come before its ts. Each publish does little before
+        // it queues its request or waits its turn in the queue's order.
+        let publishing = tokio::task::unconstrained(async move { (bytes, publishing.await) });
+        self.publishing.push(Box::pin(publishing));
+    }
 }
 
 impl Inbound {
@@ -52,25 +90,33 @@ impl Inbound {
             bucket: TokenBucket::new(limits.frames_per_sec, limits.frame_burst, now),
             refusals: 0,
             last_heard: now,
-            in_flight: FuturesUnordered::new(),
+            in_flight: InFlight::default(),
             ctx,
             conn,
         }
     }
 
-    /// Whether the client's next frame may be read: not too many publishes in flight.
+    /// Whether the client's next frame may be read: credit is left (the bytes being published
+    /// are under [`Limits::publish_bytes`], the publishes under [`MAX_PUBLISHES_IN_FLIGHT`]).
+    /// With nothing in flight a frame is always read, whatever its size.
     pub(super) fn can_read(&self) -> bool {
-        self.in_flight.len() < MAX_IN_FLIGHT
+        let in_flight = &self.in_flight;
+        in_flight.publishing.is_empty()
+            || (in_flight.publishing.len() < MAX_PUBLISHES_IN_FLIGHT
+                && in_flight.bytes < self.ctx.limits.publish_bytes)
     }
 
     /// Whether a publish is in flight.
     pub(super) fn publishing(&self) -> bool {
-        !self.in_flight.is_empty()
+        !self.in_flight.publishing.is_empty()
     }
 
-    /// The next publish to finish, with its reply. Cancel-safe.
-    pub(super) fn next_reply(&mut self) -> Next<'_, FuturesUnordered<Publishing>> {
-        self.in_flight.next()
+    /// The next publish to finish, with its reply; its bytes go back to the credit.
+    /// Cancel-safe: nothing is taken before the one await, and nothing awaited after it.
+    pub(super) async fn next_reply(&mut self) -> Option<Option<Utf8Bytes>> {
+        let (bytes, reply) = self.in_flight.publishing.next().await?;
+        self.in_flight.bytes -= bytes;
+        Some(reply)
     }
 
     /// Whether the client has sent nothing for the idle timeout.
@@ -116,6 +162,7 @@ impl Inbound {
             }
             Some(Ok(Message::Text(text))) => {
                 self.refusals = 0;
+                let bytes = text.len();
                 let reply = match rtm::parse(text.as_str()) {
                     Err(error) => Some(error.render().into()),
                     Ok(ClientFrame::Ping { fields }) => Some(Utf8Bytes::from(rtm::pong(fields))),
@@ -134,7 +181,7 @@ impl Inbound {
                             client_msg_id,
                         };
                         let publishing = publish(ctx, conn, identity, allowed, post);
-                        self.in_flight.push(Box::pin(publishing));
+                        self.in_flight.start(bytes, publishing);
                         None
                     }
                     Ok(ClientFrame::Typing { channel, .. })
@@ -161,7 +208,7 @@ impl Inbound {
                                 client_msg_id: None,
                             };
                             let publishing = publish(ctx, conn, identity, allowed, post);
-                            self.in_flight.push(Box::pin(publishing));
+                            self.in_flight.start(bytes, publishing);
                         } else {
                             ctx.metrics.typing_coalesced.inc();
                         }
@@ -392,7 +439,13 @@ mod tests {
 
     impl Client {
         fn new() -> Self {
-            let ctx = ConnectionContext::for_tests();
+            Client::with_limits(|_| {})
+        }
+
+        /// The same, its gateway's limits changed by `change`.
+        fn with_limits(change: impl FnOnce(&mut Limits)) -> Self {
+            let mut ctx = ConnectionContext::for_tests();
+            change(&mut Arc::get_mut(&mut ctx).unwrap().limits);
             Client {
                 inbound: Inbound::new(ctx, 1, Instant::now()),
                 me: Client::identity(),
@@ -582,6 +635,53 @@ mod tests {
             refused as u32 >= limits.refusals_before_close - 1,
             "{refused}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_not_read_while_the_publishes_take_the_credit() {
+        let mut client = Client::with_limits(|l| l.publish_bytes = 1_000);
+        let message = |id: usize| {
+            let text = "x".repeat(250);
+            format!(r#"{{"id":{id},"type":"message","channel":"C9","text":"{text}"}}"#)
+        };
+        // Three frames of about 300 bytes leave credit; the fourth takes the last of it.
+        for id in 1..=3 {
+            assert!(client.inbound.can_read(), "frame {id}");
+            assert_eq!(client.send(&message(id)), GO_ON);
+        }
+        assert!(client.inbound.can_read());
+        assert_eq!(client.send(&message(4)), GO_ON);
+        assert!(!client.inbound.can_read(), "out of credit");
+        // An answer gives its frame's bytes back.
+        assert!(client.inbound.next_reply().await.is_some());
+        assert!(client.inbound.can_read());
+        for _ in 0..3 {
+            assert!(client.inbound.next_reply().await.is_some());
+        }
+        assert!(!client.inbound.publishing());
+        assert_eq!(client.inbound.in_flight.bytes, 0);
+
+        // No credit at all still publishes one frame at a time, however large.
+        let mut client = Client::with_limits(|l| l.publish_bytes = 0);
+        assert!(client.inbound.can_read());
+        assert_eq!(client.send(&message(1)), GO_ON);
+        assert!(!client.inbound.can_read());
+        assert!(client.inbound.next_reply().await.is_some());
+        assert!(client.inbound.can_read());
+    }
+
+    #[tokio::test]
+    async fn many_small_publishes_stop_at_the_count_cap() {
+        let mut client = Client::with_limits(|l| l.frames_per_sec = 0);
+        let ping_sized = r#"{"id":1,"type":"message","channel":"C9","text":"x"}"#;
+        for _ in 0..MAX_PUBLISHES_IN_FLIGHT {
+            assert!(client.inbound.can_read());
+            assert_eq!(client.send(ping_sized), GO_ON);
+        }
+        assert!(client.inbound.in_flight.bytes < client.inbound.ctx.limits.publish_bytes);
+        assert!(!client.inbound.can_read(), "at the count cap");
+        assert!(client.inbound.next_reply().await.is_some());
+        assert!(client.inbound.can_read());
     }
 
     #[tokio::test]

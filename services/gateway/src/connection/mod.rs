@@ -179,6 +179,10 @@ impl Connection {
         let closing = closer.token().cancelled();
         tokio::pin!(shutdown, closing);
         loop {
+            // A turn takes from the task's cooperative budget: frames already buffered (a
+            // client's flood read in one go) are handled without touching the socket, and
+            // without this the loop would hold its thread for thousands of them.
+            tokio::task::consume_budget().await;
             let step = tokio::select! {
                 _ = &mut shutdown => self.on_shutdown().await,
                 _ = &mut closing => self.on_closed().await,
