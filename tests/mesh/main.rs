@@ -40,6 +40,7 @@ mod regions;
 mod replication;
 mod resume;
 mod revocation;
+mod scale_smoke;
 mod stability;
 mod support;
 mod team_caps;
