@@ -22,7 +22,17 @@ COUNT="${COUNT:-500000}"
 # 20,000 open files of a process, with room for its upstreams and the rtm.connect calls.
 GATEWAYS="${GATEWAYS:-$(((COUNT + 17899) / 17900))}"
 CONCURRENCY="${CONCURRENCY:-32}"
+# Connects per second over all workers (0: unpaced); see `scale --rate`.
+RATE="${RATE:-1500}"
 MIN_FREE_MB="${MIN_FREE_MB:-3072}"
+# The nice value of the `dev` process (ring managers, channel and presence servers, admin): its
+# ring leases are 400 ms, and on a box whose every core is busy (gateways, load generator, other
+# jobs) a starved heartbeat gets a channel server declared down and its slots moved, which
+# stalls the connects. -10 lets the control plane run first; 0 leaves it as it is.
+SERVER_NICE="${SERVER_NICE:--10}"
+# The gateways' nice value: above the load generator's and other jobs' (their presence and ring
+# sessions have leases of their own), below the control plane's.
+GATEWAY_NICE="${GATEWAY_NICE:--5}"
 BASE="${BASE:-35000}"
 GW_PORT="${GW_PORT:-35080}"
 # dev takes BASE+50..BASE+132 (its services, their HTTP sides at +40) and GW_PORT, GW_PORT+1;
@@ -47,7 +57,7 @@ for flag in --handshakes-per-sec --connects-per-addr-per-sec; do
     limits+=("$flag" 0)
   fi
 done
-"$bin" dev \
+nice -n "$SERVER_NICE" "$bin" dev \
   --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
   --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
   --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
@@ -80,7 +90,7 @@ args=()
 for g in $(seq 1 "$GATEWAYS"); do
   port=$((GW_PORT + 200 + g))
   read -r -a security <<<"$(gateway_security "us-east-scale-$g")"
-  "$bin" gateway --region us-east --id "us-east-scale-$g" --listen "127.0.0.1:$port" \
+  nice -n "$GATEWAY_NICE" "$bin" gateway --region us-east --id "us-east-scale-$g" --listen "127.0.0.1:$port" \
     --ring-manager "http://127.0.0.1:$((BASE + 50))" \
     --presence-ring-manager "http://127.0.0.1:$((BASE + 52))" \
     "${security[@]}" "${limits[@]}" >"$work/gateway-$g.log" 2>&1 &
@@ -92,7 +102,7 @@ for g in $(seq 1 "$GATEWAYS"); do
 done
 
 "$loadgen_bin" scale --clients "$COUNT" --admin "127.0.0.1:$((BASE + 51))" \
-  --server-pid "$dev_pid" --concurrency "$CONCURRENCY" --json "${args[@]}" "$@" \
+  --server-pid "$dev_pid" --concurrency "$CONCURRENCY" --rate "$RATE" --json "${args[@]}" "$@" \
   >"$work/scale.json" &
 loadgen_pid=$!
 started+=("$loadgen_pid")

@@ -44,6 +44,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 const MAX_HEADER: usize = 4096;
 /// Lines from the workers the coordinator has not read yet.
 const EVENT_QUEUE: usize = 1024;
+/// Clients per source address. `bind` to port 0 takes the even ports of the ephemeral range
+/// first (14,116 of 32768-60999) and only then searches the odd ones, walking every bound port
+/// on the way: past ~14,000 clients on one address each connect costs the kernel a scan of the
+/// range (the box's CPU went to `inet_bind2_bucket_match_addr_any`). A worker spreads its
+/// clients over enough addresses to stay under that.
+const CLIENTS_PER_SOURCE: usize = 10_000;
 /// The user the team message is posted as.
 const POSTER: &str = "USCALEPOSTER";
 
@@ -66,6 +72,11 @@ pub struct Args {
     /// Connects in flight per worker.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Connects started per second over all workers, evenly paced (0: as fast as they go). A
+    /// box whose cores are all busy connecting starves the ring's heartbeats (a channel server
+    /// misses its 400 ms lease and the ring moves its slots): pace the connects below that.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
     /// The clients' team: every connection follows the team's channel, which the message goes to.
     #[arg(long, default_value = "TSCALE")]
     team: String,
@@ -95,8 +106,12 @@ pub struct Args {
 pub struct WorkerArgs {
     #[arg(long)]
     gateway: String,
+    /// Its source address 127.0.0.X (the rtm.connect calls come from it).
     #[arg(long)]
-    source: IpAddr,
+    source: Ipv4Addr,
+    /// How many source addresses its WebSockets come from: 127.S.0.X for S in 0..SOURCES.
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
     /// Its first client's number (user `U<number>`).
     #[arg(long)]
     first: usize,
@@ -109,6 +124,9 @@ pub struct WorkerArgs {
     marker: String,
     #[arg(long)]
     concurrency: usize,
+    /// Connects started per second by this worker (0: unpaced).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 /// A line from a worker to the coordinator.
@@ -283,14 +301,16 @@ async fn run(args: &Args, admin_token: &str) -> anyhow::Result<Report> {
     let started = Instant::now();
     for k in 0..processes {
         let count = args.clients / processes + usize::from(k < args.clients % processes);
-        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, args.source_from + k as u8));
+        let source = Ipv4Addr::new(127, 0, 0, args.source_from + k as u8);
         let mut child = tokio::process::Command::new(&exe)
             .arg("scale-worker")
             .args(["--gateway", &args.gateways[k % args.gateways.len()]])
             .args(["--source", &source.to_string()])
+            .args(["--sources", &count.div_ceil(CLIENTS_PER_SOURCE).max(1).to_string()])
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--team", &args.team, "--marker", &marker])
             .args(["--concurrency", &args.concurrency.to_string()])
+            .args(["--rate", &(f64::from(args.rate) / processes as f64).to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -534,7 +554,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let rss_before = rss::own()?;
     let http = reqwest::Client::builder()
         .no_proxy()
-        .local_address(args.source)
+        .local_address(IpAddr::V4(args.source))
         .pool_max_idle_per_host(args.concurrency)
         .timeout(STEP_TIMEOUT)
         .build()?;
@@ -559,16 +579,35 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             }
         })
     };
+    // Orders from the coordinator; the end of stdin (the coordinator gone) ends this worker
+    // at any point, connecting or not.
+    let (order_tx, mut orders) = mpsc::channel::<String>(4);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if order_tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        std::process::exit(0);
+    });
     let mut retries = 0;
     let mut errors: Vec<String> = Vec::new();
+    let paced_from = tokio::time::Instant::now();
     let mut attempts = futures::stream::iter(args.first..args.first + args.count)
         .map(|i| {
             let (http, key, team, args) = (&http, &key, &team, &args);
+            // Client n of this worker starts n / rate seconds in.
+            let start = (args.rate > 0.0)
+                .then(|| paced_from + Duration::from_secs_f64((i - args.first) as f64 / args.rate));
             async move {
+                if let Some(start) = start {
+                    tokio::time::sleep_until(start).await;
+                }
                 let mut tries = 0;
                 loop {
                     tries += 1;
-                    match connect(http, &args.gateway, args.source, key, team, i).await {
+                    match connect(http, &args.gateway, source_of(args, i), key, team, i).await {
                         Ok(held) => return (tries, Ok(held)),
                         Err(e) if tries >= ATTEMPTS => return (tries, Err(e)),
                         Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -605,8 +644,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         rss_after: rss::own()?,
     };
     println!("{}", serde_json::to_string(&line)?);
-    let mut orders = BufReader::new(tokio::io::stdin()).lines();
-    while let Some(order) = orders.next_line().await? {
+    while let Some(order) = orders.recv().await {
         let Some(ms) = order.strip_prefix("wait ").and_then(|m| m.parse().ok()) else {
             bail!("an order a scale worker does not know: {order}");
         };
@@ -631,6 +669,14 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())
+}
+
+/// The source address of the worker's client number `i`: 127.S.0.X, S spreading the clients
+/// over `--sources` addresses.
+fn source_of(args: &WorkerArgs, i: usize) -> IpAddr {
+    let s = (i - args.first) % usize::from(args.sources.max(1));
+    let [a, _, c, d] = args.source.octets();
+    IpAddr::V4(Ipv4Addr::new(a, s as u8, c, d))
 }
 
 /// Connects client number `i` of `team` through the gateway at base URL `gateway`: a token for
