@@ -306,11 +306,17 @@ async fn run(args: &Args, admin_token: &str) -> anyhow::Result<Report> {
             .arg("scale-worker")
             .args(["--gateway", &args.gateways[k % args.gateways.len()]])
             .args(["--source", &source.to_string()])
-            .args(["--sources", &count.div_ceil(CLIENTS_PER_SOURCE).max(1).to_string()])
+            .args([
+                "--sources",
+                &count.div_ceil(CLIENTS_PER_SOURCE).max(1).to_string(),
+            ])
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--team", &args.team, "--marker", &marker])
             .args(["--concurrency", &args.concurrency.to_string()])
-            .args(["--rate", &(f64::from(args.rate) / processes as f64).to_string()])
+            .args([
+                "--rate",
+                &(f64::from(args.rate) / processes as f64).to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
