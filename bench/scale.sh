@@ -76,16 +76,6 @@ grep -q '^ready in' "$work/dev.log" || {
   exit 1
 }
 
-# A gateway's transport: a certificate from dev's CA (in its state directory), or --insecure.
-gateway_security() { # id
-  if [ "${INSECURE:-0}" = 1 ]; then
-    echo --insecure
-    return
-  fi
-  "$bin" certs --dir "$work/state" "gateway/$1" >/dev/null
-  echo --tls-ca "$work/state/ca.pem" --tls-cert "$work/state/$1.pem" --tls-key "$work/state/$1.key"
-}
-
 args=()
 for g in $(seq 1 "$GATEWAYS"); do
   port=$((GW_PORT + 200 + g))
