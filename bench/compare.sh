@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# Side by side: the same fan-out workload (same clients, channels, payload, rate, window, client
-# code; only the protocol differs) against nats-server's WebSocket listener, then against
-# `channelmesh dev` (release build), in one run; prints both and the ratio.
+# Side by side: the same workload (same clients, channels, payload, client code; only the
+# protocol differs) against nats-server's WebSocket listener, then against `channelmesh dev`
+# (release build), in one run; prints both and the ratio.
+#
+# MODE=open (the default): open loop. Publishers never wait for acknowledgements; the total
+# publish rate steps through RATES (published/s over the run), STEP_SECONDS each, settling after
+# each, in one connected run per shape and server. For each shape in SHAPES it prints one row
+# per rate with both servers side by side (delivered/s, lost, p50/p99/p99.9/max, server CPU,
+# load-generator CPU, bound), each server's max sustainable rate (0 lost, p99 <= 100 ms, the
+# pace kept, not load-generator bound) and the ratio channelmesh / nats-server
+# (bench/open_table.py prints the tables).
+#   per-channel  one publisher connection per channel (its first member)
+#   firehose     one connection publishing to every channel round-robin
+#   admin        the admin API's PublishStream from one process (channelmesh only: nats-server
+#                has no admin API)
+#   chat         the chat scenario (CHAT_CLIENTS over CHAT_CHANNELS), per-channel publishers,
+#                at CHAT_RATES
+# MODE=closed: the closed loop (at most WINDOW unacknowledged per publisher, NATS held to the
+# same with a PING per burst), saturating with RATE=0, as this script always measured.
 #
 # The server runs pinned to core SERVER_CPU, the load generator to LOADGEN_CPU. Everything this
 # script starts is stopped when it exits. Ports are not the dev defaults, so a developer's own
 # `channelmesh dev` can keep running.
 #
-#   bench/compare.sh                     # saturating: RATE=0, as fast as the window allows
-#   RATE=20000 DURATION=20 bench/compare.sh
-#   TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf, see below)
+#   bench/compare.sh                     # open loop, every shape, RATES 2k..32k
+#   SHAPES=per-channel RATES=4000,8000,16000 STEP_SECONDS=10 bench/compare.sh
+#   MODE=closed bench/compare.sh         # closed loop, saturating: RATE=0
+#   MODE=closed RATE=20000 DURATION=20 bench/compare.sh
+#   MODE=closed TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf)
 #   INSECURE=1 bench/compare.sh          # channelmesh's services on plaintext gRPC, not mTLS
 set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
@@ -34,6 +52,25 @@ NODE_PORT="${NODE_PORT:-4724}"
 # "server read wait" is how long published messages waited for the server (worker write ->
 # server read). Needs perf and ss; DURATION of at least 6 s.
 TRACE="${TRACE:-0}"
+MODE="${MODE:-open}"
+# Open loop (MODE=open): the shapes, the rate steps (published/s over the whole run), how long
+# each step publishes and settles at most, the admin shape's PublishStreams, and the chat run's
+# size and steps.
+SHAPES="${SHAPES:-per-channel firehose admin chat}"
+RATES="${RATES:-2000,4000,8000,12000,16000,24000,32000}"
+STEP_SECONDS="${STEP_SECONDS:-5}"
+SETTLE_SECONDS="${SETTLE_SECONDS:-5}"
+ADMIN_STREAMS="${ADMIN_STREAMS:-1}"
+CHAT_CLIENTS="${CHAT_CLIENTS:-10000}"
+CHAT_CHANNELS="${CHAT_CHANNELS:-10000}"
+CHAT_RATES="${CHAT_RATES:-1000,2000,4000,8000,16000}"
+case "$MODE" in
+  open | closed) ;;
+  *)
+    echo "MODE must be open or closed" >&2
+    exit 2
+    ;;
+esac
 
 if ! command -v nats-server >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y nats-server
@@ -56,6 +93,81 @@ if [ -n "${LOADGEN_BIN:-}" ]; then
     fi
     loadgen=("$work/other/$(basename "$LOADGEN_BIN")" bench)
   fi
+fi
+
+nats_up() { # nats-server's WebSocket listener on NATS_WS_PORT, pinned; pid in $nats_pid
+  cat >"$work/nats.conf" <<EOF
+listen: "127.0.0.1:${NATS_PORT}"
+websocket {
+  listen: "127.0.0.1:${NATS_WS_PORT}"
+  no_tls: true
+}
+EOF
+  taskset -c "$SERVER_CPU" nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
+  nats_pid=$!
+  started+=("$nats_pid")
+  wait_port 127.0.0.1 "$NATS_WS_PORT"
+}
+
+cm_up() { # channelmesh dev, pinned, client limits off ($dev_limits); pid in $dev_pid
+  taskset -c "$SERVER_CPU" "$bin" dev \
+    --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
+    --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
+    --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
+    --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
+    "${dev_consoles[@]}" "${dev_limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
+  dev_pid=$!
+  started+=("$dev_pid")
+  wait_port 127.0.0.1 "$GW_PORT"
+  wait_port 127.0.0.1 "$((GW_PORT + 1))"
+  wait_port 127.0.0.1 "$((BASE + 51))"
+  sleep 1
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+if [ "$MODE" = open ]; then
+  export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+  export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+  # open_run SERVER SHAPE: one connected run of SHAPE through its rate steps against SERVER
+  # (nats or channelmesh); its JSON in $work/SERVER-SHAPE.json (none when it failed).
+  open_run() {
+    local server=$1 shape=$2 scenario=fanout clients=$CLIENTS channels=$CHANNELS rates=$RATES
+    local args=(--shape "$shape") target=(--target channelmesh
+      --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/"
+      --admin "127.0.0.1:$((BASE + 51))" --server-pid "${dev_pid:-0}")
+    if [ "$shape" = chat ]; then
+      scenario=chat clients=$CHAT_CLIENTS channels=$CHAT_CHANNELS rates=$CHAT_RATES
+      args=(--shape per-channel)
+    fi
+    if [ "$server" = nats ]; then
+      target=(--target nats --gateway "ws://127.0.0.1:${NATS_WS_PORT}" --server-pid "$nats_pid")
+    fi
+    echo "  $server, $shape: $scenario, ${clients} clients over ${channels} channels, rates ${rates} ..." >&2
+    taskset -c "$LOADGEN_CPU" "${loadgen[@]}" "$scenario" "${target[@]}" "${args[@]}" \
+      --clients "$clients" --channels "$channels" --payload "$PAYLOAD" --processes "$PROCESSES" \
+      --open-loop --rates "$rates" --step-seconds "$STEP_SECONDS" \
+      --settle-seconds "$SETTLE_SECONDS" --admin-streams "$ADMIN_STREAMS" --json \
+      >"$work/$server-$shape.json" ||
+      { echo "  $server, $shape: the run failed" >&2; rm -f "$work/$server-$shape.json"; }
+  }
+  echo "open loop: shapes ${SHAPES}; ${PAYLOAD} B; ${STEP_SECONDS} s steps, settle <= ${SETTLE_SECONDS} s; ${PROCESSES} loadgen processes; server on core ${SERVER_CPU}, loadgen on core ${LOADGEN_CPU}" >&2
+  nats_up
+  echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
+  for shape in $SHAPES; do
+    # nats-server has no admin API.
+    [ "$shape" = admin ] || open_run nats "$shape"
+  done
+  stop_pid "$nats_pid"
+  cm_up
+  echo "channelmesh dev ${dev_limits[*]} ..." >&2
+  for shape in $SHAPES; do
+    open_run channelmesh "$shape"
+  done
+  stop_pid "$dev_pid"
+  # shellcheck disable=SC2086 # the shapes are words
+  python3 "$root/bench/open_table.py" "$work" $SHAPES
+  exit 0
 fi
 
 # run_workload OUT SERVER_PID "PORTS" COMMAND...: the load generator's run, its JSON in OUT;
@@ -149,7 +261,7 @@ EOF
 workload=(--clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --seconds "$DURATION"
   --rate "$RATE" --window "$WINDOW" --processes "$PROCESSES" --publish clients --json)
 
-echo "workload: ${CLIENTS} clients, ${CHANNELS} channels, ${PAYLOAD} B, rate ${RATE} (0 = max), window ${WINDOW}, ${DURATION} s, ${PROCESSES} loadgen processes; server on core ${SERVER_CPU}, loadgen on core ${LOADGEN_CPU}" >&2
+echo "closed loop: ${CLIENTS} clients, ${CHANNELS} channels, ${PAYLOAD} B, rate ${RATE} (0 = max), window ${WINDOW}, ${DURATION} s, ${PROCESSES} loadgen processes; server on core ${SERVER_CPU}, loadgen on core ${LOADGEN_CPU}" >&2
 
 # 1. nats-server.
 cat >"$work/nats.conf" <<EOF
@@ -240,7 +352,7 @@ if "loadgen_wait_p50_us" in nats or "loadgen_wait_p50_us" in cm:
         ("server wait p50 us", "server_wait_p50_us", "{:,}"),
         ("server wait p99 us", "server_wait_p99_us", "{:,}"),
     ]
-print(f"fan-out: {cm['clients']} clients, {cm['channels']} channels (fan-out {cm['fanout']:.0f}), "
+print(f"closed loop, fan-out: {cm['clients']} clients, {cm['channels']} channels (fan-out {cm['fanout']:.0f}), "
       f"{cm['payload_bytes']} B, rate {cm['rate'] or 'max'}, window {cm['window']}")
 def ratio(b, a):
     return f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"

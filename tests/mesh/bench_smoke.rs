@@ -1,7 +1,9 @@
 //! The load generator cannot rot: `channelmesh bench fanout` runs for a second with two worker
 //! processes against the in-process mesh (client and admin publishing), against a real
 //! nats-server and against the Node peer of `bench/compare.sh` (`bench/node-peer`), through
-//! their real interfaces, and must deliver everything. No timing is asserted.
+//! their real interfaces, and must deliver everything. The open-loop shapes of `compare.sh`
+//! (per-channel, firehose, admin `PublishStream`, and chat) each run two short rate steps in
+//! one connected run and must report every step and lose nothing. No timing is asserted.
 //!
 //! `channelmesh bench` runs the `channelmesh-loadgen` binary beside it, so these runs also prove
 //! that dispatch. That binary belongs to another package of the workspace: `tests/run` (`cargo
@@ -49,20 +51,21 @@ fn assert_loadgen_built() {
 
 /// Runs the binary with `args` and returns its JSON report.
 async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut all = vec!["--rate", "50", "--seconds", "1"];
+    all.extend_from_slice(args);
+    let report = run("fanout", &all, env).await;
+    assert_eq!(report["connected"], 20, "{report}");
+    report
+}
+
+/// Runs `channelmesh bench SCENARIO` (20 clients over 2 channels, unless `args` say otherwise)
+/// with `args` and returns its JSON report, checked for what every run must show.
+async fn run(scenario: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
     assert_loadgen_built();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"));
     command
-        .args(["bench", "fanout", "--json", "--processes", "2"])
-        .args([
-            "--clients",
-            "20",
-            "--channels",
-            "2",
-            "--rate",
-            "50",
-            "--seconds",
-            "1",
-        ])
+        .args(["bench", scenario, "--json", "--processes", "2"])
+        .args(["--clients", "20", "--channels", "2"])
         .args(args)
         .env_remove("CHANNELMESH_JWT_SECRET")
         .env_remove("CHANNELMESH_ADMIN_TOKEN")
@@ -85,7 +88,7 @@ async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
         assert!(!report[field].is_null(), "no {field} in {report}");
     }
     assert_eq!(report["processes"], 2, "{report}");
-    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["connect_failures"], 0, "{report}");
     assert!(report["published"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["publish_errors"], 0, "{report}");
     assert_eq!(report["delivered"], report["expected"], "{report}");
@@ -99,6 +102,131 @@ async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
     );
     assert!(report["loadgen_bound"].is_boolean(), "{report}");
     report
+}
+
+/// The open-loop run's flags: two rate steps (published/s over the run) of a second each.
+const OPEN_LOOP: &[&str] = &[
+    "--open-loop",
+    "--rates",
+    "20,40",
+    "--step-seconds",
+    "1",
+    "--settle-seconds",
+    "10",
+];
+
+/// Runs an open-loop `shape` through [`OPEN_LOOP`]'s two steps and checks its report: both
+/// steps there, in order, each with its figures, 0 lost and no publish errors, and what each
+/// delivered is `receivers` per message sent (no timing asserted).
+async fn open_loop(scenario: &str, shape: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut all = vec!["--shape", shape];
+    all.extend_from_slice(OPEN_LOOP);
+    all.extend_from_slice(args);
+    let report = run(scenario, &all, env).await;
+    assert_eq!(report["open_loop"], true, "{report}");
+    // Open loop: `published` counts what was sent; `acked` what the server acknowledged.
+    assert_eq!(report["published"], report["sent"], "{report}");
+    assert!(report["acked"].as_u64().is_some(), "{report}");
+    assert!(report.get("max_sustainable_rate").is_some(), "{report}");
+    assert!(
+        report.get("max_sustainable_delivered_per_s").is_some(),
+        "{report}"
+    );
+    let steps = report["steps"].as_array().expect("a steps array");
+    assert_eq!(steps.len(), 2, "{report}");
+    for (step, rate) in steps.iter().zip([20, 40]) {
+        assert_eq!(step["rate"], rate, "{step}");
+        for field in [
+            "sent_per_s",
+            "delivered_per_s",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "loadgen_cpu_cores",
+            "loadgen_bound",
+            "kept_pace",
+            "sustainable",
+        ] {
+            assert!(!step[field].is_null(), "no {field} in {step}");
+        }
+        assert!(step["sent"].as_u64().unwrap() > 0, "{step}");
+        assert_eq!(step["lost"], 0, "{step}");
+        assert_eq!(step["publish_errors"], 0, "{step}");
+        assert_eq!(step["delivered"], step["expected"], "{step}");
+    }
+    let sent: u64 = steps.iter().map(|s| s["sent"].as_u64().unwrap()).sum();
+    assert_eq!(report["sent"], sent, "{report}");
+    report
+}
+
+/// Every message sent reached `receivers` clients.
+fn each_reached(report: &Value, receivers: u64) {
+    for step in report["steps"].as_array().unwrap() {
+        assert_eq!(
+            step["expected"].as_u64().unwrap(),
+            step["sent"].as_u64().unwrap() * receivers,
+            "{step}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bench_open_loop_shapes_against_the_mesh_lose_nothing() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let eu = mesh.rtm_base_url("eu-west").unwrap();
+    let env = [("CHANNELMESH_JWT_SECRET", mesh.jwt_secret.as_str())];
+    let gateways = ["--gateway", &us, "--gateway", &eu];
+
+    // (a) The first member of each channel publishes to the other 9.
+    let report = open_loop("fanout", "per-channel", &gateways, &env).await;
+    assert_eq!(report["connected"], 20, "{report}");
+    each_reached(&report, 9);
+
+    // (b) One more connection, a member of both channels, publishes to both; all 10 members
+    // of a channel receive, and it receives nothing.
+    let report = open_loop("fanout", "firehose", &gateways, &env).await;
+    assert_eq!(report["publish"], "firehose", "{report}");
+    assert_eq!(report["connected"], 21, "{report}");
+    each_reached(&report, 10);
+
+    // Chat: many small channels, a publisher in each, open loop.
+    let mut chat = gateways.to_vec();
+    chat.extend(["--channels", "10"]);
+    let report = open_loop("chat", "per-channel", &chat, &env).await;
+    assert_eq!(report["scenario"], "chat", "{report}");
+}
+
+#[tokio::test]
+async fn bench_open_loop_over_the_admin_publish_stream_loses_nothing() {
+    let mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let admin = mesh.admin.to_string();
+    let env = [
+        ("CHANNELMESH_JWT_SECRET", mesh.jwt_secret.as_str()),
+        ("CHANNELMESH_ADMIN_TOKEN", mesh.admin_token.as_str()),
+    ];
+    // (c) The web app's path: PublishStream from one process; every member receives.
+    let args = ["--gateway", &us, "--admin", &admin, "--admin-streams", "2"];
+    let report = open_loop("fanout", "admin", &args, &env).await;
+    assert_eq!(report["publish"], "admin", "{report}");
+    assert_eq!(report["acked"], report["sent"], "{report}");
+    each_reached(&report, 10);
+}
+
+#[tokio::test]
+async fn bench_open_loop_shapes_against_nats_server_lose_nothing() {
+    let nats = nats_server().await;
+    let target = ["--target", "nats", "--gateway", &nats.ws];
+    let report = open_loop("fanout", "per-channel", &target, &[]).await;
+    each_reached(&report, 9);
+    // One PING at the end of each step confirms everything sent.
+    assert_eq!(report["acked"], report["sent"], "{report}");
+    // The firehose is a plain connection: it subscribes to nothing.
+    let report = open_loop("fanout", "firehose", &target, &[]).await;
+    assert_eq!(report["connected"], 21, "{report}");
+    each_reached(&report, 10);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin_connections;
+mod admin_stream;
 mod attacks_clients;
 mod attacks_console;
 mod attacks_consul;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use mesh_core::{Identity, TokenKey};
-use mesh_proto::admin::PostMessageRequest;
 use mesh_proto::admin::admin_client::AdminClient;
+use mesh_proto::admin::{PostMessageRequest, PublishStreamReply, PublishStreamRequest};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -87,6 +87,19 @@ impl Admin {
             client: AdminClient::new(channel),
             bearer: format!("Bearer {admin_token}").parse()?,
         })
+    }
+
+    /// Opens a `PublishStream` (the firehose) that sends `requests` in order; the replies
+    /// come on the returned stream.
+    pub async fn publish_stream(
+        &mut self,
+        requests: impl futures::Stream<Item = PublishStreamRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<PublishStreamReply>, tonic::Status> {
+        let mut request = tonic::Request::new(requests);
+        request
+            .metadata_mut()
+            .insert("authorization", self.bearer.clone());
+        Ok(self.client.publish_stream(request).await?.into_inner())
     }
 
     /// Posts `text` to `channel` as `user`.

@@ -18,6 +18,18 @@ pub fn process_cpu() -> Option<Duration> {
     parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
+/// The summed user and system CPU time of processes `pids` (`/proc/PID/stat`); None without
+/// pids, or when one cannot be read.
+pub fn processes_cpu(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(Duration::ZERO, |sum, pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Some(sum + parse_stat(&stat)?)
+    })
+}
+
 /// How many CPUs this process may run on (`Cpus_allowed_list` in `/proc/self/status`).
 pub fn allowed_cpus() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -93,6 +105,8 @@ mod tests {
         while spin.elapsed() < Duration::from_millis(30) {}
         assert!(process_cpu().is_some_and(|cpu| cpu > Duration::ZERO));
         assert!(allowed_cpus().is_some_and(|n| n >= 1));
+        assert!(processes_cpu(&[std::process::id()]).is_some_and(|cpu| cpu > Duration::ZERO));
+        assert_eq!(processes_cpu(&[]), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod rss;
 mod rtm;
 mod worker;
 mod ws;
+mod wsraw;
 
 use clap::{Parser, Subcommand};
 
@@ -72,9 +73,9 @@ enum Command {
     /// reports how long delivery stopped and which slots moved.
     Failover(cmd::failover::Args),
     /// Scale on one box: connects CLIENTS idle clients of one team over many gateways from
-    /// worker processes on many source addresses, reports memory per connection (servers,
-    /// kernel, load generator), posts one message to the team's channel through the admin API
-    /// and reports how many received it and when the first and the last did.
+    /// many processes and source addresses, reports memory per connection (servers, kernel,
+    /// load generator), posts one message to the team's channel through the admin API and
+    /// reports how many received it and when the first and the last did.
     Scale(cmd::scale::Args),
     /// A `scale` worker: started by `scale`, orders on stdin.
     #[command(hide = true)]
@@ -83,6 +84,11 @@ enum Command {
     /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
     /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
     Latency(cmd::latency::Args),
+    /// The load generator's headroom: a trivial server that takes a `fanout` run's connect
+    /// flow (RTM or NATS) and writes pre-built, freshly stamped deliveries to its clients at
+    /// RATE per second, evenly paced, from the run's first publish on; the run's report then
+    /// shows what the load generator alone takes (bench/README.md).
+    Blast(cmd::blast::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,5 +143,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Latency(args) => cmd::latency::main(args).await,
         Command::Scale(args) => cmd::scale::main(args).await,
         Command::ScaleWorker(args) => cmd::scale::worker(args).await,
+        Command::Blast(args) => cmd::blast::main(args).await,
     }
 }

@@ -5,12 +5,10 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use futures::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
-
 use crate::clock::{digits, sent_at};
 use crate::ws::{self, Socket};
+use crate::wsraw;
+use anyhow::{Context, bail};
 
 /// How long each connect step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -39,28 +37,29 @@ pub async fn connect(
     hello.push_str("PING\r\n");
     let mut sent = false;
     loop {
-        let msg = tokio::time::timeout(STEP_TIMEOUT, ws.next())
+        let open = tokio::time::timeout(STEP_TIMEOUT, ws.ready())
             .await
-            .context("nats-server said nothing in time")?
-            .context("nats-server closed the socket while connecting")??;
-        match msg {
-            Message::Binary(bytes) => parser.feed(&bytes),
-            Message::Text(text) => parser.feed(text.as_bytes()),
-            _ => continue,
+            .context("nats-server said nothing in time")??;
+        anyhow::ensure!(open, "nats-server closed the socket while connecting");
+        while let Some(frame) = ws.try_next()? {
+            parser.feed(frame.payload);
         }
         while let Some(op) = parser.next()? {
             match op {
                 Op::Info if !sent => {
-                    ws.send(Message::Binary(hello.clone().into_bytes().into()))
-                        .await?;
+                    ws.push(wsraw::OP_BINARY, hello.as_bytes());
                     sent = true;
                 }
-                Op::Pong if sent => return Ok((ws, parser)),
-                Op::Ping => ws.send(pong()).await?,
+                Op::Pong if sent => {
+                    ws.flush().await?;
+                    return Ok((ws, parser));
+                }
+                Op::Ping => ws.push(wsraw::OP_BINARY, PONG),
                 Op::Err(e) => bail!("nats-server: -ERR {e}"),
                 _ => {}
             }
         }
+        ws.flush().await?;
     }
 }
 
@@ -72,9 +71,7 @@ pub fn publish_frame(out: &mut Vec<u8>, subject: &str, payload: &[u8]) {
 }
 
 /// The answer to the server's keep-alive.
-pub fn pong() -> Message {
-    Message::Binary(b"PONG\r\n".to_vec().into())
-}
+pub const PONG: &[u8] = b"PONG\r\n";
 
 /// A PING, whose PONG acknowledges everything sent before it.
 pub const PING: &[u8] = b"PING\r\n";

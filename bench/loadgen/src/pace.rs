@@ -45,9 +45,18 @@ impl Schedule {
         }
     }
 
-    /// When message `n` is due, after the start.
+    /// When message `n` is due, after the start (the pacing thread wakes a little later).
     fn at(&self, n: u64) -> Duration {
-        Duration::from_secs_f64((n as f64 + self.phase) / self.rate) + SLACK
+        self.due_at(n) + SLACK
+    }
+
+    /// When message `n` (from 0) is due, after the start: an open-loop message carries this
+    /// as its publish time, so a publisher held back shows in the latency.
+    pub fn due_at(&self, n: u64) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((n as f64 + self.phase) / self.rate)
     }
 }
 

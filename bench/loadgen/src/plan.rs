@@ -36,8 +36,34 @@ pub enum Target {
 pub enum PublishMode {
     /// gRPC `PostMessage` calls to the admin server (channelmesh only).
     Admin,
-    /// Designated member clients, over their own WebSocket.
+    /// Designated member clients, over their own WebSocket (shape `per-channel`).
     Clients,
+    /// One extra connection (worker 0's) publishing to every channel in turn (shape
+    /// `firehose`): for channelmesh a member of every channel, for nats a plain connection. It
+    /// receives nothing (no echo) and is not counted as a receiver.
+    Firehose,
+}
+
+/// The publish shape of an open-loop run (`--shape`), each a [`PublishMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// (a) One publisher connection per channel: its first member.
+    PerChannel,
+    /// (b) One connection publishing to every channel round-robin.
+    Firehose,
+    /// (c) The web app's path: the admin API's `PublishStream` from one process.
+    Admin,
+}
+
+impl Shape {
+    pub fn publish(self) -> PublishMode {
+        match self {
+            Shape::PerChannel => PublishMode::Clients,
+            Shape::Firehose => PublishMode::Firehose,
+            Shape::Admin => PublishMode::Admin,
+        }
+    }
 }
 
 /// Admin-API publishers in a whole run (each one gRPC client, one call at a time), spread over
@@ -79,6 +105,16 @@ pub struct Plan {
     pub source: IpAddr,
     /// Connects in progress at once, per worker.
     pub connect_parallel: usize,
+    /// Open loop: publishers never wait for acknowledgements (acks are read and counted).
+    #[serde(default)]
+    pub open_loop: bool,
+    /// Open-loop admin publishing: `PublishStream` streams, all in worker 0.
+    #[serde(default = "one")]
+    pub admin_streams: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Plan {
@@ -92,25 +128,35 @@ impl Plan {
         format!("U{}X{i}", self.run)
     }
 
-    /// The clients this worker runs: every `processes`-th, starting at its index.
+    /// The clients this worker runs: every `processes`-th, starting at its index; worker 0
+    /// also runs the firehose connection (index `clients`) with `--shape firehose`.
     pub fn mine(&self) -> impl Iterator<Item = usize> + use<> {
-        (self.worker..self.clients).step_by(self.processes.max(1))
+        let firehose =
+            (self.publish == PublishMode::Firehose && self.worker == 0).then_some(self.clients);
+        (self.worker..self.clients)
+            .step_by(self.processes.max(1))
+            .chain(firehose)
+    }
+
+    /// Whether member `index` is the firehose connection.
+    pub fn is_firehose(&self, index: usize) -> bool {
+        self.publish == PublishMode::Firehose && index == self.clients
+    }
+
+    /// Whether the admin API publishes with `PublishStream` (open loop) rather than
+    /// `PostMessage` calls one at a time.
+    pub fn admin_streams(&self) -> bool {
+        self.publish == PublishMode::Admin && self.open_loop
     }
 
     /// Publishing clients in the whole run, counted once per channel they publish to.
     pub fn publisher_slots(&self, members: &[Member]) -> usize {
         match self.publish {
+            PublishMode::Admin if self.open_loop => self.admin_streams.max(1),
             PublishMode::Admin => ADMIN_PUBLISHERS,
-            PublishMode::Clients => members.iter().map(|m| m.publishes.len()).sum(),
-        }
-    }
-
-    /// Messages per second one publisher slot sends; 0 for as fast as the window allows.
-    pub fn rate_per_slot(&self, slots: usize) -> f64 {
-        if self.rate == 0 || slots == 0 {
-            0.0
-        } else {
-            self.rate as f64 / slots as f64
+            PublishMode::Clients | PublishMode::Firehose => {
+                members.iter().map(|m| m.publishes.len()).sum()
+            }
         }
     }
 }
@@ -132,6 +178,8 @@ pub struct Member {
 ///   consecutive clients, wrapping, so a client is in several channels when the sizes add up
 ///   to more than the clients. Each channel's first member publishes to it.
 /// - connect-storm, idle: client `i` is in channel `i % channels`; nobody publishes.
+/// - with `--shape firehose`, nobody of the above publishes; one more member (index
+///   `clients`) is in every channel and publishes to every one in turn.
 pub fn members(plan: &Plan) -> Vec<Member> {
     let n = plan.clients;
     let mut members = vec![Member::default(); n];
@@ -169,6 +217,13 @@ pub fn members(plan: &Plan) -> Vec<Member> {
             }
         }
     }
+    if plan.publish == PublishMode::Firehose {
+        let all: Vec<u32> = (0..plan.channels as u32).collect();
+        members.push(Member {
+            channels: all.clone(),
+            publishes: all,
+        });
+    }
     members
 }
 
@@ -177,7 +232,7 @@ pub fn members(plan: &Plan) -> Vec<Member> {
 /// `echo:false` sends a message back to the connection that sent it).
 pub fn receivers_of(plan: &Plan, member: &Member, out: &mut [u32]) {
     for &c in &member.channels {
-        let sender = plan.publish == PublishMode::Clients && member.publishes.contains(&c);
+        let sender = plan.publish != PublishMode::Admin && member.publishes.contains(&c);
         if !sender && let Some(n) = out.get_mut(c as usize) {
             *n += 1;
         }
@@ -209,6 +264,8 @@ mod tests {
             worker: 1,
             source: IpAddr::from([127, 0, 0, 3]),
             connect_parallel: 8,
+            open_loop: false,
+            admin_streams: 1,
         }
     }
 
@@ -238,6 +295,25 @@ mod tests {
         assert_eq!(p.publisher_slots(&m), 2000);
         // The same plan gives the same channels in every process.
         assert_eq!(members(&p), m);
+    }
+
+    #[test]
+    fn the_firehose_is_one_more_member_that_publishes_everywhere_and_receives_nothing() {
+        let mut p = plan(Scenario::Fanout, 100, 10);
+        p.publish = PublishMode::Firehose;
+        let m = members(&p);
+        assert_eq!(m.len(), 101);
+        assert!(m[..100].iter().all(|m| m.publishes.is_empty()));
+        assert_eq!(m[100].publishes.len(), 10);
+        assert_eq!(p.publisher_slots(&m), 10);
+        let mut receivers = vec![0; 10];
+        m.iter().for_each(|m| receivers_of(&p, m, &mut receivers));
+        assert_eq!(receivers, vec![10; 10]);
+        p.worker = 0;
+        assert_eq!(p.mine().last(), Some(100));
+        assert!(p.is_firehose(100));
+        p.worker = 1;
+        assert_eq!(p.mine().last(), Some(97));
     }
 
     #[test]

@@ -18,8 +18,14 @@ pub enum ToWorker {
     Plan(Box<Plan>),
     /// Start publishing (or churning).
     Go,
+    /// Start publishing one rate step: `rate` messages/s over the whole run (replaces the
+    /// plan's rate); answered by nothing until `Stop`.
+    Step { rate: u64 },
     /// Stop publishing, wait for outstanding acknowledgements, answer `Stopped`.
     Stop,
+    /// After a step settled: answer `Collected` with the step's histograms (then reset) and
+    /// the running counters.
+    Collect,
     /// Close the clients and answer `Report`.
     Finish,
 }
@@ -39,8 +45,25 @@ pub enum FromWorker {
         connect_started_us: u64,
         connect_finished_us: u64,
     },
-    /// Publishing stopped; per channel, the messages the server acknowledged.
-    Stopped { published: Vec<u64> },
+    /// Publishing stopped; per channel, the messages the server acknowledged (closed loop) or
+    /// that were sent and not refused (open loop), since the start of the run.
+    Stopped {
+        published: Vec<u64>,
+        /// Deliveries received by the moment publishing stopped, since the start of the run.
+        #[serde(default)]
+        delivered: u64,
+        /// The CPU this worker used from `Go`/`Step` to `Stop`, and that span's wall time, s.
+        #[serde(default)]
+        cpu_seconds: f64,
+        #[serde(default)]
+        publish_seconds: f64,
+    },
+    /// The answer to `Collect`: the step's histograms and the running counters.
+    Collected {
+        latency: String,
+        acks: String,
+        counters: Counters,
+    },
     /// The final figures.
     Report(Box<WorkerReport>),
     /// The worker cannot go on.
@@ -54,6 +77,9 @@ pub struct Counters {
     pub connect_failures: u64,
     /// Messages the server acknowledged.
     pub published: u64,
+    /// Messages sent (open loop: what `published` reports).
+    #[serde(default)]
+    pub sent: u64,
     /// Messages the server refused (RTM `ok:false`, NATS `-ERR`).
     pub publish_errors: u64,
     /// Sent but not acknowledged when publishing stopped.

@@ -6,14 +6,13 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use memchr::memmem::{self, Finder};
 use mesh_core::{ChannelId, Identity, TeamId, TokenKey, UserId};
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::clock::{sent_at, unix_now};
 use crate::ws::{self, Socket};
+use crate::wsraw;
 
 /// How long the connect flow's steps may take, each.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,16 +56,20 @@ pub async fn connect(
         .with_context(|| format!("rtm.connect answered {reply}"))?;
     let mut ws = ws::dial(url, source).await?;
     loop {
-        let msg = tokio::time::timeout(STEP_TIMEOUT, ws.next())
+        let frame = tokio::time::timeout(STEP_TIMEOUT, ws.next())
             .await
-            .context("no hello in time")?
-            .context("the gateway closed the socket before hello")??;
-        if let Message::Text(text) = msg {
-            if text.as_str().contains(r#""type":"hello""#) {
-                return Ok(ws);
-            }
-            bail!("expected hello, got {}", text.as_str());
+            .context("no hello in time")??
+            .context("the gateway closed the socket before hello")?;
+        if frame.opcode != wsraw::OP_TEXT {
+            continue;
         }
+        if memmem::find(frame.payload, br#""type":"hello""#).is_some() {
+            return Ok(ws);
+        }
+        bail!(
+            "expected hello, got {}",
+            String::from_utf8_lossy(frame.payload)
+        );
     }
 }
 
@@ -93,12 +96,11 @@ pub enum Incoming {
 /// A message event as channelmesh renders it starts with its type, which no reply does: it
 /// needs one search, for its text. Other frames (any field order) are told apart by the
 /// fields they carry. The searchers are built once, not per frame.
-pub fn classify(frame: &str) -> Incoming {
+pub fn classify(frame: &[u8]) -> Incoming {
     static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""text":"b"#));
     static REPLY_TO: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""reply_to":"#));
     static MESSAGE: LazyLock<Finder<'static>> =
         LazyLock::new(|| Finder::new(br#""type":"message""#));
-    let frame = frame.as_bytes();
     let delivery = |frame: &[u8]| match TEXT.find(frame) {
         Some(at) => match sent_at(&frame[at + TEXT.needle().len()..]) {
             Some(sent_us) => Incoming::Delivery { sent_us },
@@ -141,35 +143,47 @@ mod tests {
     fn frames_are_told_apart() {
         let event = r#"{"channel":"C1","team":"T","text":"b1700000000123456:7:xxxx","ts":"1.000001","type":"message","user":"U1"}"#;
         assert_eq!(
-            classify(event),
+            classify(event.as_bytes()),
             Incoming::Delivery {
                 sent_us: 1_700_000_000_123_456
             }
         );
         let ack = r#"{"ok":true,"reply_to":42,"text":"b1:2:","ts":"1.2"}"#;
-        assert_eq!(classify(ack), Incoming::Ack { id: 42, ok: true });
+        assert_eq!(classify(ack.as_bytes()), Incoming::Ack { id: 42, ok: true });
         let refused = r#"{"error":{"code":2,"msg":"no"},"ok":false,"reply_to":9}"#;
-        assert_eq!(classify(refused), Incoming::Ack { id: 9, ok: false });
-        assert_eq!(classify(r#"{"reply_to":3,"type":"pong"}"#), Incoming::Other);
         assert_eq!(
-            classify(r#"{"type":"message","text":"hello"}"#),
+            classify(refused.as_bytes()),
+            Incoming::Ack { id: 9, ok: false }
+        );
+        assert_eq!(
+            classify(r#"{"reply_to":3,"type":"pong"}"#.as_bytes()),
             Incoming::Other
         );
-        assert_eq!(classify(r#"{"type":"presence_change"}"#), Incoming::Other);
+        assert_eq!(
+            classify(r#"{"type":"message","text":"hello"}"#.as_bytes()),
+            Incoming::Other
+        );
+        assert_eq!(
+            classify(r#"{"type":"presence_change"}"#.as_bytes()),
+            Incoming::Other
+        );
         let rendered =
             r#"{"type":"message","channel":"C1","user":"U1","text":"b77:1:xx","ts":"1.2"}"#;
-        assert_eq!(classify(rendered), Incoming::Delivery { sent_us: 77 });
         assert_eq!(
-            classify(r#"{"type":"message","channel":"C1","text":"not ours"}"#),
+            classify(rendered.as_bytes()),
+            Incoming::Delivery { sent_us: 77 }
+        );
+        assert_eq!(
+            classify(r#"{"type":"message","channel":"C1","text":"not ours"}"#.as_bytes()),
             Incoming::Other
         );
         // Field order does not matter.
         assert_eq!(
-            classify(r#"{"type":"message","text":"b5:1:x","channel":"C1"}"#),
+            classify(r#"{"type":"message","text":"b5:1:x","channel":"C1"}"#.as_bytes()),
             Incoming::Delivery { sent_us: 5 }
         );
         assert_eq!(
-            classify(r#"{"text":"b1:2:","reply_to":7,"ok":true}"#),
+            classify(r#"{"text":"b1:2:","reply_to":7,"ok":true}"#.as_bytes()),
             Incoming::Ack { id: 7, ok: true }
         );
     }

@@ -6,12 +6,21 @@
 //! messages unacknowledged. RTM acknowledges each message (`reply_to`); NATS has no per-message
 //! acknowledgement, so every burst of PUBs written together is followed by one PING, whose
 //! PONG acknowledges the burst. A message counts as published when it is acknowledged.
+//!
+//! Open loop (`--open-loop`): publishers never wait. Each message is sent when the clock says
+//! it is due and carries that due time (so a publisher held back by its socket shows in the
+//! latency rather than hiding it); RTM acks are read only to count them (and refusals), NATS
+//! publishers send one PING when publishing stops, whose PONG confirms the lot. What is
+//! expected is what was sent and not refused.
+//!
+//! Rate steps: `Step { rate }` starts publishing at a rate (`Go` is a step at the plan's
+//! rate), `Stop` ends it, `Collect` hands over the step's histograms and resets them.
 
 mod admin;
-mod connection;
+pub(crate) mod connection;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -55,16 +64,20 @@ struct Shared {
     cancel: CancellationToken,
     /// Connects in progress at once.
     gate: Semaphore,
-    /// Per client of this worker, its publishing schedule (rate 0: as fast as the window
-    /// allows, or not publishing).
-    schedules: Vec<Schedule>,
+    /// Per client of this worker, its publishing schedule in the current step (rate 0: as
+    /// fast as the window allows, or not publishing). Read by a client when a step starts.
+    schedules: Mutex<Vec<Schedule>>,
     /// Per client of this worker, how the pacing thread says "a message is due".
     wakes: Vec<Arc<Notify>>,
-    /// When publishing began (`Go`): the schedules count from it.
-    go: OnceLock<Instant>,
+    /// The current step: when it began (the schedules count from it) and its rate.
+    step: Mutex<Step>,
     counters: Atomics,
     /// Per channel, acknowledged messages.
     published: Vec<AtomicU64>,
+    /// Per channel, messages sent, and refused by the server (RTM `ok:false`, a failed
+    /// admin request).
+    sent: Vec<AtomicU64>,
+    refused: Vec<AtomicU64>,
     /// Publish -> receive latency. One thread runs all the clients, so the lock is never
     /// contended; it is taken once per batch of frames read.
     latency: Mutex<Histogram<u64>>,
@@ -79,11 +92,24 @@ struct Shared {
     last_delivery_us: AtomicU64,
 }
 
+/// A rate step as the clients see it.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// Counts the steps, so a client that missed a phase change still starts afresh.
+    id: u64,
+    go: Instant,
+    /// `go` in unix microseconds.
+    go_us: u64,
+    /// Messages per second over the whole run.
+    rate: u64,
+}
+
 #[derive(Default)]
 struct Atomics {
     connected: AtomicU64,
     connect_failures: AtomicU64,
     published: AtomicU64,
+    sent: AtomicU64,
     publish_errors: AtomicU64,
     unacked: AtomicU64,
     delivered: AtomicU64,
@@ -99,6 +125,7 @@ impl Atomics {
             connected: get(&self.connected),
             connect_failures: get(&self.connect_failures),
             published: get(&self.published),
+            sent: get(&self.sent),
             publish_errors: get(&self.publish_errors),
             unacked: get(&self.unacked),
             delivered: get(&self.delivered),
@@ -126,6 +153,36 @@ impl Shared {
         self.last_delivery_us.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// Counts a message sent to `channel`.
+    fn sent(&self, channel: u32) {
+        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.sent.get(channel as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a message to `channel` the server refused.
+    fn refused(&self, channel: u32) {
+        self.counters.publish_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.refused.get(channel as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The current step.
+    fn step(&self) -> Step {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Client `slot`'s schedule in the current step.
+    fn schedule(&self, slot: usize) -> Schedule {
+        let schedules = self.schedules.lock().unwrap_or_else(|e| e.into_inner());
+        schedules.get(slot).copied().unwrap_or(Schedule {
+            rate: 0.0,
+            phase: 0.0,
+        })
+    }
+
     /// Counts a message acknowledged now that was sent at `sent_us` (unix micros).
     fn acked(&self, channel: u32, sent_us: u64) {
         if let Ok(mut h) = self.acks.lock() {
@@ -139,9 +196,13 @@ impl Shared {
 
     /// A message text: the publish time first, padded to the payload size.
     fn text(&self, seq: u64) -> String {
-        let now = micros_now();
-        self.first_publish_us.fetch_min(now, Ordering::Relaxed);
-        let mut text = format!("b{now}:{seq}:");
+        self.text_at(seq, micros_now())
+    }
+
+    /// A message text stamped with publish time `at_us` (open loop: when it was due).
+    fn text_at(&self, seq: u64, at_us: u64) -> String {
+        self.first_publish_us.fetch_min(at_us, Ordering::Relaxed);
+        let mut text = format!("b{at_us}:{seq}:");
         let pad = self.plan.payload.saturating_sub(text.len());
         text.extend(std::iter::repeat_n('x', pad));
         text
@@ -232,13 +293,19 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
         .timeout(Duration::from_secs(20))
         .build()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
-    let schedules = schedules(&plan, &members, &mine);
     let shared = Arc::new(Shared {
         wakes: mine.iter().map(|_| Arc::new(Notify::new())).collect(),
-        schedules,
-        go: OnceLock::new(),
+        schedules: Mutex::new(schedules(&plan, &members, &mine, plan.rate)),
+        step: Mutex::new(Step {
+            id: 0,
+            go: Instant::now(),
+            go_us: micros_now(),
+            rate: plan.rate,
+        }),
         gate: Semaphore::new(plan.connect_parallel.max(1)),
         published: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
+        sent: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
+        refused: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
         connected: mine.iter().map(|_| AtomicBool::new(false)).collect(),
         members,
         names,
@@ -260,7 +327,15 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
     for (slot, &index) in mine.iter().enumerate() {
         tracker.spawn(connection::client(shared.clone(), slot, index));
     }
-    if shared.plan.publish == PublishMode::Admin && shared.plan.target == Target::Channelmesh {
+    if shared.plan.admin_streams() && shared.plan.target == Target::Channelmesh {
+        // The web app's path: one process (worker 0), a few streams.
+        if shared.plan.worker == 0 {
+            for stream in 0..shared.plan.admin_streams.max(1) {
+                tracker.spawn(admin::streamer(shared.clone(), stream));
+            }
+        }
+    } else if shared.plan.publish == PublishMode::Admin && shared.plan.target == Target::Channelmesh
+    {
         for task in (shared.plan.worker..ADMIN_PUBLISHERS).step_by(shared.plan.processes.max(1)) {
             tracker.spawn(admin::publisher(shared.clone(), task));
         }
@@ -301,60 +376,105 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
     )
     .await?;
 
-    let stop_pacing = CancellationToken::new();
+    let mut stop_pacing = CancellationToken::new();
     let mut pacer = None;
-    // This process's CPU at `Go`, and what it used until `Stop` (with the span's wall time).
+    // This process's CPU at the step's start, and what it used until `Stop` (with the span's
+    // wall time): the last step's, and all steps' together.
     let mut cpu_at_go = None;
     let mut used = (0.0, 0.0);
+    let mut steps = 0u64;
     let finished = loop {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break false };
-                match serde_json::from_str::<ToWorker>(&line).context("an order")? {
-                    ToWorker::Go => {
-                        let go = *shared.go.get_or_init(Instant::now);
-                        cpu_at_go = crate::cpu::process_cpu();
-                        let publishers: Vec<_> = shared
-                            .schedules
-                            .iter()
-                            .zip(&shared.wakes)
-                            .filter(|(s, _)| s.rate > 0.0)
-                            .map(|(s, w)| (*s, w.clone()))
-                            .collect();
-                        if !publishers.is_empty() {
-                            pacer = Some(
-                                pace::spawn(go, publishers, stop_pacing.clone())
-                                    .context("starting the pacing thread")?,
-                            );
-                        }
-                        phase_tx.send_replace(Phase::Running);
-                    }
+                let rate = match serde_json::from_str::<ToWorker>(&line).context("an order")? {
+                    ToWorker::Go => Some(shared.plan.rate),
+                    ToWorker::Step { rate } => Some(rate),
                     ToWorker::Stop => {
                         stop_pacing.cancel();
                         phase_tx.send_replace(Phase::Stopping);
+                        let step = shared.step();
+                        let delivered = shared.counters.delivered.load(Ordering::Relaxed);
+                        let mut this = (0.0, step.go.elapsed().as_secs_f64());
+                        if let (Some(before), Some(after)) = (cpu_at_go, crate::cpu::process_cpu()) {
+                            this.0 = after.saturating_sub(before).as_secs_f64();
+                        }
+                        used = (used.0 + this.0, used.1 + this.1);
                         let waiting = Instant::now();
                         while shared.active_publishers.load(Ordering::SeqCst) > 0
                             && waiting.elapsed() < SETTLE_TIMEOUT
                         {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
-                        if let (Some(before), Some(after), Some(go)) =
-                            (cpu_at_go, crate::cpu::process_cpu(), shared.go.get())
-                        {
-                            used = (
-                                after.saturating_sub(before).as_secs_f64(),
-                                go.elapsed().as_secs_f64(),
-                            );
-                        }
-                        let published = shared
-                            .published
-                            .iter()
-                            .map(|n| n.load(Ordering::Relaxed))
-                            .collect();
-                        send(out, &FromWorker::Stopped { published }).await?;
+                        let load = |v: &[AtomicU64]| -> Vec<u64> {
+                            v.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+                        };
+                        let published = if shared.plan.open_loop {
+                            load(&shared.sent)
+                                .into_iter()
+                                .zip(load(&shared.refused))
+                                .map(|(s, r)| s.saturating_sub(r))
+                                .collect()
+                        } else {
+                            load(&shared.published)
+                        };
+                        send(out, &FromWorker::Stopped {
+                            published,
+                            delivered,
+                            cpu_seconds: this.0,
+                            publish_seconds: this.1,
+                        })
+                        .await?;
+                        None
+                    }
+                    ToWorker::Collect => {
+                        let take = |h: &Mutex<Histogram<u64>>| -> anyhow::Result<String> {
+                            let mut h = h
+                                .lock()
+                                .map_err(|_| anyhow::anyhow!("a poisoned histogram"))?;
+                            let text = protocol::encode(&h)?;
+                            h.reset();
+                            Ok(text)
+                        };
+                        let collected = FromWorker::Collected {
+                            latency: take(&shared.latency)?,
+                            acks: take(&shared.acks)?,
+                            counters: shared.counters.snapshot(),
+                        };
+                        send(out, &collected).await?;
+                        None
                     }
                     ToWorker::Finish => break true,
                     ToWorker::Plan(_) => bail!("a second plan"),
+                };
+                if let Some(rate) = rate {
+                    // A step: the previous one's pacer was told to stop with it.
+                    if let Some(previous) = pacer.take() {
+                        join_pacer(previous).await?;
+                    }
+                    steps += 1;
+                    let go = Instant::now();
+                    *shared.schedules.lock().unwrap_or_else(|e| e.into_inner()) =
+                        schedules(&shared.plan, &shared.members, &mine, rate);
+                    *shared.step.lock().unwrap_or_else(|e| e.into_inner()) = Step {
+                        id: steps,
+                        go,
+                        go_us: micros_now(),
+                        rate,
+                    };
+                    cpu_at_go = crate::cpu::process_cpu();
+                    stop_pacing = CancellationToken::new();
+                    let publishers: Vec<_> = (0..mine.len())
+                        .map(|slot| (shared.schedule(slot), shared.wakes[slot].clone()))
+                        .filter(|(s, _)| s.rate > 0.0)
+                        .collect();
+                    if !publishers.is_empty() {
+                        pacer = Some(
+                            pace::spawn(go, publishers, stop_pacing.clone())
+                                .context("starting the pacing thread")?,
+                        );
+                    }
+                    phase_tx.send_replace(Phase::Running);
                 }
             }
             _ = tick.tick() => {
@@ -365,11 +485,7 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
     stop_pacing.cancel();
     stop(&shared, &tracker).await?;
     if let Some(pacer) = pacer {
-        // It looks at its token at least every few milliseconds.
-        tokio::time::timeout(CLOSE_TIMEOUT, tokio::task::spawn_blocking(|| pacer.join()))
-            .await
-            .context("the pacing thread did not stop in time")??
-            .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
+        join_pacer(pacer).await?;
     }
     if finished {
         let latency = protocol::encode(
@@ -406,12 +522,26 @@ async fn run(plan: Plan, lines: &mut Lines, out: &mut tokio::io::Stdout) -> anyh
     Ok(())
 }
 
-/// Each of this worker's clients' publishing schedule: its publisher slots' share of the rate,
-/// and a phase from its first slot's place among all of the run's slots, so the publishers of
-/// every worker take turns evenly rather than firing together.
-fn schedules(plan: &Plan, members: &[Member], mine: &[usize]) -> Vec<Schedule> {
+/// Waits for a pacing thread told to stop (it looks at its token at least every few
+/// milliseconds).
+async fn join_pacer(pacer: std::thread::JoinHandle<()>) -> anyhow::Result<()> {
+    tokio::time::timeout(CLOSE_TIMEOUT, tokio::task::spawn_blocking(|| pacer.join()))
+        .await
+        .context("the pacing thread did not stop in time")??
+        .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))
+}
+
+/// Each of this worker's clients' publishing schedule at `rate` (over the whole run): its
+/// publisher slots' share of the rate, and a phase from its first slot's place among all of
+/// the run's slots, so the publishers of every worker take turns evenly rather than firing
+/// together.
+fn schedules(plan: &Plan, members: &[Member], mine: &[usize], rate: u64) -> Vec<Schedule> {
     let slots = plan.publisher_slots(members);
-    let per_slot = plan.rate_per_slot(slots);
+    let per_slot = if rate == 0 || slots == 0 {
+        0.0
+    } else {
+        rate as f64 / slots as f64
+    };
     let mut first = Vec::with_capacity(members.len());
     let mut k = 0;
     for m in members {
@@ -421,7 +551,7 @@ fn schedules(plan: &Plan, members: &[Member], mine: &[usize]) -> Vec<Schedule> {
     mine.iter()
         .map(|&i| {
             let publishes = match plan.publish {
-                PublishMode::Clients => members[i].publishes.len(),
+                PublishMode::Clients | PublishMode::Firehose => members[i].publishes.len(),
                 PublishMode::Admin => 0,
             };
             Schedule {

@@ -49,6 +49,12 @@ pub enum AdminError {
     MessageAndEvent,
     #[error("page_token: not a token this API gave")]
     BadPageToken,
+    /// A PublishStream request with id 0 (the server's first reply uses it).
+    #[error("id: 0 is reserved for the stream's first reply")]
+    ZeroId,
+    /// A PublishStream request with neither a post nor an event.
+    #[error("body: a post or an event is required")]
+    NoBody,
     /// The user's presence server did not answer a ListConnections in time.
     #[error("connections of {0} unknown: their presence server did not answer in time")]
     ConnectionsUnanswered(String),

@@ -5,6 +5,7 @@
 //! (DisconnectUser, ListConnections, ChannelInfo, ListChannels, Broadcast) is in [`manage`].
 
 mod manage;
+mod stream;
 
 use std::sync::Arc;
 
@@ -12,6 +13,8 @@ use channel_client::{ChannelRouter, RouteError};
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, Ts};
 use mesh_proto::admin as pb;
 use mesh_proto::admin::admin_server::Admin;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -42,6 +45,8 @@ pub fn status(error: AdminError) -> Status {
         | AdminError::DuplicateChannel(_)
         | AdminError::MessageAndEvent
         | AdminError::BadPageToken
+        | AdminError::ZeroId
+        | AdminError::NoBody
         | AdminError::Route(RouteError::Invalid(_)) => Status::invalid_argument(message),
         AdminError::NoPresenceServers
         | AdminError::NoPresenceServerYet
@@ -71,6 +76,15 @@ pub struct AdminService {
     /// revocation and disconnect lists); without one, they answer UNIMPLEMENTED.
     ring_manager: Option<ring_client::RingSource>,
     metrics: Metrics,
+    /// Where PublishStream's tasks go, and what ends them.
+    tasks: Tasks,
+}
+
+/// The service's long-lived tasks (one per PublishStream) and their cancellation.
+#[derive(Debug, Clone, Default)]
+struct Tasks {
+    tracker: TaskTracker,
+    cancel: CancellationToken,
 }
 
 /// The admin server's metrics (`channelmesh_admin_*`).
@@ -80,6 +94,10 @@ struct Metrics {
     requests: mesh_telemetry::prometheus::IntCounterVec,
     /// Routed publishes: from the call to the owning channel server's answer, retries included.
     publish_seconds: mesh_telemetry::prometheus::Histogram,
+    /// PublishStreams open now.
+    streams: mesh_telemetry::prometheus::IntGauge,
+    /// Requests read from PublishStreams and not answered yet.
+    stream_unanswered: mesh_telemetry::prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -93,6 +111,14 @@ impl Metrics {
             publish_seconds: telemetry.latency(
                 "channelmesh_admin_publish_seconds",
                 "Admin server -> channel server: a routed publish until the owner answered, retries across ring changes included.",
+            ),
+            streams: telemetry.gauge(
+                "channelmesh_admin_publish_streams",
+                "PublishStreams open now.",
+            ),
+            stream_unanswered: telemetry.gauge(
+                "channelmesh_admin_publish_stream_unanswered",
+                "Requests read from PublishStreams and not answered yet.",
             ),
         }
     }
@@ -122,7 +148,18 @@ impl AdminService {
             presence_channels: Arc::default(),
             ring_manager: None,
             metrics: Metrics::new(&mesh_telemetry::Telemetry::default()),
+            tasks: Tasks::default(),
         }
+    }
+
+    /// Puts its streams' tasks on `tracker`, ending them with `cancel` (else on a tracker of
+    /// its own, never cancelled).
+    pub fn with_tasks(mut self, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
+        self.tasks = Tasks {
+            tracker: tracker.clone(),
+            cancel,
+        };
+        self
     }
 
     /// Registers its metrics in `telemetry` (else they are kept but not served).
@@ -474,15 +511,13 @@ impl Admin for AdminService {
             .await
     }
 
-    type PublishStreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::PublishStreamReply, Status>> + Send>,
-    >;
+    type PublishStreamStream = stream::ReplyStream;
 
     async fn publish_stream(
         &self,
-        _request: Request<tonic::Streaming<pb::PublishStreamRequest>>,
+        request: Request<tonic::Streaming<pb::PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        Err(Status::unimplemented("PublishStream is not built yet"))
+        Ok(Response::new(self.publish_stream_of(request.into_inner())))
     }
 
     async fn revoke_tokens(
@@ -619,6 +654,16 @@ mod tests {
                 AdminError::BadPageToken,
                 Code::InvalidArgument,
                 "page_token: not a token this API gave".into(),
+            ),
+            (
+                AdminError::ZeroId,
+                Code::InvalidArgument,
+                "id: 0 is reserved for the stream's first reply".into(),
+            ),
+            (
+                AdminError::NoBody,
+                Code::InvalidArgument,
+                "body: a post or an event is required".into(),
             ),
             (
                 AdminError::ConnectionsUnanswered("U1".into()),

@@ -51,6 +51,15 @@ pub enum Error {
     PublicTls(#[from] mesh_transport::Error),
 }
 
+/// HTTP/2 flow control on the admin API: what a caller may send on one stream, and on one
+/// connection, before the server has read it. The HTTP/2 library closes a connection whose
+/// unread small DATA frames (a grpcio client sends each message of a stream in one) cost more
+/// than half the connection window in framing; a stream window this much smaller than the
+/// connection's lets flow control hold a PublishStream caller that runs ahead long before that
+/// (about 1,600 unread requests of 40 bytes use a tenth of it).
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// Serves the admin API on `listener`, with gRPC server reflection of the admin API alone,
 /// until `cancel`.
 pub async fn serve(
@@ -73,7 +82,8 @@ pub async fn serve(
         presence,
     )
     .with_ring_manager(config.ring.clone())
-    .with_telemetry(&config.telemetry);
+    .with_telemetry(&config.telemetry)
+    .with_tasks(&tracker, cancel.clone());
     {
         let routed = ring.clone();
         config.telemetry.set_ready(move || {
@@ -114,6 +124,8 @@ pub async fn serve(
     // Public: its own certificate (or plaintext), the bearer token, no client certificate.
     let result = mesh_transport::public_server(config.public_tls.as_ref())?
         .timeout(Duration::from_secs(30))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(AdminServer::with_interceptor(service, auth))

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::clock;
 use crate::coordinator::{self, RunOptions};
-use crate::plan::{Plan, PublishMode, Scenario, Target};
+use crate::plan::{Plan, PublishMode, Scenario, Shape, Target};
 use crate::report::Report;
 
 /// Clients per worker process when `--processes` is not given (under the 20,000 open files a
@@ -51,6 +51,28 @@ pub struct LoadArgs {
     /// Who publishes: member clients over their WebSocket, or the admin API (channelmesh).
     #[arg(long, value_enum, default_value = "clients")]
     pub publish: PublishMode,
+    /// Open loop: publishers never wait for acknowledgements; each message is sent when the
+    /// clock says it is due (and carries that time). Acks are read only to count them.
+    #[arg(long)]
+    pub open_loop: bool,
+    /// The publish shape (overrides --publish): per-channel (one member per channel),
+    /// firehose (one connection publishing to every channel), admin (the admin API's
+    /// PublishStream from one process, open loop; PostMessage calls closed loop).
+    #[arg(long, value_enum)]
+    pub shape: Option<Shape>,
+    /// Rate steps in one connected run: messages/s over the whole run, comma-separated (e.g.
+    /// 1000,2000,4000); each is published for --step-seconds, then settled.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u64>,
+    /// How long each rate step publishes.
+    #[arg(long, default_value_t = 5)]
+    pub step_seconds: u64,
+    /// After each step, how long to wait at most for every expected delivery.
+    #[arg(long, default_value_t = 5)]
+    pub settle_seconds: u64,
+    /// `PublishStream`s of the admin shape (open loop), all from one worker process.
+    #[arg(long, default_value_t = 1)]
+    pub admin_streams: usize,
     /// Unacknowledged messages one publishing client may have outstanding (RTM: acks; NATS:
     /// PONGs to the PING after each burst).
     #[arg(long, default_value_t = 16)]
@@ -87,10 +109,19 @@ pub struct LoadArgs {
 /// Runs `scenario` and prints its report (a table, or JSON with `--json`).
 pub async fn main(scenario: Scenario, args: LoadArgs) -> anyhow::Result<()> {
     let (plan, processes) = plan_for(scenario, &args)?;
+    // Open loop without --rates: one step at --rate for --seconds.
+    let (rates, step) = if args.rates.is_empty() && plan.open_loop {
+        (vec![plan.rate], args.seconds)
+    } else {
+        (args.rates.clone(), args.step_seconds)
+    };
     let options = RunOptions {
         duration: Duration::from_secs(args.seconds),
         server_pids: args.server_pids,
         progress: args.progress,
+        rates,
+        step: Duration::from_secs(step.max(1)),
+        settle: Duration::from_secs(args.settle_seconds),
     };
     let report: Report = coordinator::run(plan, processes, &options).await?;
     if args.json {
@@ -138,6 +169,30 @@ fn plan_for(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<(Plan, usize)
         args.gateways.clone()
     };
     let publishing = matches!(scenario, Scenario::Fanout | Scenario::Chat);
+    let publish = args.shape.map_or(args.publish, Shape::publish);
+    if publishing && args.open_loop {
+        anyhow::ensure!(
+            args.rate > 0 || !args.rates.is_empty(),
+            "open loop needs a rate (--rate or --rates)"
+        );
+    }
+    anyhow::ensure!(
+        args.rates.iter().all(|&r| r > 0) || !args.open_loop,
+        "open-loop rates must be above 0"
+    );
+    if !args.rates.is_empty() {
+        anyhow::ensure!(
+            publishing,
+            "--rates needs a publishing scenario (fanout, chat)"
+        );
+    }
+    if publish == PublishMode::Firehose {
+        anyhow::ensure!(
+            scenario == Scenario::Fanout,
+            "--shape firehose is a fanout shape (its connection is a member of every channel)"
+        );
+    }
+    anyhow::ensure!(args.admin_streams > 0, "--admin-streams must be at least 1");
     let (mut jwt_secret, mut admin_token) = (String::new(), String::new());
     if args.target == Target::Channelmesh {
         jwt_secret = args
@@ -145,14 +200,14 @@ fn plan_for(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<(Plan, usize)
             .clone()
             .filter(|s| !s.is_empty())
             .context("CHANNELMESH_JWT_SECRET must be set (`channelmesh dev` prints it)")?;
-        if publishing && args.publish == PublishMode::Admin {
+        if publishing && publish == PublishMode::Admin {
             admin_token = args
                 .admin_token
                 .clone()
                 .filter(|s| !s.is_empty())
                 .context("CHANNELMESH_ADMIN_TOKEN must be set for --publish admin")?;
         }
-    } else if publishing && args.publish == PublishMode::Admin {
+    } else if publishing && publish == PublishMode::Admin {
         bail!("nats-server has no admin API: use --publish clients");
     }
     let plan = Plan {
@@ -160,7 +215,7 @@ fn plan_for(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<(Plan, usize)
         target: args.target,
         // Only the publishing scenarios publish.
         publish: if publishing {
-            args.publish
+            publish
         } else {
             PublishMode::Clients
         },
@@ -180,6 +235,8 @@ fn plan_for(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<(Plan, usize)
         worker: 0,
         source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
         connect_parallel: args.connect_parallel.max(1),
+        open_loop: publishing && args.open_loop,
+        admin_streams: args.admin_streams,
     };
     Ok((plan, processes))
 }
@@ -218,5 +275,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!((processes, plan.rate), (3, 0));
+        let open = args(&["--target", "nats", "--open-loop", "--rate", "0"]);
+        assert!(plan_for(Scenario::Fanout, &open).is_err());
+        let chat_firehose = args(&["--target", "nats", "--shape", "firehose"]);
+        assert!(plan_for(Scenario::Chat, &chat_firehose).is_err());
+        let nats_admin_shape = args(&["--target", "nats", "--shape", "admin", "--open-loop"]);
+        assert!(plan_for(Scenario::Fanout, &nats_admin_shape).is_err());
+        let (plan, _) = plan_for(
+            Scenario::Fanout,
+            &args(&[
+                "--target",
+                "nats",
+                "--shape",
+                "firehose",
+                "--open-loop",
+                "--rates",
+                "10,20",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(plan.publish, PublishMode::Firehose);
+        assert!(plan.open_loop);
     }
 }
