@@ -33,6 +33,10 @@ SERVER_NICE="${SERVER_NICE:--10}"
 # The gateways' nice value: above the load generator's and other jobs' (their presence and ring
 # sessions have leases of their own), below the control plane's.
 GATEWAY_NICE="${GATEWAY_NICE:--5}"
+# MULTI_PROCESS=1 runs `dev --multi-process`: each ring manager, channel, presence and admin
+# server a process of its own (and its own runtime, so that one server's work does not hold up
+# another's heartbeats); their RSS is summed as "the other servers".
+MULTI_PROCESS="${MULTI_PROCESS:-0}"
 BASE="${BASE:-35000}"
 GW_PORT="${GW_PORT:-35080}"
 # dev takes BASE+50..BASE+132 (its services, their HTTP sides at +40) and GW_PORT, GW_PORT+1;
@@ -57,13 +61,17 @@ for flag in --handshakes-per-sec --connects-per-addr-per-sec; do
     limits+=("$flag" 0)
   fi
 done
+multi=()
+if [ "$MULTI_PROCESS" = 1 ]; then
+  multi+=(--multi-process)
+fi
 nice -n "$SERVER_NICE" "$bin" dev \
   --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
   --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
   --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
   --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
   --http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))" \
-  "${dev_security[@]}" >"$work/dev.log" 2>&1 &
+  "${dev_security[@]}" "${multi[@]}" >"$work/dev.log" 2>&1 &
 dev_pid=$!
 started+=("$dev_pid")
 for _ in $(seq 600); do
@@ -76,7 +84,10 @@ grep -q '^ready in' "$work/dev.log" || {
   exit 1
 }
 
-args=()
+args=(--server-pid "$dev_pid")
+for child in $(pgrep -P "$dev_pid" || true); do
+  args+=(--server-pid "$child")
+done
 for g in $(seq 1 "$GATEWAYS"); do
   port=$((GW_PORT + 200 + g))
   read -r -a security <<<"$(gateway_security "us-east-scale-$g")"
@@ -92,7 +103,7 @@ for g in $(seq 1 "$GATEWAYS"); do
 done
 
 "$loadgen_bin" scale --clients "$COUNT" --admin "127.0.0.1:$((BASE + 51))" \
-  --server-pid "$dev_pid" --concurrency "$CONCURRENCY" --rate "$RATE" --json "${args[@]}" "$@" \
+  --concurrency "$CONCURRENCY" --rate "$RATE" --json "${args[@]}" "$@" \
   >"$work/scale.json" &
 loadgen_pid=$!
 started+=("$loadgen_pid")
