@@ -44,16 +44,6 @@ fi
 started+=("$!")
 wait_port 127.0.0.1 "$((BASE + 50))"
 
-# A gateway's transport: a certificate from dev's CA (in its state directory), or --insecure.
-gateway_security() { # id
-  if [ "${INSECURE:-0}" = 1 ]; then
-    echo --insecure
-    return
-  fi
-  "$bin" certs --dir "$work/state" "gateway/$1" >/dev/null
-  echo --tls-ca "$work/state/ca.pem" --tls-cert "$work/state/$1.pem" --tls-key "$work/state/$1.key"
-}
-
 gateways=()
 pids=()
 for g in $(seq 1 "$GATEWAYS"); do

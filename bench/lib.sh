@@ -63,6 +63,17 @@ wait_port() { # host port: wait up to 20 s for a listener
   return 1
 }
 
+# A gateway process's transport (for a dev mesh started with $dev_security): a certificate
+# from dev's CA (in its state directory), or --insecure.
+gateway_security() { # id
+  if [ "${INSECURE:-0}" = 1 ]; then
+    echo --insecure
+    return
+  fi
+  "$bin" certs --dir "$work/state" "gateway/$1" >/dev/null
+  echo --tls-ca "$work/state/ca.pem" --tls-cert "$work/state/$1.pem" --tls-key "$work/state/$1.key"
+}
+
 cpu_ticks() { # user + system of process $1, in clock ticks
   awk '{print $14 + $15}' "/proc/$1/stat"
 }

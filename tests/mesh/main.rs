@@ -42,6 +42,7 @@ mod regions;
 mod replication;
 mod resume;
 mod revocation;
+mod scale_smoke;
 mod stability;
 mod support;
 mod team_caps;

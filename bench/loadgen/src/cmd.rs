@@ -7,3 +7,4 @@ pub mod failover;
 pub mod latency;
 pub mod load;
 pub mod presence;
+pub mod scale;

@@ -72,6 +72,14 @@ enum Command {
     /// picks), SIGKILLs the owner of a channel a client listens on while posts keep coming, and
     /// reports how long delivery stopped and which slots moved.
     Failover(cmd::failover::Args),
+    /// Scale on one box: connects CLIENTS idle clients of one team over many gateways from
+    /// many processes and source addresses, reports memory per connection (servers, kernel,
+    /// load generator), posts one message to the team's channel through the admin API and
+    /// reports how many received it and when the first and the last did.
+    Scale(cmd::scale::Args),
+    /// A `scale` worker: started by `scale`, orders on stdin.
+    #[command(hide = true)]
+    ScaleWorker(cmd::scale::WorkerArgs),
     /// Admin -> client delivery latency: posts messages one at a time through the admin API
     /// and times each until a connected RTM client receives it. Needs CHANNELMESH_JWT_SECRET
     /// and CHANNELMESH_ADMIN_TOKEN (as `dev` prints them).
@@ -133,6 +141,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ChannelMemory(args) => cmd::channel_memory::main(args).await,
         Command::Failover(args) => cmd::failover::main(args).await,
         Command::Latency(args) => cmd::latency::main(args).await,
+        Command::Scale(args) => cmd::scale::main(args).await,
+        Command::ScaleWorker(args) => cmd::scale::worker(args).await,
         Command::Blast(args) => cmd::blast::main(args).await,
     }
 }

@@ -25,6 +25,7 @@ fn help_lists_every_benchmark_and_hides_the_worker() {
         "channel-memory",
         "failover",
         "latency",
+        "scale",
     ] {
         assert!(
             help.lines()
