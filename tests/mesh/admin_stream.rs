@@ -3,8 +3,6 @@
 //! cancels mid-stream ends the server's work (no stream, no unanswered request left, and the
 //! mesh goes on); a caller without the admin token is refused.
 
-use std::net::SocketAddr;
-
 use channelmesh::Mesh;
 use mesh_proto::admin::admin_client::AdminClient;
 use mesh_proto::admin::publish_stream_request::Body;
@@ -13,28 +11,17 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::Code;
 
+use crate::metrics::{scrape, value};
 use crate::real_clients::{python, repo, run};
 use crate::support::{WAIT, admin, admin_at, eventually, mesh, post};
 
 /// The admin server's gauge `name`, scraped from its `/metrics`.
 async fn gauge(mesh: &Mesh, name: &str) -> Option<f64> {
-    let addr: SocketAddr = mesh
+    let (_, addr) = mesh
         .http
         .iter()
-        .find(|(service, _)| service.starts_with("admin"))
-        .map(|(_, addr)| *addr)?;
-    let body = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()?;
-    let sample = scrape.samples.into_iter().find(|s| s.metric == name)?;
-    match sample.value {
-        prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => Some(v),
-        _ => None,
-    }
+        .find(|(service, _)| service.starts_with("admin"))?;
+    Some(value(&scrape(*addr).await, name, &[]))
 }
 
 fn request(id: u64, channel: &str, text: &str) -> PublishStreamRequest {

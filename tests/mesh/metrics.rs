@@ -13,7 +13,7 @@ use crate::support::{self, Rtm, eventually};
 const MESSAGES: usize = 25;
 const CHANNEL: &str = "CMETRICS";
 
-async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     let body = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .expect("/metrics answers")
@@ -25,7 +25,7 @@ async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
 }
 
 /// The sum of `name`'s samples whose labels include `labels`.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .samples
         .iter()
