@@ -104,7 +104,7 @@ mod tests {
         // Spins until the kernel has counted a clock tick of CPU for this process (on a busy
         // machine that can take far longer than the tick), for at most a minute.
         let spin = std::time::Instant::now();
-        while !process_cpu().is_some_and(|cpu| cpu > Duration::ZERO)
+        while process_cpu().is_none_or(|cpu| cpu <= Duration::ZERO)
             && spin.elapsed() < Duration::from_secs(60)
         {}
         assert!(process_cpu().is_some_and(|cpu| cpu > Duration::ZERO));
