@@ -9,6 +9,12 @@ use channelmesh::{certs, chaos, ctl, dev, loadgen, probe, shutdown, token};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc, not the system's glibc malloc: every service runs in this binary, and the fan-out's
+/// per-event allocations (frames, gRPC messages, boxed futures) were a fifth to a third of its
+/// profile; docs/decisions.md ("The allocator") has the measurement.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long a command may take to stop after ctrl-c or SIGTERM; then it is abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
