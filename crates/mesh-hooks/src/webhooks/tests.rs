@@ -143,6 +143,12 @@ async fn events_go_in_signed_batches_of_at_most_the_batch_size_in_order() {
         hooks.emit(event(seq));
     }
     until("every event", || received(&seen).len() == 250).await;
+    // The receiver records a batch before it answers; the sender counts it once the answer
+    // is in.
+    until("the sender to count every event sent", || {
+        metric(&telemetry, "channelmesh_webhook_events_sent_total") == 250.0
+    })
+    .await;
     let seen = seen.lock().unwrap();
     assert_eq!(seen.bad, 0, "every request signed, typed and well formed");
     assert_eq!(seen.batches.concat(), (0..250).collect::<Vec<_>>());
