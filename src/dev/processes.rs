@@ -53,6 +53,9 @@ struct Launch {
     log_dir: Option<PathBuf>,
     /// It runs in the cgroup v2 `DIR/NAME`, joined before it starts.
     cgroup: Option<PathBuf>,
+    /// It serves an HTTP side port, by default its gRPC port + 40 (every role but a gateway,
+    /// whose one port is HTTP).
+    side_port: bool,
 }
 
 /// What `start_all` runs besides the mesh layout.
@@ -165,6 +168,7 @@ async fn start_with(
         env,
         log_dir: options.log_dir.clone(),
         cgroup: options.cgroups.as_ref().map(|dir| dir.join(name)),
+        side_port: identity.0 != Role::Gateway,
     };
     let (child, pid, addr) = launch.spawn(name).await?;
     Ok(Service {
@@ -227,7 +231,10 @@ impl Launch {
         let first = tokio::time::timeout(START_TIMEOUT, lines.next_line())
             .await
             .with_context(|| format!("{name} did not start within {START_TIMEOUT:?}"))??
-            .with_context(|| format!("{name} exited before listening"))?;
+            .with_context(|| {
+                let tail = self.log_tail(name).unwrap_or_default();
+                format!("{name} exited before listening{tail}")
+            })?;
         let addr: SocketAddr = first
             .strip_prefix("listening on ")
             .with_context(|| format!("{name} printed {first:?}"))?
@@ -250,6 +257,17 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// The last lines of `name`'s log, when it has one: why a child that ended said it did.
+    fn log_tail(&self, name: &str) -> Option<String> {
+        let path = self.log_dir.as_ref()?.join(format!("{name}.log"));
+        let text = std::fs::read_to_string(path).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+        Some(format!("; the end of its log:\n{tail}"))
+    }
+}
+
 impl Service {
     /// Starts this service again as it was started, plus `extra` flags, on the address it
     /// listened on (which a `--listen` on port 0 lets the OS pick only the first time): kills
@@ -261,7 +279,15 @@ impl Service {
         if let Some(i) = launch.args.iter().position(|a| a == "--listen")
             && let Some(value) = launch.args.get_mut(i + 1)
         {
+            let was_ephemeral = value.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
             *value = self.addr.to_string();
+            // Its HTTP side port was the OS's pick too: keep it so. Pinned, the gRPC port
+            // would put it on that port + 40, which anything on the machine may hold.
+            if was_ephemeral && launch.side_port && !launch.args.iter().any(|a| a == "--http") {
+                let http =
+                    SocketAddr::new(mesh_telemetry::access::loopback_like(self.addr.ip()), 0);
+                launch.args.extend(["--http".to_string(), http.to_string()]);
+            }
         }
         launch.args.extend(extra.iter().cloned());
         let (child, pid, addr) = launch.spawn(&self.name).await?;
