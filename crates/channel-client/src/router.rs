@@ -70,8 +70,31 @@ pub struct ChannelRouter {
     cancel: CancellationToken,
 }
 
-/// Replies a publish stream waits for, by request id.
-type Waiting = HashMap<u64, oneshot::Sender<Result<pb::PublishResponse, Status>>>;
+/// Publishes a stream waits for, by request id.
+type Waiting = HashMap<u64, Waiter>;
+
+/// A publish waiting in a stream: for its request to be taken by the stream, then for its reply.
+#[derive(Debug)]
+struct Waiter {
+    /// Told once the stream takes the request: the attempt's time starts then.
+    taken: Option<oneshot::Sender<()>>,
+    reply: oneshot::Sender<Result<pb::PublishResponse, Status>>,
+}
+
+/// Whether the stream sends `request`: only while its publish still waits for it (one given
+/// up while queued, timed out or cancelled, is never sent, so that a publish answered as
+/// failed was not delivered either). Tells the publish that its request is on its way.
+fn take_if_waited(waiting: &Mutex<Waiting>, request: &pb::PublishStreamRequest) -> bool {
+    match lock(waiting).get_mut(&request.id) {
+        Some(waiter) => {
+            if let Some(taken) = waiter.taken.take() {
+                let _ = taken.send(());
+            }
+            true
+        }
+        None => false,
+    }
+}
 
 /// Requests queued to one publish stream.
 const PIPE_QUEUE: usize = 4096;
@@ -132,6 +155,13 @@ impl ChannelRouter {
             next_id: AtomicU64::new(1),
         });
         let waiting = pipe.waiting.clone();
+        let requests = {
+            let waiting = waiting.clone();
+            let queued = tokio_stream::wrappers::ReceiverStream::new(rx);
+            tokio_stream::StreamExt::filter(queued, move |request| {
+                take_if_waited(&waiting, request)
+            })
+        };
         let addr_owned = addr.to_string();
         // Ends with the stream: when it breaks, or when every sender (the router's map entry
         // and the publishes in flight) is gone and the server finishes the closed stream; or
@@ -139,10 +169,7 @@ impl ChannelRouter {
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move {
             let streaming = async {
-                let mut replies = client
-                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
+                let mut replies = client.publish_stream(requests).await?.into_inner();
                 while let Some(reply) = replies.message().await? {
                     let Some(waiter) = lock(&waiting).remove(&reply.id) else {
                         continue; // Given up on already.
@@ -151,7 +178,7 @@ impl ChannelRouter {
                         Code::Ok => Ok(pb::PublishResponse { ts: reply.ts }),
                         code => Err(Status::new(code, reply.message)),
                     };
-                    let _ = waiter.send(answer);
+                    let _ = waiter.reply.send(answer);
                 }
                 Ok::<_, Status>(())
             };
@@ -165,14 +192,17 @@ impl ChannelRouter {
             };
             tracing::debug!(addr = %addr_owned, %why, "publish stream closed");
             for (_, waiter) in lock(&waiting).drain() {
-                let _ = waiter.send(Err(Status::unavailable(why.clone())));
+                let _ = waiter.reply.send(Err(Status::unavailable(why.clone())));
             }
         });
         pipes.insert(addr.to_string(), pipe.clone());
         Ok(pipe)
     }
 
-    /// One publish over the stream to `addr`, answered as the unary call would be.
+    /// One publish over the stream to `addr`, answered as the unary call would be. It waits
+    /// for room in the stream's queue and for its turn as long as its caller lets it (the
+    /// route's deadline); its attempt's time, [`ATTEMPT_TIMEOUT`], starts when the stream
+    /// takes the request. Given up before that, it is never sent.
     async fn publish_piped(
         &self,
         addr: &str,
@@ -182,8 +212,13 @@ impl ChannelRouter {
             .pipe(addr)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&pipe.waiting).insert(id, tx);
+        let (reply, answer) = oneshot::channel();
+        let (taken_tx, taken) = oneshot::channel();
+        let waiter = Waiter {
+            taken: Some(taken_tx),
+            reply,
+        };
+        lock(&pipe.waiting).insert(id, waiter);
         let _forget = Forget {
             waiting: &pipe.waiting,
             id,
@@ -199,9 +234,14 @@ impl ChannelRouter {
         if pipe.tx.send(request).await.is_err() {
             return Err(Status::unavailable("the publish stream closed"));
         }
-        match rx.await {
-            Ok(answer) => answer.map(tonic::Response::new),
-            Err(_) => Err(Status::unavailable("the publish stream closed")),
+        let closed = || Status::unavailable("the publish stream closed");
+        taken.await.map_err(|_| closed())?;
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, answer).await {
+            Ok(Ok(answer)) => answer.map(tonic::Response::new),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(Status::unavailable(format!(
+                "{addr} did not answer in time"
+            ))),
         }
     }
 
@@ -241,8 +281,9 @@ impl ChannelRouter {
     ) -> Result<Option<Ts>, RouteError> {
         let proto = event_to_proto(event);
         let span = tracing::debug_span!("route.publish", channel = %event.channel);
+        // The publish stream times each attempt from when it takes the request.
         let reply = self
-            .route(&event.channel, |_, addr, epoch| {
+            .route_within(&event.channel, None, |_, addr, epoch| {
                 let publish = pb::PublishRequest {
                     epoch,
                     event: Some(proto.clone()),
@@ -401,8 +442,25 @@ impl ChannelRouter {
         Ok(())
     }
 
-    /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline.
+    /// Calls `call` on the owner of `channel`, retrying across ring changes until the deadline;
+    /// each attempt within [`ATTEMPT_TIMEOUT`].
     async fn route<T, F, Fut>(&self, channel: &ChannelId, call: F) -> Result<T, RouteError>
+    where
+        F: Fn(ChannelServerClient<Channel>, String, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.route_within(channel, Some(ATTEMPT_TIMEOUT), call)
+            .await
+    }
+
+    /// [`ChannelRouter::route`], each attempt within `attempt` (`None`: the call bounds its own
+    /// attempts, within what is left of the deadline).
+    async fn route_within<T, F, Fut>(
+        &self,
+        channel: &ChannelId,
+        attempt: Option<Duration>,
+        call: F,
+    ) -> Result<T, RouteError>
     where
         F: Fn(ChannelServerClient<Channel>, String, u64) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -422,7 +480,7 @@ impl ChannelRouter {
             };
             let client = self.client(&owner.addr)?;
             let status = match tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
+                attempt.unwrap_or(remaining),
                 call(client, owner.addr.clone(), ring.epoch()),
             )
             .await
@@ -578,6 +636,48 @@ mod tests {
         assert!(matches!(after_failure(&broken, LEFT), Next::Retry));
         // An Unknown the server itself answered is not a broken connection.
         assert!(!broke_mid_call(&Status::unknown("the server's own error")));
+    }
+
+    #[test]
+    fn a_publish_given_up_while_queued_is_never_sent_and_a_waited_one_learns_it_was_taken() {
+        let waiting = Mutex::new(Waiting::new());
+        let request = |id| pb::PublishStreamRequest {
+            id,
+            ..Default::default()
+        };
+        let (taken_tx, mut taken) = oneshot::channel();
+        let (reply, _answer) = oneshot::channel();
+        let waiter = Waiter {
+            taken: Some(taken_tx),
+            reply,
+        };
+        lock(&waiting).insert(1, waiter);
+        assert!(taken.try_recv().is_err(), "not taken yet");
+        assert!(
+            take_if_waited(&waiting, &request(1)),
+            "still waited for: sent"
+        );
+        assert!(taken.try_recv().is_ok(), "its attempt's time starts now");
+        assert!(
+            lock(&waiting).contains_key(&1),
+            "it still waits for its reply"
+        );
+        // Given up (timed out or cancelled) before the stream took it.
+        let (taken_tx, _taken) = oneshot::channel();
+        let (reply, _answer) = oneshot::channel();
+        let waiter = Waiter {
+            taken: Some(taken_tx),
+            reply,
+        };
+        lock(&waiting).insert(2, waiter);
+        drop(Forget {
+            waiting: &waiting,
+            id: 2,
+        });
+        assert!(
+            !take_if_waited(&waiting, &request(2)),
+            "given up: never sent"
+        );
     }
 
     #[tokio::test]
