@@ -10,6 +10,11 @@
 #   bench/profile.sh                       # channelmesh dev, saturating
 #   TARGET=nats RATE=6500 PERF_STAT=1 bench/profile.sh
 #   PERF_RECORD=1 bench/profile.sh && perf report -i "$OUT/perf.data"
+#   OPEN=1 RATE=4000 PERF_STAT=1 bench/profile.sh       # open loop: RATE published/s, paced
+#   OPEN=1 RATE=12000 DEV_FLAGS=--multi-process PERF_RECORD=1 bench/profile.sh
+#
+# perf counts and samples the server's whole core (SERVER_CPU), so that `dev --multi-process`
+# (every service its own process) is measured whole; the load generator is on the other core.
 #
 # Needs `perf` for PERF_STAT/PERF_RECORD (Debian: linux-perf). Results go to OUT
 # (default bench/out/), which is kept.
@@ -45,7 +50,8 @@ case "$TARGET" in
   channelmesh)
     export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
     export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-    dev_up "$OUT/server.log" "${dev_security[@]}"
+    # shellcheck disable=SC2086 # DEV_FLAGS are words
+    dev_up "$OUT/server.log" "${dev_security[@]}" ${DEV_FLAGS:-}
     server=$dev_pid
     target=(--target channelmesh --gateway "http://127.0.0.1:${GW_PORT}/api/"
       --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/" --admin "127.0.0.1:$((BASE + 51))")
@@ -64,10 +70,14 @@ hz=$(getconf CLK_TCK)
 
 # The workload runs in the background; the window is measured once the clients are connected
 # (the load generator prints its progress line "running" on stderr).
+# Closed loop (the default), or OPEN=1: one open-loop step of RATE published/s for DURATION s.
+pace=(--seconds "$DURATION" --rate "$RATE" --window "$WINDOW" --publish clients)
+if [ "${OPEN:-0}" = 1 ]; then
+  pace=(--open-loop --rates "$RATE" --step-seconds "$DURATION" --settle-seconds 5)
+fi
 taskset -c "$LOADGEN_CPU" "$loadgen_bin" fanout "${target[@]}" --server-pid "$server" \
-  --clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" --seconds "$DURATION" \
-  --rate "$RATE" --window "$WINDOW" --processes "$PROCESSES" --publish clients --json \
-  >"$OUT/report.json" 2>"$OUT/loadgen.log" &
+  --clients "$CLIENTS" --channels "$CHANNELS" --payload "$PAYLOAD" "${pace[@]}" \
+  --processes "$PROCESSES" --json >"$OUT/report.json" 2>"$OUT/loadgen.log" &
 loadgen=$!
 started+=("$loadgen")
 # Connected: the server has accepted every client. Then skip into the run.
@@ -78,20 +88,23 @@ done
 sleep "$FROM"
 if [ "${PERF_STAT:-0}" = 1 ]; then
   perf stat -x, -e 'syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_writev' \
-    -p "$server" -o "$OUT/perf-stat.csv" -- sleep "$SPAN" >/dev/null 2>&1 &
+    -e 'syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_epoll_wait' \
+    -a -C "$SERVER_CPU" -o "$OUT/perf-stat.csv" -- sleep "$SPAN" >/dev/null 2>&1 &
   perf_pid=$!
 fi
 if [ "${PERF_RECORD:-0}" = 1 ]; then
-  perf record -F 499 --call-graph dwarf,16384 -p "$server" -o "$OUT/perf.data" -- sleep "$SPAN" \
-    >/dev/null 2>&1 &
+  perf record -e cpu-clock -c 1000000 --call-graph dwarf,16384 -C "$SERVER_CPU" \
+    -o "$OUT/perf.data" -- sleep "$SPAN" >/dev/null 2>&1 &
   perf_pid=$!
 fi
 workers=$(pgrep -P "$loadgen" | tr '\n' ' ')
-# shellcheck disable=SC2086 # a list of pids
-s1=$(ticks "$server"); l1=$(ticks "$loadgen" $workers); b1=$(busy)
+# The server's children too: `dev --multi-process` runs each service as one.
+children=$(pgrep -P "$server" | tr "\n" " " || true)
+# shellcheck disable=SC2086 # lists of pids
+s1=$(ticks "$server" $children); l1=$(ticks "$loadgen" $workers); b1=$(busy)
 sleep "$SPAN"
 # shellcheck disable=SC2086
-s2=$(ticks "$server"); l2=$(ticks "$loadgen" $workers); b2=$(busy)
+s2=$(ticks "$server" $children); l2=$(ticks "$loadgen" $workers); b2=$(busy)
 [ -n "${perf_pid:-}" ] && wait "$perf_pid" || true
 wait "$loadgen"
 
@@ -99,6 +112,8 @@ python3 - "$OUT/report.json" "$s1" "$s2" "$l1" "$l2" "$b1" "$b2" "$hz" "$SPAN" "
 import json, sys
 report, s1, s2, l1, l2, b1, b2, hz, span, stat, has_stat = sys.argv[1:]
 r = json.load(open(report))
+# An open-loop run reports its one step.
+r = dict(r, **r["steps"][0]) if r.get("steps") else r
 s1, s2, l1, l2, b1, b2 = (int(x) for x in (s1, s2, l1, l2, b1, b2))
 hz, span = int(hz), float(span)
 server = (s2 - s1) / hz / span  # cores
@@ -117,7 +132,10 @@ if has_stat == "1":
     for line in open(stat):
         f = line.split(",")
         if len(f) > 2 and f[0].strip().isdigit():
-            writes += int(f[0])
+            call = f[2].split("sys_enter_")[-1]
+            print(f"{call + '/s':<21}{int(f[0]) / span:,.0f}")
+            if call in ("sendto", "write", "writev"):
+                writes += int(f[0])
     if writes:
         print(f"socket writes/s      {writes / span:,.0f}   delivered per write {rate * span / writes:.1f}")
 EOF
