@@ -76,24 +76,42 @@ type Waiting = HashMap<u64, Waiter>;
 /// A publish waiting in a stream: for its request to be taken by the stream, then for its reply.
 #[derive(Debug)]
 struct Waiter {
-    /// Told once the stream takes the request: the attempt's time starts then.
-    taken: Option<oneshot::Sender<()>>,
+    /// When the stream took the request: the attempt's time starts then.
+    taken: Option<tokio::time::Instant>,
     reply: oneshot::Sender<Result<pb::PublishResponse, Status>>,
 }
 
 /// Whether the stream sends `request`: only while its publish still waits for it (one given
 /// up while queued, timed out or cancelled, is never sent, so that a publish answered as
-/// failed was not delivered either). Tells the publish that its request is on its way.
+/// failed was not delivered either). Notes when the request went on its way.
 fn take_if_waited(waiting: &Mutex<Waiting>, request: &pb::PublishStreamRequest) -> bool {
     match lock(waiting).get_mut(&request.id) {
         Some(waiter) => {
-            if let Some(taken) = waiter.taken.take() {
-                let _ = taken.send(());
-            }
+            waiter.taken = Some(tokio::time::Instant::now());
             true
         }
         None => false,
     }
+}
+
+/// When a publish looked at `now` gives up its attempt: [`ATTEMPT_TIMEOUT`] after the stream
+/// took its request, and not while the request is still queued (the route's deadline bounds
+/// that wait).
+fn attempt_ends(taken: Option<tokio::time::Instant>, now: tokio::time::Instant) -> AttemptEnds {
+    match taken {
+        None => AttemptEnds::LookAgain(now + ATTEMPT_TIMEOUT),
+        Some(taken) if taken + ATTEMPT_TIMEOUT > now => {
+            AttemptEnds::LookAgain(taken + ATTEMPT_TIMEOUT)
+        }
+        Some(_) => AttemptEnds::Now,
+    }
+}
+
+/// See [`attempt_ends`].
+#[derive(Debug, PartialEq, Eq)]
+enum AttemptEnds {
+    LookAgain(tokio::time::Instant),
+    Now,
 }
 
 /// Requests queued to one publish stream.
@@ -212,13 +230,8 @@ impl ChannelRouter {
             .pipe(addr)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        let (taken_tx, taken) = oneshot::channel();
-        let waiter = Waiter {
-            taken: Some(taken_tx),
-            reply,
-        };
-        lock(&pipe.waiting).insert(id, waiter);
+        let (reply, mut answer) = oneshot::channel();
+        lock(&pipe.waiting).insert(id, Waiter { taken: None, reply });
         let _forget = Forget {
             waiting: &pipe.waiting,
             id,
@@ -234,14 +247,24 @@ impl ChannelRouter {
         if pipe.tx.send(request).await.is_err() {
             return Err(Status::unavailable("the publish stream closed"));
         }
-        let closed = || Status::unavailable("the publish stream closed");
-        taken.await.map_err(|_| closed())?;
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, answer).await {
-            Ok(Ok(answer)) => answer.map(tonic::Response::new),
-            Ok(Err(_)) => Err(closed()),
-            Err(_) => Err(Status::unavailable(format!(
-                "{addr} did not answer in time"
-            ))),
+        // One timer per publish, looked at again only when it fires: no wake-up when the
+        // stream takes the request.
+        let mut look = tokio::time::Instant::now() + ATTEMPT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(look, &mut answer).await {
+                Ok(Ok(answer)) => return answer.map(tonic::Response::new),
+                Ok(Err(_)) => return Err(Status::unavailable("the publish stream closed")),
+                Err(_) => {}
+            }
+            let taken = lock(&pipe.waiting).get(&id).and_then(|w| w.taken);
+            match attempt_ends(taken, tokio::time::Instant::now()) {
+                AttemptEnds::LookAgain(at) => look = at,
+                AttemptEnds::Now => {
+                    return Err(Status::unavailable(format!(
+                        "{addr} did not answer in time"
+                    )));
+                }
+            }
         }
     }
 
@@ -639,37 +662,23 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_given_up_while_queued_is_never_sent_and_a_waited_one_learns_it_was_taken() {
+    fn a_publish_given_up_while_queued_is_never_sent_and_a_sent_one_is_timed_from_then() {
         let waiting = Mutex::new(Waiting::new());
         let request = |id| pb::PublishStreamRequest {
             id,
             ..Default::default()
         };
-        let (taken_tx, mut taken) = oneshot::channel();
         let (reply, _answer) = oneshot::channel();
-        let waiter = Waiter {
-            taken: Some(taken_tx),
-            reply,
-        };
-        lock(&waiting).insert(1, waiter);
-        assert!(taken.try_recv().is_err(), "not taken yet");
+        lock(&waiting).insert(1, Waiter { taken: None, reply });
         assert!(
             take_if_waited(&waiting, &request(1)),
             "still waited for: sent"
         );
-        assert!(taken.try_recv().is_ok(), "its attempt's time starts now");
-        assert!(
-            lock(&waiting).contains_key(&1),
-            "it still waits for its reply"
-        );
+        let taken = lock(&waiting).get(&1).and_then(|w| w.taken);
+        assert!(taken.is_some(), "its attempt's time starts now");
         // Given up (timed out or cancelled) before the stream took it.
-        let (taken_tx, _taken) = oneshot::channel();
         let (reply, _answer) = oneshot::channel();
-        let waiter = Waiter {
-            taken: Some(taken_tx),
-            reply,
-        };
-        lock(&waiting).insert(2, waiter);
+        lock(&waiting).insert(2, Waiter { taken: None, reply });
         drop(Forget {
             waiting: &waiting,
             id: 2,
@@ -677,6 +686,26 @@ mod tests {
         assert!(
             !take_if_waited(&waiting, &request(2)),
             "given up: never sent"
+        );
+    }
+
+    #[test]
+    fn an_attempt_runs_out_only_its_timeout_after_the_stream_took_it() {
+        let start = tokio::time::Instant::now();
+        let later = |ms| start + Duration::from_millis(ms);
+        // Still queued: however long it has waited, it waits on (the route's deadline bounds it).
+        assert_eq!(
+            attempt_ends(None, later(10_000)),
+            AttemptEnds::LookAgain(later(10_000) + ATTEMPT_TIMEOUT)
+        );
+        // Taken at 1.5 s: its attempt ends at 1.5 s + the timeout, not before.
+        assert_eq!(
+            attempt_ends(Some(later(1_500)), later(2_000)),
+            AttemptEnds::LookAgain(later(1_500) + ATTEMPT_TIMEOUT)
+        );
+        assert_eq!(
+            attempt_ends(Some(later(1_500)), later(1_500) + ATTEMPT_TIMEOUT),
+            AttemptEnds::Now
         );
     }
 
