@@ -58,8 +58,11 @@ pub struct Seen {
 pub struct Window {
     /// Oldest first.
     order: VecDeque<Seen>,
-    /// The same keys, for lookup.
-    ts: HashMap<Arc<str>, Ts>,
+    /// The same keys, for lookup. Hashed with foldhash, seeded per process, rather than
+    /// SipHash: every publish looks its key up, stores it and drops the oldest, and SipHash
+    /// was most of that. The keys come from authenticated callers (the admin API's web app,
+    /// the mesh's own routers), and a per-process seed keeps them from choosing collisions.
+    ts: HashMap<Arc<str>, Ts, foldhash::fast::RandomState>,
     /// Bytes of the keys as counted ([`KEY_OVERHEAD`] plus the key each).
     bytes: usize,
 }
