@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc, not the system's glibc malloc: every service runs in this binary, and the fan-out's
 /// per-event allocations (frames, gRPC messages, boxed futures) were a fifth to a third of its
-/// profile; docs/decisions.md ("The allocator") has the measurement.
+/// profile; docs/decisions.md ("The allocator") has the measurement. The `system-allocator`
+/// feature keeps the system's malloc, for heap profilers (bench/README.md, `bench/idle.sh`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -43,13 +43,15 @@ pub async fn run(
     batch_presence: bool,
     cursors: Vec<(ChannelId, Ts)>,
 ) {
-    let Some(mut connection) =
-        Connection::handshake(socket, ctx, conn, identity, batch_presence, cursors).await
-    else {
+    // The handshake and the teardown run once each, at the ends: boxed, their state (about
+    // 2 KB each) is held only while they run, not for the connection's whole life inside its
+    // task (bench/README.md, "Memory per idle connection").
+    let handshake = Connection::handshake(socket, ctx, conn, identity, batch_presence, cursors);
+    let Some(mut connection) = Box::pin(handshake).await else {
         return;
     };
     let close = connection.serve().await;
-    connection.teardown(close).await;
+    Box::pin(connection.teardown(close)).await;
 }
 
 /// What one turn of a connection's loop leads to.
