@@ -197,6 +197,11 @@ impl Known {
 struct Channel {
     gateways: HashMap<u64, GatewaySet>,
     users: HashMap<UserId, UserState>,
+    /// Departures in the order they happened: when, and who. An entry whose user has since
+    /// come back (or left again later) is skipped when its turn comes. The expiry looks only
+    /// at those due, not at every user of the channel: a team's channel of 100,000 users with
+    /// one leaving is not a scan of 100,000 every tick.
+    departures: VecDeque<(u64, UserId)>,
     /// Since when the channel has had a member (names the occupancy in event ids).
     occupied_since: Option<u64>,
     known: Known,
@@ -279,10 +284,12 @@ impl Members {
                 users: HashMap::new(),
             });
         set.region = source.region.clone();
+        // One pass each way: a gateway resubscribing a team's channel reports thousands.
+        let reported: HashSet<&UserId> = reports.iter().map(|r| &r.user).collect();
         let stale: Vec<UserId> = set
             .users
             .keys()
-            .filter(|u| !reports.iter().any(|r| &r.user == *u))
+            .filter(|u| !reported.contains(u))
             .cloned()
             .collect();
         let zeroed = stale.into_iter().map(|user| Report {
@@ -329,6 +336,7 @@ impl Members {
                 state.conns = state.conns.saturating_sub(u64::from(conns));
                 if state.conns == 0 && state.gone_at.is_none() {
                     state.gone_at = Some(now_ms);
+                    ch.departures.push_back((now_ms, user));
                     self.grace.insert(channel.clone());
                 }
             }
@@ -384,6 +392,7 @@ impl Members {
                     if state.conns == 0 {
                         if state.gone_at.is_none() {
                             state.gone_at = Some(now_ms);
+                            ch.departures.push_back((now_ms, report.user.clone()));
                             self.grace.insert(channel.clone());
                         }
                     } else {
@@ -448,20 +457,24 @@ impl Members {
                 continue;
             };
             let mut gone: Vec<(UserId, u64, u64, Option<TeamId>)> = Vec::new();
-            let mut waiting = false;
-            for (user, state) in &ch.users {
-                match state.gone_at {
-                    Some(at) if at.saturating_add(grace) <= now_ms => {
-                        gone.push((user.clone(), at, state.since_ms, state.team.clone()))
-                    }
-                    Some(_) => waiting = true,
-                    None => {}
+            while let Some((at, _)) = ch.departures.front()
+                && at.saturating_add(grace) <= now_ms
+            {
+                let Some((at, user)) = ch.departures.pop_front() else {
+                    break;
+                };
+                // Still gone since this departure: it counts (once; a later entry of the same
+                // user finds it removed).
+                if ch.users.get(&user).is_some_and(|s| s.gone_at == Some(at))
+                    && let Some(state) = ch.users.remove(&user)
+                {
+                    gone.push((user, at, state.since_ms, state.team));
                 }
             }
+            let waiting = !ch.departures.is_empty();
             gone.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
             let mut last_at = 0;
             for (user, at, since, team) in gone {
-                ch.users.remove(&user);
                 last_at = last_at.max(at);
                 let mut removed = fact(
                     FactKind::MemberRemoved,
@@ -627,6 +640,7 @@ impl Members {
                     gone_at: Some(now_ms),
                 },
             );
+            ch.departures.push_back((now_ms, report.user.clone()));
             if learns {
                 ch.known.learn(
                     &report.user,

@@ -144,6 +144,66 @@ fn a_user_moving_regions_within_the_grace_is_neither_removed_nor_added_again() {
 }
 
 #[test]
+fn in_a_large_channel_each_departure_counts_once_from_its_latest_leaving() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let g = source(1, "g", "r");
+    let all: Vec<Report> = (0..20_000)
+        .map(|i| report(&format!("U{i}"), 1, 100))
+        .collect();
+    m.subscribe(&g, &c("T1"), &all, 100, &mut out);
+    assert_eq!(m.summary(&c("T1")).members, 20_000);
+    out.clear();
+    // U1 leaves, comes back within the grace and leaves again; U2 leaves once; U3 leaves and
+    // comes back for good.
+    m.update(1, &c("T1"), &[report("U1", 0, 0)], 1_000, &mut out);
+    m.update(1, &c("T1"), &[report("U2", 0, 0)], 1_200, &mut out);
+    m.update(1, &c("T1"), &[report("U3", 0, 0)], 1_300, &mut out);
+    m.update(1, &c("T1"), &[report("U1", 1, 1_500)], 1_500, &mut out);
+    m.update(1, &c("T1"), &[report("U3", 1, 1_600)], 1_600, &mut out);
+    m.update(1, &c("T1"), &[report("U1", 0, 0)], 1_800, &mut out);
+    m.expire(2_199, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    m.expire(2_200, &mut out);
+    assert_eq!(users(&out), ["U2"]);
+    m.expire(2_799, &mut out);
+    assert_eq!(
+        users(&out),
+        ["U2"],
+        "U1's first leaving does not count: it came back"
+    );
+    m.expire(2_800, &mut out);
+    assert_eq!(users(&out), ["U2", "U1"]);
+    assert_eq!(out[1].time_ms, 1_800);
+    m.expire(10_000, &mut out);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(m.summary(&c("T1")).members, 19_998);
+
+    // The gateway resubscribes with all but U4..U9 (their connections closed meanwhile): only
+    // they leave.
+    out.clear();
+    let now: Vec<Report> = all
+        .iter()
+        .filter(|r| {
+            !matches!(
+                r.user.as_str(),
+                "U1" | "U2" | "U4" | "U5" | "U6" | "U7" | "U8" | "U9"
+            )
+        })
+        .cloned()
+        .map(|mut r| {
+            r.announced = true;
+            r
+        })
+        .collect();
+    m.subscribe(&g, &c("T1"), &now, 20_000, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    m.expire(21_000, &mut out);
+    assert_eq!(users(&out), ["U4", "U5", "U6", "U7", "U8", "U9"]);
+    assert_eq!(m.summary(&c("T1")).members, 19_992);
+}
+
+#[test]
 fn a_resumption_takes_announced_members_in_without_news() {
     let mut m = members();
     let mut out = Vec::new();
