@@ -43,6 +43,8 @@ if [ -n "${BASE:-}" ] && "$bin" dev --help | grep -q -- '--presence-http'; then
   dev_consoles+=(--http "127.0.0.1:$((BASE + 90))" --presence-http "127.0.0.1:$((BASE + 92))")
 fi
 started=()
+# KEEP_LOGS=dir: the servers' logs are copied there when the run ends (they go with the scratch
+# folder otherwise).
 cleanup() {
   for pid in "${started[@]}"; do
     kill "$pid" 2>/dev/null || true
@@ -50,6 +52,9 @@ cleanup() {
   for pid in "${started[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS" && cp "$work"/*.log "$KEEP_LOGS"/ 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -9,11 +9,9 @@
 //! that dispatch. That binary belongs to another package of the workspace: `tests/run` (`cargo
 //! nextest run --workspace`) builds it; a run of this package alone needs it built first.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
-use crate::support::{listening, mesh};
+use crate::support::{bench_report, listening, mesh};
 
 /// Fields every report has.
 const FIELDS: &[&str] = &[
@@ -36,19 +34,6 @@ const FIELDS: &[&str] = &[
     "loadgen_bound",
 ];
 
-/// `channelmesh bench` runs `channelmesh-loadgen` from beside `channelmesh`: fails clearly
-/// when it is not there.
-fn assert_loadgen_built() {
-    let channelmesh = std::path::Path::new(env!("CARGO_BIN_EXE_channelmesh"));
-    let loadgen = channelmesh.with_file_name("channelmesh-loadgen");
-    assert!(
-        loadgen.is_file(),
-        "{} is missing: `channelmesh bench` runs it. Build it with `cargo build -p \
-         channelmesh-loadgen` (`tests/run` builds the whole workspace)",
-        loadgen.display()
-    );
-}
-
 /// Runs the binary with `args` and returns its JSON report.
 async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut all = vec!["--rate", "50", "--seconds", "1"];
@@ -61,37 +46,14 @@ async fn bench(args: &[&str], env: &[(&str, &str)]) -> Value {
 /// Runs `channelmesh bench SCENARIO` (20 clients over 2 channels, unless `args` say otherwise)
 /// with `args` and returns its JSON report, checked for what every run must show.
 async fn run(scenario: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
-    assert_loadgen_built();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelmesh"));
-    command
-        .args(["bench", scenario, "--json", "--processes", "2"])
-        .args(args);
+    let mut all = vec![scenario, "--json", "--processes", "2"];
+    all.extend_from_slice(args);
     for (flag, default) in [("--clients", "20"), ("--channels", "2")] {
         if !args.contains(&flag) {
-            command.args([flag, default]);
+            all.extend_from_slice(&[flag, default]);
         }
     }
-    command
-        .env_remove("CHANNELMESH_JWT_SECRET")
-        .env_remove("CHANNELMESH_ADMIN_TOKEN")
-        .env_remove("CHANNELMESH_LOADGEN")
-        .kill_on_drop(true);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("the bench run took over 2 minutes")
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    for field in FIELDS {
-        assert!(!report[field].is_null(), "no {field} in {report}");
-    }
+    let report = bench_report(&all, env, FIELDS).await;
     assert_eq!(report["processes"], 2, "{report}");
     assert_eq!(report["connect_failures"], 0, "{report}");
     assert!(report["published"].as_u64().unwrap() > 0, "{report}");

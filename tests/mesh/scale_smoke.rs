@@ -5,12 +5,9 @@
 //! timing is asserted. (`bench/scale.sh` runs the same at 500,000 over separate gateway
 //! processes.)
 
-use std::time::Duration;
-
 use channelmesh::MeshConfig;
-use serde_json::Value;
 
-use crate::support::mesh_with;
+use crate::support::{bench_report, mesh_with};
 
 /// Fields every `scale` report has.
 const FIELDS: &[&str] = &[
@@ -40,11 +37,6 @@ const FIELDS: &[&str] = &[
 
 #[tokio::test]
 async fn bench_scale_delivers_the_team_message_to_every_client() {
-    let channelmesh = std::path::Path::new(env!("CARGO_BIN_EXE_channelmesh"));
-    assert!(
-        channelmesh.with_file_name("channelmesh-loadgen").is_file(),
-        "channelmesh-loadgen is missing beside channelmesh: `cargo build -p channelmesh-loadgen`"
-    );
     // Thousands of clients from one address each, as fast as they come.
     let mut config = MeshConfig::ephemeral();
     config.limits.connects_per_addr = 0;
@@ -54,30 +46,14 @@ async fn bench_scale_delivers_the_team_message_to_every_client() {
     let eu = mesh.rtm_base_url("eu-west").unwrap();
     let admin = mesh.admin.to_string();
     let me = std::process::id().to_string();
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(channelmesh)
-            .args(["bench", "scale", "--json", "--clients", "2000"])
-            .args(["--processes", "4", "--gateway", &us, "--gateway", &eu])
-            .args(["--admin", &admin, "--server-pid", &me])
-            .env("CHANNELMESH_JWT_SECRET", &mesh.jwt_secret)
-            .env("CHANNELMESH_ADMIN_TOKEN", &mesh.admin_token)
-            .env_remove("CHANNELMESH_LOADGEN")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the scale run took over 2 minutes")
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    for field in FIELDS {
-        assert!(!report[field].is_null(), "no {field} in {report}");
-    }
+    let args = ["scale", "--json", "--clients", "2000", "--processes", "4"];
+    let args = [&args[..], &["--gateway", &us, "--gateway", &eu]].concat();
+    let args = [&args[..], &["--admin", &admin, "--server-pid", &me]].concat();
+    let env = [
+        ("CHANNELMESH_JWT_SECRET", mesh.jwt_secret.as_str()),
+        ("CHANNELMESH_ADMIN_TOKEN", mesh.admin_token.as_str()),
+    ];
+    let report = bench_report(&args, &env, FIELDS).await;
     assert_eq!(report["processes"], 4, "{report}");
     assert_eq!(report["connected"], 2000, "{report}");
     assert_eq!(report["failed"], 0, "{report}");

@@ -123,6 +123,46 @@ where
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port` (a child process that
 /// started listening); panics with `what` if nothing does within [`WAIT`].
+/// Runs `channelmesh bench ARGS` (the `channelmesh-loadgen` beside the binary) with `env` set
+/// and the secrets of the caller's environment removed, within 2 minutes; returns its JSON
+/// report, which must have every one of `fields`. Fails clearly when the load generator is not
+/// built or the run fails.
+pub async fn bench_report(args: &[&str], env: &[(&str, &str)], fields: &[&str]) -> Value {
+    let channelmesh = std::path::Path::new(env!("CARGO_BIN_EXE_channelmesh"));
+    let loadgen = channelmesh.with_file_name("channelmesh-loadgen");
+    assert!(
+        loadgen.is_file(),
+        "{} is missing: `channelmesh bench` runs it. Build it with `cargo build -p \
+         channelmesh-loadgen` (`tests/run` builds the whole workspace)",
+        loadgen.display()
+    );
+    let mut command = tokio::process::Command::new(channelmesh);
+    command
+        .arg("bench")
+        .args(args)
+        .env_remove("CHANNELMESH_JWT_SECRET")
+        .env_remove("CHANNELMESH_ADMIN_TOKEN")
+        .env_remove("CHANNELMESH_LOADGEN")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the bench run took over 2 minutes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in fields {
+        assert!(!report[field].is_null(), "no {field} in {report}");
+    }
+    report
+}
+
 pub async fn listening(port: u16, what: &str) {
     eventually(what, || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
