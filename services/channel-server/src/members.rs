@@ -197,11 +197,9 @@ impl Known {
 struct Channel {
     gateways: HashMap<u64, GatewaySet>,
     users: HashMap<UserId, UserState>,
-    /// Departures in the order they happened: when, and who. An entry whose user has since
-    /// come back (or left again later) is skipped when its turn comes. The expiry looks only
-    /// at those due, not at every user of the channel: a team's channel of 100,000 users with
-    /// one leaving is not a scan of 100,000 every tick.
-    departures: VecDeque<(u64, UserId)>,
+    /// Its entries in [`Members::departures`] not yet taken: the channel is not dropped
+    /// while any is left.
+    pending: u32,
     /// Since when the channel has had a member (names the occupancy in event ids).
     occupied_since: Option<u64>,
     known: Known,
@@ -235,8 +233,12 @@ pub struct Members {
     known: usize,
     /// Whether to learn who belongs to channels (only `user_offline_message` needs it).
     learns: bool,
-    /// Channels with a departure waiting out its grace.
-    grace: HashSet<ChannelId>,
+    /// Departures waiting out their grace, in the order they happened: when, where, who. An
+    /// entry whose user has since come back (or left again later) is skipped when its turn
+    /// comes. The expiry looks only at those due: not at every user of a channel (a team's
+    /// channel of 100,000 with one leaving), nor at every channel with someone leaving (a
+    /// gateway's users' own channels, all at once when it goes).
+    departures: VecDeque<(u64, ChannelId, UserId)>,
     /// Reports not counted for a bound.
     pub dropped: u64,
 }
@@ -249,7 +251,7 @@ impl Members {
             entries: 0,
             known: 0,
             learns: true,
-            grace: HashSet::new(),
+            departures: VecDeque::new(),
             dropped: 0,
         }
     }
@@ -336,8 +338,8 @@ impl Members {
                 state.conns = state.conns.saturating_sub(u64::from(conns));
                 if state.conns == 0 && state.gone_at.is_none() {
                     state.gone_at = Some(now_ms);
-                    ch.departures.push_back((now_ms, user));
-                    self.grace.insert(channel.clone());
+                    ch.pending += 1;
+                    self.departures.push_back((now_ms, channel.clone(), user));
                 }
             }
         }
@@ -392,8 +394,12 @@ impl Members {
                     if state.conns == 0 {
                         if state.gone_at.is_none() {
                             state.gone_at = Some(now_ms);
-                            ch.departures.push_back((now_ms, report.user.clone()));
-                            self.grace.insert(channel.clone());
+                            ch.pending += 1;
+                            self.departures.push_back((
+                                now_ms,
+                                channel.clone(),
+                                report.user.clone(),
+                            ));
                         }
                     } else {
                         // Back within the grace (another gateway, another region): no news.
@@ -445,61 +451,79 @@ impl Members {
     }
 
     /// Departures whose grace ran out by `now_ms` count: `member_removed` for each, then
-    /// `channel_vacated` when the channel has nobody left.
+    /// `channel_vacated` when the channel has nobody left; channel by channel, in the order
+    /// their first due departure happened.
     pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Fact>) {
-        if self.grace.is_empty() {
-            return;
-        }
         let grace = self.bounds.grace_ms;
-        let mut still = HashSet::new();
-        for channel in std::mem::take(&mut self.grace) {
+        // Per channel touched, its users gone for good: who, when they left, since when they
+        // were members, their team.
+        type Gone = Vec<(UserId, u64, u64, Option<TeamId>)>;
+        let mut touched: Vec<(ChannelId, Gone)> = Vec::new();
+        let mut index: HashMap<ChannelId, usize> = HashMap::new();
+        while let Some((at, ..)) = self.departures.front()
+            && at.saturating_add(grace) <= now_ms
+        {
+            let Some((at, channel, user)) = self.departures.pop_front() else {
+                break;
+            };
+            let Some(ch) = self.channels.get_mut(&channel) else {
+                continue; // Dropped meanwhile: its departures were told then.
+            };
+            ch.pending = ch.pending.saturating_sub(1);
+            // Still gone since this departure: it counts (once; a later entry of the same user
+            // finds it removed).
+            let gone = match ch.users.get(&user) {
+                Some(state) if state.gone_at == Some(at) => ch.users.remove(&user),
+                _ => None,
+            };
+            let i = *index.entry(channel.clone()).or_insert_with(|| {
+                touched.push((channel, Vec::new()));
+                touched.len() - 1
+            });
+            if let Some(state) = gone {
+                touched[i].1.push((user, at, state.since_ms, state.team));
+            }
+        }
+        for (channel, gone) in touched {
             let Some(ch) = self.channels.get_mut(&channel) else {
                 continue;
             };
-            let mut gone: Vec<(UserId, u64, u64, Option<TeamId>)> = Vec::new();
-            while let Some((at, _)) = ch.departures.front()
-                && at.saturating_add(grace) <= now_ms
-            {
-                let Some((at, user)) = ch.departures.pop_front() else {
-                    break;
-                };
-                // Still gone since this departure: it counts (once; a later entry of the same
-                // user finds it removed).
-                if ch.users.get(&user).is_some_and(|s| s.gone_at == Some(at))
-                    && let Some(state) = ch.users.remove(&user)
-                {
-                    gone.push((user, at, state.since_ms, state.team));
-                }
-            }
-            let waiting = !ch.departures.is_empty();
-            gone.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-            let mut last_at = 0;
-            for (user, at, since, team) in gone {
-                last_at = last_at.max(at);
-                let mut removed = fact(
-                    FactKind::MemberRemoved,
-                    &channel,
-                    Some(&user),
-                    team.as_ref(),
-                    since,
-                );
-                removed.time_ms = at;
-                out.push(removed);
-            }
-            if ch.users.is_empty()
-                && let Some(since) = ch.occupied_since.take()
-            {
-                let mut vacated = fact(FactKind::Vacated, &channel, None, None, since);
-                vacated.time_ms = last_at.max(since);
-                out.push(vacated);
-            }
-            if waiting {
-                still.insert(channel.clone());
-            } else if ch.is_idle() {
+            Self::tell_gone(&channel, ch, gone, out);
+            if ch.pending == 0 && ch.is_idle() {
                 self.channels.remove(&channel);
             }
         }
-        self.grace = still;
+    }
+
+    /// `gone` left `channel` for good: `member_removed` for each, in the order they left, then
+    /// `channel_vacated` if nobody is left.
+    fn tell_gone(
+        channel: &ChannelId,
+        ch: &mut Channel,
+        mut gone: Vec<(UserId, u64, u64, Option<TeamId>)>,
+        out: &mut Vec<Fact>,
+    ) {
+        gone.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        let mut last_at = 0;
+        for (user, at, since, team) in gone {
+            last_at = last_at.max(at);
+            let mut removed = fact(
+                FactKind::MemberRemoved,
+                channel,
+                Some(&user),
+                team.as_ref(),
+                since,
+            );
+            removed.time_ms = at;
+            out.push(removed);
+        }
+        if ch.users.is_empty()
+            && let Some(since) = ch.occupied_since.take()
+        {
+            let mut vacated = fact(FactKind::Vacated, channel, None, None, since);
+            vacated.time_ms = last_at.max(since);
+            out.push(vacated);
+        }
     }
 
     /// An event committed on its channel: a join or leave updates who is known to belong; a
@@ -604,12 +628,22 @@ impl Members {
                 .entries
                 .saturating_sub(ch.gateways.values().map(|g| g.users.len()).sum::<usize>());
             self.known = self.known.saturating_sub(ch.known.users.len());
-            if self.grace.remove(&channel) {
-                // Their grace runs out at once: the same facts, in the same order.
-                let mut alone = Members::new(self.bounds);
-                alone.channels.insert(channel.clone(), ch);
-                alone.grace.insert(channel);
-                alone.expire(u64::MAX, out);
+            if ch.pending > 0 {
+                // Their grace runs out at once: the same facts, in the same order. Their
+                // entries in the queue are skipped when their turn comes.
+                let mut ch = ch;
+                let gone: Vec<_> = ch
+                    .users
+                    .iter()
+                    .filter_map(|(user, s)| {
+                        let at = s.gone_at?;
+                        Some((user.clone(), at, s.since_ms, s.team.clone()))
+                    })
+                    .collect();
+                for (user, ..) in &gone {
+                    ch.users.remove(user);
+                }
+                Self::tell_gone(&channel, &mut ch, gone, out);
             }
         }
         live
@@ -622,7 +656,6 @@ impl Members {
     pub fn adopt(&mut self, channel: &ChannelId, reports: &[Report], now_ms: u64) {
         let learns = self.learns;
         let ch = self.channels.entry(channel.clone()).or_default();
-        let mut waiting = false;
         for report in reports {
             if ch.users.contains_key(&report.user)
                 || ch.users.len() >= self.bounds.users_per_channel
@@ -640,7 +673,9 @@ impl Members {
                     gone_at: Some(now_ms),
                 },
             );
-            ch.departures.push_back((now_ms, report.user.clone()));
+            ch.pending += 1;
+            self.departures
+                .push_back((now_ms, channel.clone(), report.user.clone()));
             if learns {
                 ch.known.learn(
                     &report.user,
@@ -650,10 +685,6 @@ impl Members {
                     &mut self.dropped,
                 );
             }
-            waiting = true;
-        }
-        if waiting {
-            self.grace.insert(channel.clone());
         }
     }
 

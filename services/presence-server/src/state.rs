@@ -27,7 +27,7 @@
 //! remembered for the [`REMEMBERED_TEAMS`] users last forgotten; a user whose team is not
 //! known (never online since this server owned them) is answered without one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
@@ -167,6 +167,14 @@ pub struct Presence {
     owned: Option<Box<[bool]>>,
     /// Published changes not taken yet (see [`Presence::take_changes`]).
     changes: Vec<Change>,
+    /// Users set to go away, in the order their times come: (when, who). An entry whose
+    /// user's `away_at` has changed since (came back, or left again later) is skipped. A tick
+    /// looks only at those due, not at every user tracked (hundreds of thousands online).
+    away_queue: VecDeque<(Instant, UserId)>,
+    /// Users whose time to go away came while they were not this server's (a gateway saw a
+    /// ring giving them to us before we did): looked at again each tick until they are ours
+    /// or forgotten.
+    away_unowned: Vec<(Instant, UserId)>,
 }
 
 impl Presence {
@@ -180,6 +188,8 @@ impl Presence {
             dirty: HashSet::new(),
             owned: None,
             changes: Vec::new(),
+            away_queue: VecDeque::new(),
+            away_unowned: Vec::new(),
         }
     }
 
@@ -464,6 +474,7 @@ impl Presence {
             u.published = Some(false);
         } else if u.away_at.is_none() {
             u.away_at = Some(now + grace);
+            self.away_queue.push_back((now + grace, user.clone()));
         }
         self.forget_if_unneeded(user);
     }
@@ -579,14 +590,30 @@ impl Presence {
             return notices;
         }
         // A user not ours yet waits for the ring that gives them to us (or forgets them).
-        let due: Vec<UserId> = self
-            .users
-            .iter()
-            .filter(|(user, u)| u.away_at.is_some_and(|t| now >= t) && self.owns(user))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut due = Vec::new();
+        for (at, user) in std::mem::take(&mut self.away_unowned) {
+            if self.users.get(&user).is_some_and(|u| u.away_at == Some(at)) {
+                match self.owns(&user) {
+                    true => due.push(user),
+                    false => self.away_unowned.push((at, user)),
+                }
+            }
+        }
+        while let Some((at, _)) = self.away_queue.front()
+            && *at <= now
+        {
+            let Some((at, user)) = self.away_queue.pop_front() else {
+                break;
+            };
+            if self.users.get(&user).is_some_and(|u| u.away_at == Some(at)) {
+                match self.owns(&user) {
+                    true => due.push(user),
+                    false => self.away_unowned.push((at, user)),
+                }
+            }
+        }
         for user in due {
-            let Some(u) = self.users.get_mut(&user) else {
+            let Some(u) = self.users.get_mut(&user).filter(|u| u.away_at.is_some()) else {
                 continue;
             };
             u.away_at = None;
@@ -731,6 +758,33 @@ mod tests {
         assert!(p.tick(t0 + GRACE / 2).is_empty());
         assert_eq!(said(&p.tick(t0 + GRACE)[&1]), vec![(u("UB"), false)]);
         assert!(!p.get(&u("UB")).active);
+    }
+
+    #[test]
+    fn among_many_online_each_goes_away_once_after_the_grace_from_their_latest_leaving() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(GRACE);
+        let watched: Vec<UserId> = ["U1", "U2", "U3"].map(u).to_vec();
+        p.snapshot(1, vec![], vec![], watched, t0);
+        let all: Vec<Online> = (0..10_000).map(|i| on(&format!("U{i}"), 1)).collect();
+        p.snapshot(2, all, vec![], vec![], t0);
+        // U1 leaves, comes back and leaves again; U2 leaves once; U3 leaves and comes back.
+        let step = GRACE / 4;
+        assert!(p.online(2, &on("U1", 0), t0).is_empty());
+        assert!(p.online(2, &on("U2", 0), t0 + step).is_empty());
+        assert!(p.online(2, &on("U3", 0), t0 + step).is_empty());
+        assert!(p.online(2, &on("U1", 1), t0 + step * 2).is_empty());
+        assert!(p.online(2, &on("U3", 1), t0 + step * 2).is_empty());
+        assert!(p.online(2, &on("U1", 0), t0 + step * 3).is_empty());
+        assert!(p.tick(t0 + GRACE).is_empty(), "U1 came back");
+        assert_eq!(said(&p.tick(t0 + GRACE + step)[&1]), vec![(u("U2"), false)]);
+        assert!(p.tick(t0 + GRACE + step * 2).is_empty());
+        assert_eq!(
+            said(&p.tick(t0 + GRACE + step * 3)[&1]),
+            vec![(u("U1"), false)]
+        );
+        assert!(p.tick(t0 + GRACE * 10).is_empty());
+        assert!(p.get(&u("U3")).active);
     }
 
     #[test]

@@ -204,6 +204,49 @@ fn in_a_large_channel_each_departure_counts_once_from_its_latest_leaving() {
 }
 
 #[test]
+fn a_gateway_going_away_removes_its_users_from_their_own_channels_once_the_grace_runs_out() {
+    let mut m = members();
+    let mut out = Vec::new();
+    let g = source(1, "g", "r");
+    for i in 0..1_000 {
+        let user = format!("U{i}");
+        m.subscribe(&g, &c(&user), &[report(&user, 1, 100)], 100, &mut out);
+    }
+    out.clear();
+    // Its stream ends: every channel's only member leaves at once.
+    for i in 0..1_000 {
+        m.unsubscribe(1, &c(&format!("U{i}")), 2_000);
+    }
+    m.expire(2_999, &mut out);
+    assert!(out.is_empty());
+    // U7 comes back (through another gateway) within the grace: only its channel stays.
+    let w = source(2, "w", "r");
+    m.subscribe(&w, &c("U7"), &[report("U7", 1, 2_500)], 2_500, &mut out);
+    m.expire(3_000, &mut out);
+    let removed = out
+        .iter()
+        .filter(|f| f.kind == FactKind::MemberRemoved)
+        .count();
+    let vacated = out.iter().filter(|f| f.kind == FactKind::Vacated).count();
+    assert_eq!((removed, vacated), (999, 999));
+    assert!(!users(&out).contains(&"U7"));
+    // Each channel's removal comes before its vacating.
+    assert_eq!(
+        names(&out[..2]),
+        [
+            ("member_removed", Some("U0".into())),
+            ("channel_vacated", None)
+        ]
+    );
+    assert_eq!(m.summary(&c("U7")).members, 1);
+    assert_eq!(m.summary(&c("U8")).members, 0);
+    assert_eq!(m.live().count(), 1);
+    out.clear();
+    m.expire(100_000, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
 fn a_resumption_takes_announced_members_in_without_news() {
     let mut m = members();
     let mut out = Vec::new();
