@@ -197,9 +197,6 @@ impl Known {
 struct Channel {
     gateways: HashMap<u64, GatewaySet>,
     users: HashMap<UserId, UserState>,
-    /// Its entries in [`Members::departures`] not yet taken: the channel is not dropped
-    /// while any is left.
-    pending: u32,
     /// Since when the channel has had a member (names the occupancy in event ids).
     occupied_since: Option<u64>,
     known: Known,
@@ -235,7 +232,7 @@ pub struct Members {
     learns: bool,
     /// Departures waiting out their grace, in the order they happened: when, where, who. An
     /// entry whose user has since come back (or left again later) is skipped when its turn
-    /// comes. The expiry looks only at those due: not at every user of a channel (a team's
+    /// comes, as is one whose channel was dropped meanwhile. The expiry looks only at those due: not at every user of a channel (a team's
     /// channel of 100,000 with one leaving), nor at every channel with someone leaving (a
     /// gateway's users' own channels, all at once when it goes).
     departures: VecDeque<(u64, ChannelId, UserId)>,
@@ -338,7 +335,6 @@ impl Members {
                 state.conns = state.conns.saturating_sub(u64::from(conns));
                 if state.conns == 0 && state.gone_at.is_none() {
                     state.gone_at = Some(now_ms);
-                    ch.pending += 1;
                     self.departures.push_back((now_ms, channel.clone(), user));
                 }
             }
@@ -394,7 +390,6 @@ impl Members {
                     if state.conns == 0 {
                         if state.gone_at.is_none() {
                             state.gone_at = Some(now_ms);
-                            ch.pending += 1;
                             self.departures.push_back((
                                 now_ms,
                                 channel.clone(),
@@ -469,7 +464,6 @@ impl Members {
             let Some(ch) = self.channels.get_mut(&channel) else {
                 continue; // Dropped meanwhile: its departures were told then.
             };
-            ch.pending = ch.pending.saturating_sub(1);
             // Still gone since this departure: it counts (once; a later entry of the same user
             // finds it removed).
             let gone = match ch.users.get(&user) {
@@ -489,7 +483,8 @@ impl Members {
                 continue;
             };
             Self::tell_gone(&channel, ch, gone, out);
-            if ch.pending == 0 && ch.is_idle() {
+            // A user still in a grace is still among its users: an idle channel has none.
+            if ch.is_idle() {
                 self.channels.remove(&channel);
             }
         }
@@ -628,18 +623,18 @@ impl Members {
                 .entries
                 .saturating_sub(ch.gateways.values().map(|g| g.users.len()).sum::<usize>());
             self.known = self.known.saturating_sub(ch.known.users.len());
-            if ch.pending > 0 {
-                // Their grace runs out at once: the same facts, in the same order. Their
-                // entries in the queue are skipped when their turn comes.
-                let mut ch = ch;
-                let gone: Vec<_> = ch
-                    .users
-                    .iter()
-                    .filter_map(|(user, s)| {
-                        let at = s.gone_at?;
-                        Some((user.clone(), at, s.since_ms, s.team.clone()))
-                    })
-                    .collect();
+            // Departures in their grace run out at once: the same facts, in the same order.
+            // Their entries in the queue are skipped when their turn comes.
+            let mut ch = ch;
+            let gone: Vec<_> = ch
+                .users
+                .iter()
+                .filter_map(|(user, s)| {
+                    let at = s.gone_at?;
+                    Some((user.clone(), at, s.since_ms, s.team.clone()))
+                })
+                .collect();
+            if !gone.is_empty() {
                 for (user, ..) in &gone {
                     ch.users.remove(user);
                 }
@@ -673,7 +668,6 @@ impl Members {
                     gone_at: Some(now_ms),
                 },
             );
-            ch.pending += 1;
             self.departures
                 .push_back((now_ms, channel.clone(), report.user.clone()));
             if learns {
