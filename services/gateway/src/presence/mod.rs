@@ -187,6 +187,8 @@ struct Inner {
     channels: presence_client::Pool,
     /// Counts the presence answers and changes withheld from clients (another team's users).
     withheld: IntCounter,
+    /// Where the sessions run: a thread of their own ([`session::sessions_runtime`]).
+    sessions: tokio::runtime::Handle,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -209,6 +211,7 @@ impl PresenceHub {
                 state: Mutex::new(State::default()),
                 channels: presence_client::Pool::new(),
                 withheld,
+                sessions: session::sessions_runtime(cancel.clone()),
                 tracker,
                 cancel,
             }),
@@ -266,9 +269,10 @@ impl PresenceHub {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         state.sessions.insert(node.clone(), tx.clone());
         let cancel = self.inner.cancel.clone();
+        let session = session::run(self.clone(), node, addr, rx, cancel);
         self.inner
-            .tracker
-            .spawn(session::run(self.clone(), node, addr, rx, cancel));
+            .sessions
+            .spawn(self.inner.tracker.track_future(session));
         tx
     }
 
