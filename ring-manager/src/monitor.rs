@@ -40,16 +40,27 @@ pub(crate) struct Timing {
     pub(crate) probe_timeout: Duration,
 }
 
+/// How long after its own stall the monitor gives probes longer to answer (see
+/// [`Stalls::probe_timeout`]): a host starved enough to stop the ring manager for half a second
+/// stays starved for seconds (the 500,000-connection run's fan-out burst lasts about ten).
+pub(crate) const STRAINED_FOR: Duration = Duration::from_secs(5);
+
 /// Notices the monitor's own stalls: a tick that comes late by at least `suspect_after` means
 /// the ring manager was not running (stopped, frozen, starved) and heard nobody meanwhile.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stalls {
     last: Instant,
+    /// The latest stall: when the monitor woke from it, and the longest stall within
+    /// [`STRAINED_FOR`] before that.
+    strained: Option<(Instant, Duration)>,
 }
 
 impl Stalls {
     pub(crate) fn new(now: Instant) -> Self {
-        Stalls { last: now }
+        Stalls {
+            last: now,
+            strained: None,
+        }
     }
 
     /// A tick at `now`: how long the monitor stalled since the last one, when that is long
@@ -59,7 +70,49 @@ impl Stalls {
             .saturating_duration_since(self.last)
             .saturating_sub(timing.tick);
         self.last = now;
-        (late >= timing.suspect_after).then_some(late)
+        let stalled = (late >= timing.suspect_after).then_some(late);
+        if let Some(stalled) = stalled {
+            let longest = match self.strained {
+                Some((at, before)) if now.saturating_duration_since(at) < STRAINED_FOR => {
+                    before.max(stalled)
+                }
+                _ => stalled,
+            };
+            self.strained = Some((now, longest));
+        }
+        stalled
+    }
+
+    /// How long a probe sent at `now` may take: `probe_timeout`, or, within [`STRAINED_FOR`]
+    /// of the monitor's own stall, as long as that stall (up to the silence limit). The
+    /// starvation that stopped the ring manager stops the nodes on the same host as well, and
+    /// a probe is a new connection with its TLS handshake: one that times out there is
+    /// evidence of the host's load, not of the node's death. A node that is really gone
+    /// refuses the connection at once, and is declared down as fast as ever.
+    pub(crate) fn probe_timeout(&self, now: Instant, timing: &Timing) -> Duration {
+        match self.strained {
+            Some((at, stalled)) if now.saturating_duration_since(at) < STRAINED_FOR => {
+                timing.probe_timeout.max(stalled.min(timing.silence_limit))
+            }
+            _ => timing.probe_timeout,
+        }
+    }
+}
+
+/// What a probe that ran for `took` says about its node: whether it answered (`outcome` is
+/// `None` when `timeout` ran out first), or nothing when it timed out but the monitor noticed
+/// only `suspect_after` or more past the timeout: the ring manager itself was not running, and
+/// the node may have answered meanwhile. The node is then probed again.
+pub(crate) fn probe_verdict(
+    outcome: Option<bool>,
+    took: Duration,
+    timeout: Duration,
+    timing: &Timing,
+) -> Option<bool> {
+    match outcome {
+        Some(answered) => Some(answered),
+        None if took >= timeout + timing.suspect_after => None,
+        None => Some(false),
     }
 }
 
@@ -217,13 +270,24 @@ pub(crate) async fn run(manager: RingManager, timing: Timing) {
                 continue;
             }
         };
+        let probe_timeout = stalls.probe_timeout(now, &timing);
         for suspect in probes {
             let prober = manager.clone();
             manager.tracker().spawn(async move {
-                let reachable = matches!(
-                    tokio::time::timeout(timing.probe_timeout, grpc::probe(&suspect.addr)).await,
-                    Ok(true)
-                );
+                let sent = Instant::now();
+                let outcome = tokio::time::timeout(probe_timeout, grpc::probe(&suspect.addr))
+                    .await
+                    .ok();
+                let Some(reachable) = probe_verdict(outcome, sent.elapsed(), probe_timeout, &timing)
+                else {
+                    tracing::warn!(
+                        node = %suspect.id,
+                        took = ?sent.elapsed(),
+                        "a probe timed out while the ring manager itself was not running; probing again"
+                    );
+                    prober.unprobe(&suspect.id, suspect.incarnation);
+                    return;
+                };
                 let judged = prober.update(|m| {
                     m.probed(&suspect, reachable, Instant::now(), timing.suspect_after)
                 });
@@ -440,6 +504,55 @@ mod tests {
         let woke = start + ms(65 + 6000);
         assert_eq!(stalls.tick(woke, &TIMING), Some(ms(6000 - 25)));
         assert_eq!(stalls.tick(woke + ms(25), &TIMING), None);
+    }
+
+    #[test]
+    fn after_its_own_stall_the_monitor_gives_probes_as_long_as_the_stall_for_a_while() {
+        let start = Instant::now();
+        let mut stalls = Stalls::new(start);
+        assert_eq!(stalls.probe_timeout(start, &TIMING), ms(200));
+        // Stopped for 1.2 s: probes sent in the next STRAINED_FOR may take as long.
+        let woke = start + ms(25 + 1200);
+        assert_eq!(stalls.tick(woke, &TIMING), Some(ms(1200)));
+        assert_eq!(stalls.probe_timeout(woke, &TIMING), ms(1200));
+        // A shorter stall within the window keeps the longer allowance.
+        let again = woke + ms(25 + 600);
+        assert_eq!(stalls.tick(again, &TIMING), Some(ms(600)));
+        assert_eq!(stalls.probe_timeout(again, &TIMING), ms(1200));
+        assert_eq!(stalls.tick(again + ms(25), &TIMING), None);
+        // A stall longer than the silence limit gives no more than the limit, and the
+        // allowance ends STRAINED_FOR after the last stall.
+        let mut stalls = Stalls::new(start);
+        let woke = start + ms(6025);
+        stalls.tick(woke, &TIMING);
+        assert_eq!(stalls.probe_timeout(woke, &TIMING), TIMING.silence_limit);
+        assert_eq!(
+            stalls.probe_timeout(woke + STRAINED_FOR - ms(1), &TIMING),
+            TIMING.silence_limit
+        );
+        assert_eq!(
+            stalls.probe_timeout(woke + STRAINED_FOR, &TIMING),
+            ms(200),
+            "back to the usual once the window has passed without a stall"
+        );
+    }
+
+    #[test]
+    fn a_probe_that_timed_out_while_the_ring_manager_stalled_is_no_evidence() {
+        let timeout = ms(200);
+        // Answered, or refused, in time: evidence either way.
+        assert_eq!(
+            probe_verdict(Some(true), ms(3000), timeout, &TIMING),
+            Some(true)
+        );
+        assert_eq!(
+            probe_verdict(Some(false), ms(5), timeout, &TIMING),
+            Some(false)
+        );
+        // Timed out, noticed about on time: the node did not answer.
+        assert_eq!(probe_verdict(None, ms(230), timeout, &TIMING), Some(false));
+        // Timed out, noticed a suspicion period late: the ring manager was not running.
+        assert_eq!(probe_verdict(None, ms(200 + 500), timeout, &TIMING), None);
     }
 
     #[test]
