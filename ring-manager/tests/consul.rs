@@ -692,6 +692,7 @@ async fn a_leader_writes_its_ring_over_a_forged_record_and_a_new_one_never_resum
             standby: false,
         },
         ring_client::Lease::default(),
+        None,
         &tracker,
         &cancel,
     );

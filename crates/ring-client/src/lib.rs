@@ -4,7 +4,8 @@
 //! - [`source`]: where the ring comes from ([`RingSource`]: a ring manager's endpoint, or
 //!   Consul), the [`RingWatcher`] every router reads, and registration.
 //! - [`lease`] and [`membership`]: a node's side of its lease (heartbeats, self-fencing) and its
-//!   membership (register, hold the lease, register again as a standby when revoked).
+//!   membership (register, hold the lease, register again as a standby when revoked);
+//!   [`own_thread`]: the runtime on a thread of its own that the leases are kept on.
 //! - [`convert`]: the ring's protobuf form; [`record`]: the ring record as saved (state file,
 //!   Consul KV).
 //! - [`consul`]: the thin Consul HTTP client; [`consul_ring`]: the ring's keys in Consul KV,
@@ -18,6 +19,7 @@ pub mod consul_ring;
 pub mod convert;
 pub mod lease;
 pub mod membership;
+pub mod own_thread;
 pub mod record;
 pub mod source;
 

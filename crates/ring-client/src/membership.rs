@@ -10,18 +10,26 @@ use mesh_proto::ring::{RegisterRequest, RegisterResponse};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::lease::{Lease, LeaseEnd};
+use crate::lease::{Lease, LeaseEnd, Witnesses};
+use crate::own_thread;
 use crate::source::{RingSource, generation, register};
 
 /// How long a node keeps trying to register before giving up.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the lease's tasks get to end once the service is cancelled (they end at once on
+/// the token; this bounds a stuck one).
+const LEASE_THREAD_GRACE: Duration = Duration::from_secs(1);
 
-/// Registers `request` with the ring manager `source` leads to, then holds its lease on a task
-/// of `tracker` until `cancel`. `Ok(None)` if cancelled before registering.
+/// Registers `request` with the ring manager `source` leads to, then holds its lease until
+/// `cancel`, on a thread of its own ([`crate::own_thread`]): a heartbeat never waits behind the
+/// service's work (a ring change's resubscriptions, a burst of publishes). With `witnesses`,
+/// the decisions while the lease is lapsed ([`Lease::decide_while_lapsed`]) run there too. The
+/// tasks are tracked by `tracker`. `Ok(None)` if cancelled before registering.
 pub async fn join(
     source: &RingSource,
     request: RegisterRequest,
     lease: Lease,
+    witnesses: Option<Witnesses>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<Option<()>, crate::Error> {
@@ -29,13 +37,20 @@ pub async fn join(
         _ = cancel.cancelled() => return Ok(None),
         r = register(source, request.clone(), REGISTER_TIMEOUT) => r?,
     };
-    tracker.spawn(hold(
+    let runtime = own_thread::runtime("ring-lease", cancel.clone(), LEASE_THREAD_GRACE);
+    if let Some(witnesses) = witnesses {
+        let (lease, cancel) = (lease.clone(), cancel.clone());
+        runtime.spawn(
+            tracker.track_future(async move { lease.decide_while_lapsed(witnesses, cancel).await }),
+        );
+    }
+    runtime.spawn(tracker.track_future(hold(
         source.clone(),
         request,
         registered,
         lease,
         cancel.clone(),
-    ));
+    )));
     Ok(Some(()))
 }
 

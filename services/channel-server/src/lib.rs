@@ -146,12 +146,15 @@ pub async fn serve(
             ring_client::RingSource::Direct(_) => None,
         },
     };
-    {
-        let (lease, cancel) = (lease.clone(), cancel.clone());
-        tracker.spawn(async move { lease.decide_while_lapsed(witnesses, cancel).await });
-    }
-    let joined =
-        ring_client::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
+    let joined = ring_client::membership::join(
+        &config.ring,
+        request,
+        lease,
+        Some(witnesses),
+        &tracker,
+        &cancel,
+    )
+    .await;
     if let Err(e) = joined {
         cancel.cancel();
         return Err(e.into());

@@ -108,7 +108,7 @@ pub async fn serve(
         standby: config.standby,
     };
     let joined =
-        ring_client::membership::join(&config.ring, request, lease, &tracker, &cancel).await;
+        ring_client::membership::join(&config.ring, request, lease, None, &tracker, &cancel).await;
     if let Err(e) = joined {
         cancel.cancel();
         return Err(e.into());

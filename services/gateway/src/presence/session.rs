@@ -45,34 +45,14 @@ fn presence_heartbeat() -> Duration {
     Duration::from_secs(1)
 }
 
-/// A runtime on a thread of its own, for the sessions and their heartbeats: under a fan-out
-/// burst the gateway's runtime has thousands of connection tasks queued (a team message to
-/// 17,900 clients), and a session waiting its turn behind them went silent past its lease — the
-/// presence server then took every user of the gateway offline. Here a session's heartbeat waits
-/// only for the operating system to run one more thread. Ends when `cancel` fires (the sessions
-/// end on the same token; anything left is dropped with the runtime). When the thread cannot be
-/// made, the caller's runtime serves instead.
+/// A runtime on a thread of its own, for the sessions and their heartbeats
+/// ([`ring_client::own_thread`]): under a fan-out burst the gateway's runtime has thousands of
+/// connection tasks queued (a team message to 17,900 clients), and a session waiting its turn
+/// behind them went silent past its lease — the presence server then took every user of the
+/// gateway offline. Ends when `cancel` fires (the sessions end on the same token; anything left
+/// is dropped with the runtime).
 pub(super) fn sessions_runtime(cancel: CancellationToken) -> tokio::runtime::Handle {
-    let made = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .and_then(|runtime| {
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name("presence-sessions".into())
-                .spawn(move || {
-                    runtime.block_on(cancel.cancelled());
-                    runtime.shutdown_timeout(CALL_TIMEOUT);
-                })
-                .map(|_| handle)
-        });
-    match made {
-        Ok(handle) => handle,
-        Err(e) => {
-            tracing::warn!(error = %e, "no thread of their own for the presence sessions; they share the gateway's runtime");
-            tokio::runtime::Handle::current()
-        }
-    }
+    ring_client::own_thread::runtime("presence-sessions", cancel, CALL_TIMEOUT)
 }
 
 /// One session with presence server `node` at `addr`, reconnecting until its queue `rx` is
