@@ -150,6 +150,8 @@ struct Shard<R> {
     /// them, in ts order per channel: each is stored, fanned out and answered once it and
     /// every event before it here are acknowledged (or dropped when refused).
     pending: VecDeque<Pending<R>>,
+    /// The idempotency keys of `pending`, so that a retry finds what it waits for.
+    pending_keys: PendingKeys,
     /// Who is subscribed to its channels across gateways (slots this node owns only).
     members: Members,
 }
@@ -167,6 +169,61 @@ struct Pending<R> {
     awaiting: Vec<LinkId>,
     /// Publishers waiting for its ts (a retry with the same key waits too).
     waiters: Vec<oneshot::Sender<Result<Ts, ServeError>>>,
+}
+
+/// The idempotency keys of a shard's waiting events (at most one per channel and key: a retry
+/// joins the first), each with the event's id. A keyed publish looks its key up here instead of
+/// walking every waiting event: under a replication backlog (up to
+/// [`crate::replication::MAX_PENDING_PER_SHARD`] waiting) the walk cost each publish thousands
+/// of comparisons, and slowed most when the shard was furthest behind.
+#[derive(Debug, Default)]
+struct PendingKeys(HashMap<ChannelId, HashMap<Arc<str>, u64>>);
+
+impl PendingKeys {
+    fn get(&self, channel: &ChannelId, key: &str) -> Option<u64> {
+        self.0.get(channel)?.get(key).copied()
+    }
+
+    fn insert(&mut self, entry: &Replicated) {
+        if let Some(key) = &entry.key {
+            self.0
+                .entry(entry.event.channel.clone())
+                .or_default()
+                .insert(key.clone(), entry.id);
+        }
+    }
+
+    /// Forgets `entry`'s key (when it is the one the key names).
+    fn remove(&mut self, entry: &Replicated) {
+        let Some(key) = &entry.key else { return };
+        let Some(keys) = self.0.get_mut(&entry.event.channel) else {
+            return;
+        };
+        if keys.get(key) == Some(&entry.id) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.0.remove(&entry.event.channel);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.values().map(HashMap::len).sum()
+    }
+}
+
+impl<R> Shard<R> {
+    /// The waiting event of `channel` published under `key`, if any.
+    fn waiting_mut(&mut self, channel: &ChannelId, key: &str) -> Option<&mut Pending<R>> {
+        let id = self.pending_keys.get(channel, key)?;
+        // Waiting events are in id order: numbered as they are queued, and kept in order.
+        let at = self
+            .pending
+            .binary_search_by_key(&id, |p| p.entry.id)
+            .ok()?;
+        self.pending.get_mut(at)
+    }
 }
 
 impl<R> Pending<R> {
@@ -307,6 +364,7 @@ impl<R: StreamReply> Shards<R> {
                         store: Store::new(per_shard),
                         subs: HashMap::new(),
                         pending: VecDeque::new(),
+                        pending_keys: PendingKeys::default(),
                         members: {
                             // Learning who belongs is for offline messages: with a sink only.
                             let mut members = Members::new(members::Bounds::default());
@@ -617,10 +675,7 @@ impl<R: StreamReply> Shards<R> {
                 self.metrics.publishes_deduplicated.inc();
                 return Ok(Published::Done { fresh: false });
             }
-            let waiting = shard.pending.iter_mut().find(|p| {
-                p.entry.event.channel == event.channel && p.entry.key.as_deref() == Some(key)
-            });
-            if let Some(first) = waiting {
+            if let Some(first) = shard.waiting_mut(&event.channel, key) {
                 event.ts = first.entry.event.ts;
                 let (tx, rx) = oneshot::channel();
                 first.waiters.push(tx);
@@ -662,6 +717,7 @@ impl<R: StreamReply> Shards<R> {
             replicator.replicate(&followers, &entry)?
         };
         let (tx, rx) = oneshot::channel();
+        shard.pending_keys.insert(&entry);
         shard.pending.push_back(Pending {
             reply: R::event(event),
             entry,
@@ -691,6 +747,7 @@ impl<R: StreamReply> Shards<R> {
             let Some(done) = shard.pending.pop_front() else {
                 break;
             };
+            shard.pending_keys.remove(&done.entry);
             let Replicated {
                 event,
                 key,
@@ -738,6 +795,7 @@ impl<R: StreamReply> Shards<R> {
             let mut kept = VecDeque::with_capacity(shard.pending.len());
             for p in shard.pending.drain(..) {
                 if ids.contains(&p.entry.id) {
+                    shard.pending_keys.remove(&p.entry);
                     p.answer(Err(ServeError::ReplicationRefused(why.to_string())));
                 } else {
                     kept.push_back(p);
@@ -772,7 +830,8 @@ impl<R: StreamReply> Shards<R> {
     /// fail (their publishers retry on the new owner, under the same idempotency key); the
     /// others stop waiting for followers the ring dropped and go to the followers it added.
     pub fn reroute(&self, ring: &Ring, node: &NodeId, replicator: &impl Replicator) {
-        for mut shard in self.each_shard() {
+        for mut guard in self.each_shard() {
+            let shard = &mut *guard;
             if shard.pending.is_empty() {
                 continue;
             }
@@ -780,6 +839,7 @@ impl<R: StreamReply> Shards<R> {
             for mut p in shard.pending.drain(..) {
                 let slot = slot_of(&p.entry.event.channel);
                 if let Err(refusal) = crate::ownership::owns(ring, node, slot) {
+                    shard.pending_keys.remove(&p.entry);
                     p.answer(Err(refusal));
                     continue;
                 }
@@ -803,6 +863,7 @@ impl<R: StreamReply> Shards<R> {
                             p.sent.extend(links);
                         }
                         Err(refusal) => {
+                            shard.pending_keys.remove(&p.entry);
                             p.answer(Err(refusal));
                             continue;
                         }
@@ -811,7 +872,7 @@ impl<R: StreamReply> Shards<R> {
                 kept.push_back(p);
             }
             shard.pending = kept;
-            self.commit_ready(&mut shard);
+            self.commit_ready(shard);
         }
     }
 
@@ -852,6 +913,12 @@ impl<R: StreamReply> Shards<R> {
     /// Events waiting for their followers, over all shards.
     pub fn pending(&self) -> usize {
         self.each_shard().map(|s| s.pending.len()).sum()
+    }
+
+    /// Idempotency keys of waiting events, over all shards (for tests).
+    #[cfg(test)]
+    pub(crate) fn pending_keys(&self) -> usize {
+        self.each_shard().map(|s| s.pending_keys.len()).sum()
     }
 
     /// Keeps every channel's idempotency keys within `bounds`.

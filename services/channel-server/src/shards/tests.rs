@@ -549,6 +549,55 @@ fn a_retry_while_the_first_waits_waits_for_it_and_gets_its_ts() {
 }
 
 #[test]
+fn a_retry_finds_its_first_among_thousands_waiting_and_a_failed_key_is_fresh_again() {
+    let (shards, _) = shards(Limits::default());
+    let ring = replicated_ring(false);
+    let recorder = Recorder::default();
+    let shard = usize::from(slot_of(&c("C1"))) % SHARDS;
+    // A backlog: 3,000 keyed events wait for cs-2, and the same keys on another channel.
+    let mut firsts = Vec::new();
+    for n in 0..3000 {
+        let key = format!("k{n}");
+        firsts.push(begin(&shards, &ring, &recorder, &c("C1"), "m", Some(&key)));
+    }
+    let (_, other) = begin(&shards, &ring, &recorder, &c("C2"), "m", Some("k1500"));
+    assert_eq!(shards.pending_keys(), 3001);
+    // A retry of the 1,500th joins it: same ts, not sent again.
+    let (retry, again) = begin(&shards, &ring, &recorder, &c("C1"), "m", Some("k1500"));
+    assert!(matches!(retry, Published::Waiting { fresh: false, .. }));
+    assert_eq!(again.ts, firsts[1500].1.ts);
+    assert_ne!(again.ts, other.ts, "a key is the channel's own");
+    let sent: Vec<u64> = recorder.sent.lock().unwrap().iter().map(|s| s.1).collect();
+    assert_eq!(sent.len(), 3001, "the retry went to no follower");
+    // The first is refused by the follower: it and its retry fail, and the key is free again.
+    shards.refused(&[(shard, sent[0])], "not_follower: fenced");
+    assert_eq!(
+        shards.pending_keys(),
+        3000,
+        "the refused event's key is forgotten"
+    );
+    let (fresh, after) = begin(&shards, &ring, &recorder, &c("C1"), "m", Some("k0"));
+    assert!(matches!(fresh, Published::Waiting { fresh: true, .. }));
+    assert_ne!(after.ts, firsts[0].1.ts);
+    // Everything acknowledged: every publish answered, no key left behind.
+    // Sent in order: C1's 3,000, C2's one, then C1's fresh k0.
+    let of_c2 = usize::from(slot_of(&c("C2"))) % SHARDS;
+    let all: Vec<(usize, u64)> = recorder
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(n, s)| (if n == 3000 { of_c2 } else { shard }, s.1))
+        .collect();
+    shards.acked(2, &all);
+    assert_eq!(answer(retry), Some(Ok(firsts[1500].1.ts.unwrap())));
+    assert_eq!(answer(fresh), Some(Ok(after.ts.unwrap())));
+    assert_eq!(shards.pending(), 0);
+    assert_eq!(shards.pending_keys(), 0);
+}
+
+#[test]
 fn a_ring_change_sends_waiting_events_to_new_followers_and_fails_those_of_lost_slots() {
     let (shards, _) = shards(Limits::default());
     let me = NodeId::new("cs-1").unwrap();
@@ -583,8 +632,9 @@ fn a_ring_change_sends_waiting_events_to_new_followers_and_fails_those_of_lost_s
         &recorder,
         &c("C1"),
         "two",
-        None,
+        Some("k2"),
     );
+    assert_eq!(shards.pending_keys(), 1);
     let moved = Ring::from_replicated_parts(
         next.epoch() + 1,
         members,
@@ -598,6 +648,11 @@ fn a_ring_change_sends_waiting_events_to_new_followers_and_fails_those_of_lost_s
         Some(Err(ServeError::WrongOwner { .. }))
     ));
     assert_eq!(shards.pending(), 0);
+    assert_eq!(
+        shards.pending_keys(),
+        0,
+        "the failed event's key is forgotten"
+    );
 }
 
 #[test]
