@@ -16,12 +16,14 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
+use futures::task::AtomicWaker;
 use futures::{SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -139,12 +141,7 @@ impl Upgrade {
                 Some(config),
             )
             .await;
-            then(ClientSocket {
-                ws,
-                control_queued: false,
-                mid_write: false,
-            })
-            .await;
+            then(ClientSocket::new(ws)).await;
         });
         let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
         let headers = response.headers_mut();
@@ -296,9 +293,54 @@ pub struct ClientSocket {
     /// closing). Until it is finished, reading is held back: tungstenite writes its pong
     /// replies while reading, and one would land inside the cut frame.
     mid_write: bool,
+    /// Whether the socket may have something to read: see [`ReadWake`].
+    read_wake: Arc<ReadWake>,
+    /// `read_wake` as a waker, made once.
+    read_waker: Waker,
+}
+
+/// Whether a client's socket woke its connection's task since the socket was last polled.
+///
+/// The connection's task is woken mostly by the fan-out, and each time it looks at every
+/// source it waits on: polling the socket through tungstenite (its frame reader, its wakers,
+/// the upgraded stream's layers) to learn that nothing arrived was 3.6% of the gateway's core
+/// at 4,000 published/s in the fan-out benchmark, where the subscribers send nothing. The
+/// socket is polled with a waker of its own, which marks it woken before it wakes the task;
+/// it is polled again only when marked, or when its last poll gave a frame (more may be
+/// buffered).
+#[derive(Debug)]
+struct ReadWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 impl ClientSocket {
+    fn new(ws: WebSocketStream<TokioIo<Upgraded>>) -> Self {
+        let read_wake = Arc::new(ReadWake {
+            // The first poll reads: nothing is registered yet.
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        ClientSocket {
+            ws,
+            control_queued: false,
+            mid_write: false,
+            read_waker: Waker::from(read_wake.clone()),
+            read_wake,
+        }
+    }
+
     /// Writes `out` whole (emptying it), after anything tungstenite queued. Cancel-safe: when
     /// the future is dropped part-way, the next call goes on from the first unwritten byte.
     pub async fn write(&mut self, out: &mut Outgoing) -> Result<(), Error> {
@@ -348,9 +390,20 @@ impl Stream for ClientSocket {
         if self.mid_write {
             return Poll::Pending;
         }
-        let next = self.ws.poll_next_unpin(cx);
+        self.read_wake.task.register(cx.waker());
+        if !self.read_wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        let next = this
+            .ws
+            .poll_next_unpin(&mut Context::from_waker(&this.read_waker));
+        if next.is_ready() {
+            // More frames may be buffered already: the next poll reads again.
+            this.read_wake.woken.store(true, Ordering::Release);
+        }
         if let Poll::Ready(Some(Ok(Message::Ping(_) | Message::Close(_)))) = &next {
-            self.control_queued = true;
+            this.control_queued = true;
         }
         next
     }
