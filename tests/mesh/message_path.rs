@@ -452,3 +452,24 @@ async fn a_routers_publish_stream_is_tracked_and_ends_with_its_token() {
         .expect("the publish stream ended with its token");
     drop(router);
 }
+
+#[tokio::test]
+async fn a_gateway_shutting_down_says_goodbye_then_closes_with_1001() {
+    let mut mesh = mesh().await;
+    let us = mesh.rtm_base_url("us-east").unwrap();
+    let mut ann = Rtm::connect(&us, &mesh.token("UANN", "T1", &["CGEN"]).unwrap())
+        .await
+        .unwrap();
+    ann.send(json!({"id": 1, "type": "ping"})).await;
+    ann.expect("pong", |v| v["type"] == "pong").await;
+
+    // The client reads while the mesh shuts down: its goodbye, then the close frame.
+    let client = tokio::spawn(async move {
+        let goodbye = ann.expect("goodbye", |v| v["type"] == "goodbye").await;
+        (goodbye, ann.closed().await)
+    });
+    mesh.shutdown(Duration::from_secs(10)).await;
+    let (goodbye, code) = client.await.unwrap();
+    assert_eq!(goodbye, json!({"type": "goodbye"}));
+    assert_eq!(code, Some(1001), "the close says the server is going away");
+}
