@@ -148,15 +148,6 @@ pub struct Closer {
 }
 
 impl Closer {
-    /// A closer whose token also fires when `parent` does (the gateway shutting down), with no
-    /// reason set: the connection's task then waits on one token instead of two.
-    pub fn under(parent: &CancellationToken) -> Self {
-        Closer {
-            token: parent.child_token(),
-            reason: OnceLock::new(),
-        }
-    }
-
     /// Closes the connection for `reason`, unless it is already closing; true if this call
     /// set the reason.
     pub fn close(&self, reason: Close) -> bool {
@@ -185,7 +176,7 @@ impl Closer {
         self.reason.get().and_then(|(_, text)| text.as_deref())
     }
 
-    /// Fires when the connection is closed, or when its parent token does ([`Closer::under`]).
+    /// Fires when the connection is closed.
     pub fn token(&self) -> &CancellationToken {
         &self.token
     }

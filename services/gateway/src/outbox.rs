@@ -9,12 +9,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::task::{Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
 use mesh_core::{TeamId, UserId};
 
 use crate::close::{Close, Closer};
+use crate::socket::ReadMark;
 use crate::vocab::{ConnId, Outbound};
 
 /// Capacity kept by a queue that has emptied; more is given back, so a connection that once
@@ -47,6 +48,8 @@ pub struct Outbox {
     signaled: AtomicBool,
     /// The connection's task, to wake.
     waker: AtomicWaker,
+    /// Set when the client's socket woke the task (the outbox is the socket's [`ReadMark`]).
+    read_woken: AtomicBool,
     max_items: usize,
     max_bytes: usize,
 }
@@ -58,6 +61,7 @@ impl Outbox {
             queue: Mutex::new(Queue::default()),
             signaled: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            read_woken: AtomicBool::new(true),
             max_items,
             max_bytes,
         }
@@ -197,6 +201,34 @@ impl Outbox {
     }
 }
 
+/// The connection's socket is read only when it woke the task, and the outbox, which the
+/// connection holds anyway, keeps that mark: see [`ReadMark`].
+impl ReadMark for Outbox {
+    fn take(&self) -> bool {
+        self.read_woken.swap(false, Ordering::AcqRel)
+    }
+
+    fn set(&self) {
+        self.read_woken.store(true, Ordering::Release);
+    }
+
+    fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+}
+
+/// The waker the socket is polled with: marks the socket, then wakes the connection's task.
+impl Wake for Outbox {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set();
+        self.waker.wake();
+    }
+}
+
 #[cfg(test)]
 impl Outbox {
     /// Everything queued, oldest first (for tests).
@@ -323,6 +355,32 @@ mod tests {
         let gone = ConnSink::new(8, user, outbox, quiet.clone());
         assert!(!gone.push(frame(1)));
         assert_eq!(quiet.reason(), None);
+    }
+
+    #[test]
+    fn the_outbox_marks_its_socket_when_woken_through_it_and_wakes_the_task() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let outbox = Arc::new(Outbox::new(8, 1024));
+        // A new socket reads on its first poll.
+        assert!(outbox.take());
+        assert!(!outbox.take(), "taken");
+        outbox.register(&Waker::from(task.clone()));
+        Waker::from(outbox.clone()).wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1, "the task was woken");
+        assert!(outbox.take(), "and the socket marked");
+        assert!(!outbox.take());
+        // A push wakes the task without marking the socket.
+        outbox.register(&Waker::from(task.clone()));
+        outbox.push(frame(1)).unwrap();
+        assert_eq!(task.0.load(Ordering::Relaxed), 2);
+        assert!(!outbox.take());
     }
 
     #[tokio::test]

@@ -16,14 +16,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
-use futures::task::AtomicWaker;
 use futures::{SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -293,10 +291,8 @@ pub struct ClientSocket {
     /// closing). Until it is finished, reading is held back: tungstenite writes its pong
     /// replies while reading, and one would land inside the cut frame.
     mid_write: bool,
-    /// Whether the socket may have something to read: see [`ReadWake`].
-    read_wake: Arc<ReadWake>,
-    /// `read_wake` as a waker, made once.
-    read_waker: Waker,
+    /// Marks the socket as woken, when the connection gave one ([`ClientSocket::mark_reads`]).
+    reads: Option<Reads>,
 }
 
 /// Whether a client's socket woke its connection's task since the socket was last polled.
@@ -304,41 +300,50 @@ pub struct ClientSocket {
 /// The connection's task is woken mostly by the fan-out, and each time it looks at every
 /// source it waits on: polling the socket through tungstenite (its frame reader, its wakers,
 /// the upgraded stream's layers) to learn that nothing arrived was 3.6% of the gateway's core
-/// at 4,000 published/s in the fan-out benchmark, where the subscribers send nothing. The
-/// socket is polled with a waker of its own, which marks it woken before it wakes the task;
-/// it is polled again only when marked, or when its last poll gave a frame (more may be
-/// buffered).
-#[derive(Debug)]
-struct ReadWake {
-    woken: AtomicBool,
-    task: AtomicWaker,
+/// at 4,000 published/s in the fan-out benchmark, where the subscribers send nothing. With a
+/// mark, the socket is polled with a waker that sets the mark before it wakes the task, and it
+/// is polled again only when marked, or when its last poll gave a frame (more may be
+/// buffered). The mark lives in something the connection already holds (its outbox): no
+/// allocation of its own per connection.
+pub trait ReadMark: Send + Sync + 'static {
+    /// Takes the mark: whether the socket was woken since the last take.
+    fn take(&self) -> bool;
+    /// Sets the mark, so that the next poll reads.
+    fn set(&self);
+    /// Wakes `waker`'s task when the mark is set.
+    fn register(&self, waker: &Waker);
 }
 
-impl Wake for ReadWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
+/// The mark, and a waker that sets it.
+struct Reads {
+    mark: Arc<dyn ReadMark>,
+    waker: Waker,
+}
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
+impl std::fmt::Debug for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reads")
     }
 }
 
 impl ClientSocket {
     fn new(ws: WebSocketStream<TokioIo<Upgraded>>) -> Self {
-        let read_wake = Arc::new(ReadWake {
-            // The first poll reads: nothing is registered yet.
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
         ClientSocket {
             ws,
             control_queued: false,
             mid_write: false,
-            read_waker: Waker::from(read_wake.clone()),
-            read_wake,
+            reads: None,
         }
+    }
+
+    /// From now on the socket is read only when `mark` says it woke (see [`ReadMark`]); the
+    /// next poll reads.
+    pub fn mark_reads<M: ReadMark + Wake>(&mut self, mark: Arc<M>) {
+        mark.set();
+        self.reads = Some(Reads {
+            waker: Waker::from(mark.clone()),
+            mark,
+        });
     }
 
     /// Writes `out` whole (emptying it), after anything tungstenite queued. Cancel-safe: when
@@ -390,18 +395,24 @@ impl Stream for ClientSocket {
         if self.mid_write {
             return Poll::Pending;
         }
-        self.read_wake.task.register(cx.waker());
-        if !self.read_wake.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
         let this = &mut *self;
-        let next = this
-            .ws
-            .poll_next_unpin(&mut Context::from_waker(&this.read_waker));
-        if next.is_ready() {
-            // More frames may be buffered already: the next poll reads again.
-            this.read_wake.woken.store(true, Ordering::Release);
-        }
+        let next = match &this.reads {
+            None => this.ws.poll_next_unpin(cx),
+            Some(reads) => {
+                reads.mark.register(cx.waker());
+                if !reads.mark.take() {
+                    return Poll::Pending;
+                }
+                let next = this
+                    .ws
+                    .poll_next_unpin(&mut Context::from_waker(&reads.waker));
+                if next.is_ready() {
+                    // More frames may be buffered already: the next poll reads again.
+                    reads.mark.set();
+                }
+                next
+            }
+        };
         if let Poll::Ready(Some(Ok(Message::Ping(_) | Message::Close(_)))) = &next {
             this.control_queued = true;
         }

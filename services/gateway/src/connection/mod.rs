@@ -98,7 +98,8 @@ impl Connection {
         cursors: Vec<(ChannelId, Ts)>,
     ) -> Option<Self> {
         let outbox = Arc::new(Outbox::new(OUTBOUND_QUEUE, ctx.limits.outbound_bytes));
-        let closer = Arc::new(Closer::under(&ctx.cancel));
+        socket.mark_reads(outbox.clone());
+        let closer = Arc::new(Closer::default());
         let sink = ConnSink::new(conn, identity.user.clone(), outbox.clone(), closer.clone())
             .with_team(identity.team.clone());
         let initial = identity.all_channels();
@@ -171,18 +172,22 @@ impl Connection {
     /// Carries frames both ways until either side closes; returns why, when the gateway
     /// closes it.
     async fn serve(&mut self) -> Option<Close> {
-        // Made once, not on every turn of the loop: making one locks the token's tree. The
-        // closer's token fires on the gateway's shutdown too (`Closer::under`): one token to
-        // look at on every turn, not two.
-        let (closer, outbox) = (self.closer.clone(), self.outbox.clone());
+        // Made once, not on every turn of the loop: making one locks the token's tree.
+        let (cancel, closer, outbox) = (
+            self.ctx.cancel.clone(),
+            self.closer.clone(),
+            self.outbox.clone(),
+        );
+        let shutdown = cancel.cancelled();
         let closing = closer.token().cancelled();
-        tokio::pin!(closing);
+        tokio::pin!(shutdown, closing);
         loop {
             // A turn takes from the task's cooperative budget: frames already buffered (a
             // client's flood read in one go) are handled without touching the socket, and
             // without this the loop would hold its thread for thousands of them.
             tokio::task::consume_budget().await;
             let step = tokio::select! {
+                _ = &mut shutdown => self.on_shutdown().await,
                 _ = &mut closing => self.on_closed().await,
                 // Cancel-safe: a push's wake-up is kept until taken.
                 _ = outbox.ready() => self.on_queued().await,
@@ -214,11 +219,9 @@ impl Connection {
         Step::End(Some(Close::ShuttingDown))
     }
 
-    /// The connection was closed from outside, for the closer's reason; without one, the
-    /// gateway is shutting down.
+    /// The connection was closed from outside, for the closer's reason.
     async fn on_closed(&mut self) -> Step {
         match self.closer.reason() {
-            None if self.ctx.cancel.is_cancelled() => self.on_shutdown().await,
             Some(Close::Draining) => {
                 // Lame duck: write what is already queued, keep the cursors for the
                 // reconnect, then goodbye.
