@@ -299,7 +299,7 @@ pub struct ClientSocket {
 ///
 /// The connection's task is woken mostly by the fan-out, and each time it looks at every
 /// source it waits on: polling the socket through tungstenite (its frame reader, its wakers,
-/// the upgraded stream's layers) to learn that nothing arrived was 3.6% of the gateway's core
+/// the upgraded stream's layers) to learn that nothing arrived was 3.6% of `dev`'s core
 /// at 4,000 published/s in the fan-out benchmark, where the subscribers send nothing. With a
 /// mark, the socket is polled with a waker that sets the mark before it wakes the task, and it
 /// is polled again only when marked, or when its last poll gave a frame (more may be

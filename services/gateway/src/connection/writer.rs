@@ -31,7 +31,7 @@ pub(super) enum Written {
 /// Nearly every write is taken whole by the socket at once: the write is tried first, and the
 /// timer and the watch on `stop` are set up only for one the socket did not take. Under
 /// fan-out load that is most of a write's cost outside the kernel (a cancellation token's
-/// lock, its waiter list and a clock read per write: 2.3% of the gateway's core at 4,000
+/// lock, its waiter list and a clock read per write: 2.3% of `dev`'s core at 4,000
 /// published/s in the fan-out benchmark, the largest item of the write). A `stop` that fired
 /// before the write is seen by the connection's next turn, after the frames that were ready.
 pub(super) async fn write(
