@@ -522,6 +522,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_socket_read_through_its_mark_gets_a_frame_that_arrives_while_it_waits() {
+        use std::time::Duration;
+        let (mut socket, mut client, server) = socket_pair().await;
+        socket.mark_reads(Arc::new(crate::outbox::Outbox::new(8, 1024)));
+        // The first poll reads and finds nothing; the frame sent later wakes the task through
+        // the mark, and the next poll reads it.
+        let sending = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.send(Message::text("late")).await.unwrap();
+            client
+        };
+        let (got, mut client) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(10), socket.next()),
+            sending
+        );
+        let got = got.expect("the frame woke the socket").unwrap().unwrap();
+        assert_eq!(got, Message::text("late"));
+        // Two frames in one go: the second is read from tungstenite's buffer without a wake.
+        client.send(Message::text("one")).await.unwrap();
+        client.send(Message::text("two")).await.unwrap();
+        for want in ["one", "two"] {
+            let got = tokio::time::timeout(Duration::from_secs(10), socket.next())
+                .await
+                .expect("read")
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, Message::text(want));
+        }
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn nothing_is_read_while_a_write_is_cut_and_the_close_finishes_it_first() {
         use futures::FutureExt;
         use std::time::Duration;
