@@ -14,7 +14,8 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 /// A current-thread runtime on a new thread named `name`, until `cancel` fires: then the tasks
-/// still on it get `grace` to finish, and are dropped. When the thread cannot be made, the
+/// still on it are dropped, and `grace` bounds the wait for the runtime to end (its tasks end
+/// on the same token, so none should be left). When the thread cannot be made, the
 /// caller's own runtime serves instead (with a warning): the leases are kept as before, only
 /// without the protection.
 pub fn runtime(name: &str, cancel: CancellationToken, grace: Duration) -> Handle {
