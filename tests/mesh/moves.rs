@@ -125,11 +125,15 @@ async fn a_drain_whose_new_owner_freezes_keeps_the_history_and_completes_only_on
     );
 }
 
-/// A client sees one post and misses the next; then the channel's owner freezes before it
-/// learns it is drained, so its handoff never comes. Returns the first frame of the channel a
+/// On a mesh of `replication_factor`: a client sees one post and misses the next; then, once
+/// every follower's copy is filled, the channel's owner freezes before it learns it is
+/// drained, so its handoff never comes. Returns the first frame of the channel a
 /// client resuming from the post it saw receives, the missed post's ts, and the ts of a post
 /// the new owner took, after checking that the resumed client gets that post.
-async fn drain_a_frozen_owner_and_resume(dev: &Dev) -> (serde_json::Value, String, String) {
+async fn drain_a_frozen_owner_and_resume(
+    dev: &Dev,
+    replication_factor: u32,
+) -> (serde_json::Value, String, String) {
     let channel = "CWARM";
     let token = dev.token("UREADER", &[channel]);
     let mut admin = admin_at(dev.admin, ADMIN_TOKEN).await;
@@ -141,6 +145,9 @@ async fn drain_a_frozen_owner_and_resume(dev: &Dev) -> (serde_json::Value, Strin
     drop(client);
     let missed = post(&mut admin, channel, "UPOSTER", "missed while away").await;
 
+    // Every follower's copy filled first: a slot whose follower is still being filled goes to
+    // it as from a node that died (its history marked incomplete), which is the other test.
+    dev.settled(replication_factor).await;
     let (victim, pid) = dev.channel_owner(channel).await;
     signal(pid, Signal::SIGSTOP);
     let _thaw = Thaw(pid);
@@ -176,7 +183,7 @@ async fn a_move_whose_handoff_never_arrives_gives_a_resuming_client_history_gap(
     // The new owner serves once its warm-up runs out. A client resuming from the message it
     // saw hears that history has a gap, rather than silently missing the message the frozen
     // node kept.
-    let (first, _, _) = drain_a_frozen_owner_and_resume(&dev).await;
+    let (first, _, _) = drain_a_frozen_owner_and_resume(&dev, 1).await;
     assert_eq!(first["type"], "history_gap", "{first}");
 }
 
@@ -185,7 +192,7 @@ async fn a_drain_whose_owner_freezes_loses_nothing_when_the_slot_goes_to_its_fol
     let dev = Dev::start("moves-follower");
     // The slot goes to its follower, which has every acknowledged message already: a client
     // resuming from the message it saw gets what it missed, then the new one, with no gap.
-    let (first, missed, _) = drain_a_frozen_owner_and_resume(&dev).await;
+    let (first, missed, _) = drain_a_frozen_owner_and_resume(&dev, 2).await;
     assert_eq!(first["type"], "message", "{first}");
     assert_eq!(first["ts"], missed.as_str());
 }

@@ -11,19 +11,23 @@ use channel_client::wire::event_to_proto;
 use mesh_core::{ChannelEvent, ChannelId, EventBody, Identity, NodeId, TeamId, TokenKey, UserId};
 use mesh_proto::channel::PublishRequest;
 use mesh_proto::channel::channel_server_client::ChannelServerClient;
+use mesh_proto::ring::Member;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    Rtm, admin_at, eventually, moves, post, post_index, poster, presence_of, ring_with, state_of,
-    web_api,
+    Rtm, admin_at, eventually, eventually_within, moves, post, post_index, poster, presence_of,
+    ring_with, state_of, web_api,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_channelmesh");
 /// 32 bytes: the shortest HS256 secret the services take.
 const JWT_SECRET: &str = "process-test-secret-process-test";
 pub const ADMIN_TOKEN: &str = "process-test-admin";
+
+/// How long a fresh mesh may take to settle: every follower filled.
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// `channelmesh dev --multi-process` on ports the OS picks; stopped (SIGTERM) on drop.
 pub struct Dev {
@@ -152,6 +156,33 @@ impl Dev {
             .unwrap()
             .1;
         (owner, pid)
+    }
+
+    /// Waits until the ring is settled as `factor` says: every active channel server leads
+    /// slots, every slot has its `factor - 1` followers, and every follower's copy is filled
+    /// (only a copy in sync is promoted with its history). Returns the ring and its members.
+    pub async fn settled(&self, factor: u32) -> (mesh_core::Ring, Vec<Member>) {
+        eventually_within("every follower filled", SETTLE, || async {
+            let (ring, members) = ring_with(self.ring_manager, &self.operator).await;
+            let active = members.iter().filter(|m| m.state == "active");
+            let leading = active.clone().all(|m| m.slots > 0);
+            let followed: u32 = active.clone().map(|m| m.slots_followed).sum();
+            let filling: u32 = active.map(|m| m.catching_up).sum();
+            let want = mesh_core::SLOT_COUNT as u32 * (factor - 1);
+            if leading && followed == want && filling == 0 {
+                return Ok((ring, members));
+            }
+            let seen: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    let (id, state, led) = (&m.id, &m.state, m.slots);
+                    let (followed, filling) = (m.slots_followed, m.catching_up);
+                    format!("{id} {state} leads {led} follows {followed} filling {filling}")
+                })
+                .collect();
+            Err(format!("epoch {}: {seen:?}", ring.epoch()))
+        })
+        .await
     }
 
     /// The channel server that owns `channel` now: its id and pid.

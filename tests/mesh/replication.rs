@@ -19,12 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::processes::{ADMIN_TOKEN, Dev, signal};
 use crate::real_clients::{client_command, python, repo};
-use crate::support::{
-    Admin, Rtm, admin_at, eventually, eventually_within, mesh, post, ring_with, state_of, try_post,
-};
-
-/// How long a fresh mesh may take to settle: every follower filled.
-const SETTLE: Duration = Duration::from_secs(30);
+use crate::support::{Admin, Rtm, admin_at, eventually, mesh, post, ring_with, state_of, try_post};
 
 /// Events a channel's history holds: the tests post fewer, so that every post stays in it.
 const HISTORY_EVENTS: usize = channel_server::store::DEFAULT_HISTORY_EVENTS;
@@ -50,28 +45,7 @@ fn dev(name: &str, factor: u32) -> Dev {
 /// The channel servers that own `channels` now (id and pid), and checks that the ring is
 /// replicated as `factor` says.
 async fn owners(dev: &Dev, channels: &[&str], factor: u32) -> Vec<(String, u32)> {
-    // Settled: every active node leads slots, every slot has its followers, all filled.
-    let settled = eventually_within("every follower filled", SETTLE, || async {
-        let (ring, members) = ring_with(dev.ring_manager, &dev.operator).await;
-        let active = members.iter().filter(|m| m.state == "active");
-        let leading = active.clone().all(|m| m.slots > 0);
-        let followed: u32 = active.clone().map(|m| m.slots_followed).sum();
-        let filling: u32 = active.map(|m| m.catching_up).sum();
-        let want = mesh_core::SLOT_COUNT as u32 * (factor - 1);
-        if leading && followed == want && filling == 0 {
-            return Ok((ring, members));
-        }
-        let seen: Vec<String> = members
-            .iter()
-            .map(|m| {
-                let (id, state, led) = (&m.id, &m.state, m.slots);
-                let (followed, filling) = (m.slots_followed, m.catching_up);
-                format!("{id} {state} leads {led} follows {followed} filling {filling}")
-            })
-            .collect();
-        Err(format!("epoch {}: {seen:?}", ring.epoch()))
-    });
-    let (ring, members) = settled.await;
+    let (ring, members) = dev.settled(factor).await;
     assert_eq!(
         ring.is_replicated(),
         factor > 1,
