@@ -29,6 +29,9 @@
 #   MODE=closed RATE=20000 DURATION=20 bench/compare.sh
 #   MODE=closed TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf)
 #   INSECURE=1 bench/compare.sh          # channelmesh's services on plaintext gRPC, not mTLS
+#   DEV_FLAGS=--multi-process bench/compare.sh   # every service a process of its own, as
+#                                        # deployed (all pinned to the same core; the server's
+#                                        # CPU and RSS are the process tree's)
 set -euo pipefail
 cd "$(dirname "$0")/.." && root="$(pwd)"
 
@@ -111,12 +114,13 @@ EOF
 
 cm_up() { # channelmesh dev, pinned, client limits off ($dev_limits), its consoles on ports of
   # their own where this build has them ($dev_consoles); pid in $dev_pid
+  # shellcheck disable=SC2086 # DEV_FLAGS are words
   taskset -c "$SERVER_CPU" "$bin" dev \
     --ring-manager "127.0.0.1:$((BASE + 50))" --admin "127.0.0.1:$((BASE + 51))" \
     --presence-ring-manager "127.0.0.1:$((BASE + 52))" \
     --channel-server-port "$((BASE + 61))" --presence-server-port "$((BASE + 71))" \
     --us-east "127.0.0.1:${GW_PORT}" --eu-west "127.0.0.1:$((GW_PORT + 1))" \
-    "${dev_consoles[@]}" "${dev_limits[@]}" "${dev_security[@]}" >"$work/dev.log" 2>&1 &
+    "${dev_consoles[@]}" "${dev_limits[@]}" "${dev_security[@]}" ${DEV_FLAGS:-} >"$work/dev.log" 2>&1 &
   dev_pid=$!
   started+=("$dev_pid")
   wait_port 127.0.0.1 "$GW_PORT"

@@ -18,16 +18,68 @@ pub fn process_cpu() -> Option<Duration> {
     parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
-/// The summed user and system CPU time of processes `pids` (`/proc/PID/stat`); None without
-/// pids, or when one cannot be read.
+/// The summed user and system CPU time of processes `pids` and their descendants
+/// (`/proc/PID/stat`; see [`tree`]); None without pids, or when one of `pids` cannot be read.
 pub fn processes_cpu(pids: &[u32]) -> Option<Duration> {
     if pids.is_empty() {
         return None;
     }
-    pids.iter().try_fold(Duration::ZERO, |sum, pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Some(sum + parse_stat(&stat)?)
-    })
+    let roots = pids.iter().try_fold(Duration::ZERO, |sum, pid| {
+        Some(sum + parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?)
+    })?;
+    // A descendant that ended in between is left out.
+    let descendants = tree(pids)
+        .into_iter()
+        .filter(|pid| !pids.contains(pid))
+        .filter_map(|pid| parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+        .sum::<Duration>();
+    Some(roots + descendants)
+}
+
+/// `pids` and every live descendant of theirs: a server that runs as several processes (`dev
+/// --multi-process` starts each service as a child) is measured whole. The load generator
+/// itself and its workers are never counted, even when a server started it (a test).
+pub fn tree(pids: &[u32]) -> Vec<u32> {
+    let me = std::process::id();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| parse_ppid(&stat));
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found: Vec<u32> = pids.to_vec();
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        for &(pid, _) in parents.iter().filter(|(_, ppid)| *ppid == parent) {
+            if pid != me && !found.contains(&pid) {
+                found.push(pid);
+            }
+        }
+        next += 1;
+    }
+    found
+}
+
+/// The parent's pid (field 4) of a `/proc/<pid>/stat` line.
+fn parse_ppid(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// How many CPUs this process may run on (`Cpus_allowed_list` in `/proc/self/status`).
@@ -88,6 +140,36 @@ mod tests {
             "4242 (load (gen) 1) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 50 0 0 20 0 3 0 1";
         assert_eq!(parse_stat(stat), Some(Duration::from_millis(3_000)));
         assert_eq!(parse_stat("4242 (x) S 1"), None);
+    }
+
+    #[test]
+    fn reads_the_parent_after_a_name_with_spaces_and_parentheses() {
+        assert_eq!(parse_ppid("4242 (load (gen) 1) S 17 4242 4242 0"), Some(17));
+        assert_eq!(parse_ppid("4242 (x)"), None);
+    }
+
+    #[test]
+    fn a_process_tree_holds_the_children_and_their_children() {
+        // sh starts a child shell, which starts a sleep; both wait.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'sleep 30; true' & wait"])
+            .spawn()
+            .unwrap();
+        let root = sh.id();
+        let spin = std::time::Instant::now();
+        let mut found = tree(&[root]);
+        while found.len() < 3 && spin.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+            found = tree(&[root]);
+        }
+        for pid in found.iter().rev() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = sh.wait();
+        assert_eq!(found[0], root);
+        assert_eq!(found.len(), 3, "the shells and the sleep: {found:?}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub fn own() -> anyhow::Result<u64> {
     rss_of("self")
 }
 
-/// The summed resident sets of `pids`, in bytes; None without pids.
+/// The summed resident sets of `pids` and their descendants ([`crate::cpu::tree`]), in bytes;
+/// None without pids.
 pub fn sum(pids: &[u32]) -> anyhow::Result<Option<u64>> {
     if pids.is_empty() {
         return Ok(None);
@@ -27,6 +28,10 @@ pub fn sum(pids: &[u32]) -> anyhow::Result<Option<u64>> {
     let mut total = 0;
     for pid in pids {
         total += rss_of(&pid.to_string())?;
+    }
+    // A descendant that ended in between is left out.
+    for pid in crate::cpu::tree(pids).iter().filter(|p| !pids.contains(p)) {
+        total += rss_of(&pid.to_string()).unwrap_or(0);
     }
     Ok(Some(total))
 }
