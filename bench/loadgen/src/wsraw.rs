@@ -447,6 +447,36 @@ impl WsStream {
         Ok(())
     }
 
+    /// [`WsStream::flush`], reading what the peer sends meanwhile into the read buffer (taken
+    /// by the next [`WsStream::ready`]), as a real client reads while it writes. A server that
+    /// stops reading a publisher until its replies are read (flow control) would otherwise
+    /// wait on a client blocked in its write: each side waits for the other until the server
+    /// gives up on the client. Cancel-safe, as `flush` is.
+    pub async fn flush_reading(&mut self) -> std::io::Result<()> {
+        loop {
+            self.try_flush()?;
+            if !self.wants_flush() {
+                return Ok(());
+            }
+            tokio::select! {
+                writable = self.stream.writable() => writable?,
+                readable = self.stream.readable(), if !self.closed => {
+                    readable?;
+                    // Appended: a frame parsed and not yet handed out keeps its place.
+                    if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                        self.rbuf.reserve(READ_CHUNK);
+                    }
+                    match self.stream.try_read_buf(&mut self.rbuf) {
+                        Ok(0) => self.closed = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
     /// Writes what the socket takes now, without waiting.
     fn try_flush(&mut self) -> std::io::Result<()> {
         while self.wpos < self.wbuf.len() {
@@ -836,6 +866,38 @@ mod tests {
             let answer = writer.await.unwrap();
             assert_eq!(answer, [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_flush_reads_what_the_peer_sends_meanwhile() {
+        // The peer writes more than the sockets hold before it reads anything, as a server
+        // answering publishes it will not read more of until its answers are read.
+        const BYTES: usize = 16 << 20;
+        let (mut ws, mut peer) = pair_with(Role::Client).await;
+        let payload = vec![b'x'; 60_000];
+        let mut answers = Vec::new();
+        while answers.len() < BYTES {
+            answers.extend(frame(Role::Server, OP_BINARY, &payload));
+        }
+        let frames = answers.len() / (payload.len() + 4);
+        let peer_side = tokio::spawn(async move {
+            peer.write_all(&answers).await.unwrap();
+            let mut got = vec![0u8; BYTES];
+            peer.read_exact(&mut got).await.unwrap();
+        });
+        for _ in 0..BYTES / 60_000 + 1 {
+            ws.push(OP_BINARY, &payload);
+        }
+        // A plain flush would wait forever here: both sockets full, neither side reading.
+        tokio::time::timeout(std::time::Duration::from_secs(120), ws.flush_reading())
+            .await
+            .expect("the flush completes while the peer waits to be read")
+            .unwrap();
+        for _ in 0..frames {
+            let f = ws.next().await.unwrap().unwrap();
+            assert_eq!(f.payload.len(), payload.len());
+        }
+        peer_side.await.unwrap();
     }
 
     #[tokio::test]

@@ -401,7 +401,7 @@ async fn publish(
                 pending.push(*sent, c, micros_now());
                 shared.sent(c);
             }
-            client.ws.flush().await?;
+            client.ws.flush_reading().await?;
         }
         Some(_) => {
             out.clear();
@@ -421,7 +421,7 @@ async fn publish(
                 pending.bursts.push_back(messages.len());
             }
             client.ws.push(wsraw::OP_BINARY, out);
-            client.ws.flush().await?;
+            client.ws.flush_reading().await?;
         }
     }
     Ok(())
