@@ -25,6 +25,9 @@
 #
 #   bench/compare.sh                     # open loop, every shape, RATES 2k..32k
 #   SHAPES=per-channel RATES=4000,8000,16000 STEP_SECONDS=10 bench/compare.sh
+#   ROUNDS=3 SHAPES=per-channel bench/compare.sh   # three alternating rounds of both servers:
+#                                        # each round's table, then each round's max
+#                                        # sustainable and ratio, and the median ratio
 #   MODE=closed bench/compare.sh         # closed loop, saturating: RATE=0
 #   MODE=closed RATE=20000 DURATION=20 bench/compare.sh
 #   MODE=closed TRACE=1 RATE=6500 bench/compare.sh   # also: where the latency waits (perf)
@@ -60,6 +63,9 @@ MODE="${MODE:-open}"
 # each step publishes and settles at most, the admin shape's PublishStreams, and the chat run's
 # size and steps.
 SHAPES="${SHAPES:-per-channel firehose admin chat}"
+# Rounds of the open-loop runs, nats-server then channelmesh in each: on a noisy machine either
+# server's maximum moves from run to run, so a ratio is read over several rounds.
+ROUNDS="${ROUNDS:-1}"
 RATES="${RATES:-2000,4000,8000,12000,16000,24000,32000}"
 STEP_SECONDS="${STEP_SECONDS:-5}"
 SETTLE_SECONDS="${SETTLE_SECONDS:-5}"
@@ -135,10 +141,12 @@ export CHANNELMESH_JWT_SECRET="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \
 export CHANNELMESH_ADMIN_TOKEN="bench-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
 
 if [ "$MODE" = open ]; then
-  # open_run SERVER SHAPE: one connected run of SHAPE through its rate steps against SERVER
-  # (nats or channelmesh); its JSON in $work/SERVER-SHAPE.json (none when it failed).
+  # open_run SERVER SHAPE ROUND: one connected run of SHAPE through its rate steps against
+  # SERVER (nats or channelmesh); its JSON in $work/SERVER-SHAPE.rROUND.json (none when it
+  # failed).
   open_run() {
-    local server=$1 shape=$2 scenario=fanout clients=$CLIENTS channels=$CHANNELS rates=$RATES
+    local server=$1 shape=$2 round=$3 scenario=fanout clients=$CLIENTS channels=$CHANNELS rates=$RATES
+    local out="$work/$server-$shape.r$round.json"
     local args=(--shape "$shape") target=(--target channelmesh
       --gateway "http://127.0.0.1:${GW_PORT}/api/" --gateway "http://127.0.0.1:$((GW_PORT + 1))/api/"
       --admin "127.0.0.1:$((BASE + 51))" --server-pid "${dev_pid:-0}")
@@ -154,23 +162,25 @@ if [ "$MODE" = open ]; then
       --clients "$clients" --channels "$channels" --payload "$PAYLOAD" --processes "$PROCESSES" \
       --open-loop --rates "$rates" --step-seconds "$STEP_SECONDS" \
       --settle-seconds "$SETTLE_SECONDS" --admin-streams "$ADMIN_STREAMS" --json \
-      >"$work/$server-$shape.json" ||
-      { echo "  $server, $shape: the run failed" >&2; rm -f "$work/$server-$shape.json"; }
+      >"$out" || { echo "  $server, $shape: the run failed" >&2; rm -f "$out"; }
   }
   echo "open loop: shapes ${SHAPES}; ${PAYLOAD} B; ${STEP_SECONDS} s steps, settle <= ${SETTLE_SECONDS} s; ${PROCESSES} loadgen processes; server on core ${SERVER_CPU}, loadgen on core ${LOADGEN_CPU}" >&2
-  nats_up
-  echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
-  for shape in $SHAPES; do
-    # nats-server has no admin API.
-    [ "$shape" = admin ] || open_run nats "$shape"
+  for round in $(seq "$ROUNDS"); do
+    [ "$ROUNDS" = 1 ] || echo "round $round of $ROUNDS" >&2
+    nats_up
+    echo "nats-server $(nats-server --version | awk '{print $NF}') ..." >&2
+    for shape in $SHAPES; do
+      # nats-server has no admin API.
+      [ "$shape" = admin ] || open_run nats "$shape" "$round"
+    done
+    stop_pid "$nats_pid"
+    cm_up
+    echo "channelmesh dev ${dev_limits[*]} ${DEV_FLAGS:-} ..." >&2
+    for shape in $SHAPES; do
+      open_run channelmesh "$shape" "$round"
+    done
+    stop_pid "$dev_pid"
   done
-  stop_pid "$nats_pid"
-  cm_up
-  echo "channelmesh dev ${dev_limits[*]} ..." >&2
-  for shape in $SHAPES; do
-    open_run channelmesh "$shape"
-  done
-  stop_pid "$dev_pid"
   # shellcheck disable=SC2086 # the shapes are words
   python3 "$root/bench/open_table.py" "$work" $SHAPES
   exit 0
