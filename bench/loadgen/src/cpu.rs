@@ -24,16 +24,21 @@ pub fn processes_cpu(pids: &[u32]) -> Option<Duration> {
     if pids.is_empty() {
         return None;
     }
-    let roots = pids.iter().try_fold(Duration::ZERO, |sum, pid| {
-        Some(sum + parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?)
-    })?;
+    let roots = pids
+        .iter()
+        .try_fold(Duration::ZERO, |sum, &pid| Some(sum + cpu_of(pid)?))?;
     // A descendant that ended in between is left out.
     let descendants = tree(pids)
         .into_iter()
         .filter(|pid| !pids.contains(pid))
-        .filter_map(|pid| parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+        .filter_map(cpu_of)
         .sum::<Duration>();
     Some(roots + descendants)
+}
+
+/// Process `pid`'s user and system CPU time so far.
+fn cpu_of(pid: u32) -> Option<Duration> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// `pids` and every live descendant of theirs: a server that runs as several processes (`dev
