@@ -1051,6 +1051,7 @@ impl<R: StreamReply> Shards<R> {
             }
         }
         tracing::info!(
+            %node,
             epoch = ring.epoch(),
             slots = ring.slots_owned(node),
             moved_subscriptions = moved,
@@ -1058,6 +1059,19 @@ impl<R: StreamReply> Shards<R> {
             handing_off_channels = taken.values().map(Vec::len).sum::<usize>(),
             "channel server follows new ring"
         );
+        // Ring watches give the latest ring: a handoff named by a ring this node never saw is
+        // not sent, and its new owner serves those slots with their history marked incomplete.
+        let skipped = ring.epoch().saturating_sub(previous.epoch() + 1);
+        if skipped > 0 && ring.generation() == previous.generation() && dropped > 0 {
+            tracing::warn!(
+                %node,
+                from = previous.epoch(),
+                epoch = ring.epoch(),
+                skipped,
+                dropped_channels = dropped,
+                "followed a ring past epochs this node never saw; channels of slots it lost without a handoff named in this ring were dropped (a skipped ring may have named one: their new owner marks their history incomplete)"
+            );
+        }
         handoff::outgoing(ring, node, taken, floors, handed_members)
     }
 
