@@ -302,12 +302,7 @@ impl WsStream {
     pub fn try_next(&mut self) -> anyhow::Result<Option<Frame<'_>>> {
         if self.pending.is_none() && !self.parse_buffered()? && !self.closed {
             self.reserve();
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => self.closed = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.try_read()?;
             if !self.parse_buffered()? {
                 return Ok(None);
             }
@@ -466,15 +461,22 @@ impl WsStream {
                     if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
                         self.rbuf.reserve(READ_CHUNK);
                     }
-                    match self.stream.try_read_buf(&mut self.rbuf) {
-                        Ok(0) => self.closed = true,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
+                    self.try_read()?;
                 }
             }
         }
+    }
+
+    /// Appends what the socket holds now to the read buffer, without waiting; notes the end of
+    /// the stream.
+    fn try_read(&mut self) -> std::io::Result<()> {
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => self.closed = true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Writes what the socket takes now, without waiting.
